@@ -1,0 +1,1 @@
+"""The CPU backend: plain torch, the numerical reference for every other backend."""

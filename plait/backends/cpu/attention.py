@@ -1,0 +1,76 @@
+"""Reference attention over the paged KV pool in plain torch.
+
+These two functions are the numerical reference every other backend's kernels are certified
+against (see ``plait.testing``), and they are what the CPU backend runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from plait.core.backend_api import AttentionBackend
+from plait.core.forward_batch import ForwardBatch
+
+
+def extend_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                         req_to_token: torch.Tensor, req_pool_indices: list[int],
+                         prefix_lens: list[int], extend_lens: list[int],
+                         scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] (requests concatenated); buffers: [S, Hkv, D]. Request b's new tokens sit at
+    positions prefix_lens[b].. and see every key at or before their own position."""
+    out = torch.empty_like(q)
+    start = 0
+    for req, prefix, ext in zip(req_pool_indices, prefix_lens, extend_lens):
+        total = prefix + ext
+        slots = req_to_token[req, :total].long()
+        qi = q[start:start + ext].transpose(0, 1)           # [Hq, ext, D]
+        ki = k_buffer[slots].transpose(0, 1).to(q.dtype)   # [Hkv, total, D]
+        vi = v_buffer[slots].transpose(0, 1).to(q.dtype)
+        if prefix == 0:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            rows = torch.arange(ext).unsqueeze(1) + prefix
+            mask = torch.arange(total).unsqueeze(0) <= rows  # [ext, total]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask.to(q.device),
+                                               scale=scale, enable_gqa=True)
+        out[start:start + ext] = o.transpose(0, 1)
+        start += ext
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                         req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, Hq, D], one query per request over its first seq_lens[b] slots.
+
+    Batched by padding to the longest sequence: padded keys point at slot 0 and are masked.
+    One SDPA call per layer beats a Python loop over requests at every batch size we serve.
+    """
+    max_len = int(seq_lens.max())
+    slots = req_to_token[req_pool_indices, :max_len].long()              # [B, L]
+    valid = torch.arange(max_len, device=q.device).unsqueeze(0) < seq_lens.unsqueeze(1)
+    slots = slots.masked_fill(~valid, 0)
+    k = k_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)                  # [B, Hkv, L, D]
+    v = v_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)
+    mask = valid[:, None, None, :]                                        # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=True)
+    return o.squeeze(2)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Plain-torch attention: the reference implementation and the CPU default."""
+
+    def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        pool = self.kv_pool
+        return extend_attention_ref(
+            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
+            batch.req_pool_indices.tolist(), batch.prefix_lens_cpu, batch.extend_lens_cpu,
+            self.scale)
+
+    def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        pool = self.kv_pool
+        return decode_attention_ref(
+            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
+            batch.req_pool_indices, batch.seq_lens, self.scale)

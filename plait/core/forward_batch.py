@@ -1,0 +1,43 @@
+"""Forward metadata: everything a model forward and its attention need, built once per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """One forward pass over B requests.
+
+    Extend (prefill, possibly chunked or after a prefix-cache hit): request b contributes
+    ``extend_lens[b]`` new tokens at positions ``prefix_lens[b] .. seq_lens[b]-1``; their rows in
+    ``input_ids`` are concatenated in batch order. Decode: one token per request
+    (``extend_lens`` all 1, ``prefix_lens = seq_lens - 1``).
+
+    ``req_to_token[req_pool_indices[b], i]`` is the KV slot of request b's i-th token; the new
+    tokens' slots (``out_cache_loc``) are already written there before the forward.
+    """
+
+    is_decode: bool
+    input_ids: torch.Tensor          # [T] int64
+    positions: torch.Tensor          # [T] int64
+    out_cache_loc: torch.Tensor      # [T] int64 slots for the new tokens' K/V
+    req_pool_indices: torch.Tensor   # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor           # [B] int64 length after this forward
+    prefix_lens: torch.Tensor        # [B] int64 tokens already in the pool before this forward
+    extend_lens: torch.Tensor        # [B] int64 new tokens per request
+    req_to_token: torch.Tensor       # [R, max_context] int32, the whole table
+    logits_rows: torch.Tensor        # [N] int64 rows of hidden states to project to logits
+    # Host copies: kernels on CPU loop over these without device syncs.
+    seq_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

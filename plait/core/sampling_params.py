@@ -1,0 +1,113 @@
+"""Sampling parameters: SGLang's names, validated up front so bad input never reaches the
+scheduler. Every error is a ``ValueError`` that names the parameter."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+_UNSET = object()
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1               # -1 (or 0) = whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: int | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+
+    @classmethod
+    def from_dict(cls, params: "dict[str, Any] | SamplingParams | None") -> "SamplingParams":
+        """Build from a request dict; unknown keys are an error, not silently dropped."""
+        if params is None:
+            return cls()
+        if isinstance(params, SamplingParams):
+            return params
+        if not isinstance(params, dict):
+            raise ValueError(f"sampling_params must be a dict, got {type(params).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"sampling_params: unknown parameter(s) {unknown}")
+        values = {k: v for k, v in params.items() if v is not None or k in ("seed",)}
+        sp = cls(**values)
+        sp.normalize()
+        return sp
+
+    def normalize(self) -> None:
+        """Coerce convenient forms (a single stop string, a dict json_schema) and validate."""
+        import json
+
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = [self.stop_token_ids]
+        if isinstance(self.json_schema, dict):
+            self.json_schema = json.dumps(self.json_schema)
+        self.validate()
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
+              "must be an integer >= 0")
+        check(is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
+              "must be an integer >= 0")
+        check(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+              "must be <= max_new_tokens")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0), "top_k",
+              "must be -1 (disabled) or a non-negative integer")
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+              "frequency_penalty", "must be in [-2, 2]")
+        check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+              "presence_penalty", "must be in [-2, 2]")
+        check(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+              "repetition_penalty", "must be in (0, 2]")
+        check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        check(self.seed is None or is_int(self.seed), "seed", "must be an integer or null")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+              "stop", "must be a non-empty string or a list of them")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0
+                                                             for t in self.stop_token_ids),
+              "stop_token_ids", "must be a list of non-negative integers")
+        if vocab_size is not None:
+            check(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
+                  f"must be < vocab size {vocab_size}")
+        constraints = [c for c in ("regex", "json_schema", "ebnf") if getattr(self, c) is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {constraints}")
+        for c in constraints:
+            check(isinstance(getattr(self, c), str), c, "must be a string")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
