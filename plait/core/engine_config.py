@@ -1,0 +1,46 @@
+"""Engine settings, SGLang's ServerArgs names where they exist; validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from plait.core.schedule_policy import POLICIES
+
+
+@dataclass
+class EngineConfig:
+    model_path: str | Path | None = None     # None: the default SmolLM2-135M-Instruct
+    device: str = "cpu"                      # a backend name or "auto"
+    dtype: str = "float32"
+    page_size: int = 1
+    max_total_tokens: int | None = None      # KV pool size in tokens; else from the budget
+    kv_cache_memory_gb: float = 1.0          # KV pool budget when max_total_tokens is unset
+    chunked_prefill_size: int | None = None
+    max_prefill_tokens: int = 8192
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    max_running_requests: int = 64
+    context_length: int | None = None
+    random_seed: int | None = None
+
+    def validate(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        positive("page_size")
+        positive("max_total_tokens", allow_none=True)
+        positive("chunked_prefill_size", allow_none=True)
+        positive("max_prefill_tokens")
+        positive("max_running_requests")
+        positive("context_length", allow_none=True)
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.schedule_policy not in POLICIES:
+            raise ValueError(f"schedule_policy must be one of {POLICIES}, got "
+                             f"{self.schedule_policy!r}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")

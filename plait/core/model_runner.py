@@ -1,0 +1,85 @@
+"""Owns the model, the KV pool and the attention backend; turns scheduled requests into a
+ForwardBatch, runs it and returns logits. Knows nothing about queues or caching policy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
+from plait.core.forward_batch import ForwardBatch
+from plait.core.memory import ReqToTokenPool
+from plait.core.request import Req
+
+
+@dataclass
+class ExtendItem:
+    """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
+
+    req: Req
+    start: int
+    length: int
+    slots: torch.Tensor           # KV slots for the new tokens
+    logit_from: int               # first absolute position whose logits we need
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, attn: AttentionBackend,
+                 req_pool: ReqToTokenPool, device: torch.device,
+                 graph_runner: GraphRunner | None = None):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.attn = attn
+        self.req_pool = req_pool
+        self.device = device
+        self.graph_runner = graph_runner
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
+        per item, how many of those rows are its."""
+        r2t = self.req_pool.req_to_token
+        input_ids, positions, locs, rows, row_counts = [], [], [], [], []
+        for it in items:
+            r2t[it.req.req_pool_idx, it.start:it.start + it.length] = it.slots.to(r2t.dtype)
+            input_ids.extend(it.req.fill_ids[it.start:it.start + it.length])
+            positions.extend(range(it.start, it.start + it.length))
+            locs.append(it.slots)
+            base = len(input_ids) - it.length
+            first = max(it.logit_from, it.start) - it.start
+            rows.extend(range(base + first, base + it.length))
+            row_counts.append(it.length - first)
+        batch = ForwardBatch(
+            is_decode=False,
+            input_ids=self._tensor(input_ids), positions=self._tensor(positions),
+            out_cache_loc=torch.cat(locs).to(self.device),
+            req_pool_indices=self._tensor([it.req.req_pool_idx for it in items]),
+            seq_lens=self._tensor([it.start + it.length for it in items]),
+            prefix_lens=self._tensor([it.start for it in items]),
+            extend_lens=self._tensor([it.length for it in items]),
+            req_to_token=r2t, logits_rows=self._tensor(rows),
+            seq_lens_cpu=[it.start + it.length for it in items],
+            prefix_lens_cpu=[it.start for it in items],
+            extend_lens_cpu=[it.length for it in items])
+        return self.model(batch, self.attn), row_counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        """One new token per request (its last sampled one) at position kv_len."""
+        r2t = self.req_pool.req_to_token
+        idx = self._tensor([r.req_pool_idx for r in reqs])
+        pos = [r.kv_len for r in reqs]
+        r2t[idx, self._tensor(pos)] = slots.to(r2t.dtype)
+        seq = [p + 1 for p in pos]
+        batch = ForwardBatch(
+            is_decode=True,
+            input_ids=self._tensor([r.output_ids[-1] for r in reqs]),
+            positions=self._tensor(pos), out_cache_loc=slots.to(self.device),
+            req_pool_indices=idx, seq_lens=self._tensor(seq), prefix_lens=self._tensor(pos),
+            extend_lens=self._tensor([1] * len(reqs)), req_to_token=r2t,
+            logits_rows=torch.arange(len(reqs), device=self.device),
+            seq_lens_cpu=seq, prefix_lens_cpu=pos, extend_lens_cpu=[1] * len(reqs))
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
+        return self.model(batch, self.attn)

@@ -1,0 +1,93 @@
+"""Turn a batch of next-token logits into tokens, honouring each request's sampling params.
+
+Greedy rows take an argmax of the raw logits (bit-for-bit what transformers' greedy search
+does); penalties, grammar masks, temperature and the top-k/top-p/min-p filters apply only to
+the rows that ask for them.
+"""
+from __future__ import annotations
+
+import torch
+
+from plait.core.request import Req
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
+    """In place: OpenAI frequency/presence penalties over output tokens, HF-style repetition
+    penalty over prompt and output tokens."""
+    for i, req in enumerate(reqs):
+        sp = req.sampling
+        if sp.frequency_penalty or sp.presence_penalty:
+            if req.output_ids:
+                ids = torch.tensor(req.output_ids, device=logits.device)
+                counts = torch.bincount(ids, minlength=logits.shape[1])[: logits.shape[1]].float()
+                logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
+        if sp.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(req.fill_ids)), device=logits.device)
+            vals = logits[i, ids]
+            logits[i, ids] = torch.where(vals > 0, vals / sp.repetition_penalty,
+                                         vals * sp.repetition_penalty)
+
+
+def mask_min_tokens(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
+    """Forbid EOS and stop tokens until a request has ``min_new_tokens`` outputs."""
+    for i, req in enumerate(reqs):
+        sp = req.sampling
+        if len(req.output_ids) < sp.min_new_tokens:
+            banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else eos_ids)
+            if banned:
+                logits[i, list(banned)] = float("-inf")
+
+
+def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 min_p: float) -> torch.Tensor:
+    """Probabilities of one row after temperature, top-k, top-p and min-p."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_k < probs.shape[-1]:
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = (cum - sorted_p) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if min_p > 0.0:
+        probs = torch.where(probs < min_p * probs.max(), 0.0, probs)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int]:
+    """One token per row of ``logits`` ([B, V], float32, modified in place)."""
+    needs_processing = any(r.sampling.frequency_penalty or r.sampling.presence_penalty
+                           or r.sampling.repetition_penalty != 1.0
+                           or len(r.output_ids) < r.sampling.min_new_tokens
+                           or r.grammar is not None for r in reqs)
+    if needs_processing:
+        apply_penalties(logits, reqs)
+        mask_min_tokens(logits, reqs, eos_ids)
+        if any(r.grammar is not None for r in reqs):
+            from plait.core.grammar import apply_grammar_masks
+            apply_grammar_masks(logits, [r.grammar for r in reqs])
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for i, req in enumerate(reqs):
+        sp = req.sampling
+        if sp.is_greedy:
+            tokens.append(greedy[i])
+            continue
+        probs = filter_probs(logits[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+        tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
+    return tokens
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_k: int
+                   ) -> tuple[list[float], list[list[tuple[float, int]]]]:
+    """Log-probabilities of ``token_ids`` under each row of ``logits`` (the model's own
+    distribution, before sampling filters), plus each row's top-k alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+    tops: list[list[tuple[float, int]]] = []
+    if top_k > 0:
+        vals, idx = logp.topk(top_k, dim=-1)
+        tops = [list(zip(v, i)) for v, i in zip(vals.tolist(), idx.tolist())]
+    return chosen, tops
