@@ -1,0 +1,60 @@
+"""Shared fixtures: the real SmolLM2 model and tiny random Llama-family checkpoints."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    from plait.models.default import default_model_path
+    return default_model_path()
+
+
+TINY_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, vocab_size=49152, tie_word_embeddings=False,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory, smollm_dir):
+    """Write a tiny random checkpoint of a model type (with SmolLM2's tokenizer) and return its
+    directory; the weights are random but fixed by the seed."""
+    made: dict[tuple, Path] = {}
+
+    def make(model_type: str = "llama", **overrides) -> Path:
+        key = (model_type, tuple(sorted(overrides.items())))
+        if key in made:
+            return made[key]
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.for_model(model_type, **{**TINY_BASE, **overrides})
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).float()
+        with torch.no_grad():  # larger weights than init's 0.02 so logits are far from ties
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.15)
+        path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        model.save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (smollm_dir / name).exists():
+                shutil.copy(smollm_dir / name, path / name)
+        made[key] = path
+        return path
+
+    return make
+
+
+def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time (no padding effects): the oracle."""
+    outs = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            g = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=model.config.eos_token_id)
+        outs.append(g[0, len(ids):].tolist())
+    return outs
