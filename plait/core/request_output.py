@@ -32,10 +32,11 @@ class RequestFinisher:
         if req.finished:
             self.finalize_text(req)
             return
+        checked = len(req.text)
         self._detokenize(req)
         if sp.stop and n_out >= sp.min_new_tokens:
             text = req.detok.text
-            hit = find_stop(text, sp.stop, max(0, len(req.text) - 1))
+            hit = find_stop(text, sp.stop, checked)
             if hit is not None:
                 i, s = hit
                 req.text = text[:i + len(s)] if sp.no_stop_trim else text[:i]

@@ -98,6 +98,7 @@ class Scheduler:
 
     # ----- one step -----
 
+    @torch.inference_mode()
     def step(self) -> None:
         items = self._schedule_prefill()
         if items:
