@@ -94,8 +94,10 @@ class Engine:
             SchedulerConfig(max_running_requests=cfg.max_running_requests,
                             chunked_prefill_size=cfg.chunked_prefill_size,
                             max_prefill_tokens=cfg.max_prefill_tokens,
-                            schedule_policy=cfg.schedule_policy, context_len=self.context_len))
+                            schedule_policy=cfg.schedule_policy, context_len=self.context_len,
+                            enable_jump_forward=not cfg.disable_jump_forward))
         self.grammar_compiler = None
+        self._grammar_lock = threading.Lock()
 
     # ----- the scheduler thread -----
 
@@ -209,10 +211,12 @@ class Engine:
         if sp.regex is None and sp.json_schema is None and sp.ebnf is None:
             return None
         from plait.core.grammar import GrammarCompiler, GrammarState
-        if self.grammar_compiler is None:
-            self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
+        with self._grammar_lock:
+            if self.grammar_compiler is None:
+                self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
         compiled = self.grammar_compiler.compile_params(sp)
-        return lambda: GrammarState(compiled, self.vocab_size, self.eos_ids)
+        ends = self.eos_ids | set(sp.stop_token_ids)
+        return lambda: GrammarState(compiled, self.vocab_size, ends)
 
     def submit(self, reqs: list[Req], on_output: Callable[[Req, bool], None]) -> None:
         """Hand validated requests to the scheduler; ``on_output`` runs on the scheduler

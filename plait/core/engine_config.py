@@ -19,6 +19,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    disable_jump_forward: bool = False       # grammar-forced text is extended in one step
     max_running_requests: int = 64
     context_length: int | None = None
     random_seed: int | None = None

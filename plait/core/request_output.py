@@ -14,12 +14,13 @@ class RequestFinisher:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
 
-    def append_token(self, req: Req, token: int, context_len: int) -> None:
+    def append_token(self, req: Req, token: int, context_len: int,
+                     grammar_accepted: bool = False) -> None:
         sp = req.sampling
         req.output_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
-        if req.grammar is not None:
+        if req.grammar is not None and not grammar_accepted:
             req.grammar.accept_token(token)
         n_out = len(req.output_ids)
         if n_out >= sp.min_new_tokens:

@@ -32,7 +32,8 @@ def mask_min_tokens(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) ->
     """Forbid EOS and stop tokens until a request has ``min_new_tokens`` outputs."""
     for i, req in enumerate(reqs):
         sp = req.sampling
-        if len(req.output_ids) < sp.min_new_tokens:
+        # a grammar decides for itself when EOS is allowed; banning it could leave no token
+        if len(req.output_ids) < sp.min_new_tokens and req.grammar is None:
             banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else eos_ids)
             if banned:
                 logits[i, list(banned)] = float("-inf")

@@ -32,6 +32,7 @@ class SchedulerConfig:
     max_prefill_tokens: int = 8192            # token budget of one prefill batch
     schedule_policy: str = "lpm"
     context_len: int = 8192
+    enable_jump_forward: bool = True          # grammar-forced text in one extend step
     init_new_token_ratio: float = 0.7         # share of max_new_tokens reserved per request
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
@@ -45,6 +46,7 @@ class SchedulerStats:
     generated_tokens: int = 0
     forward_passes: int = 0
     retractions: int = 0
+    jump_forward_tokens: int = 0 # grammar-forced output tokens that skipped a decode step
 
 
 class Scheduler:
@@ -145,10 +147,15 @@ class Scheduler:
         for req in order_waiting(self.waiting, cfg.schedule_policy, self.tree):
             if budget <= 0 or len(self.running) + len(items) >= cfg.max_running_requests:
                 break
-            prefix, node = self._match(req)
-            if dedup.should_defer(req.fill_ids, len(prefix)):
-                continue
-            extend = len(req.fill_ids) - len(prefix)
+            if req.req_pool_idx is not None:
+                # holds its KV already (jump-forward tokens to extend): no admission needed
+                prefix, node = None, None
+                extend = len(req.fill_ids) - req.kv_len
+            else:
+                prefix, node = self._match(req)
+                if dedup.should_defer(req.fill_ids, len(prefix)):
+                    continue
+                extend = len(req.fill_ids) - len(prefix)
             if cfg.chunked_prefill_size is None and extend > budget and items:
                 break  # an unchunked long prompt goes alone in the next step
             need = min(extend, budget) if cfg.chunked_prefill_size else extend
@@ -156,7 +163,10 @@ class Scheduler:
             nothing_running = not self.running and not items
             if self._free_tokens() < need + (0 if nothing_running else reserve):
                 break
-            item = self._admit(req, prefix, node, need)
+            if prefix is None:
+                item = self._plan_chunk(req, need)
+            else:
+                item = self._admit(req, prefix, node, need)
             if item is None:
                 break
             self.waiting.remove(req)
@@ -326,13 +336,38 @@ class Scheduler:
         self.stats.generated_tokens += len(tokens)
         for req, token in zip(reqs, tokens):
             self.finisher.append_token(req, token, self.config.context_len)
+            if req.grammar is not None and not req.finished and self.config.enable_jump_forward:
+                self._jump_forward(req)
             if req.finished:
                 if req in self.running:
                     self.running.remove(req)
                 self.release(req)
+            elif len(req.fill_ids) - req.kv_len > 1:
+                # jump-forward appended tokens: extend them in one step, ahead of new requests
+                if req in self.running:
+                    self.running.remove(req)
+                self.waiting.insert(0, req)
             elif req not in self.running:
                 self.running.append(req)
             self.finisher.emit(req)
+
+    def _jump_forward(self, req: Req) -> None:
+        """Append the grammar's forced continuation (already accepted by the grammar)."""
+        from plait.core.jump_forward import jump_forward_tokens
+        tokens = jump_forward_tokens(req.grammar, self.finisher.tokenizer, req.output_ids)
+        room = min(req.sampling.max_new_tokens - len(req.output_ids),
+                   self.config.context_len - len(req.fill_ids))
+        if len(tokens) > room:
+            req.grammar.rollback(len(tokens) - room)
+            tokens = tokens[:room]
+        for token in tokens:
+            self.finisher.append_token(req, token, self.config.context_len, grammar_accepted=True)
+            if req.return_logprob:  # forced: the model did not score it
+                req.output_token_logprobs.append((None, token, None))
+                req.output_top_logprobs.append(None)
+            if req.finished:
+                break
+        self.stats.jump_forward_tokens += len(tokens)
 
     def _finish_now(self, req: Req, reason: dict) -> None:
         req.finish(reason)
