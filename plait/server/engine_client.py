@@ -1,0 +1,234 @@
+"""The HTTP process's handle on the scheduler process: launches it, tokenizes, and routes its
+output messages to one asyncio queue per request.
+
+A request's stream ends in exactly one of: a finished output, an error (raised as
+``APIError``), or the consumer going away -- in which case the request is aborted so its KV
+slots are freed (a client that disconnects must not keep a batch slot busy).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from plait.server.metrics import ServerMetrics
+from plait.server.protocol import APIError
+from plait.server.server_args import ServerArgs
+
+logger = logging.getLogger("plait.server")
+
+
+@dataclass
+class EngineRequest:
+    """One sequence to generate (n > 1 has already been expanded into several)."""
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+
+class EngineClient:
+    def __init__(self, args: ServerArgs, model_path: str):
+        self.args = args
+        self.model_path = model_path
+        self.model_name = args.model_name(model_path)
+        self.tokenizer: Any = None
+        self.context_length: int | None = None
+        self.vocab_size: int | None = None
+        self.started_at = time.time()
+        self.proc: subprocess.Popen | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._req_ids = itertools.count()
+        self._ipc_dir = tempfile.mkdtemp(prefix="plait-ipc-")
+        self._ctx = zmq.asyncio.Context()
+        self._recv: zmq.asyncio.Socket | None = None
+        self._send: zmq.Socket | None = None
+        self._recv_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.metrics = ServerMetrics()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Spawn the scheduler process and wait until its engine is loaded."""
+        in_addr = f"ipc://{self._ipc_dir}/in"
+        out_addr = f"ipc://{self._ipc_dir}/out"
+        self._send = zmq.Context.instance().socket(zmq.PUSH)
+        self._send.setsockopt(zmq.SNDHWM, 0)
+        self._send.setsockopt(zmq.LINGER, 0)
+        self._send.bind(in_addr)
+        self._recv = self._ctx.socket(zmq.PULL)
+        self._recv.bind(out_addr)
+        config = {"in_addr": in_addr, "out_addr": out_addr, "parent_pid": os.getpid(),
+                  "model_path": self.model_path, "log_level": self.args.log_level,
+                  "engine_kwargs": self.args.engine_kwargs(self.model_path),
+                  "engine_factory": self.args.engine_factory}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "plait.server.scheduler_process", json.dumps(config)])
+        tokenizer_task = asyncio.create_task(asyncio.to_thread(self._load_tokenizer))
+        msg = await self._wait_ready()
+        await tokenizer_task
+        info = msg["info"]
+        self.context_length = info.get("context_length")
+        self.vocab_size = info.get("vocab_size") or len(self.tokenizer)
+        self._recv_task = asyncio.create_task(self._recv_loop())
+        self._watch_task = asyncio.create_task(self._watch_process())
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+
+    async def _wait_ready(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self.args.startup_timeout
+        while time.monotonic() < deadline:
+            if await self._recv.poll(timeout=500):
+                msg = await self._recv.recv_pyobj()
+                if msg["op"] == "ready":
+                    return msg
+                if msg["op"] == "startup_error":
+                    raise RuntimeError("the scheduler process failed to start:\n"
+                                       + msg["message"])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the scheduler process exited with {self.proc.returncode}"
+                                   " before it was ready")
+        raise RuntimeError(f"the scheduler process was not ready in "
+                           f"{self.args.startup_timeout:.0f}s")
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self._recv_task is not None
+
+    async def shutdown(self, timeout: float = 15.0) -> None:
+        """Abort what is running, ask the scheduler process to exit, then make sure it did."""
+        for rid in list(self._queues):
+            self._queues[rid].put_nowait(("error", 503, "the server is shutting down"))
+        if self.proc is not None and self.proc.poll() is None:
+            if self._send is not None:
+                self._send.send_pyobj({"op": "shutdown"})
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("scheduler process did not exit in %.0fs; killing it", timeout)
+                self.proc.kill()
+                self.proc.wait()
+        for task in (self._recv_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        for sock in (self._send, self._recv):
+            if sock is not None:
+                sock.close(linger=0)
+        for name in ("in", "out"):
+            try:
+                os.unlink(os.path.join(self._ipc_dir, name))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self._ipc_dir)
+        except OSError:
+            pass
+
+    async def _watch_process(self) -> None:
+        """If the scheduler process dies, fail every waiting request instead of hanging."""
+        while self.proc.poll() is None:
+            await asyncio.sleep(0.5)
+        logger.error("the scheduler process exited with %s", self.proc.returncode)
+        for q in self._queues.values():
+            q.put_nowait(("error", 503, "the scheduler process exited"))
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(APIError("the scheduler process exited", status=503))
+
+    # ------------------------------------------------------------------ messages
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = await self._recv.recv_pyobj()
+            op = msg.get("op")
+            if op == "out":
+                self.metrics.on_output(msg["rid"], msg["out"], msg["finished"],
+                                       time.monotonic())
+                q = self._queues.get(msg["rid"])
+                if q is not None:
+                    q.put_nowait(("out", msg["out"], msg["finished"]))
+            elif op == "error":
+                q = self._queues.get(msg["rid"])
+                if q is not None:
+                    q.put_nowait(("error", msg["status"], msg["message"]))
+            elif op == "reply":
+                fut = self._replies.pop(msg["req_id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["result"])
+
+    def _require_alive(self) -> None:
+        if not self.is_alive():
+            raise APIError("the scheduler process is not running", status=503)
+
+    async def _call(self, op: str, timeout: float = 60.0) -> Any:
+        self._require_alive()
+        req_id = next(self._req_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[req_id] = fut
+        self._send.send_pyobj({"op": op, "req_id": req_id})
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(req_id, None)
+
+    async def flush_cache(self) -> Any:
+        return await self._call("flush_cache")
+
+    async def server_info(self) -> dict[str, Any]:
+        return await self._call("server_info", timeout=10.0)
+
+    def abort(self, rid: str) -> None:
+        if self._send is not None and self.is_alive():
+            self._send.send_pyobj({"op": "abort", "rid": rid})
+
+    def running_rids(self) -> list[str]:
+        return list(self._queues)
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
+        """Yield the request's cumulative outputs; the last one is finished. Leaving the loop
+        early (client gone, task cancelled) aborts the request in the engine."""
+        self._require_alive()
+        if req.rid in self._queues:
+            raise APIError(f"rid {req.rid!r} is already running", param="rid")
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[req.rid] = q
+        self.metrics.start(req.rid)
+        finished = False
+        try:
+            self._send.send_pyobj({"op": "generate", "rid": req.rid,
+                                   "input_ids": req.input_ids,
+                                   "sampling_params": req.sampling_params,
+                                   "return_logprob": req.return_logprob,
+                                   "logprob_start_len": req.logprob_start_len,
+                                   "top_logprobs_num": req.top_logprobs_num,
+                                   "stream": req.stream})
+            while not finished:
+                item = await q.get()
+                if item[0] == "error":
+                    finished = True
+                    _, status, message = item
+                    raise APIError(message, status=status)
+                _, out, finished = item
+                if req.stream or finished:
+                    yield out
+        finally:
+            self._queues.pop(req.rid, None)
+            self.metrics.forget(req.rid)
+            if not finished:
+                self.abort(req.rid)

@@ -1,0 +1,215 @@
+"""The HTTP server: FastAPI app, auth, error shape, admin routes, and the uvicorn launcher.
+
+Process layout: this process parses, tokenizes and streams; the scheduler process
+(``scheduler_process.py``) owns the engine. See ``engine_client.py`` for the link.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import plait.server.generate_api as generate_api
+import plait.server.openai_api as openai_api
+from plait.server.engine_client import EngineClient, EngineRequest
+from plait.server.protocol import AbortRequest, APIError, error_body
+from plait.server.server_args import ServerArgs
+from plait.server.submit import ClientDisconnected, collect
+
+logger = logging.getLogger("plait.server")
+
+# Reachable without the API key: liveness probes and scrapers should not hold secrets.
+_OPEN_PATHS = {"/health", "/metrics"}
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware) so streaming and disconnect detection pass through
+    untouched."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS \
+                and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = JSONResponse(error_body("invalid or missing API key", 401),
+                                        status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class JSONBodyMiddleware:
+    """Every request body here is JSON; ``curl -d`` labels it as a form (or not at all), so
+    such bodies are relabelled rather than rejected."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            ctype = dict(scope["headers"]).get(b"content-type", b"")
+            if not ctype or ctype.startswith(b"application/x-www-form-urlencoded"):
+                scope = {**scope, "headers": headers + [(b"content-type",
+                                                         b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more error(s))"
+        return JSONResponse(error_body(message, 400, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(_: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody is listening; nginx's code for the record
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", 500),
+                            status_code=500)
+
+
+def create_app(args: ServerArgs, model_path: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = EngineClient(args, model_path)
+        app.state.client = client
+        try:
+            await client.start()
+            logger.info("serving %s at http://%s:%d", client.model_name, args.host, args.port)
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="Plait", version="0.1.0", lifespan=lifespan)
+    app.state.args = args
+    _install_error_handlers(app)
+    app.add_middleware(JSONBodyMiddleware)
+    if args.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+    app.include_router(generate_api.router)
+    app.include_router(openai_api.router)
+    app.include_router(_admin_routes())
+    return app
+
+
+def _admin_routes():
+    from fastapi import APIRouter
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health(request: Request) -> Response:
+        ok = request.app.state.client.is_alive()
+        return Response(status_code=200 if ok else 503)
+
+    @router.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        """Healthy only if a one-token generation goes through the whole pipeline."""
+        client: EngineClient = request.app.state.client
+        if not client.is_alive():
+            return Response(status_code=503)
+        probe = EngineRequest(input_ids=[client.tokenizer.eos_token_id or 0],
+                              sampling_params={"max_new_tokens": 1, "temperature": 0})
+        try:
+            await asyncio.wait_for(collect(client, [probe], None), timeout=60)
+        except (APIError, asyncio.TimeoutError):
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @router.get("/get_model_info")
+    async def get_model_info(request: Request) -> dict[str, Any]:
+        c: EngineClient = request.app.state.client
+        return {"model_path": c.model_path, "tokenizer_path": c.model_path,
+                "served_model_name": c.model_name, "is_generation": True,
+                "context_length": c.context_length, "vocab_size": c.vocab_size,
+                "has_image_understanding": False, "has_audio_understanding": False}
+
+    @router.get("/get_server_info")
+    @router.get("/server_info")
+    async def get_server_info(request: Request) -> dict[str, Any]:
+        c: EngineClient = request.app.state.client
+        engine = await c.server_info()
+        return {**request.app.state.args.to_dict(), "model_path": c.model_path,
+                "context_length": c.context_length, "version": "0.1.0", **engine,
+                "internal_states": [engine], "num_inflight_requests": len(c.running_rids())}
+
+    @router.post("/flush_cache")
+    async def flush_cache(request: Request) -> Response:
+        ok = await request.app.state.client.flush_cache()
+        if ok is False or (isinstance(ok, dict) and "error" in ok):
+            raise APIError("cache not flushed: requests are still running", status=400)
+        return Response("Cache flushed.\n", status_code=200)
+
+    @router.post("/abort_request")
+    async def abort_request(body: AbortRequest, request: Request) -> dict[str, Any]:
+        """Abort ``rid`` (and the per-sample/per-prompt requests derived from it), or every
+        running request with ``abort_all``."""
+        c: EngineClient = request.app.state.client
+        rids = [r for r in c.running_rids()
+                if body.abort_all or r == body.rid or (body.rid and r.startswith(body.rid + "-"))]
+        for rid in rids:
+            c.abort(rid)
+        return {"aborted": rids}
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        c: EngineClient = request.app.state.client
+        try:
+            info = await c.server_info()
+        except (APIError, asyncio.TimeoutError):
+            info = None
+        data, content_type = c.metrics.render(info, len(c.running_rids()))
+        return Response(data, media_type=content_type)
+
+    return router
+
+
+def run_server(args: ServerArgs) -> int:
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown."""
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="[http] %(asctime)s %(levelname)s %(message)s")
+    model_path = args.resolved_model_path()
+    app = create_app(args, model_path)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=10, timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns
+    # that into a normal return, so a graceful SIGTERM exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 1

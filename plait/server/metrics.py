@@ -1,0 +1,123 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Latencies are measured where the client sees them (the HTTP process, as outputs arrive);
+queue/running/KV gauges are read from the engine's server info at scrape time. Each app has
+its own registry so several servers (tests) can live in one interpreter.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class _Track:
+    start: float
+    last: float | None = None
+    tokens: int = 0
+    stream: bool = False
+
+
+@dataclass
+class ServerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    _tracks: dict[str, _Track] = field(default_factory=dict)
+    _recent: deque = field(default_factory=deque)  # (time, new tokens) for throughput
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("plait_requests", "Finished generation requests",
+                                ["finish_reason"], registry=r)
+        self.prompt_tokens = Counter("plait_prompt_tokens", "Prompt tokens", registry=r)
+        self.cached_tokens = Counter("plait_cached_tokens",
+                                     "Prompt tokens served from the prefix cache", registry=r)
+        self.generation_tokens = Counter("plait_generation_tokens", "Generated tokens",
+                                         registry=r)
+        self.ttft = Histogram("plait_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("plait_inter_token_latency_seconds", "Time between tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("plait_e2e_request_latency_seconds", "Request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("plait_num_queue_reqs", "Requests waiting to be scheduled",
+                           registry=r)
+        self.running = Gauge("plait_num_running_reqs", "Requests in the running batch",
+                             registry=r)
+        self.inflight = Gauge("plait_num_inflight_reqs", "Requests the HTTP server awaits",
+                              registry=r)
+        self.token_usage = Gauge("plait_token_usage", "Fraction of KV slots in use",
+                                 registry=r)
+        self.cache_hit_rate = Gauge("plait_cache_hit_rate",
+                                    "Cached prompt tokens / prompt tokens", registry=r)
+        self.throughput = Gauge("plait_gen_throughput",
+                                "Generated tokens per second over the last 10 s", registry=r)
+
+    # Called by EngineClient for every output message (finished or not).
+    def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:
+        track = self._tracks.get(rid)
+        if track is None:
+            return
+        meta = out.get("meta_info") or {}
+        tokens = int(meta.get("completion_tokens") or 0)
+        if tokens > track.tokens:
+            if track.last is None:
+                self.ttft.observe(now - track.start)
+            else:
+                per_token = (now - track.last) / (tokens - track.tokens)
+                for _ in range(tokens - track.tokens):
+                    self.itl.observe(per_token)
+            self._recent.append((now, tokens - track.tokens))
+            self.generation_tokens.inc(tokens - track.tokens)
+            track.tokens, track.last = tokens, now
+        if finished:
+            self._tracks.pop(rid, None)
+            self.e2e.observe(now - track.start)
+            fr = meta.get("finish_reason")
+            self.requests.labels(fr.get("type", "unknown") if isinstance(fr, dict)
+                                 else str(fr)).inc()
+            self.prompt_tokens.inc(int(meta.get("prompt_tokens") or 0))
+            self.cached_tokens.inc(int(meta.get("cached_tokens") or 0))
+
+    def start(self, rid: str) -> None:
+        self._tracks[rid] = _Track(start=time.monotonic())
+
+    def forget(self, rid: str) -> None:
+        self._tracks.pop(rid, None)
+
+    def render(self, server_info: dict[str, Any] | None, inflight: int) -> tuple[bytes, str]:
+        info = server_info or {}
+        self.inflight.set(inflight)
+        self.queue.set(_first(info, "num_queue_reqs", "num_waiting_reqs", default=0))
+        self.running.set(_first(info, "num_running_reqs", default=inflight))
+        usage = _first(info, "token_usage", default=None)
+        total = _first(info, "max_total_tokens", "max_total_num_tokens", default=None)
+        free = _first(info, "available_kv_tokens", default=None)
+        if usage is None and total and free is not None:
+            # Cached-but-unreferenced prefixes are reclaimable, so they count as free.
+            usage = 1 - (free + _first(info, "evictable_kv_tokens", default=0)) / total
+        self.token_usage.set(usage or 0.0)
+        prompt = _counter_value(self.prompt_tokens)
+        self.cache_hit_rate.set(_counter_value(self.cached_tokens) / prompt if prompt else 0.0)
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - 10:
+            self._recent.popleft()
+        self.throughput.set(sum(n for _, n in self._recent) / 10.0)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _first(info: dict[str, Any], *keys: str, default: Any) -> Any:
+    for k in keys:
+        if isinstance(info.get(k), (int, float)):
+            return info[k]
+    return default
+
+
+def _counter_value(counter: Counter) -> float:
+    return counter._value.get()

@@ -1,0 +1,185 @@
+"""Request bodies for the HTTP API and the one error shape every route returns.
+
+The models give FastAPI (and so the OpenAPI schema that fuzzers read) the field types; the
+semantic checks (ranges, context length, regex syntax) live in the routes and in
+``SamplingParams``, and all of them end as ``APIError`` -> HTTP 4xx with an OpenAI-style body:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error that reaches the client as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.status, self.param, self.type)
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                404: "not_found_error", 500: "internal_server_error",
+                503: "service_unavailable"}
+
+
+def error_body(message: str, status: int, param: str | None = None,
+               type: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message,
+                      "type": type or _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": status}}
+
+
+def param_of(err: ValueError) -> str | None:
+    """``SamplingParams`` errors start with the field name ("temperature must be >= 0")."""
+    head = str(err).split(" ", 1)[0].rstrip(":")
+    return head if head.isidentifier() else None
+
+
+class _Strict(BaseModel):
+    # An unknown field is a 400, never silently dropped: a typo should not change sampling.
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- SGLang-native
+MAX_N = 128  # samples per prompt; more is a denial of service, not a use case
+MAX_TOP_LOGPROBS = 20
+
+
+class GenerateSamplingParams(BaseModel):
+    """``sampling_params`` of ``/generate``: ``SamplingParams``' fields, typed for the schema.
+    Extra keys pass through to ``SamplingParams.from_dict`` (which rejects unknown ones that
+    carry a value), because SGLang clients send fields Plait does not have, as null or []."""
+    model_config = ConfigDict(extra="allow")
+    max_new_tokens: int | None = Field(default=None, ge=0)
+    min_new_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    seed: int | None = None
+    regex: str | None = None
+    json_schema: Union[str, dict[str, Any], None] = None
+    ebnf: str | None = None
+
+
+class GenerateRequest(_Strict):
+    """``POST /generate``: SGLang's GenerateReqInput, the fields Plait implements."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
+    text: Union[str, list[str], None] = None
+    input_ids: Union[list[int], list[list[int]], None] = None
+    sampling_params: Union[GenerateSamplingParams, list[GenerateSamplingParams], None] = None
+    return_logprob: Union[bool, list[bool], None] = None
+    logprob_start_len: Union[int, list[int], None] = None
+    top_logprobs_num: Union[int, list[int], None] = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: Union[str, list[str], None] = None
+    # Sent (as null) by SGLang clients; Plait has no LoRA or vision support.
+    lora_path: None = None
+    image_data: None = None
+
+
+class AbortRequest(_Strict):
+    rid: str = ""
+    abort_all: bool = False
+
+
+# --------------------------------------------------------------------------- OpenAI
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by completions and chat: OpenAI's plus SGLang's extras."""
+    model: str
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # SGLang extensions (passed as extra_body by the openai SDK)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    stop_token_ids: list[int] | None = None
+    no_stop_trim: bool | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    rid: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # tool_calls, refusal, ... pass to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None

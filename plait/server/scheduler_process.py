@@ -1,0 +1,243 @@
+"""The scheduler process: owns a ``plait.Engine`` and serves it to the HTTP process over ZeroMQ.
+
+Why a process: the engine's forward passes hold the GIL for long stretches; keeping them out of
+the HTTP process means accepting, tokenizing and streaming never wait on a batch (and a batch
+never waits on JSON). The engine's own background thread runs the scheduler loop; this process
+adds only an asyncio loop that turns messages into engine calls.
+
+Wire protocol (pickled dicts; the HTTP process binds both sockets, this process connects):
+  in  (HTTP -> here): {"op": "generate", "rid", "input_ids", "sampling_params",
+                       "return_logprob", "logprob_start_len", "top_logprobs_num", "stream"}
+                      {"op": "abort", "rid"} | {"op": "flush_cache"|"server_info", "req_id"}
+                      {"op": "shutdown"}
+  out (here -> HTTP): {"op": "ready", "info"} | {"op": "startup_error", "message"}
+                      {"op": "out", "rid", "out": <engine chunk>, "finished": bool}
+                      {"op": "error", "rid", "status", "message"}
+                      {"op": "reply", "req_id", "result"}
+Invariant: every "generate" gets exactly one message with finished=True or one "error".
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any, AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+logger = logging.getLogger("plait.scheduler_process")
+
+_LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs",
+                 "output_top_logprobs")
+
+
+def build_engine(config: dict[str, Any]) -> Any:
+    """Construct the engine named by ``engine_factory`` (default ``plait.Engine``), passing
+    only options its signature accepts; a set option it does not accept is an error rather
+    than silently ignored."""
+    factory_path = config.get("engine_factory") or "plait:Engine"
+    module, _, attr = factory_path.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    kwargs = dict(config["engine_kwargs"])
+    if "mem_fraction" in kwargs:
+        fraction = kwargs.pop("mem_fraction")
+        kwargs["kv_cache_memory_gb"] = _free_device_gb(kwargs.get("device", "cpu")) * fraction
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unsupported = sorted(set(kwargs) - set(params))
+        if unsupported:
+            raise ValueError(f"this engine does not accept option(s) {unsupported}")
+    return factory(**kwargs)
+
+
+def _free_device_gb(device: str) -> float:
+    """Memory free on the device now, for ``--mem-fraction``."""
+    from plait.backends import registry
+    name = registry.resolve_device(device)
+    if name == "cpu":
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    import torch
+    if name in ("cuda", "rocm") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] / 2**30
+    raise ValueError(f"mem_fraction: cannot measure free memory on {name!r}; "
+                     "use --max-total-tokens or --kv-cache-memory-gb")
+
+
+def engine_info(engine: Any, model_path: str) -> dict[str, Any]:
+    """What the HTTP process needs to validate requests: limits and the server info."""
+    info = _server_info(engine)
+    cfg_path = os.path.join(model_path, "config.json")
+    context_length = info.get("context_length") or info.get("max_context_length")
+    vocab_size = info.get("vocab_size")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        context_length = context_length or hf.get("max_position_embeddings")
+        vocab_size = vocab_size or hf.get("vocab_size")
+    return {"context_length": context_length, "vocab_size": vocab_size, "server_info": info}
+
+
+def _server_info(engine: Any) -> dict[str, Any]:
+    info = engine.get_server_info() if hasattr(engine, "get_server_info") else {}
+    return dict(info or {})
+
+
+async def _stream(engine: Any, msg: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Cumulative output dicts of one request, from the engine's async API."""
+    kwargs = dict(input_ids=msg["input_ids"], sampling_params=msg["sampling_params"],
+                  return_logprob=msg["return_logprob"],
+                  logprob_start_len=msg["logprob_start_len"],
+                  top_logprobs_num=msg["top_logprobs_num"], stream=True, rid=msg["rid"])
+    result = engine.async_generate(**kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    if isinstance(result, dict):  # an engine that answered in one piece
+        yield result
+        return
+    async for chunk in result:
+        yield chunk
+
+
+class SchedulerServer:
+    def __init__(self, engine: Any, send: zmq.Socket, model_path: str):
+        self.engine = engine
+        self.send = send
+        self.model_path = model_path
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def emit(self, msg: dict[str, Any]) -> None:
+        self.send.send_pyobj(msg)
+
+    async def run_request(self, msg: dict[str, Any]) -> None:
+        rid = msg["rid"]
+        last: dict[str, Any] | None = None
+        try:
+            async for chunk in _stream(self.engine, msg):
+                finished = (chunk.get("meta_info") or {}).get("finish_reason") is not None
+                if not finished and not msg.get("stream"):
+                    # Non-streaming clients need progress only for timing metrics.
+                    meta = {k: v for k, v in chunk.get("meta_info", {}).items()
+                            if k not in _LOGPROB_KEYS}
+                    chunk_to_send = {**chunk, "meta_info": meta}
+                else:
+                    chunk_to_send = chunk
+                self.emit({"op": "out", "rid": rid, "out": chunk_to_send, "finished": finished})
+                last = chunk
+                if finished:
+                    return
+            last = last or {"text": "", "output_ids": [], "meta_info": {}}
+            meta = dict(last.get("meta_info") or {})
+            meta["finish_reason"] = meta.get("finish_reason") or {"type": "stop",
+                                                                  "matched": None}
+            self.emit({"op": "out", "rid": rid, "out": {**last, "meta_info": meta},
+                       "finished": True})
+        except asyncio.CancelledError:
+            self.emit({"op": "error", "rid": rid, "status": 503,
+                       "message": "the scheduler is shutting down"})
+            raise
+        except ValueError as e:
+            self.emit({"op": "error", "rid": rid, "status": 400, "message": str(e)})
+        except Exception as e:  # an engine bug must cost one request, not the server
+            logger.exception("request %s failed", rid)
+            self.emit({"op": "error", "rid": rid, "status": 500,
+                       "message": f"{type(e).__name__}: {e}"})
+        finally:
+            self.tasks.pop(rid, None)
+
+    async def handle(self, msg: dict[str, Any]) -> bool:
+        """Dispatch one message; False means shut down."""
+        op = msg.get("op")
+        if op == "generate":
+            self.tasks[msg["rid"]] = asyncio.create_task(self.run_request(msg))
+        elif op == "abort":
+            if msg["rid"] in self.tasks:
+                await asyncio.to_thread(self.engine.abort, msg["rid"])
+        elif op in ("flush_cache", "server_info"):
+            try:
+                if op == "flush_cache":
+                    result: Any = await asyncio.to_thread(self.engine.flush_cache)
+                else:
+                    result = await asyncio.to_thread(_server_info, self.engine)
+            except Exception as e:
+                logger.exception("%s failed", op)
+                result = {"error": f"{type(e).__name__}: {e}"}
+            self.emit({"op": "reply", "req_id": msg["req_id"], "result": result})
+        elif op == "shutdown":
+            return False
+        return True
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    # A killed HTTP process must not leave an orphan holding the model and the device.
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            stop.set()
+        await asyncio.sleep(1.0)
+
+
+async def serve(config: dict[str, Any]) -> int:
+    ctx = zmq.asyncio.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.connect(config["in_addr"])
+    send = zmq.Context.instance().socket(zmq.PUSH)
+    send.setsockopt(zmq.SNDHWM, 0)
+    send.setsockopt(zmq.LINGER, 2000)
+    send.connect(config["out_addr"])
+    try:
+        engine = await asyncio.to_thread(build_engine, config)
+        info = await asyncio.to_thread(engine_info, engine, config["model_path"])
+    except Exception:
+        send.send_pyobj({"op": "startup_error", "message": traceback.format_exc()})
+        send.close()
+        return 1
+    send.send_pyobj({"op": "ready", "info": info, "pid": os.getpid()})
+
+    server = SchedulerServer(engine, send, config["model_path"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    watcher = asyncio.create_task(_watch_parent(config["parent_pid"], stop))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            receiver = asyncio.ensure_future(recv.recv_pyobj())
+            done, _ = await asyncio.wait({receiver, stopper},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if receiver not in done:
+                receiver.cancel()
+                break
+            if not await server.handle(receiver.result()):
+                break
+    finally:
+        watcher.cancel()
+        for rid, task in list(server.tasks.items()):
+            await asyncio.to_thread(engine.abort, rid)
+            task.cancel()
+        if hasattr(engine, "shutdown"):
+            await asyncio.to_thread(engine.shutdown)
+        send.close()
+        recv.close()
+    return 0
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group; the HTTP process decides when this one stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = json.loads(sys.argv[1])
+    logging.basicConfig(level=config.get("log_level", "INFO").upper(),
+                        format="[scheduler] %(asctime)s %(levelname)s %(message)s")
+    sys.exit(asyncio.run(serve(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""``plait serve`` options: one dataclass, its argparse flags, and the ``plait.Engine`` kwargs
+it maps to. Engine options are the SGLang names users already know."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServerArgs:
+    model_path: str = "default"
+    device: str = "auto"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp: int = 1
+    chunked_prefill_size: int | None = None
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+    page_size: int = 1
+    max_running_requests: int = 64
+    mem_fraction: float | None = None
+    max_total_tokens: int | None = None
+    kv_cache_memory_gb: float | None = None
+    context_length: int | None = None
+    random_seed: int | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    log_level: str = "info"
+    startup_timeout: float = 600.0
+    # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
+    # fake); None means plait.Engine.
+    engine_factory: str | None = None
+
+    def resolved_model_path(self) -> str:
+        """``default`` (or empty) means the bundled SmolLM2-135M-Instruct, fetched on first use."""
+        if self.model_path in ("", "default"):
+            from plait.models.default import default_model_path
+            return str(default_model_path())
+        return str(Path(self.model_path).expanduser())
+
+    def model_name(self, model_path: str) -> str:
+        return self.served_model_name or Path(model_path).name
+
+    def engine_kwargs(self, model_path: str) -> dict[str, Any]:
+        """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
+        engine's own defaults apply."""
+        if self.tp != 1:
+            raise ValueError(f"tp: tensor parallelism is not supported yet, got {self.tp}")
+        kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
+                      page_size=self.page_size, max_total_tokens=self.max_total_tokens,
+                      chunked_prefill_size=self.chunked_prefill_size,
+                      schedule_policy=self.schedule_policy,
+                      disable_radix_cache=self.disable_radix_cache,
+                      max_running_requests=self.max_running_requests,
+                      mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
+                      context_length=self.context_length, random_seed=self.random_seed)
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["api_key"] = None if self.api_key is None else "***"
+        return d
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``serve``, ``generate`` and ``chat``."""
+    d = ServerArgs()
+    p.add_argument("--model-path", default=d.model_path,
+                   help="model directory, or 'default' for SmolLM2-135M-Instruct")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
+    p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument("--mem-fraction", type=float, default=None,
+                     help="KV cache budget as a fraction of the device memory free at start")
+    mem.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    mem.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                     help="KV cache budget in GiB (engine default: 1)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="cap the model's context window")
+    p.add_argument("--random-seed", type=int, default=None)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    d = ServerArgs()
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id in the OpenAI API (default: the model directory name)")
+    p.add_argument("--log-level", default=d.log_level,
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--startup-timeout", type=float, default=d.startup_timeout)
+    p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+
+
+def from_namespace(ns: argparse.Namespace) -> ServerArgs:
+    names = {f.name for f in fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(ns).items() if k in names})
