@@ -114,7 +114,8 @@ class TokenSlotAllocator:
         """Frees the pages covered by ``slots``. Callers only free whole pages they own."""
         if slots.numel() == 0:
             return
-        pages = torch.unique(slots // self.page_size)  # sorted
+        ps = self.page_size
+        pages = torch.unique(slots if ps == 1 else slots // ps)  # sorted; duplicates dropped
         lo, hi = int(pages[0]), int(pages[-1])
         if lo < 1 or hi > self.num_pages:
             raise ValueError(f"slots cover page {lo if lo < 1 else hi}, outside allocatable "
