@@ -1,0 +1,1 @@
+"""A toy Plait backend: device ``toy`` runs the torch reference attention on the CPU."""

@@ -1,0 +1,163 @@
+"""Decode graph capture with padding to a few fixed batch sizes.
+
+A graph replays the exact kernels it recorded, on the exact memory it recorded them on. So the
+runner keeps static input buffers (ids, positions, slots, request rows, lengths), copies each
+decode batch into the smallest captured size that fits, pads the rest, replays and returns the
+first ``batch_size`` rows of the outputs.
+
+Padded rows are harmless by construction: they write their K/V to slot 0 (reserved for
+padding), read row 0 of ``req_to_token`` with ``seq_len = 1`` and their outputs are dropped.
+
+How a graph is recorded is a :class:`GraphCapture`: CUDA and HIP graphs (both
+``torch.cuda.CUDAGraph``) here; ``jax.jit`` shape buckets for the TPU backend; and
+:class:`EagerCapture`, which just reruns the step on the static buffers, so the padding logic
+can be tested on a CPU.
+
+The captured step must not read the batch's host lists (``seq_lens_cpu``...): they are frozen
+at capture time. Only its tensors are refreshed before each replay.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any, Callable, Protocol
+
+import torch
+
+from plait.core.backend_api import GraphRunner
+from plait.core.forward_batch import ForwardBatch
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+
+
+class GraphCapture(Protocol):
+    def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        """Record ``step`` (a closure over static buffers); return a function replaying it."""
+
+
+class EagerCapture:
+    """Replays by calling the step again: no graph, same padding. For tests and debugging."""
+
+    def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        return step
+
+
+class TorchCudaGraphCapture:
+    """``torch.cuda.CUDAGraph`` capture; on ROCm builds of torch the same API records HIP graphs.
+
+    All sizes share one memory pool, so the graphs together cost about as much memory as the
+    largest one.
+    """
+
+    def __init__(self, warmup_runs: int = 2):
+        self.warmup_runs = warmup_runs
+        self._pool = None
+
+    def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # Warm up on a side stream so lazy initialisation (Triton compilation, cuBLAS
+        # workspaces) happens outside the capture.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_runs):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()
+
+        def replay() -> Any:
+            graph.replay()
+            return out
+
+        return replay
+
+
+class DecodeGraphRunner(GraphRunner):
+    """Captures decode lazily, once per padded batch size, and replays it."""
+
+    def __init__(self, model: Any, max_batch_size: int, device: torch.device | str,
+                 capture: GraphCapture, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device)
+        self.capture_api = capture
+        sizes = sorted({s for s in batch_sizes if s < max_batch_size} | {max_batch_size})
+        self.batch_sizes = tuple(sizes)
+        self._replays: dict[int, Callable[[], Any]] = {}
+        self._static: ForwardBatch | None = None  # buffers of max_batch_size rows
+        self._req_to_token: torch.Tensor | None = None
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.is_decode and 0 < batch.batch_size <= self.max_batch_size
+
+    def padded_size(self, batch_size: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch_size)]
+
+    def replay(self, batch: ForwardBatch, run: Callable[[ForwardBatch], Any]) -> Any:
+        if not self.can_run(batch):
+            raise ValueError(f"batch (decode={batch.is_decode}, size={batch.batch_size}) is "
+                             f"not replayable; max_batch_size={self.max_batch_size}")
+        self._bind_table(batch.req_to_token)
+        bs, padded = batch.batch_size, self.padded_size(batch.batch_size)
+        self._fill(batch, padded)
+        replay = self._replays.get(padded)
+        if replay is None:
+            static = self._view(padded)
+            replay = self.capture_api.capture(lambda: run(static))
+            self._replays[padded] = replay
+        return _first_rows(replay(), bs, padded)
+
+    def _bind_table(self, req_to_token: torch.Tensor) -> None:
+        # The graphs read the table through its address: it must be the same tensor every step.
+        if self._req_to_token is None:
+            self._req_to_token = req_to_token
+            self._static = _static_buffers(self.max_batch_size, req_to_token, self.device)
+        elif req_to_token is not self._req_to_token:
+            raise ValueError("req_to_token changed between decode steps; graphs captured on the "
+                             "old table cannot be replayed")
+
+    def _fill(self, batch: ForwardBatch, padded: int) -> None:
+        s, bs = self._static, batch.batch_size
+        for name, pad in (("input_ids", 0), ("positions", 0), ("out_cache_loc", 0),
+                          ("req_pool_indices", 0), ("seq_lens", 1), ("prefix_lens", 0)):
+            dst = getattr(s, name)
+            dst[:bs].copy_(getattr(batch, name), non_blocking=True)
+            dst[bs:padded].fill_(pad)
+
+    def _view(self, padded: int) -> ForwardBatch:
+        s = self._static
+        return ForwardBatch(
+            is_decode=True, input_ids=s.input_ids[:padded], positions=s.positions[:padded],
+            out_cache_loc=s.out_cache_loc[:padded], req_pool_indices=s.req_pool_indices[:padded],
+            seq_lens=s.seq_lens[:padded], prefix_lens=s.prefix_lens[:padded],
+            extend_lens=s.extend_lens[:padded], req_to_token=s.req_to_token,
+            logits_rows=s.logits_rows[:padded],
+            # Frozen placeholders (see the module docstring): right length, stale values.
+            seq_lens_cpu=[1] * padded, prefix_lens_cpu=[0] * padded, extend_lens_cpu=[1] * padded)
+
+
+def _static_buffers(n: int, req_to_token: torch.Tensor, device: torch.device) -> ForwardBatch:
+    def zeros() -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.int64, device=device)
+
+    return ForwardBatch(
+        is_decode=True, input_ids=zeros(), positions=zeros(), out_cache_loc=zeros(),
+        req_pool_indices=zeros(), seq_lens=torch.ones(n, dtype=torch.int64, device=device),
+        prefix_lens=zeros(), extend_lens=torch.ones(n, dtype=torch.int64, device=device),
+        req_to_token=req_to_token, logits_rows=torch.arange(n, device=device),
+        seq_lens_cpu=[1] * n, prefix_lens_cpu=[0] * n, extend_lens_cpu=[1] * n)
+
+
+def _first_rows(out: Any, bs: int, padded: int) -> Any:
+    """The real rows of every tensor output (tensors, tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return out[:bs] if out.dim() and out.shape[0] == padded else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_first_rows(o, bs, padded) for o in out)
+    if isinstance(out, dict):
+        return {k: _first_rows(v, bs, padded) for k, v in out.items()}
+    return out

@@ -1,0 +1,104 @@
+"""The conformance suite as a pytest class: subclass it, name a device, run pytest.
+
+    # tests/test_my_backend.py
+    from plait.testing import BackendConformance
+
+    class TestMyDevice(BackendConformance):
+        device = "mydevice"           # a name registered in the plait.backends entry points
+
+Every test skips (with the registry's reason) where the device is unavailable. Override
+:meth:`BackendConformance.kit_backend` to certify kernels without registering a device (for
+example Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``).
+
+The attention grid is ``quick`` unless ``grid`` is set on the class, ``--plait-kit-grid full``
+is given (with ``-p plait.testing.plugin``) or ``PLAIT_KIT_GRID=full`` is in the environment.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from plait.testing import e2e, kit
+from plait.testing.cases import decode_cases, extend_cases
+from plait.testing.register import temporarily_registered
+from plait.testing.tiny_model import make_tiny_llama
+
+GRID_ENV = "PLAIT_KIT_GRID"
+
+
+def _grid(config: pytest.Config, cls: type) -> str:
+    if getattr(cls, "grid", None):
+        return cls.grid
+    opt = config.getoption("plait_kit_grid", default=None)
+    return opt or os.environ.get(GRID_ENV, "quick")
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class BackendConformance:
+    """Kernels vs the CPU reference, allocator invariants, graph replay, greedy parity."""
+
+    device: str | None = None
+    grid: str | None = None
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+    page_sizes: tuple[int, ...] = (1, 16)
+    #: extra ``plait.Engine`` keyword arguments for the greedy-parity run (None: skip it)
+    engine_kwargs: dict | None = {}
+    #: graph replay: the runner's max batch size and how many growing decode steps to replay
+    graph_max_batch_size: int = 8
+    graph_steps: int = 3
+
+    def kit_backend(self) -> kit.KitBackend:
+        if self.device is None:
+            pytest.skip("no device named: set `device` on the class or pass --plait-device")
+        try:
+            return kit.KitBackend.from_registry(self.device)
+        except ValueError as e:
+            pytest.skip(f"device {self.device!r} unavailable here: {e}")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def kb(cls) -> kit.KitBackend:
+        return cls().kit_backend()
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        grid = _grid(metafunc.config, type(self))
+        params = {
+            "extend_case": (extend_cases(grid), lambda c: c.id),
+            "decode_case": (decode_cases(grid), lambda c: c.id),
+            "dtype": (list(self.dtypes), _dtype_id),
+            "page_size": (list(self.page_sizes), lambda p: f"page{p}"),
+        }
+        for name, (values, ids) in params.items():
+            if name in metafunc.fixturenames:
+                metafunc.parametrize(name, values, ids=[ids(v) for v in values])
+
+    def test_extend_matches_reference(self, kb, extend_case, dtype):
+        kit.check_extend(kb, extend_case, dtype)
+
+    def test_decode_matches_reference(self, kb, decode_case, dtype):
+        kit.check_decode(kb, decode_case, dtype)
+
+    def test_allocator_invariants(self, kb, page_size):
+        if kb.make_allocator is None:
+            pytest.skip(f"{kb.name} builds no allocator of its own")
+        kit.check_allocator(kb, page_size)
+
+    def test_graph_replay_matches_eager(self, kb, page_size):
+        if not kit.check_graph_replay(kb, page_size=page_size,
+                                      max_batch_size=self.graph_max_batch_size,
+                                      steps=self.graph_steps):
+            pytest.skip(f"{kb.name} runs decode eagerly (no graph runner)")
+
+    def test_greedy_parity_with_cpu(self, kb, tmp_path_factory):
+        if self.engine_kwargs is None:
+            pytest.skip("greedy parity disabled for this class (engine_kwargs = None)")
+        if not e2e.engine_available():
+            pytest.skip("plait.Engine is not available yet")
+        model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+        with temporarily_registered(kb) as name:
+            e2e.check_greedy_parity(name, model_dir, **self.engine_kwargs)

@@ -1,0 +1,324 @@
+"""The checks every backend must pass, as plain functions over a :class:`KitBackend`.
+
+Each ``check_*`` raises ``AssertionError`` with the worst mismatch on failure, so the kit works
+under pytest, unittest or a script. The reference is ``plait.backends.cpu.attention`` run in
+fp32 on the same (dtype-rounded) data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from plait.backends.cpu.attention import decode_attention_ref, extend_attention_ref
+from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
+from plait.core.forward_batch import ForwardBatch
+from plait.testing.cases import AttentionCase, layout
+
+NUM_LAYERS = 2
+LAYER = 1  # check the second layer so a backend that ignores layer_id fails
+
+# (atol, rtol) against an fp32 reference on the same rounded inputs.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 1e-2),
+              torch.bfloat16: (3e-2, 2e-2)}
+
+
+@dataclass
+class KitBackend:
+    """How to build a backend's pieces. :meth:`from_registry` fills it from the plugin hooks;
+    construct it by hand to certify kernels on another device (e.g. Triton's interpreter on CPU).
+
+    ``make_kv_pool(num_slots, num_layers, num_kv_heads, head_dim, dtype, page_size)``;
+    ``make_attention(pool, num_heads, num_kv_heads, head_dim)``;
+    ``make_allocator(num_slots, page_size)``; ``make_graph_runner(model, max_batch_size)``.
+    """
+
+    name: str
+    device: torch.device
+    make_kv_pool: Callable[..., KVPool]
+    make_attention: Callable[[KVPool, int, int, int], AttentionBackend]
+    make_allocator: Callable[[int, int], Any] | None = None
+    make_graph_runner: Callable[[Any, int], GraphRunner | None] | None = None
+    registered: bool = False  # True when ``name`` resolves through the registry
+    tolerances: dict[torch.dtype, tuple[float, float]] = field(
+        default_factory=lambda: dict(TOLERANCES))
+
+    @classmethod
+    def from_registry(cls, name: str, **overrides: Any) -> "KitBackend":
+        from plait.backends import registry
+
+        registry.resolve_device(name)  # ValueError listing the backends if unusable here
+
+        def hook(hook_name: str, **kw: Any) -> Any:
+            return registry.call(hook_name, name, **kw)
+
+        fields = dict(
+            name=name,
+            device=torch.device(hook("plait_torch_device")),
+            make_kv_pool=lambda n, layers, hkv, d, dtype, ps: hook(
+                "plait_create_kv_pool", num_slots=n, num_layers=layers, num_kv_heads=hkv,
+                head_dim=d, dtype=dtype, page_size=ps),
+            make_attention=lambda pool, hq, hkv, d: hook(
+                "plait_create_attention_backend", kv_pool=pool, num_heads=hq, num_kv_heads=hkv,
+                head_dim=d),
+            make_allocator=lambda n, ps: hook("plait_create_allocator", num_slots=n,
+                                              page_size=ps),
+            make_graph_runner=lambda model, bs: hook("plait_create_graph_runner", model=model,
+                                                     max_batch_size=bs),
+            registered=True,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# -- attention ----------------------------------------------------------------------------------
+
+@dataclass
+class _Prepared:
+    batch: ForwardBatch
+    pool: KVPool
+    q: torch.Tensor            # on the backend's device
+    k: torch.Tensor            # [S, Hkv, D] fp32 copies of what the pool holds (CPU)
+    v: torch.Tensor
+    q_ref: torch.Tensor        # fp32, CPU
+    req_to_token: torch.Tensor  # CPU copy
+
+
+def prepare(kb: KitBackend, case: AttentionCase, dtype: torch.dtype, decode: bool) -> _Prepared:
+    """Build the pool (filled with random K/V), the batch and q for ``case`` on ``kb``."""
+    lay = layout(case)
+    gen = torch.Generator().manual_seed(case.seed)
+    pool = kb.make_kv_pool(lay.num_slots, NUM_LAYERS, case.num_kv_heads, case.head_dim, dtype,
+                           case.page_size)
+    size = lay.num_slots + case.page_size
+    shape = (size, case.num_kv_heads, case.head_dim)
+    k = torch.randn(shape, generator=gen).to(dtype)
+    v = torch.randn(shape, generator=gen).to(dtype)
+    dev = kb.device
+    for layer in range(NUM_LAYERS):
+        # Layer 0 holds different data: reading the wrong layer cannot pass by accident.
+        kl, vl = (k, v) if layer == LAYER else (-v, k)
+        pool.set_kv(layer, torch.arange(size, device=dev), kl.to(dev), vl.to(dev))
+    t = sum(case.extend_lens)
+    q = torch.randn(t, case.num_heads, case.head_dim, generator=gen).to(dtype)
+    rows = torch.cat([torch.arange(p, p + e) for p, e in zip(case.prefix_lens, case.extend_lens)])
+    req_rows = torch.repeat_interleave(lay.req_pool_indices, torch.tensor(case.extend_lens))
+    out_cache_loc = lay.req_to_token[req_rows, rows].long()
+
+    def i64(xs) -> torch.Tensor:
+        return torch.tensor(list(xs), dtype=torch.int64, device=dev)
+
+    batch = ForwardBatch(
+        is_decode=decode, input_ids=torch.zeros(t, dtype=torch.int64, device=dev),
+        positions=rows.to(dev), out_cache_loc=out_cache_loc.to(dev),
+        req_pool_indices=lay.req_pool_indices.to(dev), seq_lens=i64(case.seq_lens),
+        prefix_lens=i64(case.prefix_lens), extend_lens=i64(case.extend_lens),
+        req_to_token=lay.req_to_token.to(dev), logits_rows=torch.arange(t, device=dev),
+        seq_lens_cpu=list(case.seq_lens), prefix_lens_cpu=list(case.prefix_lens),
+        extend_lens_cpu=list(case.extend_lens))
+    return _Prepared(batch, pool, q.to(dev), k.float(), v.float(), q.float(), lay.req_to_token)
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kb: KitBackend,
+                  what: str) -> None:
+    out = torch.as_tensor(out).detach().to("cpu", torch.float32)
+    if out.shape != ref.shape:
+        raise AssertionError(f"{what}: output shape {tuple(out.shape)} != {tuple(ref.shape)}")
+    atol, rtol = kb.tolerances[dtype]
+    bad = ~torch.isclose(out, ref, atol=atol, rtol=rtol)
+    if bool(bad.any()):
+        err = (out - ref).abs()
+        worst = int(err.flatten().nan_to_num(float("inf")).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), out.shape))
+        raise AssertionError(
+            f"{what} ({dtype}): {int(bad.sum())}/{bad.numel()} elements off (atol={atol}, "
+            f"rtol={rtol}); worst at [token/req, head, dim]={idx}: "
+            f"got {out[idx]:.6g}, expected {ref[idx]:.6g}")
+
+
+def _forward_new_tokens(attn: AttentionBackend, p: _Prepared, dtype: torch.dtype) -> torch.Tensor:
+    """Through ``AttentionBackend.forward``: the new tokens' slots first hold junk, so the
+    backend must write k/v to ``out_cache_loc`` (set_kv) before it attends."""
+    loc = p.batch.out_cache_loc
+    junk = torch.full((loc.numel(), *p.k.shape[1:]), 100.0, dtype=dtype, device=loc.device)
+    p.pool.set_kv(LAYER, loc, junk, junk)
+    loc_cpu = loc.cpu()
+    k_new = p.k[loc_cpu].to(dtype).to(loc.device)
+    v_new = p.v[loc_cpu].to(dtype).to(loc.device)
+    return attn.forward(p.q, k_new, v_new, LAYER, p.batch)
+
+
+def check_extend(kb: KitBackend, case: AttentionCase, dtype: torch.dtype) -> None:
+    p = prepare(kb, case, dtype, decode=False)
+    attn = kb.make_attention(p.pool, case.num_heads, case.num_kv_heads, case.head_dim)
+    attn.init_forward_metadata(p.batch)
+    out = _forward_new_tokens(attn, p, dtype)
+    ref = extend_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
+                               p.batch.req_pool_indices.tolist(), list(case.prefix_lens),
+                               list(case.extend_lens), attn.scale)
+    _assert_close(out, ref, dtype, kb, f"extend {case.id}")
+
+
+def check_decode(kb: KitBackend, case: AttentionCase, dtype: torch.dtype) -> None:
+    p = prepare(kb, case, dtype, decode=True)
+    attn = kb.make_attention(p.pool, case.num_heads, case.num_kv_heads, case.head_dim)
+    attn.init_forward_metadata(p.batch)
+    out = _forward_new_tokens(attn, p, dtype)
+    ref = decode_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
+                               p.batch.req_pool_indices.cpu(), torch.tensor(case.seq_lens),
+                               attn.scale)
+    _assert_close(out, ref, dtype, kb, f"decode {case.id}")
+
+
+# -- allocator ----------------------------------------------------------------------------------
+
+def check_allocator(kb: KitBackend, page_size: int, num_pages: int = 8) -> None:
+    """Invariants of ``TokenSlotAllocator`` as the backend builds it: page 0 is never handed
+    out, slots are unique and in range, token i sits at offset i % page_size, a failed alloc
+    takes nothing, free gives everything back, and a double free raises ``ValueError``."""
+    if kb.make_allocator is None:
+        raise AssertionError(f"{kb.name}: no allocator factory")
+    num_slots = num_pages * page_size
+    alloc = kb.make_allocator(num_slots, page_size)
+    assert alloc.available_size() == num_slots, "a fresh allocator must have every slot free"
+
+    owned: list[torch.Tensor] = []
+    for n in (1, page_size + 1, 2 * page_size - 1):  # grow one request across page boundaries
+        last = int(owned[-1][-1]) if owned else -1
+        got = alloc.alloc(n, last)
+        assert got is not None and got.numel() == n, f"alloc({n}) returned {got}"
+        owned.append(got.cpu().long())
+    seq = torch.cat(owned)
+    assert bool((seq >= page_size).all()), f"page 0 (padding) handed out: {seq.tolist()}"
+    assert bool((seq < num_slots + page_size).all()), f"slot out of range: {seq.tolist()}"
+    assert seq.unique().numel() == seq.numel(), f"duplicate slots: {seq.tolist()}"
+    offsets = seq % page_size
+    assert torch.equal(offsets, torch.arange(seq.numel()) % page_size), \
+        f"token i must sit at offset i % page_size: {seq.tolist()}"
+    used_pages = seq.div(page_size, rounding_mode="floor").unique().numel()
+    assert alloc.available_size() == num_slots - used_pages * page_size
+
+    before = alloc.available_size()
+    assert alloc.alloc(before + 1) is None, "alloc beyond capacity must return None"
+    assert alloc.available_size() == before, "a failed alloc must not take slots"
+
+    other = alloc.alloc(before)  # take everything that is left
+    assert other is not None and other.numel() == before
+    assert not set(other.cpu().tolist()) & set(seq.tolist()), "a slot was handed out twice"
+    assert alloc.available_size() == 0
+
+    dev_seq = seq.to(other.device)
+    alloc.free(dev_seq)
+    alloc.free(other)
+    assert alloc.available_size() == num_slots, "free must return every page"
+    try:
+        alloc.free(dev_seq)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a double free must raise ValueError")
+    again = alloc.alloc(num_slots)
+    assert again is not None and again.numel() == num_slots, "freed pages must be reusable"
+
+
+# -- graph capture ------------------------------------------------------------------------------
+
+class ToyDecoder(torch.nn.Module):
+    """A one-layer decode step whose q/k/v are fixed functions of (token id, position), so an
+    eager run and a graph replay of the same batch must agree exactly and write the same K/V."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, vocab: int = 97,
+                 max_pos: int = 512, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.shapes = (num_heads, num_kv_heads, head_dim)
+        self.tok = torch.randn(vocab, (num_heads + 2 * num_kv_heads) * head_dim, generator=g)
+        self.pos = torch.randn(max_pos, (num_heads + 2 * num_kv_heads) * head_dim, generator=g)
+
+    def to_device(self, device: torch.device, dtype: torch.dtype) -> "ToyDecoder":
+        self.tok, self.pos = self.tok.to(device, dtype), self.pos.to(device, dtype)
+        return self
+
+    def qkv(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        hq, hkv, d = self.shapes
+        x = self.tok[input_ids] + self.pos[positions]
+        q, k, v = x.split([hq * d, hkv * d, hkv * d], dim=-1)
+        return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
+
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        q, k, v = self.qkv(batch.input_ids, batch.positions)
+        return attn.forward(q, k, v, LAYER, batch)
+
+
+def check_graph_replay(kb: KitBackend, dtype: torch.dtype = torch.float32, page_size: int = 16,
+                       max_batch_size: int = 8, steps: int = 3) -> bool:
+    """Replays of the backend's decode graphs equal eager runs, for batch sizes that need
+    padding, across steps whose lengths grow; padded rows write only to the padding page.
+    Returns False (nothing checked) when the backend runs decode eagerly."""
+    if kb.make_graph_runner is None:
+        return False
+    hq, hkv, d = 4, 2, 64
+    model = ToyDecoder(hq, hkv, d).to_device(kb.device, dtype)
+    runner = kb.make_graph_runner(model, max_batch_size)
+    if runner is None:
+        return False
+    dev, num_reqs, max_ctx = kb.device, max_batch_size, 64
+    num_slots = num_reqs * max_ctx
+    pool = kb.make_kv_pool(num_slots, NUM_LAYERS, hkv, d, dtype, page_size)
+    attn = kb.make_attention(pool, hq, hkv, d)
+    # Request r (table row r + 1) owns the page-aligned stretch of slots starting at
+    # page_size + r * max_ctx. Row 0 is the padding row. Prefill K/V are random.
+    r2t = torch.zeros(num_reqs + 1, max_ctx, dtype=torch.int32)
+    for r in range(num_reqs):
+        r2t[r + 1] = torch.arange(max_ctx, dtype=torch.int32) + page_size + r * max_ctx
+    r2t = r2t.to(dev)
+    gen = torch.Generator().manual_seed(7)
+    size = num_slots + page_size
+    pool.set_kv(LAYER, torch.arange(size, device=dev),
+                torch.randn(size, hkv, d, generator=gen).to(dtype).to(dev),
+                torch.randn(size, hkv, d, generator=gen).to(dtype).to(dev))
+    lens = [5 + 3 * r for r in range(num_reqs)]
+    run = lambda b: model(b, attn)  # noqa: E731
+    everyone = list(range(num_reqs))
+    for step in range(steps):
+        # An eager pass over every request before and after this step's replays: if a padded
+        # row wrote anywhere but the padding page, some request's attention changes.
+        probe = run(_decode_batch(everyone, [lens[r] for r in everyone], r2t, step, dev))
+        for bs in (3, 1, max_batch_size, max(1, max_batch_size - 1)):
+            reqs = [(step + i) % num_reqs for i in range(bs)]
+            batch = _decode_batch(reqs, [lens[r] for r in reqs], r2t, step, dev)
+            eager = _cpu(run(batch))
+            replayed = _cpu(runner.replay(batch, run))
+            what = f"graph replay (step {step}, batch {bs})"
+            if replayed.shape != eager.shape:
+                raise AssertionError(f"{what}: shape {tuple(replayed.shape)} != "
+                                     f"{tuple(eager.shape)}")
+            if not torch.allclose(replayed, eager, atol=1e-5, rtol=1e-5):
+                raise AssertionError(f"{what}: max diff {(replayed - eager).abs().max():.3g}")
+        after = run(_decode_batch(everyone, [lens[r] for r in everyone], r2t, step, dev))
+        if not torch.equal(_cpu(after), _cpu(probe)):
+            raise AssertionError(f"graph replay (step {step}) changed K/V outside the padding "
+                                 "page: padded rows must write slot 0 only")
+        lens = [n + 1 for n in lens]
+    return True
+
+
+def _cpu(x: Any) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to("cpu", torch.float32)
+
+
+def _decode_batch(reqs: list[int], pos: list[int], r2t: torch.Tensor, step: int,
+                  dev: torch.device) -> ForwardBatch:
+    def i64(xs) -> torch.Tensor:
+        return torch.tensor(list(xs), dtype=torch.int64, device=dev)
+
+    rows = i64(r + 1 for r in reqs)
+    slots = r2t[rows, i64(pos)].long()
+    seq = [p + 1 for p in pos]
+    return ForwardBatch(
+        is_decode=True, input_ids=i64((7 * r + step) % 97 for r in reqs), positions=i64(pos),
+        out_cache_loc=slots, req_pool_indices=rows, seq_lens=i64(seq), prefix_lens=i64(pos),
+        extend_lens=i64([1] * len(reqs)), req_to_token=r2t,
+        logits_rows=torch.arange(len(reqs), device=dev), seq_lens_cpu=seq,
+        prefix_lens_cpu=list(pos), extend_lens_cpu=[1] * len(reqs))

@@ -1,0 +1,75 @@
+"""The CUDA/ROCm Triton kernels pass the conformance kit on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest.py), in fp32 and fp16, on the quick grid."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from plait.backends.cuda.attention import TritonAttentionBackend  # noqa: E402
+from plait.backends.cuda.graph_runner import DecodeGraphRunner, EagerCapture  # noqa: E402
+from plait.backends.cuda.launch import INTERPRETER, LaunchParams  # noqa: E402
+from plait.backends.rocm.launch import ROCM_DEFAULT  # noqa: E402
+from plait.core.backend_api import KVPool  # noqa: E402
+from plait.core.memory import TokenSlotAllocator  # noqa: E402
+from plait.testing import BackendConformance, kit  # noqa: E402
+from plait.testing.cases import AttentionCase  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 (CPU-only machine); on a GPU the kernels are certified "
+           "by the hardware conformance class in test_registered_backends.py")
+
+CPU = torch.device("cpu")
+
+
+def triton_on_cpu(params: LaunchParams = INTERPRETER, name: str = "triton-interpret"):
+    return kit.KitBackend(
+        name=name, device=CPU,
+        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
+        make_attention=lambda pool, hq, hkv, d: TritonAttentionBackend(pool, hq, hkv, d, params),
+        make_allocator=lambda n, ps: TokenSlotAllocator(n, ps, CPU),
+        make_graph_runner=lambda model, bs: DecodeGraphRunner(model, bs, CPU, EagerCapture(),
+                                                              batch_sizes=(1, 2, 4)))
+
+
+class TestTritonKernelsInterpreted(BackendConformance):
+    grid = "quick"
+    graph_max_batch_size = 4  # the interpreter runs each program in numpy: keep grids small
+    graph_steps = 2
+
+    def kit_backend(self):
+        return triton_on_cpu()
+
+
+def test_kernels_really_run_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from plait.backends.cuda import decode_attention, extend_attention
+    for kernel in (extend_attention._extend_kernel, decode_attention._decode_stage1,
+                   decode_attention._decode_stage2):
+        assert isinstance(kernel, InterpretedFunction), \
+            "a kernel module was imported before TRITON_INTERPRET=1 was set"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_rocm_launch_params_give_the_same_results(dtype):
+    # AMD tiles (64x64), 16 KV splits and waves_per_eu reach the same numbers.
+    kb = triton_on_cpu(ROCM_DEFAULT, name="rocm-interpret")
+    kit.check_extend(kb, AttentionCase((70, 0), (9, 66), 6, 2, 64, 16, seed=5), dtype)
+    kit.check_decode(kb, AttentionCase((70, 3), (1, 1), 6, 2, 64, 16, seed=6), dtype)
+
+
+def test_bfloat16_computes_in_fp32():
+    kb = triton_on_cpu()
+    kb.tolerances[torch.bfloat16] = kit.TOLERANCES[torch.bfloat16]
+    kit.check_extend(kb, AttentionCase((21,), (19,), 6, 2, 64, 1, seed=7), torch.bfloat16)
+    kit.check_decode(kb, AttentionCase((21, 5), (1, 1), 6, 2, 64, 1, seed=8), torch.bfloat16)
+
+
+def test_more_splits_than_keys_leaves_empty_splits_weightless():
+    params = LaunchParams(extend_block_m=16, extend_block_n=16, decode_block_n=16,
+                          num_kv_splits=8, num_warps=1, num_stages=1)
+    kit.check_decode(triton_on_cpu(params), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1),
+                     torch.float32)
