@@ -64,10 +64,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin rows for these positions, [T, 1, D]: looked up once per forward."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,13 +94,14 @@ class Attention(nn.Module):
                                 bias=getattr(config, "attention_out_bias", False))
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(batch.positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         o = attn.forward(q, k, v, self.layer_id, batch)
         return self.o_proj(o.reshape(t, -1))
 
@@ -122,8 +127,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, attn)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, attn, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -148,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         attn.init_forward_metadata(batch)
         x = self.embed_tokens(batch.input_ids)
+        rope = self.layers[0].self_attn.rotary.tables(batch.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, batch, attn)
+            x = layer(x, batch, attn, rope)
         x = self.norm(x[batch.logits_rows])
         return self.lm_head(x).float()
 

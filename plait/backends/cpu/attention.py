@@ -60,17 +60,43 @@ def decode_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Plain-torch attention: the reference implementation and the CPU default."""
+    """Plain-torch attention: the reference implementation and the CPU default.
+
+    Decode is written as two batched matmuls over the gathered K/V instead of SDPA: with one
+    query per request, SDPA's mask and GQA handling cost more than the arithmetic. Everything
+    that depends only on the batch (slot gather indices, the padding mask) is built once per
+    forward in ``init_forward_metadata``, not once per layer.
+    """
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        self._req_rows = batch.req_pool_indices.tolist()
+        if not batch.is_decode:
+            return
+        lens = batch.seq_lens_cpu
+        max_len = max(lens)
+        slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
+        self._bias = None
+        if min(lens) != max_len:
+            valid = torch.arange(max_len, device=slots.device)[None, :] < batch.seq_lens[:, None]
+            slots = slots.masked_fill(~valid, 0)  # padding reads slot 0, then is masked out
+            bias = torch.zeros(valid.shape, dtype=torch.float32, device=slots.device)
+            self._bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
+        self._slots = slots
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
         return extend_attention_ref(
             q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
-            batch.req_pool_indices.tolist(), batch.prefix_lens_cpu, batch.extend_lens_cpu,
-            self.scale)
+            self._req_rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, self.scale)
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        pool = self.kv_pool
-        return decode_attention_ref(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
-            batch.req_pool_indices, batch.seq_lens, self.scale)
+        b, hq, d = q.shape
+        hkv = self.num_kv_heads
+        k = self.kv_pool.k_buffers[layer_id][self._slots].to(q.dtype)   # [B, L, Hkv, D]
+        v = self.kv_pool.v_buffers[layer_id][self._slots].to(q.dtype)
+        qg = q.view(b, hkv, hq // hkv, d)                                 # [B, Hkv, G, D]
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale     # [B, Hkv, G, L]
+        if self._bias is not None:
+            scores = scores + self._bias
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, v.transpose(1, 2)).reshape(b, hq, d)
