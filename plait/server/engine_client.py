@@ -118,7 +118,7 @@ class EngineClient:
             self._queues[rid].put_nowait(("error", 503, "the server is shutting down"))
         if self.proc is not None and self.proc.poll() is None:
             if self._send is not None:
-                self._send.send_pyobj({"op": "shutdown"})
+                self._post({"op": "shutdown"})
             try:
                 await asyncio.to_thread(self.proc.wait, timeout)
             except subprocess.TimeoutExpired:
@@ -176,12 +176,22 @@ class EngineClient:
         if not self.is_alive():
             raise APIError("the scheduler process is not running", status=503)
 
+    def _post(self, msg: dict[str, Any]) -> bool:
+        """Send without blocking: a PUSH socket whose peer is gone would block forever, and
+        this runs on the event loop. False means the scheduler process is unreachable."""
+        try:
+            self._send.send_pyobj(msg, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
     async def _call(self, op: str, timeout: float = 60.0) -> Any:
         self._require_alive()
         req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
         self._replies[req_id] = fut
-        self._send.send_pyobj({"op": op, "req_id": req_id})
+        if not self._post({"op": op, "req_id": req_id}):
+            raise APIError("the scheduler process is not reachable", status=503)
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -195,7 +205,7 @@ class EngineClient:
 
     def abort(self, rid: str) -> None:
         if self._send is not None and self.is_alive():
-            self._send.send_pyobj({"op": "abort", "rid": rid})
+            self._post({"op": "abort", "rid": rid})
 
     def running_rids(self) -> list[str]:
         return list(self._queues)
@@ -211,13 +221,15 @@ class EngineClient:
         self.metrics.start(req.rid)
         finished = False
         try:
-            self._send.send_pyobj({"op": "generate", "rid": req.rid,
-                                   "input_ids": req.input_ids,
-                                   "sampling_params": req.sampling_params,
-                                   "return_logprob": req.return_logprob,
-                                   "logprob_start_len": req.logprob_start_len,
-                                   "top_logprobs_num": req.top_logprobs_num,
-                                   "stream": req.stream})
+            sent = self._post({"op": "generate", "rid": req.rid, "input_ids": req.input_ids,
+                               "sampling_params": req.sampling_params,
+                               "return_logprob": req.return_logprob,
+                               "logprob_start_len": req.logprob_start_len,
+                               "top_logprobs_num": req.top_logprobs_num,
+                               "stream": req.stream})
+            if not sent:
+                finished = True
+                raise APIError("the scheduler process is not reachable", status=503)
             while not finished:
                 item = await q.get()
                 if item[0] == "error":

@@ -200,7 +200,12 @@ def run_server(args: ServerArgs) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown."""
     logging.basicConfig(level=args.log_level.upper(),
                         format="[http] %(asctime)s %(levelname)s %(message)s")
-    model_path = args.resolved_model_path()
+    try:
+        model_path = args.resolved_model_path()
+        args.engine_kwargs(model_path)  # option errors (e.g. --tp 2) before anything starts
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
     app = create_app(args, model_path)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, timeout_keep_alive=5)

@@ -116,7 +116,11 @@ class SchedulerServer:
         self.tasks: dict[str, asyncio.Task] = {}
 
     def emit(self, msg: dict[str, Any]) -> None:
-        self.send.send_pyobj(msg)
+        try:  # never block the loop on a vanished HTTP process; the parent watch ends us
+            self.send.send_pyobj(msg, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.warning("dropped %s for %s: HTTP process unreachable", msg.get("op"),
+                           msg.get("rid"))
 
     async def run_request(self, msg: dict[str, Any]) -> None:
         rid = msg["rid"]
@@ -197,15 +201,16 @@ async def serve(config: dict[str, Any]) -> int:
         engine = await asyncio.to_thread(build_engine, config)
         info = await asyncio.to_thread(engine_info, engine, config["model_path"])
     except Exception:
-        send.send_pyobj({"op": "startup_error", "message": traceback.format_exc()})
+        send.send_pyobj({"op": "startup_error", "message": traceback.format_exc()},
+                        flags=zmq.NOBLOCK)
         send.close()
         return 1
-    send.send_pyobj({"op": "ready", "info": info, "pid": os.getpid()})
+    # NOBLOCK: a connecting PUSH queues even before the peer answers, and if the HTTP process
+    # is already gone there is nobody to block for.
+    send.send_pyobj({"op": "ready", "info": info, "pid": os.getpid()}, flags=zmq.NOBLOCK)
 
     server = SchedulerServer(engine, send, config["model_path"])
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
     watcher = asyncio.create_task(_watch_parent(config["parent_pid"], stop))
     stopper = asyncio.create_task(stop.wait())
     try:
@@ -231,8 +236,10 @@ async def serve(config: dict[str, Any]) -> int:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group; the HTTP process decides when this one stops.
+    # Ctrl-C, `timeout` and systemd signal the whole process group; the HTTP process drains
+    # its streams first and then tells this one to stop (or dies, which the watch notices).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = json.loads(sys.argv[1])
     logging.basicConfig(level=config.get("log_level", "INFO").upper(),
                         format="[scheduler] %(asctime)s %(levelname)s %(message)s")

@@ -35,11 +35,14 @@ class ServerArgs:
     engine_factory: str | None = None
 
     def resolved_model_path(self) -> str:
-        """``default`` (or empty) means the bundled SmolLM2-135M-Instruct, fetched on first use."""
+        """A model directory: ``default`` (or empty) is SmolLM2-135M-Instruct, fetched on first
+        use; a ``.gguf`` file is converted once into the model cache. Resolved here, once, so
+        the HTTP process's tokenizer and the engine read the same files."""
         if self.model_path in ("", "default"):
             from plait.models.default import default_model_path
             return str(default_model_path())
-        return str(Path(self.model_path).expanduser())
+        from plait.models.loader import resolve_model_dir
+        return str(resolve_model_dir(self.model_path))
 
     def model_name(self, model_path: str) -> str:
         return self.served_model_name or Path(model_path).name

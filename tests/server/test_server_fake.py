@@ -229,3 +229,26 @@ def test_api_key_is_required_when_set(tiny_model_dir, tmp_path):
         assert streamed["events"][-1] == "[DONE]"
     finally:
         server.stop()
+
+
+def test_a_dead_scheduler_process_means_503s_not_hangs(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    server = start_server(FAKE, tmp_path / "dead.log", str(tiny_model_dir), timeout=120)
+    try:
+        children = [int(p) for p in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}"
+                                         "/children").read().split()]
+        waiting = {}
+        t = threading.Thread(target=lambda: waiting.setdefault("r", server.post(
+            "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 400}})))
+        t.start()
+        time.sleep(0.5)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        t.join(10)
+        assert_openai_error(waiting["r"], 503)
+        assert server.get("/health").status_code == 503
+        assert_openai_error(server.post("/generate", json={"text": "x"}), 503)
+        assert server.stop() == 0
+    finally:
+        server.stop()
