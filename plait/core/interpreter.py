@@ -1,0 +1,357 @@
+"""Executes frontend programs against a backend.
+
+Each program state owns a :class:`StreamExecutor`: a queue of expressions and one worker
+thread draining it. The program's Python code runs in the caller's thread and only *queues*
+work (``s += gen(...)`` returns at once); it blocks only when it reads a value (``s["x"]``).
+That asynchrony is what makes ``fork`` useful: each branch has its own worker, so the
+branches' requests reach the engine together and are batched.
+
+Invariants:
+- An executor never hangs a reader: an error (in a backend call or in the program's own code)
+  is recorded once, later expressions are skipped, and every waiter wakes and sees it.
+- ``sync()`` returns once every expression submitted so far was executed or skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Iterator
+
+from plait.frontend import ir
+
+_END = object()
+
+
+class StreamExecutor:
+    def __init__(self, backend: Any, arguments: dict[str, Any], defaults: ir.GenParams,
+                 chat_template: Any, stream: bool):
+        self.sid = uuid.uuid4().hex
+        self.backend = backend
+        self.arguments = arguments
+        self.defaults = defaults
+        self.chat_template = chat_template
+        self.stream = stream
+
+        self.text_ = ""
+        self.messages_: list[dict[str, str]] = []
+        self.variables: dict[str, Any] = {}
+        self.meta_info: dict[str, Any] = {}
+        self.cur_role: str | None = None
+        self.cur_role_begin_pos = 0
+        self.fork_start_text_pos = 0
+        self.error_: BaseException | None = None
+        self.finished = False  # the worker has exited
+        self.children: list[StreamExecutor] = []
+
+        self._cv = threading.Condition()
+        self._pending: set[str] = set()  # variables queued but not yet produced
+        self._scope_start: dict[str, int] = {}
+        self._unfinished = 0
+        self._ended = False
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, name=f"plait-exec-{self.sid[:6]}",
+                         daemon=True).start()
+
+    # ---- called from the program's thread -------------------------------------------------
+    def submit(self, expr: Any) -> None:
+        expr = ir.to_expr(expr)
+        with self._cv:
+            if self._ended:
+                raise RuntimeError("this program state has ended; cannot append to it")
+            if self.error_ is not None:
+                return  # the program already failed; nothing after the failure runs
+            self._pending.update(_produced_names(expr))
+            self._unfinished += 1
+        self._queue.put(expr)
+
+    def sync(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._unfinished == 0 or self.finished)
+
+    def end(self) -> None:
+        """No more expressions will come; the worker exits after draining the queue."""
+        with self._cv:
+            if self._ended:
+                return
+            self._ended = True
+        self._queue.put(_END)
+        for child in self.children:
+            child.end()
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first error and wake every waiter."""
+        with self._cv:
+            if self.error_ is None:
+                self.error_ = error
+            self._pending.clear()
+            self._cv.notify_all()
+
+    def get_var(self, name: str) -> Any:
+        with self._cv:
+            self._cv.wait_for(lambda: name not in self._pending or self.error_ is not None)
+            if name in self.variables and name not in self._pending:
+                return self.variables[name]
+            if self.error_ is not None:
+                raise self.error_
+            raise KeyError(f"no variable {name!r} in this program state")
+
+    def set_var(self, name: str, value: Any) -> None:
+        with self._cv:
+            self.variables[name] = value
+
+    def get_meta_info(self, name: str) -> Any:
+        self.get_var(name)
+        return self.meta_info.get(name)
+
+    def fork(self, size: int) -> list["StreamExecutor"]:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"fork size must be a positive integer, got {size!r}")
+        if size > 1:
+            self.submit(ir.CommitPrefix())  # branches then find the shared prefix cached
+        self.sync()
+        self.raise_if_failed()
+        children = []
+        for _ in range(size):
+            child = StreamExecutor(self.backend, self.arguments, self.defaults,
+                                   self.chat_template, self.stream)
+            child.variables = dict(self.variables)
+            child.text_ = self.text_
+            child.messages_ = list(self.messages_)
+            child.cur_role, child.cur_role_begin_pos = self.cur_role, self.cur_role_begin_pos
+            child.fork_start_text_pos = len(self.text_)
+            children.append(child)
+        self.children.extend(children)
+        return children
+
+    def raise_if_failed(self) -> None:
+        if self.error_ is not None:
+            raise self.error_
+
+    def iter_chunks(self, var: str | None = None) -> Iterator[str]:
+        """Yield the text (or one variable) as it grows; ends when it is complete."""
+        def source() -> str:
+            return self.text_ if var is None else str(self.variables.get(var, ""))
+
+        def done() -> bool:
+            if self.error_ is not None or self.finished:
+                return True
+            return var is not None and var in self.variables and var not in self._pending
+
+        sent = 0
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: len(source()) > sent or done())
+                chunk, complete = source()[sent:], done()
+            sent += len(chunk)
+            if chunk:
+                yield chunk
+            if complete:
+                self.raise_if_failed()
+                return
+
+    # ---- the worker thread ----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            expr = self._queue.get()
+            if expr is _END:
+                break
+            if self.error_ is None:
+                try:
+                    self._execute(expr)
+                except BaseException as e:  # noqa: BLE001 - surfaced on the state
+                    self.fail(e)
+            with self._cv:
+                self._unfinished -= 1
+                self._cv.notify_all()
+        with self._cv:
+            self.finished = True
+            self._pending.clear()
+            self._cv.notify_all()
+
+    def _execute(self, expr: ir.Expr) -> None:
+        if isinstance(expr, ir.ExprList):
+            for e in expr.exprs:
+                self._execute(e)
+        elif isinstance(expr, ir.Constant):
+            self._fill(expr.value)
+        elif isinstance(expr, ir.Gen):
+            self._gen(expr)
+        elif isinstance(expr, ir.Select):
+            decision = self.backend.select(self, expr.choices, expr.temperature,
+                                           expr.choices_method)
+            self._fill(decision.decision)
+            self._set_result(expr.name, decision.decision, decision.meta_info)
+        elif isinstance(expr, ir.RoleBegin):
+            self._role_begin(expr.role)
+        elif isinstance(expr, ir.RoleEnd):
+            self._role_end(expr.role)
+        elif isinstance(expr, ir.VarScopeBegin):
+            self._scope_start[expr.name] = len(self.text_)
+        elif isinstance(expr, ir.VarScopeEnd):
+            self._set_result(expr.name, self.text_[self._scope_start.pop(expr.name):], None)
+        elif isinstance(expr, ir.CommitPrefix):
+            if self.text_:
+                self.backend.cache_prefix(self.text_)
+        elif isinstance(expr, ir.ConcatAndAppend):
+            for branch in expr.states:
+                branch.sync()
+                branch.raise_if_failed()
+                self._fill(branch.text_[branch.fork_start_text_pos:])
+        else:
+            raise TypeError(f"cannot execute {expr!r}")
+
+    def _fill(self, text: str) -> None:
+        with self._cv:
+            self.text_ += text
+            self._cv.notify_all()
+
+    def _set_result(self, name: str | None, value: Any, meta: Any) -> None:
+        with self._cv:
+            if name is not None:
+                self.variables[name] = value
+                self.meta_info[name] = meta
+                self._pending.discard(name)
+            self._cv.notify_all()
+
+    def _gen(self, expr: ir.Gen) -> None:
+        params = expr.params.merged_over(self.defaults)
+        params.apply_dtype()
+        if not self.stream:
+            text, meta = self.backend.generate(self, params)
+            self._fill(text)
+            self._set_result(expr.name, text, meta)
+            return
+        name = expr.name if expr.name is not None else f"_gen_{uuid.uuid4().hex[:8]}"
+        with self._cv:
+            self.variables[name] = ""
+        meta = None
+        for delta, meta in self.backend.generate_stream(self, params):
+            with self._cv:
+                self.text_ += delta
+                self.variables[name] += delta
+                self.meta_info[name] = meta
+                self._cv.notify_all()
+        self._set_result(name, self.variables[name], meta)
+
+    def _role_begin(self, role: str) -> None:
+        if self.cur_role is not None:
+            raise ValueError(f"role {role!r} begins inside role {self.cur_role!r}; "
+                             "roles cannot nest")
+        prefix, _ = self.chat_template.prefix_and_suffix(role, self.messages_)
+        self._fill(prefix)
+        self.cur_role, self.cur_role_begin_pos = role, len(self.text_)
+
+    def _role_end(self, role: str) -> None:
+        if self.cur_role != role:
+            raise ValueError(f"role {role!r} ends but the open role is {self.cur_role!r}")
+        content = self.text_[self.cur_role_begin_pos:]
+        _, suffix = self.chat_template.prefix_and_suffix(role, self.messages_)
+        self._fill(suffix)
+        with self._cv:
+            self.messages_.append({"role": role, "content": content})
+        self.cur_role = None
+
+
+def _produced_names(expr: ir.Expr) -> list[str]:
+    if isinstance(expr, ir.ExprList):
+        return [n for e in expr.exprs for n in _produced_names(e)]
+    if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeBegin)) and expr.name is not None:
+        return [expr.name]
+    return []
+
+
+async def aiter_chunks(executor: StreamExecutor, var: str | None) -> AsyncIterator[str]:
+    """The async face of :meth:`StreamExecutor.iter_chunks` (waits in a worker thread)."""
+    loop = asyncio.get_running_loop()
+    it = executor.iter_chunks(var)
+    done = object()
+    while True:
+        chunk = await loop.run_in_executor(None, next, it, done)
+        if chunk is done:
+            return
+        yield chunk
+
+
+# ---- running programs ---------------------------------------------------------------------
+def resolve_backend(backend: Any) -> Any:
+    from plait.frontend import api
+
+    backend = backend if backend is not None else api.get_default_backend()
+    if backend is None:
+        raise ValueError("backend: none given; pass backend= or call pl.set_default_backend()")
+    return getattr(backend, "endpoint", backend)
+
+
+def run_program(program: ir.Function, backend: Any, args: tuple, kwargs: dict[str, Any],
+                defaults: ir.GenParams, stream: bool = False) -> Any:
+    """Run ``program`` once. Never raises for errors inside the program: they are recorded
+    on the returned state (``state.error()``) and re-raised when a result is read."""
+    from plait.frontend.state import ProgramState
+
+    backend = resolve_backend(backend)
+    kwargs = {**program.bind_arguments, **kwargs}
+    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream)
+    state = ProgramState(executor)
+
+    def body() -> None:
+        try:
+            state.ret_value = program.func(state, *args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - surfaced on the state
+            executor.fail(e)
+        finally:
+            executor.end()
+        executor.sync()
+
+    if stream:
+        threading.Thread(target=body, name="plait-program", daemon=True).start()
+    else:
+        body()
+    return state
+
+
+def run_program_batch(program: ir.Function, backend: Any, batch: list[dict[str, Any]],
+                      defaults: ir.GenParams, num_threads: int | str = "auto",
+                      progress_bar: bool = False) -> list[Any]:
+    """Run the program once per kwargs dict, concurrently, results in input order."""
+    backend = resolve_backend(backend)
+    if not batch:
+        return []
+    if len(batch) > 1:
+        cache_program(program, backend)
+    if num_threads == "auto":
+        num_threads = max(64, 16 * (os.cpu_count() or 1))
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be 'auto' or a positive integer, got {num_threads!r}")
+    num_threads = min(num_threads, len(batch))
+
+    bar = None
+    if progress_bar:
+        import tqdm
+
+        bar = tqdm.tqdm(total=len(batch))
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="plait-batch") as pool:
+        futures = [pool.submit(run_program, program, backend, (), kwargs, defaults)
+                   for kwargs in batch]
+        if bar is not None:
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update())
+        states = [f.result() for f in futures]
+    if bar is not None:
+        bar.close()
+    return states
+
+
+def cache_program(program: ir.Function, backend: Any, min_chars: int = 64) -> str:
+    """Prefill the program's traced static prefix once, so a batch fans out from a warm
+    radix cache. Short prefixes are not worth a request. Returns the prefix."""
+    from plait.frontend.tracer import trace_program
+
+    backend = resolve_backend(backend)
+    prefix = trace_program(program, {}, backend).prefix
+    if len(prefix) >= min_chars:
+        backend.cache_prefix(prefix)
+    return prefix

@@ -1,0 +1,146 @@
+"""The DSL: ``function``, ``gen``, ``select``, role helpers and the default backend.
+
+Names and arguments match ``sglang`` so a program ports by changing its import.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from plait.frontend import ir
+from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalized
+
+_default_backend: Any = None
+
+
+def function(func: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Decorate ``def program(s, ...)``; also usable as ``@function()``.
+
+    SGLang's ``num_api_spec_tokens`` option is accepted and ignored (no speculative API calls).
+    """
+    unknown = sorted(set(options) - {"num_api_spec_tokens"})
+    if unknown:
+        raise ValueError(f"function: unknown option(s) {unknown}")
+    if func is None:
+        return lambda f: ir.Function(f)
+    return ir.Function(func)
+
+
+def set_default_backend(backend: Any) -> None:
+    """Backend for programs run without ``backend=``: a Runtime, RuntimeEndpoint or OpenAI."""
+    global _default_backend
+    _default_backend = backend
+
+
+def get_default_backend() -> Any:
+    return _default_backend
+
+
+def flush_cache(backend: Any = None) -> Any:
+    from plait.core.interpreter import resolve_backend
+
+    return resolve_backend(backend).flush_cache()
+
+
+def get_server_info(backend: Any = None) -> Any:
+    from plait.core.interpreter import resolve_backend
+
+    return resolve_backend(backend).get_server_info()
+
+
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
+        stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+        temperature: float | None = None, top_p: float | None = None,
+        top_k: int | None = None, min_p: float | None = None,
+        frequency_penalty: float | None = None, presence_penalty: float | None = None,
+        ignore_eos: bool | None = None, return_logprob: bool | None = None,
+        logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+        dtype: Any = None, choices: list[str] | None = None,
+        choices_method: ChoicesSamplingMethod | None = None, regex: str | None = None,
+        json_schema: str | dict | None = None) -> ir.Expr:
+    """Generate into variable ``name``. Unset parameters inherit ``run(...)``'s defaults.
+    With ``choices`` this is :func:`select`; ``dtype`` (int/float/str/bool) constrains the
+    output with a regex, which needs an engine with grammar support."""
+    if choices is not None:
+        return select(name, choices, 0.0 if temperature is None else temperature,
+                      choices_method or token_length_normalized)
+    ir.check_regex(regex)
+    if isinstance(json_schema, dict):
+        import json
+
+        json_schema = json.dumps(json_schema)
+    params = ir.GenParams(
+        max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
+        stop_token_ids=stop_token_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        ignore_eos=ignore_eos, return_logprob=return_logprob,
+        logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num, dtype=dtype,
+        regex=regex, json_schema=json_schema)
+    if dtype is not None:
+        _check_dtype(dtype)
+    return ir.Gen(name, params)
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype not in (int, float, str, bool, "int", "float", "str", "bool"):
+        raise ValueError(f"dtype must be one of int, float, str, bool, got {dtype!r}")
+
+
+def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> ir.Expr:
+    return gen(name, max_tokens, dtype=int, **kwargs)
+
+
+def gen_string(name: str | None = None, max_tokens: int | None = None,
+               **kwargs: Any) -> ir.Expr:
+    return gen(name, max_tokens, dtype=str, **kwargs)
+
+
+def select(name: str | None = None, choices: list[str] | None = None,
+           temperature: float = 0.0,
+           choices_method: ChoicesSamplingMethod = token_length_normalized) -> ir.Expr:
+    """Pick one of ``choices`` by the model's likelihood of each after the current text."""
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"choices must be a non-empty list of strings, got {choices!r}")
+    if not isinstance(choices_method, ChoicesSamplingMethod):
+        raise ValueError(f"choices_method must be a ChoicesSamplingMethod, got {choices_method!r}")
+    return ir.Select(name, list(choices), temperature, choices_method)
+
+
+def _role(role: str, expr: Any = None) -> ir.Expr:
+    body = [] if expr is None else [ir.to_expr(expr)]
+    return ir.ExprList([ir.RoleBegin(role), *body, ir.RoleEnd(role)])
+
+
+def system(expr: Any = None) -> ir.Expr:
+    return _role("system", expr)
+
+
+def user(expr: Any = None) -> ir.Expr:
+    return _role("user", expr)
+
+
+def assistant(expr: Any = None) -> ir.Expr:
+    return _role("assistant", expr)
+
+
+def system_begin() -> ir.Expr:
+    return ir.RoleBegin("system")
+
+
+def system_end() -> ir.Expr:
+    return ir.RoleEnd("system")
+
+
+def user_begin() -> ir.Expr:
+    return ir.RoleBegin("user")
+
+
+def user_end() -> ir.Expr:
+    return ir.RoleEnd("user")
+
+
+def assistant_begin() -> ir.Expr:
+    return ir.RoleBegin("assistant")
+
+
+def assistant_end() -> ir.Expr:
+    return ir.RoleEnd("assistant")

@@ -1,0 +1,168 @@
+"""What every backend speaking plait's native ``/generate`` protocol shares.
+
+``Runtime`` (in-process engine) and ``RuntimeEndpoint`` (HTTP) differ only in how one request
+travels (:meth:`NativeBackend._call` / :meth:`_call_stream`); gen, select and prefix caching
+are written once here against the request/response shape of docs/design.md.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
+from plait.frontend.ir import GenParams
+
+
+@dataclass
+class PrefillStats:
+    """Token accounting over every request this backend sent (for cache-hit measurements)."""
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+class NativeBackend:
+    chat_template: Any
+    tokenizer: Any = None  # optional; makes select exact at the context/choice boundary
+
+    def __init__(self) -> None:
+        self.stats = PrefillStats()
+        self._stats_lock = threading.Lock()
+
+    # ---- transport (subclasses) -----------------------------------------------------------
+    def _call(self, payload: dict[str, Any]) -> Any:
+        """Send one native request; a dict for one prompt, a list for a list of prompts."""
+        raise NotImplementedError
+
+    def _call_stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send one streaming request; yield response dicts whose ``text`` is cumulative."""
+        raise NotImplementedError
+
+    # ---- the backend contract the interpreter uses ----------------------------------------
+    def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
+        out = self._request(self._gen_payload(s.text_, params))
+        return out["text"], out["meta_info"]
+
+    def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
+        payload = {**self._gen_payload(s.text_, params), "stream": True}
+        sent, last = 0, None
+        for chunk in self._call_stream(payload):
+            _check_finish(chunk)
+            last = chunk
+            delta = chunk["text"][sent:]
+            sent += len(delta)
+            yield delta, chunk["meta_info"]
+        if last is not None:
+            self._account([last])
+
+    def cache_prefix(self, text: str) -> dict[str, Any]:
+        """Prefill ``text`` without generating, so later requests find it in the radix cache."""
+        return self._request({"text": text, "sampling_params": {"max_new_tokens": 0}})
+
+    def select(self, s: Any, choices: list[str], temperature: float,
+               method: ChoicesSamplingMethod) -> ChoicesDecision:
+        """Score each choice by the engine's prompt logprobs of its tokens after the context:
+        one request caches the context, one batched request scores every choice from it."""
+        if not choices:
+            raise ValueError("choices must be a non-empty list of strings")
+        if temperature > 1e-5:
+            raise ValueError(f"select supports temperature=0 only, got {temperature}")
+        context = s.text_
+        prompt_len = self.cache_prefix(context)["meta_info"]["prompt_tokens"] if context else 0
+        counts, start = self._choice_token_counts(context, choices, prompt_len)
+        outs = self._request({
+            "text": [context + c for c in choices],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True, "logprob_start_len": start})
+        entries = []
+        for choice, count, out in zip(choices, counts, outs):
+            reported = out["meta_info"]["input_token_logprobs"]
+            if count > len(reported):
+                raise RuntimeError(f"engine reported {len(reported)} prompt logprobs from "
+                                   f"position {start}, choice {choice!r} needs {count}")
+            entries.append([list(e) for e in reported[len(reported) - count:]])
+        unconditional = None
+        if method.requires_unconditional_logprobs:
+            outs = self._request({"input_ids": [[e[1] for e in es] for es in entries],
+                                  "sampling_params": {"max_new_tokens": 0},
+                                  "return_logprob": True, "logprob_start_len": 0})
+            unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
+        return method(choices=choices,
+                      normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
+                      input_token_logprobs=entries,
+                      unconditional_token_logprobs=unconditional)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _choice_token_counts(self, context: str, choices: list[str],
+                             prompt_len: int) -> tuple[list[int], int]:
+        """How many trailing prompt tokens belong to each choice, and where logprobs start.
+
+        Tokenization can merge across the boundary (``"A: "`` + ``"B"`` -> ``"A:", " B"``);
+        a choice then owns the merged token, so its score is comparable to the others'. With
+        a tokenizer this is exact; without one, everything past the context's length counts.
+        """
+        if self.tokenizer is None:
+            return self._counts_without_tokenizer(context, choices, prompt_len)
+        encode = self.tokenizer.encode
+        base = encode(context)
+        offset = prompt_len - len(base)  # tokens the engine adds itself (e.g. a BOS)
+        counts, shared = [], []
+        for c in choices:
+            ids = encode(context + c)
+            k = _common_prefix_len(base, ids)
+            counts.append(len(ids) - k)
+            shared.append(k)
+        return counts, max(0, offset + min(shared))
+
+    def _counts_without_tokenizer(self, context: str, choices: list[str],
+                                  prompt_len: int) -> tuple[list[int], int]:
+        outs = self._request({"text": [context + c for c in choices],
+                              "sampling_params": {"max_new_tokens": 0}})
+        counts = [max(1, o["meta_info"]["prompt_tokens"] - prompt_len) for o in outs]
+        return counts, max(0, prompt_len - 1)
+
+    def _gen_payload(self, text: str, params: GenParams) -> dict[str, Any]:
+        return {"text": text, "sampling_params": params.engine_params(),
+                **params.request_options()}
+
+    def _request(self, payload: dict[str, Any]) -> Any:
+        out = self._call(payload)
+        outs = out if isinstance(out, list) else [out]
+        for o in outs:
+            _check_finish(o)
+        self._account(outs)
+        return out
+
+    def _account(self, outs: list[dict[str, Any]]) -> None:
+        with self._stats_lock:
+            for o in outs:
+                meta = o.get("meta_info", {})
+                self.stats.requests += 1
+                self.stats.prompt_tokens += meta.get("prompt_tokens", 0)
+                self.stats.cached_tokens += meta.get("cached_tokens", 0)
+                self.stats.completion_tokens += meta.get("completion_tokens", 0)
+
+    def reset_stats(self) -> PrefillStats:
+        with self._stats_lock:
+            old, self.stats = self.stats, PrefillStats()
+        return old
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _check_finish(out: dict[str, Any]) -> None:
+    reason = (out.get("meta_info") or {}).get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        raise RuntimeError(f"request aborted: {reason.get('message', '')}")

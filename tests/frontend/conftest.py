@@ -1,0 +1,125 @@
+"""Fixtures for the frontend tests: a scripted fake backend (fast tests of the interpreter)
+and the real SmolLM2 model in-process and behind ``plait serve`` (``slow`` tests)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+import plait.frontend as pl
+from plait.frontend.chat_template import chatml
+
+
+class FakeBackend:
+    """Answers every gen with ``reply(prompt, params)``; records what it was asked.
+
+    ``barrier``: when set, each gen waits until that many gens are in flight at once, which
+    proves fork branches reach the backend concurrently (a sequential interpreter times out).
+    """
+
+    def __init__(self, reply: Callable[[str, Any], str] | None = None,
+                 barrier: int | None = None):
+        self.chat_template = chatml()
+        self.reply = reply or (lambda prompt, params: f"<{len(self.prompts)}>")
+        self.prompts: list[str] = []
+        self.params: list[Any] = []
+        self.cached: list[str] = []
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(barrier, timeout=10) if barrier else None
+
+    @property
+    def endpoint(self) -> "FakeBackend":
+        return self
+
+    def generate(self, s: Any, params: Any) -> tuple[str, dict]:
+        if self._barrier is not None:
+            self._barrier.wait()
+        with self._lock:
+            text = self.reply(s.text_, params)
+            self.prompts.append(s.text_)
+            self.params.append(params)
+        return text, {"prompt_tokens": len(s.text_), "completion_tokens": len(text)}
+
+    def generate_stream(self, s: Any, params: Any):
+        text, meta = self.generate(s, params)
+        for i in range(0, len(text), 2):
+            time.sleep(0.001)
+            yield text[i:i + 2], meta
+
+    def select(self, s: Any, choices: list[str], temperature: float, method: Any):
+        scores = [float(len(c)) for c in choices]  # the longest choice wins
+        return method(choices=choices, normalized_prompt_logprobs=scores,
+                      input_token_logprobs=[[[x, 0, None]] for x in scores])
+
+    def cache_prefix(self, text: str) -> None:
+        self.cached.append(text)
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def make_fake() -> type[FakeBackend]:
+    return FakeBackend
+
+
+@pytest.fixture(scope="session")
+def runtime(smollm_dir):
+    """The real model in-process, shared by every slow test (loading takes seconds)."""
+    rt = pl.Runtime(model_path=str(smollm_dir), random_seed=0)
+    yield rt
+    rt.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server_url(smollm_dir):
+    """``plait serve`` on a free port, for the HTTP backends; skipped if it cannot start."""
+    import requests
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--model-path", str(smollm_dir),
+           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-2000:]
+                pytest.skip(f"plait serve exited with {proc.returncode}: {err}")
+            try:
+                if requests.get(url + "/health_generate", timeout=70).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            pytest.skip("plait serve did not become healthy within 300 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def endpoint(server_url):
+    return pl.RuntimeEndpoint(server_url)
+
