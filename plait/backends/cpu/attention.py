@@ -98,5 +98,5 @@ class TorchAttentionBackend(AttentionBackend):
         scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale     # [B, Hkv, G, L]
         if self._bias is not None:
             scores = scores + self._bias
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)  # a float32 bias promotes fp16 scores
         return torch.matmul(probs, v.transpose(1, 2)).reshape(b, hq, d)
