@@ -48,9 +48,11 @@ class BackendConformance:
     page_sizes: tuple[int, ...] = (1, 16)
     #: extra ``plait.Engine`` keyword arguments for the greedy-parity run (None: skip it)
     engine_kwargs: dict | None = {}
-    #: graph replay: the runner's max batch size and how many growing decode steps to replay
+    #: graph replay: the runner's max batch size, how many growing decode steps to replay,
+    #: and the page sizes to replay with
     graph_max_batch_size: int = 8
     graph_steps: int = 3
+    graph_page_sizes: tuple[int, ...] = (1, 16)
 
     def kit_backend(self) -> kit.KitBackend:
         if self.device is None:
@@ -72,6 +74,7 @@ class BackendConformance:
             "decode_case": (decode_cases(grid), lambda c: c.id),
             "dtype": (list(self.dtypes), _dtype_id),
             "page_size": (list(self.page_sizes), lambda p: f"page{p}"),
+            "graph_page_size": (list(self.graph_page_sizes), lambda p: f"page{p}"),
         }
         for name, (values, ids) in params.items():
             if name in metafunc.fixturenames:
@@ -88,8 +91,8 @@ class BackendConformance:
             pytest.skip(f"{kb.name} builds no allocator of its own")
         kit.check_allocator(kb, page_size)
 
-    def test_graph_replay_matches_eager(self, kb, page_size):
-        if not kit.check_graph_replay(kb, page_size=page_size,
+    def test_graph_replay_matches_eager(self, kb, graph_page_size):
+        if not kit.check_graph_replay(kb, page_size=graph_page_size,
                                       max_batch_size=self.graph_max_batch_size,
                                       steps=self.graph_steps):
             pytest.skip(f"{kb.name} runs decode eagerly (no graph runner)")

@@ -247,6 +247,7 @@ class ToyDecoder(torch.nn.Module):
         return q.view(-1, hq, d), k.view(-1, hkv, d), v.view(-1, hkv, d)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        attn.init_forward_metadata(batch)  # as the real models do, once per forward
         q, k, v = self.qkv(batch.input_ids, batch.positions)
         return attn.forward(q, k, v, LAYER, batch)
 
@@ -285,8 +286,9 @@ def check_graph_replay(kb: KitBackend, dtype: torch.dtype = torch.float32, page_
         # An eager pass over every request before and after this step's replays: if a padded
         # row wrote anywhere but the padding page, some request's attention changes.
         probe = run(_decode_batch(everyone, [lens[r] for r in everyone], r2t, step, dev))
-        for bs in (3, 1, max_batch_size, max(1, max_batch_size - 1)):
-            reqs = [(step + i) % num_reqs for i in range(bs)]
+        sizes = (3, 1, max_batch_size, max(1, max_batch_size - 1))
+        for j, bs in enumerate(sizes):  # sizes padding to the same graph, with other requests
+            reqs = [(step + j + i) % num_reqs for i in range(bs)]
             batch = _decode_batch(reqs, [lens[r] for r in reqs], r2t, step, dev)
             eager = _cpu(run(batch))
             replayed = _cpu(runner.replay(batch, run))

@@ -37,7 +37,8 @@ def triton_on_cpu(params: LaunchParams = INTERPRETER, name: str = "triton-interp
 class TestTritonKernelsInterpreted(BackendConformance):
     grid = "quick"
     graph_max_batch_size = 4  # the interpreter runs each program in numpy: keep grids small
-    graph_steps = 2
+    graph_steps = 1
+    graph_page_sizes = (16,)  # the runner is layout-blind; test_graph_runner.py does both
 
     def kit_backend(self):
         return triton_on_cpu()

@@ -13,8 +13,9 @@ How a graph is recorded is a :class:`GraphCapture`: CUDA and HIP graphs (both
 :class:`EagerCapture`, which just reruns the step on the static buffers, so the padding logic
 can be tested on a CPU.
 
-The captured step must not read the batch's host lists (``seq_lens_cpu``...): they are frozen
-at capture time. Only its tensors are refreshed before each replay.
+The static batch's host lists (``seq_lens_cpu``...) are refreshed too, which is enough for
+captures that rerun the step; a CUDA graph never re-reads them, so kernels inside a captured
+step must take lengths from tensors only (the Triton decode kernel does).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ class DecodeGraphRunner(GraphRunner):
         sizes = sorted({s for s in batch_sizes if s < max_batch_size} | {max_batch_size})
         self.batch_sizes = tuple(sizes)
         self._replays: dict[int, Callable[[], Any]] = {}
+        self._views: dict[int, ForwardBatch] = {}
         self._static: ForwardBatch | None = None  # buffers of max_batch_size rows
         self._req_to_token: torch.Tensor | None = None
 
@@ -103,10 +105,10 @@ class DecodeGraphRunner(GraphRunner):
                              f"not replayable; max_batch_size={self.max_batch_size}")
         self._bind_table(batch.req_to_token)
         bs, padded = batch.batch_size, self.padded_size(batch.batch_size)
-        self._fill(batch, padded)
+        static = self._views.get(padded) or self._views.setdefault(padded, self._view(padded))
+        self._fill(batch, static)
         replay = self._replays.get(padded)
         if replay is None:
-            static = self._view(padded)
             replay = self.capture_api.capture(lambda: run(static))
             self._replays[padded] = replay
         return _first_rows(replay(), bs, padded)
@@ -120,13 +122,15 @@ class DecodeGraphRunner(GraphRunner):
             raise ValueError("req_to_token changed between decode steps; graphs captured on the "
                              "old table cannot be replayed")
 
-    def _fill(self, batch: ForwardBatch, padded: int) -> None:
-        s, bs = self._static, batch.batch_size
+    def _fill(self, batch: ForwardBatch, static: ForwardBatch) -> None:
+        bs, pad_rows = batch.batch_size, static.batch_size - batch.batch_size
         for name, pad in (("input_ids", 0), ("positions", 0), ("out_cache_loc", 0),
                           ("req_pool_indices", 0), ("seq_lens", 1), ("prefix_lens", 0)):
-            dst = getattr(s, name)
+            dst = getattr(static, name)  # a view of the max-size buffer: writes land there
             dst[:bs].copy_(getattr(batch, name), non_blocking=True)
-            dst[bs:padded].fill_(pad)
+            dst[bs:].fill_(pad)
+        static.seq_lens_cpu = list(batch.seq_lens_cpu) + [1] * pad_rows
+        static.prefix_lens_cpu = list(batch.prefix_lens_cpu) + [0] * pad_rows
 
     def _view(self, padded: int) -> ForwardBatch:
         s = self._static
@@ -136,7 +140,6 @@ class DecodeGraphRunner(GraphRunner):
             seq_lens=s.seq_lens[:padded], prefix_lens=s.prefix_lens[:padded],
             extend_lens=s.extend_lens[:padded], req_to_token=s.req_to_token,
             logits_rows=s.logits_rows[:padded],
-            # Frozen placeholders (see the module docstring): right length, stale values.
             seq_lens_cpu=[1] * padded, prefix_lens_cpu=[0] * padded, extend_lens_cpu=[1] * padded)
 
 
