@@ -8,6 +8,7 @@ thread, before anything reaches the scheduler.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import queue
@@ -42,6 +43,8 @@ class Engine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="plait-scheduler", daemon=True)
         self._thread.start()
+        # stop the scheduler thread before the interpreter tears modules down under it
+        atexit.register(self.shutdown)
 
     # ----- construction -----
 
@@ -332,7 +335,9 @@ class Engine:
 
     def shutdown(self) -> None:
         self._stopped.set()
-        self._thread.join(timeout=5)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        atexit.unregister(self.shutdown)
 
     def __enter__(self) -> "Engine":
         return self

@@ -120,7 +120,10 @@ class Scheduler:
                 if req is self.chunked:
                     self.chunked = None
                 if req.req_pool_idx is not None:
-                    self.release(req)
+                    try:
+                        self.release(req)
+                    except Exception:  # noqa: BLE001 - keep cleaning up the others
+                        log.exception("could not release %s after a failed forward", req.rid)
                 self._finish_now(req, {"type": "abort", "message": f"internal error: {exc}"})
 
     # ----- prefill -----
