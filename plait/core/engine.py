@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import itertools
 import logging
 import queue
 import threading
 import uuid
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -43,8 +45,10 @@ class Engine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="plait-scheduler", daemon=True)
         self._thread.start()
-        # stop the scheduler thread before the interpreter tears modules down under it
-        atexit.register(self.shutdown)
+        # Stop the scheduler thread before the interpreter tears modules down under it. A weak
+        # reference, so an engine nobody holds can still be garbage collected.
+        self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
+        atexit.register(self._atexit)
 
     # ----- construction -----
 
@@ -337,7 +341,7 @@ class Engine:
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        atexit.unregister(self.shutdown)
+        atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
         return self
@@ -352,3 +356,9 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def _shutdown_if_alive(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
