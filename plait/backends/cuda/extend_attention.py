@@ -125,6 +125,9 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
     """
     batch, num_heads, head_dim = len(prefix_lens), q.shape[1], q.shape[2]
     group = num_heads // k_buffer.shape[1]
+    block_n = params.extend_block_n
+    if q.element_size() == 4 and head_dim > 64:
+        block_n = max(16, block_n // 2)  # fp32 K/V tiles are twice the shared memory of fp16
     grid = (batch, num_heads, triton.cdiv(max_extend_len, params.extend_block_m))
     _extend_kernel[grid](
         q, k_buffer, v_buffer, o, req_to_token, req_pool_indices, prefix_lens, extend_lens,
@@ -133,7 +136,7 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
         req_to_token.stride(0), scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=params.extend_block_m, BLOCK_N=params.extend_block_n,
+        BLOCK_M=params.extend_block_m, BLOCK_N=block_n,
         COMPUTE=compute_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
         **params.launch_kwargs(),
     )
