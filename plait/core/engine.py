@@ -155,8 +155,9 @@ class Engine:
         rids = rid if isinstance(rid, list) else [rid] * len(prompts)
         if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
             raise ValueError(f"logprob_start_len must be an integer >= -1, got {logprob_start_len!r}")
-        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be an integer >= 0, got {top_logprobs_num!r}")
+        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= self.vocab_size:
+            raise ValueError(f"top_logprobs_num must be an integer in [0, {self.vocab_size}], "
+                             f"got {top_logprobs_num!r}")
         reqs = []
         for ids, sp_in, base in zip(prompts, sps, rids):
             sp = SamplingParams.from_dict(sp_in)

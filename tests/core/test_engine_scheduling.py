@@ -110,6 +110,7 @@ def test_stream_closed_early_aborts_request(tiny):
     ({"input_ids": [10**7]}, "input_ids"),
     ({"input_ids": []}, "empty"),
     ({"logprob_start_len": -5}, "logprob_start_len"),
+    ({"return_logprob": True, "top_logprobs_num": 10**6}, "top_logprobs_num"),
 ])
 def test_bad_input_raises_value_error_naming_the_parameter(tiny, kwargs, name):
     with plait.Engine(tiny, context_length=2048) as engine:
