@@ -43,7 +43,11 @@ def _prompts(body: GenerateRequest, client: EngineClient) -> tuple[list[list[int
         texts = body.text if batched else [body.text]
         if not texts:
             raise APIError("text must not be an empty list", param="text")
-        return [tokenize(client, t) for t in texts], batched
+        prompts = [tokenize(client, t) for t in texts]
+        for p in prompts:
+            if not p:
+                raise APIError("text must not be empty", param="text")
+        return prompts, batched
     ids = body.input_ids
     batched = bool(ids) and isinstance(ids[0], list)
     prompts = ids if batched else [ids]

@@ -60,7 +60,7 @@ def fuzz(base_url: str, max_examples: int, model: str) -> list[tuple]:
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=max_examples, deadline=None, database=None,
+            @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             def run(case):
                 if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) \
