@@ -107,6 +107,8 @@ class Scheduler:
             self._guarded(self._run_extend, items, [it.req for it in items])
         elif self.running:
             self._guarded(self._run_decode, None, list(self.running))
+        else:  # nothing fits and nothing runs: KV held for jump-forward tokens must go
+            self._release_pending_jumps()
 
     def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> None:
         """A failing forward finishes its own batch with an error; the engine lives on."""
@@ -287,6 +289,8 @@ class Scheduler:
                 slots = self._alloc_each([self._last_slot(r) for r in self.running])
             if slots is not None:
                 return slots
+            if self._release_pending_jumps():
+                continue
             if len(self.running) == 1:
                 req = self.running.pop()
                 self.release(req)
@@ -308,6 +312,19 @@ class Scheduler:
                 return None
             got.append(s)
         return torch.cat(got)
+
+    def _release_pending_jumps(self) -> bool:
+        """Retract waiting requests that hold KV for jump-forward tokens not yet extended.
+
+        They are not running, so decode never retracts them: without this, two of them each
+        waiting for the other's KV hang the engine, and a lone running request could be aborted
+        as too large for a pool they occupy. Output tokens (and the grammar) are kept."""
+        held = [r for r in self.waiting if r.req_pool_idx is not None]
+        for req in held:
+            self.release(req)
+            req.times_retracted += 1
+            self.stats.retractions += 1
+        return bool(held)
 
     def _retract_one(self) -> None:
         # Retract the request that has produced least: it loses the least work.
@@ -358,8 +375,10 @@ class Scheduler:
         """Append the grammar's forced continuation (already accepted by the grammar)."""
         from plait.core.jump_forward import jump_forward_tokens
         tokens = jump_forward_tokens(req.grammar, self.finisher.tokenizer, req.output_ids)
-        room = min(req.sampling.max_new_tokens - len(req.output_ids),
-                   self.config.context_len - len(req.fill_ids))
+        room = max(0, min(req.sampling.max_new_tokens - len(req.output_ids),
+                          self.config.context_len - len(req.fill_ids),
+                          # alone it must still fit the KV pool (decode aborts it there)
+                          self.allocator.num_slots - len(req.fill_ids)))
         if len(tokens) > room:
             req.grammar.rollback(len(tokens) - room)
             tokens = tokens[:room]
