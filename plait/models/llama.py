@@ -71,7 +71,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    qk = torch.cat((q, k), dim=1)  # rotate q and k heads together: half the ops
+    qk = qk * cos + _rotate_half(qk) * sin
+    return qk.split((q.shape[1], k.shape[1]), dim=1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
