@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from plait.testing.e2e import engine_available
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin_example"
 DIST = "plait-toy-backend"
@@ -49,7 +48,6 @@ def test_installed_plugin_is_discovered_through_its_entry_point(toy_installed):
     assert out.strip().endswith("toy cpu")  # auto never picks the toy (priority -10)
 
 
-@pytest.mark.skipif(not engine_available(), reason="plait.Engine is not available yet")
 def test_engine_runs_on_the_installed_toy_device(toy_installed, tmp_path):
     # The example's own Engine test: generation on device="toy" that checks the toy attention
     # really ran. (Its kit checks wrap the CPU reference, which test_kit.py already certifies.)

@@ -101,7 +101,7 @@ def server_url(smollm_dir):
         while time.time() < deadline:
             if proc.poll() is not None:
                 err = proc.stderr.read().decode(errors="replace")[-2000:]
-                pytest.skip(f"plait serve exited with {proc.returncode}: {err}")
+                pytest.fail(f"plait serve exited with {proc.returncode}: {err}")
             try:
                 if requests.get(url + "/health_generate", timeout=70).status_code == 200:
                     break
@@ -109,7 +109,7 @@ def server_url(smollm_dir):
                 pass
             time.sleep(1)
         else:
-            pytest.skip("plait serve did not become healthy within 300 s")
+            pytest.fail("plait serve did not become healthy within 300 s")
         yield url
     finally:
         proc.terminate()

@@ -53,7 +53,7 @@ def sglang_python() -> str:
             subprocess.run(pip + ["numpy", "tqdm", "pybase64", "requests", "ipython",
                                   "pydantic", "aiohttp"], check=True, timeout=600)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"could not install sglang=={SGLANG_VERSION}: {e}")
+            pytest.fail(f"could not install sglang=={SGLANG_VERSION}: {e}")
         ready.touch()
     return str(python)
 
