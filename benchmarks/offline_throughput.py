@@ -101,8 +101,7 @@ def main() -> None:
     rows.append(("shared 1000-token prefix x32, req/s (cache | no cache)",
                  32 / t_cache, 32 / t_nocache))
 
-    print(f"\nPlait {plait.__name__} on {torch.get_num_threads()} threads, "
-          f"SmolLM2-135M-Instruct fp32\n")
+    print(f"\nPlait on {torch.get_num_threads()} threads, SmolLM2-135M-Instruct fp32\n")
     print(f"| {'workload':<56} | {'Plait':>9} | {'baseline':>9} | {'ratio':>6} |")
     print(f"|{'-' * 58}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
     for name, a, b in rows:
