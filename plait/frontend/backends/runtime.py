@@ -1,6 +1,8 @@
 """``Runtime``: programs run against an in-process :class:`plait.Engine` (no HTTP)."""
 from __future__ import annotations
 
+import os
+
 from typing import Any, Iterator
 
 from plait.frontend.backends.native import NativeBackend
@@ -15,7 +17,7 @@ class Runtime(NativeBackend):
 
     def __init__(self, model_path: Any = None, *, engine: Any = None, **engine_args: Any):
         super().__init__()
-        if model_path is not None and not isinstance(model_path, str):
+        if model_path is not None and not isinstance(model_path, (str, os.PathLike)):
             engine, model_path = model_path, None  # Runtime(existing_engine)
         if engine is not None and (model_path is not None or engine_args):
             raise ValueError("engine: pass either an existing engine or engine arguments")
