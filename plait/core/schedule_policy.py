@@ -39,13 +39,13 @@ class InBatchPrefixDedup:
 
     def should_defer(self, ids: list[int], cached_len: int) -> bool:
         for other in self.admitted:
-            n = _common_prefix_len(ids, other)
+            n = common_prefix_len(ids, other)
             if n - cached_len >= IN_BATCH_DEDUP_THRESHOLD:
                 return True
         return False
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

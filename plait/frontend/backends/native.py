@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from plait.core.schedule_policy import common_prefix_len
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
 from plait.frontend.ir import GenParams
 
@@ -115,7 +116,7 @@ class NativeBackend:
         counts, shared = [], []
         for c in choices:
             ids = encode(context + c)
-            k = _common_prefix_len(base, ids)
+            k = common_prefix_len(base, ids)
             counts.append(len(ids) - k)
             shared.append(k)
         return counts, max(0, offset + min(shared))
@@ -152,14 +153,6 @@ class NativeBackend:
         with self._stats_lock:
             old, self.stats = self.stats, PrefillStats()
         return old
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _check_finish(out: dict[str, Any]) -> None:
