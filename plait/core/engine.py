@@ -22,9 +22,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 
+from plait.core.backend_api import ModelSpec
 from plait.core.engine_config import EngineConfig
 from plait.core.memory import ReqToTokenPool
-from plait.core.model_runner import ModelRunner
 from plait.core.radix_cache import RadixCache
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
@@ -54,7 +54,7 @@ class Engine:
 
     def _load(self, cfg: EngineConfig) -> None:
         from plait.backends import registry
-        from plait.models.loader import load_config, load_model, load_tokenizer, resolve_model_dir
+        from plait.models.loader import load_config, load_tokenizer, resolve_model_dir
 
         if cfg.model_path is None:
             from plait.models.default import default_model_path
@@ -62,8 +62,10 @@ class Engine:
         else:
             model_dir = resolve_model_dir(cfg.model_path)
         self.model_dir = model_dir
-        self.device_name = registry.resolve_device(cfg.device)
-        device = registry.call("plait_torch_device", self.device_name)
+        self.backend = backend = registry.get_backend(cfg.device)
+        self.device_name = backend.name
+        self.config = cfg = cfg.with_backend_defaults(backend)
+        device = backend.torch_device
         self.hf_config = hf = load_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.context_len = min(cfg.context_length or hf.max_position_embeddings,
@@ -71,7 +73,6 @@ class Engine:
         dtype = _DTYPES[cfg.dtype]
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
-        model = load_model(model_dir, hf, dtype, device, self.context_len)
         from plait.models.llama import head_dim_of
         head_dim = head_dim_of(hf)
         kv_heads, layers = hf.num_key_value_heads, hf.num_hidden_layers
@@ -81,19 +82,15 @@ class Engine:
         if tokens < cfg.page_size * 2:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
-        kv_pool = registry.call("plait_create_kv_pool", self.device_name, num_slots=tokens,
-                                num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                                dtype=dtype, page_size=cfg.page_size)
-        allocator = registry.call("plait_create_allocator", self.device_name, num_slots=tokens,
-                                  page_size=cfg.page_size)
-        attn = registry.call("plait_create_attention_backend", self.device_name, kv_pool=kv_pool,
-                             num_heads=hf.num_attention_heads, num_kv_heads=kv_heads,
-                             head_dim=head_dim)
-        graph = registry.call("plait_create_graph_runner", self.device_name, model=model,
-                              max_batch_size=cfg.max_running_requests)
+        kv_pool = backend.create_kv_pool(num_slots=tokens, num_layers=layers,
+                                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                                         page_size=cfg.page_size)
+        allocator = backend.create_allocator(num_slots=tokens, page_size=cfg.page_size)
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
         tree = None if cfg.disable_radix_cache else RadixCache(allocator, cfg.page_size)
-        runner = ModelRunner(model, kv_pool, attn, req_pool, device, graph)
+        runner = backend.create_model_runner(
+            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
+            kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
         self.scheduler = Scheduler(
