@@ -14,7 +14,8 @@ Wire protocol (pickled dicts; the HTTP process binds both sockets, this process 
                       {"op": "out", "rid", "out": <engine chunk>, "finished": bool}
                       {"op": "error", "rid", "status", "message"}
                       {"op": "reply", "req_id", "result"}
-Invariant: every "generate" gets exactly one message with finished=True or one "error".
+Invariant: every "generate" gets exactly one message with finished=True or one "error". An
+engine-side failure (finish_reason ``{"type": "error"}``) is sent as an "error" with status 500.
 """
 from __future__ import annotations
 
@@ -127,7 +128,13 @@ class SchedulerServer:
         last: dict[str, Any] | None = None
         try:
             async for chunk in _stream(self.engine, msg):
-                finished = (chunk.get("meta_info") or {}).get("finish_reason") is not None
+                reason = (chunk.get("meta_info") or {}).get("finish_reason")
+                if isinstance(reason, dict) and reason.get("type") == "error":
+                    # the engine failed this request (not the client's doing): never a 200
+                    self.emit({"op": "error", "rid": rid, "status": 500,
+                               "message": f"engine error: {reason.get('message')}"})
+                    return
+                finished = reason is not None
                 if not finished and not msg.get("stream"):
                     # Non-streaming clients need progress only for timing metrics.
                     meta = {k: v for k, v in chunk.get("meta_info", {}).items()
