@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -239,6 +240,9 @@ async def serve(config: dict[str, Any]) -> int:
             await asyncio.to_thread(engine.shutdown)
         send.close()
         recv.close()
+        if os.getppid() != config["parent_pid"] and config.get("ipc_dir"):
+            # the HTTP process died without cleaning up (kill -9): its IPC dir is ours to remove
+            shutil.rmtree(config["ipc_dir"], ignore_errors=True)
     return 0
 
 
