@@ -218,7 +218,9 @@ class Engine:
         from plait.core.grammar import GrammarCompiler, GrammarState
         with self._grammar_lock:
             if self.grammar_compiler is None:
-                self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
+                self.grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.vocab_size,
+                    compile_timeout=self.config.grammar_compile_timeout)
         compiled = self.grammar_compiler.compile_params(sp)
         ends = self.eos_ids | set(sp.stop_token_ids)
         return lambda: GrammarState(compiled, self.vocab_size, ends)
@@ -283,7 +285,9 @@ class Engine:
 
     async def async_generate(self, *args: Any, stream: bool = False,
                              **kwargs: Any) -> dict | list[dict] | AsyncIterator[dict]:
-        reqs, single = self.make_requests(*args, stream=stream, **kwargs)
+        # Tokenizing and compiling a grammar take a while: never on the caller's event loop.
+        reqs, single = await asyncio.to_thread(
+            functools.partial(self.make_requests, *args, stream=stream, **kwargs))
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self.submit(reqs, lambda r, done: self._deliver(

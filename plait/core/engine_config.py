@@ -25,6 +25,7 @@ class EngineConfig:
     max_running_requests: int = 64
     context_length: int | None = None
     random_seed: int | None = None
+    grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -45,6 +46,9 @@ class EngineConfig:
         if self.schedule_policy not in POLICIES:
             raise ValueError(f"schedule_policy must be one of {POLICIES}, got "
                              f"{self.schedule_policy!r}")
+        if not self.grammar_compile_timeout > 0:
+            raise ValueError(f"grammar_compile_timeout must be > 0, got "
+                             f"{self.grammar_compile_timeout!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
 

@@ -117,16 +117,21 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch
             log.exception("forward failed; aborting %d request(s)", len(reqs))
             for req in reqs:
-                if req in self.running:
-                    self.running.remove(req)
-                if req is self.chunked:
-                    self.chunked = None
-                if req.req_pool_idx is not None:
-                    try:
-                        self.release(req)
-                    except Exception:  # noqa: BLE001 - keep cleaning up the others
-                        log.exception("could not release %s after a failed forward", req.rid)
-                self._finish_now(req, {"type": "abort", "message": f"internal error: {exc}"})
+                self._fail(req, f"internal error: {exc}")
+
+    def _fail(self, req: Req, message: str) -> None:
+        """Finish ``req`` with an engine error (``{"type": "error"}``: the server reports it as
+        a 5xx, never as a normal finish) and free everything it holds."""
+        if req in self.running:
+            self.running.remove(req)
+        if req is self.chunked:
+            self.chunked = None
+        if req.req_pool_idx is not None:
+            try:
+                self.release(req)
+            except Exception:  # noqa: BLE001 - keep cleaning up the others
+                log.exception("could not release %s after a failure", req.rid)
+        self._finish_now(req, {"type": "error", "message": message})
 
     # ----- prefill -----
 
@@ -344,6 +349,15 @@ class Scheduler:
         want_lp = [r.return_logprob for r in reqs]
         raw = logits.clone() if any(want_lp) else logits
         tokens = sample(logits, reqs, self.finisher.eos_ids)
+        bad = [i for i, t in enumerate(tokens) if t is None]
+        if bad:  # an invalid distribution fails its own request; the rest go on unchanged
+            for i in bad:
+                self._fail(reqs[i], "the sampling distribution is invalid (NaN or no "
+                                    "possible token)")
+            keep = [i for i, t in enumerate(tokens) if t is not None]
+            reqs, tokens, want_lp = ([reqs[i] for i in keep], [tokens[i] for i in keep],
+                                     [want_lp[i] for i in keep])
+            raw = raw[keep]
         if any(want_lp):
             idx = [i for i, w in enumerate(want_lp) if w]
             top_k = max(reqs[i].top_logprobs_num for i in idx)

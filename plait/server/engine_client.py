@@ -4,27 +4,35 @@ output messages to one asyncio queue per request.
 A request's stream ends in exactly one of: a finished output, an error (raised as
 ``APIError``), or the consumer going away -- in which case the request is aborted so its KV
 slots are freed (a client that disconnects must not keep a batch slot busy).
+
+Admission (``admit``): sequences beyond ``max_running_requests + max_queued_requests`` get 429,
+and none at all once draining (503). Failure: if the scheduler process dies, every waiting
+request gets 503 and ``on_fatal`` (set by the launcher) stops the server with a non-zero exit.
+The IPC directory is named ``plait-ipc-<pid>-*`` so a later start can remove the ones whose
+owner was killed (kill -9 runs no code; the scheduler process also removes it when orphaned).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import zmq
 import zmq.asyncio
 
 from plait.server.metrics import ServerMetrics
-from plait.server.protocol import APIError
+from plait.server.protocol import MAX_SEQUENCES, APIError
 from plait.server.server_args import ServerArgs
 
 logger = logging.getLogger("plait.server")
@@ -50,12 +58,17 @@ class EngineClient:
         self.tokenizer: Any = None
         self.context_length: int | None = None
         self.vocab_size: int | None = None
+        self.max_token_chars = 1
         self.started_at = time.time()
         self.proc: subprocess.Popen | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._replies: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count()
-        self._ipc_dir = tempfile.mkdtemp(prefix="plait-ipc-")
+        remove_stale_ipc_dirs()
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+        self._admitted = 0          # sequences of admitted HTTP requests not yet finished
+        self.draining = False
+        self.on_fatal: Callable[[], None] | None = None
         self._ctx = zmq.asyncio.Context()
         self._recv: zmq.asyncio.Socket | None = None
         self._send: zmq.Socket | None = None
@@ -75,6 +88,7 @@ class EngineClient:
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(out_addr)
         config = {"in_addr": in_addr, "out_addr": out_addr, "parent_pid": os.getpid(),
+                  "ipc_dir": self._ipc_dir,
                   "model_path": self.model_path, "log_level": self.args.log_level,
                   "engine_kwargs": self.args.engine_kwargs(self.model_path),
                   "engine_factory": self.args.engine_factory}
@@ -92,6 +106,8 @@ class EngineClient:
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # Longest token text (byte-level tokens spell each byte as one char: an upper bound).
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
 
     async def _wait_ready(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.args.startup_timeout
@@ -131,26 +147,58 @@ class EngineClient:
         for sock in (self._send, self._recv):
             if sock is not None:
                 sock.close(linger=0)
-        for name in ("in", "out"):
-            try:
-                os.unlink(os.path.join(self._ipc_dir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(self._ipc_dir)
-        except OSError:
-            pass
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     async def _watch_process(self) -> None:
         """If the scheduler process dies, fail every waiting request instead of hanging."""
         while self.proc.poll() is None:
             await asyncio.sleep(0.5)
-        logger.error("the scheduler process exited with %s", self.proc.returncode)
+        logger.error("the scheduler process exited with %s; stopping the server",
+                     self.proc.returncode)
+        self.draining = True
         for q in self._queues.values():
             q.put_nowait(("error", 503, "the scheduler process exited"))
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(APIError("the scheduler process exited", status=503))
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    # ------------------------------------------------------------------ admission and drain
+    @contextlib.contextmanager
+    def admit(self, count: int) -> Iterator[None]:
+        """Hold ``count`` sequences' places for one HTTP request: 503 while draining, 429 with
+        Retry-After when the running batch and the queue are full."""
+        if self.draining:
+            raise APIError("the server is shutting down", status=503)
+        limit = self.args.max_running_requests + self.args.max_queued_requests
+        if count > min(MAX_SEQUENCES, limit):
+            raise APIError(f"the request asks for {count} sequences (prompts x n); at most "
+                           f"{min(MAX_SEQUENCES, limit)} are allowed", param="n")
+        if self._admitted + count > limit:
+            raise APIError(f"too many requests in flight ({self._admitted} sequences; the "
+                           f"limit is {limit}); retry later", status=429,
+                           headers={"Retry-After": "1"})
+        self._admitted += count
+        try:
+            yield
+        finally:
+            self._admitted -= count
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let running requests finish for up to ``timeout`` seconds, then end
+        the rest with a 503 error (streams: an error event, then [DONE])."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._queues:
+            logger.warning("shutdown timeout: ending %d running request(s)", len(self._queues))
+        for q in list(self._queues.values()):
+            q.put_nowait(("error", 503, "the server is shutting down"))
+        flush_deadline = time.monotonic() + 5  # let those errors reach their clients
+        while self._admitted and time.monotonic() < flush_deadline:
+            await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ messages
     async def _recv_loop(self) -> None:
@@ -230,17 +278,62 @@ class EngineClient:
             if not sent:
                 finished = True
                 raise APIError("the scheduler process is not reachable", status=503)
+            timeout = self.args.request_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
             while not finished:
-                item = await q.get()
+                try:
+                    item = await asyncio.wait_for(
+                        q.get(), None if deadline is None else max(deadline - time.monotonic(),
+                                                                   0))
+                except asyncio.TimeoutError:
+                    raise APIError(f"the request took longer than the server's request "
+                                   f"timeout ({timeout:g}s) and was aborted",
+                                   status=504) from None
                 if item[0] == "error":
                     finished = True
                     _, status, message = item
+                    self.metrics.finish(req.rid, "error")
                     raise APIError(message, status=status)
                 _, out, finished = item
                 if req.stream or finished:
                     yield out
         finally:
             self._queues.pop(req.rid, None)
-            self.metrics.forget(req.rid)
-            if not finished:
+            if not finished:  # client gone, timeout or shutdown: free its KV, count the abort
+                self.metrics.finish(req.rid, "abort")
                 self.abort(req.rid)
+
+
+IPC_PREFIX = "plait-ipc-"
+
+
+def remove_stale_ipc_dirs() -> list[str]:
+    """Remove ``plait-ipc-<pid>-*`` directories in the temp dir whose owner pid is dead (a
+    kill -9'd server runs no cleanup). Returns the removed paths."""
+    removed = []
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith(IPC_PREFIX):
+            continue
+        pid_text = name[len(IPC_PREFIX):].split("-", 1)[0]
+        path = os.path.join(tmp, name)
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,9 +13,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from plait.server.engine_client import EngineClient, EngineRequest
-from plait.server.protocol import APIError, GenerateRequest
-from plait.server.submit import (SSE_DONE, check_input_ids, check_length, collect,
-                                 expand_n, merge_streams, sampling_params, sse, tokenize)
+from plait.server.protocol import MAX_TOP_LOGPROBS, APIError, GenerateRequest
+from plait.server.submit import (SSE_DONE, check_input_ids, check_length, check_text_length,
+                                 collect, expand_n, merge_streams, sampling_params, sse,
+                                 tokenize)
 
 router = APIRouter()
 
@@ -34,7 +35,8 @@ def _per_item(value: Any, count: int, name: str, default: Any) -> list[Any]:
     return [value] * count
 
 
-def _prompts(body: GenerateRequest, client: EngineClient) -> tuple[list[list[int]], bool]:
+async def _prompts(body: GenerateRequest, client: EngineClient
+                   ) -> tuple[list[list[int]], bool]:
     """Token ids of every prompt, and whether the request was a batch."""
     if (body.text is None) == (body.input_ids is None):
         raise APIError("exactly one of text or input_ids is required", param="text")
@@ -43,7 +45,8 @@ def _prompts(body: GenerateRequest, client: EngineClient) -> tuple[list[list[int
         texts = body.text if batched else [body.text]
         if not texts:
             raise APIError("text must not be an empty list", param="text")
-        prompts = [tokenize(client, t) for t in texts]
+        check_text_length(client, sum(map(len, texts)), "text")
+        prompts = [await tokenize(client, t, param="text") for t in texts]
         for p in prompts:
             if not p:
                 raise APIError("text must not be empty", param="text")
@@ -56,9 +59,10 @@ def _prompts(body: GenerateRequest, client: EngineClient) -> tuple[list[list[int
     return prompts, batched
 
 
-def build_requests(body: GenerateRequest, client: EngineClient) -> tuple[list[EngineRequest], bool]:
+async def build_requests(body: GenerateRequest, client: EngineClient
+                         ) -> tuple[list[EngineRequest], bool]:
     """Validate everything up front: a request either fails here with a 400 or is submitted."""
-    prompts, batched = _prompts(body, client)
+    prompts, batched = await _prompts(body, client)
     count = len(prompts)
     sps = _per_item(body.sampling_params, count, "sampling_params", None)
     sps = [sp.model_dump(exclude_unset=True) if sp is not None else {} for sp in sps]
@@ -75,8 +79,8 @@ def build_requests(body: GenerateRequest, client: EngineClient) -> tuple[list[En
         if not isinstance(starts[i], int) or not -1 <= starts[i] <= len(ids):
             raise APIError(f"logprob_start_len must be in [-1, {len(ids)}]",
                            param="logprob_start_len")
-        if not isinstance(tops[i], int) or not 0 <= tops[i] <= (client.vocab_size or tops[i]):
-            raise APIError(f"top_logprobs_num must be in [0, {client.vocab_size}]",
+        if not isinstance(tops[i], int) or not 0 <= tops[i] <= MAX_TOP_LOGPROBS:
+            raise APIError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]",
                            param="top_logprobs_num")
         req = EngineRequest(ids, sp, rids[i] or uuid.uuid4().hex, bool(want_lp[i]),
                             starts[i], tops[i], body.stream)
@@ -117,7 +121,7 @@ def _with_text(client: EngineClient, entries: list, with_text: bool) -> list[lis
 async def generate(body: GenerateRequest, request: Request):
     client: EngineClient = request.app.state.client
     started = time.monotonic()
-    reqs, batched = build_requests(body, client)
+    reqs, batched = await build_requests(body, client)
     with_text = body.return_text_in_logprobs
     if body.stream:
         return await _streaming_response(client, reqs, batched, with_text, started)

@@ -6,6 +6,7 @@ prompt * n + sample), then either one JSON body or an SSE stream ending ``data: 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -18,9 +19,9 @@ from fastapi.responses import StreamingResponse
 from plait.server.engine_client import EngineClient, EngineRequest
 from plait.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                    _SamplingFields)
-from plait.server.submit import (SSE_DONE, check_input_ids, check_length, collect, expand_n,
-                                 finish_reason_str, merge_streams, sampling_params, sse,
-                                 tokenize)
+from plait.server.submit import (SSE_DONE, check_input_ids, check_length, check_text_length,
+                                 collect, expand_n, finish_reason_str, merge_streams,
+                                 sampling_params, sse, tokenize)
 
 router = APIRouter(prefix="/v1")
 
@@ -94,14 +95,16 @@ def _token_texts(client: EngineClient, entries: list) -> list[str]:
 
 
 # --------------------------------------------------------------------------- completions
-def _completion_prompts(body: CompletionRequest, client: EngineClient) -> list[list[int]]:
+async def _completion_prompts(body: CompletionRequest, client: EngineClient
+                             ) -> list[list[int]]:
     p = body.prompt
     if isinstance(p, str):
-        prompts = [tokenize(client, p)]
+        prompts = [await tokenize(client, p)]
     elif not p:
         raise APIError("prompt must not be empty", param="prompt")
     elif isinstance(p[0], str):
-        prompts = [tokenize(client, s) for s in p]
+        check_text_length(client, sum(map(len, p)), "prompt")
+        prompts = [await tokenize(client, s) for s in p]
     elif isinstance(p[0], int):
         prompts = [list(p)]
     else:
@@ -143,7 +146,7 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError("best_of must equal n (no server-side ranking)", param="best_of")
     if body.echo and body.stream:
         raise APIError("echo is not supported with stream", param="echo")
-    prompts = _completion_prompts(body, client)
+    prompts = await _completion_prompts(body, client)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     sp = _sampling(body, client, max_tokens)
     for ids in prompts:
@@ -200,22 +203,24 @@ def _completion_chunker(client: EngineClient, head: dict[str, Any], want_lp: boo
 
 
 # --------------------------------------------------------------------------- chat
-def _render_chat(body: ChatCompletionRequest, client: EngineClient) -> list[int]:
+async def _render_chat(body: ChatCompletionRequest, client: EngineClient) -> list[int]:
     messages = []
     for m in body.messages:
         msg = m.model_dump(exclude_none=True)
         if isinstance(m.content, list):
             msg["content"] = "".join(part.text for part in m.content)
         messages.append(msg)
+    check_text_length(client, sum(len(m.get("content") or "") for m in messages), "messages")
     kwargs = dict(body.chat_template_kwargs or {})
     try:
-        text = client.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=not body.continue_final_message,
+        text = await asyncio.to_thread(
+            client.tokenizer.apply_chat_template, messages, tokenize=False,
+            add_generation_prompt=not body.continue_final_message,
             continue_final_message=body.continue_final_message, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise APIError(f"messages do not fit the model's chat template: {e}",
                        param="messages") from None
-    return tokenize(client, text, add_special_tokens=False)
+    return await tokenize(client, text, add_special_tokens=False, param="messages")
 
 
 def _response_format_schema(body: ChatCompletionRequest) -> str | None:
@@ -250,7 +255,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     _check_model(client, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
-    ids = _render_chat(body, client)
+    ids = await _render_chat(body, client)
     ctx = client.context_length or 0
     limit = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens

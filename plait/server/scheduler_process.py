@@ -14,7 +14,8 @@ Wire protocol (pickled dicts; the HTTP process binds both sockets, this process 
                       {"op": "out", "rid", "out": <engine chunk>, "finished": bool}
                       {"op": "error", "rid", "status", "message"}
                       {"op": "reply", "req_id", "result"}
-Invariant: every "generate" gets exactly one message with finished=True or one "error".
+Invariant: every "generate" gets exactly one message with finished=True or one "error". An
+engine-side failure (finish_reason ``{"type": "error"}``) is sent as an "error" with status 500.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -127,7 +129,13 @@ class SchedulerServer:
         last: dict[str, Any] | None = None
         try:
             async for chunk in _stream(self.engine, msg):
-                finished = (chunk.get("meta_info") or {}).get("finish_reason") is not None
+                reason = (chunk.get("meta_info") or {}).get("finish_reason")
+                if isinstance(reason, dict) and reason.get("type") == "error":
+                    # the engine failed this request (not the client's doing): never a 200
+                    self.emit({"op": "error", "rid": rid, "status": 500,
+                               "message": f"engine error: {reason.get('message')}"})
+                    return
+                finished = reason is not None
                 if not finished and not msg.get("stream"):
                     # Non-streaming clients need progress only for timing metrics.
                     meta = {k: v for k, v in chunk.get("meta_info", {}).items()
@@ -232,6 +240,9 @@ async def serve(config: dict[str, Any]) -> int:
             await asyncio.to_thread(engine.shutdown)
         send.close()
         recv.close()
+        if os.getppid() != config["parent_pid"] and config.get("ipc_dir"):
+            # the HTTP process died without cleaning up (kill -9): its IPC dir is ours to remove
+            shutil.rmtree(config["ipc_dir"], ignore_errors=True)
     return 0
 
 

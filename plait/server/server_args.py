@@ -30,6 +30,13 @@ class ServerArgs:
     served_model_name: str | None = None
     log_level: str = "info"
     startup_timeout: float = 600.0
+    grammar_compile_timeout: float | None = None  # engine default (10 s)
+    # Reliability limits (docs/reliability.md): one client can neither exhaust the server nor
+    # keep it from shutting down.
+    max_request_body_bytes: int = 4 * 2**20       # larger bodies get 413 before parsing
+    max_queued_requests: int = 256                # beyond running + this: 429 + Retry-After
+    request_timeout: float | None = None          # seconds per request, then abort (KV freed)
+    shutdown_timeout: float = 30.0                # SIGTERM: wait this long for running requests
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -59,7 +66,8 @@ class ServerArgs:
                       disable_radix_cache=self.disable_radix_cache,
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
-                      context_length=self.context_length, random_seed=self.random_seed)
+                      context_length=self.context_length, random_seed=self.random_seed,
+                      grammar_compile_timeout=self.grammar_compile_timeout)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +111,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout)
+    p.add_argument("--grammar-compile-timeout", type=float, default=None,
+                   help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)")
+    p.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies are refused with 413")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="sequences allowed to wait beyond --max-running-requests; more get 429")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="abort a request (freeing its KV) after this many seconds")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="on SIGTERM, let running requests finish for up to this many seconds")
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
 
 

@@ -59,8 +59,22 @@ def sampling_params(raw: dict[str, Any] | None, client: EngineClient,
     return sp.to_dict()
 
 
-def tokenize(client: EngineClient, text: str, add_special_tokens: bool = True) -> list[int]:
-    return client.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+def check_text_length(client: EngineClient, chars: int, param: str) -> None:
+    """Refuse text that cannot fit the context before spending time tokenizing it: no token is
+    longer than ``client.max_token_chars`` characters, so the token count is at least
+    ``chars / max_token_chars``."""
+    ctx = client.context_length
+    if ctx and chars > ctx * client.max_token_chars:
+        raise APIError(f"{param} is {chars} characters, which cannot fit the context length "
+                       f"of {ctx} tokens", param=param)
+
+
+async def tokenize(client: EngineClient, text: str, add_special_tokens: bool = True,
+                   param: str = "prompt") -> list[int]:
+    """Token ids of ``text``, computed off the event loop (a long prompt takes seconds)."""
+    check_text_length(client, len(text), param)
+    return await asyncio.to_thread(client.tokenizer.encode, text,
+                                   add_special_tokens=add_special_tokens)
 
 
 def check_input_ids(client: EngineClient, ids: list[int], param: str) -> None:
@@ -113,6 +127,12 @@ async def collect(client: EngineClient, reqs: list[EngineRequest],
                   request: Request | None) -> list[dict[str, Any]]:
     """Run requests to completion concurrently; if the HTTP client disconnects first, every
     one of them is aborted (their KV is freed) and ``ClientDisconnected`` is raised."""
+    with client.admit(len(reqs)):
+        return await _collect(client, reqs, request)
+
+
+async def _collect(client: EngineClient, reqs: list[EngineRequest],
+                   request: Request | None) -> list[dict[str, Any]]:
     tasks = [asyncio.create_task(_final(client, r)) for r in reqs]
     gathered = asyncio.gather(*tasks)
     listener = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
@@ -147,6 +167,13 @@ async def merge_streams(client: EngineClient, reqs: list[EngineRequest]
                         ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Interleave the cumulative outputs of several requests as (index, output). Closing the
     iterator (client gone) aborts whatever is still running."""
+    with client.admit(len(reqs)):
+        async for item in _merge_streams(client, reqs):
+            yield item
+
+
+async def _merge_streams(client: EngineClient, reqs: list[EngineRequest]
+                         ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: EngineRequest) -> None:

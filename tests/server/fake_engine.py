@@ -96,6 +96,9 @@ class FakeEngine:
                 finish = None
                 if aborted:
                     finish = {"type": "abort", "message": "aborted"}
+                elif rid.startswith("engine-error") and len(out) == 2:
+                    # what the scheduler reports for a row whose sampling failed
+                    finish = {"type": "error", "message": "invalid distribution"}
                 elif len(out) >= sp["max_new_tokens"]:
                     finish = {"type": "length", "length": len(out)}
                 yield self._chunk(ids, out, want_lp, start, top, rid, finish)
