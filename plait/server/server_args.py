@@ -12,14 +12,14 @@ from typing import Any
 class ServerArgs:
     model_path: str = "default"
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the backend's default (float32 on CPU, bf16 on NPU)
     host: str = "127.0.0.1"
     port: int = 30000
     tp: int = 1
     chunked_prefill_size: int | None = None
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
-    page_size: int = 1
+    page_size: int | None = None  # None: the backend's default
     max_running_requests: int = 64
     mem_fraction: float | None = None
     max_total_tokens: int | None = None
@@ -82,12 +82,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=d.model_path,
                    help="model directory, or 'default' for SmolLM2-135M-Instruct")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
-    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
+                   help="model and KV dtype (default: the device backend's)")
     p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--page-size", type=int, default=d.page_size,
+                   help="KV page size in tokens (default: the device backend's)")
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--mem-fraction", type=float, default=None,
