@@ -8,10 +8,12 @@ Ownership of the slots in a request's row ``req_to_token[req.req_pool_idx]``::
     ----------------------  -------------  ------------------------------------------------------
     [0, cache_len)          prefix cache   from admission (the matched prefix) and after every
                                            cache_unfinished; locked through ``req.last_node``
-    [cache_len, kv_len)     the request    computed but not in the cache: a partial tail page,
-                                           or everything when the cache is the NullPrefixCache
+    [cache_len, kv_len)     the request    computed but not in the cache: tokens decoded since
+                                           the last cache_unfinished, a partial tail page, or
+                                           everything when the cache is the NullPrefixCache
     [kv_len, kv_len + n)    the request    slots from alloc_extend / alloc_decode for the
-                                           forward in flight; kv_len moves past them after it
+                                           forward in flight (the model runner writes them into
+                                           the row); the scheduler moves kv_len past them after
     free pages              the allocator  never in a row that a running request reads
 
 Transitions (all in this module):
@@ -26,7 +28,8 @@ Transitions (all in this module):
 
 Invariant: every allocatable slot is in exactly one of the allocator's free list, the cache,
 or some admitted request's ``[cache_len, kv_len)`` (plus the in-flight slots of one step).
-So with no request admitted, ``free_tokens`` is ``num_slots`` after ``flush``.
+With no request admitted, free plus cached is ``num_slots`` and all of the cache is
+evictable; after ``flush`` every slot is free.
 """
 from __future__ import annotations
 
@@ -114,6 +117,12 @@ class KVUsage:
 
 
 class KVManager:
+    """The one owner of KV bookkeeping (see the module docstring for who owns which slots).
+
+    Calls come from the scheduler thread only; ``req`` arguments are admitted requests
+    (``req.req_pool_idx`` set) except for ``match``, ``admit`` and ``release``.
+    """
+
     def __init__(self, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator,
                  cache: PrefixCache):
         self.req_pool = req_pool
