@@ -99,13 +99,20 @@ class Engine:
                             chunked_prefill_size=cfg.chunked_prefill_size,
                             max_prefill_tokens=cfg.max_prefill_tokens,
                             schedule_policy=cfg.schedule_policy, context_len=self.context_len,
-                            enable_jump_forward=not cfg.disable_jump_forward))
+                            enable_jump_forward=not cfg.disable_jump_forward,
+                            overlap=not cfg.disable_overlap_schedule))
         self.grammar_compiler = None
         self._grammar_lock = threading.Lock()
 
     # ----- the scheduler thread -----
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.scheduler.close()
+
+    def _serve(self) -> None:
         while not self._stopped.is_set():
             try:
                 block = not self.scheduler.has_work()
@@ -247,7 +254,7 @@ class Engine:
         results = {}
         while len(results) < len(reqs):
             req, out = outputs.get()
-            if req.finished and out["meta_info"]["finish_reason"] is not None:
+            if _is_final(out):
                 results[req.rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered[0] if single else ordered
@@ -257,7 +264,7 @@ class Engine:
         try:
             while remaining:
                 req, out = outputs.get()
-                if req.finished:
+                if _is_final(out):
                     remaining.discard(req.rid)
                 yield out
         finally:
@@ -297,7 +304,7 @@ class Engine:
         results = {}
         while len(results) < len(reqs):
             req, out = await outputs.get()
-            if req.finished:
+            if _is_final(out):
                 results[req.rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered[0] if single else ordered
@@ -307,7 +314,7 @@ class Engine:
         try:
             while remaining:
                 req, out = await outputs.get()
-                if req.finished:
+                if _is_final(out):
                     remaining.discard(req.rid)
                 yield out
         finally:
@@ -330,6 +337,7 @@ class Engine:
                 "model_path": str(self.model_dir), "device": self.device_name,
                 "max_total_tokens": self.max_total_tokens, "context_length": self.context_len,
                 "page_size": self.config.page_size,
+                "overlap_schedule": s.executor.overlap,
                 "available_kv_tokens": kv.free, "cached_kv_tokens": kv.cached,
                 "evictable_kv_tokens": kv.evictable,
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
@@ -357,6 +365,12 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def _is_final(out: dict) -> bool:
+    """Whether an output is its request's last. Judged by the output, not ``req.finished``:
+    the request may finish (an abort) while earlier outputs still sit in the queue."""
+    return out["meta_info"]["finish_reason"] is not None
 
 
 def _shutdown_if_alive(ref: "weakref.ref[Engine]") -> None:

@@ -22,6 +22,7 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     disable_jump_forward: bool = False       # grammar-forced text is extended in one step
+    disable_overlap_schedule: bool = False   # run each forward inline instead of one batch ahead
     max_running_requests: int = 64
     context_length: int | None = None
     random_seed: int | None = None

@@ -22,7 +22,8 @@ Transitions (all in this module):
 - ``cache_unfinished``: ``[0, kv_len)`` is inserted into the cache. Tokens another request
   cached meanwhile are duplicates: the request's copies are freed and the cache's written into
   the row. The lock moves to the node of the new, longer prefix.
-- ``release``: ``cache_unfinished``, unlock, free ``[cache_len, kv_len)``, free the row. Used
+- ``release``: ``cache_unfinished``, unlock, free ``[cache_len, kv_len)``, free the row (a slot
+  whose token is still in flight, under the overlap schedule, is freed, never cached). Used
   for finish, abort and retraction alike: a retracted request's computed KV stays in the cache,
   so resuming it is mostly a cache hit.
 
@@ -200,8 +201,11 @@ class KVManager:
         """Insert ``req``'s computed tokens into the cache so other requests can share them
         now; ``req`` keeps running on the cache's copies, locked."""
         row = self.req_pool.req_to_token[req.req_pool_idx]
-        key = req.fill_ids[:req.kv_len]
-        slots = row[:req.kv_len].long()
+        # Under the overlap schedule the last slot may hold a token still in flight (not in
+        # fill_ids yet): it stays the request's, freed by release.
+        n = min(req.kv_len, len(req.fill_ids))
+        key = req.fill_ids[:n]
+        slots = row[:n].long()
         present = self.cache.insert(key, slots)
         if present > req.cache_len:  # cached by another request since: ours are duplicates
             self.allocator.free(slots[req.cache_len:present])

@@ -1,5 +1,9 @@
 """Owns the model, the KV pool and the attention backend; turns scheduled requests into a
-ForwardBatch, runs it and returns logits. Knows nothing about queues or caching policy."""
+ForwardBatch, runs it and returns logits. Knows nothing about queues or caching policy.
+
+Building (``prepare_*``, which writes the new tokens' slots into ``req_to_token``) and running
+(``run``) are separate so the overlap schedule can build batch N+1 on the scheduler thread
+while batch N runs on the executor's worker."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,6 +44,22 @@ class ModelRunner:
     def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
         """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
         per item, how many of those rows are its."""
+        batch, row_counts = self.prepare_extend(items)
+        return self.run(batch), row_counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        """One new token per request (its last sampled one) at position kv_len."""
+        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits ``[len(batch.logits_rows), V]``; a decode batch replays a captured graph
+        when the graph runner can take it."""
+        if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
+        return self.model(batch, self.attn)
+
+    def prepare_extend(self, items: list[ExtendItem]) -> tuple[ForwardBatch, list[int]]:
+        """The extend batch for ``items`` and, per item, how many logits rows are its."""
         r2t = self.req_pool.req_to_token
         input_ids, positions, locs, rows, row_counts = [], [], [], [], []
         for it in items:
@@ -63,10 +83,12 @@ class ModelRunner:
             seq_lens_cpu=[it.start + it.length for it in items],
             prefix_lens_cpu=[it.start for it in items],
             extend_lens_cpu=[it.length for it in items])
-        return self.model(batch, self.attn), row_counts
+        return batch, row_counts
 
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        """One new token per request (its last sampled one) at position kv_len."""
+    def prepare_decode(self, reqs: list[Req], slots: torch.Tensor,
+                       input_ids: list[int]) -> ForwardBatch:
+        """The decode batch: ``input_ids[i]`` (a token, or a future-token placeholder the
+        executor resolves) at position ``reqs[i].kv_len``."""
         r2t = self.req_pool.req_to_token
         idx = self._tensor([r.req_pool_idx for r in reqs])
         pos = [r.kv_len for r in reqs]
@@ -74,12 +96,10 @@ class ModelRunner:
         seq = [p + 1 for p in pos]
         batch = ForwardBatch(
             is_decode=True,
-            input_ids=self._tensor([r.output_ids[-1] for r in reqs]),
+            input_ids=self._tensor(input_ids),
             positions=self._tensor(pos), out_cache_loc=slots.to(self.device),
             req_pool_indices=idx, seq_lens=self._tensor(seq), prefix_lens=self._tensor(pos),
             extend_lens=self._tensor([1] * len(reqs)), req_to_token=r2t,
             logits_rows=torch.arange(len(reqs), device=self.device),
             seq_lens_cpu=seq, prefix_lens_cpu=pos, extend_lens_cpu=[1] * len(reqs))
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
-        return self.model(batch, self.attn)
+        return batch

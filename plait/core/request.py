@@ -18,6 +18,11 @@ class Req:
     first ``cache_len`` of them belong to the radix tree (locked through ``last_node``); slots
     ``cache_len..kv_len`` were allocated by this request and are freed or handed to the tree by
     it. The last sampled token never has KV yet: it is the next forward's input.
+
+    Overlap schedule: while a batch that samples this request's next token is in flight,
+    ``future`` is that token's placeholder (see ``future_tokens.py``) and the token is not in
+    ``output_ids`` yet; a decode built meanwhile feeds the placeholder and moves ``kv_len`` past
+    it, so ``kv_len`` may be ``len(fill_ids) + 1`` until the batch is processed.
     """
 
     rid: str
@@ -38,6 +43,7 @@ class Req:
     cached_tokens: int = 0                   # prompt tokens served from the prefix cache
     finish_reason: dict | None = None
     generator: torch.Generator | None = None
+    future: int | None = None                # placeholder of the next token, while in flight
 
     detok: Any = None                        # IncrementalDetokenizer
     text: str = ""                           # output text so far (stop strings trimmed)

@@ -6,20 +6,34 @@ decode runs out of KV (after the :class:`~plait.core.kv_manager.KVManager` has e
 it could) the scheduler retracts running requests back to the queue (their computed KV stays in
 the prefix cache, so resuming is cheap). It never crashes on memory pressure and never drops a
 request. Where slots come from and go to is the KVManager's business alone.
+
+Overlap schedule (the default; ``disable_overlap_schedule`` turns it off): ``step`` plans and
+launches batch N+1, then processes batch N while N+1's forward runs on the executor's worker.
+Planning never waits for the device: a decode row whose input token batch N has not sampled
+yet carries a future-token placeholder (``future_tokens.py``), and a request whose token in
+flight must finish it by length is left out. The scheduler waits for the device only to
+process a result (outputs, finishes, grammar state) and before retracting (``_drain``);
+sampling that needs the previous batch's state waits inside the executor (see
+``batch_executor.py``). Overlap on or off, the same requests get the same tokens: only the
+moment each result is processed moves.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from plait.core.batch_executor import BatchExecutor, PlannedBatch
 from plait.core.kv_manager import KVManager, PrefixMatch
 from plait.core.model_runner import ExtendItem, ModelRunner
+from plait.core.output_processor import OutputProcessor
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
-from plait.core.sampler import sample, token_logprobs
 from plait.core.schedule_policy import InBatchPrefixDedup, order_waiting
 
 log = logging.getLogger(__name__)
@@ -36,6 +50,7 @@ class SchedulerConfig:
     init_new_token_ratio: float = 0.7         # share of max_new_tokens reserved per request
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
+    overlap: bool = True                      # run forwards on a worker, one batch ahead
 
 
 @dataclass
@@ -47,12 +62,20 @@ class SchedulerStats:
     forward_passes: int = 0
     retractions: int = 0
     jump_forward_tokens: int = 0 # grammar-forced output tokens that skipped a decode step
+    # Seconds spent per phase, summed over all steps (divide by forward_passes for a step):
+    schedule_seconds: float = 0.0  # scheduler thread: admission, retraction, building batches
+    forward_seconds: float = 0.0   # executor: forward and sampling
+    process_seconds: float = 0.0   # scheduler thread: appending tokens, finishing, outputs
+    wait_seconds: float = 0.0      # scheduler thread blocked on a result it must process
 
 
-class Scheduler:
+class Scheduler(OutputProcessor):
     def __init__(self, runner: ModelRunner, kv: KVManager, finisher: RequestFinisher,
                  config: SchedulerConfig):
         self.runner = runner
+        self.executor = BatchExecutor(runner, finisher.eos_ids, config.max_running_requests,
+                                      overlap=config.overlap)
+        self._inflight: deque[tuple[PlannedBatch, Future]] = deque()
         self.kv = kv
         self.finisher = finisher
         self.config = config
@@ -68,7 +91,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self._inflight)
 
     def abort(self, rid: str) -> bool:
         for req in list(self.waiting):
@@ -85,6 +108,12 @@ class Scheduler:
                 self.kv.release(req)
                 self._finish_now(req, {"type": "abort", "message": "aborted"})
                 return True
+        for plan, _ in self._inflight:  # e.g. a max_new_tokens=0 prompt in its last extend
+            for req in plan.reqs:
+                if req.rid == rid and not req.finished:
+                    self.kv.release(req)
+                    self._finish_now(req, {"type": "abort", "message": "aborted"})
+                    return True
         return False
 
     def flush_cache(self) -> bool:
@@ -98,28 +127,59 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> None:
+        """Plan and launch one batch, then process every launched batch but (overlap on) the
+        newest, whose forward runs meanwhile."""
+        t0 = time.perf_counter()
+        nested = self.stats.process_seconds + self.stats.wait_seconds
+        plan = self._plan()
+        if plan is not None:
+            self._inflight.append((plan, self.executor.launch(plan)))
+        self.stats.schedule_seconds += (time.perf_counter() - t0) - (
+            self.stats.process_seconds + self.stats.wait_seconds - nested)
+        keep = 1 if plan is not None and self.executor.overlap else 0
+        while len(self._inflight) > keep:
+            self._process(*self._inflight.popleft())
+
+    def _plan(self) -> PlannedBatch | None:
         items = self._schedule_prefill()
         if items:
-            self._guarded(self._run_extend, items, [it.req for it in items])
-        elif self.running:
-            self._guarded(self._run_decode, None, list(self.running))
-        else:  # nothing fits and nothing runs: KV held for jump-forward tokens must go
+            return self._guarded(self._plan_extend, items, [it.req for it in items])
+        decode = self._alloc_decode()
+        if decode is not None:
+            return self._guarded(self._plan_decode, decode, decode[0])
+        if not self._inflight:  # nothing fits and nothing runs: KV held for jump-forward
             self._release_pending_jumps()
+        return None
 
-    def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> None:
-        """A failing forward finishes its own batch with an error; the engine lives on."""
+    def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> PlannedBatch | None:
+        """A batch that cannot be built finishes its own requests with an error."""
         try:
-            fn(arg) if arg is not None else fn()
+            return fn(arg)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to this batch
-            log.exception("forward failed; aborting %d request(s)", len(reqs))
+            log.exception("building a batch failed; aborting %d request(s)", len(reqs))
             for req in reqs:
                 self._fail(req, f"internal error: {exc}")
+            return None
+
+    def _drain(self) -> None:
+        """Wait for and process every batch in flight (retraction needs settled requests)."""
+        while self._inflight:
+            self._process(*self._inflight.popleft())
+
+    def close(self) -> None:
+        """Stop the executor's worker; batches still in flight are dropped unprocessed."""
+        for plan, _ in self._inflight:
+            plan.processed.set()  # a worker waiting to sample must not hang
+        self._inflight.clear()
+        self.executor.close()
 
     def _fail(self, req: Req, message: str) -> None:
         """Finish ``req`` with an engine error (``{"type": "error"}``: the server reports it as
         a 5xx, never as a normal finish) and free everything it holds."""
         if req in self.running:
             self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
         if req is self.chunked:
             self.chunked = None
         if req.req_pool_idx is not None:
@@ -211,70 +271,75 @@ class Scheduler:
             logit_from = start + length - 1 if final else start + length
         return ExtendItem(req, start, length, slots, logit_from)
 
-    def _run_extend(self, items: list[ExtendItem]) -> None:
-        logits, counts = self.runner.forward_extend(items)
-        self.stats.forward_passes += 1
-        row = 0
-        to_sample: list[tuple[Req, torch.Tensor]] = []
+    def _plan_extend(self, items: list[ExtendItem]) -> PlannedBatch:
+        """Build the extend batch and do now what does not depend on its logits: KV lengths,
+        caching the new prefix (later batches that match it run after this one), chunking,
+        and entering the running batch (so the next decode can include the request with a
+        placeholder for the token this batch samples)."""
+        batch, counts = self.runner.prepare_extend(items)
+        sample_reqs, sample_rows, row = [], [], 0
         for it, count in zip(items, counts):
             req = it.req
-            rows = logits[row:row + count]
             row += count
             req.kv_len = it.start + it.length
             self.stats.prefill_tokens += it.length
-            if req.wants_input_logprobs:
-                self._record_input_logprobs(req, it, rows)
             self.kv.cache_unfinished(req)
             if req.kv_len < len(req.fill_ids):
                 self.chunked = req
-            elif req.sampling.max_new_tokens == 0:
-                self.kv.release(req)
-                self._finish_now(req, {"type": "length", "length": 0})
-            else:
-                to_sample.append((req, rows[-1]))
-        if to_sample:
-            reqs = [r for r, _ in to_sample]
-            self._sample_and_process(reqs, torch.stack([lg for _, lg in to_sample]))
+            elif req.sampling.max_new_tokens > 0:
+                sample_reqs.append(req)
+                sample_rows.append(row - 1)
+                if req not in self.running:
+                    self.running.append(req)
+        return self._planned(batch, items, counts, [it.req for it in items], sample_reqs,
+                             sample_rows, decode=False)
 
-    def _record_input_logprobs(self, req: Req, it: ExtendItem, rows: torch.Tensor) -> None:
-        """Row for absolute position p scores token p+1 of the prompt."""
-        first_pos = it.start + it.length - rows.shape[0]
-        n_prompt = len(req.input_ids)
-        if not req.input_token_logprobs and req.logprob_start_len == 0:
-            req.input_token_logprobs.append((None, req.input_ids[0], None))
-            req.input_top_logprobs.append(None)
-        targets = [(i, p + 1) for i, p in enumerate(range(first_pos, it.start + it.length))
-                   if req.logprob_start_len <= p + 1 < n_prompt]
-        if not targets:
-            return
-        sel = rows[[i for i, _ in targets]]
-        ids = [req.input_ids[q] for _, q in targets]
-        chosen, tops = token_logprobs(sel, ids, req.top_logprobs_num)
-        for k, (lp, tid) in enumerate(zip(chosen, ids)):
-            req.input_token_logprobs.append((lp, tid, None))
-            req.input_top_logprobs.append([(v, t, None) for v, t in tops[k]] if tops else None)
-
-    # ----- decode -----
-
-    def _run_decode(self) -> None:
-        slots = self._alloc_decode_slots()
-        if slots is None:
-            return
-        reqs = list(self.running)
-        logits = self.runner.forward_decode(reqs, slots)
-        self.stats.forward_passes += 1
+    def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
+        reqs, slots = decode
+        inputs = [r.future if r.future is not None else r.output_ids[-1] for r in reqs]
+        batch = self.runner.prepare_decode(reqs, slots, inputs)
         for req in reqs:
             req.kv_len += 1
         self.new_token_ratio = max(self.config.min_new_token_ratio,
                                    self.new_token_ratio - self.config.new_token_ratio_decay)
-        self._sample_and_process(reqs, logits)
+        return self._planned(batch, None, [], reqs, reqs, list(range(len(reqs))), decode=True)
 
-    def _alloc_decode_slots(self) -> torch.Tensor | None:
-        """One slot per running request, retracting requests until it fits."""
-        while self.running:
-            slots = self.kv.alloc_decode(self.running)
+    def _planned(self, batch: Any, items: list[ExtendItem] | None, counts: list[int],
+                 reqs: list[Req], sample_reqs: list[Req], sample_rows: list[int],
+                 decode: bool) -> PlannedBatch:
+        """Give each sampling row its placeholder and the output count it must still match.
+        Only a decode feeds placeholders: a request extends only tokens it knows, and any
+        ``future`` it still carries then belongs to a row that processing will discard."""
+        pending = [decode and r.future is not None for r in sample_reqs]
+        expect = [len(r.output_ids) + p for r, p in zip(sample_reqs, pending)]
+        futures = self.executor.futures.reserve(len(sample_reqs))
+        for req, f in zip(sample_reqs, futures):
+            req.future = f
+        self.stats.forward_passes += 1
+        return PlannedBatch(batch, items, counts, reqs, sample_reqs, sample_rows, expect,
+                            futures, needs_state=any(_needs_state(r) for r in sample_reqs),
+                            has_placeholders=any(pending))
+
+    # ----- decode -----
+
+    def _certainly_done(self, req: Req) -> bool:
+        """The token in flight will finish ``req`` by length: decoding past it is waste (and
+        past the context length, out of range)."""
+        n = len(req.output_ids) + (req.future is not None)
+        return n >= req.sampling.max_new_tokens or len(req.input_ids) + n >= self.config.context_len
+
+    def _alloc_decode(self) -> tuple[list[Req], torch.Tensor] | None:
+        """The requests to decode and one slot each, retracting requests until it fits."""
+        while True:
+            reqs = [r for r in self.running if not self._certainly_done(r)]
+            if not reqs:
+                return None
+            slots = self.kv.alloc_decode(reqs)
             if slots is not None:
-                return slots
+                return reqs, slots
+            if self._inflight:  # finishes may free KV; retraction needs settled requests
+                self._drain()
+                continue
             if self._release_pending_jumps():
                 continue
             if len(self.running) == 1:
@@ -284,7 +349,6 @@ class Scheduler:
                                        "message": "KV cache too small for this request"})
                 return None
             self._retract_one()
-        return None
 
     def _release_pending_jumps(self) -> bool:
         """Retract waiting requests that hold KV for jump-forward tokens not yet extended.
@@ -311,68 +375,6 @@ class Scheduler:
         log.info("retracted %s (%d output tokens) under KV pressure", victim.rid,
                  len(victim.output_ids))
 
-    # ----- sampling and outputs -----
-
-    def _sample_and_process(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        want_lp = [r.return_logprob for r in reqs]
-        raw = logits.clone() if any(want_lp) else logits
-        tokens = sample(logits, reqs, self.finisher.eos_ids)
-        bad = [i for i, t in enumerate(tokens) if t is None]
-        if bad:  # an invalid distribution fails its own request; the rest go on unchanged
-            for i in bad:
-                self._fail(reqs[i], "the sampling distribution is invalid (NaN or no "
-                                    "possible token)")
-            keep = [i for i, t in enumerate(tokens) if t is not None]
-            reqs, tokens, want_lp = ([reqs[i] for i in keep], [tokens[i] for i in keep],
-                                     [want_lp[i] for i in keep])
-            raw = raw[keep]
-        if any(want_lp):
-            idx = [i for i, w in enumerate(want_lp) if w]
-            top_k = max(reqs[i].top_logprobs_num for i in idx)
-            chosen, tops = token_logprobs(raw[idx], [tokens[i] for i in idx], top_k)
-            for k, i in enumerate(idx):
-                reqs[i].output_token_logprobs.append((chosen[k], tokens[i], None))
-                n = reqs[i].top_logprobs_num
-                reqs[i].output_top_logprobs.append(
-                    [(v, t, None) for v, t in tops[k][:n]] if n else None)
-        self.stats.generated_tokens += len(tokens)
-        for req, token in zip(reqs, tokens):
-            self.finisher.append_token(req, token, self.config.context_len)
-            if req.grammar is not None and not req.finished and self.config.enable_jump_forward:
-                self._jump_forward(req)
-            if req.finished:
-                if req in self.running:
-                    self.running.remove(req)
-                self.kv.release(req)
-            elif len(req.fill_ids) - req.kv_len > 1:
-                # jump-forward appended tokens: extend them in one step, ahead of new requests
-                if req in self.running:
-                    self.running.remove(req)
-                self.waiting.insert(0, req)
-            elif req not in self.running:
-                self.running.append(req)
-            self.finisher.emit(req)
-
-    def _jump_forward(self, req: Req) -> None:
-        """Append the grammar's forced continuation (already accepted by the grammar)."""
-        from plait.core.jump_forward import jump_forward_tokens
-        tokens = jump_forward_tokens(req.grammar, self.finisher.tokenizer, req.output_ids)
-        room = max(0, min(req.sampling.max_new_tokens - len(req.output_ids),
-                          self.config.context_len - len(req.fill_ids),
-                          # alone it must still fit the KV pool (decode aborts it there)
-                          self.kv.num_slots - len(req.fill_ids)))
-        if len(tokens) > room:
-            req.grammar.rollback(len(tokens) - room)
-            tokens = tokens[:room]
-        for token in tokens:
-            self.finisher.append_token(req, token, self.config.context_len, grammar_accepted=True)
-            if req.return_logprob:  # forced: the model did not score it
-                req.output_token_logprobs.append((None, token, None))
-                req.output_top_logprobs.append(None)
-            if req.finished:
-                break
-        self.stats.jump_forward_tokens += len(tokens)
-
     def _finish_now(self, req: Req, reason: dict) -> None:
         req.finish(reason)
         self.finisher.finalize_text(req)
@@ -383,3 +385,10 @@ class Scheduler:
     def _decode_reservation(self, reqs: list[Req]) -> int:
         return int(sum(max(r.sampling.max_new_tokens - len(r.output_ids), 0)
                        for r in reqs) * self.new_token_ratio)
+
+
+def _needs_state(req: Req) -> bool:
+    """Sampling for ``req`` reads state that processing the previous batch may change."""
+    sp = req.sampling
+    return (req.grammar is not None or bool(sp.frequency_penalty or sp.presence_penalty)
+            or sp.repetition_penalty != 1.0 or sp.min_new_tokens > 0)

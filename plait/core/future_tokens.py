@@ -1,0 +1,46 @@
+"""Placeholders for tokens that a forward in flight has not sampled yet.
+
+With the overlap schedule the scheduler builds batch N+1 while batch N still runs, so a
+request decoded in both has no input token for N+1 yet. The scheduler writes a negative
+placeholder id instead (``reserve``); the executor fills the placeholder when batch N samples
+(``store``) and swaps placeholders for tokens right before batch N+1's forward (``resolve``).
+Batches run one at a time, in launch order, so a placeholder is always stored before any
+batch that reads it runs.
+
+Ids ``-1 .. -capacity`` name the slots of a ring. A slot is reused ``capacity`` reservations
+later; the scheduler keeps at most three batches' worth referenced (the batch whose inputs
+name N's placeholders, N's own, and the one being built), so ``capacity`` must exceed three
+batches of the largest size.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class FutureTokenMap:
+    def __init__(self, max_batch_size: int, device: torch.device | str = "cpu"):
+        if max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        self.capacity = 4 * max_batch_size + 4
+        self._tokens = torch.zeros(self.capacity + 1, dtype=torch.int64, device=device)
+        self._next = 0
+
+    def reserve(self, n: int) -> list[int]:
+        """``n`` fresh placeholder ids (negative), for the tokens of one batch."""
+        if n > self.capacity // 4:
+            raise ValueError(f"cannot reserve {n} placeholders at once (at most "
+                             f"{self.capacity // 4})")
+        ids = [-(1 + (self._next + i) % self.capacity) for i in range(n)]
+        self._next = (self._next + n) % self.capacity
+        return ids
+
+    def store(self, placeholders: list[int], tokens: list[int]) -> None:
+        """Fill ``placeholders`` with the sampled ``tokens`` (same length)."""
+        if placeholders:
+            idx = torch.tensor([-p for p in placeholders], dtype=torch.int64)
+            self._tokens[idx.to(self._tokens.device)] = torch.tensor(
+                tokens, dtype=torch.int64).to(self._tokens.device)
+
+    def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` with every placeholder replaced by its stored token."""
+        return torch.where(input_ids < 0, self._tokens[(-input_ids).clamp(min=0)], input_ids)

@@ -1,0 +1,152 @@
+"""Processing a batch's result on the scheduler thread: prompt logprobs, appending sampled
+tokens, jump-forward, finishing, and handing outputs to whoever waits.
+
+Under the overlap schedule a result is processed one step late, while the next batch already
+runs, and that batch may include requests this processing finishes (their extra token is
+computed and then dropped here: it never reaches the user) or jump-forwards (their row there
+is stale). A sampled token therefore counts only if its request is unfinished and still has
+the output count the row was planned against (``PlannedBatch.expect``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+
+import torch
+
+from plait.core.batch_executor import BatchResult, PlannedBatch
+from plait.core.model_runner import ExtendItem
+from plait.core.request import Req
+from plait.core.sampler import token_logprobs
+
+log = logging.getLogger(__name__)
+
+
+class OutputProcessor:
+    """Mixin of :class:`~plait.core.scheduler.Scheduler` (uses its kv, finisher, queues,
+    stats and ``_fail`` / ``_finish_now``)."""
+
+    def _process(self, plan: PlannedBatch, fut: Future) -> None:
+        t0 = time.perf_counter()
+        result: BatchResult = fut.result()
+        t1 = time.perf_counter()
+        self.stats.wait_seconds += t1 - t0
+        self.stats.forward_seconds += result.forward_s
+        try:
+            self._apply(plan, result)
+        finally:
+            plan.processed.set()  # the next batch may sample now
+            self.stats.process_seconds += time.perf_counter() - t1
+
+    def _apply(self, plan: PlannedBatch, result: BatchResult) -> None:
+        for req, placeholder in zip(plan.sample_reqs, plan.futures):
+            if req.future == placeholder:
+                req.future = None
+        if result.error is not None:  # a failing forward finishes its own batch
+            log.error("aborting %d request(s) after a failed forward", len(plan.reqs))
+            for req in plan.reqs:
+                if not req.finished:
+                    self._fail(req, f"internal error: {result.error}")
+            return
+        if plan.items is not None:
+            self._apply_extend(plan.items, plan.row_counts, result.logits)
+        self._apply_tokens(plan, result)
+
+    def _apply_extend(self, items: list[ExtendItem], counts: list[int],
+                      logits: torch.Tensor) -> None:
+        row = 0
+        for it, count in zip(items, counts):
+            req = it.req
+            rows = logits[row:row + count]
+            row += count
+            if req.finished:
+                continue
+            if req.wants_input_logprobs:
+                self._record_input_logprobs(req, it, rows)
+            if it.start + it.length == len(req.fill_ids) and req.sampling.max_new_tokens == 0:
+                self.kv.release(req)
+                self._finish_now(req, {"type": "length", "length": 0})
+
+    def _record_input_logprobs(self, req: Req, it: ExtendItem, rows: torch.Tensor) -> None:
+        """Row for absolute position p scores token p+1 of the prompt."""
+        first_pos = it.start + it.length - rows.shape[0]
+        n_prompt = len(req.input_ids)
+        if not req.input_token_logprobs and req.logprob_start_len == 0:
+            req.input_token_logprobs.append((None, req.input_ids[0], None))
+            req.input_top_logprobs.append(None)
+        targets = [(i, p + 1) for i, p in enumerate(range(first_pos, it.start + it.length))
+                   if req.logprob_start_len <= p + 1 < n_prompt]
+        if not targets:
+            return
+        sel = rows[[i for i, _ in targets]]
+        ids = [req.input_ids[q] for _, q in targets]
+        chosen, tops = token_logprobs(sel, ids, req.top_logprobs_num)
+        for k, (lp, tid) in enumerate(zip(chosen, ids)):
+            req.input_token_logprobs.append((lp, tid, None))
+            req.input_top_logprobs.append([(v, t, None) for v, t in tops[k]] if tops else None)
+
+    def _apply_tokens(self, plan: PlannedBatch, result: BatchResult) -> None:
+        reqs = plan.sample_reqs
+        raw_row = {}  # sample index -> row of result.raw (see BatchExecutor._sample)
+        for i, req in enumerate(reqs):
+            if not result.skipped[i] and req.return_logprob:
+                raw_row[i] = len(raw_row)
+        live = [i for i, req in enumerate(reqs) if not result.skipped[i] and not req.finished
+                and len(req.output_ids) == plan.expect[i]]
+        for i in live:
+            if result.tokens[i] is None:  # invalid distribution: this request alone fails
+                self._fail(reqs[i], "the sampling distribution is invalid (NaN or no "
+                                    "possible token)")
+        live = [i for i in live if result.tokens[i] is not None]
+        lp = [i for i in live if reqs[i].return_logprob]
+        if lp:
+            top_k = max(reqs[i].top_logprobs_num for i in lp)
+            chosen, tops = token_logprobs(result.raw[[raw_row[i] for i in lp]],
+                                          [result.tokens[i] for i in lp], top_k)
+            for k, i in enumerate(lp):
+                reqs[i].output_token_logprobs.append((chosen[k], result.tokens[i], None))
+                n = reqs[i].top_logprobs_num
+                reqs[i].output_top_logprobs.append(
+                    [(v, t, None) for v, t in tops[k][:n]] if n else None)
+        self.stats.generated_tokens += len(live)
+        for i in live:
+            self._append(reqs[i], result.tokens[i])
+
+    def _append(self, req: Req, token: int) -> None:
+        self.finisher.append_token(req, token, self.config.context_len)
+        jumped = 0
+        if req.grammar is not None and not req.finished and self.config.enable_jump_forward:
+            jumped = self._jump_forward(req)
+        if req.finished:
+            if req in self.running:
+                self.running.remove(req)
+            self.kv.release(req)
+        elif jumped:
+            # forced tokens: extend them in one step, ahead of new requests
+            if req in self.running:
+                self.running.remove(req)
+            self.waiting.insert(0, req)
+        self.finisher.emit(req)
+
+    def _jump_forward(self, req: Req) -> int:
+        """Append the grammar's forced continuation (already accepted by the grammar);
+        returns how many tokens it appended."""
+        from plait.core.jump_forward import jump_forward_tokens
+        tokens = jump_forward_tokens(req.grammar, self.finisher.tokenizer, req.output_ids)
+        room = max(0, min(req.sampling.max_new_tokens - len(req.output_ids),
+                          self.config.context_len - len(req.fill_ids),
+                          # alone it must still fit the KV pool (decode aborts it there)
+                          self.kv.num_slots - len(req.fill_ids)))
+        if len(tokens) > room:
+            req.grammar.rollback(len(tokens) - room)
+            tokens = tokens[:room]
+        for token in tokens:
+            self.finisher.append_token(req, token, self.config.context_len, grammar_accepted=True)
+            if req.return_logprob:  # forced: the model did not score it
+                req.output_token_logprobs.append((None, token, None))
+                req.output_top_logprobs.append(None)
+            if req.finished:
+                break
+        self.stats.jump_forward_tokens += len(tokens)
+        return len(tokens)
