@@ -21,15 +21,16 @@ class FutureTokenMap:
     def __init__(self, max_batch_size: int, device: torch.device | str = "cpu"):
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
         self.capacity = 4 * max_batch_size + 4
         self._tokens = torch.zeros(self.capacity + 1, dtype=torch.int64, device=device)
         self._next = 0
 
     def reserve(self, n: int) -> list[int]:
         """``n`` fresh placeholder ids (negative), for the tokens of one batch."""
-        if n > self.capacity // 4:
+        if n > self.max_batch_size:
             raise ValueError(f"cannot reserve {n} placeholders at once (at most "
-                             f"{self.capacity // 4})")
+                             f"{self.max_batch_size})")
         ids = [-(1 + (self._next + i) % self.capacity) for i in range(n)]
         self._next = (self._next + n) % self.capacity
         return ids

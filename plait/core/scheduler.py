@@ -340,7 +340,7 @@ class Scheduler(OutputProcessor):
             if self._inflight:  # finishes may free KV; retraction needs settled requests
                 self._drain()
                 continue
-            if self._release_pending_jumps():
+            if self._release_pending_jumps() or self._retract_chunked():
                 continue
             if len(self.running) == 1:
                 req = self.running.pop()
@@ -362,6 +362,19 @@ class Scheduler(OutputProcessor):
             req.times_retracted += 1
             self.stats.retractions += 1
         return bool(held)
+
+    def _retract_chunked(self) -> bool:
+        """Send a half-prefilled prompt back to the queue (its chunks stay in the prefix
+        cache): running requests come first, and a lone one must not be aborted as too large
+        for a pool the chunked prompt occupies."""
+        req, self.chunked = self.chunked, None
+        if req is None:
+            return False
+        self.kv.release(req)
+        req.times_retracted += 1
+        self.waiting.insert(0, req)
+        self.stats.retractions += 1
+        return True
 
     def _retract_one(self) -> None:
         # Retract the request that has produced least: it loses the least work.
