@@ -1,7 +1,8 @@
 """Prometheus metrics for ``GET /metrics``.
 
 Latencies are measured where the client sees them (the HTTP process, as outputs arrive);
-queue/running/KV gauges are read from the engine's server info at scrape time. Each app has
+queue/running/KV gauges and the per-phase step time are read from the engine's server info at
+scrape time. Each app has
 its own registry so several servers (tests) can live in one interpreter.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ServerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     _tracks: dict[str, _Track] = field(default_factory=dict)
     _recent: deque = field(default_factory=deque)  # (time, new tokens) for throughput
+    _last_steps: dict = field(default_factory=dict)  # engine totals at the previous scrape
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -58,6 +60,12 @@ class ServerMetrics:
                                     "Cached prompt tokens / prompt tokens", registry=r)
         self.throughput = Gauge("plait_gen_throughput",
                                 "Generated tokens per second over the last 10 s", registry=r)
+        self.step_seconds = Counter(
+            "plait_step_seconds", "Scheduler step time by phase: schedule, forward, process "
+            "(scheduler thread) and wait (blocked on the device); with the overlap schedule "
+            "forward runs alongside the others", ["phase"], registry=r)
+        self.forward_passes = Counter("plait_forward_passes", "Forward passes (steps)",
+                                      registry=r)
 
     # Called by EngineClient for every output message (finished or not).
     def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:
@@ -114,7 +122,23 @@ class ServerMetrics:
         while self._recent and self._recent[0][0] < now - 10:
             self._recent.popleft()
         self.throughput.set(sum(n for _, n in self._recent) / 10.0)
+        self._count_steps(info)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _count_steps(self, info: dict[str, Any]) -> None:
+        """Advance the step counters by what the engine's totals grew since the last scrape
+        (a restarted engine's smaller totals start the count afresh)."""
+        for key, counter in [(f"{p}_seconds", self.step_seconds.labels(p))
+                             for p in _PHASES] + [("forward_passes", self.forward_passes)]:
+            value = _first(info, key, default=None)
+            if value is None:
+                continue
+            last = self._last_steps.get(key, 0)
+            counter.inc(value - last if value >= last else value)
+            self._last_steps[key] = value
+
+
+_PHASES = ("schedule", "forward", "process", "wait")
 
 
 def _first(info: dict[str, Any], *keys: str, default: Any) -> Any:

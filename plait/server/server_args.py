@@ -19,6 +19,7 @@ class ServerArgs:
     chunked_prefill_size: int | None = None
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False  # run each forward inline (SGLang's flag)
     page_size: int | None = None  # None: the backend's default
     max_running_requests: int = 64
     mem_fraction: float | None = None
@@ -67,7 +68,8 @@ class ServerArgs:
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed,
-                      grammar_compile_timeout=self.grammar_compile_timeout)
+                      grammar_compile_timeout=self.grammar_compile_timeout,
+                      disable_overlap_schedule=self.disable_overlap_schedule or None)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +90,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="run each forward inline instead of overlapping it with scheduling")
     p.add_argument("--page-size", type=int, default=d.page_size,
                    help="KV page size in tokens (default: the device backend's)")
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)

@@ -239,7 +239,9 @@ def test_jump_forward_saves_forward_passes_with_identical_greedy_output(engine, 
     assert_valid_json(jumped["text"], LONG_KEYS)
     assert jumped["output_ids"] == plain["output_ids"]
     tokens = jumped["meta_info"]["completion_tokens"]
-    assert plain_passes == tokens  # one prefill, then one decode per further token
+    # one prefill, then one decode per further token; with the overlap schedule one more:
+    # the decode launched before the stopping token was processed, whose token is dropped
+    assert plain_passes == tokens + engine.scheduler.executor.overlap
     assert passes / tokens < 0.7, (passes, tokens)
 
 

@@ -25,6 +25,13 @@ def test_serve_flags_map_to_engine_kwargs():
     assert args.to_dict()["api_key"] == "***"
 
 
+def test_disable_overlap_schedule_reaches_the_engine():
+    on = from_namespace(build_parser().parse_args(["serve"]))
+    assert "disable_overlap_schedule" not in on.engine_kwargs("/m")  # the engine's default
+    off = from_namespace(build_parser().parse_args(["serve", "--disable-overlap-schedule"]))
+    assert off.engine_kwargs("/m")["disable_overlap_schedule"] is True
+
+
 def test_unset_dtype_and_page_size_are_left_to_the_device_backend():
     args = from_namespace(build_parser().parse_args(["serve", "--device", "npu"]))
     kwargs = args.engine_kwargs("/m")
