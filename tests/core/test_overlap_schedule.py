@@ -266,3 +266,26 @@ def test_64_streaming_clients_with_random_aborts_lose_and_duplicate_nothing(smol
         assert kind in ("length", "abort") if i % 3 == 0 else kind == "length"
         if kind == "length":
             assert counts[-1] == max_new
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(tiny):
+    """The batch after the failing one was launched with placeholders the failure never
+    filled: its rows for the failed requests are dropped, nothing hangs, KV is freed."""
+    with plait.Engine(tiny) as engine:
+        runner = engine.scheduler.runner
+        real_run, calls = runner.run, []
+
+        def flaky(batch):
+            calls.append(batch.is_decode)
+            if len(calls) == 4:
+                raise RuntimeError("device fell over")
+            return real_run(batch)
+
+        runner.run = flaky
+        sp = {"max_new_tokens": 12, "ignore_eos": True, "temperature": 0}
+        outs = engine.generate(input_ids=[[5] * 10, [6] * 12], sampling_params=sp)
+        assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["error", "error"]
+        assert "device fell over" in outs[0]["meta_info"]["finish_reason"]["message"]
+        after = engine.generate(input_ids=[7] * 9, sampling_params=sp)
+        assert len(after["output_ids"]) == 12
+        assert kv_is_all_free(engine)
