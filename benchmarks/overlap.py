@@ -53,8 +53,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batches", default="1,16,64")
     args = ap.parse_args()
-    repeats = args.repeats or (2 if args.quick else 5)
-    new_tokens = 24 if args.quick else 64
+    repeats = args.repeats or (3 if args.quick else 5)
+    new_tokens = 32 if args.quick else 64
     engines = {name: plait.Engine(device=args.device, disable_overlap_schedule=off,
                                   max_running_requests=64)
                for name, off in (("inline", True), ("overlap", False))}

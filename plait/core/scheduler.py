@@ -132,10 +132,10 @@ class Scheduler(OutputProcessor):
         t0 = time.perf_counter()
         nested = self.stats.process_seconds + self.stats.wait_seconds
         plan = self._plan()
+        self.stats.schedule_seconds += (time.perf_counter() - t0) - (
+            self.stats.process_seconds + self.stats.wait_seconds - nested)  # minus drains
         if plan is not None:
             self._inflight.append((plan, self.executor.launch(plan)))
-        self.stats.schedule_seconds += (time.perf_counter() - t0) - (
-            self.stats.process_seconds + self.stats.wait_seconds - nested)
         keep = 1 if plan is not None and self.executor.overlap else 0
         while len(self._inflight) > keep:
             self._process(*self._inflight.popleft())
