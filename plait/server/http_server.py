@@ -149,6 +149,7 @@ def _admin_routes():
         return Response(status_code=200)
 
     @router.get("/get_model_info")
+    @router.get("/model_info")
     async def get_model_info(request: Request) -> dict[str, Any]:
         c: EngineClient = request.app.state.client
         return {"model_path": c.model_path, "tokenizer_path": c.model_path,
@@ -163,7 +164,19 @@ def _admin_routes():
         engine = await c.server_info()
         return {**request.app.state.args.to_dict(), "model_path": c.model_path,
                 "context_length": c.context_length, "version": "0.1.0", **engine,
-                "internal_states": [engine], "num_inflight_requests": len(c.running_rids())}
+                "internal_states": [engine], "num_inflight_requests": len(c.running_rids()),
+                "dp_size": 1}
+
+    @router.get("/get_load")
+    async def get_load(request: Request) -> list[dict[str, Any]]:
+        """SGLang's per-rank load report, read by the gateway's load-aware policies."""
+        c: EngineClient = request.app.state.client
+        engine = await c.server_info()
+        return [{"dp_rank": 0, "num_reqs": engine.get("num_running_reqs", 0)
+                 + engine.get("num_waiting_reqs", 0),
+                 "num_waiting_reqs": engine.get("num_waiting_reqs", 0),
+                 "num_tokens": engine.get("max_total_tokens", 0)
+                 - engine.get("available_kv_tokens", 0)}]
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:

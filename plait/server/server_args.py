@@ -30,6 +30,12 @@ class ServerArgs:
     served_model_name: str | None = None
     log_level: str = "info"
     startup_timeout: float = 600.0
+    # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
+    dp: int = 1
+    router_policy: str = "cache_aware"
+    router_extra_args: str | None = None
+    router_prometheus_port: int | None = None
+    shutdown_timeout: float = 30.0
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -61,6 +67,18 @@ class ServerArgs:
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed)
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    def to_argv(self) -> list[str]:
+        """The ``plait serve`` flags that rebuild these arguments (the ``--dp`` launcher starts
+        its workers with them). Flags are the field names with dashes; None is left out."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if value is None or value is False or (f.name == "dp" and value == 1):
+                continue
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,7 +121,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout)
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds to wait for processes to stop on SIGTERM before killing them")
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
+    dp.add_argument("--dp", type=int, default=d.dp,
+                    help="engine workers behind one sglang-router gateway on --port; each gets "
+                         "its own process, port, KV cache and cores/N threads")
+    dp.add_argument("--router-policy", default=d.router_policy,
+                    choices=["cache_aware", "round_robin", "random", "power_of_two"],
+                    help="the gateway's load-balancing policy (with --dp)")
+    dp.add_argument("--router-prometheus-port", type=int, default=None,
+                    help="the gateway's Prometheus /metrics port (default: a free port, logged)")
+    dp.add_argument("--router-extra-args", default=None,
+                    help="more sglang_router.launch_router flags, quoted as one string, e.g. "
+                         "'--max-concurrent-requests 64 --queue-size 128'")
 
 
 def from_namespace(ns: argparse.Namespace) -> ServerArgs:
