@@ -23,9 +23,9 @@ import torch
 
 from plait.core.backend_api import ModelSpec
 from plait.core.engine_config import EngineConfig
+from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
 from plait.core.messages import GenerateReq, RequestLimits
-from plait.core.radix_cache import RadixCache
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampling_params import SamplingParams
@@ -87,14 +87,14 @@ class Engine:
                                          page_size=cfg.page_size)
         allocator = backend.create_allocator(num_slots=tokens, page_size=cfg.page_size)
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
-        tree = None if cfg.disable_radix_cache else RadixCache(allocator, cfg.page_size)
+        kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         runner = backend.create_model_runner(
             ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
             kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
         self.scheduler = Scheduler(
-            runner, req_pool, allocator, tree, RequestFinisher(self.tokenizer, self.eos_ids),
+            runner, kv, RequestFinisher(self.tokenizer, self.eos_ids),
             SchedulerConfig(max_running_requests=cfg.max_running_requests,
                             chunked_prefill_size=cfg.chunked_prefill_size,
                             max_prefill_tokens=cfg.max_prefill_tokens,
@@ -296,14 +296,13 @@ class Engine:
     def get_server_info(self) -> dict:
         def info() -> dict:
             s = self.scheduler
-            tree = s.tree
+            kv = s.kv.usage()
             return {
                 "model_path": str(self.model_dir), "device": self.device_name,
                 "max_total_tokens": self.max_total_tokens, "context_length": self.context_len,
                 "page_size": self.config.page_size,
-                "available_kv_tokens": s.allocator.available_size(),
-                "cached_kv_tokens": tree.total_size() if tree is not None else 0,
-                "evictable_kv_tokens": tree.evictable_size() if tree is not None else 0,
+                "available_kv_tokens": kv.free, "cached_kv_tokens": kv.cached,
+                "evictable_kv_tokens": kv.evictable,
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
                 **vars(s.stats),
