@@ -1,23 +1,28 @@
-"""The backend contract: every hardware backend, built-in or third party, implements these hooks.
+"""The plugin contract: one hook through which a package registers its :class:`Backend` classes.
 
-A backend is a plain module registered under the entry-point group ``plait.backends``::
+A plugin is a module (or an object) registered under the entry-point group ``plait.backends``::
 
     [project.entry-points."plait.backends"]
     mydevice = "my_package.plait_plugin"
 
-and the module defines functions marked with ``@plait.backends.hookimpl``. The core calls
-``plait_backend_info()`` on every plugin to learn names and availability without importing any
-device library, then asks only the chosen backend for its pieces. Keep detection cheap.
+that defines ``plait_register_backends`` marked with ``@plait.backends.hookimpl``::
+
+    @hookimpl
+    def plait_register_backends(register):
+        register(MyDeviceBackend)
+
+Everything a device provides is a method of its :class:`~plait.core.backend_api.Backend`
+subclass; ``docs/writing-a-backend.md`` walks through one. Keep the plugin module cheap to
+import: device libraries belong in the methods that run once the backend is chosen.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
 
 if TYPE_CHECKING:
-    from plait.core.backend_api import AttentionBackend, BackendInfo, GraphRunner, KVPool
-    from plait.core.memory import TokenSlotAllocator
+    from plait.core.backend_api import Backend
 
 PROJECT = "plait"
 ENTRY_POINT_GROUP = "plait.backends"
@@ -27,38 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def plait_backend_info() -> "BackendInfo":
-    """Describe this backend: its device name, priority for ``--device auto`` and whether it is
-    available here (with the reason when not). Must not import heavy device libraries unless
-    that is the only way to tell availability."""
-
-
-@hookspec(firstresult=True)
-def plait_torch_device(device: str) -> Any:
-    """The torch device (or array runtime handle) tensors of ``device`` live on."""
-
-
-@hookspec(firstresult=True)
-def plait_create_kv_pool(
-    device: str, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-    dtype: Any, page_size: int,
-) -> "KVPool":
-    """Allocate the paged K/V buffers (one K and one V per layer) for ``device``.
-
-    Slot 0 is reserved for padding: it is written by padded positions and never read as data."""
-
-
-@hookspec(firstresult=True)
-def plait_create_allocator(device: str, num_slots: int, page_size: int) -> "TokenSlotAllocator":
-    """The token-slot allocator over the pool's slots (page granularity when page_size > 1)."""
-
-
-@hookspec(firstresult=True)
-def plait_create_attention_backend(device: str, kv_pool: "KVPool", num_heads: int,
-                                   num_kv_heads: int, head_dim: int) -> "AttentionBackend":
-    """The attention implementation: ``forward_extend`` and ``forward_decode`` over the pool."""
-
-
-@hookspec(firstresult=True)
-def plait_create_graph_runner(device: str, model: Any, max_batch_size: int) -> "GraphRunner | None":
-    """Graph capture for decode (CUDA/HIP graphs, jax.jit, NPU graph); ``None`` runs eagerly."""
+def plait_register_backends(register: Callable[[type["Backend"]], None]) -> None:
+    """Call ``register(cls)`` once for each :class:`~plait.core.backend_api.Backend` subclass
+    this plugin provides. Called once per process, for every plugin, before any device is
+    chosen: register classes, do not instantiate them."""

@@ -1,18 +1,19 @@
 """Backend discovery and ``--device`` resolution.
 
 Every backend, the built-in ones included, arrives through the ``plait.backends`` entry-point
-group, so a third-party package is found exactly like ours. Plugins are imported lazily, once.
+group, so a third-party package is found exactly like ours. Plugins are imported lazily, once;
+``info()`` is asked of every registered class, and only the class ``--device`` names is
+instantiated (:func:`get_backend`), so only its device library is ever imported.
 """
 from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Any
 
 import pluggy
 
 from plait.backends import hookspecs
-from plait.core.backend_api import BackendInfo
+from plait.core.backend_api import Backend, BackendInfo
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,21 +25,51 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def register(plugin: ModuleType | object, name: str | None = None) -> None:
-    """Register a backend plugin object directly (tests, notebooks); entry points do this for
-    installed packages."""
+    """Register a plugin (anything with a ``plait_register_backends`` hookimpl) directly, for
+    tests and notebooks; entry points do this for installed packages."""
     pm = plugin_manager()
     if not pm.is_registered(plugin):
         pm.register(plugin, name=name)
+    _forget()
+
+
+def unregister(plugin: ModuleType | object) -> None:
+    plugin_manager().unregister(plugin)
+    _forget()
+
+
+def _forget() -> None:
+    backend_classes.cache_clear()
     available_backends.cache_clear()
+
+
+@functools.lru_cache(maxsize=1)
+def backend_classes() -> dict[str, type[Backend]]:
+    """Every registered Backend class, keyed by device name. Two classes claiming one name is
+    a ``ValueError`` naming both (which one wins would otherwise depend on install order)."""
+    classes: dict[str, type[Backend]] = {}
+
+    def add(cls: type[Backend]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise ValueError(f"register() takes a plait Backend subclass, got {cls!r}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"backend class {cls.__qualname__} must set a non-empty `name`")
+        other = classes.get(name)
+        if other is not None and other is not cls:
+            raise ValueError(f"backend name {name!r} is registered twice: by "
+                             f"{other.__module__}.{other.__qualname__} and "
+                             f"{cls.__module__}.{cls.__qualname__}")
+        classes[name] = cls
+
+    plugin_manager().hook.plait_register_backends(register=add)
+    return classes
 
 
 @functools.lru_cache(maxsize=1)
 def available_backends() -> dict[str, BackendInfo]:
     """Every registered backend's self-description, keyed by device name."""
-    infos: dict[str, BackendInfo] = {}
-    for info in plugin_manager().hook.plait_backend_info():
-        infos[info.name] = info
-    return infos
+    return {name: cls.info() for name, cls in backend_classes().items()}
 
 
 def resolve_device(device: str) -> str:
@@ -60,17 +91,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def get_backend(device: str) -> Backend:
+    """The backend object for ``device`` (a name or ``auto``): resolved once, instantiated
+    once. This is the only place a device's own code starts to run."""
+    return backend_classes()[resolve_device(device)]()
+
+
 def describe_backends() -> str:
     lines = ["Backends (priority order):"]
     for info in sorted(available_backends().values(), key=lambda i: -i.priority):
         state = "available" if info.available else f"unavailable ({info.reason})"
         lines.append(f"  {info.name:<8} {state}")
     return "\n".join(lines)
-
-
-def call(hook_name: str, device: str, **kwargs: Any) -> Any:
-    """Call a firstresult hook for ``device``; the backend answers only for its own name."""
-    result = getattr(plugin_manager().hook, hook_name)(device=device, **kwargs)
-    if result is None and hook_name != "plait_create_graph_runner":
-        raise ValueError(f"backend {device!r} does not implement {hook_name}")
-    return result

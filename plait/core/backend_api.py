@@ -1,18 +1,24 @@
 """What the core expects from a backend, as plain Python types.
 
-The core builds a :class:`~plait.core.forward_batch.ForwardBatch` and hands it, with q/k/v, to
-an :class:`AttentionBackend`; everything device-specific lives behind these classes.
+A device is one :class:`Backend` subclass: the registry calls ``info()`` on every registered
+class (cheap: no device library is imported), instantiates the one ``--device`` names, and the
+engine asks that object for its pieces. The core builds a
+:class:`~plait.core.forward_batch.ForwardBatch` and hands it, with q/k/v, to an
+:class:`AttentionBackend`; everything device-specific lives behind these classes.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
+    from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
+    from plait.core.model_runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,21 @@ class BackendInfo:
     priority: int
     available: bool
     reason: str = ""  # why not available (empty when available)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What :meth:`Backend.create_model_runner` needs to build the forward pass.
+
+    ``hf_config`` is the checkpoint's ``transformers`` config; ``context_len`` the longest
+    sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
+    """
+
+    model_dir: Path
+    hf_config: Any
+    dtype: torch.dtype
+    context_len: int
+    max_batch_size: int
 
 
 class KVPool:
@@ -92,3 +113,105 @@ class GraphRunner(ABC):
 
     @abstractmethod
     def replay(self, batch: "ForwardBatch", run: Callable[["ForwardBatch"], Any]) -> Any: ...
+
+
+class Backend:
+    """One device: its self-description, defaults and factories, chosen once by ``--device``.
+
+    Subclass it, set ``name`` (and usually ``priority``), implement
+    :meth:`create_attention_backend` and override whatever else differs from these defaults.
+    Register the class from a plugin's ``plait_register_backends(register)`` hook (see
+    ``plait/backends/hookspecs.py`` and ``docs/writing-a-backend.md``).
+
+    Invariants:
+    - ``info()`` and ``unavailable_reason()`` are classmethods called for *every* registered
+      backend; they must not import device libraries (triton, jax, torch_npu) unless that is
+      the only way to tell availability. Everything else runs only on the chosen backend.
+    - The registry instantiates the class with no arguments, after ``info()`` said available.
+    - The factories are called in this order: ``create_kv_pool``, ``create_allocator``,
+      ``create_model_runner`` (whose default calls ``create_attention_backend`` and
+      ``create_graph_runner``).
+    """
+
+    #: the ``--device`` value that selects this backend
+    name: ClassVar[str]
+    #: ``--device auto`` picks the available backend with the highest priority (cpu is 0)
+    priority: ClassVar[int] = 0
+    #: the engine's ``dtype`` when the user sets none ("float32", "float16" or "bfloat16")
+    default_dtype: ClassVar[str] = "float32"
+    #: the engine's ``page_size`` when the user sets none: one the attention kernel accepts
+    default_page_size: ClassVar[int] = 1
+    #: the ``torch.distributed`` backend for tensor parallelism ("gloo", "nccl", "hccl", ...)
+    distributed_backend: ClassVar[str] = "gloo"
+
+    # ----- detection (classmethods: called for every registered backend) -----
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run here (shown to the user), or None when it can.
+
+        Default: always available."""
+        return None
+
+    @classmethod
+    def info(cls) -> BackendInfo:
+        """The backend's self-description, built from ``name``, ``priority`` and
+        :meth:`unavailable_reason`."""
+        reason = cls.unavailable_reason()
+        return BackendInfo(cls.name, cls.priority, reason is None, reason or "")
+
+    # ----- the chosen backend -----
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where the model's torch tensors live. Default: the CPU."""
+        return torch.device("cpu")
+
+    def create_kv_pool(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype, page_size: int) -> KVPool:
+        """The paged K/V buffers (slot 0 reserved for padding). Default: a torch
+        :class:`KVPool` on :attr:`torch_device`."""
+        return KVPool(num_slots, num_layers, num_kv_heads, head_dim, dtype, self.torch_device,
+                      page_size)
+
+    def create_allocator(self, num_slots: int, page_size: int) -> "TokenSlotAllocator":
+        """The token-slot allocator over the pool's slots (page granularity when
+        ``page_size > 1``). Default: the core's free list on :attr:`torch_device`."""
+        from plait.core.memory import TokenSlotAllocator
+        return TokenSlotAllocator(num_slots, page_size, self.torch_device)
+
+    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
+                                 head_dim: int) -> "AttentionBackend":
+        """The attention implementation over ``kv_pool``. Every backend that keeps the
+        default :meth:`create_model_runner` must implement it."""
+        raise NotImplementedError(
+            f"backend {self.name!r} implements neither create_attention_backend nor "
+            "create_model_runner")
+
+    def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
+        """Decode capture (CUDA/HIP graphs, ``jax.jit`` buckets, ...). Default: None, decode
+        runs eagerly. :class:`plait.core.graph_runner.DecodeGraphRunner` does the padding and
+        bookkeeping for any capture API."""
+        return None
+
+    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
+                            req_pool: "ReqToTokenPool") -> "ModelRunner":
+        """The forward pass the scheduler drives: ``forward_extend(items)`` and
+        ``forward_decode(reqs, slots)`` returning logits (see
+        :class:`~plait.core.model_runner.ModelRunner`).
+
+        Default: Plait's torch model on :attr:`torch_device` with this backend's attention and
+        graph runner over the paged pool. A backend may return its own runner instead (a JAX
+        model, a vendor engine) as long as it reads and writes K/V through ``kv_pool`` at the
+        slots ``req_pool`` holds.
+        """
+        from plait.core.model_runner import ModelRunner
+        from plait.models.llama import head_dim_of
+        from plait.models.loader import load_model
+
+        hf, device = spec.hf_config, self.torch_device
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len)
+        attn = self.create_attention_backend(kv_pool, hf.num_attention_heads,
+                                             hf.num_key_value_heads, head_dim_of(hf))
+        graph = self.create_graph_runner(model, spec.max_batch_size)
+        return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

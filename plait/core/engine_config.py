@@ -1,9 +1,11 @@
 """Engine settings, SGLang's ServerArgs names where they exist; validated once."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
 
 
@@ -11,8 +13,8 @@ from plait.core.schedule_policy import POLICIES
 class EngineConfig:
     model_path: str | Path | None = None     # None: the default SmolLM2-135M-Instruct
     device: str = "cpu"                      # a backend name or "auto"
-    dtype: str = "float32"
-    page_size: int = 1
+    dtype: str | None = None                 # None: the backend's default_dtype
+    page_size: int | None = None             # None: the backend's default_page_size
     max_total_tokens: int | None = None      # KV pool size in tokens; else from the budget
     kv_cache_memory_gb: float = 1.0          # KV pool budget when max_total_tokens is unset
     chunked_prefill_size: int | None = None
@@ -23,6 +25,7 @@ class EngineConfig:
     max_running_requests: int = 64
     context_length: int | None = None
     random_seed: int | None = None
+    grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -32,16 +35,29 @@ class EngineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        positive("page_size")
+        positive("page_size", allow_none=True)
         positive("max_total_tokens", allow_none=True)
         positive("chunked_prefill_size", allow_none=True)
         positive("max_prefill_tokens")
         positive("max_running_requests")
         positive("context_length", allow_none=True)
-        if self.dtype not in ("float32", "float16", "bfloat16"):
+        if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.schedule_policy not in POLICIES:
             raise ValueError(f"schedule_policy must be one of {POLICIES}, got "
                              f"{self.schedule_policy!r}")
+        if not self.grammar_compile_timeout > 0:
+            raise ValueError(f"grammar_compile_timeout must be > 0, got "
+                             f"{self.grammar_compile_timeout!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+
+    def with_backend_defaults(self, backend: Backend) -> "EngineConfig":
+        """This config with the options the user left unset (None) taken from the chosen
+        backend; an explicit value always wins. Validated again, so a backend's bad default
+        is reported like a user's."""
+        filled = dataclasses.replace(
+            self, dtype=self.dtype if self.dtype is not None else backend.default_dtype,
+            page_size=self.page_size if self.page_size is not None else backend.default_page_size)
+        filled.validate()
+        return filled

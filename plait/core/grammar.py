@@ -4,7 +4,10 @@ Two halves with different threading rules:
 
 - ``GrammarCompiler`` (one per engine) turns a constraint into an immutable ``CompiledGrammar``.
   It is thread-safe and is meant to be called from the submitting thread (``Engine.generate``,
-  the HTTP handler), so a slow grammar never stalls the scheduler loop.
+  the HTTP handler), so a slow grammar never stalls the scheduler loop. Work per grammar is
+  bounded: the text's length (``SamplingParams``), regex repetition counts, and compile time
+  (compiles run on a small worker pool; a caller waits at most ``compile_timeout`` seconds and
+  gets a ``ValueError``; a compile that finishes later still fills the cache).
 - ``GrammarState`` (one per request) is the mutable matcher. It is NOT thread-safe: only the
   scheduler thread touches it, once per step (mask -> sample -> accept).
 
@@ -21,7 +24,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
@@ -33,6 +36,19 @@ GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "choices")
 
 # xgrammar errors read "[18:32:43] /project/cpp/regex_converter.cc:83: Regex parsing error ...".
 _XGR_ERROR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: .*? is false: )?")
+
+# A bounded repetition is unrolled: a{3000001} forces a 3 MB string that the jump-forward step
+# would rebuild every decode step. No output can be that long anyway (context length).
+MAX_REGEX_REPEAT = 10_000
+_REPEAT = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+
+
+def check_regex_repeats(regex: str) -> None:
+    """``ValueError`` naming ``regex`` if a ``{m}`` / ``{m,n}`` count exceeds the bound."""
+    for m in _REPEAT.finditer(regex):
+        count = max(int(x) for x in m.groups() if x)
+        if count > MAX_REGEX_REPEAT:
+            raise ValueError(f"regex repetition count {count} exceeds {MAX_REGEX_REPEAT}")
 
 
 def _xgr_message(err: Exception) -> str:
@@ -62,11 +78,15 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer, vocab_size: int, *, max_cache_entries: int = 256,
-                 json_any_whitespace: bool = False, max_threads: int = 8) -> None:
+                 json_any_whitespace: bool = False, max_threads: int = 8,
+                 compile_timeout: float = 10.0) -> None:
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if max_cache_entries < 1:
             raise ValueError(f"max_cache_entries must be >= 1, got {max_cache_entries!r}")
+        if not compile_timeout > 0:
+            raise ValueError(f"compile_timeout must be > 0, got {compile_timeout!r}")
+        self.compile_timeout = compile_timeout
         self.vocab_size = vocab_size
         self.max_cache_entries = max_cache_entries
         self.json_any_whitespace = json_any_whitespace
@@ -78,14 +98,19 @@ class GrammarCompiler:
                                         cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a done-callback may run inside it
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="plait-grammar")
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
-        """Compile (or fetch from cache). ``ValueError`` names the problem for bad input."""
+        """Compile (or fetch from cache). ``ValueError`` names the problem for bad input, or
+        says the grammar did not compile within ``compile_timeout``. Callers asking for the
+        same key at once share one compilation."""
         if kind not in GRAMMAR_KINDS:
             raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {kind!r}")
         if not isinstance(spec, str):
             raise ValueError(f"{kind} must be a string, got {type(spec).__name__}")
+        if kind == "regex":
+            check_regex_repeats(spec)
         key = (kind, spec)
         with self._lock:
             compiled = self._cache.get(key)
@@ -93,25 +118,24 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return compiled
             future = self._inflight.get(key)
-            owner = future is None
-            if owner:
-                future = self._inflight[key] = Future()
-        if not owner:
-            return future.result()  # re-raises the owner's ValueError
+            if future is None:
+                future = self._inflight[key] = self._pool.submit(self._compile_uncached,
+                                                                 kind, spec)
+                future.add_done_callback(lambda f: self._store(key, f))
         try:
-            compiled = self._compile_uncached(kind, spec)
-        except BaseException as err:
-            with self._lock:
-                del self._inflight[key]
-            future.set_exception(err)
-            raise
+            return future.result(timeout=self.compile_timeout)  # re-raises its ValueError
+        except TimeoutError:
+            raise ValueError(f"{kind} did not compile within {self.compile_timeout:g}s; "
+                             "simplify the constraint") from None
+
+    def _store(self, key: tuple[str, str], future: Future) -> None:
         with self._lock:
-            del self._inflight[key]
-            self._cache[key] = compiled
+            self._inflight.pop(key, None)
+            if future.exception() is not None:
+                return
+            self._cache[key] = future.result()
             while len(self._cache) > self.max_cache_entries:
                 self._cache.popitem(last=False)
-        future.set_result(compiled)
-        return compiled
 
     def compile_params(self, sp: SamplingParams) -> CompiledGrammar | None:
         """The grammar for ``sp.regex`` / ``sp.json_schema`` / ``sp.ebnf``; None if unconstrained

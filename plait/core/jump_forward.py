@@ -52,6 +52,7 @@ from plait.core.grammar import GrammarState
 
 CONTEXT_TOKENS = 4       # output tokens decoded to give the pre-tokenizer its left context
 MAX_JUMP_TOKENS = 256    # a recursive grammar can force text forever
+MAX_JUMP_CHARS = 4096    # pre-tokenizing a longer forced string would only stall the step
 
 
 def jump_forward_tokens(state: GrammarState, tokenizer, output_ids: list[int]) -> list[int]:
@@ -63,7 +64,8 @@ def jump_forward_tokens(state: GrammarState, tokenizer, output_ids: list[int]) -
     tail = list(output_ids[-CONTEXT_TOKENS:])
     accepted: list[int] = []
     while len(accepted) < MAX_JUMP_TOKENS:
-        forced = state.jump_forward_string()
+        # Cut, the last piece is dropped by _stable_tokens like any possibly-unfinished piece.
+        forced = state.jump_forward_string()[:MAX_JUMP_CHARS]
         if not forced:
             break
         before = len(accepted)

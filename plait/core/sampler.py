@@ -3,6 +3,11 @@
 Greedy rows take an argmax of the raw logits (bit-for-bit what transformers' greedy search
 does); penalties, grammar masks, temperature and the top-k/top-p/min-p filters apply only to
 the rows that ask for them.
+
+Isolation: rows are independent. A row whose distribution is invalid (NaN, no finite logit,
+probabilities that do not sum to a positive finite number) gets ``None`` instead of a token;
+the caller fails that request alone and its neighbours' tokens are exactly what they would
+have been without it.
 """
 from __future__ import annotations
 
@@ -57,8 +62,25 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return probs / probs.sum()
 
 
-def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int]:
-    """One token per row of ``logits`` ([B, V], float32, modified in place)."""
+def _valid_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row: at least one token is possible, nothing is NaN or +inf (which swamps softmax)."""
+    possible = (logits > float("-inf")).any(dim=-1)
+    poisoned = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
+    return (possible & ~poisoned).tolist()
+
+
+def _sample_row(logits: torch.Tensor, req: Req) -> int | None:
+    sp = req.sampling
+    probs = filter_probs(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+    total = float(probs.sum())
+    if not (total > 0 and torch.isfinite(probs).all() and bool((probs >= 0).all())):
+        return None
+    return int(torch.multinomial(probs, 1, generator=req.generator))
+
+
+def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int | None]:
+    """One token per row of ``logits`` ([B, V], float32, modified in place); ``None`` for a
+    row whose distribution is invalid (see the module docstring)."""
     needs_processing = any(r.sampling.frequency_penalty or r.sampling.presence_penalty
                            or r.sampling.repetition_penalty != 1.0
                            or len(r.output_ids) < r.sampling.min_new_tokens
@@ -70,14 +92,19 @@ def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int
             from plait.core.grammar import apply_grammar_masks
             apply_grammar_masks(logits, [r.grammar for r in reqs])
     greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
+    ok = _valid_rows(logits)
+    tokens: list[int | None] = []
     for i, req in enumerate(reqs):
-        sp = req.sampling
-        if sp.is_greedy:
+        if not ok[i]:
+            tokens.append(None)
+            continue
+        if req.sampling.is_greedy:
             tokens.append(greedy[i])
             continue
-        probs = filter_probs(logits[i], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
-        tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
+        try:
+            tokens.append(_sample_row(logits[i], req))
+        except RuntimeError:  # torch refused this row's distribution: it alone fails
+            tokens.append(None)
     return tokens
 
 

@@ -1,11 +1,22 @@
 """Sampling parameters: SGLang's names, validated up front so bad input never reaches the
-scheduler. Every error is a ``ValueError`` that names the parameter."""
+scheduler. Every error is a ``ValueError`` that names the parameter.
+
+Invariant after ``normalize()``: every number is finite and in a range whose arithmetic cannot
+overflow float32 in the sampler (so one request's values can never produce inf/NaN for its
+batch); a temperature below ``GREEDY_TEMPERATURE`` is exactly 0 (greedy), as in SGLang.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 _UNSET = object()
+
+GREEDY_TEMPERATURE = 1e-5        # below this, sampling is argmax (SGLang's _SAMPLING_EPS)
+MIN_REPETITION_PENALTY = 1e-2    # logits are divided by it: 1e-45 turns them into inf
+MAX_SEED = 2**63 - 1             # torch.Generator.manual_seed's range (seed + i for n > 1)
+MAX_GRAMMAR_CHARS = 64 * 1024    # regex / json_schema / ebnf text; compile time grows with it
 
 
 @dataclass
@@ -60,17 +71,19 @@ class SamplingParams:
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
         self.validate()
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     def validate(self, vocab_size: int | None = None) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} {msg}, got {repr(getattr(self, name))[:80]}")
 
         def is_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        def is_num(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        def is_num(x: Any) -> bool:  # finite: inf and NaN are never a sampling setting
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
               "must be an integer >= 0")
@@ -78,7 +91,8 @@ class SamplingParams:
               "must be an integer >= 0")
         check(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
               "must be <= max_new_tokens")
-        check(is_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature",
+              "must be a finite number >= 0")
         check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0), "top_k",
               "must be -1 (disabled) or a non-negative integer")
@@ -87,10 +101,13 @@ class SamplingParams:
               "frequency_penalty", "must be in [-2, 2]")
         check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
               "presence_penalty", "must be in [-2, 2]")
-        check(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
-              "repetition_penalty", "must be in (0, 2]")
+        check(is_num(self.repetition_penalty)
+              and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
+              "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, 2]")
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
-        check(self.seed is None or is_int(self.seed), "seed", "must be an integer or null")
+        check(self.seed is None or (is_int(self.seed) and is_int(self.n)
+                                    and 0 <= self.seed <= MAX_SEED - self.n + 1),
+              "seed", "must be an integer in [0, 2**63 - n] or null")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
               "stop", "must be a non-empty string or a list of them")
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0
@@ -104,6 +121,29 @@ class SamplingParams:
             raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {constraints}")
         for c in constraints:
             check(isinstance(getattr(self, c), str), c, "must be a string")
+            check(len(getattr(self, c)) <= MAX_GRAMMAR_CHARS, c,
+                  f"must be at most {MAX_GRAMMAR_CHARS} characters")
+
+    def check_grammar_syntax(self) -> None:
+        """Cheap syntax checks of ``regex`` (Python's ``re``) and ``json_schema`` (JSON, an
+        object), for callers that hold no grammar compiler: the HTTP process and the frontend
+        refuse a malformed constraint at once. The engine's compiler (``grammar.py``) does the
+        full check, with its own messages, when it compiles."""
+        import json
+        import re
+
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"regex is not a valid regular expression: {e}") from None
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("json_schema must be a JSON object")
 
     @property
     def is_greedy(self) -> bool:

@@ -4,42 +4,38 @@ output messages to one asyncio queue per request.
 A request's stream ends in exactly one of: a finished output, an error (raised as
 ``APIError``), or the consumer going away -- in which case the request is aborted so its KV
 slots are freed (a client that disconnects must not keep a batch slot busy).
+
+Admission (``admit``): sequences beyond ``max_running_requests + max_queued_requests`` get 429,
+and none at all once draining (503). Failure: if the scheduler process dies, every waiting
+request gets 503 and ``on_fatal`` (set by the launcher) stops the server with a non-zero exit.
+The IPC directory is named ``plait-ipc-<pid>-*`` so a later start can remove the ones whose
+owner was killed (kill -9 runs no code; the scheduler process also removes it when orphaned).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import zmq
 import zmq.asyncio
 
+from plait.core.messages import (AbortReq, FlushCacheReq, GenerateReq, GetInfoReq,
+                                 RequestLimits, ShutdownReq)
 from plait.server.metrics import ServerMetrics
-from plait.server.protocol import APIError
+from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
 
 logger = logging.getLogger("plait.server")
-
-
-@dataclass
-class EngineRequest:
-    """One sequence to generate (n > 1 has already been expanded into several)."""
-    input_ids: list[int]
-    sampling_params: dict[str, Any]
-    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
-    stream: bool = False
 
 
 class EngineClient:
@@ -50,12 +46,17 @@ class EngineClient:
         self.tokenizer: Any = None
         self.context_length: int | None = None
         self.vocab_size: int | None = None
+        self.max_token_chars = 1
         self.started_at = time.time()
         self.proc: subprocess.Popen | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._replies: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count()
-        self._ipc_dir = tempfile.mkdtemp(prefix="plait-ipc-")
+        remove_stale_ipc_dirs()
+        self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+        self._admitted = 0          # sequences of admitted HTTP requests not yet finished
+        self.draining = False
+        self.on_fatal: Callable[[], None] | None = None
         self._ctx = zmq.asyncio.Context()
         self._recv: zmq.asyncio.Socket | None = None
         self._send: zmq.Socket | None = None
@@ -75,6 +76,7 @@ class EngineClient:
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(out_addr)
         config = {"in_addr": in_addr, "out_addr": out_addr, "parent_pid": os.getpid(),
+                  "ipc_dir": self._ipc_dir,
                   "model_path": self.model_path, "log_level": self.args.log_level,
                   "engine_kwargs": self.args.engine_kwargs(self.model_path),
                   "engine_factory": self.args.engine_factory}
@@ -92,6 +94,8 @@ class EngineClient:
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # Longest token text (byte-level tokens spell each byte as one char: an upper bound).
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
 
     async def _wait_ready(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.args.startup_timeout
@@ -118,7 +122,7 @@ class EngineClient:
             self._queues[rid].put_nowait(("error", 503, "the server is shutting down"))
         if self.proc is not None and self.proc.poll() is None:
             if self._send is not None:
-                self._post({"op": "shutdown"})
+                self._post(ShutdownReq())
             try:
                 await asyncio.to_thread(self.proc.wait, timeout)
             except subprocess.TimeoutExpired:
@@ -131,26 +135,56 @@ class EngineClient:
         for sock in (self._send, self._recv):
             if sock is not None:
                 sock.close(linger=0)
-        for name in ("in", "out"):
-            try:
-                os.unlink(os.path.join(self._ipc_dir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(self._ipc_dir)
-        except OSError:
-            pass
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     async def _watch_process(self) -> None:
         """If the scheduler process dies, fail every waiting request instead of hanging."""
         while self.proc.poll() is None:
             await asyncio.sleep(0.5)
-        logger.error("the scheduler process exited with %s", self.proc.returncode)
+        logger.error("the scheduler process exited with %s; stopping the server",
+                     self.proc.returncode)
+        self.draining = True
         for q in self._queues.values():
             q.put_nowait(("error", 503, "the scheduler process exited"))
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(APIError("the scheduler process exited", status=503))
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    # ------------------------------------------------------------------ admission and drain
+    @contextlib.contextmanager
+    def admit(self, count: int) -> Iterator[None]:
+        """Hold ``count`` sequences' places for one HTTP request: 503 while draining, 429 with
+        Retry-After when the running batch and the queue are full. A request's count never
+        exceeds the limit: the core refused it (``limits.max_sequences``, a 400) before."""
+        if self.draining:
+            raise APIError("the server is shutting down", status=503)
+        limit = self._admission_limit
+        if self._admitted + count > limit:
+            raise APIError(f"too many requests in flight ({self._admitted} sequences; the "
+                           f"limit is {limit}); retry later", status=429,
+                           headers={"Retry-After": "1"})
+        self._admitted += count
+        try:
+            yield
+        finally:
+            self._admitted -= count
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let running requests finish for up to ``timeout`` seconds, then end
+        the rest with a 503 error (streams: an error event, then [DONE])."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._queues:
+            logger.warning("shutdown timeout: ending %d running request(s)", len(self._queues))
+        for q in list(self._queues.values()):
+            q.put_nowait(("error", 503, "the server is shutting down"))
+        flush_deadline = time.monotonic() + 5  # let those errors reach their clients
+        while self._admitted and time.monotonic() < flush_deadline:
+            await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ messages
     async def _recv_loop(self) -> None:
@@ -176,7 +210,7 @@ class EngineClient:
         if not self.is_alive():
             raise APIError("the scheduler process is not running", status=503)
 
-    def _post(self, msg: dict[str, Any]) -> bool:
+    def _post(self, msg: Any) -> bool:
         """Send without blocking: a PUSH socket whose peer is gone would block forever, and
         this runs on the event loop. False means the scheduler process is unreachable."""
         try:
@@ -185,12 +219,13 @@ class EngineClient:
         except zmq.ZMQError:
             return False
 
-    async def _call(self, op: str, timeout: float = 60.0) -> Any:
+    async def _call(self, message: type[FlushCacheReq] | type[GetInfoReq],
+                    timeout: float = 60.0) -> Any:
         self._require_alive()
         req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
         self._replies[req_id] = fut
-        if not self._post({"op": op, "req_id": req_id}):
+        if not self._post(message(req_id=req_id)):
             raise APIError("the scheduler process is not reachable", status=503)
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -198,21 +233,34 @@ class EngineClient:
             self._replies.pop(req_id, None)
 
     async def flush_cache(self) -> Any:
-        return await self._call("flush_cache")
+        return await self._call(FlushCacheReq)
 
     async def server_info(self) -> dict[str, Any]:
-        return await self._call("server_info", timeout=10.0)
+        return await self._call(GetInfoReq, timeout=10.0)
 
     def abort(self, rid: str) -> None:
         if self._send is not None and self.is_alive():
-            self._post({"op": "abort", "rid": rid})
+            self._post(AbortReq(rid))
 
     def running_rids(self) -> list[str]:
         return list(self._queues)
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        """Yield the request's cumulative outputs; the last one is finished. Leaving the loop
-        early (client gone, task cancelled) aborts the request in the engine."""
+    @property
+    def _admission_limit(self) -> int:
+        return self.args.max_running_requests + self.args.max_queued_requests
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What the engine accepts, plus the server's bounds on one request's work
+        (docs/reliability.md), for checking requests here before they are sent."""
+        return RequestLimits(self.context_length, self.vocab_size,
+                             max_top_logprobs=MAX_TOP_LOGPROBS,
+                             max_sequences=min(MAX_SEQUENCES, self._admission_limit))
+
+    async def generate(self, req: GenerateReq) -> AsyncIterator[dict[str, Any]]:
+        """Yield the request's cumulative outputs; the last one is finished. ``req`` is one
+        sample (``n == 1``) with its rid. Leaving the loop early (client gone, task
+        cancelled) aborts the request in the engine."""
         self._require_alive()
         if req.rid in self._queues:
             raise APIError(f"rid {req.rid!r} is already running", param="rid")
@@ -221,26 +269,65 @@ class EngineClient:
         self.metrics.start(req.rid)
         finished = False
         try:
-            sent = self._post({"op": "generate", "rid": req.rid, "input_ids": req.input_ids,
-                               "sampling_params": req.sampling_params,
-                               "return_logprob": req.return_logprob,
-                               "logprob_start_len": req.logprob_start_len,
-                               "top_logprobs_num": req.top_logprobs_num,
-                               "stream": req.stream})
-            if not sent:
+            if not self._post(req):
                 finished = True
                 raise APIError("the scheduler process is not reachable", status=503)
+            timeout = self.args.request_timeout
+            deadline = None if timeout is None else time.monotonic() + timeout
             while not finished:
-                item = await q.get()
+                try:
+                    item = await asyncio.wait_for(
+                        q.get(), None if deadline is None else max(deadline - time.monotonic(),
+                                                                   0))
+                except asyncio.TimeoutError:
+                    raise APIError(f"the request took longer than the server's request "
+                                   f"timeout ({timeout:g}s) and was aborted",
+                                   status=504) from None
                 if item[0] == "error":
                     finished = True
                     _, status, message = item
+                    self.metrics.finish(req.rid, "error")
                     raise APIError(message, status=status)
                 _, out, finished = item
                 if req.stream or finished:
                     yield out
         finally:
             self._queues.pop(req.rid, None)
-            self.metrics.forget(req.rid)
-            if not finished:
+            if not finished:  # client gone, timeout or shutdown: free its KV, count the abort
+                self.metrics.finish(req.rid, "abort")
                 self.abort(req.rid)
+
+
+IPC_PREFIX = "plait-ipc-"
+
+
+def remove_stale_ipc_dirs() -> list[str]:
+    """Remove ``plait-ipc-<pid>-*`` directories in the temp dir whose owner pid is dead (a
+    kill -9'd server runs no cleanup). Returns the removed paths."""
+    removed = []
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith(IPC_PREFIX):
+            continue
+        pid_text = name[len(IPC_PREFIX):].split("-", 1)[0]
+        path = os.path.join(tmp, name)
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
+import re
 import signal
 from typing import Any
 
@@ -20,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
-from plait.server.engine_client import EngineClient, EngineRequest
+from plait.core.messages import GenerateReq
+from plait.server.engine_client import EngineClient
 from plait.server.protocol import AbortRequest, APIError, error_body
 from plait.server.server_args import ServerArgs
 from plait.server.submit import ClientDisconnected, collect
@@ -37,13 +40,16 @@ class APIKeyMiddleware:
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS \
                 and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.strip().partition(b" ")
+            # The auth scheme is case-insensitive (RFC 9110 11.1): "bearer KEY" is fine.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(),
+                                                                      self.expected):
                 response = JSONResponse(error_body("invalid or missing API key", 401),
                                         status_code=401,
                                         headers={"WWW-Authenticate": "Bearer"})
@@ -69,10 +75,102 @@ class JSONBodyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodyGuardMiddleware:
+    """Bounded, encodable request bodies, before any route parses them: a body over
+    ``max_bytes`` is a 413 (Content-Length is checked first, then the bytes as they arrive),
+    and a JSON string holding a lone UTF-16 surrogate (``"\\ud800"``, which no tokenizer or
+    response encoder accepts) is a 400 naming the field."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, self._too_large())
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, self._too_large())
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        bad = find_lone_surrogate(body)
+        if bad is not None:
+            await self._refuse(scope, receive, send, APIError(
+                f"{bad or 'body'} holds a lone UTF-16 surrogate, which is not valid text",
+                param=bad or None))
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(f"the request body exceeds {self.max_bytes} bytes "
+                        "(--max-request-body-bytes)", status=413)
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any, e: APIError) -> None:
+        await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def find_lone_surrogate(body: bytes) -> str | None:
+    """The dotted path of the first string in a JSON ``body`` that holds a lone surrogate ("" for
+    the top level), or None. Cheap for ordinary bodies: it parses only when an escape of the
+    surrogate range appears at all."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route reports that
+
+    def walk(value: Any, path: str) -> str | None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                found = walk(k, path) if isinstance(k, str) else None
+                found = found if found is not None else walk(v, f"{path}.{k}" if path else k)
+                if found is not None:
+                    return found
+        elif isinstance(value, list):
+            for v in value:
+                found = walk(v, path)
+                if found is not None:
+                    return found
+        return None
+
+    return walk(doc, "")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -117,6 +215,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     app.state.args = args
     _install_error_handlers(app)
     app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(BodyGuardMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
     app.include_router(generate_api.router)
@@ -131,7 +230,8 @@ def _admin_routes():
 
     @router.get("/health")
     async def health(request: Request) -> Response:
-        ok = request.app.state.client.is_alive()
+        client: EngineClient = request.app.state.client
+        ok = client.is_alive() and not client.draining  # draining: take me out of rotation
         return Response(status_code=200 if ok else 503)
 
     @router.get("/health_generate")
@@ -140,8 +240,8 @@ def _admin_routes():
         client: EngineClient = request.app.state.client
         if not client.is_alive():
             return Response(status_code=503)
-        probe = EngineRequest(input_ids=[client.tokenizer.eos_token_id or 0],
-                              sampling_params={"max_new_tokens": 1, "temperature": 0})
+        probe = GenerateReq(input_ids=[client.tokenizer.eos_token_id or 0],
+                            sampling_params={"max_new_tokens": 1, "temperature": 0}).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
         except (APIError, asyncio.TimeoutError):
@@ -209,8 +309,55 @@ def _admin_routes():
     return router
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains (``EngineClient.drain``) before uvicorn's
+    own shutdown starts, so every client gets a complete response or a JSON error / an error
+    event and ``[DONE]``; a second signal exits at once. ``fail()`` stops the server with a
+    non-zero exit (the scheduler process died)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float):
+        super().__init__(config)
+        self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.failed = False
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)  # runs the lifespan, which creates the client
+        client = getattr(self.app.state, "client", None)
+        if client is not None:
+            client.on_fatal = self.fail
+
+    def fail(self) -> None:
+        self.failed = True
+        self.should_exit = True
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        client = getattr(self.app.state, "client", None)
+        if self._draining or client is None or self._loop is None:
+            self.force_exit = self._draining
+            self.should_exit = True
+            return
+        self._draining = True
+        logger.info("draining: up to %.0fs for running requests", self.shutdown_timeout)
+
+        def start() -> None:
+            self._drain_task = self._loop.create_task(self._drain(client))
+        self._loop.call_soon_threadsafe(start)
+
+    async def _drain(self, client: EngineClient) -> None:
+        try:
+            await client.drain(self.shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+
 def run_server(args: ServerArgs) -> int:
-    """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown."""
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown (running requests drained),
+    1 if the scheduler process died or the server never started."""
     logging.basicConfig(level=args.log_level.upper(),
                         format="[http] %(asctime)s %(levelname)s %(message)s")
     try:
@@ -222,7 +369,7 @@ def run_server(args: ServerArgs) -> int:
     app = create_app(args, model_path)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, app, args.shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns
     # that into a normal return, so a graceful SIGTERM exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -230,4 +377,4 @@ def run_server(args: ServerArgs) -> int:
         server.run()
     except KeyboardInterrupt:
         pass
-    return 0 if server.started else 1
+    return 0 if server.started and not server.failed else 1

@@ -88,8 +88,13 @@ class ServerMetrics:
     def start(self, rid: str) -> None:
         self._tracks[rid] = _Track(start=time.monotonic())
 
-    def forget(self, rid: str) -> None:
-        self._tracks.pop(rid, None)
+    def finish(self, rid: str, reason: str) -> None:
+        """A request that ended without a finished output (client gone, timeout, error):
+        counted under ``finish_reason=reason``; a no-op if its finish was already counted."""
+        track = self._tracks.pop(rid, None)
+        if track is not None:
+            self.e2e.observe(time.monotonic() - track.start)
+            self.requests.labels(reason).inc()
 
     def render(self, server_info: dict[str, Any] | None, inflight: int) -> tuple[bytes, str]:
         info = server_info or {}

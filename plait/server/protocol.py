@@ -16,20 +16,22 @@ class APIError(Exception):
     """An error that reaches the client as ``{"error": {...}}`` with ``status``."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.type = type or _ERROR_TYPES.get(status, "invalid_request_error")
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.status, self.param, self.type)
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 500: "internal_server_error",
-                503: "service_unavailable"}
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                500: "internal_server_error", 503: "service_unavailable",
+                504: "timeout_error"}
 
 
 def error_body(message: str, status: int, param: str | None = None,
@@ -47,19 +49,21 @@ def param_of(err: ValueError) -> str | None:
 
 class _Strict(BaseModel):
     # An unknown field is a 400, never silently dropped: a typo should not change sampling.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: "8" is not a max_tokens and true is not a token id.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # --------------------------------------------------------------------------- SGLang-native
 MAX_N = 128  # samples per prompt; more is a denial of service, not a use case
 MAX_TOP_LOGPROBS = 20
+MAX_SEQUENCES = 256  # prompts x n in one request
 
 
 class GenerateSamplingParams(BaseModel):
     """``sampling_params`` of ``/generate``: ``SamplingParams``' fields, typed for the schema.
     Extra keys pass through to ``SamplingParams.from_dict`` (which rejects unknown ones that
     carry a value), because SGLang clients send fields Plait does not have, as null or []."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     max_new_tokens: int | None = Field(default=None, ge=0)
     min_new_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
@@ -105,7 +109,7 @@ class GatewayFields(BaseModel):
 
 class GenerateRequest(GatewayFields, _Strict):
     """``POST /generate``: SGLang's GenerateReqInput, the fields Plait implements."""
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
     text: Union[str, list[str], None] = None
     input_ids: Union[list[int], list[list[int]], None] = None

@@ -12,14 +12,14 @@ from typing import Any
 class ServerArgs:
     model_path: str = "default"
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the backend's default (float32 on CPU, bf16 on NPU)
     host: str = "127.0.0.1"
     port: int = 30000
     tp: int = 1
     chunked_prefill_size: int | None = None
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
-    page_size: int = 1
+    page_size: int | None = None  # None: the backend's default
     max_running_requests: int = 64
     mem_fraction: float | None = None
     max_total_tokens: int | None = None
@@ -30,12 +30,18 @@ class ServerArgs:
     served_model_name: str | None = None
     log_level: str = "info"
     startup_timeout: float = 600.0
+    grammar_compile_timeout: float | None = None  # engine default (10 s)
+    # Reliability limits (docs/reliability.md): one client can neither exhaust the server nor
+    # keep it from shutting down.
+    max_request_body_bytes: int = 4 * 2**20       # larger bodies get 413 before parsing
+    max_queued_requests: int = 256                # beyond running + this: 429 + Retry-After
+    request_timeout: float | None = None          # seconds per request, then abort (KV freed)
+    shutdown_timeout: float = 30.0                # SIGTERM: wait this long for running requests
     # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
     dp: int = 1
     router_policy: str = "cache_aware"
     router_extra_args: str | None = None
     router_prometheus_port: int | None = None
-    shutdown_timeout: float = 30.0
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -65,7 +71,8 @@ class ServerArgs:
                       disable_radix_cache=self.disable_radix_cache,
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
-                      context_length=self.context_length, random_seed=self.random_seed)
+                      context_length=self.context_length, random_seed=self.random_seed,
+                      grammar_compile_timeout=self.grammar_compile_timeout)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to_argv(self) -> list[str]:
@@ -92,12 +99,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=d.model_path,
                    help="model directory, or 'default' for SmolLM2-135M-Instruct")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
-    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
+                   help="model and KV dtype (default: the device backend's)")
     p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--page-size", type=int, default=d.page_size,
+                   help="KV page size in tokens (default: the device backend's)")
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--mem-fraction", type=float, default=None,
@@ -121,8 +130,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=d.log_level,
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout)
+    p.add_argument("--grammar-compile-timeout", type=float, default=None,
+                   help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)")
+    p.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
+                   help="larger request bodies are refused with 413")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="sequences allowed to wait beyond --max-running-requests; more get 429")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="abort a request (freeing its KV) after this many seconds")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
-                   help="seconds to wait for processes to stop on SIGTERM before killing them")
+                   help="on SIGTERM, let running requests finish for up to this many seconds")
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
     dp.add_argument("--dp", type=int, default=d.dp,

@@ -7,8 +7,10 @@
         device = "mydevice"           # a name registered in the plait.backends entry points
 
 Every test skips (with the registry's reason) where the device is unavailable. Override
-:meth:`BackendConformance.kit_backend` to certify kernels without registering a device (for
-example Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``).
+:meth:`BackendConformance.make_backend` to certify a :class:`~plait.core.backend_api.Backend`
+that is not registered (for example a subclass running Triton kernels on CPU tensors under
+``TRITON_INTERPRET=1``): the greedy-parity test registers its class for the run. Such a class
+should have a negative ``priority`` so ``--device auto`` never picks it.
 
 The attention grid is ``quick`` unless ``grid`` is set on the class, ``--plait-kit-grid full``
 is given (with ``-p plait.testing.plugin``) or ``PLAIT_KIT_GRID=full`` is in the environment.
@@ -20,6 +22,7 @@ import os
 import pytest
 import torch
 
+from plait.core.backend_api import Backend
 from plait.testing import e2e, kit
 from plait.testing.cases import decode_cases, extend_cases
 from plait.testing.register import temporarily_registered
@@ -54,18 +57,22 @@ class BackendConformance:
     graph_steps: int = 3
     graph_page_sizes: tuple[int, ...] = (1, 16)
 
-    def kit_backend(self) -> kit.KitBackend:
+    #: (atol, rtol) per dtype for the attention checks (None: kit.TOLERANCES)
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None
+
+    def make_backend(self) -> Backend:
+        """The backend object under test: by default the registered ``device``."""
         if self.device is None:
             pytest.skip("no device named: set `device` on the class or pass --plait-device")
         try:
-            return kit.KitBackend.from_registry(self.device)
+            return kit.from_registry(self.device)
         except ValueError as e:
             pytest.skip(f"device {self.device!r} unavailable here: {e}")
 
     @pytest.fixture(scope="class")
     @classmethod
-    def kb(cls) -> kit.KitBackend:
-        return cls().kit_backend()
+    def backend(cls) -> Backend:
+        return cls().make_backend()
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         grid = _grid(metafunc.config, type(self))
@@ -80,28 +87,26 @@ class BackendConformance:
             if name in metafunc.fixturenames:
                 metafunc.parametrize(name, values, ids=[ids(v) for v in values])
 
-    def test_extend_matches_reference(self, kb, extend_case, dtype):
-        kit.check_extend(kb, extend_case, dtype)
+    def test_extend_matches_reference(self, backend, extend_case, dtype):
+        kit.check_extend(backend, extend_case, dtype, self.tolerances)
 
-    def test_decode_matches_reference(self, kb, decode_case, dtype):
-        kit.check_decode(kb, decode_case, dtype)
+    def test_decode_matches_reference(self, backend, decode_case, dtype):
+        kit.check_decode(backend, decode_case, dtype, self.tolerances)
 
-    def test_allocator_invariants(self, kb, page_size):
-        if kb.make_allocator is None:
-            pytest.skip(f"{kb.name} builds no allocator of its own")
-        kit.check_allocator(kb, page_size)
+    def test_allocator_invariants(self, backend, page_size):
+        kit.check_allocator(backend, page_size)
 
-    def test_graph_replay_matches_eager(self, kb, graph_page_size):
-        if not kit.check_graph_replay(kb, page_size=graph_page_size,
+    def test_graph_replay_matches_eager(self, backend, graph_page_size):
+        if not kit.check_graph_replay(backend, page_size=graph_page_size,
                                       max_batch_size=self.graph_max_batch_size,
                                       steps=self.graph_steps):
-            pytest.skip(f"{kb.name} runs decode eagerly (no graph runner)")
+            pytest.skip(f"{backend.name} runs decode eagerly (no graph runner)")
 
-    def test_greedy_parity_with_cpu(self, kb, tmp_path_factory):
+    def test_greedy_parity_with_cpu(self, backend, tmp_path_factory):
         if self.engine_kwargs is None:
             pytest.skip("greedy parity disabled for this class (engine_kwargs = None)")
         if not e2e.engine_available():
             pytest.skip("plait.Engine is not available yet")
         model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-        with temporarily_registered(kb) as name:
+        with temporarily_registered(type(backend)) as name:
             e2e.check_greedy_parity(name, model_dir, **self.engine_kwargs)

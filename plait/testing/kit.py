@@ -1,4 +1,10 @@
-"""The checks every backend must pass, as plain functions over a :class:`KitBackend`.
+"""The checks every backend must pass, as plain functions over a
+:class:`~plait.core.backend_api.Backend` object.
+
+The checks build everything through the backend's own factories (``create_kv_pool``,
+``create_attention_backend``, ``create_allocator``, ``create_graph_runner``) on its
+``torch_device``. To certify kernels on another device than the backend's own (Triton's
+interpreter on CPU tensors, say), subclass the backend and override what differs.
 
 Each ``check_*`` raises ``AssertionError`` with the worst mismatch on failure, so the kit works
 under pytest, unittest or a script. The reference is ``plait.backends.cpu.attention`` run in
@@ -6,13 +12,13 @@ fp32 on the same (dtype-rounded) data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from plait.backends.cpu.attention import decode_attention_ref, extend_attention_ref
-from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
+from plait.core.backend_api import AttentionBackend, Backend, KVPool
 from plait.core.forward_batch import ForwardBatch
 from plait.testing.cases import AttentionCase, layout
 
@@ -24,52 +30,11 @@ TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 1e-2),
               torch.bfloat16: (3e-2, 2e-2)}
 
 
-@dataclass
-class KitBackend:
-    """How to build a backend's pieces. :meth:`from_registry` fills it from the plugin hooks;
-    construct it by hand to certify kernels on another device (e.g. Triton's interpreter on CPU).
-
-    ``make_kv_pool(num_slots, num_layers, num_kv_heads, head_dim, dtype, page_size)``;
-    ``make_attention(pool, num_heads, num_kv_heads, head_dim)``;
-    ``make_allocator(num_slots, page_size)``; ``make_graph_runner(model, max_batch_size)``.
-    """
-
-    name: str
-    device: torch.device
-    make_kv_pool: Callable[..., KVPool]
-    make_attention: Callable[[KVPool, int, int, int], AttentionBackend]
-    make_allocator: Callable[[int, int], Any] | None = None
-    make_graph_runner: Callable[[Any, int], GraphRunner | None] | None = None
-    registered: bool = False  # True when ``name`` resolves through the registry
-    tolerances: dict[torch.dtype, tuple[float, float]] = field(
-        default_factory=lambda: dict(TOLERANCES))
-
-    @classmethod
-    def from_registry(cls, name: str, **overrides: Any) -> "KitBackend":
-        from plait.backends import registry
-
-        registry.resolve_device(name)  # ValueError listing the backends if unusable here
-
-        def hook(hook_name: str, **kw: Any) -> Any:
-            return registry.call(hook_name, name, **kw)
-
-        fields = dict(
-            name=name,
-            device=torch.device(hook("plait_torch_device")),
-            make_kv_pool=lambda n, layers, hkv, d, dtype, ps: hook(
-                "plait_create_kv_pool", num_slots=n, num_layers=layers, num_kv_heads=hkv,
-                head_dim=d, dtype=dtype, page_size=ps),
-            make_attention=lambda pool, hq, hkv, d: hook(
-                "plait_create_attention_backend", kv_pool=pool, num_heads=hq, num_kv_heads=hkv,
-                head_dim=d),
-            make_allocator=lambda n, ps: hook("plait_create_allocator", num_slots=n,
-                                              page_size=ps),
-            make_graph_runner=lambda model, bs: hook("plait_create_graph_runner", model=model,
-                                                     max_batch_size=bs),
-            registered=True,
-        )
-        fields.update(overrides)
-        return cls(**fields)
+def from_registry(name: str) -> Backend:
+    """The registered backend ``name``, instantiated as the engine would get it; a
+    ``ValueError`` listing every backend (and why) when it cannot run here."""
+    from plait.backends import registry
+    return registry.get_backend(name)
 
 
 # -- attention ----------------------------------------------------------------------------------
@@ -85,17 +50,17 @@ class _Prepared:
     req_to_token: torch.Tensor  # CPU copy
 
 
-def prepare(kb: KitBackend, case: AttentionCase, dtype: torch.dtype, decode: bool) -> _Prepared:
-    """Build the pool (filled with random K/V), the batch and q for ``case`` on ``kb``."""
+def prepare(backend: Backend, case: AttentionCase, dtype: torch.dtype, decode: bool) -> _Prepared:
+    """Build the pool (filled with random K/V), the batch and q for ``case`` on ``backend``."""
     lay = layout(case)
     gen = torch.Generator().manual_seed(case.seed)
-    pool = kb.make_kv_pool(lay.num_slots, NUM_LAYERS, case.num_kv_heads, case.head_dim, dtype,
+    pool = backend.create_kv_pool(lay.num_slots, NUM_LAYERS, case.num_kv_heads, case.head_dim, dtype,
                            case.page_size)
     size = lay.num_slots + case.page_size
     shape = (size, case.num_kv_heads, case.head_dim)
     k = torch.randn(shape, generator=gen).to(dtype)
     v = torch.randn(shape, generator=gen).to(dtype)
-    dev = kb.device
+    dev = backend.torch_device
     for layer in range(NUM_LAYERS):
         # Layer 0 holds different data: reading the wrong layer cannot pass by accident.
         kl, vl = (k, v) if layer == LAYER else (-v, k)
@@ -120,12 +85,12 @@ def prepare(kb: KitBackend, case: AttentionCase, dtype: torch.dtype, decode: boo
     return _Prepared(batch, pool, q.to(dev), k.float(), v.float(), q.float(), lay.req_to_token)
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kb: KitBackend,
-                  what: str) -> None:
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+                  tolerances: dict[torch.dtype, tuple[float, float]] | None, what: str) -> None:
     out = torch.as_tensor(out).detach().to("cpu", torch.float32)
     if out.shape != ref.shape:
         raise AssertionError(f"{what}: output shape {tuple(out.shape)} != {tuple(ref.shape)}")
-    atol, rtol = kb.tolerances[dtype]
+    atol, rtol = (tolerances or TOLERANCES)[dtype]
     bad = ~torch.isclose(out, ref, atol=atol, rtol=rtol)
     if bool(bad.any()):
         err = (out - ref).abs()
@@ -149,38 +114,41 @@ def _forward_new_tokens(attn: AttentionBackend, p: _Prepared, dtype: torch.dtype
     return attn.forward(p.q, k_new, v_new, LAYER, p.batch)
 
 
-def check_extend(kb: KitBackend, case: AttentionCase, dtype: torch.dtype) -> None:
-    p = prepare(kb, case, dtype, decode=False)
-    attn = kb.make_attention(p.pool, case.num_heads, case.num_kv_heads, case.head_dim)
+def check_extend(backend: Backend, case: AttentionCase, dtype: torch.dtype,
+                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None) -> None:
+    """``(atol, rtol)`` per dtype come from ``tolerances`` (default :data:`TOLERANCES`)."""
+    p = prepare(backend, case, dtype, decode=False)
+    attn = backend.create_attention_backend(p.pool, case.num_heads, case.num_kv_heads,
+                                            case.head_dim)
     attn.init_forward_metadata(p.batch)
     out = _forward_new_tokens(attn, p, dtype)
     ref = extend_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
                                p.batch.req_pool_indices.tolist(), list(case.prefix_lens),
                                list(case.extend_lens), attn.scale)
-    _assert_close(out, ref, dtype, kb, f"extend {case.id}")
+    _assert_close(out, ref, dtype, tolerances, f"extend {case.id}")
 
 
-def check_decode(kb: KitBackend, case: AttentionCase, dtype: torch.dtype) -> None:
-    p = prepare(kb, case, dtype, decode=True)
-    attn = kb.make_attention(p.pool, case.num_heads, case.num_kv_heads, case.head_dim)
+def check_decode(backend: Backend, case: AttentionCase, dtype: torch.dtype,
+                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None) -> None:
+    p = prepare(backend, case, dtype, decode=True)
+    attn = backend.create_attention_backend(p.pool, case.num_heads, case.num_kv_heads,
+                                            case.head_dim)
     attn.init_forward_metadata(p.batch)
     out = _forward_new_tokens(attn, p, dtype)
     ref = decode_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
                                p.batch.req_pool_indices.cpu(), torch.tensor(case.seq_lens),
                                attn.scale)
-    _assert_close(out, ref, dtype, kb, f"decode {case.id}")
+    _assert_close(out, ref, dtype, tolerances, f"decode {case.id}")
 
 
 # -- allocator ----------------------------------------------------------------------------------
 
-def check_allocator(kb: KitBackend, page_size: int, num_pages: int = 8) -> None:
+def check_allocator(backend: Backend, page_size: int, num_pages: int = 8) -> None:
     """Invariants of ``TokenSlotAllocator`` as the backend builds it: page 0 is never handed
     out, slots are unique and in range, token i sits at offset i % page_size, a failed alloc
     takes nothing, free gives everything back, and a double free raises ``ValueError``."""
-    if kb.make_allocator is None:
-        raise AssertionError(f"{kb.name}: no allocator factory")
     num_slots = num_pages * page_size
-    alloc = kb.make_allocator(num_slots, page_size)
+    alloc = backend.create_allocator(num_slots, page_size)
     assert alloc.available_size() == num_slots, "a fresh allocator must have every slot free"
 
     owned: list[torch.Tensor] = []
@@ -252,22 +220,20 @@ class ToyDecoder(torch.nn.Module):
         return attn.forward(q, k, v, LAYER, batch)
 
 
-def check_graph_replay(kb: KitBackend, dtype: torch.dtype = torch.float32, page_size: int = 16,
+def check_graph_replay(backend: Backend, dtype: torch.dtype = torch.float32, page_size: int = 16,
                        max_batch_size: int = 8, steps: int = 3) -> bool:
     """Replays of the backend's decode graphs equal eager runs, for batch sizes that need
     padding, across steps whose lengths grow; padded rows write only to the padding page.
     Returns False (nothing checked) when the backend runs decode eagerly."""
-    if kb.make_graph_runner is None:
-        return False
     hq, hkv, d = 4, 2, 64
-    model = ToyDecoder(hq, hkv, d).to_device(kb.device, dtype)
-    runner = kb.make_graph_runner(model, max_batch_size)
+    model = ToyDecoder(hq, hkv, d).to_device(backend.torch_device, dtype)
+    runner = backend.create_graph_runner(model, max_batch_size)
     if runner is None:
         return False
-    dev, num_reqs, max_ctx = kb.device, max_batch_size, 64
+    dev, num_reqs, max_ctx = backend.torch_device, max_batch_size, 64
     num_slots = num_reqs * max_ctx
-    pool = kb.make_kv_pool(num_slots, NUM_LAYERS, hkv, d, dtype, page_size)
-    attn = kb.make_attention(pool, hq, hkv, d)
+    pool = backend.create_kv_pool(num_slots, NUM_LAYERS, hkv, d, dtype, page_size)
+    attn = backend.create_attention_backend(pool, hq, hkv, d)
     # Request r (table row r + 1) owns the page-aligned stretch of slots starting at
     # page_size + r * max_ctx. Row 0 is the padding row. Prefill K/V are random.
     r2t = torch.zeros(num_reqs + 1, max_ctx, dtype=torch.int32)

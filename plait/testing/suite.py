@@ -12,7 +12,7 @@ from plait.testing.conformance import BackendConformance
 class TestSelectedDevice(BackendConformance):
     @pytest.fixture(scope="class")
     @classmethod
-    def kb(cls, request):
+    def backend(cls, request):
         suite = cls()
         suite.device = request.config.getoption("plait_device", default=None)
-        return suite.kit_backend()
+        return suite.make_backend()

@@ -1,11 +1,11 @@
-"""DecodeGraphRunner's padding and static buffers, on the CPU with EagerCapture (a capture that
-replays by rerunning), so everything but the CUDA graph API itself is checked here."""
+"""The device-neutral DecodeGraphRunner's padding and static buffers, on the CPU with
+EagerCapture (a capture that replays by rerunning), so everything but the CUDA graph API itself
+is checked here."""
 import pytest
 import torch
 
-from plait.backends.cpu.attention import TorchAttentionBackend
-from plait.backends.cuda.graph_runner import DecodeGraphRunner, EagerCapture, _first_rows
-from plait.core.backend_api import KVPool
+from plait.backends.cpu.plugin import CpuBackend
+from plait.core.graph_runner import DecodeGraphRunner, EagerCapture, _first_rows
 from plait.testing import kit
 
 CPU = torch.device("cpu")
@@ -20,18 +20,22 @@ class CountingCapture(EagerCapture):
         return super().capture(step)
 
 
-def reference_with_runner(capture) -> kit.KitBackend:
-    return kit.KitBackend(
-        name="cpu-graphs", device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
-        make_attention=lambda pool, hq, hkv, d: TorchAttentionBackend(pool, hq, hkv, d),
-        make_graph_runner=lambda model, bs: DecodeGraphRunner(model, bs, CPU, capture))
+class CpuWithGraphs(CpuBackend):
+    """The CPU reference with the device-neutral runner over a given capture."""
+
+    name = "cpu-graphs"
+
+    def __init__(self, capture):
+        self.capture = capture
+
+    def create_graph_runner(self, model, max_batch_size):
+        return DecodeGraphRunner(model, max_batch_size, self.torch_device, self.capture)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_replay_with_padding_equals_eager(page_size):
     capture = CountingCapture()
-    assert kit.check_graph_replay(reference_with_runner(capture), page_size=page_size)
+    assert kit.check_graph_replay(CpuWithGraphs(capture), page_size=page_size)
     # batch sizes 3, 1, 8, 7 pad to 4, 1, 8, 8: one capture per padded size
     assert capture.captured == 3
 
@@ -89,7 +93,7 @@ def test_outputs_are_cut_to_the_real_rows_in_any_container():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA (or ROCm) GPU")
 def test_cuda_graph_capture_replays():
-    from plait.backends.cuda.graph_runner import TorchCudaGraphCapture
+    from plait.backends.cuda.graph_capture import TorchCudaGraphCapture
     x = torch.zeros(4, device="cuda")
     replay = TorchCudaGraphCapture().capture(lambda: x * 2 + 1)
     x.fill_(3)

@@ -4,12 +4,9 @@ import pytest
 import torch
 
 from plait.backends.cpu.attention import TorchAttentionBackend
-from plait.core.backend_api import KVPool
+from plait.backends.cpu.plugin import CpuBackend
 from plait.testing import BackendConformance, kit
 from plait.testing.cases import AttentionCase, decode_cases, extend_cases, layout
-
-CPU = torch.device("cpu")
-
 
 class TestCpuBackend(BackendConformance):
     device = "cpu"
@@ -40,11 +37,13 @@ def test_layout_is_paged_like_the_allocator():
     assert used.unique().numel() == used.numel()
 
 
-def backend(cls) -> kit.KitBackend:
-    return kit.KitBackend(
-        name="broken", device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
-        make_attention=lambda pool, hq, hkv, d: cls(pool, hq, hkv, d))
+def backend(attention_cls) -> CpuBackend:
+    class Broken(CpuBackend):
+        name = "broken"
+
+        def create_attention_backend(self, pool, hq, hkv, d):
+            return attention_cls(pool, hq, hkv, d)
+    return Broken()
 
 
 class IgnoresLayer(TorchAttentionBackend):

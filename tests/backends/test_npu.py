@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from plait.backends import registry
+from plait.backends.cpu.plugin import CpuBackend
 from plait.backends.npu import plugin as npu_plugin
 from plait.backends.npu.attention import AscendAttentionBackend, fia_supported
-from plait.core.backend_api import KVPool
+from plait.backends.npu.plugin import NpuBackend
 from plait.testing import kit
 from plait.testing.cases import AttentionCase
-
-CPU = torch.device("cpu")
-
 
 @pytest.fixture
 def no_torch_npu(monkeypatch):
@@ -29,7 +27,7 @@ def no_torch_npu(monkeypatch):
 
 
 def test_detection_without_torch_npu_reports_it_missing(no_torch_npu):
-    info = npu_plugin.detect()
+    info = NpuBackend.info()
     assert (info.name, info.priority, info.available) == ("npu", 70, False)
     assert info.reason == "torch_npu not installed"
 
@@ -48,7 +46,7 @@ def test_detection_with_torch_npu_but_no_device(monkeypatch):
     monkeypatch.setattr(npu_plugin.importlib.util, "find_spec", lambda name, *a: object())
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: False),
                         raising=False)
-    info = npu_plugin.detect()
+    info = NpuBackend.info()
     assert not info.available and "no Ascend NPU" in info.reason
 
 
@@ -58,7 +56,7 @@ def test_detection_survives_a_broken_torch_npu(monkeypatch):
     def broken(name, *a, **k):
         raise OSError("libascendcl.so: cannot open shared object file")
     monkeypatch.setattr(npu_plugin.importlib, "import_module", broken)
-    info = npu_plugin.detect()
+    info = NpuBackend.info()
     assert not info.available and "libascendcl" in info.reason
 
 
@@ -91,13 +89,20 @@ def fake_fia(query, key, value, *, block_table, input_layout, block_size, actual
     return out, None
 
 
-def npu_on_cpu() -> kit.KitBackend:
-    fake = types.SimpleNamespace(npu_fused_infer_attention_score=fake_fia)
-    return kit.KitBackend(
-        name="npu-standin", device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
-        make_attention=lambda pool, hq, hkv, d: AscendAttentionBackend(pool, hq, hkv, d,
-                                                                       torch_npu=fake))
+class NpuOnCpu(CpuBackend):
+    """The NPU attention on CPU tensors, calling ``fia`` in place of torch_npu's op."""
+
+    name = "npu-standin"
+
+    def __init__(self, fia=fake_fia):
+        self.torch_npu = types.SimpleNamespace(npu_fused_infer_attention_score=fia)
+
+    def create_attention_backend(self, pool, hq, hkv, d):
+        return AscendAttentionBackend(pool, hq, hkv, d, torch_npu=self.torch_npu)
+
+
+def npu_on_cpu() -> NpuOnCpu:
+    return NpuOnCpu()
 
 
 CASES = [AttentionCase((0, 19), (17, 5), 4, 4, 64, 16, seed=1),
@@ -122,12 +127,7 @@ def test_unsupported_configurations_fall_back_to_the_reference():
     def spy(*a, **k):
         calls.append(1)
         return fake_fia(*a, **k)
-    fake = types.SimpleNamespace(npu_fused_infer_attention_score=spy)
-    kb = kit.KitBackend(
-        name="npu-fallback", device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
-        make_attention=lambda pool, hq, hkv, d: AscendAttentionBackend(pool, hq, hkv, d,
-                                                                       torch_npu=fake))
+    kb = NpuOnCpu(fia=spy)
     for case, dtype in itertools.product(CASES[:1], (torch.float32,)):
         kit.check_extend(kb, case, dtype)
     kit.check_extend(kb, AttentionCase((3,), (5,), 4, 4, 64, 1), torch.float16)

@@ -4,10 +4,10 @@ import torch
 
 jax = pytest.importorskip("jax")
 
-from plait.backends.cuda.graph_runner import DecodeGraphRunner  # noqa: E402
-from plait.backends.tpu.attention import JaxKVPool, PallasAttentionBackend  # noqa: E402
+from plait.backends.tpu.attention import PallasAttentionBackend  # noqa: E402
 from plait.backends.tpu.graph import JitBucketCapture  # noqa: E402
-from plait.core.memory import TokenSlotAllocator  # noqa: E402
+from plait.backends.tpu.plugin import TpuBackend  # noqa: E402
+from plait.core.graph_runner import DecodeGraphRunner  # noqa: E402
 from plait.testing import BackendConformance, kit  # noqa: E402
 from plait.testing.cases import AttentionCase  # noqa: E402
 
@@ -23,17 +23,30 @@ def fast_cpu_compiles():
     jax.config.update("jax_disable_most_optimizations", old)
 
 
-def pallas_on_cpu() -> kit.KitBackend:
-    jax_cpu = jax.devices("cpu")[0]
-    return kit.KitBackend(
-        name="tpu-interpret", device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: JaxKVPool(n, layers, hkv, d, dtype, ps,
-                                                                   jax_cpu),
-        make_attention=lambda pool, hq, hkv, d: PallasAttentionBackend(pool, hq, hkv, d,
-                                                                       interpret=True),
-        make_allocator=lambda n, ps: TokenSlotAllocator(n, ps, CPU),
-        make_graph_runner=lambda model, bs: DecodeGraphRunner(model, bs, CPU, JitBucketCapture(),
-                                                              batch_sizes=(1, 2, 4)))
+class PallasInterpreted(TpuBackend):
+    """The TPU backend with its pool on jax's CPU device and the kernels interpreted.
+    Registered by the greedy-parity test."""
+
+    name = "tpu-interpret"
+    priority = -100
+
+    @classmethod
+    def unavailable_reason(cls):
+        return None  # jax's CPU device is always there (this module skips without jax)
+
+    def jax_device(self):
+        return jax.devices("cpu")[0]
+
+    def create_attention_backend(self, kv_pool, num_heads, num_kv_heads, head_dim):
+        return PallasAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, interpret=True)
+
+    def create_graph_runner(self, model, max_batch_size):
+        return DecodeGraphRunner(model, max_batch_size, CPU, JitBucketCapture(),
+                                 batch_sizes=(1, 2, 4))
+
+
+def pallas_on_cpu() -> PallasInterpreted:
+    return PallasInterpreted()
 
 
 class TestPallasKernelsInterpreted(BackendConformance):
@@ -43,7 +56,7 @@ class TestPallasKernelsInterpreted(BackendConformance):
     graph_steps = 2
     graph_page_sizes = (16,)  # the runner is layout-blind; test_graph_runner.py does both
 
-    def kit_backend(self):
+    def make_backend(self):
         return pallas_on_cpu()
 
 

@@ -9,8 +9,11 @@ import torch
 
 from plait.backends import registry
 from plait.backends.cuda import plugin as cuda_plugin
+from plait.backends.cuda.plugin import CudaBackend
 from plait.backends.rocm import plugin as rocm_plugin
+from plait.backends.rocm.plugin import RocmBackend
 from plait.backends.tpu import plugin as tpu_plugin
+from plait.backends.tpu.plugin import TpuBackend
 
 BUILT_IN = {"cpu": 0, "cuda": 100, "rocm": 90, "tpu": 80, "npu": 70}
 
@@ -60,37 +63,37 @@ def test_unknown_device_error_lists_the_registered_ones():
 def test_cuda_detection(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cuda_plugin.detect().reason == "torch.cuda.is_available() is False"
+    assert CudaBackend.info().reason == "torch.cuda.is_available() is False"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda_plugin.importlib.util, "find_spec", lambda name: None)
-    assert "triton not installed" in cuda_plugin.detect().reason
+    assert "triton not installed" in CudaBackend.info().reason
     monkeypatch.setattr(cuda_plugin.importlib.util, "find_spec", lambda name: object())
-    assert cuda_plugin.detect().available
+    assert CudaBackend.info().available
     monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert "ROCm build" in cuda_plugin.detect().reason  # a HIP torch is rocm's, not cuda's
+    assert "ROCm build" in CudaBackend.info().reason  # a HIP torch is rocm's, not cuda's
 
 
 def test_rocm_detection(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
-    assert "torch.version.hip is None" in rocm_plugin.detect().reason
+    assert "torch.version.hip is None" in RocmBackend.info().reason
     monkeypatch.setattr(torch.version, "hip", "6.2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(rocm_plugin.importlib.util, "find_spec", lambda name: object())
-    assert rocm_plugin.detect().available
+    assert RocmBackend.info().available
 
 
 def test_tpu_detection(monkeypatch):
     real = tpu_plugin.importlib.util.find_spec
     monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec",
                         lambda name: None if name == "libtpu" else real(name))
-    assert "libtpu not installed" in tpu_plugin.detect().reason
+    assert "libtpu not installed" in TpuBackend.info().reason
     monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec",
                         lambda name: None if name == "jax" else real(name))
-    assert "jax not installed" in tpu_plugin.detect().reason
+    assert "jax not installed" in TpuBackend.info().reason
     # libtpu present but jax finds no TPU (e.g. a CPU host with jax[tpu] installed)
     monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec", lambda name: object())
     fake_jax = types.SimpleNamespace(devices=lambda kind: (_ for _ in ()).throw(
         RuntimeError("Unknown backend tpu")))
     monkeypatch.setitem(sys.modules, "jax", fake_jax)
-    info = tpu_plugin.detect()
+    info = TpuBackend.info()
     assert not info.available and "jax sees no TPU" in info.reason

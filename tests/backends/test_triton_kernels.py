@@ -7,12 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from plait.backends.cuda.attention import TritonAttentionBackend  # noqa: E402
-from plait.backends.cuda.graph_runner import DecodeGraphRunner, EagerCapture  # noqa: E402
 from plait.backends.cuda.launch import INTERPRETER, LaunchParams  # noqa: E402
+from plait.backends.cuda.triton_backend import TritonBackend  # noqa: E402
 from plait.backends.rocm.launch import ROCM_DEFAULT  # noqa: E402
-from plait.core.backend_api import KVPool  # noqa: E402
-from plait.core.memory import TokenSlotAllocator  # noqa: E402
+from plait.core.graph_runner import DecodeGraphRunner, EagerCapture  # noqa: E402
 from plait.testing import BackendConformance, kit  # noqa: E402
 from plait.testing.cases import AttentionCase  # noqa: E402
 
@@ -24,14 +22,23 @@ pytestmark = pytest.mark.skipif(
 CPU = torch.device("cpu")
 
 
-def triton_on_cpu(params: LaunchParams = INTERPRETER, name: str = "triton-interpret"):
-    return kit.KitBackend(
-        name=name, device=CPU,
-        make_kv_pool=lambda n, layers, hkv, d, dtype, ps: KVPool(n, layers, hkv, d, dtype, CPU, ps),
-        make_attention=lambda pool, hq, hkv, d: TritonAttentionBackend(pool, hq, hkv, d, params),
-        make_allocator=lambda n, ps: TokenSlotAllocator(n, ps, CPU),
-        make_graph_runner=lambda model, bs: DecodeGraphRunner(model, bs, CPU, EagerCapture(),
-                                                              batch_sizes=(1, 2, 4)))
+class TritonInterpreted(TritonBackend):
+    """The CUDA/ROCm backend's kernels on CPU tensors: only the device and the capture differ
+    (and the tiles, kept small for the interpreter). Registered by the greedy-parity test."""
+
+    name = "triton-interpret"
+    priority = -100
+    launch = INTERPRETER
+    torch_device = CPU
+
+    def create_graph_runner(self, model, max_batch_size):
+        return DecodeGraphRunner(model, max_batch_size, CPU, EagerCapture(),
+                                 batch_sizes=(1, 2, 4))
+
+
+class RocmTilesInterpreted(TritonInterpreted):
+    name = "rocm-interpret"
+    launch = ROCM_DEFAULT
 
 
 class TestTritonKernelsInterpreted(BackendConformance):
@@ -40,8 +47,8 @@ class TestTritonKernelsInterpreted(BackendConformance):
     graph_steps = 1
     graph_page_sizes = (16,)  # the runner is layout-blind; test_graph_runner.py does both
 
-    def kit_backend(self):
-        return triton_on_cpu()
+    def make_backend(self):
+        return TritonInterpreted()
 
 
 def test_kernels_really_run_interpreted():
@@ -57,20 +64,20 @@ def test_kernels_really_run_interpreted():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_rocm_launch_params_give_the_same_results(dtype):
     # AMD tiles (64x64), 16 KV splits and waves_per_eu reach the same numbers.
-    kb = triton_on_cpu(ROCM_DEFAULT, name="rocm-interpret")
+    kb = RocmTilesInterpreted()
     kit.check_extend(kb, AttentionCase((70, 0), (9, 66), 6, 2, 64, 16, seed=5), dtype)
     kit.check_decode(kb, AttentionCase((70, 3), (1, 1), 6, 2, 64, 16, seed=6), dtype)
 
 
 def test_bfloat16_computes_in_fp32():
-    kb = triton_on_cpu()
-    kb.tolerances[torch.bfloat16] = kit.TOLERANCES[torch.bfloat16]
+    kb = TritonInterpreted()
     kit.check_extend(kb, AttentionCase((21,), (19,), 6, 2, 64, 1, seed=7), torch.bfloat16)
     kit.check_decode(kb, AttentionCase((21, 5), (1, 1), 6, 2, 64, 1, seed=8), torch.bfloat16)
 
 
 def test_more_splits_than_keys_leaves_empty_splits_weightless():
-    params = LaunchParams(extend_block_m=16, extend_block_n=16, decode_block_n=16,
-                          num_kv_splits=8, num_warps=1, num_stages=1)
-    kit.check_decode(triton_on_cpu(params), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1),
+    class ManySplits(TritonInterpreted):
+        launch = LaunchParams(extend_block_m=16, extend_block_n=16, decode_block_n=16,
+                              num_kv_splits=8, num_warps=1, num_stages=1)
+    kit.check_decode(ManySplits(), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1),
                      torch.float32)

@@ -19,10 +19,18 @@ def test_serve_flags_map_to_engine_kwargs():
     args = from_namespace(ns)
     assert (args.port, args.api_key) == (31000, "k")
     assert args.engine_kwargs("/m") == {
-        "model_path": "/m", "device": "cpu", "dtype": "float32", "page_size": 4,
+        "model_path": "/m", "device": "cpu", "page_size": 4,
         "max_total_tokens": 4096, "chunked_prefill_size": 64, "schedule_policy": "fcfs",
         "disable_radix_cache": True, "max_running_requests": 8}
     assert args.to_dict()["api_key"] == "***"
+
+
+def test_unset_dtype_and_page_size_are_left_to_the_device_backend():
+    args = from_namespace(build_parser().parse_args(["serve", "--device", "npu"]))
+    kwargs = args.engine_kwargs("/m")
+    assert "dtype" not in kwargs and "page_size" not in kwargs
+    args = from_namespace(build_parser().parse_args(["serve", "--dtype", "bfloat16"]))
+    assert args.engine_kwargs("/m")["dtype"] == "bfloat16"
 
 
 def test_mem_fraction_and_max_total_tokens_are_exclusive():

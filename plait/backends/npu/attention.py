@@ -8,8 +8,9 @@ each request's total length. Extend uses ``sparse_mode=3`` (causal aligned to th
 so new tokens see the whole prefix) with the op's fixed 2048x2048 upper-triangular mask; decode
 (one query per request) needs no mask.
 
-FIA's paged mode takes fp16/bf16 and block sizes that are multiples of 16. Other configurations
-(fp32, page_size 1) run the torch reference on the NPU, which is correct but slower.
+FIA's paged mode takes fp16/bf16 and block sizes that are multiples of 16; the backend's
+defaults (bfloat16, page size 128) select it. Other configurations (fp32, page_size 1) run the
+torch reference on the NPU, which is correct but slower.
 """
 from __future__ import annotations
 

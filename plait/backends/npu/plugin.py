@@ -7,70 +7,57 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import Callable
 
 import torch
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import BackendInfo, KVPool
-
-NAME = "npu"
-PRIORITY = 70
+from plait.core.backend_api import AttentionBackend, Backend, KVPool
 
 
-def detect() -> BackendInfo:
-    if importlib.util.find_spec("torch_npu") is None:
-        return BackendInfo(NAME, PRIORITY, False, "torch_npu not installed")
-    try:
-        importlib.import_module("torch_npu")  # registers torch.npu
-    except Exception as e:  # a broken CANN install raises all sorts of errors
-        return BackendInfo(NAME, PRIORITY, False, f"torch_npu failed to import: {e}")
-    npu = getattr(torch, "npu", None)
-    if npu is None or not npu.is_available():
-        return BackendInfo(NAME, PRIORITY, False, "no Ascend NPU visible to torch_npu")
-    return BackendInfo(NAME, PRIORITY, True)
+class NpuBackend(Backend):
+    """torch-npu's fused attention (FIA) over the paged pool.
 
+    The defaults are what FIA's paged mode accepts (see ``npu/attention.py``): a half dtype and
+    a block size that is a multiple of 16; 128 is the block size Ascend's paged attention is
+    commonly run with (vLLM-Ascend's default). An explicit fp32 or page size 1 still works, on
+    the slower torch reference.
 
-@hookimpl
-def plait_backend_info() -> BackendInfo:
-    return detect()
+    Decode runs eagerly (the default ``create_graph_runner``): FIA takes sequence lengths as
+    host lists, which a captured NPU graph would freeze at capture time (updating them needs
+    torch_npu's graph task-update API).
+    """
 
+    name = "npu"
+    priority = 70
+    default_dtype = "bfloat16"
+    default_page_size = 128
+    distributed_backend = "hccl"
 
-@hookimpl
-def plait_torch_device(device: str) -> torch.device | None:
-    if device != NAME:
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("torch_npu") is None:
+            return "torch_npu not installed"
+        try:
+            importlib.import_module("torch_npu")  # registers torch.npu
+        except Exception as e:  # a broken CANN install raises all sorts of errors
+            return f"torch_npu failed to import: {e}"
+        npu = getattr(torch, "npu", None)
+        if npu is None or not npu.is_available():
+            return "no Ascend NPU visible to torch_npu"
         return None
-    importlib.import_module("torch_npu")  # the "npu" device type exists once it is imported
-    return torch.device("npu")
+
+    @property
+    def torch_device(self) -> torch.device:
+        importlib.import_module("torch_npu")  # the "npu" device type exists once it is imported
+        return torch.device("npu")
+
+    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
+                                 head_dim: int) -> AttentionBackend:
+        from plait.backends.npu.attention import AscendAttentionBackend
+        return AscendAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
 
 @hookimpl
-def plait_create_kv_pool(device: str, num_slots: int, num_layers: int, num_kv_heads: int,
-                         head_dim: int, dtype: Any, page_size: int) -> KVPool | None:
-    if device != NAME:
-        return None
-    return KVPool(num_slots, num_layers, num_kv_heads, head_dim, dtype, "npu", page_size)
-
-
-@hookimpl
-def plait_create_allocator(device: str, num_slots: int, page_size: int):
-    if device != NAME:
-        return None
-    from plait.core.memory import TokenSlotAllocator
-    return TokenSlotAllocator(num_slots, page_size, "npu")
-
-
-@hookimpl
-def plait_create_attention_backend(device: str, kv_pool: KVPool, num_heads: int,
-                                   num_kv_heads: int, head_dim: int):
-    if device != NAME:
-        return None
-    from plait.backends.npu.attention import AscendAttentionBackend
-    return AscendAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
-
-
-@hookimpl
-def plait_create_graph_runner(device: str, model: Any, max_batch_size: int) -> None:
-    # Eager for now: FIA takes sequence lengths as host lists, which a captured NPU graph would
-    # freeze at capture time (updating them needs torch_npu's graph task-update API).
-    return None
+def plait_register_backends(register: Callable[[type[Backend]], None]) -> None:
+    register(NpuBackend)

@@ -1,36 +1,43 @@
 """Registers the ROCm backend (entry point ``plait.backends: rocm``).
 
 ROCm builds of torch expose HIP devices through the ``torch.cuda`` API (device ``"cuda"``) and
-``torch.version.hip`` names the HIP version; that is the whole detection.
+``torch.version.hip`` names the HIP version; that is the whole detection. The kernels and graph
+capture are the CUDA backend's, with AMD launch parameters.
 """
 from __future__ import annotations
 
 import importlib.util
+import types
+from typing import Callable
 
 import torch
 
-from plait.backends.cuda.triton_plugin import TritonBackendPlugin
-from plait.core.backend_api import BackendInfo
-
-NAME = "rocm"
-PRIORITY = 90
-
-
-def detect() -> BackendInfo:
-    if torch.version.hip is None:
-        return BackendInfo(NAME, PRIORITY, False, "torch is not a ROCm build (torch.version.hip "
-                                                  "is None)")
-    if not torch.cuda.is_available():
-        return BackendInfo(NAME, PRIORITY, False, "no HIP device visible to torch")
-    if importlib.util.find_spec("triton") is None:
-        return BackendInfo(NAME, PRIORITY, False, "triton not installed (pip install plait[rocm])")
-    return BackendInfo(NAME, PRIORITY, True)
+from plait.backends.cuda.triton_backend import TritonBackend
+from plait.backends.hookspecs import hookimpl
+from plait.backends.rocm.launch import ROCM_DEFAULT
+from plait.core.backend_api import Backend
 
 
-def launch_params():
-    from plait.backends.rocm.launch import ROCM_DEFAULT
-    return ROCM_DEFAULT
+class RocmBackend(TritonBackend):
+    name = "rocm"
+    priority = 90
+    launch = ROCM_DEFAULT
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if torch.version.hip is None:
+            return "torch is not a ROCm build (torch.version.hip is None)"
+        if not torch.cuda.is_available():
+            return "no HIP device visible to torch"
+        if importlib.util.find_spec("triton") is None:
+            return "triton not installed (pip install plait[rocm])"
+        return None
 
 
-# The entry point names this object: pluggy registers its hook methods.
-plugin = TritonBackendPlugin(NAME, detect, launch_params)
+@hookimpl
+def plait_register_backends(register: Callable[[type[Backend]], None]) -> None:
+    register(RocmBackend)
+
+
+# The entry point names this object (``plait.backends.rocm.plugin:plugin``).
+plugin = types.SimpleNamespace(plait_register_backends=plait_register_backends)

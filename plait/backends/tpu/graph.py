@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 
 class JitBucketCapture:
-    """A :class:`~plait.backends.cuda.graph_runner.GraphCapture` for jitted kernels: running the
+    """A :class:`~plait.core.graph_runner.GraphCapture` for jitted kernels: running the
     step once compiles every kernel for this bucket; replays run it again, compile-free."""
 
     def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:

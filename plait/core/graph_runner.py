@@ -8,10 +8,10 @@ first ``batch_size`` rows of the outputs.
 Padded rows are harmless by construction: they write their K/V to slot 0 (reserved for
 padding), read row 0 of ``req_to_token`` with ``seq_len = 1`` and their outputs are dropped.
 
-How a graph is recorded is a :class:`GraphCapture`: CUDA and HIP graphs (both
-``torch.cuda.CUDAGraph``) here; ``jax.jit`` shape buckets for the TPU backend; and
-:class:`EagerCapture`, which just reruns the step on the static buffers, so the padding logic
-can be tested on a CPU.
+This module is device-neutral: how a graph is recorded is a :class:`GraphCapture` that each
+backend supplies (CUDA and HIP graphs in ``plait.backends.cuda.graph_capture``, ``jax.jit``
+shape buckets in ``plait.backends.tpu.graph``), and :class:`EagerCapture` just reruns the step
+on the static buffers, so the padding logic can be tested on a CPU.
 
 The static batch's host lists (``seq_lens_cpu``...) are refreshed too, which is enough for
 captures that rerun the step; a CUDA graph never re-reads them, so kernels inside a captured
@@ -40,39 +40,6 @@ class EagerCapture:
 
     def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:
         return step
-
-
-class TorchCudaGraphCapture:
-    """``torch.cuda.CUDAGraph`` capture; on ROCm builds of torch the same API records HIP graphs.
-
-    All sizes share one memory pool, so the graphs together cost about as much memory as the
-    largest one.
-    """
-
-    def __init__(self, warmup_runs: int = 2):
-        self.warmup_runs = warmup_runs
-        self._pool = None
-
-    def capture(self, step: Callable[[], Any]) -> Callable[[], Any]:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # Warm up on a side stream so lazy initialisation (Triton compilation, cuBLAS
-        # workspaces) happens outside the capture.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup_runs):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = step()
-
-        def replay() -> Any:
-            graph.replay()
-            return out
-
-        return replay
 
 
 class DecodeGraphRunner(GraphRunner):

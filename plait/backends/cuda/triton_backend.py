@@ -1,0 +1,33 @@
+"""The Backend shared by the Triton devices (CUDA and ROCm).
+
+Both run the same kernels on a torch ``"cuda"`` device (ROCm builds expose HIP that way) and
+record decode with ``torch.cuda.CUDAGraph`` (a HIP graph on ROCm); they differ only in
+detection and launch parameters, which each subclass sets. Importing this module does not
+import triton: the kernels are imported when the attention backend is created.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from plait.backends.cuda.launch import CUDA_DEFAULT, LaunchParams
+from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool
+
+
+class TritonBackend(Backend):
+    #: tile sizes and launch options for the shared kernels
+    launch: ClassVar[LaunchParams] = CUDA_DEFAULT
+    torch_device = torch.device("cuda")
+    distributed_backend = "nccl"  # RCCL answers to "nccl" in ROCm builds of torch
+
+    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
+                                 head_dim: int) -> AttentionBackend:
+        from plait.backends.cuda.attention import TritonAttentionBackend
+        return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, self.launch)
+
+    def create_graph_runner(self, model: Any, max_batch_size: int) -> GraphRunner | None:
+        from plait.backends.cuda.graph_capture import TorchCudaGraphCapture
+        from plait.core.graph_runner import DecodeGraphRunner
+        return DecodeGraphRunner(model, max_batch_size, self.torch_device,
+                                 TorchCudaGraphCapture())
