@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from plait.core.messages import GenerateReq
 from plait.server.engine_client import EngineClient
-from plait.server.protocol import APIError, GenerateRequest
+from plait.server.protocol import APIError, GatewayFields, GenerateRequest
 from plait.server.submit import (SSE_DONE, clean_sampling_params, collect, invalid_request,
                                  merge_streams, prepare, sse)
 
@@ -23,9 +23,11 @@ _LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs")
 _TOP_KEYS = ("input_top_logprobs", "output_top_logprobs")
 
 
-# Fields of the body that are not the request's own: how the response is rendered, and
-# what SGLang clients send as null for features Plait lacks.
-_RESPONSE_ONLY = {"return_text_in_logprobs", "lora_path", "image_data"}
+# Fields of the body that are not the request's own: how the response is rendered, what
+# SGLang clients send as null for features Plait lacks, and what the gateway adds (checked by
+# the body model; see GatewayFields).
+_RESPONSE_ONLY = ({"return_text_in_logprobs", "lora_path", "image_data", "model"}
+                  | set(GatewayFields.model_fields))
 
 
 async def build_requests(body: GenerateRequest, client: EngineClient

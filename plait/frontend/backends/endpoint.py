@@ -33,6 +33,10 @@ class RuntimeEndpoint(NativeBackend):
         self.tokenizer = load_tokenizer(path) if path else None
         self.chat_template = (ChatTemplate.from_tokenizer(self.tokenizer)
                               if self.tokenizer is not None else chatml())
+        # SGLang's gateway (sglang-router 0.3.2) takes one text per /generate, not a batch of
+        # texts, and refuses the body shape with 422. After the first such refusal this
+        # endpoint sends batches as one request per prompt (the prefix cache keeps that cheap).
+        self.batches_refused = False
 
     def _model_info(self) -> dict[str, Any]:
         try:
@@ -41,6 +45,18 @@ class RuntimeEndpoint(NativeBackend):
             return {}
 
     def _call(self, msgs: list[GenerateReq]) -> list[dict[str, Any]]:
+        if len(msgs) > 1 and not self.batches_refused:
+            try:
+                return self._post(msgs)
+            except http.HTTPStatusError as e:
+                if e.status != 422:  # a worker's own refusal (400, ...) is the caller's error
+                    raise
+                self.batches_refused = True
+        if len(msgs) > 1:
+            return [out for m in msgs for out in self._post([m])]
+        return self._post(msgs)
+
+    def _post(self, msgs: list[GenerateReq]) -> list[dict[str, Any]]:
         out = http.post(self.base_url + "/generate", generate_body(msgs), self.api_key)
         return out if isinstance(out, list) else [out]
 
