@@ -219,7 +219,7 @@ def test_parity_prompts_in_a_mixed_batch_match_transformers_with_overlap(smollm_
         g, o = asyncio.run(go())
         return [x["output_ids"] for x in g], [comparable(x) for x in o]
 
-    args = {"chunked_prefill_size": 64, "max_total_tokens": 400}
+    args = {"chunked_prefill_size": 64, "max_total_tokens": 200}
     with plait.Engine(smollm_dir, **args) as overlap:
         got, others = run(overlap)
         assert overlap.get_server_info()["retractions"] > 0
