@@ -208,9 +208,9 @@ class Engine:
             return self._stream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = outputs.get()
-            if req.finished and out["meta_info"]["finish_reason"] is not None:
-                results[req.rid] = out
+            rid, finished, out = outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered if batched or len(ordered) > 1 else ordered[0]
 
@@ -218,17 +218,20 @@ class Engine:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:  # the consumer stopped early: free the requests' KV
                 self.abort(rid)
 
     def _deliver(self, req: Req, finished: bool, put: Callable[[tuple], None]) -> None:
+        """Queue ``(rid, finished, output)``: a snapshot taken on the scheduler thread. The
+        consumer must not read ``req`` itself, which may have finished (an abort, say) since
+        this output was taken; a stream would then stop before its final output."""
         if finished or req.stream:
-            put((req, self.output_of(req)))
+            put((req.rid, finished, self.output_of(req)))
 
     def output_of(self, req: Req) -> dict:
         text = req.text if req.finished else RequestFinisher.streamable_text(req)
@@ -267,9 +270,9 @@ class Engine:
             return self._astream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = await outputs.get()
-            if req.finished:
-                results[req.rid] = out
+            rid, finished, out = await outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered if batched or len(ordered) > 1 else ordered[0]
 
@@ -277,9 +280,9 @@ class Engine:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = await outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = await outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:
