@@ -12,17 +12,19 @@ vocabulary rows. ``forward`` still returns the full logits on every rank.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.core.backend_api import AttentionBackend
 from plait.core.forward_batch import ForwardBatch
 from plait.core.tp.group import TPGroup
 from plait.core.tp.sharding import HeadShard, shard_heads, split_range
 from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+
+if TYPE_CHECKING:  # annotations only: backend_api loads models, so importing it is a cycle
+    from plait.core.backend_api import AttentionBackend
 
 
 class RMSNorm(nn.Module):
