@@ -26,6 +26,7 @@ from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
 from plait.core.messages import GenerateReq, RequestLimits
+from plait.core.model_runner import build_model_runner
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampling_params import SamplingParams
@@ -39,7 +40,13 @@ class Engine:
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any):
         self.config = cfg = EngineConfig(model_path=model_path, **kwargs)
         cfg.validate()
-        self._load(cfg)
+        self._tp_runner = None
+        try:
+            self._load(cfg)
+        except BaseException:
+            if self._tp_runner is not None:  # the other ranks started: stop them too
+                self._tp_runner.ranks.stop()
+            raise
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._ids = itertools.count()
@@ -73,24 +80,28 @@ class Engine:
         dtype = _DTYPES[cfg.dtype]
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
+        from plait.core.tp.sharding import check_tp_size
         from plait.models.llama import head_dim_of
-        head_dim = head_dim_of(hf)
-        kv_heads, layers = hf.num_key_value_heads, hf.num_hidden_layers
+        # A rank's KV pool holds its shard's heads: the budget is per rank, sized by the
+        # largest shard, and every rank gets the same number of slots.
+        kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
+        head_dim, layers = head_dim_of(hf), hf.num_hidden_layers
         per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
         tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
-        kv_pool = backend.create_kv_pool(num_slots=tokens, num_layers=layers,
-                                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                                         page_size=cfg.page_size)
-        allocator = backend.create_allocator(num_slots=tokens, page_size=cfg.page_size)
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
+        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests)
+        if cfg.tp_size == 1:
+            runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
+        else:
+            from plait.core.tp.runner import start_tensor_parallel
+            runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
+                                                      req_pool, cfg.tp_size)
+        self._tp_runner = runner if cfg.tp_size > 1 else None
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
-        runner = backend.create_model_runner(
-            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
-            kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
         self.scheduler = Scheduler(
@@ -313,9 +324,17 @@ class Engine:
         return self._call(info)
 
     def shutdown(self) -> None:
+        """Stop the scheduler thread and, under tensor parallelism, every other rank.
+        Idempotent."""
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        tp, self._tp_runner = self._tp_runner, None
+        if tp is not None:
+            if self._thread.is_alive():  # stuck mid-forward: no STOP broadcast, just kill
+                tp.ranks.stop()
+            else:
+                tp.shutdown()
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
