@@ -31,13 +31,13 @@ from plait.core.model_runner import ExtendItem
 from plait.core.request import Req
 
 
-def attention_functions(impl: str, page_size: int) -> tuple[Callable, Callable]:
-    """(decode, extend) attention for the jitted step; ``impl`` is ``jax`` or ``pallas``."""
+def attention_functions(impl: str, page_size: int, platform: str) -> tuple[Callable, Callable]:
+    """(decode, extend) attention for the jitted step; ``impl`` is ``jax`` or ``pallas``
+    (interpreted unless ``platform``, the device the step runs on, is a TPU)."""
     if impl == "jax":
         decode, extend = jax_attention.jax_decode, jax_attention.jax_extend
     elif impl == "pallas":
-        from plait.backends.tpu.pallas_attention import interpret_mode
-        interpret = interpret_mode()
+        interpret = platform != "tpu"
         decode = functools.partial(jax_attention.pallas_decode, interpret=interpret)
         extend = functools.partial(jax_attention.pallas_extend, interpret=interpret)
     else:
@@ -60,7 +60,7 @@ class JaxModelRunner:
         self.kv_pool, self.req_pool, self.buckets = kv_pool, req_pool, buckets
         self.attention = attention
         self.device = kv_pool.jax_device
-        decode, extend = attention_functions(attention, kv_pool.page_size)
+        decode, extend = attention_functions(attention, kv_pool.page_size, self.device.platform)
         self._forward = {"decode": jax_llama.make_forward(shape, decode),
                          "extend": jax_llama.make_forward(shape, extend)}
         self.steps = CompiledSteps(self._make_program)
