@@ -3,13 +3,16 @@ ForwardBatch, runs it and returns logits. Knows nothing about queues or caching 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
 from plait.core.forward_batch import ForwardBatch
 from plait.core.memory import ReqToTokenPool
 from plait.core.request import Req
+
+if TYPE_CHECKING:  # annotations only: backend_api builds runners, so importing it is a cycle
+    from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
 
 
 @dataclass

@@ -7,14 +7,16 @@ decides CPU decode speed at batch 1.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.core.backend_api import AttentionBackend
 from plait.core.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:  # annotations only: backend_api loads models, so importing it is a cycle
+    from plait.core.backend_api import AttentionBackend
 
 
 class RMSNorm(nn.Module):

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
-from plait.server.engine_client import EngineClient, EngineRequest
+from plait.core.messages import GenerateReq
+from plait.server.engine_client import EngineClient
 from plait.server.protocol import AbortRequest, APIError, error_body
 from plait.server.server_args import ServerArgs
 from plait.server.submit import ClientDisconnected, collect
@@ -239,8 +240,8 @@ def _admin_routes():
         client: EngineClient = request.app.state.client
         if not client.is_alive():
             return Response(status_code=503)
-        probe = EngineRequest(input_ids=[client.tokenizer.eos_token_id or 0],
-                              sampling_params={"max_new_tokens": 1, "temperature": 0})
+        probe = GenerateReq(input_ids=[client.tokenizer.eos_token_id or 0],
+                            sampling_params={"max_new_tokens": 1, "temperature": 0}).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
         except (APIError, asyncio.TimeoutError):
