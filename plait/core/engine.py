@@ -320,6 +320,7 @@ class Engine:
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
                 **vars(s.stats),
+                **_runner_metrics(s.runner),
             }
         return self._call(info)
 
@@ -350,6 +351,12 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def _runner_metrics(runner: Any) -> dict:
+    """A runner's own counters (the TPU runner's jit compiles), when it exports any."""
+    metrics = getattr(runner, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 def _one_stream_flag(msgs: list[GenerateReq]) -> bool:
