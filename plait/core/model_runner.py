@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from plait.core.forward_batch import ForwardBatch
-from plait.core.memory import ReqToTokenPool
+from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.request import Req
 
 if TYPE_CHECKING:  # annotations only: backend_api builds runners, so importing it is a cycle
-    from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
+    from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
 
 
 @dataclass
