@@ -1,0 +1,25 @@
+"""Weight-only quantization: weights stay quantized in memory, activations stay in the model
+dtype, and a backend-supplied kernel multiplies the two.
+
+- :mod:`plait.quant.formats`: the in-memory format (:class:`QuantizedWeight`), quantizers for a
+  float weight (int8 per-channel, int4 group-wise) and the reference dequantization.
+- :mod:`plait.quant.gguf`: GGUF Q4_0 / Q4_1 / Q8_0 blocks read into that format bit for bit.
+- :mod:`plait.quant.modules`: ``QuantizedLinear`` / ``QuantizedEmbedding`` and the swap of a
+  model's ``nn.Linear`` layers.
+
+The matmul itself comes from ``Backend.quantized_linear(method)`` (portable torch default;
+the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``).
+"""
+from __future__ import annotations
+
+#: ``--quantization`` values. ``gguf`` runs a GGUF file's own blocks (implied by a ``.gguf``
+#: model path); ``int8``/``int4`` quantize a float checkpoint's decoder Linear layers at load.
+METHODS = ("none", "int8", "int4", "gguf")
+
+
+def check_method(quantization: str) -> str:
+    """``quantization`` itself when it is a known method; else ValueError naming the flag."""
+    if quantization not in METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(METHODS)}; "
+                         f"got {quantization!r}")
+    return quantization
