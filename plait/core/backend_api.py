@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from plait.quant import QuantConfig
+
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
     from plait.core.model_runner import ModelRunner
+    from plait.quant.modules import QuantizedMatmul
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
     ``hf_config`` is the checkpoint's ``transformers`` config; ``context_len`` the longest
-    sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
+    sequence the runner must serve; ``max_batch_size`` the most requests in one decode;
+    ``quantization`` how the Linear layers are stored (see :mod:`plait.quant`).
     """
 
     model_dir: Path
@@ -44,6 +48,7 @@ class ModelSpec:
     dtype: torch.dtype
     context_len: int
     max_batch_size: int
+    quantization: QuantConfig = QuantConfig()
 
 
 class KVPool:
@@ -188,6 +193,16 @@ class Backend:
             f"backend {self.name!r} implements neither create_attention_backend nor "
             "create_model_runner")
 
+    def quantized_linear(self, method: str) -> "QuantizedMatmul":
+        """The matmul of quantized Linear layers for ``--quantization method``:
+        ``f(x[..., K], weight: QuantizedWeight) -> [..., N]`` in ``x``'s dtype, matching
+        :func:`plait.quant.formats.dequantize` followed by ``F.linear`` up to float rounding.
+
+        Default: exactly that, in torch (portable, but the float weight is rebuilt per call, so
+        only memory is saved). A backend raises ValueError for a method it cannot run."""
+        from plait.quant.modules import torch_quantized_matmul
+        return torch_quantized_matmul
+
     def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
         """Decode capture (CUDA/HIP graphs, ``jax.jit`` buckets, ...). Default: None, decode
         runs eagerly. :class:`plait.core.graph_runner.DecodeGraphRunner` does the padding and
@@ -209,8 +224,10 @@ class Backend:
         from plait.models.llama import head_dim_of
         from plait.models.loader import load_model
 
-        hf, device = spec.hf_config, self.torch_device
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len)
+        hf, device, quant = spec.hf_config, self.torch_device, spec.quantization
+        matmul = self.quantized_linear(quant.method) if quant.method != "none" else None
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, quant,
+                           matmul)
         attn = self.create_attention_backend(kv_pool, hf.num_attention_heads,
                                              hf.num_key_value_heads, head_dim_of(hf))
         graph = self.create_graph_runner(model, spec.max_batch_size)

@@ -62,6 +62,7 @@ class Engine:
         else:
             model_dir = resolve_model_dir(cfg.model_path)
         self.model_dir = model_dir
+        self.quantization = cfg.quant_config(model_dir)
         self.backend = backend = registry.get_backend(cfg.device)
         self.device_name = backend.name
         self.config = cfg = cfg.with_backend_defaults(backend)
@@ -89,7 +90,8 @@ class Engine:
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         runner = backend.create_model_runner(
-            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
+            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
+                      self.quantization),
             kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size

@@ -12,6 +12,9 @@ the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 #: ``--quantization`` values. ``gguf`` runs a GGUF file's own blocks (implied by a ``.gguf``
 #: model path); ``int8``/``int4`` quantize a float checkpoint's decoder Linear layers at load.
 METHODS = ("none", "int8", "int4", "gguf")
@@ -23,3 +26,17 @@ def check_method(quantization: str) -> str:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)}; "
                          f"got {quantization!r}")
     return quantization
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the loader builds the model's Linear layers (``method`` is one of :data:`METHODS`).
+
+    ``group_size`` / ``symmetric`` apply to ``int4`` (a layer whose input size the group does
+    not divide takes the largest multiple of 32 that does); ``gguf_file`` is the file whose
+    blocks ``gguf`` runs."""
+
+    method: str = "none"
+    group_size: int = 128
+    symmetric: bool = False
+    gguf_file: Path | None = None
