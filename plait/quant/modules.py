@@ -56,7 +56,7 @@ class QuantizedEmbedding(nn.Module):
 
 def int4_group_for(in_features: int, group_size: int) -> int | None:
     """The largest multiple of 32 that divides ``in_features`` and is <= ``group_size``
-    (SmolLM2's 576 inputs take groups of 64 when 128 is asked for); None if none does."""
+    (SmolLM2's 576 inputs take groups of 96 when 128 is asked for); None if none does."""
     for g in range(group_size - group_size % BLOCK, 0, -BLOCK):
         if in_features % g == 0:
             return g
