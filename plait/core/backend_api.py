@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from plait.core.tp.group import TPGroup
 from plait.quant import QuantConfig
 
 if TYPE_CHECKING:
@@ -39,8 +40,10 @@ class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
     ``hf_config`` is the checkpoint's ``transformers`` config; ``context_len`` the longest
-    sequence the runner must serve; ``max_batch_size`` the most requests in one decode;
-    ``quantization`` how the Linear layers are stored (see :mod:`plait.quant`).
+    sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
+    ``tp`` is the tensor-parallel rank the runner is for: with ``tp.size > 1`` it holds only
+    that rank's shard of the model (and its ``kv_pool`` only that shard's KV heads).
+    ``quantization`` is how the Linear layers are stored (see :mod:`plait.quant`).
     """
 
     model_dir: Path
@@ -48,6 +51,7 @@ class ModelSpec:
     dtype: torch.dtype
     context_len: int
     max_batch_size: int
+    tp: TPGroup = TPGroup()
     quantization: QuantConfig = QuantConfig()
 
 
@@ -167,6 +171,16 @@ class Backend:
 
     # ----- the chosen backend -----
 
+    def bind_tp_rank(self, rank: int) -> None:
+        """Called once in each tensor-parallel rank's process, before anything is allocated,
+        so the rank uses its own device. Default: ``torch.<device type>.set_device(rank)``
+        where the device type has one (cuda, npu, xpu); nothing on the CPU, whose ranks are
+        separated by threads and core affinity instead (``plait.core.tp.launcher``)."""
+        kind = self.torch_device.type
+        module = getattr(torch, kind, None)
+        if kind != "cpu" and hasattr(module, "set_device"):
+            module.set_device(rank)
+
     @property
     def torch_device(self) -> torch.device:
         """Where the model's torch tensors live. Default: the CPU."""
@@ -218,7 +232,9 @@ class Backend:
         Default: Plait's torch model on :attr:`torch_device` with this backend's attention and
         graph runner over the paged pool. A backend may return its own runner instead (a JAX
         model, a vendor engine) as long as it reads and writes K/V through ``kv_pool`` at the
-        slots ``req_pool`` holds.
+        slots ``req_pool`` holds. Tensor parallelism (``spec.tp.size > 1``) needs a
+        :class:`~plait.core.model_runner.ModelRunner` (its ``build_*``/``run`` split lets rank 0
+        broadcast the batch it built) over the shard of ``spec.tp``.
         """
         from plait.core.model_runner import ModelRunner
         from plait.models.llama import head_dim_of
@@ -226,9 +242,10 @@ class Backend:
 
         hf, device, quant = spec.hf_config, self.torch_device, spec.quantization
         matmul = self.quantized_linear(quant.method) if quant.method != "none" else None
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, quant,
-                           matmul)
-        attn = self.create_attention_backend(kv_pool, hf.num_attention_heads,
-                                             hf.num_key_value_heads, head_dim_of(hf))
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp,
+                           quant, matmul)
+        heads = model.layers[0].self_attn  # this rank's heads
+        attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
+                                             head_dim_of(hf))
         graph = self.create_graph_runner(model, spec.max_batch_size)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

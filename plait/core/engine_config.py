@@ -27,6 +27,7 @@ class EngineConfig:
     context_length: int | None = None
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
+    tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
     quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
     quantization_group_size: int = 128       # int4 only (multiple of 32)
     quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
@@ -45,6 +46,7 @@ class EngineConfig:
         positive("max_prefill_tokens")
         positive("max_running_requests")
         positive("context_length", allow_none=True)
+        positive("tp_size")
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.schedule_policy not in POLICIES:

@@ -65,8 +65,6 @@ class ServerArgs:
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
         engine's own defaults apply."""
-        if self.tp != 1:
-            raise ValueError(f"tp: tensor parallelism is not supported yet, got {self.tp}")
         kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
                       page_size=self.page_size, max_total_tokens=self.max_total_tokens,
                       chunked_prefill_size=self.chunked_prefill_size,
@@ -76,6 +74,7 @@ class ServerArgs:
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed,
                       grammar_compile_timeout=self.grammar_compile_timeout,
+                      tp_size=self.tp if self.tp != 1 else None,
                       quantization=self.quantization)
         if self.quantization is None and self.model_path.endswith(".gguf"):
             kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
@@ -110,7 +109,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=d.quantization, choices=list(METHODS),
                    help="weight-only quantization (default: gguf for a .gguf model path, "
                         "which runs the file's Q4_0/Q4_1/Q8_0 blocks; else none)")
-    p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel ranks (processes); on the CPU each gets its share of "
+                        "the cores (docs/tensor-parallel.md)")
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
