@@ -125,7 +125,7 @@ def load_gguf_weights(model: nn.Module, gguf_file: Path, config: Any, dtype: tor
         module = getattr(parent, name)
         bias = pieces.get((path, "bias"))
         if isinstance(piece, QuantizedWeight):
-            if isinstance(module, nn.Embedding):
+            if path == "embed_tokens":
                 setattr(parent, name, QuantizedEmbedding(piece, dtype))
             else:
                 setattr(parent, name, QuantizedLinear(piece, bias, matmul))
@@ -143,7 +143,7 @@ def load_gguf_weights(model: nn.Module, gguf_file: Path, config: Any, dtype: tor
             model.lm_head.weight = embed.weight
         loaded.add("lm_head")
     expected = {n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Embedding)) or n.endswith("norm")}
+                if isinstance(m, nn.Linear) or n == "embed_tokens" or n.endswith("norm")}
     missing = expected - loaded
     if missing:
         raise ValueError(f"GGUF file {str(gguf_file)!r} lacks tensors for {sorted(missing)[:5]}")
