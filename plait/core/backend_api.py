@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from plait.core.tp.group import TPGroup
+from plait.quant import QuantConfig
 
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
     from plait.core.model_runner import ModelRunner
+    from plait.quant.modules import QuantizedMatmul
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ModelSpec:
     sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
     ``tp`` is the tensor-parallel rank the runner is for: with ``tp.size > 1`` it holds only
     that rank's shard of the model (and its ``kv_pool`` only that shard's KV heads).
+    ``quantization`` is how the Linear layers are stored (see :mod:`plait.quant`).
     """
 
     model_dir: Path
@@ -49,6 +52,7 @@ class ModelSpec:
     context_len: int
     max_batch_size: int
     tp: TPGroup = TPGroup()
+    quantization: QuantConfig = QuantConfig()
 
 
 class KVPool:
@@ -203,6 +207,16 @@ class Backend:
             f"backend {self.name!r} implements neither create_attention_backend nor "
             "create_model_runner")
 
+    def quantized_linear(self, method: str) -> "QuantizedMatmul":
+        """The matmul of quantized Linear layers for ``--quantization method``:
+        ``f(x[..., K], weight: QuantizedWeight) -> [..., N]`` in ``x``'s dtype, matching
+        :func:`plait.quant.formats.dequantize` followed by ``F.linear`` up to float rounding.
+
+        Default: exactly that, in torch (portable, but the float weight is rebuilt per call, so
+        only memory is saved). A backend raises ValueError for a method it cannot run."""
+        from plait.quant.modules import torch_quantized_matmul
+        return torch_quantized_matmul
+
     def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
         """Decode capture (CUDA/HIP graphs, ``jax.jit`` buckets, ...). Default: None, decode
         runs eagerly. :class:`plait.core.graph_runner.DecodeGraphRunner` does the padding and
@@ -226,8 +240,10 @@ class Backend:
         from plait.models.llama import head_dim_of
         from plait.models.loader import load_model
 
-        hf, device = spec.hf_config, self.torch_device
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp)
+        hf, device, quant = spec.hf_config, self.torch_device, spec.quantization
+        matmul = self.quantized_linear(quant.method) if quant.method != "none" else None
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp,
+                           quant, matmul)
         heads = model.layers[0].self_attn  # this rank's heads
         attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
                                              head_dim_of(hf))

@@ -74,7 +74,10 @@ class BatchExecutor:
         self.runner = runner
         self.eos_ids = eos_ids
         self.overlap = overlap
-        self.futures = FutureTokenMap(max_batch_size, runner.device)
+        # A runner whose device is not torch's (the JAX runner) keeps its step's token ids in a
+        # host tensor, so its placeholders resolve on the CPU.
+        device = runner.device if isinstance(runner.device, torch.device) else "cpu"
+        self.futures = FutureTokenMap(max_batch_size, device)
         self._last_processed = threading.Event()
         self._last_processed.set()
         self._jobs: queue.Queue = queue.Queue()

@@ -69,6 +69,7 @@ class Engine:
         else:
             model_dir = resolve_model_dir(cfg.model_path)
         self.model_dir = model_dir
+        self.quantization = cfg.quant_config(model_dir)
         self.backend = backend = registry.get_backend(cfg.device)
         self.device_name = backend.name
         self.config = cfg = cfg.with_backend_defaults(backend)
@@ -93,7 +94,8 @@ class Engine:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
-        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests)
+        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
+                         quantization=self.quantization)
         if cfg.tp_size == 1:
             runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
         else:

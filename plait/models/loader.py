@@ -17,8 +17,11 @@ from safetensors.torch import save_file
 
 from plait.core.tp.group import TPGroup
 from plait.models.llama import SUPPORTED_MODEL_TYPES, LlamaForCausalLM
+from plait.quant import QuantConfig
+from plait.quant.modules import QuantizedMatmul
 
 CACHE_ENV = "PLAIT_CACHE_DIR"
+GGUF_SOURCE = "gguf_source.txt"  # in a converted directory: the path of its GGUF file
 
 
 def cache_dir() -> Path:
@@ -36,8 +39,27 @@ def resolve_model_dir(model_path: str | os.PathLike) -> Path:
         target = cache_dir() / path.stem
         if not (target / "config.json").exists():
             convert_gguf(path, target)
+        record_gguf_source(target, path)
         return target
     raise ValueError(f"model_path {str(path)!r} is neither a model directory nor a .gguf file")
+
+
+def record_gguf_source(model_dir: Path, gguf_file: Path) -> None:
+    """Note in a converted directory which GGUF file it came from, so ``quantization='gguf'``
+    can run that file's blocks when given the directory (the server resolves paths first)."""
+    marker = model_dir / GGUF_SOURCE
+    source = str(Path(gguf_file).resolve())
+    if not marker.exists() or marker.read_text() != source:
+        marker.write_text(source)
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file ``model_dir`` was converted from, when it was and the file still exists."""
+    marker = Path(model_dir) / GGUF_SOURCE
+    if not marker.exists():
+        return None
+    source = Path(marker.read_text())
+    return source if source.is_file() else None
 
 
 def convert_gguf(gguf_file: Path, target: Path) -> None:
@@ -63,6 +85,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
+        record_gguf_source(tmp, gguf_file)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -88,9 +111,17 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.device,
-               max_positions: int, tp: TPGroup = TPGroup()) -> LlamaForCausalLM:
+               max_positions: int, tp: TPGroup = TPGroup(), quant: QuantConfig = QuantConfig(),
+               matmul: QuantizedMatmul | None = None) -> LlamaForCausalLM:
     """The model (``tp``'s shard of it) with its weights, built on the meta device first so
-    only the kept shard is ever allocated."""
+    only the kept shard is ever allocated. With ``quant.method != "none"`` its Linear layers
+    are :class:`~plait.quant.modules.QuantizedLinear` calling ``matmul`` (the backend's
+    ``quantized_linear``): ``gguf`` reads ``quant.gguf_file``'s blocks, ``int8``/``int4``
+    quantize the checkpoint's decoder layers after loading it."""
+    if quant.method != "none" and matmul is None:
+        raise ValueError(f"quantization={quant.method!r} needs the backend's quantized matmul")
+    if quant.method != "none" and tp.size > 1:
+        raise ValueError(f"quantization={quant.method!r} does not support tp_size > 1 yet")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, tp)
     model = model.to_empty(device=device)
@@ -99,10 +130,18 @@ def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.d
     rotary = RotaryEmbedding(config, head_dim_of(config), max_positions).to(device)
     for layer in model.layers:
         layer.self_attn.rotary = rotary
-    _load_weights(model, model_dir, config)
-    if getattr(config, "tie_word_embeddings", False):
-        model.lm_head.weight = model.embed_tokens.weight
-    model = model.to(dtype).eval()
+    if quant.method == "gguf":
+        from plait.quant.gguf import load_gguf_weights
+        model = model.to(dtype).eval()
+        load_gguf_weights(model, quant.gguf_file, config, dtype, matmul)
+    else:
+        _load_weights(model, model_dir, config)
+        if getattr(config, "tie_word_embeddings", False):
+            model.lm_head.weight = model.embed_tokens.weight
+        model = model.to(dtype).eval()
+        if quant.method in ("int8", "int4"):
+            from plait.quant.modules import quantize_linears
+            quantize_linears(model, quant.method, matmul, quant.group_size, quant.symmetric)
     if device.type == "cpu":
         _store_linear_weights_column_major(model)
     return model

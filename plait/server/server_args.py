@@ -7,12 +7,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from plait.quant import METHODS
+
 
 @dataclass
 class ServerArgs:
     model_path: str = "default"
     device: str = "auto"
     dtype: str | None = None  # None: the backend's default (float32 on CPU, bf16 on NPU)
+    quantization: str | None = None  # None: gguf for a .gguf model path, else none
     host: str = "127.0.0.1"
     port: int = 30000
     tp: int = 1
@@ -73,7 +76,10 @@ class ServerArgs:
                       context_length=self.context_length, random_seed=self.random_seed,
                       grammar_compile_timeout=self.grammar_compile_timeout,
                       disable_overlap_schedule=self.disable_overlap_schedule or None,
-                      tp_size=self.tp if self.tp != 1 else None)
+                      tp_size=self.tp if self.tp != 1 else None,
+                      quantization=self.quantization)
+        if self.quantization is None and self.model_path.endswith(".gguf"):
+            kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to_argv(self) -> list[str]:
@@ -102,6 +108,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
                    help="model and KV dtype (default: the device backend's)")
+    p.add_argument("--quantization", default=d.quantization, choices=list(METHODS),
+                   help="weight-only quantization (default: gguf for a .gguf model path, "
+                        "which runs the file's Q4_0/Q4_1/Q8_0 blocks; else none)")
     p.add_argument("--tp", type=int, default=d.tp,
                    help="tensor-parallel ranks (processes); on the CPU each gets its share of "
                         "the cores (docs/tensor-parallel.md)")

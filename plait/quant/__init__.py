@@ -1,0 +1,42 @@
+"""Weight-only quantization: weights stay quantized in memory, activations stay in the model
+dtype, and a backend-supplied kernel multiplies the two.
+
+- :mod:`plait.quant.formats`: the in-memory format (:class:`QuantizedWeight`), quantizers for a
+  float weight (int8 per-channel, int4 group-wise) and the reference dequantization.
+- :mod:`plait.quant.gguf`: GGUF Q4_0 / Q4_1 / Q8_0 blocks read into that format bit for bit.
+- :mod:`plait.quant.modules`: ``QuantizedLinear`` / ``QuantizedEmbedding`` and the swap of a
+  model's ``nn.Linear`` layers.
+
+The matmul itself comes from ``Backend.quantized_linear(method)`` (portable torch default;
+the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: ``--quantization`` values. ``gguf`` runs a GGUF file's own blocks (implied by a ``.gguf``
+#: model path); ``int8``/``int4`` quantize a float checkpoint's decoder Linear layers at load.
+METHODS = ("none", "int8", "int4", "gguf")
+
+
+def check_method(quantization: str) -> str:
+    """``quantization`` itself when it is a known method; else ValueError naming the flag."""
+    if quantization not in METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(METHODS)}; "
+                         f"got {quantization!r}")
+    return quantization
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the loader builds the model's Linear layers (``method`` is one of :data:`METHODS`).
+
+    ``group_size`` / ``symmetric`` apply to ``int4`` (a layer whose input size the group does
+    not divide takes the largest multiple of 32 that does); ``gguf_file`` is the file whose
+    blocks ``gguf`` runs."""
+
+    method: str = "none"
+    group_size: int = 128
+    symmetric: bool = False
+    gguf_file: Path | None = None
