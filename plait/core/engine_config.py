@@ -8,6 +8,9 @@ from pathlib import Path
 from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
 
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("mooncake", "fake")
+
 
 @dataclass
 class EngineConfig:
@@ -26,6 +29,12 @@ class EngineConfig:
     context_length: int | None = None
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
+    # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
+    disaggregation_mode: str = "null"        # null | prefill | decode
+    disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach it
+    disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (tests, one process)
+    disaggregation_transfer_timeout: float = 30.0  # seconds a request may wait for its KV
+    disaggregation_host: str = "127.0.0.1"   # address peers use to reach this engine
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -49,6 +58,18 @@ class EngineConfig:
         if not self.grammar_compile_timeout > 0:
             raise ValueError(f"grammar_compile_timeout must be > 0, got "
                              f"{self.grammar_compile_timeout!r}")
+        if self.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
+                             f"{self.disaggregation_mode!r}")
+        if self.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
+            raise ValueError(f"disaggregation_transfer_backend must be one of "
+                             f"{TRANSFER_BACKENDS}, got {self.disaggregation_transfer_backend!r}")
+        if not 0 < self.disaggregation_bootstrap_port < 65536:
+            raise ValueError(f"disaggregation_bootstrap_port must be a port number, got "
+                             f"{self.disaggregation_bootstrap_port!r}")
+        if not self.disaggregation_transfer_timeout > 0:
+            raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
+                             f"{self.disaggregation_transfer_timeout!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
 
