@@ -47,6 +47,7 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "mooncake"
     disaggregation_transfer_timeout: float = 30.0
+    pd: str | None = None                         # "1P1D": start the pair + gateway
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -188,6 +189,9 @@ def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
                    default=d.disaggregation_transfer_timeout,
                    help="seconds a request may wait for its KV before it fails (and its "
                         "pre-allocated KV is freed)")
+    g.add_argument("--pd", default=None, metavar="XPYD",
+                   help="start X prefill and Y decode servers and the gateway on --port in one "
+                        "command, e.g. 1P1D (the --router-* flags apply)")
 
 
 def _reachable(host: str) -> str:
