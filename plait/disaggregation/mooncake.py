@@ -3,11 +3,15 @@
 It runs in P2P-handshake mode (no metadata server: the session id is ``host:rpc_port`` and
 peers exchange segment descriptors on first contact) over the ``tcp`` protocol, the transport
 that works everywhere; SGLang uses the same engine over RDMA in production, which is the
-``protocol`` argument away. A write is one ``batch_transfer_sync_write`` call.
+``protocol`` argument away. A write is a series of ``batch_transfer_sync_write`` calls of at
+most ``BATCH`` entries: the TCP transport's queue rejects larger batches ("lane queue-full"),
+and a prompt whose slots are scattered (radix-cache hits) makes one entry per run per buffer.
 """
 from __future__ import annotations
 
 from plait.disaggregation.transfer import KVTransfer, TransferError
+
+BATCH = 64
 
 
 class MooncakeTransfer(KVTransfer):
@@ -31,8 +35,8 @@ class MooncakeTransfer(KVTransfer):
             raise RuntimeError(f"Mooncake could not register {nbytes} bytes at {ptr:#x}: {rc}")
 
     def write(self, peer: str, src: list[int], dst: list[int], lengths: list[int]) -> None:
-        if not src:
-            return
-        rc = self.engine.batch_transfer_sync_write(peer, src, dst, lengths)
-        if rc != 0:
-            raise TransferError(f"Mooncake write to {peer} failed (status {rc})")
+        for i in range(0, len(src), BATCH):
+            rc = self.engine.batch_transfer_sync_write(peer, src[i:i + BATCH], dst[i:i + BATCH],
+                                                       lengths[i:i + BATCH])
+            if rc != 0:
+                raise TransferError(f"Mooncake write to {peer} failed (status {rc})")

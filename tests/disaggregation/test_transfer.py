@@ -73,3 +73,26 @@ def test_mooncake_tcp_write_between_two_engines():
         assert torch.equal(y[[4, 5, 6]], x[[1, 2, 3]])
     with pytest.raises(TransferError):
         a.write("127.0.0.1:1", [src[0].data_ptr()], [dst[0].data_ptr()], [4])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mooncake") is None,
+                    reason="plait[pd] (mooncake-transfer-engine-non-cuda) not installed")
+def test_mooncake_moves_thousands_of_scattered_runs():
+    # a radix-cache hit leaves a prompt's slots scattered: one entry per slot per buffer
+    a, b = create_transfer("mooncake", "127.0.0.1"), create_transfer("mooncake", "127.0.0.1")
+    src_slots = list(range(1, 1000, 2))
+    src, dst = _copy_via_big(a, b, src_slots, list(range(1, 501)))
+    for x, y in zip(src, dst):
+        assert torch.equal(y[1:501], x[src_slots])
+
+
+def _copy_via_big(ta, tb, src_slots, dst_slots):
+    src = [torch.randn(1024, 2, 4) for _ in range(8)]
+    dst = [torch.zeros(1024, 2, 4) for _ in range(8)]
+    for b in src:
+        ta.register(b.data_ptr(), b.numel() * 4)
+    for b in dst:
+        tb.register(b.data_ptr(), b.numel() * 4)
+    s, d, n = KVLayout.of(src).writes(KVLayout.of(dst), src_slots, dst_slots)
+    ta.write(tb.session_id, s, d, n)
+    return src, dst
