@@ -109,7 +109,7 @@ class Engine:
         """The prefill or decode side of disaggregated serving (None in ``null`` mode)."""
         if cfg.disaggregation_mode == "null":
             return None
-        from plait.disaggregation.transfer import create_transfer
+        from plait.disaggregation.transports import create_transfer
         transfer = create_transfer(cfg.disaggregation_transfer_backend, cfg.disaggregation_host)
         s = self.scheduler
         if cfg.disaggregation_mode == "prefill":

@@ -8,6 +8,7 @@ the first sampled token straight into the decode server's memory with a :class:`
 (Mooncake's transfer engine), then notifies the decode server, which decodes from there.
 
 Modules: ``transfer`` (the interface and the in-process fake), ``mooncake`` (the real one),
+``transports`` (choosing one by name),
 ``bootstrap`` (the control messages and their sockets), ``prefill`` and ``decode`` (each
 side's state machine, run on the engine's scheduler thread).
 """

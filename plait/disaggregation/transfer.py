@@ -81,13 +81,3 @@ class FakeTransfer(KVTransfer):
             target._check(d, n, "destination")
             ctypes.memmove(d, s, n)
 
-
-def create_transfer(backend: str, host: str) -> KVTransfer:
-    """The transport ``--disaggregation-transfer-backend`` names, listening on ``host``."""
-    if backend == "mooncake":
-        from plait.disaggregation.mooncake import MooncakeTransfer
-        return MooncakeTransfer(host)
-    if backend == "fake":
-        return FakeTransfer()
-    raise ValueError(f"disaggregation_transfer_backend must be 'mooncake' or 'fake', "
-                     f"got {backend!r}")

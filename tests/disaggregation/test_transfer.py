@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from plait.disaggregation.bootstrap import KVLayout, decode_msg
-from plait.disaggregation.transfer import (FakeTransfer, TransferError, contiguous_runs,
-                                           create_transfer)
+from plait.disaggregation.transfer import FakeTransfer, TransferError, contiguous_runs
+from plait.disaggregation.transports import create_transfer
 
 
 def test_runs_merge_only_where_both_sides_are_consecutive():
