@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from plait.core.tp.group import TPGroup
+
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
@@ -37,6 +39,8 @@ class ModelSpec:
 
     ``hf_config`` is the checkpoint's ``transformers`` config; ``context_len`` the longest
     sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
+    ``tp`` is the tensor-parallel rank the runner is for: with ``tp.size > 1`` it holds only
+    that rank's shard of the model (and its ``kv_pool`` only that shard's KV heads).
     """
 
     model_dir: Path
@@ -44,6 +48,7 @@ class ModelSpec:
     dtype: torch.dtype
     context_len: int
     max_batch_size: int
+    tp: TPGroup = TPGroup()
 
 
 class KVPool:
@@ -162,6 +167,16 @@ class Backend:
 
     # ----- the chosen backend -----
 
+    def bind_tp_rank(self, rank: int) -> None:
+        """Called once in each tensor-parallel rank's process, before anything is allocated,
+        so the rank uses its own device. Default: ``torch.<device type>.set_device(rank)``
+        where the device type has one (cuda, npu, xpu); nothing on the CPU, whose ranks are
+        separated by threads and core affinity instead (``plait.core.tp.launcher``)."""
+        kind = self.torch_device.type
+        module = getattr(torch, kind, None)
+        if kind != "cpu" and hasattr(module, "set_device"):
+            module.set_device(rank)
+
     @property
     def torch_device(self) -> torch.device:
         """Where the model's torch tensors live. Default: the CPU."""
@@ -203,15 +218,18 @@ class Backend:
         Default: Plait's torch model on :attr:`torch_device` with this backend's attention and
         graph runner over the paged pool. A backend may return its own runner instead (a JAX
         model, a vendor engine) as long as it reads and writes K/V through ``kv_pool`` at the
-        slots ``req_pool`` holds.
+        slots ``req_pool`` holds. Tensor parallelism (``spec.tp.size > 1``) needs a
+        :class:`~plait.core.model_runner.ModelRunner` (its ``build_*``/``run`` split lets rank 0
+        broadcast the batch it built) over the shard of ``spec.tp``.
         """
         from plait.core.model_runner import ModelRunner
         from plait.models.llama import head_dim_of
         from plait.models.loader import load_model
 
         hf, device = spec.hf_config, self.torch_device
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len)
-        attn = self.create_attention_backend(kv_pool, hf.num_attention_heads,
-                                             hf.num_key_value_heads, head_dim_of(hf))
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp)
+        heads = model.layers[0].self_attn  # this rank's heads
+        attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
+                                             head_dim_of(hf))
         graph = self.create_graph_runner(model, spec.max_batch_size)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

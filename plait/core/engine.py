@@ -26,6 +26,7 @@ from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
 from plait.core.messages import GenerateReq, RequestLimits
+from plait.core.model_runner import build_model_runner
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampling_params import SamplingParams
@@ -39,7 +40,13 @@ class Engine:
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any):
         self.config = cfg = EngineConfig(model_path=model_path, **kwargs)
         cfg.validate()
-        self._load(cfg)
+        self._tp_runner = None
+        try:
+            self._load(cfg)
+        except BaseException:
+            if self._tp_runner is not None:  # the other ranks started: stop them too
+                self._tp_runner.ranks.stop()
+            raise
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._ids = itertools.count()
@@ -73,24 +80,28 @@ class Engine:
         dtype = _DTYPES[cfg.dtype]
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
+        from plait.core.tp.sharding import check_tp_size
         from plait.models.llama import head_dim_of
-        head_dim = head_dim_of(hf)
-        kv_heads, layers = hf.num_key_value_heads, hf.num_hidden_layers
+        # A rank's KV pool holds its shard's heads: the budget is per rank, sized by the
+        # largest shard, and every rank gets the same number of slots.
+        kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
+        head_dim, layers = head_dim_of(hf), hf.num_hidden_layers
         per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
         tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
-        kv_pool = backend.create_kv_pool(num_slots=tokens, num_layers=layers,
-                                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                                         page_size=cfg.page_size)
-        allocator = backend.create_allocator(num_slots=tokens, page_size=cfg.page_size)
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
+        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests)
+        if cfg.tp_size == 1:
+            runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
+        else:
+            from plait.core.tp.runner import start_tensor_parallel
+            runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
+                                                      req_pool, cfg.tp_size)
+        self._tp_runner = runner if cfg.tp_size > 1 else None
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
-        runner = backend.create_model_runner(
-            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
-            kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
         self.scheduler = Scheduler(
@@ -102,13 +113,14 @@ class Engine:
                             enable_jump_forward=not cfg.disable_jump_forward))
         self.grammar_compiler = None
         self._grammar_lock = threading.Lock()
-        self.disagg = self._disaggregation(cfg, kv_pool, req_pool, kv)
+        self.disagg = self._disaggregation(cfg, req_pool, kv)
 
-    def _disaggregation(self, cfg: EngineConfig, kv_pool: Any, req_pool: ReqToTokenPool,
+    def _disaggregation(self, cfg: EngineConfig, req_pool: ReqToTokenPool,
                         kv: KVManager) -> Any:
         """The prefill or decode side of disaggregated serving (None in ``null`` mode)."""
         if cfg.disaggregation_mode == "null":
             return None
+        kv_pool = self.scheduler.runner.kv_pool
         from plait.disaggregation.transports import create_transfer
         transfer = create_transfer(cfg.disaggregation_transfer_backend, cfg.disaggregation_host)
         s = self.scheduler
@@ -261,9 +273,9 @@ class Engine:
             return self._stream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = outputs.get()
-            if req.finished and out["meta_info"]["finish_reason"] is not None:
-                results[req.rid] = out
+            rid, finished, out = outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered if batched or len(ordered) > 1 else ordered[0]
 
@@ -271,17 +283,20 @@ class Engine:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:  # the consumer stopped early: free the requests' KV
                 self.abort(rid)
 
     def _deliver(self, req: Req, finished: bool, put: Callable[[tuple], None]) -> None:
+        """Queue ``(rid, finished, output)``: a snapshot taken on the scheduler thread. The
+        consumer must not read ``req`` itself, which may have finished (an abort, say) since
+        this output was taken; a stream would then stop before its final output."""
         if finished or req.stream:
-            put((req, self.output_of(req)))
+            put((req.rid, finished, self.output_of(req)))
 
     def output_of(self, req: Req) -> dict:
         text = req.text if req.finished else RequestFinisher.streamable_text(req)
@@ -320,9 +335,9 @@ class Engine:
             return self._astream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = await outputs.get()
-            if req.finished:
-                results[req.rid] = out
+            rid, finished, out = await outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
         return ordered if batched or len(ordered) > 1 else ordered[0]
 
@@ -330,9 +345,9 @@ class Engine:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = await outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = await outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:
@@ -361,16 +376,25 @@ class Engine:
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
                 **vars(s.stats), **getattr(self.disagg, "stats", {}),
+                **_runner_metrics(s.runner),
             }
         return self._call(info)
 
     def shutdown(self) -> None:
+        """Stop the scheduler thread and, under tensor parallelism, every other rank.
+        Idempotent."""
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         if self.disagg is not None:
             self.disagg.close()
             self.disagg = None
+        tp, self._tp_runner = self._tp_runner, None
+        if tp is not None:
+            if self._thread.is_alive():  # stuck mid-forward: no STOP broadcast, just kill
+                tp.ranks.stop()
+            else:
+                tp.shutdown()
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
@@ -386,6 +410,12 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def _runner_metrics(runner: Any) -> dict:
+    """A runner's own counters (the TPU runner's jit compiles), when it exports any."""
+    metrics = getattr(runner, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 def _one_stream_flag(msgs: list[GenerateReq]) -> bool:

@@ -29,6 +29,7 @@ class EngineConfig:
     context_length: int | None = None
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
+    tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
     # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
     disaggregation_mode: str = "null"        # null | prefill | decode
     disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach it
@@ -50,6 +51,7 @@ class EngineConfig:
         positive("max_prefill_tokens")
         positive("max_running_requests")
         positive("context_length", allow_none=True)
+        positive("tp_size")
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.schedule_policy not in POLICIES:
@@ -67,6 +69,10 @@ class EngineConfig:
         if not 0 < self.disaggregation_bootstrap_port < 65536:
             raise ValueError(f"disaggregation_bootstrap_port must be a port number, got "
                              f"{self.disaggregation_bootstrap_port!r}")
+        if self.disaggregation_mode != "null" and self.tp_size != 1:
+            # the KV would live in the rank processes, out of the transfer's reach
+            raise ValueError("disaggregation_mode: prefill/decode disaggregation does not "
+                             "support tensor parallelism yet (tp_size must be 1)")
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
                              f"{self.disaggregation_transfer_timeout!r}")

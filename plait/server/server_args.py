@@ -68,8 +68,6 @@ class ServerArgs:
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
         engine's own defaults apply."""
-        if self.tp != 1:
-            raise ValueError(f"tp: tensor parallelism is not supported yet, got {self.tp}")
         kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
                       page_size=self.page_size, max_total_tokens=self.max_total_tokens,
                       chunked_prefill_size=self.chunked_prefill_size,
@@ -78,7 +76,8 @@ class ServerArgs:
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed,
-                      grammar_compile_timeout=self.grammar_compile_timeout)
+                      grammar_compile_timeout=self.grammar_compile_timeout,
+                      tp_size=self.tp if self.tp != 1 else None)
         if self.disaggregation_mode != "null":
             kwargs.update(disaggregation_mode=self.disaggregation_mode,
                           disaggregation_bootstrap_port=self.disaggregation_bootstrap_port,
@@ -115,7 +114,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
                    help="model and KV dtype (default: the device backend's)")
-    p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel ranks (processes); on the CPU each gets its share of "
+                        "the cores (docs/tensor-parallel.md)")
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
