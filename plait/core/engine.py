@@ -113,9 +113,37 @@ class Engine:
                             max_prefill_tokens=cfg.max_prefill_tokens,
                             schedule_policy=cfg.schedule_policy, context_len=self.context_len,
                             enable_jump_forward=not cfg.disable_jump_forward,
-                            overlap=not cfg.disable_overlap_schedule))
+                            # A prefill server hands each request off after its first
+                            # token; a decode planned for it in the meantime would be wasted
+                            # and race the hand-off, so prefill servers run one batch at a time.
+                            overlap=not cfg.disable_overlap_schedule
+                            and cfg.disaggregation_mode != "prefill"))
         self.grammar_compiler = None
         self._grammar_lock = threading.Lock()
+        self.disagg = self._disaggregation(cfg, req_pool, kv)
+
+    def _disaggregation(self, cfg: EngineConfig, req_pool: ReqToTokenPool,
+                        kv: KVManager) -> Any:
+        """The prefill or decode side of disaggregated serving (None in ``null`` mode)."""
+        if cfg.disaggregation_mode == "null":
+            return None
+        kv_pool = self.scheduler.runner.kv_pool
+        from plait.disaggregation.transports import create_transfer
+        transfer = create_transfer(cfg.disaggregation_transfer_backend, cfg.disaggregation_host)
+        s = self.scheduler
+        if cfg.disaggregation_mode == "prefill":
+            from plait.disaggregation.prefill import PrefillSide
+            side = PrefillSide(transfer, kv_pool, req_pool, cfg.disaggregation_host,
+                               cfg.disaggregation_bootstrap_port,
+                               cfg.disaggregation_transfer_timeout,
+                               call_soon=lambda fn: self._inbox.put((fn, None)),
+                               finish=s.finish_handed_off)
+            s.hand_off = side.hand_off
+            return side
+        from plait.disaggregation.decode import DecodeSide
+        return DecodeSide(transfer, kv, kv_pool, cfg.disaggregation_host,
+                          cfg.disaggregation_transfer_timeout, admit=s.add_prefilled,
+                          fail=s.finish_unscheduled)
 
     # ----- the scheduler thread -----
 
@@ -128,12 +156,16 @@ class Engine:
     def _serve(self) -> None:
         while not self._stopped.is_set():
             try:
-                block = not self.scheduler.has_work()
-                cmd = self._inbox.get(block=block, timeout=0.1 if block else None)
+                busy = self.scheduler.has_work()
+                # requests waiting for KV from elsewhere: poll often, but never spin
+                waiting = self.disagg is not None and self.disagg.has_work()
+                cmd = self._inbox.get(block=not busy, timeout=0.002 if waiting else 0.1)
                 self._run_command(cmd)
                 continue  # drain every pending command before the next forward
             except queue.Empty:
                 pass
+            if self.disagg is not None:
+                self.disagg.poll()
             if self.scheduler.has_work():
                 self.scheduler.step()
 
@@ -169,6 +201,7 @@ class Engine:
         for msg in msgs:
             msg = msg.tokenized(self.tokenizer.encode)
             msg.validate(self.limits)
+            self._check_disaggregated(msg)
             checked.append((msg, self._compile_grammar(msg.sampling_params)))
         reqs = []
         for msg, grammar in checked:
@@ -177,13 +210,36 @@ class Engine:
                 req = Req(rid=one.rid, input_ids=list(one.input_ids), sampling=sp,
                           return_logprob=one.return_logprob,
                           logprob_start_len=one.logprob_start_len,
-                          top_logprobs_num=one.top_logprobs_num, stream=one.stream)
+                          top_logprobs_num=one.top_logprobs_num, stream=one.stream,
+                          bootstrap=one.bootstrap)
                 if sp.seed is not None:
                     req.generator = torch.Generator().manual_seed(sp.seed)
                 if grammar is not None:
                     req.grammar = grammar()
                 reqs.append(req)
         return reqs
+
+    def _check_disaggregated(self, msg: GenerateReq) -> None:
+        """What a request must be in this engine's disaggregation mode (ValueError names the
+        parameter). Prefill and decode halves must agree token for token, so what only one
+        side could do (prompt logprobs, a grammar, n > 1) is refused rather than approximated."""
+        mode = self.config.disaggregation_mode
+        if mode == "null":
+            if msg.bootstrap is not None:
+                raise ValueError("bootstrap_room: this server is not in a disaggregation mode")
+            return
+        if msg.bootstrap is None:
+            raise ValueError(f"bootstrap_room is required: this is a {mode} server (send "
+                             "requests through SGLang's gateway in PD mode)")
+        sp = msg.sampling_params
+        if sp.n != 1:
+            raise ValueError("n must be 1 with prefill/decode disaggregation")
+        if msg.return_logprob:
+            raise ValueError("return_logprob is not supported with prefill/decode "
+                             "disaggregation yet")
+        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
+            raise ValueError("regex: constrained decoding is not supported with prefill/decode "
+                             "disaggregation yet")
 
     def _compile_grammar(self, sp: SamplingParams) -> Callable[[], Any] | None:
         """Compile (cached) in the caller's thread so a slow grammar never stalls decoding."""
@@ -204,7 +260,9 @@ class Engine:
         thread after each step that changed a request (and once when it finishes)."""
         for req in reqs:
             req.on_output = on_output
-        self._inbox.put((lambda: [self.scheduler.add_request(r) for r in reqs], None))
+        decode = self.config.disaggregation_mode == "decode"
+        add = self.disagg.add if decode else self.scheduler.add_request
+        self._inbox.put((lambda: [add(r) for r in reqs], None))
 
     def generate(self, prompt: str | list[str] | None = None,
                  sampling_params: dict | list[dict] | SamplingParams | None = None,
@@ -311,7 +369,8 @@ class Engine:
     # ----- control -----
 
     def abort(self, rid: str) -> None:
-        self._inbox.put((lambda: self.scheduler.abort(rid), None))
+        self._inbox.put((lambda: self.scheduler.abort(rid)
+                         or (self.disagg is not None and self.disagg.abort(rid)), None))
 
     def flush_cache(self) -> bool:
         return self._call(self.scheduler.flush_cache)
@@ -329,7 +388,8 @@ class Engine:
                 "evictable_kv_tokens": kv.evictable,
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
-                **vars(s.stats),
+                "disaggregation_mode": self.config.disaggregation_mode,
+                **vars(s.stats), **getattr(self.disagg, "stats", {}),
                 **_runner_metrics(s.runner),
             }
         return self._call(info)
@@ -340,6 +400,9 @@ class Engine:
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self.disagg is not None:
+            self.disagg.close()
+            self.disagg = None
         tp, self._tp_runner = self._tp_runner, None
         if tp is not None:
             if self._thread.is_alive():  # stuck mid-forward: no STOP broadcast, just kill

@@ -9,6 +9,9 @@ from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
 from plait.quant import QuantConfig, check_method
 
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("mooncake", "fake")
+
 
 @dataclass
 class EngineConfig:
@@ -32,6 +35,12 @@ class EngineConfig:
     quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
     quantization_group_size: int = 128       # int4 only (multiple of 32)
     quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
+    # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
+    disaggregation_mode: str = "null"        # null | prefill | decode
+    disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach it
+    disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (tests, one process)
+    disaggregation_transfer_timeout: float = 30.0  # seconds a request may wait for its KV
+    disaggregation_host: str = "127.0.0.1"   # address peers use to reach this engine
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -62,6 +71,22 @@ class EngineConfig:
         if self.quantization_group_size % 32:
             raise ValueError(f"quantization_group_size must be a multiple of 32, got "
                              f"{self.quantization_group_size!r}")
+        if self.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
+                             f"{self.disaggregation_mode!r}")
+        if self.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
+            raise ValueError(f"disaggregation_transfer_backend must be one of "
+                             f"{TRANSFER_BACKENDS}, got {self.disaggregation_transfer_backend!r}")
+        if not 0 < self.disaggregation_bootstrap_port < 65536:
+            raise ValueError(f"disaggregation_bootstrap_port must be a port number, got "
+                             f"{self.disaggregation_bootstrap_port!r}")
+        if self.disaggregation_mode != "null" and self.tp_size != 1:
+            # the KV would live in the rank processes, out of the transfer's reach
+            raise ValueError("disaggregation_mode: prefill/decode disaggregation does not "
+                             "support tensor parallelism yet (tp_size must be 1)")
+        if not self.disaggregation_transfer_timeout > 0:
+            raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
+                             f"{self.disaggregation_transfer_timeout!r}")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
 

@@ -22,6 +22,10 @@ Transitions (all in this module):
 - ``cache_unfinished``: ``[0, kv_len)`` is inserted into the cache. Tokens another request
   cached meanwhile are duplicates: the request's copies are freed and the cache's written into
   the row. The lock moves to the node of the new, longer prefix.
+- ``admit_for_transfer`` (disaggregated decode): a free row and ``n`` fresh slots written into
+  it, ``kv_len = 0``: the slots are the request's but hold nothing valid until a prefill server
+  has written them. ``transfer_done`` then sets ``kv_len = n`` (an ordinary admitted request
+  from there on); ``transfer_failed`` frees the slots and the row, caching nothing.
 - ``release``: ``cache_unfinished``, unlock, free ``[cache_len, kv_len)``, free the row (a slot
   whose token is still in flight, under the overlap schedule, is freed, never cached). Used
   for finish, abort and retraction alike: a retracted request's computed KV stays in the cache,
@@ -159,6 +163,32 @@ class KVManager:
         req.req_pool_idx, req.last_node = row, prefix.handle
         req.kv_len = req.cache_len = p
         return True
+
+    def admit_for_transfer(self, req: Req, n: int) -> torch.Tensor | None:
+        """A row and ``n`` slots for KV another server will write (see the module docstring).
+        None, taking nothing, when either is short after evicting."""
+        row = self.req_pool.alloc()
+        if row is None:
+            return None
+        slots = self._alloc(n, -1)
+        if slots is None:
+            self.req_pool.free(row)
+            return None
+        self.req_pool.req_to_token[row, :n] = slots.to(torch.int32)
+        _, root = self.cache.match_prefix([])
+        self.cache.inc_lock_ref(root)
+        req.req_pool_idx, req.last_node = row, root
+        req.kv_len = req.cache_len = 0
+        return slots
+
+    def transfer_done(self, req: Req, n: int) -> None:
+        """The ``n`` slots from ``admit_for_transfer`` now hold ``req``'s first ``n`` tokens."""
+        req.kv_len = n
+
+    def transfer_failed(self, req: Req, slots: torch.Tensor) -> None:
+        """Give back a row and slots whose KV never arrived (or may be partial)."""
+        self.allocator.free(slots)
+        self.release(req)
 
     # ----- allocation -----
 

@@ -34,6 +34,24 @@ class RequestLimits:
     max_sequences: int | None = None
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """Where the prefill half of a disaggregated request meets its decode half: SGLang's
+    gateway adds the same three fields to both (``plait.disaggregation``). ``room`` is the
+    request's id on the prefill server's bootstrap socket at ``host:port``."""
+    host: str
+    port: int
+    room: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"bootstrap_host must be a non-empty string, got {self.host!r}")
+        if not _is_int(self.port) or not 0 < self.port < 65536:
+            raise ValueError(f"bootstrap_port must be a port number, got {self.port!r}")
+        if not _is_int(self.room) or self.room < 0:
+            raise ValueError(f"bootstrap_room must be a non-negative integer, got {self.room!r}")
+
+
 @dataclass
 class GenerateReq:
     """One prompt to generate from (``sampling_params.n`` samples of it).
@@ -50,6 +68,7 @@ class GenerateReq:
     logprob_start_len: int = -1               # -1: no prompt logprobs
     top_logprobs_num: int = 0
     stream: bool = False
+    bootstrap: Bootstrap | None = None        # set by SGLang's gateway in PD mode
 
     def __post_init__(self) -> None:
         sp = self.sampling_params

@@ -115,6 +115,11 @@ class OutputProcessor:
 
     def _append(self, req: Req, token: int) -> None:
         self.finisher.append_token(req, token, self.config.context_len)
+        if self.hand_off is not None:  # a prefill server: the decode server takes it from here
+            if req in self.running:
+                self.running.remove(req)
+            self.hand_off(req)
+            return
         jumped = 0
         if req.grammar is not None and not req.finished and self.config.enable_jump_forward:
             jumped = self._jump_forward(req)

@@ -34,6 +34,7 @@ class Req:
     stream: bool = False
     on_output: Callable[["Req", bool], None] | None = None
     grammar: Any = None                      # plait.core.grammar.GrammarState when constrained
+    bootstrap: Any = None                    # plait.core.messages.Bootstrap (disaggregated)
 
     output_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -84,11 +84,37 @@ class Scheduler(OutputProcessor):
         self.chunked: Req | None = None
         self.new_token_ratio = config.init_new_token_ratio
         self.stats = SchedulerStats()
+        # Disaggregated prefill: called with each request once its first token is sampled; it
+        # takes the request (and its KV) over and ends it with ``finish_handed_off``.
+        self.hand_off: Callable[[Req], None] | None = None
 
     # ----- queue management -----
 
     def add_request(self, req: Req) -> None:
         self.waiting.append(req)
+
+    def add_prefilled(self, req: Req, token: int) -> None:
+        """Admit a request whose prompt KV another server computed (``kv_len`` covers the
+        prompt) with the first token it sampled: straight into the running batch."""
+        self.stats.prompt_tokens += len(req.input_ids)
+        self.stats.generated_tokens += 1
+        self.finisher.append_token(req, token, self.config.context_len)
+        if req.finished:
+            self.kv.release(req)
+        else:
+            self.running.append(req)
+        self.finisher.emit(req)
+
+    def finish_unscheduled(self, req: Req, reason: dict) -> None:
+        """Report the end of a request the scheduler never held (it waited elsewhere, e.g.
+        for its KV from a prefill server); its KV, if any, is the caller's to free."""
+        self._finish_now(req, reason)
+
+    def finish_handed_off(self, req: Req, reason: dict) -> None:
+        """End a request given to ``hand_off``: release its KV and report ``reason``."""
+        self.kv.release(req)
+        req.finish_reason = None  # the hand-off's outcome decides, not the first token's
+        self._finish_now(req, reason)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self._inflight)

@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         args = from_namespace(ns)
         if args.dp < 1:
             build_parser().error(f"--dp must be at least 1, got {args.dp}")
+        if args.pd is not None:
+            if args.dp > 1 or args.disaggregation_mode != "null":
+                build_parser().error("--pd starts its own servers: it cannot be combined with "
+                                     "--dp or --disaggregation-mode")
+            from plait.server.pd_launcher import run_pd
+            return run_pd(args)
         if args.dp > 1:
             from plait.server.data_parallel import run_data_parallel
             return run_data_parallel(args)

@@ -38,6 +38,7 @@ async def build_requests(body: GenerateRequest, client: EngineClient
     sps = values.get("sampling_params")
     values["sampling_params"] = ([clean_sampling_params(sp) for sp in sps]
                                  if isinstance(sps, list) else clean_sampling_params(sps))
+    values["bootstrap"] = body.bootstrap()
     with invalid_request():
         msgs, batched = GenerateReq.batch(**values)
         reqs = await prepare(client, msgs)

@@ -40,6 +40,12 @@ class ServerMetrics:
         self.prompt_tokens = Counter("plait_prompt_tokens", "Prompt tokens", registry=r)
         self.cached_tokens = Counter("plait_cached_tokens",
                                      "Prompt tokens served from the prefix cache", registry=r)
+        # Read from the engine's counter at scrape time: under disaggregation the decode server
+        # must show 0 here (its prompts' KV came from a prefill server).
+        self.computed_prompt_tokens = Counter(
+            "plait_computed_prompt_tokens",
+            "Prompt tokens this server ran through the model itself (not cached, not received)",
+            registry=r)
         self.generation_tokens = Counter("plait_generation_tokens", "Generated tokens",
                                          registry=r)
         self.ttft = Histogram("plait_time_to_first_token_seconds", "Time to first token",
@@ -116,6 +122,9 @@ class ServerMetrics:
             # Cached-but-unreferenced prefixes are reclaimable, so they count as free.
             usage = 1 - (free + _first(info, "evictable_kv_tokens", default=0)) / total
         self.token_usage.set(usage or 0.0)
+        computed = _first(info, "prefill_tokens", default=None)
+        if computed is not None and computed > _counter_value(self.computed_prompt_tokens):
+            self.computed_prompt_tokens.inc(computed - _counter_value(self.computed_prompt_tokens))
         prompt = _counter_value(self.prompt_tokens)
         self.cache_hit_rate.set(_counter_value(self.cached_tokens) / prompt if prompt else 0.0)
         now = time.monotonic()

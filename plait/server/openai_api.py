@@ -131,7 +131,7 @@ async def completions(body: CompletionRequest, request: Request):
                            sampling_params=_sampling(body, max_tokens), rid=rid,
                            return_logprob=want_lp, top_logprobs_num=body.logprobs or 0,
                            logprob_start_len=0 if body.echo and want_lp else -1,
-                           stream=body.stream)
+                           stream=body.stream, bootstrap=body.bootstrap())
     prompt_texts = ([client.tokenizer.decode(r.input_ids) for r in reqs[::body.n]]
                     if body.echo else None)
 
@@ -247,7 +247,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
     reqs = await _requests(client, {"max_new_tokens": param}, input_ids=ids,
                            sampling_params=sp, rid=rid, return_logprob=body.logprobs,
-                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
+                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream,
+                           bootstrap=body.bootstrap())
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": body.model}
     if body.stream:

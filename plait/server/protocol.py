@@ -11,6 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from plait.core.messages import Bootstrap
+
 
 class APIError(Exception):
     """An error that reaches the client as ``{"error": {...}}`` with ``status``."""
@@ -105,6 +107,24 @@ class GatewayFields(BaseModel):
     background: Literal[False] = False
     log_metrics: bool = True
     no_logs: bool = False
+    # Prefill/decode disaggregation: the gateway's pairing of the two halves of a request
+    # (plait.disaggregation); a server not in a disaggregation mode refuses them.
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = Field(default=None, ge=0)
+
+    def bootstrap(self) -> Bootstrap | None:
+        """The three bootstrap fields as one value; some but not all of them is a 400."""
+        given = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+        if all(v is None for v in given):
+            return None
+        if any(v is None for v in given):
+            raise APIError("bootstrap_room: bootstrap_host, bootstrap_port and bootstrap_room "
+                           "go together", param="bootstrap_room")
+        try:
+            return Bootstrap(*given)
+        except ValueError as e:
+            raise APIError(str(e), param=param_of(e)) from None
 
 
 class GenerateRequest(GatewayFields, _Strict):

@@ -46,6 +46,12 @@ class ServerArgs:
     router_policy: str = "cache_aware"
     router_extra_args: str | None = None
     router_prometheus_port: int | None = None
+    # Prefill/decode disaggregation behind SGLang's gateway in PD mode (plait.disaggregation).
+    disaggregation_mode: str = "null"
+    disaggregation_bootstrap_port: int = 8998
+    disaggregation_transfer_backend: str = "mooncake"
+    disaggregation_transfer_timeout: float = 30.0
+    pd: str | None = None                         # "1P1D": start the pair + gateway
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -80,6 +86,12 @@ class ServerArgs:
                       quantization=self.quantization)
         if self.quantization is None and self.model_path.endswith(".gguf"):
             kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
+        if self.disaggregation_mode != "null":
+            kwargs.update(disaggregation_mode=self.disaggregation_mode,
+                          disaggregation_bootstrap_port=self.disaggregation_bootstrap_port,
+                          disaggregation_transfer_backend=self.disaggregation_transfer_backend,
+                          disaggregation_transfer_timeout=self.disaggregation_transfer_timeout,
+                          disaggregation_host=_reachable(self.host))
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def to_argv(self) -> list[str]:
@@ -89,7 +101,9 @@ class ServerArgs:
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if value is None or value is False or (f.name == "dp" and value == 1):
+            if value is None or value is False or (f.name == "dp" and value == 1) \
+                    or (f.name.startswith("disaggregation_")
+                        and value == getattr(ServerArgs, f.name)):
                 continue
             argv += [flag] if value is True else [flag, str(value)]
         return argv
@@ -155,6 +169,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="on SIGTERM, let running requests finish for up to this many seconds")
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    add_disaggregation_args(p)
     dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
     dp.add_argument("--dp", type=int, default=d.dp,
                     help="engine workers behind one sglang-router gateway on --port; each gets "
@@ -167,6 +182,38 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--router-extra-args", default=None,
                     help="more sglang_router.launch_router flags, quoted as one string, e.g. "
                          "'--max-concurrent-requests 64 --queue-size 128'")
+
+
+def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
+    d = ServerArgs()
+    g = p.add_argument_group("prefill/decode disaggregation (SGLang's gateway in PD mode, "
+                             "pip install 'plait[pd]')")
+    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode,
+                   choices=["null", "prefill", "decode"],
+                   help="prefill: run prompts and send their KV; decode: receive KV and decode")
+    g.add_argument("--disaggregation-bootstrap-port", type=int,
+                   default=d.disaggregation_bootstrap_port,
+                   help="prefill: the port decode servers reach it on (the gateway's "
+                        "'--prefill URL PORT')")
+    g.add_argument("--disaggregation-transfer-backend", default=d.disaggregation_transfer_backend,
+                   choices=["mooncake", "fake"],
+                   help="how KV moves: Mooncake's transfer engine (TCP); fake works only "
+                        "within one process (tests)")
+    g.add_argument("--disaggregation-transfer-timeout", type=float,
+                   default=d.disaggregation_transfer_timeout,
+                   help="seconds a request may wait for its KV before it fails (and its "
+                        "pre-allocated KV is freed)")
+    g.add_argument("--pd", default=None, metavar="XPYD",
+                   help="start X prefill and Y decode servers and the gateway on --port in one "
+                        "command, e.g. 1P1D (the --router-* flags apply)")
+
+
+def _reachable(host: str) -> str:
+    """The address peers use for a server listening on ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+        return socket.gethostbyname(socket.gethostname())
+    return host
 
 
 def from_namespace(ns: argparse.Namespace) -> ServerArgs:

@@ -1,0 +1,158 @@
+"""The decode server's side: pre-allocate KV for a request, ask its prefill server to fill it,
+and admit it to the running batch when the KV and the first token have landed.
+
+States of a request here (all on the scheduler thread, in :meth:`DecodeSide.poll`)::
+
+    queued    waiting for a row and ``len(prompt)`` free slots (KVManager.admit_for_transfer)
+    inflight  slots allocated and sent to the prefill server as a "target"; waiting for
+              "done" (-> Scheduler.add_prefilled) or "failed"/the deadline (-> an error,
+              KVManager.transfer_failed)
+    draining  aborted while inflight: the client already has its answer, but the slots stay
+              held until the prefill side answers or the deadline passes, so a write still in
+              flight can never land in KV that another request owns
+
+The prompt is never computed here: a request whose KV cannot arrive fails with an error that
+says why, within ``timeout`` seconds (a dead prefill server never answers; its requests fail
+at their deadline and free their KV; every other request keeps decoding).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from plait.core.kv_manager import KVManager
+from plait.core.request import Req
+from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
+                                            layout_to_json, pull_socket)
+from plait.disaggregation.transfer import KVTransfer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Inflight:
+    req: Req
+    slots: torch.Tensor
+    prefill: str          # the prefill server's bootstrap address
+    deadline: float
+    aborted: bool = False
+
+
+class DecodeSide:
+    def __init__(self, transfer: KVTransfer, kv: KVManager, kv_pool: Any, host: str,
+                 timeout: float, admit: Callable[[Req, int], None],
+                 fail: Callable[[Req, dict], None]):
+        self.transfer = transfer
+        self.kv = kv
+        self.timeout = timeout
+        self.admit = admit   # Scheduler.add_prefilled
+        self.fail = fail     # finish a request that never started (not admitted anywhere)
+        buffers = kv_buffers(kv_pool)
+        self.layout = KVLayout.of(buffers)
+        for b in buffers:
+            transfer.register(b.data_ptr(), b.numel() * b.element_size())
+        # row r's first token lands here
+        self.tokens = torch.zeros(kv.req_pool.size, dtype=torch.int64)
+        transfer.register(self.tokens.data_ptr(), self.tokens.numel() * 8)
+        self.ctx = zmq.Context()
+        self.sock, self.notify = pull_socket(self.ctx, host, None)
+        self.pushers = Pushers(self.ctx)
+        self.queued: list[Req] = []
+        self.inflight: dict[int, _Inflight] = {}
+        self.stats = {"kv_transfers": 0, "kv_bytes_received": 0, "kv_transfer_seconds": 0.0,
+                      "kv_transfer_failures": 0}
+        log.info("decode notifications on %s (KV via %s)", self.notify, transfer.session_id)
+
+    def add(self, req: Req) -> None:
+        self.queued.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.queued or self.inflight)
+
+    def poll(self) -> None:
+        self._start_transfers()
+        while True:
+            try:
+                raw = self.sock.recv(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = decode_msg(raw)
+            if msg is not None:
+                self._on_message(msg)
+        now = time.monotonic()
+        for room, it in list(self.inflight.items()):
+            if it.deadline < now:
+                self._end(room, f"no KV from the prefill server {it.prefill} within "
+                                f"{self.timeout:.0f}s (is it alive?)", cancel=True)
+
+    def abort(self, rid: str) -> bool:
+        for req in self.queued:
+            if req.rid == rid:
+                self.queued.remove(req)
+                self.fail(req, {"type": "abort", "message": "aborted"})
+                return True
+        for room, it in self.inflight.items():
+            if it.req.rid == rid and not it.aborted:
+                it.aborted = True
+                self.pushers.send(it.prefill, {"op": "cancel", "room": room})
+                self.fail(it.req, {"type": "abort", "message": "aborted"})
+                return True
+        return False
+
+    # ----- internals -----
+
+    def _start_transfers(self) -> None:
+        while self.queued:
+            req = self.queued[0]
+            n = len(req.input_ids)
+            slots = self.kv.admit_for_transfer(req, n)
+            if slots is None:
+                return  # wait for running requests to free KV
+            self.queued.pop(0)
+            b = req.bootstrap
+            prefill = f"tcp://{b.host}:{b.port}"
+            self.inflight[b.room] = _Inflight(req, slots, prefill,
+                                              time.monotonic() + self.timeout)
+            self.pushers.send(prefill, {
+                "op": "target", "room": b.room, "session": self.transfer.session_id,
+                "notify": self.notify, "layout": layout_to_json(self.layout),
+                "slots": slots.tolist(),
+                "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx})
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        room = msg["room"]
+        it = self.inflight.get(room)
+        if it is None:
+            return  # already timed out
+        if msg["op"] == "failed":
+            self._end(room, str(msg.get("message", "the prefill server failed")), cancel=False)
+        elif msg["op"] == "done":
+            del self.inflight[room]
+            if it.aborted:
+                self.kv.transfer_failed(it.req, it.slots)
+                return
+            self.stats["kv_transfers"] += 1
+            self.stats["kv_bytes_received"] += int(msg.get("bytes", 0))
+            self.stats["kv_transfer_seconds"] += float(msg.get("seconds", 0.0))
+            self.kv.transfer_done(it.req, len(it.req.input_ids))
+            self.admit(it.req, int(self.tokens[it.req.req_pool_idx]))
+
+    def _end(self, room: int, message: str, cancel: bool) -> None:
+        it = self.inflight.pop(room)
+        if cancel:
+            self.pushers.send(it.prefill, {"op": "cancel", "room": room})
+        self.kv.transfer_failed(it.req, it.slots)
+        if not it.aborted:
+            self.stats["kv_transfer_failures"] += 1
+            log.warning("request %s failed: %s", it.req.rid, message)
+            self.fail(it.req, {"type": "error", "message": message})
+
+    def close(self) -> None:
+        self.pushers.close()
+        self.sock.close()
+        self.ctx.term()

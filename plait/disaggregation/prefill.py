@@ -1,0 +1,218 @@
+"""The prefill server's side: run the prompt, then push its KV and first token to the decode
+server that asked for them.
+
+A request in prefill mode is scheduled like any other (radix cache, chunking, batching); once
+its first token is sampled the scheduler hands it to :meth:`PrefillSide.hand_off` instead of
+the running batch. It keeps its row and slots (locked, so never evicted) until the transfer
+has ended; then the scheduler thread releases them and finishes the request: one output token
+and ``length`` when the KV landed, an ``error`` when not (no decode target within the timeout,
+a failed write, or ``cancel`` from the decode side).
+
+Threads: ``hand_off``/``abort``/``poll_timeouts`` run on the scheduler thread; a receiver
+thread reads the bootstrap socket; one worker thread does the writes (so a slow peer never
+stalls a forward pass) and sends the notifications. ``self.lock`` guards the three tables.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import zmq
+
+from plait.core.request import Req
+from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
+                                            layout_from_json, pull_socket)
+from plait.disaggregation.transfer import KVTransfer, TransferError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Ready:
+    """A prefilled request waiting for (or in) its transfer."""
+    req: Req
+    slots: list[int]
+    deadline: float
+    cancelled: bool = False
+    sending: bool = False   # given to the worker: it alone ends the request from then on
+
+
+@dataclass
+class _Target:
+    msg: dict[str, Any]
+    deadline: float = field(default=0.0)
+
+
+class PrefillSide:
+    def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
+                 timeout: float, call_soon: Callable[[Callable[[], None]], None],
+                 finish: Callable[[Req, dict], None]):
+        self.transfer = transfer
+        self.req_pool = req_pool
+        self.timeout = timeout
+        self.call_soon = call_soon  # run on the scheduler thread
+        self.finish = finish        # Scheduler.finish_handed_off
+        buffers = kv_buffers(kv_pool)
+        self.layout = KVLayout.of(buffers)
+        for b in buffers:
+            transfer.register(b.data_ptr(), b.numel() * b.element_size())
+        # the first token of row r is written from here (a source must be registered)
+        self.tokens = torch.zeros(req_pool.size, dtype=torch.int64)
+        transfer.register(self.tokens.data_ptr(), self.tokens.numel() * 8)
+        self.lock = threading.Lock()
+        self.ready: dict[int, _Ready] = {}
+        self.targets: dict[int, _Target] = {}
+        self.rooms: dict[str, int] = {}  # rid -> room, for aborts
+        self.ctx = zmq.Context()
+        self.sock, self.address = pull_socket(self.ctx, host, port)
+        self.stopped = threading.Event()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="plait-kv-send")
+        self.pushers = Pushers(self.ctx)  # used by the worker thread only
+        self.receiver = threading.Thread(target=self._receive, name="plait-bootstrap",
+                                         daemon=True)
+        self.receiver.start()
+        log.info("prefill bootstrap on %s (KV via %s)", self.address, transfer.session_id)
+
+    # ----- scheduler thread -----
+
+    def hand_off(self, req: Req) -> None:
+        room = req.bootstrap.room
+        n = len(req.input_ids)
+        slots = self.req_pool.req_to_token[req.req_pool_idx, :n].tolist()
+        self.tokens[req.req_pool_idx] = req.output_ids[0]
+        with self.lock:
+            ready = _Ready(req, slots, time.monotonic() + self.timeout)
+            self.ready[room] = ready
+            self.rooms[req.rid] = room
+            target = self.targets.pop(room, None)
+        if target is not None:
+            self.worker.submit(self._send, room, ready, target.msg)
+
+    def has_work(self) -> bool:
+        return bool(self.ready)
+
+    def poll(self) -> None:
+        """Fail handed-off requests whose decode server never asked for them."""
+        now = time.monotonic()
+        with self.lock:
+            late = [(room, r) for room, r in self.ready.items()
+                    if r.deadline < now and not r.cancelled and room not in self.targets]
+            for room, r in late:
+                r.cancelled = True
+            stale = [room for room, t in self.targets.items() if t.deadline < now]
+            for room in stale:
+                del self.targets[room]
+        for room, r in late:
+            if self._pop(room) is not None:
+                self.finish(r.req, _error(f"no decode server asked for the KV of bootstrap "
+                                          f"room {room} within {self.timeout:.0f}s"))
+
+    def abort(self, rid: str) -> bool:
+        with self.lock:
+            room = self.rooms.get(rid)
+            ready = self.ready.get(room) if room is not None else None
+            if ready is None:
+                return False
+            ready.cancelled = True
+        self._finish_unless_sending(room, "aborted")
+        return True
+
+    # ----- internals -----
+
+    def _pop(self, room: int) -> _Ready | None:
+        with self.lock:
+            ready = self.ready.pop(room, None)
+            if ready is not None:
+                self.rooms.pop(ready.req.rid, None)
+            return ready
+
+    def _finish_unless_sending(self, room: int, why: str) -> None:
+        """A cancelled request not yet submitted to the worker ends now; one in the worker
+        ends when its write returns (its slots may still be read until then)."""
+        with self.lock:
+            ready = self.ready.get(room)
+            sending = ready is not None and ready.sending
+        if ready is not None and not sending and self._pop(room) is not None:
+            self.finish(ready.req, {"type": "abort", "message": why})
+
+    def _receive(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopped.is_set():
+            if not poller.poll(100):
+                continue
+            msg = decode_msg(self.sock.recv())
+            if msg is None:
+                log.warning("ignored a malformed bootstrap message")
+                continue
+            room = msg["room"]
+            if msg["op"] == "cancel":
+                with self.lock:
+                    ready = self.ready.get(room)
+                    if ready is not None:
+                        ready.cancelled = True
+                    self.targets.pop(room, None)
+                if ready is not None:
+                    self.call_soon(lambda room=room: self._finish_unless_sending(
+                        room, "the decode server cancelled the transfer"))
+            elif msg["op"] == "target":
+                with self.lock:
+                    ready = self.ready.get(room)
+                    if ready is None:
+                        self.targets[room] = _Target(msg, time.monotonic() + self.timeout)
+                if ready is not None:
+                    self.worker.submit(self._send, room, ready, msg)
+
+    def _send(self, room: int, ready: _Ready, msg: dict[str, Any]) -> None:
+        """Worker thread: write the KV and the token, notify the decode server, and have the
+        scheduler thread release the request."""
+        with self.lock:
+            ready.sending = True
+        started = time.perf_counter()
+        try:
+            if ready.cancelled:
+                raise TransferError("cancelled")
+            dst_slots = msg["slots"]
+            if len(dst_slots) != len(ready.slots):
+                raise TransferError(f"the decode server allocated {len(dst_slots)} slots for "
+                                    f"a {len(ready.slots)}-token prompt (different prompts?)")
+            src, dst, lengths = self.layout.writes(layout_from_json(msg["layout"]),
+                                                   ready.slots, dst_slots)
+            row = ready.req.req_pool_idx
+            src.append(self.tokens.data_ptr() + 8 * row)
+            dst.append(int(msg["aux"]))
+            lengths.append(8)
+            self.transfer.write(msg["session"], src, dst, lengths)
+            nbytes = sum(lengths)
+            self.pushers.send(msg["notify"], {"op": "done", "room": room, "bytes": nbytes,
+                                              "seconds": time.perf_counter() - started})
+            reason: dict = {"type": "length", "length": 1}
+        except (TransferError, KeyError, TypeError, ValueError) as e:
+            log.warning("KV transfer of room %s failed: %s", room, e)
+            if isinstance(msg.get("notify"), str):
+                self.pushers.send(msg["notify"], {"op": "failed", "room": room,
+                                                  "message": f"prefill: {e}"})
+            reason = (_error(f"KV transfer failed: {e}") if not ready.cancelled
+                      else {"type": "abort", "message": "aborted"})
+
+        def done() -> None:
+            if self._pop(room) is not None:
+                self.finish(ready.req, reason)
+        self.call_soon(done)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.receiver.join(timeout=2)
+        self.worker.shutdown(wait=True, cancel_futures=True)
+        self.pushers.close()
+        self.sock.close()
+        self.ctx.term()
+
+
+def _error(message: str) -> dict:
+    return {"type": "error", "message": message}

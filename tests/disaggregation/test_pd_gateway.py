@@ -1,0 +1,147 @@
+"""``plait serve --pd 1P1D`` with the real SmolLM2: real processes on 127.0.0.1, KV moved by
+Mooncake over TCP, requests through SGLang's real gateway in PD mode.
+
+One launch for the module (on 2 cores every start costs seconds); the test that kills the
+prefill server runs last. The unified reference is ``plait.Engine`` in this process: the same
+engine a unified ``plait serve`` runs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+import plait
+from tests.server.conftest import start_server
+from tests.server.test_data_parallel import child_pids
+from tests.server.test_server_fake import sse_events
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("sglang_router", reason="plait[router] (sglang-router) is installed by make")
+if importlib.util.find_spec("mooncake") is None:
+    pytest.skip("plait[pd] (Mooncake) is installed by make", allow_module_level=True)
+
+PROMPTS = ["Hi", "The capital of France is", "def fibonacci(n):\n    " * 5,
+           "Once upon a time, in a quiet village by the sea, " * 15]
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+TIMEOUT = 8  # --disaggregation-transfer-timeout
+
+
+@pytest.fixture(scope="module")
+def pd(smollm_dir, tmp_path_factory):
+    server = start_server(["--device", "cpu", "--pd", "1P1D", "--max-total-tokens", "8192",
+                           "--disaggregation-transfer-timeout", str(TIMEOUT)],
+                          tmp_path_factory.mktemp("pd") / "pd.log", str(smollm_dir))
+    server.children = {}
+    for pid in child_pids(server.proc.pid):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "--disaggregation-mode" in cmd:
+            mode = cmd[cmd.index("--disaggregation-mode") + 1]
+            server.children[mode] = (pid, f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}")
+    assert set(server.children) == {"prefill", "decode"}
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def unified(smollm_dir):
+    engine = plait.Engine(model_path=smollm_dir, device="cpu")
+    yield engine
+    engine.shutdown()
+
+
+def gen(url: str, text: str, **extra) -> requests.Response:
+    return requests.post(url + "/generate", timeout=300,
+                         json={"text": text, "sampling_params": GREEDY, **extra})
+
+
+def info(url: str) -> dict:
+    return requests.get(url + "/get_server_info", timeout=30).json()
+
+
+def metric(url: str, name: str) -> float:
+    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported by {url}")
+
+
+def test_generate_equals_unified_token_for_token_streaming_or_not(pd, unified):
+    want = [o["output_ids"] for o in unified.generate(PROMPTS, dict(GREEDY))]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # a batch, arriving together
+        got = list(pool.map(lambda p: gen(pd.url, p), PROMPTS))
+    assert [r.status_code for r in got] == [200] * len(PROMPTS), [r.text for r in got]
+    assert [r.json()["output_ids"] for r in got] == want
+    r = requests.post(pd.url + "/generate", stream=True, timeout=300,
+                      json={"text": PROMPTS[3], "sampling_params": GREEDY, "stream": True})
+    events = sse_events(r)
+    assert events[-1] == "[DONE]" and events[-2]["output_ids"] == want[3]
+
+
+def test_chat_equals_unified(pd, unified):
+    messages = [{"role": "user", "content": "Name a primary color."}]
+    tok = unified.tokenizer
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    want = unified.generate(input_ids=ids, sampling_params={"temperature": 0,
+                                                            "max_new_tokens": 16})["text"]
+    body = {"model": "SmolLM2-135M-Instruct", "messages": messages, "temperature": 0, "max_tokens": 16}
+    r = requests.post(pd.url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
+    r = requests.post(pd.url + "/v1/chat/completions", json={**body, "stream": True},
+                      stream=True, timeout=300)
+    chunks = [e for e in sse_events(r) if e != "[DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want
+
+
+def test_decode_computes_no_prompt_tokens_and_prefill_reuses_prefixes(pd):
+    (_, prefill), (_, decode) = pd.children["prefill"], pd.children["decode"]
+    base = "You are a helpful assistant who answers in one short sentence. " * 8
+    before = info(prefill)["cached_tokens"]
+    for q in ("What is two plus two?", "What colour is the sky?"):
+        assert gen(pd.url, base + q).status_code == 200
+    assert info(prefill)["cached_tokens"] - before > 80  # the second reused the shared prefix
+    assert metric(decode, "plait_computed_prompt_tokens_total") == 0
+    assert metric(prefill, "plait_computed_prompt_tokens_total") > 0
+    d = info(decode)
+    assert d["kv_transfers"] > 0 and d["kv_bytes_received"] > 0
+
+
+def test_killing_the_prefill_fails_waiting_requests_in_bounded_time(pd):
+    (prefill_pid, _), (_, decode) = pd.children["prefill"], pd.children["decode"]
+    long_prompt = "Tell me a very long story about the sea and its ships. " * 40
+
+    def one(i: int) -> tuple[int, float]:
+        start = time.monotonic()
+        try:
+            r = gen(pd.url, f"{i}: {long_prompt}")
+            return r.status_code, time.monotonic() - start
+        except requests.RequestException:
+            return -1, time.monotonic() - start
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        time.sleep(1.5)  # the prefill server is busy with them
+        os.kill(prefill_pid, signal.SIGKILL)
+        results = [f.result(timeout=TIMEOUT + 60) for f in futures]
+    assert any(status != 200 for status, _ in results), results
+    assert all(took < TIMEOUT + 60 for _, took in results), results
+    deadline = time.monotonic() + TIMEOUT + 10
+    while time.monotonic() < deadline:
+        d = info(decode)
+        if d["num_running_reqs"] == 0 and \
+                d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"decode KV still in use: {json.dumps(d)[:500]}")
+    assert requests.get(decode + "/health", timeout=10).status_code == 200
