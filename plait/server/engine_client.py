@@ -118,6 +118,9 @@ class EngineClient:
 
     async def shutdown(self, timeout: float = 15.0) -> None:
         """Abort what is running, ask the scheduler process to exit, then make sure it did."""
+        if self._watch_task is not None:
+            # the scheduler is about to exit on purpose: that is no longer a fatal death
+            self._watch_task.cancel()
         for rid in list(self._queues):
             self._queues[rid].put_nowait(("error", 503, "the server is shutting down"))
         if self.proc is not None and self.proc.poll() is None:
