@@ -1,21 +1,37 @@
-"""Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults
-plus the torch reference attention."""
+"""Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults,
+the torch reference attention, and Linear weights prepacked once for oneDNN."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, KVPool
+from plait.core.backend_api import AttentionBackend, Backend, KVPool, ModelSpec
+
+if TYPE_CHECKING:
+    from plait.core.memory import ReqToTokenPool
+    from plait.core.model_runner import ModelRunner
 
 
 class CpuBackend(Backend):
     name = "cpu"
     priority = 0  # the fallback: every accelerator outranks it
+    #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
+    #: ``nn.Linear`` on MKL, the path benchmarks compare against
+    prepack_weights: ClassVar[bool] = True
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
         from plait.backends.cpu.attention import TorchAttentionBackend
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+
+    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
+                            req_pool: "ReqToTokenPool") -> "ModelRunner":
+        """The default runner, its Linear layers prepacked (when ``prepack_weights``)."""
+        runner = super().create_model_runner(spec, kv_pool, req_pool)
+        if self.prepack_weights:
+            from plait.backends.cpu.linear import prepack_linears
+            prepack_linears(runner.model)
+        return runner
 
 
 @hookimpl
