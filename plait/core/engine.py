@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import Future
@@ -49,6 +50,8 @@ class Engine:
         # reference, so an engine nobody holds can still be garbage collected.
         self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
         atexit.register(self._atexit)
+        if getattr(self.scheduler.runner, "graph_runner", None) is not None:
+            self._warm_up()
 
     # ----- construction -----
 
@@ -89,7 +92,8 @@ class Engine:
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
         tree = None if cfg.disable_radix_cache else RadixCache(allocator, cfg.page_size)
         runner = backend.create_model_runner(
-            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests),
+            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
+                      graph_capture=cfg.graph_capture(backend)),
             kv_pool, req_pool)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
@@ -102,6 +106,17 @@ class Engine:
                             enable_jump_forward=not cfg.disable_jump_forward))
         self.grammar_compiler = None
         self._grammar_lock = threading.Lock()
+
+    def _warm_up(self) -> None:
+        """Capture (compile, on the CPU) decode for batch 1 and 2 now, not on the first
+        request: with dynamic shapes those two graphs serve every later size and length."""
+        t = time.perf_counter()
+        log.info("capturing decode graphs (batch 1 and 2)...")
+        for n in (1, 2):
+            self.generate(input_ids=[[1, 2, 3]] * n, sampling_params={"max_new_tokens": 2, "temperature": 0,
+                                           "ignore_eos": True})
+        self.flush_cache()
+        log.info("decode graphs captured in %.1f s", time.perf_counter() - t)
 
     # ----- the scheduler thread -----
 
@@ -326,6 +341,7 @@ class Engine:
         def info() -> dict:
             s = self.scheduler
             tree = s.tree
+            graph = getattr(s.runner, "graph_runner", None)
             return {
                 "model_path": str(self.model_dir), "device": self.device_name,
                 "max_total_tokens": self.max_total_tokens, "context_length": self.context_len,
@@ -336,6 +352,8 @@ class Engine:
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
                 **vars(s.stats),
+                "graph_capture": graph is not None,
+                **(graph.stats() if graph is not None else {}),
             }
         return self._call(info)
 

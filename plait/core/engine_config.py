@@ -26,6 +26,11 @@ class EngineConfig:
     context_length: int | None = None
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
+    # Decode graph capture (CUDA/HIP graphs; torch.compile on the CPU). Each backend has a
+    # default (Backend.default_graph_capture: on for CUDA, off for the CPU, whose compile
+    # takes minutes); disable_* forces eager, enable_* forces capture. Setting both is an error.
+    disable_graph_capture: bool = False
+    enable_graph_capture: bool = False
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -49,8 +54,16 @@ class EngineConfig:
         if not self.grammar_compile_timeout > 0:
             raise ValueError(f"grammar_compile_timeout must be > 0, got "
                              f"{self.grammar_compile_timeout!r}")
+        if self.disable_graph_capture and self.enable_graph_capture:
+            raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+
+    def graph_capture(self, backend: Backend) -> bool:
+        """Whether decode is captured on ``backend``: the flags first, then its default."""
+        if self.disable_graph_capture or self.enable_graph_capture:
+            return self.enable_graph_capture
+        return backend.default_graph_capture
 
     def with_backend_defaults(self, backend: Backend) -> "EngineConfig":
         """This config with the options the user left unset (None) taken from the chosen

@@ -13,10 +13,17 @@ Invariants:
   packed weight is an opaque oneDNN tensor (no strides, no views), so nothing else may share it:
   a tied ``lm_head`` gets its own packed copy and the embedding keeps the dense original.
 - Packing happens once; the weights are never repacked per call or per batch size.
+- Under ``torch.compile`` the product is the custom op ``plait::packed_linear(x, handle)``:
+  Dynamo cannot trace opaque tensors, so the op takes an integer handle into a registry of
+  live :class:`PackedLinear` modules (weak references: a dropped model frees its weights).
+  Inductor fuses the elementwise work around it and calls the same oneDNN kernel.
 - Only float32 and bfloat16 are packed (oneDNN's fp16 path needs AVX-512-FP16); other dtypes,
   or a torch built without oneDNN, keep ``nn.Linear`` (see :func:`can_prepack`).
 """
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -29,11 +36,28 @@ def can_prepack(dtype: torch.dtype) -> bool:
     return dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
 
 
+_LIVE: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("plait::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """``x @ W.T + b`` for the live :class:`PackedLinear` registered under ``handle``."""
+    return _LIVE[handle].linear(x)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], _LIVE[handle].out_features)
+
+
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.handle = next(_HANDLES)
+        _LIVE[self.handle] = self
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach().contiguous()
@@ -45,6 +69,11 @@ class PackedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.handle)
+        return self.linear(x)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                   [], "")
 

@@ -2,10 +2,10 @@
 the torch reference attention, and Linear weights prepacked once for oneDNN."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, KVPool, ModelSpec
+from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
 
 if TYPE_CHECKING:
     from plait.core.memory import ReqToTokenPool
@@ -18,11 +18,20 @@ class CpuBackend(Backend):
     #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
     #: ``nn.Linear`` on MKL, the path benchmarks compare against
     prepack_weights: ClassVar[bool] = True
+    #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
+    default_graph_capture = False
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
         from plait.backends.cpu.attention import TorchAttentionBackend
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+
+    def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
+        """``torch.compile`` of the decode step over padded batch sizes
+        (``plait.backends.cpu.graph``)."""
+        from plait.backends.cpu.graph import CompileCapture
+        from plait.core.graph_runner import DecodeGraphRunner
+        return DecodeGraphRunner(model, max_batch_size, self.torch_device, CompileCapture(model))
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
                             req_pool: "ReqToTokenPool") -> "ModelRunner":
