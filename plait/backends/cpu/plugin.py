@@ -28,7 +28,11 @@ class CpuBackend(Backend):
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
         """``torch.compile`` of the decode step over padded batch sizes
-        (``plait.backends.cpu.graph``)."""
+        (``plait.backends.cpu.graph``). It compiles the model's ``layers_forward`` through its
+        ``decode_forward`` hook (Plait's models have both); any other model decodes eagerly
+        (None)."""
+        if not (hasattr(model, "layers_forward") and hasattr(model, "decode_forward")):
+            return None
         from plait.backends.cpu.graph import CompileCapture
         from plait.core.graph_runner import DecodeGraphRunner
         return DecodeGraphRunner(model, max_batch_size, self.torch_device, CompileCapture(model))
