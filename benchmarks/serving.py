@@ -38,6 +38,8 @@ class Result:
     ttft: float = 0.0
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     error: str = ""
 
 
@@ -77,6 +79,8 @@ async def one_request(client: httpx.AsyncClient, url: str, ids: list[int],
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 meta = json.loads(line[6:])["meta_info"]
+                res.prompt_tokens = meta.get("prompt_tokens", 0)
+                res.cached_tokens = meta.get("cached_tokens", 0)
                 now, tokens = time.perf_counter(), meta["completion_tokens"]
                 if tokens > seen:
                     if seen == 0:
@@ -132,6 +136,8 @@ def summarize(results: list[Result], duration: float) -> dict:
         "ttft_p99_ms": 1000 * _pct(ttfts, 0.99),
         "itl_median_ms": 1000 * statistics.median(itls) if itls else float("nan"),
         "itl_p99_ms": 1000 * _pct(itls, 0.99),
+        "cached_share": (sum(r.cached_tokens for r in ok)
+                         / max(1, sum(r.prompt_tokens for r in ok))),
         "first_error": errors[0] if errors else "",
     }
 
@@ -141,33 +147,39 @@ ROWS = [("completed", "requests completed", "{:.0f}"), ("failed", "requests fail
         ("request_throughput", "request throughput (req/s)", "{:.3f}"),
         ("output_tok_per_s", "output throughput (tok/s)", "{:.1f}"),
         ("ttft_median_ms", "TTFT median (ms)", "{:.1f}"), ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
-        ("itl_median_ms", "ITL median (ms)", "{:.1f}"), ("itl_p99_ms", "ITL p99 (ms)", "{:.1f}")]
+        ("itl_median_ms", "ITL median (ms)", "{:.1f}"), ("itl_p99_ms", "ITL p99 (ms)", "{:.1f}"),
+        ("cached_share", "prompt tokens from cache", "{:.3f}")]
 
 
 def print_table(columns: list[tuple[str, dict]]) -> None:
+    """One column per configuration; every column after the first also gets its ratio to the
+    first (the baseline)."""
     names = [name for name, _ in columns]
-    with_ratio = len(columns) == 2
-    header = f"{'metric':<30}" + "".join(f"{n:>16}" for n in names)
-    print(header + (f"{'ratio':>10}" if with_ratio else ""))
-    print("-" * len(header + ("x" * 10 if with_ratio else "")))
+    header = f"{'metric':<30}" + f"{names[0]:>16}" + "".join(
+        f"{n:>16}{'ratio':>8}" for n in names[1:])
+    print(header)
+    print("-" * len(header))
     for key, label, fmt in ROWS:
-        line = f"{label:<30}" + "".join(f"{fmt.format(c[key]):>16}" for _, c in columns)
-        if with_ratio:
-            base, cand = columns[0][1][key], columns[1][1][key]
-            line += f"{cand / base:>9.2f}x" if base else f"{'-':>10}"
+        base = columns[0][1][key]
+        line = f"{label:<30}" + f"{fmt.format(base):>16}"
+        for _, c in columns[1:]:
+            ratio = f"{c[key] / base:.2f}x" if base else "-"
+            line += f"{fmt.format(c[key]):>16}{ratio:>8}"
         print(line)
     for name, c in columns:
         if c["first_error"]:
             print(f"{name}: first error: {c['first_error']}")
 
 
-def launch(extra: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def launch(extra: str, args: argparse.Namespace,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--port", str(port),
            "--model-path", args.model_path, "--log-level", "warning", *shlex.split(extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if not args.verbose else None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if not args.verbose else None,
+                            env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -183,9 +195,10 @@ def launch(extra: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]
     raise SystemExit("plait serve did not become healthy in 600 s")
 
 
-def bench(url: str, args: argparse.Namespace) -> dict:
-    info = httpx.get(url + "/get_model_info", timeout=30).json()
-    prompts = make_prompts(args, info["vocab_size"])
+def bench(url: str, args: argparse.Namespace, vocab_size: int | None = None) -> dict:
+    if vocab_size is None:
+        vocab_size = httpx.get(url + "/get_model_info", timeout=30).json()["vocab_size"]
+    prompts = make_prompts(args, vocab_size)
     if args.warmup:
         asyncio.run(run_workload(url, prompts[:2], argparse.Namespace(
             **{**vars(args), "request_rate": float("inf"), "max_concurrency": 2})))

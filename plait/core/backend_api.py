@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from plait.core.tp.group import TPGroup
+
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
@@ -39,6 +41,8 @@ class ModelSpec:
     sequence the runner must serve; ``max_batch_size`` the most requests in one decode;
     ``graph_capture`` whether decode may be captured (False: ``--disable-graph-capture``, or a
     backend whose default is eager and no ``--enable-graph-capture``).
+    ``tp`` is the tensor-parallel rank the runner is for: with ``tp.size > 1`` it holds only
+    that rank's shard of the model (and its ``kv_pool`` only that shard's KV heads).
     """
 
     model_dir: Path
@@ -47,6 +51,7 @@ class ModelSpec:
     context_len: int
     max_batch_size: int
     graph_capture: bool = True
+    tp: TPGroup = TPGroup()
 
 
 class KVPool:
@@ -172,6 +177,16 @@ class Backend:
 
     # ----- the chosen backend -----
 
+    def bind_tp_rank(self, rank: int) -> None:
+        """Called once in each tensor-parallel rank's process, before anything is allocated,
+        so the rank uses its own device. Default: ``torch.<device type>.set_device(rank)``
+        where the device type has one (cuda, npu, xpu); nothing on the CPU, whose ranks are
+        separated by threads and core affinity instead (``plait.core.tp.launcher``)."""
+        kind = self.torch_device.type
+        module = getattr(torch, kind, None)
+        if kind != "cpu" and hasattr(module, "set_device"):
+            module.set_device(rank)
+
     @property
     def torch_device(self) -> torch.device:
         """Where the model's torch tensors live. Default: the CPU."""
@@ -213,15 +228,19 @@ class Backend:
         Default: Plait's torch model on :attr:`torch_device` with this backend's attention and
         graph runner over the paged pool. A backend may return its own runner instead (a JAX
         model, a vendor engine) as long as it reads and writes K/V through ``kv_pool`` at the
-        slots ``req_pool`` holds.
+        slots ``req_pool`` holds. Tensor parallelism (``spec.tp.size > 1``) needs a
+        :class:`~plait.core.model_runner.ModelRunner` (its ``build_*``/``run`` split lets rank 0
+        broadcast the batch it built) over the shard of ``spec.tp``.
         """
         from plait.core.model_runner import ModelRunner
         from plait.models.llama import head_dim_of
         from plait.models.loader import load_model
 
         hf, device = spec.hf_config, self.torch_device
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len)
-        attn = self.create_attention_backend(kv_pool, hf.num_attention_heads,
-                                             hf.num_key_value_heads, head_dim_of(hf))
-        graph = self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture else None
+        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp)
+        heads = model.layers[0].self_attn  # this rank's heads
+        attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
+                                             head_dim_of(hf))
+        graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
+                 else None)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

@@ -25,8 +25,10 @@ import torch
 
 from plait.core.backend_api import ModelSpec
 from plait.core.engine_config import EngineConfig
+from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
-from plait.core.radix_cache import RadixCache
+from plait.core.messages import GenerateReq, RequestLimits
+from plait.core.model_runner import build_model_runner
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampling_params import SamplingParams
@@ -40,7 +42,13 @@ class Engine:
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any):
         self.config = cfg = EngineConfig(model_path=model_path, **kwargs)
         cfg.validate()
-        self._load(cfg)
+        self._tp_runner = None
+        try:
+            self._load(cfg)
+        except BaseException:
+            if self._tp_runner is not None:  # the other ranks started: stop them too
+                self._tp_runner.ranks.stop()
+            raise
         self._inbox: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._ids = itertools.count()
@@ -76,29 +84,33 @@ class Engine:
         dtype = _DTYPES[cfg.dtype]
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
+        from plait.core.tp.sharding import check_tp_size
         from plait.models.llama import head_dim_of
-        head_dim = head_dim_of(hf)
-        kv_heads, layers = hf.num_key_value_heads, hf.num_hidden_layers
+        # A rank's KV pool holds its shard's heads: the budget is per rank, sized by the
+        # largest shard, and every rank gets the same number of slots.
+        kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
+        head_dim, layers = head_dim_of(hf), hf.num_hidden_layers
         per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
         tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
-        kv_pool = backend.create_kv_pool(num_slots=tokens, num_layers=layers,
-                                         num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
-                                         page_size=cfg.page_size)
-        allocator = backend.create_allocator(num_slots=tokens, page_size=cfg.page_size)
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
-        tree = None if cfg.disable_radix_cache else RadixCache(allocator, cfg.page_size)
-        runner = backend.create_model_runner(
-            ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
-                      graph_capture=cfg.graph_capture(backend)),
-            kv_pool, req_pool)
+        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
+                         graph_capture=cfg.graph_capture(backend))
+        if cfg.tp_size == 1:
+            runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
+        else:
+            from plait.core.tp.runner import start_tensor_parallel
+            runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
+                                                      req_pool, cfg.tp_size)
+        self._tp_runner = runner if cfg.tp_size > 1 else None
+        kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
         self.vocab_size = hf.vocab_size
         self.scheduler = Scheduler(
-            runner, req_pool, allocator, tree, RequestFinisher(self.tokenizer, self.eos_ids),
+            runner, kv, RequestFinisher(self.tokenizer, self.eos_ids),
             SchedulerConfig(max_running_requests=cfg.max_running_requests,
                             chunked_prefill_size=cfg.chunked_prefill_size,
                             max_prefill_tokens=cfg.max_prefill_tokens,
@@ -113,7 +125,8 @@ class Engine:
         t = time.perf_counter()
         log.info("capturing decode graphs (batch 1 and 2)...")
         for n in (1, 2):
-            self.generate(input_ids=[[1, 2, 3]] * n, sampling_params={"max_new_tokens": 2, "temperature": 0,
+            self.generate(input_ids=[[1, 2, 3]] * n,
+                          sampling_params={"max_new_tokens": 2, "temperature": 0,
                                            "ignore_eos": True})
         self.flush_cache()
         log.info("decode graphs captured in %.1f s", time.perf_counter() - t)
@@ -152,79 +165,33 @@ class Engine:
 
     # ----- requests -----
 
-    def make_requests(self, prompt: str | list[str] | None = None,
-                      sampling_params: dict | list[dict] | SamplingParams | None = None,
-                      input_ids: list[int] | list[list[int]] | None = None,
-                      return_logprob: bool = False, logprob_start_len: int = -1,
-                      top_logprobs_num: int = 0, rid: str | list[str] | None = None,
-                      stream: bool = False) -> tuple[list[Req], bool]:
-        """Validate and tokenize; returns the requests (n per prompt) and whether the input
-        was a single prompt. Raises ValueError naming the bad parameter."""
-        prompts, single = self._normalize_inputs(prompt, input_ids)
-        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(sps) != len(prompts):
-            raise ValueError(f"sampling_params has {len(sps)} entries for {len(prompts)} prompts")
-        rids = rid if isinstance(rid, list) else [rid] * len(prompts)
-        if not isinstance(logprob_start_len, int) or logprob_start_len < -1:
-            raise ValueError(f"logprob_start_len must be an integer >= -1, got {logprob_start_len!r}")
-        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= self.vocab_size:
-            raise ValueError(f"top_logprobs_num must be an integer in [0, {self.vocab_size}], "
-                             f"got {top_logprobs_num!r}")
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.context_len, self.vocab_size, self.max_total_tokens)
+
+    def make_requests(self, msgs: list[GenerateReq]) -> list[Req]:
+        """Tokenize, validate and expand ``n``: the one place messages become ``Req``s.
+        Every message is checked before any ``Req`` exists, so a bad one beside good ones
+        stops them all here, in the caller's thread. Raises ValueError naming the parameter."""
+        checked = []
+        for msg in msgs:
+            msg = msg.tokenized(self.tokenizer.encode)
+            msg.validate(self.limits)
+            checked.append((msg, self._compile_grammar(msg.sampling_params)))
         reqs = []
-        for ids, sp_in, base in zip(prompts, sps, rids):
-            sp = SamplingParams.from_dict(sp_in)
-            if isinstance(sp_in, SamplingParams):
-                sp.normalize()
-            sp.validate(self.vocab_size)
-            self._check_lengths(ids, sp)
-            grammar = self._compile_grammar(sp)
-            base = base or uuid.uuid4().hex
-            for i in range(sp.n):
-                req = Req(rid=base if sp.n == 1 else f"{base}-{i}", input_ids=list(ids),
-                          sampling=sp, return_logprob=return_logprob,
-                          logprob_start_len=logprob_start_len,
-                          top_logprobs_num=top_logprobs_num, stream=stream)
+        for msg, grammar in checked:
+            for one in msg.expand():
+                sp = one.sampling_params
+                req = Req(rid=one.rid, input_ids=list(one.input_ids), sampling=sp,
+                          return_logprob=one.return_logprob,
+                          logprob_start_len=one.logprob_start_len,
+                          top_logprobs_num=one.top_logprobs_num, stream=one.stream)
                 if sp.seed is not None:
-                    req.generator = torch.Generator().manual_seed(sp.seed + i)
+                    req.generator = torch.Generator().manual_seed(sp.seed)
                 if grammar is not None:
                     req.grammar = grammar()
                 reqs.append(req)
-        return reqs, single and reqs[0].sampling.n == 1
-
-    def _normalize_inputs(self, prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("exactly one of prompt and input_ids must be given")
-        if prompt is not None:
-            single = isinstance(prompt, str)
-            texts = [prompt] if single else prompt
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError("prompt must be a string or a list of strings")
-            return [self.tokenizer.encode(t) for t in texts], single
-        single = isinstance(input_ids, list) and all(isinstance(t, int) for t in input_ids)
-        lists = [input_ids] if single else input_ids
-        if not isinstance(lists, list) or not all(
-                isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                              for t in ids) for ids in lists):
-            raise ValueError("input_ids must be a list of ints or a list of such lists")
-        for ids in lists:
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"input_ids contains token ids outside [0, {self.vocab_size}): "
-                                 f"{bad[:5]}")
-        return lists, single
-
-    def _check_lengths(self, ids: list[int], sp: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        if len(ids) >= self.context_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context length is "
-                             f"{self.context_len} (prompts are never truncated)")
-        if len(ids) + sp.max_new_tokens > self.context_len:
-            raise ValueError(f"max_new_tokens={sp.max_new_tokens} plus the prompt's {len(ids)} "
-                             f"tokens exceeds the context length {self.context_len}")
-        if len(ids) + 1 > self.max_total_tokens:
-            raise ValueError(f"prompt has {len(ids)} tokens but the KV pool holds only "
-                             f"{self.max_total_tokens} (max_total_tokens)")
+        return reqs
 
     def _compile_grammar(self, sp: SamplingParams) -> Callable[[], Any] | None:
         """Compile (cached) in the caller's thread so a slow grammar never stalls decoding."""
@@ -249,39 +216,50 @@ class Engine:
 
     def generate(self, prompt: str | list[str] | None = None,
                  sampling_params: dict | list[dict] | SamplingParams | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None,
-                 return_logprob: bool = False, logprob_start_len: int = -1,
-                 top_logprobs_num: int = 0, stream: bool = False,
-                 rid: str | list[str] | None = None) -> dict | list[dict] | Iterator[dict]:
-        reqs, single = self.make_requests(prompt, sampling_params, input_ids, return_logprob,
-                                          logprob_start_len, top_logprobs_num, rid, stream)
+                 **request: Any) -> dict | list[dict] | Iterator[dict]:
+        """SGLang's offline API. ``request`` holds the other ``GenerateReq`` fields
+        (``input_ids``, ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num``,
+        ``stream``, ``rid``), each one value or one per prompt (see ``GenerateReq.batch``).
+        One prompt (with n == 1) -> one output; a list (or n > 1) -> a list, prompt-major."""
+        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params,
+                                          **request)
+        return self.generate_request(msgs, batched)
+
+    def generate_request(self, msgs: list[GenerateReq],
+                         batched: bool = True) -> dict | list[dict] | Iterator[dict]:
+        """Run messages; with ``stream`` set (on all of them) an iterator of outputs."""
+        stream = _one_stream_flag(msgs)
+        reqs = self.make_requests(msgs)
         outputs: queue.Queue = queue.Queue()
         self.submit(reqs, lambda r, done: self._deliver(r, done, outputs.put))
         if stream:
             return self._stream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = outputs.get()
-            if req.finished and out["meta_info"]["finish_reason"] is not None:
-                results[req.rid] = out
+            rid, finished, out = outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
-        return ordered[0] if single else ordered
+        return ordered if batched or len(ordered) > 1 else ordered[0]
 
     def _stream(self, reqs: list[Req], outputs: queue.Queue) -> Iterator[dict]:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:  # the consumer stopped early: free the requests' KV
                 self.abort(rid)
 
     def _deliver(self, req: Req, finished: bool, put: Callable[[tuple], None]) -> None:
+        """Queue ``(rid, finished, output)``: a snapshot taken on the scheduler thread. The
+        consumer must not read ``req`` itself, which may have finished (an abort, say) since
+        this output was taken; a stream would then stop before its final output."""
         if finished or req.stream:
-            put((req, self.output_of(req)))
+            put((req.rid, finished, self.output_of(req)))
 
     def output_of(self, req: Req) -> dict:
         text = req.text if req.finished else RequestFinisher.streamable_text(req)
@@ -298,11 +276,20 @@ class Engine:
                         output_top_logprobs=req.output_top_logprobs)
         return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 
-    async def async_generate(self, *args: Any, stream: bool = False,
-                             **kwargs: Any) -> dict | list[dict] | AsyncIterator[dict]:
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: dict | list[dict] | SamplingParams | None = None,
+                             **request: Any) -> dict | list[dict] | AsyncIterator[dict]:
+        """:meth:`generate` for asyncio: awaits the results, or (``stream=True``) returns an
+        async iterator."""
+        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params,
+                                          **request)
+        return await self.async_generate_request(msgs, batched)
+
+    async def async_generate_request(self, msgs: list[GenerateReq], batched: bool = True
+                                     ) -> dict | list[dict] | AsyncIterator[dict]:
+        stream = _one_stream_flag(msgs)
         # Tokenizing and compiling a grammar take a while: never on the caller's event loop.
-        reqs, single = await asyncio.to_thread(
-            functools.partial(self.make_requests, *args, stream=stream, **kwargs))
+        reqs = await asyncio.to_thread(self.make_requests, msgs)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self.submit(reqs, lambda r, done: self._deliver(
@@ -311,19 +298,19 @@ class Engine:
             return self._astream(reqs, outputs)
         results = {}
         while len(results) < len(reqs):
-            req, out = await outputs.get()
-            if req.finished:
-                results[req.rid] = out
+            rid, finished, out = await outputs.get()
+            if finished:
+                results[rid] = out
         ordered = [results[r.rid] for r in reqs]
-        return ordered[0] if single else ordered
+        return ordered if batched or len(ordered) > 1 else ordered[0]
 
     async def _astream(self, reqs: list[Req], outputs: asyncio.Queue) -> AsyncIterator[dict]:
         remaining = {r.rid for r in reqs}
         try:
             while remaining:
-                req, out = await outputs.get()
-                if req.finished:
-                    remaining.discard(req.rid)
+                rid, finished, out = await outputs.get()
+                if finished:
+                    remaining.discard(rid)
                 yield out
         finally:
             for rid in remaining:
@@ -340,27 +327,32 @@ class Engine:
     def get_server_info(self) -> dict:
         def info() -> dict:
             s = self.scheduler
-            tree = s.tree
-            graph = getattr(s.runner, "graph_runner", None)
+            kv = s.kv.usage()
             return {
                 "model_path": str(self.model_dir), "device": self.device_name,
                 "max_total_tokens": self.max_total_tokens, "context_length": self.context_len,
                 "page_size": self.config.page_size,
-                "available_kv_tokens": s.allocator.available_size(),
-                "cached_kv_tokens": tree.total_size() if tree is not None else 0,
-                "evictable_kv_tokens": tree.evictable_size() if tree is not None else 0,
+                "available_kv_tokens": kv.free, "cached_kv_tokens": kv.cached,
+                "evictable_kv_tokens": kv.evictable,
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
                 **vars(s.stats),
-                "graph_capture": graph is not None,
-                **(graph.stats() if graph is not None else {}),
+                **_runner_metrics(s.runner),
             }
         return self._call(info)
 
     def shutdown(self) -> None:
+        """Stop the scheduler thread and, under tensor parallelism, every other rank.
+        Idempotent."""
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        tp, self._tp_runner = self._tp_runner, None
+        if tp is not None:
+            if self._thread.is_alive():  # stuck mid-forward: no STOP broadcast, just kill
+                tp.ranks.stop()
+            else:
+                tp.shutdown()
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
@@ -376,6 +368,19 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
+
+
+def _runner_metrics(runner: Any) -> dict:
+    """A runner's own counters (the TPU runner's jit compiles), when it exports any."""
+    metrics = getattr(runner, "metrics", None)
+    return metrics() if callable(metrics) else {}
+
+
+def _one_stream_flag(msgs: list[GenerateReq]) -> bool:
+    flags = {m.stream for m in msgs}
+    if len(flags) > 1:
+        raise ValueError("stream must be the same for every prompt of a request")
+    return flags.pop() if flags else False
 
 
 def _shutdown_if_alive(ref: "weakref.ref[Engine]") -> None:

@@ -26,6 +26,7 @@ class EngineConfig:
     context_length: int | None = None
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
+    tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
     # Decode graph capture (CUDA/HIP graphs; torch.compile on the CPU). Each backend has a
     # default (Backend.default_graph_capture: on for CUDA, off for the CPU, whose compile
     # takes minutes); disable_* forces eager, enable_* forces capture. Setting both is an error.
@@ -46,6 +47,7 @@ class EngineConfig:
         positive("max_prefill_tokens")
         positive("max_running_requests")
         positive("context_length", allow_none=True)
+        positive("tp_size")
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.schedule_policy not in POLICIES:

@@ -3,13 +3,16 @@ ForwardBatch, runs it and returns logits. Knows nothing about queues or caching 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from plait.core.backend_api import AttentionBackend, GraphRunner, KVPool
 from plait.core.forward_batch import ForwardBatch
-from plait.core.memory import ReqToTokenPool
+from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.request import Req
+
+if TYPE_CHECKING:  # annotations only: backend_api builds runners, so importing it is a cycle
+    from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
 
 
 @dataclass
@@ -34,12 +37,34 @@ class ModelRunner:
         self.device = device
         self.graph_runner = graph_runner
 
+    def metrics(self) -> dict:
+        """For ``get_server_info``: whether decode is captured, and the graph runner's counters
+        (captured batch sizes; the CPU's ``graph_compiles``)."""
+        graph = self.graph_runner
+        return {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
         """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
         per item, how many of those rows are its."""
+        batch, row_counts = self.build_extend(items)
+        return self.run(batch), row_counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        """One new token per request (its last sampled one) at position kv_len."""
+        return self.run(self.build_decode(reqs, slots))
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """The forward pass over a built batch (its slots already in ``req_to_token``)."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
+        return self.model(batch, self.attn)
+
+    def build_extend(self, items: list[ExtendItem]) -> tuple[ForwardBatch, list[int]]:
+        """The extend batch of ``items`` (writing their slots into ``req_to_token``) and,
+        per item, how many logits rows are its."""
         r2t = self.req_pool.req_to_token
         input_ids, positions, locs, rows, row_counts = [], [], [], [], []
         for it in items:
@@ -63,10 +88,10 @@ class ModelRunner:
             seq_lens_cpu=[it.start + it.length for it in items],
             prefix_lens_cpu=[it.start for it in items],
             extend_lens_cpu=[it.length for it in items])
-        return self.model(batch, self.attn), row_counts
+        return batch, row_counts
 
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        """One new token per request (its last sampled one) at position kv_len."""
+    def build_decode(self, reqs: list[Req], slots: torch.Tensor) -> ForwardBatch:
+        """The decode batch of ``reqs`` (writing ``slots`` into ``req_to_token``)."""
         r2t = self.req_pool.req_to_token
         idx = self._tensor([r.req_pool_idx for r in reqs])
         pos = [r.kv_len for r in reqs]
@@ -80,6 +105,21 @@ class ModelRunner:
             extend_lens=self._tensor([1] * len(reqs)), req_to_token=r2t,
             logits_rows=torch.arange(len(reqs), device=self.device),
             seq_lens_cpu=seq, prefix_lens_cpu=pos, extend_lens_cpu=[1] * len(reqs))
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
-        return self.model(batch, self.attn)
+        return batch
+
+
+def build_model_runner(backend: Backend, spec: ModelSpec, num_slots: int, page_size: int,
+                       req_pool: ReqToTokenPool) -> tuple[ModelRunner, TokenSlotAllocator]:
+    """One rank's runner over its own KV pool (its shard's KV heads, ``num_slots`` slots) and
+    the slot allocator, created in the order :class:`Backend` documents."""
+    from plait.core.tp.sharding import shard_heads
+    from plait.models.llama import head_dim_of
+
+    hf = spec.hf_config
+    shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size,
+                        spec.tp.rank)
+    kv_pool = backend.create_kv_pool(num_slots=num_slots, num_layers=hf.num_hidden_layers,
+                                     num_kv_heads=shard.num_kv_heads, head_dim=head_dim_of(hf),
+                                     dtype=spec.dtype, page_size=page_size)
+    allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
+    return backend.create_model_runner(spec, kv_pool, req_pool), allocator

@@ -124,6 +124,27 @@ class SamplingParams:
             check(len(getattr(self, c)) <= MAX_GRAMMAR_CHARS, c,
                   f"must be at most {MAX_GRAMMAR_CHARS} characters")
 
+    def check_grammar_syntax(self) -> None:
+        """Cheap syntax checks of ``regex`` (Python's ``re``) and ``json_schema`` (JSON, an
+        object), for callers that hold no grammar compiler: the HTTP process and the frontend
+        refuse a malformed constraint at once. The engine's compiler (``grammar.py``) does the
+        full check, with its own messages, when it compiles."""
+        import json
+        import re
+
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"regex is not a valid regular expression: {e}") from None
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("json_schema must be a JSON object")
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1

@@ -8,7 +8,7 @@ step and then find it in the radix tree.
 """
 from __future__ import annotations
 
-from plait.core.radix_cache import RadixCache
+from plait.core.kv_manager import KVManager
 from plait.core.request import Req
 
 POLICIES = ("lpm", "fcfs")
@@ -19,12 +19,12 @@ LPM_MAX_QUEUE = 128
 IN_BATCH_DEDUP_THRESHOLD = 32
 
 
-def order_waiting(waiting: list[Req], policy: str, tree: RadixCache | None) -> list[Req]:
+def order_waiting(waiting: list[Req], policy: str, kv: KVManager) -> list[Req]:
     if policy not in POLICIES:
         raise ValueError(f"schedule_policy must be one of {POLICIES}, got {policy!r}")
-    if policy == "fcfs" or tree is None or len(waiting) > LPM_MAX_QUEUE:
+    if policy == "fcfs" or len(waiting) > LPM_MAX_QUEUE:
         return list(waiting)
-    matched = {id(r): len(tree.match_prefix(r.fill_ids[:r.max_prefix_len()])[0]) for r in waiting}
+    matched = {id(r): kv.match(r).length for r in waiting}
     return sorted(waiting, key=lambda r: -matched[id(r)])  # stable: ties keep arrival order
 
 

@@ -2,9 +2,10 @@
 
 Each step either prefills newly admitted requests (possibly one chunk of a long prompt) or
 decodes one token for every running request. Admission is by token budget and free KV; when
-decode runs out of KV the scheduler evicts cached prefixes, then retracts running requests
-back to the queue (their computed KV goes to the radix tree, so resuming is cheap). It never
-crashes on memory pressure and never drops a request.
+decode runs out of KV (after the :class:`~plait.core.kv_manager.KVManager` has evicted what
+it could) the scheduler retracts running requests back to the queue (their computed KV stays in
+the prefix cache, so resuming is cheap). It never crashes on memory pressure and never drops a
+request. Where slots come from and go to is the KVManager's business alone.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Any
 
 import torch
 
-from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
+from plait.core.kv_manager import KVManager, PrefixMatch
 from plait.core.model_runner import ExtendItem, ModelRunner
-from plait.core.radix_cache import RadixCache
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampler import sample, token_logprobs
@@ -50,13 +50,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, req_pool: ReqToTokenPool,
-                 allocator: TokenSlotAllocator, tree: RadixCache | None,
-                 finisher: RequestFinisher, config: SchedulerConfig):
+    def __init__(self, runner: ModelRunner, kv: KVManager, finisher: RequestFinisher,
+                 config: SchedulerConfig):
         self.runner = runner
-        self.req_pool = req_pool
-        self.allocator = allocator
-        self.tree = tree
+        self.kv = kv
         self.finisher = finisher
         self.config = config
         self.waiting: list[Req] = []
@@ -85,7 +82,7 @@ class Scheduler:
                     self.chunked = None
                 else:
                     self.running.remove(req)
-                self.release(req)
+                self.kv.release(req)
                 self._finish_now(req, {"type": "abort", "message": "aborted"})
                 return True
         return False
@@ -94,8 +91,7 @@ class Scheduler:
         """Drop the prefix cache; refused while requests hold cached prefixes."""
         if self.has_work():
             return False
-        if self.tree is not None:
-            self.tree.reset()
+        self.kv.flush()
         return True
 
     # ----- one step -----
@@ -128,7 +124,7 @@ class Scheduler:
             self.chunked = None
         if req.req_pool_idx is not None:
             try:
-                self.release(req)
+                self.kv.release(req)
             except Exception:  # noqa: BLE001 - keep cleaning up the others
                 log.exception("could not release %s after a failure", req.rid)
         self._finish_now(req, {"type": "error", "message": message})
@@ -154,29 +150,29 @@ class Scheduler:
         if not self.waiting:
             return items
         reserved = self._decode_reservation(self.running)
-        for req in order_waiting(self.waiting, cfg.schedule_policy, self.tree):
+        for req in order_waiting(self.waiting, cfg.schedule_policy, self.kv):
             if budget <= 0 or len(self.running) + len(items) >= cfg.max_running_requests:
                 break
             if req.req_pool_idx is not None:
                 # holds its KV already (jump-forward tokens to extend): no admission needed
-                prefix, node = None, None
+                prefix = None
                 extend = len(req.fill_ids) - req.kv_len
             else:
-                prefix, node = self._match(req)
-                if dedup.should_defer(req.fill_ids, len(prefix)):
+                prefix = self.kv.match(req)
+                if dedup.should_defer(req.fill_ids, prefix.length):
                     continue
-                extend = len(req.fill_ids) - len(prefix)
+                extend = len(req.fill_ids) - prefix.length
             if cfg.chunked_prefill_size is None and extend > budget and items:
                 break  # an unchunked long prompt goes alone in the next step
             need = min(extend, budget) if cfg.chunked_prefill_size else extend
             reserve = reserved + self._decode_reservation([req])
             nothing_running = not self.running and not items
-            if self._free_tokens() < need + (0 if nothing_running else reserve):
+            if self.kv.free_tokens() < need + (0 if nothing_running else reserve):
                 break
             if prefix is None:
                 item = self._plan_chunk(req, need)
             else:
-                item = self._admit(req, prefix, node, need)
+                item = self._admit(req, prefix, need)
             if item is None:
                 break
             self.waiting.remove(req)
@@ -188,36 +184,24 @@ class Scheduler:
                 break  # this one is chunked; it continues next step
         return items
 
-    def _match(self, req: Req) -> tuple[torch.Tensor, Any]:
-        if self.tree is None:
-            return torch.empty(0, dtype=torch.int64), None
-        return self.tree.match_prefix(req.fill_ids[:req.max_prefix_len()])
-
-    def _admit(self, req: Req, prefix: torch.Tensor, node: Any, need: int) -> ExtendItem | None:
-        row = self.req_pool.alloc()
-        if row is None:
+    def _admit(self, req: Req, prefix: PrefixMatch, need: int) -> ExtendItem | None:
+        if not self.kv.admit(req, prefix):
             return None
-        req.req_pool_idx = row
-        p = len(prefix)
-        if node is not None:
-            self.tree.inc_lock_ref(node)
-        req.last_node = node
-        self.req_pool.req_to_token[row, :p] = prefix.to(torch.int32)
-        req.kv_len = req.cache_len = p
+        p = prefix.length
         if not req.output_ids:  # first admission (not a resumed retraction)
             req.cached_tokens = p
             self.stats.cached_tokens += p
             self.stats.prompt_tokens += len(req.input_ids)
         item = self._plan_chunk(req, need)
         if item is None:
-            self.release(req)
+            self.kv.release(req)
         return item
 
     def _plan_chunk(self, req: Req, budget: int) -> ExtendItem | None:
         """Allocate KV for the next ``<= budget`` tokens of ``req``'s pending fill."""
         start = req.kv_len
         length = min(len(req.fill_ids) - start, budget)
-        slots = self._alloc(length, self._last_slot(req))
+        slots = self.kv.alloc_extend(req, length)
         if slots is None:
             return None
         final = start + length == len(req.fill_ids)
@@ -240,11 +224,11 @@ class Scheduler:
             self.stats.prefill_tokens += it.length
             if req.wants_input_logprobs:
                 self._record_input_logprobs(req, it, rows)
-            self._cache_unfinished(req)
+            self.kv.cache_unfinished(req)
             if req.kv_len < len(req.fill_ids):
                 self.chunked = req
             elif req.sampling.max_new_tokens == 0:
-                self.release(req)
+                self.kv.release(req)
                 self._finish_now(req, {"type": "length", "length": 0})
             else:
                 to_sample.append((req, rows[-1]))
@@ -288,35 +272,19 @@ class Scheduler:
     def _alloc_decode_slots(self) -> torch.Tensor | None:
         """One slot per running request, retracting requests until it fits."""
         while self.running:
-            if self.allocator.page_size == 1:
-                slots = self._alloc(len(self.running), -1)
-            else:
-                slots = self._alloc_each([self._last_slot(r) for r in self.running])
+            slots = self.kv.alloc_decode(self.running)
             if slots is not None:
                 return slots
             if self._release_pending_jumps():
                 continue
             if len(self.running) == 1:
                 req = self.running.pop()
-                self.release(req)
+                self.kv.release(req)
                 self._finish_now(req, {"type": "abort",
                                        "message": "KV cache too small for this request"})
                 return None
             self._retract_one()
         return None
-
-    def _alloc_each(self, last_slots: list[int]) -> torch.Tensor | None:
-        got: list[torch.Tensor] = []
-        for last in last_slots:
-            s = self._alloc(1, last)
-            if s is None:
-                # Undo: only slots that opened a fresh page were taken from the free list.
-                for g in got:
-                    if int(g[0]) % self.allocator.page_size == 0:
-                        self.allocator.free(g)
-                return None
-            got.append(s)
-        return torch.cat(got)
 
     def _release_pending_jumps(self) -> bool:
         """Retract waiting requests that hold KV for jump-forward tokens not yet extended.
@@ -326,7 +294,7 @@ class Scheduler:
         as too large for a pool they occupy. Output tokens (and the grammar) are kept."""
         held = [r for r in self.waiting if r.req_pool_idx is not None]
         for req in held:
-            self.release(req)
+            self.kv.release(req)
             req.times_retracted += 1
             self.stats.retractions += 1
         return bool(held)
@@ -335,7 +303,7 @@ class Scheduler:
         # Retract the request that has produced least: it loses the least work.
         victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
         self.running.remove(victim)
-        self.release(victim)
+        self.kv.release(victim)
         victim.times_retracted += 1
         self.waiting.insert(0, victim)
         self.stats.retractions += 1
@@ -375,7 +343,7 @@ class Scheduler:
             if req.finished:
                 if req in self.running:
                     self.running.remove(req)
-                self.release(req)
+                self.kv.release(req)
             elif len(req.fill_ids) - req.kv_len > 1:
                 # jump-forward appended tokens: extend them in one step, ahead of new requests
                 if req in self.running:
@@ -392,7 +360,7 @@ class Scheduler:
         room = max(0, min(req.sampling.max_new_tokens - len(req.output_ids),
                           self.config.context_len - len(req.fill_ids),
                           # alone it must still fit the KV pool (decode aborts it there)
-                          self.allocator.num_slots - len(req.fill_ids)))
+                          self.kv.num_slots - len(req.fill_ids)))
         if len(tokens) > room:
             req.grammar.rollback(len(tokens) - room)
             tokens = tokens[:room]
@@ -410,60 +378,8 @@ class Scheduler:
         self.finisher.finalize_text(req)
         self.finisher.emit(req)
 
-    # ----- KV bookkeeping -----
-
-    def _free_tokens(self) -> int:
-        evictable = self.tree.evictable_size() if self.tree is not None else 0
-        return self.allocator.available_size() + evictable
+    # ----- admission budget -----
 
     def _decode_reservation(self, reqs: list[Req]) -> int:
         return int(sum(max(r.sampling.max_new_tokens - len(r.output_ids), 0)
                        for r in reqs) * self.new_token_ratio)
-
-    def _last_slot(self, req: Req) -> int:
-        if req.kv_len == 0:
-            return -1
-        return int(self.req_pool.req_to_token[req.req_pool_idx, req.kv_len - 1])
-
-    def _alloc(self, n: int, last_slot: int) -> torch.Tensor | None:
-        slots = self.allocator.alloc(n, last_slot)
-        if slots is None and self.tree is not None:
-            self.tree.evict(n + self.allocator.page_size)
-            slots = self.allocator.alloc(n, last_slot)
-        return slots
-
-    def _cache_unfinished(self, req: Req) -> None:
-        """Give the computed prefix to the tree so other requests can share it now."""
-        if self.tree is None:
-            return
-        row = self.req_pool.req_to_token[req.req_pool_idx]
-        key = req.fill_ids[:req.kv_len]
-        slots = row[:req.kv_len].long()
-        present = self.tree.insert(key, slots)
-        if present > req.cache_len:
-            self.allocator.free(slots[req.cache_len:present])
-        new_prefix, node = self.tree.match_prefix(key)
-        row[:len(new_prefix)] = new_prefix.to(row.dtype)
-        self.tree.inc_lock_ref(node)
-        if req.last_node is not None:
-            self.tree.dec_lock_ref(req.last_node)
-        req.last_node = node
-        req.cache_len = len(new_prefix)
-
-    def release(self, req: Req) -> None:
-        """Return a request's KV: computed tokens go to the tree (or are freed without one),
-        its own partial-page tail is freed, its lock and table row are given back."""
-        if req.req_pool_idx is None:
-            return
-        row = self.req_pool.req_to_token[req.req_pool_idx]
-        if self.tree is not None and req.kv_len > 0:
-            self._cache_unfinished(req)
-        tail = row[req.cache_len:req.kv_len].long()
-        if req.last_node is not None:
-            self.tree.dec_lock_ref(req.last_node)
-        if tail.numel():
-            self.allocator.free(tail)
-        self.req_pool.free(req.req_pool_idx)
-        req.req_pool_idx = None
-        req.last_node = None
-        req.kv_len = req.cache_len = 0

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from plait.core.sampling_params import SamplingParams
 from plait.frontend import ir
+from plait.frontend.backends.base import (  # noqa: F401 - the default-backend calls are DSL
+    get_default_backend, resolve_backend, set_default_backend)
 from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalized
-
-_default_backend: Any = None
+from plait.frontend.program import Function
 
 
 def function(func: Callable[..., Any] | None = None, **options: Any) -> Any:
@@ -21,29 +23,15 @@ def function(func: Callable[..., Any] | None = None, **options: Any) -> Any:
     if unknown:
         raise ValueError(f"function: unknown option(s) {unknown}")
     if func is None:
-        return lambda f: ir.Function(f)
-    return ir.Function(func)
-
-
-def set_default_backend(backend: Any) -> None:
-    """Backend for programs run without ``backend=``: a Runtime, RuntimeEndpoint or OpenAI."""
-    global _default_backend
-    _default_backend = backend
-
-
-def get_default_backend() -> Any:
-    return _default_backend
+        return lambda f: Function(f)
+    return Function(func)
 
 
 def flush_cache(backend: Any = None) -> Any:
-    from plait.core.interpreter import resolve_backend
-
     return resolve_backend(backend).flush_cache()
 
 
 def get_server_info(backend: Any = None) -> Any:
-    from plait.core.interpreter import resolve_backend
-
     return resolve_backend(backend).get_server_info()
 
 
@@ -63,11 +51,14 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
     if choices is not None:
         return select(name, choices, 0.0 if temperature is None else temperature,
                       choices_method or token_length_normalized)
-    ir.check_regex(regex)
     if isinstance(json_schema, dict):
         import json
 
         json_schema = json.dumps(json_schema)
+    if dtype is not None:
+        ir.dtype_regex(dtype)  # refuse a bad dtype here, where the program wrote it
+    # a malformed constraint is refused here too, by the core's rule
+    SamplingParams(regex=regex, json_schema=json_schema).check_grammar_syntax()
     params = ir.GenParams(
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
         stop_token_ids=stop_token_ids, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -75,14 +66,7 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         ignore_eos=ignore_eos, return_logprob=return_logprob,
         logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num, dtype=dtype,
         regex=regex, json_schema=json_schema)
-    if dtype is not None:
-        _check_dtype(dtype)
     return ir.Gen(name, params)
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype not in (int, float, str, bool, "int", "float", "str", "bool"):
-        raise ValueError(f"dtype must be one of int, float, str, bool, got {dtype!r}")
 
 
 def gen_int(name: str | None = None, max_tokens: int | None = None, **kwargs: Any) -> ir.Expr:

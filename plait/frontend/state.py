@@ -1,10 +1,11 @@
 """``ProgramState`` (the ``s`` a program receives and ``run`` returns) and the fork group.
 
-Thin, SGLang-named wrappers over :class:`plait.core.interpreter.StreamExecutor`, which holds
+Thin, SGLang-named wrappers over :class:`plait.frontend.interpreter.StreamExecutor`, which holds
 the text, messages and variables and does the work.
 """
 from __future__ import annotations
 
+import asyncio
 from contextlib import contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -101,7 +102,6 @@ class ProgramState:
         return self.stream_executor.iter_chunks(var_name)
 
     def text_async_iter(self, var_name: str | None = None) -> AsyncIterator[str]:
-        from plait.core.interpreter import aiter_chunks
 
         return aiter_chunks(self.stream_executor, var_name)
 
@@ -184,3 +184,15 @@ class ProgramStateGroup:
         for i, state in enumerate(self.states):
             state += items(i)
         return self
+
+
+async def aiter_chunks(executor: Any, var: str | None) -> AsyncIterator[str]:
+    """The async face of ``StreamExecutor.iter_chunks`` (waits in a worker thread)."""
+    loop = asyncio.get_running_loop()
+    it = executor.iter_chunks(var)
+    done = object()
+    while True:
+        chunk = await loop.run_in_executor(None, next, it, done)
+        if chunk is done:
+            return
+        yield chunk

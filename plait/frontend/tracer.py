@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from plait.frontend import ir
+from plait.frontend.backends.base import resolve_backend
+from plait.frontend.ir import StopTracing
 
-
-class StopTracing(Exception):
-    """Raised inside a traced program when it needs a value the tracer cannot know."""
+if TYPE_CHECKING:  # program.py traces programs through this module
+    from plait.frontend.program import Function
 
 
 @dataclass
@@ -79,10 +80,8 @@ class TracerState:
         return None
 
 
-def trace_program(program: ir.Function, kwargs: dict[str, Any], backend: Any) -> TracedProgram:
+def trace_program(program: Function, kwargs: dict[str, Any], backend: Any) -> TracedProgram:
     """Trace ``program``; arguments not given in ``kwargs`` (or bound) become placeholders."""
-    from plait.core.interpreter import resolve_backend
-
     template = resolve_backend(backend).chat_template
     arguments = {name: ir.Argument(name) for name in program.arg_names}
     arguments.update(program.bind_arguments)

@@ -4,17 +4,27 @@ The math mirrors transformers' reference modules op for op (fp32 RMSNorm, RoPE c
 ``position * inv_freq`` then cos/sin) so greedy outputs match it token for token in float32.
 q/k/v and gate/up projections are fused into one matmul each: fewer ops per layer is what
 decides CPU decode speed at batch 1.
+
+Every module takes a :class:`~plait.core.tp.group.TPGroup`; with ``tp.size > 1`` it holds only
+its rank's shard (Megatron-style, see ``plait/models/parallel_layers.py`` and
+``plait/core/tp/sharding.py``): local query/KV heads, local intermediate columns, local
+vocabulary rows. ``forward`` still returns the full logits on every rank.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.core.backend_api import AttentionBackend
 from plait.core.forward_batch import ForwardBatch
+from plait.core.tp.group import TPGroup
+from plait.core.tp.sharding import HeadShard, shard_heads, split_range
+from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+
+if TYPE_CHECKING:  # annotations only: backend_api loads models, so importing it is a cycle
+    from plait.core.backend_api import AttentionBackend
 
 
 class RMSNorm(nn.Module):
@@ -82,18 +92,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding):
+    """This rank's heads (``shard``): qkv is column-parallel, o_proj row-parallel."""
+
+    def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.shard: HeadShard = shard_heads(config.num_attention_heads,
+                                            config.num_key_value_heads, tp.size, tp.rank)
+        self.num_heads = self.shard.num_heads
+        self.num_kv_heads = self.shard.num_kv_heads
         self.head_dim = head_dim_of(config)
         bias = qkv_bias(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size,
-                                bias=getattr(config, "attention_out_bias", False))
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size,
+                                        getattr(config, "attention_out_bias", False), tp)
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
@@ -109,12 +123,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Any):
+    """Intermediate columns ``inter_range`` of the full MLP: gate/up column-parallel, down
+    row-parallel."""
+
+    def __init__(self, config: Any, tp: TPGroup):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.inter = config.intermediate_size
+        self.inter_range = split_range(config.intermediate_size, tp.size, tp.rank)
+        self.inter = self.inter_range[1] - self.inter_range[0]
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=bias)
-        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(self.inter, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -122,10 +140,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
-        self.self_attn = Attention(config, layer_id, rotary)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_id, rotary, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -139,16 +157,17 @@ class LlamaForCausalLM(nn.Module):
     """``forward`` returns logits for ``batch.logits_rows`` only: prefill needs one row per
     request (or the prompt rows asked for logprobs), never a [T, vocab] matrix by default."""
 
-    def __init__(self, config: Any, max_positions: int):
+    def __init__(self, config: Any, max_positions: int, tp: TPGroup = TPGroup()):
         super().__init__()
         self.config = config
+        self.tp = tp
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         #: runs decode steps instead of :meth:`layers_forward` when set (a backend's compiled

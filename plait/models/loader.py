@@ -8,12 +8,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from plait.core.tp.group import TPGroup
 from plait.models.llama import SUPPORTED_MODEL_TYPES, LlamaForCausalLM
 
 CACHE_ENV = "PLAIT_CACHE_DIR"
@@ -86,9 +88,11 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> LlamaForCausalLM:
+               max_positions: int, tp: TPGroup = TPGroup()) -> LlamaForCausalLM:
+    """The model (``tp``'s shard of it) with its weights, built on the meta device first so
+    only the kept shard is ever allocated."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+        model = LlamaForCausalLM(config, max_positions, tp)
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
     from plait.models.llama import RotaryEmbedding, head_dim_of
@@ -118,17 +122,33 @@ def _store_linear_weights_column_major(model: torch.nn.Module) -> None:
                                                    requires_grad=False)
 
 
-# HF parameter name suffix -> (Plait parameter, shard index among the fused pieces)
+# HF projection -> (Plait fused parameter, piece index, how the rank's slice is chosen)
 _FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0, "q_heads"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1, "kv_heads"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2, "kv_heads"),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0, "inter"),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1, "inter"),
 }
+# row-parallel weights: the rank's slice is along the input dimension (dim 1); biases are whole
+_ROW_PARALLEL = {"self_attn.o_proj": "q_heads", "mlp.down_proj": "inter"}
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where (a slice of) one checkpoint tensor goes: rows ``offset..`` of ``param`` receive
+    the checkpoint tensor's ``[start, stop)`` along ``dim`` (``dim`` None: the whole tensor)."""
+
+    param: str
+    offset: int = 0
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
 
 
 def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None:
+    """Copy each rank's shard straight from the files: ``get_slice`` reads only the rows or
+    columns this rank owns, so no rank ever holds a full weight it does not keep."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     files = sorted(model_dir.glob("*.safetensors"))
@@ -137,30 +157,54 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                target, offset = _map_name(name, model)
+                target = _map_name(name, model)
                 if target is None:
                     continue
-                tensor = f.get_tensor(name)
-                param = params[target]
+                part = f.get_slice(name)
+                if target.dim is None:
+                    tensor = part[:]
+                elif target.dim == 0:
+                    tensor = part[target.start:target.stop]
+                else:
+                    tensor = part[:, target.start:target.stop]
+                param = params[target.param]
                 with torch.no_grad():
-                    param[offset:offset + tensor.shape[0]].copy_(tensor)
-                loaded.add(target)
+                    param[target.offset:target.offset + tensor.shape[0]].copy_(tensor)
+                loaded.add(target.param)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(params) - loaded - tied
     if missing:
         raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights: {sorted(missing)[:5]}")
 
 
-def _map_name(name: str, model: LlamaForCausalLM) -> tuple[str | None, int]:
-    """Map an HF tensor name to (Plait parameter name, row offset inside a fused weight)."""
+def _map_name(name: str, model: LlamaForCausalLM) -> _Target | None:
+    """Map an HF tensor name to its Plait parameter and this rank's slice of it."""
     if name.startswith("model."):
         name = name[len("model."):]
     if "rotary_emb" in name:
-        return None, 0
-    for hf, (ours, shard) in _FUSED.items():
+        return None
+    if name.startswith(("embed_tokens.", "lm_head.")):
+        module = model.embed_tokens if name.startswith("embed_tokens.") else model.lm_head
+        return _Target(name, 0, 0, module.vocab_start, module.vocab_stop)
+    if not name.startswith("layers."):
+        return _Target(name)
+    layer = model.layers[int(name.split(".")[1])]
+    ranges = _shard_ranges(layer)
+    for hf, (ours, piece, kind) in _FUSED.items():
         if f".{hf}." in name:
-            layer = int(name.split(".")[1])
-            attn = model.layers[layer].self_attn
-            sizes = attn.split if hf.startswith("self_attn") else (model.layers[layer].mlp.inter,) * 2
-            return name.replace(hf, ours), sum(sizes[:shard])
-    return name, 0
+            sizes = layer.self_attn.split if hf.startswith("self_attn") else (layer.mlp.inter,) * 2
+            start, stop = ranges[kind]
+            return _Target(name.replace(hf, ours), sum(sizes[:piece]), 0, start, stop)
+    for hf, kind in _ROW_PARALLEL.items():
+        if f".{hf}.weight" in name:
+            return _Target(name, 0, 1, *ranges[kind])
+    return _Target(name)
+
+
+def _shard_ranges(layer: Any) -> dict[str, tuple[int, int]]:
+    """The rank's rows of the q/k/v projections and its intermediate columns, in the full
+    checkpoint's coordinates."""
+    shard, d = layer.self_attn.shard, layer.self_attn.head_dim
+    return {"q_heads": (shard.q_start * d, (shard.q_start + shard.num_heads) * d),
+            "kv_heads": (shard.kv_start * d, (shard.kv_start + shard.num_kv_heads) * d),
+            "inter": layer.mlp.inter_range}

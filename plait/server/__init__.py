@@ -9,6 +9,7 @@ Routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``openai_
 ``/generate`` (``generate_api.py``); ``/get_model_info``, ``/get_server_info`` (alias
 ``/server_info``), ``/flush_cache``, ``/abort_request``, ``/health``, ``/health_generate``,
 ``/metrics`` (``http_server.py``, ``metrics.py``). Every error is ``{"error": {"message",
-"type", "param", "code"}}`` (``protocol.py``); input checks shared by both APIs live in
-``submit.py``.
+"type", "param", "code"}}`` (``protocol.py``). Both APIs build the core's request messages
+(``plait.core.messages``) and run its checks through ``submit.py``, which maps their
+``ValueError`` to a 400; the messages cross to the scheduler process as they are.
 """

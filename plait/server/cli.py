@@ -103,8 +103,14 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "serve":
+        args = from_namespace(ns)
+        if args.dp < 1:
+            build_parser().error(f"--dp must be at least 1, got {args.dp}")
+        if args.dp > 1:
+            from plait.server.data_parallel import run_data_parallel
+            return run_data_parallel(args)
         from plait.server.http_server import run_server
-        return run_server(from_namespace(ns))
+        return run_server(args)
     if ns.command == "generate":
         return cmd_generate(ns)
     return cmd_chat(ns)

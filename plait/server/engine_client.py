@@ -24,30 +24,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import zmq
 import zmq.asyncio
 
+from plait.core.messages import (AbortReq, FlushCacheReq, GenerateReq, GetInfoReq,
+                                 RequestLimits, ShutdownReq)
 from plait.server.metrics import ServerMetrics
-from plait.server.protocol import MAX_SEQUENCES, APIError
+from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
 
 logger = logging.getLogger("plait.server")
-
-
-@dataclass
-class EngineRequest:
-    """One sequence to generate (n > 1 has already been expanded into several)."""
-    input_ids: list[int]
-    sampling_params: dict[str, Any]
-    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
-    stream: bool = False
 
 
 class EngineClient:
@@ -134,7 +122,7 @@ class EngineClient:
             self._queues[rid].put_nowait(("error", 503, "the server is shutting down"))
         if self.proc is not None and self.proc.poll() is None:
             if self._send is not None:
-                self._post({"op": "shutdown"})
+                self._post(ShutdownReq())
             try:
                 await asyncio.to_thread(self.proc.wait, timeout)
             except subprocess.TimeoutExpired:
@@ -168,13 +156,11 @@ class EngineClient:
     @contextlib.contextmanager
     def admit(self, count: int) -> Iterator[None]:
         """Hold ``count`` sequences' places for one HTTP request: 503 while draining, 429 with
-        Retry-After when the running batch and the queue are full."""
+        Retry-After when the running batch and the queue are full. A request's count never
+        exceeds the limit: the core refused it (``limits.max_sequences``, a 400) before."""
         if self.draining:
             raise APIError("the server is shutting down", status=503)
-        limit = self.args.max_running_requests + self.args.max_queued_requests
-        if count > min(MAX_SEQUENCES, limit):
-            raise APIError(f"the request asks for {count} sequences (prompts x n); at most "
-                           f"{min(MAX_SEQUENCES, limit)} are allowed", param="n")
+        limit = self._admission_limit
         if self._admitted + count > limit:
             raise APIError(f"too many requests in flight ({self._admitted} sequences; the "
                            f"limit is {limit}); retry later", status=429,
@@ -224,7 +210,7 @@ class EngineClient:
         if not self.is_alive():
             raise APIError("the scheduler process is not running", status=503)
 
-    def _post(self, msg: dict[str, Any]) -> bool:
+    def _post(self, msg: Any) -> bool:
         """Send without blocking: a PUSH socket whose peer is gone would block forever, and
         this runs on the event loop. False means the scheduler process is unreachable."""
         try:
@@ -233,12 +219,13 @@ class EngineClient:
         except zmq.ZMQError:
             return False
 
-    async def _call(self, op: str, timeout: float = 60.0) -> Any:
+    async def _call(self, message: type[FlushCacheReq] | type[GetInfoReq],
+                    timeout: float = 60.0) -> Any:
         self._require_alive()
         req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
         self._replies[req_id] = fut
-        if not self._post({"op": op, "req_id": req_id}):
+        if not self._post(message(req_id=req_id)):
             raise APIError("the scheduler process is not reachable", status=503)
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -246,21 +233,34 @@ class EngineClient:
             self._replies.pop(req_id, None)
 
     async def flush_cache(self) -> Any:
-        return await self._call("flush_cache")
+        return await self._call(FlushCacheReq)
 
     async def server_info(self) -> dict[str, Any]:
-        return await self._call("server_info", timeout=10.0)
+        return await self._call(GetInfoReq, timeout=10.0)
 
     def abort(self, rid: str) -> None:
         if self._send is not None and self.is_alive():
-            self._post({"op": "abort", "rid": rid})
+            self._post(AbortReq(rid))
 
     def running_rids(self) -> list[str]:
         return list(self._queues)
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[dict[str, Any]]:
-        """Yield the request's cumulative outputs; the last one is finished. Leaving the loop
-        early (client gone, task cancelled) aborts the request in the engine."""
+    @property
+    def _admission_limit(self) -> int:
+        return self.args.max_running_requests + self.args.max_queued_requests
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What the engine accepts, plus the server's bounds on one request's work
+        (docs/reliability.md), for checking requests here before they are sent."""
+        return RequestLimits(self.context_length, self.vocab_size,
+                             max_top_logprobs=MAX_TOP_LOGPROBS,
+                             max_sequences=min(MAX_SEQUENCES, self._admission_limit))
+
+    async def generate(self, req: GenerateReq) -> AsyncIterator[dict[str, Any]]:
+        """Yield the request's cumulative outputs; the last one is finished. ``req`` is one
+        sample (``n == 1``) with its rid. Leaving the loop early (client gone, task
+        cancelled) aborts the request in the engine."""
         self._require_alive()
         if req.rid in self._queues:
             raise APIError(f"rid {req.rid!r} is already running", param="rid")
@@ -269,13 +269,7 @@ class EngineClient:
         self.metrics.start(req.rid)
         finished = False
         try:
-            sent = self._post({"op": "generate", "rid": req.rid, "input_ids": req.input_ids,
-                               "sampling_params": req.sampling_params,
-                               "return_logprob": req.return_logprob,
-                               "logprob_start_len": req.logprob_start_len,
-                               "top_logprobs_num": req.top_logprobs_num,
-                               "stream": req.stream})
-            if not sent:
+            if not self._post(req):
                 finished = True
                 raise APIError("the scheduler process is not reachable", status=503)
             timeout = self.args.request_timeout

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
-from plait.server.engine_client import EngineClient, EngineRequest
+from plait.core.messages import GenerateReq
+from plait.server.engine_client import EngineClient
 from plait.server.protocol import AbortRequest, APIError, error_body
 from plait.server.server_args import ServerArgs
 from plait.server.submit import ClientDisconnected, collect
@@ -239,8 +240,8 @@ def _admin_routes():
         client: EngineClient = request.app.state.client
         if not client.is_alive():
             return Response(status_code=503)
-        probe = EngineRequest(input_ids=[client.tokenizer.eos_token_id or 0],
-                              sampling_params={"max_new_tokens": 1, "temperature": 0})
+        probe = GenerateReq(input_ids=[client.tokenizer.eos_token_id or 0],
+                            sampling_params={"max_new_tokens": 1, "temperature": 0}).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
         except (APIError, asyncio.TimeoutError):
@@ -248,6 +249,7 @@ def _admin_routes():
         return Response(status_code=200)
 
     @router.get("/get_model_info")
+    @router.get("/model_info")
     async def get_model_info(request: Request) -> dict[str, Any]:
         c: EngineClient = request.app.state.client
         return {"model_path": c.model_path, "tokenizer_path": c.model_path,
@@ -262,7 +264,19 @@ def _admin_routes():
         engine = await c.server_info()
         return {**request.app.state.args.to_dict(), "model_path": c.model_path,
                 "context_length": c.context_length, "version": "0.1.0", **engine,
-                "internal_states": [engine], "num_inflight_requests": len(c.running_rids())}
+                "internal_states": [engine], "num_inflight_requests": len(c.running_rids()),
+                "dp_size": 1}
+
+    @router.get("/get_load")
+    async def get_load(request: Request) -> list[dict[str, Any]]:
+        """SGLang's per-rank load report, read by the gateway's load-aware policies."""
+        c: EngineClient = request.app.state.client
+        engine = await c.server_info()
+        return [{"dp_rank": 0, "num_reqs": engine.get("num_running_reqs", 0)
+                 + engine.get("num_waiting_reqs", 0),
+                 "num_waiting_reqs": engine.get("num_waiting_reqs", 0),
+                 "num_tokens": engine.get("max_total_tokens", 0)
+                 - engine.get("available_kv_tokens", 0)}]
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:

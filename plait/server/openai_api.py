@@ -16,17 +16,18 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from plait.server.engine_client import EngineClient, EngineRequest
+from plait.core.messages import GenerateReq
+from plait.server.engine_client import EngineClient
 from plait.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                    _SamplingFields)
-from plait.server.submit import (SSE_DONE, check_input_ids, check_length, check_text_length,
-                                 collect, expand_n, finish_reason_str, merge_streams,
-                                 sampling_params, sse, tokenize)
+from plait.server.submit import (SSE_DONE, check_text_length, collect, finish_reason_str,
+                                 invalid_request, merge_streams, prepare, sse, tokenize)
 
 router = APIRouter(prefix="/v1")
 
-# SamplingParams names -> the OpenAI names the client actually sent.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+# The core's parameter names -> the OpenAI names the client actually sent.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+                 "input_ids": "prompt", "text": "prompt"}
 
 
 def _client(request: Request) -> EngineClient:
@@ -47,39 +48,31 @@ def _check_model(client: EngineClient, model: str) -> None:
                        f"{client.model_name!r}", param="model", type="model_not_found")
 
 
-def _sampling(body: _SamplingFields, client: EngineClient, max_tokens: int,
-              **extra: Any) -> dict[str, Any]:
+def _sampling(body: _SamplingFields, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """OpenAI's fields as the core's sampling params (checked by the core with the rest)."""
     if body.logit_bias:
         raise APIError("logit_bias is not supported", param="logit_bias")
-    raw = {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens,
-           "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-           "min_p": body.min_p, "n": body.n, "stop": body.stop, "seed": body.seed,
-           "presence_penalty": body.presence_penalty,
-           "frequency_penalty": body.frequency_penalty,
-           "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
-           "skip_special_tokens": body.skip_special_tokens,
-           "stop_token_ids": body.stop_token_ids, "no_stop_trim": body.no_stop_trim,
-           "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf, **extra}
-    try:
-        return sampling_params(raw, client)
-    except APIError as e:
-        for ours, theirs in _OPENAI_NAMES.items():
-            e.message = e.message.replace(ours, theirs)
-        e.param = _OPENAI_NAMES.get(e.param, e.param)
-        raise
+    return {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens,
+            "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+            "min_p": body.min_p, "n": body.n, "stop": body.stop, "seed": body.seed,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty,
+            "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
+            "skip_special_tokens": body.skip_special_tokens,
+            "stop_token_ids": body.stop_token_ids, "no_stop_trim": body.no_stop_trim,
+            "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf, **extra}
 
 
-def _requests(prompts: list[list[int]], sp: dict[str, Any], rid: str, logprobs: bool,
-              top: int, start: int, stream: bool) -> list[EngineRequest]:
-    reqs: list[EngineRequest] = []
-    for i, ids in enumerate(prompts):
-        base = EngineRequest(ids, {**sp}, f"{rid}-p{i}" if len(prompts) > 1 else rid,
-                             logprobs, start, top, stream)
-        reqs.extend(expand_n(base))
-    return reqs
+async def _requests(client: EngineClient, rename: dict[str, str], **request: Any
+                    ) -> list[GenerateReq]:
+    """One core message per choice (index = prompt * n + sample), checked by the core's
+    rules (tokenizing off the event loop); errors name OpenAI's parameters (``rename``)."""
+    with invalid_request({**_OPENAI_NAMES, **rename}):
+        msgs, _ = GenerateReq.batch(**request)
+        return await prepare(client, msgs)
 
 
-def _usage(reqs: list[EngineRequest], metas: list[dict[str, Any]], n: int) -> dict[str, Any]:
+def _usage(reqs: list[GenerateReq], metas: list[dict[str, Any]], n: int) -> dict[str, Any]:
     # A prompt is counted once, whatever n is; every choice's tokens are counted.
     prompt = sum(int(m.get("prompt_tokens") or len(r.input_ids))
                  for r, m in list(zip(reqs, metas))[::n])
@@ -95,25 +88,10 @@ def _token_texts(client: EngineClient, entries: list) -> list[str]:
 
 
 # --------------------------------------------------------------------------- completions
-async def _completion_prompts(body: CompletionRequest, client: EngineClient
-                             ) -> list[list[int]]:
-    p = body.prompt
-    if isinstance(p, str):
-        prompts = [await tokenize(client, p)]
-    elif not p:
-        raise APIError("prompt must not be empty", param="prompt")
-    elif isinstance(p[0], str):
-        check_text_length(client, sum(map(len, p)), "prompt")
-        prompts = [await tokenize(client, s) for s in p]
-    elif isinstance(p[0], int):
-        prompts = [list(p)]
-    else:
-        prompts = [list(x) for x in p]
-    for ids in prompts:
-        if not ids:
-            raise APIError("prompt must not be empty", param="prompt")
-        check_input_ids(client, ids, "prompt")
-    return prompts
+def _prompt_field(prompt: Any) -> dict[str, Any]:
+    """OpenAI's ``prompt`` (text, token ids, or a list of either) as the core's field."""
+    ids = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)
+    return {"input_ids" if ids else "text": prompt}
 
 
 def _completion_logprobs(client: EngineClient, meta: dict[str, Any], echo: bool,
@@ -146,16 +124,16 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError("best_of must equal n (no server-side ranking)", param="best_of")
     if body.echo and body.stream:
         raise APIError("echo is not supported with stream", param="echo")
-    prompts = await _completion_prompts(body, client)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    sp = _sampling(body, client, max_tokens)
-    for ids in prompts:
-        check_length(client, len(ids), max_tokens, param="max_tokens")
     want_lp = body.logprobs is not None
     rid, created = body.rid or f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    reqs = _requests(prompts, sp, rid, want_lp, body.logprobs or 0,
-                     0 if body.echo and want_lp else -1, body.stream)
-    prompt_texts = [client.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+    reqs = await _requests(client, {}, **_prompt_field(body.prompt),
+                           sampling_params=_sampling(body, max_tokens), rid=rid,
+                           return_logprob=want_lp, top_logprobs_num=body.logprobs or 0,
+                           logprob_start_len=0 if body.echo and want_lp else -1,
+                           stream=body.stream)
+    prompt_texts = ([client.tokenizer.decode(r.input_ids) for r in reqs[::body.n]]
+                    if body.echo else None)
 
     def choice(i: int, out: dict[str, Any], text: str, offset: int) -> dict[str, Any]:
         meta = out.get("meta_info") or {}
@@ -210,7 +188,9 @@ async def _render_chat(body: ChatCompletionRequest, client: EngineClient) -> lis
         if isinstance(m.content, list):
             msg["content"] = "".join(part.text for part in m.content)
         messages.append(msg)
-    check_text_length(client, sum(len(m.get("content") or "") for m in messages), "messages")
+    with invalid_request():  # before rendering: the template runs over all of it
+        check_text_length(client, sum(len(m.get("content") or "") for m in messages),
+                          "messages")
     kwargs = dict(body.chat_template_kwargs or {})
     try:
         text = await asyncio.to_thread(
@@ -220,7 +200,8 @@ async def _render_chat(body: ChatCompletionRequest, client: EngineClient) -> lis
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise APIError(f"messages do not fit the model's chat template: {e}",
                        param="messages") from None
-    return await tokenize(client, text, add_special_tokens=False, param="messages")
+    with invalid_request():
+        return await tokenize(client, text, add_special_tokens=False, param="messages")
 
 
 def _response_format_schema(body: ChatCompletionRequest) -> str | None:
@@ -262,10 +243,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = limit if limit is not None else max(ctx - len(ids), 0)
     schema = _response_format_schema(body)
-    sp = _sampling(body, client, max_tokens, **({"json_schema": schema} if schema else {}))
-    check_length(client, len(ids), max_tokens, param=param)
+    sp = _sampling(body, max_tokens, **({"json_schema": schema} if schema else {}))
     rid = body.rid or f"chatcmpl-{uuid.uuid4().hex}"
-    reqs = _requests([ids], sp, rid, body.logprobs, body.top_logprobs or 0, -1, body.stream)
+    reqs = await _requests(client, {"max_new_tokens": param}, input_ids=ids,
+                           sampling_params=sp, rid=rid, return_logprob=body.logprobs,
+                           top_logprobs_num=body.top_logprobs or 0, stream=body.stream)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": body.model}
     if body.stream:
@@ -314,7 +296,7 @@ def _chat_chunker(client: EngineClient, head: dict[str, Any], want_lp: bool):
 
 
 # --------------------------------------------------------------------------- streaming
-async def _stream(client: EngineClient, reqs: list[EngineRequest], head: dict[str, Any],
+async def _stream(client: EngineClient, reqs: list[GenerateReq], head: dict[str, Any],
                   body: _SamplingFields, chunker: Callable) -> StreamingResponse:
     stream = merge_streams(client, reqs)
     try:  # the first output proves the engine accepted every request: errors stay HTTP 400s

@@ -86,7 +86,28 @@ class GenerateSamplingParams(BaseModel):
     ebnf: str | None = None
 
 
-class GenerateRequest(_Strict):
+class GatewayFields(BaseModel):
+    """Fields SGLang's gateway (``sglang-router``) and SGLang clients add to every request.
+
+    Honoured: ``data_parallel_rank`` (a Plait worker is one data-parallel rank, rank 0; any
+    other rank is a 400). Refused when asked for (Plait cannot do it, so silently ignoring it
+    would change what the client gets): ``return_hidden_states``, ``return_bytes``,
+    ``return_entropy``, ``background``. Accepted and ignored because they have no effect on
+    output: ``log_metrics`` and ``no_logs`` (Plait always counts metrics and logs no request
+    bodies), ``model`` on ``/generate`` (a worker serves one model), and on chat
+    ``separate_reasoning``/``stream_reasoning`` (they act only with a reasoning parser, which
+    Plait does not have, exactly as in SGLang when none is configured).
+    """
+    data_parallel_rank: int | None = Field(default=None, ge=0, le=0)
+    return_hidden_states: Literal[False] = False
+    return_bytes: Literal[False] = False
+    return_entropy: Literal[False] = False
+    background: Literal[False] = False
+    log_metrics: bool = True
+    no_logs: bool = False
+
+
+class GenerateRequest(GatewayFields, _Strict):
     """``POST /generate``: SGLang's GenerateReqInput, the fields Plait implements."""
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
@@ -99,6 +120,7 @@ class GenerateRequest(_Strict):
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: Union[str, list[str], None] = None
+    model: str | None = None  # see GatewayFields
     # Sent (as null) by SGLang clients; Plait has no LoRA or vision support.
     lora_path: None = None
     image_data: None = None
@@ -128,7 +150,7 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaSpec | None = None
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(GatewayFields, _Strict):
     """Fields shared by completions and chat: OpenAI's plus SGLang's extras."""
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
@@ -186,4 +208,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
     continue_final_message: bool = False
+    separate_reasoning: bool = True   # see GatewayFields
+    stream_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None

@@ -5,11 +5,11 @@ the HTTP process means accepting, tokenizing and streaming never wait on a batch
 never waits on JSON). The engine's own background thread runs the scheduler loop; this process
 adds only an asyncio loop that turns messages into engine calls.
 
-Wire protocol (pickled dicts; the HTTP process binds both sockets, this process connects):
-  in  (HTTP -> here): {"op": "generate", "rid", "input_ids", "sampling_params",
-                       "return_logprob", "logprob_start_len", "top_logprobs_num", "stream"}
-                      {"op": "abort", "rid"} | {"op": "flush_cache"|"server_info", "req_id"}
-                      {"op": "shutdown"}
+Wire protocol (pickled; the HTTP process binds both sockets, this process connects):
+  in  (HTTP -> here): the core's messages as they are (``plait.core.messages``):
+                      GenerateReq (tokenized, validated, one sample, rid set) | AbortReq |
+                      FlushCacheReq | GetInfoReq (answered by "reply" with their req_id) |
+                      ShutdownReq
   out (here -> HTTP): {"op": "ready", "info"} | {"op": "startup_error", "message"}
                       {"op": "out", "rid", "out": <engine chunk>, "finished": bool}
                       {"op": "error", "rid", "status", "message"}
@@ -20,6 +20,7 @@ engine-side failure (finish_reason ``{"type": "error"}``) is sent as an "error" 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import inspect
 import json
@@ -33,6 +34,8 @@ from typing import Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
+
+from plait.core.messages import AbortReq, FlushCacheReq, GenerateReq, GetInfoReq, ShutdownReq
 
 logger = logging.getLogger("plait.scheduler_process")
 
@@ -94,13 +97,10 @@ def _server_info(engine: Any) -> dict[str, Any]:
     return dict(info or {})
 
 
-async def _stream(engine: Any, msg: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Cumulative output dicts of one request, from the engine's async API."""
-    kwargs = dict(input_ids=msg["input_ids"], sampling_params=msg["sampling_params"],
-                  return_logprob=msg["return_logprob"],
-                  logprob_start_len=msg["logprob_start_len"],
-                  top_logprobs_num=msg["top_logprobs_num"], stream=True, rid=msg["rid"])
-    result = engine.async_generate(**kwargs)
+async def _stream(engine: Any, msg: GenerateReq) -> AsyncIterator[dict[str, Any]]:
+    """Cumulative output dicts of one request, from the engine's async API. Always streamed
+    from the engine: non-streaming clients still get progress for their timing metrics."""
+    result = engine.async_generate_request([dataclasses.replace(msg, stream=True)])
     if inspect.isawaitable(result):
         result = await result
     if isinstance(result, dict):  # an engine that answered in one piece
@@ -124,8 +124,8 @@ class SchedulerServer:
             logger.warning("dropped %s for %s: HTTP process unreachable", msg.get("op"),
                            msg.get("rid"))
 
-    async def run_request(self, msg: dict[str, Any]) -> None:
-        rid = msg["rid"]
+    async def run_request(self, msg: GenerateReq) -> None:
+        rid = msg.rid
         last: dict[str, Any] | None = None
         try:
             async for chunk in _stream(self.engine, msg):
@@ -136,7 +136,7 @@ class SchedulerServer:
                                "message": f"engine error: {reason.get('message')}"})
                     return
                 finished = reason is not None
-                if not finished and not msg.get("stream"):
+                if not finished and not msg.stream:
                     # Non-streaming clients need progress only for timing metrics.
                     meta = {k: v for k, v in chunk.get("meta_info", {}).items()
                             if k not in _LOGPROB_KEYS}
@@ -166,26 +166,27 @@ class SchedulerServer:
         finally:
             self.tasks.pop(rid, None)
 
-    async def handle(self, msg: dict[str, Any]) -> bool:
+    async def handle(self, msg: Any) -> bool:
         """Dispatch one message; False means shut down."""
-        op = msg.get("op")
-        if op == "generate":
-            self.tasks[msg["rid"]] = asyncio.create_task(self.run_request(msg))
-        elif op == "abort":
-            if msg["rid"] in self.tasks:
-                await asyncio.to_thread(self.engine.abort, msg["rid"])
-        elif op in ("flush_cache", "server_info"):
+        if isinstance(msg, GenerateReq):
+            self.tasks[msg.rid] = asyncio.create_task(self.run_request(msg))
+        elif isinstance(msg, AbortReq):
+            if msg.rid in self.tasks:
+                await asyncio.to_thread(self.engine.abort, msg.rid)
+        elif isinstance(msg, (FlushCacheReq, GetInfoReq)):
             try:
-                if op == "flush_cache":
+                if isinstance(msg, FlushCacheReq):
                     result: Any = await asyncio.to_thread(self.engine.flush_cache)
                 else:
                     result = await asyncio.to_thread(_server_info, self.engine)
             except Exception as e:
-                logger.exception("%s failed", op)
+                logger.exception("%s failed", type(msg).__name__)
                 result = {"error": f"{type(e).__name__}: {e}"}
-            self.emit({"op": "reply", "req_id": msg["req_id"], "result": result})
-        elif op == "shutdown":
+            self.emit({"op": "reply", "req_id": msg.req_id, "result": result})
+        elif isinstance(msg, ShutdownReq):
             return False
+        else:
+            logger.error("ignored an unknown message: %r", msg)
         return True
 
 

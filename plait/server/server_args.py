@@ -39,6 +39,11 @@ class ServerArgs:
     max_queued_requests: int = 256                # beyond running + this: 429 + Retry-After
     request_timeout: float | None = None          # seconds per request, then abort (KV freed)
     shutdown_timeout: float = 30.0                # SIGTERM: wait this long for running requests
+    # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
+    dp: int = 1
+    router_policy: str = "cache_aware"
+    router_extra_args: str | None = None
+    router_prometheus_port: int | None = None
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -59,8 +64,6 @@ class ServerArgs:
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
         engine's own defaults apply."""
-        if self.tp != 1:
-            raise ValueError(f"tp: tensor parallelism is not supported yet, got {self.tp}")
         kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
                       page_size=self.page_size, max_total_tokens=self.max_total_tokens,
                       chunked_prefill_size=self.chunked_prefill_size,
@@ -71,8 +74,21 @@ class ServerArgs:
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed,
-                      grammar_compile_timeout=self.grammar_compile_timeout)
+                      grammar_compile_timeout=self.grammar_compile_timeout,
+                      tp_size=self.tp if self.tp != 1 else None)
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    def to_argv(self) -> list[str]:
+        """The ``plait serve`` flags that rebuild these arguments (the ``--dp`` launcher starts
+        its workers with them). Flags are the field names with dashes; None is left out."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if value is None or value is False or (f.name == "dp" and value == 1):
+                continue
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,7 +104,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
                    help="model and KV dtype (default: the device backend's)")
-    p.add_argument("--tp", type=int, default=d.tp, help="tensor parallel size (only 1 today)")
+    p.add_argument("--tp", type=int, default=d.tp,
+                   help="tensor-parallel ranks (processes); on the CPU each gets its share of "
+                        "the cores (docs/tensor-parallel.md)")
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
@@ -134,6 +152,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="on SIGTERM, let running requests finish for up to this many seconds")
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
+    dp.add_argument("--dp", type=int, default=d.dp,
+                    help="engine workers behind one sglang-router gateway on --port; each gets "
+                         "its own process, port, KV cache and cores/N threads")
+    dp.add_argument("--router-policy", default=d.router_policy,
+                    choices=["cache_aware", "round_robin", "random", "power_of_two"],
+                    help="the gateway's load-balancing policy (with --dp)")
+    dp.add_argument("--router-prometheus-port", type=int, default=None,
+                    help="the gateway's Prometheus /metrics port (default: a free port, logged)")
+    dp.add_argument("--router-extra-args", default=None,
+                    help="more sglang_router.launch_router flags, quoted as one string, e.g. "
+                         "'--max-concurrent-requests 64 --queue-size 128'")
 
 
 def from_namespace(ns: argparse.Namespace) -> ServerArgs:

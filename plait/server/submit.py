@@ -1,7 +1,9 @@
-"""From validated request fields to engine requests, and from engine outputs to responses.
+"""From request bodies to core messages, and from engine outputs to responses.
 
-Shared by ``/generate`` and the OpenAI routes, so both APIs reject the same bad input the same
-way: every check here raises ``APIError`` (HTTP 400) naming the offending parameter.
+Shared by ``/generate`` and the OpenAI routes. The rules a request must satisfy are the core's
+(``plait.core.messages``); this module only runs them and turns their ``ValueError`` into an
+``APIError`` (HTTP 400) naming the offending parameter, so both APIs reject the same bad input
+the same way.
 """
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import contextlib
 import json
 import re
 from dataclasses import fields
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from starlette.requests import Request
 
+from plait.core.messages import GenerateReq, RequestLimits, check_sequences
 from plait.core.sampling_params import SamplingParams
-from plait.server.engine_client import EngineClient, EngineRequest
+from plait.server.engine_client import EngineClient
 from plait.server.protocol import APIError, param_of
 
 
@@ -26,96 +29,77 @@ class ClientDisconnected(Exception):
     """The HTTP client left before its response was ready; its requests were aborted."""
 
 
-def sampling_params(raw: dict[str, Any] | None, client: EngineClient,
-                    param_prefix: str = "") -> dict[str, Any]:
-    """Validate a sampling-params dict. ``None`` means "default", and so does an empty value
-    for a key Plait lacks: SGLang clients send every field they know, unset ones as null or
-    ``[]`` (``stop_regex``). An unknown key with a real value is still a 400."""
+def clean_sampling_params(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Drop what SGLang clients send for "unset": they send every field they know, unset ones
+    as null or ``[]`` (``stop_regex``). An unknown key with a real value stays, so the core
+    still refuses it."""
     if raw is not None and not isinstance(raw, dict):
         raise APIError("sampling_params must be an object", param="sampling_params")
-    raw = {k: v for k, v in (raw or {}).items()
-           if v is not None and (k in _KNOWN_PARAMS or v not in ([], {}, ""))}
+    return {k: v for k, v in (raw or {}).items()
+            if v is not None and (k in _KNOWN_PARAMS or v not in ([], {}, ""))}
+
+
+@contextlib.contextmanager
+def invalid_request(rename: dict[str, str] | None = None) -> Iterator[None]:
+    """Turn the core's ``ValueError`` (whose message starts with the parameter) into a 400
+    naming it; ``rename`` maps the core's names to the route's (``max_new_tokens`` ->
+    ``max_tokens``), in the message too."""
     try:
-        sp = SamplingParams.from_dict(raw)
-        sp.validate(vocab_size=client.vocab_size)
-    except (ValueError, TypeError) as e:
-        param = param_of(e) if isinstance(e, ValueError) else None
-        raise APIError(str(e), param=param_prefix + param if param else None) from None
-    if sp.regex is not None:
-        try:
-            re.compile(sp.regex)
-        except re.error as e:
-            raise APIError(f"regex is not a valid regular expression: {e}",
-                           param=param_prefix + "regex") from None
-    if sp.json_schema is not None:
-        try:
-            schema = json.loads(sp.json_schema)
-        except json.JSONDecodeError as e:
-            raise APIError(f"json_schema is not valid JSON: {e}",
-                           param=param_prefix + "json_schema") from None
-        if not isinstance(schema, (dict, bool)):
-            raise APIError("json_schema must be a JSON object",
-                           param=param_prefix + "json_schema")
-    return sp.to_dict()
+        yield
+    except ValueError as e:
+        message, param = str(e), param_of(e)
+        for ours, theirs in (rename or {}).items():
+            message = re.sub(rf"\b{ours}\b", theirs, message)
+        raise APIError(message, param=(rename or {}).get(param, param)) from None
 
 
 def check_text_length(client: EngineClient, chars: int, param: str) -> None:
     """Refuse text that cannot fit the context before spending time tokenizing it: no token is
     longer than ``client.max_token_chars`` characters, so the token count is at least
-    ``chars / max_token_chars``."""
+    ``chars / max_token_chars``. Raises ``ValueError`` naming ``param`` (wrap in
+    :func:`invalid_request`), like the core's rules."""
     ctx = client.context_length
     if ctx and chars > ctx * client.max_token_chars:
-        raise APIError(f"{param} is {chars} characters, which cannot fit the context length "
-                       f"of {ctx} tokens", param=param)
+        raise ValueError(f"{param} is {chars} characters, which cannot fit the context length "
+                         f"of {ctx} tokens")
 
 
 async def tokenize(client: EngineClient, text: str, add_special_tokens: bool = True,
                    param: str = "prompt") -> list[int]:
-    """Token ids of ``text``, computed off the event loop (a long prompt takes seconds)."""
+    """Token ids of ``text``, computed off the event loop (a long prompt takes seconds), after
+    the length precheck (``ValueError`` naming ``param``)."""
     check_text_length(client, len(text), param)
     return await asyncio.to_thread(client.tokenizer.encode, text,
                                    add_special_tokens=add_special_tokens)
 
 
-def check_input_ids(client: EngineClient, ids: list[int], param: str) -> None:
-    if not ids:
-        raise APIError(f"{param} must not be empty", param=param)
-    vocab = client.vocab_size
-    if any(not isinstance(t, int) or t < 0 or (vocab and t >= vocab) for t in ids):
-        raise APIError(f"{param} holds a token id outside [0, {vocab})", param=param)
+async def prepare(client: EngineClient, msgs: list[GenerateReq]) -> list[GenerateReq]:
+    """What the HTTP layer sends: the messages of one request checked against the engine's
+    limits (``client.limits``) by the core's rules, tokenized, and expanded into one message
+    per sample. Raises ``ValueError`` naming the parameter (wrap in :func:`invalid_request`).
+
+    The cheap checks come first, on the event loop: the number of sequences (prompts x n)
+    and the text-length precheck, so an impossible request is refused without tokenizing it.
+    Tokenizing, the core's checks and the grammar syntax check then run in a worker thread."""
+    limits = client.limits
+    check_sequences(msgs, limits)
+    check_text_length(client, sum(len(m.text) for m in msgs if isinstance(m.text, str)),
+                      "text")
+    return await asyncio.to_thread(_prepare, client.tokenizer.encode, limits, msgs)
 
 
-def check_length(client: EngineClient, prompt_len: int, max_new_tokens: int,
-                 param: str = "max_new_tokens") -> None:
-    """The prompt plus the generation must fit the model's context window."""
-    ctx = client.context_length
-    if not ctx:
-        return
-    if prompt_len >= ctx:
-        raise APIError(f"the prompt is {prompt_len} tokens; the model's context length is "
-                       f"{ctx}", param="prompt", type="invalid_request_error")
-    if prompt_len + max_new_tokens > ctx:
-        raise APIError(f"{param} ({max_new_tokens}) plus the prompt ({prompt_len} tokens) "
-                       f"exceeds the context length {ctx}", param=param)
-
-
-def expand_n(req: EngineRequest) -> list[EngineRequest]:
-    """n > 1 becomes n independent requests (each n=1). A fixed seed is offset per sample so
-    the n samples differ but the whole request stays reproducible."""
-    n = req.sampling_params.get("n", 1)
-    if n == 1:
-        return [req]
-    out = []
-    for i in range(n):
-        sp = {**req.sampling_params, "n": 1}
-        if sp.get("seed") is not None:
-            sp["seed"] = sp["seed"] + i
-        out.append(EngineRequest(req.input_ids, sp, f"{req.rid}-{i}", req.return_logprob,
-                                 req.logprob_start_len, req.top_logprobs_num, req.stream))
+def _prepare(encode: Callable[[str], list[int]], limits: RequestLimits,
+             msgs: list[GenerateReq]) -> list[GenerateReq]:
+    out: list[GenerateReq] = []
+    for msg in msgs:
+        msg = msg.tokenized(encode)
+        msg.validate(limits)
+        msg.sampling_params.check_grammar_syntax()
+        out.extend(msg.expand())
     return out
 
 
-async def _final(client: EngineClient, req: EngineRequest) -> dict[str, Any]:
+async def _final(client: EngineClient, req: GenerateReq) -> dict[str, Any]:
     out = None
     async with contextlib.aclosing(client.generate(req)) as gen:
         async for out in gen:
@@ -123,7 +107,7 @@ async def _final(client: EngineClient, req: EngineRequest) -> dict[str, Any]:
     return out
 
 
-async def collect(client: EngineClient, reqs: list[EngineRequest],
+async def collect(client: EngineClient, reqs: list[GenerateReq],
                   request: Request | None) -> list[dict[str, Any]]:
     """Run requests to completion concurrently; if the HTTP client disconnects first, every
     one of them is aborted (their KV is freed) and ``ClientDisconnected`` is raised."""
@@ -131,7 +115,7 @@ async def collect(client: EngineClient, reqs: list[EngineRequest],
         return await _collect(client, reqs, request)
 
 
-async def _collect(client: EngineClient, reqs: list[EngineRequest],
+async def _collect(client: EngineClient, reqs: list[GenerateReq],
                    request: Request | None) -> list[dict[str, Any]]:
     tasks = [asyncio.create_task(_final(client, r)) for r in reqs]
     gathered = asyncio.gather(*tasks)
@@ -163,7 +147,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def merge_streams(client: EngineClient, reqs: list[EngineRequest]
+async def merge_streams(client: EngineClient, reqs: list[GenerateReq]
                         ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Interleave the cumulative outputs of several requests as (index, output). Closing the
     iterator (client gone) aborts whatever is still running."""
@@ -172,11 +156,11 @@ async def merge_streams(client: EngineClient, reqs: list[EngineRequest]
             yield item
 
 
-async def _merge_streams(client: EngineClient, reqs: list[EngineRequest]
+async def _merge_streams(client: EngineClient, reqs: list[GenerateReq]
                          ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, req: EngineRequest) -> None:
+    async def pump(i: int, req: GenerateReq) -> None:
         try:
             async with contextlib.aclosing(client.generate(req)) as gen:
                 async for out in gen:

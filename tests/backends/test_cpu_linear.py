@@ -38,3 +38,17 @@ def test_float16_keeps_nn_linear():
     model = nn.Sequential(nn.Linear(8, 8).half())
     assert not can_prepack(torch.float16)
     assert prepack_linears(model) == 0 and isinstance(model[0], nn.Linear)
+
+
+def test_tensor_parallel_layers_are_packed_only_on_one_rank():
+    from plait.core.tp.group import TPGroup
+    from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear
+    one = nn.Sequential(RowParallelLinear(16, 16, False, TPGroup()),
+                        ParallelLMHead(16, 10, TPGroup()))
+    x = torch.randn(2, 16)
+    want = one(x)
+    assert prepack_linears(one) == 2
+    torch.testing.assert_close(one(x), want, rtol=1e-5, atol=1e-5)
+    two = nn.Sequential(RowParallelLinear(16, 16, False, TPGroup()))
+    two[0].tp = TPGroup(rank=0, size=2)  # one rank of two: it must all-reduce
+    assert prepack_linears(two) == 0 and isinstance(two[0], RowParallelLinear)

@@ -5,13 +5,9 @@ import torch
 jax = pytest.importorskip("jax")
 
 from plait.backends.tpu.attention import PallasAttentionBackend  # noqa: E402
-from plait.backends.tpu.graph import JitBucketCapture  # noqa: E402
 from plait.backends.tpu.plugin import TpuBackend  # noqa: E402
-from plait.core.graph_runner import DecodeGraphRunner  # noqa: E402
 from plait.testing import BackendConformance, kit  # noqa: E402
 from plait.testing.cases import AttentionCase  # noqa: E402
-
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,8 +20,9 @@ def fast_cpu_compiles():
 
 
 class PallasInterpreted(TpuBackend):
-    """The TPU backend with its pool on jax's CPU device and the kernels interpreted.
-    Registered by the greedy-parity test."""
+    """The TPU backend with its pool on jax's CPU device and the kernels interpreted; its
+    engine (registered by the greedy-parity test) runs the JAX model runner with Pallas
+    attention inside the jitted steps."""
 
     name = "tpu-interpret"
     priority = -100
@@ -40,9 +37,8 @@ class PallasInterpreted(TpuBackend):
     def create_attention_backend(self, kv_pool, num_heads, num_kv_heads, head_dim):
         return PallasAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, interpret=True)
 
-    def create_graph_runner(self, model, max_batch_size):
-        return DecodeGraphRunner(model, max_batch_size, CPU, JitBucketCapture(),
-                                 batch_sizes=(1, 2, 4))
+    def attention_impl(self):
+        return "pallas"
 
 
 def pallas_on_cpu() -> PallasInterpreted:
@@ -52,9 +48,7 @@ def pallas_on_cpu() -> PallasInterpreted:
 class TestPallasKernelsInterpreted(BackendConformance):
     grid = "quick"
     dtypes = (torch.float32,)  # fp16 and bf16: the cases below (each new shape compiles anew)
-    graph_max_batch_size = 4
-    graph_steps = 2
-    graph_page_sizes = (16,)  # the runner is layout-blind; test_graph_runner.py does both
+    graph_page_sizes = ()  # no torch graph runner: test_tpu_jax_runner.py tests the buckets
 
     def make_backend(self):
         return pallas_on_cpu()

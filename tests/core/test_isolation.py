@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from plait.core.messages import GenerateReq
 from plait.core.request import Req
 from plait.core.sampler import sample
 from plait.core.sampling_params import SamplingParams
@@ -101,9 +102,10 @@ def test_engine_finishes_a_poisoned_request_with_an_error_and_its_batch_is_uncha
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     greedy = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
     expected = tiny_engine.generate(input_ids=prompts, sampling_params=greedy)
-    reqs, _ = tiny_engine.make_requests(input_ids=prompts, sampling_params=greedy)
-    poisoned, _ = tiny_engine.make_requests(input_ids=[[20, 21]],
-                                            sampling_params={"max_new_tokens": 6})
+    reqs = tiny_engine.make_requests(
+        GenerateReq.batch(input_ids=prompts, sampling_params=greedy)[0])
+    poisoned = tiny_engine.make_requests(
+        [GenerateReq(input_ids=[20, 21], sampling_params={"max_new_tokens": 6})])
     poisoned[0].sampling.temperature = 1e-50  # past validation, as a bug might let it
     import queue
     done: queue.Queue = queue.Queue()

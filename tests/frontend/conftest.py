@@ -13,10 +13,11 @@ from typing import Any, Callable
 import pytest
 
 import plait.frontend as pl
+from plait.frontend.backends.base import FrontendBackend
 from plait.frontend.chat_template import chatml
 
 
-class FakeBackend:
+class FakeBackend(FrontendBackend):
     """Answers every gen with ``reply(prompt, params)``; records what it was asked.
 
     ``barrier``: when set, each gen waits until that many gens are in flight at once, which
@@ -32,10 +33,6 @@ class FakeBackend:
         self.cached: list[str] = []
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(barrier, timeout=10) if barrier else None
-
-    @property
-    def endpoint(self) -> "FakeBackend":
-        return self
 
     def generate(self, s: Any, params: Any) -> tuple[str, dict]:
         if self._barrier is not None:

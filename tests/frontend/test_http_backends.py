@@ -57,12 +57,20 @@ def test_endpoint_streaming_concatenates(endpoint):
 
 def test_endpoint_errors_surface_on_state(endpoint):
     @pl.function
+    def too_long(s):
+        s += "x" + pl.gen("y", max_tokens=10**6)  # only the server knows the context length
+
+    state = too_long.run(backend=endpoint)
+    assert isinstance(state.error(), RuntimeError)
+    with pytest.raises(RuntimeError, match="max_new_tokens"):
+        state["y"]
+
+    @pl.function
     def bad(s):
-        s += "x" + pl.gen("y", max_tokens=4, top_p=5.0)  # rejected by the server
+        s += "x" + pl.gen("y", max_tokens=4, top_p=5.0)  # the core's rule, before sending
 
     state = bad.run(backend=endpoint)
-    assert isinstance(state.error(), RuntimeError)
-    with pytest.raises(RuntimeError, match="top_p"):
+    with pytest.raises(ValueError, match="top_p"):
         state["y"]
 
 

@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from plait.core.messages import GenerateReq
+
 CONTEXT_LENGTH = 512
 TOTAL_KV_TOKENS = 4096
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -75,16 +77,15 @@ class FakeEngine:
     def shutdown(self) -> None:
         pass
 
-    async def async_generate(self, input_ids: list[int], sampling_params: dict[str, Any],
-                             return_logprob: bool = False, logprob_start_len: int = -1,
-                             top_logprobs_num: int = 0, stream: bool = False,
-                             rid: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        if sampling_params.get("regex") == "(?P<boom>":  # an error only the engine catches
+    async def async_generate_request(self, msgs: list[GenerateReq]
+                                     ) -> AsyncIterator[dict[str, Any]]:
+        (msg,) = msgs  # the server sends one sample per message
+        if msg.sampling_params.regex == "(?P<boom>":  # an error only the engine catches
             raise ValueError("regex: the grammar backend rejected it")
-        return self._run(input_ids, sampling_params, return_logprob, logprob_start_len,
-                         top_logprobs_num, rid)
+        return self._run(msg.input_ids, msg.sampling_params.max_new_tokens, msg.return_logprob,
+                         msg.logprob_start_len, msg.top_logprobs_num, msg.rid)
 
-    async def _run(self, ids: list[int], sp: dict[str, Any], want_lp: bool, start: int,
+    async def _run(self, ids: list[int], max_new_tokens: int, want_lp: bool, start: int,
                    top: int, rid: str) -> AsyncIterator[dict[str, Any]]:
         out: list[int] = []
         with self.lock:
@@ -99,7 +100,7 @@ class FakeEngine:
                 elif rid.startswith("engine-error") and len(out) == 2:
                     # what the scheduler reports for a row whose sampling failed
                     finish = {"type": "error", "message": "invalid distribution"}
-                elif len(out) >= sp["max_new_tokens"]:
+                elif len(out) >= max_new_tokens:
                     finish = {"type": "length", "length": len(out)}
                 yield self._chunk(ids, out, want_lp, start, top, rid, finish)
                 if finish is not None:

@@ -38,10 +38,11 @@ def test_mem_fraction_and_max_total_tokens_are_exclusive():
         build_parser().parse_args(["serve", "--mem-fraction", "0.5", "--max-total-tokens", "9"])
 
 
-def test_tensor_parallelism_is_refused_clearly():
+def test_tp_flag_becomes_the_engines_tp_size():
     args = from_namespace(build_parser().parse_args(["serve", "--tp", "2"]))
-    with pytest.raises(ValueError, match="tp"):
-        args.engine_kwargs("/m")
+    assert args.engine_kwargs("/m")["tp_size"] == 2
+    # tp 1 passes nothing, so engines without tensor parallelism (the fake) still start
+    assert "tp_size" not in from_namespace(build_parser().parse_args(["serve"])).engine_kwargs("/m")
 
 
 def test_bad_model_path_exits_2_without_starting(tmp_path):

@@ -82,14 +82,25 @@ class PackedLinear(nn.Module):
                 f"bias={self.bias is not None}, layout=onednn-packed")
 
 
+def computes_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly ``nn.Linear``'s product. A subclass does when it adds
+    nothing around it: Plait's tensor-parallel layers (``plait.models.parallel_layers``) at
+    ``tp.size == 1``; with more ranks they communicate, and keep their ``nn.Linear``."""
+    if type(module) is nn.Linear:
+        return True
+    tp = getattr(module, "tp", None)
+    return isinstance(module, nn.Linear) and tp is not None and tp.size == 1
+
+
 def prepack_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` in ``model`` by a :class:`PackedLinear`, in place.
+    """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
+    :class:`PackedLinear`, in place.
 
     Returns how many were replaced (0 when the model's dtype cannot be packed here).
     """
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and can_prepack(child.weight.dtype)]
+               if computes_plain_linear(child) and can_prepack(child.weight.dtype)]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)

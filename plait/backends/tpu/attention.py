@@ -1,5 +1,9 @@
-"""The TPU backend's KV pool (jax arrays on the TPU) and Pallas attention behind the core's
+"""The TPU backend's KV pool (jax arrays on the device) and Pallas attention behind the core's
 torch contract. Tensors cross between torch (host) and jax through DLPack.
+
+The engine's path does not use :class:`PallasAttentionBackend`: the JAX model runner
+(:mod:`.model_runner`) calls the kernels inside its jitted steps and updates the pool's arrays
+itself. This torch-facing wrapper is what the conformance kit certifies the kernels through.
 
 Per-batch index metadata (page tables, extend tiles) is built with torch on the host each call:
 it is a few small integer gathers, and building it per call keeps graph replays (which reuse
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 import torch
 
 from plait.backends.tpu import pallas_attention as pa
+from plait.backends.tpu import step_inputs
 from plait.core.backend_api import AttentionBackend, KVPool
 from plait.core.forward_batch import ForwardBatch
 
@@ -143,30 +148,13 @@ class PallasAttentionBackend(AttentionBackend):
 
 
 def _extend_tiles(prefix_lens: list[int], extend_lens: list[int]):
-    """Cut each request's new tokens into Q_TILE-row tiles (tile count bucketed; padding tiles
-    start at position -Q_TILE so they see nothing). Returns (tile_req, tile_pos0, q_index
-    [NT, Q_TILE] rows of q or T for padding, out_index [T] rows of the flattened tiles)."""
-    tq = pa.Q_TILE
-    total = sum(extend_lens)
-    tile_req, tile_pos0, q_index, out_index = [], [], [], []
-    start = 0
-    for b, (prefix, ext) in enumerate(zip(prefix_lens, extend_lens)):
-        for first in range(0, ext, tq):
-            n = min(tq, ext - first)
-            out_index.extend(len(tile_req) * tq + r for r in range(n))
-            q_index.append([start + first + r for r in range(n)] + [total] * (tq - n))
-            tile_req.append(b)
-            tile_pos0.append(prefix + first)
-        start += ext
-    for _ in range(pa.bucket(len(tile_req)) - len(tile_req)):
-        tile_req.append(0)
-        tile_pos0.append(-tq)
-        q_index.append([total] * tq)
-
-    def i64(xs) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.int64)
-
-    return i64(tile_req), i64(tile_pos0), i64(q_index), i64(out_index)
+    """:func:`step_inputs.extend_tiles` with the tile count bucketed to a power of two, as
+    torch tensors (tile_req, tile_pos0, q_index, out_index); row T of q is the padding row."""
+    count = sum(-(-n // pa.Q_TILE) for n in extend_lens)
+    tiles = step_inputs.extend_tiles(prefix_lens, extend_lens, pa.bucket(count),
+                                     sum(extend_lens))
+    return tuple(torch.from_numpy(tiles[k]).to(torch.int64)
+                 for k in ("tile_req", "tile_pos0", "q_index", "out_index"))
 
 
 def _padded(rows: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,29 +1,43 @@
 """Registers the TPU backend (entry point ``plait.backends: tpu``).
 
-The model runs in torch on the host (the base class's CPU ``torch_device``); attention runs as
-Pallas kernels on the TPU over a KV pool that lives there (jax arrays), with q/k/v crossing by
-DLPack.
+The whole forward runs in JAX on the TPU (:mod:`.model_runner`): weights as ``jax.Array``s,
+the paged KV pool as device arrays updated with donated buffers, attention through the Pallas
+paged kernels, one ``jax.jit`` program per padded bucket (:mod:`.graph`). Only the step's
+int32 inputs go to the device and its logits come back. ``PLAIT_TPU_PLATFORM=cpu`` runs the
+same code on JAX's CPU device (development mode, see :mod:`.platform`).
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool
+from plait.backends.tpu import platform
+from plait.core.backend_api import AttentionBackend, Backend, KVPool, ModelSpec
 
 
 class TpuBackend(Backend):
     name = "tpu"
     priority = 80
+    #: decode/extend batch buckets the runner pads to (the engine's max batch is added)
+    jit_batch_sizes: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    #: the smallest token and kv-width buckets (powers of two above them up to the limits)
+    jit_min_tokens: ClassVar[int] = 16
+    jit_min_kv_width: ClassVar[int] = 128
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if importlib.util.find_spec("jax") is None:
             return "jax not installed (pip install plait[tpu])"
+        try:
+            if platform.requested_platform() == "cpu":
+                return None  # development mode: jax's CPU device is always there
+        except ValueError as e:
+            return str(e)
         if importlib.util.find_spec("libtpu") is None:
             # Without libtpu jax cannot reach a TPU; answering here avoids importing jax.
-            return "no TPU runtime (libtpu not installed)"
+            return (f"no TPU runtime (libtpu not installed; {platform.PLATFORM_ENV}=cpu runs "
+                    "the backend on jax's CPU device for development)")
         try:
             import jax
             jax.devices("tpu")
@@ -32,9 +46,12 @@ class TpuBackend(Backend):
         return None
 
     def jax_device(self) -> Any:
-        """Where the KV pool's jax arrays live."""
-        import jax
-        return jax.devices("tpu")[0]
+        """Where the weights, the KV pool and every step live."""
+        return platform.jax_device(platform.requested_platform())
+
+    def attention_impl(self) -> str:
+        """``pallas`` or ``jax`` (see :mod:`.platform`)."""
+        return platform.requested_attention(self.jax_device().platform)
 
     def create_kv_pool(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
                        dtype: Any, page_size: int) -> KVPool:
@@ -44,13 +61,28 @@ class TpuBackend(Backend):
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
+        """The Pallas kernels behind the core's torch attention contract: not on the engine's
+        path (the JAX runner calls the kernels inside its jitted step), kept so the
+        conformance kit certifies the kernels against the CPU reference."""
         from plait.backends.tpu.attention import PallasAttentionBackend
         return PallasAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
-    def create_graph_runner(self, model: Any, max_batch_size: int) -> GraphRunner | None:
-        from plait.backends.tpu.graph import JitBucketCapture
-        from plait.core.graph_runner import DecodeGraphRunner
-        return DecodeGraphRunner(model, max_batch_size, self.torch_device, JitBucketCapture())
+    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool, req_pool: Any) -> Any:
+        from plait.backends.tpu.attention import JAX_DTYPES, JaxKVPool
+        from plait.backends.tpu.graph import JitBuckets
+        from plait.backends.tpu.jax_llama import LlamaShape
+        from plait.backends.tpu.model_runner import JaxModelRunner
+        from plait.backends.tpu.weights import load_params
+
+        if not isinstance(kv_pool, JaxKVPool):
+            raise ValueError(f"kv_pool must be a JaxKVPool, got {type(kv_pool).__name__}")
+        params = load_params(spec.model_dir, spec.hf_config, JAX_DTYPES[spec.dtype],
+                             kv_pool.jax_device, spec.context_len)
+        buckets = JitBuckets.build(spec.max_batch_size, kv_pool.num_slots, spec.context_len,
+                                   self.jit_batch_sizes, self.jit_min_tokens,
+                                   max(self.jit_min_kv_width, kv_pool.page_size))
+        return JaxModelRunner(params, LlamaShape.of(spec.hf_config), kv_pool, req_pool,
+                              buckets, self.attention_impl())
 
 
 @hookimpl

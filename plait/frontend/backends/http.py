@@ -20,13 +20,22 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+class HTTPStatusError(RuntimeError):
+    """A non-200 answer; ``status`` lets callers tell a refused body shape (422) from the
+    server's own 4xx/5xx."""
+
+    def __init__(self, status: int, url: str, body: Any):
+        super().__init__(f"HTTP {status} from {url}: {body}")
+        self.status = status
+
+
 def _check(res: requests.Response) -> None:
     if res.status_code != 200:
         try:
             body: Any = res.json()
         except ValueError:
             body = res.text
-        raise RuntimeError(f"HTTP {res.status_code} from {res.url}: {body}")
+        raise HTTPStatusError(res.status_code, res.url, body)
 
 
 def get(url: str, api_key: str | None = None, timeout: float = 30) -> Any:

@@ -1,16 +1,20 @@
 """What every backend speaking plait's native ``/generate`` protocol shares.
 
-``Runtime`` (in-process engine) and ``RuntimeEndpoint`` (HTTP) differ only in how one request
-travels (:meth:`NativeBackend._call` / :meth:`_call_stream`); gen, select and prefix caching
-are written once here against the request/response shape of docs/design.md.
+``Runtime`` (in-process engine) and ``RuntimeEndpoint`` (HTTP) differ only in how the core's
+request messages travel (:meth:`NativeBackend._call` / :meth:`_call_stream`); gen, select and
+prefix caching are written once here, as ``GenerateReq`` messages, against the response shape
+of docs/design.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from plait.core.messages import GenerateReq
 from plait.core.schedule_policy import common_prefix_len
+from plait.frontend.backends.base import FrontendBackend
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
 from plait.frontend.ir import GenParams
 
@@ -28,8 +32,7 @@ class PrefillStats:
         return self.prompt_tokens - self.cached_tokens
 
 
-class NativeBackend:
-    chat_template: Any
+class NativeBackend(FrontendBackend):
     tokenizer: Any = None  # optional; makes select exact at the context/choice boundary
 
     def __init__(self) -> None:
@@ -37,23 +40,23 @@ class NativeBackend:
         self._stats_lock = threading.Lock()
 
     # ---- transport (subclasses) -----------------------------------------------------------
-    def _call(self, payload: dict[str, Any]) -> Any:
-        """Send one native request; a dict for one prompt, a list for a list of prompts."""
+    def _call(self, msgs: list[GenerateReq]) -> list[dict[str, Any]]:
+        """Send the messages together (so they batch); one output per message, in order."""
         raise NotImplementedError
 
-    def _call_stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Send one streaming request; yield response dicts whose ``text`` is cumulative."""
+    def _call_stream(self, msg: GenerateReq) -> Iterator[dict[str, Any]]:
+        """Send one streaming message; yield response dicts whose ``text`` is cumulative."""
         raise NotImplementedError
 
     # ---- the backend contract the interpreter uses ----------------------------------------
     def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
-        out = self._request(self._gen_payload(s.text_, params))
+        (out,) = self._request([params.to_request(s.text_)])
         return out["text"], out["meta_info"]
 
     def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
-        payload = {**self._gen_payload(s.text_, params), "stream": True}
+        msg = dataclasses.replace(params.to_request(s.text_), stream=True)
         sent, last = 0, None
-        for chunk in self._call_stream(payload):
+        for chunk in self._call_stream(msg):
             _check_finish(chunk)
             last = chunk
             delta = chunk["text"][sent:]
@@ -64,7 +67,7 @@ class NativeBackend:
 
     def cache_prefix(self, text: str) -> dict[str, Any]:
         """Prefill ``text`` without generating, so later requests find it in the radix cache."""
-        return self._request({"text": text, "sampling_params": {"max_new_tokens": 0}})
+        return self._request([GenerateReq(text=text, sampling_params={"max_new_tokens": 0})])[0]
 
     def select(self, s: Any, choices: list[str], temperature: float,
                method: ChoicesSamplingMethod) -> ChoicesDecision:
@@ -77,10 +80,9 @@ class NativeBackend:
         context = s.text_
         prompt_len = self.cache_prefix(context)["meta_info"]["prompt_tokens"] if context else 0
         counts, start = self._choice_token_counts(context, choices, prompt_len)
-        outs = self._request({
-            "text": [context + c for c in choices],
-            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-            "return_logprob": True, "logprob_start_len": start})
+        outs = self._request([GenerateReq(
+            text=context + c, sampling_params={"max_new_tokens": 0, "temperature": 0},
+            return_logprob=True, logprob_start_len=start) for c in choices])
         entries = []
         for choice, count, out in zip(choices, counts, outs):
             reported = out["meta_info"]["input_token_logprobs"]
@@ -90,9 +92,9 @@ class NativeBackend:
             entries.append([list(e) for e in reported[len(reported) - count:]])
         unconditional = None
         if method.requires_unconditional_logprobs:
-            outs = self._request({"input_ids": [[e[1] for e in es] for es in entries],
-                                  "sampling_params": {"max_new_tokens": 0},
-                                  "return_logprob": True, "logprob_start_len": 0})
+            outs = self._request([GenerateReq(
+                input_ids=[e[1] for e in es], sampling_params={"max_new_tokens": 0},
+                return_logprob=True, logprob_start_len=0) for es in entries])
             unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
         return method(choices=choices,
                       normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
@@ -123,22 +125,17 @@ class NativeBackend:
 
     def _counts_without_tokenizer(self, context: str, choices: list[str],
                                   prompt_len: int) -> tuple[list[int], int]:
-        outs = self._request({"text": [context + c for c in choices],
-                              "sampling_params": {"max_new_tokens": 0}})
+        outs = self._request([GenerateReq(text=context + c, sampling_params={"max_new_tokens": 0})
+                              for c in choices])
         counts = [max(1, o["meta_info"]["prompt_tokens"] - prompt_len) for o in outs]
         return counts, max(0, prompt_len - 1)
 
-    def _gen_payload(self, text: str, params: GenParams) -> dict[str, Any]:
-        return {"text": text, "sampling_params": params.engine_params(),
-                **params.request_options()}
-
-    def _request(self, payload: dict[str, Any]) -> Any:
-        out = self._call(payload)
-        outs = out if isinstance(out, list) else [out]
+    def _request(self, msgs: list[GenerateReq]) -> list[dict[str, Any]]:
+        outs = self._call(msgs)
         for o in outs:
             _check_finish(o)
         self._account(outs)
-        return out
+        return outs
 
     def _account(self, outs: list[dict[str, Any]]) -> None:
         with self._stats_lock:

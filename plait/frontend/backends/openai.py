@@ -11,12 +11,13 @@ import os
 from typing import Any, Iterator
 
 from plait.frontend.backends import http
+from plait.frontend.backends.base import FrontendBackend
 from plait.frontend.chat_template import ChatTemplate, chatml, load_tokenizer
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
 from plait.frontend.ir import GenParams
 
 
-class OpenAI:
+class OpenAI(FrontendBackend):
     def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
                  api_key: str | None = None, is_chat_model: bool = True,
                  tokenizer_path: str | None = None):
@@ -29,10 +30,6 @@ class OpenAI:
         tokenizer = load_tokenizer(tokenizer_path or model)
         self.chat_template = (ChatTemplate.from_tokenizer(tokenizer) if tokenizer is not None
                               else chatml())
-
-    @property
-    def endpoint(self) -> "OpenAI":
-        return self
 
     # ---- gen ------------------------------------------------------------------------------
     def _body(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
@@ -88,9 +85,6 @@ class OpenAI:
                 else choice.get("text")
             yield delta or "", _meta(event, choice)
 
-    def cache_prefix(self, text: str) -> None:
-        """OpenAI-compatible servers cache prefixes on their own; nothing to do."""
-
     # ---- select ---------------------------------------------------------------------------
     def select(self, s: Any, choices: list[str], temperature: float,
                method: ChoicesSamplingMethod) -> ChoicesDecision:
@@ -117,9 +111,6 @@ class OpenAI:
         return method(choices=choices,
                       normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
                       input_token_logprobs=entries)
-
-    def shutdown(self) -> None:
-        pass
 
 
 def _meta(res: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:

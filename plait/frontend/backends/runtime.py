@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+from plait.core.messages import GenerateReq
 from plait.frontend.backends.native import NativeBackend
 from plait.frontend.chat_template import ChatTemplate
-
-_REQUEST_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num")
 
 
 class Runtime(NativeBackend):
@@ -29,24 +28,11 @@ class Runtime(NativeBackend):
         self.tokenizer = engine.tokenizer
         self.chat_template = ChatTemplate.from_tokenizer(self.tokenizer)
 
-    @property
-    def endpoint(self) -> "Runtime":  # SGLang programs pass runtime.endpoint around
-        return self
+    def _call(self, msgs: list[GenerateReq]) -> list[dict[str, Any]]:
+        return self.engine.generate_request(msgs)
 
-    def _engine_kwargs(self, payload: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {k: payload[k] for k in _REQUEST_KEYS if k in payload}
-        if "text" in payload:
-            kwargs["prompt"] = payload["text"]
-        else:
-            kwargs["input_ids"] = payload["input_ids"]
-        kwargs["sampling_params"] = payload.get("sampling_params")
-        return kwargs
-
-    def _call(self, payload: dict[str, Any]) -> Any:
-        return self.engine.generate(**self._engine_kwargs(payload))
-
-    def _call_stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        return iter(self.engine.generate(**self._engine_kwargs(payload), stream=True))
+    def _call_stream(self, msg: GenerateReq) -> Iterator[dict[str, Any]]:
+        return iter(self.engine.generate_request([msg]))
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()

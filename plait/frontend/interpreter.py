@@ -13,15 +13,20 @@ Invariants:
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from plait.frontend import ir
+from plait.frontend.backends.base import resolve_backend
+from plait.frontend.state import ProgramState
+from plait.frontend.tracer import trace_program
+
+if TYPE_CHECKING:  # program.py runs programs through this module
+    from plait.frontend.program import Function
 
 _END = object()
 
@@ -264,34 +269,11 @@ def _produced_names(expr: ir.Expr) -> list[str]:
     return []
 
 
-async def aiter_chunks(executor: StreamExecutor, var: str | None) -> AsyncIterator[str]:
-    """The async face of :meth:`StreamExecutor.iter_chunks` (waits in a worker thread)."""
-    loop = asyncio.get_running_loop()
-    it = executor.iter_chunks(var)
-    done = object()
-    while True:
-        chunk = await loop.run_in_executor(None, next, it, done)
-        if chunk is done:
-            return
-        yield chunk
-
-
 # ---- running programs ---------------------------------------------------------------------
-def resolve_backend(backend: Any) -> Any:
-    from plait.frontend import api
-
-    backend = backend if backend is not None else api.get_default_backend()
-    if backend is None:
-        raise ValueError("backend: none given; pass backend= or call pl.set_default_backend()")
-    return getattr(backend, "endpoint", backend)
-
-
-def run_program(program: ir.Function, backend: Any, args: tuple, kwargs: dict[str, Any],
+def run_program(program: Function, backend: Any, args: tuple, kwargs: dict[str, Any],
                 defaults: ir.GenParams, stream: bool = False) -> Any:
     """Run ``program`` once. Never raises for errors inside the program: they are recorded
     on the returned state (``state.error()``) and re-raised when a result is read."""
-    from plait.frontend.state import ProgramState
-
     backend = resolve_backend(backend)
     kwargs = {**program.bind_arguments, **kwargs}
     executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream)
@@ -313,7 +295,7 @@ def run_program(program: ir.Function, backend: Any, args: tuple, kwargs: dict[st
     return state
 
 
-def run_program_batch(program: ir.Function, backend: Any, batch: list[dict[str, Any]],
+def run_program_batch(program: Function, backend: Any, batch: list[dict[str, Any]],
                       defaults: ir.GenParams, num_threads: int | str = "auto",
                       progress_bar: bool = False) -> list[Any]:
     """Run the program once per kwargs dict, concurrently, results in input order."""
@@ -345,11 +327,9 @@ def run_program_batch(program: ir.Function, backend: Any, batch: list[dict[str, 
     return states
 
 
-def cache_program(program: ir.Function, backend: Any, min_chars: int = 64) -> str:
+def cache_program(program: Function, backend: Any, min_chars: int = 64) -> str:
     """Prefill the program's traced static prefix once, so a batch fans out from a warm
     radix cache. Short prefixes are not worth a request. Returns the prefix."""
-    from plait.frontend.tracer import trace_program
-
     backend = resolve_backend(backend)
     prefix = trace_program(program, {}, backend).prefix
     if len(prefix) >= min_chars:

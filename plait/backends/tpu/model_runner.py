@@ -1,0 +1,132 @@
+"""The TPU backend's model runner: the whole forward in JAX, one jitted program per bucket.
+
+The scheduler drives it exactly like :class:`plait.core.model_runner.ModelRunner`
+(``forward_extend(items)``, ``forward_decode(reqs, slots)`` returning torch logits); it owns
+nothing the core owns. Per step:
+
+1. write the new tokens' slots into ``req_to_token`` (host, as the torch runner does);
+2. build the padded int32 inputs for the step's bucket (:mod:`.step_inputs`) and move them to
+   the device in one transfer;
+3. run the bucket's compiled program (:mod:`.graph`): params and caches stay on the device,
+   the caches are donated and the updated ones replace them in the :class:`JaxKVPool`;
+4. bring the logits back in one transfer, as a float32 torch tensor for the core's sampler.
+
+No torch module runs: torch appears only as the scheduler's slot tensors and the returned
+logits.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import torch
+
+from plait.backends.tpu import jax_attention, jax_llama, step_inputs
+from plait.backends.tpu.attention import JaxKVPool
+from plait.backends.tpu.graph import CompiledSteps, JitBuckets
+from plait.core.memory import ReqToTokenPool
+from plait.core.model_runner import ExtendItem
+from plait.core.request import Req
+
+
+def attention_functions(impl: str, page_size: int, platform: str) -> tuple[Callable, Callable]:
+    """(decode, extend) attention for the jitted step; ``impl`` is ``jax`` or ``pallas``
+    (interpreted unless ``platform``, the device the step runs on, is a TPU)."""
+    if impl == "jax":
+        decode, extend = jax_attention.jax_decode, jax_attention.jax_extend
+    elif impl == "pallas":
+        interpret = platform != "tpu"
+        decode = functools.partial(jax_attention.pallas_decode, interpret=interpret)
+        extend = functools.partial(jax_attention.pallas_extend, interpret=interpret)
+    else:
+        raise ValueError(f"attention must be 'jax' or 'pallas', got {impl!r}")
+    return (functools.partial(decode, page_size=page_size),
+            functools.partial(extend, page_size=page_size))
+
+
+class JaxModelRunner:
+    """Invariants: ``kv_pool.k_buffers``/``v_buffers`` always hold the live caches (the
+    donated ones are dead after a step); every program comes from ``self.steps``, so
+    ``self.steps.compiles`` is the number of XLA compilations of model steps."""
+
+    def __init__(self, params: dict, shape: jax_llama.LlamaShape, kv_pool: JaxKVPool,
+                 req_pool: ReqToTokenPool, buckets: JitBuckets, attention: str):
+        if buckets.min_kv_width % kv_pool.page_size:
+            raise ValueError(f"page_size={kv_pool.page_size} must divide the smallest kv "
+                             f"width bucket {buckets.min_kv_width}")
+        self.params, self.shape = params, shape
+        self.kv_pool, self.req_pool, self.buckets = kv_pool, req_pool, buckets
+        self.attention = attention
+        self.device = kv_pool.jax_device
+        decode, extend = attention_functions(attention, kv_pool.page_size, self.device.platform)
+        self._forward = {"decode": jax_llama.make_forward(shape, decode),
+                         "extend": jax_llama.make_forward(shape, extend)}
+        self.steps = CompiledSteps(self._make_program)
+
+    # ----- the scheduler's contract -----
+
+    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill (chunks of) prompts; logits for the rows each item asked for, and per item
+        how many of those rows are its."""
+        r2t = self.req_pool.req_to_token
+        ids, slots, rows, counts = [], [], [], []
+        for it in items:
+            r2t[it.req.req_pool_idx, it.start:it.start + it.length] = it.slots.to(r2t.dtype)
+            base = len(ids)
+            ids.extend(it.req.fill_ids[it.start:it.start + it.length])
+            slots.extend(it.slots.tolist())
+            first = max(it.logit_from, it.start) - it.start
+            rows.extend(range(base + first, base + it.length))
+            counts.append(it.length - first)
+        b = self.buckets
+        tokens, batch = b.tokens(len(ids)), b.batch(len(items))
+        width = b.kv_width(max(it.start + it.length for it in items))
+        num_rows = batch if len(rows) <= batch else tokens
+        inputs = step_inputs.extend_inputs(
+            r2t.numpy(), [it.req.req_pool_idx for it in items], [it.start for it in items],
+            [it.length for it in items], ids, slots, rows, tokens, batch, width, num_rows)
+        logits = self._run(("extend", tokens, batch, width, num_rows), inputs)
+        return logits[:len(rows)], counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        """One new token per request (its last sampled one) at position ``kv_len``."""
+        r2t = self.req_pool.req_to_token
+        rows, pos = [r.req_pool_idx for r in reqs], [r.kv_len for r in reqs]
+        r2t[rows, pos] = slots.to(r2t.dtype)
+        batch, width = self.buckets.batch(len(reqs)), self.buckets.kv_width(max(pos) + 1)
+        inputs = step_inputs.decode_inputs(r2t.numpy(), rows, pos,
+                                           [r.output_ids[-1] for r in reqs], slots.tolist(),
+                                           batch, width)
+        return self._run(("decode", batch, width), inputs)[:len(reqs)]
+
+    def metrics(self) -> dict[str, Any]:
+        """Exported through ``Engine.get_server_info``."""
+        return {"jit_compiles": self.steps.compiles,
+                "jit_programs_max": self.buckets.max_programs(),
+                "tpu_attention": self.attention}
+
+    # ----- the device side -----
+
+    def _run(self, key: tuple, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+        program = self.steps.get(key)
+        pool = self.kv_pool
+        logits, pool.k_buffers, pool.v_buffers = program(
+            self.params, pool.k_buffers, pool.v_buffers, jax.device_put(inputs, self.device))
+        return torch.from_numpy(np.array(logits))  # the one device-to-host copy of the step
+
+    def _make_program(self, key: tuple) -> tuple[Any, tuple]:
+        kind = key[0]
+        if kind == "decode":
+            _, batch, width = key
+            example = step_inputs.decode_inputs(np.zeros((1, 1), np.int32), [], [], [], [],
+                                                batch, width)
+        else:
+            _, tokens, batch, width, num_rows = key
+            example = step_inputs.extend_inputs(np.zeros((1, 1), np.int32), [], [], [], [], [],
+                                                [], tokens, batch, width, num_rows)
+        fn = jax.jit(self._forward[kind], donate_argnums=(1, 2))
+        pool = self.kv_pool
+        return fn, (self.params, pool.k_buffers, pool.v_buffers,
+                    jax.device_put(example, self.device))

@@ -1,0 +1,83 @@
+"""Rank 0's model runner under tensor parallelism: the scheduler calls it exactly like a
+:class:`~plait.core.model_runner.ModelRunner`.
+
+Each forward builds the batch on rank 0 (slots written into rank 0's ``req_to_token``),
+broadcasts it (``batch_channel``), then runs rank 0's shard; the model's all-reduces and the
+logits all-gather meet the workers' in the same order, so rank 0 returns the full logits.
+A failed forward leaves the group in an unknown state (some rank may wait in a collective
+forever), so after one every later forward raises instead of deadlocking.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from plait.core.backend_api import Backend, ModelSpec
+from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
+from plait.core.model_runner import ExtendItem, ModelRunner, build_model_runner
+from plait.core.request import Req
+from plait.core.tp import batch_channel
+from plait.core.tp.group import TPGroup
+from plait.core.tp.launcher import WorkerRanks
+
+
+class TPModelRunner:
+    def __init__(self, local: ModelRunner, ranks: WorkerRanks):
+        if not isinstance(local, ModelRunner):
+            raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
+                             f"returned {type(local).__name__}")
+        self.local = local
+        self.ranks = ranks
+        self.kv_pool = local.kv_pool
+        self.req_pool = local.req_pool
+        self.device = local.device
+        self._broken: str | None = None
+
+    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
+        batch, row_counts = self.local.build_extend(items)
+        return self._run(batch), row_counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        return self._run(self.local.build_decode(reqs, slots))
+
+    def _run(self, batch: Any) -> torch.Tensor:
+        if self._broken is not None:
+            raise RuntimeError(f"the tensor-parallel group is broken: {self._broken}")
+        try:
+            batch_channel.send_batch(batch)
+            return self.local.run(batch)
+        except Exception as exc:
+            dead = self.ranks.dead_ranks()
+            self._broken = f"ranks {dead} exited" if dead else f"a forward failed: {exc!r}"
+            raise RuntimeError(f"tensor-parallel forward failed ({self._broken})") from exc
+
+    def shutdown(self) -> None:
+        self.ranks.stop(send_stop=lambda: batch_channel.send_stop(self.device))
+
+
+def start_tensor_parallel(backend: Backend, spec: ModelSpec,
+                          num_slots: int, page_size: int, req_pool: ReqToTokenPool,
+                          tp_size: int, startup_timeout: float = 600.0,
+                          ) -> tuple[TPModelRunner, TokenSlotAllocator]:
+    """Start ranks 1..tp_size-1, build rank 0's shard (this process) while they build theirs,
+    join the group; returns rank 0's runner and the slot allocator (rank 0 owns allocation)."""
+    worker_config = {"model_dir": str(spec.model_dir), "device": backend.name,
+                     "dtype": str(spec.dtype).removeprefix("torch."),
+                     "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
+                     "num_slots": num_slots, "page_size": page_size}
+    cpu = backend.torch_device.type == "cpu"
+    ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
+    try:
+        backend.bind_tp_rank(0)
+        local, allocator = build_model_runner(
+            backend, ModelSpec(spec.model_dir, spec.hf_config, spec.dtype, spec.context_len,
+                               spec.max_batch_size, TPGroup(0, tp_size)),
+            num_slots, page_size, req_pool)
+        runner = TPModelRunner(local, ranks)
+        ranks.wait_ready(startup_timeout)
+        ranks.join()
+    except BaseException:
+        ranks.stop()
+        raise
+    return runner, allocator

@@ -1,0 +1,94 @@
+"""A tensor-parallel worker rank (1..N-1): ``python -m plait.core.tp.worker '<json config>'``.
+
+It loads its shard of the model and its KV pool (its KV heads only), reports ready through the
+rendezvous store, joins the process group and then runs every batch rank 0 broadcasts until
+STOP. It never schedules, samples or caches: its ``req_to_token`` rows are copied from rank 0
+with each batch. Any error ends the process (rank 0's next collective then fails), since a rank
+that skipped a forward could only desynchronise the group's collectives.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+log = logging.getLogger("plait.tp.worker")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``); exit now if the
+    parent is already gone (it may have died before the call)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def build_runner(cfg: dict[str, Any]) -> Any:
+    """This rank's ModelRunner (the same factories as rank 0's, on this rank's shard)."""
+    from plait.backends import registry
+    from plait.core.backend_api import ModelSpec
+    from plait.core.memory import ReqToTokenPool
+    from plait.core.model_runner import build_model_runner
+    from plait.core.tp.group import TPGroup
+    from plait.models.loader import load_config
+    from pathlib import Path
+
+    backend = registry.get_backend(cfg["device"])
+    backend.bind_tp_rank(cfg["rank"])
+    model_dir = Path(cfg["model_dir"])
+    spec = ModelSpec(model_dir, load_config(model_dir), getattr(torch, cfg["dtype"]),
+                     cfg["context_len"], cfg["max_batch_size"], TPGroup(cfg["rank"], cfg["size"]))
+    req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1,
+                              backend.torch_device)
+    runner, _ = build_model_runner(backend, spec, cfg["num_slots"], cfg["page_size"], req_pool)
+    return runner
+
+
+def serve(runner: Any) -> None:
+    from plait.core.tp.batch_channel import recv_batch
+
+    while (batch := recv_batch(runner.req_pool.req_to_token)) is not None:
+        runner.run(batch)
+
+
+def main() -> int:
+    cfg = json.loads(sys.argv[1])
+    rank = cfg["rank"]
+    die_with_parent(cfg["parent_pid"])
+    logging.basicConfig(level=logging.WARNING, format=f"[tp rank {rank}] %(message)s")
+    if cfg.get("cores"):
+        os.sched_setaffinity(0, cfg["cores"])
+        torch.set_num_threads(len(cfg["cores"]))
+    import torch.distributed as dist
+    from plait.core.tp.launcher import COLLECTIVE_TIMEOUT, HOST, _KEY_ERROR, _KEY_READY
+
+    store = dist.TCPStore(HOST, cfg["port"], cfg["size"], is_master=False,
+                          timeout=timedelta(seconds=60))
+    try:
+        runner = build_runner(cfg)
+    except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
+        store.set(_KEY_ERROR.format(rank), traceback.format_exc())
+        return 1
+    store.set(_KEY_READY.format(rank), "1")
+    dist.init_process_group(cfg["dist_backend"], store=store, rank=rank,
+                            world_size=cfg["size"], timeout=COLLECTIVE_TIMEOUT)
+    try:
+        serve(runner)
+    except BaseException:  # noqa: BLE001
+        log.exception("forward failed; leaving the group")
+        return 1
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

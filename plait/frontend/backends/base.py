@@ -1,0 +1,77 @@
+"""What a frontend backend implements, and which backend runs a program that names none.
+
+The interpreter talks to a backend only through :class:`FrontendBackend`. Built in:
+``Runtime`` (in-process engine) and ``RuntimeEndpoint`` (``/generate`` over HTTP), both through
+``NativeBackend``, and ``OpenAI`` (any OpenAI-compatible server). A new backend subclasses
+this and implements the abstract methods; the others have documented defaults.
+
+``s`` below is the program state's executor: ``s.text_`` is the text so far, ``s.messages_``
+the finished chat messages, ``s.cur_role`` / ``s.cur_role_begin_pos`` the open role.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+from plait.frontend.chat_template import ChatTemplate
+from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod
+from plait.frontend.ir import GenParams
+
+
+class FrontendBackend(abc.ABC):
+    chat_template: ChatTemplate   # renders role markers into the program's text
+
+    @property
+    def endpoint(self) -> "FrontendBackend":
+        """SGLang programs pass ``runtime.endpoint`` around; it is the backend itself."""
+        return self
+
+    @abc.abstractmethod
+    def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
+        """Generate after ``s.text_``; returns the text and its meta info."""
+
+    @abc.abstractmethod
+    def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict[str, Any]]]:
+        """:meth:`generate`, streamed: yields (new text, meta info so far)."""
+
+    @abc.abstractmethod
+    def select(self, s: Any, choices: list[str], temperature: float,
+               method: ChoicesSamplingMethod) -> ChoicesDecision:
+        """Pick one of ``choices`` to follow ``s.text_``, scored by ``method``."""
+
+    def cache_prefix(self, text: str) -> Any:
+        """Prefill ``text`` so later requests sharing it hit a prefix cache. Default: nothing,
+        for servers that cache prefixes on their own (or not at all): it only saves time."""
+        return None
+
+    def flush_cache(self) -> Any:
+        """Empty the backend's prefix cache. Default: refused, naming the backend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot flush a prefix cache")
+
+    def get_server_info(self) -> dict[str, Any]:
+        """Limits and counters of the engine behind the backend. Default: refused."""
+        raise NotImplementedError(f"{type(self).__name__} reports no server info")
+
+    def shutdown(self) -> None:
+        """Release what the backend owns (an in-process engine). Default: nothing to do."""
+
+
+_default_backend: Any = None
+
+
+def set_default_backend(backend: Any) -> None:
+    """Backend for programs run without ``backend=``: a Runtime, RuntimeEndpoint or OpenAI."""
+    global _default_backend
+    _default_backend = backend
+
+
+def get_default_backend() -> Any:
+    return _default_backend
+
+
+def resolve_backend(backend: Any) -> Any:
+    """The backend a call names, else the default; ``ValueError`` when there is neither."""
+    backend = backend if backend is not None else _default_backend
+    if backend is None:
+        raise ValueError("backend: none given; pass backend= or call pl.set_default_backend()")
+    return getattr(backend, "endpoint", backend)

@@ -1,0 +1,86 @@
+"""A program: ``@pl.function def f(s, ...)``, and how its keyword arguments split into
+program arguments and the run's default sampling parameters."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+from plait.frontend import ir
+from plait.frontend.interpreter import cache_program, run_program, run_program_batch
+from plait.frontend.tracer import trace_program
+
+
+class Function:
+    """A program: ``@pl.function def f(s, ...)``. Calling it runs it on the default backend."""
+
+    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None):
+        params = list(inspect.signature(func).parameters.values())
+        if not params:
+            raise ValueError("a @function program must take the state `s` as its first argument")
+        self.func = func
+        self.arg_names = [p.name for p in params[1:]]
+        self.bind_arguments = dict(bind_arguments or {})
+        self.__name__ = getattr(func, "__name__", "program")
+        self.__doc__ = func.__doc__
+
+    def bind(self, **kwargs: Any) -> "Function":
+        unknown = sorted(set(kwargs) - set(self.arg_names))
+        if unknown:
+            raise ValueError(f"bind: {unknown} are not arguments of {self.__name__}")
+        return Function(self.func, {**self.bind_arguments, **kwargs})
+
+    def run(self, *args: Any, stream: bool = False, backend: Any = None,
+            **kwargs: Any) -> Any:
+        """Run once. ``kwargs`` are program arguments or default sampling parameters
+        (``max_new_tokens``, ``temperature``, ...). Returns the :class:`ProgramState`."""
+        program_kwargs, defaults = split_sampling_kwargs(kwargs)
+        return run_program(self, backend, args, program_kwargs, defaults, stream=stream)
+
+    def run_batch(self, batch_kwargs: list[Any], *, backend: Any = None,
+                  num_threads: int | str = "auto", progress_bar: bool = False,
+                  **sampling: Any) -> list[Any]:
+        """Run once per entry of ``batch_kwargs`` (dicts, or tuples of positional args),
+        concurrently, after prefilling the program's traced shared prefix once."""
+        extra, defaults = split_sampling_kwargs(sampling)
+        if extra:
+            raise ValueError(f"run_batch: unknown keyword(s) {sorted(extra)}")
+        batch = [self._as_kwargs(a) for a in batch_kwargs]
+        return run_program_batch(self, backend, batch, defaults, num_threads=num_threads,
+                                 progress_bar=progress_bar)
+
+    def trace(self, *, backend: Any = None, **kwargs: Any) -> Any:
+        """Run the program on placeholders and record its static prefix (see tracer)."""
+        return trace_program(self, kwargs, backend)
+
+    def cache(self, backend: Any = None) -> str:
+        """Prefill the traced prefix on the backend now; returns the prefix text."""
+        return cache_program(self, backend)
+
+    def _as_kwargs(self, item: Any) -> dict[str, Any]:
+        if isinstance(item, dict):
+            return item
+        if isinstance(item, (list, tuple)) and len(item) <= len(self.arg_names):
+            return dict(zip(self.arg_names, item))
+        raise ValueError(f"run_batch: each item must be a dict or a tuple of at most "
+                         f"{len(self.arg_names)} arguments, got {item!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
+
+
+_RUN_SAMPLING_KEYS = {f.name for f in dataclasses.fields(ir.GenParams)} - {"dtype", "regex",
+                                                                        "json_schema"}
+
+
+def split_sampling_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ir.GenParams]:
+    """Separate ``run(..., temperature=0, question="...")`` into program args and defaults."""
+    sampling = {k: kwargs[k] for k in kwargs if k in _RUN_SAMPLING_KEYS}
+    if "max_tokens" in kwargs:  # accepted as an alias, as in gen()
+        sampling.setdefault("max_new_tokens", kwargs["max_tokens"])
+    program = {k: v for k, v in kwargs.items() if k not in sampling and k != "max_tokens"}
+    defaults = ir.GenParams(max_new_tokens=128, temperature=1.0)
+    for k, v in sampling.items():
+        if v is not None:
+            setattr(defaults, k, v)
+    return program, defaults
