@@ -124,8 +124,8 @@ class Engine:
         request: with dynamic shapes those two graphs serve every later size and length."""
         t = time.perf_counter()
         log.info("capturing decode graphs (batch 1 and 2)...")
-        for n in (1, 2):
-            self.generate(input_ids=[[1, 2, 3]] * n,
+        for ids in ([[1, 2, 3]], [[1, 2, 3], [1, 2, 3, 4]]):
+            self.generate(input_ids=ids,
                           sampling_params={"max_new_tokens": 2, "temperature": 0,
                                            "ignore_eos": True})
         self.flush_cache()

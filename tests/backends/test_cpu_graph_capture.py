@@ -30,6 +30,7 @@ def test_cpu_default_runs_decode_eagerly(make_tiny_model):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # compiling takes minutes on 2 shared cores
 def test_compiled_decode_matches_eager_and_transformers(smollm_dir, prompt_ids, expected):
     # Batched, then every prompt again from the prefix cache, with chunked prefill: the
     # compiled decode must not change a single greedy token.
@@ -40,7 +41,8 @@ def test_compiled_decode_matches_eager_and_transformers(smollm_dir, prompt_ids, 
         again = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
         assert [o["output_ids"] for o in again] == expected
         assert any(o["meta_info"]["cached_tokens"] > 0 for o in again)
-        # sizes and KV lengths vary every step: at most the masked/unmasked variant recompiles
-        assert engine.get_server_info()["graph_compiles"] <= warm["graph_compiles"] + 2
+        # sizes and KV lengths varied every step: no recompile per step (the warm-up compiled
+        # batch 1 and the masked batch>1 graph; one more is tolerated, not one per step)
+        assert engine.get_server_info()["graph_compiles"] <= warm["graph_compiles"] + 1
     with plait.Engine(smollm_dir, disable_graph_capture=True) as eager:
         assert run_batch(eager, prompt_ids) == expected

@@ -76,7 +76,10 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = max(lens)
         slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
         self._bias = None
-        if min(lens) != max_len:
+        # Masked whenever there is more than one request, even if their lengths are equal:
+        # whether a mask exists then depends on the batch size alone, so a compiled decode
+        # (plait.backends.cpu.graph) needs one graph for batch 1 and one for the rest.
+        if len(lens) > 1:
             valid = torch.arange(max_len, device=slots.device)[None, :] < batch.seq_lens[:, None]
             slots = slots.masked_fill(~valid, 0)  # padding reads slot 0, then is masked out
             bias = torch.zeros(valid.shape, dtype=torch.float32, device=slots.device)

@@ -6,7 +6,9 @@ attention metadata built from host lists (``init_forward_metadata``) runs eagerl
 the compiled code reads tensors only and never guards on a request's length. It is compiled
 with dynamic shapes: the batch and KV-length dimensions are symbolic, so a step with a longer
 KV does not recompile, and Dynamo's 0/1 specialisation leaves two graphs in steady state
-(batch 1, and every padded batch size above it). Every graph Dynamo builds is counted in
+(batch 1, and every padded batch size above it; the CPU attention masks exactly when the
+batch has more than one row, so the mask never adds a variant). The engine's warm-up
+compiles both. Every graph Dynamo builds is counted in
 :attr:`CompileCapture.compiles` (exported as ``graph_compiles`` by ``get_server_info``).
 
 The Linear layers stay oneDNN-packed: inside the graph they are the ``plait::packed_linear``
