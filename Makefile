@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model run test test-fast bench clean
+.PHONY: setup model run test test-fast bench bench-cpu clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: model
 
 bench: model
 	$(PY) benchmarks/offline_throughput.py
+
+# CPU decode: old (MKL) vs prepacked path, interleaved in one run (docs/benchmarks.md)
+bench-cpu: model
+	$(PY) benchmarks/cpu_decode.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

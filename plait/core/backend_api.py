@@ -40,7 +40,9 @@ class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
     ``hf_config`` is the checkpoint's ``transformers`` config; ``context_len`` the longest
-    sequence the runner must serve; ``max_batch_size`` the most requests in one decode.
+    sequence the runner must serve; ``max_batch_size`` the most requests in one decode;
+    ``graph_capture`` whether decode may be captured (False: ``--disable-graph-capture``, or a
+    backend whose default is eager and no ``--enable-graph-capture``).
     ``tp`` is the tensor-parallel rank the runner is for: with ``tp.size > 1`` it holds only
     that rank's shard of the model (and its ``kv_pool`` only that shard's KV heads).
     ``quantization`` is how the Linear layers are stored (see :mod:`plait.quant`).
@@ -51,6 +53,7 @@ class ModelSpec:
     dtype: torch.dtype
     context_len: int
     max_batch_size: int
+    graph_capture: bool = True
     tp: TPGroup = TPGroup()
     quantization: QuantConfig = QuantConfig()
 
@@ -123,6 +126,10 @@ class GraphRunner(ABC):
     @abstractmethod
     def replay(self, batch: "ForwardBatch", run: Callable[["ForwardBatch"], Any]) -> Any: ...
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``get_server_info`` (captured sizes, compiles). Default: none."""
+        return {}
+
 
 class Backend:
     """One device: its self-description, defaults and factories, chosen once by ``--device``.
@@ -152,6 +159,9 @@ class Backend:
     default_page_size: ClassVar[int] = 1
     #: the ``torch.distributed`` backend for tensor parallelism ("gloo", "nccl", "hccl", ...)
     distributed_backend: ClassVar[str] = "gloo"
+    #: capture decode (``create_graph_runner``) unless the user disables it; a backend whose
+    #: capture is slow to build (the CPU's torch.compile) sets False and users opt in
+    default_graph_capture: ClassVar[bool] = True
 
     # ----- detection (classmethods: called for every registered backend) -----
 
@@ -247,5 +257,6 @@ class Backend:
         heads = model.layers[0].self_attn  # this rank's heads
         attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
                                              head_dim_of(hf))
-        graph = self.create_graph_runner(model, spec.max_batch_size)
+        graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
+                 else None)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

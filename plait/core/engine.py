@@ -14,6 +14,8 @@ import itertools
 import logging
 import queue
 import threading
+import time
+import uuid
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
@@ -56,6 +58,8 @@ class Engine:
         # reference, so an engine nobody holds can still be garbage collected.
         self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
         atexit.register(self._atexit)
+        if getattr(self.scheduler.runner, "graph_runner", None) is not None:
+            self._warm_up()
 
     # ----- construction -----
 
@@ -95,7 +99,8 @@ class Engine:
         self.max_total_tokens = tokens
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
         spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
-                         quantization=self.quantization)
+                         quantization=self.quantization,
+                         graph_capture=cfg.graph_capture(backend))
         if cfg.tp_size == 1:
             runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
         else:
@@ -144,6 +149,18 @@ class Engine:
         return DecodeSide(transfer, kv, kv_pool, cfg.disaggregation_host,
                           cfg.disaggregation_transfer_timeout, admit=s.add_prefilled,
                           fail=s.finish_unscheduled)
+
+    def _warm_up(self) -> None:
+        """Capture (compile, on the CPU) decode for batch 1 and 2 now, not on the first
+        request: with dynamic shapes those two graphs serve every later size and length."""
+        t = time.perf_counter()
+        log.info("capturing decode graphs (batch 1 and 2)...")
+        for ids in ([[1, 2, 3]], [[1, 2, 3], [1, 2, 3, 4]]):
+            self.generate(input_ids=ids,
+                          sampling_params={"max_new_tokens": 2, "temperature": 0,
+                                           "ignore_eos": True})
+        self.flush_cache()
+        log.info("decode graphs captured in %.1f s", time.perf_counter() - t)
 
     # ----- the scheduler thread -----
 

@@ -41,6 +41,11 @@ class EngineConfig:
     disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (tests, one process)
     disaggregation_transfer_timeout: float = 30.0  # seconds a request may wait for its KV
     disaggregation_host: str = "127.0.0.1"   # address peers use to reach this engine
+    # Decode graph capture (CUDA/HIP graphs; torch.compile on the CPU). Each backend has a
+    # default (Backend.default_graph_capture: on for CUDA, off for the CPU, whose compile
+    # takes minutes); disable_* forces eager, enable_* forces capture. Setting both is an error.
+    disable_graph_capture: bool = False
+    enable_graph_capture: bool = False
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -87,6 +92,8 @@ class EngineConfig:
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
                              f"{self.disaggregation_transfer_timeout!r}")
+        if self.disable_graph_capture and self.enable_graph_capture:
+            raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         if not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
 
@@ -104,6 +111,12 @@ class EngineConfig:
                                  f"converted from one), got {path or 'the default model'!r}")
         return QuantConfig(method, self.quantization_group_size, self.quantization_symmetric,
                            gguf_file)
+
+    def graph_capture(self, backend: Backend) -> bool:
+        """Whether decode is captured on ``backend``: the flags first, then its default."""
+        if self.disable_graph_capture or self.enable_graph_capture:
+            return self.enable_graph_capture
+        return backend.default_graph_capture
 
     def with_backend_defaults(self, backend: Backend) -> "EngineConfig":
         """This config with the options the user left unset (None) taken from the chosen

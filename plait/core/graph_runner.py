@@ -80,6 +80,12 @@ class DecodeGraphRunner(GraphRunner):
             self._replays[padded] = replay
         return _first_rows(replay(), bs, padded)
 
+    def stats(self) -> dict[str, Any]:
+        """The padded sizes captured so far, plus the capture API's own counters (the CPU's
+        ``graph_compiles``), when it has a ``stats()``."""
+        extra = getattr(self.capture_api, "stats", None)
+        return {"captured_batch_sizes": sorted(self._replays), **(extra() if extra else {})}
+
     def _bind_table(self, req_to_token: torch.Tensor) -> None:
         # The graphs read the table through its address: it must be the same tensor every step.
         if self._req_to_token is None:

@@ -41,6 +41,12 @@ class ModelRunner:
         self.device = device
         self.graph_runner = graph_runner
 
+    def metrics(self) -> dict:
+        """For ``get_server_info``: whether decode is captured, and the graph runner's counters
+        (captured batch sizes; the CPU's ``graph_compiles``)."""
+        graph = self.graph_runner
+        return {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 

@@ -62,11 +62,13 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return probs / probs.sum()
 
 
-def _valid_rows(logits: torch.Tensor) -> list[bool]:
-    """Per row: at least one token is possible, nothing is NaN or +inf (which swamps softmax)."""
-    possible = (logits > float("-inf")).any(dim=-1)
-    poisoned = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
-    return (possible & ~poisoned).tolist()
+def _greedy_and_valid(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row, in one pass over [B, V]: the argmax, and whether the row is valid (a token is
+    possible, nothing is NaN or +inf, which swamps softmax). The row maximum decides validity:
+    it is NaN when any logit is, +inf when any is, -inf when none is possible. ``max`` returns
+    the first maximal index, as ``argmax`` (and transformers' greedy search) does."""
+    values, indices = logits.max(dim=-1)
+    return indices.tolist(), torch.isfinite(values).tolist()
 
 
 def _sample_row(logits: torch.Tensor, req: Req) -> int | None:
@@ -91,8 +93,7 @@ def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int
         if any(r.grammar is not None for r in reqs):
             from plait.core.grammar import apply_grammar_masks
             apply_grammar_masks(logits, [r.grammar for r in reqs])
-    greedy = logits.argmax(dim=-1).tolist()
-    ok = _valid_rows(logits)
+    greedy, ok = _greedy_and_valid(logits)
     tokens: list[int | None] = []
     for i, req in enumerate(reqs):
         if not ok[i]:

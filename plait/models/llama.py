@@ -170,10 +170,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
+        #: runs decode steps instead of :meth:`layers_forward` when set (a backend's compiled
+        #: version of it, e.g. the CPU backend's ``torch.compile``); extend always runs eagerly
+        self.decode_forward: Any = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        # Metadata built from host lists stays outside any compiled region: what follows reads
+        # tensors only, so a compiled decode never guards on (and recompiles for) lengths.
         attn.init_forward_metadata(batch)
+        if batch.is_decode and self.decode_forward is not None:
+            return self.decode_forward(batch, attn)
+        return self.layers_forward(batch, attn)
+
+    def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """Embedding, layers and lm_head, after ``attn.init_forward_metadata(batch)``."""
         x = self.embed_tokens(batch.input_ids)
         rope = self.layers[0].self_attn.rotary.tables(batch.positions, x.dtype)
         for layer in self.layers:

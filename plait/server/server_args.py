@@ -23,6 +23,8 @@ class ServerArgs:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False  # run each forward inline (SGLang's flag)
+    disable_graph_capture: bool = False   # decode runs eagerly even where capture is default
+    enable_graph_capture: bool = False    # capture where the device defaults to eager (CPU)
     page_size: int | None = None  # None: the backend's default
     max_running_requests: int = 64
     mem_fraction: float | None = None
@@ -77,6 +79,8 @@ class ServerArgs:
                       chunked_prefill_size=self.chunked_prefill_size,
                       schedule_policy=self.schedule_policy,
                       disable_radix_cache=self.disable_radix_cache,
+                      disable_graph_capture=self.disable_graph_capture or None,
+                      enable_graph_capture=self.enable_graph_capture or None,
                       max_running_requests=self.max_running_requests,
                       mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
                       context_length=self.context_length, random_seed=self.random_seed,
@@ -133,6 +137,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true",
                    help="run each forward inline instead of overlapping it with scheduling")
+    graph = p.add_mutually_exclusive_group()
+    graph.add_argument("--disable-graph-capture", action="store_true",
+                       help="run decode eagerly (no CUDA graphs / torch.compile)")
+    graph.add_argument("--enable-graph-capture", action="store_true",
+                       help="capture decode where the device defaults to eager: on the CPU, "
+                            "torch.compile (minutes of compiling at start)")
     p.add_argument("--page-size", type=int, default=d.page_size,
                    help="KV page size in tokens (default: the device backend's)")
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)

@@ -73,3 +73,14 @@ def test_generate_and_chat_one_offs(real_model_path):
                           capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
+
+
+def test_graph_capture_flags_reach_the_engine_and_exclude_each_other():
+    args = from_namespace(build_parser().parse_args(["serve", "--disable-graph-capture"]))
+    assert args.engine_kwargs("/m")["disable_graph_capture"] is True
+    args = from_namespace(build_parser().parse_args(["serve", "--enable-graph-capture"]))
+    assert args.engine_kwargs("/m")["enable_graph_capture"] is True
+    kwargs = from_namespace(build_parser().parse_args(["serve"])).engine_kwargs("/m")
+    assert "disable_graph_capture" not in kwargs and "enable_graph_capture" not in kwargs
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--disable-graph-capture", "--enable-graph-capture"])

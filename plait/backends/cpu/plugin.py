@@ -1,12 +1,17 @@
-"""Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults
-plus the torch reference attention and the C++ quantized matmul."""
+"""Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults,
+the torch reference attention, Linear weights prepacked once for oneDNN, torch.compile'd decode
+(opt-in) and the C++ quantized matmul."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, KVPool
+from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
+
+if TYPE_CHECKING:
+    from plait.core.memory import ReqToTokenPool
+    from plait.core.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -14,6 +19,11 @@ log = logging.getLogger(__name__)
 class CpuBackend(Backend):
     name = "cpu"
     priority = 0  # the fallback: every accelerator outranks it
+    #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
+    #: ``nn.Linear`` on MKL, the path benchmarks compare against
+    prepack_weights: ClassVar[bool] = True
+    #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
+    default_graph_capture = False
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
@@ -29,6 +39,26 @@ class CpuBackend(Backend):
         except Exception as e:  # a missing compiler surfaces as several error types
             log.warning("quantized CPU kernel unavailable (%s); using the slow torch path", e)
             return super().quantized_linear(method)
+
+    def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
+        """``torch.compile`` of the decode step over padded batch sizes
+        (``plait.backends.cpu.graph``). It compiles the model's ``layers_forward`` through its
+        ``decode_forward`` hook (Plait's models have both); any other model decodes eagerly
+        (None)."""
+        if not (hasattr(model, "layers_forward") and hasattr(model, "decode_forward")):
+            return None
+        from plait.backends.cpu.graph import CompileCapture
+        from plait.core.graph_runner import DecodeGraphRunner
+        return DecodeGraphRunner(model, max_batch_size, self.torch_device, CompileCapture(model))
+
+    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
+                            req_pool: "ReqToTokenPool") -> "ModelRunner":
+        """The default runner, its Linear layers prepacked (when ``prepack_weights``)."""
+        runner = super().create_model_runner(spec, kv_pool, req_pool)
+        if self.prepack_weights:
+            from plait.backends.cpu.linear import prepack_linears
+            prepack_linears(runner.model)
+        return runner
 
 
 @hookimpl

@@ -1,0 +1,54 @@
+"""The CPU backend's prepacked Linear layers compute what nn.Linear computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from plait.backends.cpu.linear import PackedLinear, can_prepack, prepack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="needs a torch built with oneDNN (mkldnn)")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 5, 64])
+def test_packed_linear_matches_nn_linear(bias, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 48)
+    torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prepack_replaces_every_linear_and_keeps_tied_embedding_dense():
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 16), "a": nn.Linear(16, 16),
+                           "inner": nn.Sequential(nn.Linear(16, 16)), "head": nn.Linear(16, 10)})
+    model["head"].weight = model["embed"].weight
+    x = torch.randn(3, 16)
+    want = model["head"](model["inner"](model["a"](x)))
+    assert prepack_linears(model) == 3
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    got = model["head"](model["inner"](model["a"](x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model["embed"].weight.layout == torch.strided  # the lookup table stays usable
+
+
+def test_float16_keeps_nn_linear():
+    # oneDNN's fp16 linear needs AVX-512-FP16; Plait never packs fp16, on any CPU.
+    model = nn.Sequential(nn.Linear(8, 8).half())
+    assert not can_prepack(torch.float16)
+    assert prepack_linears(model) == 0 and isinstance(model[0], nn.Linear)
+
+
+def test_tensor_parallel_layers_are_packed_only_on_one_rank():
+    from plait.core.tp.group import TPGroup
+    from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear
+    one = nn.Sequential(RowParallelLinear(16, 16, False, TPGroup()),
+                        ParallelLMHead(16, 10, TPGroup()))
+    x = torch.randn(2, 16)
+    want = one(x)
+    assert prepack_linears(one) == 2
+    torch.testing.assert_close(one(x), want, rtol=1e-5, atol=1e-5)
+    two = nn.Sequential(RowParallelLinear(16, 16, False, TPGroup()))
+    two[0].tp = TPGroup(rank=0, size=2)  # one rank of two: it must all-reduce
+    assert prepack_linears(two) == 0 and isinstance(two[0], RowParallelLinear)
