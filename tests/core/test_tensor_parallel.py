@@ -7,6 +7,7 @@ bound port behind.
 """
 from __future__ import annotations
 
+import re
 import socket
 
 import psutil
@@ -73,3 +74,30 @@ def test_a_rank_that_fails_to_start_fails_the_engine_with_its_error(make_tiny_mo
     with pytest.raises(RuntimeError, match="(?s)rank 1 failed to start.*injected: cannot read"):
         plait.Engine(make_tiny_model("llama"), tp_size=2)
     assert not psutil.Process().children(recursive=True)
+
+
+def test_structured_generation_and_frontend_programs_run_unchanged_on_tp2(smollm_dir):
+    """Grammar masks, jump-forward and the frontend's gen/select/fork live on rank 0: with
+    tp_size=2 they give what tp_size=1 gives."""
+    import plait as pl
+
+    @pl.function
+    def program(s):
+        s += pl.user("Name a color.")
+        s += pl.assistant(pl.gen("color", max_tokens=6))
+        s += "The opposite of hot is" + pl.select("x", [" cold", " warm"])
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f" Number {i}:" + pl.gen("n", max_tokens=3)
+        forks.join()
+
+    constrained = {"max_new_tokens": 12, "temperature": 0, "regex": r"[0-9]{1,3}\.[0-9]"}
+    results = []
+    for tp in (1, 2):
+        with plait.Engine(smollm_dir, tp_size=tp) as engine:
+            out = engine.generate("The temperature today is ", constrained)
+            state = program.run(temperature=0, backend=pl.Runtime(engine))
+            assert state.error() is None, state.error()
+            results.append((out["text"], state.text()))
+    assert results[0] == results[1]
+    assert re.fullmatch(constrained["regex"], results[1][0])
