@@ -91,20 +91,29 @@ def quantize_linears(model: nn.Module, method: str, matmul: QuantizedMatmul,
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy: parameters plus quantized weights, each storage
-    counted once (tied weights share one), non-persistent buffers (RoPE tables) excluded."""
+    """Bytes the model's weights occupy: parameters, persistent buffers, the CPU backend's
+    prepacked (oneDNN) Linear weights and quantized weights, each storage counted once (tied weights
+    share one), non-persistent buffers (RoPE tables) excluded."""
     seen: set[int] = set()
     total = 0
 
     def add(t: torch.Tensor | None) -> None:
         nonlocal total
-        if t is not None and t.untyped_storage().data_ptr() not in seen:
+        if t is None:
+            return
+        if t.layout == torch._mkldnn:  # oneDNN-packed (the CPU backend's): opaque, not shared
+            total += t.numel() * t.element_size()
+        elif t.untyped_storage().data_ptr() not in seen:
             seen.add(t.untyped_storage().data_ptr())
             total += t.untyped_storage().nbytes()
 
     for p in model.parameters():
         add(p)
-    for m in model.modules():
+    for m in model.modules():  # buffers hold weights too (prepacked Linears)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and (b.layout == torch._mkldnn
+                                  or name not in m._non_persistent_buffers_set):
+                add(b)
         w = getattr(m, "qweight", None)
         if isinstance(w, QuantizedWeight):
             add(w.qs), add(w.scales), add(w.mins)
