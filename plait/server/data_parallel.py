@@ -66,6 +66,24 @@ def threads_per_worker(dp: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // dp)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM/SIGINT set: the launchers' main loops wait on it."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def child_env(processes: int) -> dict[str, str]:
+    """This environment, with each child's thread count set to its share of the cores unless
+    the user chose one (``OMP_NUM_THREADS``)."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        n = threads_per_worker(processes)
+        env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+    return env
+
+
 def _die_with_parent() -> None:
     """preexec_fn: deliver SIGTERM to the child when the launcher dies, even by SIGKILL."""
     try:
@@ -173,14 +191,8 @@ def run_data_parallel(args: ServerArgs) -> int:
     except (LaunchError, ValueError) as e:
         log.error("%s", e)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        n = threads_per_worker(args.dp)
-        env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+    stop = stop_on_signals()
+    env = child_env(args.dp)
     log.info("starting %d workers with %s thread(s) each", args.dp, env.get("OMP_NUM_THREADS"))
     workers = []
     for rank in range(args.dp):

@@ -11,17 +11,15 @@ To spread the pair over several machines, start the pieces by hand (docs/serving
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shlex
-import signal
 import sys
-import threading
 from dataclasses import replace
 
 from plait.server.data_parallel import (FAILOVER_DEFAULTS, Child, LaunchError, _connect_host,
-                                        _spawn, _supervise, free_port, require_router,
-                                        stop_all, threads_per_worker, wait_healthy)
+                                        _spawn, _supervise, child_env, free_port,
+                                        require_router, stop_all, stop_on_signals,
+                                        wait_healthy)
 from plait.server.server_args import ServerArgs
 
 log = logging.getLogger("plait.pd")
@@ -70,13 +68,8 @@ def run_pd(args: ServerArgs) -> int:
     except (LaunchError, ValueError) as e:
         log.error("%s", e)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        n = threads_per_worker(n_prefill + n_decode)
-        env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+    stop = stop_on_signals()
+    env = child_env(n_prefill + n_decode)
     servers: list[Child] = []
     prefills: list[tuple[str, int]] = []
     for i in range(n_prefill):
