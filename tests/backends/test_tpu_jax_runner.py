@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("jax")
-
-import plait  # noqa: E402
-from plait.backends import registry  # noqa: E402
-from plait.backends.tpu import pallas_attention, platform, step_inputs  # noqa: E402
-from plait.backends.tpu.graph import CompiledSteps, JitBuckets  # noqa: E402
-from plait.backends.tpu.plugin import TpuBackend  # noqa: E402
-from plait.testing.e2e import greedy_output_ids  # noqa: E402
-from plait.testing.tiny_model import make_tiny_llama  # noqa: E402
+import plait
+from plait.backends import registry
+from plait.backends.tpu import pallas_attention, platform, step_inputs
+from plait.backends.tpu.graph import CompiledSteps, JitBuckets
+from plait.backends.tpu.plugin import TpuBackend
+from plait.testing.e2e import greedy_output_ids
+from plait.testing.tiny_model import make_tiny_llama
 from tests.core.test_engine_parity import GREEDY, expected, prompt_ids  # noqa: E402,F401
 
 

@@ -7,7 +7,6 @@ engine a unified ``plait serve`` runs.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -24,9 +23,6 @@ from tests.server.test_data_parallel import child_pids
 from tests.server.test_server_fake import sse_events
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("sglang_router", reason="plait[router] (sglang-router) is installed by make")
-if importlib.util.find_spec("mooncake") is None:
-    pytest.skip("plait[pd] (Mooncake) is installed by make", allow_module_level=True)
 
 PROMPTS = ["Hi", "The capital of France is", "def fibonacci(n):\n    " * 5,
            "Once upon a time, in a quiet village by the sea, " * 15]

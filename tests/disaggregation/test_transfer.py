@@ -1,8 +1,6 @@
 """The transfer layer without a model: runs, layouts, the fake transport, Mooncake over TCP."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -18,9 +16,11 @@ def test_runs_merge_only_where_both_sides_are_consecutive():
         contiguous_runs([1, 2], [1])
 
 
-def _copy_via(transfer_a, transfer_b, src_slots, dst_slots):
-    src = [torch.randn(16, 2, 4) for _ in range(4)]
-    dst = [torch.zeros(16, 2, 4) for _ in range(4)]
+def _copy_via(transfer_a, transfer_b, src_slots, dst_slots, slots=16, buffers=4):
+    """Register ``buffers`` K/V-shaped buffers of ``slots`` slots on each side and write the
+    source slots into the destination slots; returns both sides' buffers."""
+    src = [torch.randn(slots, 2, 4) for _ in range(buffers)]
+    dst = [torch.zeros(slots, 2, 4) for _ in range(buffers)]
     for b in src:
         transfer_a.register(b.data_ptr(), b.numel() * 4)
     for b in dst:
@@ -64,8 +64,6 @@ def test_unknown_backend_is_a_value_error():
         create_transfer("nixl", "127.0.0.1")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mooncake") is None,
-                    reason="plait[pd] (mooncake-transfer-engine-non-cuda) not installed")
 def test_mooncake_tcp_write_between_two_engines():
     a, b = create_transfer("mooncake", "127.0.0.1"), create_transfer("mooncake", "127.0.0.1")
     src, dst = _copy_via(a, b, [1, 2, 3], [4, 5, 6])
@@ -75,24 +73,10 @@ def test_mooncake_tcp_write_between_two_engines():
         a.write("127.0.0.1:1", [src[0].data_ptr()], [dst[0].data_ptr()], [4])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mooncake") is None,
-                    reason="plait[pd] (mooncake-transfer-engine-non-cuda) not installed")
 def test_mooncake_moves_thousands_of_scattered_runs():
     # a radix-cache hit leaves a prompt's slots scattered: one entry per slot per buffer
     a, b = create_transfer("mooncake", "127.0.0.1"), create_transfer("mooncake", "127.0.0.1")
     src_slots = list(range(1, 1000, 2))
-    src, dst = _copy_via_big(a, b, src_slots, list(range(1, 501)))
+    src, dst = _copy_via(a, b, src_slots, list(range(1, 501)), slots=1024, buffers=8)
     for x, y in zip(src, dst):
         assert torch.equal(y[1:501], x[src_slots])
-
-
-def _copy_via_big(ta, tb, src_slots, dst_slots):
-    src = [torch.randn(1024, 2, 4) for _ in range(8)]
-    dst = [torch.zeros(1024, 2, 4) for _ in range(8)]
-    for b in src:
-        ta.register(b.data_ptr(), b.numel() * 4)
-    for b in dst:
-        tb.register(b.data_ptr(), b.numel() * 4)
-    s, d, n = KVLayout.of(src).writes(KVLayout.of(dst), src_slots, dst_slots)
-    ta.write(tb.session_id, s, d, n)
-    return src, dst

@@ -25,7 +25,6 @@ from plait.server.server_args import from_namespace
 from tests.server.conftest import FAKE, REPO, free_port, start_server
 
 MODEL = "tiny-model0"  # the tiny_model_dir fixture's directory name, the served model id
-pytest.importorskip("sglang_router", reason="plait[router] (sglang-router) is installed by make")
 
 
 def child_pids(pid: int) -> list[int]:

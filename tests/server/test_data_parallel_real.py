@@ -22,7 +22,6 @@ from tests.server.test_server_fake import sse_events
 from tests.server.test_server_real import MODEL, sglang_python  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("sglang_router", reason="plait[router] (sglang-router) is installed by make")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "List three colors:"]
