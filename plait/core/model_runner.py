@@ -30,7 +30,23 @@ class ExtendItem:
     logit_from: int               # first absolute position whose logits we need
 
 
-class ModelRunner:
+class StepRunner:
+    """``forward_extend``/``forward_decode`` (prepare, then run at once) for any runner that
+    implements the scheduler's split: ``prepare_extend(items)``, ``prepare_decode(reqs, slots,
+    input_ids)`` and ``run(batch)``. The overlap schedule calls the split itself."""
+
+    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
+        """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
+        per item, how many of those rows are its."""
+        batch, row_counts = self.prepare_extend(items)
+        return self.run(batch), row_counts
+
+    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
+        """One new token per request (its last sampled one) at position kv_len."""
+        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
+
+
+class ModelRunner(StepRunner):
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, attn: AttentionBackend,
                  req_pool: ReqToTokenPool, device: torch.device,
                  graph_runner: GraphRunner | None = None):
@@ -49,16 +65,6 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
-        """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
-        per item, how many of those rows are its."""
-        batch, row_counts = self.prepare_extend(items)
-        return self.run(batch), row_counts
-
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        """One new token per request (its last sampled one) at position kv_len."""
-        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits ``[len(batch.logits_rows), V]``; a decode batch replays a captured graph

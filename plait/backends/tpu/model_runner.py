@@ -30,7 +30,7 @@ from plait.backends.tpu import jax_attention, jax_llama, step_inputs
 from plait.backends.tpu.attention import JaxKVPool
 from plait.backends.tpu.graph import CompiledSteps, JitBuckets
 from plait.core.memory import ReqToTokenPool
-from plait.core.model_runner import ExtendItem
+from plait.core.model_runner import ExtendItem, StepRunner
 from plait.core.request import Req
 
 
@@ -61,7 +61,7 @@ class JaxStep:
     is_decode: bool
 
 
-class JaxModelRunner:
+class JaxModelRunner(StepRunner):
     """Invariants: ``kv_pool.k_buffers``/``v_buffers`` always hold the live caches (the
     donated ones are dead after a step); every program comes from ``self.steps``, so
     ``self.steps.compiles`` is the number of XLA compilations of model steps."""
@@ -81,13 +81,6 @@ class JaxModelRunner:
         self.steps = CompiledSteps(self._make_program)
 
     # ----- the scheduler's contract -----
-
-    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
-        step, counts = self.prepare_extend(items)
-        return self.run(step), counts
-
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
 
     def prepare_extend(self, items: list[ExtendItem]) -> tuple[JaxStep, list[int]]:
         """Prefill (chunks of) prompts: the step, and per item how many of its logits rows

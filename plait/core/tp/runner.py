@@ -15,14 +15,14 @@ import torch
 
 from plait.core.backend_api import Backend, ModelSpec
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
-from plait.core.model_runner import ExtendItem, ModelRunner, build_model_runner
+from plait.core.model_runner import ExtendItem, ModelRunner, StepRunner, build_model_runner
 from plait.core.request import Req
 from plait.core.tp import batch_channel
 from plait.core.tp.group import TPGroup
 from plait.core.tp.launcher import WorkerRanks
 
 
-class TPModelRunner:
+class TPModelRunner(StepRunner):
     def __init__(self, local: ModelRunner, ranks: WorkerRanks):
         if not isinstance(local, ModelRunner):
             raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
@@ -33,13 +33,6 @@ class TPModelRunner:
         self.req_pool = local.req_pool
         self.device = local.device
         self._broken: str | None = None
-
-    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
-        batch, row_counts = self.prepare_extend(items)
-        return self.run(batch), row_counts
-
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
 
     def prepare_extend(self, items: list[ExtendItem]) -> tuple[Any, list[int]]:
         return self.local.prepare_extend(items)
