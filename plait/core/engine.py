@@ -27,7 +27,7 @@ from plait.core.backend_api import ModelSpec
 from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
-from plait.core.messages import GenerateReq, RequestLimits
+from plait.core.messages import GenerateReq, RequestLimits, check_rooms
 from plait.core.model_runner import build_model_runner
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
@@ -142,7 +142,7 @@ class Engine:
                                cfg.disaggregation_bootstrap_port,
                                cfg.disaggregation_transfer_timeout,
                                call_soon=lambda fn: self._inbox.put((fn, None)),
-                               finish=s.finish_handed_off)
+                               finish=s.finish_handed_off, abort_room=s.abort_room)
             s.hand_off = side.hand_off
             return side
         from plait.disaggregation.decode import DecodeSide
@@ -214,6 +214,7 @@ class Engine:
         """Tokenize, validate and expand ``n``: the one place messages become ``Req``s.
         Every message is checked before any ``Req`` exists, so a bad one beside good ones
         stops them all here, in the caller's thread. Raises ValueError naming the parameter."""
+        check_rooms(msgs)
         checked = []
         for msg in msgs:
             msg = msg.tokenized(self.tokenizer.encode)
@@ -238,8 +239,7 @@ class Engine:
 
     def _check_disaggregated(self, msg: GenerateReq) -> None:
         """What a request must be in this engine's disaggregation mode (ValueError names the
-        parameter). Prefill and decode halves must agree token for token, so what only one
-        side could do (prompt logprobs, a grammar, n > 1) is refused rather than approximated."""
+        parameter). What a disaggregated request may ask for is ``GenerateReq.validate``'s."""
         mode = self.config.disaggregation_mode
         if mode == "null":
             if msg.bootstrap is not None:
@@ -248,15 +248,6 @@ class Engine:
         if msg.bootstrap is None:
             raise ValueError(f"bootstrap_room is required: this is a {mode} server (send "
                              "requests through SGLang's gateway in PD mode)")
-        sp = msg.sampling_params
-        if sp.n != 1:
-            raise ValueError("n must be 1 with prefill/decode disaggregation")
-        if msg.return_logprob:
-            raise ValueError("return_logprob is not supported with prefill/decode "
-                             "disaggregation yet")
-        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
-            raise ValueError("regex: constrained decoding is not supported with prefill/decode "
-                             "disaggregation yet")
 
     def _compile_grammar(self, sp: SamplingParams) -> Callable[[], Any] | None:
         """Compile (cached) in the caller's thread so a slow grammar never stalls decoding."""

@@ -148,6 +148,24 @@ class GenerateReq:
             raise ValueError(f"stream must be a boolean, got {self.stream!r}")
         if self.rid is not None and (not isinstance(self.rid, str) or not self.rid):
             raise ValueError(f"rid must be a non-empty string, got {self.rid!r}")
+        if self.bootstrap is not None:
+            self._check_disaggregable()
+
+    def _check_disaggregable(self) -> None:
+        """A request split between a prefill and a decode server: both halves must agree
+        token for token, so what only one side could do is refused, not approximated: the
+        prompt's logprobs exist only on the prefill side, the first token is sampled there
+        (a grammar would be needed on both), and one bootstrap room pairs one sequence."""
+        sp = self.sampling_params
+        if sp.n != 1:
+            raise ValueError("n must be 1 with prefill/decode disaggregation")
+        if self.return_logprob:
+            raise ValueError("return_logprob is not supported with prefill/decode "
+                             "disaggregation yet")
+        for name in ("regex", "json_schema", "ebnf"):
+            if getattr(sp, name) is not None:
+                raise ValueError(f"{name}: constrained decoding is not supported with "
+                                 "prefill/decode disaggregation yet")
 
     def expand(self) -> list["GenerateReq"]:
         """One single-sample message per sample, each with a rid of its own (``rid-i`` when
@@ -162,6 +180,15 @@ class GenerateReq:
             sampling_params=dataclasses.replace(sp, n=1,
                                                 seed=None if sp.seed is None else sp.seed + i))
             for i in range(sp.n)]
+
+
+def check_rooms(msgs: list[GenerateReq]) -> None:
+    """One bootstrap room pairs one prompt's prefill and decode halves, so a batch cannot
+    share one (``ValueError`` names ``bootstrap_room``)."""
+    rooms = [m.bootstrap.room for m in msgs if m.bootstrap is not None]
+    if len(rooms) != len(set(rooms)):
+        raise ValueError("bootstrap_room: one room per prompt; send a batch as separate "
+                         "requests with prefill/decode disaggregation")
 
 
 def check_sequences(msgs: list[GenerateReq], limits: RequestLimits) -> None:

@@ -142,6 +142,16 @@ class Scheduler(OutputProcessor):
                     return True
         return False
 
+    def abort_room(self, room: int) -> bool:
+        """Abort the request of disaggregation bootstrap room ``room`` (prefill mode: its
+        decode half is gone), wherever it is before its hand-off."""
+        reqs = [*self.waiting, *self.running, *([self.chunked] if self.chunked else []),
+                *(r for plan, _ in self._inflight for r in plan.reqs)]
+        for req in reqs:
+            if req.bootstrap is not None and req.bootstrap.room == room and not req.finished:
+                return self.abort(req.rid)
+        return False
+
     def flush_cache(self) -> bool:
         """Drop the prefix cache; refused while requests hold cached prefixes."""
         if self.has_work():

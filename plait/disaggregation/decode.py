@@ -109,6 +109,11 @@ class DecodeSide:
     def _start_transfers(self) -> None:
         while self.queued:
             req = self.queued[0]
+            if req.bootstrap.room in self.inflight:  # a room pairs one request at a time
+                self.queued.pop(0)
+                self.fail(req, {"type": "error", "message": f"bootstrap_room "
+                                f"{req.bootstrap.room} is already in use on this server"})
+                continue
             n = len(req.input_ids)
             slots = self.kv.admit_for_transfer(req, n)
             if slots is None:

@@ -6,11 +6,13 @@ its first token is sampled the scheduler hands it to :meth:`PrefillSide.hand_off
 the running batch. It keeps its row and slots (locked, so never evicted) until the transfer
 has ended; then the scheduler thread releases them and finishes the request: one output token
 and ``length`` when the KV landed, an ``error`` when not (no decode target within the timeout,
-a failed write, or ``cancel`` from the decode side).
+a failed write), an ``abort`` on ``cancel`` from the decode side. A ``cancel`` that comes
+while the prompt is still queued or running stops it in the scheduler (``abort_room``) and is
+remembered until the timeout, so a hand-off after it ends at once instead of waiting.
 
 Threads: ``hand_off``/``abort``/``poll_timeouts`` run on the scheduler thread; a receiver
 thread reads the bootstrap socket; one worker thread does the writes (so a slow peer never
-stalls a forward pass) and sends the notifications. ``self.lock`` guards the three tables.
+stalls a forward pass) and sends the notifications. ``self.lock`` guards the four tables.
 """
 from __future__ import annotations
 
@@ -51,12 +53,13 @@ class _Target:
 class PrefillSide:
     def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
                  timeout: float, call_soon: Callable[[Callable[[], None]], None],
-                 finish: Callable[[Req, dict], None]):
+                 finish: Callable[[Req, dict], None], abort_room: Callable[[int], None]):
         self.transfer = transfer
         self.req_pool = req_pool
         self.timeout = timeout
         self.call_soon = call_soon  # run on the scheduler thread
         self.finish = finish        # Scheduler.finish_handed_off
+        self.abort_room = abort_room  # abort the not yet handed-off request of a room
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -68,6 +71,7 @@ class PrefillSide:
         self.ready: dict[int, _Ready] = {}
         self.targets: dict[int, _Target] = {}
         self.rooms: dict[str, int] = {}  # rid -> room, for aborts
+        self.cancelled: dict[int, float] = {}  # room -> deadline: cancelled before hand-off
         self.ctx = zmq.Context()
         self.sock, self.address = pull_socket(self.ctx, host, port)
         self.stopped = threading.Event()
@@ -90,7 +94,10 @@ class PrefillSide:
             self.ready[room] = ready
             self.rooms[req.rid] = room
             target = self.targets.pop(room, None)
-        if target is not None:
+            ready.cancelled = self.cancelled.pop(room, None) is not None
+        if ready.cancelled:
+            self.call_soon(lambda: self._finish_unless_sending(room, _CANCELLED))
+        elif target is not None:
             self.worker.submit(self._send, room, ready, target.msg)
 
     def has_work(self) -> bool:
@@ -107,6 +114,8 @@ class PrefillSide:
             stale = [room for room, t in self.targets.items() if t.deadline < now]
             for room in stale:
                 del self.targets[room]
+            for room in [room for room, d in self.cancelled.items() if d < now]:
+                del self.cancelled[room]
         for room, r in late:
             if self._pop(room) is not None:
                 self.finish(r.req, _error(f"no decode server asked for the KV of bootstrap "
@@ -140,6 +149,19 @@ class PrefillSide:
         if ready is not None and not sending and self._pop(room) is not None:
             self.finish(ready.req, {"type": "abort", "message": why})
 
+    def _cancel(self, room: int) -> None:
+        """Scheduler thread: end ``room``'s request, handed off or not."""
+        with self.lock:
+            ready = self.ready.get(room)
+            if ready is not None:
+                ready.cancelled = True
+            else:
+                self.cancelled[room] = time.monotonic() + self.timeout
+        if ready is not None:
+            self._finish_unless_sending(room, _CANCELLED)
+        else:
+            self.abort_room(room)
+
     def _receive(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -153,13 +175,12 @@ class PrefillSide:
             room = msg["room"]
             if msg["op"] == "cancel":
                 with self.lock:
-                    ready = self.ready.get(room)
-                    if ready is not None:
-                        ready.cancelled = True
-                    self.targets.pop(room, None)
-                if ready is not None:
-                    self.call_soon(lambda room=room: self._finish_unless_sending(
-                        room, "the decode server cancelled the transfer"))
+                    target = self.targets.pop(room, None)
+                if target is not None:  # not handed off yet, so nothing will be written:
+                    self.worker.submit(   # the decode side may free its slots now
+                        self.pushers.send, target.msg["notify"],
+                        {"op": "failed", "room": room, "message": _CANCELLED})
+                self.call_soon(lambda room=room: self._cancel(room))
             elif msg["op"] == "target":
                 with self.lock:
                     ready = self.ready.get(room)
@@ -212,6 +233,9 @@ class PrefillSide:
         self.pushers.close()
         self.sock.close()
         self.ctx.term()
+
+
+_CANCELLED = "the decode server cancelled the transfer"
 
 
 def _error(message: str) -> dict:

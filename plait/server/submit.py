@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from starlette.requests import Request
 
-from plait.core.messages import GenerateReq, RequestLimits, check_sequences
+from plait.core.messages import GenerateReq, RequestLimits, check_rooms, check_sequences
 from plait.core.sampling_params import SamplingParams
 from plait.server.engine_client import EngineClient
 from plait.server.protocol import APIError, param_of
@@ -83,6 +83,7 @@ async def prepare(client: EngineClient, msgs: list[GenerateReq]) -> list[Generat
     Tokenizing, the core's checks and the grammar syntax check then run in a worker thread."""
     limits = client.limits
     check_sequences(msgs, limits)
+    check_rooms(msgs)
     check_text_length(client, sum(len(m.text) for m in msgs if isinstance(m.text, str)),
                       "text")
     return await asyncio.to_thread(_prepare, client.tokenizer.encode, limits, msgs)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
+import zmq
 
 import plait
-from plait.core.messages import Bootstrap, GenerateReq
+from plait.core.messages import Bootstrap, GenerateReq, check_rooms
+from plait.disaggregation.bootstrap import encode
 from plait.server.data_parallel import free_port
 
 PROMPTS = ["Hi", "The capital of France is", "def fib(n):\n    return " * 6,
@@ -98,6 +101,27 @@ def test_failed_write_fails_both_halves(engines):
     assert kv_idle(decode) and kv_idle(prefill)
 
 
+@pytest.mark.slow
+def test_a_cancel_before_the_hand_off_ends_the_prefill_half_at_once(engines):
+    """The decode side gave up (client gone) before the prefill side finished the prompt: the
+    prefill half ends as an abort when it is handed off, not after the transfer timeout."""
+    _, prefill, _, port = engines
+    room = next(rooms)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send(encode({"op": "cancel", "room": room}))
+    sock.close(linger=1000)
+    ctx.term()
+    time.sleep(0.3)  # the receiver thread has it
+    start = time.monotonic()
+    out = prefill.generate_request([GenerateReq(text="cancelled early", sampling_params=dict(SP),
+                                                bootstrap=Bootstrap("127.0.0.1", port, room))])
+    assert out[0]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert time.monotonic() - start < 2.0  # the transfer timeout is 3 s
+    assert kv_idle(prefill)
+
+
 def test_requests_must_match_the_mode(make_tiny_model):
     e = plait.Engine(model_path=make_tiny_model(), max_total_tokens=256,
                      disaggregation_mode="decode", disaggregation_transfer_backend="fake")
@@ -109,7 +133,14 @@ def test_requests_must_match_the_mode(make_tiny_model):
             e.generate_request([GenerateReq(text="hi", sampling_params={"n": 2}, bootstrap=b)])
         with pytest.raises(ValueError, match="^return_logprob"):
             e.generate_request([GenerateReq(text="hi", return_logprob=True, bootstrap=b)])
+        for name, value in (("regex", "[a-z]+"), ("json_schema", '{"type": "string"}'),
+                            ("ebnf", 'root ::= "a"')):
+            with pytest.raises(ValueError, match=f"^{name}: constrained decoding"):
+                e.generate_request([GenerateReq(text="hi", sampling_params={name: value},
+                                                bootstrap=b)])
     finally:
         e.shutdown()
+    with pytest.raises(ValueError, match="^bootstrap_room: one room per prompt"):
+        check_rooms([GenerateReq(text=t, bootstrap=Bootstrap("h", 1, 7)) for t in "ab"])
     with pytest.raises(ValueError, match="^bootstrap_port"):
         Bootstrap("h", 0, 1)

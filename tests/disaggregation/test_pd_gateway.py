@@ -7,6 +7,7 @@ engine a unified ``plait serve`` runs.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -110,6 +111,90 @@ def test_decode_computes_no_prompt_tokens_and_prefill_reuses_prefixes(pd):
     assert metric(prefill, "plait_computed_prompt_tokens_total") > 0
     d = info(decode)
     assert d["kv_transfers"] > 0 and d["kv_bytes_received"] > 0
+
+
+def wait_kv_idle(url: str, within: float) -> None:
+    """Until ``url`` runs nothing and holds no KV but its radix cache's; AssertionError if
+    that takes longer than ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        d = info(url)
+        if d["num_running_reqs"] == 0 and d["num_waiting_reqs"] == 0 and \
+                d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} still holds KV after {within}s: {json.dumps(d)[:500]}")
+        time.sleep(0.3)
+
+
+def aborts(url: str) -> float:
+    text = requests.get(url + "/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('plait_requests_total{finish_reason="abort"}'))
+
+
+def prefill_alone(pd, text: str, room: int) -> requests.Response:
+    """The prefill half of a request whose decode half never comes: straight to the prefill
+    server with the bootstrap fields the gateway would add."""
+    pid, prefill = pd.children["prefill"]
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    port = int(cmd[cmd.index("--disaggregation-bootstrap-port") + 1])
+    return gen(prefill, text, bootstrap_host="127.0.0.1", bootstrap_port=port,
+               bootstrap_room=room)
+
+
+@pytest.mark.parametrize("when", ["decoding", "prefilling"])
+def test_client_disconnect_through_the_gateway_frees_both_sides(pd, when):
+    """A streaming client that goes away mid-request ends it on both servers: the decode
+    server ends it as an abort and frees its KV (pre-allocated or decoding) long before the
+    2000 tokens it was asked for; the prefill server, if its half has not run yet, ends it as
+    an abort too (once decoding has started, that half is done and its KV released)."""
+    (_, prefill), (_, decode) = pd.children["prefill"], pd.children["decode"]
+    aborts_before = aborts(prefill), aborts(decode)
+    with ThreadPoolExecutor(1) as pool:
+        if when == "prefilling":  # a long prompt ahead keeps ours in the prefill queue
+            busy = pool.submit(prefill_alone, pd,
+                               "Keep the prefill server busy for a while. " * 160, 4242)
+            time.sleep(0.5)
+        r = requests.post(pd.url + "/generate", stream=True, timeout=300, json={
+            "text": "Abort me.", "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}})
+        assert r.status_code == 200, r.text
+        if when == "decoding":
+            lines = r.iter_lines()
+            assert sum(1 for ln in itertools.islice(lines, 20) if ln.startswith(b"data:")) >= 3
+        else:
+            time.sleep(0.5)
+        r.close()
+        wait_kv_idle(decode, 15)   # 2000 tokens would take minutes here
+        assert aborts(decode) == aborts_before[1] + 1
+        if when == "prefilling":
+            assert "no decode server asked" in busy.result().text
+    wait_kv_idle(prefill, 10)
+    assert aborts(prefill) == aborts_before[0] + (when == "prefilling")
+
+
+def test_prefill_without_a_decode_target_times_out_and_frees_its_kv(pd):
+    """The prefill half alone (its decode server never sends a target): it ends after the
+    transfer timeout with an error naming the room, and its KV is released."""
+    start = time.monotonic()
+    r = prefill_alone(pd, "Nobody decodes this prompt.", 987654321)
+    took = time.monotonic() - start
+    assert "no decode server asked for the KV of bootstrap room 987654321" in r.text, r.text
+    assert TIMEOUT - 1 < took < TIMEOUT + 30, took
+    wait_kv_idle(pd.children["prefill"][1], 10)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"sampling_params": {**GREEDY, "n": 2}}, "n"),
+    ({"return_logprob": True}, "return_logprob"),
+    ({"sampling_params": {**GREEDY, "regex": "[a-z]+"}}, "regex"),
+    ({"sampling_params": {**GREEDY, "json_schema": '{"type": "string"}'}}, "json_schema"),
+])
+def test_unsupported_parameters_are_a_400_naming_them_through_the_gateway(pd, extra, param):
+    r = gen(pd.url, "Hi", **extra)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert param in r.text, r.text
 
 
 def test_killing_the_prefill_fails_waiting_requests_in_bounded_time(pd):
