@@ -104,9 +104,9 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(n, k).to(dtype)
 
 
-#: Clipping factors tried per channel / group, 1.0 down to 0.8: the range is ``factor * max`` (AWQ-style
-#: clipping; llama.cpp's quantizers search scales the same way). 1.0 (plain round-to-nearest)
-#: is always tried, so the search never does worse than it on weight MSE.
+#: Clipping factors tried per channel / group, 1.0 down to 0.8: the range is ``factor * max``
+#: (AWQ-style clipping; llama.cpp's quantizers search scales the same way). 1.0 (plain
+#: round-to-nearest) is always tried, so the search never does worse than it on weight MSE.
 SHRINKS = tuple(1 - 0.02 * i for i in range(11))
 
 
