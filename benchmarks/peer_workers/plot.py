@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 
 import matplotlib
 
@@ -22,7 +23,7 @@ def plot(results: dict, out: str) -> None:
         rates = [results["engines"][e]["rates"].get(w["name"], 0.0) for e in engines]
         bars = ax.bar(range(len(engines)), rates, color=[f"C{i}" for i in range(len(engines))])
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_title(w["title"], fontsize=8)
+        ax.set_title(textwrap.fill(w["title"], 30), fontsize=8)
         ax.set_ylabel(w["unit"])
         ax.set_xticks(range(len(engines)), engines, rotation=45, ha="right", fontsize=7)
     fig.suptitle(results["caption"], fontsize=9)
