@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                     help="folder for peers.json, peers.png and each engine's log")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
+    ap.add_argument("--note", default="",
+                    help="appended to the caption of the table and plot, e.g. 'shared machine'")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "benchmarks/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     caption = (f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
-               f"median of {repeats}{', quick' if args.quick else ''}")
+               f"median of {repeats}{', quick' if args.quick else ''}"
+               f"{', ' + args.note if args.note else ''}")
     print(f"\n{caption}\n")
     print(format_table(workloads, {n: r["rates"] for n, r in record.items()}))
     print()
