@@ -153,9 +153,13 @@ class Engine:
     def _warm_up(self) -> None:
         """Capture (compile, on the CPU) decode for batch 1 and 2 now, not on the first
         request: with dynamic shapes those two graphs serve every later size and length."""
+        from tqdm import tqdm
+
         t = time.perf_counter()
         log.info("capturing decode graphs (batch 1 and 2)...")
-        for ids in ([[1, 2, 3]], [[1, 2, 3], [1, 2, 3, 4]]):
+        batches = ([[1, 2, 3]], [[1, 2, 3], [1, 2, 3, 4]])
+        for ids in tqdm(batches, desc="decode graph warm-up", unit="graph", leave=False,
+                        disable=None):  # None: a bar on a terminal, silent in logs and CI
             self.generate(input_ids=ids,
                           sampling_params={"max_new_tokens": 2, "temperature": 0,
                                            "ignore_eos": True})

@@ -33,7 +33,7 @@ class EngineConfig:
     grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
     tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
     quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
-    quantization_group_size: int = 128       # int4 only (multiple of 32)
+    quantization_group_size: int = 32        # int4 only (multiple of 32; docs/benchmarks.md)
     quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
     # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
     disaggregation_mode: str = "null"        # null | prefill | decode

@@ -37,6 +37,6 @@ class QuantConfig:
     blocks ``gguf`` runs."""
 
     method: str = "none"
-    group_size: int = 128
+    group_size: int = 32
     symmetric: bool = False
     gguf_file: Path | None = None

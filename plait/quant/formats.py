@@ -23,6 +23,7 @@ bit for bit; only the order of the dot product's additions may differ.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -103,34 +104,96 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(n, k).to(dtype)
 
 
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """Symmetric per-output-channel int8 (codes -127..127, one scale per row)."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(torch.float16)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    q = torch.round(w / safe).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight(8, w.shape[1], q.contiguous(), scale.contiguous())
+#: Clipping factors tried per channel / group, 1.0 down to 0.8: the range is ``factor * max``
+#: (AWQ-style clipping; llama.cpp's quantizers search scales the same way). 1.0 (plain
+#: round-to-nearest) is always tried, so the search never does worse than it on weight MSE.
+SHRINKS = tuple(1 - 0.02 * i for i in range(11))
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 128,
-                  symmetric: bool = False) -> QuantizedWeight:
-    """Group-wise int4. Asymmetric: ``q * scale + min`` over each group's [min, max];
-    symmetric: ``(q - 8) * scale`` with ``scale = absmax / 7``. Scales and mins are rounded to
-    float16 *before* the codes are chosen, so the codes fit the stored values."""
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the float16 the format stores (so codes are chosen for stored values)."""
+    return t.to(torch.float16).float()
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qmin: int,
+           qmax: int) -> torch.Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round((w if mins is None else w - mins) / safe).clamp_(qmin, qmax)
+
+
+def _least_squares(w: torch.Tensor, q: torch.Tensor, asymmetric: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``scale`` (and ``min``) minimising ``sum (q * scale (+ min) - w)^2`` per row for fixed
+    codes ``q``; rows where the fit is degenerate (all codes equal) get NaN, so they fall back
+    to the candidate they refit."""
+    sq, sqq, sqw = q.sum(-1, True), (q * q).sum(-1, True), (q * w).sum(-1, True)
+    if not asymmetric:
+        return sqw / sqq.where(sqq > 0, torch.nan), None
+    n, sw = w.shape[-1], w.sum(-1, True)
+    det = n * sqq - sq * sq
+    det = det.where(det > 0, torch.nan)
+    return (n * sqw - sq * sw) / det, (sqq * sw - sq * sqw) / det
+
+
+def fit_scales(w: torch.Tensor, qmin: int, qmax: int, asymmetric: bool,
+               shrinks: tuple[float, ...] = SHRINKS
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Round-to-nearest codes for each row of ``w`` (a channel or a group) with the float16
+    ``scale`` (and ``min``) of least weight MSE: ``w ~ q * scale (+ min)``, ``q`` in
+    ``qmin..qmax``. For every factor in ``shrinks`` the range is clipped to ``factor *`` the
+    row's extremes (symmetric: the value of largest magnitude maps to ``qmin``, and to ``qmax``
+    where the code range is lopsided like int4's -8..7; asymmetric: ``[factor * min,
+    factor * max]`` onto ``0..qmax``), the codes rounded, then scale and min refitted to those
+    codes by least squares and the codes rounded again; each row keeps its best candidate.
+    Returns ``(scale, min or None, q)``, all float32."""
+    if asymmetric:
+        lo, hi = w.amin(-1, True), w.amax(-1, True)
+    else:
+        big = w.gather(-1, w.abs().argmax(-1, keepdim=True))  # signed: maps onto an end
+    ends = (qmax,) if asymmetric else ((qmin,) if qmin == -qmax else (qmin, qmax))
+    best_err = best = None
+    for factor, end, refit in itertools.product(shrinks, ends, (False, True)):
+        if not refit:  # a fresh clipped range
+            scale = _half((hi - lo if asymmetric else big) * factor / end)
+            mins = _half(lo * factor) if asymmetric else None
+        else:  # the same candidate's codes, scale (and min) refitted to them
+            s2, m2 = _least_squares(w, _codes(w, scale, mins, qmin, qmax), asymmetric)
+            scale = _half(s2.where(s2.isfinite(), scale))
+            mins = None if mins is None else _half(m2.where(m2.isfinite(), mins))
+        q = _codes(w, scale, mins, qmin, qmax)
+        err = ((q * scale - w if mins is None else q * scale + mins - w) ** 2).sum(-1, True)
+        if best is None:
+            best_err, best = err, (scale, mins, q)
+            continue
+        keep = err < best_err
+        best_err = torch.where(keep, err, best_err)
+        best = tuple(None if b is None else torch.where(keep, c, b)
+                     for b, c in zip(best, (scale, mins, q)))
+    return best
+
+
+def quantize_int8(weight: torch.Tensor, shrinks: tuple[float, ...] = SHRINKS
+                  ) -> QuantizedWeight:
+    """Symmetric per-output-channel int8: codes -127..127, one scale per row, chosen by
+    :func:`fit_scales` (``shrinks=(1.0,)``: plain absmax round-to-nearest)."""
+    w = weight.detach().float().contiguous()
+    scale, _, q = fit_scales(w, -127, 127, False, shrinks)
+    return QuantizedWeight(8, w.shape[1], q.to(torch.int8).contiguous(),
+                           scale.to(torch.float16).contiguous())
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 32, symmetric: bool = False,
+                  shrinks: tuple[float, ...] = SHRINKS) -> QuantizedWeight:
+    """Group-wise int4 with scales from :func:`fit_scales`. Asymmetric: ``q * scale + min``,
+    ``q`` in 0..15 (GGUF Q4_1's form); symmetric: ``(q - 8) * scale`` (Q4_0's form), the
+    group's value of largest magnitude at code 0 so all 16 levels are used."""
     n, k = weight.shape
     if group_size % BLOCK or k % group_size:
         raise ValueError(f"group_size must be a multiple of {BLOCK} dividing in_features={k}, "
                          f"got {group_size}")
-    w = weight.detach().float().view(n, k // group_size, group_size)
-    if symmetric:
-        scale = (w.abs().amax(dim=-1) / 7).to(torch.float16)
-        mins, offset = None, 8
-    else:
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((hi - lo) / 15).to(torch.float16)
-        mins, offset = lo.to(torch.float16), 0
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()[..., None]
-    shifted = w - mins.float()[..., None] if mins is not None else w
-    codes = (torch.round(shifted / safe) + offset).clamp_(0, 15).view(n, k)
-    return QuantizedWeight(4, group_size, pack_int4(codes), scale.contiguous(),
-                           None if mins is None else mins.contiguous())
+    w = weight.detach().float().reshape(n * k // group_size, group_size)
+    qmin, qmax = (-8, 7) if symmetric else (0, 15)
+    scale, mins, q = fit_scales(w, qmin, qmax, not symmetric, shrinks)
+    half = lambda t: t.reshape(n, k // group_size).to(torch.float16).contiguous()  # noqa: E731
+    return QuantizedWeight(4, group_size, pack_int4((q - qmin).reshape(n, k)), half(scale),
+                           None if mins is None else half(mins))

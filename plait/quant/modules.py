@@ -64,7 +64,7 @@ def int4_group_for(in_features: int, group_size: int) -> int | None:
 
 
 def quantize_linears(model: nn.Module, method: str, matmul: QuantizedMatmul,
-                     group_size: int = 128, symmetric: bool = False,
+                     group_size: int = 32, symmetric: bool = False,
                      skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every ``nn.Linear`` (except ``skip`` names, like vLLM keeps the LM head in
     float) with a :class:`QuantizedLinear` holding its int8 / int4 weight. A layer whose input
