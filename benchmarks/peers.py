@@ -198,7 +198,8 @@ def draw(results_file: Path, png: Path, peers_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help=f"comma-separated, run in this order (default: {','.join(ENGINES)})")
+                    help=f"comma-separated, run in this order; the table keeps the default "
+                    f"order (default: {','.join(ENGINES)})")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     ap.add_argument("--quick", action="store_true",
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {spec.name} {out['version']}: load {out['load_s']:.0f} s, "
               f"all {out['wall_s']:.0f} s", flush=True)
 
+    record = {n: record[n] for n in ENGINES if n in record}  # columns in a fixed order
     command = "benchmarks/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     caption = (f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
                f"median of {repeats}{', quick' if args.quick else ''}"
