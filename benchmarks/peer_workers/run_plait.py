@@ -1,0 +1,30 @@
+"""Plait's worker (the repository's venv, PYTHONPATH at the repository root): the offline
+``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization``."""
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import torch
+
+import plait
+from common import Request, Serve, main
+
+
+def load(job: dict) -> Serve:
+    torch.set_num_threads(job["threads"])
+    quantization = job["options"].get("quantization", "none")
+    engine = plait.Engine(model_path=job["model_dir"], quantization=quantization,
+                          kv_cache_memory_gb=2.0, random_seed=job["seed"])
+
+    def generate(reqs: list[Request]) -> list[list[int]]:
+        sps = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for _, n in reqs]
+        outs = engine.generate(input_ids=[p for p, _ in reqs], sampling_params=sps)
+        return [o["output_ids"] for o in (outs if isinstance(outs, list) else [outs])]
+
+    name = "plait" if quantization == "none" else f"plait-{quantization}"
+    return Serve(name, version("plait"), generate, engine.flush_cache,
+                 notes="continuous batching, radix cache")
+
+
+if __name__ == "__main__":
+    main(load)

