@@ -3,7 +3,12 @@ weights, eager by default) in one process, runs interleaved A/B so a noisy machi
 
     .venv/bin/python benchmarks/cpu_decode.py                  # old vs prepacked
     .venv/bin/python benchmarks/cpu_decode.py --compiled       # + prepacked with torch.compile
+    .venv/bin/python benchmarks/cpu_decode.py --attention      # torch gather vs paged kernel
     .venv/bin/python benchmarks/cpu_decode.py --quick          # fewer tokens, 1 repeat
+
+Without ``--attention`` every path uses the torch (gather) decode attention, so the Linear
+layers are the only difference; with it, both paths are prepacked and only the decode
+attention differs (``plait.backends.cpu.paged_decode``).
 
 Workloads (random prompt ids, greedy, EOS ignored): decode at batch 1/16/64 (32-token
 prompts, 64 new tokens each; tok/s over the whole call), 64 mixed requests (32-256 prompt,
@@ -40,12 +45,12 @@ def serve(engine: plait.Engine, reqs: list[tuple[list[int], int]]) -> float:
     return time.perf_counter() - t
 
 
-def make_engine(prepack: bool, compiled: bool) -> plait.Engine:
-    CpuBackend.prepack_weights = prepack
+def make_engine(prepack: bool, compiled: bool, paged: bool = False) -> plait.Engine:
+    CpuBackend.prepack_weights, CpuBackend.paged_decode_kernel = prepack, paged
     try:
         return plait.Engine(kv_cache_memory_gb=0.5, enable_graph_capture=compiled)
     finally:
-        CpuBackend.prepack_weights = True
+        CpuBackend.prepack_weights, CpuBackend.paged_decode_kernel = True, True
 
 
 def main() -> None:
@@ -54,12 +59,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compiled", action="store_true",
                     help="add the torch.compile path (compiles for minutes at start)")
+    ap.add_argument("--attention", action="store_true",
+                    help="compare the decode attention instead: torch gather vs paged kernel")
     args = ap.parse_args()
     new = 16 if args.quick else 64
     repeats = 1 if args.quick else args.repeats
 
-    paths = {"old (MKL, eager)": make_engine(False, False),
-             "prepacked (eager)": make_engine(True, False)}
+    if args.attention:
+        paths = {"torch gather attention": make_engine(True, False, paged=False),
+                 "paged kernel": make_engine(True, False, paged=True)}
+    else:
+        paths = {"old (MKL, eager)": make_engine(False, False),
+                 "prepacked (eager)": make_engine(True, False)}
     if args.compiled:
         t = time.perf_counter()
         paths["prepacked + compile"] = make_engine(True, True)
@@ -81,7 +92,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct fp32, {torch.get_num_threads()} threads, "
           f"median of {repeats} interleaved runs\n")
     print("| workload | " + " | ".join(names) + " | " +
-          " | ".join(f"{n} / old" for n in names[1:]) + " |")
+          " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |")
     print("|---|" + "---:|" * (2 * len(names) - 1))
     for title, reqs, rate in workloads:
         runs: dict[str, list[float]] = {n: [] for n in names}

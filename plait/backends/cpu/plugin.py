@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import torch
+
 from plait.backends.hookspecs import hookimpl
 from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
 
@@ -22,12 +24,20 @@ class CpuBackend(Backend):
     #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
     #: ``nn.Linear`` on MKL, the path benchmarks compare against
     prepack_weights: ClassVar[bool] = True
+    #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
+    #: keeps the torch gather path, the one benchmarks compare against
+    paged_decode_kernel: ClassVar[bool] = True
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
+        """Float32 decode through the in-place paged kernel where it compiles
+        (``plait.backends.cpu.paged_decode``); the torch reference otherwise."""
         from plait.backends.cpu.attention import TorchAttentionBackend
+        from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend, kernel_available
+        if self.paged_decode_kernel and kv_pool.dtype == torch.float32 and kernel_available():
+            return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
     def quantized_linear(self, method: str):

@@ -1,0 +1,67 @@
+"""The CPU backend's decode attention: ``decode_attention.cpp`` reads each request's K/V rows
+in place in the paged pool instead of gathering padded copies (see the source for why).
+
+It is a ``torch.library`` custom op (``plait::paged_decode_attention``) so a compiled decode
+(``plait.backends.cpu.graph``) calls it as one opaque node. The torch path of
+:class:`~plait.backends.cpu.attention.TorchAttentionBackend` stays the numerical reference; this
+backend takes over decode only for float32 KV, and only when the kernel could be compiled here.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from plait.backends.cpu import cpp_build
+from plait.backends.cpu.attention import TorchAttentionBackend
+from plait.core.forward_batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("plait::paged_decode_attention", mutates_args=())
+def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                           slots: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """q [B, Hq, D]; buffers [S, Hkv, D]; slots [B, L] int64, row b's first seq_lens[b] are
+    its KV slots; float32. Returns [B, Hq, D]."""
+    return cpp_build.extension("decode_attention.cpp").decode_attention(
+        q, k_buffer, v_buffer, slots, seq_lens, scale)
+
+
+@paged_decode_attention.register_fake
+def _(q, k_buffer, v_buffer, slots, seq_lens, scale):
+    return torch.empty_like(q)
+
+
+def kernel_available() -> bool:
+    """Compile (or load) the kernel; False, with a warning, where it cannot be built."""
+    try:
+        cpp_build.extension("decode_attention.cpp")
+    except Exception as e:  # a missing compiler surfaces as several error types
+        log.warning("CPU decode-attention kernel unavailable (%s); using the torch path", e)
+        return False
+    return True
+
+
+class PagedDecodeAttentionBackend(TorchAttentionBackend):
+    """The torch reference for extend; the in-place C++ kernel for float32 decode."""
+
+    def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
+        self.in_place = kv_pool.dtype == torch.float32
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if not (batch.is_decode and self.in_place):
+            return super().init_forward_metadata(batch)
+        self._req_rows = batch.req_pool_indices.tolist()
+        max_len = max(batch.seq_lens_cpu)
+        self._slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
+        self._lens = batch.seq_lens.long()
+
+    def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        if not (self.in_place and q.dtype == torch.float32):
+            return super().forward_decode(q, layer_id, batch)
+        pool = self.kv_pool
+        return paged_decode_attention(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
+                                      self._slots, self._lens, self.scale)

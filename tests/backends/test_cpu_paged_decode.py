@@ -1,0 +1,65 @@
+"""The CPU backend's in-place paged decode attention (decode_attention.cpp) computes what the
+torch reference computes, over shapes, GQA ratios, ragged lengths and scattered slots; the CPU
+backend uses it for float32 KV and keeps the torch path for other dtypes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plait.backends.cpu.attention import TorchAttentionBackend, decode_attention_ref
+from plait.backends.cpu.paged_decode import (PagedDecodeAttentionBackend, kernel_available,
+                                             paged_decode_attention)
+from plait.backends.cpu.plugin import CpuBackend
+
+pytestmark = pytest.mark.skipif(not kernel_available(), reason="no C++ compiler for the kernel")
+
+
+def case(seed: int, batch: int, hkv: int, group: int, d: int, max_len: int):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=gen)
+    num_slots = int(lens.sum()) + 7
+    k = torch.randn(num_slots, hkv, d, generator=gen)
+    v = torch.randn(num_slots, hkv, d, generator=gen)
+    q = torch.randn(batch, hkv * group, d, generator=gen)
+    # each request's slots scattered over the pool (a permutation), rows padded with junk
+    perm = torch.randperm(num_slots, generator=gen)
+    req_to_token = torch.full((batch + 2, max_len), 10**6, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(lens.tolist()):
+        req_to_token[b + 2, :n] = perm[start:start + n].int()
+        start += n
+    rows = torch.arange(2, batch + 2)
+    return q, k, v, req_to_token, rows, lens
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 9), hkv=st.integers(1, 4),
+       group=st.sampled_from([1, 2, 3, 4]), d=st.sampled_from([8, 16, 64, 80]),
+       max_len=st.integers(1, 70))
+def test_kernel_matches_the_torch_reference(seed, batch, hkv, group, d, max_len):
+    q, k, v, req_to_token, rows, lens = case(seed, batch, hkv, group, d, max_len)
+    scale = d ** -0.5
+    want = decode_attention_ref(q, k, v, req_to_token, rows, lens, scale)
+    slots = req_to_token[rows, :int(lens.max())].long()
+    got = paged_decode_attention(q, k, v, slots, lens.long(), scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_lengths_and_slots_are_errors_not_reads_out_of_bounds():
+    q, k, v, req_to_token, rows, lens = case(0, 2, 1, 2, 8, 5)
+    slots = req_to_token[rows, :int(lens.max())].long()
+    with pytest.raises(RuntimeError, match="bad seq_len"):
+        paged_decode_attention(q, k, v, slots, torch.tensor([0, 1]), 1.0)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        paged_decode_attention(q, k, v, torch.full_like(slots, k.shape[0]),
+                               torch.ones(2, dtype=torch.int64), 1.0)
+
+
+@pytest.mark.parametrize("dtype,cls", [(torch.float32, PagedDecodeAttentionBackend),
+                                       (torch.bfloat16, TorchAttentionBackend)])
+def test_cpu_backend_picks_the_kernel_for_float32_kv_only(dtype, cls):
+    backend = CpuBackend()
+    pool = backend.create_kv_pool(16, 1, 1, 8, dtype, 1)
+    assert type(backend.create_attention_backend(pool, 2, 1, 8)) is cls
