@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long-start", type=float, default=5.0)
     p.add_argument("--long-interval", type=float, default=8.0)
     p.add_argument("--unified-threads", type=int, default=2)
-    p.add_argument("--transfer-timeout", type=float, default=30.0,
-                   help="1P1D's --disaggregation-transfer-timeout (seconds without a heartbeat "
-                        "from the prefill server)")
+    p.add_argument("--transfer-timeout", type=float, default=300.0,
+                   help="1P1D's --disaggregation-transfer-timeout: it also covers a request's "
+                        "wait in the prefill server's queue, which long prompts make long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -142,8 +142,7 @@ class Engine:
                                cfg.disaggregation_bootstrap_port,
                                cfg.disaggregation_transfer_timeout,
                                call_soon=lambda fn: self._inbox.put((fn, None)),
-                               finish=s.finish_handed_off, abort_room=s.abort_room,
-                               has_room=s.has_room)
+                               finish=s.finish_handed_off, abort_room=s.abort_room)
             s.hand_off = side.hand_off
             return side
         from plait.disaggregation.decode import DecodeSide

@@ -142,24 +142,15 @@ class Scheduler(OutputProcessor):
                     return True
         return False
 
-    def _room_req(self, room: int) -> Req | None:
-        """The unfinished request of bootstrap room ``room`` not yet handed off, if any."""
+    def abort_room(self, room: int) -> bool:
+        """Abort the request of disaggregation bootstrap room ``room`` (prefill mode: its
+        decode half is gone), wherever it is before its hand-off."""
         reqs = [*self.waiting, *self.running, *([self.chunked] if self.chunked else []),
                 *(r for plan, _ in self._inflight for r in plan.reqs)]
         for req in reqs:
             if req.bootstrap is not None and req.bootstrap.room == room and not req.finished:
-                return req
-        return None
-
-    def has_room(self, room: int) -> bool:
-        """Whether bootstrap room ``room``'s prompt is queued or running here (prefill mode)."""
-        return self._room_req(room) is not None
-
-    def abort_room(self, room: int) -> bool:
-        """Abort the request of disaggregation bootstrap room ``room`` (prefill mode: its
-        decode half is gone), wherever it is before its hand-off."""
-        req = self._room_req(room)
-        return req is not None and self.abort(req.rid)
+                return self.abort(req.rid)
+        return False
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; refused while requests hold cached prefixes."""

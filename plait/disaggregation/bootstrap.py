@@ -83,13 +83,7 @@ def decode_msg(raw: bytes) -> dict[str, Any] | None:
         msg = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(msg, dict):
-        return None
-    if msg.get("op") == "alive":  # a prefill server's heartbeat: the rooms it still holds
-        rooms = msg.get("rooms")
-        ok = isinstance(rooms, list) and all(isinstance(r, int) for r in rooms)
-        return msg if ok else None
-    if msg.get("op") not in ("target", "cancel", "done", "failed") \
+    if not isinstance(msg, dict) or msg.get("op") not in ("target", "cancel", "done", "failed") \
             or not isinstance(msg.get("room"), int):
         return None
     return msg

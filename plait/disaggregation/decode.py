@@ -12,10 +12,8 @@ States of a request here (all on the scheduler thread, in :meth:`DecodeSide.poll
               flight can never land in KV that another request owns
 
 The prompt is never computed here: a request whose KV cannot arrive fails with an error that
-says why. The deadline is ``timeout`` seconds of silence: each ``alive`` heartbeat from the
-prefill server that lists the room pushes it back, so a prompt queued behind long ones on a
-busy prefill server waits, while a dead prefill server's requests fail ``timeout`` seconds
-after its last heartbeat and free their KV; every other request keeps decoding.
+says why, within ``timeout`` seconds (a dead prefill server never answers; its requests fail
+at their deadline and free their KV; every other request keeps decoding).
 """
 from __future__ import annotations
 
@@ -89,9 +87,8 @@ class DecodeSide:
         now = time.monotonic()
         for room, it in list(self.inflight.items()):
             if it.deadline < now:
-                self._end(room, f"no KV and no heartbeat from the prefill server "
-                                f"{it.prefill} for {self.timeout:.0f}s (is it alive?)",
-                          cancel=True)
+                self._end(room, f"no KV from the prefill server {it.prefill} within "
+                                f"{self.timeout:.0f}s (is it alive?)", cancel=True)
 
     def abort(self, rid: str) -> bool:
         for req in self.queued:
@@ -133,13 +130,6 @@ class DecodeSide:
                 "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx})
 
     def _on_message(self, msg: dict[str, Any]) -> None:
-        if msg["op"] == "alive":
-            deadline = time.monotonic() + self.timeout
-            for room in msg["rooms"]:
-                it = self.inflight.get(room)
-                if it is not None:
-                    it.deadline = deadline
-            return
         room = msg["room"]
         it = self.inflight.get(room)
         if it is None:

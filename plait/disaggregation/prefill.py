@@ -10,17 +10,9 @@ a failed write), an ``abort`` on ``cancel`` from the decode side. A ``cancel`` t
 while the prompt is still queued or running stops it in the scheduler (``abort_room``) and is
 remembered until the timeout, so a hand-off after it ends at once instead of waiting.
 
-Liveness: while it holds a decode server's target (the prompt queued, running or about to be
-handed off), the receiver thread sends that server an ``alive`` heartbeat for its rooms every
-``heartbeat`` seconds, so the decode side's timeout measures silence, not queueing: a busy
-prefill server keeps its requests, a dead one loses them ``timeout`` seconds after its last
-heartbeat. A target whose prompt never arrives here expires after ``timeout`` (then its
-heartbeats stop); one whose prompt is queued or running (``has_room``) is kept.
-
-Threads: ``hand_off``/``abort``/``poll`` run on the scheduler thread; a receiver
-thread reads the bootstrap socket and sends the heartbeats; one worker thread does the writes
-(so a slow peer never stalls a forward pass) and sends every message. ``self.lock`` guards the
-four tables.
+Threads: ``hand_off``/``abort``/``poll_timeouts`` run on the scheduler thread; a receiver
+thread reads the bootstrap socket; one worker thread does the writes (so a slow peer never
+stalls a forward pass) and sends the notifications. ``self.lock`` guards the four tables.
 """
 from __future__ import annotations
 
@@ -61,16 +53,13 @@ class _Target:
 class PrefillSide:
     def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
                  timeout: float, call_soon: Callable[[Callable[[], None]], None],
-                 finish: Callable[[Req, dict], None], abort_room: Callable[[int], None],
-                 has_room: Callable[[int], bool] = lambda room: False):
+                 finish: Callable[[Req, dict], None], abort_room: Callable[[int], None]):
         self.transfer = transfer
         self.req_pool = req_pool
         self.timeout = timeout
         self.call_soon = call_soon  # run on the scheduler thread
         self.finish = finish        # Scheduler.finish_handed_off
         self.abort_room = abort_room  # abort the not yet handed-off request of a room
-        self.has_room = has_room      # whether a room's prompt is queued or running here
-        self.heartbeat = min(1.0, timeout / 4)
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -123,16 +112,8 @@ class PrefillSide:
             for room, r in late:
                 r.cancelled = True
             stale = [room for room, t in self.targets.items() if t.deadline < now]
-        kept = {room for room in stale if self.has_room(room)}  # still queued or running
-        with self.lock:
             for room in stale:
-                target = self.targets.get(room)
-                if target is None:
-                    continue
-                if room in kept:
-                    target.deadline = now + self.timeout
-                else:
-                    del self.targets[room]
+                del self.targets[room]
             for room in [room for room, d in self.cancelled.items() if d < now]:
                 del self.cancelled[room]
         for room, r in late:
@@ -184,11 +165,7 @@ class PrefillSide:
     def _receive(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        next_beat = time.monotonic() + self.heartbeat
         while not self.stopped.is_set():
-            if time.monotonic() >= next_beat:
-                self._send_heartbeats()
-                next_beat = time.monotonic() + self.heartbeat
             if not poller.poll(100):
                 continue
             msg = decode_msg(self.sock.recv())
@@ -211,17 +188,6 @@ class PrefillSide:
                         self.targets[room] = _Target(msg, time.monotonic() + self.timeout)
                 if ready is not None:
                     self.worker.submit(self._send, room, ready, msg)
-
-    def _send_heartbeats(self) -> None:
-        """Receiver thread: tell each decode server which of its rooms this server holds."""
-        by_notify: dict[str, list[int]] = {}
-        with self.lock:
-            for room, target in self.targets.items():
-                notify = target.msg.get("notify")
-                if isinstance(notify, str):
-                    by_notify.setdefault(notify, []).append(room)
-        for notify, rooms in by_notify.items():
-            self.worker.submit(self.pushers.send, notify, {"op": "alive", "rooms": rooms})
 
     def _send(self, room: int, ready: _Ready, msg: dict[str, Any]) -> None:
         """Worker thread: write the KV and the token, notify the decode server, and have the

@@ -85,28 +85,10 @@ def test_missing_prefill_fails_the_request_in_bounded_time_and_frees_kv(engines)
     _, prefill, decode, port = engines
     _, d_out = pd_generate(prefill, decode, port, ["nobody prefills this"], run_prefill=False)
     reason = d_out[0]["meta_info"]["finish_reason"]
-    assert reason["type"] == "error" and "no heartbeat from the prefill server" in reason["message"]
+    assert reason["type"] == "error" and "no KV from the prefill server" in reason["message"]
     assert kv_idle(decode)
     _, d_out = pd_generate(prefill, decode, port, ["still serving"])  # the decode side lives on
     assert len(d_out[0]["output_ids"]) == SP["max_new_tokens"]
-
-
-@pytest.mark.slow
-def test_a_busy_prefill_server_keeps_its_requests_alive_past_the_timeout(engines):
-    """The prefill scheduler is stuck for 5 s (as behind long prompts) while the transfer
-    timeout is 3 s: its heartbeats keep the decode half waiting, and the request completes."""
-    _, prefill, decode, port = engines
-    busy = threading.Thread(target=lambda: prefill._call(lambda: time.sleep(5)))
-    busy.start()
-    time.sleep(0.2)  # the scheduler thread is asleep; the prompt queues behind it
-    start = time.monotonic()
-    p_out, d_out = pd_generate(prefill, decode, port, ["queued behind a long prompt"])
-    busy.join()
-    assert time.monotonic() - start > 4.5  # it really waited longer than the timeout
-    assert d_out[0]["meta_info"]["finish_reason"]["type"] == "length"
-    assert len(d_out[0]["output_ids"]) == SP["max_new_tokens"]
-    assert p_out[0]["meta_info"]["finish_reason"]["type"] == "length"
-    assert kv_idle(decode) and kv_idle(prefill)
 
 
 @pytest.mark.slow
