@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from cpu_decode import requests, serve  # same seeded workloads and timing as the CPU A/B
 
 PROMPTS = [
     "The capital of France is",
@@ -138,13 +138,6 @@ def parity(model_dir: Path, device: str, new: int) -> bool:
     return ok
 
 
-def requests(n: int, prompt: tuple[int, int], new: tuple[int, int], seed: int,
-             prefix: list[int] | None = None) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [((prefix or []) + [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt))],
-             rng.randint(*new)) for _ in range(n)]
-
-
 def workloads(new: int, quick: bool) -> list[tuple[str, list, str]]:
     """``quick``: a smoke-test size (batch 1 and 4, 4 mixed and 4 shared-prefix requests)."""
     n = 4 if quick else 64
@@ -164,14 +157,6 @@ def rate(reqs: list, seconds: float, unit: str) -> float:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def time_plait(engine, reqs: list) -> float:
-    engine.flush_cache()
-    sps = [{"max_new_tokens": m, "temperature": 0, "ignore_eos": True} for _, m in reqs]
-    t = time.perf_counter()
-    engine.generate(input_ids=[p for p, _ in reqs], sampling_params=sps)
-    return time.perf_counter() - t
 
 
 def time_hf(model, reqs: list, device: str) -> float | None:
@@ -206,10 +191,10 @@ def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: i
             engine = plait.Engine(str(model_dir), device=device, dtype=dtype,
                                   kv_cache_memory_gb=kv_gb, max_running_requests=256, **kwargs)
             start = time.perf_counter() - t0
-            time_plait(engine, requests(4, (8, 8), (4, 4), 0))  # warm-up
+            serve(engine, requests(4, (8, 8), (4, 4), 0))  # warm-up
             columns[label] = {}
             for title, reqs, unit in loads:
-                runs = [rate(reqs, time_plait(engine, reqs), unit) for _ in range(repeats)]
+                runs = [rate(reqs, serve(engine, reqs), unit) for _ in range(repeats)]
                 columns[label][title] = statistics.median(runs)
                 print(f"  {label:16s} {title}: {columns[label][title]:.1f} {unit}", flush=True)
             info = {k: v for k, v in engine.get_server_info().items() if "graph" in k}

@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
     print()
-    for name, extra, env in CONFIGS:
-        print(f"{name}: plait serve {extra} {' '.join(f'{k}={v}' for k, v in env.items())}")
+    serving.print_launches(CONFIGS)
     print()
     serving.print_table(columns)
 

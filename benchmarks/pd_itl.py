@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
     print()
-    for name, extra, env in configs:
-        print(f"{name}: plait serve {extra} {' '.join(f'{k}={v}' for k, v in env.items())}")
+    serving.print_launches(configs)
     print()
     print_table(columns)
     print()

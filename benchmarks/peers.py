@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from plait.core.schedule_policy import common_prefix_len
+
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = REPO / "benchmarks" / "peer_workers"
 Request = tuple[list[int], int]  # (prompt token ids, new tokens)
@@ -163,13 +165,6 @@ def format_table(workloads: list[Workload], results: dict[str, dict[str, float]]
     return "\n".join(lines)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def run_engine(spec: EngineSpec, python: Path, job: dict, log: Path,
                timeout: float) -> dict:
     """Run one worker to completion; its output JSON, or RuntimeError with the log's tail."""
@@ -276,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {name} {r['version']}: {r['notes']}; load {r['load_s']:.0f} s")
     if "plait" in record:  # same weights, greedy: how far each engine agrees with Plait
         ref = record["plait"]["first_output"]
-        agree = {n: common_prefix(ref, r["first_output"]) for n, r in record.items()}
+        agree = {n: common_prefix_len(ref, r["first_output"]) for n, r in record.items()}
         print(f"- greedy tokens equal to Plait fp32's (first request of {workloads[0].name}, "
               f"of {len(ref)}): " + ", ".join(f"{n} {k}" for n, k in agree.items()))
     for m in messages:

@@ -171,6 +171,12 @@ def print_table(columns: list[tuple[str, dict]]) -> None:
             print(f"{name}: first error: {c['first_error']}")
 
 
+def print_launches(configs) -> None:
+    """One line per (name, plait serve args, env) configuration a benchmark launched."""
+    for name, extra, env in configs:
+        print(f"{name}: plait serve {extra} {' '.join(f'{k}={v}' for k, v in env.items())}")
+
+
 def launch(extra: str, args: argparse.Namespace,
            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:

@@ -73,7 +73,8 @@ def test_cpu_kernel_keeps_leading_dims_and_dtype(cpu_matmul):
 
 
 def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
-    from plait.backends.cpu.qmatmul import extension, has_avx2
+    from plait.backends.cpu.cpp_build import has_avx2
+    from plait.backends.cpu.qmatmul import extension
     assert extension().simd() == has_avx2()
 
 

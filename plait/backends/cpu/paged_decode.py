@@ -45,14 +45,11 @@ def kernel_available() -> bool:
 
 
 class PagedDecodeAttentionBackend(TorchAttentionBackend):
-    """The torch reference for extend; the in-place C++ kernel for float32 decode."""
-
-    def __init__(self, kv_pool, num_heads: int, num_kv_heads: int, head_dim: int):
-        super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
-        self.in_place = kv_pool.dtype == torch.float32
+    """The torch reference for extend; the in-place C++ kernel for decode. Float32 KV and
+    activations only (the CPU backend creates it for a float32 pool; the kernel checks)."""
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if not (batch.is_decode and self.in_place):
+        if not batch.is_decode:
             return super().init_forward_metadata(batch)
         self._req_rows = batch.req_pool_indices.tolist()
         max_len = max(batch.seq_lens_cpu)
@@ -60,8 +57,6 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         self._lens = batch.seq_lens.long()
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if not (self.in_place and q.dtype == torch.float32):
-            return super().forward_decode(q, layer_id, batch)
         pool = self.kv_pool
         return paged_decode_attention(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
                                       self._slots, self._lens, self.scale)

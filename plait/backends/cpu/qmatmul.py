@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 
 from plait.backends.cpu import cpp_build
-from plait.backends.cpu.cpp_build import has_avx2  # noqa: F401 - re-exported for callers
 from plait.quant.formats import QuantizedWeight
 
 
