@@ -15,11 +15,15 @@ setup: $(STAMP)
 # tests really run under their interpreters; sglang-router (the gateway behind --dp) and
 # Mooncake (the KV transfer of --disaggregation-mode) likewise.
 # Mooncake's transfer engine (plait[pd]) links libibverbs even for TCP: installed where apt
-# exists (CI runs as root), else a note says what is missing.
+# exists (CI runs as root), else a note says what is missing. The CPU kernels
+# (plait/backends/cpu/*.cpp) are compiled at first use by torch.utils.cpp_extension: g++.
 $(STAMP): pyproject.toml
 	command -v apt-get >/dev/null && (dpkg -s libibverbs1 >/dev/null 2>&1 || \
 	  (apt-get update -q && apt-get install -y -q libibverbs1)) || \
 	  echo "note: install libibverbs1 for plait[pd] (prefill/decode disaggregation)"
+	command -v g++ >/dev/null || (command -v apt-get >/dev/null && \
+	  apt-get update -q && apt-get install -y -q g++) || \
+	  echo "note: install a C++ compiler (g++) for the CPU kernels"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
