@@ -65,7 +65,8 @@ class BatchResult:
     skipped: list[bool] = field(default_factory=list)       # row stale when sampled
     raw: torch.Tensor | None = None         # unfiltered logits of the return_logprob rows
     error: Exception | None = None
-    forward_s: float = 0.0                  # forward and sampling on the worker
+    forward_s: float = 0.0                  # the forward, on the worker
+    sample_s: float = 0.0                   # sampling, on the worker
 
 
 class BatchExecutor:
@@ -119,15 +120,18 @@ class BatchExecutor:
                 batch.input_ids = self.futures.resolve(batch.input_ids)
             logits = self.runner.run(batch)
             result = BatchResult(logits=logits)
+            sampled = time.perf_counter()
+            result.forward_s = sampled - start
             if n:
                 self._sample(plan, logits, result)
+            result.sample_s = time.perf_counter() - sampled
         except Exception as exc:  # noqa: BLE001 - the scheduler fails this batch alone
             log.exception("forward failed")
-            result = BatchResult(error=exc, tokens=[None] * n, skipped=[True] * n)
+            result = BatchResult(error=exc, tokens=[None] * n, skipped=[True] * n,
+                                 forward_s=time.perf_counter() - start)
         # later batches may name these placeholders: an unsampled row reads as token 0
         self.futures.store(plan.futures, [t if t is not None else 0 for t in result.tokens]
                            if result.tokens else [0] * n)
-        result.forward_s = time.perf_counter() - start
         return result
 
     def _sample(self, plan: PlannedBatch, logits: torch.Tensor, result: BatchResult) -> None:

@@ -33,6 +33,7 @@ class OutputProcessor:
         t1 = time.perf_counter()
         self.stats.wait_seconds += t1 - t0
         self.stats.forward_seconds += result.forward_s
+        self.stats.sample_seconds += result.sample_s
         try:
             self._apply(plan, result)
         finally:

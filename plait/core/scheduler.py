@@ -64,7 +64,8 @@ class SchedulerStats:
     jump_forward_tokens: int = 0 # grammar-forced output tokens that skipped a decode step
     # Seconds spent per phase, summed over all steps (divide by forward_passes for a step):
     schedule_seconds: float = 0.0  # scheduler thread: admission, retraction, building batches
-    forward_seconds: float = 0.0   # executor: forward and sampling
+    forward_seconds: float = 0.0   # executor: the model's forward
+    sample_seconds: float = 0.0    # executor: logits processing and sampling
     process_seconds: float = 0.0   # scheduler thread: appending tokens, finishing, outputs
     wait_seconds: float = 0.0      # scheduler thread blocked on a result it must process
 

@@ -67,9 +67,10 @@ class ServerMetrics:
         self.throughput = Gauge("plait_gen_throughput",
                                 "Generated tokens per second over the last 10 s", registry=r)
         self.step_seconds = Counter(
-            "plait_step_seconds", "Scheduler step time by phase: schedule, forward, process "
-            "(scheduler thread) and wait (blocked on the device); with the overlap schedule "
-            "forward runs alongside the others", ["phase"], registry=r)
+            "plait_step_seconds", "Scheduler step time by phase: schedule, process (scheduler "
+            "thread), forward, sample (executor) and wait (scheduler blocked on the executor); "
+            "with the overlap schedule forward and sample run alongside the others",
+            ["phase"], registry=r)
         self.forward_passes = Counter("plait_forward_passes", "Forward passes (steps)",
                                       registry=r)
 
@@ -147,7 +148,7 @@ class ServerMetrics:
             self._last_steps[key] = value
 
 
-_PHASES = ("schedule", "forward", "process", "wait")
+_PHASES = ("schedule", "forward", "sample", "process", "wait")
 
 
 def _first(info: dict[str, Any], *keys: str, default: Any) -> Any:
