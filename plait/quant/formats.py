@@ -104,6 +104,20 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(n, k).to(dtype)
 
 
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``x [M, K]`` as the int8-activation kernels see them (GGUF's Q8 scheme, as
+    llama.cpp multiplies quantized weights): per block of 32, ``d = amax / 127`` and codes
+    ``round(x * (1 / d))`` (half to even), so ``|x - d * code| <= d / 2``. Returns int8 codes
+    ``[M, K]`` and float32 ``d`` ``[M, K/32]``; computed in float32, so a kernel doing the same
+    float32 operations reproduces it exactly."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    codes = torch.round(blocks * inv[..., None]).to(torch.int8)
+    return codes.reshape(m, k), d
+
 #: Clipping factors tried per channel / group, 1.0 down to 0.8: the range is ``factor * max``
 #: (AWQ-style clipping; llama.cpp's quantizers search scales the same way). 1.0 (plain
 #: round-to-nearest) is always tried, so the search never does worse than it on weight MSE.

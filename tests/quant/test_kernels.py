@@ -1,5 +1,7 @@
-"""Every quantized matmul equals dequantize-then-matmul (float tolerance) for every format,
-group size and odd shape; the CPU kernel's AVX2 and portable builds alike."""
+"""Every quantized matmul equals dequantize-then-matmul for every format, group size and odd
+shape: within float rounding for the float-activation kernels (the CPU kernel's AVX2 and
+portable builds alike), within the activations' rounding bound for the int8-activation
+(AVX-512 VNNI) kernel."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plait.quant.formats import QuantizedWeight, dequantize, quantize_int4, quantize_int8
+from plait.quant.formats import (QuantizedWeight, dequantize, quantize_activations,
+                                 quantize_int4, quantize_int8)
 from plait.quant.modules import torch_quantized_matmul
 
 FORMATS = ["int8", "int4-asym", "int4-sym"]
@@ -37,8 +40,17 @@ def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> Non
 
 @pytest.fixture(scope="module")
 def cpu_matmul():
+    """The float-activation kernel (the best SIMD level this CPU runs)."""
     from plait.backends.cpu.qmatmul import cpu_quantized_matmul
-    return cpu_quantized_matmul()
+    return cpu_quantized_matmul(int8_activations=False)
+
+
+def vnni_extension():
+    from plait.backends.cpu.cpp_build import has_avx512_vnni
+    from plait.backends.cpu.qmatmul import extension
+    if not has_avx512_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI (the int8-activation kernel is not built)")
+    return extension("avx512vnni")
 
 
 shapes = st.tuples(st.integers(1, 19), st.integers(1, 37), st.integers(1, 8),
@@ -73,16 +85,61 @@ def test_cpu_kernel_keeps_leading_dims_and_dtype(cpu_matmul):
 
 
 def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
-    from plait.backends.cpu.cpp_build import has_avx2
-    from plait.backends.cpu.qmatmul import extension
-    assert extension().simd() == has_avx2()
-
-
-@pytest.mark.slow  # compiles a second build of the extension (about a minute, then cached)
-@pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
-def test_portable_kernel_matches_dequantized_reference(fmt):
+    from plait.backends.cpu.cpp_build import best_level
     from plait.backends.cpu.qmatmul import cpu_quantized_matmul, extension
-    assert not extension(simd=False).simd()
+    assert extension().simd_level() == best_level()
+    # the default matmul is the int8-activation kernel exactly where the build has it
+    w, x = make_weight("int4-asym", 8, 64, 32, 0), torch.randn(3, 64)
+    exact = cpu_quantized_matmul(int8_activations=False)(x, w)
+    assert torch.equal(cpu_quantized_matmul()(x, w), exact) == (best_level() != "avx512vnni")
+
+
+def test_int8_activations_match_the_reference_quantizer():
+    ext = vnni_extension()
+    x = torch.randn(7, 320) * torch.logspace(-3, 3, 320)  # blocks of very different ranges
+    x[2, :32] = 0  # an all-zero block: d = 0, codes 0
+    codes, d = ext.quantize_activations_q8(x)
+    ref_codes, ref_d = quantize_activations(x)
+    assert torch.equal(codes, ref_codes) and torch.equal(d, ref_d)
+    assert ((x - (codes.float().view(7, 10, 32) * d[..., None]).view(7, 320)).abs()
+            <= d.repeat_interleave(32, 1) / 2 + 1e-30).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_int8_activation_kernel_matches_dequantized_reference(shape):
+    """Two bounds: against the same arithmetic on the quantized activations (float32
+    accumulation only), and against the float activations (plus each block's rounding,
+    ``|w| . d_x / 2``)."""
+    ext = vnni_extension()
+    m, n, blocks, fmt, group, seed = shape
+    k = 32 * blocks
+    if fmt.startswith("int4") and k % group:
+        group = 32
+    w = make_weight(fmt, n, k, group, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    got = ext.qmatmul_q8(x, w.qs, w.scales, w.mins, w.bits, w.group_size).double()
+    dense = dequantize(w).double()
+    codes, d = quantize_activations(x)
+    xq = (codes.double().view(m, blocks, 32) * d.double()[..., None]).view(m, k)
+    exact = xq @ dense.T
+    assert ((got - exact).abs() <= 1e-5 * (xq.abs() @ dense.abs().T) + 1e-6).all()
+    rounding = (d.double() / 2).repeat_interleave(32, 1)  # per-element bound on |x - xq|
+    bound = rounding @ dense.abs().T + 1e-5 * (x.double().abs() @ dense.abs().T) + 1e-6
+    assert ((got - x.double() @ dense.T).abs() <= bound).all()
+
+
+@pytest.mark.slow  # compiles the other builds of the extension (a minute each, then cached)
+@pytest.mark.parametrize("level", ["portable", "avx2"])
+@pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
+def test_lower_level_kernels_match_dequantized_reference(level, fmt):
+    """The builds a CPU without AVX-512 VNNI (or without AVX2) runs."""
+    from plait.backends.cpu.cpp_build import has_avx2
+    from plait.backends.cpu.qmatmul import cpu_quantized_matmul, extension
+    if level == "avx2" and not has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    assert extension(level).simd_level() == level
+    assert not hasattr(extension(level), "qmatmul_q8")
     for m, n in [(1, 7), (9, 33), (17, 5)]:
         w = make_weight(fmt, n, 192, 64, m)
-        assert_matches_reference(cpu_quantized_matmul(simd=False), torch.randn(m, 192), w)
+        assert_matches_reference(cpu_quantized_matmul(level), torch.randn(m, 192), w)

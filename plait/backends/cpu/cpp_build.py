@@ -1,9 +1,15 @@
 """Compile the CPU backend's C++ kernels once with ``torch.utils.cpp_extension.load`` (cached
 under torch's extensions directory, so later processes only load the .so).
 
-Dispatch per CPU feature: where torch reports AVX2 or AVX512 on x86-64 a source is built with
-``-mavx2 -mfma -mf16c``; elsewhere without them (portable loops). The two builds have different
-names, so their caches never collide.
+Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
+
+- ``portable``: no SIMD flags (the sources' plain loops);
+- ``avx2``: ``-mavx2 -mfma -mf16c``, where torch reports AVX2 or AVX512 on x86-64;
+- ``avx512vnni``: ``avx2`` plus AVX-512 F/BW/VL/DQ and VNNI, where the CPU also has VNNI
+  (e.g. AMD Zen 4, Intel Cascade Lake and later). Sources with nothing for it compile their
+  AVX2 path under it.
+
+Each level's build has its own name, so their caches never collide.
 """
 from __future__ import annotations
 
@@ -14,20 +20,42 @@ from types import ModuleType
 
 import torch
 
+LEVELS = ("portable", "avx2", "avx512vnni")
+_FLAGS = {
+    "portable": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                   "-mavx512dq", "-mavx512vnni"],
+}
+
 
 def has_avx2() -> bool:
     return (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
+def has_avx512_vnni() -> bool:
+    """AVX-512 with VNNI (torch's own CPU probe; its AVX512 level implies F/BW/VL/DQ)."""
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return (has_avx2() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and is_vnni is not None and bool(is_vnni()))
+
+
+def best_level() -> str:
+    """The most demanding level this CPU runs."""
+    return "avx512vnni" if has_avx512_vnni() else "avx2" if has_avx2() else "portable"
+
+
 @functools.lru_cache(maxsize=None)
-def extension(source: str, simd: bool | None = None) -> ModuleType:
-    """The module compiled from ``source`` (a file beside this one); ``simd=None``: the best
-    build this CPU runs."""
+def extension(source: str, level: str | None = None) -> ModuleType:
+    """The module compiled from ``source`` (a file beside this one) for ``level``
+    (``None``: :func:`best_level`)."""
     from torch.utils.cpp_extension import load
 
-    simd = has_avx2() if simd is None else simd
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
-    name = "plait_" + Path(source).stem + ("_avx2" if simd else "_portable")
-    return load(name=name, sources=[str(Path(__file__).with_name(source))], extra_cflags=flags,
-                extra_ldflags=["-fopenmp"], verbose=False)
+    level = best_level() if level is None else level
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    name = "plait_" + Path(source).stem + "_" + level
+    return load(name=name, sources=[str(Path(__file__).with_name(source))],
+                extra_cflags=["-O3", "-fopenmp"] + _FLAGS[level], extra_ldflags=["-fopenmp"],
+                verbose=False)

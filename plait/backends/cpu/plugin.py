@@ -27,6 +27,11 @@ class CpuBackend(Backend):
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
+    #: quantized Linear layers quantize their activations to int8 per 32-block and use int8
+    #: dot products (``qmatmul.cpp``'s AVX-512 VNNI kernel, llama.cpp's scheme), where the CPU
+    #: has VNNI. Off: float32 activations, which keep greedy output equal to the dequantized
+    #: model's (the int8 rounding shifts logits by ~0.5 %, enough to flip near-ties).
+    int8_activations: ClassVar[bool] = False
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
 
@@ -41,11 +46,11 @@ class CpuBackend(Backend):
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
     def quantized_linear(self, method: str):
-        """``qmatmul.cpp`` (AVX2 where the CPU has it); the torch default if it cannot be
+        """``qmatmul.cpp`` (best SIMD level of this CPU, see :attr:`int8_activations`); the torch default if it cannot be
         compiled here (no C++ compiler), with a warning since that path is slow."""
         from plait.backends.cpu.qmatmul import cpu_quantized_matmul
         try:
-            return cpu_quantized_matmul()
+            return cpu_quantized_matmul(int8_activations=self.int8_activations)
         except Exception as e:  # a missing compiler surfaces as several error types
             log.warning("quantized CPU kernel unavailable (%s); using the slow torch path", e)
             return super().quantized_linear(method)

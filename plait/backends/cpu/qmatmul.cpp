@@ -7,14 +7,26 @@
 // of x. Output rows are split across threads with at::parallel_for (torch's OpenMP pool,
 // sized by torch.set_num_threads). Built with -mavx2 -mfma -mf16c where the CPU has them
 // (plait/backends/cpu/qmatmul.py decides); otherwise the portable loop below is compiled.
+//
+// Built with AVX-512 VNNI as well (plait/backends/cpu/cpp_build.py's "avx512vnni" level), the
+// module also has qmatmul_q8: activations quantized to int8 per 32-block (GGUF's Q8 activation
+// scheme, llama.cpp's), products summed in int32 by vpdpbusd, two blocks per instruction. See
+// that function for its arithmetic and error bound.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define PLAIT_AVX2 1
 #endif
+#if defined(PLAIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define PLAIT_VNNI 1
+#endif
+#include <vector>
 
 namespace {
 
@@ -155,46 +167,280 @@ void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, 
 }
 #endif
 
+#ifdef PLAIT_VNNI
+// ---- int8 activations, VNNI dot products -------------------------------------------------
+//
+// Every weight block is read as 32 unsigned codes u with value  d_w * u + c_w  (per block):
+//   Q4_1: u = q,        c_w = min           Q4_0: u = q,       c_w = -8 * d_w
+//   int8: u = q + 128,  c_w = -128 * d_w     (the code's sign bit flipped)
+// and every activation block as 32 signed codes v = round(x / d_x), d_x = amax / 127. So
+//   sum_k w_k x_k  ~=  sum_blocks  d_w d_x * sum(u v)  +  c_w * (d_x * sum(v))
+// where sum(u v) is exact in int32 (vpdpbusd: u8 x s8, four products per lane) and the only
+// error is x's rounding, |x - d_x v| <= d_x / 2 per element.
+
+constexpr int kPairBytes = 2 * kBlock;  // one zmm of codes = two blocks
+
+// x quantized once per call, row by row; rows are zero-padded to whole block pairs, so a pair
+// load never leaves the row and padding contributes 0 to every sum.
+struct QuantizedActivations {
+  int64_t pairs, sums_stride;
+  std::vector<int8_t> codes;  // [M, pairs * 64]
+  std::vector<float> scales;  // [M, pairs * 16]: d_x of block b repeated in lanes 8b..8b+7
+  std::vector<float> sums;    // [M, sums_stride]: d_x * sum(v) of block b at b; 0-padded to 16
+
+  const int8_t* row_codes(int64_t m) const { return codes.data() + m * pairs * kPairBytes; }
+  const float* row_scales(int64_t m) const { return scales.data() + m * pairs * 16; }
+  const float* row_sums(int64_t m) const { return sums.data() + m * sums_stride; }
+};
+
+QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  QuantizedActivations q;
+  q.pairs = (blocks + 1) / 2;
+  q.sums_stride = (blocks + 15) / 16 * 16;
+  q.codes.assign(M * q.pairs * kPairBytes, 0);
+  q.scales.assign(M * q.pairs * 16, 0.f);
+  q.sums.assign(M * q.sums_stride, 0.f);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* src = x + m * K + b * kBlock;
+        const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0),
+                                                              _mm512_abs_ps(v1)));
+        const float d = amax / 127.f;
+        const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        // round to nearest even (the default MXCSR mode), as torch.round does
+        const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+        const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        int8_t* dst = q.codes.data() + m * q.pairs * kPairBytes + b * kBlock;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(c0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(c1));
+        _mm256_storeu_ps(q.scales.data() + m * q.pairs * 16 + b * 8, _mm256_set1_ps(d));
+        q.sums[m * q.sums_stride + b] =
+            d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1)));
+      }
+    }
+  });
+  return q;
+}
+
+// The unsigned codes of blocks 2p and 2p + 1 of a weight row (block 2p in the low 32 bytes).
+// A missing second block (odd block count) is read with a masked load, which never faults.
+template <int BITS>
+inline __m512i weight_pair(const uint8_t* row, int64_t p, bool has_second) {
+  if constexpr (BITS == 8) {
+    const uint8_t* src = row + p * kPairBytes;
+    const __m512i v = has_second ? _mm512_loadu_si512(src)
+                                 : _mm512_maskz_loadu_epi8(0xFFFFFFFFull, src);
+    return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    const uint8_t* src = row + p * kBlock;  // 16 bytes per block
+    const __m256i raw = has_second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                                   : _mm256_maskz_loadu_epi8(0xFFFF, src);
+    __m512i z = _mm512_castsi256_si512(raw);
+    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(1, 1, 0, 0));  // bytes of [b0, b0, b1, b1]
+    z = _mm512_mask_srli_epi16(z, 0xFF00FF00u, z, 4);          // high nibbles: weights 16..31
+    return _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+  }
+}
+
+// Per weight row: d_w and c_w of every block, as floats (converted once per row and call).
+template <int BITS, bool MINS>
+struct RowScales {
+  std::vector<float> scales;   // [pairs * 2]; 0 past the last block
+  std::vector<float> offsets;  // [sums_stride]; 0 past the last block
+
+  RowScales(int64_t pairs, int64_t sums_stride) : scales(pairs * 2, 0.f),
+                                                  offsets(sums_stride, 0.f) {}
+
+  void load(const Weight& w, int64_t n) {
+    const int64_t per_group = w.group / kBlock;
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const float d = _cvtsh_ss(w.scales[n * w.groups + g].x);
+      const float c = MINS ? _cvtsh_ss(w.mins[n * w.groups + g].x)
+                           : (BITS == 8 ? -128.f : -8.f) * d;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        scales[b] = d;
+        offsets[b] = c;
+      }
+    }
+  }
+
+  // d_w of block 2p in lanes 0..7, of block 2p + 1 in lanes 8..15
+  __m512 pair(int64_t p) const {
+    return _mm512_insertf32x8(_mm512_set1_ps(scales[2 * p]),
+                              _mm256_set1_ps(scales[2 * p + 1]), 1);
+  }
+};
+
+inline float dot_padded(const float* a, const float* b, int64_t n) {  // n % 16 == 0
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y[m0 .. m0+MT, n0 .. n0+NR]: each pair of weight blocks is unpacked once for MT activation
+// rows, and each activation pair is loaded once for NR weight rows.
+template <int BITS, bool MINS, int NR, int MT>
+void q8_tile(const Weight& w, const RowScales<BITS, MINS>* rs, int64_t n0, int64_t blocks,
+             const QuantizedActivations& xq, int64_t m0, float* y, int64_t N) {
+  __m512 acc[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t p = 0; p < xq.pairs; ++p) {
+    const bool second = 2 * p + 1 < blocks;
+    __m512i wv[NR];
+    __m512 ws[NR];
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = weight_pair<BITS>(w.qs + (n0 + r) * w.qs_stride, p, second);
+      ws[r] = rs[r].pair(p);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq.row_codes(m0 + m) + p * kPairBytes);
+      const __m512 xd = _mm512_loadu_ps(xq.row_scales(m0 + m) + p * 16);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(zero, wv[r], xv);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[r], xd),
+                                    acc[r][m]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r)
+      y[(m0 + m) * N + n0 + r] =
+          _mm512_reduce_add_ps(acc[r][m]) +
+          dot_padded(rs[r].offsets.data(), xq.row_sums(m0 + m), xq.sums_stride);
+}
+
+template <int BITS, bool MINS, int NR>
+void q8_rows(const Weight& w, RowScales<BITS, MINS>* rs, int64_t n0, int64_t blocks,
+             const QuantizedActivations& xq, int64_t M, float* y, int64_t N) {
+  for (int r = 0; r < NR; ++r) rs[r].load(w, n0 + r);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+      case 1: q8_tile<BITS, MINS, NR, 1>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 2: q8_tile<BITS, MINS, NR, 2>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 3: q8_tile<BITS, MINS, NR, 3>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 4: q8_tile<BITS, MINS, NR, 4>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 5: q8_tile<BITS, MINS, NR, 5>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 6: q8_tile<BITS, MINS, NR, 6>(w, rs, n0, blocks, xq, m0, y, N); break;
+      case 7: q8_tile<BITS, MINS, NR, 7>(w, rs, n0, blocks, xq, m0, y, N); break;
+      default: q8_tile<BITS, MINS, NR, 8>(w, rs, n0, blocks, xq, m0, y, N); break;
+    }
+  }
+}
+
+// Weight rows [n0, n1) in tiles of NR (then single rows): with few activation rows, 4 weight
+// rows give the FMA chains independent work; with up to 8, 2 x 8 accumulators still leave
+// room for the operands in the 32 zmm registers.
+template <int BITS, bool MINS>
+void q8_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t blocks,
+               const QuantizedActivations& xq, int64_t M, float* y, int64_t N) {
+  std::vector<RowScales<BITS, MINS>> rs(4, RowScales<BITS, MINS>(xq.pairs, xq.sums_stride));
+  int64_t n = n0;
+  if (M <= 2)
+    for (; n + 4 <= n1; n += 4) q8_rows<BITS, MINS, 4>(w, rs.data(), n, blocks, xq, M, y, N);
+  for (; n + 2 <= n1; n += 2) q8_rows<BITS, MINS, 2>(w, rs.data(), n, blocks, xq, M, y, N);
+  if (n < n1) q8_rows<BITS, MINS, 1>(w, rs.data(), n, blocks, xq, M, y, N);
+}
+#endif  // PLAIT_VNNI
+
+
 }  // namespace
 
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
-                      c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
+// Checks x [M, K] float32 against the weight's shapes and views the weight's tensors.
+Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
+                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales");
   TORCH_CHECK(qs.is_contiguous() && (bits == 4 || bits == 8), "qs / bits");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  const int64_t K = x.size(1);
   TORCH_CHECK(K % kBlock == 0 && K % group == 0 && group % kBlock == 0, "K / group");
   TORCH_CHECK(qs.size(1) == (bits == 4 ? K / 2 : K) && scales.size(1) == K / group,
               "weight does not match x's K");
   const bool has_mins = mins.has_value() && mins->defined();
   if (has_mins) TORCH_CHECK(bits == 4 && mins->is_contiguous(), "mins");
-  Weight w{static_cast<const uint8_t*>(qs.data_ptr()), qs.size(1),
-           reinterpret_cast<const c10::Half*>(scales.data_ptr()),
-           has_mins ? reinterpret_cast<const c10::Half*>(mins->data_ptr()) : nullptr,
-           K / group, group, static_cast<int>(bits)};
+  return Weight{static_cast<const uint8_t*>(qs.data_ptr()), qs.size(1),
+                reinterpret_cast<const c10::Half*>(scales.data_ptr()),
+                has_mins ? reinterpret_cast<const c10::Half*>(mins->data_ptr()) : nullptr,
+                K / group, group, static_cast<int>(bits)};
+}
+
+// ~64K weights per task: small matrices stay on one thread, large ones split evenly.
+int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
+
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
+                      c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
+  const Weight w = checked_weight(x, qs, scales, mins, bits, group);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // ~64K weights per task: small matrices stay on one thread, large ones split evenly.
-  const int64_t grain = std::max<int64_t>(1, 65536 / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     if (bits == 8) rows_kernel<8, false>(w, n0, n1, M, K, xp, yp, N);
-    else if (has_mins) rows_kernel<4, true>(w, n0, n1, M, K, xp, yp, N);
+    else if (w.mins) rows_kernel<4, true>(w, n0, n1, M, K, xp, yp, N);
     else rows_kernel<4, false>(w, n0, n1, M, K, xp, yp, N);
   });
   return y;
 }
 
-bool simd() {
-#ifdef PLAIT_AVX2
-  return true;
+#ifdef PLAIT_VNNI
+// qmatmul with x quantized to int8 per 32-block first (see "int8 activations" above).
+torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
+                         c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
+  const Weight w = checked_weight(x, qs, scales, mins, bits, group);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  const QuantizedActivations xq = quantize_activations(x.data_ptr<float>(), M, K);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = K / kBlock;
+  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+    if (bits == 8) q8_kernel<8, false>(w, n0, n1, blocks, xq, M, yp, N);
+    else if (w.mins) q8_kernel<4, true>(w, n0, n1, blocks, xq, M, yp, N);
+    else q8_kernel<4, false>(w, n0, n1, blocks, xq, M, yp, N);
+  });
+  return y;
+}
+
+// x's int8 codes [M, K] and float d_x [M, K / 32], as qmatmul_q8 quantizes them (for tests).
+std::vector<torch::Tensor> quantize_activations_q8(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) % kBlock == 0,
+              "x must be float32 [M, K], K a multiple of 32");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+  const QuantizedActivations xq = quantize_activations(x.data_ptr<float>(), M, K);
+  auto codes = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto scales = torch::empty({M, blocks}, x.options());
+  for (int64_t m = 0; m < M; ++m) {
+    std::memcpy(codes.data_ptr<int8_t>() + m * K, xq.row_codes(m), K);
+    for (int64_t b = 0; b < blocks; ++b)
+      scales.data_ptr<float>()[m * blocks + b] = xq.row_scales(m)[b * 8];
+  }
+  return {codes, scales};
+}
+#endif
+
+// The instruction set this build targets: "avx512vnni" (qmatmul_q8 exists), "avx2" or
+// "portable".
+std::string simd_level() {
+#if defined(PLAIT_VNNI)
+  return "avx512vnni";
+#elif defined(PLAIT_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "weight-only quantized matmul (see plait/quant/formats.py)");
-  m.def("simd", &simd, "whether the AVX2/FMA/F16C path was compiled");
+#ifdef PLAIT_VNNI
+  m.def("qmatmul_q8", &qmatmul_q8, "qmatmul with int8 activations and VNNI dot products");
+  m.def("quantize_activations_q8", &quantize_activations_q8, "qmatmul_q8's int8 activations");
+#endif
+  m.def("simd_level", &simd_level, "the instruction set this build targets");
 }
