@@ -287,7 +287,7 @@ def qmatmul(iters: int) -> None:
             cells = [graph_time_us(lambda: F.linear(xd, w16), iters)]
             cells += [graph_time_us(lambda f=f: quantized_matmul(xd, on_dev[f]), iters)
                       for f in formats]
-            no_split = choose_tiles(m, n, k, 32)  # no SM count given: split_k = 1
+            no_split = choose_tiles(m, n, k)  # no SM count given: split_k = 1
             cells.append(graph_time_us(lambda: quantized_matmul(xd, on_dev["q4_1"], no_split),
                                        iters))
             ratios = [cells[0] / c for c in cells[1:1 + len(formats)]]

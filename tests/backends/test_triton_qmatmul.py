@@ -27,7 +27,7 @@ def problems(draw):
     case = QuantCase(fmt, draw(st.integers(1, 64)), draw(st.integers(1, 80)), k, group,
                      draw(st.integers(0, 2**16)))
     tiles = QMatmulTiles(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32, 64])),
-                         draw(st.sampled_from([b for b in (32, 64, 128) if group % b == 0])),
+                         draw(st.sampled_from([b for b in (32, 64, 128) if k % b == 0])),
                          draw(st.integers(1, 3)), num_warps=4, num_stages=1)
     return case, tiles, draw(st.sampled_from(DTYPES))
 
@@ -64,14 +64,16 @@ def test_bad_input_is_refused_with_the_parameter_named():
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         quantized_matmul(torch.zeros(1, 64, dtype=torch.float64, device=DEVICE), w)
     with pytest.raises(ValueError, match="block_k"):
-        quantized_matmul(torch.zeros(1, 64, device=DEVICE), w, QMatmulTiles(block_k=64))
+        quantized_matmul(torch.zeros(1, 96, device=DEVICE),
+                         weight_on(quant_weight(QuantCase("q8_0", 1, 16, 96, 32)), DEVICE),
+                         QMatmulTiles(block_k=64))
     with pytest.raises(ValueError, match="block_n"):
         QMatmulTiles(block_n=24)
 
 
-def test_tiles_divide_groups_and_split_only_small_outputs():
-    assert [block_k_for(g) for g in (32, 64, 96, 576, 1536)] == [32, 64, 32, 64, 128]
-    decode = choose_tiles(1, 576, 1536, 1536, num_sms=132)
+def test_tiles_divide_k_and_split_only_small_outputs():
+    assert [block_k_for(k) for k in (32, 64, 96, 576, 1536)] == [32, 64, 32, 64, 128]
+    decode = choose_tiles(1, 576, 1536, num_sms=132)
     assert decode.block_m == 16 and decode.split_k > 1
-    assert choose_tiles(1, 576, 1536, 1536, num_sms=0).split_k == 1  # interpreter: no SMs
-    assert choose_tiles(512, 49152, 576, 32, num_sms=132).split_k == 1
+    assert choose_tiles(1, 576, 1536, num_sms=0).split_k == 1  # interpreter: no SMs
+    assert choose_tiles(512, 49152, 576, num_sms=132).split_k == 1

@@ -1,30 +1,24 @@
 """Weight-only quantized matmul in Triton: ``y[M, N] = x[M, K] @ dequantize(w)[N, K]^T``.
 
 The weight stays in its :class:`~plait.quant.formats.QuantizedWeight` form in memory; each
-program loads a ``[BLOCK_N, BLOCK_K]`` tile of codes, turns it into floats in registers and
-feeds the tensor cores, so no float copy of the weight is ever written. One program owns a
-``[BLOCK_M, BLOCK_N]`` tile of ``y``; ``split_k > 1`` cuts the ``K`` loop across programs that
-add their fp32 partials atomically (decode's small ``M`` leaves too few output tiles to fill
-a GPU otherwise).
+program loads a ``[BLOCK_N, BLOCK_K]`` tile of codes, dequantizes it in registers (in fp32:
+``q * scale (+ min)``, one scale per 32-weight block, looked up by the block's group) and
+feeds it to ``tl.dot`` with fp32 accumulation, so no float copy of the weight is ever written.
+One program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``; ``split_k > 1`` cuts the ``K`` loop
+across programs that add their fp32 partials atomically (decode's small ``M`` leaves too few
+output tiles to fill a GPU otherwise).
 
-``BLOCK_K`` divides ``group_size``, so a K tile lies inside one group and each weight row has
-one scale (and min) per tile. The scale is therefore applied to the tile's dot product, not to
-every weight:
-
-* 8 bits:          ``sum_k x_k q_k s      = s * (x . q)``
-* 4 bits, Q4_0:    ``sum_k x_k (q_k-8) s  = s * (x . (q-8))``
-* 4 bits, Q4_1:    ``sum_k x_k (q_k s+m)  = s * (x . q) + m * sum_k x_k``
-
-Codes (-127..127, -8..15) are exact in fp16 and bf16, so the dot runs in ``x``'s own dtype on
-the tensor cores with fp32 accumulation and no rounding of the weight at all; fp32 inputs use
-exact ("ieee") fp32 dots. The result therefore matches :func:`~plait.quant.formats.dequantize`
-followed by ``F.linear`` up to the order of fp32 additions (and, for fp16/bf16, the
-reference's own rounding of the dequantized weight to ``x``'s dtype).
+The dot runs in ``x``'s dtype: fp16/bf16 on the tensor cores, the dequantized tile rounded to
+that dtype exactly as ``dequantize(w, x.dtype)`` rounds it; fp32 with exact ("ieee") dots, where
+the dequantized values are exact (see :mod:`plait.quant.formats`). So the result matches
+:func:`~plait.quant.formats.dequantize` followed by ``F.linear`` up to the order of the fp32
+additions (and the output's rounding).
 
 4-bit codes keep GGUF's nibble order: byte ``j`` of a 32-weight block holds weight ``j`` (low
 nibble) and weight ``j + 16`` (high nibble). The kernel never re-orders the weight; it takes
 the matching columns of ``x`` instead: the low nibbles of a tile's bytes meet ``x`` columns
-``32b + j`` and the high nibbles columns ``32b + 16 + j``, as two dots of ``BLOCK_K / 2``.
+``32b + j`` and the high nibbles columns ``32b + 16 + j``, as two dots of ``BLOCK_K / 2``
+(both halves of a block share its scale).
 
 Launches read nothing from the host but shapes, so the matmul can be recorded in a CUDA graph.
 """
@@ -62,6 +56,8 @@ def _qmatmul_kernel(
     q_rows = QS + offs_n.to(tl.int64)[:, None] * stride_qn
     s_rows = Scales + offs_n.to(tl.int64) * stride_sn
     m_rows = Mins + offs_n.to(tl.int64) * stride_mn
+    NB: tl.constexpr = BLOCK_K // 32                          # 32-weight blocks per tile
+    offs_b = tl.arange(0, NB)
     if BITS == 8:
         offs_k = tl.arange(0, BLOCK_K)
     else:
@@ -75,30 +71,35 @@ def _qmatmul_kernel(
     last = tl.minimum(first + per_split, tiles)
     for t in range(first, last):
         k0 = t * BLOCK_K
-        scale = tl.load(s_rows + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
+        group = ((k0 // 32 + offs_b) // (GROUP // 32))[None, :]  # each block's group
+        s = tl.load(s_rows[:, None] + group, mask=mask_n[:, None], other=0.0)
+        s = s.to(tl.float32)[:, :, None]                      # [BLOCK_N, NB, 1]
         if BITS == 8:
             x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
             q = tl.load(q_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
-            part = tl.dot(x.to(COMPUTE), tl.trans(q.to(COMPUTE)), input_precision=PRECISION)
+            w = tl.reshape(tl.reshape(q.to(tl.float32), [BLOCK_N, NB, 32]) * s,
+                           [BLOCK_N, BLOCK_K])
+            acc = tl.dot(x.to(COMPUTE), tl.trans(w.to(COMPUTE)), acc,
+                         input_precision=PRECISION)
         else:
             b = tl.load(q_rows + (k0 // 2 + offs_c)[None, :], mask=mask_n[:, None], other=0)
-            lo = (b & 0xF).to(tl.int32)
-            hi = (b >> 4).to(tl.int32)
-            if not HAS_MINS:
-                lo -= 8
-                hi -= 8
-            lo = lo.to(COMPUTE)
-            hi = hi.to(COMPUTE)
+            lo = tl.reshape((b & 0xF).to(tl.float32), [BLOCK_N, NB, 16])
+            hi = tl.reshape((b >> 4).to(tl.float32), [BLOCK_N, NB, 16])
+            if HAS_MINS:
+                mn = tl.load(m_rows[:, None] + group, mask=mask_n[:, None], other=0.0)
+                mn = mn.to(tl.float32)[:, :, None]
+                lo = lo * s + mn
+                hi = hi * s + mn
+            else:
+                lo = (lo - 8.0) * s
+                hi = (hi - 8.0) * s
+            lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 2]).to(COMPUTE)
+            hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 2]).to(COMPUTE)
             x_lo = tl.load(x_rows + (k0 + offs_lo)[None, :], mask=mask_m[:, None], other=0.0)
             x_hi = tl.load(x_rows + (k0 + 16 + offs_lo)[None, :], mask=mask_m[:, None],
                            other=0.0)
-            part = tl.dot(x_lo.to(COMPUTE), tl.trans(lo), input_precision=PRECISION)
-            part = tl.dot(x_hi.to(COMPUTE), tl.trans(hi), part, input_precision=PRECISION)
-            if HAS_MINS:
-                mn = tl.load(m_rows + k0 // GROUP, mask=mask_n, other=0.0).to(tl.float32)
-                x_sum = tl.sum(x_lo.to(tl.float32), 1) + tl.sum(x_hi.to(tl.float32), 1)
-                acc += x_sum[:, None] * mn[None, :]
-        acc += part * scale[None, :]
+            acc = tl.dot(x_lo.to(COMPUTE), tl.trans(lo), acc, input_precision=PRECISION)
+            acc = tl.dot(x_hi.to(COMPUTE), tl.trans(hi), acc, input_precision=PRECISION)
 
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -111,7 +112,7 @@ def _qmatmul_kernel(
 @dataclass(frozen=True)
 class QMatmulTiles:
     """Tile sizes and launch options of one call. ``block_m``/``block_n`` are powers of two
-    >= 16 (``tl.dot``); ``block_k`` is a multiple of 32 dividing the weight's ``group_size``;
+    >= 16 (``tl.dot``); ``block_k`` is a power of two >= 32 dividing ``K``;
     ``split_k >= 1`` programs share each output tile's K loop."""
 
     block_m: int = 16
@@ -132,25 +133,29 @@ class QMatmulTiles:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def block_k_for(group_size: int, largest: int = 128) -> int:
-    """The largest power of two in ``32..largest`` dividing ``group_size`` (always >= 32, as
-    ``group_size`` is a multiple of 32)."""
-    k = largest
-    while group_size % k:
-        k //= 2
-    return k
+def block_k_for(k: int, largest: int = 128) -> int:
+    """The largest power of two in ``32..largest`` dividing ``k`` (always >= 32, as ``k`` is a
+    multiple of 32)."""
+    b = largest
+    while k % b:
+        b //= 2
+    return b
 
 
-def choose_tiles(m: int, n: int, k: int, group_size: int, num_sms: int = 0) -> QMatmulTiles:
-    """Tiles by shape: ``block_m`` just covers small ``m`` (decode), wide K tiles, and split-K
-    when the output tiles alone would leave most of ``num_sms`` idle (0: unknown, no split)."""
+def choose_tiles(m: int, n: int, k: int, num_sms: int = 0) -> QMatmulTiles:
+    """Tiles by shape: ``block_m`` just covers small ``m`` (decode), the widest K tile dividing
+    ``k``, and split-K when the output tiles alone would leave most of ``num_sms`` idle and
+    ``K`` is long (``num_sms`` 0: unknown, no split)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 64 else 128
-    block_k = block_k_for(group_size)
+    block_k = block_k_for(k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = 1
     k_tiles = k // block_k
-    while num_sms and tiles * split * 2 <= num_sms and split * 2 <= k_tiles // 2:
+    # Each split costs two extra launches (zero the fp32 buffer, cast it), about what a short
+    # K loop takes: split only while every split keeps >= 6 K tiles (H200: 576 inputs never
+    # split, 1536 split in two).
+    while num_sms and tiles * split * 2 <= num_sms and split * 2 * 6 <= k_tiles:
         split *= 2
     return QMatmulTiles(block_m, block_n, block_k, split, num_warps=4 if block_m <= 32 else 8)
 
@@ -184,9 +189,9 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight,
     lead = x.shape[:-1]
     x2 = _unit_stride(x.reshape(-1, k))
     m = x2.shape[0]
-    t = tiles or choose_tiles(m, n, k, w.group_size, _num_sms(x.device))
-    if w.group_size % t.block_k:
-        raise ValueError(f"tiles.block_k={t.block_k} must divide group_size={w.group_size}")
+    t = tiles or choose_tiles(m, n, k, _num_sms(x.device))
+    if k % t.block_k:
+        raise ValueError(f"tiles.block_k={t.block_k} must divide in_features={k}")
     split = t.split_k > 1
     y = (torch.zeros if split else torch.empty)(m, n, device=x.device,
                                                 dtype=torch.float32 if split else x.dtype)
