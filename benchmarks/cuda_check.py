@@ -16,6 +16,13 @@ radix-cache hits, one prompt at a time, with chunked prefill, without graphs and
 overlap schedule. It prints, per prompt, transformers' smallest top-1/top-2 logit gap, so a
 mismatch can be told apart from a near-tie.
 
+``qmatmul`` times the Triton quantized matmul (``plait.backends.cuda.quantized_matmul``) against
+torch's fp16 ``F.linear`` on the float weight, at M = 1/16/64 rows for SmolLM2's Linear shapes
+(N, K) and int8 (per channel), Q4_1 and Q4_0 (groups of 32) weights; each cell is the device
+time per call of a CUDA graph of ``--iters`` calls (median of 5 replays), so Python launch
+overhead is excluded, as in graph-captured decode. It first checks every cell against
+dequantize-then-matmul. About 30 s, most of it Triton compiling. Needs no model.
+
 ``decode`` measures output tok/s of Plait (decode graphs on and off) and of transformers'
 ``generate`` (static batch) at batch 1/16/64/256 with 32-token prompts, plus 64 mixed
 requests and 32 requests sharing a 1,000-token prefix, all in one process. Medians of
@@ -224,6 +231,70 @@ def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: i
                   f" | {'—' if h is None else f'{g / h:.2f}x'} | {g / e:.2f}x |", flush=True)
 
 
+QMATMUL_SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
+
+
+def graph_time_us(fn, iters: int) -> float:
+    """Device microseconds per ``fn()`` call: a CUDA graph of ``iters`` calls, median of 5."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iters)
+    return statistics.median(times)
+
+
+def qmatmul(iters: int) -> None:
+    import torch.nn.functional as F
+
+    from plait.backends.cuda.quantized_matmul import choose_tiles, quantized_matmul
+    from plait.quant.formats import quantize_int4, quantize_int8
+    from plait.testing.kit import assert_quantized_close, weight_on
+
+    dev = torch.device("cuda")
+    print(f"### quantized matmul, {torch.cuda.get_device_name()}, fp16 activations, "
+          f"us per call (CUDA graph of {iters})\n")
+    formats = {"int8": lambda w: quantize_int8(w, shrinks=(1.0,)),
+               "q4_1": lambda w: quantize_int4(w, 32, shrinks=(1.0,)),
+               "q4_0": lambda w: quantize_int4(w, 32, symmetric=True, shrinks=(1.0,))}
+    print("| N x K | M | fp16 F.linear | " + " | ".join(formats) + " | q4_1 no split-K | "
+          + " | ".join(f"fp16 / {f}" for f in formats) + " |")
+    print("|---|---:|" + "---:|" * (2 * len(formats) + 2))
+    gen = torch.Generator().manual_seed(0)
+    for n, k in QMATMUL_SHAPES:
+        dense = torch.randn(n, k, generator=gen) / k ** 0.5
+        weights = {f: make(dense) for f, make in formats.items()}
+        on_dev = {f: weight_on(w, dev) for f, w in weights.items()}
+        w16 = dense.half().to(dev)
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, generator=gen).half()
+            xd = x.to(dev)
+            for f, w in weights.items():  # correctness before speed
+                assert_quantized_close(quantized_matmul(xd, on_dev[f]), x, w, f"{f} {n}x{k} m{m}")
+            cells = [graph_time_us(lambda: F.linear(xd, w16), iters)]
+            cells += [graph_time_us(lambda f=f: quantized_matmul(xd, on_dev[f]), iters)
+                      for f in formats]
+            no_split = choose_tiles(m, n, k)  # no SM count given: split_k = 1
+            cells.append(graph_time_us(lambda: quantized_matmul(xd, on_dev["q4_1"], no_split),
+                                       iters))
+            ratios = [cells[0] / c for c in cells[1:1 + len(formats)]]
+            print(f"| {n} x {k} | {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " | "
+                  + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -235,6 +306,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--new", type=int, default=32)
+    q = sub.add_parser("qmatmul")
+    q.add_argument("--iters", type=int, default=50, help="calls per timed CUDA graph")
     d = sub.add_parser("decode")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--device", default="cuda")
@@ -248,6 +321,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "make-model":
         print(make_model(args.like.expanduser(), args.out, args.seed))
+    elif args.cmd == "qmatmul":
+        qmatmul(args.iters)
     elif args.cmd == "parity":
         raise SystemExit(0 if parity(args.model, args.device, args.new) else 1)
     else:

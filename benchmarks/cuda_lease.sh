@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short device lease, prepared in advance: the CUDA conformance kit, greedy parity with
-# transformers, and decode / serving figures, each stage with its own time limit so one slow
-# stage cannot eat the others. Run on the GPU machine from the repository root:
+# transformers, the quantized-matmul timings, and decode / serving figures, each stage with its
+# own time limit so one slow stage cannot eat the others. Run on the GPU machine from the repository root:
 #
 #     bash benchmarks/cuda_lease.sh DEV OUT
 #
@@ -56,7 +56,9 @@ MODEL=/tmp/smol-random
 stage make_model 40 python3 benchmarks/cuda_check.py make-model --like "$DEV/like" --out $MODEL
 stage conformance 130 env PLAIT_KIT_GRID=full python3 -m pytest -q -rs -p no:cacheprovider \
     tests/backends/test_registered_backends.py::TestCudaDevice \
-    tests/backends/test_triton_kernels.py tests/backends/test_graph_runner.py
+    tests/backends/test_triton_kernels.py tests/backends/test_triton_qmatmul.py \
+    tests/backends/test_graph_runner.py
+stage qmatmul 90 python3 benchmarks/cuda_check.py qmatmul
 stage parity 90 python3 benchmarks/cuda_check.py parity --model $MODEL --device cuda
 stage decode 200 python3 benchmarks/cuda_check.py decode --model $MODEL --device cuda --repeats 2 \
     --new 64

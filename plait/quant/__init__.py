@@ -8,7 +8,9 @@ dtype, and a backend-supplied kernel multiplies the two.
   model's ``nn.Linear`` layers.
 
 The matmul itself comes from ``Backend.quantized_linear(method)`` (portable torch default;
-the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``).
+the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``; the CUDA/ROCm
+backends' a Triton dequant-GEMM in ``plait/backends/cuda/quantized_matmul.py``). Every one
+must pass the conformance kit's ``check_quantized_linear``.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""Attention test cases: shapes, the grid they come from, and how a case is laid out in a pool.
+"""Test cases: shapes, the grid they come from, and the data a case stands for.
 
-A case is plain data (hashable, printable as a pytest id). :func:`layout` turns it into a
-paged layout the way the allocator would: each request owns whole pages picked at random from
-the pool (so neighbouring tokens are rarely neighbouring slots), token ``i`` of a request sits at
-offset ``i % page_size`` of its page, and page 0 (the padding page) is never used.
+A case is plain data (hashable, printable as a pytest id). :func:`layout` turns an attention
+case into a paged layout the way the allocator would: each request owns whole pages picked at
+random from the pool (so neighbouring tokens are rarely neighbouring slots), token ``i`` of a
+request sits at offset ``i % page_size`` of its page, and page 0 (the padding page) is never
+used. :func:`quant_weight` builds a quantized-matmul case's weight on the CPU.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import random
 from dataclasses import dataclass
 
 import torch
+
+from plait.quant.formats import QuantizedWeight, quantize_int4, quantize_int8
 
 GQA_HEADS = {1: (4, 4), 3: (6, 2), 8: (8, 1)}  # ratio -> (num_heads, num_kv_heads)
 
@@ -123,3 +126,63 @@ def decode_cases(grid: str = "quick") -> list[AttentionCase]:
     shapes = [(2048,), (0, 1, 15, 16, 17), _ragged(rng, 32, 0, 2048), _ragged(rng, 7, 0, 3)]
     return [AttentionCase(p, (1,) * len(p), *cfg, seed=i) for i, (cfg, p) in enumerate(
         itertools.product(_head_configs((1, 3, 8), (64, 128), (1, 16)), shapes))]
+
+
+# -- quantized matmul ---------------------------------------------------------------------------
+
+#: format -> the ``--quantization`` method that produces it
+QUANT_FORMATS = {"int8": "int8", "q8_0": "gguf", "q4_1": "int4", "q4_0": "gguf"}
+
+
+@dataclass(frozen=True)
+class QuantCase:
+    """``x[m, k] @ dequantize(w)[n, k]^T`` for a weight of format ``fmt`` (a key of
+    :data:`QUANT_FORMATS`) with groups of ``group_size`` along ``k``."""
+
+    fmt: str
+    m: int
+    n: int
+    k: int
+    group_size: int
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        return QUANT_FORMATS[self.fmt]
+
+    @property
+    def id(self) -> str:
+        return f"{self.fmt}-m{self.m}-n{self.n}-k{self.k}-g{self.group_size}"
+
+
+def quant_weight(case: QuantCase) -> QuantizedWeight:
+    """The case's weight (CPU): ``int8`` per channel and ``q4_1``/``q4_0`` from the quantizers
+    on a random normal matrix; ``q8_0`` GGUF-style, random codes and scales in groups."""
+    gen = torch.Generator().manual_seed(case.seed)
+    if case.fmt == "q8_0":
+        codes = torch.randint(-127, 128, (case.n, case.k), generator=gen, dtype=torch.int8)
+        scales = torch.rand(case.n, case.k // case.group_size, generator=gen) / 50
+        return QuantizedWeight(8, case.group_size, codes, scales.half())
+    w = torch.randn(case.n, case.k, generator=gen)
+    if case.fmt == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w, case.group_size, symmetric=case.fmt == "q4_0")
+
+
+def quant_cases(grid: str = "quick") -> list[QuantCase]:
+    """``quick``: every format, group sizes 32/64/96/128 and per-channel, ``m`` from 1 past a
+    tile edge, in seconds under an interpreter. ``full``: SmolLM2's Linear shapes at decode
+    and prefill sizes, every format."""
+    if grid == "quick":
+        return [
+            QuantCase("int8", 1, 40, 576, 576, seed=1),
+            QuantCase("q8_0", 3, 33, 96, 32, seed=2),
+            QuantCase("q4_1", 17, 70, 256, 64, seed=3),
+            QuantCase("q4_0", 33, 64, 384, 128, seed=4),
+            QuantCase("q4_1", 5, 24, 192, 96, seed=5),
+        ]
+    if grid != "full":
+        raise ValueError(f"grid must be 'quick' or 'full', got {grid!r}")
+    shapes = [(1, 960, 576), (16, 1536, 576), (64, 576, 1536), (257, 3072, 576)]
+    return [QuantCase(fmt, m, n, k, k if fmt == "int8" else 32 if fmt == "q8_0" else 64, i)
+            for i, (fmt, (m, n, k)) in enumerate(itertools.product(QUANT_FORMATS, shapes))]

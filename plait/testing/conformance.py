@@ -24,7 +24,7 @@ import torch
 
 from plait.core.backend_api import Backend
 from plait.testing import e2e, kit
-from plait.testing.cases import decode_cases, extend_cases
+from plait.testing.cases import decode_cases, extend_cases, quant_cases
 from plait.testing.register import temporarily_registered
 from plait.testing.tiny_model import make_tiny_llama
 
@@ -43,11 +43,14 @@ def _dtype_id(dtype: torch.dtype) -> str:
 
 
 class BackendConformance:
-    """Kernels vs the CPU reference, allocator invariants, graph replay, greedy parity."""
+    """Kernels vs the CPU reference (attention, quantized matmul), allocator invariants, graph
+    replay, greedy parity."""
 
     device: str | None = None
     grid: str | None = None
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16)
+    #: activation dtypes for the quantized matmul (``Backend.quantized_linear``)
+    quant_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     page_sizes: tuple[int, ...] = (1, 16)
     #: extra ``plait.Engine`` keyword arguments for the greedy-parity run (None: skip it)
     engine_kwargs: dict | None = {}
@@ -80,6 +83,8 @@ class BackendConformance:
             "extend_case": (extend_cases(grid), lambda c: c.id),
             "decode_case": (decode_cases(grid), lambda c: c.id),
             "dtype": (list(self.dtypes), _dtype_id),
+            "quant_case": (quant_cases(grid), lambda c: c.id),
+            "quant_dtype": (list(self.quant_dtypes), _dtype_id),
             "page_size": (list(self.page_sizes), lambda p: f"page{p}"),
             "graph_page_size": (list(self.graph_page_sizes), lambda p: f"page{p}"),
         }
@@ -92,6 +97,9 @@ class BackendConformance:
 
     def test_decode_matches_reference(self, backend, decode_case, dtype):
         kit.check_decode(backend, decode_case, dtype, self.tolerances)
+
+    def test_quantized_linear_matches_dequantized(self, backend, quant_case, quant_dtype):
+        kit.check_quantized_linear(backend, quant_case, quant_dtype)
 
     def test_allocator_invariants(self, backend, page_size):
         kit.check_allocator(backend, page_size)

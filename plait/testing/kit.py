@@ -20,7 +20,8 @@ import torch
 from plait.backends.cpu.attention import decode_attention_ref, extend_attention_ref
 from plait.core.backend_api import AttentionBackend, Backend, KVPool
 from plait.core.forward_batch import ForwardBatch
-from plait.testing.cases import AttentionCase, layout
+from plait.quant.formats import QuantizedWeight, dequantize
+from plait.testing.cases import AttentionCase, QuantCase, layout, quant_weight
 
 NUM_LAYERS = 2
 LAYER = 1  # check the second layer so a backend that ignores layer_id fails
@@ -139,6 +140,52 @@ def check_decode(backend: Backend, case: AttentionCase, dtype: torch.dtype,
                                p.batch.req_pool_indices.cpu(), torch.tensor(case.seq_lens),
                                attn.scale)
     _assert_close(out, ref, dtype, tolerances, f"decode {case.id}")
+
+
+# -- quantized linear ---------------------------------------------------------------------------
+
+#: (accumulation, output) relative error per dtype of a quantized matmul against the exact
+#: product: fp32 sums in any order; fp16/bf16 may also round the dequantized weight (the
+#: portable torch default does) and round the output
+QUANT_EPS = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3),
+             torch.bfloat16: (8e-3, 8e-3)}
+
+
+def weight_on(w: QuantizedWeight, device: torch.device | str) -> QuantizedWeight:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return QuantizedWeight(w.bits, w.group_size, move(w.qs), move(w.scales), move(w.mins))
+
+
+def assert_quantized_close(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight,
+                           what: str) -> None:
+    """``y`` is ``x @ dequantize(w)^T`` in ``x``'s dtype, within ``acc * (|x| @ |W|^T) +
+    out * |exact|`` (:data:`QUANT_EPS`), where exact is the float64 product on the CPU."""
+    x64, dense = x.detach().cpu().double(), dequantize(weight_on(w, "cpu")).double()
+    exact = x64 @ dense.T
+    acc, out = QUANT_EPS[x.dtype]
+    bound = acc * (x64.abs() @ dense.abs().T) + out * exact.abs() + 1e-6
+    if y.shape != exact.shape or y.dtype != x.dtype:
+        raise AssertionError(f"{what}: got {y.dtype} {tuple(y.shape)}, expected {x.dtype} "
+                             f"{tuple(exact.shape)}")
+    err = (y.detach().cpu().double() - exact).abs()
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bool(bad.any()):
+        worst = int((err - bound).flatten().nan_to_num(float("inf")).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+        raise AssertionError(f"{what} ({x.dtype}): {int(bad.sum())}/{bad.numel()} elements off; "
+                             f"worst at {idx}: got {float(y.flatten()[worst]):.6g}, expected "
+                             f"{float(exact[idx]):.6g} (bound {float(bound[idx]):.3g})")
+
+
+def check_quantized_linear(backend: Backend, case: QuantCase, dtype: torch.dtype) -> None:
+    """``backend.quantized_linear(case.method)`` on ``torch_device`` equals dequantize-then-
+    matmul for ``x[1, m, k]`` (a leading batch dimension, which it must keep)."""
+    dev = backend.torch_device
+    w = quant_weight(case)
+    x = torch.randn(1, case.m, case.k, generator=torch.Generator().manual_seed(case.seed + 1))
+    x = x.to(dtype)
+    y = backend.quantized_linear(case.method)(x.to(dev), weight_on(w, dev))
+    assert_quantized_close(y, x, w, f"quantized linear {case.id}")
 
 
 # -- allocator ----------------------------------------------------------------------------------

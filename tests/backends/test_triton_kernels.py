@@ -54,9 +54,9 @@ class TestTritonKernelsInterpreted(BackendConformance):
 def test_kernels_really_run_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
-    from plait.backends.cuda import decode_attention, extend_attention
+    from plait.backends.cuda import decode_attention, extend_attention, quantized_matmul
     for kernel in (extend_attention._extend_kernel, decode_attention._decode_stage1,
-                   decode_attention._decode_stage2):
+                   decode_attention._decode_stage2, quantized_matmul._qmatmul_kernel):
         assert isinstance(kernel, InterpretedFunction), \
             "a kernel module was imported before TRITON_INTERPRET=1 was set"
 

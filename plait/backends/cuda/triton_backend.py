@@ -3,16 +3,20 @@
 Both run the same kernels on a torch ``"cuda"`` device (ROCm builds expose HIP that way) and
 record decode with ``torch.cuda.CUDAGraph`` (a HIP graph on ROCm); they differ only in
 detection and launch parameters, which each subclass sets. Importing this module does not
-import triton: the kernels are imported when the attention backend is created.
+import triton: the kernels are imported when the attention backend (or the quantized matmul)
+is created.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from plait.backends.cuda.launch import CUDA_DEFAULT, LaunchParams
 from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool
+
+if TYPE_CHECKING:
+    from plait.quant.modules import QuantizedMatmul
 
 
 class TritonBackend(Backend):
@@ -25,6 +29,12 @@ class TritonBackend(Backend):
                                  head_dim: int) -> AttentionBackend:
         from plait.backends.cuda.attention import TritonAttentionBackend
         return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, self.launch)
+
+    def quantized_linear(self, method: str) -> "QuantizedMatmul":
+        """The Triton dequant-GEMM (``plait.backends.cuda.quantized_matmul``) for every
+        method: int8, int4 and GGUF Q4_0/Q4_1/Q8_0 all arrive as a ``QuantizedWeight``."""
+        from plait.backends.cuda.quantized_matmul import quantized_matmul
+        return quantized_matmul
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> GraphRunner | None:
         from plait.backends.cuda.graph_capture import TorchCudaGraphCapture
