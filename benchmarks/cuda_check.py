@@ -231,6 +231,42 @@ def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: i
                   f" | {'—' if h is None else f'{g / h:.2f}x'} | {g / e:.2f}x |", flush=True)
 
 
+def quant(model_dir: Path, device: str, new: int, repeats: int) -> bool:
+    """Weight-only quantization end to end on ``device``: greedy tokens of int8 / int4 in
+    float32 against the same method on the CPU (same quantized weights; both compute
+    dequantize-then-matmul in float32), then bf16 decode throughput of each method with
+    graphs against unquantized bf16."""
+    import plait
+    from transformers import AutoTokenizer
+
+    strict_fp32()
+    prompts = [AutoTokenizer.from_pretrained(model_dir).encode(p) for p in PROMPTS]
+    greedy = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
+    ok = True
+    for method in ("int8", "int4"):
+        outs = {}
+        for dev in ("cpu", device):
+            with plait.Engine(str(model_dir), device=dev, dtype="float32", quantization=method,
+                              kv_cache_memory_gb=1.0) as engine:
+                outs[dev] = [o["output_ids"] for o in engine.generate(input_ids=prompts,
+                                                                      sampling_params=greedy)]
+        bad = [i for i, (a, b) in enumerate(zip(outs[device], outs["cpu"])) if a != b]
+        print(f"{method} float32 {device} vs cpu: "
+              f"{'token-identical' if not bad else 'MISMATCH prompts ' + str(bad)}", flush=True)
+        ok = ok and not bad
+    loads = [w for w in workloads(new, quick=False) if w[0].startswith("decode")]
+    print(f"\n| bf16 decode tok/s ({device}, graphs) | " + " | ".join(t for t, _, _ in loads) + " |")
+    print("|---|" + "---:|" * len(loads))
+    for method in ("none", "int8", "int4"):
+        with plait.Engine(str(model_dir), device=device, dtype="bfloat16", quantization=method,
+                          kv_cache_memory_gb=4.0, max_running_requests=256) as engine:
+            serve(engine, requests(4, (8, 8), (4, 4), 0))  # warm-up
+            cells = [statistics.median(rate(reqs, serve(engine, reqs), unit)
+                                       for _ in range(repeats)) for _, reqs, unit in loads]
+        print(f"| {method} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
+    return ok
+
+
 QMATMUL_SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
 
 
@@ -308,6 +344,11 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32)
     q = sub.add_parser("qmatmul")
     q.add_argument("--iters", type=int, default=50, help="calls per timed CUDA graph")
+    u = sub.add_parser("quant")
+    u.add_argument("--model", type=Path, required=True)
+    u.add_argument("--device", default="cuda")
+    u.add_argument("--new", type=int, default=32)
+    u.add_argument("--repeats", type=int, default=2)
     d = sub.add_parser("decode")
     d.add_argument("--model", type=Path, required=True)
     d.add_argument("--device", default="cuda")
@@ -323,6 +364,8 @@ def main() -> None:
         print(make_model(args.like.expanduser(), args.out, args.seed))
     elif args.cmd == "qmatmul":
         qmatmul(args.iters)
+    elif args.cmd == "quant":
+        raise SystemExit(0 if quant(args.model, args.device, args.new, args.repeats) else 1)
     elif args.cmd == "parity":
         raise SystemExit(0 if parity(args.model, args.device, args.new) else 1)
     else:

@@ -59,6 +59,7 @@ stage conformance 130 env PLAIT_KIT_GRID=full python3 -m pytest -q -rs -p no:cac
     tests/backends/test_triton_kernels.py tests/backends/test_triton_qmatmul.py \
     tests/backends/test_graph_runner.py
 stage qmatmul 90 python3 benchmarks/cuda_check.py qmatmul
+stage quant 150 python3 benchmarks/cuda_check.py quant --model $MODEL --device cuda
 stage parity 90 python3 benchmarks/cuda_check.py parity --model $MODEL --device cuda
 stage decode 200 python3 benchmarks/cuda_check.py decode --model $MODEL --device cuda --repeats 2 \
     --new 64

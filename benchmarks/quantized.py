@@ -3,8 +3,8 @@
 Configurations (all CPU, float32 activations):
 - ``fp32``: the GGUF file dequantized to float32 (Plait's ``--quantization none`` path);
 - ``gguf``: the same file run natively (Q4_1 layers, Q8_0 embedding / LM head);
-- ``gguf-a8``: ``gguf`` with int8 activations (``CpuBackend.int8_activations``: the AVX-512
-  VNNI kernel, llama.cpp's arithmetic; the float-activation kernel where the CPU lacks VNNI);
+- ``gguf-a8``: ``gguf`` with ``quantization_activations="int8"`` (the AVX-512 VNNI kernel,
+  llama.cpp's arithmetic; needs a CPU with VNNI);
 - ``int8``: the float32 checkpoint quantized at load, int8 per-channel (LM head float).
 
 Rounds are interleaved (every configuration once per round, for both batch sizes), so a
@@ -23,12 +23,10 @@ import time
 import torch
 
 import plait
-from plait.backends.cpu.plugin import CpuBackend
 
 CONFIGS = {"fp32": {"quantization": "none"}, "gguf": {"quantization": "gguf"},
-           "gguf-a8": {"quantization": "gguf"}, "int8": {"quantization": "int8"}}
-#: configurations built with CpuBackend.int8_activations on (int8 activations, VNNI kernel)
-INT8_ACTIVATIONS = {"gguf-a8"}
+           "gguf-a8": {"quantization": "gguf", "quantization_activations": "int8"},
+           "int8": {"quantization": "int8"}}
 
 
 def decode_tps(engine: plait.Engine, batch: int, new: int) -> float:
@@ -50,13 +48,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    engines = {}
-    for name, kw in CONFIGS.items():
-        CpuBackend.int8_activations = name in INT8_ACTIVATIONS
-        try:
-            engines[name] = plait.Engine(model_path=args.model_path, max_total_tokens=16384, **kw)
-        finally:
-            CpuBackend.int8_activations = False
+    engines = {name: plait.Engine(model_path=args.model_path, max_total_tokens=16384, **kw)
+               for name, kw in CONFIGS.items()}
     for e in engines.values():  # warm-up: kernel load, first-call allocations
         decode_tps(e, 1, 4)
     results: dict[tuple[str, int], list[float]] = {}

@@ -217,13 +217,17 @@ class Backend:
             f"backend {self.name!r} implements neither create_attention_backend nor "
             "create_model_runner")
 
-    def quantized_linear(self, method: str) -> "QuantizedMatmul":
+    def quantized_linear(self, method: str, activations: str = "float") -> "QuantizedMatmul":
         """The matmul of quantized Linear layers for ``--quantization method``:
         ``f(x[..., K], weight: QuantizedWeight) -> [..., N]`` in ``x``'s dtype, matching
-        :func:`plait.quant.formats.dequantize` followed by ``F.linear`` up to float rounding.
+        :func:`plait.quant.formats.dequantize` followed by ``F.linear`` up to float rounding
+        (``activations="float"``), or up to the activations' int8 rounding
+        (``activations="int8"``, :func:`plait.quant.formats.quantize_activations`).
 
-        Default: exactly that, in torch (portable, but the float weight is rebuilt per call, so
-        only memory is saved). A backend raises ValueError for a method it cannot run."""
+        Default: float activations exactly so, in torch (portable, but the float weight is
+        rebuilt per call, so only memory is saved). A backend raises ValueError for a method
+        or an activations value it cannot run."""
+        refuse_int8_activations(self.name, activations)
         from plait.quant.modules import torch_quantized_matmul
         return torch_quantized_matmul
 
@@ -251,7 +255,8 @@ class Backend:
         from plait.models.loader import load_model
 
         hf, device, quant = spec.hf_config, self.torch_device, spec.quantization
-        matmul = self.quantized_linear(quant.method) if quant.method != "none" else None
+        matmul = (self.quantized_linear(quant.method, quant.activations)
+                  if quant.method != "none" else None)
         model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp,
                            quant, matmul)
         heads = model.layers[0].self_attn  # this rank's heads
@@ -260,3 +265,11 @@ class Backend:
         graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
                  else None)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)
+
+
+def refuse_int8_activations(backend: str, activations: str) -> None:
+    """ValueError unless ``activations`` is ``float``: for backends with no int8-activation
+    kernel (a flag they would otherwise ignore)."""
+    if activations != "float":
+        raise ValueError(f"quantization_activations={activations!r} is not supported by the "
+                         f"{backend!r} backend (only 'float')")

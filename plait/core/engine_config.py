@@ -7,7 +7,7 @@ from pathlib import Path
 
 from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
-from plait.quant import QuantConfig, check_method
+from plait.quant import ACTIVATIONS, QuantConfig, check_method
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 TRANSFER_BACKENDS = ("mooncake", "fake")
@@ -35,6 +35,7 @@ class EngineConfig:
     quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
     quantization_group_size: int = 32        # int4 only (multiple of 32; docs/benchmarks.md)
     quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
+    quantization_activations: str = "float"  # plait.quant.ACTIVATIONS; int8: CPU with VNNI
     # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
     disaggregation_mode: str = "null"        # null | prefill | decode
     disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach it
@@ -73,6 +74,9 @@ class EngineConfig:
         if self.quantization is not None:
             check_method(self.quantization)
         positive("quantization_group_size")
+        if self.quantization_activations not in ACTIVATIONS:
+            raise ValueError(f"quantization_activations must be one of "
+                             f"{', '.join(ACTIVATIONS)}; got {self.quantization_activations!r}")
         if self.quantization_group_size % 32:
             raise ValueError(f"quantization_group_size must be a multiple of 32, got "
                              f"{self.quantization_group_size!r}")
@@ -109,8 +113,11 @@ class EngineConfig:
             if gguf_file is None:
                 raise ValueError(f"quantization='gguf' needs a .gguf model_path (or a directory "
                                  f"converted from one), got {path or 'the default model'!r}")
+        if self.quantization_activations != "float" and method == "none":
+            raise ValueError(f"quantization_activations={self.quantization_activations!r} "
+                             "needs a quantized model (--quantization int8/int4/gguf)")
         return QuantConfig(method, self.quantization_group_size, self.quantization_symmetric,
-                           gguf_file)
+                           gguf_file, self.quantization_activations)
 
     def graph_capture(self, backend: Backend) -> bool:
         """Whether decode is captured on ``backend``: the flags first, then its default."""

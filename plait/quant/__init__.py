@@ -21,6 +21,13 @@ from pathlib import Path
 #: model path); ``int8``/``int4`` quantize a float checkpoint's decoder Linear layers at load.
 METHODS = ("none", "int8", "int4", "gguf")
 
+#: ``--quantization-activations`` values: how a quantized matmul takes its activations.
+#: ``float``: in the model dtype (matches dequantize-then-matmul up to float rounding);
+#: ``int8``: quantized to int8 per block of 32 for int8 dot products (llama.cpp's scheme:
+#: faster where the backend has such a kernel, logits shift by ~0.5 %). Backends that cannot
+#: run a value refuse it with ValueError.
+ACTIVATIONS = ("float", "int8")
+
 
 def check_method(quantization: str) -> str:
     """``quantization`` itself when it is a known method; else ValueError naming the flag."""
@@ -42,3 +49,4 @@ class QuantConfig:
     group_size: int = 32
     symmetric: bool = False
     gguf_file: Path | None = None
+    activations: str = "float"

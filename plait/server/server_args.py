@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from plait.quant import METHODS
+from plait.quant import ACTIVATIONS, METHODS
 
 
 @dataclass
@@ -16,6 +16,7 @@ class ServerArgs:
     device: str = "auto"
     dtype: str | None = None  # None: the backend's default (float32 on CPU, bf16 on NPU)
     quantization: str | None = None  # None: gguf for a .gguf model path, else none
+    quantization_activations: str = "float"
     host: str = "127.0.0.1"
     port: int = 30000
     tp: int = 1
@@ -87,7 +88,9 @@ class ServerArgs:
                       grammar_compile_timeout=self.grammar_compile_timeout,
                       disable_overlap_schedule=self.disable_overlap_schedule or None,
                       tp_size=self.tp if self.tp != 1 else None,
-                      quantization=self.quantization)
+                      quantization=self.quantization,
+                      quantization_activations=(None if self.quantization_activations == "float"
+                                                else self.quantization_activations))
         if self.quantization is None and self.model_path.endswith(".gguf"):
             kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
         if self.disaggregation_mode != "null":
@@ -129,6 +132,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=d.quantization, choices=list(METHODS),
                    help="weight-only quantization (default: gguf for a .gguf model path, "
                         "which runs the file's Q4_0/Q4_1/Q8_0 blocks; else none)")
+    p.add_argument("--quantization-activations", default=d.quantization_activations,
+                   choices=list(ACTIVATIONS),
+                   help="int8: quantized layers take int8 activations (per block of 32) and use "
+                        "int8 dot products, llama.cpp's arithmetic (CPU with AVX-512 VNNI; "
+                        "faster, logits shift by ~0.5 %%); float (default): model dtype")
     p.add_argument("--tp", type=int, default=d.tp,
                    help="tensor-parallel ranks (processes); on the CPU each gets its share of "
                         "the cores (docs/tensor-parallel.md)")

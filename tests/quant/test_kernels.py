@@ -42,7 +42,7 @@ def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> Non
 def cpu_matmul():
     """The float-activation kernel (the best SIMD level this CPU runs)."""
     from plait.backends.cpu.qmatmul import cpu_quantized_matmul
-    return cpu_quantized_matmul(int8_activations=False)
+    return cpu_quantized_matmul()
 
 
 def vnni_extension():
@@ -88,10 +88,14 @@ def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
     from plait.backends.cpu.cpp_build import best_level
     from plait.backends.cpu.qmatmul import cpu_quantized_matmul, extension
     assert extension().simd_level() == best_level()
-    # the default matmul is the int8-activation kernel exactly where the build has it
+    # int8 activations run exactly where the build has the VNNI kernel, else are refused
     w, x = make_weight("int4-asym", 8, 64, 32, 0), torch.randn(3, 64)
-    exact = cpu_quantized_matmul(int8_activations=False)(x, w)
-    assert torch.equal(cpu_quantized_matmul()(x, w), exact) == (best_level() != "avx512vnni")
+    exact = cpu_quantized_matmul()(x, w)
+    if best_level() == "avx512vnni":
+        assert not torch.equal(cpu_quantized_matmul(int8_activations=True)(x, w), exact)
+    for level in {"portable", best_level()} - {"avx512vnni"}:
+        with pytest.raises(ValueError, match="int8 activations"):
+            cpu_quantized_matmul(level, int8_activations=True)
 
 
 def test_int8_activations_match_the_reference_quantizer():

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
+from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec,
+                                    refuse_int8_activations)
 
 if TYPE_CHECKING:
     from plait.core.memory import ReqToTokenPool
@@ -27,11 +28,6 @@ class CpuBackend(Backend):
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
-    #: quantized Linear layers quantize their activations to int8 per 32-block and use int8
-    #: dot products (``qmatmul.cpp``'s AVX-512 VNNI kernel, llama.cpp's scheme), where the CPU
-    #: has VNNI. Off: float32 activations, which keep greedy output equal to the dequantized
-    #: model's (the int8 rounding shifts logits by ~0.5 %, enough to flip near-ties).
-    int8_activations: ClassVar[bool] = False
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
 
@@ -45,12 +41,21 @@ class CpuBackend(Backend):
             return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
-    def quantized_linear(self, method: str):
-        """``qmatmul.cpp`` (best SIMD level of this CPU, see :attr:`int8_activations`); the torch default if it cannot be
-        compiled here (no C++ compiler), with a warning since that path is slow."""
+    def quantized_linear(self, method: str, activations: str = "float"):
+        """``qmatmul.cpp`` at this CPU's best SIMD level. ``activations="int8"``: its AVX-512
+        VNNI kernel (ValueError on a CPU without VNNI); ``float``: the float-activation kernel,
+        or the torch default if it cannot be compiled here (no C++ compiler), with a warning
+        since that path is slow."""
+        from plait.backends.cpu.cpp_build import has_avx512_vnni
         from plait.backends.cpu.qmatmul import cpu_quantized_matmul
+        if activations == "int8":
+            if not has_avx512_vnni():
+                raise ValueError("quantization_activations='int8' needs a CPU with AVX-512 "
+                                 "VNNI (this one has not)")
+            return cpu_quantized_matmul(int8_activations=True)
+        refuse_int8_activations(self.name, activations)
         try:
-            return cpu_quantized_matmul(int8_activations=self.int8_activations)
+            return cpu_quantized_matmul(int8_activations=False)
         except Exception as e:  # a missing compiler surfaces as several error types
             log.warning("quantized CPU kernel unavailable (%s); using the slow torch path", e)
             return super().quantized_linear(method)

@@ -1,11 +1,12 @@
 """The CPU backend's quantized matmul: ``qmatmul.cpp``, compiled once per CPU feature level by
 :mod:`plait.backends.cpu.cpp_build`.
 
-Where the CPU has AVX-512 VNNI the default is ``qmatmul_q8``: activations quantized to int8 per
-32-block and int8 dot products, as llama.cpp does (its error is bounded by the activations'
-rounding, see ``qmatmul.cpp``). Elsewhere, or with ``int8_activations=False``, the weights are
-dequantized in registers and multiplied with float32 activations (AVX2 where the CPU has it,
-the portable C++ loop otherwise), which matches dequantize-then-matmul up to float rounding.
+By default the weights are dequantized in registers and multiplied with float32 activations
+(AVX2 where the CPU has it, the portable C++ loop otherwise), which matches
+dequantize-then-matmul up to float rounding. ``int8_activations=True``
+(``--quantization-activations int8``) runs ``qmatmul_q8`` where the CPU has AVX-512 VNNI:
+activations quantized to int8 per 32-block and int8 dot products, as llama.cpp does (its error
+is bounded by the activations' rounding, see ``qmatmul.cpp``).
 """
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ def extension(level: str | None = None) -> ModuleType:
     return cpp_build.extension("qmatmul.cpp", level)
 
 
-def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = True
+def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = False
                          ) -> Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]:
     """``f(x[..., K], weight) -> [..., N]`` in float32 (other activation dtypes are converted
-    in and out): ``qmatmul_q8`` where the build has it and ``int8_activations``, else
-    ``qmatmul``."""
+    in and out): ``qmatmul_q8`` with ``int8_activations`` (ValueError where the build has no
+    VNNI kernel), else ``qmatmul``."""
     ext = extension(level)
-    kernel = ext.qmatmul_q8 if int8_activations and hasattr(ext, "qmatmul_q8") else ext.qmatmul
+    if int8_activations and not hasattr(ext, "qmatmul_q8"):
+        raise ValueError(f"int8 activations need the avx512vnni build, not {ext.simd_level()!r}")
+    kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
 
     def matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from plait.backends.cuda.launch import CUDA_DEFAULT, LaunchParams
-from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool
+from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool,
+                                    refuse_int8_activations)
 
 if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
@@ -30,9 +31,11 @@ class TritonBackend(Backend):
         from plait.backends.cuda.attention import TritonAttentionBackend
         return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, self.launch)
 
-    def quantized_linear(self, method: str) -> "QuantizedMatmul":
+    def quantized_linear(self, method: str, activations: str = "float") -> "QuantizedMatmul":
         """The Triton dequant-GEMM (``plait.backends.cuda.quantized_matmul``) for every
-        method: int8, int4 and GGUF Q4_0/Q4_1/Q8_0 all arrive as a ``QuantizedWeight``."""
+        method: int8, int4 and GGUF Q4_0/Q4_1/Q8_0 all arrive as a ``QuantizedWeight``.
+        Activations stay in the model dtype (no int8-activation kernel here)."""
+        refuse_int8_activations(self.name, activations)
         from plait.backends.cuda.quantized_matmul import quantized_matmul
         return quantized_matmul
 
