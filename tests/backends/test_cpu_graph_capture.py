@@ -46,3 +46,16 @@ def test_compiled_decode_matches_eager_and_transformers(smollm_dir, prompt_ids, 
         assert engine.get_server_info()["graph_compiles"] <= warm["graph_compiles"] + 1
     with plait.Engine(smollm_dir, disable_graph_capture=True) as eager:
         assert run_batch(eager, prompt_ids) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_compiled_decode_runs_quantized_layers(smollm_dir, prompt_ids):
+    """The GGUF file's quantized layers inside the compiled decode: the kernel is the
+    ``plait::quantized_matmul`` custom op there (a pybind call would break the graph), and the
+    greedy tokens equal the eager quantized model's."""
+    with plait.Engine(smollm_dir, quantization="gguf", disable_graph_capture=True) as eager:
+        want = run_batch(eager, prompt_ids)
+    with plait.Engine(smollm_dir, quantization="gguf", enable_graph_capture=True) as engine:
+        assert engine.get_server_info()["graph_compiles"] >= 1
+        assert run_batch(engine, prompt_ids) == want

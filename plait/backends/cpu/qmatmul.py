@@ -11,7 +11,7 @@ is bounded by the activations' rounding, see ``qmatmul.cpp``).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -33,11 +33,33 @@ def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = Fals
     if int8_activations and not hasattr(ext, "qmatmul_q8"):
         raise ValueError(f"int8 activations need the avx512vnni build, not {ext.simd_level()!r}")
     kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
+    built = ext.simd_level()
 
     def matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = kernel(x2.float(), w.qs, w.scales, w.mins, w.bits, w.group_size)
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if torch.compiler.is_compiling():  # Dynamo traces the custom op, not the pybind call
+            y = quantized_matmul_op(x2, w.qs, w.scales, w.mins, w.bits, w.group_size,
+                                    built, int8_activations)
+        else:
+            y = kernel(x2, w.qs, w.scales, w.mins, w.bits, w.group_size)
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
     return matmul
+
+
+@torch.library.custom_op("plait::quantized_matmul", mutates_args=())
+def quantized_matmul_op(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
+                        mins: Optional[torch.Tensor], bits: int, group: int, level: str,
+                        int8_activations: bool) -> torch.Tensor:
+    """The kernel as an opaque op for ``torch.compile``'d decode (``--enable-graph-capture``):
+    x float32 ``[M, K]`` -> ``[M, N]``. Eager calls skip it (a Python custom op costs a
+    dispatch per call)."""
+    ext = extension(level)
+    kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
+    return kernel(x, qs, scales, mins, bits, group)
+
+
+@quantized_matmul_op.register_fake
+def _(x, qs, scales, mins, bits, group, level, int8_activations):
+    return x.new_empty(x.shape[0], qs.shape[0])
