@@ -183,24 +183,29 @@ constexpr int kPairBytes = 2 * kBlock;  // one zmm of codes = two blocks
 // x quantized once per call, row by row; rows are zero-padded to whole block pairs, so a pair
 // load never leaves the row and padding contributes 0 to every sum.
 struct QuantizedActivations {
-  int64_t pairs, sums_stride;
+  int64_t pairs, rows_padded, blocks_padded;
   std::vector<int8_t> codes;  // [M, pairs * 64]
   std::vector<float> scales;  // [M, pairs * 16]: d_x of block b repeated in lanes 8b..8b+7
-  std::vector<float> sums;    // [M, sums_stride]: d_x * sum(v) of block b at b; 0-padded to 16
+  std::vector<float> sums;    // [blocks, rows_padded]: d_x * sum(v) of (block, row); rows
+                              // 0-padded to a multiple of 8, so 8 rows load as one ymm
+  std::vector<float> row_sums_;  // the same, [M, blocks_padded], blocks 0-padded to 16
 
   const int8_t* row_codes(int64_t m) const { return codes.data() + m * pairs * kPairBytes; }
   const float* row_scales(int64_t m) const { return scales.data() + m * pairs * 16; }
-  const float* row_sums(int64_t m) const { return sums.data() + m * sums_stride; }
+  const float* block_sums(int64_t b) const { return sums.data() + b * rows_padded; }
+  const float* row_sums(int64_t m) const { return row_sums_.data() + m * blocks_padded; }
 };
 
 QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) {
   const int64_t blocks = K / kBlock;
   QuantizedActivations q;
   q.pairs = (blocks + 1) / 2;
-  q.sums_stride = (blocks + 15) / 16 * 16;
+  q.rows_padded = (M + 7) / 8 * 8;
+  q.blocks_padded = (blocks + 15) / 16 * 16;
+  q.row_sums_.assign(M * q.blocks_padded, 0.f);
   q.codes.assign(M * q.pairs * kPairBytes, 0);
   q.scales.assign(M * q.pairs * 16, 0.f);
-  q.sums.assign(M * q.sums_stride, 0.f);
+  q.sums.assign(blocks * q.rows_padded, 0.f);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
@@ -217,8 +222,10 @@ QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) 
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(c0));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(c1));
         _mm256_storeu_ps(q.scales.data() + m * q.pairs * 16 + b * 8, _mm256_set1_ps(d));
-        q.sums[m * q.sums_stride + b] =
+        const float sum =
             d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1)));
+        q.sums[b * q.rows_padded + m] = sum;
+        q.row_sums_[m * q.blocks_padded + b] = sum;
       }
     }
   });
@@ -249,10 +256,10 @@ inline __m512i weight_pair(const uint8_t* row, int64_t p, bool has_second) {
 template <int BITS, bool MINS>
 struct RowScales {
   std::vector<float> scales;   // [pairs * 2]; 0 past the last block
-  std::vector<float> offsets;  // [sums_stride]; 0 past the last block
+  std::vector<float> offsets;  // [blocks_padded]; 0 past the last block
 
-  RowScales(int64_t pairs, int64_t sums_stride) : scales(pairs * 2, 0.f),
-                                                  offsets(sums_stride, 0.f) {}
+  RowScales(int64_t pairs, int64_t blocks_padded) : scales(pairs * 2, 0.f),
+                                                    offsets(blocks_padded, 0.f) {}
 
   void load(const Weight& w, int64_t n) {
     const int64_t per_group = w.group / kBlock;
@@ -279,6 +286,19 @@ inline float dot_padded(const float* a, const float* b, int64_t n) {  // n % 16 
   for (int64_t i = 0; i < n; i += 16)
     acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   return _mm512_reduce_add_ps(acc);
+}
+
+// The 8 horizontal sums of a[0..7] as one vector (lane m = sum of a[m]'s 16 lanes).
+inline __m256 sums8(const __m512 a[8]) {
+  __m256 h[8];
+  for (int i = 0; i < 8; ++i)
+    h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
+  const __m256 t0 = _mm256_hadd_ps(h[0], h[1]), t1 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 t2 = _mm256_hadd_ps(h[4], h[5]), t3 = _mm256_hadd_ps(h[6], h[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 // y[m0 .. m0+MT, n0 .. n0+NR]: each pair of weight blocks is unpacked once for MT activation
@@ -308,11 +328,27 @@ void q8_tile(const Weight& w, const RowScales<BITS, MINS>* rs, int64_t n0, int64
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
+  // y = sum of the accumulator's lanes + sum_b c_w[b] * (d_x sum(v))[b, m]: row by row for
+  // one or two rows, else 8 rows at once (one transposing reduction, one ymm per block)
+  if constexpr (MT <= 2) {
     for (int r = 0; r < NR; ++r)
-      y[(m0 + m) * N + n0 + r] =
-          _mm512_reduce_add_ps(acc[r][m]) +
-          dot_padded(rs[r].offsets.data(), xq.row_sums(m0 + m), xq.sums_stride);
+      for (int m = 0; m < MT; ++m)
+        y[(m0 + m) * N + n0 + r] =
+            _mm512_reduce_add_ps(acc[r][m]) +
+            dot_padded(rs[r].offsets.data(), xq.row_sums(m0 + m), xq.blocks_padded);
+    return;
+  }
+  alignas(32) float out[8];
+  for (int r = 0; r < NR; ++r) {
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b)
+      offset = _mm256_fmadd_ps(_mm256_set1_ps(rs[r].offsets[b]),
+                               _mm256_loadu_ps(xq.block_sums(b) + m0), offset);
+    __m512 a[8];
+    for (int m = 0; m < 8; ++m) a[m] = m < MT ? acc[r][m] : _mm512_setzero_ps();
+    _mm256_store_ps(out, _mm256_add_ps(sums8(a), offset));
+    for (int m = 0; m < MT; ++m) y[(m0 + m) * N + n0 + r] = out[m];
+  }
 }
 
 template <int BITS, bool MINS, int NR>
@@ -339,7 +375,7 @@ void q8_rows(const Weight& w, RowScales<BITS, MINS>* rs, int64_t n0, int64_t blo
 template <int BITS, bool MINS>
 void q8_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t blocks,
                const QuantizedActivations& xq, int64_t M, float* y, int64_t N) {
-  std::vector<RowScales<BITS, MINS>> rs(4, RowScales<BITS, MINS>(xq.pairs, xq.sums_stride));
+  std::vector<RowScales<BITS, MINS>> rs(4, RowScales<BITS, MINS>(xq.pairs, xq.blocks_padded));
   int64_t n = n0;
   if (M <= 2)
     for (; n + 4 <= n1; n += 4) q8_rows<BITS, MINS, 4>(w, rs.data(), n, blocks, xq, M, y, N);
