@@ -1,5 +1,6 @@
 """Weight-only quantization: weights stay quantized in memory, activations stay in the model
-dtype, and a backend-supplied kernel multiplies the two.
+dtype (or, with ``quantization_activations="int8"``, are rounded to int8 per 32-block inside
+the kernel), and a backend-supplied kernel multiplies the two.
 
 - :mod:`plait.quant.formats`: the in-memory format (:class:`QuantizedWeight`), quantizers for a
   float weight (int8 per-channel, int4 group-wise) and the reference dequantization.
@@ -7,8 +8,10 @@ dtype, and a backend-supplied kernel multiplies the two.
 - :mod:`plait.quant.modules`: ``QuantizedLinear`` / ``QuantizedEmbedding`` and the swap of a
   model's ``nn.Linear`` layers.
 
-The matmul itself comes from ``Backend.quantized_linear(method)`` (portable torch default;
-the CPU backend's is a C++/AVX2 kernel in ``plait/backends/cpu/qmatmul.cpp``; the CUDA/ROCm
+The matmul itself comes from ``Backend.quantized_linear(method, activations)`` (portable
+torch default;
+the CPU backend's is a C++ kernel per CPU feature level in ``plait/backends/cpu/qmatmul.cpp``,
+with an AVX-512 VNNI int8-activation path for ``ACTIVATIONS`` ``int8``; the CUDA/ROCm
 backends' a Triton dequant-GEMM in ``plait/backends/cuda/quantized_matmul.py``). Every one
 must pass the conformance kit's ``check_quantized_linear``.
 """
