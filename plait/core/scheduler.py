@@ -154,7 +154,13 @@ class Scheduler(OutputProcessor):
         return False
 
     def flush_cache(self) -> bool:
-        """Drop the prefix cache; refused while requests hold cached prefixes."""
+        """Drop the prefix cache; refused while requests hold cached prefixes. A batch still in
+        flight with no request left to serve (the overlap schedule's decode row launched
+        before its request finished) is processed first: it holds no prefix, only a race."""
+        if self.waiting or self.running or self.chunked:
+            return False
+        while self._inflight:
+            self._process(*self._inflight.popleft())
         if self.has_work():
             return False
         self.kv.flush()
