@@ -43,3 +43,14 @@ def test_server_flag_reaches_the_engine():
     args = ServerArgs(quantization="gguf", quantization_activations="int8")
     assert args.engine_kwargs("default")["quantization_activations"] == "int8"
     assert "quantization_activations" not in ServerArgs().engine_kwargs("default")
+
+
+def test_tpu_backend_refuses_quantization():
+    """Its JAX model runner has no quantized layers: refused, never silently run in float."""
+    from types import SimpleNamespace
+
+    from plait.backends.tpu.plugin import TpuBackend
+    from plait.quant import QuantConfig
+    spec = SimpleNamespace(quantization=QuantConfig("int8"))
+    with pytest.raises(ValueError, match="quantization='int8'"):
+        TpuBackend.create_model_runner(TpuBackend.__new__(TpuBackend), spec, None, None)

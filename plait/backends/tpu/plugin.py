@@ -74,6 +74,9 @@ class TpuBackend(Backend):
         from plait.backends.tpu.model_runner import JaxModelRunner
         from plait.backends.tpu.weights import load_params
 
+        if spec.quantization.method != "none":  # the JAX model has no quantized layers
+            raise ValueError(f"quantization={spec.quantization.method!r} is not supported by "
+                             f"the {self.name!r} backend (only 'none')")
         if not isinstance(kv_pool, JaxKVPool):
             raise ValueError(f"kv_pool must be a JaxKVPool, got {type(kv_pool).__name__}")
         params = load_params(spec.model_dir, spec.hf_config, JAX_DTYPES[spec.dtype],
