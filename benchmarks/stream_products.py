@@ -18,9 +18,7 @@ import threading
 import time
 
 import torch
-
-LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
-LM_HEAD = (49152, 576)
+from qmatmul_cpu import SHAPES  # SmolLM2-135M's products (N, K, calls per step)
 
 
 def read_bandwidth_gbs(repeats: int) -> float:
@@ -57,8 +55,10 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}; read bandwidth "
           f"{read_bandwidth_gbs(args.repeats):.1f} GB/s (2-thread sum of 540 MB)\n")
     pack = torch.ops.mkldnn._reorder_linear_weight
-    weights = [(pack(torch.randn(n, k)), k) for _ in range(30) for n, k in LAYER]
-    weights.append((pack(torch.randn(*LM_HEAD)), LM_HEAD[1]))
+    layer = [shape for name, shape in SHAPES.items() if name != "lm_head"]  # model order
+    head_n, head_k, _ = SHAPES["lm_head"]
+    weights = [(pack(torch.randn(n, k)), k) for _ in range(layer[0][2]) for n, k, _ in layer]
+    weights.append((pack(torch.randn(head_n, head_k)), head_k))
     print("| M | main thread ms/step | second thread ms/step | second / main |")
     print("|---|---:|---:|---:|")
     for m in args.rows:

@@ -9,23 +9,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plait.quant.formats import (QuantizedWeight, dequantize, quantize_activations,
-                                 quantize_int4, quantize_int8)
+from plait.quant.formats import QuantizedWeight, dequantize, quantize_activations
 from plait.quant.modules import torch_quantized_matmul
+from plait.testing.cases import QuantCase, quant_weight
 
 FORMATS = ["int8", "int4-asym", "int4-sym"]
 
 
+#: this file's format names -> the conformance kit's (plait.testing.cases.QUANT_FORMATS)
+KIT_FORMATS = {"int8": "int8", "int4-asym": "q4_1", "int4-sym": "q4_0", "q8_0": "q8_0"}
+
+
 def make_weight(fmt: str, n: int, k: int, group: int, seed: int) -> QuantizedWeight:
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    if fmt == "int8":
-        return quantize_int8(w)
-    if fmt == "q8_0":  # GGUF-style 8-bit with groups of 32: random codes, random scales
-        g = torch.Generator().manual_seed(seed)
-        return QuantizedWeight(8, 32, torch.randint(-127, 128, (n, k), generator=g,
-                                                    dtype=torch.int8),
-                               (torch.rand(n, k // 32, generator=g) / 50).half())
-    return quantize_int4(w, group, symmetric=fmt == "int4-sym")
+    """The kit's weight for ``fmt``; ``q8_0`` always in GGUF's groups of 32."""
+    return quant_weight(QuantCase(KIT_FORMATS[fmt], 0, n, k, 32 if fmt == "q8_0" else group,
+                                  seed))
 
 
 def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> None:
