@@ -9,11 +9,14 @@ Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
   (e.g. AMD Zen 4, Intel Cascade Lake and later). Sources with nothing for it compile their
   AVX2 path under it.
 
-Each level's build has its own name, so their caches never collide.
+Each level's build has its own name, so their caches never collide. The name also carries a
+digest of the source and the headers beside it (``*.h``): torch's own cache key covers the
+listed sources only, so an edited header would otherwise load a stale build.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 from pathlib import Path
 from types import ModuleType
@@ -55,7 +58,11 @@ def extension(source: str, level: str | None = None) -> ModuleType:
     level = best_level() if level is None else level
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    name = "plait_" + Path(source).stem + "_" + level
-    return load(name=name, sources=[str(Path(__file__).with_name(source))],
+    path = Path(__file__).with_name(source)
+    digest = hashlib.sha256()
+    for part in [path, *sorted(path.parent.glob("*.h"))]:
+        digest.update(part.read_bytes())
+    name = f"plait_{path.stem}_{level}_{digest.hexdigest()[:12]}"
+    return load(name=name, sources=[str(path)],
                 extra_cflags=["-O3", "-fopenmp"] + _FLAGS[level], extra_ldflags=["-fopenmp"],
                 verbose=False)

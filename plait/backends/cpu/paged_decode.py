@@ -56,6 +56,11 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         self._slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
         self._lens = batch.seq_lens.long()
 
+    def decode_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode batch's ``(slots [B, L], seq_lens [B])``, both int64, as the kernel takes
+        them (valid after ``init_forward_metadata`` of a decode batch)."""
+        return self._slots, self._lens
+
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
         return paged_decode_attention(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],

@@ -1,6 +1,6 @@
 """Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults,
-the torch reference attention, Linear weights prepacked once for oneDNN, torch.compile'd decode
-(opt-in) and the C++ quantized matmul."""
+the torch reference attention, Linear weights prepacked once for oneDNN, the native C++ decode
+step, torch.compile'd decode (opt-in) and the C++ quantized matmul."""
 from __future__ import annotations
 
 import logging
@@ -28,6 +28,10 @@ class CpuBackend(Backend):
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
+    #: decode through ``decode_step.cpp`` (all layers in one C++ call,
+    #: ``plait.backends.cpu.native_decode``) where the model allows and decode is not compiled;
+    #: False keeps the eager torch step, the one benchmarks compare against
+    native_decode: ClassVar[bool] = True
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
 
@@ -73,11 +77,16 @@ class CpuBackend(Backend):
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
                             req_pool: "ReqToTokenPool") -> "ModelRunner":
-        """The default runner, its Linear layers prepacked (when ``prepack_weights``)."""
+        """The default runner, its Linear layers prepacked (when ``prepack_weights``), decoding
+        through the native C++ step (when ``native_decode`` and the model allows it) unless
+        decode is compiled (``--enable-graph-capture``)."""
         runner = super().create_model_runner(spec, kv_pool, req_pool)
         if self.prepack_weights:
             from plait.backends.cpu.linear import prepack_linears
             prepack_linears(runner.model)
+        if self.native_decode and runner.graph_runner is None:
+            from plait.backends.cpu.native_decode import install_native_decode
+            install_native_decode(runner.model, runner.attn)
         return runner
 
 

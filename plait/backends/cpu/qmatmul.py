@@ -24,28 +24,37 @@ def extension(level: str | None = None) -> ModuleType:
     return cpp_build.extension("qmatmul.cpp", level)
 
 
-def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = False
-                         ) -> Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]:
+class CpuQuantizedMatmul:
     """``f(x[..., K], weight) -> [..., N]`` in float32 (other activation dtypes are converted
-    in and out): ``qmatmul_q8`` with ``int8_activations`` (ValueError where the build has no
-    VNNI kernel), else ``qmatmul``."""
-    ext = extension(level)
-    if int8_activations and not hasattr(ext, "qmatmul_q8"):
-        raise ValueError(f"int8 activations need the avx512vnni build, not {ext.simd_level()!r}")
-    kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
-    built = ext.simd_level()
+    in and out) with ``qmatmul.cpp`` built for ``level``: ``qmatmul_q8`` with
+    ``int8_activations``, else ``qmatmul``. Its ``level`` and ``int8_activations`` tell the
+    native decode step (``plait.backends.cpu.native_decode``) which kernel to call itself."""
 
-    def matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    def __init__(self, level: str | None = None, int8_activations: bool = False):
+        ext = extension(level)
+        if int8_activations and not hasattr(ext, "qmatmul_q8"):
+            raise ValueError(f"int8 activations need the avx512vnni build, "
+                             f"not {ext.simd_level()!r}")
+        self.level: str = ext.simd_level()
+        self.int8_activations = int8_activations
+        self._kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
+
+    def __call__(self, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float()
         if torch.compiler.is_compiling():  # Dynamo traces the custom op, not the pybind call
             y = quantized_matmul_op(x2, w.qs, w.scales, w.mins, w.bits, w.group_size,
-                                    built, int8_activations)
+                                    self.level, self.int8_activations)
         else:
-            y = kernel(x2, w.qs, w.scales, w.mins, w.bits, w.group_size)
+            y = self._kernel(x2, w.qs, w.scales, w.mins, w.bits, w.group_size)
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
-    return matmul
+
+def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = False
+                         ) -> Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]:
+    """A :class:`CpuQuantizedMatmul` (ValueError where ``int8_activations`` finds no VNNI
+    kernel in the ``level`` build)."""
+    return CpuQuantizedMatmul(level, int8_activations)
 
 
 @torch.library.custom_op("plait::quantized_matmul", mutates_args=())

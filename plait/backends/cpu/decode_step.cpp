@@ -1,0 +1,267 @@
+// One decode step of a Llama-family model (Llama, SmolLM2, Mistral, Qwen2) in C++: every layer,
+// the final norm and the LM head in a single call from Python.
+//
+// Why: at batch 1 the eager torch step of SmolLM2-135M runs ~40 tensor ops per layer, each a
+// Python call and a dispatch of a few microseconds, plus nn.Module overhead; with GGUF weights
+// and the VNNI kernel the matrix products are ~5 ms of a ~34 ms step. Here the glue between the
+// products (RMSNorm, RoPE, the KV write, SiLU * up, the residual adds) is a plain loop over
+// the rows, and the products call the same kernels the eager path calls:
+//   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
+//   - oneDNN-packed float32 weights: mkldnn::_linear_pointwise, through the dispatcher;
+//   - plain float32 weights: at::linear.
+// Attention is decode_attention from decode_attention_kernel.h over the paged pool.
+//
+// The arithmetic follows plait/models/llama.py op for op (fp32 RMSNorm as weight * (x * r),
+// RoPE as x * cos + rotate_half(x) * sin, silu(g) * u), so results differ from the eager step
+// only by float rounding (sum order in the norm, exp's last bits), as the paged attention
+// kernel already does. Float contraction is off for this file: a fused multiply-add would
+// round RoPE and the norm differently from torch's separate multiply and add.
+//
+// Holds: float32 activations, weights and KV; one new token per row; tensor parallelism 1.
+// plait/backends/cpu/native_decode.py builds a DecodeModel only for models that meet this.
+#pragma GCC optimize("fp-contract=off")
+#include "decode_attention_kernel.h"
+#include "qmatmul_kernels.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+// A Linear layer's product y = x W^T + b, whichever form holds W.
+struct Linear {
+  enum Kind { kDense, kPacked, kQuantized };
+  Kind kind = kDense;
+  torch::Tensor weight;  // kDense: [N, K] float32; kPacked: oneDNN's opaque packed tensor
+  c10::optional<torch::Tensor> bias;
+  torch::Tensor qs, scales;  // kQuantized: plait.quant.formats.QuantizedWeight's tensors
+  c10::optional<torch::Tensor> mins;
+  int64_t bits = 0, group = 0;
+  bool int8_activations = false;
+
+  static Linear dense(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
+                "dense weight must be float32 [N, K]");
+    Linear l;
+    l.weight = weight.contiguous();
+    l.bias = bias;
+    return l;
+  }
+
+  static Linear packed(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+    Linear l;
+    l.kind = kPacked;
+    l.weight = weight;
+    l.bias = bias;
+    return l;
+  }
+
+  static Linear quantized(torch::Tensor qs, torch::Tensor scales,
+                          c10::optional<torch::Tensor> mins, int64_t bits, int64_t group,
+                          bool int8_activations, c10::optional<torch::Tensor> bias) {
+#ifndef PLAIT_VNNI
+    TORCH_CHECK(!int8_activations, "int8 activations need the avx512vnni build");
+#endif
+    Linear l;
+    l.kind = kQuantized;
+    l.qs = qs;
+    l.scales = scales;
+    l.mins = mins;
+    l.bits = bits;
+    l.group = group;
+    l.int8_activations = int8_activations;
+    l.bias = bias;
+    return l;
+  }
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    switch (kind) {
+      case kDense:
+        return at::linear(x, weight, bias);
+      case kPacked:
+        return packed_linear(x);
+      case kQuantized: {
+#ifdef PLAIT_VNNI
+        torch::Tensor y = int8_activations ? qmatmul_q8(x, qs, scales, mins, bits, group)
+                                           : qmatmul(x, qs, scales, mins, bits, group);
+#else
+        torch::Tensor y = qmatmul(x, qs, scales, mins, bits, group);
+#endif
+        if (bias.has_value() && bias->defined()) y.add_(*bias);
+        return y;
+      }
+    }
+    TORCH_CHECK(false, "unknown Linear kind");
+  }
+
+  torch::Tensor packed_linear(const torch::Tensor& x) const {
+    static const c10::OperatorHandle op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    std::vector<c10::IValue> stack{x, weight, bias.has_value() ? c10::IValue(*bias)
+                                                                : c10::IValue(),
+                                   std::string("none"),
+                                   c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+};
+
+struct Layer {
+  torch::Tensor input_norm, post_attention_norm;  // [H] float32
+  Linear qkv, o, gate_up, down;
+  torch::Tensor k_buffer, v_buffer;  // this layer's paged pool, [S, Hkv, D]
+};
+
+// weight * (x * rsqrt(mean(x^2) + eps)) per row, as plait.models.llama.RMSNorm in float32
+// (the sum of squares is taken in double: the exact value, rounded once).
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, float eps) {
+  const int64_t B = x.size(0), H = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xp + b * H;
+    double acc = 0.0;
+    for (int64_t i = 0; i < H; ++i) acc += static_cast<double>(row[i] * row[i]);
+    const float mean = static_cast<float>(acc) / static_cast<float>(H);
+    const float r = 1.f / std::sqrt(mean + eps);
+    float* dst = op + b * H;
+    for (int64_t i = 0; i < H; ++i) dst[i] = wp[i] * (row[i] * r);
+  }
+  return out;
+}
+
+// x * cos + rotate_half(x) * sin over `heads` heads of D at x, in place.
+inline void rotate(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  float tmp[1024];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * D;
+    for (int64_t i = 0; i < half; ++i) tmp[i] = v[i] * cos[i] + (-v[i + half]) * sin[i];
+    for (int64_t i = half; i < D; ++i) tmp[i] = v[i] * cos[i] + v[i - half] * sin[i];
+    std::memcpy(v, tmp, D * sizeof(float));
+  }
+}
+
+// silu(gate) * up for qkv-style fused rows [B, 2I] -> [B, I].
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({B, I}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / I), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* g = gp + b * 2 * I;
+      const float* u = g + I;
+      float* dst = op + b * I;
+      for (int64_t i = 0; i < I; ++i) dst[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+class DecodeModel {
+ public:
+  DecodeModel(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+              double scale, torch::Tensor cos, torch::Tensor sin, torch::Tensor final_norm,
+              Linear lm_head)
+      : hq_(num_heads), hkv_(num_kv_heads), d_(head_dim), eps_(static_cast<float>(eps)),
+        scale_(scale), cos_(cos.contiguous()), sin_(sin.contiguous()),
+        final_norm_(final_norm.contiguous()), lm_head_(std::move(lm_head)) {
+    TORCH_CHECK(head_dim % 2 == 0 && head_dim <= 1024, "head_dim must be even and <= 1024");
+    TORCH_CHECK(cos_.dim() == 2 && cos_.size(1) == head_dim && sin_.sizes() == cos_.sizes() &&
+                    cos_.scalar_type() == torch::kFloat32,
+                "cos/sin must be float32 [max_positions, head_dim]");
+  }
+
+  void add_layer(torch::Tensor input_norm, Linear qkv, Linear o, torch::Tensor post_norm,
+                 Linear gate_up, Linear down, torch::Tensor k_buffer, torch::Tensor v_buffer) {
+    TORCH_CHECK(k_buffer.is_contiguous() && v_buffer.is_contiguous() &&
+                    k_buffer.scalar_type() == torch::kFloat32 && k_buffer.size(1) == hkv_ &&
+                    k_buffer.size(2) == d_ && v_buffer.sizes() == k_buffer.sizes(),
+                "KV buffers must be contiguous float32 [S, Hkv, D]");
+    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(qkv),
+                            std::move(o), std::move(gate_up), std::move(down), k_buffer,
+                            v_buffer});
+  }
+
+  // x [B, H]: the new tokens' embeddings; positions, out_loc [B]; slots [B, L] and seq_lens [B]
+  // as decode_attention takes them (each request's KV slots, the new token's included).
+  // Returns the logits [B, V].
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
+                        torch::Tensor slots, torch::Tensor seq_lens) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [B, H]");
+    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && out_loc.scalar_type() == torch::kInt64,
+                "positions and out_loc must be int64");
+    x = x.contiguous().clone();  // the residual stream, updated in place
+    positions = positions.contiguous();
+    out_loc = out_loc.contiguous();
+    const int64_t B = x.size(0), qd = hq_ * d_, kvd = hkv_ * d_;
+    TORCH_CHECK(positions.numel() == B && out_loc.numel() == B, "one position and slot per row");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* loc = out_loc.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range: ", pos[b]);
+    const float* cos = cos_.data_ptr<float>();
+    const float* sin = sin_.data_ptr<float>();
+    for (const Layer& layer : layers_) {
+      torch::Tensor qkv = layer.qkv(rms_norm(x, layer.input_norm, eps_)).contiguous();
+      TORCH_CHECK(qkv.size(1) == qd + 2 * kvd, "qkv width does not match the heads");
+      const int64_t slots_in_pool = layer.k_buffer.size(0);
+      float* kb = layer.k_buffer.data_ptr<float>();
+      float* vb = layer.v_buffer.data_ptr<float>();
+      float* qkvp = qkv.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkvp + b * (qd + 2 * kvd);
+        const float* c = cos + pos[b] * d_;
+        const float* s = sin + pos[b] * d_;
+        rotate(row, hq_ + hkv_, d_, c, s);  // q and k heads are adjacent
+        TORCH_CHECK(loc[b] >= 0 && loc[b] < slots_in_pool, "KV slot out of range: ", loc[b]);
+        std::memcpy(kb + loc[b] * kvd, row + qd, kvd * sizeof(float));
+        std::memcpy(vb + loc[b] * kvd, row + qd + kvd, kvd * sizeof(float));
+      }
+      torch::Tensor q = qkv.narrow(1, 0, qd).reshape({B, hq_, d_});
+      torch::Tensor attn =
+          decode_attention(q, layer.k_buffer, layer.v_buffer, slots, seq_lens, scale_);
+      x.add_(layer.o(attn.view({B, qd})));
+      torch::Tensor gate_up = layer.gate_up(rms_norm(x, layer.post_attention_norm, eps_));
+      x.add_(layer.down(silu_mul(gate_up.contiguous())));
+    }
+    return lm_head_(rms_norm(x, final_norm_, eps_));
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  int64_t hq_, hkv_, d_;
+  float eps_;
+  double scale_;
+  torch::Tensor cos_, sin_, final_norm_;
+  Linear lm_head_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Linear>(m, "Linear", "a Linear layer's product, whichever form holds its weight")
+      .def_static("dense", &Linear::dense, py::arg("weight"), py::arg("bias"))
+      .def_static("packed", &Linear::packed, py::arg("weight"), py::arg("bias"))
+      .def_static("quantized", &Linear::quantized, py::arg("qs"), py::arg("scales"),
+                  py::arg("mins"), py::arg("bits"), py::arg("group"),
+                  py::arg("int8_activations"), py::arg("bias"))
+      .def("__call__", &Linear::operator());
+  py::class_<DecodeModel>(m, "DecodeModel", "a Llama-family decode step in one call")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor,
+                    torch::Tensor, Linear>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
+           py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
+           py::arg("lm_head"))
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("forward", &DecodeModel::forward)
+      .def("num_layers", &DecodeModel::num_layers);
+  m.def("simd_level", &simd_level, "the instruction set this build targets");
+}

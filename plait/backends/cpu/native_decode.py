@@ -1,0 +1,143 @@
+"""The CPU backend's native decode step: ``decode_step.cpp`` runs every layer, the final norm
+and the LM head of a decode batch in one call, installed as the model's ``decode_forward``.
+
+Why: an eager decode step is ~40 tensor ops per layer, each a Python call and a dispatch; at
+batch 1 that overhead, not the weights, is most of the step (see docs/benchmarks.md). The C++
+step calls the same matrix-product kernels the eager path does (oneDNN-packed float32, MKL
+``at::linear``, or ``qmatmul.cpp``'s quantized kernels) and replaces the glue between them with
+loops over the rows. Prefill (extend) stays eager.
+
+What holds:
+- It is built only for a model it computes exactly (:func:`build_native_decode` returns None
+  otherwise, and decode stays eager): Plait's ``LlamaForCausalLM`` in float32 at tensor
+  parallelism 1, float32 KV, every Linear plain, oneDNN-packed or quantized with a
+  :class:`~plait.backends.cpu.qmatmul.CpuQuantizedMatmul` of this CPU's best level, and the
+  paged C++ decode attention.
+- Its results differ from the eager step by float rounding only (sum order, ``exp``); the
+  parity tests hold it to transformers' greedy tokens like the eager path.
+- The C++ module keeps references to the weights and the KV buffers; they are never copied.
+"""
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from plait.backends.cpu import cpp_build
+from plait.backends.cpu.linear import PackedLinear, computes_plain_linear
+from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend
+from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+from plait.core.forward_batch import ForwardBatch
+from plait.quant.modules import QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+
+def extension() -> ModuleType:
+    return cpp_build.extension("decode_step.cpp")
+
+
+def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
+    """``module``'s product as the C++ step's ``Linear``, or None where it cannot call it."""
+    if isinstance(module, PackedLinear):
+        if module.packed_weight.dtype != torch.float32:
+            return None
+        return ext.Linear.packed(module.packed_weight, module.bias)
+    if isinstance(module, QuantizedLinear):
+        matmul = module.matmul
+        if not (isinstance(matmul, CpuQuantizedMatmul) and matmul.level == ext.simd_level()):
+            return None
+        w = module.qweight
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        return ext.Linear.quantized(w.qs, w.scales, w.mins, w.bits, w.group_size,
+                                    matmul.int8_activations, bias)
+    if computes_plain_linear(module) and module.weight.dtype == torch.float32:
+        bias = None if module.bias is None else module.bias.detach()
+        return ext.Linear.dense(module.weight.detach(), bias)
+    return None
+
+
+def _float32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def build_native_decode(model: nn.Module, attn: Any) -> "NativeDecode | None":
+    """A :class:`NativeDecode` for ``model``, or None (with the reason logged) where the model
+    is not one it computes exactly (see the module docstring)."""
+    from plait.models.llama import LlamaForCausalLM
+
+    def refuse(why: str) -> None:
+        log.info("native decode step not used: %s; decode runs eagerly", why)
+        return None
+
+    if type(model) is not LlamaForCausalLM:
+        return refuse(f"model class {type(model).__name__}")
+    if model.tp.size != 1:
+        return refuse("tensor parallelism")
+    if not isinstance(attn, PagedDecodeAttentionBackend):
+        return refuse("the paged decode-attention kernel is not in use")
+    if attn.kv_pool.dtype != torch.float32:
+        return refuse(f"KV dtype {attn.kv_pool.dtype}")
+    try:
+        ext = extension()
+    except Exception as e:  # a missing compiler surfaces as several error types
+        return refuse(f"decode_step.cpp could not be built ({e})")
+    layers = list(model.layers)
+    rotary = layers[0].self_attn.rotary
+    norms = [model.norm] + [n for layer in layers
+                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(_float32(n.weight) for n in norms) or not _float32(rotary.cos):
+        return refuse("weights are not float32 on the CPU")
+    eps = {n.eps for n in norms}
+    if len(eps) != 1:
+        return refuse("RMSNorm epsilons differ between layers")
+    lm_head = native_linear(ext, model.lm_head)
+    if lm_head is None:
+        return refuse(f"lm_head {type(model.lm_head).__name__}")
+    first = layers[0].self_attn
+    step = ext.DecodeModel(first.num_heads, first.num_kv_heads, first.head_dim, eps.pop(),
+                           attn.scale, rotary.cos, rotary.sin, model.norm.weight.detach(),
+                           lm_head)
+    pool = attn.kv_pool
+    for i, layer in enumerate(layers):
+        sa, mlp = layer.self_attn, layer.mlp
+        linears = [native_linear(ext, m) for m in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj,
+                                                   mlp.down_proj)]
+        if any(lin is None for lin in linears):
+            return refuse(f"layer {i} has a Linear the C++ step cannot call")
+        if sa.layer_id != i:
+            return refuse("layer ids are not in order")
+        qkv, o, gate_up, down = linears
+        step.add_layer(layer.input_layernorm.weight.detach(), qkv, o,
+                       layer.post_attention_layernorm.weight.detach(), gate_up, down,
+                       pool.k_buffers[i], pool.v_buffers[i])
+    return NativeDecode(model, step)
+
+
+class NativeDecode:
+    """``model.decode_forward``: ``(batch, attn) -> logits [B, V]`` after
+    ``attn.init_forward_metadata(batch)`` (which built the paged attention's slot table)."""
+
+    def __init__(self, model: nn.Module, step: Any):
+        self._embed = model.embed_tokens
+        self._step = step
+
+    def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
+        slots, lens = attn.decode_metadata()
+        if len(batch.logits_rows) != batch.batch_size:
+            raise ValueError("the native decode step returns logits for every row")
+        x = self._embed(batch.input_ids)
+        return self._step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
+
+
+def install_native_decode(model: nn.Module, attn: Any) -> bool:
+    """Make ``model`` decode through :class:`NativeDecode` where :func:`build_native_decode`
+    can build it; True when installed."""
+    native = build_native_decode(model, attn)
+    if native is None:
+        return False
+    model.decode_forward = native
+    return True

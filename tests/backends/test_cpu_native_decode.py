@@ -1,0 +1,78 @@
+"""The CPU backend's native decode step (decode_step.cpp through plait.backends.cpu.native_decode)
+computes what the eager torch step computes: the same greedy tokens and logprobs within float
+rounding, for Llama, Qwen2 (q/k/v bias) and Mistral, float32 and quantized weights, batched
+with ragged lengths and prefix-cache hits. It is the default decode path on the CPU, and is
+not used where it cannot compute the model exactly. The real-model parity with transformers
+is tests/core/test_engine_parity.py, which runs through it."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import plait
+from plait.backends.cpu.native_decode import NativeDecode
+from plait.backends.cpu.plugin import CpuBackend
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler on this machine to build the kernel")
+
+PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700, 800, 900], [42] * 20, [5, 6, 7, 8]]
+PARAMS = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def decode_forward(engine: plait.Engine):
+    return engine.scheduler.runner.model.decode_forward
+
+
+def greedy_with_logprobs(engine: plait.Engine) -> tuple[list[list[int]], torch.Tensor]:
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
+    again = engine.generate(input_ids=PROMPTS[:2], sampling_params=PARAMS, return_logprob=True)
+    outs = outs + again  # the second round decodes after prefix-cache hits
+    tokens = [o["output_ids"] for o in outs]
+    logprobs = torch.tensor([[e[0] for e in o["meta_info"]["output_token_logprobs"]]
+                             for o in outs])
+    return tokens, logprobs
+
+
+def run(path, monkeypatch, native: bool, **engine_args):
+    with monkeypatch.context() as m:
+        m.setattr(CpuBackend, "native_decode", native)
+        with plait.Engine(model_path=path, max_total_tokens=512, **engine_args) as engine:
+            assert isinstance(decode_forward(engine), NativeDecode) == native
+            return greedy_with_logprobs(engine)
+
+
+@pytest.mark.parametrize("model_type,quantization", [
+    ("llama", "none"), ("qwen2", "none"), ("mistral", "none"), ("llama", "int8"),
+    ("llama", "int4"), ("qwen2", "int4")])
+def test_native_step_gives_the_eager_steps_tokens_and_logprobs(
+        make_tiny_model, monkeypatch, model_type, quantization):
+    path = make_tiny_model(model_type)
+    native_tokens, native_logprobs = run(path, monkeypatch, True, quantization=quantization)
+    eager_tokens, eager_logprobs = run(path, monkeypatch, False, quantization=quantization)
+    assert native_tokens == eager_tokens
+    torch.testing.assert_close(native_logprobs, eager_logprobs, rtol=0, atol=2e-4)
+
+
+def test_native_step_is_not_used_where_it_cannot_compute_the_model(make_tiny_model):
+    with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256,
+                      dtype="bfloat16") as engine:
+        assert decode_forward(engine) is None  # bfloat16: the eager step
+        assert engine.generate(input_ids=PROMPTS[0], sampling_params=PARAMS)["output_ids"]
+
+
+def test_bad_positions_and_slots_are_errors_not_writes_out_of_bounds(make_tiny_model):
+    from plait.backends.cpu.native_decode import build_native_decode
+    with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
+        runner = engine.scheduler.runner
+        step = engine._call(lambda: build_native_decode(runner.model, runner.attn))._step
+        x = torch.zeros(1, 64)
+        one = torch.ones(1, dtype=torch.int64)
+        slots = torch.ones(1, 1, dtype=torch.int64)
+        with pytest.raises(RuntimeError, match="position out of range"):
+            step.forward(x, torch.tensor([10**6]), one, slots, one)
+        with pytest.raises(RuntimeError, match="KV slot out of range"):
+            step.forward(x, one, torch.tensor([10**7]), slots, one)
