@@ -8,10 +8,11 @@ engine asks that object for its pieces. The core builds a
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import torch
 
@@ -190,6 +191,13 @@ class Backend:
         module = getattr(torch, kind, None)
         if kind != "cpu" and hasattr(module, "set_device"):
             module.set_device(rank)
+
+    def host_thread(self) -> ContextManager[None]:
+        """Context for engine threads that do host-side torch work but run no forward: model
+        loading on the caller's thread, and the scheduler loop when forwards run on a worker
+        thread. Default: nothing; the CPU backend runs them with one OpenMP thread, so only
+        the forward thread owns an OpenMP team (``plait.backends.cpu.threads`` says why)."""
+        return contextlib.nullcontext()
 
     @property
     def torch_device(self) -> torch.device:

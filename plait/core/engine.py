@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import itertools
 import logging
@@ -101,12 +102,14 @@ class Engine:
         spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
                          quantization=self.quantization,
                          graph_capture=cfg.graph_capture(backend))
-        if cfg.tp_size == 1:
-            runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
-        else:
-            from plait.core.tp.runner import start_tensor_parallel
-            runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
-                                                      req_pool, cfg.tp_size)
+        with backend.host_thread():  # the caller's thread must not keep an OpenMP team
+            if cfg.tp_size == 1:
+                runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size,
+                                                       req_pool)
+            else:
+                from plait.core.tp.runner import start_tensor_parallel
+                runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
+                                                          req_pool, cfg.tp_size)
         self._tp_runner = runner if cfg.tp_size > 1 else None
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         self.eos_ids = _eos_ids(hf, self.tokenizer)
@@ -169,8 +172,12 @@ class Engine:
     # ----- the scheduler thread -----
 
     def _loop(self) -> None:
+        # With the overlap schedule the forwards (and sampling) run on the executor's thread;
+        # this one only plans batches, so it runs as a host thread.
+        overlap = self.scheduler.executor.overlap
         try:
-            self._serve()
+            with self.backend.host_thread() if overlap else contextlib.nullcontext():
+                self._serve()
         finally:
             self.scheduler.close()
 

@@ -4,7 +4,7 @@ step, torch.compile'd decode (opt-in) and the C++ quantized matmul."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
 
 import torch
 
@@ -34,6 +34,12 @@ class CpuBackend(Backend):
     native_decode: ClassVar[bool] = True
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
+
+    def host_thread(self) -> ContextManager[None]:
+        """One OpenMP thread on the calling thread for the body (``plait.backends.cpu.threads``:
+        a second OpenMP team makes libgomp put the forward thread's workers to sleep)."""
+        from plait.backends.cpu.threads import one_thread_here
+        return one_thread_here()
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:

@@ -327,7 +327,16 @@ void q8_tile(const Weight& w, const RowScales<BITS, MINS>* rs, int64_t n0, int64
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
+  // Prefetch the weight rows two tiles ahead, spread over this tile's pairs: a row is only
+  // 5-9 cache lines, too short for the hardware prefetcher to run ahead of (at M = 1 the
+  // kernel otherwise waits on memory at ~6 GB/s per thread). Prefetches never fault, so
+  // reading past the matrix's end is harmless.
+  const char* ahead = reinterpret_cast<const char*>(w.qs + (n0 + 2 * NR) * w.qs_stride);
+  const int64_t ahead_lines = (NR * w.qs_stride + 63) / 64;
+  const int64_t lines_per_pair = (ahead_lines + xq.pairs - 1) / xq.pairs;
   for (int64_t p = 0; p < xq.pairs; ++p) {
+    for (int64_t l = p * lines_per_pair; l < std::min(ahead_lines, (p + 1) * lines_per_pair); ++l)
+      _mm_prefetch(ahead + l * 64, _MM_HINT_T0);
     const bool second = 2 * p + 1 < blocks;
     __m512i wv[NR];
     __m512 ws[NR];

@@ -1,0 +1,51 @@
+"""One OpenMP team per engine (plait.backends.cpu.threads): host threads run torch with one
+thread, so they never own a libgomp team; the caller's thread count is restored."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+import plait
+from plait.backends.cpu.threads import one_thread_here
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                reason="no C++ compiler on this machine to build the helper")
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
+def test_a_host_thread_runs_parallel_ops_without_starting_a_team():
+    seen: dict[str, int] = {}
+
+    def body() -> None:  # a fresh thread: no OpenMP team yet
+        seen["before"] = torch.get_num_threads()
+        with one_thread_here():
+            seen["inside"] = torch.get_num_threads()
+            threads = os_threads()
+            torch.randn(2_000_000).exp()  # large enough for torch to go parallel
+            seen["new_os_threads"] = os_threads() - threads
+        seen["after"] = torch.get_num_threads()
+        threads = os_threads()
+        torch.randn(2_000_000).exp()
+        seen["team_after"] = os_threads() - threads
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert seen["inside"] == 1 and seen["new_os_threads"] == 0
+    assert seen["after"] == seen["before"]
+    assert seen["team_after"] > 0  # the restored count does start a team: the check can fail
+
+
+def test_engine_start_leaves_the_callers_thread_count_alone(make_tiny_model):
+    before = torch.get_num_threads()
+    with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
+        assert torch.get_num_threads() == before
+        assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
