@@ -30,6 +30,9 @@ _FLAGS = {
     "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                    "-mavx512dq", "-mavx512vnni"],
 }
+#: flags one source needs beyond its level's: the native decode step keeps a * b + c as two
+#: roundings, as torch's elementwise ops do (its SIMD kernels use explicit FMA intrinsics)
+_SOURCE_FLAGS = {"decode_step.cpp": ["-ffp-contract=off"]}
 
 
 def has_avx2() -> bool:
@@ -63,6 +66,6 @@ def extension(source: str, level: str | None = None) -> ModuleType:
     for part in [path, *sorted(path.parent.glob("*.h"))]:
         digest.update(part.read_bytes())
     name = f"plait_{path.stem}_{level}_{digest.hexdigest()[:12]}"
-    return load(name=name, sources=[str(path)],
-                extra_cflags=["-O3", "-fopenmp"] + _FLAGS[level], extra_ldflags=["-fopenmp"],
+    flags = ["-O3", "-fopenmp"] + _FLAGS[level] + _SOURCE_FLAGS.get(source, [])
+    return load(name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 verbose=False)

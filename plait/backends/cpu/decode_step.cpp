@@ -14,12 +14,12 @@
 // The arithmetic follows plait/models/llama.py op for op (fp32 RMSNorm as weight * (x * r),
 // RoPE as x * cos + rotate_half(x) * sin, silu(g) * u), so results differ from the eager step
 // only by float rounding (sum order in the norm, exp's last bits), as the paged attention
-// kernel already does. Float contraction is off for this file: a fused multiply-add would
-// round RoPE and the norm differently from torch's separate multiply and add.
+// kernel already does. It is built with -ffp-contract=off (plait/backends/cpu/cpp_build.py):
+// a fused multiply-add would round RoPE and the norm differently from torch's separate
+// multiply and add.
 //
 // Holds: float32 activations, weights and KV; one new token per row; tensor parallelism 1.
 // plait/backends/cpu/native_decode.py builds a DecodeModel only for models that meet this.
-#pragma GCC optimize("fp-contract=off")
 #include "decode_attention_kernel.h"
 #include "qmatmul_kernels.h"
 

@@ -4,8 +4,8 @@ and the LM head of a decode batch in one call, installed as the model's ``decode
 Why: an eager decode step is ~40 tensor ops per layer, each a Python call and a dispatch; at
 batch 1 that overhead, not the weights, is most of the step (see docs/benchmarks.md). The C++
 step calls the same matrix-product kernels the eager path does (oneDNN-packed float32, MKL
-``at::linear``, or ``qmatmul.cpp``'s quantized kernels) and replaces the glue between them with
-loops over the rows. Prefill (extend) stays eager.
+``at::linear``, or the quantized kernels of ``qmatmul_kernels.h``) and replaces the glue
+between them with loops over the rows. Prefill (extend) stays eager.
 
 What holds:
 - It is built only for a model it computes exactly (:func:`build_native_decode` returns None
