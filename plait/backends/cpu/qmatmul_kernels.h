@@ -115,6 +115,69 @@ inline void row_tile(const Weight& w, int64_t n, const float* x, int64_t ldx,
   }
 }
 
+#ifdef __AVX512F__
+// row_tile for builds with AVX-512 (the avx512vnni level): a block dequantizes into two zmm
+// (3 instructions each instead of 5 per ymm quarter) and each row's FMAs are 512 bits wide,
+// about half the instructions of the AVX2 tile. Same products, other summation order.
+template <int BITS, bool MINS>
+inline void dequant_block16(const uint8_t* row, int64_t b, __m512 d, __m512 m, __m512 out[2]) {
+  __m128i c[2];
+  if constexpr (BITS == 8) {
+    const uint8_t* p = row + b * kBlock;
+    c[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    c[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    c[0] = _mm_and_si128(raw, mask);                     // weights 0..15: low nibbles
+    c[1] = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  // weights 16..31: high nibbles
+    if constexpr (!MINS) {
+      c[0] = _mm_sub_epi8(c[0], _mm_set1_epi8(8));
+      c[1] = _mm_sub_epi8(c[1], _mm_set1_epi8(8));
+    }
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c[i]));
+    out[i] = MINS ? _mm512_fmadd_ps(q, d, m) : _mm512_mul_ps(q, d);
+  }
+}
+
+template <int BITS, bool MINS, int MT>
+inline void row_tile16(const Weight& w, int64_t n, const float* x, int64_t ldx,
+                       float* y, int64_t ldy) {
+  constexpr int NA = MT <= 2 ? 2 : 1;
+  __m512 acc[MT][NA];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+  const uint8_t* row = w.qs + n * w.qs_stride;
+  const c10::Half* srow = w.scales + n * w.groups;
+  const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
+  const int64_t per_group = w.group / kBlock;
+  __m512 wv[2];
+  __m512 mn = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m512 d = _mm512_set1_ps(half_to_float(srow[g]));
+    if constexpr (MINS) mn = _mm512_set1_ps(half_to_float(mrow[g]));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      dequant_block16<BITS, MINS>(row, b, d, mn, wv);
+      for (int m = 0; m < MT; ++m) {
+        const float* xp = x + m * ldx + b * kBlock;
+        for (int i = 0; i < 2; ++i)
+          acc[m][i % NA] = _mm512_fmadd_ps(wv[i], _mm512_loadu_ps(xp + 16 * i), acc[m][i % NA]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512 s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = _mm512_reduce_add_ps(s);
+  }
+}
+#define PLAIT_ROW_TILE row_tile16
+#else
+#define PLAIT_ROW_TILE row_tile
+#endif
+
 template <int BITS, bool MINS>
 void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
                  float* y, int64_t N) {
@@ -126,14 +189,14 @@ void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, 
       const float* xm = x + m0 * K;
       float* ym = y + m0 * N;
       switch (mt) {
-        case 1: row_tile<BITS, MINS, 1>(w, n, xm, K, ym, N); break;
-        case 2: row_tile<BITS, MINS, 2>(w, n, xm, K, ym, N); break;
-        case 3: row_tile<BITS, MINS, 3>(w, n, xm, K, ym, N); break;
-        case 4: row_tile<BITS, MINS, 4>(w, n, xm, K, ym, N); break;
-        case 5: row_tile<BITS, MINS, 5>(w, n, xm, K, ym, N); break;
-        case 6: row_tile<BITS, MINS, 6>(w, n, xm, K, ym, N); break;
-        case 7: row_tile<BITS, MINS, 7>(w, n, xm, K, ym, N); break;
-        default: row_tile<BITS, MINS, 8>(w, n, xm, K, ym, N); break;
+        case 1: PLAIT_ROW_TILE<BITS, MINS, 1>(w, n, xm, K, ym, N); break;
+        case 2: PLAIT_ROW_TILE<BITS, MINS, 2>(w, n, xm, K, ym, N); break;
+        case 3: PLAIT_ROW_TILE<BITS, MINS, 3>(w, n, xm, K, ym, N); break;
+        case 4: PLAIT_ROW_TILE<BITS, MINS, 4>(w, n, xm, K, ym, N); break;
+        case 5: PLAIT_ROW_TILE<BITS, MINS, 5>(w, n, xm, K, ym, N); break;
+        case 6: PLAIT_ROW_TILE<BITS, MINS, 6>(w, n, xm, K, ym, N); break;
+        case 7: PLAIT_ROW_TILE<BITS, MINS, 7>(w, n, xm, K, ym, N); break;
+        default: PLAIT_ROW_TILE<BITS, MINS, 8>(w, n, xm, K, ym, N); break;
       }
     }
   }
