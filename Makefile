@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model run test test-fast bench bench-cpu bench-peers clean
+.PHONY: setup model kernels run test test-fast bench bench-cpu bench-peers clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 # Mooncake (the KV transfer of --disaggregation-mode) likewise.
 # Mooncake's transfer engine (plait[pd]) links libibverbs even for TCP: installed where apt
 # exists (CI runs as root), else a note says what is missing. The CPU kernels
-# (plait/backends/cpu/*.cpp) are compiled at first use by torch.utils.cpp_extension: g++.
+# (plait/backends/cpu/*.cpp) are compiled by torch.utils.cpp_extension (`make kernels`): g++.
 $(STAMP): pyproject.toml
 	command -v apt-get >/dev/null && (dpkg -s libibverbs1 >/dev/null 2>&1 || \
 	  (apt-get update -q && apt-get install -y -q libibverbs1)) || \
@@ -34,13 +34,18 @@ $(STAMP): pyproject.toml
 model: setup
 	$(PY) -m plait.models.default
 
-run: model
+# The CPU backend's C++ kernels for this CPU, built once here (about 2 min on 2 cores) so the
+# first server start does not spend that time compiling; cached by torch afterwards.
+kernels: setup
+	$(PY) -m plait.backends.cpu.cpp_build
+
+run: model kernels
 	$(PY) examples/quickstart.py
 
-test: model
+test: model kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: model
+test-fast: model kernels
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: model

@@ -49,3 +49,4 @@ def test_engine_start_leaves_the_callers_thread_count_alone(make_tiny_model):
     with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
         assert torch.get_num_threads() == before
         assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
+
