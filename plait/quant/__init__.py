@@ -8,12 +8,11 @@ the kernel), and a backend-supplied kernel multiplies the two.
 - :mod:`plait.quant.modules`: ``QuantizedLinear`` / ``QuantizedEmbedding`` and the swap of a
   model's ``nn.Linear`` layers.
 
-The matmul itself comes from ``Backend.quantized_linear(method, activations)`` (portable
-torch default;
-the CPU backend's is a C++ kernel per CPU feature level in ``plait/backends/cpu/qmatmul.cpp``,
-with an AVX-512 VNNI int8-activation path for ``ACTIVATIONS`` ``int8``; the CUDA/ROCm
-backends' a Triton dequant-GEMM in ``plait/backends/cuda/quantized_matmul.py``). Every one
-must pass the conformance kit's ``check_quantized_linear``.
+The matmul itself comes from ``Backend.quantized_linear(method, activations)``: the portable
+torch default; the CPU backend's C++ kernels per CPU feature level
+(``plait/backends/cpu/qmatmul_kernels.h``), with an AVX-512 VNNI path for int8 activations;
+the CUDA/ROCm backends' Triton dequant-GEMM (``plait/backends/cuda/quantized_matmul.py``).
+Every one must pass the conformance kit's ``check_quantized_linear``.
 """
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> Non
 @pytest.fixture(scope="module")
 def cpu_matmul():
     """The float-activation kernel (the best SIMD level this CPU runs)."""
-    from plait.backends.cpu.qmatmul import cpu_quantized_matmul
-    return cpu_quantized_matmul()
+    from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+    return CpuQuantizedMatmul()
 
 
 def vnni_extension():
@@ -85,16 +85,16 @@ def test_cpu_kernel_keeps_leading_dims_and_dtype(cpu_matmul):
 
 def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
     from plait.backends.cpu.cpp_build import best_level
-    from plait.backends.cpu.qmatmul import cpu_quantized_matmul, extension
+    from plait.backends.cpu.qmatmul import CpuQuantizedMatmul, extension
     assert extension().simd_level() == best_level()
     # int8 activations run exactly where the build has the VNNI kernel, else are refused
     w, x = make_weight("int4-asym", 8, 64, 32, 0), torch.randn(3, 64)
-    exact = cpu_quantized_matmul()(x, w)
+    exact = CpuQuantizedMatmul()(x, w)
     if best_level() == "avx512vnni":
-        assert not torch.equal(cpu_quantized_matmul(int8_activations=True)(x, w), exact)
+        assert not torch.equal(CpuQuantizedMatmul(int8_activations=True)(x, w), exact)
     for level in {"portable", best_level()} - {"avx512vnni"}:
         with pytest.raises(ValueError, match="int8 activations"):
-            cpu_quantized_matmul(level, int8_activations=True)
+            CpuQuantizedMatmul(level, int8_activations=True)
 
 
 def test_int8_activations_match_the_reference_quantizer():
@@ -138,11 +138,11 @@ def test_int8_activation_kernel_matches_dequantized_reference(shape):
 def test_lower_level_kernels_match_dequantized_reference(level, fmt):
     """The builds a CPU without AVX-512 VNNI (or without AVX2) runs."""
     from plait.backends.cpu.cpp_build import has_avx2
-    from plait.backends.cpu.qmatmul import cpu_quantized_matmul, extension
+    from plait.backends.cpu.qmatmul import CpuQuantizedMatmul, extension
     if level == "avx2" and not has_avx2():
         pytest.skip("this CPU has no AVX2")
     assert extension(level).simd_level() == level
     assert not hasattr(extension(level), "qmatmul_q8")
     for m, n in [(1, 7), (9, 33), (17, 5)]:
         w = make_weight(fmt, n, 192, 64, m)
-        assert_matches_reference(cpu_quantized_matmul(level), torch.randn(m, 192), w)
+        assert_matches_reference(CpuQuantizedMatmul(level), torch.randn(m, 192), w)

@@ -233,8 +233,6 @@ class DecodeModel {
     return lm_head_(rms_norm(x, final_norm_, eps_));
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
  private:
   int64_t hq_, hkv_, d_;
   float eps_;
@@ -261,7 +259,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
            py::arg("lm_head"))
       .def("add_layer", &DecodeModel::add_layer)
-      .def("forward", &DecodeModel::forward)
-      .def("num_layers", &DecodeModel::num_layers);
+      .def("forward", &DecodeModel::forward);
   m.def("simd_level", &simd_level, "the instruction set this build targets");
 }

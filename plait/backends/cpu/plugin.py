@@ -57,15 +57,15 @@ class CpuBackend(Backend):
         or the torch default if it cannot be compiled here (no C++ compiler), with a warning
         since that path is slow."""
         from plait.backends.cpu.cpp_build import has_avx512_vnni
-        from plait.backends.cpu.qmatmul import cpu_quantized_matmul
+        from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
         if activations == "int8":
             if not has_avx512_vnni():
                 raise ValueError("quantization_activations='int8' needs a CPU with AVX-512 "
                                  "VNNI (this one has not)")
-            return cpu_quantized_matmul(int8_activations=True)
+            return CpuQuantizedMatmul(int8_activations=True)
         refuse_int8_activations(self.name, activations)
         try:
-            return cpu_quantized_matmul(int8_activations=False)
+            return CpuQuantizedMatmul(int8_activations=False)
         except Exception as e:  # a missing compiler surfaces as several error types
             log.warning("quantized CPU kernel unavailable (%s); using the slow torch path", e)
             return super().quantized_linear(method)

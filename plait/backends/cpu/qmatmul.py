@@ -11,7 +11,7 @@ is bounded by the activations' rounding, see ``qmatmul.cpp``).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -27,7 +27,7 @@ def extension(level: str | None = None) -> ModuleType:
 class CpuQuantizedMatmul:
     """``f(x[..., K], weight) -> [..., N]`` in float32 (other activation dtypes are converted
     in and out) with ``qmatmul.cpp`` built for ``level``: ``qmatmul_q8`` with
-    ``int8_activations``, else ``qmatmul``. Its ``level`` and ``int8_activations`` tell the
+    ``int8_activations`` (ValueError where that build has no VNNI kernel), else ``qmatmul``. Its ``level`` and ``int8_activations`` tell the
     native decode step (``plait.backends.cpu.native_decode``) which kernel to call itself."""
 
     def __init__(self, level: str | None = None, int8_activations: bool = False):
@@ -48,13 +48,6 @@ class CpuQuantizedMatmul:
         else:
             y = self._kernel(x2, w.qs, w.scales, w.mins, w.bits, w.group_size)
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
-
-
-def cpu_quantized_matmul(level: str | None = None, int8_activations: bool = False
-                         ) -> Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]:
-    """A :class:`CpuQuantizedMatmul` (ValueError where ``int8_activations`` finds no VNNI
-    kernel in the ``level`` build)."""
-    return CpuQuantizedMatmul(level, int8_activations)
 
 
 @torch.library.custom_op("plait::quantized_matmul", mutates_args=())

@@ -81,44 +81,63 @@ inline void dequant_block(const uint8_t* row, int64_t b, __m256 d, __m256 m, __m
   }
 }
 
-// y[m, n] for MT activation rows and one weight row n. Few rows get several accumulators
-// each so the FMA chains overlap; 8 rows already give 8 independent chains.
-template <int BITS, bool MINS, int MT>
+// A block's 32 weights as AVX2 registers: four ymm of 8 floats (row_tile's vector type).
+struct Ymm {
+  using V = __m256;
+  static constexpr int kPerBlock = 4;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static float sum(V v) { return hsum(v); }
+  template <int BITS, bool MINS>
+  static void dequant(const uint8_t* row, int64_t b, V d, V m, V out[kPerBlock]) {
+    dequant_block<BITS, MINS>(row, b, d, m, out);
+  }
+};
+
+// y[m, n] for MT activation rows and one weight row n, in vectors of L (Ymm, or Zmm where
+// the build has AVX-512). Few rows get several accumulators each so the FMA chains overlap;
+// 8 rows already give 8 independent chains.
+template <typename L, int BITS, bool MINS, int MT>
 inline void row_tile(const Weight& w, int64_t n, const float* x, int64_t ldx,
                      float* y, int64_t ldy) {
-  constexpr int NA = MT <= 2 ? 4 : (MT <= 4 ? 2 : 1);
-  __m256 acc[MT][NA];
+  using V = typename L::V;
+  constexpr int kLanes = kBlock / L::kPerBlock;
+  constexpr int NA = MT <= 2 ? L::kPerBlock : (MT <= 4 ? L::kPerBlock / 2 : 1);
+  V acc[MT][NA];
   for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int a = 0; a < NA; ++a) acc[m][a] = L::zero();
   const uint8_t* row = w.qs + n * w.qs_stride;
   const c10::Half* srow = w.scales + n * w.groups;
   const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
   const int64_t per_group = w.group / kBlock;
-  __m256 wv[4];
-  __m256 mn = _mm256_setzero_ps();
+  V wv[L::kPerBlock];
+  V mn = L::zero();
   for (int64_t g = 0; g < w.groups; ++g) {
-    const __m256 d = _mm256_set1_ps(half_to_float(srow[g]));
-    if constexpr (MINS) mn = _mm256_set1_ps(half_to_float(mrow[g]));
+    const V d = L::set1(half_to_float(srow[g]));
+    if constexpr (MINS) mn = L::set1(half_to_float(mrow[g]));
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      dequant_block<BITS, MINS>(row, b, d, mn, wv);
+      L::template dequant<BITS, MINS>(row, b, d, mn, wv);
       for (int m = 0; m < MT; ++m) {
         const float* xp = x + m * ldx + b * kBlock;
-        for (int i = 0; i < 4; ++i)
-          acc[m][i % NA] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xp + 8 * i), acc[m][i % NA]);
+        for (int i = 0; i < L::kPerBlock; ++i)
+          acc[m][i % NA] = L::fmadd(wv[i], L::load(xp + kLanes * i), acc[m][i % NA]);
       }
     }
   }
   for (int m = 0; m < MT; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < NA; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum(s);
+    V s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = L::add(s, acc[m][a]);
+    y[m * ldy + n] = L::sum(s);
   }
 }
 
 #ifdef __AVX512F__
-// row_tile for builds with AVX-512 (the avx512vnni level): a block dequantizes into two zmm
-// (3 instructions each instead of 5 per ymm quarter) and each row's FMAs are 512 bits wide,
-// about half the instructions of the AVX2 tile. Same products, other summation order.
+// Builds with AVX-512 (the avx512vnni level) run row_tile on zmm: a block dequantizes into
+// two zmm (3 instructions each instead of 5 per ymm quarter) and each row's FMAs are 512 bits
+// wide, about half the instructions of the AVX2 tile. Same products, other summation order.
 template <int BITS, bool MINS>
 inline void dequant_block16(const uint8_t* row, int64_t b, __m512 d, __m512 m, __m512 out[2]) {
   __m128i c[2];
@@ -142,40 +161,24 @@ inline void dequant_block16(const uint8_t* row, int64_t b, __m512 d, __m512 m, _
   }
 }
 
-template <int BITS, bool MINS, int MT>
-inline void row_tile16(const Weight& w, int64_t n, const float* x, int64_t ldx,
-                       float* y, int64_t ldy) {
-  constexpr int NA = MT <= 2 ? 2 : 1;
-  __m512 acc[MT][NA];
-  for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
-  const uint8_t* row = w.qs + n * w.qs_stride;
-  const c10::Half* srow = w.scales + n * w.groups;
-  const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
-  const int64_t per_group = w.group / kBlock;
-  __m512 wv[2];
-  __m512 mn = _mm512_setzero_ps();
-  for (int64_t g = 0; g < w.groups; ++g) {
-    const __m512 d = _mm512_set1_ps(half_to_float(srow[g]));
-    if constexpr (MINS) mn = _mm512_set1_ps(half_to_float(mrow[g]));
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      dequant_block16<BITS, MINS>(row, b, d, mn, wv);
-      for (int m = 0; m < MT; ++m) {
-        const float* xp = x + m * ldx + b * kBlock;
-        for (int i = 0; i < 2; ++i)
-          acc[m][i % NA] = _mm512_fmadd_ps(wv[i], _mm512_loadu_ps(xp + 16 * i), acc[m][i % NA]);
-      }
-    }
+// A block's 32 weights as AVX-512 registers: two zmm of 16 floats.
+struct Zmm {
+  using V = __m512;
+  static constexpr int kPerBlock = 2;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  template <int BITS, bool MINS>
+  static void dequant(const uint8_t* row, int64_t b, V d, V m, V out[kPerBlock]) {
+    dequant_block16<BITS, MINS>(row, b, d, m, out);
   }
-  for (int m = 0; m < MT; ++m) {
-    __m512 s = acc[m][0];
-    for (int a = 1; a < NA; ++a) s = _mm512_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = _mm512_reduce_add_ps(s);
-  }
-}
-#define PLAIT_ROW_TILE row_tile16
+};
+using RowLanes = Zmm;
 #else
-#define PLAIT_ROW_TILE row_tile
+using RowLanes = Ymm;
 #endif
 
 template <int BITS, bool MINS>
@@ -189,14 +192,14 @@ void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, 
       const float* xm = x + m0 * K;
       float* ym = y + m0 * N;
       switch (mt) {
-        case 1: PLAIT_ROW_TILE<BITS, MINS, 1>(w, n, xm, K, ym, N); break;
-        case 2: PLAIT_ROW_TILE<BITS, MINS, 2>(w, n, xm, K, ym, N); break;
-        case 3: PLAIT_ROW_TILE<BITS, MINS, 3>(w, n, xm, K, ym, N); break;
-        case 4: PLAIT_ROW_TILE<BITS, MINS, 4>(w, n, xm, K, ym, N); break;
-        case 5: PLAIT_ROW_TILE<BITS, MINS, 5>(w, n, xm, K, ym, N); break;
-        case 6: PLAIT_ROW_TILE<BITS, MINS, 6>(w, n, xm, K, ym, N); break;
-        case 7: PLAIT_ROW_TILE<BITS, MINS, 7>(w, n, xm, K, ym, N); break;
-        default: PLAIT_ROW_TILE<BITS, MINS, 8>(w, n, xm, K, ym, N); break;
+        case 1: row_tile<RowLanes, BITS, MINS, 1>(w, n, xm, K, ym, N); break;
+        case 2: row_tile<RowLanes, BITS, MINS, 2>(w, n, xm, K, ym, N); break;
+        case 3: row_tile<RowLanes, BITS, MINS, 3>(w, n, xm, K, ym, N); break;
+        case 4: row_tile<RowLanes, BITS, MINS, 4>(w, n, xm, K, ym, N); break;
+        case 5: row_tile<RowLanes, BITS, MINS, 5>(w, n, xm, K, ym, N); break;
+        case 6: row_tile<RowLanes, BITS, MINS, 6>(w, n, xm, K, ym, N); break;
+        case 7: row_tile<RowLanes, BITS, MINS, 7>(w, n, xm, K, ym, N); break;
+        default: row_tile<RowLanes, BITS, MINS, 8>(w, n, xm, K, ym, N); break;
       }
     }
   }
