@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import torch
 
-from plait.core.backend_api import ModelSpec
+from plait.core.backend_api import Backend, ModelSpec
 from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
@@ -66,7 +66,7 @@ class Engine:
 
     def _load(self, cfg: EngineConfig) -> None:
         from plait.backends import registry
-        from plait.models.loader import load_config, load_tokenizer, resolve_model_dir
+        from plait.models.loader import resolve_model_dir
 
         if cfg.model_path is None:
             from plait.models.default import default_model_path
@@ -76,6 +76,15 @@ class Engine:
         self.model_dir = model_dir
         self.quantization = cfg.quant_config(model_dir)
         self.backend = backend = registry.get_backend(cfg.device)
+        # Everything from here runs torch on the caller's thread (pool allocation, weight
+        # loading): under host_thread, so that thread never owns an OpenMP team (see
+        # Backend.host_thread; one such team made every forward kernel sleep between calls).
+        with backend.host_thread():
+            self._load_on(backend, cfg, model_dir)
+
+    def _load_on(self, backend: Backend, cfg: EngineConfig, model_dir: Path) -> None:
+        from plait.models.loader import load_config, load_tokenizer
+
         self.device_name = backend.name
         self.config = cfg = cfg.with_backend_defaults(backend)
         device = backend.torch_device
@@ -102,14 +111,12 @@ class Engine:
         spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
                          quantization=self.quantization,
                          graph_capture=cfg.graph_capture(backend))
-        with backend.host_thread():  # the caller's thread must not keep an OpenMP team
-            if cfg.tp_size == 1:
-                runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size,
-                                                       req_pool)
-            else:
-                from plait.core.tp.runner import start_tensor_parallel
-                runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
-                                                          req_pool, cfg.tp_size)
+        if cfg.tp_size == 1:
+            runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
+        else:
+            from plait.core.tp.runner import start_tensor_parallel
+            runner, allocator = start_tensor_parallel(backend, spec, tokens, cfg.page_size,
+                                                      req_pool, cfg.tp_size)
         self._tp_runner = runner if cfg.tp_size > 1 else None
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         self.eos_ids = _eos_ids(hf, self.tokenizer)

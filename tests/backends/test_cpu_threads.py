@@ -50,3 +50,32 @@ def test_engine_start_leaves_the_callers_thread_count_alone(make_tiny_model):
         assert torch.get_num_threads() == before
         assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
 
+
+
+ENGINE_START_SCRIPT = """
+import os, sys, torch, plait
+def threads(): return len(os.listdir("/proc/self/task"))
+with plait.Engine(model_path=sys.argv[1], max_total_tokens=256) as engine:
+    engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
+    before = threads()
+    torch.randn(2_000_000).exp()  # the caller's first parallel region starts its team now
+    print("NEW_TEAM_THREADS", threads() - before)
+"""
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one CPU: torch never starts a team")
+def test_engine_start_leaves_the_callers_thread_without_an_openmp_team(make_tiny_model, tmp_path):
+    """All of the engine's start-up torch work (KV pools, weights) runs under host_thread, so
+    the caller's thread owns no team afterwards: its first parallel op starts one (new OS
+    threads appear). A fresh process, as pytest's own thread may own a team already."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "start.py"
+    script.write_text(ENGINE_START_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, str(script), str(make_tiny_model("llama"))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    new = int(out.stdout.split("NEW_TEAM_THREADS")[1].split()[0])
+    assert new == 1, out.stdout
