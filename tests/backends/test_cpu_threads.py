@@ -2,44 +2,57 @@
 thread, so they never own a libgomp team; the caller's thread count is restored."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import threading
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import plait
-from plait.backends.cpu.threads import one_thread_here
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler on this machine to build the helper")
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def run_fresh(script: str, *args: str) -> str:
+    """Run ``script`` in a fresh interpreter with two OpenMP threads and return its stdout: the
+    checks count the process's OS threads, which other tests' engines would disturb, and a
+    thread's team outlives it only in its own process."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="torch runs one thread here anyway")
-def test_a_host_thread_runs_parallel_ops_without_starting_a_team():
-    seen: dict[str, int] = {}
-
-    def body() -> None:  # a fresh thread: no OpenMP team yet
-        seen["before"] = torch.get_num_threads()
-        with one_thread_here():
-            seen["inside"] = torch.get_num_threads()
-            threads = os_threads()
-            torch.randn(2_000_000).exp()  # large enough for torch to go parallel
-            seen["new_os_threads"] = os_threads() - threads
-        seen["after"] = torch.get_num_threads()
+HOST_THREAD_SCRIPT = """
+import json, os, threading, torch
+def os_threads(): return len(os.listdir("/proc/self/task"))
+seen = {}
+def body():  # a fresh thread: no OpenMP team yet
+    seen["before"] = torch.get_num_threads()
+    with one_thread_here():
+        seen["inside"] = torch.get_num_threads()
         threads = os_threads()
-        torch.randn(2_000_000).exp()
-        seen["team_after"] = os_threads() - threads
+        torch.randn(2_000_000).exp()  # large enough for torch to go parallel
+        seen["new_os_threads"] = os_threads() - threads
+    seen["after"] = torch.get_num_threads()
+    threads = os_threads()
+    torch.randn(2_000_000).exp()
+    seen["team_after"] = os_threads() - threads
+t = threading.Thread(target=body)
+t.start()
+t.join()
+print(json.dumps(seen))
+"""
 
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    assert seen["inside"] == 1 and seen["new_os_threads"] == 0
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: torch never starts a team")
+def test_a_host_thread_runs_parallel_ops_without_starting_a_team():
+    seen = json.loads(run_fresh(HOST_THREAD_SCRIPT).strip().splitlines()[-1])
+    assert seen["before"] == 2 and seen["inside"] == 1 and seen["new_os_threads"] == 0
     assert seen["after"] == seen["before"]
     assert seen["team_after"] > 0  # the restored count does start a team: the check can fail
 
@@ -63,19 +76,10 @@ with plait.Engine(model_path=sys.argv[1], max_total_tokens=256) as engine:
 """
 
 
-@pytest.mark.skipif(os.cpu_count() < 2, reason="one CPU: torch never starts a team")
-def test_engine_start_leaves_the_callers_thread_without_an_openmp_team(make_tiny_model, tmp_path):
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: torch never starts a team")
+def test_engine_start_leaves_the_callers_thread_without_an_openmp_team(make_tiny_model):
     """All of the engine's start-up torch work (KV pools, weights) runs under host_thread, so
     the caller's thread owns no team afterwards: its first parallel op starts one (new OS
-    threads appear). A fresh process, as pytest's own thread may own a team already."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "start.py"
-    script.write_text(ENGINE_START_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, str(script), str(make_tiny_model("llama"))], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    new = int(out.stdout.split("NEW_TEAM_THREADS")[1].split()[0])
-    assert new == 1, out.stdout
+    threads appear)."""
+    out = run_fresh(ENGINE_START_SCRIPT, str(make_tiny_model("llama")))
+    assert int(out.split("NEW_TEAM_THREADS")[1].split()[0]) == 1, out

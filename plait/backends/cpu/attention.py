@@ -17,15 +17,20 @@ def extend_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
                          prefix_lens: list[int], extend_lens: list[int],
                          scale: float) -> torch.Tensor:
     """q: [T, Hq, D] (requests concatenated); buffers: [S, Hkv, D]. Request b's new tokens sit at
-    positions prefix_lens[b].. and see every key at or before their own position."""
+    positions prefix_lens[b].. and see every key at or before their own position.
+
+    The tensors passed to SDPA are 4-D ([1, H, L, D]): for 3-D ones torch takes its math path
+    (scores materialized, masks through where/isneginf), 2-5x slower than the fused CPU flash
+    kernel it picks for 4-D, which skips the masked-out blocks of a causal prefill."""
     out = torch.empty_like(q)
     start = 0
     for req, prefix, ext in zip(req_pool_indices, prefix_lens, extend_lens):
         total = prefix + ext
         slots = req_to_token[req, :total].long()
-        qi = q[start:start + ext].transpose(0, 1)           # [Hq, ext, D]
-        ki = k_buffer[slots].transpose(0, 1).to(q.dtype)   # [Hkv, total, D]
-        vi = v_buffer[slots].transpose(0, 1).to(q.dtype)
+        qi = q[start:start + ext].transpose(0, 1).unsqueeze(0)                 # [1, Hq, ext, D]
+        # index_select gathers whole [Hkv, D] rows 2-4x faster than advanced indexing
+        ki = k_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        vi = v_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         if prefix == 0:
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
                                                enable_gqa=True)
@@ -34,7 +39,7 @@ def extend_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
             mask = torch.arange(total).unsqueeze(0) <= rows  # [ext, total]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask.to(q.device),
                                                scale=scale, enable_gqa=True)
-        out[start:start + ext] = o.transpose(0, 1)
+        out[start:start + ext] = o[0].transpose(0, 1)
         start += ext
     return out
 
