@@ -16,7 +16,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
