@@ -70,6 +70,17 @@ def test_cpu_kernel_matches_dequantized_reference(cpu_matmul, shape):
 
 
 @pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
+@pytest.mark.parametrize("m,n", [(64, 7), (70, 256), (130, 300), (64, 513)])
+def test_cpu_kernel_panel_path_matches_dequantized_reference(cpu_matmul, fmt, m, n):
+    """From 64 activation rows on (a prefill, a large decode batch) the kernel dequantizes
+    panels of 256 weight rows and multiplies them with at::mm: full panels, a partial last
+    one and a single short one."""
+    w = make_weight(fmt, n, 192, 64, m)
+    x = torch.randn(m, 192, generator=torch.Generator().manual_seed(n))
+    assert_matches_reference(cpu_matmul, x, w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
 def test_torch_default_matches_dequantized_reference(fmt):
     w = make_weight(fmt, 33, 192, 64, 0)
     assert_matches_reference(torch_quantized_matmul, torch.randn(5, 192), w)
@@ -143,6 +154,6 @@ def test_lower_level_kernels_match_dequantized_reference(level, fmt):
         pytest.skip("this CPU has no AVX2")
     assert extension(level).simd_level() == level
     assert not hasattr(extension(level), "qmatmul_q8")
-    for m, n in [(1, 7), (9, 33), (17, 5)]:
+    for m, n in [(1, 7), (9, 33), (17, 5), (64, 300)]:  # the last one takes the panel path
         w = make_weight(fmt, n, 192, 64, m)
         assert_matches_reference(CpuQuantizedMatmul(level), torch.randn(m, 192), w)

@@ -88,6 +88,7 @@ struct Ymm {
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static float sum(V v) { return hsum(v); }
@@ -168,6 +169,7 @@ struct Zmm {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
@@ -180,6 +182,25 @@ using RowLanes = Zmm;
 #else
 using RowLanes = Ymm;
 #endif
+
+// Weight row n dequantized into out[0:K] (float32, as row_tile computes the weights).
+template <int BITS, bool MINS>
+inline void dequant_row(const Weight& w, int64_t n, int64_t K, float* out) {
+  using L = RowLanes;
+  constexpr int kLanes = kBlock / L::kPerBlock;
+  const uint8_t* row = w.qs + n * w.qs_stride;
+  const int64_t per_group = w.group / kBlock;
+  typename L::V wv[L::kPerBlock];
+  typename L::V mn = L::zero();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const auto d = L::set1(half_to_float(w.scales[n * w.groups + g]));
+    if constexpr (MINS) mn = L::set1(half_to_float(w.mins[n * w.groups + g]));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      L::template dequant<BITS, MINS>(row, b, d, mn, wv);
+      for (int i = 0; i < L::kPerBlock; ++i) L::store(out + b * kBlock + kLanes * i, wv[i]);
+    }
+  }
+}
 
 template <int BITS, bool MINS>
 void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
@@ -207,24 +228,29 @@ void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, 
 #else
 // Portable: dequantize one weight row into a buffer, then plain dot products.
 template <int BITS, bool MINS>
+inline void dequant_row(const Weight& w, int64_t n, int64_t K, float* out) {
+  const uint8_t* row = w.qs + n * w.qs_stride;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t g = k / w.group;
+    const float d = static_cast<float>(w.scales[n * w.groups + g]);
+    float q;
+    if constexpr (BITS == 8) {
+      q = static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+    } else {
+      const int64_t b = k / kBlock, j = k % kBlock;
+      const uint8_t byte = row[b * kBlock / 2 + (j & 15)];
+      q = static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4)) - (MINS ? 0.f : 8.f);
+    }
+    out[k] = MINS ? q * d + static_cast<float>(w.mins[n * w.groups + g]) : q * d;
+  }
+}
+
+template <int BITS, bool MINS>
 void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
                  float* y, int64_t N) {
   std::vector<float> buf(K);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.qs + n * w.qs_stride;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t g = k / w.group;
-      const float d = static_cast<float>(w.scales[n * w.groups + g]);
-      float q;
-      if constexpr (BITS == 8) {
-        q = static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
-      } else {
-        const int64_t b = k / kBlock, j = k % kBlock;
-        const uint8_t byte = row[b * kBlock / 2 + (j & 15)];
-        q = static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4)) - (MINS ? 0.f : 8.f);
-      }
-      buf[k] = MINS ? q * d + static_cast<float>(w.mins[n * w.groups + g]) : q * d;
-    }
+    dequant_row<BITS, MINS>(w, n, K, buf.data());
     for (int64_t m = 0; m < M; ++m) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * buf[k];
@@ -501,10 +527,41 @@ inline Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs, const to
 // ~64K weights per task: small matrices stay on one thread, large ones split evenly.
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
 
+// From this many activation rows on, qmatmul dequantizes panels of weight rows into float32
+// and multiplies them with at::mm (MKL): the register-tile kernel re-reads the activations for
+// every weight row and stays near 60 GFLOP/s however many rows come, while the library GEMM
+// grows with M. benchmarks/qmatmul_cpu.py on the development machine (2 cores), SmolLM2's
+// products per step: M = 64: 139 ms (the tile kernel ~170), M = 256: 415 ms (tile ~680,
+// oneDNN on prepacked float32 334). At M = 48 the two are even. The panel holds the float32
+// weights the tile kernel computes, so results differ by summation order only.
+constexpr int64_t kPanelMinRows = 64;
+constexpr int64_t kPanelRows = 256;  // weight rows per panel: K floats each, kept in L2
+
+inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  auto panel = torch::empty({std::min(kPanelRows, N), K}, x.options());
+  float* pp = panel.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, N - n0);
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (w.bits == 8) dequant_row<8, false>(w, n0 + r, K, pp + r * K);
+        else if (w.mins) dequant_row<4, true>(w, n0 + r, K, pp + r * K);
+        else dequant_row<4, false>(w, n0 + r, K, pp + r * K);
+      }
+    });
+    auto out = y.narrow(1, n0, rows);  // row stride N: the GEMM writes it in place
+    at::mm_out(out, x, panel.narrow(0, 0, rows).t());
+  }
+  return y;
+}
+
 inline torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
                       c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
   const Weight w = checked_weight(x, qs, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  if (M >= kPanelMinRows) return qmatmul_panels(w, x, N);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
