@@ -29,6 +29,7 @@ def run_fresh(script: str, *args: str) -> str:
 
 HOST_THREAD_SCRIPT = """
 import json, os, threading, torch
+from plait.backends.cpu.threads import one_thread_here
 def os_threads(): return len(os.listdir("/proc/self/task"))
 seen = {}
 def body():  # a fresh thread: no OpenMP team yet
@@ -68,6 +69,9 @@ def test_engine_start_leaves_the_callers_thread_count_alone(make_tiny_model):
 ENGINE_START_SCRIPT = """
 import os, sys, torch, plait
 def threads(): return len(os.listdir("/proc/self/task"))
+if sys.argv[2] == "team-before":  # the caller owns a team when it starts the engine
+    torch.set_num_threads(2)
+    torch.randn(2_000_000).exp()
 with plait.Engine(model_path=sys.argv[1], max_total_tokens=256) as engine:
     engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
     before = threads()
@@ -77,9 +81,10 @@ with plait.Engine(model_path=sys.argv[1], max_total_tokens=256) as engine:
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: torch never starts a team")
-def test_engine_start_leaves_the_callers_thread_without_an_openmp_team(make_tiny_model):
-    """All of the engine's start-up torch work (KV pools, weights) runs under host_thread, so
-    the caller's thread owns no team afterwards: its first parallel op starts one (new OS
-    threads appear)."""
-    out = run_fresh(ENGINE_START_SCRIPT, str(make_tiny_model("llama")))
+@pytest.mark.parametrize("caller", ["fresh", "team-before"])
+def test_engine_start_leaves_the_callers_thread_without_an_openmp_team(make_tiny_model, caller):
+    """All of the engine's start-up torch work (KV pools, weights) runs under host_thread, which
+    also frees a team the caller had (torch.set_num_threads, a parallel op), so the caller's
+    thread owns no team afterwards: its next parallel op starts one (new OS threads appear)."""
+    out = run_fresh(ENGINE_START_SCRIPT, str(make_tiny_model("llama")), caller)
     assert int(out.split("NEW_TEAM_THREADS")[1].split()[0]) == 1, out
