@@ -193,10 +193,12 @@ class Backend:
             module.set_device(rank)
 
     def host_thread(self) -> ContextManager[None]:
-        """Context for engine threads that do host-side torch work but run no forward: model
-        loading on the caller's thread, and the scheduler loop when forwards run on a worker
-        thread. Default: nothing; the CPU backend runs them with one OpenMP thread, so only
-        the forward thread owns an OpenMP team (``plait.backends.cpu.threads`` says why)."""
+        """Context for engine threads that do host-side torch work but run no forward: the
+        engine's whole start-up (KV pools, model loading) on the caller's thread, and the
+        scheduler loop when forwards run on a worker thread. Default: nothing; the CPU backend
+        frees the thread's OpenMP team if it has one and runs the body with one OpenMP (and
+        MKL) thread, so only the forward thread owns a team (``plait.backends.cpu.threads``
+        says why)."""
         return contextlib.nullcontext()
 
     @property

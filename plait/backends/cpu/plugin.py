@@ -36,8 +36,9 @@ class CpuBackend(Backend):
     default_graph_capture = False
 
     def host_thread(self) -> ContextManager[None]:
-        """One OpenMP thread on the calling thread for the body (``plait.backends.cpu.threads``:
-        a second OpenMP team makes libgomp put the forward thread's workers to sleep)."""
+        """No OpenMP team of its own and one OpenMP thread on the calling thread for the body
+        (``plait.backends.cpu.threads``: a second team makes libgomp put the forward thread's
+        workers to sleep at every parallel region)."""
         from plait.backends.cpu.threads import one_thread_here
         return one_thread_here()
 
