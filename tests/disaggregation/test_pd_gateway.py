@@ -153,8 +153,10 @@ def test_client_disconnect_through_the_gateway_frees_both_sides(pd, when):
     aborts_before = aborts(prefill), aborts(decode)
     with ThreadPoolExecutor(1) as pool:
         if when == "prefilling":  # a long prompt ahead keeps ours in the prefill queue
+            # (~4,300 tokens, seconds of prefill on 2 cores: 1,400 were done before the abort
+            # arrived once prefill attention ran fused)
             busy = pool.submit(prefill_alone, pd,
-                               "Keep the prefill server busy for a while. " * 160, 4242)
+                               "Keep the prefill server busy for a while. " * 480, 4242)
             time.sleep(0.5)
         r = requests.post(pd.url + "/generate", stream=True, timeout=300, json={
             "text": "Abort me.", "stream": True,
