@@ -146,8 +146,12 @@ inline void rotate(float* x, int64_t heads, int64_t D, const float* cos, const f
   }
 }
 
-// silu(gate) * up for qkv-style fused rows [B, 2I] -> [B, I].
+// silu(gate) * up for qkv-style fused rows [B, 2I] -> [B, I], 16 at a time (a scalar expf per
+// element was ~10 % of a batch-16 step, on one thread). silu(g) = g / (1 + e^-g) is computed
+// as g / (1 + e) for g >= 0 and as g e / (1 + e) for g < 0, with e = exp(-|g|) <= 1: the same
+// value, and the vector exp (decode_attention_kernel.h's, ~1 ulp) never overflows.
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  namespace dd = decode_attention_detail;
   const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = torch::empty({B, I}, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
@@ -157,7 +161,14 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
       const float* g = gp + b * 2 * I;
       const float* u = g + I;
       float* dst = op + b * I;
-      for (int64_t i = 0; i < I; ++i) dst[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      for (; i + dd::kLanes <= I; i += dd::kLanes) {
+        const dd::Vec16 gv = dd::load16(g + i);
+        const dd::Vec16 e = dd::exp_nonpositive(gv < 0.f ? gv : -gv);
+        const dd::Vec16 num = gv < 0.f ? gv * e : gv;
+        dd::store16(dst + i, num / (1.f + e) * dd::load16(u + i));
+      }
+      for (; i < I; ++i) dst[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return out;
