@@ -81,10 +81,11 @@ inline void dequant_block(const uint8_t* row, int64_t b, __m256 d, __m256 m, __m
   }
 }
 
-// A block's 32 weights as AVX2 registers: four ymm of 8 floats (row_tile's vector type).
+// A block's 32 weights as AVX2 registers: four ymm of 8 floats (rows_tile's vector type).
 struct Ymm {
   using V = __m256;
   static constexpr int kPerBlock = 4;
+  static constexpr int kTileRows = 1;  // 16 registers: a 1 x 8 tile already uses 13
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float f) { return _mm256_set1_ps(f); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -98,45 +99,8 @@ struct Ymm {
   }
 };
 
-// y[m, n] for MT activation rows and one weight row n, in vectors of L (Ymm, or Zmm where
-// the build has AVX-512). Few rows get several accumulators each so the FMA chains overlap;
-// 8 rows already give 8 independent chains.
-template <typename L, int BITS, bool MINS, int MT>
-inline void row_tile(const Weight& w, int64_t n, const float* x, int64_t ldx,
-                     float* y, int64_t ldy) {
-  using V = typename L::V;
-  constexpr int kLanes = kBlock / L::kPerBlock;
-  constexpr int NA = MT <= 2 ? L::kPerBlock : (MT <= 4 ? L::kPerBlock / 2 : 1);
-  V acc[MT][NA];
-  for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = L::zero();
-  const uint8_t* row = w.qs + n * w.qs_stride;
-  const c10::Half* srow = w.scales + n * w.groups;
-  const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
-  const int64_t per_group = w.group / kBlock;
-  V wv[L::kPerBlock];
-  V mn = L::zero();
-  for (int64_t g = 0; g < w.groups; ++g) {
-    const V d = L::set1(half_to_float(srow[g]));
-    if constexpr (MINS) mn = L::set1(half_to_float(mrow[g]));
-    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-      L::template dequant<BITS, MINS>(row, b, d, mn, wv);
-      for (int m = 0; m < MT; ++m) {
-        const float* xp = x + m * ldx + b * kBlock;
-        for (int i = 0; i < L::kPerBlock; ++i)
-          acc[m][i % NA] = L::fmadd(wv[i], L::load(xp + kLanes * i), acc[m][i % NA]);
-      }
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    V s = acc[m][0];
-    for (int a = 1; a < NA; ++a) s = L::add(s, acc[m][a]);
-    y[m * ldy + n] = L::sum(s);
-  }
-}
-
 #ifdef __AVX512F__
-// Builds with AVX-512 (the avx512vnni level) run row_tile on zmm: a block dequantizes into
+// Builds with AVX-512 (the avx512vnni level) run rows_tile on zmm: a block dequantizes into
 // two zmm (3 instructions each instead of 5 per ymm quarter) and each row's FMAs are 512 bits
 // wide, about half the instructions of the AVX2 tile. Same products, other summation order.
 template <int BITS, bool MINS>
@@ -166,6 +130,7 @@ inline void dequant_block16(const uint8_t* row, int64_t b, __m512 d, __m512 m, _
 struct Zmm {
   using V = __m512;
   static constexpr int kPerBlock = 2;
+  static constexpr int kTileRows = 2;  // weight rows per rows_tile: 2 x 8 uses 21 of 32 zmm
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float f) { return _mm512_set1_ps(f); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -183,7 +148,7 @@ using RowLanes = Zmm;
 using RowLanes = Ymm;
 #endif
 
-// Weight row n dequantized into out[0:K] (float32, as row_tile computes the weights).
+// Weight row n dequantized into out[0:K] (float32, as rows_tile computes the weights).
 template <int BITS, bool MINS>
 inline void dequant_row(const Weight& w, int64_t n, int64_t K, float* out) {
   using L = RowLanes;
@@ -202,26 +167,191 @@ inline void dequant_row(const Weight& w, int64_t n, int64_t K, float* out) {
   }
 }
 
+// Scales (and mins) of blocks [b0, b0 + nb) of weight row n, one float per 32-weight block.
+// Converted ahead of the block loop so that the loop broadcasts them from memory: converting
+// a float16 scale inside it costs three instructions, and with groups of 32 (every GGUF
+// format) it happens for every block (gate/up at M = 16: 468 -> 399 us).
+template <bool MINS>
+inline void block_scales(const Weight& w, int64_t n, int64_t b0, int64_t nb, float* sd,
+                         float* sm) {
+  const int64_t per_group = w.group / kBlock;
+  const c10::Half* srow = w.scales + n * w.groups;
+  const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
+  int64_t j = 0;
+  if (per_group == 1) {
+    for (; j + 8 <= nb; j += 8) {
+      _mm256_storeu_ps(sd + j, _mm256_cvtph_ps(_mm_loadu_si128(
+                                   reinterpret_cast<const __m128i*>(srow + b0 + j))));
+      if constexpr (MINS)
+        _mm256_storeu_ps(sm + j, _mm256_cvtph_ps(_mm_loadu_si128(
+                                     reinterpret_cast<const __m128i*>(mrow + b0 + j))));
+    }
+  }
+  // Larger groups (int8 per channel, int4 in groups of 128): one conversion per group.
+  int64_t g = (b0 + j) / per_group, left = per_group - (b0 + j) % per_group;
+  float d = half_to_float(srow[g]), mn = MINS ? half_to_float(mrow[g]) : 0.f;
+  for (; j < nb; ++j) {
+    if (left == 0) {
+      ++g;
+      left = per_group;
+      d = half_to_float(srow[g]);
+      if constexpr (MINS) mn = half_to_float(mrow[g]);
+    }
+    sd[j] = d;
+    if constexpr (MINS) sm[j] = mn;
+    --left;
+  }
+}
+
+// Blocks whose scales block_scales converts at a time (on the stack: NR x 2 x 256 B).
+constexpr int64_t kScaleChunk = 64;
+
+// y[m, n + r] for MT activation rows and NR weight rows n..n+NR-1, in vectors of L (Ymm, or
+// Zmm where the build has AVX-512). Each block of a weight row is dequantized once per MT
+// activation rows, and each activation vector, once loaded, feeds NR FMAs: with NR = 1 the
+// loads pace the FMAs one to one. Few activation rows get NA accumulators each so that the FMA
+// chains overlap; NA depends on MT alone, so an output's summation order (and its bits) does
+// not depend on NR, i.e. on whether its weight row was tiled with a neighbour. Kept out of
+// line: inlined into qmatmul's body, tiles had their accumulators spilled to the stack inside
+// the block loop. Used from MT = 3 on (row_tile below serves one or two rows).
+template <typename L, int BITS, bool MINS, int NR, int MT>
+__attribute__((noinline)) void rows_tile(const Weight& w, int64_t n, const float* x,
+                                         int64_t ldx, float* y, int64_t ldy) {
+  using V = typename L::V;
+  constexpr int kLanes = kBlock / L::kPerBlock;
+  constexpr int NA = MT <= 2 ? L::kPerBlock : (MT <= 4 ? L::kPerBlock / 2 : 1);
+  V acc[NR][MT][NA];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m)
+      for (int a = 0; a < NA; ++a) acc[r][m][a] = L::zero();
+  const int64_t blocks = w.groups * (w.group / kBlock);
+  float sd[NR][kScaleChunk], sm[NR][kScaleChunk];
+  V wv[NR][L::kPerBlock];
+  for (int64_t b0 = 0; b0 < blocks; b0 += kScaleChunk) {
+    const int64_t nb = std::min(kScaleChunk, blocks - b0);
+    for (int r = 0; r < NR; ++r) block_scales<MINS>(w, n + r, b0, nb, sd[r], sm[r]);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t b = b0 + j;
+      // The next NR rows, a tile ahead: reading two rows' blocks in turn defeats the hardware
+      // prefetcher (the int8 LM head at M = 4: 5.6 -> 4.0 ms). Past the last row, a prefetch
+      // does not fault.
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w.qs + (n + NR + r) * w.qs_stride +
+                                                   b * BITS * kBlock / 8), _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r)
+        L::template dequant<BITS, MINS>(w.qs + (n + r) * w.qs_stride, b, L::set1(sd[r][j]),
+                                        MINS ? L::set1(sm[r][j]) : L::zero(), wv[r]);
+      for (int m = 0; m < MT; ++m) {
+        const float* xp = x + m * ldx + b * kBlock;
+        for (int i = 0; i < L::kPerBlock; ++i) {
+          V xv = L::load(xp + kLanes * i);
+          // Keep xv in a register: otherwise the compiler folds the load into each of the NR
+          // FMAs, and the loads pace the loop again (gate/up at M = 16: 399 -> 367 us).
+          asm("" : "+v"(xv));
+          for (int r = 0; r < NR; ++r)
+            acc[r][m][i % NA] = L::fmadd(wv[r][i], xv, acc[r][m][i % NA]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) {
+      V s = acc[r][m][0];
+      for (int a = 1; a < NA; ++a) s = L::add(s, acc[r][m][a]);
+      y[m * ldy + n + r] = L::sum(s);
+    }
+}
+
+// y[m, n] for MT <= 2 activation rows and one weight row n: the decode of one or two
+// sequences, where the weights stream from memory: one row at a time keeps the reads
+// sequential (the hardware prefetcher follows them; rows_tile's pairs needed a software
+// prefetch and were still slower on the LM head), and the tile is too small for rows_tile's
+// scale buffer and call to pay. kPerBlock accumulators per activation row let the FMA chains
+// overlap. Inlined into the row loop.
+template <typename L, int BITS, bool MINS, int MT>
+inline void row_tile(const Weight& w, int64_t n, const float* x, int64_t ldx,
+                     float* y, int64_t ldy) {
+  static_assert(MT <= 2, "larger tiles go through rows_tile");
+  using V = typename L::V;
+  constexpr int kLanes = kBlock / L::kPerBlock;
+  constexpr int NA = L::kPerBlock;
+  V acc[MT][NA];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = L::zero();
+  const uint8_t* row = w.qs + n * w.qs_stride;
+  const c10::Half* srow = w.scales + n * w.groups;
+  const c10::Half* mrow = MINS ? w.mins + n * w.groups : nullptr;
+  const int64_t per_group = w.group / kBlock;
+  V wv[L::kPerBlock];
+  V mn = L::zero();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const V d = L::set1(half_to_float(srow[g]));
+    if constexpr (MINS) mn = L::set1(half_to_float(mrow[g]));
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      L::template dequant<BITS, MINS>(row, b, d, mn, wv);
+      for (int m = 0; m < MT; ++m) {
+        const float* xp = x + m * ldx + b * kBlock;
+        for (int i = 0; i < L::kPerBlock; ++i)
+          acc[m][i] = L::fmadd(wv[i], L::load(xp + kLanes * i), acc[m][i]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    V s = acc[m][0];
+    for (int a = 1; a < NA; ++a) s = L::add(s, acc[m][a]);
+    y[m * ldy + n] = L::sum(s);
+  }
+}
+
+// Weight rows from n (advanced past the last whole group of NR) to n1 times one tile of
+// 3 <= mt <= kMaxRows activation rows.
+template <int BITS, bool MINS, int NR>
+inline void tile_rows_nr(const Weight& w, int64_t& n, int64_t n1, int64_t mt, const float* x,
+                         int64_t K, float* y, int64_t N) {
+  for (; n + NR <= n1; n += NR) {
+    switch (mt) {
+      case 3: rows_tile<RowLanes, BITS, MINS, NR, 3>(w, n, x, K, y, N); break;
+      case 4: rows_tile<RowLanes, BITS, MINS, NR, 4>(w, n, x, K, y, N); break;
+      case 5: rows_tile<RowLanes, BITS, MINS, NR, 5>(w, n, x, K, y, N); break;
+      case 6: rows_tile<RowLanes, BITS, MINS, NR, 6>(w, n, x, K, y, N); break;
+      case 7: rows_tile<RowLanes, BITS, MINS, NR, 7>(w, n, x, K, y, N); break;
+      default: rows_tile<RowLanes, BITS, MINS, NR, 8>(w, n, x, K, y, N); break;
+    }
+  }
+}
+
+// Weight rows [n0, n1) times one tile of mt <= kMaxRows activation rows.
+template <int BITS, bool MINS>
+inline void tile_rows(const Weight& w, int64_t n0, int64_t n1, int64_t mt, const float* x,
+                      int64_t K, float* y, int64_t N) {
+  if (mt == 1) {
+    for (int64_t n = n0; n < n1; ++n) row_tile<RowLanes, BITS, MINS, 1>(w, n, x, K, y, N);
+    return;
+  }
+  if (mt == 2) {
+    for (int64_t n = n0; n < n1; ++n) row_tile<RowLanes, BITS, MINS, 2>(w, n, x, K, y, N);
+    return;
+  }
+  int64_t n = n0;
+  if constexpr (RowLanes::kTileRows > 1)
+    tile_rows_nr<BITS, MINS, RowLanes::kTileRows>(w, n, n1, mt, x, K, y, N);
+  tile_rows_nr<BITS, MINS, 1>(w, n, n1, mt, x, K, y, N);
+}
+
+// Weight rows in chunks of kChunkRows; within a chunk, activation tiles outer and weight rows
+// inner: one tile of x (kMaxRows x K floats, 18 KB at K = 576) stays in L1 while the chunk's
+// rows (a few KB of codes) pass over it, instead of every tile of x being re-read from L2 for
+// every weight row.
+constexpr int64_t kChunkRows = 32;
+
 template <int BITS, bool MINS>
 void rows_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t M, int64_t K, const float* x,
                  float* y, int64_t N) {
-  // Weight row outer, activation tiles inner: a row is read from memory once and stays in
-  // L1 for the next tile.
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(n1, c0 + kChunkRows);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t mt = std::min<int64_t>(kMaxRows, M - m0);
-      const float* xm = x + m0 * K;
-      float* ym = y + m0 * N;
-      switch (mt) {
-        case 1: row_tile<RowLanes, BITS, MINS, 1>(w, n, xm, K, ym, N); break;
-        case 2: row_tile<RowLanes, BITS, MINS, 2>(w, n, xm, K, ym, N); break;
-        case 3: row_tile<RowLanes, BITS, MINS, 3>(w, n, xm, K, ym, N); break;
-        case 4: row_tile<RowLanes, BITS, MINS, 4>(w, n, xm, K, ym, N); break;
-        case 5: row_tile<RowLanes, BITS, MINS, 5>(w, n, xm, K, ym, N); break;
-        case 6: row_tile<RowLanes, BITS, MINS, 6>(w, n, xm, K, ym, N); break;
-        case 7: row_tile<RowLanes, BITS, MINS, 7>(w, n, xm, K, ym, N); break;
-        default: row_tile<RowLanes, BITS, MINS, 8>(w, n, xm, K, ym, N); break;
-      }
+      tile_rows<BITS, MINS>(w, c0, c1, mt, x + m0 * K, K, y + m0 * N, N);
     }
   }
 }
