@@ -85,11 +85,11 @@ def test_cpu_kernel_output_bits_do_not_depend_on_row_tiling(cpu_matmul, m, n, fm
 
 
 @pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
-@pytest.mark.parametrize("m,n", [(64, 7), (70, 256), (130, 300), (64, 513)])
+@pytest.mark.parametrize("m,n", [(128, 7), (140, 256), (130, 300), (128, 513), (100, 65)])
 def test_cpu_kernel_panel_path_matches_dequantized_reference(cpu_matmul, fmt, m, n):
-    """From 64 activation rows on (a prefill, a large decode batch) the kernel dequantizes
+    """From 128 activation rows on (a prefill, a large decode batch) the kernel dequantizes
     panels of 256 weight rows and multiplies them with at::mm: full panels, a partial last
-    one and a single short one."""
+    one and a single short one; and 100 rows, the register tiles' largest case here."""
     w = make_weight(fmt, n, 192, 64, m)
     x = torch.randn(m, 192, generator=torch.Generator().manual_seed(n))
     assert_matches_reference(cpu_matmul, x, w)
@@ -169,6 +169,6 @@ def test_lower_level_kernels_match_dequantized_reference(level, fmt):
         pytest.skip("this CPU has no AVX2")
     assert extension(level).simd_level() == level
     assert not hasattr(extension(level), "qmatmul_q8")
-    for m, n in [(1, 7), (9, 33), (17, 5), (64, 300)]:  # the last one takes the panel path
+    for m, n in [(1, 7), (9, 33), (17, 5), (128, 300)]:  # the last one takes the panel path
         w = make_weight(fmt, n, 192, 64, m)
         assert_matches_reference(CpuQuantizedMatmul(level), torch.randn(m, 192), w)

@@ -658,13 +658,14 @@ inline Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs, const to
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
 
 // From this many activation rows on, qmatmul dequantizes panels of weight rows into float32
-// and multiplies them with at::mm (MKL): the register-tile kernel re-reads the activations for
-// every weight row and stays near 60 GFLOP/s however many rows come, while the library GEMM
+// and multiplies them with at::mm (MKL): the register tiles dequantize every block once per
+// 8 activation rows and stay near 120 GFLOP/s however many rows come, while the library GEMM
 // grows with M. benchmarks/qmatmul_cpu.py on the development machine (2 cores), SmolLM2's
-// products per step: M = 64: 139 ms (the tile kernel ~170), M = 256: 415 ms (tile ~680,
-// oneDNN on prepacked float32 334). At M = 48 the two are even. The panel holds the float32
-// weights the tile kernel computes, so results differ by summation order only.
-constexpr int64_t kPanelMinRows = 64;
+// products per step, tiles against panels: M = 64: 116.5 against 142.9 ms, M = 96: 174.6
+// against 189.2, M = 128: 235.2 against 238.5, M = 256: 569.2 against 414.5 (oneDNN on
+// prepacked float32: 372.4). The panel holds the float32 weights the tiles compute, so
+// results differ by summation order only.
+constexpr int64_t kPanelMinRows = 128;
 constexpr int64_t kPanelRows = 256;  // weight rows per panel: K floats each, kept in L2
 
 inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int64_t N) {
