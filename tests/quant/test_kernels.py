@@ -88,11 +88,35 @@ def test_cpu_kernel_output_bits_do_not_depend_on_row_tiling(cpu_matmul, m, n, fm
 @pytest.mark.parametrize("m,n", [(128, 7), (140, 256), (130, 300), (128, 513), (100, 65)])
 def test_cpu_kernel_panel_path_matches_dequantized_reference(cpu_matmul, fmt, m, n):
     """From 128 activation rows on (a prefill, a large decode batch) the kernel dequantizes
-    panels of 256 weight rows and multiplies them with at::mm: full panels, a partial last
-    one and a single short one; and 100 rows, the register tiles' largest case here."""
+    the weights into a float32 panel and multiplies it with oneDNN's GEMM; and 100 rows, the
+    register tiles' largest case here."""
     w = make_weight(fmt, n, 192, 64, m)
     x = torch.randn(m, 192, generator=torch.Generator().manual_seed(n))
     assert_matches_reference(cpu_matmul, x, w)
+
+
+@pytest.mark.parametrize("fmt", ["int4-asym", "q8_0"])
+def test_cpu_kernel_splits_a_large_matrix_into_panels(cpu_matmul, fmt):
+    """A matrix over the panel's 4M floats goes in several panels, each GEMM's output copied
+    into its columns of y: 65,536 rows of 64 fill one panel, 300 more start a second."""
+    w = make_weight(fmt, 65_536 + 300, 64, 32, 1)
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
+    assert_matches_reference(cpu_matmul, x, w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
+def test_int8_activation_kernel_takes_the_float_panels_from_128_rows(fmt):
+    """A prefill with --quantization-activations int8 runs the float32 panels (faster there,
+    and exact up to summation order), so its result is the float kernel's, bit for bit."""
+    from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+    ext = vnni_extension()
+    w = make_weight(fmt, 300, 192, 64, 5)
+    for m, panels in [(127, False), (128, True), (200, True)]:
+        x = torch.randn(m, 192, generator=torch.Generator().manual_seed(m))
+        got = ext.qmatmul_q8(x, w.qs, w.scales, w.mins, w.bits, w.group_size)
+        assert torch.equal(got, CpuQuantizedMatmul()(x, w)) == panels
+        if panels:
+            assert_matches_reference(lambda x, w: got, x, w)
 
 
 @pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])

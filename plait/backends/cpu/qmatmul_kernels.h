@@ -15,8 +15,10 @@
 // that function for its arithmetic and error bound.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -657,24 +659,52 @@ inline Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs, const to
 // ~64K weights per task: small matrices stay on one thread, large ones split evenly.
 inline int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
 
-// From this many activation rows on, qmatmul dequantizes panels of weight rows into float32
-// and multiplies them with at::mm (MKL): the register tiles dequantize every block once per
-// 8 activation rows and stay near 120 GFLOP/s however many rows come, while the library GEMM
-// grows with M. benchmarks/qmatmul_cpu.py on the development machine (2 cores), SmolLM2's
-// products per step, tiles against panels: M = 64: 116.5 against 142.9 ms, M = 96: 174.6
-// against 189.2, M = 128: 235.2 against 238.5, M = 256: 569.2 against 414.5 (oneDNN on
-// prepacked float32: 372.4). The panel holds the float32 weights the tiles compute, so
-// results differ by summation order only.
+// From this many activation rows on, qmatmul dequantizes the weights into float32 panels and
+// multiplies them with oneDNN's float32 GEMM: the register tiles dequantize every block once
+// per 8 activation rows and stay near 120 GFLOP/s however many rows come, while the library
+// GEMM grows with M. benchmarks/qmatmul_cpu.py on the development machine (2 cores),
+// SmolLM2's products per step (the int8 LM head included), tiles against panels in one
+// hour: M = 128: 247.5 against 203.4 ms, M = 256: 494.5 against 380.9 (oneDNN on prepacked
+// float32: 170-178 and 337-353). Below 128 rows the panels were no faster: their cost for
+// dequantizing the whole matrix, the LM head's 28M weights included, stays while the GEMM
+// shrinks. The panel holds the float32 weights the tiles compute, so results differ by
+// summation order only.
 constexpr int64_t kPanelMinRows = 128;
-constexpr int64_t kPanelRows = 256;  // weight rows per panel: K floats each, kept in L2
+// Floats per panel (16 MiB): a small model's matrices fit whole, so the GEMM runs once over
+// all N and writes y itself; a larger one's go in panels of kPanelFloats / K weight rows. The
+// dequantized panel is written and read back once per call, ~1/20 of the GEMM's time at
+// M = 512; smaller, L2-sized panels made the GEMM repack x for each one and ran slower.
+constexpr int64_t kPanelFloats = int64_t{1} << 22;
+
+// y = x @ w^T in float32 for a plain row-major w [N, K]: oneDNN's matmul
+// (mkldnn::_linear_pointwise, which takes an unpacked weight) where torch has it, ~1.3x
+// faster than at::mm (MKL's sgemm) at M = 512 on the development machine; at::mm otherwise.
+inline torch::Tensor float_gemm(const torch::Tensor& x, const torch::Tensor& w) {
+  static const c10::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  if (!op.has_value()) return at::mm(x, w.t());
+  std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
+                                 c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
+  op->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A per-thread scratch of at least `floats` floats, kept between calls: a fresh multi-MiB
+// allocation would be page-faulted in on every product.
+inline float* panel_scratch(int64_t floats) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(floats);
+  return scratch.data();
+}
 
 inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  auto y = torch::empty({M, N}, x.options());
-  auto panel = torch::empty({std::min(kPanelRows, N), K}, x.options());
-  float* pp = panel.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
-    const int64_t rows = std::min(kPanelRows, N - n0);
+  const int64_t panel_rows = std::min(N, std::max<int64_t>(1, kPanelFloats / K));
+  float* pp = panel_scratch(panel_rows * K);
+  torch::Tensor y;
+  if (panel_rows < N) y = torch::empty({M, N}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, N - n0);
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         if (w.bits == 8) dequant_row<8, false>(w, n0 + r, K, pp + r * K);
@@ -682,8 +712,10 @@ inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int
         else dequant_row<4, false>(w, n0 + r, K, pp + r * K);
       }
     });
-    auto out = y.narrow(1, n0, rows);  // row stride N: the GEMM writes it in place
-    at::mm_out(out, x, panel.narrow(0, 0, rows).t());
+    const torch::Tensor panel = torch::from_blob(pp, {rows, K}, x.options());
+    torch::Tensor out = float_gemm(x, panel);
+    if (panel_rows == N) return out;
+    y.narrow(1, n0, rows).copy_(out);
   }
   return y;
 }
@@ -710,6 +742,10 @@ inline torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor
                          c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
   const Weight w = checked_weight(x, qs, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  // A prefill (or a decode batch of 128+) takes the float32 panels too: oneDNN's GEMM there
+  // is ~1.5x faster than this kernel (SmolLM2's products at M = 512: 1328 against ~900 ms),
+  // and float activations are the more accurate of the two.
+  if (M >= kPanelMinRows) return qmatmul_panels(w, x, N);
   const QuantizedActivations xq = quantize_activations(x.data_ptr<float>(), M, K);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
