@@ -102,29 +102,31 @@ struct Ymm {
 };
 
 #ifdef __AVX512F__
-// Builds with AVX-512 (the avx512vnni level) run rows_tile on zmm: a block dequantizes into
-// two zmm (3 instructions each instead of 5 per ymm quarter) and each row's FMAs are 512 bits
-// wide, about half the instructions of the AVX2 tile. Same products, other summation order.
+// Builds with AVX-512 (the avx512vnni level) run rows_tile on zmm: a 4-bit block dequantizes
+// into two zmm by table lookup and each row's FMAs are 512 bits wide, about half the
+// instructions of the AVX2 tile. Same products, other summation order.
 template <int BITS, bool MINS>
 inline void dequant_block16(const uint8_t* row, int64_t b, __m512 d, __m512 m, __m512 out[2]) {
-  __m128i c[2];
   if constexpr (BITS == 8) {
     const uint8_t* p = row + b * kBlock;
-    c[0] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    c[1] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
-  } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    c[0] = _mm_and_si128(raw, mask);                     // weights 0..15: low nibbles
-    c[1] = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  // weights 16..31: high nibbles
-    if constexpr (!MINS) {
-      c[0] = _mm_sub_epi8(c[0], _mm_set1_epi8(8));
-      c[1] = _mm_sub_epi8(c[1], _mm_set1_epi8(8));
+    for (int i = 0; i < 2; ++i) {
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i));
+      out[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), d);
     }
-  }
-  for (int i = 0; i < 2; ++i) {
-    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c[i]));
-    out[i] = MINS ? _mm512_fmadd_ps(q, d, m) : _mm512_mul_ps(q, d);
+  } else {
+    // The block's 16 possible weights, code * d (+ m) for codes 0..15 (Q4_0: code - 8), as
+    // one zmm; vpermps then looks each weight up by its nibble (it reads an index's low four
+    // bits only, so the high nibble needs one shift and neither needs a mask). Same floats as
+    // converting each code, in 6 instructions a block instead of 10.
+    const __m512 codes = MINS ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                               14, 15)
+                              : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4,
+                                               5, 6, 7);
+    const __m512 table = MINS ? _mm512_fmadd_ps(codes, d, m) : _mm512_mul_ps(codes, d);
+    const __m512i bytes = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2)));
+    out[0] = _mm512_permutexvar_ps(bytes, table);                          // low nibbles
+    out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);   // high nibbles
   }
 }
 
