@@ -26,8 +26,9 @@ METHODS = ("none", "int8", "int4", "gguf")
 #: ``--quantization-activations`` values: how a quantized matmul takes its activations.
 #: ``float``: in the model dtype (matches dequantize-then-matmul up to float rounding);
 #: ``int8``: quantized to int8 per block of 32 for int8 dot products (llama.cpp's scheme:
-#: faster where the backend has such a kernel, logits shift by ~0.5 %). Backends that cannot
-#: run a value refuse it with ValueError.
+#: faster where the backend has such a kernel, logits shift by ~0.5 %); a backend may still
+#: run prefill-sized products in float where that is faster (the CPU backend does from 128
+#: rows). Backends that cannot run a value refuse it with ValueError.
 ACTIVATIONS = ("float", "int8")
 
 

@@ -136,7 +136,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=list(ACTIVATIONS),
                    help="int8: quantized layers take int8 activations (per block of 32) and use "
                         "int8 dot products, llama.cpp's arithmetic (CPU with AVX-512 VNNI; "
-                        "faster, logits shift by ~0.5 %%); float (default): model dtype")
+                        "faster, logits shift by ~0.5 %%; prefills of 128+ rows stay float); "
+                        "float (default): model dtype")
     p.add_argument("--tp", type=int, default=d.tp,
                    help="tensor-parallel ranks (processes); on the CPU each gets its share of "
                         "the cores (docs/tensor-parallel.md)")

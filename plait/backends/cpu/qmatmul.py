@@ -2,12 +2,14 @@
 :mod:`plait.backends.cpu.cpp_build`.
 
 By default the weights are dequantized in registers and multiplied with float32 activations
-(AVX2 where the CPU has it, the portable C++ loop otherwise), which matches
-dequantize-then-matmul up to float rounding; from 64 activation rows on (prefill, large
-batches) panels of weight rows are dequantized to float32 and multiplied with ``at::mm``.
-``int8_activations=True`` (``--quantization-activations int8``) runs ``qmatmul_q8`` where the CPU has AVX-512 VNNI:
-activations quantized to int8 per 32-block and int8 dot products, as llama.cpp does (its error
-is bounded by the activations' rounding, see ``qmatmul.cpp``).
+(AVX-512 or AVX2 where the CPU has it, the portable C++ loop otherwise), which matches
+dequantize-then-matmul up to float rounding; from 128 activation rows on (prefill, large
+batches) the matrix is dequantized to float32 once per call and multiplied with oneDNN's
+float32 GEMM (``at::mm`` where torch has no oneDNN). ``int8_activations=True``
+(``--quantization-activations int8``) runs ``qmatmul_q8`` where the CPU has AVX-512 VNNI:
+below 128 rows, activations quantized to int8 per 32-block and int8 dot products, as
+llama.cpp does (its error is bounded by the activations' rounding, see
+``qmatmul_kernels.h``); from 128 rows, the same float32 panels.
 """
 from __future__ import annotations
 
