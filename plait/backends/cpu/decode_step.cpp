@@ -7,7 +7,7 @@
 // products (RMSNorm, RoPE, the KV write, SiLU * up, the residual adds) is a plain loop over
 // the rows, and the products call the same kernels the eager path calls:
 //   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
-//   - oneDNN-packed float32 weights: mkldnn::_linear_pointwise, through the dispatcher;
+//   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from there too;
 //   - plain float32 weights: at::linear.
 // Attention is decode_attention from decode_attention_kernel.h over the paged pool.
 //
@@ -23,7 +23,6 @@
 #include "decode_attention_kernel.h"
 #include "qmatmul_kernels.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -81,7 +80,7 @@ struct Linear {
       case kDense:
         return at::linear(x, weight, bias);
       case kPacked:
-        return packed_linear(x);
+        return onednn_linear(x, weight, bias);
       case kQuantized: {
 #ifdef PLAIT_VNNI
         torch::Tensor y = int8_activations ? qmatmul_q8(x, qs, scales, mins, bits, group)
@@ -94,17 +93,6 @@ struct Linear {
       }
     }
     TORCH_CHECK(false, "unknown Linear kind");
-  }
-
-  torch::Tensor packed_linear(const torch::Tensor& x) const {
-    static const c10::OperatorHandle op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-    std::vector<c10::IValue> stack{x, weight, bias.has_value() ? c10::IValue(*bias)
-                                                                : c10::IValue(),
-                                   std::string("none"),
-                                   c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
-    op.callBoxed(&stack);
-    return stack[0].toTensor();
   }
 };
 

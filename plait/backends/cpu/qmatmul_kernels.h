@@ -17,8 +17,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Half.h>
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -678,17 +678,30 @@ constexpr int64_t kPanelMinRows = 128;
 // M = 512; smaller, L2-sized panels made the GEMM repack x for each one and ran slower.
 constexpr int64_t kPanelFloats = int64_t{1} << 22;
 
-// y = x @ w^T in float32 for a plain row-major w [N, K]: oneDNN's matmul
-// (mkldnn::_linear_pointwise, which takes an unpacked weight) where torch has it, ~1.3x
-// faster than at::mm (MKL's sgemm) at M = 512 on the development machine; at::mm otherwise.
-inline torch::Tensor float_gemm(const torch::Tensor& x, const torch::Tensor& w) {
+// oneDNN's float32 linear (mkldnn::_linear_pointwise), where this torch has it: y = x @ w^T
+// (+ bias) for a weight prepacked by mkldnn::_reorder_linear_weight or a plain row-major
+// [N, K] one. The native decode step's packed Linears call it too.
+inline const c10::optional<c10::OperatorHandle>& onednn_linear_op() {
   static const c10::optional<c10::OperatorHandle> op =
       c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-  if (!op.has_value()) return at::mm(x, w.t());
-  std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
+  return op;
+}
+
+inline torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w,
+                                   const c10::optional<torch::Tensor>& bias = c10::nullopt) {
+  const auto& op = onednn_linear_op();
+  TORCH_CHECK(op.has_value(), "this torch has no oneDNN (mkldnn::_linear_pointwise)");
+  std::vector<c10::IValue> stack{x, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
+                                 std::string("none"),
                                  c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
   op->callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+// y = x @ w^T in float32 for a plain row-major w [N, K]: oneDNN, ~1.3x faster than at::mm
+// (MKL's sgemm) at M = 512 on the development machine; at::mm where torch has no oneDNN.
+inline torch::Tensor float_gemm(const torch::Tensor& x, const torch::Tensor& w) {
+  return onednn_linear_op().has_value() ? onednn_linear(x, w) : at::mm(x, w.t());
 }
 
 // A per-thread scratch of at least `floats` floats, kept between calls: a fresh multi-MiB
