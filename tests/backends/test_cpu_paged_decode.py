@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plait.backends.cpu import cpp_build
 from plait.backends.cpu.attention import TorchAttentionBackend, decode_attention_ref
 from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend, paged_decode_attention
 from plait.backends.cpu.plugin import CpuBackend
@@ -89,3 +90,56 @@ def test_cpu_backend_picks_the_kernel_for_float32_kv_only(dtype, cls):
     backend = CpuBackend()
     pool = backend.create_kv_pool(16, 1, 1, 8, dtype, 1)
     assert type(backend.create_attention_backend(pool, 2, 1, 8)) is cls
+
+
+def shared_prefix_case(seed: int, prefix: int, tails: list[int], lead: int = 0,
+                       hkv: int = 3, group: int = 3, d: int = 64):
+    """Requests sharing one prefix of ``prefix`` slots (tails[b] own slots each), after
+    ``lead`` requests of their own; slots scattered over the pool."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = [lead_len for lead_len in [40] * lead] + [prefix + t for t in tails]
+    num_slots = prefix + sum(lens) + 5
+    perm = torch.randperm(num_slots, generator=gen)
+    shared, rest = perm[:prefix], perm[prefix:]
+    rows, used = [], 0
+    for b, n in enumerate(lens):
+        own = n - prefix if b >= lead else n
+        mine = rest[used:used + own]
+        used += own
+        rows.append(torch.cat([shared, mine]) if b >= lead else mine)
+    width = max(lens) + 3
+    slots = torch.zeros(len(lens), width, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        slots[b, :len(r)] = r
+    k = torch.randn(num_slots, hkv, d, generator=gen)
+    v = torch.randn(num_slots, hkv, d, generator=gen)
+    q = torch.randn(len(lens), hkv * group, d, generator=gen)
+    return q, k, v, slots, torch.tensor(lens)
+
+
+@pytest.mark.parametrize("prefix,tails,lead,hkv,group,d", [
+    (1000, [1] * 32, 0, 3, 3, 64),        # the shared-prefix workload: 32 requests, 1 new token
+    (300, [1, 5, 40, 2], 2, 3, 3, 64),    # ragged tails, after two unshared requests
+    (129, [1, 1, 1], 0, 2, 4, 128),       # just past the threshold; head_dim 128
+    (200, [3, 7], 1, 1, 2, 80),           # head_dim 80: the generic path
+])
+def test_requests_sharing_a_prefix_read_it_once_and_match_the_reference(
+        prefix, tails, lead, hkv, group, d):
+    ext = cpp_build.extension("decode_attention.cpp")
+    q, k, v, slots, lens = shared_prefix_case(0, prefix, tails, lead, hkv, group, d)
+    # the grouping the kernel uses: the sharers, their common length one short of the shortest
+    # (a request always keeps a tail of its own)
+    assert ext.shared_groups(slots, lens) == [(lead, len(tails), prefix)]
+    got = paged_decode_attention(q, k, v, slots, lens, 0.125)
+    want = decode_attention_ref(q, k, v, slots.int(), torch.arange(len(lens)), lens, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_a_common_prefix_shorter_than_the_threshold_is_not_shared():
+    ext = cpp_build.extension("decode_attention.cpp")
+    q, k, v, slots, lens = shared_prefix_case(1, 127, [1, 1], 0)
+    assert ext.shared_groups(slots, lens) == []
+    torch.testing.assert_close(
+        paged_decode_attention(q, k, v, slots, lens, 0.125),
+        decode_attention_ref(q, k, v, slots.int(), torch.arange(2), lens, 0.125),
+        rtol=1e-5, atol=2e-6)
