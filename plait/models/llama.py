@@ -173,6 +173,9 @@ class LlamaForCausalLM(nn.Module):
         #: runs decode steps instead of :meth:`layers_forward` when set (a backend's compiled
         #: version of it, e.g. the CPU backend's ``torch.compile``); extend always runs eagerly
         self.decode_forward: Any = None
+        #: runs extend (prefill) batches instead of :meth:`layers_forward` when set (the CPU
+        #: backend's native step); same contract as ``decode_forward``
+        self.extend_forward: Any = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
@@ -181,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
         attn.init_forward_metadata(batch)
         if batch.is_decode and self.decode_forward is not None:
             return self.decode_forward(batch, attn)
+        if not batch.is_decode and self.extend_forward is not None:
+            return self.extend_forward(batch, attn)
         return self.layers_forward(batch, attn)
 
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The CPU backend's native decode step (decode_step.cpp through plait.backends.cpu.native_decode)
-computes what the eager torch step computes: the same greedy tokens and logprobs within float
+"""The CPU backend's native decode and extend steps (decode_step.cpp through
+plait.backends.cpu.native_decode) compute what the eager torch step computes: the same greedy tokens and logprobs within float
 rounding, for Llama, Qwen2 (q/k/v bias) and Mistral, float32 and quantized weights, batched
 with ragged lengths and prefix-cache hits. It is the default decode path on the CPU, and is
 not used where it cannot compute the model exactly. The real-model parity with transformers
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import plait
-from plait.backends.cpu.native_decode import NativeDecode
+from plait.backends.cpu.native_decode import NativeDecode, NativeExtend
 from plait.backends.cpu.plugin import CpuBackend
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -42,6 +42,7 @@ def run(path, monkeypatch, native: bool, **engine_args):
         m.setattr(CpuBackend, "native_decode", native)
         with plait.Engine(model_path=path, max_total_tokens=512, **engine_args) as engine:
             assert isinstance(decode_forward(engine), NativeDecode) == native
+            assert isinstance(engine.scheduler.runner.model.extend_forward, NativeExtend) == native
             return greedy_with_logprobs(engine)
 
 
@@ -76,3 +77,54 @@ def test_bad_positions_and_slots_are_errors_not_writes_out_of_bounds(make_tiny_m
             step.forward(x, torch.tensor([10**6]), one, slots, one)
         with pytest.raises(RuntimeError, match="KV slot out of range"):
             step.forward(x, one, torch.tensor([10**7]), slots, one)
+
+
+SHARED = list(range(300, 300 + 150))  # a 150-token prefix: past the shared-attention threshold
+
+
+def prompt_logprobs(engine: plait.Engine) -> tuple[list[list[int]], torch.Tensor]:
+    """A prefill of two prompts (every prompt token's logprob asked for), then three that share
+    the first one's 150 leading tokens (a cache hit each, one shared group in one extend
+    batch)."""
+    params = dict(PARAMS, max_new_tokens=4)
+    first = engine.generate(input_ids=[SHARED + [7, 8, 9], list(range(1000, 1040))],
+                            sampling_params=params, return_logprob=True, logprob_start_len=0)
+    # logprobs from the first new token: the cached prefix then needs no logits of its own
+    then = engine.generate(input_ids=[SHARED + [11] * n for n in (3, 9, 1)],
+                           sampling_params=params, return_logprob=True,
+                           logprob_start_len=len(SHARED))
+    outs = first + then
+    tokens = [o["output_ids"] for o in outs]
+    logprobs = torch.tensor([e[0] for o in outs for e in o["meta_info"]["input_token_logprobs"]
+                             if e[0] is not None])
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("chunked_prefill_size", [None, 64])
+def test_native_extend_gives_the_eager_prompt_logprobs(make_tiny_model, monkeypatch,
+                                                        chunked_prefill_size):
+    from plait.backends.cpu import paged_decode
+    path = make_tiny_model("llama")
+    results, groups = {}, []
+
+    def recording(*args):
+        found = shared_groups(*args)
+        groups.extend(found)
+        return found
+
+    shared_groups = paged_decode.shared_groups
+    for native in (True, False):
+        with monkeypatch.context() as m:
+            m.setattr(CpuBackend, "native_decode", native)
+            m.setattr(paged_decode, "shared_groups", recording)
+            with plait.Engine(model_path=path, max_total_tokens=2048,
+                              chunked_prefill_size=chunked_prefill_size) as engine:
+                model = engine.scheduler.runner.model
+                assert isinstance(model.extend_forward, NativeExtend) == native
+                results[native] = prompt_logprobs(engine)
+    # both runs' third batch attended to the 150 shared tokens once (the cascade ran)
+    # (149: the logits of the prefix's last token give the first asked-for logprob)
+    assert [(g.count, g.length) for g in groups] == [(3, 149), (3, 149)]
+    assert results[True][0] == results[False][0]
+    assert len(results[True][1]) > 190
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=2e-4)

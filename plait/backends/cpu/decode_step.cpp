@@ -110,15 +110,19 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, floa
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = xp + b * H;
-    double acc = 0.0;
-    for (int64_t i = 0; i < H; ++i) acc += static_cast<double>(row[i] * row[i]);
-    const float mean = static_cast<float>(acc) / static_cast<float>(H);
-    const float r = 1.f / std::sqrt(mean + eps);
-    float* dst = op + b * H;
-    for (int64_t i = 0; i < H; ++i) dst[i] = wp[i] * (row[i] * r);
-  }
+  // rows in parallel only when there are many (a prefill): each row's arithmetic is the same
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1)),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = xp + b * H;
+      double acc = 0.0;
+      for (int64_t i = 0; i < H; ++i) acc += static_cast<double>(row[i] * row[i]);
+      const float mean = static_cast<float>(acc) / static_cast<float>(H);
+      const float r = 1.f / std::sqrt(mean + eps);
+      float* dst = op + b * H;
+      for (int64_t i = 0; i < H; ++i) dst[i] = wp[i] * (row[i] * r);
+    }
+  });
   return out;
 }
 
@@ -198,31 +202,12 @@ class DecodeModel {
     x = x.contiguous().clone();  // the residual stream, updated in place
     positions = positions.contiguous();
     out_loc = out_loc.contiguous();
-    const int64_t B = x.size(0), qd = hq_ * d_, kvd = hkv_ * d_;
-    TORCH_CHECK(positions.numel() == B && out_loc.numel() == B, "one position and slot per row");
+    const int64_t B = x.size(0), qd = hq_ * d_;
+    check_rows(B, positions, out_loc);
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* loc = out_loc.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range: ", pos[b]);
-    const float* cos = cos_.data_ptr<float>();
-    const float* sin = sin_.data_ptr<float>();
     for (const Layer& layer : layers_) {
-      torch::Tensor qkv = layer.qkv(rms_norm(x, layer.input_norm, eps_)).contiguous();
-      TORCH_CHECK(qkv.size(1) == qd + 2 * kvd, "qkv width does not match the heads");
-      const int64_t slots_in_pool = layer.k_buffer.size(0);
-      float* kb = layer.k_buffer.data_ptr<float>();
-      float* vb = layer.v_buffer.data_ptr<float>();
-      float* qkvp = qkv.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        float* row = qkvp + b * (qd + 2 * kvd);
-        const float* c = cos + pos[b] * d_;
-        const float* s = sin + pos[b] * d_;
-        rotate(row, hq_ + hkv_, d_, c, s);  // q and k heads are adjacent
-        TORCH_CHECK(loc[b] >= 0 && loc[b] < slots_in_pool, "KV slot out of range: ", loc[b]);
-        std::memcpy(kb + loc[b] * kvd, row + qd, kvd * sizeof(float));
-        std::memcpy(vb + loc[b] * kvd, row + qd + kvd, kvd * sizeof(float));
-      }
-      torch::Tensor q = qkv.narrow(1, 0, qd).reshape({B, hq_, d_});
+      torch::Tensor q = attention_input(layer, x, pos, loc);
       torch::Tensor attn =
           decode_attention(q, layer.k_buffer, layer.v_buffer, slots, seq_lens, scale_);
       x.add_(layer.o(attn.view({B, qd})));
@@ -232,7 +217,79 @@ class DecodeModel {
     return lm_head_(rms_norm(x, final_norm_, eps_));
   }
 
+  // A prefill (extend) batch: x [T, H] the new tokens' embeddings, positions and out_loc [T],
+  // logits_rows [N] the rows to project to logits. Attention over the paged pool is the
+  // caller's: attend(q [T, Hq, D], layer index) -> [T, Hq, D], called after this layer's new
+  // K/V rows are written (the CPU backend's extend attention, cascade for shared prefixes
+  // included). The MLP runs kMlpRows rows at a time, so its [rows, 2 * I] activations stay in
+  // cache between gate_up, silu * up and down. Returns the logits [N, V].
+  torch::Tensor extend(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
+                       torch::Tensor logits_rows, py::function attend) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [T, H]");
+    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && out_loc.scalar_type() == torch::kInt64,
+                "positions and out_loc must be int64");
+    x = x.contiguous().clone();
+    positions = positions.contiguous();
+    out_loc = out_loc.contiguous();
+    const int64_t T = x.size(0), qd = hq_ * d_;
+    check_rows(T, positions, out_loc);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* loc = out_loc.data_ptr<int64_t>();
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      torch::Tensor q = attention_input(layer, x, pos, loc);
+      torch::Tensor attn = attend(q, static_cast<int64_t>(i)).cast<torch::Tensor>();
+      TORCH_CHECK(attn.sizes() == q.sizes() && attn.scalar_type() == torch::kFloat32,
+                  "attend must return float32 [T, Hq, D]");
+      x.add_(layer.o(attn.reshape({T, qd})));
+      torch::Tensor h = rms_norm(x, layer.post_attention_norm, eps_);
+      for (int64_t r0 = 0; r0 < T; r0 += kMlpRows) {
+        const int64_t n = std::min(kMlpRows, T - r0);
+        torch::Tensor gate_up = layer.gate_up(h.narrow(0, r0, n));
+        x.narrow(0, r0, n).add_(layer.down(silu_mul(gate_up.contiguous())));
+      }
+    }
+    return lm_head_(rms_norm(x.index_select(0, logits_rows), final_norm_, eps_));
+  }
+
  private:
+  static constexpr int64_t kMlpRows = 1024;
+
+  void check_rows(int64_t rows, const torch::Tensor& positions, const torch::Tensor& out_loc) const {
+    TORCH_CHECK(positions.numel() == rows && out_loc.numel() == rows,
+                "one position and slot per row");
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows; ++b)
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range: ", pos[b]);
+    const int64_t slots_in_pool = layers_.empty() ? 0 : layers_[0].k_buffer.size(0);
+    const int64_t* loc = out_loc.data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows; ++b)
+      TORCH_CHECK(loc[b] >= 0 && loc[b] < slots_in_pool, "KV slot out of range: ", loc[b]);
+  }
+
+  // The layer's input norm and qkv product; RoPE on q and k, the new K/V rows written to the
+  // pool. Returns q [rows, Hq, D] (contiguous).
+  torch::Tensor attention_input(const Layer& layer, const torch::Tensor& x, const int64_t* pos,
+                                const int64_t* loc) const {
+    const int64_t B = x.size(0), qd = hq_ * d_, kvd = hkv_ * d_;
+    torch::Tensor qkv = layer.qkv(rms_norm(x, layer.input_norm, eps_)).contiguous();
+    TORCH_CHECK(qkv.size(1) == qd + 2 * kvd, "qkv width does not match the heads");
+    float* kb = layer.k_buffer.data_ptr<float>();
+    float* vb = layer.v_buffer.data_ptr<float>();
+    float* qkvp = qkv.data_ptr<float>();
+    const float* cos = cos_.data_ptr<float>();
+    const float* sin = sin_.data_ptr<float>();
+    at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* row = qkvp + b * (qd + 2 * kvd);
+        rotate(row, hq_ + hkv_, d_, cos + pos[b] * d_, sin + pos[b] * d_);  // q, k adjacent
+        std::memcpy(kb + loc[b] * kvd, row + qd, kvd * sizeof(float));
+        std::memcpy(vb + loc[b] * kvd, row + qd + kvd, kvd * sizeof(float));
+      }
+    });
+    return qkv.narrow(1, 0, qd).reshape({B, hq_, d_}).contiguous();
+  }
+
   int64_t hq_, hkv_, d_;
   float eps_;
   double scale_;
@@ -258,6 +315,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
            py::arg("lm_head"))
       .def("add_layer", &DecodeModel::add_layer)
-      .def("forward", &DecodeModel::forward);
+      .def("forward", &DecodeModel::forward)
+      .def("extend", &DecodeModel::extend, py::arg("x"), py::arg("positions"),
+           py::arg("out_loc"), py::arg("logits_rows"), py::arg("attend"));
   m.def("simd_level", &simd_level, "the instruction set this build targets");
 }

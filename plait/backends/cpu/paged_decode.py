@@ -14,6 +14,7 @@ import torch
 
 from plait.backends.cpu import cpp_build
 from plait.backends.cpu.attention import TorchAttentionBackend
+from plait.backends.cpu.shared_prefix import MIN_SHARED, extend_attention_shared, shared_groups
 from plait.core.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,20 @@ def kernel_available() -> bool:
 
 
 class PagedDecodeAttentionBackend(TorchAttentionBackend):
-    """The torch reference for extend; the in-place C++ kernel for decode. Float32 KV and
-    activations only (the CPU backend creates it for a float32 pool; the kernel checks)."""
+    """The in-place C++ kernel for decode; for extend, the torch reference, except that requests
+    sharing a cached prefix read it once (``shared_prefix.py``; the decode kernel does the same
+    for its batch). Float32 KV and activations only (the CPU backend creates it for a float32
+    pool; the kernel checks)."""
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if not batch.is_decode:
-            return super().init_forward_metadata(batch)
+            super().init_forward_metadata(batch)
+            prefix = batch.prefix_lens_cpu
+            # requests sharing a cached prefix attend to it together (shared_prefix.py); a
+            # batch with at most one cached prefix has nothing to share
+            self._groups = [] if sum(p >= MIN_SHARED for p in prefix) < 2 else shared_groups(
+                [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix)
+            return
         self._req_rows = batch.req_pool_indices.tolist()
         max_len = max(batch.seq_lens_cpu)
         self._slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
@@ -60,6 +69,15 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         """The decode batch's ``(slots [B, L], seq_lens [B])``, both int64, as the kernel takes
         them (valid after ``init_forward_metadata`` of a decode batch)."""
         return self._slots, self._lens
+
+    def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        if not self._groups:
+            return super().forward_extend(q, layer_id, batch)
+        pool = self.kv_pool
+        return extend_attention_shared(
+            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
+            self._req_rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, self._groups,
+            self.scale)
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
