@@ -97,8 +97,9 @@ def main() -> None:
     for item in args.engine_arg:
         key, _, value = item.partition("=")
         kwargs[key] = ast.literal_eval(value)
-    if args.split:
-        kwargs["disable_overlap_schedule"] = True
+    # the profiler records the thread it is started on (the scheduler's): without the overlap
+    # schedule the forward runs there too, instead of on the overlap worker
+    kwargs["disable_overlap_schedule"] = True
     with plait.Engine(**kwargs) as engine:
         print(f"threads={torch.get_num_threads()} engine args={kwargs}")
         if args.split:

@@ -171,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         #: runs decode steps instead of :meth:`layers_forward` when set (a backend's compiled
-        #: version of it, e.g. the CPU backend's ``torch.compile``); extend always runs eagerly
+        #: version of it, e.g. the CPU backend's ``torch.compile`` or native C++ step)
         self.decode_forward: Any = None
         #: runs extend (prefill) batches instead of :meth:`layers_forward` when set (the CPU
         #: backend's native step); same contract as ``decode_forward``
