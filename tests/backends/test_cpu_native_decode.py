@@ -77,6 +77,12 @@ def test_bad_positions_and_slots_are_errors_not_writes_out_of_bounds(make_tiny_m
             step.forward(x, torch.tensor([10**6]), one, slots, one)
         with pytest.raises(RuntimeError, match="KV slot out of range"):
             step.forward(x, one, torch.tensor([10**7]), slots, one)
+        # the extend step checks the same before writing anything
+        never = lambda q, layer: pytest.fail("attention reached with a bad row")  # noqa: E731
+        with pytest.raises(RuntimeError, match="position out of range"):
+            step.extend(x, torch.tensor([-1]), one, torch.zeros(1, dtype=torch.int64), never)
+        with pytest.raises(RuntimeError, match="KV slot out of range"):
+            step.extend(x, one, torch.tensor([-5]), torch.zeros(1, dtype=torch.int64), never)
 
 
 SHARED = list(range(300, 300 + 150))  # a 150-token prefix: past the shared-attention threshold

@@ -196,24 +196,10 @@ class DecodeModel {
   // Returns the logits [B, V].
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
                         torch::Tensor slots, torch::Tensor seq_lens) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [B, H]");
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && out_loc.scalar_type() == torch::kInt64,
-                "positions and out_loc must be int64");
-    x = x.contiguous().clone();  // the residual stream, updated in place
-    positions = positions.contiguous();
-    out_loc = out_loc.contiguous();
-    const int64_t B = x.size(0), qd = hq_ * d_;
-    check_rows(B, positions, out_loc);
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* loc = out_loc.data_ptr<int64_t>();
-    for (const Layer& layer : layers_) {
-      torch::Tensor q = attention_input(layer, x, pos, loc);
-      torch::Tensor attn =
-          decode_attention(q, layer.k_buffer, layer.v_buffer, slots, seq_lens, scale_);
-      x.add_(layer.o(attn.view({B, qd})));
-      torch::Tensor gate_up = layer.gate_up(rms_norm(x, layer.post_attention_norm, eps_));
-      x.add_(layer.down(silu_mul(gate_up.contiguous())));
-    }
+    x = layers(step_input(x, positions, out_loc), [&](const torch::Tensor& q, size_t i) {
+      return decode_attention(q, layers_[i].k_buffer, layers_[i].v_buffer, slots, seq_lens,
+                              scale_);
+    });
     return lm_head_(rms_norm(x, final_norm_, eps_));
   }
 
@@ -221,50 +207,69 @@ class DecodeModel {
   // logits_rows [N] the rows to project to logits. Attention over the paged pool is the
   // caller's: attend(q [T, Hq, D], layer index) -> [T, Hq, D], called after this layer's new
   // K/V rows are written (the CPU backend's extend attention, cascade for shared prefixes
-  // included). The MLP runs kMlpRows rows at a time, so its [rows, 2 * I] activations stay in
-  // cache between gate_up, silu * up and down. Returns the logits [N, V].
+  // included). Returns the logits [N, V].
   torch::Tensor extend(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
                        torch::Tensor logits_rows, py::function attend) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [T, H]");
-    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && out_loc.scalar_type() == torch::kInt64,
-                "positions and out_loc must be int64");
-    x = x.contiguous().clone();
-    positions = positions.contiguous();
-    out_loc = out_loc.contiguous();
-    const int64_t T = x.size(0), qd = hq_ * d_;
-    check_rows(T, positions, out_loc);
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* loc = out_loc.data_ptr<int64_t>();
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& layer = layers_[i];
-      torch::Tensor q = attention_input(layer, x, pos, loc);
+    x = layers(step_input(x, positions, out_loc), [&](const torch::Tensor& q, size_t i) {
       torch::Tensor attn = attend(q, static_cast<int64_t>(i)).cast<torch::Tensor>();
       TORCH_CHECK(attn.sizes() == q.sizes() && attn.scalar_type() == torch::kFloat32,
                   "attend must return float32 [T, Hq, D]");
-      x.add_(layer.o(attn.reshape({T, qd})));
-      torch::Tensor h = rms_norm(x, layer.post_attention_norm, eps_);
-      for (int64_t r0 = 0; r0 < T; r0 += kMlpRows) {
-        const int64_t n = std::min(kMlpRows, T - r0);
-        torch::Tensor gate_up = layer.gate_up(h.narrow(0, r0, n));
-        x.narrow(0, r0, n).add_(layer.down(silu_mul(gate_up.contiguous())));
-      }
-    }
+      return attn;
+    });
     return lm_head_(rms_norm(x.index_select(0, logits_rows), final_norm_, eps_));
   }
 
  private:
   static constexpr int64_t kMlpRows = 1024;
 
-  void check_rows(int64_t rows, const torch::Tensor& positions, const torch::Tensor& out_loc) const {
-    TORCH_CHECK(positions.numel() == rows && out_loc.numel() == rows,
+  struct StepInput {
+    torch::Tensor x;  // the residual stream: a copy, updated in place
+    torch::Tensor positions, out_loc;
+  };
+
+  // A step's rows checked (dtypes, one position and slot each, both in range) and made
+  // contiguous, so the loops over raw pointers below cannot read or write out of bounds.
+  StepInput step_input(const torch::Tensor& x, const torch::Tensor& positions,
+                       const torch::Tensor& out_loc) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [rows, H]");
+    TORCH_CHECK(positions.scalar_type() == torch::kInt64 && out_loc.scalar_type() == torch::kInt64,
+                "positions and out_loc must be int64");
+    StepInput in{x.contiguous().clone(), positions.contiguous(), out_loc.contiguous()};
+    const int64_t rows = x.size(0);
+    TORCH_CHECK(in.positions.numel() == rows && in.out_loc.numel() == rows,
                 "one position and slot per row");
-    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* pos = in.positions.data_ptr<int64_t>();
     for (int64_t b = 0; b < rows; ++b)
       TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position out of range: ", pos[b]);
     const int64_t slots_in_pool = layers_.empty() ? 0 : layers_[0].k_buffer.size(0);
-    const int64_t* loc = out_loc.data_ptr<int64_t>();
+    const int64_t* loc = in.out_loc.data_ptr<int64_t>();
     for (int64_t b = 0; b < rows; ++b)
       TORCH_CHECK(loc[b] >= 0 && loc[b] < slots_in_pool, "KV slot out of range: ", loc[b]);
+    return in;
+  }
+
+  // Every layer over the step's rows; attention(q [rows, Hq, D], layer index) -> [rows, Hq, D]
+  // runs after the layer's new K/V rows are written. The MLP goes kMlpRows rows at a time, so
+  // a prefill's [rows, 2 * I] activations stay in cache between gate_up, silu * up and down.
+  // Returns the final hidden states (before the final norm).
+  template <typename Attention>
+  torch::Tensor layers(const StepInput& in, Attention&& attention) const {
+    torch::Tensor x = in.x;
+    const int64_t rows = x.size(0), qd = hq_ * d_;
+    const int64_t* pos = in.positions.data_ptr<int64_t>();
+    const int64_t* loc = in.out_loc.data_ptr<int64_t>();
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      torch::Tensor attn = attention(attention_input(layer, x, pos, loc), i);
+      x.add_(layer.o(attn.reshape({rows, qd})));
+      torch::Tensor h = rms_norm(x, layer.post_attention_norm, eps_);
+      for (int64_t r0 = 0; r0 < rows; r0 += kMlpRows) {
+        const int64_t n = std::min(kMlpRows, rows - r0);
+        torch::Tensor gate_up = layer.gate_up(h.narrow(0, r0, n));
+        x.narrow(0, r0, n).add_(layer.down(silu_mul(gate_up.contiguous())));
+      }
+    }
+    return x;
   }
 
   // The layer's input norm and qkv product; RoPE on q and k, the new K/V rows written to the
