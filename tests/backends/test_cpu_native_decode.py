@@ -69,7 +69,7 @@ def test_bad_positions_and_slots_are_errors_not_writes_out_of_bounds(make_tiny_m
     from plait.backends.cpu.native_decode import build_native_decode
     with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
         runner = engine.scheduler.runner
-        step = engine._call(lambda: build_native_decode(runner.model, runner.attn))._step
+        step = engine._call(lambda: build_native_decode(runner.model, runner.attn)).step
         x = torch.zeros(1, 64)
         one = torch.ones(1, dtype=torch.int64)
         slots = torch.ones(1, 1, dtype=torch.int64)

@@ -7,7 +7,7 @@ import torch
 
 from plait.backends.cpu.attention import extend_attention_ref
 from plait.backends.cpu.shared_prefix import (MIN_SHARED, SharedGroup, extend_attention_shared,
-                                              shared_groups)
+                                              plan_shared_extend, shared_groups)
 
 
 def batch(seed: int, layout: list[tuple[str, int, int]], hkv: int = 3, group: int = 3,
@@ -47,7 +47,8 @@ def test_shared_prefix_extend_matches_the_reference(layout, groups):
     found = shared_groups([r2t[r, :p] for r, p in zip(rows, prefix)], prefix)
     assert found == groups
     want = extend_attention_ref(q, k, v, r2t, rows, prefix, ext, 0.125)
-    got = extend_attention_shared(q, k, v, r2t, rows, prefix, ext, found, 0.125)
+    plan = plan_shared_extend(r2t, rows, prefix, ext, found, q.shape[1] // k.shape[1])
+    got = extend_attention_shared(q, k, v, plan, 0.125)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
@@ -58,7 +59,8 @@ def test_head_layouts(hkv, group, d):
     found = shared_groups([r2t[r, :p] for r, p in zip(rows, prefix)], prefix)
     assert found == [SharedGroup(0, 3, 300)]
     torch.testing.assert_close(
-        extend_attention_shared(q, k, v, r2t, rows, prefix, ext, found, 0.3),
+        extend_attention_shared(
+            q, k, v, plan_shared_extend(r2t, rows, prefix, ext, found, group), 0.3),
         extend_attention_ref(q, k, v, r2t, rows, prefix, ext, 0.3), rtol=1e-5, atol=2e-6)
 
 

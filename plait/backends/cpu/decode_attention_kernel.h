@@ -314,8 +314,29 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
 
 // q [B, Hq, D], k_buf/v_buf [S, Hkv, D] (float32, contiguous), slots [B, L] int64 (row b's
 // first seq_lens[b] entries are its KV slots), seq_lens [B] int64 (each >= 1).
-inline torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
-                                      torch::Tensor slots, torch::Tensor seq_lens, double scale) {
+// The batch's shared-prefix groups (decode_attention_detail::shared_groups), after checking
+// what that reads: int64 slots [B, L] and seq_lens [B], each length in 1..L. A caller running
+// several layers over one batch (the native decode step) forms them once and passes them on.
+inline std::vector<decode_attention_detail::SharedGroup> decode_shared_groups(
+    torch::Tensor slots, torch::Tensor seq_lens) {
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64,
+              "decode_attention: slots and seq_lens must be int64");
+  TORCH_CHECK(slots.dim() == 2 && seq_lens.numel() == slots.size(0),
+              "decode_attention: slots [B, L] and seq_lens [B]");
+  slots = slots.contiguous();
+  seq_lens = seq_lens.contiguous();
+  const int64_t B = slots.size(0), L = slots.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "decode_attention: bad seq_len ", lens[b]);
+  return decode_attention_detail::shared_groups(slots.data_ptr<int64_t>(), B, L, lens);
+}
+
+// groups: decode_shared_groups(slots, seq_lens), or null to form them here.
+inline torch::Tensor decode_attention(
+    torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
+    torch::Tensor seq_lens, double scale,
+    const std::vector<decode_attention_detail::SharedGroup>* groups_in = nullptr) {
   namespace dd = decode_attention_detail;
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_buf.scalar_type() == torch::kFloat32 &&
                   v_buf.scalar_type() == torch::kFloat32,
@@ -336,8 +357,8 @@ inline torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_buf, torc
 
   // Shared prefixes first: each group's common slots are cut into chunks, one task per chunk
   // and KV head; each request's remaining tokens (its tail) are split into runs as before.
-  const std::vector<dd::SharedGroup> groups = dd::shared_groups(slots.data_ptr<int64_t>(), B, L,
-                                                                lens);
+  const std::vector<dd::SharedGroup> groups =
+      groups_in != nullptr ? *groups_in : decode_shared_groups(slots, seq_lens);
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> shared_len(B, 0), shared_chunks(B, 0);
   int64_t shared_tasks = 0;

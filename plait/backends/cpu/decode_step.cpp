@@ -196,9 +196,11 @@ class DecodeModel {
   // Returns the logits [B, V].
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
                         torch::Tensor slots, torch::Tensor seq_lens) {
+    // the batch's shared prefixes are the same in every layer: formed once
+    const auto groups = decode_shared_groups(slots, seq_lens);
     x = layers(step_input(x, positions, out_loc), [&](const torch::Tensor& q, size_t i) {
       return decode_attention(q, layers_[i].k_buffer, layers_[i].v_buffer, slots, seq_lens,
-                              scale_);
+                              scale_, &groups);
     });
     return lm_head_(rms_norm(x, final_norm_, eps_));
   }

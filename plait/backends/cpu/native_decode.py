@@ -126,14 +126,14 @@ class NativeDecode:
 
     def __init__(self, model: nn.Module, step: Any):
         self._embed = model.embed_tokens
-        self._step = step
+        self.step = step
 
     def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
         slots, lens = attn.decode_metadata()
         if len(batch.logits_rows) != batch.batch_size:
             raise ValueError("the native decode step returns logits for every row")
         x = self._embed(batch.input_ids)
-        return self._step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
+        return self.step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
 
 
 class NativeExtend:
@@ -144,7 +144,7 @@ class NativeExtend:
 
     def __init__(self, model: nn.Module, step: Any):
         self._embed = model.embed_tokens
-        self._step = step
+        self.step = step
 
     def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
         x = self._embed(batch.input_ids)
@@ -152,7 +152,7 @@ class NativeExtend:
         def attend(q: torch.Tensor, layer_id: int) -> torch.Tensor:
             return attn.forward_extend(q, layer_id, batch)
 
-        return self._step.extend(x, batch.positions, batch.out_cache_loc,
+        return self.step.extend(x, batch.positions, batch.out_cache_loc,
                                  batch.logits_rows.long(), attend)
 
 
@@ -164,5 +164,5 @@ def install_native_decode(model: nn.Module, attn: Any) -> bool:
     if native is None:
         return False
     model.decode_forward = native
-    model.extend_forward = NativeExtend(model, native._step)
+    model.extend_forward = NativeExtend(model, native.step)
     return True

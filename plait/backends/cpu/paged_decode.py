@@ -14,7 +14,8 @@ import torch
 
 from plait.backends.cpu import cpp_build
 from plait.backends.cpu.attention import TorchAttentionBackend
-from plait.backends.cpu.shared_prefix import MIN_SHARED, extend_attention_shared, shared_groups
+from plait.backends.cpu.shared_prefix import (MIN_SHARED, extend_attention_shared,
+                                              plan_shared_extend, shared_groups)
 from plait.core.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
             prefix = batch.prefix_lens_cpu
             # requests sharing a cached prefix attend to it together (shared_prefix.py); a
             # batch with at most one cached prefix has nothing to share
-            self._groups = [] if sum(p >= MIN_SHARED for p in prefix) < 2 else shared_groups(
+            groups = [] if sum(p >= MIN_SHARED for p in prefix) < 2 else shared_groups(
                 [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix)
+            self._shared_plan = plan_shared_extend(
+                batch.req_to_token, self._req_rows, prefix, batch.extend_lens_cpu, groups,
+                self.num_heads // self.num_kv_heads) if groups else None
             return
         self._req_rows = batch.req_pool_indices.tolist()
         max_len = max(batch.seq_lens_cpu)
@@ -71,13 +75,11 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         return self._slots, self._lens
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if not self._groups:
+        if self._shared_plan is None:
             return super().forward_extend(q, layer_id, batch)
         pool = self.kv_pool
-        return extend_attention_shared(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
-            self._req_rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, self._groups,
-            self.scale)
+        return extend_attention_shared(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
+                                       self._shared_plan, self.scale)
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool

@@ -81,46 +81,94 @@ def _unfold(o: torch.Tensor, t: int) -> torch.Tensor:
     return o.view(hkv, -1, t, d).permute(2, 0, 1, 3).reshape(t, -1, d)
 
 
+@dataclass(frozen=True)
+class _OwnKeys:
+    """Members of a group with the same cached-but-unshared (``before``) and new (``ext``)
+    lengths: their own keys are attended to in one call, stacked along the batch dimension."""
+
+    members: list[int]       # indices within the group
+    slots: torch.Tensor      # their own keys' slots, [len(members) * (before + ext)] int64
+    before: int
+    ext: int
+    mask: torch.Tensor       # [G * ext, before + ext]: 0 where visible, -inf elsewhere
+
+
+@dataclass(frozen=True)
+class _GroupPlan:
+    lo: int                  # the group's rows of q: lo .. lo + starts[-1]
+    starts: list[int]        # member i's rows: lo + starts[i] .. lo + starts[i + 1]
+    shared: torch.Tensor     # the shared keys' slots, int64
+    own: list[_OwnKeys]
+
+
+@dataclass(frozen=True)
+class SharedExtendPlan:
+    """What an extend batch's attention needs that depends on the batch alone (slot indices,
+    masks), built once per forward by :func:`plan_shared_extend` and used by every layer."""
+
+    groups: list[_GroupPlan]
+    singles: list[tuple[int, int, int]]  # requests outside a group: (batch index, lo, hi)
+    req_to_token: torch.Tensor
+    req_rows: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+
+
+def plan_shared_extend(req_to_token: torch.Tensor, req_rows: list[int], prefix_lens: list[int],
+                       extend_lens: list[int], groups: list[SharedGroup],
+                       heads_per_kv: int) -> SharedExtendPlan:
+    """The plan for an extend batch whose :func:`shared_groups` are ``groups``."""
+    starts = [0]
+    for ext in extend_lens:
+        starts.append(starts[-1] + ext)
+    grouped = {b for g in groups for b in range(g.first, g.first + g.count)}
+    singles = [(b, starts[b], starts[b + 1]) for b in range(len(req_rows)) if b not in grouped]
+    plans = []
+    for g in groups:
+        members = range(g.first, g.first + g.count)
+        rows = [req_to_token[req_rows[b], :prefix_lens[b] + extend_lens[b]].long()
+                for b in members]
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(members):
+            shapes.setdefault((prefix_lens[b] - g.length, extend_lens[b]), []).append(i)
+        own = []
+        for (before, ext), idx in shapes.items():
+            slots = torch.cat([rows[i][g.length:] for i in idx])
+            # an explicit mask even when before == 0: folded rows are g-major, so the kernel's
+            # is_causal (row index against key index) would be wrong for g > 0
+            query_pos = (torch.arange(ext).unsqueeze(1) + before).repeat(heads_per_kv, 1)
+            visible = torch.arange(before + ext).unsqueeze(0) <= query_pos
+            mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+            own.append(_OwnKeys(idx, slots, before, ext, mask))
+        plans.append(_GroupPlan(starts[g.first], [s - starts[g.first] for s in
+                                                  starts[g.first:g.first + g.count + 1]],
+                                rows[0][:g.length], own))
+    return SharedExtendPlan(plans, singles, req_to_token, req_rows, prefix_lens, extend_lens)
+
+
 def group_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                    slot_rows: list[torch.Tensor], prefix_lens: list[int],
-                    extend_lens: list[int], group: SharedGroup, scale: float) -> torch.Tensor:
+                    plan: _GroupPlan, scale: float) -> torch.Tensor:
     """Attention of one group's new tokens: ``q`` [T, Hq, D] holds the group's requests'
     tokens concatenated; returns [T, Hq, D]."""
     hkv = k_buffer.shape[1]
-    shared = slot_rows[group.first][:group.length]
-    k = k_buffer.index_select(0, shared).transpose(0, 1).unsqueeze(0).to(q.dtype)
-    v = v_buffer.index_select(0, shared).transpose(0, 1).unsqueeze(0).to(q.dtype)
+    k = k_buffer.index_select(0, plan.shared).transpose(0, 1).unsqueeze(0).to(q.dtype)
+    v = v_buffer.index_select(0, plan.shared).transpose(0, 1).unsqueeze(0).to(q.dtype)
     t_all = q.shape[0]
     o_shared, lse_shared = _flash(_fold(q, hkv), k, v, scale)
     o_shared, lse_shared = _unfold(o_shared, t_all), _unfold(lse_shared, t_all)  # [T, Hq(, D)]
 
-    # each request's own keys: requests with the same (cached-but-unshared, new) lengths are
-    # stacked along the batch dimension, one call per distinct shape
-    g = q.shape[1] // hkv
-    starts = [0]
-    for b in range(group.first, group.first + group.count):
-        starts.append(starts[-1] + extend_lens[b])
-    shapes: dict[tuple[int, int], list[int]] = {}
-    for i, b in enumerate(range(group.first, group.first + group.count)):
-        shapes.setdefault((prefix_lens[b] - group.length, extend_lens[b]), []).append(i)
+    starts = plan.starts
     o_own = torch.empty_like(q)
     lse_own = torch.empty(lse_shared.shape, dtype=lse_shared.dtype)
-    for (before, ext), members in shapes.items():
-        own = torch.stack([slot_rows[group.first + i][group.length:group.length + before + ext]
-                           for i in members]).reshape(-1)
-        ko = k_buffer.index_select(0, own).view(len(members), before + ext, hkv, -1)
-        vo = v_buffer.index_select(0, own).view(len(members), before + ext, hkv, -1)
-        qi = torch.stack([_fold(q[starts[i]:starts[i] + ext], hkv)[0] for i in members])
-        # an explicit mask even when before == 0: folded rows are g-major, so the kernel's
-        # is_causal (row index against key index) would be wrong for g > 0
-        rows = (torch.arange(ext).unsqueeze(1) + before).repeat(g, 1)       # [G * ext, 1]
-        visible = torch.arange(before + ext).unsqueeze(0) <= rows
-        mask = torch.zeros(visible.shape, dtype=q.dtype).masked_fill(~visible, float("-inf"))
-        o, lse = _flash(qi, ko.transpose(1, 2).to(q.dtype), vo.transpose(1, 2).to(q.dtype),
-                        scale, mask=mask)
-        for n, i in enumerate(members):
-            o_own[starts[i]:starts[i] + ext] = _unfold(o[n:n + 1], ext)
-            lse_own[starts[i]:starts[i] + ext] = _unfold(lse[n:n + 1], ext)
+    for keys in plan.own:
+        n, width = len(keys.members), keys.before + keys.ext
+        ko = k_buffer.index_select(0, keys.slots).view(n, width, hkv, -1).transpose(1, 2)
+        vo = v_buffer.index_select(0, keys.slots).view(n, width, hkv, -1).transpose(1, 2)
+        qi = torch.stack([_fold(q[starts[i]:starts[i + 1]], hkv)[0] for i in keys.members])
+        o, lse = _flash(qi, ko.to(q.dtype), vo.to(q.dtype), scale, mask=keys.mask.to(q.dtype))
+        for j, i in enumerate(keys.members):
+            o_own[starts[i]:starts[i + 1]] = _unfold(o[j:j + 1], keys.ext)
+            lse_own[starts[i]:starts[i + 1]] = _unfold(lse[j:j + 1], keys.ext)
 
     top = torch.maximum(lse_shared, lse_own)
     w_shared, w_own = (lse_shared - top).exp(), (lse_own - top).exp()
@@ -130,35 +178,17 @@ def group_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
 
 
 def extend_attention_shared(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                            req_to_token: torch.Tensor, req_rows: list[int],
-                            prefix_lens: list[int], extend_lens: list[int],
-                            groups: list[SharedGroup], scale: float) -> torch.Tensor:
+                            plan: SharedExtendPlan, scale: float) -> torch.Tensor:
     """The reference's ``extend_attention_ref`` with each shared group's prefix read once;
     requests outside a group go through the reference itself."""
     from plait.backends.cpu.attention import extend_attention_ref
 
     out = torch.empty_like(q)
-    starts = [0]
-    for ext in extend_lens:
-        starts.append(starts[-1] + ext)
-    grouped = {b: g for g in groups for b in range(g.first, g.first + g.count)}
-    b = 0
-    while b < len(req_rows):
-        g = grouped.get(b)
-        if g is not None:
-            members = range(g.first, g.first + g.count)
-            rows = [req_to_token[req_rows[i], :prefix_lens[i] + extend_lens[i]].long()
-                    for i in members]
-            local = SharedGroup(0, g.count, g.length)
-            lo, hi = starts[g.first], starts[g.first + g.count]
-            out[lo:hi] = group_attention(
-                q[lo:hi], k_buffer, v_buffer, rows, [prefix_lens[i] for i in members],
-                [extend_lens[i] for i in members], local, scale)
-            b += g.count
-        else:
-            lo, hi = starts[b], starts[b + 1]
-            out[lo:hi] = extend_attention_ref(
-                q[lo:hi], k_buffer, v_buffer, req_to_token, [req_rows[b]], [prefix_lens[b]],
-                [extend_lens[b]], scale)
-            b += 1
+    for g in plan.groups:
+        hi = g.lo + g.starts[-1]
+        out[g.lo:hi] = group_attention(q[g.lo:hi], k_buffer, v_buffer, g, scale)
+    for b, lo, hi in plan.singles:
+        out[lo:hi] = extend_attention_ref(
+            q[lo:hi], k_buffer, v_buffer, plan.req_to_token, [plan.req_rows[b]],
+            [plan.prefix_lens[b]], [plan.extend_lens[b]], scale)
     return out
