@@ -42,7 +42,7 @@ def profile_batch(engine: plait.Engine, batch: int, steps: int, rows: int) -> No
     total = sum(e.self_cpu_time_total for e in events)
     mm = sum(e.self_cpu_time_total for e in events
              if e.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise",
-                          "aten::mkldnn_linear", "mkl::_mkl_linear"))
+                          "aten::mkldnn_linear", "mkl::_mkl_linear", "plait::panel_linear"))
     print(f"\n=== batch {batch}: {steps} decode steps, {total / 1e3 / steps:.1f} ms/step "
           f"(profiled), matrix products {100 * mm / max(total, 1):.0f}% ===")
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows))

@@ -91,9 +91,10 @@ def quantize_linears(model: nn.Module, method: str, matmul: QuantizedMatmul,
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy: parameters, persistent buffers, the CPU backend's
-    prepacked (oneDNN) Linear weights and quantized weights, each storage counted once (tied weights
-    share one), non-persistent buffers (RoPE tables) excluded."""
+    """Bytes the model's weights occupy: parameters, persistent buffers, the buffers a module
+    names in its ``weight_buffers`` (the CPU backend's prepacked Linear weights, panel or
+    oneDNN), oneDNN-layout buffers and quantized weights, each storage counted once (tied
+    weights share one), other non-persistent buffers (RoPE tables) excluded."""
     seen: set[int] = set()
     total = 0
 
@@ -110,8 +111,9 @@ def weight_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         add(p)
     for m in model.modules():  # buffers hold weights too (prepacked Linears)
+        declared = getattr(m, "weight_buffers", ())
         for name, b in m.named_buffers(recurse=False):
-            if b is not None and (b.layout == torch._mkldnn
+            if b is not None and (b.layout == torch._mkldnn or name in declared
                                   or name not in m._non_persistent_buffers_set):
                 add(b)
         w = getattr(m, "qweight", None)

@@ -5,19 +5,40 @@ import pytest
 import torch
 from torch import nn
 
-from plait.backends.cpu.linear import PackedLinear, can_prepack, prepack_linears
+from plait.backends.cpu.linear import (PackedLinear, can_prepack, default_layout,
+                                       panel_extension, prepack_linears)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="needs a torch built with oneDNN (mkldnn)")
 
+LAYOUTS = ["onednn"] + (["panel"] if panel_extension() is not None else [])
 
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 5, 64])
-def test_packed_linear_matches_nn_linear(bias, rows):
+def test_packed_linear_matches_nn_linear(layout, bias, rows):
     torch.manual_seed(0)
     lin = nn.Linear(48, 80, bias=bias)
     x = torch.randn(rows, 48)
-    torch.testing.assert_close(PackedLinear(lin)(x), lin(x), rtol=1e-5, atol=1e-5)
+    packed = PackedLinear(lin, layout)
+    assert packed.layout == layout
+    torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_layout_is_panels_for_float32_where_the_kernel_builds():
+    assert default_layout(torch.float32) == ("panel" if panel_extension() else "onednn")
+    assert default_layout(torch.bfloat16) == "onednn"  # the panel kernel is float32 only
+    assert default_layout(torch.float16) is None
+
+
+def test_a_layout_that_cannot_hold_the_weight_is_a_value_error():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        PackedLinear(nn.Linear(8, 8), "mkl")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        prepack_linears(nn.Sequential(nn.Linear(8, 8)), "blocked")
+    with pytest.raises(ValueError, match="layout='panel' needs a float32 weight"):
+        PackedLinear(nn.Linear(8, 8).to(torch.bfloat16), "panel")
 
 
 def test_prepack_replaces_every_linear_and_keeps_tied_embedding_dense():

@@ -37,23 +37,31 @@ def greedy_with_logprobs(engine: plait.Engine) -> tuple[list[list[int]], torch.T
     return tokens, logprobs
 
 
-def run(path, monkeypatch, native: bool, **engine_args):
+def run(path, monkeypatch, native: bool, layout: str | None = None, **engine_args):
     with monkeypatch.context() as m:
         m.setattr(CpuBackend, "native_decode", native)
+        m.setattr(CpuBackend, "linear_layout", layout)
         with plait.Engine(model_path=path, max_total_tokens=512, **engine_args) as engine:
+            if layout is not None and engine_args.get("quantization", "none") == "none":
+                assert engine.scheduler.runner.model.lm_head.layout == layout
             assert isinstance(decode_forward(engine), NativeDecode) == native
             assert isinstance(engine.scheduler.runner.model.extend_forward, NativeExtend) == native
             return greedy_with_logprobs(engine)
 
 
-@pytest.mark.parametrize("model_type,quantization", [
-    ("llama", "none"), ("qwen2", "none"), ("mistral", "none"), ("llama", "int8"),
-    ("llama", "int4"), ("qwen2", "int4")])
+@pytest.mark.parametrize("model_type,quantization,layout", [
+    ("llama", "none", None), ("qwen2", "none", None), ("mistral", "none", None),
+    ("llama", "none", "onednn"), ("qwen2", "none", "onednn"), ("llama", "int8", None),
+    ("llama", "int4", None), ("qwen2", "int4", None)])
 def test_native_step_gives_the_eager_steps_tokens_and_logprobs(
-        make_tiny_model, monkeypatch, model_type, quantization):
+        make_tiny_model, monkeypatch, model_type, quantization, layout):
+    """Each packed float32 form (``layout`` None: panels where the AVX-512 kernel builds) and
+    each quantized one; qwen2's q/k/v carry a bias."""
     path = make_tiny_model(model_type)
-    native_tokens, native_logprobs = run(path, monkeypatch, True, quantization=quantization)
-    eager_tokens, eager_logprobs = run(path, monkeypatch, False, quantization=quantization)
+    native_tokens, native_logprobs = run(path, monkeypatch, True, layout,
+                                         quantization=quantization)
+    eager_tokens, eager_logprobs = run(path, monkeypatch, False, layout,
+                                       quantization=quantization)
     assert native_tokens == eager_tokens
     torch.testing.assert_close(native_logprobs, eager_logprobs, rtol=0, atol=2e-4)
 

@@ -7,7 +7,9 @@
 // products (RMSNorm, RoPE, the KV write, SiLU * up, the residual adds) is a plain loop over
 // the rows, and the products call the same kernels the eager path calls:
 //   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
-//   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from there too;
+//   - panel-packed float32 weights: panel_gemm::linear from panel_gemm.h;
+//   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from
+//     qmatmul_kernels.h;
 //   - plain float32 weights: at::linear.
 // Attention is decode_attention from decode_attention_kernel.h over the paged pool.
 //
@@ -21,6 +23,7 @@
 // Holds: float32 activations, weights and KV; one new token per row; tensor parallelism 1.
 // plait/backends/cpu/native_decode.py builds a DecodeModel only for models that meet this.
 #include "decode_attention_kernel.h"
+#include "panel_gemm.h"
 #include "qmatmul_kernels.h"
 
 #include <cmath>
@@ -31,9 +34,11 @@ namespace {
 
 // A Linear layer's product y = x W^T + b, whichever form holds W.
 struct Linear {
-  enum Kind { kDense, kPacked, kQuantized };
+  enum Kind { kDense, kPacked, kPanel, kQuantized };
   Kind kind = kDense;
-  torch::Tensor weight;  // kDense: [N, K] float32; kPacked: oneDNN's opaque packed tensor
+  // kDense: [N, K] float32; kPacked: oneDNN's opaque packed tensor; kPanel: panel_gemm::pack's
+  torch::Tensor weight;
+  int64_t out_features = 0;  // kPanel: N (the panels are padded to 48 columns)
   c10::optional<torch::Tensor> bias;
   torch::Tensor qs, scales;  // kQuantized: plait.quant.formats.QuantizedWeight's tensors
   c10::optional<torch::Tensor> mins;
@@ -53,6 +58,19 @@ struct Linear {
     Linear l;
     l.kind = kPacked;
     l.weight = weight;
+    l.bias = bias;
+    return l;
+  }
+
+  static Linear panel(torch::Tensor weight, int64_t out_features,
+                      c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK(weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
+                    weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
+                "panel weight must come from panel_gemm.pack");
+    Linear l;
+    l.kind = kPanel;
+    l.weight = weight;
+    l.out_features = out_features;
     l.bias = bias;
     return l;
   }
@@ -81,6 +99,8 @@ struct Linear {
         return at::linear(x, weight, bias);
       case kPacked:
         return onednn_linear(x, weight, bias);
+      case kPanel:
+        return panel_gemm::linear(x, weight, out_features, bias);
       case kQuantized: {
 #ifdef PLAIT_VNNI
         torch::Tensor y = int8_activations ? qmatmul_q8(x, qs, scales, mins, bits, group)
@@ -311,6 +331,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Linear>(m, "Linear", "a Linear layer's product, whichever form holds its weight")
       .def_static("dense", &Linear::dense, py::arg("weight"), py::arg("bias"))
       .def_static("packed", &Linear::packed, py::arg("weight"), py::arg("bias"))
+      .def_static("panel", &Linear::panel, py::arg("weight"), py::arg("out_features"),
+                  py::arg("bias"))
       .def_static("quantized", &Linear::quantized, py::arg("qs"), py::arg("scales"),
                   py::arg("mins"), py::arg("bits"), py::arg("group"),
                   py::arg("int8_activations"), py::arg("bias"))

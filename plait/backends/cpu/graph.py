@@ -11,7 +11,7 @@ batch has more than one row, so the mask never adds a variant). The engine's war
 compiles both. Every graph Dynamo builds is counted in
 :attr:`CompileCapture.compiles` (exported as ``graph_compiles`` by ``get_server_info``).
 
-The Linear layers stay oneDNN-packed: inside the graph they are the ``plait::packed_linear``
+The Linear layers stay packed (panels or oneDNN): inside the graph they are the ``plait::packed_linear``
 custom op (``plait.backends.cpu.linear``), and Inductor fuses the RMSNorm, RoPE, SiLU·mul and
 residual elementwise work around them.
 

@@ -1,39 +1,79 @@
-"""Matrix products for decode-sized batches: weights reordered once, at load, for oneDNN.
+"""Matrix products for decode-sized batches: weights packed once, at load, for a kernel that
+reads them in the order it multiplies.
 
-MKL's fp32 GEMM, which ``nn.Linear`` calls, repacks the weight on every call; for the small M
-of decode (1-64 rows) that repacking streams the whole weight through memory twice. oneDNN's
-``_linear_pointwise`` on a weight reordered ahead of time by ``_reorder_linear_weight`` reads
-it once, in its blocked layout. On the 2-core AVX-512 development machine the lm_head
-[576 x 49152] product took 24.8 ms with MKL and 7.4 ms packed at M=16 (all 121 products of
-SmolLM2-135M: 61 -> 34 ms); at M=1 the two are within noise. docs/benchmarks.md has the
-whole-step figures.
+Two packed forms, chosen per weight when the model loads (:func:`default_layout`):
+
+- ``panel`` (float32, where the AVX-512 build of ``panel_gemm.cpp`` compiles): the weight as
+  48-column panels, multiplied by ``panel_gemm.h``'s kernel. On the 2-core AVX-512 development
+  machine it ran all of SmolLM2-135M's products for one decode step, weights streamed from
+  memory, in 11 ms at M=1, 23 ms at M=16 and 81 ms at M=64, where oneDNN took 28, 33 and 94 ms;
+  from M ~ 128 the two are within a few per cent (``benchmarks/panel_gemm_cpu.py``).
+- ``onednn`` (bfloat16, or float32 without that build): oneDNN's ``_linear_pointwise`` on a
+  weight reordered by ``_reorder_linear_weight``. MKL's fp32 GEMM, which ``nn.Linear`` calls,
+  repacks the weight on every call; oneDNN's reordered weight is read once per call (the
+  lm_head [576 x 49152] at M=16: 24.8 ms with MKL, 7.4 ms packed).
 
 Invariants:
-- A :class:`PackedLinear` computes ``x @ W.T + b`` for the ``nn.Linear`` it replaced; its
-  packed weight is an opaque oneDNN tensor (no strides, no views), so nothing else may share it:
-  a tied ``lm_head`` gets its own packed copy and the embedding keeps the dense original.
+- A :class:`PackedLinear` computes ``x @ W.T + b`` for the ``nn.Linear`` it replaced, up to
+  float rounding (a panel product sums each row in k order with fused multiply-adds, the same
+  for a row whatever else is in the batch); its packed weight is its own copy in a layout
+  nothing else reads (oneDNN's is opaque: no strides, no views), so a tied ``lm_head`` gets
+  its own packed copy and the embedding keeps the dense original.
 - Packing happens once; the weights are never repacked per call or per batch size.
 - Under ``torch.compile`` the product is the custom op ``plait::packed_linear(x, handle)``:
-  Dynamo cannot trace opaque tensors, so the op takes an integer handle into a registry of
-  live :class:`PackedLinear` modules (weak references: a dropped model frees its weights).
-  Inductor fuses the elementwise work around it and calls the same oneDNN kernel.
+  Dynamo cannot trace opaque tensors or pybind calls, so the op takes an integer handle into a
+  registry of live :class:`PackedLinear` modules (weak references: a dropped model frees its
+  weights). Inductor fuses the elementwise work around it and calls the same kernel.
 - Only float32 and bfloat16 are packed (oneDNN's fp16 path needs AVX-512-FP16); other dtypes,
-  or a torch built without oneDNN, keep ``nn.Linear`` (see :func:`can_prepack`).
+  or a torch built without oneDNN and no panel kernel, keep ``nn.Linear`` (see
+  :func:`can_prepack`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import weakref
+from types import ModuleType
+from typing import Optional
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+LAYOUTS = ("panel", "onednn")
+
+
+@functools.lru_cache(maxsize=None)
+def panel_extension() -> Optional[ModuleType]:
+    """The AVX-512 build of ``panel_gemm.cpp``, or None where this CPU has no AVX-512 (VNNI
+    level) or it cannot be compiled here (the reason logged once)."""
+    from plait.backends.cpu import cpp_build
+    if cpp_build.best_level() != "avx512vnni":
+        return None
+    try:
+        return cpp_build.extension("panel_gemm.cpp", "avx512vnni")
+    except Exception as e:  # a missing compiler surfaces as several error types
+        log.warning("panel GEMM kernel unavailable (%s); float32 weights stay on oneDNN", e)
+        return None
+
+
+def default_layout(dtype: torch.dtype) -> Optional[str]:
+    """The packed form :func:`prepack_linears` gives weights of ``dtype`` on this machine:
+    ``panel`` for float32 where the AVX-512 kernel builds, else ``onednn`` where torch has
+    oneDNN, else None (unpacked)."""
+    if dtype not in PACKABLE_DTYPES:
+        return None
+    if dtype == torch.float32 and panel_extension() is not None:
+        return "panel"
+    return "onednn" if torch.backends.mkldnn.is_available() else None
 
 
 def can_prepack(dtype: torch.dtype) -> bool:
     """Whether :func:`prepack_linears` will pack weights of this dtype on this machine."""
-    return dtype in PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
+    return default_layout(dtype) is not None
 
 
 _LIVE: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
@@ -52,18 +92,36 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only ``nn.Linear`` whose weight lives in oneDNN's blocked layout."""
+    """An inference-only ``nn.Linear`` whose weight is packed for one kernel: ``layout``
+    ``panel`` (float32 only) or ``onednn``; None takes :func:`default_layout`."""
 
-    def __init__(self, linear: nn.Linear):
+    #: non-persistent buffers that are weights (``plait.quant.modules.weight_bytes`` counts them)
+    weight_buffers = ("packed_weight", "bias")
+
+    def __init__(self, linear: nn.Linear, layout: Optional[str] = None):
         super().__init__()
+        weight = linear.weight.detach().contiguous()
+        layout = default_layout(weight.dtype) if layout is None else layout
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r} "
+                             f"(for a {weight.dtype} weight on this machine)")
+        self.layout = layout
+        self._panel: Optional[ModuleType] = None
+        if layout == "panel":
+            self._panel = panel_extension()
+            if weight.dtype != torch.float32 or self._panel is None:
+                raise ValueError(f"layout='panel' needs a float32 weight (got {weight.dtype}) "
+                                 f"and the AVX-512 panel kernel (built here: "
+                                 f"{self._panel is not None})")
+            packed = self._panel.pack(weight)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.handle = next(_HANDLES)
         _LIVE[self.handle] = self
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach().contiguous()
         # A buffer, not a Parameter: opaque tensors cannot be parameters, and it never trains.
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight),
-                             persistent=False)
+        self.register_buffer("packed_weight", packed, persistent=False)
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous(),
                              persistent=False)
@@ -74,12 +132,14 @@ class PackedLinear(nn.Module):
         return self.linear(x)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self._panel is not None:
+            return self._panel.linear(x, self.packed_weight, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                   [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout=onednn-packed")
+                f"bias={self.bias is not None}, layout={self.layout}")
 
 
 def computes_plain_linear(module: nn.Module) -> bool:
@@ -92,15 +152,17 @@ def computes_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and tp is not None and tp.size == 1
 
 
-def prepack_linears(model: nn.Module) -> int:
+def prepack_linears(model: nn.Module, layout: Optional[str] = None) -> int:
     """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
-    :class:`PackedLinear`, in place.
+    :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype).
 
     Returns how many were replaced (0 when the model's dtype cannot be packed here).
     """
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
                if computes_plain_linear(child) and can_prepack(child.weight.dtype)]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, PackedLinear(child, layout))
     return len(targets)

@@ -3,8 +3,8 @@ and the LM head of a decode batch in one call, installed as the model's ``decode
 
 Why: an eager decode step is ~40 tensor ops per layer, each a Python call and a dispatch; at
 batch 1 that overhead, not the weights, is most of the step (see docs/benchmarks.md). The C++
-step calls the same matrix-product kernels the eager path does (oneDNN-packed float32, MKL
-``at::linear``, or the quantized kernels of ``qmatmul_kernels.h``) and replaces the glue
+step calls the same matrix-product kernels the eager path does (panel-packed or oneDNN-packed
+float32, MKL ``at::linear``, or the quantized kernels of ``qmatmul_kernels.h``) and replaces the glue
 between them with loops over the rows. Prefill (extend) runs through the same layers
 (:class:`NativeExtend`): RMSNorm, RoPE and SiLU * up are single passes, parallel over rows, and
 the MLP goes 1,024 rows at a time so its activations stay in cache (the peers benchmark's mixed
@@ -13,7 +13,7 @@ prefill, 9,250 tokens: 14.8 -> 12.1 s); attention is called back into Python.
 What holds:
 - It is built only for a model it computes exactly (:func:`build_native_decode` returns None
   otherwise, and decode stays eager): Plait's ``LlamaForCausalLM`` in float32 at tensor
-  parallelism 1, float32 KV, every Linear plain, oneDNN-packed or quantized with a
+  parallelism 1, float32 KV, every Linear plain, packed (panels or oneDNN) or quantized with a
   :class:`~plait.backends.cpu.qmatmul.CpuQuantizedMatmul` of this CPU's best level, and the
   paged C++ decode attention.
 - Its results differ from the eager step by float rounding only (sum order, ``exp``); the
@@ -48,6 +48,8 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
     if isinstance(module, PackedLinear):
         if module.packed_weight.dtype != torch.float32:
             return None
+        if module.layout == "panel":
+            return ext.Linear.panel(module.packed_weight, module.out_features, module.bias)
         return ext.Linear.packed(module.packed_weight, module.bias)
     if isinstance(module, QuantizedLinear):
         matmul = module.matmul

@@ -1,6 +1,6 @@
 """Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults,
-the torch reference attention, Linear weights prepacked once for oneDNN, the native C++ decode
-step, torch.compile'd decode (opt-in) and the C++ quantized matmul."""
+the torch reference attention, Linear weights prepacked once (float32 panels or oneDNN), the
+native C++ decode step, torch.compile'd decode (opt-in) and the C++ quantized matmul."""
 from __future__ import annotations
 
 import logging
@@ -25,6 +25,10 @@ class CpuBackend(Backend):
     #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
     #: ``nn.Linear`` on MKL, the path benchmarks compare against
     prepack_weights: ClassVar[bool] = True
+    #: the packed form (``plait.backends.cpu.linear.LAYOUTS``): None picks per dtype
+    #: (float32 panels where the AVX-512 kernel builds, else oneDNN); ``"onednn"`` is the path
+    #: benchmarks compare against
+    linear_layout: ClassVar["str | None"] = None
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
@@ -84,13 +88,14 @@ class CpuBackend(Backend):
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
                             req_pool: "ReqToTokenPool") -> "ModelRunner":
-        """The default runner, its Linear layers prepacked (when ``prepack_weights``), decoding
+        """The default runner, its Linear layers prepacked (when ``prepack_weights``, in
+        ``linear_layout``), decoding
         through the native C++ step (when ``native_decode`` and the model allows it) unless
         decode is compiled (``--enable-graph-capture``)."""
         runner = super().create_model_runner(spec, kv_pool, req_pool)
         if self.prepack_weights:
             from plait.backends.cpu.linear import prepack_linears
-            prepack_linears(runner.model)
+            prepack_linears(runner.model, self.linear_layout)
         if self.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_decode import install_native_decode
             install_native_decode(runner.model, runner.attn)
