@@ -2,7 +2,8 @@
 #include "decode_attention_kernel.h"
 
 // The shared-prefix groups decode_attention would form for this batch, as (first, count,
-// length) triples: what the tests check the kernel's grouping against.
+// length) triples: what the tests check the kernel's grouping against, and the grouping the
+// extend cascade (plait/backends/cpu/shared_prefix.py) uses too.
 std::vector<std::tuple<int64_t, int64_t, int64_t>> shared_groups(torch::Tensor slots,
                                                                   torch::Tensor seq_lens) {
   std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "paged decode attention, K/V read in place (float32)");
   m.def("shared_groups", &shared_groups,
         "the groups of requests whose shared prefix decode_attention reads once");
+  m.attr("MIN_SHARED") = decode_attention_detail::kMinShared;
 }

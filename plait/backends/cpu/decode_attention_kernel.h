@@ -279,7 +279,7 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
                           int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
                           int64_t h, float scale, const SharedGroup& g,
                           const std::vector<Partial>& parts) {
-  constexpr int64_t NB = kSharedBlock, NV = NB / kLanes;
+  constexpr int64_t NB = kSharedBlock;
   const int64_t G = Hq / Hkv, row = Hkv * D;
   std::vector<float> kt(static_cast<size_t>(D * NB)), vt(static_cast<size_t>(NB * D));
   for (int64_t b = 0; b < g.count; ++b)

@@ -14,8 +14,8 @@ import torch
 
 from plait.backends.cpu import cpp_build
 from plait.backends.cpu.attention import TorchAttentionBackend
-from plait.backends.cpu.shared_prefix import (MIN_SHARED, extend_attention_shared,
-                                              plan_shared_extend, shared_groups)
+from plait.backends.cpu.shared_prefix import (extend_attention_shared, plan_shared_extend,
+                                              shared_groups)
 from plait.core.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,8 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         if not batch.is_decode:
             super().init_forward_metadata(batch)
             prefix = batch.prefix_lens_cpu
-            # requests sharing a cached prefix attend to it together (shared_prefix.py); a
-            # batch with at most one cached prefix has nothing to share
-            groups = [] if sum(p >= MIN_SHARED for p in prefix) < 2 else shared_groups(
+            # requests sharing a cached prefix attend to it together (shared_prefix.py)
+            groups = shared_groups(
                 [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix)
             self._shared_plan = plan_shared_extend(
                 batch.req_to_token, self._req_rows, prefix, batch.extend_lens_cpu, groups,

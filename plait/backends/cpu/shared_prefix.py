@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-#: shortest common prefix worth a shared call (shorter ones gain less than the merge costs)
+from plait.backends.cpu import cpp_build
+
+#: shortest common prefix worth a shared call (shorter ones gain less than the merge costs);
+#: the decode kernel's ``kMinShared``, whose grouping :func:`shared_groups` uses
 MIN_SHARED = 128
 
 
@@ -35,24 +38,19 @@ class SharedGroup:
 
 def shared_groups(slot_rows: list[torch.Tensor], prefix_lens: list[int]) -> list[SharedGroup]:
     """Groups of two or more consecutive requests sharing at least :data:`MIN_SHARED` cached
-    slots. ``slot_rows[b]`` holds request b's slots, at least ``prefix_lens[b]`` of them."""
-    groups: list[SharedGroup] = []
-    b, n = 0, len(slot_rows)
-    while b < n:
-        count, length = 1, prefix_lens[b]
-        while b + count < n and length >= MIN_SHARED:
-            prev, nxt = slot_rows[b + count - 1], slot_rows[b + count]
-            limit = min(length, prefix_lens[b + count])
-            same = prev[:limit] == nxt[:limit]
-            common = limit if bool(same.all()) else int(torch.argmin(same.to(torch.uint8)))
-            if common < MIN_SHARED:
-                break
-            length = common
-            count += 1
-        if count > 1:
-            groups.append(SharedGroup(b, count, length))
-        b += count
-    return groups
+    slots. ``slot_rows[b]`` holds request b's slots, at least ``prefix_lens[b]`` of them.
+
+    The rule is the decode kernel's (``decode_attention_kernel.h``'s ``shared_groups``, which
+    never shares a request's last slot): a request's cached prefix is its "all but the last"
+    when its length is taken as ``prefix + 1``."""
+    if sum(p >= MIN_SHARED for p in prefix_lens) < 2:
+        return []
+    slots = torch.full((len(slot_rows), max(prefix_lens) + 1), -1, dtype=torch.int64)
+    for b, (row, p) in enumerate(zip(slot_rows, prefix_lens)):
+        slots[b, :p] = row[:p]
+    lens = torch.tensor(prefix_lens, dtype=torch.int64) + 1
+    kernel = cpp_build.extension("decode_attention.cpp")
+    return [SharedGroup(*g) for g in kernel.shared_groups(slots, lens)]
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
