@@ -40,12 +40,15 @@ def case(seed: int, batch: int, hkv: int, group: int, d: int, max_len: int):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 9), hkv=st.integers(1, 4),
-       group=st.sampled_from([1, 2, 3, 4]), d=st.sampled_from([8, 16, 64, 80, 72]),
+       group=st.sampled_from([1, 2, 3, 4, 5, 7]),
+       d=st.sampled_from([8, 16, 64, 80, 72, 128]),
        max_len=st.integers(1, 300), sharpness=st.sampled_from([0.1, 1.0, 8.0]))
 def test_kernel_matches_the_torch_reference(seed, batch, hkv, group, d, max_len, sharpness):
     """Lengths past one 32-token block and one run (a request is split over threads when
-    there are few), head sizes that are not a multiple of the 16-float vectors, and scores
-    from flat to peaked (most exps underflow) all agree with the reference."""
+    there are few), head sizes that are not a multiple of the 16-float vectors, head sizes 64
+    and 128 (the register kernel, its query heads taken 4 or 2 at a time, so groups of 5 and 7
+    leave a remainder), and scores from flat to peaked (most exps underflow) all agree with
+    the reference."""
     q, k, v, req_to_token, rows, lens = case(seed, batch, hkv, group, d, max_len)
     scale = d ** -0.5 * sharpness
     want = decode_attention_ref(q, k, v, req_to_token, rows, lens, scale)
@@ -122,6 +125,8 @@ def shared_prefix_case(seed: int, prefix: int, tails: list[int], lead: int = 0,
     (300, [1, 5, 40, 2], 2, 3, 3, 64),    # ragged tails, after two unshared requests
     (129, [1, 1, 1], 0, 2, 4, 128),       # just past the threshold; head_dim 128
     (200, [3, 7], 1, 1, 2, 80),           # head_dim 80: the generic path
+    (150, [2, 1, 3], 0, 2, 3, 64),        # 9 query rows a KV head: two passes of 4, one left
+    (140, [1, 2, 1], 0, 1, 3, 128),       # 9 rows, passes of 2 at head_dim 128, one left
 ])
 def test_requests_sharing_a_prefix_read_it_once_and_match_the_reference(
         prefix, tails, lead, hkv, group, d):

@@ -187,6 +187,183 @@ inline void attend_run(const float* q, const float* kp, const float* vp, const i
   }
 }
 
+// 16 vectors to one: lane j of the result is the lane sum of v[j]. A tree of 15 two-vector
+// shuffles and adds, where summing each vector on its own takes a shuffle tree per score.
+inline Vec16 transpose_sum16(const Vec16* v) {
+  Vec16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: halves of v[2i] summed, 8-15: of v[2i + 1]
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // four lanes for each of v[4i .. 4i + 3]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // two lanes for each of v[8i .. 8i + 7]
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// Scores of NG query rows q[g] (stride D = DV * kLanes) against one KV head (offset hoff in a
+// token's row) for the block's nt tokens, scaled, into scores[g * kBlock + i]; -inf past nt.
+// The NG rows stay in registers; each token's K vectors are loaded once for all of them and
+// each score is left as 16 partial lanes, summed 16 scores at a time by transpose_sum16.
+// `ahead(i)` runs at token i (the caller's prefetches).
+template <int64_t DV, int64_t NG, typename Ahead>
+__attribute__((optimize("fp-contract=fast"))) inline void score_heads(
+    const float* q, const float* kp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff,
+    float scale, float* scores, const Ahead& ahead) {
+  constexpr int64_t D = DV * kLanes;
+  Vec16 qv[NG][DV];
+  for (int64_t g = 0; g < NG; ++g)
+    for (int64_t v = 0; v < DV; ++v) qv[g][v] = load16(q + g * D + v * kLanes);
+  Vec16 lanes[NG][kBlock];
+  for (int64_t i = 0; i < nt; ++i) {
+    ahead(i);
+    const float* k = kp + sl[i] * row + hoff;
+    Vec16 kv[DV];
+    for (int64_t v = 0; v < DV; ++v) kv[v] = load16(k + v * kLanes);
+    for (int64_t g = 0; g < NG; ++g) {
+      Vec16 acc = qv[g][0] * kv[0];
+      for (int64_t v = 1; v < DV; ++v) acc += qv[g][v] * kv[v];
+      lanes[g][i] = acc;
+    }
+  }
+  for (int64_t g = 0; g < NG; ++g) {
+    for (int64_t i = nt; i < kBlock; ++i) lanes[g][i] = Vec16{};
+    for (int64_t c = 0; c < kBlock; c += kLanes)
+      store16(scores + g * kBlock + c, transpose_sum16(lanes[g] + c) * scale);
+    for (int64_t i = nt; i < kBlock; ++i)
+      scores[g * kBlock + i] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// acc[g] = acc[g] * keep[g] + sum_i p[g * kBlock + i] * V[token i] for NG heads of one KV head,
+// the NG x DV accumulators in registers for the whole block.
+template <int64_t DV, int64_t NG>
+__attribute__((optimize("fp-contract=fast"))) inline void weigh_values(
+    const float* vp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff, const float* p,
+    const float* keep, float* acc) {
+  constexpr int64_t D = DV * kLanes;
+  Vec16 a[NG][DV];
+  for (int64_t g = 0; g < NG; ++g)
+    for (int64_t v = 0; v < DV; ++v) a[g][v] = load16(acc + g * D + v * kLanes) * keep[g];
+  for (int64_t i = 0; i < nt; ++i) {
+    const float* vr = vp + sl[i] * row + hoff;
+    Vec16 vv[DV];
+    for (int64_t v = 0; v < DV; ++v) vv[v] = load16(vr + v * kLanes);
+    for (int64_t g = 0; g < NG; ++g) {
+      const float w = p[g * kBlock + i];
+      for (int64_t v = 0; v < DV; ++v) a[g][v] += vv[v] * w;
+    }
+  }
+  for (int64_t g = 0; g < NG; ++g)
+    for (int64_t v = 0; v < DV; ++v) store16(acc + g * D + v * kLanes, a[g][v]);
+}
+
+// attend_run for D = DV * kLanes (64 or 128): the same partial, computed a KV head at a time
+// with the query rows and the weighted-V accumulators in registers (score_heads,
+// weigh_values), kHeadsAtOnce query heads of a KV head at a time. While a block's first KV
+// head is scored, its own rows kPrefetchAhead tokens ahead (first block) and the next block's
+// rows (into L2) are prefetched; the other heads find the rows in cache.
+template <int64_t DV>
+inline void attend_run_vec(const float* q, const float* kp, const float* vp, const int64_t* sl,
+                           int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv,
+                           float scale, Partial part, std::vector<float>& scores) {
+  constexpr int64_t D = DV * kLanes, kHeadsAtOnce = 16 / DV;
+  const int64_t G = Hq / Hkv, row = Hkv * D;
+  for (int64_t t = lo; t < hi; ++t)
+    TORCH_CHECK(sl[t] >= 0 && sl[t] < S, "decode_attention: slot out of range");
+  std::fill(part.m, part.m + Hq, -std::numeric_limits<float>::infinity());
+  std::fill(part.l, part.l + Hq, 0.f);
+  std::fill(part.acc, part.acc + Hq * D, 0.f);
+  scores.resize(static_cast<size_t>(Hq * (kBlock + 1)));  // [Hq, kBlock], then keep [Hq]
+  float* keep = scores.data() + Hq * kBlock;
+  for (int64_t t = lo; t < std::min(hi, lo + kPrefetchAhead); ++t) {
+    prefetch_row(kp + sl[t] * row, row);
+    prefetch_row(vp + sl[t] * row, row);
+  }
+  auto no_prefetch = [](int64_t) {};
+  for (int64_t t0 = lo; t0 < hi; t0 += kBlock) {
+    const int64_t nt = std::min(kBlock, hi - t0);
+    const int64_t next_end = std::min(hi, t0 + 2 * kBlock);
+    auto prefetch = [&](int64_t i) {
+      if (t0 == lo && i + kPrefetchAhead < nt) {
+        prefetch_row(kp + sl[t0 + i + kPrefetchAhead] * row, row);
+        prefetch_row(vp + sl[t0 + i + kPrefetchAhead] * row, row);
+      }
+      const int64_t t = t0 + kBlock + i;
+      if (t < next_end)
+        for (const float* base : {kp, vp}) {
+          const char* c = reinterpret_cast<const char*>(base + sl[t] * row);
+          for (int64_t off = 0; off < row * 4; off += 64) __builtin_prefetch(c + off, 0, 2);
+        }
+    };
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t g = 0; g < G; g += kHeadsAtOnce) {
+        const int64_t j = h * G + g, n = std::min(kHeadsAtOnce, G - g);
+        const float* qj = q + j * D;
+        float* sj = scores.data() + j * kBlock;
+        const int64_t* bs = sl + t0;
+        if (j == 0) {
+          switch (n) {
+            case 1: score_heads<DV, 1>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
+            case 2: score_heads<DV, 2>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
+            case 3: score_heads<DV, 3>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
+            default: score_heads<DV, 4>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
+          }
+        } else {
+          switch (n) {
+            case 1: score_heads<DV, 1>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
+            case 2: score_heads<DV, 2>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
+            case 3: score_heads<DV, 3>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
+            default: score_heads<DV, 4>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
+          }
+        }
+      }
+    // per head: the new running max, the old sums rescaled to it (keep), the block's exps
+    for (int64_t j = 0; j < Hq; ++j) {
+      float* s = scores.data() + j * kBlock;
+      Vec16 block_max = load16(s);
+      for (int64_t i = kLanes; i < kBlock; i += kLanes) {
+        const Vec16 x = load16(s + i);
+        block_max = block_max > x ? block_max : x;
+      }
+      const float m = std::max(part.m[j], lane_max(block_max));
+      keep[j] = std::exp(part.m[j] - m);  // exp(-inf) = 0 on the first block
+      part.m[j] = m;
+      Vec16 sum = {};
+      for (int64_t i = 0; i < kBlock; i += kLanes) {
+        const Vec16 e = exp_nonpositive(load16(s + i) - m);
+        store16(s + i, e);
+        sum += e;
+      }
+      part.l[j] = part.l[j] * keep[j] + lane_sum(sum);
+    }
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t g = 0; g < G; g += kHeadsAtOnce) {
+        const int64_t j = h * G + g, n = std::min(kHeadsAtOnce, G - g);
+        const float* pj = scores.data() + j * kBlock;
+        float* aj = part.acc + j * D;
+        const int64_t* bs = sl + t0;
+        switch (n) {
+          case 1: weigh_values<DV, 1>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
+          case 2: weigh_values<DV, 2>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
+          case 3: weigh_values<DV, 3>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
+          default: weigh_values<DV, 4>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
+        }
+      }
+  }
+}
+
 constexpr int64_t kSharedBlock = 64;     // keys per transposed tile (a multiple of kLanes)
 constexpr int64_t kMinShared = 128;      // shortest common prefix worth the shared pass
 constexpr int64_t kSharedChunk = 256;    // fewest shared keys worth a task of their own
@@ -269,6 +446,59 @@ __attribute__((optimize("fp-contract=fast"))) inline void shared_tile_row(
   }
 }
 
+// shared_tile_row for R query rows at once (D = DV * kLanes): each K vector of the tile and V
+// row is loaded once for all R rows, whose scores and weighted-V accumulators (R x 4 and
+// R x DV vectors) stay in registers. qr[r], m[r], l[r], acc[r] are row r's query, running
+// max, sum and weighted V.
+template <int64_t DV, int64_t R>
+__attribute__((optimize("fp-contract=fast"))) inline void shared_tile_rows(
+    const float* const* qr, const float* kt, const float* vt, int64_t nb, float scale,
+    float* const* m, float* const* l, float* const* acc) {
+  constexpr int64_t NB = kSharedBlock, NV = NB / kLanes, D = DV * kLanes;
+  Vec16 s[R][NV] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    Vec16 k[NV];
+    for (int64_t v = 0; v < NV; ++v) k[v] = load16(kt + d * NB + v * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const float qd = qr[r][d];
+      for (int64_t v = 0; v < NV; ++v) s[r][v] += k[v] * qd;
+    }
+  }
+  float p[R][NB];
+  float keep[R];
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t v = 0; v < NV; ++v) s[r][v] *= scale;
+    if (nb < NB)  // the chunk's last tile: keys past its end score -inf
+      for (int64_t i = nb; i < NB; ++i)
+        s[r][i / kLanes][i % kLanes] = -std::numeric_limits<float>::infinity();
+    Vec16 block_max = s[r][0];
+    for (int64_t v = 1; v < NV; ++v) block_max = block_max > s[r][v] ? block_max : s[r][v];
+    const float m_new = std::max(*m[r], lane_max(block_max));
+    keep[r] = std::exp(*m[r] - m_new);  // exp(-inf) = 0 on the first block
+    *m[r] = m_new;
+    Vec16 sum = {};
+    for (int64_t v = 0; v < NV; ++v) {
+      const Vec16 e = exp_nonpositive(s[r][v] - m_new);
+      store16(p[r] + v * kLanes, e);
+      sum += e;
+    }
+    *l[r] = *l[r] * keep[r] + lane_sum(sum);
+  }
+  Vec16 a[R][DV];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < DV; ++v) a[r][v] = load16(acc[r] + v * kLanes) * keep[r];
+  for (int64_t i = 0; i < nb; ++i) {
+    Vec16 vv[DV];
+    for (int64_t v = 0; v < DV; ++v) vv[v] = load16(vt + i * D + v * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const float w = p[r][i];
+      for (int64_t v = 0; v < DV; ++v) a[r][v] += vv[v] * w;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < DV; ++v) store16(acc[r] + v * kLanes, a[r][v]);
+}
+
 // Keys [lo, hi) of one group's shared slots `sl`, KV head h, for every query row of the group:
 // row r is request first + r / G's head h * G + r % G. Writes those rows' running max, sum and
 // weighted V into parts[b] (one Partial per request, this chunk's).
@@ -302,7 +532,24 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
         for (int64_t d = 0; d < D; ++d) kt[d * NB + i] = 0.f;
       }
     }
-    for (int64_t r = 0; r < g.count * G; ++r) {
+    const int64_t rows = g.count * G;
+    int64_t r0 = 0;
+    if constexpr (DV > 0) {  // kRows query rows at a time, then one at a time
+      constexpr int64_t kRows = 16 / DV;
+      for (; r0 + kRows <= rows; r0 += kRows) {
+        const float* qr[kRows];
+        float *m[kRows], *l[kRows], *acc[kRows];
+        for (int64_t x = 0; x < kRows; ++x) {
+          const int64_t b = (r0 + x) / G, j = h * G + (r0 + x) % G;
+          qr[x] = q + ((g.first + b) * Hq + j) * D;
+          m[x] = parts[b].m + j;
+          l[x] = parts[b].l + j;
+          acc[x] = parts[b].acc + j * D;
+        }
+        shared_tile_rows<DV, kRows>(qr, kt.data(), vt.data(), nb, scale, m, l, acc);
+      }
+    }
+    for (int64_t r = r0; r < rows; ++r) {
       const int64_t b = r / G, j = h * G + r % G;
       shared_tile_row<DV>(q + ((g.first + b) * Hq + j) * D, kt.data(), vt.data(), nb, D, scale,
                           parts[b].m[j], parts[b].l[j], parts[b].acc + j * D);
@@ -438,8 +685,16 @@ inline torch::Tensor decode_attention(
       const int64_t runs = first_task[b + 1] - first_task[b];
       const int64_t lo0 = shared_len[b], n = lens[b] - lo0;
       const int64_t lo = lo0 + n * run / runs, hi = lo0 + n * (run + 1) / runs;
-      dd::attend_run(qp + b * Hq * D, kp, vp, sp + b * L, lo, hi, S, Hq, Hkv, D, fscale,
-                     partial(first_part[b] + shared_chunks[b] + run), scores);
+      const dd::Partial part = partial(first_part[b] + shared_chunks[b] + run);
+      if (D == 64)
+        dd::attend_run_vec<4>(qp + b * Hq * D, kp, vp, sp + b * L, lo, hi, S, Hq, Hkv, fscale,
+                              part, scores);
+      else if (D == 128)
+        dd::attend_run_vec<8>(qp + b * Hq * D, kp, vp, sp + b * L, lo, hi, S, Hq, Hkv, fscale,
+                              part, scores);
+      else
+        dd::attend_run(qp + b * Hq * D, kp, vp, sp + b * L, lo, hi, S, Hq, Hkv, D, fscale, part,
+                       scores);
     }
   });
 
