@@ -30,7 +30,8 @@ from plait.core.forward_batch import ForwardBatch
 from plait.core.future_tokens import FutureTokenMap
 from plait.core.model_runner import ExtendItem, ModelRunner
 from plait.core.request import Req
-from plait.core.sampler import sample
+from plait.core.forward_batch import GreedyTokens
+from plait.core.sampler import sample, takes_plain_argmax
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,15 @@ class BatchExecutor:
             batch = plan.batch
             if plan.has_placeholders:
                 batch.input_ids = self.futures.resolve(batch.input_ids)
-            logits = self.runner.run(batch)
-            result = BatchResult(logits=logits)
+            batch.greedy_only = (batch.is_decode and n == batch.batch_size
+                                 and plan.sample_rows == list(range(n))
+                                 and all(map(takes_plain_argmax, plan.sample_reqs)))
+            out = self.runner.run(batch)
+            result = BatchResult(logits=None if isinstance(out, GreedyTokens) else out)
             sampled = time.perf_counter()
             result.forward_s = sampled - start
             if n:
-                self._sample(plan, logits, result)
+                self._sample(plan, out, result)
             result.sample_s = time.perf_counter() - sampled
         except Exception as exc:  # noqa: BLE001 - the scheduler fails this batch alone
             log.exception("forward failed")
@@ -134,7 +138,8 @@ class BatchExecutor:
                            if result.tokens else [0] * n)
         return result
 
-    def _sample(self, plan: PlannedBatch, logits: torch.Tensor, result: BatchResult) -> None:
+    def _sample(self, plan: PlannedBatch, logits: "torch.Tensor | GreedyTokens",
+                result: BatchResult) -> None:
         reqs = plan.sample_reqs
         if plan.needs_state:
             plan.prev_processed.wait()
@@ -144,6 +149,10 @@ class BatchExecutor:
         live = [i for i, s in enumerate(skipped) if not s]
         result.tokens, result.skipped = [None] * len(reqs), skipped
         if not live:
+            return
+        if isinstance(logits, GreedyTokens):  # the model took the argmax itself
+            for i in live:
+                result.tokens[i] = logits.tokens[plan.sample_rows[i]]
             return
         # index_select copies whole rows ~6x faster than advanced indexing ([64, 49152]: 0.6
         # against 3.5 ms a step); sampling may modify them in place, so a copy it is

@@ -33,6 +33,10 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
+    #: decode only: every row is sampled by a request that takes the argmax of the raw logits
+    #: (``plait.core.sampler.takes_plain_argmax``), so the model may answer with
+    #: :class:`GreedyTokens` instead of logits
+    greedy_only: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -41,3 +45,13 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+@dataclass
+class GreedyTokens:
+    """A model's answer to a ``greedy_only`` batch: the argmax of each row's float32 logits,
+    exactly the token ``torch.max`` would pick from them (first maximal index), without the
+    logits themselves. ``None`` for a row whose logits are not all finite (the sampler fails
+    such a row alone, as it does from logits)."""
+
+    tokens: list[int | None]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from plait.core.forward_batch import ForwardBatch
+from plait.core.forward_batch import ForwardBatch, GreedyTokens
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.request import Req
 
@@ -66,8 +66,9 @@ class ModelRunner(StepRunner):
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits ``[len(batch.logits_rows), V]``; a decode batch replays a captured graph
+    def run(self, batch: ForwardBatch) -> "torch.Tensor | GreedyTokens":
+        """Logits ``[len(batch.logits_rows), V]`` (or, for a ``greedy_only`` batch, the model's
+        :class:`GreedyTokens` where it computes them); a decode batch replays a captured graph
         when the graph runner can take it."""
         if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))

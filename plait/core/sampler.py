@@ -62,6 +62,17 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return probs / probs.sum()
 
 
+def takes_plain_argmax(req: Req) -> bool:
+    """Whether every token of ``req`` is the argmax of the raw logits, whatever its state:
+    greedy, no penalties, no ``min_new_tokens`` masking, no grammar, no logprobs. A batch of
+    only such requests may be answered with tokens instead of logits
+    (``ForwardBatch.greedy_only``)."""
+    sp = req.sampling
+    return (sp.is_greedy and not sp.frequency_penalty and not sp.presence_penalty
+            and sp.repetition_penalty == 1.0 and sp.min_new_tokens == 0
+            and req.grammar is None and not req.return_logprob)
+
+
 def _greedy_and_valid(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     """Per row, in one pass over [B, V]: the argmax, and whether the row is valid (a token is
     possible, nothing is NaN or +inf, which swamps softmax). The row maximum decides validity:

@@ -216,13 +216,20 @@ class DecodeModel {
   // Returns the logits [B, V].
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
                         torch::Tensor slots, torch::Tensor seq_lens) {
+    return lm_head_(hidden(x, positions, out_loc, slots, seq_lens));
+  }
+
+  // forward without the LM head: the final-normed hidden states [B, H] it would multiply
+  // (for a head of the caller's, the greedy screen of greedy_head.h).
+  torch::Tensor hidden(torch::Tensor x, torch::Tensor positions, torch::Tensor out_loc,
+                       torch::Tensor slots, torch::Tensor seq_lens) {
     // the batch's shared prefixes are the same in every layer: formed once
     const auto groups = decode_shared_groups(slots, seq_lens);
     x = layers(step_input(x, positions, out_loc), [&](const torch::Tensor& q, size_t i) {
       return decode_attention(q, layers_[i].k_buffer, layers_[i].v_buffer, slots, seq_lens,
                               scale_, &groups);
     });
-    return lm_head_(rms_norm(x, final_norm_, eps_));
+    return rms_norm(x, final_norm_, eps_);
   }
 
   // A prefill (extend) batch: x [T, H] the new tokens' embeddings, positions and out_loc [T],
@@ -345,6 +352,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("lm_head"))
       .def("add_layer", &DecodeModel::add_layer)
       .def("forward", &DecodeModel::forward)
+      .def("hidden", &DecodeModel::hidden)
       .def("extend", &DecodeModel::extend, py::arg("x"), py::arg("positions"),
            py::arg("out_loc"), py::arg("logits_rows"), py::arg("attend"));
   m.def("simd_level", &simd_level, "the instruction set this build targets");

@@ -33,7 +33,8 @@ from plait.backends.cpu import cpp_build
 from plait.backends.cpu.linear import PackedLinear, computes_plain_linear
 from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend
 from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
-from plait.core.forward_batch import ForwardBatch
+from plait.backends.cpu.greedy_head import GreedyHead
+from plait.core.forward_batch import ForwardBatch, GreedyTokens
 from plait.quant.modules import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def _float32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def build_native_decode(model: nn.Module, attn: Any) -> "NativeDecode | None":
+def build_native_decode(model: nn.Module, attn: Any,
+                        greedy_head: bool = True) -> "NativeDecode | None":
     """A :class:`NativeDecode` for ``model``, or None (with the reason logged) where the model
     is not one it computes exactly (see the module docstring)."""
     from plait.models.llama import LlamaForCausalLM
@@ -119,22 +121,29 @@ def build_native_decode(model: nn.Module, attn: Any) -> "NativeDecode | None":
         step.add_layer(layer.input_layernorm.weight.detach(), qkv, o,
                        layer.post_attention_layernorm.weight.detach(), gate_up, down,
                        pool.k_buffers[i], pool.v_buffers[i])
-    return NativeDecode(model, step)
+    greedy = GreedyHead.for_head(model.lm_head) if greedy_head else None
+    return NativeDecode(model, step, greedy)
 
 
 class NativeDecode:
     """``model.decode_forward``: ``(batch, attn) -> logits [B, V]`` after
-    ``attn.init_forward_metadata(batch)`` (which built the paged attention's slot table)."""
+    ``attn.init_forward_metadata(batch)`` (which built the paged attention's slot table); for a
+    ``greedy_only`` batch, :class:`GreedyTokens` from ``greedy`` where there is one."""
 
-    def __init__(self, model: nn.Module, step: Any):
+    def __init__(self, model: nn.Module, step: Any, greedy: "GreedyHead | None" = None):
         self._embed = model.embed_tokens
         self.step = step
+        self.greedy = greedy
 
-    def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
+    def __call__(self, batch: ForwardBatch,
+                 attn: PagedDecodeAttentionBackend) -> "torch.Tensor | GreedyTokens":
         slots, lens = attn.decode_metadata()
         if len(batch.logits_rows) != batch.batch_size:
             raise ValueError("the native decode step returns logits for every row")
         x = self._embed(batch.input_ids)
+        if batch.greedy_only and self.greedy is not None:
+            return self.greedy(self.step.hidden(x, batch.positions, batch.out_cache_loc, slots,
+                                                lens))
         return self.step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
 
 
@@ -158,11 +167,12 @@ class NativeExtend:
                                  batch.logits_rows.long(), attend)
 
 
-def install_native_decode(model: nn.Module, attn: Any) -> bool:
+def install_native_decode(model: nn.Module, attn: Any, greedy_head: bool = True) -> bool:
     """Make ``model`` decode through :class:`NativeDecode` and prefill through
     :class:`NativeExtend` where :func:`build_native_decode` can build it; True when
-    installed."""
-    native = build_native_decode(model, attn)
+    installed. ``greedy_head``: greedy-only decode batches take their tokens from
+    :class:`~plait.backends.cpu.greedy_head.GreedyHead` where it can serve the LM head."""
+    native = build_native_decode(model, attn, greedy_head)
     if native is None:
         return False
     model.decode_forward = native

@@ -36,6 +36,10 @@ class CpuBackend(Backend):
     #: ``plait.backends.cpu.native_decode``) where the model allows and decode is not compiled;
     #: False keeps the eager torch step, the one benchmarks compare against
     native_decode: ClassVar[bool] = True
+    #: greedy-only decode batches take their tokens from the bfloat16-screened exact head
+    #: (``plait.backends.cpu.greedy_head``) where it applies; False computes the float32 logits,
+    #: the path benchmarks compare against
+    greedy_head: ClassVar[bool] = True
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     default_graph_capture = False
 
@@ -98,7 +102,7 @@ class CpuBackend(Backend):
             prepack_linears(runner.model, self.linear_layout)
         if self.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_decode import install_native_decode
-            install_native_decode(runner.model, runner.attn)
+            install_native_decode(runner.model, runner.attn, self.greedy_head)
         return runner
 
 
