@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from plait.core.forward_batch import ForwardBatch
+from plait.core.forward_batch import ForwardBatch, GreedyTokens
 from plait.core.future_tokens import FutureTokenMap
 from plait.core.model_runner import ExtendItem, ModelRunner
 from plait.core.request import Req
-from plait.core.forward_batch import GreedyTokens
 from plait.core.sampler import sample, takes_plain_argmax
 
 log = logging.getLogger(__name__)

@@ -73,8 +73,8 @@ def extension(source: str, level: str | None = None) -> ModuleType:
 
 #: every source the CPU backend builds at this CPU's level (``python -m
 #: plait.backends.cpu.cpp_build``, the Makefile's ``kernels`` target, builds them ahead)
-SOURCES = ("decode_attention.cpp", "decode_step.cpp", "greedy_head.cpp", "panel_gemm.cpp", "qmatmul.cpp",
-           "thread_control.cpp")
+SOURCES = ("decode_attention.cpp", "decode_step.cpp", "greedy_head.cpp", "panel_gemm.cpp",
+           "qmatmul.cpp", "thread_control.cpp")
 
 
 def build_all() -> list[str]:
