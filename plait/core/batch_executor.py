@@ -118,9 +118,10 @@ class BatchExecutor:
             batch = plan.batch
             if plan.has_placeholders:
                 batch.input_ids = self.futures.resolve(batch.input_ids)
-            batch.greedy_only = (batch.is_decode and n == batch.batch_size
-                                 and plan.sample_rows == list(range(n))
-                                 and all(map(takes_plain_argmax, plan.sample_reqs)))
+            if isinstance(batch, ForwardBatch):  # a backend's own step type has no such field
+                batch.greedy_only = (batch.is_decode and n == batch.batch_size
+                                     and plan.sample_rows == list(range(n))
+                                     and all(map(takes_plain_argmax, plan.sample_reqs)))
             out = self.runner.run(batch)
             result = BatchResult(logits=None if isinstance(out, GreedyTokens) else out)
             sampled = time.perf_counter()

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace decode_attention_detail {
@@ -127,6 +128,28 @@ struct Partial {
   float* acc;  // [Hq, D]
 };
 
+// One head's block of kBlock scores s: its running max m and sum l updated to include them, s
+// replaced by exp(s - m) (padding scores are -inf: their exps are 0). Returns keep =
+// exp(old m - new m), the factor the head's weighted-V sum must be rescaled by.
+inline float softmax_block(float* s, float& m, float& l) {
+  Vec16 block_max = load16(s);
+  for (int64_t i = kLanes; i < kBlock; i += kLanes) {
+    const Vec16 x = load16(s + i);
+    block_max = block_max > x ? block_max : x;
+  }
+  const float m_new = std::max(m, lane_max(block_max));
+  const float keep = std::exp(m - m_new);  // exp(-inf) = 0 on the first block
+  m = m_new;
+  Vec16 sum = {};
+  for (int64_t i = 0; i < kBlock; i += kLanes) {
+    const Vec16 e = exp_nonpositive(load16(s + i) - m_new);
+    store16(s + i, e);
+    sum += e;
+  }
+  l = l * keep + lane_sum(sum);
+  return keep;
+}
+
 // Tokens [lo, hi) of one request into `part`.
 inline void attend_run(const float* q, const float* kp, const float* vp, const int64_t* sl,
                        int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
@@ -156,27 +179,10 @@ inline void attend_run(const float* q, const float* kp, const float* vp, const i
         for (int64_t g = 0; g < G; ++g)
           scores[(h * G + g) * kBlock + i] = dot(q + (h * G + g) * D, k + h * D, D) * scale;
     }
-    // per head: the new running max, the old sums rescaled to it, the block's exps added
-    // (padding scores are -inf: their exps are 0)
     for (int64_t j = 0; j < Hq; ++j) {
-      float* s = scores.data() + j * kBlock;
-      Vec16 block_max = load16(s);
-      for (int64_t i = kLanes; i < kBlock; i += kLanes) {
-        const Vec16 x = load16(s + i);
-        block_max = block_max > x ? block_max : x;
-      }
-      const float m = std::max(part.m[j], lane_max(block_max));
-      const float keep = std::exp(part.m[j] - m);  // exp(-inf) = 0 on the first block
-      part.m[j] = m;
+      const float keep = softmax_block(scores.data() + j * kBlock, part.m[j], part.l[j]);
       if (keep != 1.f)
         for (int64_t x = 0; x < D; ++x) part.acc[j * D + x] *= keep;
-      Vec16 sum = {};
-      for (int64_t i = 0; i < kBlock; i += kLanes) {
-        const Vec16 e = exp_nonpositive(load16(s + i) - m);
-        store16(s + i, e);
-        sum += e;
-      }
-      part.l[j] = part.l[j] * keep + lane_sum(sum);
     }
     for (int64_t i = 0; i < nt; ++i) {
       const float* v = vp + sl[t0 + i] * row;
@@ -269,6 +275,18 @@ __attribute__((optimize("fp-contract=fast"))) inline void weigh_values(
     for (int64_t v = 0; v < DV; ++v) store16(acc + g * D + v * kLanes, a[g][v]);
 }
 
+// f(std::integral_constant<int64_t, n>) for a run-time n in 1..4: the head count as a template
+// argument, so a pass's rows and accumulators are fixed-size register arrays.
+template <typename F>
+inline void with_head_count(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); break;
+    case 2: f(std::integral_constant<int64_t, 2>{}); break;
+    case 3: f(std::integral_constant<int64_t, 3>{}); break;
+    default: f(std::integral_constant<int64_t, 4>{}); break;
+  }
+}
+
 // attend_run for D = DV * kLanes (64 or 128): the same partial, computed a KV head at a time
 // with the query rows and the weighted-V accumulators in registers (score_heads,
 // weigh_values), kHeadsAtOnce query heads of a KV head at a time. While a block's first KV
@@ -313,53 +331,25 @@ inline void attend_run_vec(const float* q, const float* kp, const float* vp, con
         const float* qj = q + j * D;
         float* sj = scores.data() + j * kBlock;
         const int64_t* bs = sl + t0;
-        if (j == 0) {
-          switch (n) {
-            case 1: score_heads<DV, 1>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
-            case 2: score_heads<DV, 2>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
-            case 3: score_heads<DV, 3>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
-            default: score_heads<DV, 4>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch); break;
-          }
-        } else {
-          switch (n) {
-            case 1: score_heads<DV, 1>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
-            case 2: score_heads<DV, 2>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
-            case 3: score_heads<DV, 3>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
-            default: score_heads<DV, 4>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch); break;
-          }
-        }
+        with_head_count(n, [&](auto ng) {
+          constexpr int64_t NG = decltype(ng)::value;
+          if (j == 0)
+            score_heads<DV, NG>(qj, kp, bs, nt, row, h * D, scale, sj, prefetch);
+          else
+            score_heads<DV, NG>(qj, kp, bs, nt, row, h * D, scale, sj, no_prefetch);
+        });
       }
-    // per head: the new running max, the old sums rescaled to it (keep), the block's exps
-    for (int64_t j = 0; j < Hq; ++j) {
-      float* s = scores.data() + j * kBlock;
-      Vec16 block_max = load16(s);
-      for (int64_t i = kLanes; i < kBlock; i += kLanes) {
-        const Vec16 x = load16(s + i);
-        block_max = block_max > x ? block_max : x;
-      }
-      const float m = std::max(part.m[j], lane_max(block_max));
-      keep[j] = std::exp(part.m[j] - m);  // exp(-inf) = 0 on the first block
-      part.m[j] = m;
-      Vec16 sum = {};
-      for (int64_t i = 0; i < kBlock; i += kLanes) {
-        const Vec16 e = exp_nonpositive(load16(s + i) - m);
-        store16(s + i, e);
-        sum += e;
-      }
-      part.l[j] = part.l[j] * keep[j] + lane_sum(sum);
-    }
+    for (int64_t j = 0; j < Hq; ++j)
+      keep[j] = softmax_block(scores.data() + j * kBlock, part.m[j], part.l[j]);
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t g = 0; g < G; g += kHeadsAtOnce) {
         const int64_t j = h * G + g, n = std::min(kHeadsAtOnce, G - g);
         const float* pj = scores.data() + j * kBlock;
         float* aj = part.acc + j * D;
         const int64_t* bs = sl + t0;
-        switch (n) {
-          case 1: weigh_values<DV, 1>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
-          case 2: weigh_values<DV, 2>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
-          case 3: weigh_values<DV, 3>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
-          default: weigh_values<DV, 4>(vp, bs, nt, row, h * D, pj, keep + j, aj); break;
-        }
+        with_head_count(n, [&](auto ng) {
+          weigh_values<DV, decltype(ng)::value>(vp, bs, nt, row, h * D, pj, keep + j, aj);
+        });
       }
   }
 }
@@ -398,10 +388,33 @@ inline std::vector<SharedGroup> shared_groups(const int64_t* slots, int64_t B, i
   return groups;
 }
 
-// One query row against one transposed tile (kt [D, NB], vt [NB, D], nb valid keys): the
-// online-softmax update of the row's running max m, sum l and weighted V acc [D]. DV > 0: D is
-// DV * kLanes and acc stays in registers; DV = 0: any D.
-template <int64_t DV>
+// A query row's kSharedBlock scores s against one tile (nb valid keys): scaled, keys past nb
+// set to -inf, the row's running max m and sum l updated, p = exp(s - m). Returns keep =
+// exp(old m - new m), the factor the row's weighted V must be rescaled by.
+inline float tile_softmax(Vec16* s, int64_t nb, float scale, float& m, float& l, float* p) {
+  constexpr int64_t NV = kSharedBlock / kLanes;
+  for (int64_t v = 0; v < NV; ++v) s[v] *= scale;
+  if (nb < kSharedBlock)  // the chunk's last tile: keys past its end score -inf
+    for (int64_t i = nb; i < kSharedBlock; ++i)
+      s[i / kLanes][i % kLanes] = -std::numeric_limits<float>::infinity();
+  Vec16 block_max = s[0];
+  for (int64_t v = 1; v < NV; ++v) block_max = block_max > s[v] ? block_max : s[v];
+  const float m_new = std::max(m, lane_max(block_max));
+  const float keep = std::exp(m - m_new);  // exp(-inf) = 0 on the first block
+  m = m_new;
+  Vec16 sum = {};
+  for (int64_t v = 0; v < NV; ++v) {
+    const Vec16 e = exp_nonpositive(s[v] - m_new);
+    store16(p + v * kLanes, e);
+    sum += e;
+  }
+  l = l * keep + lane_sum(sum);
+  return keep;
+}
+
+// One query row against one transposed tile (kt [D, NB], vt [NB, D], nb valid keys), any D:
+// the online-softmax update of the row's running max m, sum l and weighted V acc [D]. (Head
+// sizes 64 and 128 take shared_tile_rows instead.)
 __attribute__((optimize("fp-contract=fast"))) inline void shared_tile_row(
     const float* qr, const float* kt, const float* vt, int64_t nb, int64_t D, float scale,
     float& m, float& l, float* acc) {
@@ -411,38 +424,25 @@ __attribute__((optimize("fp-contract=fast"))) inline void shared_tile_row(
     const float qd = qr[d];
     for (int64_t v = 0; v < NV; ++v) s[v] += load16(kt + d * NB + v * kLanes) * qd;
   }
-  for (int64_t v = 0; v < NV; ++v) s[v] *= scale;
-  if (nb < NB)  // the chunk's last tile: keys past its end score -inf
-    for (int64_t i = nb; i < NB; ++i) s[i / kLanes][i % kLanes] = -std::numeric_limits<float>::infinity();
-  Vec16 block_max = s[0];
-  for (int64_t v = 1; v < NV; ++v) block_max = block_max > s[v] ? block_max : s[v];
-  const float m_new = std::max(m, lane_max(block_max));
-  const float keep = std::exp(m - m_new);  // exp(-inf) = 0 on the first block
-  m = m_new;
   float p[NB];
-  Vec16 sum = {};
-  for (int64_t v = 0; v < NV; ++v) {
-    const Vec16 e = exp_nonpositive(s[v] - m_new);
-    store16(p + v * kLanes, e);
-    sum += e;
-  }
-  l = l * keep + lane_sum(sum);
-  if constexpr (DV > 0) {
-    Vec16 a[DV], a2[DV] = {};
-    for (int64_t v = 0; v < DV; ++v) a[v] = load16(acc + v * kLanes) * keep;
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2)
-      for (int64_t v = 0; v < DV; ++v) {
-        a[v] += load16(vt + i * D + v * kLanes) * p[i];
-        a2[v] += load16(vt + (i + 1) * D + v * kLanes) * p[i + 1];
-      }
-    for (; i < nb; ++i)
-      for (int64_t v = 0; v < DV; ++v) a[v] += load16(vt + i * D + v * kLanes) * p[i];
-    for (int64_t v = 0; v < DV; ++v) store16(acc + v * kLanes, a[v] + a2[v]);
-  } else {
-    if (keep != 1.f)
-      for (int64_t d = 0; d < D; ++d) acc[d] *= keep;
-    for (int64_t i = 0; i < nb; ++i) axpy(acc, p[i], vt + i * D, D);
+  const float keep = tile_softmax(s, nb, scale, m, l, p);
+  if (keep != 1.f)
+    for (int64_t d = 0; d < D; ++d) acc[d] *= keep;
+  for (int64_t i = 0; i < nb; ++i) axpy(acc, p[i], vt + i * D, D);
+}
+
+// acc[r] += sum_{t < n} w[r][t] * vecs[t * stride : t * stride + NV * kLanes] for R rows: each
+// step's NV vectors are loaded once for all R rows (the tile products of shared_tile_rows).
+template <int64_t R, int64_t NV>
+__attribute__((optimize("fp-contract=fast"))) inline void accumulate_rows(
+    Vec16 (&acc)[R][NV], const float* vecs, int64_t stride, const float* const* w, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    Vec16 x[NV];
+    for (int64_t v = 0; v < NV; ++v) x[v] = load16(vecs + t * stride + v * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const float wt = w[r][t];
+      for (int64_t v = 0; v < NV; ++v) acc[r][v] += x[v] * wt;
+    }
   }
 }
 
@@ -456,45 +456,18 @@ __attribute__((optimize("fp-contract=fast"))) inline void shared_tile_rows(
     float* const* m, float* const* l, float* const* acc) {
   constexpr int64_t NB = kSharedBlock, NV = NB / kLanes, D = DV * kLanes;
   Vec16 s[R][NV] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    Vec16 k[NV];
-    for (int64_t v = 0; v < NV; ++v) k[v] = load16(kt + d * NB + v * kLanes);
-    for (int64_t r = 0; r < R; ++r) {
-      const float qd = qr[r][d];
-      for (int64_t v = 0; v < NV; ++v) s[r][v] += k[v] * qd;
-    }
-  }
+  accumulate_rows<R, NV>(s, kt, NB, qr, D);  // s[r] = q_r . K^T, 64 keys
   float p[R][NB];
   float keep[R];
+  const float* pr[R];
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t v = 0; v < NV; ++v) s[r][v] *= scale;
-    if (nb < NB)  // the chunk's last tile: keys past its end score -inf
-      for (int64_t i = nb; i < NB; ++i)
-        s[r][i / kLanes][i % kLanes] = -std::numeric_limits<float>::infinity();
-    Vec16 block_max = s[r][0];
-    for (int64_t v = 1; v < NV; ++v) block_max = block_max > s[r][v] ? block_max : s[r][v];
-    const float m_new = std::max(*m[r], lane_max(block_max));
-    keep[r] = std::exp(*m[r] - m_new);  // exp(-inf) = 0 on the first block
-    *m[r] = m_new;
-    Vec16 sum = {};
-    for (int64_t v = 0; v < NV; ++v) {
-      const Vec16 e = exp_nonpositive(s[r][v] - m_new);
-      store16(p[r] + v * kLanes, e);
-      sum += e;
-    }
-    *l[r] = *l[r] * keep[r] + lane_sum(sum);
+    keep[r] = tile_softmax(s[r], nb, scale, *m[r], *l[r], p[r]);
+    pr[r] = p[r];
   }
   Vec16 a[R][DV];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t v = 0; v < DV; ++v) a[r][v] = load16(acc[r] + v * kLanes) * keep[r];
-  for (int64_t i = 0; i < nb; ++i) {
-    Vec16 vv[DV];
-    for (int64_t v = 0; v < DV; ++v) vv[v] = load16(vt + i * D + v * kLanes);
-    for (int64_t r = 0; r < R; ++r) {
-      const float w = p[r][i];
-      for (int64_t v = 0; v < DV; ++v) a[r][v] += vv[v] * w;
-    }
-  }
+  accumulate_rows<R, DV>(a, vt, D, pr, nb);  // a[r] += p_r . V
   for (int64_t r = 0; r < R; ++r)
     for (int64_t v = 0; v < DV; ++v) store16(acc[r] + v * kLanes, a[r][v]);
 }
@@ -533,26 +506,30 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
       }
     }
     const int64_t rows = g.count * G;
-    int64_t r0 = 0;
     if constexpr (DV > 0) {  // kRows query rows at a time, then one at a time
       constexpr int64_t kRows = 16 / DV;
-      for (; r0 + kRows <= rows; r0 += kRows) {
-        const float* qr[kRows];
-        float *m[kRows], *l[kRows], *acc[kRows];
-        for (int64_t x = 0; x < kRows; ++x) {
+      auto pass = [&](int64_t r0, auto n) {  // rows r0 .. r0 + n - 1
+        constexpr int64_t N = decltype(n)::value;
+        const float* qr[N];
+        float *m[N], *l[N], *acc[N];
+        for (int64_t x = 0; x < N; ++x) {
           const int64_t b = (r0 + x) / G, j = h * G + (r0 + x) % G;
           qr[x] = q + ((g.first + b) * Hq + j) * D;
           m[x] = parts[b].m + j;
           l[x] = parts[b].l + j;
           acc[x] = parts[b].acc + j * D;
         }
-        shared_tile_rows<DV, kRows>(qr, kt.data(), vt.data(), nb, scale, m, l, acc);
+        shared_tile_rows<DV, N>(qr, kt.data(), vt.data(), nb, scale, m, l, acc);
+      };
+      int64_t r0 = 0;
+      for (; r0 + kRows <= rows; r0 += kRows) pass(r0, std::integral_constant<int64_t, kRows>{});
+      for (; r0 < rows; ++r0) pass(r0, std::integral_constant<int64_t, 1>{});
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / G, j = h * G + r % G;
+        shared_tile_row(q + ((g.first + b) * Hq + j) * D, kt.data(), vt.data(), nb, D, scale,
+                        parts[b].m[j], parts[b].l[j], parts[b].acc + j * D);
       }
-    }
-    for (int64_t r = r0; r < rows; ++r) {
-      const int64_t b = r / G, j = h * G + r % G;
-      shared_tile_row<DV>(q + ((g.first + b) * Hq + j) * D, kt.data(), vt.data(), nb, D, scale,
-                          parts[b].m[j], parts[b].l[j], parts[b].acc + j * D);
     }
   }
 }
