@@ -53,9 +53,7 @@ def main() -> None:
 
     logits = panel.linear(hidden, panels, vocab, None)
     same = torch.equal(greedy.argmax(hidden, packed, norms, panels), logits.max(-1).indices)
-    k = hidden.shape[1]
-    f = (2 * 2.0 ** -9 + 2.0 ** -18 + 3 * k * 2.0 ** -23) * 1.001
-    bound = f * hidden.norm(dim=1, keepdim=True) * norms[None, :]
+    bound = greedy.bound_factor(hidden.shape[1]) * hidden.norm(dim=1, keepdim=True) * norms[None, :]
     # a superset of the kernel's candidates: within twice the bound of the float32 maximum
     cand = (logits + 2 * bound >= logits.max(-1, keepdim=True).values).sum(-1).float()
     print(f"threads: {torch.get_num_threads()}; {hidden.shape[0]} rows; same tokens as the "

@@ -167,6 +167,13 @@ inline bool screen(const float*, const float*, int64_t, float, std::vector<int64
 }
 #endif
 
+// f of the bound E = f ||x|| ||W_j|| for K-long rows (see the top of this file), with 0.1 %
+// for the screen's float comparisons.
+inline double bound_factor(int64_t K) {
+  const double u = std::ldexp(1.0, -9);
+  return (2 * u + u * u + 3.0 * K * std::ldexp(1.0, -23)) * 1.001;
+}
+
 // Logit j as panel_gemm computes it from its panels: k in order, fused multiply-adds from
 // zero, so the same bits.
 inline float exact_logit(const float* x, const float* panels, int64_t K, int64_t j) {
@@ -204,8 +211,7 @@ inline torch::Tensor argmax(const torch::Tensor& x_in, const torch::Tensor& pack
   int64_t* ip = ids.data_ptr<int64_t>();
 
   // each row's bound factor f * ||x_b|| (rounded up); rows with a non-finite one stay -1
-  const double u = std::ldexp(1.0, -9);
-  const double f = (2 * u + u * u + 3.0 * K * std::ldexp(1.0, -23)) * 1.001;
+  const double f = bound_factor(K);
   std::vector<float> scale(B);
   std::vector<uint32_t> xb(B * half_k);
   std::vector<char> live(B);

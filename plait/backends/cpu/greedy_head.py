@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from types import ModuleType
 from typing import Optional
 
@@ -72,5 +73,5 @@ class GreedyHead:
         if undecided:  # the panel head's logits and the sampler's rule for these rows
             values, indices = self.head(hidden[undecided]).max(dim=-1)
             for b, v, i in zip(undecided, values.tolist(), indices.tolist()):
-                tokens[b] = i if torch.isfinite(torch.tensor(v)) else None
+                tokens[b] = i if math.isfinite(v) else None
         return GreedyTokens(tokens)
