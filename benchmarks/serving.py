@@ -63,6 +63,22 @@ def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     return prompts
 
 
+async def sse_lines(resp: httpx.Response):
+    """The stream's lines, split at LF only.
+
+    httpx's ``aiter_lines`` splits like str.splitlines, also at U+2028 or U+0085, which the
+    server sends unescaped inside a JSON payload when a model samples one.
+    """
+    pending = b""
+    async for chunk in resp.aiter_bytes():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8")
+
+
 async def one_request(client: httpx.AsyncClient, url: str, ids: list[int],
                       output_len: int) -> Result:
     body = {"input_ids": ids, "stream": True, "sampling_params": {
@@ -75,7 +91,7 @@ async def one_request(client: httpx.AsyncClient, url: str, ids: list[int],
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 meta = json.loads(line[6:])["meta_info"]

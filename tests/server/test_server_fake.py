@@ -20,8 +20,15 @@ def model_name(server) -> str:
 
 
 def sse_events(resp: requests.Response) -> list:
+    """The stream's ``data:`` payloads, parsed.
+
+    Lines are split as bytes: SSE ends a line only at CR or LF, and the server sends text
+    unescaped (``ensure_ascii=False``, as SGLang does), so a sampled U+2028 or U+0085 is part
+    of a payload; ``iter_lines(decode_unicode=True)`` would split there (str.splitlines).
+    """
     events = []
-    for line in resp.iter_lines(decode_unicode=True):
+    for raw in resp.iter_lines():
+        line = raw.decode("utf-8")
         if line.startswith("data: "):
             payload = line[len("data: "):]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
