@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import plait
+from plait.backends.cpu.linear import panel_extension
 from plait.backends.cpu.native_decode import NativeDecode, NativeExtend
 from plait.backends.cpu.plugin import CpuBackend
 
@@ -142,3 +143,44 @@ def test_native_extend_gives_the_eager_prompt_logprobs(make_tiny_model, monkeypa
     assert results[True][0] == results[False][0]
     assert len(results[True][1]) > 190
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=2e-4)
+
+
+def snap_to_4_bit_grid(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as a GGUF Q4_1 round trip leaves it: per 32-input block, q * d + m."""
+    blocks = w.reshape(w.shape[0], -1, 32)
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    d = ((hi - lo) / 15).half().float()
+    m = lo.half().float()
+    q = ((blocks - m) / d).round().clamp(0, 15)
+    return (q * d + m).reshape(w.shape)
+
+
+@pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
+def test_a_checkpoint_on_a_4_bit_grid_decodes_compact_to_the_same_bits(
+        make_tiny_model, monkeypatch, tmp_path):
+    """A float32 checkpoint converted from Q4_1 (as the default SmolLM2 here is): every Linear
+    keeps its 4-bit form, and decode's tokens and logprobs are those of the float32 panels, bit
+    for bit (the real model's parity with transformers, through the same path, is
+    tests/core/test_engine_parity.py)."""
+    from safetensors.torch import load_file, save_file
+    src = make_tiny_model("llama")
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    weights = load_file(src / "model.safetensors")
+    save_file({k: snap_to_4_bit_grid(v) if v.dim() == 2 else v for k, v in weights.items()},
+              tmp_path / "model.safetensors")
+    results = {}
+    for compact in (True, False):
+        with monkeypatch.context() as m:
+            m.setattr(CpuBackend, "compact_weights", compact)
+            with plait.Engine(model_path=tmp_path, max_total_tokens=512) as engine:
+                model = engine.scheduler.runner.model
+                layer = model.layers[0]
+                linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                           layer.mlp.gate_up_proj, layer.mlp.down_proj, model.lm_head]
+                assert [lin.compact for lin in linears] == [compact] * 5
+                assert isinstance(decode_forward(engine), NativeDecode)
+                results[compact] = greedy_with_logprobs(engine)
+    assert results[True][0] == results[False][0]
+    assert torch.equal(results[True][1], results[False][1])

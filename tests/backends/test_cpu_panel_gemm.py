@@ -79,3 +79,78 @@ def test_bad_input_is_an_error_naming_what_is_wrong(panel):
         panel.linear(torch.randn(2, 32), w, 60)
     with pytest.raises(RuntimeError, match="float32"):
         panel.pack(w.half())
+
+
+def grid_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    """A weight as a GGUF Q4_1 checkpoint converted to float32 holds: in each 32-input block
+    of a row, q * d + m with q in 0..15 and d, m float16 (q * d is exact in float32, so the
+    sum rounds once, as the kernel's fused multiply-add does)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g).float()
+    d = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-4).half().float()
+    m = (-torch.rand(n, k // 32, generator=g) * 0.08).half().float()
+    return q * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+
+
+# K of one block and of several; N below, at and past a panel; rows decoded in registers (1-8,
+# all three column groups at once up to 4) and from a scratch panel (9 on, 600 across chunks)
+@pytest.mark.parametrize("n,k", [(5, 32), (48, 64), (100, 96)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 17, 600])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_4_bit_form_gives_the_float32_panels_bits(panel, n, k, rows, bias):
+    w = grid_weight(n, k, n + k)
+    packed = panel.pack(w)
+    form = panel.encode_affine4(packed)
+    assert [t.shape for t in form] == [((n + 47) // 48, k // 2, 48),
+                                       ((n + 47) // 48, k // 32, 48),
+                                       ((n + 47) // 48, k // 32, 48)]
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    assert torch.equal(panel.linear_affine4(x, *form, n, b), panel.linear(x, packed, n, b))
+
+
+def test_the_4_bit_form_decodes_every_weight_exactly(panel):
+    """x = identity rows read the weights back: each decoded float32 is the packed one, bit for
+    bit (constant blocks, where d is 0, and -0.0 never produced included)."""
+    w = grid_weight(60, 64, 3)
+    w[7, :32] = 0.125  # a constant block
+    form = panel.encode_affine4(panel.pack(w))
+    assert form
+    eye = torch.eye(64)
+    for lo, hi in [(0, 4), (4, 12), (0, 64)]:
+        got = panel.linear_affine4(eye[lo:hi], *form, 60)
+        assert torch.equal(got.view(torch.int32), w.T[lo:hi].contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("spoil", ["ulp", "random", "nan", "inf", "k_not_whole_blocks",
+                                   "negative_zero"])
+def test_a_weight_off_its_grid_has_no_4_bit_form(panel, spoil):
+    """One value the codes cannot give back exactly, and the weight keeps its float32 panels."""
+    w = grid_weight(50, 64, 5)
+    if spoil == "ulp":
+        w[3, 17] = torch.nextafter(w[3, 17], torch.tensor(1.0))
+    elif spoil == "random":
+        w = torch.randn(50, 64)
+    elif spoil == "nan":
+        w[10, 40] = float("nan")
+    elif spoil == "inf":
+        w[10, 40] = float("inf")
+    elif spoil == "k_not_whole_blocks":
+        w = w[:, :48].contiguous()
+    else:  # a block of zeros but one -0.0: q * d + m cannot give both signs
+        w[2, :32] = 0.0
+        w[2, 5] = -0.0
+    assert panel.encode_affine4(panel.pack(w)) == []
+
+
+def test_bad_4_bit_input_is_an_error_naming_what_is_wrong(panel):
+    form = panel.encode_affine4(panel.pack(grid_weight(50, 64, 6)))
+    with pytest.raises(RuntimeError, match="x's last dim 32 != the weight's K=64"):
+        panel.linear_affine4(torch.randn(2, 32), *form, 50)
+    with pytest.raises(RuntimeError, match="N=200 does not match 2 panels"):
+        panel.linear_affine4(torch.randn(2, 64), *form, 200)
+    with pytest.raises(RuntimeError, match="codes must come from encode_affine4"):
+        panel.linear_affine4(torch.randn(2, 64), form[0].float(), form[1], form[2], 50)
+    with pytest.raises(RuntimeError, match="scales and offsets must come from encode_affine4"):
+        panel.linear_affine4(torch.randn(2, 64), form[0], form[1][:, :1], form[2], 50)

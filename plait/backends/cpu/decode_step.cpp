@@ -7,7 +7,8 @@
 // products (RMSNorm, RoPE, the KV write, SiLU * up, the residual adds) is a plain loop over
 // the rows, and the products call the same kernels the eager path calls:
 //   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
-//   - panel-packed float32 weights: panel_gemm::linear from panel_gemm.h;
+//   - panel-packed float32 weights: panel_gemm::linear from panel_gemm.h, or for a few rows
+//     panel_gemm::linear_affine4 where the weight has its lossless 4-bit form;
 //   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from
 //     qmatmul_kernels.h;
 //   - plain float32 weights: at::linear.
@@ -39,6 +40,7 @@ struct Linear {
   // kDense: [N, K] float32; kPacked: oneDNN's opaque packed tensor; kPanel: panel_gemm::pack's
   torch::Tensor weight;
   int64_t out_features = 0;  // kPanel: N (the panels are padded to 48 columns)
+  std::vector<torch::Tensor> compact;  // kPanel: the 4-bit form of `weight`, or empty
   c10::optional<torch::Tensor> bias;
   torch::Tensor qs, scales;  // kQuantized: plait.quant.formats.QuantizedWeight's tensors
   c10::optional<torch::Tensor> mins;
@@ -62,16 +64,21 @@ struct Linear {
     return l;
   }
 
+  // compact: panel_gemm.encode_affine4's [codes, scales, offsets] of `weight`, or empty; the
+  // product then reads them for up to panel_gemm::kRegisterDecodeRows rows (the same bits)
   static Linear panel(torch::Tensor weight, int64_t out_features,
-                      c10::optional<torch::Tensor> bias) {
+                      c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> compact) {
     TORCH_CHECK(weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
                     weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
                 "panel weight must come from panel_gemm.pack");
+    TORCH_CHECK(compact.empty() || compact.size() == 3,
+                "compact must be empty or encode_affine4's [codes, scales, offsets]");
     Linear l;
     l.kind = kPanel;
     l.weight = weight;
     l.out_features = out_features;
     l.bias = bias;
+    l.compact = std::move(compact);
     return l;
   }
 
@@ -100,6 +107,9 @@ struct Linear {
       case kPacked:
         return onednn_linear(x, weight, bias);
       case kPanel:
+        if (!compact.empty() && x.numel() <= panel_gemm::kRegisterDecodeRows * x.size(-1))
+          return panel_gemm::linear_affine4(x, compact[0], compact[1], compact[2], out_features,
+                                            bias);
         return panel_gemm::linear(x, weight, out_features, bias);
       case kQuantized: {
 #ifdef PLAIT_VNNI
@@ -339,7 +349,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("dense", &Linear::dense, py::arg("weight"), py::arg("bias"))
       .def_static("packed", &Linear::packed, py::arg("weight"), py::arg("bias"))
       .def_static("panel", &Linear::panel, py::arg("weight"), py::arg("out_features"),
-                  py::arg("bias"))
+                  py::arg("bias"), py::arg("compact") = std::vector<torch::Tensor>())
       .def_static("quantized", &Linear::quantized, py::arg("qs"), py::arg("scales"),
                   py::arg("mins"), py::arg("bits"), py::arg("group"),
                   py::arg("int8_activations"), py::arg("bias"))

@@ -13,6 +13,12 @@ Two packed forms, chosen per weight when the model loads (:func:`default_layout`
   repacks the weight on every call; oneDNN's reordered weight is read once per call (the
   lm_head [576 x 49152] at M=16: 24.8 ms with MKL, 7.4 ms packed).
 
+A ``panel`` weight also gets its lossless 4-bit form where it has one
+(``panel_gemm.encode_affine4``: every 32-row block of each column holds at most 16 values
+``q * d + m``, as a checkpoint converted from GGUF Q4_1 does), checked bit for bit at load.
+Products of up to ``register_decode_rows`` rows (decode at small batch) read it instead of the
+float32 panels: ~6 bits a weight to stream instead of 32, the same float32 results bit for bit.
+
 Invariants:
 - A :class:`PackedLinear` computes ``x @ W.T + b`` for the ``nn.Linear`` it replaced, up to
   float rounding (a panel product sums each row in k order with fused multiply-adds, the same
@@ -96,9 +102,11 @@ class PackedLinear(nn.Module):
     ``panel`` (float32 only) or ``onednn``; None takes :func:`default_layout`."""
 
     #: non-persistent buffers that are weights (``plait.quant.modules.weight_bytes`` counts them)
-    weight_buffers = ("packed_weight", "bias")
+    weight_buffers = ("packed_weight", "bias", "codes", "code_scales", "code_offsets")
 
-    def __init__(self, linear: nn.Linear, layout: Optional[str] = None):
+    def __init__(self, linear: nn.Linear, layout: Optional[str] = None, compact: bool = True):
+        """``compact``: also keep a ``panel`` weight's lossless 4-bit form where it has one
+        (:attr:`compact` tells whether it did)."""
         super().__init__()
         weight = linear.weight.detach().contiguous()
         layout = default_layout(weight.dtype) if layout is None else layout
@@ -125,6 +133,18 @@ class PackedLinear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous(),
                              persistent=False)
+        form = self._panel.encode_affine4(packed) if compact and self._panel else []
+        for name, tensor in zip(("codes", "code_scales", "code_offsets"), form or [None] * 3):
+            self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def compact(self) -> bool:
+        """Whether the weight has its 4-bit form (small products read it)."""
+        return self.codes is not None
+
+    def compact_form(self) -> list[torch.Tensor]:
+        """``[codes, scales, offsets]`` (``panel_gemm.encode_affine4``), or [] without one."""
+        return [] if self.codes is None else [self.codes, self.code_scales, self.code_offsets]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -133,13 +153,18 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel is not None:
+            if (self.codes is not None
+                    and x.numel() <= self._panel.register_decode_rows * self.in_features):
+                return self._panel.linear_affine4(x, self.codes, self.code_scales,
+                                                  self.code_offsets, self.out_features,
+                                                  self.bias)
             return self._panel.linear(x, self.packed_weight, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                   [], "")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout={self.layout}")
+                f"bias={self.bias is not None}, layout={self.layout}, compact={self.compact}")
 
 
 def computes_plain_linear(module: nn.Module) -> bool:
@@ -152,9 +177,11 @@ def computes_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and tp is not None and tp.size == 1
 
 
-def prepack_linears(model: nn.Module, layout: Optional[str] = None) -> int:
+def prepack_linears(model: nn.Module, layout: Optional[str] = None,
+                    compact: bool = True) -> int:
     """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
-    :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype).
+    :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype),
+    with its lossless 4-bit form where it has one and ``compact``.
 
     Returns how many were replaced (0 when the model's dtype cannot be packed here).
     """
@@ -164,5 +191,19 @@ def prepack_linears(model: nn.Module, layout: Optional[str] = None) -> int:
                for name, child in parent.named_children()
                if computes_plain_linear(child) and can_prepack(child.weight.dtype)]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child, layout))
+        setattr(parent, name, PackedLinear(child, layout, compact))
     return len(targets)
+
+
+def compact_summary(model: nn.Module) -> str:
+    """How many of ``model``'s packed Linears have their 4-bit form, and the bytes a small
+    product streams with and without it (for the engine's log)."""
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    compact = [m for m in packed if m.compact]
+    if not compact:
+        return f"none of {len(packed)} packed Linear weights has a lossless 4-bit form"
+    full = sum(m.packed_weight.numel() * 4 for m in compact)
+    small = sum(t.numel() * t.element_size() for m in compact for t in m.compact_form())
+    return (f"{len(compact)} of {len(packed)} packed Linear weights have a lossless 4-bit form "
+            f"({full / 2**20:.0f} MiB of float32 panels read as {small / 2**20:.0f} MiB "
+            f"by products of up to {panel_extension().register_decode_rows} rows)")

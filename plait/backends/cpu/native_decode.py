@@ -50,7 +50,8 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
         if module.packed_weight.dtype != torch.float32:
             return None
         if module.layout == "panel":
-            return ext.Linear.panel(module.packed_weight, module.out_features, module.bias)
+            return ext.Linear.panel(module.packed_weight, module.out_features, module.bias,
+                                    module.compact_form())
         return ext.Linear.packed(module.packed_weight, module.bias)
     if isinstance(module, QuantizedLinear):
         matmul = module.matmul

@@ -7,6 +7,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "W [N, K] float32 -> the panel layout [ceil(N / 48), K, 48]");
   m.def("linear", &panel_gemm::linear, py::arg("x"), py::arg("packed"), py::arg("out_features"),
         py::arg("bias") = py::none(), "x [..., K] @ W^T (+ bias) from the packed weight");
+  m.def("encode_affine4", &panel_gemm::encode_affine4, py::arg("packed"),
+        "pack()'s panels as 4-bit codes [codes, scales, offsets] that decode to the same "
+        "float32 bit for bit, or [] where a value is off its 32-row block's grid");
+  m.def("linear_affine4", &panel_gemm::linear_affine4, py::arg("x"), py::arg("codes"),
+        py::arg("scales"), py::arg("offsets"), py::arg("out_features"),
+        py::arg("bias") = py::none(), "linear() from encode_affine4's form, the same bits");
+  m.attr("register_decode_rows") = panel_gemm::kRegisterDecodeRows;
   m.def("has_simd_kernel", &panel_gemm::has_simd_kernel,
         "whether this build has the AVX-512 kernel (else the portable loop)");
 }

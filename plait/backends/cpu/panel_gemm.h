@@ -30,7 +30,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <c10/util/Half.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -152,6 +157,314 @@ inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& pack
       const int64_t chunk = t / P, p = t % P;
       const int64_t m0 = chunk * kRowChunk, rows = std::min(kRowChunk, M - m0);
       panel_rows(rows, xp + m0 * K, K, wp + p * K * kCols, K, yp + m0 * N + p * kCols, N,
+                 std::min(kCols, N - p * kCols));
+    }
+  });
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The same panels stored as 4-bit codes, when that loses nothing.
+//
+// Why: a decode step streams every weight from memory once; at batch 1 that stream is the
+// step (SmolLM2-135M: 430 MB of float32 layer weights, ~11-16 ms at this machine's 26-40 GB/s).
+// Many float32 checkpoints hold far fewer distinct values than float32 can: a model converted
+// from GGUF Q4_1 has, in each 32-weight block of a row, at most 16 values d * q + m (q in
+// 0..15). Where every block of a weight is exactly such a grid, the weight is kept as its codes
+// plus one (scale, offset) pair per block: 6 bits a weight instead of 32.
+//
+// Holds: the codes are used only if decoding reproduces every float32 of the panel bit for bit
+// (encode_affine4 checks each one, else returns nothing and the float32 panels stay). A panel
+// is decoded into a per-thread scratch copy of its float32 panel and multiplied by the same
+// tile code as linear(): the products are the float32 panel's, bit for bit, at any M.
+//
+// Layout (per panel p, column c of its 48, block b of kCodeBlock rows of k):
+//   codes   uint8 [P, K / 2, 48]: byte (k / 2, c) holds k's code in its low nibble and k + 1's
+//           in its high one (the codes of 16 columns for two k are one 16-byte load);
+//   scales, offsets float32 [P, K / kCodeBlock, 48]: weight = fma(code, scale, offset).
+constexpr int64_t kCodeBlock = 32;
+
+namespace affine4_detail {
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// codes for the n values v[i * stride] such that fma(code, d, m) reproduces each one exactly,
+// or false. n <= kCodeBlock.
+inline bool fit_block(const float* v, int64_t stride, int64_t n, float d, float m,
+                      uint8_t* codes) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = v[i * stride];
+    const float guess = d == 0.f ? 0.f : std::nearbyint((x - m) / d);
+    if (!(guess >= 0.f && guess <= 15.f)) return false;  // NaN fails too
+    if (bits_of(std::fma(guess, d, m)) != bits_of(x)) return false;
+    codes[i] = static_cast<uint8_t>(guess);
+  }
+  return true;
+}
+
+// (d, m) and codes for one block: m is its minimum, so some code is 0; the largest value has
+// code qmax <= 15, so d is near (max - m) / qmax. Tried from qmax = 15 down, each with d as
+// computed and d rounded to float16 (GGUF stores its scales so).
+inline bool encode_block(const float* v, int64_t stride, int64_t n, float* d_out, float* m_out,
+                         uint8_t* codes) {
+  float lo = v[0], hi = v[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, v[i * stride]);
+    hi = std::max(hi, v[i * stride]);
+  }
+  if (!std::isfinite(lo) || !std::isfinite(hi)) return false;
+  if (hi == lo) {
+    *d_out = 0.f;
+    *m_out = lo;
+    return fit_block(v, stride, n, 0.f, lo, codes);
+  }
+  for (int qmax = 15; qmax >= 1; --qmax) {
+    const float d = (hi - lo) / static_cast<float>(qmax);
+    const float d16 = static_cast<float>(c10::Half(d));
+    for (const float cand : {d16, d}) {
+      if (cand > 0.f && fit_block(v, stride, n, cand, lo, codes)) {
+        *d_out = cand;
+        *m_out = lo;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace affine4_detail
+
+// The 4-bit form of pack()'s panels (codes, scales, offsets), or an empty tuple where some
+// value is not on its block's grid.
+inline std::vector<torch::Tensor> encode_affine4(const torch::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
+                  packed.scalar_type() == torch::kFloat32,
+              "panel_gemm.encode_affine4: packed must come from panel_gemm.pack");
+  const int64_t P = packed.size(0), K = packed.size(1);
+  if (K % kCodeBlock != 0) return {};
+  const int64_t B = K / kCodeBlock;
+  auto codes = torch::empty({P, K / 2, kCols}, packed.options().dtype(torch::kUInt8));
+  auto scales = torch::empty({P, B, kCols}, packed.options());
+  auto offsets = torch::empty({P, B, kCols}, packed.options());
+  const float* wp = packed.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  float* op = offsets.data_ptr<float>();
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, P * B, 16, [&](int64_t t0, int64_t t1) {
+    uint8_t block[kCodeBlock];
+    for (int64_t t = t0; t < t1 && exact.load(std::memory_order_relaxed); ++t) {
+      const int64_t p = t / B, b = t % B;
+      const float* base = wp + (p * K + b * kCodeBlock) * kCols;
+      uint8_t* dst = cp + (p * (K / 2) + b * kCodeBlock / 2) * kCols;
+      for (int64_t c = 0; c < kCols; ++c) {
+        float* d = sp + (p * B + b) * kCols + c;
+        float* m = op + (p * B + b) * kCols + c;
+        if (!affine4_detail::encode_block(base + c, kCols, kCodeBlock, d, m, block)) {
+          exact.store(false, std::memory_order_relaxed);
+          return;
+        }
+        for (int64_t i = 0; i < kCodeBlock; i += 2)
+          dst[(i / 2) * kCols + c] = static_cast<uint8_t>(block[i] | (block[i + 1] << 4));
+      }
+    }
+  });
+  if (!exact.load()) return {};
+  return {codes, scales, offsets};
+}
+
+// Panel p of the 4-bit form back to float32 [K, 48] at out (64-byte aligned).
+inline void decode_affine4_panel(const uint8_t* __restrict codes, const float* __restrict scales,
+                                 const float* __restrict offsets, int64_t K,
+                                 float* __restrict out) {
+  for (int64_t b = 0; b < K / kCodeBlock; ++b) {
+    const uint8_t* c = codes + b * (kCodeBlock / 2) * kCols;
+    const float* d = scales + b * kCols;
+    const float* m = offsets + b * kCols;
+    float* o = out + b * kCodeBlock * kCols;
+#if defined(__AVX512F__)
+    const __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16),
+                 d2 = _mm512_loadu_ps(d + 32);
+    const __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16),
+                 m2 = _mm512_loadu_ps(m + 32);
+    const __m512i low = _mm512_set1_epi32(15);
+    for (int64_t i = 0; i < kCodeBlock / 2; ++i, c += kCols, o += 2 * kCols) {
+      const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      const __m512i b1 =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)));
+      const __m512i b2 =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32)));
+      _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), d0, m0));
+      _mm512_store_ps(o + 16,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, low)), d1, m1));
+      _mm512_store_ps(o + 32,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b2, low)), d2, m2));
+      _mm512_store_ps(o + kCols,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), d0, m0));
+      _mm512_store_ps(o + kCols + 16,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), d1, m1));
+      _mm512_store_ps(o + kCols + 32,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b2, 4)), d2, m2));
+    }
+#else
+    for (int64_t i = 0; i < kCodeBlock / 2; ++i)
+      for (int64_t j = 0; j < kCols; ++j) {
+        const uint8_t byte = c[i * kCols + j];
+        o[(2 * i) * kCols + j] = std::fma(static_cast<float>(byte & 15), d[j], m[j]);
+        o[(2 * i + 1) * kCols + j] = std::fma(static_cast<float>(byte >> 4), d[j], m[j]);
+      }
+#endif
+  }
+}
+
+#if defined(__AVX512F__)
+// y[0:R, 16 j0 : 16 (j0 + G)] of one panel straight from its codes, for a few rows: the weights
+// are decoded in registers, two k at a time, and never stored. Each y accumulates in k order
+// with fused multiply-adds from zero, as tile() does: the same bits. R * G independent sums
+// are in flight (G = 3 for up to 4 rows), enough to cover the multiply-add's latency.
+template <int R, int G>
+inline void tile_affine4(const float* __restrict x, int64_t lda, const uint8_t* __restrict codes,
+                         const float* __restrict scales, const float* __restrict offsets,
+                         int64_t K, int j0, float* __restrict y, int64_t ldy, int64_t cols) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < K / kCodeBlock; ++b) {
+    __m512 d[G], m[G];
+    for (int g = 0; g < G; ++g) {
+      d[g] = _mm512_loadu_ps(scales + b * kCols + 16 * (j0 + g));
+      m[g] = _mm512_loadu_ps(offsets + b * kCols + 16 * (j0 + g));
+    }
+    const uint8_t* c = codes + b * (kCodeBlock / 2) * kCols + 16 * j0;
+    const float* xk = x + b * kCodeBlock;
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
+      __m512 w0[G], w1[G];
+      for (int g = 0; g < G; ++g) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i * kCols + 16 * g)));
+        w0[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d[g], m[g]);
+        w1[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d[g], m[g]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 x0 = _mm512_set1_ps(xk[r * lda + 2 * i]);
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(x0, w0[g], acc[r][g]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 x1 = _mm512_set1_ps(xk[r * lda + 2 * i + 1]);
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(x1, w1[g], acc[r][g]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t n = std::min<int64_t>(16, cols - 16 * (j0 + g));
+    if (n <= 0) continue;
+    const __mmask16 mask = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * (j0 + g), mask, acc[r][g]);
+  }
+}
+
+// tile_affine4 for `rows` <= 8 rows: all three column groups at once up to 4 rows, one group
+// (of the three tasks a panel then makes) from 5.
+template <int R>
+inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const uint8_t* codes,
+                              const float* scales, const float* offsets, int64_t K, int j,
+                              float* y, int64_t ldy, int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R)
+      return tile_affine4_rows<R - 1>(rows, x, lda, codes, scales, offsets, K, j, y, ldy, cols);
+  }
+  if constexpr (R <= 4) {
+    tile_affine4<R, 3>(x, lda, codes, scales, offsets, K, 0, y, ldy, cols);
+  } else {
+    tile_affine4<R, 1>(x, lda, codes, scales, offsets, K, j, y, ldy, cols);
+  }
+}
+#endif
+
+// Up to this many rows linear_affine4 decodes in registers (tile_affine4), and is the faster
+// form: all of SmolLM2-135M's decode products took 3.7 against 14.3 ms at M = 1, 10.5
+// against 13.5 at M = 8, with the weights streamed from memory (benchmarks/panel_gemm_cpu.py).
+// Above, it decodes a panel into scratch once per task, 1-3 % slower than the float32 panels
+// (the rows' products are the time; the decode's stores add to it): callers holding both
+// forms use the panels there.
+constexpr int64_t kRegisterDecodeRows = 8;
+
+// linear() for the 4-bit form: each task decodes its panel into a scratch panel (per thread,
+// in cache) and multiplies it with the float32 tile code. Same results as linear() on the
+// panels it was encoded from, bit for bit.
+inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tensor& codes,
+                                    const torch::Tensor& scales, const torch::Tensor& offsets,
+                                    int64_t N, const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("plait::panel_linear_affine4", std::vector<c10::IValue>({x_in}));
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32, "panel_gemm.linear_affine4: x must be float32");
+  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kCols && codes.is_contiguous() &&
+                  codes.scalar_type() == torch::kUInt8,
+              "panel_gemm.linear_affine4: codes must come from encode_affine4");
+  const int64_t P = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(scales.sizes() == offsets.sizes() && scales.dim() == 3 && scales.size(0) == P &&
+                  scales.size(1) * kCodeBlock == K && scales.size(2) == kCols &&
+                  scales.is_contiguous() && offsets.is_contiguous() &&
+                  scales.scalar_type() == torch::kFloat32 &&
+                  offsets.scalar_type() == torch::kFloat32,
+              "panel_gemm.linear_affine4: scales and offsets must come from encode_affine4");
+  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
+              "panel_gemm.linear_affine4: N=", N, " does not match ", P, " panels");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear_affine4: x's last dim ",
+              x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  torch::Tensor y = torch::empty(out_shape, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = offsets.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t chunks = (M + kRowChunk - 1) / kRowChunk, B = K / kCodeBlock;
+#if defined(__AVX512F__)
+  if (M <= kRegisterDecodeRows) {
+    // tasks: panels up to 4 rows; (panel, 16-column group) pairs from 5
+    const int64_t groups = M <= 4 ? 1 : 3;
+    at::parallel_for(0, P * groups, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / groups;
+        tile_affine4_rows<kRegisterDecodeRows>(
+            M, xp, K, cp + p * (K / 2) * kCols, sp + p * B * kCols, op + p * B * kCols, K,
+            static_cast<int>(t % groups), yp + p * kCols, N, std::min(kCols, N - p * kCols));
+      }
+    });
+    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    return y;
+  }
+#endif
+  at::parallel_for(0, chunks * P, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> scratch;
+    if (static_cast<int64_t>(scratch.size()) < K * kCols + 16) scratch.resize(K * kCols + 16);
+    float* panel = reinterpret_cast<float*>(
+        (reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~static_cast<uintptr_t>(63));
+    int64_t decoded = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t % P, chunk = t / P;
+      const int64_t m0 = chunk * kRowChunk, rows = std::min(kRowChunk, M - m0);
+      if (p != decoded) {
+        decode_affine4_panel(cp + p * (K / 2) * kCols, sp + p * B * kCols, op + p * B * kCols,
+                             K, panel);
+        decoded = p;
+      }
+      panel_rows(rows, xp + m0 * K, K, panel, K, yp + m0 * N + p * kCols, N,
                  std::min(kCols, N - p * kCols));
     }
   });

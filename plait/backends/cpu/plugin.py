@@ -29,6 +29,10 @@ class CpuBackend(Backend):
     #: (float32 panels where the AVX-512 kernel builds, else oneDNN); ``"onednn"`` is the path
     #: benchmarks compare against
     linear_layout: ClassVar["str | None"] = None
+    #: keep a float32 panel weight's lossless 4-bit form too, where it has one (a checkpoint
+    #: converted from GGUF Q4_1), for small-batch products (``plait.backends.cpu.linear``);
+    #: False streams the float32 panels, the path benchmarks compare against
+    compact_weights: ClassVar[bool] = True
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
@@ -98,8 +102,9 @@ class CpuBackend(Backend):
         decode is compiled (``--enable-graph-capture``)."""
         runner = super().create_model_runner(spec, kv_pool, req_pool)
         if self.prepack_weights:
-            from plait.backends.cpu.linear import prepack_linears
-            prepack_linears(runner.model, self.linear_layout)
+            from plait.backends.cpu.linear import compact_summary, prepack_linears
+            prepack_linears(runner.model, self.linear_layout, self.compact_weights)
+            log.info("%s", compact_summary(runner.model))
         if self.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_decode import install_native_decode
             install_native_decode(runner.model, runner.attn, self.greedy_head)
