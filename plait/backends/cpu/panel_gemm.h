@@ -353,12 +353,12 @@ inline void tile_affine4(const float* __restrict x, int64_t lda, const uint8_t* 
         w0[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), d[g], m[g]);
         w1[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d[g], m[g]);
       }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512 x0 = _mm512_set1_ps(xk[r * lda + 2 * i]);
         for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(x0, w0[g], acc[r][g]);
       }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512 x1 = _mm512_set1_ps(xk[r * lda + 2 * i + 1]);
         for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(x1, w1[g], acc[r][g]);
@@ -374,7 +374,7 @@ inline void tile_affine4(const float* __restrict x, int64_t lda, const uint8_t* 
   }
 }
 
-// tile_affine4 for `rows` <= 8 rows: all three column groups at once up to 4 rows, one group
+// tile_affine4 for `rows` <= R rows: all three column groups at once up to 4 rows, one group
 // (of the three tasks a panel then makes) from 5.
 template <int R>
 inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const uint8_t* codes,
@@ -399,6 +399,7 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 // (the rows' products are the time; the decode's stores add to it): callers holding both
 // forms use the panels there.
 constexpr int64_t kRegisterDecodeRows = 8;
+constexpr int64_t kRegisterTileRows = 8;  // rows per register-decode pass
 
 // linear() for the 4-bit form: each task decodes its panel into a scratch panel (per thread,
 // in cache) and multiplies it with the float32 tile code. Same results as linear() on the
@@ -441,9 +442,11 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
     at::parallel_for(0, P * groups, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / groups;
-        tile_affine4_rows<kRegisterDecodeRows>(
-            M, xp, K, cp + p * (K / 2) * kCols, sp + p * B * kCols, op + p * B * kCols, K,
-            static_cast<int>(t % groups), yp + p * kCols, N, std::min(kCols, N - p * kCols));
+        for (int64_t m0 = 0; m0 < M; m0 += kRegisterTileRows)
+          tile_affine4_rows<kRegisterTileRows>(
+              std::min(kRegisterTileRows, M - m0), xp + m0 * K, K, cp + p * (K / 2) * kCols,
+              sp + p * B * kCols, op + p * B * kCols, K, static_cast<int>(t % groups),
+              yp + m0 * N + p * kCols, N, std::min(kCols, N - p * kCols));
       }
     });
     if (bias.has_value() && bias->defined()) y.add_(*bias);
