@@ -393,22 +393,24 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 #endif
 
 // Up to this many rows linear_affine4 decodes in registers (tile_affine4), and is the faster
-// form: all of SmolLM2-135M's decode products took 3.7 against 14.3 ms at M = 1, 10.5
-// against 13.5 at M = 8, with the weights streamed from memory (benchmarks/panel_gemm_cpu.py).
+// form: all of SmolLM2-135M's layer products took 3.7 against 14.3 ms at M = 1, 10.5
+// against 13.5 at M = 8, weights streamed from memory (benchmarks/compact_weights_cpu.py).
 // Above, it decodes a panel into scratch once per task, 1-3 % slower than the float32 panels
 // (the rows' products are the time; the decode's stores add to it): callers holding both
 // forms use the panels there.
 constexpr int64_t kRegisterDecodeRows = 8;
 constexpr int64_t kRegisterTileRows = 8;  // rows per register-decode pass
 
-// linear() for the 4-bit form: each task decodes its panel into a scratch panel (per thread,
-// in cache) and multiplies it with the float32 tile code. Same results as linear() on the
-// panels it was encoded from, bit for bit.
+// linear() for the 4-bit form, the same results as linear() on the panels it was encoded
+// from, bit for bit. Up to kRegisterDecodeRows rows the codes are decoded in registers
+// (tile_affine4); above, each task decodes its panel into a per-thread scratch panel (in
+// cache) and multiplies it with the float32 tile code.
 inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tensor& codes,
                                     const torch::Tensor& scales, const torch::Tensor& offsets,
                                     int64_t N, const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear_affine4", std::vector<c10::IValue>({x_in}));
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32, "panel_gemm.linear_affine4: x must be float32");
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32,
+              "panel_gemm.linear_affine4: x must be float32");
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kCols && codes.is_contiguous() &&
                   codes.scalar_type() == torch::kUInt8,
               "panel_gemm.linear_affine4: codes must come from encode_affine4");
