@@ -76,23 +76,35 @@ def test_tensor_parallel_layers_are_packed_only_on_one_rank():
 
 
 @pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 3, 9, 16, 17, 40])
 def test_a_weight_on_a_4_bit_grid_is_kept_compact_with_the_same_results(rows):
-    """Products of up to ``register_decode_rows`` rows read the 4-bit form: the same bits as
-    the float32 panels, which the larger ones still read."""
+    """Products of up to ``register_decode_rows`` (16) rows read the 4-bit form: the same bits
+    as the float32 panels, which the larger ones still read."""
     from tests.backends.test_cpu_panel_gemm import grid_weight
     lin = nn.Linear(96, 100)
     with torch.no_grad():
         lin.weight.copy_(grid_weight(100, 96, 9))
     compact, full = PackedLinear(lin, "panel"), PackedLinear(lin, "panel", compact=False)
     assert compact.compact and not full.compact and full.compact_form() == []
-    assert "compact=True" in repr(compact)
+    assert compact.compact_format == "affine4" and "compact=affine4" in repr(compact)
     x = torch.randn(rows, 96)
     assert torch.equal(compact(x), full(x))
     torch.testing.assert_close(compact(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
-def test_an_ordinary_float32_weight_has_no_4_bit_form():
+@pytest.mark.parametrize("rows", [1, 9, 40])
+def test_a_weight_upcast_from_bfloat16_is_kept_as_halves_with_the_same_results(rows):
+    lin = nn.Linear(96, 100)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.bfloat16().float())
+    compact, full = PackedLinear(lin, "panel"), PackedLinear(lin, "panel", compact=False)
+    assert compact.compact_format == "bf16" and len(compact.compact_form()) == 1
+    x = torch.randn(rows, 96)
+    assert torch.equal(compact(x), full(x))
+
+
+@pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
+def test_an_ordinary_float32_weight_has_no_smaller_form():
     packed = PackedLinear(nn.Linear(64, 64), "panel")
-    assert not packed.compact and packed.codes is None
+    assert not packed.compact and packed.codes is None and packed.compact_format is None

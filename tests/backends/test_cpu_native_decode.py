@@ -156,19 +156,21 @@ def snap_to_4_bit_grid(w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
-def test_a_checkpoint_on_a_4_bit_grid_decodes_compact_to_the_same_bits(
-        make_tiny_model, monkeypatch, tmp_path):
-    """A float32 checkpoint converted from Q4_1 (as the default SmolLM2 here is): every Linear
-    keeps its 4-bit form, and decode's tokens and logprobs are those of the float32 panels, bit
-    for bit (the real model's parity with transformers, through the same path, is
-    tests/core/test_engine_parity.py)."""
+@pytest.mark.parametrize("snap,form", [(snap_to_4_bit_grid, "affine4"),
+                                       (lambda w: w.bfloat16().float(), "bf16")])
+def test_a_checkpoint_with_a_smaller_form_decodes_compact_to_the_same_bits(
+        make_tiny_model, monkeypatch, tmp_path, snap, form):
+    """A float32 checkpoint converted from Q4_1 (as the default SmolLM2 here is), or upcast
+    from bfloat16: every Linear keeps its smaller form, and decode's tokens and logprobs are
+    those of the float32 panels, bit for bit (the real model's parity with transformers,
+    through the 4-bit form, is tests/core/test_engine_parity.py)."""
     from safetensors.torch import load_file, save_file
     src = make_tiny_model("llama")
     for f in src.iterdir():
         if f.name != "model.safetensors":
             (tmp_path / f.name).write_bytes(f.read_bytes())
     weights = load_file(src / "model.safetensors")
-    save_file({k: snap_to_4_bit_grid(v) if v.dim() == 2 else v for k, v in weights.items()},
+    save_file({k: snap(v) if v.dim() == 2 else v for k, v in weights.items()},
               tmp_path / "model.safetensors")
     results = {}
     for compact in (True, False):
@@ -179,7 +181,7 @@ def test_a_checkpoint_on_a_4_bit_grid_decodes_compact_to_the_same_bits(
                 layer = model.layers[0]
                 linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                            layer.mlp.gate_up_proj, layer.mlp.down_proj, model.lm_head]
-                assert [lin.compact for lin in linears] == [compact] * 5
+                assert [lin.compact_format for lin in linears] == [form if compact else None] * 5
                 assert isinstance(decode_forward(engine), NativeDecode)
                 results[compact] = greedy_with_logprobs(engine)
     assert results[True][0] == results[False][0]

@@ -92,10 +92,11 @@ def grid_weight(n: int, k: int, seed: int) -> torch.Tensor:
     return q * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
 
 
-# K of one block and of several; N below, at and past a panel; rows decoded in registers (1-8,
-# all three column groups at once up to 4) and from a scratch panel (9 on, 600 across chunks)
+# K of one block and of several; N below, at and past a panel; rows decoded in registers
+# (1-16: all three column groups at once up to 4, one group a task from 5) and from a scratch
+# panel (17 on, 600 across chunks)
 @pytest.mark.parametrize("n,k", [(5, 32), (48, 64), (100, 96)])
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 17, 600])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9, 16, 17, 600])
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_4_bit_form_gives_the_float32_panels_bits(panel, n, k, rows, bias):
     w = grid_weight(n, k, n + k)
@@ -154,3 +155,25 @@ def test_bad_4_bit_input_is_an_error_naming_what_is_wrong(panel):
         panel.linear_affine4(torch.randn(2, 64), form[0].float(), form[1], form[2], 50)
     with pytest.raises(RuntimeError, match="scales and offsets must come from encode_affine4"):
         panel.linear_affine4(torch.randn(2, 64), form[0], form[1][:, :1], form[2], 50)
+
+
+@pytest.mark.parametrize("n,k", [(5, 7), (100, 96)])
+@pytest.mark.parametrize("rows", [1, 8, 9, 600])
+def test_the_16_bit_form_gives_the_float32_panels_bits(panel, n, k, rows):
+    """A weight upcast from bfloat16 is kept as its high halves, read back exactly."""
+    g = torch.Generator().manual_seed(n + rows)
+    w = torch.randn(n, k, generator=g).bfloat16().float()
+    packed = panel.pack(w)
+    (halves,) = panel.encode_bf16(packed)
+    assert halves.dtype == torch.uint16 and halves.shape == packed.shape
+    x = torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g)
+    assert torch.equal(panel.linear_bf16(x, halves, n, b), panel.linear(x, packed, n, b))
+
+
+def test_a_weight_with_a_low_half_has_no_16_bit_form(panel):
+    w = torch.randn(50, 64).bfloat16().float()
+    w[3, 9] = torch.nextafter(w[3, 9], torch.tensor(1.0))
+    assert panel.encode_bf16(panel.pack(w)) == []
+    with pytest.raises(RuntimeError, match="halves must come from encode_bf16"):
+        panel.linear_bf16(torch.randn(2, 64), panel.pack(w), 50)

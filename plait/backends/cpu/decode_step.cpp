@@ -8,7 +8,8 @@
 // the rows, and the products call the same kernels the eager path calls:
 //   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
 //   - panel-packed float32 weights: panel_gemm::linear from panel_gemm.h, or for a few rows
-//     panel_gemm::linear_affine4 where the weight has its lossless 4-bit form;
+//     panel_gemm::linear_affine4 / linear_bf16 where the weight has a lossless 4-bit or
+//     16-bit form;
 //   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from
 //     qmatmul_kernels.h;
 //   - plain float32 weights: at::linear.
@@ -40,7 +41,7 @@ struct Linear {
   // kDense: [N, K] float32; kPacked: oneDNN's opaque packed tensor; kPanel: panel_gemm::pack's
   torch::Tensor weight;
   int64_t out_features = 0;  // kPanel: N (the panels are padded to 48 columns)
-  std::vector<torch::Tensor> compact;  // kPanel: the 4-bit form of `weight`, or empty
+  std::vector<torch::Tensor> compact;  // kPanel: a lossless smaller form of `weight`, or empty
   c10::optional<torch::Tensor> bias;
   torch::Tensor qs, scales;  // kQuantized: plait.quant.formats.QuantizedWeight's tensors
   c10::optional<torch::Tensor> mins;
@@ -64,15 +65,17 @@ struct Linear {
     return l;
   }
 
-  // compact: panel_gemm.encode_affine4's [codes, scales, offsets] of `weight`, or empty; the
-  // product then reads them for up to panel_gemm::kRegisterDecodeRows rows (the same bits)
+  // compact: encode_bf16's [halves] of `weight`, which every product then reads, or
+  // encode_affine4's [codes, scales, offsets], which products of up to
+  // panel_gemm::kRegisterDecodeRows rows read; or empty. The same bits as the panels.
   static Linear panel(torch::Tensor weight, int64_t out_features,
                       c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> compact) {
     TORCH_CHECK(weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
                     weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
                 "panel weight must come from panel_gemm.pack");
-    TORCH_CHECK(compact.empty() || compact.size() == 3,
-                "compact must be empty or encode_affine4's [codes, scales, offsets]");
+    TORCH_CHECK(compact.size() <= 1 || compact.size() == 3,
+                "compact must be empty, encode_bf16's [halves] or encode_affine4's [codes, "
+                "scales, offsets]");
     Linear l;
     l.kind = kPanel;
     l.weight = weight;
@@ -107,6 +110,7 @@ struct Linear {
       case kPacked:
         return onednn_linear(x, weight, bias);
       case kPanel:
+        if (compact.size() == 1) return panel_gemm::linear_bf16(x, compact[0], out_features, bias);
         if (!compact.empty() && x.numel() <= panel_gemm::kRegisterDecodeRows * x.size(-1))
           return panel_gemm::linear_affine4(x, compact[0], compact[1], compact[2], out_features,
                                             bias);

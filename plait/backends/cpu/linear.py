@@ -13,11 +13,13 @@ Two packed forms, chosen per weight when the model loads (:func:`default_layout`
   repacks the weight on every call; oneDNN's reordered weight is read once per call (the
   lm_head [576 x 49152] at M=16: 24.8 ms with MKL, 7.4 ms packed).
 
-A ``panel`` weight also gets its lossless 4-bit form where it has one
-(``panel_gemm.encode_affine4``: every 32-row block of each column holds at most 16 values
-``q * d + m``, as a checkpoint converted from GGUF Q4_1 does), checked bit for bit at load.
-Products of up to ``register_decode_rows`` rows (decode at small batch) read it instead of the
-float32 panels: ~6 bits a weight to stream instead of 32, the same float32 results bit for bit.
+A ``panel`` weight also gets a lossless smaller form where it has one, checked bit for bit at
+load: 4-bit codes (``panel_gemm.encode_affine4``: every 32-input block of each output holds at
+most 16 values ``q * d + m``, as a checkpoint converted from GGUF Q4_1 does; ~6 bits a weight),
+else 16-bit halves (``encode_bf16``: every value is a bfloat16, as in a checkpoint upcast from
+bfloat16). Products read it instead of the float32 panels (the 4-bit form up to
+``register_decode_rows`` rows, decode at small batch; the 16-bit form at every size): fewer
+bytes to stream, the same float32 results bit for bit.
 
 Invariants:
 - A :class:`PackedLinear` computes ``x @ W.T + b`` for the ``nn.Linear`` it replaced, up to
@@ -105,8 +107,8 @@ class PackedLinear(nn.Module):
     weight_buffers = ("packed_weight", "bias", "codes", "code_scales", "code_offsets")
 
     def __init__(self, linear: nn.Linear, layout: Optional[str] = None, compact: bool = True):
-        """``compact``: also keep a ``panel`` weight's lossless 4-bit form where it has one
-        (:attr:`compact` tells whether it did)."""
+        """``compact``: also keep a ``panel`` weight's lossless 4-bit or 16-bit form where it
+        has one (:attr:`compact_format` tells which)."""
         super().__init__()
         weight = linear.weight.detach().contiguous()
         layout = default_layout(weight.dtype) if layout is None else layout
@@ -133,18 +135,24 @@ class PackedLinear(nn.Module):
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous(),
                              persistent=False)
-        form = self._panel.encode_affine4(packed) if compact and self._panel else []
-        for name, tensor in zip(("codes", "code_scales", "code_offsets"), form or [None] * 3):
+        form: list[torch.Tensor] = []
+        if compact and self._panel is not None:
+            form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
+        #: "affine4", "bf16" or None: the lossless form small products read
+        self.compact_format = {3: "affine4", 1: "bf16"}.get(len(form))
+        form = form + [None] * (3 - len(form))
+        for name, tensor in zip(("codes", "code_scales", "code_offsets"), form):
             self.register_buffer(name, tensor, persistent=False)
 
     @property
     def compact(self) -> bool:
-        """Whether the weight has its 4-bit form (small products read it)."""
+        """Whether the weight has a lossless smaller form (small products read it)."""
         return self.codes is not None
 
     def compact_form(self) -> list[torch.Tensor]:
-        """``[codes, scales, offsets]`` (``panel_gemm.encode_affine4``), or [] without one."""
-        return [] if self.codes is None else [self.codes, self.code_scales, self.code_offsets]
+        """``[codes, scales, offsets]`` (``panel_gemm.encode_affine4``), ``[halves]``
+        (``encode_bf16``), or [] without a form."""
+        return [t for t in (self.codes, self.code_scales, self.code_offsets) if t is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -153,7 +161,9 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel is not None:
-            if (self.codes is not None
+            if self.compact_format == "bf16":
+                return self._panel.linear_bf16(x, self.codes, self.out_features, self.bias)
+            if (self.compact_format == "affine4"
                     and x.numel() <= self._panel.register_decode_rows * self.in_features):
                 return self._panel.linear_affine4(x, self.codes, self.code_scales,
                                                   self.code_offsets, self.out_features,
@@ -164,7 +174,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout={self.layout}, compact={self.compact}")
+                f"bias={self.bias is not None}, layout={self.layout}, "
+                f"compact={self.compact_format}")
 
 
 def computes_plain_linear(module: nn.Module) -> bool:
@@ -196,14 +207,17 @@ def prepack_linears(model: nn.Module, layout: Optional[str] = None,
 
 
 def compact_summary(model: nn.Module) -> str:
-    """How many of ``model``'s packed Linears have their 4-bit form, and the bytes a small
-    product streams with and without it (for the engine's log)."""
+    """How many of ``model``'s packed Linears have a lossless smaller form, of which kind, and
+    the bytes small products stream with and without them (for the engine's log)."""
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     compact = [m for m in packed if m.compact]
     if not compact:
-        return f"none of {len(packed)} packed Linear weights has a lossless 4-bit form"
+        return f"none of {len(packed)} packed Linear weights has a lossless smaller form"
     full = sum(m.packed_weight.numel() * 4 for m in compact)
     small = sum(t.numel() * t.element_size() for m in compact for t in m.compact_form())
-    return (f"{len(compact)} of {len(packed)} packed Linear weights have a lossless 4-bit form "
-            f"({full / 2**20:.0f} MiB of float32 panels read as {small / 2**20:.0f} MiB "
-            f"by products of up to {panel_extension().register_decode_rows} rows)")
+    kinds = ", ".join(f"{sum(m.compact_format == k for m in compact)} {k}"
+                      for k in ("affine4", "bf16") if any(m.compact_format == k for m in compact))
+    return (f"{len(compact)} of {len(packed)} packed Linear weights have a lossless smaller "
+            f"form ({kinds}; 4-bit read up to {panel_extension().register_decode_rows} rows, "
+            f"16-bit always): {full / 2**20:.0f} MiB of float32 panels as "
+            f"{small / 2**20:.0f} MiB")

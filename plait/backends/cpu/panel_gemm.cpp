@@ -13,6 +13,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_affine4", &panel_gemm::linear_affine4, py::arg("x"), py::arg("codes"),
         py::arg("scales"), py::arg("offsets"), py::arg("out_features"),
         py::arg("bias") = py::none(), "linear() from encode_affine4's form, the same bits");
+  m.def("encode_bf16", &panel_gemm::encode_bf16, py::arg("packed"),
+        "pack()'s panels as their high 16-bit halves [halves], or [] where a low half is not 0");
+  m.def("linear_bf16", &panel_gemm::linear_bf16, py::arg("x"), py::arg("halves"),
+        py::arg("out_features"), py::arg("bias") = py::none(),
+        "linear() from encode_bf16's halves, the same bits");
   m.attr("register_decode_rows") = panel_gemm::kRegisterDecodeRows;
   m.def("has_simd_kernel", &panel_gemm::has_simd_kernel,
         "whether this build has the AVX-512 kernel (else the portable loop)");

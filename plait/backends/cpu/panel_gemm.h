@@ -66,18 +66,33 @@ inline torch::Tensor pack(const torch::Tensor& w) {
   return padded.view({P, kCols, K}).transpose(1, 2).contiguous();
 }
 
+// A panel holds float32 weights, or (encode_bf16's form) the high halves of float32 weights
+// whose low halves are zero: widened back, the same float32.
+inline float to_float(float w) { return w; }
+inline float to_float(uint16_t w) {
+  const uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 #if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
 // y[0:R, 0:cols] = x[0:R, :] @ panel, R rows of x at stride lda, y at stride ldy.
-template <int R>
-inline void tile(const float* __restrict x, int64_t lda, const float* __restrict panel, int64_t K,
+template <int R, typename W>
+inline void tile(const float* __restrict x, int64_t lda, const W* __restrict panel, int64_t K,
                  float* __restrict y, int64_t ldy, int64_t cols) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const float* wk = panel + k * kCols;
-    const __m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16),
-                 w2 = _mm512_loadu_ps(wk + 32);
+    const W* wk = panel + k * kCols;
+    const __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * lda + k]);
@@ -98,8 +113,8 @@ inline void tile(const float* __restrict x, int64_t lda, const float* __restrict
   }
 }
 
-template <int R>
-inline void tile_rows(int64_t rows, const float* x, int64_t lda, const float* panel, int64_t K,
+template <int R, typename W>
+inline void tile_rows(int64_t rows, const float* x, int64_t lda, const W* panel, int64_t K,
                       float* y, int64_t ldy, int64_t cols) {
   if constexpr (R > 1) {
     if (rows < R) return tile_rows<R - 1>(rows, x, lda, panel, K, y, ldy, cols);
@@ -109,7 +124,8 @@ inline void tile_rows(int64_t rows, const float* x, int64_t lda, const float* pa
 #endif
 
 // y[0:rows, 0:cols] for one panel; rows of any count.
-inline void panel_rows(int64_t rows, const float* x, int64_t lda, const float* panel, int64_t K,
+template <typename W>
+inline void panel_rows(int64_t rows, const float* x, int64_t lda, const W* panel, int64_t K,
                        float* y, int64_t ldy, int64_t cols) {
 #if defined(__AVX512F__)
   for (int64_t m0 = 0; m0 < rows; m0 += kRows)
@@ -121,12 +137,37 @@ inline void panel_rows(int64_t rows, const float* x, int64_t lda, const float* p
     std::fill(acc, acc + kCols, 0.0f);
     for (int64_t k = 0; k < K; ++k) {
       const float xv = x[m * lda + k];
-      const float* wk = panel + k * kCols;
-      for (int64_t c = 0; c < kCols; ++c) acc[c] = std::fma(xv, wk[c], acc[c]);
+      const W* wk = panel + k * kCols;
+      for (int64_t c = 0; c < kCols; ++c) acc[c] = std::fma(xv, to_float(wk[c]), acc[c]);
     }
     std::copy(acc, acc + cols, y + m * ldy);
   }
 #endif
+}
+
+// The product of linear() and linear_bf16(): x [..., K] (checked) by P panels at wp.
+template <typename W>
+inline torch::Tensor product(const torch::Tensor& x_in, const W* wp, int64_t P, int64_t K,
+                             int64_t N, const c10::optional<torch::Tensor>& bias) {
+  const torch::Tensor x = x_in.contiguous();
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  torch::Tensor y = torch::empty(out_shape, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks * P, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t chunk = t / P, p = t % P;
+      const int64_t m0 = chunk * kRowChunk, rows = std::min(kRowChunk, M - m0);
+      panel_rows(rows, xp + m0 * K, K, wp + p * K * kCols, K, yp + m0 * N + p * kCols, N,
+                 std::min(kCols, N - p * kCols));
+    }
+  });
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
 }
 
 // x [..., K] float32, packed from pack() of a weight [N, K]; returns [..., N].
@@ -142,28 +183,8 @@ inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& pack
               "panel_gemm.linear: N=", N, " does not match ", P, " panels");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear: x's last dim ",
               x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
-  const torch::Tensor x = x_in.contiguous();
-  const int64_t M = x.numel() / K;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  torch::Tensor y = torch::empty(out_shape, x.options());
-  if (M == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, chunks * P, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t / P, p = t % P;
-      const int64_t m0 = chunk * kRowChunk, rows = std::min(kRowChunk, M - m0);
-      panel_rows(rows, xp + m0 * K, K, wp + p * K * kCols, K, yp + m0 * N + p * kCols, N,
-                 std::min(kCols, N - p * kCols));
-    }
-  });
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y;
+  return product(x_in, packed.data_ptr<float>(), P, K, N, bias);
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // The same panels stored as 4-bit codes, when that loses nothing.
@@ -393,13 +414,14 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 #endif
 
 // Up to this many rows linear_affine4 decodes in registers (tile_affine4), and is the faster
-// form: all of SmolLM2-135M's layer products took 3.7 against 14.3 ms at M = 1, 10.5
-// against 13.5 at M = 8, weights streamed from memory (benchmarks/compact_weights_cpu.py).
-// Above, it decodes a panel into scratch once per task, 1-3 % slower than the float32 panels
-// (the rows' products are the time; the decode's stores add to it): callers holding both
+// form: all of SmolLM2-135M's layer products, weights streamed from memory
+// (benchmarks/compact_weights_cpu.py), took 3.7 against 14.3 ms at M = 1, 18.2 against
+// 21.2 ms at M = 16 while the host gave ~26 GB/s (the same at M = 16 when it gave ~40). From
+// M ~ 32 the decode work costs what it saves (0.98x at 64). Above, it decodes a panel into
+// scratch once per task and is 1-3 % slower than the float32 panels: callers holding both
 // forms use the panels there.
-constexpr int64_t kRegisterDecodeRows = 8;
-constexpr int64_t kRegisterTileRows = 8;  // rows per register-decode pass
+constexpr int64_t kRegisterDecodeRows = 16;
+constexpr int64_t kRegisterTileRows = 16;  // rows per register-decode pass
 
 // linear() for the 4-bit form, the same results as linear() on the panels it was encoded
 // from, bit for bit. Up to kRegisterDecodeRows rows the codes are decoded in registers
@@ -475,6 +497,39 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
   });
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same panels as 16-bit halves, when that loses nothing: a float32 checkpoint upcast from
+// bfloat16 (most released checkpoints are stored so) has every low half zero. Half the bytes
+// to stream; widened back in the tile's loads, the same float32 and the same products.
+
+// The high halves of pack()'s panels, uint16 [P, K, 48], or an empty list where some value has
+// a nonzero low half.
+inline std::vector<torch::Tensor> encode_bf16(const torch::Tensor& packed) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
+                  packed.scalar_type() == torch::kFloat32,
+              "panel_gemm.encode_bf16: packed must come from panel_gemm.pack");
+  const torch::Tensor bits = packed.view(torch::kInt32);
+  if (bits.bitwise_and(0xFFFF).any().item<bool>()) return {};
+  // the values are exactly bfloat16: the conversion keeps each high half as it is
+  return {packed.to(torch::kBFloat16).view(torch::kUInt16).contiguous()};
+}
+
+// linear() from encode_bf16's halves: the same results as linear() on the panels, bit for bit.
+inline torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& halves,
+                                 int64_t N, const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("plait::panel_linear_bf16", std::vector<c10::IValue>({x_in}));
+  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32, "panel_gemm.linear_bf16: x must be float32");
+  TORCH_CHECK(halves.dim() == 3 && halves.size(2) == kCols && halves.is_contiguous() &&
+                  halves.scalar_type() == torch::kUInt16,
+              "panel_gemm.linear_bf16: halves must come from encode_bf16");
+  const int64_t K = halves.size(1), P = halves.size(0);
+  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
+              "panel_gemm.linear_bf16: N=", N, " does not match ", P, " panels");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear_bf16: x's last dim ",
+              x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
+  return product(x_in, halves.data_ptr<uint16_t>(), P, K, N, bias);
 }
 
 }  // namespace panel_gemm

@@ -29,9 +29,10 @@ class CpuBackend(Backend):
     #: (float32 panels where the AVX-512 kernel builds, else oneDNN); ``"onednn"`` is the path
     #: benchmarks compare against
     linear_layout: ClassVar["str | None"] = None
-    #: keep a float32 panel weight's lossless 4-bit form too, where it has one (a checkpoint
-    #: converted from GGUF Q4_1), for small-batch products (``plait.backends.cpu.linear``);
-    #: False streams the float32 panels, the path benchmarks compare against
+    #: keep a float32 panel weight's lossless 4-bit form (a checkpoint converted from GGUF
+    #: Q4_1; read by products of up to 16 rows) or 16-bit form (one upcast from bfloat16; read
+    #: by every product) too, where it has one (``plait.backends.cpu.linear``); False streams
+    #: the float32 panels, the path benchmarks compare against
     compact_weights: ClassVar[bool] = True
     #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
