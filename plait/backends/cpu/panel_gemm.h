@@ -145,15 +145,20 @@ inline void panel_rows(int64_t rows, const float* x, int64_t lda, const W* panel
 #endif
 }
 
+// y [..., N] for x [..., K], uninitialized.
+inline torch::Tensor output_for(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return torch::empty(shape, x.options());
+}
+
 // The product of linear() and linear_bf16(): x [..., K] (checked) by P panels at wp.
 template <typename W>
 inline torch::Tensor product(const torch::Tensor& x_in, const W* wp, int64_t P, int64_t K,
                              int64_t N, const c10::optional<torch::Tensor>& bias) {
   const torch::Tensor x = x_in.contiguous();
   const int64_t M = x.numel() / K;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  torch::Tensor y = torch::empty(out_shape, x.options());
+  torch::Tensor y = output_for(x, N);
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -170,19 +175,26 @@ inline torch::Tensor product(const torch::Tensor& x_in, const W* wp, int64_t P, 
   return y;
 }
 
+// The checks every product from panels makes: x float32 with K in its last dim, N within the
+// P panels' columns. `fn` names the caller in the errors.
+inline void check_product(const char* fn, const torch::Tensor& x, int64_t P, int64_t K,
+                          int64_t N) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, fn, ": x must be float32");
+  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
+              fn, ": N=", N, " does not match ", P, " panels");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, fn, ": x's last dim ",
+              x.dim() >= 1 ? x.size(-1) : -1, " != the weight's K=", K);
+}
+
 // x [..., K] float32, packed from pack() of a weight [N, K]; returns [..., N].
 inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t N,
                             const c10::optional<torch::Tensor>& bias = c10::nullopt) {
   RECORD_FUNCTION("plait::panel_linear", std::vector<c10::IValue>({x_in}));
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32, "panel_gemm.linear: x must be float32");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
                   packed.scalar_type() == torch::kFloat32,
               "panel_gemm.linear: packed must come from panel_gemm.pack");
   const int64_t K = packed.size(1), P = packed.size(0);
-  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
-              "panel_gemm.linear: N=", N, " does not match ", P, " panels");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear: x's last dim ",
-              x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
+  check_product("panel_gemm.linear", x_in, P, K, N);
   return product(x_in, packed.data_ptr<float>(), P, K, N, bias);
 }
 
@@ -431,8 +443,6 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
                                     const torch::Tensor& scales, const torch::Tensor& offsets,
                                     int64_t N, const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear_affine4", std::vector<c10::IValue>({x_in}));
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32,
-              "panel_gemm.linear_affine4: x must be float32");
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kCols && codes.is_contiguous() &&
                   codes.scalar_type() == torch::kUInt8,
               "panel_gemm.linear_affine4: codes must come from encode_affine4");
@@ -443,15 +453,10 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
                   scales.scalar_type() == torch::kFloat32 &&
                   offsets.scalar_type() == torch::kFloat32,
               "panel_gemm.linear_affine4: scales and offsets must come from encode_affine4");
-  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
-              "panel_gemm.linear_affine4: N=", N, " does not match ", P, " panels");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear_affine4: x's last dim ",
-              x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
+  check_product("panel_gemm.linear_affine4", x_in, P, K, N);
   const torch::Tensor x = x_in.contiguous();
   const int64_t M = x.numel() / K;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  torch::Tensor y = torch::empty(out_shape, x.options());
+  torch::Tensor y = output_for(x, N);
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
@@ -520,15 +525,11 @@ inline std::vector<torch::Tensor> encode_bf16(const torch::Tensor& packed) {
 inline torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& halves,
                                  int64_t N, const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear_bf16", std::vector<c10::IValue>({x_in}));
-  TORCH_CHECK(x_in.scalar_type() == torch::kFloat32, "panel_gemm.linear_bf16: x must be float32");
   TORCH_CHECK(halves.dim() == 3 && halves.size(2) == kCols && halves.is_contiguous() &&
                   halves.scalar_type() == torch::kUInt16,
               "panel_gemm.linear_bf16: halves must come from encode_bf16");
   const int64_t K = halves.size(1), P = halves.size(0);
-  TORCH_CHECK(N > 0 && N <= P * kCols && N > (P - 1) * kCols,
-              "panel_gemm.linear_bf16: N=", N, " does not match ", P, " panels");
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "panel_gemm.linear_bf16: x's last dim ",
-              x_in.dim() >= 1 ? x_in.size(-1) : -1, " != the weight's K=", K);
+  check_product("panel_gemm.linear_bf16", x_in, P, K, N);
   return product(x_in, halves.data_ptr<uint16_t>(), P, K, N, bias);
 }
 
