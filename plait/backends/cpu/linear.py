@@ -138,7 +138,7 @@ class PackedLinear(nn.Module):
         form: list[torch.Tensor] = []
         if compact and self._panel is not None:
             form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
-        #: "affine4", "bf16" or None: the lossless form small products read
+        #: "affine4", "bf16" or None: the lossless form products read (see :meth:`linear`)
         self.compact_format = {3: "affine4", 1: "bf16"}.get(len(form))
         form = form + [None] * (3 - len(form))
         for name, tensor in zip(("codes", "code_scales", "code_offsets"), form):
@@ -146,7 +146,7 @@ class PackedLinear(nn.Module):
 
     @property
     def compact(self) -> bool:
-        """Whether the weight has a lossless smaller form (small products read it)."""
+        """Whether the weight has a lossless smaller form."""
         return self.codes is not None
 
     def compact_form(self) -> list[torch.Tensor]:
@@ -192,7 +192,7 @@ def prepack_linears(model: nn.Module, layout: Optional[str] = None,
                     compact: bool = True) -> int:
     """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
     :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype),
-    with its lossless 4-bit form where it has one and ``compact``.
+    with its lossless 4-bit or 16-bit form where it has one and ``compact``.
 
     Returns how many were replaced (0 when the model's dtype cannot be packed here).
     """
