@@ -1,7 +1,7 @@
 """Plait's worker (the repository's venv, PYTHONPATH at the repository root): the offline
 ``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization`` (and
 ``options.quantization_activations``); ``options.compact_weights`` false streams the float32
-panels even where a weight has its lossless 4-bit form."""
+panels even where a weight has a lossless smaller form."""
 from __future__ import annotations
 
 from importlib.metadata import version

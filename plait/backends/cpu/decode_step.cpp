@@ -7,9 +7,8 @@
 // products (RMSNorm, RoPE, the KV write, SiLU * up, the residual adds) is a plain loop over
 // the rows, and the products call the same kernels the eager path calls:
 //   - quantized weights: qmatmul / qmatmul_q8 from qmatmul_kernels.h;
-//   - panel-packed float32 weights: panel_gemm::linear from panel_gemm.h, or for a few rows
-//     panel_gemm::linear_affine4 / linear_bf16 where the weight has a lossless 4-bit or
-//     16-bit form;
+//   - panel-packed float32 weights: panel_gemm::linear_with_form from panel_gemm.h (the
+//     float32 panels, or the weight's lossless 4-bit or 16-bit form where it has one);
 //   - oneDNN-packed float32 weights: onednn_linear (mkldnn::_linear_pointwise) from
 //     qmatmul_kernels.h;
 //   - plain float32 weights: at::linear.
@@ -65,17 +64,12 @@ struct Linear {
     return l;
   }
 
-  // compact: encode_bf16's [halves] of `weight`, which every product then reads, or
-  // encode_affine4's [codes, scales, offsets], which products of up to
-  // panel_gemm::kRegisterDecodeRows rows read; or empty. The same bits as the panels.
+  // compact: `weight`'s lossless smaller form for panel_gemm::linear_with_form, or empty
   static Linear panel(torch::Tensor weight, int64_t out_features,
                       c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> compact) {
     TORCH_CHECK(weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
                     weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
                 "panel weight must come from panel_gemm.pack");
-    TORCH_CHECK(compact.size() <= 1 || compact.size() == 3,
-                "compact must be empty, encode_bf16's [halves] or encode_affine4's [codes, "
-                "scales, offsets]");
     Linear l;
     l.kind = kPanel;
     l.weight = weight;
@@ -110,11 +104,7 @@ struct Linear {
       case kPacked:
         return onednn_linear(x, weight, bias);
       case kPanel:
-        if (compact.size() == 1) return panel_gemm::linear_bf16(x, compact[0], out_features, bias);
-        if (!compact.empty() && x.numel() <= panel_gemm::kRegisterDecodeRows * x.size(-1))
-          return panel_gemm::linear_affine4(x, compact[0], compact[1], compact[2], out_features,
-                                            bias);
-        return panel_gemm::linear(x, weight, out_features, bias);
+        return panel_gemm::linear_with_form(x, weight, compact, out_features, bias);
       case kQuantized: {
 #ifdef PLAIT_VNNI
         torch::Tensor y = int8_activations ? qmatmul_q8(x, qs, scales, mins, bits, group)

@@ -138,7 +138,7 @@ class PackedLinear(nn.Module):
         form: list[torch.Tensor] = []
         if compact and self._panel is not None:
             form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
-        #: "affine4", "bf16" or None: the lossless form products read (see :meth:`linear`)
+        #: "affine4", "bf16" or None: the lossless form ``panel_gemm.linear_with_form`` reads
         self.compact_format = {3: "affine4", 1: "bf16"}.get(len(form))
         form = form + [None] * (3 - len(form))
         for name, tensor in zip(("codes", "code_scales", "code_offsets"), form):
@@ -161,14 +161,8 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel is not None:
-            if self.compact_format == "bf16":
-                return self._panel.linear_bf16(x, self.codes, self.out_features, self.bias)
-            if (self.compact_format == "affine4"
-                    and x.numel() <= self._panel.register_decode_rows * self.in_features):
-                return self._panel.linear_affine4(x, self.codes, self.code_scales,
-                                                  self.code_offsets, self.out_features,
-                                                  self.bias)
-            return self._panel.linear(x, self.packed_weight, self.out_features, self.bias)
+            return self._panel.linear_with_form(x, self.packed_weight, self.compact_form(),
+                                                self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                   [], "")
 

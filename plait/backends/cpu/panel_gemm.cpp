@@ -18,6 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &panel_gemm::linear_bf16, py::arg("x"), py::arg("halves"),
         py::arg("out_features"), py::arg("bias") = py::none(),
         "linear() from encode_bf16's halves, the same bits");
+  m.def("linear_with_form", &panel_gemm::linear_with_form, py::arg("x"), py::arg("packed"),
+        py::arg("form"), py::arg("out_features"), py::arg("bias") = py::none(),
+        "the product from whichever form of the weight reads fastest (the same bits)");
   m.attr("register_decode_rows") = panel_gemm::kRegisterDecodeRows;
   m.def("has_simd_kernel", &panel_gemm::has_simd_kernel,
         "whether this build has the AVX-512 kernel (else the portable loop)");

@@ -209,9 +209,9 @@ inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& pack
 // plus one (scale, offset) pair per block: 6 bits a weight instead of 32.
 //
 // Holds: the codes are used only if decoding reproduces every float32 of the panel bit for bit
-// (encode_affine4 checks each one, else returns nothing and the float32 panels stay). A panel
-// is decoded into a per-thread scratch copy of its float32 panel and multiplied by the same
-// tile code as linear(): the products are the float32 panel's, bit for bit, at any M.
+// (encode_affine4 checks each one, else returns nothing and the float32 panels stay), and
+// every product from them takes the same multiply-adds in the same k order as tile(): the
+// products are the float32 panels', bit for bit, at any M.
 //
 // Layout (per panel p, column c of its 48, block b of kCodeBlock rows of k):
 //   codes   uint8 [P, K / 2, 48]: byte (k / 2, c) holds k's code in its low nibble and k + 1's
@@ -322,28 +322,18 @@ inline void decode_affine4_panel(const uint8_t* __restrict codes, const float* _
     const float* m = offsets + b * kCols;
     float* o = out + b * kCodeBlock * kCols;
 #if defined(__AVX512F__)
-    const __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16),
-                 d2 = _mm512_loadu_ps(d + 32);
-    const __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16),
-                 m2 = _mm512_loadu_ps(m + 32);
     const __m512i low = _mm512_set1_epi32(15);
-    for (int64_t i = 0; i < kCodeBlock / 2; ++i, c += kCols, o += 2 * kCols) {
-      const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      const __m512i b1 =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)));
-      const __m512i b2 =
-          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32)));
-      _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low)), d0, m0));
-      _mm512_store_ps(o + 16,
-                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, low)), d1, m1));
-      _mm512_store_ps(o + 32,
-                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b2, low)), d2, m2));
-      _mm512_store_ps(o + kCols,
-                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), d0, m0));
-      _mm512_store_ps(o + kCols + 16,
-                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), d1, m1));
-      _mm512_store_ps(o + kCols + 32,
-                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b2, 4)), d2, m2));
+    for (int g = 0; g < 3; ++g) {
+      const __m512 dg = _mm512_loadu_ps(d + 16 * g), mg = _mm512_loadu_ps(m + 16 * g);
+      for (int64_t i = 0; i < kCodeBlock / 2; ++i) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i * kCols + 16 * g)));
+        float* row = o + 2 * i * kCols + 16 * g;
+        _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), dg,
+                                             mg));
+        _mm512_store_ps(row + kCols,
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), dg, mg));
+      }
     }
 #else
     for (int64_t i = 0; i < kCodeBlock / 2; ++i)
@@ -433,7 +423,6 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 // scratch once per task and is 1-3 % slower than the float32 panels: callers holding both
 // forms use the panels there.
 constexpr int64_t kRegisterDecodeRows = 16;
-constexpr int64_t kRegisterTileRows = 16;  // rows per register-decode pass
 
 // linear() for the 4-bit form, the same results as linear() on the panels it was encoded
 // from, bit for bit. Up to kRegisterDecodeRows rows the codes are decoded in registers
@@ -471,11 +460,9 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
     at::parallel_for(0, P * groups, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / groups;
-        for (int64_t m0 = 0; m0 < M; m0 += kRegisterTileRows)
-          tile_affine4_rows<kRegisterTileRows>(
-              std::min(kRegisterTileRows, M - m0), xp + m0 * K, K, cp + p * (K / 2) * kCols,
-              sp + p * B * kCols, op + p * B * kCols, K, static_cast<int>(t % groups),
-              yp + m0 * N + p * kCols, N, std::min(kCols, N - p * kCols));
+        tile_affine4_rows<kRegisterDecodeRows>(
+            M, xp, K, cp + p * (K / 2) * kCols, sp + p * B * kCols, op + p * B * kCols, K,
+            static_cast<int>(t % groups), yp + p * kCols, N, std::min(kCols, N - p * kCols));
       }
     });
     if (bias.has_value() && bias->defined()) y.add_(*bias);
@@ -531,6 +518,22 @@ inline torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor&
   const int64_t K = halves.size(1), P = halves.size(0);
   check_product("panel_gemm.linear_bf16", x_in, P, K, N);
   return product(x_in, halves.data_ptr<uint16_t>(), P, K, N, bias);
+}
+
+// The product from a panel weight in whichever form reads fastest: `form` is encode_bf16's
+// [halves] (read at every size), encode_affine4's [codes, scales, offsets] (read up to
+// kRegisterDecodeRows rows), or empty; otherwise the float32 panels. The same bits either way.
+// PackedLinear (plait/backends/cpu/linear.py) and the native decode step both call this.
+inline torch::Tensor linear_with_form(const torch::Tensor& x, const torch::Tensor& packed,
+                                      const std::vector<torch::Tensor>& form, int64_t N,
+                                      const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(form.size() <= 1 || form.size() == 3,
+              "panel_gemm.linear_with_form: form must be empty, encode_bf16's [halves] or "
+              "encode_affine4's [codes, scales, offsets]");
+  if (form.size() == 1) return linear_bf16(x, form[0], N, bias);
+  if (form.size() == 3 && x.numel() <= kRegisterDecodeRows * x.size(-1))
+    return linear_affine4(x, form[0], form[1], form[2], N, bias);
+  return linear(x, packed, N, bias);
 }
 
 }  // namespace panel_gemm
