@@ -7,8 +7,10 @@
 #
 # DEV holds what the lease must carry (made here by `benchmarks/cuda_lease.sh --prepare DEV`):
 # wheels for the packages the GPU image lacks (whl/) and the default model's config and
-# tokenizer (like/). Logs land in OUT. STAGES="parity decode" limits the run to those stages. The model is SmolLM2-135M-shaped with seeded random
-# weights (benchmarks/cuda_check.py make-model): the real 98 MB file does not fit a lease.
+# tokenizer (like/). Logs land in OUT. STAGES="parity decode" limits the run to those stages
+# (conformance, qmatmul, quant, parity, decode, serving, serving_overlap; make_model always
+# runs). The model is SmolLM2-135M-shaped with seeded random weights
+# (benchmarks/cuda_check.py make-model): the real 98 MB file does not fit a lease.
 set -u
 if [ "${1:-}" = "--prepare" ]; then
     dev=$2; mkdir -p "$dev/whl" "$dev/like"
@@ -66,4 +68,8 @@ stage decode 200 python3 benchmarks/cuda_check.py decode --model $MODEL --device
 stage serving 120 python3 benchmarks/serving.py --launch --model-path $MODEL --dataset random \
     --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
     --baseline-args "--device cuda --disable-graph-capture" --candidate-args "--device cuda"
+# the overlap schedule's own gain: same workload, graphs on in both, overlap off then on
+stage serving_overlap 120 python3 benchmarks/serving.py --launch --model-path $MODEL \
+    --dataset random --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
+    --baseline-args "--device cuda --disable-overlap-schedule" --candidate-args "--device cuda"
 cat "$OUT/summary.txt"
