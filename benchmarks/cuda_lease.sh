@@ -56,7 +56,7 @@ triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/en
 
 MODEL=/tmp/smol-random
 stage make_model 40 python3 benchmarks/cuda_check.py make-model --like "$DEV/like" --out $MODEL
-stage conformance 130 env PLAIT_KIT_GRID=full python3 -m pytest -q -rs -p no:cacheprovider \
+stage conformance 300 env PLAIT_KIT_GRID=full python3 -m pytest -q -rs -p no:cacheprovider \
     tests/backends/test_registered_backends.py::TestCudaDevice \
     tests/backends/test_triton_kernels.py tests/backends/test_triton_qmatmul.py \
     tests/backends/test_graph_runner.py
