@@ -99,9 +99,36 @@ def test_a_weight_upcast_from_bfloat16_is_kept_as_halves_with_the_same_results(r
     with torch.no_grad():
         lin.weight.copy_(lin.weight.bfloat16().float())
     compact, full = PackedLinear(lin, "panel"), PackedLinear(lin, "panel", compact=False)
+    kept = PackedLinear(lin, "panel", keep_panels=True)
     assert compact.compact_format == "bf16" and len(compact.compact_form()) == 1
+    # the halves replace the float32 panels unless they are asked for
+    assert not compact.has_panels and compact.packed_weight.numel() == 0
+    assert full.has_panels and kept.has_panels and kept.compact_format == "bf16"
     x = torch.randn(rows, 96)
     assert torch.equal(compact(x), full(x))
+    assert torch.equal(kept(x), full(x))
+
+
+@pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
+def test_prepack_keeps_the_lm_heads_panels_beside_its_16_bit_form():
+    """The greedy head reads the LM head's float32 panels; every other 16-bit weight drops
+    them, and a 4-bit weight keeps them (products above 16 rows read them)."""
+    from tests.backends.test_cpu_panel_gemm import grid_weight
+
+    model = nn.Module()
+    model.proj, model.lm_head, model.q4 = nn.Linear(64, 96), nn.Linear(64, 96), nn.Linear(64, 96)
+    with torch.no_grad():
+        for lin in (model.proj, model.lm_head):
+            lin.weight.copy_(lin.weight.bfloat16().float())
+        model.q4.weight.copy_(grid_weight(96, 64, 3))
+    x = torch.randn(5, 64)
+    want = {name: getattr(model, name)(x) for name in ("proj", "lm_head", "q4")}
+    assert prepack_linears(model) == 3
+    assert (model.proj.compact_format, model.lm_head.compact_format,
+            model.q4.compact_format) == ("bf16", "bf16", "affine4")
+    assert not model.proj.has_panels and model.lm_head.has_panels and model.q4.has_panels
+    for name, y in want.items():
+        torch.testing.assert_close(getattr(model, name)(x), y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")

@@ -161,9 +161,10 @@ def snap_to_4_bit_grid(w: torch.Tensor) -> torch.Tensor:
 def test_a_checkpoint_with_a_smaller_form_decodes_compact_to_the_same_bits(
         make_tiny_model, monkeypatch, tmp_path, snap, form):
     """A float32 checkpoint converted from Q4_1 (as the default SmolLM2 here is), or upcast
-    from bfloat16: every Linear keeps its smaller form, and decode's tokens and logprobs are
-    those of the float32 panels, bit for bit (the real model's parity with transformers,
-    through the 4-bit form, is tests/core/test_engine_parity.py)."""
+    from bfloat16: every Linear keeps its smaller form (a 16-bit one instead of its float32
+    panels, except the LM head's), and decode's tokens and logprobs are those of the float32
+    panels, bit for bit (the real model's parity with transformers, through the 4-bit form, is
+    tests/core/test_engine_parity.py)."""
     from safetensors.torch import load_file, save_file
     src = make_tiny_model("llama")
     for f in src.iterdir():
@@ -182,6 +183,9 @@ def test_a_checkpoint_with_a_smaller_form_decodes_compact_to_the_same_bits(
                 linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                            layer.mlp.gate_up_proj, layer.mlp.down_proj, model.lm_head]
                 assert [lin.compact_format for lin in linears] == [form if compact else None] * 5
+                # 16-bit weights drop their float32 panels, except the LM head's (greedy head)
+                dropped = compact and form == "bf16"
+                assert [lin.has_panels for lin in linears] == [not dropped] * 4 + [True]
                 assert isinstance(decode_forward(engine), NativeDecode)
                 results[compact] = greedy_with_logprobs(engine)
     assert results[True][0] == results[False][0]

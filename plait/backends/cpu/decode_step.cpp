@@ -67,9 +67,13 @@ struct Linear {
   // compact: `weight`'s lossless smaller form for panel_gemm::linear_with_form, or empty
   static Linear panel(torch::Tensor weight, int64_t out_features,
                       c10::optional<torch::Tensor> bias, std::vector<torch::Tensor> compact) {
-    TORCH_CHECK(weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
-                    weight.scalar_type() == torch::kFloat32 && weight.is_contiguous(),
-                "panel weight must come from panel_gemm.pack");
+    // a weight with the 16-bit form may have dropped its panels: linear_with_form reads
+    // only the form then
+    TORCH_CHECK((compact.size() == 1 && weight.numel() == 0) ||
+                    (weight.dim() == 3 && weight.size(2) == panel_gemm::kCols &&
+                     weight.scalar_type() == torch::kFloat32 && weight.is_contiguous()),
+                "panel weight must come from panel_gemm.pack (or be empty beside a 16-bit "
+                "form)");
     Linear l;
     l.kind = kPanel;
     l.weight = weight;

@@ -58,10 +58,11 @@ class GreedyHead:
     @classmethod
     def for_head(cls, head: nn.Module) -> "GreedyHead | None":
         """A greedy head for ``head`` where the kernel can serve it: a float32 panel
-        :class:`PackedLinear` without bias, an even ``in_features``, AVX-512 BF16 here."""
+        :class:`PackedLinear` that kept its panels, without bias, an even ``in_features``,
+        AVX-512 BF16 here."""
         ext = extension()
         if (ext is None or not isinstance(head, PackedLinear) or head.layout != "panel"
-                or head.bias is not None or head.in_features % 2):
+                or not head.has_panels or head.bias is not None or head.in_features % 2):
             return None
         return cls(head, ext)
 

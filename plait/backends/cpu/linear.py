@@ -19,7 +19,10 @@ most 16 values ``q * d + m``, as a checkpoint converted from GGUF Q4_1 does; ~6 
 else 16-bit halves (``encode_bf16``: every value is a bfloat16, as in a checkpoint upcast from
 bfloat16). Products read it instead of the float32 panels (the 4-bit form up to
 ``register_decode_rows`` rows, decode at small batch; the 16-bit form at every size): fewer
-bytes to stream, the same float32 results bit for bit.
+bytes to stream, the same float32 results bit for bit. A weight with the 16-bit form drops its
+float32 panels, since nothing reads them (half the memory), unless it is built with
+``keep_panels`` (the LM head: the greedy head reads its panels). A 4-bit weight keeps them:
+products above ``register_decode_rows`` rows read them.
 
 Invariants:
 - A :class:`PackedLinear` computes ``x @ W.T + b`` for the ``nn.Linear`` it replaced, up to
@@ -43,7 +46,7 @@ import itertools
 import logging
 import weakref
 from types import ModuleType
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 from torch import nn
@@ -106,9 +109,11 @@ class PackedLinear(nn.Module):
     #: non-persistent buffers that are weights (``plait.quant.modules.weight_bytes`` counts them)
     weight_buffers = ("packed_weight", "bias", "codes", "code_scales", "code_offsets")
 
-    def __init__(self, linear: nn.Linear, layout: Optional[str] = None, compact: bool = True):
+    def __init__(self, linear: nn.Linear, layout: Optional[str] = None, compact: bool = True,
+                 keep_panels: bool = False):
         """``compact``: also keep a ``panel`` weight's lossless 4-bit or 16-bit form where it
-        has one (:attr:`compact_format` tells which)."""
+        has one (:attr:`compact_format` tells which). With the 16-bit form the float32 panels
+        are dropped (:attr:`has_panels` false) unless ``keep_panels``."""
         super().__init__()
         weight = linear.weight.detach().contiguous()
         layout = default_layout(weight.dtype) if layout is None else layout
@@ -140,9 +145,18 @@ class PackedLinear(nn.Module):
             form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
         #: "affine4", "bf16" or None: the lossless form ``panel_gemm.linear_with_form`` reads
         self.compact_format = {3: "affine4", 1: "bf16"}.get(len(form))
+        if self.compact_format == "bf16" and not keep_panels:
+            # linear_bf16 serves every size at least as fast as the panels, the same bits
+            self.packed_weight = packed.new_empty(0)
         form = form + [None] * (3 - len(form))
         for name, tensor in zip(("codes", "code_scales", "code_offsets"), form):
             self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def has_panels(self) -> bool:
+        """Whether the packed float32 (or oneDNN) weight is kept; a weight whose 16-bit form
+        replaced it has none."""
+        return self.packed_weight.numel() > 0
 
     @property
     def compact(self) -> bool:
@@ -183,10 +197,12 @@ def computes_plain_linear(module: nn.Module) -> bool:
 
 
 def prepack_linears(model: nn.Module, layout: Optional[str] = None,
-                    compact: bool = True) -> int:
+                    compact: bool = True, keep_panels: Collection[str] = ("lm_head",)) -> int:
     """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
     :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype),
-    with its lossless 4-bit or 16-bit form where it has one and ``compact``.
+    with its lossless 4-bit or 16-bit form where it has one and ``compact``. Linears whose
+    attribute name is in ``keep_panels`` keep their float32 panels beside a 16-bit form (the
+    greedy head reads the LM head's).
 
     Returns how many were replaced (0 when the model's dtype cannot be packed here).
     """
@@ -196,7 +212,7 @@ def prepack_linears(model: nn.Module, layout: Optional[str] = None,
                for name, child in parent.named_children()
                if computes_plain_linear(child) and can_prepack(child.weight.dtype)]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child, layout, compact))
+        setattr(parent, name, PackedLinear(child, layout, compact, name in keep_panels))
     return len(targets)
 
 
@@ -207,11 +223,12 @@ def compact_summary(model: nn.Module) -> str:
     compact = [m for m in packed if m.compact]
     if not compact:
         return f"none of {len(packed)} packed Linear weights has a lossless smaller form"
-    full = sum(m.packed_weight.numel() * 4 for m in compact)
+    full = sum(m.in_features * m.out_features * 4 for m in compact)
     small = sum(t.numel() * t.element_size() for m in compact for t in m.compact_form())
+    dropped = sum(not m.has_panels for m in compact)
     kinds = ", ".join(f"{sum(m.compact_format == k for m in compact)} {k}"
                       for k in ("affine4", "bf16") if any(m.compact_format == k for m in compact))
     return (f"{len(compact)} of {len(packed)} packed Linear weights have a lossless smaller "
             f"form ({kinds}; 4-bit read up to {panel_extension().register_decode_rows} rows, "
-            f"16-bit always): {full / 2**20:.0f} MiB of float32 panels as "
-            f"{small / 2**20:.0f} MiB")
+            f"16-bit always): {full / 2**20:.0f} MiB of float32 weights as "
+            f"{small / 2**20:.0f} MiB; {dropped} dropped their float32 panels")
