@@ -60,6 +60,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class PortBook:
+    """Ports promised to child processes that may not have bound them yet.
+
+    :func:`free_port` only says a port is free now: a worker binds its port seconds later,
+    after loading its model, so a second call can hand out the same port again, or the
+    gateway's own ``--port`` (free until the gateway starts last). Every port a launcher
+    gives out comes from one book, which never repeats one or hands out a reserved one."""
+
+    def __init__(self, *reserved: int | None):
+        self.taken = {p for p in reserved if p}
+
+    def take(self) -> int:
+        for _ in range(100):
+            port = free_port()
+            if port not in self.taken:
+                self.taken.add(port)
+                return port
+        raise RuntimeError(f"no free port outside the {len(self.taken)} already promised")
+
+
 def threads_per_worker(dp: int, cores: int | None = None) -> int:
     """Cores split evenly between workers, at least one each: oversubscribed OpenMP threads
     spin on busy cores and make every small op wait a time slice."""
@@ -194,16 +214,17 @@ def run_data_parallel(args: ServerArgs) -> int:
     stop = stop_on_signals()
     env = child_env(args.dp)
     log.info("starting %d workers with %s thread(s) each", args.dp, env.get("OMP_NUM_THREADS"))
+    ports = PortBook(args.port, args.router_prometheus_port)
     workers = []
     for rank in range(args.dp):
-        port = free_port()
+        port = ports.take()
         workers.append(_spawn(f"worker {rank} (port {port})", f"http://127.0.0.1:{port}",
                               worker_command(args, port), env))
     router: Child | None = None
     try:
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         wait_healthy(workers, "/health", args.startup_timeout, auth, stop)
-        metrics_port = args.router_prometheus_port or free_port()
+        metrics_port = args.router_prometheus_port or ports.take()
         log.info("gateway metrics on http://127.0.0.1:%d/metrics", metrics_port)
         router = _spawn("sglang-router", f"http://{_connect_host(args.host)}:{args.port}",
                         router_command(args, [w.url for w in workers], metrics_port), env)

@@ -16,8 +16,8 @@ import shlex
 import sys
 from dataclasses import replace
 
-from plait.server.data_parallel import (FAILOVER_DEFAULTS, Child, LaunchError, _connect_host,
-                                        _spawn, _supervise, child_env, free_port,
+from plait.server.data_parallel import (FAILOVER_DEFAULTS, Child, LaunchError, PortBook,
+                                        _connect_host, _spawn, _supervise, child_env,
                                         require_router, stop_all, stop_on_signals,
                                         wait_healthy)
 from plait.server.server_args import ServerArgs
@@ -72,15 +72,16 @@ def run_pd(args: ServerArgs) -> int:
     env = child_env(n_prefill + n_decode)
     servers: list[Child] = []
     prefills: list[tuple[str, int]] = []
+    ports = PortBook(args.port, args.router_prometheus_port, args.disaggregation_bootstrap_port)
     for i in range(n_prefill):
-        port, bootstrap = free_port(), free_port()
+        port, bootstrap = ports.take(), ports.take()
         url = f"http://127.0.0.1:{port}"
         servers.append(_spawn(f"prefill {i} (port {port}, bootstrap {bootstrap})", url,
                               server_command(args, "prefill", port, bootstrap), env))
         prefills.append((url, bootstrap))
     decodes = []
     for i in range(n_decode):
-        port = free_port()
+        port = ports.take()
         url = f"http://127.0.0.1:{port}"
         cmd = server_command(args, "decode", port, args.disaggregation_bootstrap_port)
         servers.append(_spawn(f"decode {i} (port {port})", url, cmd, env))
@@ -89,7 +90,7 @@ def run_pd(args: ServerArgs) -> int:
     try:
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         wait_healthy(servers, "/health", args.startup_timeout, auth, stop)
-        metrics_port = args.router_prometheus_port or free_port()
+        metrics_port = args.router_prometheus_port or ports.take()
         router = _spawn("sglang-router", f"http://{_connect_host(args.host)}:{args.port}",
                         router_command(args, prefills, decodes, metrics_port), env)
         wait_healthy([router], "/readiness", 120, stop=stop)

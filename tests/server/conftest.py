@@ -56,8 +56,9 @@ class Server:
 
 
 def start_server(args: list[str], log: Path, model_path: str, api_key: str | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 600) -> Server:
-    port = free_port()
+                 env: dict[str, str] | None = None, timeout: float = 600,
+                 port: int | None = None) -> Server:
+    port = port or free_port()
     cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--model-path", model_path, "--log-level", "warning", *args]
     if api_key:

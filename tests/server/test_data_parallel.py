@@ -20,7 +20,9 @@ import pytest
 import requests
 
 from plait.server.cli import build_parser
-from plait.server.data_parallel import LaunchError, require_router, threads_per_worker
+from plait.server import data_parallel
+from plait.server.data_parallel import (LaunchError, PortBook, require_router,
+                                        threads_per_worker)
 from plait.server.server_args import from_namespace
 from tests.server.conftest import FAKE, REPO, free_port, start_server
 
@@ -58,10 +60,12 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 
 def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = None):
-    metrics = free_port()
+    book = PortBook()  # the gateway's port and its metrics' port must differ
+    port, metrics = book.take(), book.take()
     server = start_server([*FAKE, "--dp", "2", "--router-prometheus-port", str(metrics),
                            *extra], tmp_path / "dp.log", str(model_dir),
-                          env={"FAKE_ENGINE_TOKEN_DELAY": "0.01", **(env or {})}, timeout=180)
+                          env={"FAKE_ENGINE_TOKEN_DELAY": "0.01", **(env or {})}, timeout=180,
+                          port=port)
     server.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
     return server
 
@@ -74,6 +78,18 @@ def dp_fake(tiny_model_dir, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- unit level
+def test_a_port_book_never_hands_out_a_reserved_or_repeated_port(monkeypatch):
+    """A worker binds its port only after loading its model: until then the OS calls that port
+    free, and a launcher must not give it (or the gateway's own port) to another process."""
+    offered = iter([8000, 9000, 8000, 8001, 9000, 8002])
+    monkeypatch.setattr(data_parallel, "free_port", lambda host="127.0.0.1": next(offered))
+    book = PortBook(9000, None)
+    assert [book.take(), book.take(), book.take()] == [8000, 8001, 8002]
+    monkeypatch.setattr(data_parallel, "free_port", lambda host="127.0.0.1": 8000)
+    with pytest.raises(RuntimeError, match="no free port"):
+        book.take()
+
+
 def test_worker_flags_round_trip_through_the_cli_parser():
     args = from_namespace(build_parser().parse_args(
         ["serve", "--dp", "3", "--disable-radix-cache", "--page-size", "16",
