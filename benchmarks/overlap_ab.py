@@ -39,11 +39,12 @@ def engine_totals(url: str) -> dict[str, float]:
 def phase_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Milliseconds per forward pass in each phase, and generated tokens per pass, between
     two readings of ``engine_totals``."""
-    passes = max(1.0, after["forward_passes"] - before["forward_passes"])
-    split = {f"{p}_ms": 1000 * (after[f"{p}_seconds"] - before[f"{p}_seconds"]) / passes
+    passes = after["forward_passes"] - before["forward_passes"]
+    per = max(1.0, passes)  # no pass: every difference is 0
+    split = {f"{p}_ms": 1000 * (after[f"{p}_seconds"] - before[f"{p}_seconds"]) / per
              for p in PHASES}
     split["passes"] = passes
-    split["tokens_per_pass"] = (after["generated_tokens"] - before["generated_tokens"]) / passes
+    split["tokens_per_pass"] = (after["generated_tokens"] - before["generated_tokens"]) / per
     return split
 
 
@@ -64,15 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-args", required=True)
     p.add_argument("--candidate-args", required=True)
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each runs both twice)")
-    p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--range-ratio", type=float, default=0.0)
-    p.add_argument("--prefix-len", type=int, default=256)
-    p.add_argument("--num-groups", type=int, default=4)
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    serving.add_workload_arguments(p)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.rounds < 1:

@@ -228,6 +228,20 @@ def bench(url: str, args: argparse.Namespace, vocab_size: int | None = None) -> 
     return asyncio.run(run_workload(url, prompts, args))
 
 
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload's arguments (dataset, sizes, concurrency, seed), shared with the other
+    serving benchmarks that drive ``bench``."""
+    p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--prefix-len", type=int, default=256)
+    p.add_argument("--num-groups", type=int, default=4)
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,17 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-path", default="default")
     p.add_argument("--baseline-args", default="--disable-radix-cache")
     p.add_argument("--candidate-args", default="")
-    p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--range-ratio", type=float, default=0.0)
-    p.add_argument("--prefix-len", type=int, default=256)
-    p.add_argument("--num-groups", type=int, default=4)
+    add_workload_arguments(p)
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests/s, Poisson arrivals (inf: all at once)")
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
