@@ -1,5 +1,7 @@
-"""Where one offline batch's time goes, on any device: torch.profiler's operator and kernel
-table, beside the engine's own per-step phase split.
+"""Where one offline batch's time goes on an accelerator: torch.profiler's kernel table,
+beside the engine's own per-step phase split. (On the CPU use ``profile_decode.py``: the
+profiler records operators only on the thread that enters it, and that script enters it on
+the engine's thread; device kernels here are recorded process-wide.)
 
 It runs ``--batch`` requests of ``--input-len`` random prompt tokens and ``--new`` greedy
 tokens each, once to warm up and once under the profiler, and prints the engine's step
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="default: the bundled default model")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--input-len", type=int, default=32)
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disable-graph-capture", action="store_true")
     p.add_argument("--trace", default=None, help="also write a Chrome trace to this path")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        p.error("--device cpu: use benchmarks/profile_decode.py (see this script's docstring)")
 
     import plait
     from plait.models.default import default_model_path
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.generate(input_ids=prompts, sampling_params=params)  # warm-up, same shapes
         engine.flush_cache()
         activities = [torch.profiler.ProfilerActivity.CPU]
-        on_cuda = args.device.startswith("cuda")
+        on_cuda = args.device.startswith(("cuda", "rocm"))  # ROCm's torch calls HIP "cuda"
         if on_cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         before = engine.get_server_info()
