@@ -70,7 +70,7 @@ def test_rocm_launch_params_give_the_same_results(dtype):
 
 
 def test_bfloat16_attention_meets_its_tolerance():
-    # the interpreter widens bf16 to fp32 (see compute_dtype); a GPU takes bf16 dot inputs,
+    # the interpreter widens bf16 to fp32 (see dot_inputs.compute_dtype); a GPU takes bf16 dot inputs,
     # which TestCudaDevice checks
     kb = TritonInterpreted()
     kit.check_extend(kb, AttentionCase((21,), (19,), 6, 2, 64, 1, seed=7), torch.bfloat16)

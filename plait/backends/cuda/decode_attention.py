@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.backends.cuda.extend_attention import LOG2E, compute_dtype, dot_precision
+from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
+from plait.backends.cuda.extend_attention import LOG2E
 from plait.backends.cuda.launch import LaunchParams
 
 

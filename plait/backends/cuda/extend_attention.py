@@ -10,21 +10,18 @@ head of one request and keeps a running (online) softmax in two stages:
 Slots come from ``req_to_token`` per token, so page size is a layout property the kernel never
 sees. GQA: query head h reads KV head ``h // (Hq // Hkv)``. Scores use base-2 exponentials
 (scale folded with log2(e)); accumulation is fp32 whatever the storage dtype, and the dots
-take 16-bit inputs as they are (tensor cores), float32 ones exactly.
+take 16-bit inputs as they are (tensor cores), float32 ones exactly (``dot_inputs``).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
 from plait.backends.cuda.launch import LaunchParams
 
 LOG2E = 1.4426950408889634
-# Read when the kernels are defined, as triton itself reads it.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -106,25 +103,6 @@ def _extend_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-
-
-def compute_dtype(dtype: torch.dtype):
-    """The dots' input type. fp16 and bf16 stay in their own type, so the dots run on the
-    tensor cores (products accumulate in fp32 either way). bf16 once computed in fp32 here: an
-    fp32 "ieee" dot runs on the CUDA cores, and a 64 x 256-token bf16 prefill on an H200 spent
-    5.9 ms per layer in this kernel (0.8 TFLOP/s), 56 % of the batch's GPU time. Triton's
-    interpreter gets bf16 dots wrong (its numpy emulation), so there bf16 is widened to fp32."""
-    if dtype == torch.float16:
-        return tl.float16
-    if dtype == torch.bfloat16 and not _INTERPRETED:
-        return tl.bfloat16
-    return tl.float32
-
-
-def dot_precision(dtype: torch.dtype) -> str | None:
-    """fp32 inputs: exact ("ieee") dots, since tf32 would miss the reference's tolerance and
-    float32 greedy parity with transformers; 16-bit inputs: the tensor cores' default."""
-    return None if compute_dtype(dtype) != tl.float32 else "ieee"
 
 
 def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

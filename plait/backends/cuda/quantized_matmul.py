@@ -24,17 +24,14 @@ Launches read nothing from the host but shapes, so the matmul can be recorded in
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
 from plait.quant.formats import BLOCK, QuantizedWeight
-
-# Read when the kernel below is defined, as triton itself reads it.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -160,17 +157,6 @@ def choose_tiles(m: int, n: int, k: int, num_sms: int = 0) -> QMatmulTiles:
     return QMatmulTiles(block_m, block_n, block_k, split, num_warps=4 if block_m <= 32 else 8)
 
 
-def _compute(dtype: torch.dtype) -> tuple:
-    """The dot's input dtype and precision: fp16/bf16 on the tensor cores (codes are exact in
-    both), fp32 exactly. Triton's interpreter gets bf16 arithmetic wrong (its numpy emulation;
-    conversions are right), so there bf16 inputs are widened to fp32 instead."""
-    if dtype == torch.float16:
-        return tl.float16, None
-    if dtype == torch.bfloat16 and not _INTERPRETED:
-        return tl.bfloat16, None
-    return tl.float32, "ieee"
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 0  # the interpreter's CPU tensors: no SMs to fill
@@ -200,14 +186,13 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight,
     # The kernel steps along each row with unit stride (weights are contiguous as quantized).
     qs, scales = _unit_stride(w.qs), _unit_stride(w.scales)
     mins = scales if w.mins is None else _unit_stride(w.mins)  # never read without HAS_MINS
-    compute, precision = _compute(x.dtype)
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
     _qmatmul_kernel[grid](
         x2, qs, scales, mins, y, m, n, k,
         x2.stride(0), qs.stride(0), scales.stride(0), mins.stride(0), y.stride(0),
         GROUP=w.group_size, BITS=w.bits, HAS_MINS=w.mins is not None,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
-        COMPUTE=compute, PRECISION=precision,
+        COMPUTE=compute_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return (y.to(x.dtype) if split else y).reshape(*lead, n)
