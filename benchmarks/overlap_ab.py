@@ -54,8 +54,11 @@ def one_run(url: str, args: argparse.Namespace, vocab: int) -> dict[str, float]:
     return {**result, **phase_split(before, engine_totals(url))}
 
 
-def median_row(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
+def medians(runs: list[dict]) -> dict:
+    """Each metric's median over ``runs``; ``first_error`` is the first run's that has one."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "first_error"}
+    out["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), "")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,12 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"baseline:  plait serve {args.baseline_args}")
     print(f"candidate: plait serve {args.candidate_args}")
     print(f"medians of {args.rounds} runs each, ABBA order")
-    serving.print_table([(n, {k: median_row(runs[n], k) if k != "first_error" else
-                              next((r[k] for r in runs[n] if r[k]), "")
-                              for k in runs[n][0]}) for n in names])
+    summary = {n: medians(runs[n]) for n in names}
+    serving.print_table(list(summary.items()))
     print(f"{'ms per forward pass':<30}" + "".join(f"{n:>16}" for n in names))
     for key in [f"{ph}_ms" for ph in PHASES] + ["tokens_per_pass", "passes"]:
-        print(f"{key:<30}" + "".join(f"{median_row(runs[n], key):>16.2f}" for n in names))
+        print(f"{key:<30}" + "".join(f"{summary[n][key]:>16.2f}" for n in names))
 
 
 if __name__ == "__main__":
