@@ -130,3 +130,25 @@ def test_a_bad_build_timeout_is_refused_naming_the_variable(monkeypatch, raw):
     monkeypatch.setenv("PLAIT_KERNEL_BUILD_TIMEOUT", raw)
     with pytest.raises(ValueError, match="PLAIT_KERNEL_BUILD_TIMEOUT"):
         timeout_s()
+
+
+@needs_compiler
+def test_a_build_over_its_time_limit_is_ended_whole(tmp_path, monkeypatch):
+    """The compile is bounded too: past PLAIT_KERNEL_BUILD_TIMEOUT its whole session ends (the
+    worker, ninja, the compilers) and nothing is installed."""
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY_SOURCE)
+    root = tmp_path / "root"
+    monkeypatch.setenv("PLAIT_KERNEL_BUILD_TIMEOUT", "0.5")  # less than the worker's start
+    with pytest.raises(RuntimeError, match="took over 0.5 s"):
+        load("plait_test_slow", [source], cflags=[], ldflags=[], root=root)
+    [directory] = root.iterdir()
+    assert not list(directory.glob("*.so")) and not list(directory.glob(".build-*"))
+    if os.path.isdir("/proc"):
+        cwds = []
+        for proc in os.listdir("/proc"):
+            try:
+                cwds.append(os.readlink(f"/proc/{proc}/cwd"))
+            except OSError:
+                continue
+        assert not [cwd for cwd in cwds if cwd.startswith(str(root))]

@@ -146,7 +146,7 @@ def _compile(spec: dict, work: Path, limit: float) -> None:
     try:
         output, _ = proc.communicate(json.dumps(spec).encode(), timeout=limit)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"building {spec['name']} took over {limit:.0f} s (set "
+        raise RuntimeError(f"building {spec['name']} took over {limit:g} s (set "
                            f"PLAIT_KERNEL_BUILD_TIMEOUT to allow longer)") from None
     finally:
         if proc.returncode is None:
