@@ -3,19 +3,87 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler on this machine to build the kernels")
 
+#: one start of the CPU backend's kernel build, as Engine() does it (the smallest source)
+BUILD_ONE = ("from plait.backends.cpu import cpp_build; "
+             "cpp_build.extension('thread_control.cpp', 'portable'); print('built')")
+COMPILERS = {"cc1plus", "clang", "clang++"}
+
 
 def test_make_kernels_builds_every_cpu_source():
     """``make kernels`` (``python -m plait.backends.cpu.cpp_build``) builds ahead what the CPU
     backend would otherwise compile on the first server start: every source beside it."""
-    from pathlib import Path
-
     from plait.backends.cpu import cpp_build
     here = Path(cpp_build.__file__).parent
     assert set(cpp_build.SOURCES) == {p.name for p in here.glob("*.cpp")}
     assert cpp_build.build_all() == []
+
+
+def _processes_under(directory: Path) -> dict[int, str]:
+    """pid -> command name of every process whose working directory is inside ``directory``
+    (ninja and the compilers run in the build directory)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+            comm = (proc / "comm").read_text().strip()
+        except OSError:  # not a process, gone, or not ours to read
+            continue
+        if cwd.is_relative_to(directory):
+            found[int(proc.name)] = comm
+    return found
+
+
+def _wait_for(predicate, limit_s: float):
+    """``predicate()``'s first true value within ``limit_s`` seconds, else its last value."""
+    deadline = time.monotonic() + limit_s
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="watches compilers in /proc")
+def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
+    """Issue 32: a killed build left torch's lock file and every later start waited on it
+    forever. Now the next start takes the dead start's lock over and builds; the killed
+    start's compilers ended with it and it installed no half-built module. Builds go to
+    tmp_path (PLAIT_KERNEL_DIR; TORCH_EXTENSIONS_DIR for torch's own directory)."""
+    env = {**os.environ, "PLAIT_KERNEL_DIR": str(tmp_path / "plait"),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1",
+           "MAX_JOBS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", BUILD_ONE], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        compiling = _wait_for(lambda: COMPILERS & set(_processes_under(tmp_path).values()), 300)
+        assert compiling, "no compiler started for the first build"
+        os.kill(first.pid, signal.SIGKILL)  # the start alone, as `kill -9` of an engine does
+        first.wait(timeout=10)
+        ended = _wait_for(lambda: not _processes_under(tmp_path), 20)
+        leftover = {} if ended else _processes_under(tmp_path)
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # whatever of its group is left
+        except ProcessLookupError:
+            pass
+    assert not list(tmp_path.glob("plait/*/*.so")), "a killed build installed a module"
+
+    try:
+        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=420,
+                                capture_output=True, text=True, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the start after a killed build hung (waiting on the dead build's lock?)")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.strip() == "built"
+    [module] = tmp_path.glob("plait/*/plait_thread_control_portable_*.so")
+    assert not list(module.parent.glob(".build-*")), "the killed build's directory was left"
+    assert not leftover, f"the killed start's build kept running: {leftover}"

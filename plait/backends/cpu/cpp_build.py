@@ -1,5 +1,5 @@
-"""Compile the CPU backend's C++ kernels once with ``torch.utils.cpp_extension.load`` (cached
-under torch's extensions directory, so later processes only load the .so).
+"""Compile the CPU backend's C++ kernels once (cached on disk by :mod:`.build_cache`, so later
+processes only load the .so).
 
 Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
 
@@ -10,18 +10,26 @@ Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
   AVX2 path under it.
 
 Each level's build has its own name, so their caches never collide. The name also carries a
-digest of the source and the headers beside it (``*.h``): torch's own cache key covers the
-listed sources only, so an edited header would otherwise load a stale build.
+digest of the source, the headers beside it (``*.h``) and the flags: the cache finds a module
+by name alone, so an edited header or flag must change the name.
+
+Where the modules live (``$PLAIT_KERNEL_DIR``, default ``~/.cache/plait/kernels``, one
+directory per interpreter and torch build), how a killed build is survived (a lock its dead
+owner cannot keep, an atomic install) and the time limits (``$PLAIT_KERNEL_BUILD_TIMEOUT``):
+:mod:`plait.backends.cpu.build_cache`.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import platform
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from plait.backends.cpu import build_cache
 
 LEVELS = ("portable", "avx2", "avx512vnni")
 _FLAGS = {
@@ -56,19 +64,17 @@ def best_level() -> str:
 def extension(source: str, level: str | None = None) -> ModuleType:
     """The module compiled from ``source`` (a file beside this one) for ``level``
     (``None``: :func:`best_level`)."""
-    from torch.utils.cpp_extension import load
-
     level = best_level() if level is None else level
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     path = Path(__file__).with_name(source)
-    digest = hashlib.sha256()
+    flags = ["-O3", "-fopenmp"] + _FLAGS[level] + _SOURCE_FLAGS.get(source, [])
+    ldflags = ["-fopenmp"]
+    digest = hashlib.sha256(json.dumps([flags, ldflags]).encode())
     for part in [path, *sorted(path.parent.glob("*.h"))]:
         digest.update(part.read_bytes())
     name = f"plait_{path.stem}_{level}_{digest.hexdigest()[:12]}"
-    flags = ["-O3", "-fopenmp"] + _FLAGS[level] + _SOURCE_FLAGS.get(source, [])
-    return load(name=name, sources=[str(path)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                verbose=False)
+    return build_cache.load(name, [path], cflags=flags, ldflags=ldflags)
 
 
 #: every source the CPU backend builds at this CPU's level (``python -m
@@ -78,7 +84,7 @@ SOURCES = ("decode_attention.cpp", "decode_step.cpp", "greedy_head.cpp", "panel_
 
 
 def build_all() -> list[str]:
-    """Build (or load from torch's cache) every source in :data:`SOURCES` at
+    """Build (or load from the cache) every source in :data:`SOURCES` at
     :func:`best_level`; returns the ones that failed (the backend then falls back to torch
     paths at run time, with a warning)."""
     failed = []
