@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from plait.core.sampling_params import SamplingParams
-from plait.frontend import ir
+from plait.frontend import ir, reasoning
 from plait.frontend.backends.base import (  # noqa: F401 - the default-backend calls are DSL
     get_default_backend, resolve_backend, set_default_backend)
 from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalized
@@ -128,3 +128,14 @@ def assistant_begin() -> ir.Expr:
 
 def assistant_end() -> ir.Expr:
     return ir.RoleEnd("assistant")
+
+
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Expr:
+    """Run ``expr``, then split each of its named gens/selects: the variable and the text keep
+    the answer, ``<name>_reasoning_content`` gets the reasoning (``<think>...</think>``, as
+    ``model_type``'s SGLang reasoning parser marks it). Not with ``stream=True``."""
+    reasoning.reasoning_format(model_type)  # an unknown family is refused where it is written
+    if expr is None:
+        raise ValueError("separate_reasoning: expr (the gen to split) is required")
+    expr = ir.to_expr(expr)
+    return ir.ExprList([expr, ir.SeparateReasoning(model_type, expr)])

@@ -7,7 +7,8 @@ import inspect
 from typing import Any, Callable
 
 from plait.frontend import ir
-from plait.frontend.interpreter import cache_program, run_program, run_program_batch
+from plait.frontend.batch import cache_program, run_program_batch
+from plait.frontend.interpreter import run_program
 from plait.frontend.tracer import trace_program
 
 
@@ -39,15 +40,17 @@ class Function:
 
     def run_batch(self, batch_kwargs: list[Any], *, backend: Any = None,
                   num_threads: int | str = "auto", progress_bar: bool = False,
-                  **sampling: Any) -> list[Any]:
+                  generator_style: bool = False, **sampling: Any) -> Any:
         """Run once per entry of ``batch_kwargs`` (dicts, or tuples of positional args),
-        concurrently, after prefilling the program's traced shared prefix once."""
+        concurrently, after prefilling the program's traced shared prefix once. Returns the
+        states in input order; with ``generator_style`` as an iterator that yields each
+        state once it (and those before it) finished, instead of one list at the end."""
         extra, defaults = split_sampling_kwargs(sampling)
         if extra:
             raise ValueError(f"run_batch: unknown keyword(s) {sorted(extra)}")
         batch = [self._as_kwargs(a) for a in batch_kwargs]
         return run_program_batch(self, backend, batch, defaults, num_threads=num_threads,
-                                 progress_bar=progress_bar)
+                                 progress_bar=progress_bar, generator_style=generator_style)
 
     def trace(self, *, backend: Any = None, **kwargs: Any) -> Any:
         """Run the program on placeholders and record its static prefix (see tracer)."""
