@@ -2,11 +2,11 @@
 from plait.core.engine import Engine
 from plait.core.sampling_params import SamplingParams
 from plait.frontend import (
-    Crusoe,
     REGEX_BOOL,
     REGEX_FLOAT,
     REGEX_INT,
     REGEX_STR,
+    Crusoe,
     OpenAI,
     ProgramState,
     ProgramStateGroup,

@@ -31,11 +31,11 @@ from plait.frontend.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
 from plait.frontend.state import ProgramState, ProgramStateGroup
 
 __all__ = [
-    "Crusoe", "OpenAI", "ProgramState", "ProgramStateGroup", "REGEX_BOOL", "REGEX_FLOAT", "REGEX_INT",
-    "REGEX_STR", "Runtime", "RuntimeEndpoint", "assistant", "assistant_begin", "assistant_end",
-    "flush_cache", "function", "gen", "gen_int", "gen_string", "get_default_backend",
-    "get_server_info", "global_config", "greedy_token_selection", "select",
-    "separate_reasoning", "set_default_backend", "system",
-    "system_begin", "system_end", "token_length_normalized",
-    "unconditional_likelihood_normalized", "user", "user_begin", "user_end",
+    "Crusoe", "OpenAI", "ProgramState", "ProgramStateGroup", "REGEX_BOOL", "REGEX_FLOAT",
+    "REGEX_INT", "REGEX_STR", "Runtime", "RuntimeEndpoint", "assistant", "assistant_begin",
+    "assistant_end", "flush_cache", "function", "gen", "gen_int", "gen_string",
+    "get_default_backend", "get_server_info", "global_config", "greedy_token_selection",
+    "select", "separate_reasoning", "set_default_backend", "system", "system_begin",
+    "system_end", "token_length_normalized", "unconditional_likelihood_normalized", "user",
+    "user_begin", "user_end",
 ]
