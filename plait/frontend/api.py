@@ -14,17 +14,20 @@ from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalize
 from plait.frontend.program import Function
 
 
-def function(func: Callable[..., Any] | None = None, **options: Any) -> Any:
+def function(func: Callable[..., Any] | None = None,
+             num_api_spec_tokens: int | None = None) -> Any:
     """Decorate ``def program(s, ...)``; also usable as ``@function()``.
 
-    SGLang's ``num_api_spec_tokens`` option is accepted and ignored (no speculative API calls).
+    ``num_api_spec_tokens=N`` serves the program's gens from one generation of at least N
+    tokens where the text allows (API speculative execution, ``plait.frontend.speculative``).
     """
-    unknown = sorted(set(options) - {"num_api_spec_tokens"})
-    if unknown:
-        raise ValueError(f"function: unknown option(s) {unknown}")
+    if num_api_spec_tokens is not None and (
+            not isinstance(num_api_spec_tokens, int) or num_api_spec_tokens < 1):
+        raise ValueError(f"num_api_spec_tokens must be a positive integer or None, "
+                         f"got {num_api_spec_tokens!r}")
     if func is None:
-        return lambda f: Function(f)
-    return Function(func)
+        return lambda f: Function(f, num_api_spec_tokens=num_api_spec_tokens)
+    return Function(func, num_api_spec_tokens=num_api_spec_tokens)
 
 
 def flush_cache(backend: Any = None) -> Any:

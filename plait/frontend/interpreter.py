@@ -25,6 +25,7 @@ from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
 from plait.frontend.global_config import global_config
 from plait.frontend.reasoning import split_reasoning
+from plait.frontend.speculative import ApiSpeculation
 from plait.frontend.state import ProgramState
 
 if TYPE_CHECKING:  # program.py runs programs through this module
@@ -35,13 +36,16 @@ _END = object()
 
 class StreamExecutor:
     def __init__(self, backend: Any, arguments: dict[str, Any], defaults: ir.GenParams,
-                 chat_template: Any, stream: bool):
+                 chat_template: Any, stream: bool, num_api_spec_tokens: int | None = None):
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.arguments = arguments
         self.defaults = defaults
         self.chat_template = chat_template
         self.stream = stream
+        # fork branches never speculate (as in SGLang): they would share one speculation
+        self.speculation = (ApiSpeculation(num_api_spec_tokens)
+                            if num_api_spec_tokens is not None else None)
 
         self.text_ = ""
         self.messages_: list[dict[str, str]] = []
@@ -217,7 +221,11 @@ class StreamExecutor:
         else:
             raise TypeError(f"cannot execute {expr!r}")
 
-    def _fill(self, text: str) -> None:
+    def _fill(self, text: str, from_speculation: bool = False) -> None:
+        """Append ``text``; unless a gen took it from the speculation, the speculation must
+        have predicted it to survive."""
+        if self.speculation is not None and not from_speculation:
+            self.speculation.follow(text)
         with self._cv:
             self.text_ += text
             self._cv.notify_all()
@@ -232,10 +240,11 @@ class StreamExecutor:
                     self._pending[name] = left
             self._cv.notify_all()
 
-    def _fill_result(self, name: str | None, text: str, meta: Any) -> None:
+    def _fill_result(self, name: str | None, text: str, meta: Any,
+                     from_speculation: bool = False) -> None:
         """Append a gen/select's text and publish it as variable ``name``."""
         start = len(self.text_)
-        self._fill(text)
+        self._fill(text, from_speculation)
         if name is not None:
             self.spans[name] = (start, len(self.text_))
         self._set_result(name, text, meta)
@@ -258,6 +267,12 @@ class StreamExecutor:
     def _gen(self, expr: ir.Gen) -> None:
         params = expr.params.merged_over(self.defaults)
         params.apply_dtype()
+        if self.speculation is not None:
+            if self.stream:
+                raise ValueError("num_api_spec_tokens does not work with stream=True")
+            text, meta = self.speculation.generate(self, self.backend, params)
+            self._fill_result(expr.name, text, meta, from_speculation=True)
+            return
         if not self.stream:
             text, meta = self.backend.generate(self, params)
             self._fill_result(expr.name, text, meta)
@@ -310,7 +325,8 @@ def run_program(program: Function, backend: Any, args: tuple, kwargs: dict[str, 
     on the returned state (``state.error()``) and re-raised when a result is read."""
     backend = resolve_backend(backend)
     kwargs = {**program.bind_arguments, **kwargs}
-    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream)
+    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream,
+                              program.num_api_spec_tokens)
     state = ProgramState(executor)
 
     def body() -> None:

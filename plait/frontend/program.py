@@ -15,13 +15,15 @@ from plait.frontend.tracer import trace_program
 class Function:
     """A program: ``@pl.function def f(s, ...)``. Calling it runs it on the default backend."""
 
-    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None):
+    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None,
+                 num_api_spec_tokens: int | None = None):
         params = list(inspect.signature(func).parameters.values())
         if not params:
             raise ValueError("a @function program must take the state `s` as its first argument")
         self.func = func
         self.arg_names = [p.name for p in params[1:]]
         self.bind_arguments = dict(bind_arguments or {})
+        self.num_api_spec_tokens = num_api_spec_tokens
         self.__name__ = getattr(func, "__name__", "program")
         self.__doc__ = func.__doc__
 
@@ -29,7 +31,7 @@ class Function:
         unknown = sorted(set(kwargs) - set(self.arg_names))
         if unknown:
             raise ValueError(f"bind: {unknown} are not arguments of {self.__name__}")
-        return Function(self.func, {**self.bind_arguments, **kwargs})
+        return Function(self.func, {**self.bind_arguments, **kwargs}, self.num_api_spec_tokens)
 
     def run(self, *args: Any, stream: bool = False, backend: Any = None,
             **kwargs: Any) -> Any:

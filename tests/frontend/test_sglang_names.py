@@ -199,16 +199,14 @@ def test_generator_style_yields_each_state_before_the_batch_finishes(make_fake):
     run_batch that returns only when all are done would wait 10 s and fail."""
     first_seen = threading.Event()
 
-    def reply(prompt, params):
-        if "last" in prompt and not first_seen.wait(10):
-            raise TimeoutError("the first state was not yielded before the batch finished")
-        return "done"
-
     @pl.function
     def job(s, name):
+        # waits in the program's own thread, never inside the backend's lock
+        if name == "last" and not first_seen.wait(10):
+            raise TimeoutError("the first state was not yielded before the batch finished")
         s += name + ":" + pl.gen("out")
 
-    backend = make_fake(reply)
+    backend = make_fake(lambda prompt, params: "done")
     states = job.run_batch([{"name": "first"}, {"name": "mid"}, {"name": "last"}],
                            backend=backend, num_threads=3, generator_style=True)
     assert isinstance(states, types.GeneratorType)
@@ -298,3 +296,49 @@ def test_separate_reasoning_of_several_gens_keeps_the_text_between(make_fake):
     state = two.run(backend=make_fake(lambda p, params: next(replies)))
     assert state.text() == "x=A1, y=A2"
     assert (state["a_reasoning_content"], state["b_reasoning_content"]) == ("r1", "r2")
+
+
+# ---- @function(num_api_spec_tokens=N) ------------------------------------------------------
+def _character(spec: int | None):
+    @pl.function(num_api_spec_tokens=spec)
+    def character(s):
+        s += "Name: Steve Jobs.\nJob: Apple CEO.\n\nName:" + pl.gen("name", stop="\n")
+        s += "\nJob:" + pl.gen("job", stop="\n") + "\n"
+
+    return character
+
+
+def test_speculation_serves_several_gens_from_one_request(make_fake):
+    backend = make_fake(lambda prompt, params: " Ada Lovelace.\nJob: Analyst.\nName: x")
+    state = _character(64).run(backend=backend, max_new_tokens=16)
+    assert (state["name"], state["job"]) == (" Ada Lovelace.", " Analyst.")
+    assert len(backend.prompts) == 1  # without speculation: one request per gen
+    (params,) = backend.params
+    assert params.stop == [] and params.max_new_tokens == 64  # stops lifted, N tokens asked
+    assert state.text().endswith("Name: Ada Lovelace.\nJob: Analyst.\n")
+
+
+def test_speculation_is_dropped_when_the_program_appends_something_else(make_fake):
+    replies = iter([" Ada.\nRole: Analyst.", " Analyst."])
+    backend = make_fake(lambda prompt, params: next(replies))
+    state = _character(64).run(backend=backend)
+    assert (state["name"], state["job"]) == (" Ada.", " Analyst.")
+    assert len(backend.prompts) == 2 and backend.prompts[1].endswith("Ada.\nJob:")
+
+
+def test_speculation_refuses_what_it_cannot_serve(make_fake):
+    with pytest.raises(ValueError, match="num_api_spec_tokens"):
+        pl.function(num_api_spec_tokens=0)
+
+    @pl.function(num_api_spec_tokens=32)
+    def constrained(s):
+        s += "n=" + pl.gen("n", dtype=int)
+
+    with pytest.raises(ValueError, match="regex"):
+        constrained.run(backend=make_fake())["n"]
+    chat = make_fake()
+    chat.is_chat_model = True
+    with pytest.raises(ValueError, match="chat model"):
+        _character(32).run(backend=chat)["name"]
+    with pytest.raises(ValueError, match="stream"):
+        _character(32).run(backend=make_fake(), stream=True)["name"]
