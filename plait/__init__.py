@@ -6,6 +6,7 @@ from plait.frontend import (
     REGEX_FLOAT,
     REGEX_INT,
     REGEX_STR,
+    Crusoe,
     OpenAI,
     ProgramState,
     ProgramStateGroup,
@@ -21,8 +22,10 @@ from plait.frontend import (
     gen_string,
     get_default_backend,
     get_server_info,
+    global_config,
     greedy_token_selection,
     select,
+    separate_reasoning,
     set_default_backend,
     system,
     system_begin,
@@ -34,5 +37,13 @@ from plait.frontend import (
     user_end,
 )
 from plait.frontend import __all__ as _frontend_all
+from plait.server.server_args import ServerArgs
 
-__all__ = ["Engine", "SamplingParams", *_frontend_all]
+try:  # SGLang programs print and compare `sgl.__version__`
+    from importlib.metadata import version as _version
+
+    __version__ = _version("plait")
+except ImportError:  # PackageNotFoundError: a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["Engine", "SamplingParams", "ServerArgs", "__version__", *_frontend_all]

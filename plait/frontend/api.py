@@ -7,24 +7,27 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from plait.core.sampling_params import SamplingParams
-from plait.frontend import ir
+from plait.frontend import ir, reasoning
 from plait.frontend.backends.base import (  # noqa: F401 - the default-backend calls are DSL
     get_default_backend, resolve_backend, set_default_backend)
 from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalized
 from plait.frontend.program import Function
 
 
-def function(func: Callable[..., Any] | None = None, **options: Any) -> Any:
+def function(func: Callable[..., Any] | None = None,
+             num_api_spec_tokens: int | None = None) -> Any:
     """Decorate ``def program(s, ...)``; also usable as ``@function()``.
 
-    SGLang's ``num_api_spec_tokens`` option is accepted and ignored (no speculative API calls).
+    ``num_api_spec_tokens=N`` serves the program's gens from one generation of at least N
+    tokens where the text allows (API speculative execution, ``plait.frontend.speculative``).
     """
-    unknown = sorted(set(options) - {"num_api_spec_tokens"})
-    if unknown:
-        raise ValueError(f"function: unknown option(s) {unknown}")
+    if num_api_spec_tokens is not None and (
+            not isinstance(num_api_spec_tokens, int) or num_api_spec_tokens < 1):
+        raise ValueError(f"num_api_spec_tokens must be a positive integer or None, "
+                         f"got {num_api_spec_tokens!r}")
     if func is None:
-        return lambda f: Function(f)
-    return Function(func)
+        return lambda f: Function(f, num_api_spec_tokens=num_api_spec_tokens)
+    return Function(func, num_api_spec_tokens=num_api_spec_tokens)
 
 
 def flush_cache(backend: Any = None) -> Any:
@@ -128,3 +131,14 @@ def assistant_begin() -> ir.Expr:
 
 def assistant_end() -> ir.Expr:
     return ir.RoleEnd("assistant")
+
+
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Expr:
+    """Run ``expr``, then split each of its named gens/selects: the variable and the text keep
+    the answer, ``<name>_reasoning_content`` gets the reasoning (``<think>...</think>``, as
+    ``model_type``'s SGLang reasoning parser marks it). Not with ``stream=True``."""
+    reasoning.reasoning_format(model_type)  # an unknown family is refused where it is written
+    if expr is None:
+        raise ValueError("separate_reasoning: expr (the gen to split) is required")
+    expr = ir.to_expr(expr)
+    return ir.ExprList([expr, ir.SeparateReasoning(model_type, expr)])

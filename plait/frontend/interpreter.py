@@ -10,20 +10,23 @@ Invariants:
 - An executor never hangs a reader: an error (in a backend call or in the program's own code)
   is recorded once, later expressions are skipped, and every waiter wakes and sees it.
 - ``sync()`` returns once every expression submitted so far was executed or skipped.
+- A variable is readable only once every queued expression that writes it has run: each
+  pending write is counted, so ``separate_reasoning`` (a second write of a gen's variable)
+  keeps readers from seeing the unsplit text.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator
 
 from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
+from plait.frontend.global_config import global_config
+from plait.frontend.reasoning import split_reasoning
+from plait.frontend.speculative import ApiSpeculation
 from plait.frontend.state import ProgramState
-from plait.frontend.tracer import trace_program
 
 if TYPE_CHECKING:  # program.py runs programs through this module
     from plait.frontend.program import Function
@@ -33,18 +36,22 @@ _END = object()
 
 class StreamExecutor:
     def __init__(self, backend: Any, arguments: dict[str, Any], defaults: ir.GenParams,
-                 chat_template: Any, stream: bool):
+                 chat_template: Any, stream: bool, num_api_spec_tokens: int | None = None):
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.arguments = arguments
         self.defaults = defaults
         self.chat_template = chat_template
         self.stream = stream
+        # fork branches never speculate (as in SGLang): they would share one speculation
+        self.speculation = (ApiSpeculation(num_api_spec_tokens)
+                            if num_api_spec_tokens is not None else None)
 
         self.text_ = ""
         self.messages_: list[dict[str, str]] = []
         self.variables: dict[str, Any] = {}
         self.meta_info: dict[str, Any] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # where a gen/select's text lies in text_
         self.cur_role: str | None = None
         self.cur_role_begin_pos = 0
         self.fork_start_text_pos = 0
@@ -53,7 +60,8 @@ class StreamExecutor:
         self.children: list[StreamExecutor] = []
 
         self._cv = threading.Condition()
-        self._pending: set[str] = set()  # variables queued but not yet produced
+        self._pending: dict[str, int] = {}  # variable -> queued writes not yet executed
+        self._unwritten: set[str] = set()   # variables whose writes an error cancelled
         self._scope_start: dict[str, int] = {}
         self._unfinished = 0
         self._ended = False
@@ -69,7 +77,8 @@ class StreamExecutor:
                 raise RuntimeError("this program state has ended; cannot append to it")
             if self.error_ is not None:
                 return  # the program already failed; nothing after the failure runs
-            self._pending.update(_produced_names(expr))
+            for name in _produced_names(expr):
+                self._pending[name] = self._pending.get(name, 0) + 1
             self._unfinished += 1
         self._queue.put(expr)
 
@@ -92,13 +101,15 @@ class StreamExecutor:
         with self._cv:
             if self.error_ is None:
                 self.error_ = error
+            self._unwritten.update(self._pending)
             self._pending.clear()
             self._cv.notify_all()
 
     def get_var(self, name: str) -> Any:
         with self._cv:
             self._cv.wait_for(lambda: name not in self._pending or self.error_ is not None)
-            if name in self.variables and name not in self._pending:
+            if name in self.variables and name not in self._pending \
+                    and name not in self._unwritten:
                 return self.variables[name]
             if self.error_ is not None:
                 raise self.error_
@@ -188,8 +199,7 @@ class StreamExecutor:
         elif isinstance(expr, ir.Select):
             decision = self.backend.select(self, expr.choices, expr.temperature,
                                            expr.choices_method)
-            self._fill(decision.decision)
-            self._set_result(expr.name, decision.decision, decision.meta_info)
+            self._fill_result(expr.name, decision.decision, decision.meta_info)
         elif isinstance(expr, ir.RoleBegin):
             self._role_begin(expr.role)
         elif isinstance(expr, ir.RoleEnd):
@@ -201,6 +211,8 @@ class StreamExecutor:
         elif isinstance(expr, ir.CommitPrefix):
             if self.text_:
                 self.backend.cache_prefix(self.text_)
+        elif isinstance(expr, ir.SeparateReasoning):
+            self._separate_reasoning(expr)
         elif isinstance(expr, ir.ConcatAndAppend):
             for branch in expr.states:
                 branch.sync()
@@ -209,7 +221,11 @@ class StreamExecutor:
         else:
             raise TypeError(f"cannot execute {expr!r}")
 
-    def _fill(self, text: str) -> None:
+    def _fill(self, text: str, from_speculation: bool = False) -> None:
+        """Append ``text``; unless a gen took it from the speculation, the speculation must
+        have predicted it to survive."""
+        if self.speculation is not None and not from_speculation:
+            self.speculation.follow(text)
         with self._cv:
             self.text_ += text
             self._cv.notify_all()
@@ -219,16 +235,47 @@ class StreamExecutor:
             if name is not None:
                 self.variables[name] = value
                 self.meta_info[name] = meta
-                self._pending.discard(name)
+                left = self._pending.pop(name, 0) - 1
+                if left > 0:
+                    self._pending[name] = left
             self._cv.notify_all()
+
+    def _fill_result(self, name: str | None, text: str, meta: Any,
+                     from_speculation: bool = False) -> None:
+        """Append a gen/select's text and publish it as variable ``name``."""
+        start = len(self.text_)
+        self._fill(text, from_speculation)
+        if name is not None:
+            self.spans[name] = (start, len(self.text_))
+        self._set_result(name, text, meta)
+
+    def _separate_reasoning(self, expr: ir.SeparateReasoning) -> None:
+        """Replace each named result by its answer, in the variable and in the text (last
+        first, so earlier spans keep their offsets); the reasoning goes to its own variable."""
+        if self.stream:
+            raise ValueError("separate_reasoning does not work with stream=True: the reasoning "
+                             "was already streamed as part of the text")
+        for name in sorted(expr.names, key=lambda n: self.spans[n][0], reverse=True):
+            start, end = self.spans[name]
+            reasoning, answer = split_reasoning(self.variables[name], expr.model_type)
+            with self._cv:
+                self.text_ = self.text_[:start] + answer + self.text_[end:]
+            self.spans[name] = (start, start + len(answer))
+            self._set_result(name, answer, self.meta_info.get(name))
+            self._set_result(expr.reasoning_name(name), reasoning, None)
 
     def _gen(self, expr: ir.Gen) -> None:
         params = expr.params.merged_over(self.defaults)
         params.apply_dtype()
+        if self.speculation is not None:
+            if self.stream:
+                raise ValueError("num_api_spec_tokens does not work with stream=True")
+            text, meta = self.speculation.generate(self, self.backend, params)
+            self._fill_result(expr.name, text, meta, from_speculation=True)
+            return
         if not self.stream:
             text, meta = self.backend.generate(self, params)
-            self._fill(text)
-            self._set_result(expr.name, text, meta)
+            self._fill_result(expr.name, text, meta)
             return
         name = expr.name if expr.name is not None else f"_gen_{uuid.uuid4().hex[:8]}"
         with self._cv:
@@ -266,6 +313,8 @@ def _produced_names(expr: ir.Expr) -> list[str]:
         return [n for e in expr.exprs for n in _produced_names(e)]
     if isinstance(expr, (ir.Gen, ir.Select, ir.VarScopeBegin)) and expr.name is not None:
         return [expr.name]
+    if isinstance(expr, ir.SeparateReasoning):
+        return [*expr.names, *map(expr.reasoning_name, expr.names)]
     return []
 
 
@@ -276,7 +325,8 @@ def run_program(program: Function, backend: Any, args: tuple, kwargs: dict[str, 
     on the returned state (``state.error()``) and re-raised when a result is read."""
     backend = resolve_backend(backend)
     kwargs = {**program.bind_arguments, **kwargs}
-    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream)
+    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream,
+                              program.num_api_spec_tokens)
     state = ProgramState(executor)
 
     def body() -> None:
@@ -287,51 +337,11 @@ def run_program(program: Function, backend: Any, args: tuple, kwargs: dict[str, 
         finally:
             executor.end()
         executor.sync()
+        if global_config.verbosity >= 2 and executor.error_ is None:
+            print(executor.text_)
 
     if stream:
         threading.Thread(target=body, name="plait-program", daemon=True).start()
     else:
         body()
     return state
-
-
-def run_program_batch(program: Function, backend: Any, batch: list[dict[str, Any]],
-                      defaults: ir.GenParams, num_threads: int | str = "auto",
-                      progress_bar: bool = False) -> list[Any]:
-    """Run the program once per kwargs dict, concurrently, results in input order."""
-    backend = resolve_backend(backend)
-    if not batch:
-        return []
-    if len(batch) > 1:
-        cache_program(program, backend)
-    if num_threads == "auto":
-        num_threads = max(64, 16 * (os.cpu_count() or 1))
-    if not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be 'auto' or a positive integer, got {num_threads!r}")
-    num_threads = min(num_threads, len(batch))
-
-    bar = None
-    if progress_bar:
-        import tqdm
-
-        bar = tqdm.tqdm(total=len(batch))
-    with ThreadPoolExecutor(num_threads, thread_name_prefix="plait-batch") as pool:
-        futures = [pool.submit(run_program, program, backend, (), kwargs, defaults)
-                   for kwargs in batch]
-        if bar is not None:
-            for f in futures:
-                f.add_done_callback(lambda _: bar.update())
-        states = [f.result() for f in futures]
-    if bar is not None:
-        bar.close()
-    return states
-
-
-def cache_program(program: Function, backend: Any, min_chars: int = 64) -> str:
-    """Prefill the program's traced static prefix once, so a batch fans out from a warm
-    radix cache. Short prefixes are not worth a request. Returns the prefix."""
-    backend = resolve_backend(backend)
-    prefix = trace_program(program, {}, backend).prefix
-    if len(prefix) >= min_chars:
-        backend.cache_prefix(prefix)
-    return prefix

@@ -66,13 +66,15 @@ class GenParams:
         if self.dtype in (int, "int", float, "float"):
             self.stop = _as_list(self.stop) + [" ", "\n"]
 
-    def to_request(self, text: str) -> GenerateReq:
+    def to_request(self, text: str, extra_sampling: dict[str, Any] | None = None) -> GenerateReq:
         """This gen as the core's request message for ``text`` (call after
-        :meth:`merged_over` and :meth:`apply_dtype`); unset fields take the core's defaults.
+        :meth:`merged_over` and :meth:`apply_dtype`); unset fields take the core's defaults,
+        ``extra_sampling`` adds sampling fields a gen has no argument for (detokenization).
         Raises ``ValueError`` naming a bad parameter."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if getattr(self, f.name) is not None}
         sampling = {k: v for k, v in values.items() if k in _SAMPLING_FIELDS}
+        sampling.update(extra_sampling or {})
         options = {k: v for k, v in values.items() if k in _REQUEST_FIELDS}
         return GenerateReq(text=text, sampling_params=sampling, **options)
 
@@ -188,6 +190,30 @@ class ConcatAndAppend(Expr):
 
     def __init__(self, states: list[Any]):
         self.states = states
+
+
+class SeparateReasoning(Expr):
+    """Runs after ``expr``: each gen/select it names becomes its answer (variable and text)
+    and ``<name>_reasoning_content`` its reasoning (see ``plait.frontend.reasoning``)."""
+
+    def __init__(self, model_type: str, expr: Expr):
+        self.model_type = model_type
+        self.names = _result_names(expr)
+        if any(n is None for n in self.names):
+            raise ValueError("separate_reasoning: every gen/select in expr needs a name")
+
+    @staticmethod
+    def reasoning_name(name: str) -> str:
+        return f"{name}_reasoning_content"
+
+    def __repr__(self) -> str:
+        return f"SeparateReasoning({self.model_type!r}, {self.names!r})"
+
+
+def _result_names(expr: Expr) -> list[Any]:
+    if isinstance(expr, ExprList):
+        return [n for e in expr.exprs for n in _result_names(e)]
+    return [expr.name] if isinstance(expr, (Gen, Select)) else []
 
 
 class Argument(Expr):

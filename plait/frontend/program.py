@@ -7,20 +7,23 @@ import inspect
 from typing import Any, Callable
 
 from plait.frontend import ir
-from plait.frontend.interpreter import cache_program, run_program, run_program_batch
+from plait.frontend.batch import cache_program, run_program_batch
+from plait.frontend.interpreter import run_program
 from plait.frontend.tracer import trace_program
 
 
 class Function:
     """A program: ``@pl.function def f(s, ...)``. Calling it runs it on the default backend."""
 
-    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None):
+    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None,
+                 num_api_spec_tokens: int | None = None):
         params = list(inspect.signature(func).parameters.values())
         if not params:
             raise ValueError("a @function program must take the state `s` as its first argument")
         self.func = func
         self.arg_names = [p.name for p in params[1:]]
         self.bind_arguments = dict(bind_arguments or {})
+        self.num_api_spec_tokens = num_api_spec_tokens
         self.__name__ = getattr(func, "__name__", "program")
         self.__doc__ = func.__doc__
 
@@ -28,7 +31,7 @@ class Function:
         unknown = sorted(set(kwargs) - set(self.arg_names))
         if unknown:
             raise ValueError(f"bind: {unknown} are not arguments of {self.__name__}")
-        return Function(self.func, {**self.bind_arguments, **kwargs})
+        return Function(self.func, {**self.bind_arguments, **kwargs}, self.num_api_spec_tokens)
 
     def run(self, *args: Any, stream: bool = False, backend: Any = None,
             **kwargs: Any) -> Any:
@@ -39,15 +42,17 @@ class Function:
 
     def run_batch(self, batch_kwargs: list[Any], *, backend: Any = None,
                   num_threads: int | str = "auto", progress_bar: bool = False,
-                  **sampling: Any) -> list[Any]:
+                  generator_style: bool = False, **sampling: Any) -> Any:
         """Run once per entry of ``batch_kwargs`` (dicts, or tuples of positional args),
-        concurrently, after prefilling the program's traced shared prefix once."""
+        concurrently, after prefilling the program's traced shared prefix once. Returns the
+        states in input order; with ``generator_style`` as an iterator that yields each
+        state once it (and those before it) finished, instead of one list at the end."""
         extra, defaults = split_sampling_kwargs(sampling)
         if extra:
             raise ValueError(f"run_batch: unknown keyword(s) {sorted(extra)}")
         batch = [self._as_kwargs(a) for a in batch_kwargs]
         return run_program_batch(self, backend, batch, defaults, num_threads=num_threads,
-                                 progress_bar=progress_bar)
+                                 progress_bar=progress_bar, generator_style=generator_style)
 
     def trace(self, *, backend: Any = None, **kwargs: Any) -> Any:
         """Run the program on placeholders and record its static prefix (see tracer)."""

@@ -3,6 +3,8 @@ in-process ``Runtime`` exactly under greedy decoding; ``OpenAI`` drives the Open
 Needs ``plait serve`` (started on a free port by the ``server_url`` fixture)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import plait.frontend as pl
@@ -114,3 +116,37 @@ def test_openai_select_uses_prompt_logprobs(openai_backend, endpoint):
     state = pick.run(backend=openai_backend)
     assert state.error() is None, state.error()
     assert state["x"] == pick.run(backend=endpoint)["x"]
+
+
+def test_model_name_is_asked_of_the_engine_and_the_server(runtime, endpoint, smollm_dir):
+    assert runtime.get_model_name() == endpoint.get_model_name()
+    assert Path(endpoint.get_model_name()).resolve() == Path(smollm_dir).resolve()
+
+
+def test_token_usage_agrees_across_native_and_openai_routes(openai_backend, endpoint):
+    """The OpenAI backend counts the usage the server reports (plain, streamed, select);
+    the native endpoint counts the engine's meta info. Same prompts, same numbers."""
+    @pl.function
+    def chat(s):
+        s += pl.system("You are terse.")
+        s += pl.user("Name a color.")
+        s += pl.assistant(pl.gen("color", max_tokens=6))
+
+    endpoint.reset_stats()
+    chat.run(temperature=0, backend=endpoint)
+    native = endpoint.token_usage
+    usage = openai_backend.token_usage
+    for stream in (False, True):
+        usage.reset()
+        state = chat.run(temperature=0, backend=openai_backend, stream=stream)
+        assert state.error() is None, state.error()
+        assert (usage.prompt_tokens, usage.completion_tokens) == \
+            (native.prompt_tokens, native.completion_tokens), stream
+    usage.reset()
+
+    @pl.function
+    def pick(s):
+        s += "The opposite of hot is" + pl.select("x", [" cold", " warm"])
+
+    pick.run(backend=openai_backend)
+    assert usage.prompt_tokens > 2 * 5 and usage.completion_tokens == 2  # max_tokens=1 each

@@ -11,15 +11,32 @@ the finished chat messages, ``s.cur_role`` / ``s.cur_role_begin_pos`` the open r
 from __future__ import annotations
 
 import abc
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from plait.frontend.chat_template import ChatTemplate
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod
+from plait.frontend.global_config import global_config
 from plait.frontend.ir import GenParams
+
+
+@dataclass
+class TokenUsage:
+    """SGLang's ``backend.token_usage``: the prompt tokens a backend's requests sent and the
+    completion tokens they received, as the server counted them. One object per backend for
+    its whole life, so a reference taken before ``reset()`` keeps counting."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0)
 
 
 class FrontendBackend(abc.ABC):
     chat_template: ChatTemplate   # renders role markers into the program's text
+    token_usage: TokenUsage       # what the backend's requests cost, in tokens
 
     @property
     def endpoint(self) -> "FrontendBackend":
@@ -52,26 +69,27 @@ class FrontendBackend(abc.ABC):
         """Limits and counters of the engine behind the backend. Default: refused."""
         raise NotImplementedError(f"{type(self).__name__} reports no server info")
 
+    def get_model_name(self) -> str:
+        """The model the backend serves (SGLang: the server's model path). Default: refused."""
+        raise NotImplementedError(f"{type(self).__name__} reports no model name")
+
     def shutdown(self) -> None:
         """Release what the backend owns (an in-process engine). Default: nothing to do."""
 
 
-_default_backend: Any = None
-
-
 def set_default_backend(backend: Any) -> None:
-    """Backend for programs run without ``backend=``: a Runtime, RuntimeEndpoint or OpenAI."""
-    global _default_backend
-    _default_backend = backend
+    """Backend for programs run without ``backend=``: a Runtime, RuntimeEndpoint or OpenAI.
+    Stored where SGLang keeps it, ``global_config.default_backend``."""
+    global_config.default_backend = backend
 
 
 def get_default_backend() -> Any:
-    return _default_backend
+    return global_config.default_backend
 
 
 def resolve_backend(backend: Any) -> Any:
     """The backend a call names, else the default; ``ValueError`` when there is neither."""
-    backend = backend if backend is not None else _default_backend
+    backend = backend if backend is not None else global_config.default_backend
     if backend is None:
         raise ValueError("backend: none given; pass backend= or call pl.set_default_backend()")
     return getattr(backend, "endpoint", backend)

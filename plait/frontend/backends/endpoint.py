@@ -69,6 +69,10 @@ class RuntimeEndpoint(NativeBackend):
     def get_server_info(self) -> dict[str, Any]:
         return http.get(self.base_url + "/get_server_info", self.api_key)
 
+    def get_model_name(self) -> str:
+        """The model path the server reports now (``/get_model_info``), as SGLang answers."""
+        return http.get(self.base_url + "/get_model_info", self.api_key)["model_path"]
+
     def shutdown(self) -> None:
         pass
 

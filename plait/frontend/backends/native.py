@@ -14,18 +14,18 @@ from typing import Any, Iterator
 
 from plait.core.messages import GenerateReq
 from plait.core.schedule_policy import common_prefix_len
-from plait.frontend.backends.base import FrontendBackend
+from plait.frontend.backends.base import FrontendBackend, TokenUsage
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
+from plait.frontend.global_config import global_config
 from plait.frontend.ir import GenParams
 
 
 @dataclass
-class PrefillStats:
-    """Token accounting over every request this backend sent (for cache-hit measurements)."""
+class PrefillStats(TokenUsage):
+    """Token accounting over every request this backend sent: SGLang's ``token_usage``
+    fields, and what cache-hit measurements need besides."""
     requests: int = 0
-    prompt_tokens: int = 0
     cached_tokens: int = 0
-    completion_tokens: int = 0
 
     @property
     def computed_prompt_tokens(self) -> int:
@@ -49,12 +49,17 @@ class NativeBackend(FrontendBackend):
         raise NotImplementedError
 
     # ---- the backend contract the interpreter uses ----------------------------------------
+    @property
+    def token_usage(self) -> PrefillStats:
+        """SGLang's ``backend.token_usage``: the same object as :attr:`stats`, for life."""
+        return self.stats
+
     def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
-        (out,) = self._request([params.to_request(s.text_)])
+        (out,) = self._request([_gen_request(s, params)])
         return out["text"], out["meta_info"]
 
     def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
-        msg = dataclasses.replace(params.to_request(s.text_), stream=True)
+        msg = dataclasses.replace(_gen_request(s, params), stream=True)
         sent, last = 0, None
         for chunk in self._call_stream(msg):
             _check_finish(chunk)
@@ -147,9 +152,18 @@ class NativeBackend(FrontendBackend):
                 self.stats.completion_tokens += meta.get("completion_tokens", 0)
 
     def reset_stats(self) -> PrefillStats:
+        """The counts so far (a copy); the live object restarts from zero."""
         with self._stats_lock:
-            old, self.stats = self.stats, PrefillStats()
+            old = dataclasses.replace(self.stats)
+            self.stats.reset()
         return old
+
+
+def _gen_request(s: Any, params: GenParams) -> GenerateReq:
+    """A gen's request, detokenized as ``global_config`` asks (as SGLang's endpoint sends)."""
+    return params.to_request(s.text_, {
+        "skip_special_tokens": global_config.skip_special_tokens_in_output,
+        "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out})
 
 
 def _check_finish(out: dict[str, Any]) -> None:

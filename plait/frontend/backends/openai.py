@@ -8,10 +8,11 @@ completions route returns (``echo=True, logprobs``); servers without it raise a 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterator
 
 from plait.frontend.backends import http
-from plait.frontend.backends.base import FrontendBackend
+from plait.frontend.backends.base import FrontendBackend, TokenUsage
 from plait.frontend.chat_template import ChatTemplate, chatml, load_tokenizer
 from plait.frontend.choices import ChoicesDecision, ChoicesSamplingMethod, normalized_logprob
 from plait.frontend.ir import GenParams
@@ -30,6 +31,18 @@ class OpenAI(FrontendBackend):
         tokenizer = load_tokenizer(tokenizer_path or model)
         self.chat_template = (ChatTemplate.from_tokenizer(tokenizer) if tokenizer is not None
                               else chatml())
+        self.token_usage = TokenUsage()
+        self._usage_lock = threading.Lock()
+
+    def get_model_name(self) -> str:
+        return self.model
+
+    def _account(self, res: dict[str, Any]) -> None:
+        """Add a response's ``usage`` (the server's own counts) to :attr:`token_usage`."""
+        usage = res.get("usage") or {}
+        with self._usage_lock:
+            self.token_usage.prompt_tokens += usage.get("prompt_tokens") or 0
+            self.token_usage.completion_tokens += usage.get("completion_tokens") or 0
 
     # ---- gen ------------------------------------------------------------------------------
     def _body(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
@@ -70,6 +83,7 @@ class OpenAI(FrontendBackend):
     def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
         route, body = self._body(s, params)
         res = http.post(self.base_url + route, body, self.api_key)
+        self._account(res)
         choice = res["choices"][0]
         text = choice["message"]["content"] if self.is_chat_model else choice["text"]
         return text or "", _meta(res, choice)
@@ -77,7 +91,9 @@ class OpenAI(FrontendBackend):
     def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
         route, body = self._body(s, params)
         body["stream"] = True
+        body["stream_options"] = {"include_usage": True}  # the last event carries the usage
         for event in http.post_sse(self.base_url + route, body, self.api_key):
+            self._account(event)
             if not event.get("choices"):
                 continue
             choice = event["choices"][0]
@@ -97,6 +113,7 @@ class OpenAI(FrontendBackend):
         res = http.post(self.base_url + "/completions", {
             "model": self.model, "prompt": [context + c for c in choices], "max_tokens": 1,
             "temperature": 0, "echo": True, "logprobs": 0}, self.api_key)
+        self._account(res)
         by_index = sorted(res["choices"], key=lambda c: c.get("index", 0))
         entries = []
         for choice_text, out in zip(choices, by_index):

@@ -40,6 +40,10 @@ class Runtime(NativeBackend):
     def get_server_info(self) -> dict[str, Any]:
         return self.engine.get_server_info()
 
+    def get_model_name(self) -> str:
+        """The engine's model directory (what ``plait serve`` reports as ``model_path``)."""
+        return self.engine.get_server_info()["model_path"]
+
     def shutdown(self) -> None:
         if self._owns_engine and self.engine is not None:
             self.engine.shutdown()
