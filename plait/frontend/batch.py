@@ -9,19 +9,17 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
+from plait.frontend.definition import ProgramDefinition
 from plait.frontend.global_config import global_config
 from plait.frontend.interpreter import run_program
 from plait.frontend.tracer import trace_program
 
-if TYPE_CHECKING:  # program.py runs batches through this module
-    from plait.frontend.program import Function
 
-
-def run_program_batch(program: Function, backend: Any, batch: list[dict[str, Any]],
+def run_program_batch(program: ProgramDefinition, backend: Any, batch: list[dict[str, Any]],
                       defaults: ir.GenParams, num_threads: int | str = "auto",
                       progress_bar: bool = False, generator_style: bool = False) -> Any:
     """Run the program once per kwargs dict, concurrently. Returns the states in input order:
@@ -39,7 +37,7 @@ def run_program_batch(program: Function, backend: Any, batch: list[dict[str, Any
     return states if generator_style else list(states)
 
 
-def _iter_batch(program: Function, backend: Any, batch: list[dict[str, Any]],
+def _iter_batch(program: ProgramDefinition, backend: Any, batch: list[dict[str, Any]],
                 defaults: ir.GenParams, num_threads: int, progress_bar: bool) -> Iterator[Any]:
     """Keep ``2 * num_threads`` programs submitted ahead of the consumer: the pool never
     idles while the caller handles a result, and a huge batch is not all queued at once."""
@@ -73,7 +71,7 @@ def _progress_bar(total: int) -> Any:
     return tqdm.tqdm(total=total)
 
 
-def cache_program(program: Function, backend: Any, min_chars: int = 64) -> str:
+def cache_program(program: ProgramDefinition, backend: Any, min_chars: int = 64) -> str:
     """Prefill the program's traced static prefix once, so a batch fans out from a warm
     radix cache. Short prefixes are not worth a request. Returns the prefix."""
     backend = resolve_backend(backend)

@@ -19,17 +19,15 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
+from plait.frontend.definition import ProgramDefinition
 from plait.frontend.global_config import global_config
 from plait.frontend.reasoning import split_reasoning
 from plait.frontend.speculative import ApiSpeculation
 from plait.frontend.state import ProgramState
-
-if TYPE_CHECKING:  # program.py runs programs through this module
-    from plait.frontend.program import Function
 
 _END = object()
 
@@ -319,7 +317,7 @@ def _produced_names(expr: ir.Expr) -> list[str]:
 
 
 # ---- running programs ---------------------------------------------------------------------
-def run_program(program: Function, backend: Any, args: tuple, kwargs: dict[str, Any],
+def run_program(program: ProgramDefinition, backend: Any, args: tuple, kwargs: dict[str, Any],
                 defaults: ir.GenParams, stream: bool = False) -> Any:
     """Run ``program`` once. Never raises for errors inside the program: they are recorded
     on the returned state (``state.error()``) and re-raised when a result is read."""

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
+from plait.frontend.definition import ProgramDefinition
 from plait.frontend.ir import StopTracing
-
-if TYPE_CHECKING:  # program.py traces programs through this module
-    from plait.frontend.program import Function
 
 
 @dataclass
@@ -80,7 +78,8 @@ class TracerState:
         return None
 
 
-def trace_program(program: Function, kwargs: dict[str, Any], backend: Any) -> TracedProgram:
+def trace_program(program: ProgramDefinition, kwargs: dict[str, Any],
+                  backend: Any) -> TracedProgram:
     """Trace ``program``; arguments not given in ``kwargs`` (or bound) become placeholders."""
     template = resolve_backend(backend).chat_template
     arguments = {name: ir.Argument(name) for name in program.arg_names}
