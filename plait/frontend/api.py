@@ -12,6 +12,7 @@ from plait.frontend.backends.base import (  # noqa: F401 - the default-backend c
     get_default_backend, resolve_backend, set_default_backend)
 from plait.frontend.choices import ChoicesSamplingMethod, token_length_normalized
 from plait.frontend.program import Function
+from plait.frontend.roles import role_expr
 
 
 def function(func: Callable[..., Any] | None = None,
@@ -92,21 +93,16 @@ def select(name: str | None = None, choices: list[str] | None = None,
     return ir.Select(name, list(choices), temperature, choices_method)
 
 
-def _role(role: str, expr: Any = None) -> ir.Expr:
-    body = [] if expr is None else [ir.to_expr(expr)]
-    return ir.ExprList([ir.RoleBegin(role), *body, ir.RoleEnd(role)])
-
-
 def system(expr: Any = None) -> ir.Expr:
-    return _role("system", expr)
+    return role_expr("system", expr)
 
 
 def user(expr: Any = None) -> ir.Expr:
-    return _role("user", expr)
+    return role_expr("user", expr)
 
 
 def assistant(expr: Any = None) -> ir.Expr:
-    return _role("assistant", expr)
+    return role_expr("assistant", expr)
 
 
 def system_begin() -> ir.Expr:

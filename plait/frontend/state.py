@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from plait.frontend import ir
+from plait.frontend.roles import RoleMethods
 
 
-class ProgramState:
+class ProgramState(RoleMethods):
     def __init__(self, executor: Any):
         self.stream_executor = executor
         self.ret_value: Any = None
@@ -24,28 +25,8 @@ class ProgramState:
         self.stream_executor.submit(other)
         return self
 
-    def _role(self, role: str, expr: Any = None) -> Any:
-        if expr is not None:
-            self.stream_executor.submit(ir.ExprList([ir.RoleBegin(role), ir.to_expr(expr),
-                                                     ir.RoleEnd(role)]))
-            return None
-        return self._role_scope(role)
-
-    @contextmanager
-    def _role_scope(self, role: str) -> Iterator[None]:
-        self.stream_executor.submit(ir.RoleBegin(role))
-        yield
-        self.stream_executor.submit(ir.RoleEnd(role))
-
-    def system(self, expr: Any = None) -> Any:
-        """``s.system("...")`` appends a system message; ``with s.system():`` opens one."""
-        return self._role("system", expr)
-
-    def user(self, expr: Any = None) -> Any:
-        return self._role("user", expr)
-
-    def assistant(self, expr: Any = None) -> Any:
-        return self._role("assistant", expr)
+    def _append(self, expr: ir.Expr) -> None:
+        self.stream_executor.submit(expr)
 
     @contextmanager
     def var_scope(self, name: str) -> Iterator[None]:

@@ -15,6 +15,7 @@ from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
 from plait.frontend.definition import ProgramDefinition
 from plait.frontend.ir import StopTracing
+from plait.frontend.roles import RoleMethods
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TracedProgram:
     stopped_by: str = ""        # why tracing ended ("" = the program ran to completion)
 
 
-class TracerState:
+class TracerState(RoleMethods):
     """Stands in for ``ProgramState``: records what is appended, never calls a model."""
 
     def __init__(self) -> None:
@@ -35,26 +36,8 @@ class TracerState:
         self.nodes.extend(expr.exprs if isinstance(expr, ir.ExprList) else [expr])
         return self
 
-    def _role(self, role: str, expr: Any = None) -> Any:
-        if expr is not None:
-            self += ir.ExprList([ir.RoleBegin(role), ir.to_expr(expr), ir.RoleEnd(role)])
-            return None
-        return self._role_scope(role)
-
-    @contextmanager
-    def _role_scope(self, role: str) -> Iterator[None]:
-        self += ir.RoleBegin(role)
-        yield
-        self += ir.RoleEnd(role)
-
-    def system(self, expr: Any = None) -> Any:
-        return self._role("system", expr)
-
-    def user(self, expr: Any = None) -> Any:
-        return self._role("user", expr)
-
-    def assistant(self, expr: Any = None) -> Any:
-        return self._role("assistant", expr)
+    def _append(self, expr: ir.Expr) -> None:
+        self += expr
 
     @contextmanager
     def var_scope(self, name: str) -> Iterator[None]:
