@@ -6,7 +6,8 @@
   inside functions too (a lazy import hides a loop; it does not remove it);
 - nor through ``if TYPE_CHECKING:`` imports: they never run, but a type-only circle is still
   a tangle a reader has to hold in mind. The frontend has none; outside it exactly
-  :data:`KNOWN_CORE_CIRCLES` remain, until the work named there removes them.
+  :data:`KNOWN_CORE_CIRCLES` remain, until the work named there removes them;
+- ``plait/__init__.py`` lists the public surface in one sorted literal ``__all__``.
 """
 from __future__ import annotations
 
@@ -173,3 +174,46 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     assert import_circles({"a": {"b", "c"}, "b": {"a"}, "c": {"a", "d"}, "d": {"d"}}) == \
         {("a", "b"), ("a", "c")}
     assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == set()
+
+
+def _bound_names(body: list[ast.stmt]) -> set[str]:
+    """The names a module's top level binds (through ``try``/``if`` blocks too)."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Try, ast.If)):
+            for block in ("body", "orelse", "finalbody"):
+                names |= _bound_names(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                names |= _bound_names(handler.body)
+    return names
+
+
+def _literal_all(path: Path) -> tuple[list[str], set[str]]:
+    """A module's ``__all__`` (which must be one literal list) and the names it binds."""
+    tree = ast.parse(path.read_text(), str(path))
+    values = [n.value for n in tree.body if isinstance(n, ast.Assign)
+              and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    assert len(values) == 1, f"{path}: __all__ is assigned {len(values)} times"
+    try:
+        return list(ast.literal_eval(values[0])), _bound_names(tree.body)
+    except ValueError:
+        pytest.fail(f"{path}: __all__ is not one literal list: {ast.unparse(values[0])}")
+
+
+def test_the_public_surface_is_one_sorted_literal_list():
+    """``plait/__init__.py`` lists the public surface once, where a reader (and ruff) sees
+    it: a sorted literal ``__all__`` naming every name it binds without a leading underscore,
+    only names it binds, and the whole DSL of ``plait.frontend``."""
+    public, bound = _literal_all(PLAIT / "__init__.py")
+    dsl, _ = _literal_all(PLAIT / "frontend" / "__init__.py")
+    assert public == sorted(set(public))
+    assert sorted(n for n in bound if not n.startswith("_") and n not in public) == []
+    assert sorted(set(public) - bound) == []
+    assert sorted(set(dsl) - set(public)) == []
