@@ -1,6 +1,6 @@
 """Where one offline batch's time goes on an accelerator: torch.profiler's kernel table,
-beside the engine's own per-step phase split. (On the CPU use ``profile_decode.py``: the
-profiler records operators only on the thread that enters it, and that script enters it on
+beside the engine's own per-step phase split. (On the CPU use ``benchmarks/profile_decode.py``:
+the profiler records operators only on the thread that enters it, and that script enters it on
 the engine's thread; device kernels here are recorded process-wide.)
 
 It runs ``--batch`` requests of ``--input-len`` random prompt tokens and ``--new`` greedy
@@ -9,7 +9,7 @@ phases (from ``get_server_info``), the wall time, and the ``--rows`` most expens
 sorted by device time (CUDA) or CPU self time. Run it with ``--disable-graph-capture`` to see
 every kernel: a captured graph's kernels are attributed to the replay.
 
-    python benchmarks/step_profile.py --device cuda --dtype bfloat16 --batch 64 \\
+    python -m tools.lease.step_profile --device cuda --dtype bfloat16 --batch 64 \\
         --disable-graph-capture
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace", default=None, help="also write a Chrome trace to this path")
     args = p.parse_args(argv)
     if args.device == "cpu":
-        p.error("--device cpu: use benchmarks/profile_decode.py (see this script's docstring)")
+        p.error("--device cpu: use benchmarks.profile_decode (see this docstring)")
 
     import plait
     from plait.models.default import default_model_path

@@ -1,7 +1,7 @@
 """The greedy LM head (``plait/backends/cpu/greedy_head.h``) against the float32 panel head
 followed by ``max``, on SmolLM2-135M's real LM head and real final hidden states.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/greedy_head_cpu.py  # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.greedy_head_cpu  # ~1 min
 
 The hidden states are transformers' final-normed states of ``--prompts`` random-id prompts of
 ``--length`` tokens (every position counts as a decode row). The script checks that the two

@@ -1,6 +1,6 @@
 """The CPU quantized matmul kernels on SmolLM2-135M's products, against oneDNN float32.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/qmatmul_cpu.py   # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.qmatmul_cpu   # ~1 min
 
 For M = 1 / 16 / 64 activation rows, each of the model's product shapes (fused qkv, o, fused
 gate/up, down: 30 of each; the LM head once) is timed alone, median of ``--iters`` calls, with
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -61,8 +61,8 @@ def main() -> None:
             x = torch.randn(m, k)
             q_args = (x, qw.qs, qw.scales, qw.mins, qw.bits, qw.group_size)
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            us = {kn: median_us(lambda f=f: f(*q_args), args.iters) for kn, f in kernels.items()}
-            us["oneDNN fp32"] = median_us(lambda: torch.ops.mkldnn._linear_pointwise(
+            us = {kn: median_us(lambda f=f, q_args=q_args: f(*q_args), args.iters) for kn, f in kernels.items()}
+            us["oneDNN fp32"] = median_us(lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(
                 x, packed, None, "none", [], ""), args.iters)
             for kn in names:
                 totals[m][kn] += us[kn] * calls

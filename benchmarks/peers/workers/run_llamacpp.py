@@ -6,7 +6,7 @@ from __future__ import annotations
 import llama_cpp
 from llama_cpp import Llama
 
-from common import Request, Serve, main
+from benchmarks.peers.workers.common import Request, Serve, main
 
 
 def load(job: dict) -> Serve:

@@ -3,15 +3,15 @@
 # transformers, the quantized-matmul timings, and decode / serving figures, each stage with its
 # own time limit so one slow stage cannot eat the others. Run on the GPU machine from the repository root:
 #
-#     bash benchmarks/cuda_lease.sh DEV OUT
+#     bash tools/lease/cuda_lease.sh DEV OUT
 #
-# DEV holds what the lease must carry (made here by `benchmarks/cuda_lease.sh --prepare DEV`):
+# DEV holds what the lease must carry (made here by `tools/lease/cuda_lease.sh --prepare DEV`):
 # wheels for the packages the GPU image lacks (whl/) and the default model's config and
 # tokenizer (like/). Logs land in OUT. STAGES="parity decode" limits the run to those stages
 # (conformance, qmatmul, quant, parity, decode, serving, serving_overlap,
 # serving_overlap_ab, step_profile; make_model always
 # runs). The model is SmolLM2-135M-shaped with seeded random weights
-# (benchmarks/cuda_check.py make-model): the real 98 MB file does not fit a lease.
+# (tools/lease/cuda_check.py make-model): the real 98 MB file does not fit a lease.
 # KIT_EXTRA adds pytest arguments (no spaces inside one) to the conformance stage, e.g.
 # KIT_EXTRA=--deselect=tests/backends/test_registered_backends.py::TestCudaDevice::test_greedy_parity_with_cpu
 set -u
@@ -58,30 +58,30 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/
 triton.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/env.txt"
 
 MODEL=/tmp/smol-random
-stage make_model 40 python3 benchmarks/cuda_check.py make-model --like "$DEV/like" --out $MODEL
+stage make_model 40 python3 -m tools.lease.cuda_check make-model --like "$DEV/like" --out $MODEL
 stage conformance 300 env PLAIT_KIT_GRID=full python3 -m pytest -q -rs -p no:cacheprovider \
     tests/backends/test_registered_backends.py::TestCudaDevice \
     tests/backends/test_triton_kernels.py tests/backends/test_triton_qmatmul.py \
     tests/backends/test_graph_runner.py ${KIT_EXTRA:-}
-stage qmatmul 90 python3 benchmarks/cuda_check.py qmatmul
-stage quant 150 python3 benchmarks/cuda_check.py quant --model $MODEL --device cuda
-stage parity 90 python3 benchmarks/cuda_check.py parity --model $MODEL --device cuda
-stage decode 200 python3 benchmarks/cuda_check.py decode --model $MODEL --device cuda --repeats 2 \
+stage qmatmul 90 python3 -m tools.lease.cuda_check qmatmul
+stage quant 150 python3 -m tools.lease.cuda_check quant --model $MODEL --device cuda
+stage parity 90 python3 -m tools.lease.cuda_check parity --model $MODEL --device cuda
+stage decode 200 python3 -m tools.lease.cuda_check decode --model $MODEL --device cuda --repeats 2 \
     --new 64
-stage serving 120 python3 benchmarks/serving.py --launch --model-path $MODEL --dataset random \
-    --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
+stage serving 120 python3 -m benchmarks.serving.serving --launch --model-path $MODEL \
+    --dataset random --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
     --baseline-args "--device cuda --disable-graph-capture" --candidate-args "--device cuda"
 # the overlap schedule's own gain: same workload, graphs on in both, overlap off then on
-stage serving_overlap 120 python3 benchmarks/serving.py --launch --model-path $MODEL \
+stage serving_overlap 120 python3 -m benchmarks.serving.serving --launch --model-path $MODEL \
     --dataset random --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
     --baseline-args "--device cuda --disable-overlap-schedule" --candidate-args "--device cuda"
 # the same comparison with both servers up at once, ABBA order, and each step split into phases
-stage serving_overlap_ab 300 python3 benchmarks/overlap_ab.py --model-path $MODEL --rounds ${AB_ROUNDS:-3} \
+stage serving_overlap_ab 300 python3 -m benchmarks.serving.overlap_ab --model-path $MODEL --rounds ${AB_ROUNDS:-3} \
     --dataset random --num-prompts 256 --input-len 256 --output-len 128 --max-concurrency 64 \
     --baseline-args="--device cuda --disable-overlap-schedule" --candidate-args="--device cuda"
 # where a batch-64 decode's GPU time goes, kernel by kernel (eager), then the same with graphs
-stage step_profile 150 bash -c "python3 benchmarks/step_profile.py --model-path $MODEL \
+stage step_profile 150 bash -c "python3 -m tools.lease.step_profile --model-path $MODEL \
     --device cuda --dtype bfloat16 --batch 64 --input-len 256 --new 64 --rows 30 \
-    --disable-graph-capture && python3 benchmarks/step_profile.py --model-path $MODEL \
+    --disable-graph-capture && python3 -m tools.lease.step_profile --model-path $MODEL \
     --device cuda --dtype bfloat16 --batch 64 --input-len 256 --new 64 --rows 30"
 cat "$OUT/summary.txt"

@@ -2,10 +2,10 @@
 concurrency cap, and report request throughput, output tokens/s, TTFT and ITL (median, p99).
 
 Against a running server:
-    python benchmarks/serving.py --base-url http://127.0.0.1:30000 --dataset random
+    python -m benchmarks.serving.serving --base-url http://127.0.0.1:30000 --dataset random
 Or let it launch ``plait serve`` twice -- baseline and candidate, same workload -- and print
 both with the ratio (default: the radix cache off vs on, which the shared-prefix set shows):
-    python benchmarks/serving.py --launch --dataset shared-prefix \\
+    python -m benchmarks.serving.serving --launch --dataset shared-prefix \\
         --baseline-args "--disable-radix-cache" --candidate-args ""
 
 Datasets use random token ids (sent as input_ids, ``ignore_eos``) so lengths are exact:
@@ -136,7 +136,7 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def summarize(results: list[Result], duration: float) -> dict:

@@ -1,7 +1,7 @@
 """The CPU decode attention kernel (``plait/backends/cpu/decode_attention_kernel.h``) alone, on
 SmolLM2-135M's heads (9 query heads, 3 KV heads, head size 64), 30 layers per step.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/decode_attention_cpu.py  # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.decode_attention_cpu  # ~1 min
 
 Each layer has its own K/V pool of ``--pool`` slots, so a step reads its KV from memory as the
 model's does. Requests' slots are consecutive (``contiguous``: a fresh server) or a random
@@ -56,7 +56,7 @@ def main() -> None:
             slots = torch.cat([order[:prefix].expand(batch, prefix), own], 1).contiguous()
             lens = torch.full((batch,), n, dtype=torch.int64)
 
-            def step() -> None:
+            def step(q=q, slots=slots, lens=lens) -> None:
                 for layer in range(LAYERS):
                     ext.decode_attention(q, ks[layer], vs[layer], slots, lens, D ** -0.5)
 

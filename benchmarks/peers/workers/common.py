@@ -1,7 +1,8 @@
-"""The protocol between ``benchmarks/peers.py`` and one engine's worker process.
+"""The protocol between ``benchmarks/peers/peers.py`` and one engine's worker process.
 
-A worker is run as ``PYTHON benchmarks/peer_workers/run_<engine>.py JOB.json OUT.json`` from the
-engine's own virtualenv, so this module imports nothing outside the standard library.
+A worker is run as ``PYTHON -m benchmarks.peers.workers.run_<engine> JOB.json OUT.json`` from
+the repository root, with the engine's own virtualenv's PYTHON, so this module (and the packages
+above it) import nothing outside the standard library.
 
 ``JOB.json`` (written by peers.py)::
 
@@ -26,8 +27,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 Request = tuple[list[int], int]  # (prompt token ids, new tokens to generate)
 

@@ -18,7 +18,7 @@ decode server one thread each. The same total cores either way; the gateway proc
 mostly idle) comes on top in 1P1D, and its requests pass through it while the unified
 server is reached directly. Both run with defaults (no chunked prefill).
 
-    python benchmarks/pd_itl.py            # about 3 minutes on 2 idle cores
+    python -m benchmarks.serving.pd_itl         # about 3 minutes on 2 idle cores
 """
 from __future__ import annotations
 
@@ -27,15 +27,12 @@ import asyncio
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import serving  # noqa: E402  (the sibling benchmark: client, percentiles, launch)
+from benchmarks.serving import serving  # the client, percentiles, launch
 
 KV_COUNTERS = ("kv_transfers", "kv_bytes_received", "kv_transfer_seconds")
 STALL_S = 1.0  # an inter-token gap this long is a running decode stalled behind a prefill
@@ -189,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                 if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     t = str(args.unified_threads)
     configs = [(f"unified({t}t)", "--device cpu", {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t}),
-               ("1P1D(1t+1t)", f"--device cpu --pd 1P1D --disaggregation-transfer-timeout "
-                               f"{args.transfer_timeout:g}", {})]
+               ("1P1D(1t+1t)", (f"--device cpu --pd 1P1D --disaggregation-transfer-timeout "
+                                f"{args.transfer_timeout:g}"), {})]
     columns, kv = [], {}
     for name, extra, env in configs:
         proc, url = serving.launch(extra, args, env={**base_env, **env})

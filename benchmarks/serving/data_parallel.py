@@ -10,19 +10,16 @@ This machine has 2 cores, so the fair comparison is one worker with 2 threads ag
 workers with one thread each (the ``--dp`` launcher splits cores this way by itself); more
 workers than cores only adds contention.
 
-    python benchmarks/data_parallel.py --num-prompts 64 --num-groups 8 --prefix-len 512
+    python -m benchmarks.serving.data_parallel --num-prompts 64 --num-groups 8 --prefix-len 512
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import serving  # noqa: E402  (the sibling benchmark: workload, client, table)
+from benchmarks.serving import serving  # the workload, client, table
 
 CONFIGS = [
     ("1 worker", "--device cpu", {"OMP_NUM_THREADS": "2"}),

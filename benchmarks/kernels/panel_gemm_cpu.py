@@ -1,7 +1,7 @@
 """The float32 products of one SmolLM2-135M decode step: oneDNN's packed linear against the
 panel GEMM (``plait/backends/cpu/panel_gemm.h``), with the weights streamed from memory.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/panel_gemm_cpu.py   # ~2 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.panel_gemm_cpu   # ~2 min
 
 Both hold the same 30 layers of real-sized random weights (qkv 960x576, o 576x576, gate/up
 3072x576, down 576x1536) and the 49152x576 LM head, 540 MB each, so a step's weights come from
@@ -18,8 +18,10 @@ import statistics
 import time
 
 import torch
-from qmatmul_cpu import SHAPES  # SmolLM2-135M's products (N, K, calls per step)
 
+from benchmarks.kernels.qmatmul_cpu import (
+    SHAPES,  # SmolLM2-135M's products (N, K, calls)
+)
 from plait.backends.cpu.linear import panel_extension
 
 
@@ -62,7 +64,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, (fn, weights) in forms.items():
                 times[name].append(timed(
-                    lambda: [fn(xs[k], w, n) for (n, k), w in zip(order, weights)]))
+                    lambda fn=fn, xs=xs, weights=weights:
+                    [fn(xs[k], w, n) for (n, k), w in zip(order, weights)]))
         a, b = statistics.median(times["oneDNN"]), statistics.median(times["panel"])
         print(f"| {m} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f}x | {flops / a / 1e9:.0f} | "
               f"{flops / b / 1e9:.0f} |")
@@ -78,7 +81,7 @@ def main() -> None:
             for label, (fn, packed) in cases.items():
                 fn(x, packed, n)
                 best[label] = statistics.median(
-                    timed(lambda: fn(x, packed, n)) for _ in range(max(3, args.repeats // 3)))
+                    timed(lambda fn=fn, x=x, packed=packed, n=n: fn(x, packed, n)) for _ in range(max(3, args.repeats // 3)))
             print(f"| {m} | {name} | {2 * m * n * k / best['oneDNN'] / 1e9:.0f} | "
                   f"{2 * m * n * k / best['panel'] / 1e9:.0f} |")
 

@@ -1,8 +1,9 @@
 """Bar chart of a peers.py results file: one group per workload, one bar per engine.
 
 Run with a Python that has matplotlib (``.peers/plot``; the repository's venv does not):
-``PYTHON benchmarks/peer_workers/plot.py RESULTS.json OUT.png``. Workloads measured in
-req/s and tok/s share an axis only per group, so each group is labelled with its unit."""
+``PYTHON -m benchmarks.peers.workers.plot RESULTS.json OUT.png`` from the repository root.
+Workloads measured in req/s and tok/s share an axis only per group, so each group is labelled
+with its unit."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import textwrap
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot(results: dict, out: str) -> None:

@@ -1,9 +1,9 @@
 """Checks and figures for an accelerator (CUDA by default) in one script, for short device leases.
 
-    python benchmarks/cuda_check.py make-model --like ~/.cache/plait/models/SmolLM2-135M-Instruct \\
-        --out /tmp/smol-random
-    python benchmarks/cuda_check.py parity --model /tmp/smol-random --device cuda
-    python benchmarks/cuda_check.py decode --model /tmp/smol-random --device cuda
+    python -m tools.lease.cuda_check make-model \\
+        --like ~/.cache/plait/models/SmolLM2-135M-Instruct --out /tmp/smol-random
+    python -m tools.lease.cuda_check parity --model /tmp/smol-random --device cuda
+    python -m tools.lease.cuda_check decode --model /tmp/smol-random --device cuda
 
 ``make-model`` writes a checkpoint with the architecture, config and tokenizer of ``--like`` and
 seeded random weights (transformers' own initialiser). It exists because a device lease can
@@ -38,17 +38,20 @@ import time
 from pathlib import Path
 
 import torch
-from cpu_decode import requests, serve  # same seeded workloads and timing as the CPU A/B
+
+from benchmarks.harness import requests_per_s, tokens_per_s
+from benchmarks.harness import seeded_requests as requests
+from benchmarks.harness import serve_seconds as serve
 
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "Once upon a time, in a small village,",
     "1, 2, 3, 4, 5,",
-    "You are a careful assistant. Answer briefly and precisely. Here is some context about the "
-    "solar system: the Sun is a star at the centre. Question: which planet is the largest?",
-    "You are a careful assistant. Answer briefly and precisely. Here is some context about the "
-    "solar system: the Sun is a star at the centre. Question: how many planets orbit the Sun?",
+    ("You are a careful assistant. Answer briefly and precisely. Here is some context about the "
+     "solar system: the Sun is a star at the centre. Question: which planet is the largest?"),
+    ("You are a careful assistant. Answer briefly and precisely. Here is some context about the "
+     "solar system: the Sun is a star at the centre. Question: how many planets orbit the Sun?"),
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -96,8 +99,9 @@ def hf_greedy(model_dir: Path, device: str, prompts: list[list[int]], new: int
 
 
 def parity(model_dir: Path, device: str, new: int) -> bool:
-    import plait
     from transformers import AutoTokenizer
+
+    import plait
 
     strict_fp32()
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -158,7 +162,8 @@ def workloads(new: int, quick: bool) -> list[tuple[str, list, str]]:
 
 
 def rate(reqs: list, seconds: float, unit: str) -> float:
-    return len(reqs) / seconds if unit == "req/s" else sum(m for _, m in reqs) / seconds
+    """The harness's rate for ``unit`` (whole-call seconds, as on the CPU)."""
+    return (requests_per_s if unit == "req/s" else tokens_per_s)(reqs, seconds)
 
 
 def sync(device: str) -> None:
@@ -185,8 +190,9 @@ def time_hf(model, reqs: list, device: str) -> float | None:
 
 def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: int,
            quick: bool, kv_gb: float, hf_repeats: int) -> None:
-    import plait
     from transformers import AutoModelForCausalLM
+
+    import plait
 
     loads = workloads(new, quick)
     for dtype in dtypes:
@@ -236,8 +242,9 @@ def quant(model_dir: Path, device: str, new: int, repeats: int) -> bool:
     float32 against the same method on the CPU (same quantized weights; both compute
     dequantize-then-matmul in float32), then bf16 decode throughput of each method with
     graphs against unquantized bf16."""
-    import plait
     from transformers import AutoTokenizer
+
+    import plait
 
     strict_fp32()
     prompts = [AutoTokenizer.from_pretrained(model_dir).encode(p) for p in PROMPTS]
@@ -320,12 +327,14 @@ def qmatmul(iters: int) -> None:
             xd = x.to(dev)
             for f, w in weights.items():  # correctness before speed
                 assert_quantized_close(quantized_matmul(xd, on_dev[f]), x, w, f"{f} {n}x{k} m{m}")
-            cells = [graph_time_us(lambda: F.linear(xd, w16), iters)]
-            cells += [graph_time_us(lambda f=f: quantized_matmul(xd, on_dev[f]), iters)
+            cells = [graph_time_us(lambda xd=xd, w16=w16: F.linear(xd, w16), iters)]
+            cells += [graph_time_us(
+                lambda f=f, xd=xd, on_dev=on_dev: quantized_matmul(xd, on_dev[f]), iters)
                       for f in formats]
             no_split = choose_tiles(m, n, k)  # no SM count given: split_k = 1
-            cells.append(graph_time_us(lambda: quantized_matmul(xd, on_dev["q4_1"], no_split),
-                                       iters))
+            cells.append(graph_time_us(
+                lambda xd=xd, w=on_dev["q4_1"], tiles=no_split: quantized_matmul(xd, w, tiles),
+                iters))
             ratios = [cells[0] / c for c in cells[1:1 + len(formats)]]
             print(f"| {n} x {k} | {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " | "
                   + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)

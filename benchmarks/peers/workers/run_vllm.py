@@ -3,7 +3,7 @@ all of a workload's requests at once. Threads come from the environment peers.py
 (``VLLM_CPU_OMP_THREADS_BIND``); vLLM starts engine processes, hence the ``__main__`` guard."""
 from __future__ import annotations
 
-from common import Request, Serve, main
+from benchmarks.peers.workers.common import Request, Serve, main
 
 
 def load(job: dict) -> Serve:

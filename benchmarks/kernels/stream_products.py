@@ -2,7 +2,7 @@
 oneDNN products of SmolLM2-135M on weights that stream from memory, from the main thread and
 from a second thread (where the engine runs its forward).
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/stream_products.py   # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.stream_products   # ~1 min
 
 The weights are 30 layers of real-sized random matrices (qkv 960x576, o 576x576, gate/up
 3072x576, down 576x1536; 540 MB with the 49152x576 LM head), prepacked for oneDNN as the CPU
@@ -18,7 +18,10 @@ import threading
 import time
 
 import torch
-from qmatmul_cpu import SHAPES  # SmolLM2-135M's products (N, K, calls per step)
+
+from benchmarks.kernels.qmatmul_cpu import (
+    SHAPES,  # SmolLM2-135M's products (N, K, calls)
+)
 
 
 def read_bandwidth_gbs(repeats: int) -> float:

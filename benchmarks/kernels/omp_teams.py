@@ -1,7 +1,7 @@
 """Why the engine keeps one OpenMP team (``plait/backends/cpu/threads.py``): the same kernels on
 a worker thread, with and without a second thread that owns a libgomp team.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/omp_teams.py   # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.omp_teams   # ~1 min
 
 Each case runs in a fresh process (a team, once started, lives as long as its thread). The
 worker thread times ``--calls`` calls of two products of SmolLM2-135M's gate/up shape
@@ -26,7 +26,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]  # the children run as modules from here
 CASES = {"no other team": "none", "main thread owns a team": "team",
          "main thread, one thread": "one"}
 
@@ -53,9 +55,9 @@ def child(mode: str, calls: int) -> dict[str, float]:
     def worker() -> None:
         w = torch.randn(3072, 576)
         x = torch.randn(1, 576)
-        products = {"oneDNN fp32": (lambda p=torch.ops.mkldnn._reorder_linear_weight(w):
-                                    torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [],
-                                                                       ""))}
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        products = {"oneDNN fp32": (lambda: torch.ops.mkldnn._linear_pointwise(
+            x, packed, None, "none", [], ""))}
         if has_avx512_vnni():
             from plait.backends.cpu.qmatmul import extension
             q = quantize_int4(w, 32)
@@ -91,8 +93,9 @@ def main() -> None:
         return
     rows = {}
     for label, mode in CASES.items():
-        done = subprocess.run([sys.executable, __file__, "--child", mode, "--calls",
-                               str(args.calls)], capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-m", __spec__.name, "--child", mode, "--calls",
+                               str(args.calls)], capture_output=True, text=True, check=True,
+                              cwd=REPO)
         rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
     cols = list(next(iter(rows.values())))
     print("| case | " + " | ".join(cols) + " |")

@@ -3,8 +3,8 @@ lossless smaller form, weights streamed from memory: the 4-bit form
 (``panel_gemm.encode_affine4`` / ``linear_affine4``) or, with ``--form 16bit``, the 16-bit
 form (``encode_bf16`` / ``linear_bf16``).
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compact_weights_cpu.py  # ~1 min
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compact_weights_cpu.py --form 16bit
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.compact_weights_cpu  # ~1 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.kernels.compact_weights_cpu --form 16bit
 
 The weights are the default model's own (``plait.models.default``: converted from the Q4_1
 GGUF, so every layer weight has the 4-bit form); for ``16bit`` they are first rounded to
@@ -34,7 +34,7 @@ def layer_weights(model_dir, bf16: bool) -> list[torch.Tensor]:
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     out = []
     for i in range(layers):
-        def w(name: str) -> torch.Tensor:
+        def w(name: str, i: int = i) -> torch.Tensor:
             return sd[f"model.layers.{i}.{name}.weight"]
         out += [torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]),
                 w("self_attn.o_proj"), torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]),
@@ -75,8 +75,8 @@ def main() -> None:
             x = xs[packed.shape[1]]
             assert torch.equal(panel.linear(x, packed, n), small_linear(x, *form, n))
         passes = {
-            "panels": lambda: [panel.linear(xs[p.shape[1]], p, n) for n, p, _ in weights],
-            "small": lambda: [small_linear(xs[p.shape[1]], *f, n) for n, p, f in weights]}
+            "panels": lambda xs=xs: [panel.linear(xs[p.shape[1]], p, n) for n, p, _ in weights],
+            "small": lambda xs=xs: [small_linear(xs[p.shape[1]], *f, n) for n, p, f in weights]}
         times: dict[str, list[float]] = {name: [] for name in passes}
         for _ in range(args.repeats):
             for name, run in passes.items():

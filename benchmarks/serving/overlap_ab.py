@@ -1,15 +1,15 @@
 """Alternate two running servers on one workload and split each run's step into its phases.
 
-``serving.py --launch`` runs the baseline once and then the candidate once, so a host that
-slows down during the run (or warms up) reads as a difference between the two. This script
-starts both servers once, then runs the workload on them in ABBA order for ``--rounds``
+``benchmarks.serving.serving --launch`` runs the baseline once and then the candidate once, so a
+host that slows down during the run (or warms up) reads as a difference between the two. This
+script starts both servers once, then runs the workload on them in ABBA order for ``--rounds``
 rounds, and for every run reads the engine's phase totals from ``/get_server_info`` before
 and after. It prints, per configuration, the medians of the serving metrics and the mean
 milliseconds per forward pass of each phase (schedule, forward, sample, process, wait), and
 tokens per pass, so a slower configuration shows where its step grew.
 
 Example (the overlap schedule's own effect, the GPU lease's ``serving_overlap_ab`` stage):
-    python benchmarks/overlap_ab.py --model-path M --rounds 3 \\
+    python -m benchmarks.serving.overlap_ab --model-path M --rounds 3 \\
         --baseline-args "--device cuda --disable-overlap-schedule" \\
         --candidate-args "--device cuda" --dataset random --num-prompts 256 \\
         --input-len 256 --output-len 128 --max-concurrency 64
@@ -17,48 +17,22 @@ Example (the overlap schedule's own effect, the GPU lease's ``serving_overlap_ab
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving  # noqa: E402  (benchmarks/serving.py: workload, launch, summary)
-
-PHASES = ("schedule", "forward", "sample", "process", "wait")
+from benchmarks.harness import PHASES, alternate, medians, phase_split, step_totals
+from benchmarks.serving import serving
 
 
 def engine_totals(url: str) -> dict[str, float]:
     """The engine's cumulative step counters (the same ones /metrics exports)."""
-    info = httpx.get(url + "/get_server_info", timeout=30).json()
-    keys = [f"{p}_seconds" for p in PHASES] + ["forward_passes", "generated_tokens"]
-    return {k: float(info.get(k, 0.0)) for k in keys}
-
-
-def phase_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Milliseconds per forward pass in each phase, and generated tokens per pass, between
-    two readings of ``engine_totals``."""
-    passes = after["forward_passes"] - before["forward_passes"]
-    per = max(1.0, passes)  # no pass: every difference is 0
-    split = {f"{p}_ms": 1000 * (after[f"{p}_seconds"] - before[f"{p}_seconds"]) / per
-             for p in PHASES}
-    split["passes"] = passes
-    split["tokens_per_pass"] = (after["generated_tokens"] - before["generated_tokens"]) / per
-    return split
+    return step_totals(httpx.get(url + "/get_server_info", timeout=30).json())
 
 
 def one_run(url: str, args: argparse.Namespace, vocab: int) -> dict[str, float]:
     before = engine_totals(url)
     result = serving.bench(url, args, vocab)
     return {**result, **phase_split(before, engine_totals(url))}
-
-
-def medians(runs: list[dict]) -> dict:
-    """Each metric's median over ``runs``; ``first_error`` is the first run's that has one."""
-    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "first_error"}
-    out["first_error"] = next((r["first_error"] for r in runs if r["first_error"]), "")
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,14 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         vocab = httpx.get(servers["baseline"][1] + "/get_model_info",
                           timeout=30).json()["vocab_size"]
         runs: dict[str, list[dict]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                run = one_run(servers[name][1], args, vocab)
-                runs[name].append(run)
-                print(f"round {r + 1} {name:<9} {run['output_tok_per_s']:9.1f} tok/s  "
-                      f"TTFT {run['ttft_median_ms']:7.1f} ms  ITL {run['itl_median_ms']:6.2f} ms"
-                      f"  passes {run['passes']:.0f}  tok/pass {run['tokens_per_pass']:.1f}  "
-                      + " ".join(f"{ph}={run[ph + '_ms']:.2f}" for ph in PHASES), flush=True)
+        for r, name in alternate(names, args.rounds):
+            run = one_run(servers[name][1], args, vocab)
+            runs[name].append(run)
+            print(f"round {r + 1} {name:<9} {run['output_tok_per_s']:9.1f} tok/s  "
+                  f"TTFT {run['ttft_median_ms']:7.1f} ms  ITL {run['itl_median_ms']:6.2f} ms"
+                  f"  passes {run['passes']:.0f}  tok/pass {run['tokens_per_pass']:.1f}  "
+                  + " ".join(f"{ph}={run[ph + '_ms']:.2f}" for ph in PHASES), flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
