@@ -74,17 +74,20 @@ def seeded_requests(n: int, prompt: tuple[int, int], new: tuple[int, int], seed:
 
 
 def make_workloads(quick: bool = False, seed: int = 0, new: int | None = None,
-                   batches: Sequence[int] | None = None) -> list[Workload]:
+                   batches: Sequence[int] | None = None, prompt_len: int = 32
+                   ) -> list[Workload]:
     """The five workloads, a pure function of the arguments: every engine gets these ids.
 
-    ``batch{B}``: B 32-token prompts, ``new`` tokens each (64; quick 8); ``mixed``: 64
-    requests of 32-256 prompt and 16-96 new tokens; ``shared_prefix``: 32 requests sharing a
-    1,000-token prefix (32-token suffixes, 16 new tokens; req/s). ``quick`` shrinks them."""
+    ``batch{B}``: B prompts of ``prompt_len`` tokens, ``new`` tokens each (64; quick 8);
+    ``mixed``: 64 requests of 32-256 prompt and 16-96 new tokens; ``shared_prefix``: 32
+    requests sharing a 1,000-token prefix (32-token suffixes, 16 new tokens; req/s).
+    ``quick`` shrinks them."""
     rng = random.Random(seed)
     new = new or (8 if quick else 64)
     batches = batches or ((1, 4, 8) if quick else (1, 16, 64))
-    out = [Workload(name=f"batch{b}", title=f"batch {b}, {new} new tokens each (tok/s)",
-                    unit="tok/s", requests=random_requests(rng, b, (32, 32), (new, new)))
+    out = [Workload(name=f"batch{b}", title=f"batch {b}, {prompt_len} in / {new} new tokens "
+                    f"each (tok/s)", unit="tok/s",
+                    requests=random_requests(rng, b, (prompt_len, prompt_len), (new, new)))
            for b in batches]
     n_mixed, prompt, mixed_new = (8, (32, 64), (4, 12)) if quick else (64, (32, 256), (16, 96))
     out.append(Workload(name="mixed", title=f"{n_mixed} mixed requests, {prompt[0]}-{prompt[1]} "

@@ -4,7 +4,8 @@
     python -m benchmarks.offline --compare mkl-eager prepacked       # make bench-cpu
     python -m benchmarks.offline --compare fp32 gguf gguf-a8 int8 --workloads batch1,batch16
     python -m benchmarks.offline --compare overlap-off overlap --phases
-    python -m benchmarks.offline --compare tp1 tp2 --metric decode --workloads batch1,batch16
+    python -m benchmarks.offline --compare tp1 tp2 --metric decode --workloads batch1,batch16 \\
+        --prompt-len 8
     python -m benchmarks.offline --compare transformers plait --quick
 
 Every preset's engine is built first and stays up; then, workload by workload, each round runs
@@ -172,6 +173,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]
                     "shared_prefix)")
     ap.add_argument("--batches", default=None, help="batch sizes, e.g. 1,16,64 (the default)")
     ap.add_argument("--new", type=int, default=None, help="new tokens per batch request (64)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per batch request")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per engine (median)")
     ap.add_argument("--quick", action="store_true", help="tiny workloads, 1 round")
     ap.add_argument("--metric", choices=("throughput", "decode"), default="throughput")
@@ -183,8 +185,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]
     args = ap.parse_args(argv)
     if args.list:
         return args, []
-    if args.rounds < 1 or (args.new is not None and args.new < 2):
-        ap.error("--rounds must be >= 1 and --new >= 2")
+    if args.rounds < 1 or args.prompt_len < 1 or (args.new is not None and args.new < 2):
+        ap.error("--rounds and --prompt-len must be >= 1, --new >= 2")
     if args.phases and args.metric != "throughput":
         ap.error("--phases needs --metric throughput (decode_rate serves each workload twice)")
     try:
@@ -199,7 +201,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]
 
 def select_workloads(args: argparse.Namespace) -> list[harness.Workload]:
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    every = harness.make_workloads(args.quick, args.seed, args.new, batches)
+    every = harness.make_workloads(args.quick, args.seed, args.new, batches, args.prompt_len)
     if not args.workloads:
         return every
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]

@@ -13,7 +13,7 @@ cpu_decode.py          ``mkl-eager prepacked``; ``--compiled``: ``prepacked
                        prepacked-compile``; ``--attention``: ``prepacked paged-attention``
 quantized.py           ``fp32 gguf gguf-a8 int8``
 overlap.py             ``overlap-off overlap --phases``
-tensor_parallel.py     ``tp1 tp2 --metric decode --workloads batch1,batch16``
+tensor_parallel.py     ``tp1 tp2 --metric decode --workloads batch1,batch16 --prompt-len 8``
 tpu_jax_cpu.py         ``cpu-torch tpu-jax``
 =====================  ================================================================
 """
@@ -53,7 +53,7 @@ PRESETS = {p.name: p for p in [
     Preset(name="prepacked", engine=_CPU_AB, cpu={"prepack_weights": True, **_GATHER},
            about="CPU: prepacked Linear weights, eager, torch gather attention"),
     Preset(name="prepacked-compile", engine={**_CPU_AB, "enable_graph_capture": True},
-           cpu={"prepack_weights": True, **_GATHER}, info=("graph_capture",),
+           cpu={"prepack_weights": True, **_GATHER}, info=("graph_capture", "graph_compiles"),
            about="CPU: prepacked + torch.compile (compiles for minutes at start)"),
     Preset(name="paged-attention", engine=_CPU_AB,
            cpu={"prepack_weights": True, "paged_decode_kernel": True},

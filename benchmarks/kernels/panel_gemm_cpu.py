@@ -81,7 +81,8 @@ def main() -> None:
             for label, (fn, packed) in cases.items():
                 fn(x, packed, n)
                 best[label] = statistics.median(
-                    timed(lambda fn=fn, x=x, packed=packed, n=n: fn(x, packed, n)) for _ in range(max(3, args.repeats // 3)))
+                    timed(lambda fn=fn, x=x, packed=packed, n=n: fn(x, packed, n))
+                    for _ in range(max(3, args.repeats // 3)))
             print(f"| {m} | {name} | {2 * m * n * k / best['oneDNN'] / 1e9:.0f} | "
                   f"{2 * m * n * k / best['panel'] / 1e9:.0f} |")
 

