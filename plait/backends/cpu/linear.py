@@ -7,7 +7,7 @@ Two packed forms, chosen per weight when the model loads (:func:`default_layout`
   48-column panels, multiplied by ``panel_gemm.h``'s kernel. On the 2-core AVX-512 development
   machine it ran all of SmolLM2-135M's products for one decode step, weights streamed from
   memory, in 11 ms at M=1, 23 ms at M=16 and 81 ms at M=64, where oneDNN took 28, 33 and 94 ms;
-  from M ~ 128 the two are within a few per cent (``benchmarks/panel_gemm_cpu.py``).
+  from M ~ 128 the two are within a few per cent (``benchmarks/kernels/panel_gemm_cpu.py``).
 - ``onednn`` (bfloat16, or float32 without that build): oneDNN's ``_linear_pointwise`` on a
   weight reordered by ``_reorder_linear_weight``. MKL's fp32 GEMM, which ``nn.Linear`` calls,
   repacks the weight on every call; oneDNN's reordered weight is read once per call (the

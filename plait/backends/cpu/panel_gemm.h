@@ -6,7 +6,7 @@
 // weights streamed from memory as a decode step streams them, all of one step's products took
 // 28 ms at M = 1 (~20 GB/s of weights) and 33 ms at M = 16 (~135 GFLOP/s) on the 2-core
 // AVX-512 development machine; this kernel took 11 ms and 23 ms (~185 GFLOP/s), and at M = 64
-// 81 against 94 ms (benchmarks/panel_gemm_cpu.py has the table).
+// 81 against 94 ms (benchmarks/kernels/panel_gemm_cpu.py has the table).
 //
 // Layout: W [N, K] is packed into ceil(N / 48) panels of [K, 48] floats, each panel contiguous
 // and its columns past N zero. One pass of the micro-kernel keeps 8 rows x 48 columns of y in
@@ -417,7 +417,7 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 
 // Up to this many rows linear_affine4 decodes in registers (tile_affine4), and is the faster
 // form: all of SmolLM2-135M's layer products, weights streamed from memory
-// (benchmarks/compact_weights_cpu.py), took 3.7 against 14.3 ms at M = 1, 18.2 against
+// (benchmarks/kernels/compact_weights_cpu.py), took 3.7 against 14.3 ms at M = 1, 18.2 against
 // 21.2 ms at M = 16 while the host gave ~26 GB/s (the same at M = 16 when it gave ~40). From
 // M ~ 32 the decode work costs what it saves (0.98x at 64). Above, it decodes a panel into
 // scratch once per task and is 1-3 % slower than the float32 panels: callers holding both

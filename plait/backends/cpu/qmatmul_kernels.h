@@ -664,7 +664,7 @@ inline int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
 // From this many activation rows on, qmatmul dequantizes the weights into float32 panels and
 // multiplies them with oneDNN's float32 GEMM: the register tiles dequantize every block once
 // per 8 activation rows and stay near 120 GFLOP/s however many rows come, while the library
-// GEMM grows with M. benchmarks/qmatmul_cpu.py on the development machine (2 cores),
+// GEMM grows with M. benchmarks/kernels/qmatmul_cpu.py on the development machine (2 cores),
 // SmolLM2's products per step (the int8 LM head included), tiles against panels in one
 // hour: M = 128: 247.5 against 203.4 ms, M = 256: 494.5 against 380.9 (oneDNN on prepacked
 // float32: 170-178 and 337-353). Below 128 rows the panels were no faster: their cost for

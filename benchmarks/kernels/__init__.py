@@ -1,0 +1,1 @@
+"""Micro-benchmarks of single CPU kernels and products, outside the engine."""

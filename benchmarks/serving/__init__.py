@@ -1,0 +1,1 @@
+"""Online serving benchmarks: real `plait serve` processes driven over HTTP."""
