@@ -50,8 +50,6 @@ def _check_model(client: EngineClient, model: str) -> None:
 
 def _sampling(body: _SamplingFields, max_tokens: int, **extra: Any) -> dict[str, Any]:
     """OpenAI's fields as the core's sampling params (checked by the core with the rest)."""
-    if body.logit_bias:
-        raise APIError("logit_bias is not supported", param="logit_bias")
     return {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
             "min_p": body.min_p, "n": body.n, "stop": body.stop, "seed": body.seed,
@@ -60,7 +58,8 @@ def _sampling(body: _SamplingFields, max_tokens: int, **extra: Any) -> dict[str,
             "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
             "skip_special_tokens": body.skip_special_tokens,
             "stop_token_ids": body.stop_token_ids, "no_stop_trim": body.no_stop_trim,
-            "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf, **extra}
+            "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf,
+            "logit_bias": body.logit_bias, **extra}
 
 
 async def _requests(client: EngineClient, rename: dict[str, str], **request: Any
