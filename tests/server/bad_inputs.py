@@ -80,6 +80,9 @@ CASES: list[tuple[str, str, Any, str | None]] = [
                                               "logit_bias": {"1000000000": 1}}, "logit_bias"),
     ("logit-bias-bad-key", GENERATE, {"text": "hi", "sampling_params": {
         "logit_bias": {"five": 1}}}, "logit_bias"),
+    ("stream-options-without-stream", CHAT, {"model": "{model}", "messages": USER,
+                                             "stream_options": {"include_usage": True}},
+     "stream_options"),
 ]
 
 
