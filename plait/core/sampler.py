@@ -1,8 +1,10 @@
 """Turn a batch of next-token logits into tokens, honouring each request's sampling params.
 
 Greedy rows take an argmax of the raw logits (bit-for-bit what transformers' greedy search
-does); penalties, grammar masks, temperature and the top-k/top-p/min-p filters apply only to
-the rows that ask for them.
+does); penalties, ``logit_bias``, grammar masks, temperature and the top-k/top-p/min-p filters
+apply only to the rows that ask for them. A bias is added to the logits before the argmax as
+before sampling, so it steers greedy requests too; logprobs stay the model's own (they are
+taken from the logits before any of this, as the rows' ``raw`` copy).
 
 Isolation: rows are independent. A row whose distribution is invalid (NaN, no finite logit,
 probabilities that do not sum to a positive finite number) gets ``None`` instead of a token;
@@ -31,6 +33,25 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
             vals = logits[i, ids]
             logits[i, ids] = torch.where(vals > 0, vals / sp.repetition_penalty,
                                          vals * sp.repetition_penalty)
+
+
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Req]) -> None:
+    """In place: add each request's ``logit_bias`` to its row. One scatter-add over the
+    biased rows' (row, token) pairs; rows without a bias are not touched. -inf (a grammar or
+    ``min_new_tokens`` mask) plus a finite bias stays -inf, so the order of the two is free."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    for i, req in enumerate(reqs):
+        bias = req.sampling.logit_bias
+        if bias:
+            rows.extend([i] * len(bias))
+            cols.extend(bias.keys())
+            vals.extend(bias.values())
+    if rows:
+        device = logits.device
+        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                          torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def mask_min_tokens(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
@@ -64,13 +85,13 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 def takes_plain_argmax(req: Req) -> bool:
     """Whether every token of ``req`` is the argmax of the raw logits, whatever its state:
-    greedy, no penalties, no ``min_new_tokens`` masking, no grammar, no logprobs. A batch of
-    only such requests may be answered with tokens instead of logits
-    (``ForwardBatch.greedy_only``)."""
+    greedy, no penalties, no ``logit_bias``, no ``min_new_tokens`` masking, no grammar, no
+    logprobs. A batch of only such requests may be answered with tokens instead of logits
+    (``ForwardBatch.greedy_only``: the CPU backend's fused greedy LM head never sees a bias)."""
     sp = req.sampling
     return (sp.is_greedy and not sp.frequency_penalty and not sp.presence_penalty
             and sp.repetition_penalty == 1.0 and sp.min_new_tokens == 0
-            and req.grammar is None and not req.return_logprob)
+            and not sp.logit_bias and req.grammar is None and not req.return_logprob)
 
 
 def _greedy_and_valid(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
@@ -97,9 +118,10 @@ def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int
     needs_processing = any(r.sampling.frequency_penalty or r.sampling.presence_penalty
                            or r.sampling.repetition_penalty != 1.0
                            or len(r.output_ids) < r.sampling.min_new_tokens
-                           or r.grammar is not None for r in reqs)
+                           or r.sampling.logit_bias or r.grammar is not None for r in reqs)
     if needs_processing:
         apply_penalties(logits, reqs)
+        apply_logit_bias(logits, reqs)
         mask_min_tokens(logits, reqs, eos_ids)
         if any(r.grammar is not None for r in reqs):
             from plait.core.grammar import apply_grammar_masks

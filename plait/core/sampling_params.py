@@ -17,6 +17,7 @@ GREEDY_TEMPERATURE = 1e-5        # below this, sampling is argmax (SGLang's _SAM
 MIN_REPETITION_PENALTY = 1e-2    # logits are divided by it: 1e-45 turns them into inf
 MAX_SEED = 2**63 - 1             # torch.Generator.manual_seed's range (seed + i for n > 1)
 MAX_GRAMMAR_CHARS = 64 * 1024    # regex / json_schema / ebnf text; compile time grows with it
+MAX_LOGIT_BIAS = 100.0           # OpenAI's range for one token's bias: [-100, 100]
 
 
 @dataclass
@@ -41,6 +42,10 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # token id -> added to that token's logit before sampling (greedy included). JSON gives the
+    # ids as strings ("42"), the Engine API may give ints; normalize() makes them ints and an
+    # empty map None.
+    logit_bias: dict[int, float] | None = None
 
     @classmethod
     def from_dict(cls, params: "dict[str, Any] | SamplingParams | None") -> "SamplingParams":
@@ -70,6 +75,7 @@ class SamplingParams:
             self.stop_token_ids = [self.stop_token_ids]
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
         self.validate()
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
@@ -113,9 +119,19 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0
                                                              for t in self.stop_token_ids),
               "stop_token_ids", "must be a list of non-negative integers")
+        check(self.logit_bias is None or (
+            isinstance(self.logit_bias, dict)
+            and all(is_int(t) and t >= 0 and isinstance(b, (int, float))
+                    and not isinstance(b, bool) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                    for t, b in self.logit_bias.items())),
+            "logit_bias", "must map token ids to biases in [-100, 100]")
         if vocab_size is not None:
             check(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
                   f"must be < vocab size {vocab_size}")
+            bad = [t for t in self.logit_bias or () if t >= vocab_size]
+            if bad:
+                raise ValueError(f"logit_bias holds token ids outside [0, {vocab_size}): "
+                                 f"{bad[:5]}")
         constraints = [c for c in ("regex", "json_schema", "ebnf") if getattr(self, c) is not None]
         if len(constraints) > 1:
             raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {constraints}")
@@ -151,3 +167,20 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _normalize_logit_bias(bias: Any) -> Any:
+    """``{"42": 5}`` (JSON's string keys, as OpenAI and SGLang send them) or ``{42: 5}`` ->
+    ``{42: 5}``; ``{}`` -> ``None``. A key that is not a plain decimal token id raises here,
+    naming ``logit_bias``; other shapes are left for ``validate`` to refuse."""
+    if not isinstance(bias, dict):
+        return bias
+    out: dict[Any, Any] = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)
+        elif not (isinstance(key, int) and not isinstance(key, bool)):
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), "
+                             f"got {str(key)[:40]!r}")
+        out[key] = value
+    return out or None

@@ -22,6 +22,7 @@ from plait.server.protocol import (APIError, ChatCompletionRequest, CompletionRe
                                    _SamplingFields)
 from plait.server.submit import (SSE_DONE, check_text_length, collect, finish_reason_str,
                                  invalid_request, merge_streams, prepare, sse, tokenize)
+from plait.server.token_bytes import token_bytes
 
 router = APIRouter(prefix="/v1")
 
@@ -50,8 +51,6 @@ def _check_model(client: EngineClient, model: str) -> None:
 
 def _sampling(body: _SamplingFields, max_tokens: int, **extra: Any) -> dict[str, Any]:
     """OpenAI's fields as the core's sampling params (checked by the core with the rest)."""
-    if body.logit_bias:
-        raise APIError("logit_bias is not supported", param="logit_bias")
     return {"max_new_tokens": max_tokens, "min_new_tokens": body.min_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
             "min_p": body.min_p, "n": body.n, "stop": body.stop, "seed": body.seed,
@@ -60,7 +59,8 @@ def _sampling(body: _SamplingFields, max_tokens: int, **extra: Any) -> dict[str,
             "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos,
             "skip_special_tokens": body.skip_special_tokens,
             "stop_token_ids": body.stop_token_ids, "no_stop_trim": body.no_stop_trim,
-            "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf, **extra}
+            "regex": body.regex, "json_schema": body.json_schema, "ebnf": body.ebnf,
+            "logit_bias": body.logit_bias, **extra}
 
 
 async def _requests(client: EngineClient, rename: dict[str, str], **request: Any
@@ -81,6 +81,22 @@ def _usage(reqs: list[GenerateReq], metas: list[dict[str, Any]], n: int) -> dict
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _choice_usage(req: GenerateReq, meta: dict[str, Any]) -> dict[str, Any]:
+    """One choice's usage so far: its prompt and the tokens it has generated."""
+    prompt = int(meta.get("prompt_tokens") or len(req.input_ids))
+    completion = int(meta.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _check_stream_options(body: _SamplingFields) -> None:
+    """``stream_options`` shapes a stream; on a plain response it would be ignored, so it is
+    refused (as OpenAI and vLLM do)."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError("stream_options is only allowed when stream is true",
+                       param="stream_options")
 
 
 def _token_texts(client: EngineClient, entries: list) -> list[str]:
@@ -118,6 +134,7 @@ def _completion_logprobs(client: EngineClient, meta: dict[str, Any], echo: bool,
 async def completions(body: CompletionRequest, request: Request):
     client = _client(request)
     _check_model(client, body.model)
+    _check_stream_options(body)
     if body.suffix:
         raise APIError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -218,15 +235,20 @@ def _response_format_schema(body: ChatCompletionRequest) -> str | None:
 
 def _chat_logprobs(client: EngineClient, meta: dict[str, Any], start: int = 0
                    ) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: each token's ``bytes`` are its own (``token_bytes``), so a
+    token holding part of a UTF-8 character reports that byte, not U+FFFD's three."""
     entries = (meta.get("output_token_logprobs") or [])[start:]
     tops = (meta.get("output_top_logprobs") or [])[start:]
+    tb = token_bytes(client.tokenizer)
+
+    def item(entry: Any) -> dict[str, Any]:
+        text, raw = tb.entry(entry[1])
+        return {"token": text, "logprob": entry[0], "bytes": raw}
+
     content = []
-    for i, (e, text) in enumerate(zip(entries, _token_texts(client, entries))):
+    for i, e in enumerate(entries):
         row = tops[i] if i < len(tops) and tops[i] else []
-        top = [{"token": t, "logprob": x[0], "bytes": list(t.encode())}
-               for x, t in zip(row, _token_texts(client, row))]
-        content.append({"token": text, "logprob": e[0], "bytes": list(text.encode()),
-                        "top_logprobs": top})
+        content.append({**item(e), "top_logprobs": [item(x) for x in row]})
     return {"content": content}
 
 
@@ -234,6 +256,7 @@ def _chat_logprobs(client: EngineClient, meta: dict[str, Any], start: int = 0
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     client = _client(request)
     _check_model(client, body.model)
+    _check_stream_options(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
     ids = await _render_chat(body, client)
@@ -306,6 +329,7 @@ async def _stream(client: EngineClient, reqs: list[GenerateReq], head: dict[str,
         await stream.aclose()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def events() -> AsyncIterator[str]:
         last: dict[int, dict[str, Any]] = {}
@@ -317,6 +341,8 @@ async def _stream(client: EngineClient, reqs: list[GenerateReq], head: dict[str,
                 result = chunker(i, out)
                 for c in ([] if result is None else
                           result if isinstance(result, list) else [result]):
+                    if continuous:  # this choice's counts so far, as SGLang and vLLM send
+                        c["usage"] = _choice_usage(reqs[i], last[i])
                     yield sse(c)
                 item = await anext(stream, None)
         except APIError as e:

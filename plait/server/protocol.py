@@ -86,6 +86,7 @@ class GenerateSamplingParams(BaseModel):
     regex: str | None = None
     json_schema: Union[str, dict[str, Any], None] = None
     ebnf: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> bias; checked by SamplingParams
 
 
 class GatewayFields(BaseModel):

@@ -74,6 +74,15 @@ CASES: list[tuple[str, str, Any, str | None]] = [
     ("empty-prompt", COMPLETIONS, {"model": "{model}", "prompt": ""}, "prompt"),
     ("logprob-start-out-of-range", GENERATE, {"text": "hi", "return_logprob": True,
                                               "logprob_start_len": -7}, "logprob_start_len"),
+    ("logit-bias-out-of-range", CHAT, {"model": "{model}", "messages": USER,
+                                       "logit_bias": {"5": 100.5}}, "logit_bias"),
+    ("logit-bias-out-of-vocab", COMPLETIONS, {"model": "{model}", "prompt": "hi",
+                                              "logit_bias": {"1000000000": 1}}, "logit_bias"),
+    ("logit-bias-bad-key", GENERATE, {"text": "hi", "sampling_params": {
+        "logit_bias": {"five": 1}}}, "logit_bias"),
+    ("stream-options-without-stream", CHAT, {"model": "{model}", "messages": USER,
+                                             "stream_options": {"include_usage": True}},
+     "stream_options"),
 ]
 
 

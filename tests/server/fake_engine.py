@@ -127,4 +127,6 @@ class FakeEngine:
             tops = [[(-0.5 - 0.1 * j, (t + j) % 256, None) for j in range(top)] for t in out]
             meta["output_top_logprobs"] = tops
             meta["input_top_logprobs"] = [None] * len(meta["input_token_logprobs"])
-        return {"text": self.tokenizer.decode(out), "output_ids": list(out), "meta_info": meta}
+        # like the real detokenizer, hold back a character whose bytes are not all out yet
+        text = self.tokenizer.decode(out).rstrip("\ufffd")
+        return {"text": text, "output_ids": list(out), "meta_info": meta}

@@ -178,6 +178,46 @@ def test_sglang_frontend_program_runs_unchanged(real_server, sglang_python):
     assert out["stream"] == out["answer"]
 
 
+def test_logit_bias_forces_a_token_through_every_api(real_server):
+    forced = 12345
+    native = real_server.post("/generate", json={
+        "text": "The capital of France is",
+        "sampling_params": {**GREEDY, "logit_bias": {str(forced): 100}}}).json()
+    assert native["output_ids"] == [forced] * GREEDY["max_new_tokens"]
+    client = openai.OpenAI(base_url=real_server.url + "/v1", api_key="unused")
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                  temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].text == native["text"]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        temperature=0, logit_bias={str(forced): 100})
+    assert chat.choices[0].message.content == native["text"]
+
+
+def test_chat_logprob_bytes_rebuild_cjk_and_emoji_text(real_server):
+    """The regex makes the model spell CJK and an emoji, which SmolLM2's byte-level BPE
+    splits into tokens holding parts of characters."""
+    client = openai.OpenAI(base_url=real_server.url + "/v1", api_key="unused")
+    target = "你好，世界🙂"
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello world in Chinese."}],
+        max_tokens=32, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"regex": target})
+    assert r.choices[0].message.content == target
+    content = r.choices[0].logprobs.content
+    assert content[-1].token == "<|im_end|>"  # EOS: a logprob entry, not text
+    assert b"".join(bytes(t.bytes) for t in content[:-1]) == target.encode()
+    assert any(t.token.startswith("bytes:") for t in content)
+    replacement = list("\ufffd".encode())
+    assert all(t.bytes != replacement for t in content)
+    for e in content + [x for t in content for x in t.top_logprobs]:
+        if e.token.startswith("bytes:"):  # a partial character: its bytes are not text
+            with pytest.raises(UnicodeDecodeError):
+                bytes(e.bytes).decode()
+        else:
+            assert bytes(e.bytes).decode() == e.token
+
+
 def test_fuzzed_requests_never_get_a_5xx(real_server):
     failures = fuzz(real_server.url, 6, MODEL)
     assert not failures, failures[:5]
