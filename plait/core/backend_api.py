@@ -90,7 +90,17 @@ class KVPool:
 
 class AttentionBackend(ABC):
     """Attention over the paged pool. ``q``: [T, Hq, D]; ``k``/``v``: [T, Hkv, D] for the new
-    tokens. Implementations write k/v to ``batch.out_cache_loc`` then attend."""
+    tokens. Implementations write k/v to ``batch.out_cache_loc`` then attend.
+
+    ``sliding_windows[layer_id]`` is that layer's sliding window W (the query at position p
+    sees keys ``p - W + 1 .. p``; ``plait.models.sliding_window``), None for full attention; an
+    empty tuple means no layer has one. The model runner sets it once, from the model, through
+    :meth:`set_sliding_windows`, which refuses windows an implementation cannot apply
+    (``supports_sliding_window`` False) instead of letting it attend to every earlier token.
+    """
+
+    #: whether ``forward_extend``/``forward_decode`` honour ``sliding_windows``
+    supports_sliding_window: ClassVar[bool] = False
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool
@@ -98,6 +108,21 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        self.sliding_windows: tuple[int | None, ...] = ()
+
+    def set_sliding_windows(self, windows: tuple[int | None, ...]) -> None:
+        """Attend through layer i's window ``windows[i]`` from now on (before any forward).
+        ValueError, naming the window, where this implementation cannot."""
+        if any(w is not None for w in windows) and not self.supports_sliding_window:
+            from plait.models.sliding_window import describe
+            raise ValueError(f"{describe(windows)} is not supported by the "
+                             f"{type(self).__name__} attention backend: it would attend to "
+                             "every earlier token and diverge from the model past the window")
+        self.sliding_windows = tuple(windows)
+
+    def window(self, layer_id: int) -> int | None:
+        """Layer ``layer_id``'s sliding window, None for full attention."""
+        return self.sliding_windows[layer_id] if self.sliding_windows else None
 
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
         """Precompute per-batch metadata once, before the layers run (optional)."""
@@ -272,6 +297,7 @@ class Backend:
         heads = model.layers[0].self_attn  # this rank's heads
         attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
                                              head_dim_of(hf))
+        attn.set_sliding_windows(model.sliding_windows)
         graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
                  else None)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

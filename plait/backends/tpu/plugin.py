@@ -84,8 +84,8 @@ class TpuBackend(Backend):
         buckets = JitBuckets.build(spec.max_batch_size, kv_pool.num_slots, spec.context_len,
                                    self.jit_batch_sizes, self.jit_min_tokens,
                                    max(self.jit_min_kv_width, kv_pool.page_size))
-        return JaxModelRunner(params, LlamaShape.of(spec.hf_config), kv_pool, req_pool,
-                              buckets, self.attention_impl())
+        return JaxModelRunner(params, LlamaShape.of(spec.hf_config, spec.context_len),
+                              kv_pool, req_pool, buckets, self.attention_impl())
 
 
 @hookimpl
