@@ -101,7 +101,7 @@ class Engine:
         kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
         head_dim, layers = head_dim_of(hf), hf.num_hidden_layers
         per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-        tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // per_token
+        tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
