@@ -58,7 +58,7 @@ def test_each_rank_holds_only_its_shard_and_follows_the_capture_flags(make_tiny_
             4 // 2, 2 // 2, 128 // 2, 512 // 2), r
         assert r["decode_captured"] is captured, r
         # Half of every sharded weight, all of the replicated ones (a prepacked Linear's
-        # layout and its kept copies add up to a fifth).
+        # layout and the copies it keeps add at most a quarter).
         want = sharded / 2 + replicated
         assert want <= r["weight_bytes"] <= 1.25 * want, (r, want, sharded + replicated)
 
