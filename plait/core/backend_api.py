@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendInfo:
     """A backend's self-description; ``priority`` orders ``--device auto`` (higher wins)."""
 
@@ -36,7 +36,7 @@ class BackendInfo:
     reason: str = ""  # why not available (empty when available)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
@@ -215,7 +215,8 @@ class Backend:
         """The backend's self-description, built from ``name``, ``priority`` and
         :meth:`unavailable_reason`."""
         reason = cls.unavailable_reason()
-        return BackendInfo(cls.name, cls.priority, reason is None, reason or "")
+        return BackendInfo(name=cls.name, priority=cls.priority, available=reason is None,
+                           reason=reason or "")
 
     # ----- the chosen backend -----
 
