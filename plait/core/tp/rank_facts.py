@@ -40,12 +40,11 @@ class RankFacts:
 def facts_of(runner: Any) -> RankFacts:
     """The facts of ``runner`` (a :class:`~plait.core.model_runner.ModelRunner` over Plait's
     Llama model, whose ``tp`` says which rank it is)."""
-    from plait.models.llama import head_dim_of
     from plait.quant.modules import weight_bytes
 
     model = runner.model
     layer = model.layers[0]
-    head_dim = head_dim_of(model.config)
+    head_dim = layer.self_attn.head_dim
     q_rows = layer.self_attn.o_proj.in_features  # o_proj's input columns are the local heads
     kv_rows = (layer.self_attn.qkv_proj.out_features - q_rows) // 2
     return RankFacts(rank=model.tp.rank, attention_heads=q_rows // head_dim,
