@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,9 +30,7 @@ from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.req_table import ReqTable
 from plait.core.request import Req
-
-if TYPE_CHECKING:
-    from plait.core.scheduler import SchedulerConfig, SchedulerStats
+from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 log = logging.getLogger(__name__)
 

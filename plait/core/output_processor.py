@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -30,9 +30,7 @@ from plait.core.req_table import ReqTable
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampler import token_logprobs
-
-if TYPE_CHECKING:
-    from plait.core.scheduler import SchedulerConfig, SchedulerStats
+from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 log = logging.getLogger(__name__)
 

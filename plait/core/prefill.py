@@ -15,16 +15,12 @@ What holds after a round:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from plait.core.kv_manager import KVManager, PrefixMatch
 from plait.core.model_runner import ExtendItem
 from plait.core.req_table import ReqTable
 from plait.core.request import Req
 from plait.core.schedule_policy import InBatchPrefixDedup, order_waiting
-
-if TYPE_CHECKING:
-    from plait.core.scheduler import SchedulerConfig, SchedulerStats
+from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 
 def decode_reservation(reqs: list[Req], new_token_ratio: float) -> int:
@@ -133,4 +129,4 @@ def plan_chunk(kv: KVManager, req: Req, budget: int) -> ExtendItem | None:
         logit_from = max(req.logprob_start_len - 1, 0)
     else:
         logit_from = start + length - 1 if final else start + length
-    return ExtendItem(req, start, length, slots, logit_from)
+    return ExtendItem(req=req, start=start, length=length, slots=slots, logit_from=logit_from)
