@@ -104,7 +104,9 @@ class Engine:
         tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
-            raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
+            raise ValueError(f"max_total_tokens: a KV pool of {tokens} tokens (from "
+                             f"max_total_tokens, kv_cache_memory_gb or mem_fraction) is too "
+                             f"small; page_size={cfg.page_size} needs at least two pages")
         self.max_total_tokens = tokens
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
         spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=dtype,
