@@ -197,8 +197,7 @@ class Scheduler:
             self.output.process(*inflight.popleft())
 
     def _plan(self) -> PlannedBatch | None:
-        items = PrefillAdder(self.kv, self.table, self.stats, self.config,
-                             self.decode.new_token_ratio).schedule()
+        items = self._schedule_prefill()
         if items:
             return self._guarded(self._plan_extend, items, [it.req for it in items])
         decode = self.decode.alloc()
@@ -207,6 +206,11 @@ class Scheduler:
         if not self.table.inflight:  # nothing fits and nothing runs: KV held for jump-forward
             self.decode.release_pending_jumps()
         return None
+
+    def _schedule_prefill(self) -> list[ExtendItem]:
+        """This step's extend items (admission: see ``prefill.py``); their KV is allocated."""
+        return PrefillAdder(self.kv, self.table, self.stats, self.config,
+                            self.decode.new_token_ratio).schedule()
 
     def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> PlannedBatch | None:
         """A batch that cannot be built finishes its own requests with an error."""
