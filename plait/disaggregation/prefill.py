@@ -110,7 +110,7 @@ class PrefillSide:
         with self.lock:
             late = [(room, r) for room, r in self.ready.items()
                     if r.deadline < now and not r.cancelled and room not in self.targets]
-            for room, r in late:
+            for _room, r in late:
                 r.cancelled = True
             stale = [room for room, t in self.targets.items() if t.deadline < now]
             for room in stale:
