@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendInfo:
     """A backend's self-description; ``priority`` orders ``--device auto`` (higher wins)."""
 
@@ -36,7 +36,7 @@ class BackendInfo:
     reason: str = ""  # why not available (empty when available)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
@@ -86,7 +86,17 @@ class KVPool:
 
 class AttentionBackend(ABC):
     """Attention over the paged pool. ``q``: [T, Hq, D]; ``k``/``v``: [T, Hkv, D] for the new
-    tokens. Implementations write k/v to ``batch.out_cache_loc`` then attend."""
+    tokens. Implementations write k/v to ``batch.out_cache_loc`` then attend.
+
+    ``sliding_windows[layer_id]`` is that layer's sliding window W (the query at position p
+    sees keys ``p - W + 1 .. p``; ``plait.models.sliding_window``), None for full attention; an
+    empty tuple means no layer has one. The model runner sets it once, from the model, through
+    :meth:`set_sliding_windows`, which refuses windows an implementation cannot apply
+    (``supports_sliding_window`` False) instead of letting it attend to every earlier token.
+    """
+
+    #: whether ``forward_extend``/``forward_decode`` honour ``sliding_windows``
+    supports_sliding_window: ClassVar[bool] = False
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool
@@ -94,6 +104,21 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        self.sliding_windows: tuple[int | None, ...] = ()
+
+    def set_sliding_windows(self, windows: tuple[int | None, ...]) -> None:
+        """Attend through layer i's window ``windows[i]`` from now on (before any forward).
+        ValueError, naming the window, where this implementation cannot."""
+        if any(w is not None for w in windows) and not self.supports_sliding_window:
+            from plait.models.sliding_window import describe
+            raise ValueError(f"{describe(windows)} is not supported by the "
+                             f"{type(self).__name__} attention backend: it would attend to "
+                             "every earlier token and diverge from the model past the window")
+        self.sliding_windows = tuple(windows)
+
+    def window(self, layer_id: int) -> int | None:
+        """Layer ``layer_id``'s sliding window, None for full attention."""
+        return self.sliding_windows[layer_id] if self.sliding_windows else None
 
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
         """Precompute per-batch metadata once, before the layers run (optional)."""
@@ -156,9 +181,21 @@ class Backend:
     default_page_size: ClassVar[int] = 1
     #: the ``torch.distributed`` backend for tensor parallelism ("gloo", "nccl", "hccl", ...)
     distributed_backend: ClassVar[str] = "gloo"
-    #: capture decode (``create_graph_runner``) unless the user disables it; a backend whose
-    #: capture is slow to build (the CPU's torch.compile) sets False and users opt in
-    default_graph_capture: ClassVar[bool] = True
+    #: how this backend can run decode: "captured" (it implements ``create_graph_runner``, or
+    #: compiles every step itself like the TPU's ``jax.jit`` buckets) and/or "eager". The
+    #: engine refuses, before loading anything, ``--enable-graph-capture`` where "captured" is
+    #: missing and ``--disable-graph-capture`` where "eager" is: never a flag ignored.
+    #: Default: eager only, since the default ``create_graph_runner`` captures nothing.
+    decode_modes: ClassVar[frozenset[str]] = frozenset({"eager"})
+    #: capture decode unless the user disables it (must be allowed by ``decode_modes``); a
+    #: backend whose capture is slow to build (the CPU's torch.compile) keeps False and users
+    #: opt in with ``--enable-graph-capture``
+    default_graph_capture: ClassVar[bool] = False
+    #: whether ``--tp`` > 1 works here: every rank runs the core
+    #: :class:`~plait.core.model_runner.ModelRunner` on its shard (rank 0 broadcasts the batch
+    #: its ``build_*`` made). A backend whose ``create_model_runner`` returns a runner of its own
+    #: sets False, and the engine refuses ``--tp`` > 1 before any rank starts.
+    supports_tensor_parallel: ClassVar[bool] = True
 
     # ----- detection (classmethods: called for every registered backend) -----
 
@@ -174,7 +211,8 @@ class Backend:
         """The backend's self-description, built from ``name``, ``priority`` and
         :meth:`unavailable_reason`."""
         reason = cls.unavailable_reason()
-        return BackendInfo(cls.name, cls.priority, reason is None, reason or "")
+        return BackendInfo(name=cls.name, priority=cls.priority, available=reason is None,
+                           reason=reason or "")
 
     # ----- the chosen backend -----
 
@@ -268,6 +306,7 @@ class Backend:
         heads = model.layers[0].self_attn  # this rank's heads
         attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
                                              head_dim_of(hf))
+        attn.set_sliding_windows(model.sliding_windows)
         graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
                  else None)
         return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

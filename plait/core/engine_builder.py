@@ -79,7 +79,7 @@ def resolve_model(cfg: EngineConfig) -> Path:
 
 
 def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
-    """KV slots per rank: ``max_total_tokens``, else the ``kv_cache_memory_gb`` budget over
+    """KV slots per rank: ``max_total_tokens``, else the KV budget (``kv_cache_bytes``) over
     one token's K and V in every layer, rounded down to whole pages. This is the one
     bytes-per-token rule. A rank holds its shard's KV heads: the budget is per rank, sized
     by the largest shard, so every rank gets the same number of slots."""
@@ -90,7 +90,7 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
     kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
     bytes_per_token = (2 * hf.num_hidden_layers * kv_heads * head_dim_of(hf)
                        * torch.tensor([], dtype=dtype).element_size())
-    tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // bytes_per_token
+    tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // bytes_per_token
     tokens -= tokens % page_size
     if tokens < page_size * 2:
         raise ValueError(f"max_total_tokens={tokens} is too small for page_size={page_size}")
@@ -173,8 +173,9 @@ def _build_on(backend: Backend, cfg: EngineConfig, model_dir: Path, quantization
     tokens = size_kv_pool(hf, cfg, dtype)
     page_size = _page_size(cfg)
     req_pool = ReqToTokenPool(cfg.max_running_requests, context_len + 1, backend.torch_device)
-    spec = ModelSpec(model_dir, hf, dtype, context_len, cfg.max_running_requests,
-                     quantization=quantization, graph_capture=cfg.graph_capture(backend))
+    spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=dtype, context_len=context_len,
+                     max_batch_size=cfg.max_running_requests, quantization=quantization,
+                     graph_capture=cfg.graph_capture(backend))
     tp_runner = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike
     if cfg.tp_size == 1:

@@ -25,7 +25,8 @@ class RequestIntake:
                  grammar_compile_timeout: float):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.limits = RequestLimits(context_len, vocab_size, max_total_tokens)
+        self.limits = RequestLimits(context_len=context_len, vocab_size=vocab_size,
+                                    max_total_tokens=max_total_tokens)
         self.eos_ids = eos_ids
         self.disaggregation_mode = disaggregation_mode
         self.grammar_compile_timeout = grammar_compile_timeout

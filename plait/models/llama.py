@@ -22,6 +22,7 @@ from plait.core.forward_batch import ForwardBatch
 from plait.core.tp.group import TPGroup
 from plait.core.tp.sharding import HeadShard, shard_heads, split_range
 from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from plait.models.sliding_window import layer_windows
 
 if TYPE_CHECKING:  # annotations only: backend_api loads models, so importing it is a cycle
     from plait.core.backend_api import AttentionBackend
@@ -168,6 +169,9 @@ class LlamaForCausalLM(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
+        #: layer i's sliding window for contexts up to ``max_positions`` (None: full
+        #: attention); the attention backend applies it (``AttentionBackend.sliding_windows``)
+        self.sliding_windows = layer_windows(config, max_positions)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
         #: runs decode steps instead of :meth:`layers_forward` when set (a backend's compiled

@@ -104,12 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "serve":
         args = from_namespace(ns)
-        if args.dp < 1:
-            build_parser().error(f"--dp must be at least 1, got {args.dp}")
+        try:
+            args.validate()
+        except ValueError as e:
+            build_parser().error(str(e))
         if args.pd is not None:
-            if args.dp > 1 or args.disaggregation_mode != "null":
-                build_parser().error("--pd starts its own servers: it cannot be combined with "
-                                     "--dp or --disaggregation-mode")
             from plait.server.pd_launcher import run_pd
             return run_pd(args)
         if args.dp > 1:

@@ -23,11 +23,10 @@ _LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs")
 _TOP_KEYS = ("input_top_logprobs", "output_top_logprobs")
 
 
-# Fields of the body that are not the request's own: how the response is rendered, what
-# SGLang clients send as null for features Plait lacks, and what the gateway adds (checked by
-# the body model; see GatewayFields).
-_RESPONSE_ONLY = ({"return_text_in_logprobs", "lora_path", "image_data", "model"}
-                  | set(GatewayFields.model_fields))
+# Fields of the body that are not the request's own: how the response is rendered and what
+# the gateway adds (checked by the body model; see GatewayFields). Unsupported fields
+# (request_fields) are never dumped.
+_RESPONSE_ONLY = {"return_text_in_logprobs", "model"} | set(GatewayFields.model_fields)
 
 
 async def build_requests(body: GenerateRequest, client: EngineClient

@@ -135,8 +135,6 @@ async def completions(body: CompletionRequest, request: Request):
     client = _client(request)
     _check_model(client, body.model)
     _check_stream_options(body)
-    if body.suffix:
-        raise APIError("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError("best_of must equal n (no server-side ranking)", param="best_of")
     if body.echo and body.stream:
@@ -144,8 +142,9 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     want_lp = body.logprobs is not None
     rid, created = body.rid or f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    reqs = await _requests(client, {}, **_prompt_field(body.prompt),
-                           sampling_params=_sampling(body, max_tokens), rid=rid,
+    schema = _response_format_schema(body)
+    sp = _sampling(body, max_tokens, **({"json_schema": schema} if schema else {}))
+    reqs = await _requests(client, {}, **_prompt_field(body.prompt), sampling_params=sp, rid=rid,
                            return_logprob=want_lp, top_logprobs_num=body.logprobs or 0,
                            logprob_start_len=0 if body.echo and want_lp else -1,
                            stream=body.stream, bootstrap=body.bootstrap())
@@ -221,7 +220,7 @@ async def _render_chat(body: ChatCompletionRequest, client: EngineClient) -> lis
         return await tokenize(client, text, add_special_tokens=False, param="messages")
 
 
-def _response_format_schema(body: ChatCompletionRequest) -> str | None:
+def _response_format_schema(body: _SamplingFields) -> str | None:
     rf = body.response_format
     if rf is None or rf.type == "text":
         return None

@@ -12,6 +12,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from plait.core.messages import Bootstrap
+from plait.server.request_fields import (UnsupportedChat, UnsupportedCompletion,
+                                         UnsupportedGenerate, UnsupportedOpenAI,
+                                         UnsupportedSampling, UnsupportedStreamOptions)
 
 
 class APIError(Exception):
@@ -61,11 +64,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_SEQUENCES = 256  # prompts x n in one request
 
 
-class GenerateSamplingParams(BaseModel):
+class GenerateSamplingParams(UnsupportedSampling, _Strict):
     """``sampling_params`` of ``/generate``: ``SamplingParams``' fields, typed for the schema.
-    Extra keys pass through to ``SamplingParams.from_dict`` (which rejects unknown ones that
-    carry a value), because SGLang clients send fields Plait does not have, as null or []."""
-    model_config = ConfigDict(extra="allow", strict=True)
+    SGLang's fields Plait does not have are accepted only at their defaults (request_fields),
+    since SGLang clients send them as null or []; any other key is a 400."""
     max_new_tokens: int | None = Field(default=None, ge=0)
     min_new_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
@@ -92,20 +94,17 @@ class GenerateSamplingParams(BaseModel):
 class GatewayFields(BaseModel):
     """Fields SGLang's gateway (``sglang-router``) and SGLang clients add to every request.
 
-    Honoured: ``data_parallel_rank`` (a Plait worker is one data-parallel rank, rank 0; any
-    other rank is a 400). Refused when asked for (Plait cannot do it, so silently ignoring it
-    would change what the client gets): ``return_hidden_states``, ``return_bytes``,
-    ``return_entropy``, ``background``. Accepted and ignored because they have no effect on
-    output: ``log_metrics`` and ``no_logs`` (Plait always counts metrics and logs no request
-    bodies), ``model`` on ``/generate`` (a worker serves one model), and on chat
+    Honoured: ``data_parallel_rank`` and its new name ``routed_dp_rank`` (a Plait worker is
+    one data-parallel rank, rank 0; any other rank is a 400). Refused when asked for, with
+    the other fields Plait does not support (request_fields): ``return_hidden_states``,
+    ``return_bytes``, ``return_entropy``, ``background``. Accepted and ignored because they
+    have no effect on output: ``log_metrics`` and ``no_logs`` (Plait always counts metrics
+    and logs no request bodies), ``model`` on ``/generate`` (a worker serves one model), and on chat
     ``separate_reasoning``/``stream_reasoning`` (they act only with a reasoning parser, which
     Plait does not have, exactly as in SGLang when none is configured).
     """
     data_parallel_rank: int | None = Field(default=None, ge=0, le=0)
-    return_hidden_states: Literal[False] = False
-    return_bytes: Literal[False] = False
-    return_entropy: Literal[False] = False
-    background: Literal[False] = False
+    routed_dp_rank: int | None = Field(default=None, ge=0, le=0)
     log_metrics: bool = True
     no_logs: bool = False
     # Prefill/decode disaggregation: the gateway's pairing of the two halves of a request
@@ -128,7 +127,7 @@ class GatewayFields(BaseModel):
             raise APIError(str(e), param=param_of(e)) from None
 
 
-class GenerateRequest(GatewayFields, _Strict):
+class GenerateRequest(GatewayFields, UnsupportedGenerate, _Strict):
     """``POST /generate``: SGLang's GenerateReqInput, the fields Plait implements."""
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
@@ -142,9 +141,6 @@ class GenerateRequest(GatewayFields, _Strict):
     stream: bool = False
     rid: Union[str, list[str], None] = None
     model: str | None = None  # see GatewayFields
-    # Sent (as null) by SGLang clients; Plait has no LoRA or vision support.
-    lora_path: None = None
-    image_data: None = None
 
 
 class AbortRequest(_Strict):
@@ -153,7 +149,7 @@ class AbortRequest(_Strict):
 
 
 # --------------------------------------------------------------------------- OpenAI
-class StreamOptions(_Strict):
+class StreamOptions(UnsupportedStreamOptions, _Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -171,7 +167,7 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaSpec | None = None
 
 
-class _SamplingFields(GatewayFields, _Strict):
+class _SamplingFields(GatewayFields, UnsupportedOpenAI, _Strict):
     """Fields shared by completions and chat: OpenAI's plus SGLang's extras."""
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
@@ -199,15 +195,15 @@ class _SamplingFields(GatewayFields, _Strict):
     json_schema: str | None = None
     ebnf: str | None = None
     rid: str | None = None
+    response_format: ResponseFormat | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_SamplingFields, UnsupportedCompletion):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
 
 
 class ContentPart(_Strict):
@@ -222,12 +218,15 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, UnsupportedChat):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
+    # No effect on the output: end-user identifiers and a cache-routing hint (Plait's prefix
+    # cache needs no key).
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     continue_final_message: bool = False
     separate_reasoning: bool = True   # see GatewayFields
     stream_reasoning: bool = True

@@ -101,6 +101,42 @@ class ServerArgs:
                           disaggregation_host=_reachable(self.host))
         return {k: v for k, v in kwargs.items() if v is not None}
 
+    def validate(self) -> None:
+        """ValueError naming the flags of a combination ``plait serve`` cannot run, before any
+        process starts (the launchers would otherwise report only a child's exit status).
+        Engine options alone are the engine's to check; these are the combinations of serving
+        modes, and the ``--device`` backend's limits when it is named (not ``auto``)."""
+        if self.dp < 1:
+            raise ValueError(f"--dp must be at least 1, got {self.dp}")
+        pd = f"--pd {self.pd}" if self.pd is not None else None
+        if pd and (self.dp > 1 or self.disaggregation_mode != "null"):
+            raise ValueError("--pd starts its own servers: it cannot be combined with --dp or "
+                             "--disaggregation-mode")
+        disagg = pd or (f"--disaggregation-mode {self.disaggregation_mode}"
+                        if self.disaggregation_mode != "null" else None)
+        if disagg and self.tp > 1:
+            # the KV would live in the rank processes, out of the transfer's reach
+            raise ValueError(f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
+                             "does not support tensor parallelism yet; use --tp 1")
+        if self.dp > 1 and self.tp > 1:
+            raise ValueError(f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "
+                             "ranks would take the same cores (CPU) or devices (rank r uses "
+                             "device r in each worker); use --dp or --tp")
+        if self.dp > 1 and disagg:
+            raise ValueError(f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
+                             "prefill/decode pairs and its workers would share one bootstrap "
+                             "port; use --pd XPYD")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        from plait.backends.registry import backend_classes
+        from plait.core.engine_config import EngineConfig
+
+        backend = backend_classes().get(self.device)
+        if backend is not None:  # auto, or an unknown name: the engine resolves and checks it
+            EngineConfig(tp_size=self.tp, disable_graph_capture=self.disable_graph_capture,
+                         enable_graph_capture=self.enable_graph_capture).check_backend(backend)
+
     def to_argv(self) -> list[str]:
         """The ``plait serve`` flags that rebuild these arguments (the ``--dp`` launcher starts
         its workers with them). Flags are the field names with dashes; None is left out."""

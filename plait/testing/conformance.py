@@ -24,7 +24,7 @@ import torch
 
 from plait.core.backend_api import Backend
 from plait.testing import e2e, kit
-from plait.testing.cases import decode_cases, extend_cases, quant_cases
+from plait.testing.cases import AttentionCase, decode_cases, extend_cases, quant_cases
 from plait.testing.register import temporarily_registered
 from plait.testing.tiny_model import make_tiny_llama
 
@@ -43,8 +43,8 @@ def _dtype_id(dtype: torch.dtype) -> str:
 
 
 class BackendConformance:
-    """Kernels vs the CPU reference (attention, quantized matmul), allocator invariants, graph
-    replay, greedy parity."""
+    """Kernels vs the CPU reference (attention, with and without a sliding window, quantized
+    matmul), allocator invariants, graph replay, greedy parity."""
 
     device: str | None = None
     grid: str | None = None
@@ -97,6 +97,19 @@ class BackendConformance:
 
     def test_decode_matches_reference(self, backend, decode_case, dtype):
         kit.check_decode(backend, decode_case, dtype, self.tolerances)
+
+    def test_sliding_window_matches_reference(self, backend, page_size, dtype):
+        """A window shorter than the cached prefix, than one chunk, and longer than a request;
+        skipped where the backend refuses windows (the engine then refuses such models)."""
+        extend = AttentionCase((45, 0, 20), (7, 37, 16), 6, 2, 64, page_size, seed=11)
+        decode = AttentionCase((60, 3, 16), (1, 1, 1), 6, 2, 64, page_size, seed=12)
+        try:
+            kit.check_extend(backend, extend, dtype, self.tolerances, window=16)
+            kit.check_decode(backend, decode, dtype, self.tolerances, window=16)
+        except ValueError as e:
+            if "is not supported by" not in str(e):
+                raise
+            pytest.skip(str(e))
 
     def test_quantized_linear_matches_dequantized(self, backend, quant_case, quant_dtype):
         kit.check_quantized_linear(backend, quant_case, quant_dtype)

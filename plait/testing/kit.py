@@ -115,31 +115,43 @@ def _forward_new_tokens(attn: AttentionBackend, p: _Prepared, dtype: torch.dtype
     return attn.forward(p.q, k_new, v_new, LAYER, p.batch)
 
 
-def check_extend(backend: Backend, case: AttentionCase, dtype: torch.dtype,
-                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None) -> None:
-    """``(atol, rtol)`` per dtype come from ``tolerances`` (default :data:`TOLERANCES`)."""
-    p = prepare(backend, case, dtype, decode=False)
+def _attention(backend: Backend, p: _Prepared, case: AttentionCase,
+               window: int | None) -> AttentionBackend:
     attn = backend.create_attention_backend(p.pool, case.num_heads, case.num_kv_heads,
                                             case.head_dim)
+    if window is not None:  # only the checked layer: a backend must look the window up by id
+        attn.set_sliding_windows(tuple(window if i == LAYER else None
+                                       for i in range(NUM_LAYERS)))
     attn.init_forward_metadata(p.batch)
+    return attn
+
+
+def check_extend(backend: Backend, case: AttentionCase, dtype: torch.dtype,
+                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+                 window: int | None = None) -> None:
+    """``(atol, rtol)`` per dtype come from ``tolerances`` (default :data:`TOLERANCES`).
+    ``window``: the checked layer attends through that sliding window (``set_sliding_windows``
+    raises ValueError where the backend refuses it)."""
+    p = prepare(backend, case, dtype, decode=False)
+    attn = _attention(backend, p, case, window)
     out = _forward_new_tokens(attn, p, dtype)
     ref = extend_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
                                p.batch.req_pool_indices.tolist(), list(case.prefix_lens),
-                               list(case.extend_lens), attn.scale)
-    _assert_close(out, ref, dtype, tolerances, f"extend {case.id}")
+                               list(case.extend_lens), attn.scale, window)
+    _assert_close(out, ref, dtype, tolerances, f"extend {case.id} window={window}")
 
 
 def check_decode(backend: Backend, case: AttentionCase, dtype: torch.dtype,
-                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None) -> None:
+                 tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+                 window: int | None = None) -> None:
+    """As :func:`check_extend`, for one query per request."""
     p = prepare(backend, case, dtype, decode=True)
-    attn = backend.create_attention_backend(p.pool, case.num_heads, case.num_kv_heads,
-                                            case.head_dim)
-    attn.init_forward_metadata(p.batch)
+    attn = _attention(backend, p, case, window)
     out = _forward_new_tokens(attn, p, dtype)
     ref = decode_attention_ref(p.q_ref, p.k, p.v, p.req_to_token,
                                p.batch.req_pool_indices.cpu(), torch.tensor(case.seq_lens),
-                               attn.scale)
-    _assert_close(out, ref, dtype, tolerances, f"decode {case.id}")
+                               attn.scale, window)
+    _assert_close(out, ref, dtype, tolerances, f"decode {case.id} window={window}")
 
 
 # -- quantized linear ---------------------------------------------------------------------------

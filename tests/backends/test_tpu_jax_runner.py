@@ -172,3 +172,18 @@ def test_smollm_variants_match_transformers(tpu_on_cpu, smollm_dir, prompt_ids, 
         got = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
         assert [o["output_ids"] for o in got] == expected
         assert any(o["meta_info"]["cached_tokens"] > 0 for o in got)
+
+
+@pytest.mark.parametrize("attention", ["jax", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_sliding_window_greedy_matches_transformers(tpu_on_cpu, make_tiny_model, attention):
+    """The JAX model with each attention on a Mistral whose window is far shorter than its
+    prompts and generations: transformers' tokens, batched, chunked and after cache hits."""
+    from tests.models.test_sliding_window import (expected_past_the_window, generate_twice,
+                                                  windowed_mistral)
+    tpu_on_cpu.setenv(platform.ATTENTION_ENV, attention)
+    path = windowed_mistral(make_tiny_model)
+    want = expected_past_the_window(path)
+    with plait.Engine(path, device="tpu", dtype="float32", max_total_tokens=2048,
+                      chunked_prefill_size=16) as engine:
+        assert engine.scheduler.runner.shape.sliding_windows == (8, 8)
+        assert generate_twice(engine) == want

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import plait
+
 pytest.importorskip("triton")
 
 from plait.backends.cuda.launch import INTERPRETER, LaunchParams  # noqa: E402
@@ -83,3 +85,20 @@ def test_more_splits_than_keys_leaves_empty_splits_weightless():
                               num_kv_splits=8, num_warps=1, num_stages=1)
     kit.check_decode(ManySplits(), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1),
                      torch.float32)
+
+
+@pytest.mark.slow  # a minute under the interpreter; test_sliding_window_matches_reference is quick
+def test_sliding_window_greedy_matches_transformers(make_tiny_model):
+    """The kernels in the engine on a Mistral whose window is far shorter than its prompts
+    and generations: transformers' tokens, batched, chunked and after prefix-cache hits."""
+    from plait.testing.register import temporarily_registered
+    from tests.models.test_sliding_window import (PROMPTS, expected_past_the_window,
+                                                  generate_twice, windowed_mistral)
+    path = windowed_mistral(make_tiny_model)
+    prompts = PROMPTS[:2]  # the interpreter runs every program in numpy: keep it short
+    want = expected_past_the_window(path, prompts)
+    with temporarily_registered(TritonInterpreted) as name:
+        with plait.Engine(path, device=name, dtype="float32", max_total_tokens=2048,
+                          chunked_prefill_size=16) as engine:
+            assert engine.scheduler.runner.attn.sliding_windows == (8, 8)
+            assert generate_twice(engine, prompts) == want

@@ -8,7 +8,6 @@ import concurrent.futures as cf
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,12 +17,13 @@ import pytest
 import requests
 
 from tests.server.bad_inputs import CASES, assert_openai_error, send_bad
+from tests.server.sglang_venv import (BENCH_PACKAGES, FRONTEND_PACKAGES, SGLANG_VERSION,
+                                      sglang_venv)
 from tests.server.test_fuzz import fuzz
 from tests.server.test_server_fake import sse_events, wait_until_idle
 
 pytestmark = pytest.mark.slow
 
-SGLANG_VERSION = "0.5.10.post1"
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 
@@ -40,22 +40,21 @@ def offline_engine(real_model_path):
 def sglang_python() -> str:
     """A venv holding the real sglang frontend (no torch), made once and cached in /tmp."""
     venv = Path(os.environ.get("PLAIT_SGLANG_VENV", f"/tmp/plait-sglang-{SGLANG_VERSION}"))
-    python = venv / "bin" / "python"
-    ready = venv / ".ready"
-    if not ready.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            pip = [str(python), "-m", "pip", "install", "-q"]
-            subprocess.run(pip + ["--no-deps", f"sglang=={SGLANG_VERSION}"], check=True,
-                           timeout=600)
-            # sglang's frontend imports only these; with their own deps (requests needs
-            # urllib3, ipython needs traitlets), but never sglang's server stack or torch.
-            subprocess.run(pip + ["numpy", "tqdm", "pybase64", "requests", "ipython",
-                                  "pydantic", "aiohttp"], check=True, timeout=600)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-            pytest.fail(f"could not install sglang=={SGLANG_VERSION}: {e}")
-        ready.touch()
-    return str(python)
+    try:
+        return str(sglang_venv(venv, FRONTEND_PACKAGES))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"could not install sglang=={SGLANG_VERSION}: {e}")
+
+
+@pytest.fixture(scope="session")
+def sglang_bench_python() -> str:
+    """A venv that runs ``python -m sglang.bench_serving`` (with torch), cached in /tmp."""
+    venv = Path(os.environ.get("PLAIT_SGLANG_BENCH_VENV",
+                               f"/tmp/plait-sglang-bench-{SGLANG_VERSION}"))
+    try:
+        return str(sglang_venv(venv, BENCH_PACKAGES))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"could not install sglang=={SGLANG_VERSION} for bench_serving: {e}")
 
 
 def test_openai_sdk_chat_plain_and_streaming_agree(real_server):
@@ -216,6 +215,40 @@ def test_chat_logprob_bytes_rebuild_cjk_and_emoji_text(real_server):
                 bytes(e.bytes).decode()
         else:
             assert bytes(e.bytes).decode() == e.token
+
+
+@pytest.mark.parametrize("backend", ["sglang", "sglang-oai", "sglang-oai-chat"])
+def test_sglang_bench_serving_runs_unchanged(real_server, sglang_bench_python, backend,
+                                             tmp_path):
+    """SGLang's own benchmark client, as shipped; it sends every field it knows (``/generate``
+    gets ``return_routed_experts: false``, ``lora_path: null``) and fails at its warm-up
+    request on any 4xx."""
+    out = tmp_path / "bench.jsonl"
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [sglang_bench_python, "-m", "sglang.bench_serving", "--backend", backend,
+         "--base-url", real_server.url, "--tokenizer", real_server.model_path,
+         "--dataset-name", "random-ids", "--random-input-len", "8", "--random-output-len", "4",
+         "--random-range-ratio", "1", "--num-prompts", "4", "--disable-tqdm",
+         "--output-file", str(out)], capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == 4, result
+    assert result["total_output_tokens"] == 16  # ignore_eos: 4 tokens each
+
+
+def test_json_object_response_format_yields_a_json_object(real_server):
+    client = openai.OpenAI(base_url=real_server.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(
+        model=MODEL, max_tokens=128, temperature=0, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "Give the capital of France as JSON."}])
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    c = client.completions.create(model=MODEL, prompt="A JSON object with a name:",
+                                  max_tokens=128, temperature=0,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(c.choices[0].text), dict)
 
 
 def test_fuzzed_requests_never_get_a_5xx(real_server):

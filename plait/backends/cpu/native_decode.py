@@ -15,7 +15,8 @@ What holds:
   otherwise, and decode stays eager): Plait's ``LlamaForCausalLM`` in float32 at tensor
   parallelism 1, float32 KV, every Linear plain, packed (panels or oneDNN) or quantized with a
   :class:`~plait.backends.cpu.qmatmul.CpuQuantizedMatmul` of this CPU's best level, and the
-  paged C++ decode attention.
+  paged C++ decode attention, and one sliding window (or none) for every layer: the step
+  passes one slot table to all layers, the window's (``PagedDecodeAttentionBackend``).
 - Its results differ from the eager step by float rounding only (sum order, ``exp``); the
   parity tests hold it to transformers' greedy tokens like the eager path.
 - The C++ module keeps references to the weights and the KV buffers; they are never copied.
@@ -89,6 +90,8 @@ def build_native_decode(model: nn.Module, attn: Any,
         return refuse("the paged decode-attention kernel is not in use")
     if attn.kv_pool.dtype != torch.float32:
         return refuse(f"KV dtype {attn.kv_pool.dtype}")
+    if len(set(attn.sliding_windows)) > 1:  # one slot table serves every layer of the step
+        return refuse("layers differ in their sliding window")
     try:
         ext = extension()
     except Exception as e:  # a missing compiler surfaces as several error types

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from plait.backends.cpu import cpp_build
-from plait.backends.cpu.attention import TorchAttentionBackend
+from plait.backends.cpu.attention import TorchAttentionBackend, window_slots
 from plait.backends.cpu.shared_prefix import (extend_attention_shared, plan_shared_extend,
                                               shared_groups)
 from plait.core.forward_batch import ForwardBatch
@@ -50,12 +50,19 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
     """The in-place C++ kernel for decode; for extend, the torch reference, except that requests
     sharing a cached prefix read it once (``shared_prefix.py``; the decode kernel does the same
     for its batch). Float32 KV and activations only (the CPU backend creates it for a float32
-    pool; the kernel checks)."""
+    pool; the kernel checks).
+
+    Sliding windows: a windowed layer's decode hands the kernel each request's last W slots
+    (``window_slots``); its extend goes through the reference with the window (the shared
+    prefix cascade reads whole prefixes, so it serves full-attention layers only)."""
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if not batch.is_decode:
             super().init_forward_metadata(batch)
             prefix = batch.prefix_lens_cpu
+            self._shared_plan = None
+            if self.sliding_windows and None not in self.sliding_windows:
+                return  # every layer windowed: no layer would use the plan
             # requests sharing a cached prefix attend to it together (shared_prefix.py)
             groups = shared_groups(
                 [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix)
@@ -64,17 +71,20 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
                 self.num_heads // self.num_kv_heads) if groups else None
             return
         self._req_rows = batch.req_pool_indices.tolist()
-        max_len = max(batch.seq_lens_cpu)
-        self._slots = batch.req_to_token[batch.req_pool_indices, :max_len].long()
-        self._lens = batch.seq_lens.long()
+        windows = set(self.sliding_windows) or {None}
+        self._decode = {w: window_slots(batch.req_to_token, batch.req_pool_indices,
+                                        batch.seq_lens, batch.seq_lens_cpu, w)
+                        for w in windows}
 
-    def decode_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode batch's ``(slots [B, L], seq_lens [B])``, both int64, as the kernel takes
-        them (valid after ``init_forward_metadata`` of a decode batch)."""
-        return self._slots, self._lens
+    def decode_metadata(self, layer_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_id``'s ``(slots [B, L], seq_lens [B])`` for the decode batch, both
+        int64, as the kernel takes them: with a sliding window, each request's last W slots
+        (valid after ``init_forward_metadata`` of a decode batch)."""
+        slots, lens = self._decode[self.window(layer_id)]
+        return slots, lens.long()
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if self._shared_plan is None:
+        if self._shared_plan is None or self.window(layer_id) is not None:
             return super().forward_extend(q, layer_id, batch)
         pool = self.kv_pool
         return extend_attention_shared(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
@@ -82,5 +92,6 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
+        slots, lens = self.decode_metadata(layer_id)
         return paged_decode_attention(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
-                                      self._slots, self._lens, self.scale)
+                                      slots, lens, self.scale)

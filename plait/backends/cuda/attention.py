@@ -18,10 +18,14 @@ class TritonAttentionBackend(AttentionBackend):
     Works on any tensors Triton can address: CUDA/HIP memory, or CPU memory under the Triton
     interpreter (``TRITON_INTERPRET=1``), which is how CI checks these kernels.
 
+    Sliding windows: both kernels take the layer's window (``sliding_windows``).
+
     Decode reads nothing from the host (no ``.item()``, no host lists), so it can run inside a
     captured graph. Extend needs each request's first row in ``q``; that is built once per
     batch in :meth:`init_forward_metadata` (or lazily on the first layer).
     """
+
+    supports_sliding_window = True
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  params: LaunchParams = CUDA_DEFAULT):
@@ -52,7 +56,7 @@ class TritonAttentionBackend(AttentionBackend):
         return extend_attention(
             q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], o, batch.req_to_token,
             batch.req_pool_indices, batch.prefix_lens, batch.extend_lens, self._extend_start,
-            max(batch.extend_lens_cpu), self.scale, self.params)
+            max(batch.extend_lens_cpu), self.scale, self.params, self.window(layer_id))
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         q = _last_dim_contiguous(q)
@@ -60,7 +64,8 @@ class TritonAttentionBackend(AttentionBackend):
         pool = self.kv_pool
         return decode_attention(
             q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], o, batch.req_to_token,
-            batch.req_pool_indices, batch.seq_lens, self.scale, self.params)
+            batch.req_pool_indices, batch.seq_lens, self.scale, self.params,
+            self.window(layer_id))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

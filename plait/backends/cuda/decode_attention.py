@@ -8,7 +8,8 @@ request's KV is cut into ``num_kv_splits`` contiguous ranges processed in parall
   range's normalised partial output and its log-sum-exp (base 2);
 * stage 2, grid (B, Hq): merges the splits' partials weighted by ``exp2(lse - max lse)``.
 
-The grid never depends on sequence lengths (a split's range is computed from ``seq_lens`` on
+With a sliding window W the ranges split the last ``min(seq_len, W)`` keys instead. The grid
+never depends on sequence lengths (a split's range is computed from ``seq_lens`` on
 the device), so a captured graph stays valid as sequences grow. A split with an empty range
 writes ``lse = -inf`` and weighs nothing.
 """
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
-from plait.backends.cuda.extend_attention import LOG2E
+from plait.backends.cuda.extend_attention import LOG2E, no_window
 from plait.backends.cuda.launch import LaunchParams
 
 
@@ -27,7 +28,7 @@ from plait.backends.cuda.launch import LaunchParams
 def _decode_stage1(
     Q, K, V, MidO, MidLse, ReqToToken, ReqPoolIdx, SeqLens,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_req, qk_scale,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_req, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
@@ -44,8 +45,9 @@ def _decode_stage1(
 
     seq_len = tl.load(SeqLens + b).to(tl.int32)
     row = ReqToToken + tl.load(ReqPoolIdx + b).to(tl.int64) * stride_req
-    split_len = tl.cdiv(seq_len, NUM_SPLITS)
-    start = split * split_len
+    first = tl.maximum(seq_len - window, 0)  # the sliding window's first key (0 without one)
+    split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
@@ -106,8 +108,10 @@ def _decode_stage2(
 
 def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                      o: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, params: LaunchParams) -> torch.Tensor:
-    """Writes ``o`` [B, Hq, D] for one query per request ``q`` [B, Hq, D].
+                     seq_lens: torch.Tensor, scale: float, params: LaunchParams,
+                     window: int | None = None) -> torch.Tensor:
+    """Writes ``o`` [B, Hq, D] for one query per request ``q`` [B, Hq, D] over its last
+    ``window`` keys (all of them when None): the splits divide the window's keys only.
 
     Allocates its fp32 split buffers with torch on ``q``'s device; under graph capture they come
     from the graph's private memory pool. No host synchronisation happens here.
@@ -124,7 +128,7 @@ def decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        req_to_token.stride(0), scale * LOG2E,
+        req_to_token.stride(0), scale * LOG2E, no_window(window),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=params.decode_block_n,
         NUM_SPLITS=splits, COMPUTE=compute_dtype(q.dtype), PRECISION=dot_precision(q.dtype),

@@ -4,8 +4,13 @@ Request b's new tokens sit at positions ``prefix_lens[b] .. prefix_lens[b] + ext
 and their K/V are already in the pool. One program handles ``BLOCK_M`` new tokens of one query
 head of one request and keeps a running (online) softmax in two stages:
 
-1. the cached prefix, gathered slot by slot through ``req_to_token`` (no mask but the length),
-2. the new tokens themselves, causally (new token i sees new tokens 0..i).
+1. the cached prefix, gathered slot by slot through ``req_to_token`` (no mask but the length
+   and the sliding window),
+2. the new tokens themselves, causally (new token i sees new tokens 0..i, within the window).
+
+A sliding window W (``window``; full attention passes :data:`FULL_WINDOW`) hides the keys
+``W`` or more positions before a query, as transformers' ``sliding_window_overlay`` does; each
+tile's loops start at the first key its first row can see.
 
 Slots come from ``req_to_token`` per token, so page size is a layout property the kernel never
 sees. GQA: query head h reads KV head ``h // (Hq // Hkv)``. Scores use base-2 exponentials
@@ -22,6 +27,14 @@ from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
 from plait.backends.cuda.launch import LaunchParams
 
 LOG2E = 1.4426950408889634
+#: the window the kernels take for "no sliding window": wider than any context
+FULL_WINDOW = 1 << 30
+
+
+def no_window(window: int | None) -> int:
+    """The kernels' window argument: ``window``, or :data:`FULL_WINDOW` for full attention
+    (one code path: a key is visible when ``query_pos - key_pos < window``)."""
+    return FULL_WINDOW if window is None else window
 
 
 @triton.jit
@@ -46,7 +59,7 @@ def _online_softmax_step(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, 
 def _extend_kernel(
     Q, K, V, O, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, QStart,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_req, qk_scale,
+    stride_req, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
@@ -76,25 +89,31 @@ def _extend_kernel(
     k_base = K + kv_h * stride_kh
     v_base = V + kv_h * stride_vh
 
-    # Stage 1: the cached prefix; every query row sees every prefix key.
-    for start in range(0, prefix, BLOCK_N):
+    # Stage 1: the cached prefix; every query row sees every prefix key within its window
+    # (query position prefix + m, key position n: visible when prefix + m - n < window).
+    # Keys before the tile's first row's window are seen by no row: the loop starts there.
+    lo = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0)
+    for start in range(lo, prefix, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < prefix
         slots = tl.load(row + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_d[:, None] & mask_n[None, :]
+        visible = mask_n[None, :] & (prefix + offs_m[:, None] - offs_n[None, :] < window)
         m_i, l_i, acc = _online_softmax_step(
             q, k_base + slots[None, :] * stride_kt + offs_d[:, None],
             v_base + slots[:, None] * stride_vt + offs_d[None, :],
-            kv_mask, mask_n[None, :], m_i, l_i, acc, qk_scale, COMPUTE, PRECISION)
+            kv_mask, visible, m_i, l_i, acc, qk_scale, COMPUTE, PRECISION)
 
     # Stage 2: the new tokens, causally; keys past this tile's last row are never visible.
     end = tl.minimum(ext, (m_block + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
+    lo = tl.maximum(m_block * BLOCK_M - window + 1, 0)
+    for start in range(lo, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < ext
         slots = tl.load(row + prefix + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_d[:, None] & mask_n[None, :]
-        visible = mask_n[None, :] & (offs_m[:, None] >= offs_n[None, :])
+        causal = offs_m[:, None] >= offs_n[None, :]
+        visible = mask_n[None, :] & causal & (offs_m[:, None] - offs_n[None, :] < window)
         m_i, l_i, acc = _online_softmax_step(
             q, k_base + slots[None, :] * stride_kt + offs_d[:, None],
             v_base + slots[:, None] * stride_vt + offs_d[None, :],
@@ -109,8 +128,9 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
                      o: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
                      extend_start: torch.Tensor, max_extend_len: int, scale: float,
-                     params: LaunchParams) -> torch.Tensor:
-    """Writes ``o`` [T, Hq, D] for the new tokens ``q`` [T, Hq, D].
+                     params: LaunchParams, window: int | None = None) -> torch.Tensor:
+    """Writes ``o`` [T, Hq, D] for the new tokens ``q`` [T, Hq, D]; with a sliding ``window``
+    W each sees only the keys less than W positions before it.
 
     ``extend_start[b]`` is request b's first row in q; ``max_extend_len`` (a host int) sizes the
     grid. Buffers are [S, Hkv, D] pool rows addressed by slot.
@@ -126,7 +146,7 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         extend_start,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
-        req_to_token.stride(0), scale * LOG2E,
+        req_to_token.stride(0), scale * LOG2E, no_window(window),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=params.extend_block_m, BLOCK_N=block_n,
         COMPUTE=compute_dtype(q.dtype), PRECISION=dot_precision(q.dtype),

@@ -10,7 +10,7 @@ so new tokens see the whole prefix) with the op's fixed 2048x2048 upper-triangul
 
 FIA's paged mode takes fp16/bf16 and block sizes that are multiples of 16; the backend's
 defaults (bfloat16, page size 128) select it. Other configurations (fp32, page_size 1) run the
-torch reference on the NPU, which is correct but slower.
+torch reference on the NPU, which is correct but slower; so do layers with a sliding window.
 """
 from __future__ import annotations
 
@@ -70,12 +70,17 @@ class AscendAttentionBackend(TorchAttentionBackend):
             num_key_value_heads=self.num_kv_heads, scale=self.scale, **extra)
         return out.view(q.shape)
 
+    def _fia_serves(self, q: torch.Tensor, layer_id: int) -> bool:
+        # FIA's band mode (sparse_mode 4) could apply a sliding window but has never run
+        # here; a windowed layer takes the torch reference, which applies it
+        return self.use_fia and q.dtype in FIA_DTYPES and self.window(layer_id) is None
+
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if not self.use_fia or q.dtype not in FIA_DTYPES:
+        if not self._fia_serves(q, layer_id):
             return super().forward_extend(q, layer_id, batch)
         return self._fia(q, layer_id, batch, batch.extend_lens_cpu, causal=True)
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if not self.use_fia or q.dtype not in FIA_DTYPES:
+        if not self._fia_serves(q, layer_id):
             return super().forward_decode(q, layer_id, batch)
         return self._fia(q, layer_id, batch, [1] * batch.batch_size, causal=False)

@@ -84,7 +84,10 @@ class JaxKVPool(KVPool):
 
 
 class PallasAttentionBackend(AttentionBackend):
-    """Pallas kernels over a :class:`JaxKVPool`; q and outputs are torch tensors on the host."""
+    """Pallas kernels over a :class:`JaxKVPool`; q and outputs are torch tensors on the host.
+    Each layer's sliding window goes to the kernels as their static ``window``."""
+
+    supports_sliding_window = True
 
     def __init__(self, kv_pool: JaxKVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  interpret: bool | None = None):
@@ -121,7 +124,8 @@ class PallasAttentionBackend(AttentionBackend):
         k_pages, v_pages, table = self._pages(layer_id, rows, seq)
         dev = self.kv_pool.jax_device
         out = pa.paged_decode(to_jax(_pad_rows(q, padded), dev), k_pages, v_pages, table,
-                              to_jax(seq, dev), scale=self.scale, interpret=self.interpret)
+                              to_jax(seq, dev), scale=self.scale, interpret=self.interpret,
+                              window=self.window(layer_id))
         return to_torch(out)[:bs].to(q.dtype)
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
@@ -138,7 +142,8 @@ class PallasAttentionBackend(AttentionBackend):
         dev = self.kv_pool.jax_device
         out = pa.paged_extend(to_jax(q_tiles, dev), k_pages, v_pages, to_jax(tile_req, dev),
                               to_jax(tile_pos0, dev), table, to_jax(seq, dev),
-                              scale=self.scale, interpret=self.interpret)
+                              scale=self.scale, interpret=self.interpret,
+                              window=self.window(layer_id))
         out = to_torch(out).reshape(-1, *q.shape[1:])
         return out[out_index].to(q.dtype)
 

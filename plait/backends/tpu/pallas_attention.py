@@ -9,6 +9,8 @@ accumulator in VMEM scratch) folds them in; the output tile is written on the la
 
 Page 0 is the padding page: page-table entries past a request's pages point at it, so the DMA
 always reads valid memory, and the masks (key position < seq_len, causal) make it weigh nothing.
+A sliding window (static ``window``, one per layer) adds ``query_pos - key_pos < window`` to
+the masks and skips the pages wholly before it.
 
 Pools with small pages (page_size 1) are first gathered into dense 16-token blocks with a
 synthetic page table, so the same kernels serve both layouts.
@@ -78,28 +80,31 @@ def _scratch(rows: int, head_dim: int):
 # -- decode -------------------------------------------------------------------------------------
 
 def _decode_kernel(page_table, seq_lens, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *,
-                   scale, page):
+                   scale, page, window):
     b, p = pl.program_id(0), pl.program_id(2)
     seq = seq_lens[b]
+    first = 0 if window is None else jnp.maximum(seq - window, 0)  # the window's first key
 
     @pl.when(p == 0)
     def _():
         _init(m_ref, l_ref, acc_ref)
 
-    @pl.when(p * page < seq)
+    @pl.when((p * page < seq) & ((p + 1) * page > first))
     def _():
         q = q_ref[...].astype(jnp.float32)                                # [G, D]
         pos = p * page + jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], page), 1)
-        _attend_page(q, k_ref, v_ref, pos < seq, m_ref, l_ref, acc_ref, scale)
+        _attend_page(q, k_ref, v_ref, (pos < seq) & (pos >= first), m_ref, l_ref, acc_ref,
+                     scale)
 
     @pl.when(p == pl.num_programs(2) - 1)
     def _():
         _finish(o_ref, l_ref, acc_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def paged_decode(q, k_pages, v_pages, page_table, seq_lens, *, scale, interpret):
-    """q [B, Hq, D]; pages [Hkv, NP, page, D]; page_table [B, P] int32; seq_lens [B] int32."""
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "window"))
+def paged_decode(q, k_pages, v_pages, page_table, seq_lens, *, scale, interpret, window=None):
+    """q [B, Hq, D]; pages [Hkv, NP, page, D]; page_table [B, P] int32; seq_lens [B] int32.
+    ``window``: a sliding window W (each query reads its request's last W keys), or None."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, _, page, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -114,7 +119,8 @@ def paged_decode(q, k_pages, v_pages, page_table, seq_lens, *, scale, interpret)
         out_specs=pl.BlockSpec(tile, lambda b, h, p, pt, sl: (b, h, 0, 0)),
         scratch_shapes=_scratch(group, head_dim))
     out = pl.pallas_call(
-        functools.partial(_decode_kernel, scale=scale, page=page), grid_spec=grid_spec,
+        functools.partial(_decode_kernel, scale=scale, page=page, window=window),
+        grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), interpret=interpret,
     )(page_table, seq_lens, qg, k_pages, v_pages)
     return out.reshape(batch, num_heads, head_dim)
@@ -123,36 +129,43 @@ def paged_decode(q, k_pages, v_pages, page_table, seq_lens, *, scale, interpret)
 # -- extend -------------------------------------------------------------------------------------
 
 def _extend_kernel(tile_req, tile_pos0, page_table, seq_lens, q_ref, k_ref, v_ref, o_ref,
-                   m_ref, l_ref, acc_ref, *, scale, page, group):
+                   m_ref, l_ref, acc_ref, *, scale, page, group, window):
     t, p = pl.program_id(0), pl.program_id(2)
     b = tile_req[t]
     seq, pos0 = seq_lens[b], tile_pos0[t]
     rows = q_ref.shape[0]            # Q_TILE tokens x group heads, token-major
+    # the first key the tile's first token sees (its sliding window's start)
+    first = 0 if window is None else pos0 - window + 1
 
     @pl.when(p == 0)
     def _():
         _init(m_ref, l_ref, acc_ref)
 
-    # Skip pages past the sequence or wholly after this tile's last token (causal).
-    @pl.when((p * page < seq) & (p * page <= pos0 + rows // group - 1))
+    # Skip pages past the sequence, wholly after this tile's last token (causal) or wholly
+    # before its first token's window.
+    @pl.when((p * page < seq) & (p * page <= pos0 + rows // group - 1)
+             & ((p + 1) * page > first))
     def _():
         q = q_ref[...].astype(jnp.float32)
         q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows, page), 0) // group
         k_pos = p * page + jax.lax.broadcasted_iota(jnp.int32, (rows, page), 1)
-        _attend_page(q, k_ref, v_ref, (k_pos <= q_pos) & (k_pos < seq), m_ref, l_ref, acc_ref,
-                     scale)
+        visible = (k_pos <= q_pos) & (k_pos < seq)
+        if window is not None:
+            visible &= q_pos - k_pos < window
+        _attend_page(q, k_ref, v_ref, visible, m_ref, l_ref, acc_ref, scale)
 
     @pl.when(p == pl.num_programs(2) - 1)
     def _():
         _finish(o_ref, l_ref, acc_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "window"))
 def paged_extend(q_tiles, k_pages, v_pages, tile_req, tile_pos0, page_table, seq_lens, *,
-                 scale, interpret):
+                 scale, interpret, window=None):
     """q_tiles [NT, Q_TILE, Hq, D]: each tile holds up to Q_TILE consecutive new tokens of
     request ``tile_req[t]``, the first at absolute position ``tile_pos0[t]``. Returns the same
-    shape. Pages as in :func:`paged_decode`."""
+    shape. Pages as in :func:`paged_decode`; ``window``: a sliding window W (a token sees
+    the keys less than W positions before it), or None."""
     num_tiles, q_tile, num_heads, head_dim = q_tiles.shape
     num_kv_heads, _, page, _ = k_pages.shape
     group = num_heads // num_kv_heads
@@ -170,7 +183,7 @@ def paged_extend(q_tiles, k_pages, v_pages, tile_req, tile_pos0, page_table, seq
         out_specs=pl.BlockSpec(tile, lambda t, h, p, tr, tp, pt, sl: (t, h, 0, 0)),
         scratch_shapes=_scratch(q_tile * group, head_dim))
     out = pl.pallas_call(
-        functools.partial(_extend_kernel, scale=scale, page=page, group=group),
+        functools.partial(_extend_kernel, scale=scale, page=page, group=group, window=window),
         grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qg.shape, q_tiles.dtype),
         interpret=interpret,
     )(tile_req, tile_pos0, page_table, seq_lens, qg, k_pages, v_pages)

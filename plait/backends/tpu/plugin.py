@@ -24,6 +24,12 @@ class TpuBackend(Backend):
     #: the smallest token and kv-width buckets (powers of two above them up to the limits)
     jit_min_tokens: ClassVar[int] = 16
     jit_min_kv_width: ClassVar[int] = 128
+    #: every step is a ``jax.jit`` program (:mod:`.graph`): there is no eager path to
+    #: ``--disable-graph-capture`` into; ``--enable-graph-capture`` asks for what always happens
+    decode_modes = frozenset({"captured"})
+    default_graph_capture = True
+    #: the runner is JAX's own (one device), not the core ModelRunner the ranks shard
+    supports_tensor_parallel = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -84,8 +90,8 @@ class TpuBackend(Backend):
         buckets = JitBuckets.build(spec.max_batch_size, kv_pool.num_slots, spec.context_len,
                                    self.jit_batch_sizes, self.jit_min_tokens,
                                    max(self.jit_min_kv_width, kv_pool.page_size))
-        return JaxModelRunner(params, LlamaShape.of(spec.hf_config), kv_pool, req_pool,
-                              buckets, self.attention_impl())
+        return JaxModelRunner(params, LlamaShape.of(spec.hf_config, spec.context_len),
+                              kv_pool, req_pool, buckets, self.attention_impl())
 
 
 @hookimpl

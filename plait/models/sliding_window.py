@@ -1,0 +1,58 @@
+"""Which layers of a checkpoint attend through a sliding window, and how wide it is.
+
+The rule (transformers' ``sliding_window_overlay``): with window ``W`` the query at position
+``p`` sees the keys at positions ``p - W + 1 .. p`` (W keys, itself included), so
+``key > p - W`` on top of the causal ``key <= p``. Every attention path applies exactly this,
+in absolute positions, so a prefix-cache hit or a chunked prefill changes nothing: the KV of
+tokens that fell out of the window stays in the pool and is merely not read.
+
+Per architecture, as transformers builds its layers:
+- Mistral: every layer uses ``config.sliding_window`` (None: full attention).
+- Qwen2: layer ``i`` uses ``config.sliding_window`` when ``config.layer_types[i]`` is
+  ``"sliding_attention"``, which transformers derives from ``use_sliding_window`` and
+  ``max_window_layers`` (layers ``i >= max_window_layers``); never without
+  ``use_sliding_window``.
+- Llama: full attention (its config has no window).
+
+A window at least as long as the context is full attention for every position the engine can
+serve, so it is reported as None: such a model runs exactly as before on every backend.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+def layer_windows(config: Any, context_len: int) -> tuple[int | None, ...]:
+    """Layer ``i``'s sliding window for a model served with contexts of up to
+    ``context_len`` tokens (None: full attention there). ValueError for a window below 1."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    model_type = getattr(config, "model_type", "")
+    if model_type == "mistral":
+        windows = [window] * n
+    elif model_type == "qwen2":
+        windows = _qwen2_windows(config, window, n)
+    else:
+        windows = [None] * n
+    if any(w is not None and int(w) < 1 for w in windows):
+        raise ValueError(f"sliding_window={window} must be at least 1 (or null)")
+    return tuple(None if w is None or int(w) >= context_len else int(w) for w in windows)
+
+
+def _qwen2_windows(config: Any, window: int | None, n: int) -> list[int | None]:
+    if not getattr(config, "use_sliding_window", False) or window is None:
+        return [None] * n
+    types = getattr(config, "layer_types", None)
+    if not types:  # configs from before transformers wrote layer_types
+        first = getattr(config, "max_window_layers", n)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def describe(windows: tuple[int | None, ...]) -> str:
+    """``"sliding_window=W"`` (plus which layers, when not all) for error messages."""
+    used = sorted({w for w in windows if w is not None})
+    layers = [i for i, w in enumerate(windows) if w is not None]
+    text = f"sliding_window={used[0] if len(used) == 1 else used}"
+    if len(layers) != len(windows):
+        text += f" (layers {layers[0]}..{layers[-1]})"
+    return text
