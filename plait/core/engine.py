@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class Engine:
     """One model on one backend (``tp_size`` ranks), serving every caller's requests through
-    one scheduler. Attributes are the runtime's (``engine_builder.Runtime``), read-only."""
+    one scheduler. Its attributes are those of the runtime it built
+    (``engine_builder.Runtime``)."""
 
     def __init__(self, model_path: str | Path | None = None, **kwargs: Any):
         cfg = EngineConfig(model_path=model_path, **kwargs)
