@@ -93,7 +93,9 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
     tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // bytes_per_token
     tokens -= tokens % page_size
     if tokens < page_size * 2:
-        raise ValueError(f"max_total_tokens={tokens} is too small for page_size={page_size}")
+        raise ValueError(f"max_total_tokens: a KV pool of {tokens} tokens (from "
+                         f"max_total_tokens, kv_cache_memory_gb or mem_fraction) is too "
+                         f"small; page_size={page_size} needs at least two pages")
     return tokens
 
 

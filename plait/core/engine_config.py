@@ -99,6 +99,12 @@ class EngineConfig:
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
                              f"{self.disaggregation_transfer_timeout!r}")
+        quantized = self.quantization not in (None, "none") or \
+            str(self.model_path or "").endswith(".gguf")
+        if quantized and self.tp_size != 1:
+            # refused here, before the rank processes start; the loader checks it again
+            raise ValueError(f"quantization={self.quantization or 'gguf'!r} does not support "
+                             f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})")
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:

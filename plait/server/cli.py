@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine(args: ServerArgs) -> Any:
     import plait
+    from plait.server.scheduler_process import kv_budget_from_fraction
     model_path = args.resolved_model_path()
-    return plait.Engine(**args.engine_kwargs(model_path))
+    return plait.Engine(**kv_budget_from_fraction(args.engine_kwargs(model_path)))
 
 
 def _sampling(ns: argparse.Namespace) -> dict[str, Any]:

@@ -74,7 +74,11 @@ class ServerArgs:
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
-        engine's own defaults apply."""
+        engine's own defaults apply. ``mem_fraction`` stays a fraction here (checked now, so a
+        bad one stops the launch): the process that allocates the KV pool turns it into
+        ``kv_cache_memory_gb`` (``scheduler_process.kv_budget_from_fraction``)."""
+        if self.mem_fraction is not None:
+            check_mem_fraction(self.mem_fraction)
         kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
                       page_size=self.page_size, max_total_tokens=self.max_total_tokens,
                       chunked_prefill_size=self.chunked_prefill_size,
@@ -261,6 +265,14 @@ def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pd", default=None, metavar="XPYD",
                    help="start X prefill and Y decode servers and the gateway on --port in one "
                         "command, e.g. 1P1D (the --router-* flags apply)")
+
+
+def check_mem_fraction(fraction: Any) -> None:
+    """ValueError naming ``--mem-fraction`` unless ``0 < fraction <= 1``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"mem_fraction (--mem-fraction) must be in (0, 1], a share of the "
+                         f"device memory free at start; got {fraction!r}")
 
 
 def _reachable(host: str) -> str:
