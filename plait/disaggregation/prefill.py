@@ -54,7 +54,7 @@ class _Target:
 class PrefillSide:
     def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
                  timeout: float, call_soon: Callable[[Callable[[], None]], None],
-                 finish: Callable[[Req, FinishReason], None], abort_room: Callable[[int], None]):
+                 finish: Callable[[Req, FinishReason], None], abort_room: Callable[[int], object]):
         self.transfer = transfer
         self.req_pool = req_pool
         self.timeout = timeout
