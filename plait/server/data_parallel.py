@@ -42,9 +42,20 @@ log = logging.getLogger("plait.dp")
 
 ROUTER_PACKAGE = "sglang-router"
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
-# Local workers fail fast and restart slowly, so the gateway should notice a dead one in
-# seconds, not after its defaults (3 failed checks a minute apart, 10 failures to open a
-# circuit). ``--router-extra-args`` come later on the command line and so override these.
+# sglang-router 0.3.2 records every non-2xx answer, 4xx included, as a circuit-breaker failure,
+# so any client could open every worker's circuit with bad requests: the breaker is off and a
+# dead worker is found by health checks instead (one a second, out after two misses). A request
+# that meets the dead worker before then fails with a 5xx, which the gateway retries (it never
+# retries a 4xx): the backoffs (0.2+0.4+0.8+1.6+2+2+2 s) outlast the ~3 s the health checker
+# needs, so the retry finds the survivor. ``--router-extra-args`` come later and override these.
+DP_FAILOVER_DEFAULTS = ("--disable-circuit-breaker",
+                        "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
+                        "--health-check-timeout-secs", "2",
+                        "--retry-max-retries", "8", "--retry-initial-backoff-ms", "200",
+                        "--retry-backoff-multiplier", "2", "--retry-max-backoff-ms", "2000")
+# ``plait serve --pd`` (pd_launcher.py) still passes these, the earlier defaults: there a
+# failed KV transfer is a 500 after up to ``--disaggregation-transfer-timeout`` seconds, and
+# eight retries of it are not what its tests and docs describe. Its 4xx exposure is the same.
 FAILOVER_DEFAULTS = ("--health-check-interval-secs", "2", "--health-failure-threshold", "2",
                      "--health-check-timeout-secs", "5", "--cb-failure-threshold", "3")
 _PR_SET_PDEATHSIG = 1
@@ -146,7 +157,7 @@ def router_command(args: ServerArgs, worker_urls: list[str], prometheus_port: in
            "--log-level", "warn" if args.log_level == "warning" else args.log_level]
     if args.api_key:
         cmd += ["--api-key", args.api_key]  # the gateway authenticates to the workers with it
-    return cmd + list(FAILOVER_DEFAULTS) + shlex.split(args.router_extra_args or "")
+    return cmd + list(DP_FAILOVER_DEFAULTS) + shlex.split(args.router_extra_args or "")
 
 
 def _spawn(name: str, url: str, cmd: list[str], env: dict[str, str]) -> Child:
