@@ -107,7 +107,7 @@ class CpuBackend(Backend):
             prepack_linears(runner.model, self.linear_layout, self.compact_weights)
             log.info("%s", compact_summary(runner.model))
         if self.native_decode and runner.graph_runner is None:
-            from plait.backends.cpu.native_decode import install_native_decode
+            from plait.backends.cpu.native_step import install_native_decode
             install_native_decode(runner.model, runner.attn, self.greedy_head)
         return runner
 
