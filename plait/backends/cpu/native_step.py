@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 
 def extension() -> ModuleType:
+    """The layer step's kernels, at :func:`cpp_build.best_level` (the level its quantized
+    Linears must have been built for)."""
     return cpp_build.extension().layer_step
 
 
@@ -57,7 +59,7 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
         return ext.Linear.packed(module.packed_weight, module.bias)
     if isinstance(module, QuantizedLinear):
         matmul = module.matmul
-        if not (isinstance(matmul, CpuQuantizedMatmul) and matmul.level == ext.simd_level()):
+        if not (isinstance(matmul, CpuQuantizedMatmul) and matmul.level == cpp_build.best_level()):
             return None
         w = module.qweight
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
