@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ForwardBatch:
     """One forward pass over B requests.
 
@@ -47,7 +47,7 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GreedyTokens:
     """A model's answer to a ``greedy_only`` batch: the argmax of each row's float32 logits,
     exactly the token ``torch.max`` would pick from them (first maximal index), without the

@@ -6,6 +6,7 @@ Building (``prepare_*``, which writes the new tokens' slots into ``req_to_token`
 while batch N runs on the executor's worker."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # annotations only: backend_api builds runners, so importing 
     from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtendItem:
     """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
 
@@ -56,12 +57,21 @@ class ModelRunner(StepRunner):
         self.req_pool = req_pool
         self.device = device
         self.graph_runner = graph_runner
+        self._facts: dict | None = None
 
     def metrics(self) -> dict:
-        """For ``get_server_info``: whether decode is captured, and the graph runner's counters
-        (captured batch sizes; the CPU's ``graph_compiles``)."""
+        """For ``get_server_info``: whether decode is captured, the graph runner's counters
+        (captured batch sizes; the CPU's ``graph_compiles``) and, for Plait's own model,
+        ``tp_ranks``: this (single) rank's shard (``plait.core.tp.rank_facts``)."""
         graph = self.graph_runner
-        return {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+        out = {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+        from plait.models.llama import LlamaForCausalLM
+        if isinstance(self.model, LlamaForCausalLM):
+            if self._facts is None:  # weights and capture are fixed once built
+                from plait.core.tp.rank_facts import facts_of
+                self._facts = dataclasses.asdict(facts_of(self))
+            out["tp_ranks"] = [self._facts]
+        return out
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

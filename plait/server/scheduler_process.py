@@ -36,6 +36,7 @@ import zmq
 import zmq.asyncio
 
 from plait.core.messages import AbortReq, FlushCacheReq, GenerateReq, GetInfoReq, ShutdownReq
+from plait.server.server_args import check_mem_fraction
 
 logger = logging.getLogger("plait.scheduler_process")
 
@@ -50,10 +51,7 @@ def build_engine(config: dict[str, Any]) -> Any:
     factory_path = config.get("engine_factory") or "plait:Engine"
     module, _, attr = factory_path.partition(":")
     factory = getattr(importlib.import_module(module), attr)
-    kwargs = dict(config["engine_kwargs"])
-    if "mem_fraction" in kwargs:
-        fraction = kwargs.pop("mem_fraction")
-        kwargs["kv_cache_memory_gb"] = _free_device_gb(kwargs.get("device", "cpu")) * fraction
+    kwargs = kv_budget_from_fraction(config["engine_kwargs"])
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -65,17 +63,53 @@ def build_engine(config: dict[str, Any]) -> Any:
     return factory(**kwargs)
 
 
-def _free_device_gb(device: str) -> float:
-    """Memory free on the device now, for ``--mem-fraction``."""
+def kv_budget_from_fraction(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``mem_fraction`` turned into ``kv_cache_memory_gb``: that fraction of
+    the memory free on the device now, measured in the process that allocates the pool. On the
+    CPU the tensor-parallel ranks share one memory, so each rank's pool gets its share of the
+    fraction and all of them together stay within it."""
+    kwargs = dict(kwargs)
+    if "mem_fraction" not in kwargs:
+        return kwargs
+    fraction = kwargs.pop("mem_fraction")
+    check_mem_fraction(fraction)
+    device = kwargs.get("device", "cpu")
+    budget = _free_device_gb(device) * fraction
+    if _device_name(device) == "cpu":
+        budget /= kwargs.get("tp_size", 1)
+    kwargs["kv_cache_memory_gb"] = budget
+    return kwargs
+
+
+def _device_name(device: str) -> str:
     from plait.backends import registry
-    name = registry.resolve_device(device)
+    return registry.resolve_device(device)
+
+
+def _free_device_gb(device: str) -> float:
+    """Memory free on the device now, for ``--mem-fraction``. On the CPU that is what the
+    kernel calls available (free pages plus reclaimable page cache, which loading a model's
+    files fills), not only the free pages."""
+    name = _device_name(device)
     if name == "cpu":
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return _available_ram_bytes() / 2**30
     import torch
     if name in ("cuda", "rocm") and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0] / 2**30
     raise ValueError(f"mem_fraction: cannot measure free memory on {name!r}; "
                      "use --max-total-tokens or --kv-cache-memory-gb")
+
+
+def _available_ram_bytes() -> int:
+    """``MemAvailable`` from /proc/meminfo (Linux); elsewhere the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def engine_info(engine: Any, model_path: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class CpuBackend(Backend):
     #: the path benchmarks compare against
     greedy_head: ClassVar[bool] = True
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
+    decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = False
 
     def host_thread(self) -> ContextManager[None]:

@@ -25,6 +25,8 @@ class TritonBackend(Backend):
     launch: ClassVar[LaunchParams] = CUDA_DEFAULT
     torch_device = torch.device("cuda")
     distributed_backend = "nccl"  # RCCL answers to "nccl" in ROCm builds of torch
+    decode_modes = frozenset({"eager", "captured"})
+    default_graph_capture = True  # CUDA/HIP graphs capture in seconds
 
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
