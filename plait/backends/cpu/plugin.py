@@ -68,8 +68,8 @@ class CpuBackend(Backend):
 
     def quantized_linear(self, method: str, activations: str = "float"):
         """``csrc/src/qmatmul.cpp`` at this CPU's best SIMD level. ``activations="int8"``: its
-        AVX-512 VNNI kernel (ValueError on a CPU without VNNI); ``float``: the float-activation kernel,
-        or the torch default if it cannot be compiled here (no C++ compiler), with a warning
+        AVX-512 VNNI kernel (ValueError on a CPU without VNNI); ``float``: the float-activation
+        kernel, or the torch default if it cannot be compiled here (no C++ compiler), with a warning
         since that path is slow."""
         from plait.backends.cpu.cpp_build import has_avx512_vnni
         from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
