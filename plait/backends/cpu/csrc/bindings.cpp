@@ -84,7 +84,9 @@ void bind_greedy_head(py::module_ m) {
 void bind_layer_step(py::module_ m) {
   using layer_step::DecodeModel;
   using layer_step::Linear;
-  py::class_<Linear>(m, "Linear", "a Linear layer's product, whichever form holds its weight")
+  // module_local: each SIMD level's module registers its own types (a process may load two)
+  py::class_<Linear>(m, "Linear", py::module_local(),
+                     "a Linear layer's product, whichever form holds its weight")
       .def_static("dense", &Linear::dense, py::arg("weight"), py::arg("bias"))
       .def_static("packed", &Linear::packed, py::arg("weight"), py::arg("bias"))
       .def_static("panel", &Linear::panel, py::arg("weight"), py::arg("out_features"),
@@ -93,7 +95,7 @@ void bind_layer_step(py::module_ m) {
                   py::arg("mins"), py::arg("bits"), py::arg("group"),
                   py::arg("int8_activations"), py::arg("bias"))
       .def("__call__", &Linear::operator());
-  py::class_<DecodeModel>(m, "DecodeModel",
+  py::class_<DecodeModel>(m, "DecodeModel", py::module_local(),
                           "a Llama-family step (decode or prefill) in one call")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor, torch::Tensor,
                     torch::Tensor, Linear>(),

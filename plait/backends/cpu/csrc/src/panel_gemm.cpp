@@ -510,7 +510,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& halves
 // The product from a panel weight in whichever form reads fastest: `form` is encode_bf16's
 // [halves] (read at every size), encode_affine4's [codes, scales, offsets] (read up to
 // kRegisterDecodeRows rows), or empty; otherwise the float32 panels. The same bits either way.
-// PackedLinear (plait/backends/cpu/linear.py) and the native decode step both call this.
+// PackedLinear (plait/backends/cpu/linear.py) and the layer step both call this.
 torch::Tensor linear_with_form(const torch::Tensor& x, const torch::Tensor& packed,
                                const std::vector<torch::Tensor>& form, int64_t N,
                                const c10::optional<torch::Tensor>& bias) {
