@@ -86,7 +86,7 @@ def test_the_loader_refuses_quantization_with_tp_too():
     from plait.models.loader import load_model
     from plait.quant import QuantConfig
     with pytest.raises(ValueError, match="^quantization='int8' does not support tp_size > 1"):
-        load_model(None, None, None, None, 0, TPGroup(0, 2), QuantConfig("int8"),
+        load_model(None, None, None, None, 0, TPGroup(rank=0, size=2), QuantConfig("int8"),
                    matmul=lambda x, w: x)
 
 
