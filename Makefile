@@ -15,8 +15,8 @@ setup: $(STAMP)
 # tests really run under their interpreters; sglang-router (the gateway behind --dp) and
 # Mooncake (the KV transfer of --disaggregation-mode) likewise.
 # Mooncake's transfer engine (plait[pd]) links libibverbs even for TCP: installed where apt
-# exists (CI runs as root), else a note says what is missing. The CPU kernels
-# (plait/backends/cpu/*.cpp) are compiled by torch.utils.cpp_extension (`make kernels`): g++.
+# exists (CI runs as root), else a note says what is missing. The CPU kernels (one module from
+# plait/backends/cpu/csrc/) are compiled by torch.utils.cpp_extension (`make kernels`): g++.
 $(STAMP): pyproject.toml
 	command -v apt-get >/dev/null && (dpkg -s libibverbs1 >/dev/null 2>&1 || \
 	  (apt-get update -q && apt-get install -y -q libibverbs1)) || \
@@ -34,8 +34,8 @@ $(STAMP): pyproject.toml
 model: setup
 	$(PY) -m plait.models.default
 
-# The CPU backend's C++ kernels for this CPU, built once here (about 2 min on 2 cores) so the
-# first server start does not spend that time compiling; cached by torch afterwards.
+# The CPU backend's C++ module for this CPU, built once here (minutes on 2 cores) so the
+# first server start does not spend that time compiling; cached afterwards (build_cache.py).
 kernels: setup
 	$(PY) -m plait.backends.cpu.cpp_build
 

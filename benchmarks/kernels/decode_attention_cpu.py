@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=40_000, help="KV slots per layer")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
-    ext = cpp_build.extension("decode_attention.cpp")
+    ext = cpp_build.extension().decode_attention
     gen = torch.Generator().manual_seed(0)
     ks = [torch.randn(args.pool, HKV, D, generator=gen) for _ in range(LAYERS)]
     vs = [torch.randn(args.pool, HKV, D, generator=gen) for _ in range(LAYERS)]

@@ -38,7 +38,7 @@ def main() -> None:
     greedy = extension()
     if greedy is None:
         raise SystemExit("the greedy head needs a CPU with AVX-512 BF16 and a C++ compiler")
-    panel = cpp_build.extension("panel_gemm.cpp")
+    panel = cpp_build.extension().panel_gemm
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     rng = random.Random(0)
     ids = torch.tensor([[rng.randrange(100, 40000) for _ in range(args.length)]

@@ -10,7 +10,7 @@ the kernel), and a backend-supplied kernel multiplies the two.
 
 The matmul itself comes from ``Backend.quantized_linear(method, activations)``: the portable
 torch default; the CPU backend's C++ kernels per CPU feature level
-(``plait/backends/cpu/qmatmul_kernels.h``), with an AVX-512 VNNI path for int8 activations;
+(``plait/backends/cpu/csrc/src/qmatmul.cpp``), with an AVX-512 VNNI path for int8 activations;
 the CUDA/ROCm backends' Triton dequant-GEMM (``plait/backends/cuda/quantized_matmul.py``).
 Every one must pass the conformance kit's ``check_quantized_linear``.
 """

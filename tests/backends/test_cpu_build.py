@@ -14,19 +14,40 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler on this machine to build the kernels")
 
-#: one start of the CPU backend's kernel build, as Engine() does it (the smallest source)
+#: one start of the CPU backend's kernel build, as Engine() does it (the portable level)
 BUILD_ONE = ("from plait.backends.cpu import cpp_build; "
-             "cpp_build.extension('thread_control.cpp', 'portable'); print('built')")
+             "cpp_build.extension('portable'); print('built')")
 COMPILERS = {"cc1plus", "clang", "clang++"}
 
 
-def test_make_kernels_builds_every_cpu_source():
+def test_make_kernels_builds_the_one_module_from_every_cpu_source():
     """``make kernels`` (``python -m plait.backends.cpu.cpp_build``) builds ahead what the CPU
-    backend would otherwise compile on the first server start: every source beside it."""
+    backend would otherwise compile on the first server start: one module from every C++ file
+    of the csrc tree, a submodule per kernel, and no C++ outside that tree."""
     from plait.backends.cpu import cpp_build
     here = Path(cpp_build.__file__).parent
-    assert set(cpp_build.SOURCES) == {p.name for p in here.glob("*.cpp")}
-    assert cpp_build.build_all() == []
+    assert set(cpp_build.sources()) == set(cpp_build.CSRC.rglob("*.cpp"))
+    assert not [p for p in here.rglob("*") if p.suffix in (".cpp", ".h", ".cc", ".hpp")
+                and cpp_build.CSRC not in p.parents]
+    assert cpp_build.build()
+    module = cpp_build.extension()
+    for kernel in ("panel_gemm", "qmatmul", "decode_attention", "greedy_head", "layer_step",
+                   "thread_control"):
+        assert hasattr(module, kernel), kernel
+    assert module.simd_level() == cpp_build.best_level()
+
+
+def test_an_edit_anywhere_in_the_tree_names_a_new_module(tmp_path, monkeypatch):
+    """The cache finds a module by its name alone, so an edited header (which every unit that
+    includes it compiles) must change the name, as an edited source does."""
+    from plait.backends.cpu import cpp_build
+    tree = tmp_path / "csrc"
+    shutil.copytree(cpp_build.CSRC, tree)
+    monkeypatch.setattr(cpp_build, "CSRC", tree)
+    before = cpp_build.module_name("portable")
+    header = tree / "include" / "plait_cpu" / "simd.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert cpp_build.module_name("portable") != before
 
 
 def _processes_under(directory: Path) -> dict[int, str]:
@@ -78,12 +99,12 @@ def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
     assert not list(tmp_path.glob("plait/*/*.so")), "a killed build installed a module"
 
     try:
-        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=420,
+        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=1200,
                                 capture_output=True, text=True, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail("the start after a killed build hung (waiting on the dead build's lock?)")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.strip() == "built"
-    [module] = tmp_path.glob("plait/*/plait_thread_control_portable_*.so")
+    [module] = tmp_path.glob("plait/*/plait_cpu_portable_*.so")
     assert not list(module.parent.glob(".build-*")), "the killed build's directory was left"
     assert not leftover, f"the killed start's build kept running: {leftover}"

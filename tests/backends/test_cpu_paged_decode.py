@@ -1,4 +1,4 @@
-"""The CPU backend's in-place paged decode attention (decode_attention.cpp) computes what the
+"""The CPU backend's in-place paged decode attention (csrc/src/decode_attention.cpp) computes what the
 torch reference computes, over shapes, GQA ratios, ragged lengths and scattered slots; the CPU
 backend uses it for float32 KV and keeps the torch path for other dtypes."""
 from __future__ import annotations
@@ -130,7 +130,7 @@ def shared_prefix_case(seed: int, prefix: int, tails: list[int], lead: int = 0,
 ])
 def test_requests_sharing_a_prefix_read_it_once_and_match_the_reference(
         prefix, tails, lead, hkv, group, d):
-    ext = cpp_build.extension("decode_attention.cpp")
+    ext = cpp_build.extension().decode_attention
     q, k, v, slots, lens = shared_prefix_case(0, prefix, tails, lead, hkv, group, d)
     # the grouping the kernel uses: the sharers, their common length one short of the shortest
     # (a request always keeps a tail of its own)
@@ -141,7 +141,7 @@ def test_requests_sharing_a_prefix_read_it_once_and_match_the_reference(
 
 
 def test_a_common_prefix_shorter_than_the_threshold_is_not_shared():
-    ext = cpp_build.extension("decode_attention.cpp")
+    ext = cpp_build.extension().decode_attention
     q, k, v, slots, lens = shared_prefix_case(1, 127, [1, 1], 0)
     assert ext.shared_groups(slots, lens) == []
     torch.testing.assert_close(

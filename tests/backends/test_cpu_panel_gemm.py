@@ -18,7 +18,7 @@ LEVELS = ["portable"] + (["avx512vnni"] if cpp_build.best_level() == "avx512vnni
 
 @pytest.fixture(params=LEVELS)
 def panel(request):
-    ext = cpp_build.extension("panel_gemm.cpp", request.param)
+    ext = cpp_build.extension(request.param).panel_gemm
     assert ext.has_simd_kernel() == (request.param == "avx512vnni")
     return ext
 

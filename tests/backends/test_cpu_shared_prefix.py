@@ -13,13 +13,13 @@ from plait.backends.cpu.attention import extend_attention_ref
 from plait.backends.cpu.shared_prefix import (MIN_SHARED, SharedGroup, extend_attention_shared,
                                               plan_shared_extend, shared_groups)
 
-# the groups are formed by the decode kernel's rule (decode_attention.cpp)
+# the groups are formed by the decode kernel's rule (csrc/src/decode_attention.cpp)
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler on this machine to build the kernel")
 
 
 def test_extend_and_decode_share_one_minimum_prefix():
-    assert MIN_SHARED == cpp_build.extension("decode_attention.cpp").MIN_SHARED
+    assert MIN_SHARED == cpp_build.extension().decode_attention.MIN_SHARED
 
 
 def batch(seed: int, layout: list[tuple[str, int, int]], hkv: int = 3, group: int = 3,

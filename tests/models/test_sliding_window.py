@@ -15,7 +15,7 @@ import torch
 
 import plait
 from plait.backends.cpu.attention import TorchAttentionBackend
-from plait.backends.cpu.native_decode import NativeDecode
+from plait.backends.cpu.native_step import NativeDecode
 from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend
 from plait.backends.cpu.plugin import CpuBackend
 from plait.models.sliding_window import layer_windows

@@ -1,5 +1,11 @@
-"""Compile the CPU backend's C++ kernels once (cached on disk by :mod:`.build_cache`, so later
-processes only load the .so).
+"""Compile the CPU backend's C++ kernels once, as one module per CPU feature level (cached on
+disk by :mod:`.build_cache`, so later processes only load the .so).
+
+The tree (``csrc/``, beside this file)::
+
+    include/plait_cpu/*.h   declarations and small inlines, one header per kernel
+    src/*.cpp               one translation unit per kernel
+    bindings.cpp            the one PYBIND11_MODULE: a submodule per kernel
 
 Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
 
@@ -10,8 +16,8 @@ Dispatch per CPU feature level (:data:`LEVELS`, from least to most demanding):
   AVX2 path under it.
 
 Each level's build has its own name, so their caches never collide. The name also carries a
-digest of the source, the headers beside it (``*.h``) and the flags: the cache finds a module
-by name alone, so an edited header or flag must change the name.
+digest of the whole ``csrc`` tree and the flags: the cache finds a module by name alone, so an
+edited source or flag must change the name.
 
 Where the modules live (``$PLAIT_KERNEL_DIR``, default ``~/.cache/plait/kernels``, one
 directory per interpreter and torch build), how a killed build is survived (a lock its dead
@@ -38,9 +44,11 @@ _FLAGS = {
     "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                    "-mavx512dq", "-mavx512vnni"],
 }
-#: flags one source needs beyond its level's: the native decode step keeps a * b + c as two
-#: roundings, as torch's elementwise ops do (its SIMD kernels use explicit FMA intrinsics)
-_SOURCE_FLAGS = {"decode_step.cpp": ["-ffp-contract=off"]}
+#: the whole module keeps a * b + c as two roundings, as torch's elementwise ops do: the layer
+#: step's glue (RMSNorm, RoPE) must round as plait/models/llama.py does, and the kernels it
+#: calls are the ones the eager path calls (their SIMD loops use explicit FMA intrinsics)
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+CSRC = Path(__file__).with_name("csrc")
 
 
 def has_avx2() -> bool:
@@ -60,47 +68,58 @@ def best_level() -> str:
     return "avx512vnni" if has_avx512_vnni() else "avx2" if has_avx2() else "portable"
 
 
-@functools.lru_cache(maxsize=None)
-def extension(source: str, level: str | None = None) -> ModuleType:
-    """The module compiled from ``source`` (a file beside this one) for ``level``
-    (``None``: :func:`best_level`)."""
-    level = best_level() if level is None else level
+def sources() -> list[Path]:
+    """The module's translation units: every kernel's, then the bindings."""
+    return [*sorted((CSRC / "src").glob("*.cpp")), CSRC / "bindings.cpp"]
+
+
+def _tree_digest(flags: list[str], ldflags: list[str]) -> str:
+    """A digest of the flags and of every file under csrc/ (path and content)."""
+    digest = hashlib.sha256(json.dumps([flags, ldflags]).encode())
+    for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(CSRC)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _flags(level: str) -> tuple[list[str], list[str]]:
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    path = Path(__file__).with_name(source)
-    flags = ["-O3", "-fopenmp"] + _FLAGS[level] + _SOURCE_FLAGS.get(source, [])
-    ldflags = ["-fopenmp"]
-    digest = hashlib.sha256(json.dumps([flags, ldflags]).encode())
-    for part in [path, *sorted(path.parent.glob("*.h"))]:
-        digest.update(part.read_bytes())
-    name = f"plait_{path.stem}_{level}_{digest.hexdigest()[:12]}"
-    return build_cache.load(name, [path], cflags=flags, ldflags=ldflags)
+    return [*_COMMON_FLAGS, *_FLAGS[level], f"-I{CSRC / 'include'}"], ["-fopenmp"]
 
 
-#: every source the CPU backend builds at this CPU's level (``python -m
-#: plait.backends.cpu.cpp_build``, the Makefile's ``kernels`` target, builds them ahead)
-SOURCES = ("decode_attention.cpp", "decode_step.cpp", "greedy_head.cpp", "panel_gemm.cpp",
-           "qmatmul.cpp", "thread_control.cpp")
+def module_name(level: str) -> str:
+    """The module's name at ``level``: the level and a digest of the csrc tree and the flags."""
+    return f"plait_cpu_{level}_{_tree_digest(*_flags(level))}"
 
 
-def build_all() -> list[str]:
-    """Build (or load from the cache) every source in :data:`SOURCES` at
-    :func:`best_level`; returns the ones that failed (the backend then falls back to torch
-    paths at run time, with a warning)."""
-    failed = []
-    for source in SOURCES:
-        try:
-            extension(source)
-        except Exception as e:  # a missing compiler surfaces as several error types
-            print(f"warning: {source} did not build ({e}); the CPU backend will use torch paths")
-            failed.append(source)
-    return failed
+@functools.lru_cache(maxsize=None)
+def extension(level: str | None = None) -> ModuleType:
+    """The CPU backend's native module for ``level`` (``None``: :func:`best_level`), one
+    submodule per kernel (``panel_gemm``, ``qmatmul``, ``decode_attention``, ``greedy_head``,
+    ``layer_step``, ``thread_control``)."""
+    level = best_level() if level is None else level
+    flags, ldflags = _flags(level)
+    return build_cache.load(module_name(level), sources(), cflags=flags, ldflags=ldflags)
+
+
+def build() -> bool:
+    """Build (or load from the cache) the module at :func:`best_level` (``python -m
+    plait.backends.cpu.cpp_build``, the Makefile's ``kernels`` target, builds it ahead); False
+    where it failed (the backend then falls back to torch paths at run time, with a warning)."""
+    try:
+        extension()
+    except Exception as e:  # a missing compiler surfaces as several error types
+        print(f"warning: the CPU kernels did not build ({e}); the CPU backend will use torch "
+              f"paths")
+        return False
+    return True
 
 
 if __name__ == "__main__":
     import time
 
     start = time.perf_counter()
-    failed = build_all()
-    print(f"CPU kernels at level {best_level()}: {len(SOURCES) - len(failed)} of {len(SOURCES)} "
-          f"built or cached in {time.perf_counter() - start:.0f} s")
+    built = build()
+    print(f"CPU kernels at level {best_level()}: {'built or cached' if built else 'failed'} in "
+          f"{time.perf_counter() - start:.0f} s")

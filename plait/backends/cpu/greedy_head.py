@@ -1,4 +1,4 @@
-"""Greedy decode tokens without the float32 LM head's full product (``greedy_head.h``).
+"""Greedy decode tokens without the float32 LM head's full product (``csrc/src/greedy_head.cpp``).
 
 Why: for SmolLM2-135M the LM head is 113 MB of the 540 MB a decode step streams and a fifth of
 its multiply-adds, and a request that decodes greedily needs only the index of its largest
@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def extension() -> Optional[ModuleType]:
-    """The AVX-512 build of ``greedy_head.cpp`` where this CPU runs its BF16 kernel, else None."""
+    """The AVX-512 build's ``greedy_head`` kernels where this CPU runs their BF16 screen, else
+    None."""
     if cpp_build.best_level() != "avx512vnni":
         return None
     try:
-        ext = cpp_build.extension("greedy_head.cpp")
+        ext = cpp_build.extension().greedy_head
     except Exception as e:  # a missing compiler surfaces as several error types
-        log.warning("greedy_head.cpp did not build (%s); greedy decode computes full logits", e)
+        log.warning("the CPU kernels did not build (%s); greedy decode computes full logits", e)
         return None
     return ext if ext.available() else None
 

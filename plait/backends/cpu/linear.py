@@ -3,8 +3,8 @@ reads them in the order it multiplies.
 
 Two packed forms, chosen per weight when the model loads (:func:`default_layout`):
 
-- ``panel`` (float32, where the AVX-512 build of ``panel_gemm.cpp`` compiles): the weight as
-  48-column panels, multiplied by ``panel_gemm.h``'s kernel. On the 2-core AVX-512 development
+- ``panel`` (float32, where the AVX-512 build of ``csrc/src/panel_gemm.cpp`` compiles): the
+  weight as 48-column panels, multiplied by its kernel. On the 2-core AVX-512 development
   machine it ran all of SmolLM2-135M's products for one decode step, weights streamed from
   memory, in 11 ms at M=1, 23 ms at M=16 and 81 ms at M=64, where oneDNN took 28, 33 and 94 ms;
   from M ~ 128 the two are within a few per cent (``benchmarks/kernels/panel_gemm_cpu.py``).
@@ -59,13 +59,13 @@ LAYOUTS = ("panel", "onednn")
 
 @functools.lru_cache(maxsize=None)
 def panel_extension() -> Optional[ModuleType]:
-    """The AVX-512 build of ``panel_gemm.cpp``, or None where this CPU has no AVX-512 (VNNI
+    """The AVX-512 build's ``panel_gemm`` kernels, or None where this CPU has no AVX-512 (VNNI
     level) or it cannot be compiled here (the reason logged once)."""
     from plait.backends.cpu import cpp_build
     if cpp_build.best_level() != "avx512vnni":
         return None
     try:
-        return cpp_build.extension("panel_gemm.cpp", "avx512vnni")
+        return cpp_build.extension("avx512vnni").panel_gemm
     except Exception as e:  # a missing compiler surfaces as several error types
         log.warning("panel GEMM kernel unavailable (%s); float32 weights stay on oneDNN", e)
         return None

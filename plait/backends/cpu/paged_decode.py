@@ -1,4 +1,4 @@
-"""The CPU backend's decode attention: ``decode_attention.cpp`` reads each request's K/V rows
+"""The CPU backend's decode attention: ``csrc/src/decode_attention.cpp`` reads each request's K/V rows
 in place in the paged pool instead of gathering padded copies (see the source for why).
 
 It is a ``torch.library`` custom op (``plait::paged_decode_attention``) so a compiled decode
@@ -27,7 +27,7 @@ def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
                            scale: float) -> torch.Tensor:
     """q [B, Hq, D]; buffers [S, Hkv, D]; slots [B, L] int64, row b's first seq_lens[b] are
     its KV slots; float32. Returns [B, Hq, D]."""
-    return cpp_build.extension("decode_attention.cpp").decode_attention(
+    return cpp_build.extension().decode_attention.decode_attention(
         q, k_buffer, v_buffer, slots, seq_lens, scale)
 
 
@@ -39,7 +39,7 @@ def _(q, k_buffer, v_buffer, slots, seq_lens, scale):
 def kernel_available() -> bool:
     """Compile (or load) the kernel; False, with a warning, where it cannot be built."""
     try:
-        cpp_build.extension("decode_attention.cpp")
+        cpp_build.extension()
     except Exception as e:  # a missing compiler surfaces as several error types
         log.warning("CPU decode-attention kernel unavailable (%s); using the torch path", e)
         return False

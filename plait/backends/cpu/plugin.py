@@ -34,11 +34,11 @@ class CpuBackend(Backend):
     #: by every product) too, where it has one (``plait.backends.cpu.linear``); False streams
     #: the float32 panels, the path benchmarks compare against
     compact_weights: ClassVar[bool] = True
-    #: float32 decode attention through ``decode_attention.cpp`` (K/V read in place); False
+    #: float32 decode attention through ``csrc/src/decode_attention.cpp`` (K/V read in place); False
     #: keeps the torch gather path, the one benchmarks compare against
     paged_decode_kernel: ClassVar[bool] = True
-    #: decode through ``decode_step.cpp`` (all layers in one C++ call,
-    #: ``plait.backends.cpu.native_decode``) where the model allows and decode is not compiled;
+    #: decode through ``csrc/src/layer_step.cpp`` (all layers in one C++ call,
+    #: ``plait.backends.cpu.native_step``) where the model allows and decode is not compiled;
     #: False keeps the eager torch step, the one benchmarks compare against
     native_decode: ClassVar[bool] = True
     #: greedy-only decode batches take their tokens from the bfloat16-screened exact head
@@ -67,9 +67,9 @@ class CpuBackend(Backend):
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
     def quantized_linear(self, method: str, activations: str = "float"):
-        """``qmatmul.cpp`` at this CPU's best SIMD level. ``activations="int8"``: its AVX-512
-        VNNI kernel (ValueError on a CPU without VNNI); ``float``: the float-activation kernel,
-        or the torch default if it cannot be compiled here (no C++ compiler), with a warning
+        """``csrc/src/qmatmul.cpp`` at this CPU's best SIMD level. ``activations="int8"``: its
+        AVX-512 VNNI kernel (ValueError on a CPU without VNNI); ``float``: the float-activation
+        kernel, or the torch default if it cannot be compiled here (no C++ compiler), with a warning
         since that path is slow."""
         from plait.backends.cpu.cpp_build import has_avx512_vnni
         from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
@@ -108,7 +108,7 @@ class CpuBackend(Backend):
             prepack_linears(runner.model, self.linear_layout, self.compact_weights)
             log.info("%s", compact_summary(runner.model))
         if self.native_decode and runner.graph_runner is None:
-            from plait.backends.cpu.native_decode import install_native_decode
+            from plait.backends.cpu.native_step import install_native_decode
             install_native_decode(runner.model, runner.attn, self.greedy_head)
         return runner
 

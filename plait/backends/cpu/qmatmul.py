@@ -1,4 +1,4 @@
-"""The CPU backend's quantized matmul: ``qmatmul.cpp``, compiled once per CPU feature level by
+"""The CPU backend's quantized matmul: ``csrc/src/qmatmul.cpp``, compiled once per CPU feature level by
 :mod:`plait.backends.cpu.cpp_build`.
 
 By default the weights are dequantized in registers and multiplied with float32 activations
@@ -9,7 +9,7 @@ float32 GEMM (``at::mm`` where torch has no oneDNN). ``int8_activations=True``
 (``--quantization-activations int8``) runs ``qmatmul_q8`` where the CPU has AVX-512 VNNI:
 below 128 rows, activations quantized to int8 per 32-block and int8 dot products, as
 llama.cpp does (its error is bounded by the activations' rounding, see
-``qmatmul_kernels.h``); from 128 rows, the same float32 panels.
+``csrc/src/qmatmul.cpp``); from 128 rows, the same float32 panels.
 """
 from __future__ import annotations
 
@@ -23,15 +23,16 @@ from plait.quant.formats import QuantizedWeight
 
 
 def extension(level: str | None = None) -> ModuleType:
-    """The compiled kernel module (``level=None``: the best this CPU runs)."""
-    return cpp_build.extension("qmatmul.cpp", level)
+    """The compiled kernels (the native module's ``qmatmul``; ``level=None``: the best this
+    CPU runs)."""
+    return cpp_build.extension(level).qmatmul
 
 
 class CpuQuantizedMatmul:
     """``f(x[..., K], weight) -> [..., N]`` in float32 (other activation dtypes are converted
-    in and out) with ``qmatmul.cpp`` built for ``level``: ``qmatmul_q8`` with
+    in and out) with ``csrc/src/qmatmul.cpp`` built for ``level``: ``qmatmul_q8`` with
     ``int8_activations`` (ValueError where that build has no VNNI kernel), else ``qmatmul``. Its ``level`` and ``int8_activations`` tell the
-    native decode step (``plait.backends.cpu.native_decode``) which kernel to call itself."""
+    native step (``plait.backends.cpu.native_step``) which kernel to call itself."""
 
     def __init__(self, level: str | None = None, int8_activations: bool = False):
         ext = extension(level)

@@ -40,7 +40,7 @@ def shared_groups(slot_rows: list[torch.Tensor], prefix_lens: list[int]) -> list
     """Groups of two or more consecutive requests sharing at least :data:`MIN_SHARED` cached
     slots. ``slot_rows[b]`` holds request b's slots, at least ``prefix_lens[b]`` of them.
 
-    The rule is the decode kernel's (``decode_attention_kernel.h``'s ``shared_groups``, which
+    The rule is the decode kernel's (``csrc/src/decode_attention.cpp``'s ``shared_groups``, which
     never shares a request's last slot): a request's cached prefix is its "all but the last"
     when its length is taken as ``prefix + 1``."""
     if sum(p >= MIN_SHARED for p in prefix_lens) < 2:
@@ -49,7 +49,7 @@ def shared_groups(slot_rows: list[torch.Tensor], prefix_lens: list[int]) -> list
     for b, (row, p) in enumerate(zip(slot_rows, prefix_lens)):
         slots[b, :p] = row[:p]
     lens = torch.tensor(prefix_lens, dtype=torch.int64) + 1
-    kernel = cpp_build.extension("decode_attention.cpp")
+    kernel = cpp_build.extension().decode_attention
     return [SharedGroup(*g) for g in kernel.shared_groups(slots, lens)]
 
 

@@ -5,10 +5,9 @@ Why: libgomp (torch's OpenMP runtime) keeps a team of worker threads for every t
 started a parallel region, and once it manages more threads than the process has CPUs it cuts
 its workers' spin-wait from ~300,000 iterations to 100, so they sleep and are woken through the
 kernel at every parallel region. On the 2-core development machine a thread that had loaded the
-model (its own team) made every kernel of the forward thread ~1.7-2x slower: the VNNI
-quantized matmul of SmolLM2's gate/up went from 49 to 91 us and two context switches appeared
-per call (``perf stat``; see docs/benchmarks.md). libgomp counts the process's first thread
-as managed from the start, so on a 2-CPU machine any team besides the forward thread's trips
+model (its own team) made every kernel of the forward thread markedly slower, with two context
+switches per call (``perf stat``; docs/cpu-backend.md, "One OpenMP team per engine", has the
+figures). libgomp counts the process's first thread as managed from the start, so on a 2-CPU machine any team besides the forward thread's trips
 the throttle. So the engine builds itself and runs its scheduler loop under
 :func:`one_thread_here`, which first frees the calling thread's team if it has one (a
 ``torch.set_num_threads`` call or any parallel op before the engine starts one), and only the
@@ -36,7 +35,7 @@ def set_thread_parallelism(threads: int, mkl_threads: int = 0) -> bool:
     ``mkl_threads`` (0: MKL's process-wide count, which ``torch.set_num_threads`` sets); False
     (with a warning) where the helper cannot be compiled here."""
     try:
-        ext = cpp_build.extension("thread_control.cpp")
+        ext = cpp_build.extension().thread_control
     except Exception as e:  # a missing compiler surfaces as several error types
         log.warning("per-thread OpenMP control unavailable (%s)", e)
         return False
@@ -48,7 +47,7 @@ def release_team() -> bool:
     """Free the calling thread's OpenMP team workers, if it has any (``omp_pause_resource_all``);
     False where the helper is unavailable or the runtime refused (inside a parallel region)."""
     try:
-        ext = cpp_build.extension("thread_control.cpp")
+        ext = cpp_build.extension().thread_control
     except Exception as e:  # a missing compiler surfaces as several error types
         log.warning("per-thread OpenMP control unavailable (%s)", e)
         return False

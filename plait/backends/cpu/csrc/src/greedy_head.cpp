@@ -18,9 +18,8 @@
 //
 // Where that cannot be decided (x or a candidate's logit not finite, the row's E not finite)
 // the row's answer is -1 and the caller computes its float32 logits the ordinary way.
-#pragma once
+#include "plait_cpu/greedy_head.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
@@ -42,7 +41,7 @@ constexpr int64_t kCols = 48;  // columns per panel: three vectors of 16 float s
 constexpr int64_t kRows = 8;   // rows per micro-kernel pass
 
 // Whether this build and this CPU can run the bfloat16 screen.
-inline bool available() {
+bool available() {
 #if defined(__AVX512F__)
   return __builtin_cpu_supports("avx512bf16");
 #else
@@ -60,7 +59,7 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (finite inputs)
 // The float32 panels of panel_gemm.pack (W [V, K] as [ceil(V / 48), K, 48], K even, finite)
 // -> (bfloat16 panels int16 [ceil(V / 48), K / 2, 48, 2] holding the bits, zero past V; row
 // norms ||W_j|| float32 [V], rounded up).
-inline std::vector<torch::Tensor> pack(const torch::Tensor& panels, int64_t V) {
+std::vector<torch::Tensor> pack(const torch::Tensor& panels, int64_t V) {
   TORCH_CHECK(panels.dim() == 3 && panels.size(2) == kCols && panels.is_contiguous() &&
                   panels.scalar_type() == torch::kFloat32,
               "greedy_head.pack: weight must be panel_gemm's float32 panels [P, K, 48]");
@@ -169,7 +168,7 @@ inline bool screen(const float*, const float*, int64_t, float, std::vector<int64
 
 // f of the bound E = f ||x|| ||W_j|| for K-long rows (see the top of this file), with 0.1 %
 // for the screen's float comparisons.
-inline double bound_factor(int64_t K) {
+double bound_factor(int64_t K) {
   const double u = std::ldexp(1.0, -9);
   return (2 * u + u * u + 3.0 * K * std::ldexp(1.0, -23)) * 1.001;
 }
@@ -186,8 +185,8 @@ inline float exact_logit(const float* x, const float* panels, int64_t K, int64_t
 // x [B, K] float32; packed, norms = pack(panels, V); panels: panel_gemm's float32 panels of
 // the same weight. Returns int64 [B]: each row's greedy token (see the top of this file), -1
 // where undecided.
-inline torch::Tensor argmax(const torch::Tensor& x_in, const torch::Tensor& packed,
-                            const torch::Tensor& norms, const torch::Tensor& panels) {
+torch::Tensor argmax(const torch::Tensor& x_in, const torch::Tensor& packed,
+                     const torch::Tensor& norms, const torch::Tensor& panels) {
   RECORD_FUNCTION("plait::greedy_head", std::vector<c10::IValue>({x_in}));
   TORCH_CHECK(available(), "greedy_head: needs AVX-512 BF16");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat32,

@@ -1,14 +1,15 @@
-"""The CPU backend's native decode step: ``decode_step.cpp`` runs every layer, the final norm
-and the LM head of a decode batch in one call, installed as the model's ``decode_forward``.
+"""The CPU backend's native model step: ``csrc/src/layer_step.cpp`` runs every layer, the final
+norm and the LM head of a batch in one call, installed as the model's ``decode_forward`` (a
+decode batch) and ``extend_forward`` (a prefill batch).
 
 Why: an eager decode step is ~40 tensor ops per layer, each a Python call and a dispatch; at
 batch 1 that overhead, not the weights, is most of the step (see docs/benchmarks.md). The C++
 step calls the same matrix-product kernels the eager path does (panel-packed or oneDNN-packed
-float32, MKL ``at::linear``, or the quantized kernels of ``qmatmul_kernels.h``) and replaces the glue
-between them with loops over the rows. Prefill (extend) runs through the same layers
+float32, MKL ``at::linear``, or the quantized kernels of ``csrc/src/qmatmul.cpp``) and replaces
+the glue between them with loops over the rows. Prefill (extend) runs through the same layers
 (:class:`NativeExtend`): RMSNorm, RoPE and SiLU * up are single passes, parallel over rows, and
-the MLP goes 1,024 rows at a time so its activations stay in cache (the peers benchmark's mixed
-prefill, 9,250 tokens: 14.8 -> 12.1 s); attention is called back into Python.
+the MLP goes 1,024 rows at a time so its activations stay in cache (docs/cpu-backend.md has
+the measured prefill); attention is called back into Python.
 
 What holds:
 - It is built only for a model it computes exactly (:func:`build_native_decode` returns None
@@ -42,7 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def extension() -> ModuleType:
-    return cpp_build.extension("decode_step.cpp")
+    """The layer step's kernels, at :func:`cpp_build.best_level` (the level its quantized
+    Linears must have been built for)."""
+    return cpp_build.extension().layer_step
 
 
 def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
@@ -56,7 +59,7 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
         return ext.Linear.packed(module.packed_weight, module.bias)
     if isinstance(module, QuantizedLinear):
         matmul = module.matmul
-        if not (isinstance(matmul, CpuQuantizedMatmul) and matmul.level == ext.simd_level()):
+        if not (isinstance(matmul, CpuQuantizedMatmul) and matmul.level == cpp_build.best_level()):
             return None
         w = module.qweight
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
@@ -95,7 +98,7 @@ def build_native_decode(model: nn.Module, attn: Any,
     try:
         ext = extension()
     except Exception as e:  # a missing compiler surfaces as several error types
-        return refuse(f"decode_step.cpp could not be built ({e})")
+        return refuse(f"the CPU kernels could not be built ({e})")
     layers = list(model.layers)
     rotary = layers[0].self_attn.rotary
     norms = [model.norm] + [n for layer in layers

@@ -1,4 +1,3 @@
-#pragma once
 // Weight-only quantized matmul y[M, N] = x[M, K] @ W[N, K]^T for plait.quant.formats'
 // QuantizedWeight: 8-bit codes, or 4-bit codes in GGUF nibble order with (Q4_1) or without
 // (Q4_0) per-group mins; float16 scales per group of `group` inputs.
@@ -7,29 +6,25 @@
 // multiplied against up to 8 activation rows at once, so a block is unpacked once per 8 rows
 // of x. Output rows are split across threads with at::parallel_for (torch's OpenMP pool,
 // sized by torch.set_num_threads). Built with -mavx2 -mfma -mf16c where the CPU has them
-// (plait/backends/cpu/qmatmul.py decides); otherwise the portable loop below is compiled.
+// (plait/backends/cpu/cpp_build.py decides); otherwise the portable loop below is compiled.
 //
-// Built with AVX-512 VNNI as well (plait/backends/cpu/cpp_build.py's "avx512vnni" level), the
-// module also has qmatmul_q8: activations quantized to int8 per 32-block (GGUF's Q8 activation
+// Built with AVX-512 VNNI as well (cpp_build.py's "avx512vnni" level), the module also has
+// qmatmul_q8: activations quantized to int8 per 32-block (GGUF's Q8 activation
 // scheme, llama.cpp's), products summed in int32 by vpdpbusd, two blocks per instruction. See
 // that function for its arithmetic and error bound.
-#include <torch/extension.h>
+#include "plait_cpu/qmatmul.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define PLAIT_AVX2 1
-#endif
-#if defined(PLAIT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
-    defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define PLAIT_VNNI 1
-#endif
 #include <vector>
+
+#include "plait_cpu/simd.h"
 
 namespace {
 
@@ -174,7 +169,7 @@ inline void dequant_row(const Weight& w, int64_t n, int64_t K, float* out) {
 // Scales (and mins) of blocks [b0, b0 + nb) of weight row n, one float per 32-weight block.
 // Converted ahead of the block loop so that the loop broadcasts them from memory: converting
 // a float16 scale inside it costs three instructions, and with groups of 32 (every GGUF
-// format) it happens for every block (gate/up at M = 16: 468 -> 399 us).
+// format) it happens for every block.
 template <bool MINS>
 inline void block_scales(const Weight& w, int64_t n, int64_t b0, int64_t nb, float* sd,
                          float* sm) {
@@ -237,7 +232,7 @@ __attribute__((noinline)) void rows_tile(const Weight& w, int64_t n, const float
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t b = b0 + j;
       // The next NR rows, a tile ahead: reading two rows' blocks in turn defeats the hardware
-      // prefetcher (the int8 LM head at M = 4: 5.6 -> 4.0 ms). Past the last row, a prefetch
+      // prefetcher. Past the last row, a prefetch
       // does not fault.
       for (int r = 0; r < NR; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(w.qs + (n + NR + r) * w.qs_stride +
@@ -250,7 +245,7 @@ __attribute__((noinline)) void rows_tile(const Weight& w, int64_t n, const float
         for (int i = 0; i < L::kPerBlock; ++i) {
           V xv = L::load(xp + kLanes * i);
           // Keep xv in a register: otherwise the compiler folds the load into each of the NR
-          // FMAs, and the loads pace the loop again (gate/up at M = 16: 399 -> 367 us).
+          // FMAs, and the loads pace the loop again.
           asm("" : "+v"(xv));
           for (int r = 0; r < NR; ++r)
             acc[r][m][i % NA] = L::fmadd(wv[r][i], xv, acc[r][m][i % NA]);
@@ -555,7 +550,7 @@ void q8_tile(const Weight& w, const RowScales<BITS, MINS>* rs, int64_t n0, int64
   const __m512i zero = _mm512_setzero_si512();
   // Prefetch the weight rows two tiles ahead, spread over this tile's pairs: a row is only
   // 5-9 cache lines, too short for the hardware prefetcher to run ahead of (at M = 1 the
-  // kernel otherwise waits on memory at ~6 GB/s per thread). Prefetches never fault, so
+  // kernel otherwise waits on memory). Prefetches never fault, so
   // reading past the matrix's end is harmless.
   const char* ahead = reinterpret_cast<const char*>(w.qs + (n0 + 2 * NR) * w.qs_stride);
   const int64_t ahead_lines = (NR * w.qs_stride + 63) / 64;
@@ -636,12 +631,9 @@ void q8_kernel(const Weight& w, int64_t n0, int64_t n1, int64_t blocks,
 }
 #endif  // PLAIT_VNNI
 
-
-}  // namespace
-
 // Checks x [M, K] float32 against the weight's shapes and views the weight's tensors.
-inline Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& scales,
-                      const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
+inline Weight checked_weight(torch::Tensor& x, const torch::Tensor& qs,
+                            const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales");
   TORCH_CHECK(qs.is_contiguous() && (bits == 4 || bits == 8), "qs / bits");
@@ -663,32 +655,34 @@ inline int64_t row_grain(int64_t K) { return std::max<int64_t>(2, 65536 / K); }
 
 // From this many activation rows on, qmatmul dequantizes the weights into float32 panels and
 // multiplies them with oneDNN's float32 GEMM: the register tiles dequantize every block once
-// per 8 activation rows and stay near 120 GFLOP/s however many rows come, while the library
-// GEMM grows with M. benchmarks/kernels/qmatmul_cpu.py on the development machine (2 cores),
-// SmolLM2's products per step (the int8 LM head included), tiles against panels in one
-// hour: M = 128: 247.5 against 203.4 ms, M = 256: 494.5 against 380.9 (oneDNN on prepacked
-// float32: 170-178 and 337-353). Below 128 rows the panels were no faster: their cost for
-// dequantizing the whole matrix, the LM head's 28M weights included, stays while the GEMM
-// shrinks. The panel holds the float32 weights the tiles compute, so results differ by
+// per 8 activation rows and keep one rate however many rows come, while the library GEMM's
+// grows with M. Below kPanelMinRows rows the register tiles win: the panels' cost for
+// dequantizing the whole matrix, the LM head's weights included, stays while the GEMM shrinks
+// (benchmarks/kernels/qmatmul_cpu.py --rows 128 256; the figures are in docs/cpu-backend.md).
+// The panel holds the float32 weights the tiles compute, so results differ by
 // summation order only.
 constexpr int64_t kPanelMinRows = 128;
 // Floats per panel (16 MiB): a small model's matrices fit whole, so the GEMM runs once over
 // all N and writes y itself; a larger one's go in panels of kPanelFloats / K weight rows. The
-// dequantized panel is written and read back once per call, ~1/20 of the GEMM's time at
-// M = 512; smaller, L2-sized panels made the GEMM repack x for each one and ran slower.
+// dequantized panel is written and read back once per call, a small part of the GEMM's time;
+// smaller, L2-sized panels made the GEMM repack x for each one and ran slower.
 constexpr int64_t kPanelFloats = int64_t{1} << 22;
 
 // oneDNN's float32 linear (mkldnn::_linear_pointwise), where this torch has it: y = x @ w^T
 // (+ bias) for a weight prepacked by mkldnn::_reorder_linear_weight or a plain row-major
-// [N, K] one. The native decode step's packed Linears call it too.
+// [N, K] one. The layer step's packed Linears call it too.
 inline const c10::optional<c10::OperatorHandle>& onednn_linear_op() {
   static const c10::optional<c10::OperatorHandle> op =
       c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
   return op;
 }
 
-inline torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w,
-                                   const c10::optional<torch::Tensor>& bias = c10::nullopt) {
+}  // namespace
+
+namespace qmatmul {
+
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w,
+                            const c10::optional<torch::Tensor>& bias) {
   const auto& op = onednn_linear_op();
   TORCH_CHECK(op.has_value(), "this torch has no oneDNN (mkldnn::_linear_pointwise)");
   std::vector<c10::IValue> stack{x, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
@@ -698,21 +692,23 @@ inline torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& 
   return stack[0].toTensor();
 }
 
-// y = x @ w^T in float32 for a plain row-major w [N, K]: oneDNN, ~1.3x faster than at::mm
-// (MKL's sgemm) at M = 512 on the development machine; at::mm where torch has no oneDNN.
-inline torch::Tensor float_gemm(const torch::Tensor& x, const torch::Tensor& w) {
+namespace {
+
+// y = x @ w^T in float32 for a plain row-major w [N, K]: oneDNN, faster than at::mm (MKL's
+// sgemm) at prefill sizes; at::mm where torch has no oneDNN.
+torch::Tensor float_gemm(const torch::Tensor& x, const torch::Tensor& w) {
   return onednn_linear_op().has_value() ? onednn_linear(x, w) : at::mm(x, w.t());
 }
 
 // A per-thread scratch of at least `floats` floats, kept between calls: a fresh multi-MiB
 // allocation would be page-faulted in on every product.
-inline float* panel_scratch(int64_t floats) {
+float* panel_scratch(int64_t floats) {
   thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(floats);
   return scratch.data();
 }
 
-inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int64_t N) {
+torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t panel_rows = std::min(N, std::max<int64_t>(1, kPanelFloats / K));
   float* pp = panel_scratch(panel_rows * K);
@@ -735,7 +731,9 @@ inline torch::Tensor qmatmul_panels(const Weight& w, const torch::Tensor& x, int
   return y;
 }
 
-inline torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
+}  // namespace
+
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
                       c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
   const Weight w = checked_weight(x, qs, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
@@ -753,13 +751,12 @@ inline torch::Tensor qmatmul(torch::Tensor x, torch::Tensor qs, torch::Tensor sc
 
 #ifdef PLAIT_VNNI
 // qmatmul with x quantized to int8 per 32-block first (see "int8 activations" above).
-inline torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
+torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
                          c10::optional<torch::Tensor> mins, int64_t bits, int64_t group) {
   const Weight w = checked_weight(x, qs, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   // A prefill (or a decode batch of 128+) takes the float32 panels too: oneDNN's GEMM there
-  // is ~1.5x faster than this kernel (SmolLM2's products at M = 512: 1328 against ~900 ms),
-  // and float activations are the more accurate of the two.
+  // is faster than this kernel, and float activations are the more accurate of the two.
   if (M >= kPanelMinRows) return qmatmul_panels(w, x, N);
   const QuantizedActivations xq = quantize_activations(x.data_ptr<float>(), M, K);
   auto y = torch::empty({M, N}, x.options());
@@ -774,7 +771,7 @@ inline torch::Tensor qmatmul_q8(torch::Tensor x, torch::Tensor qs, torch::Tensor
 }
 
 // x's int8 codes [M, K] and float d_x [M, K / 32], as qmatmul_q8 quantizes them (for tests).
-inline std::vector<torch::Tensor> quantize_activations_q8(torch::Tensor x) {
+std::vector<torch::Tensor> quantize_activations_q8(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) % kBlock == 0,
               "x must be float32 [M, K], K a multiple of 32");
   x = x.contiguous();
@@ -791,14 +788,4 @@ inline std::vector<torch::Tensor> quantize_activations_q8(torch::Tensor x) {
 }
 #endif
 
-// The instruction set this build targets: "avx512vnni" (qmatmul_q8 exists), "avx2" or
-// "portable".
-inline std::string simd_level() {
-#if defined(PLAIT_VNNI)
-  return "avx512vnni";
-#elif defined(PLAIT_AVX2)
-  return "avx2";
-#else
-  return "portable";
-#endif
-}
+}  // namespace qmatmul

@@ -1,19 +1,17 @@
 // Float32 y = x W^T (+ b) for a weight packed once into column panels: the CPU backend's
 // product for decode-sized batches and for prefill.
 //
-// Why: oneDNN's float32 linear (mkldnn::_linear_pointwise on a reordered weight) reaches this
-// machine's FMA peak only from M ~ 128 rows. Below that, on SmolLM2-135M's shapes with the
-// weights streamed from memory as a decode step streams them, all of one step's products took
-// 28 ms at M = 1 (~20 GB/s of weights) and 33 ms at M = 16 (~135 GFLOP/s) on the 2-core
-// AVX-512 development machine; this kernel took 11 ms and 23 ms (~185 GFLOP/s), and at M = 64
-// 81 against 94 ms (benchmarks/kernels/panel_gemm_cpu.py has the table).
+// Why: oneDNN's float32 linear (mkldnn::_linear_pointwise on a reordered weight) reaches the
+// machine's FMA peak only from M ~ 128 rows; below that this kernel is faster, at decode sizes
+// by streaming the weights at memory speed (benchmarks/kernels/panel_gemm_cpu.py; the figures
+// are in docs/cpu-backend.md).
 //
 // Layout: W [N, K] is packed into ceil(N / 48) panels of [K, 48] floats, each panel contiguous
 // and its columns past N zero. One pass of the micro-kernel keeps 8 rows x 48 columns of y in
 // 24 AVX-512 registers and, for each k, loads the panel's 48 weights of that k once and
 // multiplies them by the 8 rows' x[m, k]: the weights stream through memory exactly once per
-// 8 rows, front to back, which the hardware prefetcher follows (a software prefetch measured
-// slower). Rows come in blocks of 8; 1-7 leftover rows use the same kernel at that height.
+// 8 rows, front to back, which the hardware prefetcher follows (a software prefetch is slower).
+// Rows come in blocks of 8; 1-7 leftover rows use the same kernel at that height.
 //
 // Work is split over (block of kRowChunk rows) x (panel) tasks, so a large M keeps its rows'
 // x in cache while the panels pass, and a small M still splits over its panels.
@@ -22,9 +20,8 @@
 // multiply-adds, then + b[n]: the same value for a row whatever else is in the batch. Without
 // AVX-512 (builds below the avx512vnni level) the same loop runs in portable C++, for tests;
 // plait/backends/cpu/linear.py uses panels only where the AVX-512 kernel is built.
-#pragma once
+#include "plait_cpu/panel_gemm.h"
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
@@ -43,11 +40,10 @@
 
 namespace panel_gemm {
 
-constexpr int64_t kCols = 48;       // columns per panel: three 16-float vectors
 constexpr int64_t kRows = 8;        // rows per micro-kernel pass
 constexpr int64_t kRowChunk = 512;  // rows per task for large M
 
-inline bool has_simd_kernel() {
+bool has_simd_kernel() {
 #if defined(__AVX512F__)
   return true;
 #else
@@ -56,7 +52,7 @@ inline bool has_simd_kernel() {
 }
 
 // W [N, K] float32 -> [ceil(N / kCols), K, kCols], zero past column N.
-inline torch::Tensor pack(const torch::Tensor& w) {
+torch::Tensor pack(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32,
               "panel_gemm.pack: weight must be float32 [N, K]");
   const int64_t N = w.size(0), K = w.size(1), P = (N + kCols - 1) / kCols;
@@ -187,8 +183,8 @@ inline void check_product(const char* fn, const torch::Tensor& x, int64_t P, int
 }
 
 // x [..., K] float32, packed from pack() of a weight [N, K]; returns [..., N].
-inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t N,
-                            const c10::optional<torch::Tensor>& bias = c10::nullopt) {
+torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& packed, int64_t N,
+                     const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear", std::vector<c10::IValue>({x_in}));
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
                   packed.scalar_type() == torch::kFloat32,
@@ -202,7 +198,7 @@ inline torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& pack
 // The same panels stored as 4-bit codes, when that loses nothing.
 //
 // Why: a decode step streams every weight from memory once; at batch 1 that stream is the
-// step (SmolLM2-135M: 430 MB of float32 layer weights, ~11-16 ms at this machine's 26-40 GB/s).
+// step.
 // Many float32 checkpoints hold far fewer distinct values than float32 can: a model converted
 // from GGUF Q4_1 has, in each 32-weight block of a row, at most 16 values d * q + m (q in
 // 0..15). Where every block of a weight is exactly such a grid, the weight is kept as its codes
@@ -275,7 +271,7 @@ inline bool encode_block(const float* v, int64_t stride, int64_t n, float* d_out
 
 // The 4-bit form of pack()'s panels (codes, scales, offsets), or an empty tuple where some
 // value is not on its block's grid.
-inline std::vector<torch::Tensor> encode_affine4(const torch::Tensor& packed) {
+std::vector<torch::Tensor> encode_affine4(const torch::Tensor& packed) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
                   packed.scalar_type() == torch::kFloat32,
               "panel_gemm.encode_affine4: packed must come from panel_gemm.pack");
@@ -415,22 +411,13 @@ inline void tile_affine4_rows(int64_t rows, const float* x, int64_t lda, const u
 }
 #endif
 
-// Up to this many rows linear_affine4 decodes in registers (tile_affine4), and is the faster
-// form: all of SmolLM2-135M's layer products, weights streamed from memory
-// (benchmarks/kernels/compact_weights_cpu.py), took 3.7 against 14.3 ms at M = 1, 18.2 against
-// 21.2 ms at M = 16 while the host gave ~26 GB/s (the same at M = 16 when it gave ~40). From
-// M ~ 32 the decode work costs what it saves (0.98x at 64). Above, it decodes a panel into
-// scratch once per task and is 1-3 % slower than the float32 panels: callers holding both
-// forms use the panels there.
-constexpr int64_t kRegisterDecodeRows = 16;
-
 // linear() for the 4-bit form, the same results as linear() on the panels it was encoded
 // from, bit for bit. Up to kRegisterDecodeRows rows the codes are decoded in registers
 // (tile_affine4); above, each task decodes its panel into a per-thread scratch panel (in
 // cache) and multiplies it with the float32 tile code.
-inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tensor& codes,
-                                    const torch::Tensor& scales, const torch::Tensor& offsets,
-                                    int64_t N, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tensor& codes,
+                             const torch::Tensor& scales, const torch::Tensor& offsets,
+                             int64_t N, const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear_affine4", std::vector<c10::IValue>({x_in}));
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kCols && codes.is_contiguous() &&
                   codes.scalar_type() == torch::kUInt8,
@@ -498,7 +485,7 @@ inline torch::Tensor linear_affine4(const torch::Tensor& x_in, const torch::Tens
 
 // The high halves of pack()'s panels, uint16 [P, K, 48], or an empty list where some value has
 // a nonzero low half.
-inline std::vector<torch::Tensor> encode_bf16(const torch::Tensor& packed) {
+std::vector<torch::Tensor> encode_bf16(const torch::Tensor& packed) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kCols && packed.is_contiguous() &&
                   packed.scalar_type() == torch::kFloat32,
               "panel_gemm.encode_bf16: packed must come from panel_gemm.pack");
@@ -509,8 +496,8 @@ inline std::vector<torch::Tensor> encode_bf16(const torch::Tensor& packed) {
 }
 
 // linear() from encode_bf16's halves: the same results as linear() on the panels, bit for bit.
-inline torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& halves,
-                                 int64_t N, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& halves, int64_t N,
+                          const c10::optional<torch::Tensor>& bias) {
   RECORD_FUNCTION("plait::panel_linear_bf16", std::vector<c10::IValue>({x_in}));
   TORCH_CHECK(halves.dim() == 3 && halves.size(2) == kCols && halves.is_contiguous() &&
                   halves.scalar_type() == torch::kUInt16,
@@ -523,10 +510,10 @@ inline torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor&
 // The product from a panel weight in whichever form reads fastest: `form` is encode_bf16's
 // [halves] (read at every size), encode_affine4's [codes, scales, offsets] (read up to
 // kRegisterDecodeRows rows), or empty; otherwise the float32 panels. The same bits either way.
-// PackedLinear (plait/backends/cpu/linear.py) and the native decode step both call this.
-inline torch::Tensor linear_with_form(const torch::Tensor& x, const torch::Tensor& packed,
-                                      const std::vector<torch::Tensor>& form, int64_t N,
-                                      const c10::optional<torch::Tensor>& bias) {
+// PackedLinear (plait/backends/cpu/linear.py) and the layer step both call this.
+torch::Tensor linear_with_form(const torch::Tensor& x, const torch::Tensor& packed,
+                               const std::vector<torch::Tensor>& form, int64_t N,
+                               const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(form.size() <= 1 || form.size() == 3,
               "panel_gemm.linear_with_form: form must be empty, encode_bf16's [halves] or "
               "encode_affine4's [codes, scales, offsets]");

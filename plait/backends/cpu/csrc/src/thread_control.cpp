@@ -3,12 +3,18 @@
 // torch sizes a thread's team lazily, from its global thread count, the first time that thread
 // enters at::parallel_for; the lazy initialisation runs first here, so it can never later
 // override the size set for this thread.
-#include <torch/extension.h>
+#include "plait_cpu/thread_control.h"
+
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+namespace thread_control {
+
+namespace {
 
 // MKL (torch's BLAS on x86) sizes its own OpenMP regions from its count, which
 // torch.set_num_threads sets for the whole process: a GEMM on a one-thread host thread would
@@ -23,8 +29,8 @@ void set_mkl_threads_here(int threads) {
   if (fn != nullptr) fn(threads);
 }
 
-// threads: the calling thread's OpenMP team size from now on; mkl_threads: MKL's count on this
-// thread (0: MKL's global count).
+}  // namespace
+
 void set_thread_parallelism(int64_t threads, int64_t mkl_threads) {
   TORCH_CHECK(threads >= 1, "threads must be >= 1, got ", threads);
   TORCH_CHECK(mkl_threads >= 0, "mkl_threads must be >= 0, got ", mkl_threads);
@@ -48,10 +54,4 @@ bool release_team() {
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_thread_parallelism", &set_thread_parallelism,
-        "the OpenMP team size (and MKL's count, 0: its global one) of parallel regions "
-        "started by the calling thread");
-  m.def("release_team", &release_team,
-        "free the calling thread's OpenMP team (omp_pause_resource_all); False if refused");
-}
+}  // namespace thread_control

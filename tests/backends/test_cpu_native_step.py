@@ -1,5 +1,5 @@
-"""The CPU backend's native decode and extend steps (decode_step.cpp through
-plait.backends.cpu.native_decode) compute what the eager torch step computes: the same greedy tokens and logprobs within float
+"""The CPU backend's native decode and extend steps (csrc/src/layer_step.cpp through
+plait.backends.cpu.native_step) compute what the eager torch step computes: the same greedy tokens and logprobs within float
 rounding, for Llama, Qwen2 (q/k/v bias) and Mistral, float32 and quantized weights, batched
 with ragged lengths and prefix-cache hits. It is the default decode path on the CPU, and is
 not used where it cannot compute the model exactly. The real-model parity with transformers
@@ -14,7 +14,7 @@ import torch
 
 import plait
 from plait.backends.cpu.linear import panel_extension
-from plait.backends.cpu.native_decode import NativeDecode, NativeExtend
+from plait.backends.cpu.native_step import NativeDecode, NativeExtend
 from plait.backends.cpu.plugin import CpuBackend
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -75,7 +75,7 @@ def test_native_step_is_not_used_where_it_cannot_compute_the_model(make_tiny_mod
 
 
 def test_bad_positions_and_slots_are_errors_not_writes_out_of_bounds(make_tiny_model):
-    from plait.backends.cpu.native_decode import build_native_decode
+    from plait.backends.cpu.native_step import build_native_decode
     with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
         runner = engine.scheduler.runner
         step = engine._call(lambda: build_native_decode(runner.model, runner.attn)).step

@@ -1,10 +1,10 @@
-#pragma once
 // Decode attention over the paged KV pool, reading each request's K/V rows in place.
 //
 // out[b, j] = softmax(q[b, j] . K[slots[b, :n_b], j / G]^T * scale) @ V[slots[b, :n_b], j / G]
 // with G = Hq / Hkv query heads per KV head (GQA, as transformers' repeat_kv pairs them).
 //
-// Why it is shaped this way (measured on SmolLM2-135M's 9 x 64 heads, 2 cores):
+// Why it is shaped this way (SmolLM2-135M's 9 x 64 heads, 2 cores; the measurements are in
+// docs/cpu-backend.md, "Figures quoted in the kernels' comments"):
 // - A task is one request's run of consecutive tokens, all heads together, so each token's K
 //   and V rows ([Hkv, D], contiguous in the pool) are read whole, once, and the rows of the
 //   next tokens are prefetched: slots are indirect, so the hardware prefetcher cannot follow.
@@ -13,20 +13,21 @@
 //   a running max, sum and weighted V (the online softmax of flash-decoding); a merge step
 //   combines them. Blocks of kBlock tokens keep their scores in cache between the two passes.
 // - Dot products and V updates run on 16-float vectors (GCC vector extensions: zmm, ymm pairs
-//   or SSE quads, as the build's flags allow), reduced to a score with a shuffle tree. The
-//   first version, with `omp simd` loops, summed each score's 16 lanes one by one and ran at
-//   ~5 GB/s of KV; the pool's bandwidth is ~25 GB/s.
+//   or SSE quads, as the build's flags allow), reduced to a score with a shuffle tree: an
+//   `omp simd` loop that sums each score's 16 lanes one by one reads KV at a fraction of the
+//   pool's bandwidth.
 // - Requests that share a prefix (the radix cache hands them the same KV slots: a system prompt,
 //   a few-shot preamble, SGLang's fork) read it once for all of them (cascade attention): each
 //   block of shared keys is transposed into a small [D, kSharedBlock] tile, and every query row
 //   of every request in the group (G heads each) takes its scores from it as whole vectors,
-//   without the per-score lane sum of the path above. 32 requests on a 1,000-token prefix
-//   (SmolLM2's heads, 2 threads, in-process A/B): 1.61 -> 0.94 ms a layer. The shared part and
-//   each request's own tail are partials merged like the runs above.
+//   without the per-score lane sum of the path above. The shared part and each request's own
+//   tail are partials merged like the runs above.
 // - Tasks differ in size, so threads take them one at a time from a shared counter.
 // Float32 only; the caller falls back to torch otherwise.
-#include <torch/extension.h>
+#include "plait_cpu/decode_attention.h"
+
 #include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -37,24 +38,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "plait_cpu/simd.h"
+
 namespace decode_attention_detail {
 
-typedef float Vec16 __attribute__((vector_size(64)));
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float Vec4 __attribute__((vector_size(16)));
-constexpr int64_t kLanes = 16;
+using namespace simd;
+using decode_attention::kMinShared;
+using decode_attention::SharedGroup;
+
 constexpr int64_t kBlock = 32;       // tokens whose scores are computed before their V pass
                                      // (a multiple of kLanes)
 constexpr int64_t kMinChunk = 32;    // fewest tokens worth a task of their own
 constexpr int64_t kPrefetchAhead = 4;  // tokens ahead whose K/V rows are prefetched
-
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline float lane_sum(Vec16 v) {
   const Vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -67,36 +62,6 @@ inline float lane_max(Vec16 v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
   return m;
-}
-
-// exp(x) for x <= 0 (scores minus their running max), to ~1 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, 2^n put into the exponent bits; below
-// -87 (or -inf, a padding score) the result is 0. Sixteen at a time: one scalar std::exp per
-// score cost as much as reading the score's K and V rows.
-inline Vec16 exp_nonpositive(Vec16 x) {
-  typedef int32_t VecI16 __attribute__((vector_size(64)));
-  const VecI16 underflow = x < -87.f;
-  x = x < -87.f ? -87.f : x;
-  const Vec16 shifter = Vec16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const Vec16 n = (x * 1.44269504088896341f + shifter) - shifter;
-  const Vec16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  Vec16 p = Vec16{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec16 e = p * r * r + r + 1.f;
-  const VecI16 bits = (__builtin_convertvector(n, VecI16) + 127) << 23;
-  Vec16 two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const Vec16 y = e * two_n;
-  VecI16 ybits;
-  std::memcpy(&ybits, &y, sizeof(ybits));
-  ybits &= ~underflow;
-  Vec16 out;
-  std::memcpy(&out, &ybits, sizeof(out));
-  return out;
 }
 
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -355,13 +320,7 @@ inline void attend_run_vec(const float* q, const float* kp, const float* vp, con
 }
 
 constexpr int64_t kSharedBlock = 64;     // keys per transposed tile (a multiple of kLanes)
-constexpr int64_t kMinShared = 128;      // shortest common prefix worth the shared pass
 constexpr int64_t kSharedChunk = 256;    // fewest shared keys worth a task of their own
-
-// Consecutive requests first..first+count-1 whose first `len` KV slots are the same.
-struct SharedGroup {
-  int64_t first, count, len;
-};
 
 // Groups of two or more consecutive requests sharing at least kMinShared leading slots. The
 // shared length stops one short of the shortest request, so every request keeps a tail of its
@@ -536,13 +495,9 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
 
 }  // namespace decode_attention_detail
 
-// q [B, Hq, D], k_buf/v_buf [S, Hkv, D] (float32, contiguous), slots [B, L] int64 (row b's
-// first seq_lens[b] entries are its KV slots), seq_lens [B] int64 (each >= 1).
-// The batch's shared-prefix groups (decode_attention_detail::shared_groups), after checking
-// what that reads: int64 slots [B, L] and seq_lens [B], each length in 1..L. A caller running
-// several layers over one batch (the native decode step) forms them once and passes them on.
-inline std::vector<decode_attention_detail::SharedGroup> decode_shared_groups(
-    torch::Tensor slots, torch::Tensor seq_lens) {
+namespace decode_attention {
+
+std::vector<SharedGroup> shared_groups(torch::Tensor slots, torch::Tensor seq_lens) {
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64,
               "decode_attention: slots and seq_lens must be int64");
   TORCH_CHECK(slots.dim() == 2 && seq_lens.numel() == slots.size(0),
@@ -556,11 +511,9 @@ inline std::vector<decode_attention_detail::SharedGroup> decode_shared_groups(
   return decode_attention_detail::shared_groups(slots.data_ptr<int64_t>(), B, L, lens);
 }
 
-// groups: decode_shared_groups(slots, seq_lens), or null to form them here.
-inline torch::Tensor decode_attention(
-    torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf, torch::Tensor slots,
-    torch::Tensor seq_lens, double scale,
-    const std::vector<decode_attention_detail::SharedGroup>* groups_in = nullptr) {
+torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
+                     torch::Tensor slots, torch::Tensor seq_lens, double scale,
+                     const std::vector<SharedGroup>* groups_in) {
   namespace dd = decode_attention_detail;
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_buf.scalar_type() == torch::kFloat32 &&
                   v_buf.scalar_type() == torch::kFloat32,
@@ -582,7 +535,7 @@ inline torch::Tensor decode_attention(
   // Shared prefixes first: each group's common slots are cut into chunks, one task per chunk
   // and KV head; each request's remaining tokens (its tail) are split into runs as before.
   const std::vector<dd::SharedGroup> groups =
-      groups_in != nullptr ? *groups_in : decode_shared_groups(slots, seq_lens);
+      groups_in != nullptr ? *groups_in : shared_groups(slots, seq_lens);
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> shared_len(B, 0), shared_chunks(B, 0);
   int64_t shared_tasks = 0;
@@ -698,3 +651,5 @@ inline torch::Tensor decode_attention(
   });
   return out;
 }
+
+}  // namespace decode_attention
