@@ -15,8 +15,14 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is No
                                 reason="no C++ compiler on this machine to build the kernels")
 
 #: one start of the CPU backend's kernel build, as Engine() does it (the portable level)
-BUILD_ONE = ("from plait.backends.cpu import cpp_build; "
-             "cpp_build.extension('portable'); print('built')")
+# A one-function extension through the same cache, lock and compile worker as the kernels: a
+# compile long enough to be killed in (torch's headers), short enough for CI.
+TINY_SOURCE = """#include <torch/extension.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("one", [] { return 1; }); }
+"""
+BUILD_ONE = ("import os; from pathlib import Path; from plait.backends.cpu import build_cache; "
+             "m = build_cache.load('plait_build_probe', [Path(os.environ['PROBE_SOURCE'])], "
+             "cflags=['-O1'], ldflags=[]); assert m.one() == 1; print('built')")
 COMPILERS = {"cc1plus", "clang", "clang++"}
 
 
@@ -79,9 +85,11 @@ def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
     forever. Now the next start takes the dead start's lock over and builds; the killed
     start's compilers ended with it and it installed no half-built module. Builds go to
     tmp_path (PLAIT_KERNEL_DIR; TORCH_EXTENSIONS_DIR for torch's own directory)."""
+    source = tmp_path / "probe.cpp"
+    source.write_text(TINY_SOURCE)
     env = {**os.environ, "PLAIT_KERNEL_DIR": str(tmp_path / "plait"),
            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1",
-           "MAX_JOBS": "1"}
+           "MAX_JOBS": "1", "PROBE_SOURCE": str(source)}
     first = subprocess.Popen([sys.executable, "-c", BUILD_ONE], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -99,12 +107,12 @@ def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
     assert not list(tmp_path.glob("plait/*/*.so")), "a killed build installed a module"
 
     try:
-        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=1200,
+        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=420,
                                 capture_output=True, text=True, check=False)
     except subprocess.TimeoutExpired:
         pytest.fail("the start after a killed build hung (waiting on the dead build's lock?)")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.strip() == "built"
-    [module] = tmp_path.glob("plait/*/plait_cpu_portable_*.so")
+    [module] = tmp_path.glob("plait/*/plait_build_probe.so")
     assert not list(module.parent.glob(".build-*")), "the killed build's directory was left"
     assert not leftover, f"the killed start's build kept running: {leftover}"
