@@ -19,7 +19,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -28,11 +28,14 @@ from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
 from plait.core.messages import GenerateReq, RequestLimits, check_rooms
-from plait.core.model_runner import build_model_runner
+from plait.core.model_runner import build_model_runner, head_dim_of
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.sampling_params import SamplingParams
 from plait.core.scheduler import Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from plait.compose import Checkpoint
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,44 +61,37 @@ class Engine:
         # reference, so an engine nobody holds can still be garbage collected.
         self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
         atexit.register(self._atexit)
-        if getattr(self.scheduler.runner, "graph_runner", None) is not None:
+        if self.scheduler.runner.metrics().get("graph_capture"):
             self._warm_up()
 
     # ----- construction -----
 
     def _load(self, cfg: EngineConfig) -> None:
-        from plait.backends import registry
-        from plait.models.loader import resolve_model_dir
+        # The composition root looks up the registries; the core only receives what it found.
+        from plait import compose
 
-        if cfg.model_path is None:
-            from plait.models.default import default_model_path
-            model_dir = default_model_path()
-        else:
-            model_dir = resolve_model_dir(cfg.model_path)
-        self.model_dir = model_dir
-        self.quantization = cfg.quant_config(model_dir)
-        self.backend = backend = registry.get_backend(cfg.device)
+        self.model_dir = model_dir = compose.resolve_model_dir(cfg.model_path)
+        checkpoint = compose.open_checkpoint(model_dir)
+        self.quantization = cfg.quant_config(model_dir, checkpoint.gguf_source)
+        self.backend = backend = compose.get_backend(cfg.device, cfg.backend_options)
         # Everything from here runs torch on the caller's thread (pool allocation, weight
         # loading): under host_thread, so that thread never owns an OpenMP team (see
         # Backend.host_thread; one such team made every forward kernel sleep between calls).
         with backend.host_thread():
-            self._load_on(backend, cfg, model_dir)
+            self._load_on(backend, cfg, checkpoint)
 
-    def _load_on(self, backend: Backend, cfg: EngineConfig, model_dir: Path) -> None:
-        from plait.models.loader import load_config, load_tokenizer
-
+    def _load_on(self, backend: Backend, cfg: EngineConfig, checkpoint: Checkpoint) -> None:
         self.device_name = backend.name
         self.config = cfg = cfg.with_backend_defaults(backend)
         device = backend.torch_device
-        self.hf_config = hf = load_config(model_dir)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.hf_config = hf = checkpoint.hf_config
+        self.tokenizer = checkpoint.tokenizer
         self.context_len = min(cfg.context_length or hf.max_position_embeddings,
                                hf.max_position_embeddings)
         dtype = _DTYPES[cfg.dtype]
         if cfg.random_seed is not None:
             torch.manual_seed(cfg.random_seed)
         from plait.core.tp.sharding import check_tp_size
-        from plait.models.llama import head_dim_of
         # A rank's KV pool holds its shard's heads: the budget is per rank, sized by the
         # largest shard, and every rank gets the same number of slots.
         kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
@@ -107,9 +103,10 @@ class Engine:
             raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
         self.max_total_tokens = tokens
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
-        spec = ModelSpec(model_dir, hf, dtype, self.context_len, cfg.max_running_requests,
-                         quantization=self.quantization,
-                         graph_capture=cfg.graph_capture(backend))
+        spec = ModelSpec(checkpoint.model_dir, hf, dtype, self.context_len,
+                         cfg.max_running_requests, quantization=self.quantization,
+                         graph_capture=cfg.graph_capture(backend),
+                         load_model=checkpoint.load_model)
         if cfg.tp_size == 1:
             runner, allocator = build_model_runner(backend, spec, tokens, cfg.page_size, req_pool)
         else:
@@ -415,7 +412,7 @@ class Engine:
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
                 **vars(s.stats), **getattr(self.disagg, "stats", {}),
-                **_runner_metrics(s.runner),
+                **s.runner.metrics(),
             }
         return self._call(info)
 
@@ -449,12 +446,6 @@ def _eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         found.add(tokenizer.eos_token_id)
     return found
-
-
-def _runner_metrics(runner: Any) -> dict:
-    """A runner's own counters (the TPU runner's jit compiles), when it exports any."""
-    metrics = getattr(runner, "metrics", None)
-    return metrics() if callable(metrics) else {}
 
 
 def _one_stream_flag(msgs: list[GenerateReq]) -> bool:

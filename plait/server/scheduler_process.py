@@ -66,16 +66,14 @@ def build_engine(config: dict[str, Any]) -> Any:
 
 
 def _free_device_gb(device: str) -> float:
-    """Memory free on the device now, for ``--mem-fraction``."""
+    """Memory free on the device now, for ``--mem-fraction`` (``Backend.free_memory_bytes``)."""
     from plait.backends import registry
-    name = registry.resolve_device(device)
-    if name == "cpu":
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    import torch
-    if name in ("cuda", "rocm") and torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0] / 2**30
-    raise ValueError(f"mem_fraction: cannot measure free memory on {name!r}; "
-                     "use --max-total-tokens or --kv-cache-memory-gb")
+    backend = registry.get_backend(device)
+    free = backend.free_memory_bytes()
+    if free is None:
+        raise ValueError(f"mem_fraction: cannot measure free memory on {backend.name!r}; "
+                         "use --max-total-tokens or --kv-cache-memory-gb")
+    return free / 2**30
 
 
 def engine_info(engine: Any, model_path: str) -> dict[str, Any]:

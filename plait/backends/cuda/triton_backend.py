@@ -26,6 +26,10 @@ class TritonBackend(Backend):
     torch_device = torch.device("cuda")
     distributed_backend = "nccl"  # RCCL answers to "nccl" in ROCm builds of torch
 
+    def free_memory_bytes(self) -> int:
+        """Free memory on the current CUDA/HIP device (``torch.cuda.mem_get_info``)."""
+        return torch.cuda.mem_get_info()[0]
+
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
         from plait.backends.cuda.attention import TritonAttentionBackend

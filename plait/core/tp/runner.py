@@ -9,20 +9,25 @@ forever), so after one every later forward raises instead of deadlocking.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import torch
 
 from plait.core.backend_api import Backend, ModelSpec
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
-from plait.core.model_runner import ExtendItem, ModelRunner, StepRunner, build_model_runner
+from plait.core.model_runner import ExtendItem, ModelRunner, build_model_runner
 from plait.core.request import Req
 from plait.core.tp import batch_channel
 from plait.core.tp.group import TPGroup
 from plait.core.tp.launcher import WorkerRanks
 
 
-class TPModelRunner(StepRunner):
+class TPModelRunner:
+    """Rank 0's :class:`~plait.core.backend_api.StepRunner`: its own shard's
+    :class:`ModelRunner`, broadcasting each batch to the other ranks before running it."""
+
     def __init__(self, local: ModelRunner, ranks: WorkerRanks):
         if not isinstance(local, ModelRunner):
             raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
@@ -53,6 +58,9 @@ class TPModelRunner(StepRunner):
             self._broken = f"ranks {dead} exited" if dead else f"a forward failed: {exc!r}"
             raise RuntimeError(f"tensor-parallel forward failed ({self._broken})") from exc
 
+    def metrics(self) -> dict[str, Any]:
+        return self.local.metrics()
+
     def shutdown(self) -> None:
         self.ranks.stop(send_stop=lambda: batch_channel.send_stop(self.device))
 
@@ -66,14 +74,16 @@ def start_tensor_parallel(backend: Backend, spec: ModelSpec,
     worker_config = {"model_dir": str(spec.model_dir), "device": backend.name,
                      "dtype": str(spec.dtype).removeprefix("torch."),
                      "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
-                     "num_slots": num_slots, "page_size": page_size}
+                     "num_slots": num_slots, "page_size": page_size,
+                     "graph_capture": spec.graph_capture,
+                     "backend_options": (dataclasses.asdict(backend.options)
+                                         if backend.options is not None else None)}
     cpu = backend.torch_device.type == "cpu"
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
     try:
         backend.bind_tp_rank(0)
         local, allocator = build_model_runner(
-            backend, ModelSpec(spec.model_dir, spec.hf_config, spec.dtype, spec.context_len,
-                               spec.max_batch_size, TPGroup(0, tp_size)),
+            backend, dataclasses.replace(spec, tp=TPGroup(0, tp_size)),
             num_slots, page_size, req_pool)
         runner = TPModelRunner(local, ranks)
         ranks.wait_ready(startup_timeout)
