@@ -88,6 +88,18 @@ def build(preset: Preset, args: argparse.Namespace):
     return plait.Engine(model_path=args.model_path, **engine_args)
 
 
+def preset_threads(preset: Preset) -> int:
+    """The torch threads a preset's engine runs its forward with in this process: rank 0's
+    share of the cores under tensor parallelism (the engine's start-up hands the caller its
+    own thread count back, so it cannot be read off torch), else this process's threads."""
+    tp_size = int(preset.engine.get("tp_size", 1))
+    if tp_size > 1:
+        from plait.core.tp.launcher import cores_of_rank
+
+        return len(cores_of_rank(0, tp_size))
+    return torch.get_num_threads()
+
+
 def build_all(presets: list[Preset], args: argparse.Namespace,
               workloads: list[harness.Workload]) -> tuple[dict, dict[str, int]]:
     """Every preset's engine, warmed up, and the torch threads each runs with."""
@@ -98,7 +110,7 @@ def build_all(presets: list[Preset], args: argparse.Namespace,
         for p in presets:
             torch.set_num_threads(base_threads)
             engines[p.name] = build(p, args)
-            threads[p.name] = torch.get_num_threads()
+            threads[p.name] = preset_threads(p)
         for p in presets:
             torch.set_num_threads(threads[p.name])
             for reqs in ([w.requests for w in workloads] if p.full_warmup else [short]):

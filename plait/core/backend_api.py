@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendInfo:
     """A backend's self-description; ``priority`` orders ``--device auto`` (higher wins)."""
 
@@ -36,7 +36,7 @@ class BackendInfo:
     reason: str = ""  # why not available (empty when available)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What :meth:`Backend.create_model_runner` needs to build the forward pass.
 
@@ -231,9 +231,21 @@ class Backend:
     default_page_size: ClassVar[int] = 1
     #: the ``torch.distributed`` backend for tensor parallelism ("gloo", "nccl", "hccl", ...)
     distributed_backend: ClassVar[str] = "gloo"
-    #: capture decode (``create_graph_runner``) unless the user disables it; a backend whose
-    #: capture is slow to build (the CPU's torch.compile) sets False and users opt in
-    default_graph_capture: ClassVar[bool] = True
+    #: how this backend can run decode: "captured" (it implements ``create_graph_runner``, or
+    #: compiles every step itself like the TPU's ``jax.jit`` buckets) and/or "eager". The
+    #: engine refuses, before loading anything, ``--enable-graph-capture`` where "captured" is
+    #: missing and ``--disable-graph-capture`` where "eager" is: never a flag ignored.
+    #: Default: eager only, since the default ``create_graph_runner`` captures nothing.
+    decode_modes: ClassVar[frozenset[str]] = frozenset({"eager"})
+    #: capture decode unless the user disables it (must be allowed by ``decode_modes``); a
+    #: backend whose capture is slow to build (the CPU's torch.compile) keeps False and users
+    #: opt in with ``--enable-graph-capture``
+    default_graph_capture: ClassVar[bool] = False
+    #: whether ``--tp`` > 1 works here: every rank runs the core
+    #: :class:`~plait.core.model_runner.ModelRunner` on its shard (rank 0 broadcasts the batch
+    #: its ``build_*`` made). A backend whose ``create_model_runner`` returns a runner of its own
+    #: sets False, and the engine refuses ``--tp`` > 1 before any rank starts.
+    supports_tensor_parallel: ClassVar[bool] = True
     #: the dataclass of this backend's switches (``Engine(backend_options=...)``), or None
     options_type: ClassVar[type | None] = None
 
@@ -263,7 +275,8 @@ class Backend:
         """The backend's self-description, built from ``name``, ``priority`` and
         :meth:`unavailable_reason`."""
         reason = cls.unavailable_reason()
-        return BackendInfo(cls.name, cls.priority, reason is None, reason or "")
+        return BackendInfo(name=cls.name, priority=cls.priority, available=reason is None,
+                           reason=reason or "")
 
     # ----- the chosen backend -----
 

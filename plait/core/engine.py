@@ -97,14 +97,18 @@ class Engine:
         kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
         head_dim, layers = head_dim_of(hf), hf.num_hidden_layers
         per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-        tokens = cfg.max_total_tokens or int(cfg.kv_cache_memory_gb * 2**30) // per_token
+        tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // per_token
         tokens -= tokens % cfg.page_size
         if tokens < cfg.page_size * 2:
-            raise ValueError(f"max_total_tokens={tokens} is too small for page_size={cfg.page_size}")
+            raise ValueError(f"max_total_tokens: a KV pool of {tokens} tokens (from "
+                             f"max_total_tokens, kv_cache_memory_gb or mem_fraction) is too "
+                             f"small; page_size={cfg.page_size} needs at least two pages")
         self.max_total_tokens = tokens
         req_pool = ReqToTokenPool(cfg.max_running_requests, self.context_len + 1, device)
-        spec = ModelSpec(checkpoint.model_dir, hf, dtype, self.context_len,
-                         cfg.max_running_requests, quantization=self.quantization,
+        spec = ModelSpec(model_dir=checkpoint.model_dir, hf_config=hf, dtype=dtype,
+                         context_len=self.context_len,
+                         max_batch_size=cfg.max_running_requests,
+                         quantization=self.quantization,
                          graph_capture=cfg.graph_capture(backend),
                          load_model=checkpoint.load_model)
         if cfg.tp_size == 1:
@@ -222,7 +226,8 @@ class Engine:
 
     @property
     def limits(self) -> RequestLimits:
-        return RequestLimits(self.context_len, self.vocab_size, self.max_total_tokens)
+        return RequestLimits(context_len=self.context_len, vocab_size=self.vocab_size,
+                             max_total_tokens=self.max_total_tokens)
 
     def make_requests(self, msgs: list[GenerateReq]) -> list[Req]:
         """Tokenize, validate and expand ``n``: the one place messages become ``Req``s.

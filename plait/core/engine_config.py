@@ -11,6 +11,7 @@ from plait.core.schedule_policy import POLICIES
 from plait.quant import ACTIVATIONS, QuantConfig, check_method
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
+DEFAULT_KV_CACHE_GB = 1.0  # the KV budget when neither max_total_tokens nor a budget is set
 TRANSFER_BACKENDS = ("mooncake", "fake")
 
 
@@ -23,8 +24,10 @@ class EngineConfig:
     backend_options: Any = None
     dtype: str | None = None                 # None: the backend's default_dtype
     page_size: int | None = None             # None: the backend's default_page_size
-    max_total_tokens: int | None = None      # KV pool size in tokens; else from the budget
-    kv_cache_memory_gb: float = 1.0          # KV pool budget when max_total_tokens is unset
+    # The KV pool's size: in tokens, or as a budget in GiB (DEFAULT_KV_CACHE_GB when neither
+    # is set); giving both is a ValueError, like the server's exclusive flags.
+    max_total_tokens: int | None = None
+    kv_cache_memory_gb: float | None = None
     chunked_prefill_size: int | None = None
     max_prefill_tokens: int = 8192
     schedule_policy: str = "lpm"
@@ -100,10 +103,47 @@ class EngineConfig:
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
                              f"{self.disaggregation_transfer_timeout!r}")
+        quantized = self.quantization not in (None, "none") or \
+            str(self.model_path or "").endswith(".gguf")
+        if quantized and self.tp_size != 1:
+            # refused here, before the rank processes start; the loader checks it again
+            raise ValueError(f"quantization={self.quantization or 'gguf'!r} does not support "
+                             f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})")
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
-        if not self.kv_cache_memory_gb > 0:
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
+        if self.max_total_tokens is not None and self.kv_cache_memory_gb is not None:
+            # SGLang documents no order for its analogues (its code silently caps one by the
+            # other); the pool's size has one source here, as with the server's flags.
+            raise ValueError(f"max_total_tokens={self.max_total_tokens} and kv_cache_memory_gb="
+                             f"{self.kv_cache_memory_gb} both size the KV pool; give one")
+
+    def kv_cache_bytes(self) -> int:
+        """The KV pool's budget when ``max_total_tokens`` is unset."""
+        gb = DEFAULT_KV_CACHE_GB if self.kv_cache_memory_gb is None else self.kv_cache_memory_gb
+        return int(gb * 2**30)
+
+    def check_backend(self, backend: Backend | type[Backend]) -> None:
+        """ValueError, naming the option (and its ``plait serve`` flag) and the device, for an
+        option ``backend`` cannot honour; the engine calls it before it allocates anything or
+        starts a rank, ``ServerArgs.validate`` before ``plait serve`` starts a process. Takes
+        the class too: it reads only class attributes."""
+        name, modes = backend.name, backend.decode_modes
+        if self.tp_size > 1 and not backend.supports_tensor_parallel:
+            raise ValueError(f"tp_size={self.tp_size} (--tp {self.tp_size}): device {name!r} "
+                             "does not support tensor parallelism (its backend runs its own "
+                             "model runner, not the core one the ranks shard); use --tp 1")
+        if self.enable_graph_capture and "captured" not in modes:
+            raise ValueError(f"enable_graph_capture (--enable-graph-capture): device {name!r} "
+                             "cannot capture decode; it always runs eagerly")
+        if self.disable_graph_capture and "eager" not in modes:
+            raise ValueError(f"disable_graph_capture (--disable-graph-capture): device {name!r} "
+                             "has no eager decode; every step is a compiled program")
+        if ("captured" if backend.default_graph_capture else "eager") not in modes:
+            raise ValueError(f"backend {name!r}: default_graph_capture="
+                             f"{backend.default_graph_capture} contradicts decode_modes "
+                             f"{sorted(modes)}")
 
     def quant_config(self, model_dir: Path, gguf_source: Path | None = None) -> QuantConfig:
         """The resolved quantization: ``gguf`` when unset and ``model_path`` is a ``.gguf``
@@ -132,9 +172,10 @@ class EngineConfig:
     def with_backend_defaults(self, backend: Backend) -> "EngineConfig":
         """This config with the options the user left unset (None) taken from the chosen
         backend; an explicit value always wins. Validated again, so a backend's bad default
-        is reported like a user's."""
+        is reported like a user's, and checked against what the backend supports."""
         filled = dataclasses.replace(
             self, dtype=self.dtype if self.dtype is not None else backend.default_dtype,
             page_size=self.page_size if self.page_size is not None else backend.default_page_size)
         filled.validate()
+        filled.check_backend(backend)
         return filled

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from plait.core.request import Req
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ForwardBatch:
     """One forward pass over B requests.
 
@@ -51,7 +51,7 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GreedyTokens:
     """A model's answer to a ``greedy_only`` batch: the argmax of each row's float32 logits,
     exactly the token ``torch.max`` would pick from them (first maximal index), without the
@@ -61,7 +61,7 @@ class GreedyTokens:
     tokens: list[int | None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtendItem:
     """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
 

@@ -22,7 +22,7 @@ from plait.core.sampling_params import SamplingParams
 _PROMPT_FIELDS = ("text", "input_ids")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestLimits:
     """What a request must fit. ``None`` means unknown where the check runs: not checked."""
     context_len: int | None = None

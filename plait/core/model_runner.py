@@ -6,6 +6,7 @@ Building (``prepare_*``, which writes the new tokens' slots into ``req_to_token`
 while batch N runs on the executor's worker."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,12 +34,20 @@ class ModelRunner:
         self.req_pool = req_pool
         self.device = device
         self.graph_runner = graph_runner
+        self._facts: dict | None = None
 
     def metrics(self) -> dict[str, Any]:
-        """For ``get_server_info``: whether decode is captured, and the graph runner's counters
-        (captured batch sizes; the CPU's ``graph_compiles``)."""
+        """For ``get_server_info``: whether decode is captured, the graph runner's counters
+        (captured batch sizes; the CPU's ``graph_compiles``) and, for a model with Plait's
+        Llama layout, ``tp_ranks``: this (single) rank's shard (``plait.core.tp.rank_facts``)."""
         graph = self.graph_runner
-        return {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+        out = {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
+        from plait.core.tp.rank_facts import facts_of, has_facts
+        if has_facts(self.model):
+            if self._facts is None:  # weights and capture are fixed once built
+                self._facts = dataclasses.asdict(facts_of(self))
+            out["tp_ranks"] = [self._facts]
+        return out
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

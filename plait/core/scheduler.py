@@ -312,7 +312,7 @@ class Scheduler(OutputProcessor):
             logit_from = max(req.logprob_start_len - 1, 0)
         else:
             logit_from = start + length - 1 if final else start + length
-        return ExtendItem(req, start, length, slots, logit_from)
+        return ExtendItem(req=req, start=start, length=length, slots=slots, logit_from=logit_from)
 
     def _plan_extend(self, items: list[ExtendItem]) -> PlannedBatch:
         """Build the extend batch and do now what does not depend on its logits: KV lengths,

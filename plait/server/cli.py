@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine(args: ServerArgs) -> Any:
     import plait
+    from plait.server.scheduler_process import kv_budget_from_fraction
     model_path = args.resolved_model_path()
-    return plait.Engine(**args.engine_kwargs(model_path))
+    return plait.Engine(**kv_budget_from_fraction(args.engine_kwargs(model_path)))
 
 
 def _sampling(ns: argparse.Namespace) -> dict[str, Any]:
@@ -104,12 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "serve":
         args = from_namespace(ns)
-        if args.dp < 1:
-            build_parser().error(f"--dp must be at least 1, got {args.dp}")
+        try:
+            args.validate()
+        except ValueError as e:
+            build_parser().error(str(e))
         if args.pd is not None:
-            if args.dp > 1 or args.disaggregation_mode != "null":
-                build_parser().error("--pd starts its own servers: it cannot be combined with "
-                                     "--dp or --disaggregation-mode")
             from plait.server.pd_launcher import run_pd
             return run_pd(args)
         if args.dp > 1:

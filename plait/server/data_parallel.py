@@ -205,6 +205,7 @@ def run_data_parallel(args: ServerArgs) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="[dp] %(asctime)s %(levelname)s %(message)s")
     try:
+        args.validate()
         require_router()
         args = replace(args, model_path=args.resolved_model_path())  # fetch/convert once
         args.engine_kwargs(args.model_path)  # option errors before anything starts

@@ -256,7 +256,7 @@ class EngineClient:
     def limits(self) -> RequestLimits:
         """What the engine accepts, plus the server's bounds on one request's work
         (docs/reliability.md), for checking requests here before they are sent."""
-        return RequestLimits(self.context_length, self.vocab_size,
+        return RequestLimits(context_len=self.context_length, vocab_size=self.vocab_size,
                              max_top_logprobs=MAX_TOP_LOGPROBS,
                              max_sequences=min(MAX_SEQUENCES, self._admission_limit))
 

@@ -61,6 +61,7 @@ def run_pd(args: ServerArgs) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="[pd] %(asctime)s %(levelname)s %(message)s")
     try:
+        args.validate()
         n_prefill, n_decode = parse_pd(args.pd)
         require_router()
         args = replace(args, model_path=args.resolved_model_path())

@@ -36,6 +36,7 @@ import zmq
 import zmq.asyncio
 
 from plait.core.messages import AbortReq, FlushCacheReq, GenerateReq, GetInfoReq, ShutdownReq
+from plait.server.server_args import check_mem_fraction
 
 logger = logging.getLogger("plait.scheduler_process")
 
@@ -50,10 +51,7 @@ def build_engine(config: dict[str, Any]) -> Any:
     factory_path = config.get("engine_factory") or "plait:Engine"
     module, _, attr = factory_path.partition(":")
     factory = getattr(importlib.import_module(module), attr)
-    kwargs = dict(config["engine_kwargs"])
-    if "mem_fraction" in kwargs:
-        fraction = kwargs.pop("mem_fraction")
-        kwargs["kv_cache_memory_gb"] = _free_device_gb(kwargs.get("device", "cpu")) * fraction
+    kwargs = kv_budget_from_fraction(config["engine_kwargs"])
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -65,8 +63,32 @@ def build_engine(config: dict[str, Any]) -> Any:
     return factory(**kwargs)
 
 
+def kv_budget_from_fraction(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``mem_fraction`` turned into ``kv_cache_memory_gb``: that fraction of
+    the memory free on the device now, measured in the process that allocates the pool. On the
+    CPU the tensor-parallel ranks share one memory, so each rank's pool gets its share of the
+    fraction and all of them together stay within it."""
+    kwargs = dict(kwargs)
+    if "mem_fraction" not in kwargs:
+        return kwargs
+    fraction = kwargs.pop("mem_fraction")
+    check_mem_fraction(fraction)
+    device = kwargs.get("device", "cpu")
+    budget = _free_device_gb(device) * fraction
+    if _device_name(device) == "cpu":
+        budget /= kwargs.get("tp_size", 1)
+    kwargs["kv_cache_memory_gb"] = budget
+    return kwargs
+
+
+def _device_name(device: str) -> str:
+    from plait.backends import registry
+    return registry.resolve_device(device)
+
+
 def _free_device_gb(device: str) -> float:
-    """Memory free on the device now, for ``--mem-fraction`` (``Backend.free_memory_bytes``)."""
+    """Memory free on the device now, for ``--mem-fraction``: what the backend measures
+    (``Backend.free_memory_bytes``; on the CPU, MemAvailable)."""
     from plait.backends import registry
     backend = registry.get_backend(device)
     free = backend.free_memory_bytes()

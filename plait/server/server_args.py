@@ -74,7 +74,11 @@ class ServerArgs:
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``plait.Engine``; options left at None are not passed so the
-        engine's own defaults apply."""
+        engine's own defaults apply. ``mem_fraction`` stays a fraction here (checked now, so a
+        bad one stops the launch): the process that allocates the KV pool turns it into
+        ``kv_cache_memory_gb`` (``scheduler_process.kv_budget_from_fraction``)."""
+        if self.mem_fraction is not None:
+            check_mem_fraction(self.mem_fraction)
         kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
                       page_size=self.page_size, max_total_tokens=self.max_total_tokens,
                       chunked_prefill_size=self.chunked_prefill_size,
@@ -100,6 +104,42 @@ class ServerArgs:
                           disaggregation_transfer_timeout=self.disaggregation_transfer_timeout,
                           disaggregation_host=_reachable(self.host))
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    def validate(self) -> None:
+        """ValueError naming the flags of a combination ``plait serve`` cannot run, before any
+        process starts (the launchers would otherwise report only a child's exit status).
+        Engine options alone are the engine's to check; these are the combinations of serving
+        modes, and the ``--device`` backend's limits when it is named (not ``auto``)."""
+        if self.dp < 1:
+            raise ValueError(f"--dp must be at least 1, got {self.dp}")
+        pd = f"--pd {self.pd}" if self.pd is not None else None
+        if pd and (self.dp > 1 or self.disaggregation_mode != "null"):
+            raise ValueError("--pd starts its own servers: it cannot be combined with --dp or "
+                             "--disaggregation-mode")
+        disagg = pd or (f"--disaggregation-mode {self.disaggregation_mode}"
+                        if self.disaggregation_mode != "null" else None)
+        if disagg and self.tp > 1:
+            # the KV would live in the rank processes, out of the transfer's reach
+            raise ValueError(f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
+                             "does not support tensor parallelism yet; use --tp 1")
+        if self.dp > 1 and self.tp > 1:
+            raise ValueError(f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "
+                             "ranks would take the same cores (CPU) or devices (rank r uses "
+                             "device r in each worker); use --dp or --tp")
+        if self.dp > 1 and disagg:
+            raise ValueError(f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
+                             "prefill/decode pairs and its workers would share one bootstrap "
+                             "port; use --pd XPYD")
+        self._check_device()
+
+    def _check_device(self) -> None:
+        from plait.backends.registry import backend_classes
+        from plait.core.engine_config import EngineConfig
+
+        backend = backend_classes().get(self.device)
+        if backend is not None:  # auto, or an unknown name: the engine resolves and checks it
+            EngineConfig(tp_size=self.tp, disable_graph_capture=self.disable_graph_capture,
+                         enable_graph_capture=self.enable_graph_capture).check_backend(backend)
 
     def to_argv(self) -> list[str]:
         """The ``plait serve`` flags that rebuild these arguments (the ``--dp`` launcher starts
@@ -225,6 +265,14 @@ def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pd", default=None, metavar="XPYD",
                    help="start X prefill and Y decode servers and the gateway on --port in one "
                         "command, e.g. 1P1D (the --router-* flags apply)")
+
+
+def check_mem_fraction(fraction: Any) -> None:
+    """ValueError naming ``--mem-fraction`` unless ``0 < fraction <= 1``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction <= 1:
+        raise ValueError(f"mem_fraction (--mem-fraction) must be in (0, 1], a share of the "
+                         f"device memory free at start; got {fraction!r}")
 
 
 def _reachable(host: str) -> str:

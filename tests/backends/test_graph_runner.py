@@ -50,9 +50,12 @@ def test_padded_sizes_cover_every_batch_up_to_the_max():
 def _batch(is_decode=True, n=2, table=None):
     from plait.core.forward_batch import ForwardBatch
     ones = torch.ones(n, dtype=torch.int64)
-    return ForwardBatch(is_decode, ones, ones, ones, ones, ones, ones, ones,
-                        torch.zeros(4, 8, dtype=torch.int32) if table is None else table,
-                        torch.arange(n), [1] * n, [1] * n, [1] * n)
+    return ForwardBatch(is_decode=is_decode, input_ids=ones, positions=ones, out_cache_loc=ones,
+                        req_pool_indices=ones, seq_lens=ones, prefix_lens=ones, extend_lens=ones,
+                        req_to_token=torch.zeros(4, 8, dtype=torch.int32) if table is None
+                        else table,
+                        logits_rows=torch.arange(n), seq_lens_cpu=[1] * n,
+                        prefix_lens_cpu=[1] * n, extend_lens_cpu=[1] * n)
 
 
 def test_only_decode_batches_within_the_max_are_replayed():

@@ -21,14 +21,15 @@ def test_split_range_is_balanced_and_covers_everything():
 
 
 @pytest.mark.parametrize("hq,hkv,tp,want", [
-    (4, 2, 2, [HeadShard(0, 2, 0, 1), HeadShard(2, 2, 1, 1)]),
+    (4, 2, 2, [(0, 2, 0, 1), (2, 2, 1, 1)]),
     # SmolLM2: 3 KV groups of 3 on 2 ranks -> 2 groups and 1 group
-    (9, 3, 2, [HeadShard(0, 6, 0, 2), HeadShard(6, 3, 2, 1)]),
+    (9, 3, 2, [(0, 6, 0, 2), (6, 3, 2, 1)]),
     # fewer KV heads than ranks: each KV head replicated on 2 ranks sharing its query heads
-    (8, 2, 4, [HeadShard(0, 2, 0, 1), HeadShard(2, 2, 0, 1), HeadShard(4, 2, 1, 1),
-               HeadShard(6, 2, 1, 1)]),
+    (8, 2, 4, [(0, 2, 0, 1), (2, 2, 0, 1), (4, 2, 1, 1), (6, 2, 1, 1)]),
 ])
 def test_heads_split_by_whole_kv_groups(hq, hkv, tp, want):
+    # (q_start, num_heads, kv_start, num_kv_heads) per rank
+    want = [HeadShard(q_start=q, num_heads=n, kv_start=k, num_kv_heads=m) for q, n, k, m in want]
     assert [shard_heads(hq, hkv, tp, r) for r in range(tp)] == want
 
 
@@ -61,7 +62,7 @@ def test_each_rank_loads_exactly_its_slices(make_tiny_model):
     d = 16
     for rank in range(2):
         model = loader.load_model(path, config, torch.float32, torch.device("cpu"), 64,
-                                  TPGroup(rank, 2))
+                                  TPGroup(rank=rank, size=2))
         attn, mlp = model.layers[1].self_attn, model.layers[1].mlp
         s, (i0, i1) = attn.shard, mlp.inter_range
         q = state["model.layers.1.self_attn.q_proj.weight"][s.q_start * d:
@@ -126,8 +127,11 @@ def _prefill_logits(model: Any, ids: list[int]) -> torch.Tensor:
                   "cpu")
     r2t = torch.arange(1, n + 1, dtype=torch.int32)[None, :]
     t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    batch = ForwardBatch(False, t(ids), t(list(range(n))), t(list(range(1, n + 1))), t([0]),
-                         t([n]), t([0]), t([n]), r2t, t(list(range(n))), [n], [0], [n])
+    batch = ForwardBatch(is_decode=False, input_ids=t(ids), positions=t(list(range(n))),
+                         out_cache_loc=t(list(range(1, n + 1))), req_pool_indices=t([0]),
+                         seq_lens=t([n]), prefix_lens=t([0]), extend_lens=t([n]),
+                         req_to_token=r2t, logits_rows=t(list(range(n))), seq_lens_cpu=[n],
+                         prefix_lens_cpu=[0], extend_lens_cpu=[n])
     attn = TorchAttentionBackend(pool, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim)
     return model(batch, attn)
 
@@ -145,7 +149,7 @@ def test_shards_in_threads_reproduce_the_full_models_logits(make_tiny_model, mod
 
     def rank(r: int) -> None:
         model = loader.load_model(path, config, torch.float32, torch.device("cpu"), 64,
-                                  _ThreadGroup(r, 2, hub))
+                                  _ThreadGroup(rank=r, size=2, hub=hub))
         got[r] = _prefill_logits(model, ids)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]

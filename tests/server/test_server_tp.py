@@ -1,5 +1,6 @@
 """``plait serve --tp 2``: chat works, /generate gives transformers' greedy tokens, and SIGTERM
-stops the HTTP process, the scheduler process and the worker rank."""
+stops the HTTP process, the scheduler process and the worker rank; /get_server_info reports
+each rank's shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,6 +33,10 @@ def test_serve_tp2_chat_generate_parity_and_clean_sigterm(real_model_path, tmp_p
         out = server.post("/generate", json={
             "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 16}}).json()
         assert out["output_ids"] == want
+        # each rank's own report of its shard: SmolLM2's 9/3 heads as 6/2 and 3/1
+        ranks = server.get("/get_server_info").json()["tp_ranks"]
+        assert [(r["rank"], r["attention_heads"], r["kv_heads"]) for r in ranks] == [
+            (0, 6, 2), (1, 3, 1)]
     finally:
         assert server.stop() == 0
     gone, alive = psutil.wait_procs(tree, timeout=30)

@@ -75,4 +75,4 @@ class GreedyHead:
             values, indices = self.head(hidden[undecided]).max(dim=-1)
             for b, v, i in zip(undecided, values.tolist(), indices.tolist()):
                 tokens[b] = i if math.isfinite(v) else None
-        return GreedyTokens(tokens)
+        return GreedyTokens(tokens=tokens)

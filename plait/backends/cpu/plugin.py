@@ -56,6 +56,7 @@ class CpuBackend(Backend):
     priority = 0  # the fallback: every accelerator outranks it
     options_type = CpuOptions
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
+    decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = False
 
     def __init__(self, options: CpuOptions | None = None):
@@ -63,7 +64,16 @@ class CpuBackend(Backend):
         self.options: CpuOptions = options or CpuOptions()  # TP ranks get these too
 
     def free_memory_bytes(self) -> int:
-        """The system memory available now (``SC_AVPHYS_PAGES``)."""
+        """What the kernel calls available now: ``MemAvailable`` from /proc/meminfo (free
+        pages plus reclaimable page cache, which loading a model's files fills); elsewhere
+        than Linux the free pages."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
     def host_thread(self) -> ContextManager[None]:

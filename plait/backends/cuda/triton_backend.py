@@ -25,6 +25,8 @@ class TritonBackend(Backend):
     launch: ClassVar[LaunchParams] = CUDA_DEFAULT
     torch_device = torch.device("cuda")
     distributed_backend = "nccl"  # RCCL answers to "nccl" in ROCm builds of torch
+    decode_modes = frozenset({"eager", "captured"})
+    default_graph_capture = True  # CUDA/HIP graphs capture in seconds
 
     def free_memory_bytes(self) -> int:
         """Free memory on the current CUDA/HIP device (``torch.cuda.mem_get_info``)."""

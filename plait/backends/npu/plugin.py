@@ -23,9 +23,10 @@ class NpuBackend(Backend):
     commonly run with (vLLM-Ascend's default). An explicit fp32 or page size 1 still works, on
     the slower torch reference.
 
-    Decode runs eagerly (the default ``create_graph_runner``): FIA takes sequence lengths as
-    host lists, which a captured NPU graph would freeze at capture time (updating them needs
-    torch_npu's graph task-update API).
+    Decode runs eagerly (the default ``create_graph_runner`` and ``decode_modes``, so
+    ``--enable-graph-capture`` is refused): FIA takes sequence lengths as host lists, which a
+    captured NPU graph would freeze at capture time (updating them needs torch_npu's graph
+    task-update API).
     """
 
     name = "npu"

@@ -24,6 +24,12 @@ class TpuBackend(Backend):
     #: the smallest token and kv-width buckets (powers of two above them up to the limits)
     jit_min_tokens: ClassVar[int] = 16
     jit_min_kv_width: ClassVar[int] = 128
+    #: every step is a ``jax.jit`` program (:mod:`.graph`): there is no eager path to
+    #: ``--disable-graph-capture`` into; ``--enable-graph-capture`` asks for what always happens
+    decode_modes = frozenset({"captured"})
+    default_graph_capture = True
+    #: the runner is JAX's own (one device), not the core ModelRunner the ranks shard
+    supports_tensor_parallel = False
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TPGroup:
     rank: int = 0
     size: int = 1

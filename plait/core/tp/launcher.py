@@ -4,8 +4,9 @@ Start-up, in order:
 1. Rank 0 opens the rendezvous ``TCPStore`` on 127.0.0.1, port 0 (the OS picks a free one, so
    two engines never race for a port), then spawns ``python -m plait.core.tp.worker`` once per
    rank from a dedicated thread that stays alive, reaping them, until they exit.
-2. Every rank loads its own shard. A worker writes ``ready/<rank>``, or ``error/<rank>`` with
-   its traceback, into the store; rank 0 polls those keys and the processes, and a worker that
+2. Every rank loads its own shard. A worker writes ``ready/<rank>`` (its
+   :class:`~plait.core.tp.rank_facts.RankFacts` as JSON), or ``error/<rank>`` with its
+   traceback, into the store; rank 0 polls those keys and the processes, and a worker that
    fails or dies fails the start with its error (the other workers are killed).
 3. All ranks join the default ``torch.distributed`` group with the device backend's
    ``distributed_backend`` (gloo on the CPU) over that store.
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from plait.core.tp.rank_facts import RankFacts
 from plait.core.tp.sharding import split_range
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class WorkerRanks:
                                    timeout=timedelta(seconds=60))
         self.port = self.store.port
         self.procs: list[subprocess.Popen] = []
+        #: ranks 1..size-1's shards, in rank order, once :meth:`wait_ready` returned
+        self.facts: list[RankFacts] = []
         self._joined = False
         self._saved_threads = torch.get_num_threads()
         if cpu_threads:
@@ -109,7 +113,8 @@ class WorkerRanks:
             proc.wait()
 
     def wait_ready(self, timeout: float) -> None:
-        """Until every worker loaded its shard; raises RuntimeError with a worker's error
+        """Until every worker loaded its shard (then :attr:`facts` holds what each reported);
+        raises RuntimeError with a worker's error
         (after stopping the others) when one fails, dies or times out."""
         pending = set(range(1, self.size))
         deadline = time.monotonic() + timeout
@@ -126,6 +131,8 @@ class WorkerRanks:
                 raise RuntimeError(f"tensor-parallel ranks {sorted(pending)} did not load "
                                    f"their shards within {timeout:.0f} s")
             time.sleep(0.05)
+        self.facts = [RankFacts.from_json(self.store.get(_KEY_READY.format(r)))
+                      for r in range(1, self.size)]
 
     def _error_of(self, rank: int) -> str | None:
         if self.store.check([_KEY_ERROR.format(rank)]):

@@ -6,11 +6,15 @@ broadcasts it (``batch_channel``), then runs rank 0's shard; the model's all-red
 logits all-gather meet the workers' in the same order, so rank 0 returns the full logits.
 A failed forward leaves the group in an unknown state (some rank may wait in a collective
 forever), so after one every later forward raises instead of deadlocking.
+
+Every rank is built from the engine's one :class:`ModelSpec` with only ``tp`` replaced (rank 0
+here, the workers from the same fields in their JSON config), so a flag such as
+``graph_capture`` holds on every rank; :meth:`TPModelRunner.metrics` reports each rank's
+:class:`~plait.core.tp.rank_facts.RankFacts` so that this can be seen.
 """
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch
@@ -22,6 +26,7 @@ from plait.core.request import Req
 from plait.core.tp import batch_channel
 from plait.core.tp.group import TPGroup
 from plait.core.tp.launcher import WorkerRanks
+from plait.core.tp.rank_facts import RankFacts, facts_of
 
 
 class TPModelRunner:
@@ -37,7 +42,18 @@ class TPModelRunner:
         self.kv_pool = local.kv_pool
         self.req_pool = local.req_pool
         self.device = local.device
+        #: rank 0's graph runner: the engine warms decode capture up through it (the workers
+        #: run the same warm-up batches, so they capture the same sizes)
+        self.graph_runner = local.graph_runner
+        #: every rank's shard, rank 0's first (the workers' arrived with their ready signal)
+        self.rank_facts: list[RankFacts] = [facts_of(local), *ranks.facts]
         self._broken: str | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """For ``get_server_info``: rank 0's capture counters and ``tp_ranks``, one
+        :class:`RankFacts` dict per rank."""
+        return {**self.local.metrics(),
+                "tp_ranks": [dataclasses.asdict(f) for f in self.rank_facts]}
 
     def prepare_extend(self, items: list[ExtendItem]) -> tuple[Any, list[int]]:
         return self.local.prepare_extend(items)
@@ -58,9 +74,6 @@ class TPModelRunner:
             self._broken = f"ranks {dead} exited" if dead else f"a forward failed: {exc!r}"
             raise RuntimeError(f"tensor-parallel forward failed ({self._broken})") from exc
 
-    def metrics(self) -> dict[str, Any]:
-        return self.local.metrics()
-
     def shutdown(self) -> None:
         self.ranks.stop(send_stop=lambda: batch_channel.send_stop(self.device))
 
@@ -71,6 +84,10 @@ def start_tensor_parallel(backend: Backend, spec: ModelSpec,
                           ) -> tuple[TPModelRunner, TokenSlotAllocator]:
     """Start ranks 1..tp_size-1, build rank 0's shard (this process) while they build theirs,
     join the group; returns rank 0's runner and the slot allocator (rank 0 owns allocation)."""
+    if spec.quantization.method != "none":  # the loader's refusal, before any rank starts
+        raise ValueError(f"quantization={spec.quantization.method!r} does not support "
+                         f"tp_size > 1 yet")
+    # Every ModelSpec field but hf_config (re-read from model_dir) and tp (the rank's own).
     worker_config = {"model_dir": str(spec.model_dir), "device": backend.name,
                      "dtype": str(spec.dtype).removeprefix("torch."),
                      "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
@@ -83,10 +100,10 @@ def start_tensor_parallel(backend: Backend, spec: ModelSpec,
     try:
         backend.bind_tp_rank(0)
         local, allocator = build_model_runner(
-            backend, dataclasses.replace(spec, tp=TPGroup(0, tp_size)),
+            backend, dataclasses.replace(spec, tp=TPGroup(rank=0, size=tp_size)),
             num_slots, page_size, req_pool)
-        runner = TPModelRunner(local, ranks)
         ranks.wait_ready(startup_timeout)
+        runner = TPModelRunner(local, ranks)
         ranks.join()
     except BaseException:
         ranks.stop()

@@ -26,7 +26,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [stop - start for start, stop in (split_range(n, parts, i) for i in range(parts))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeadShard:
     """Rank's heads: query heads ``q_start..q_start+num_heads`` and KV heads
     ``kv_start..kv_start+num_kv_heads`` of the full model. Invariant: ``num_heads`` is
@@ -46,8 +46,8 @@ def shard_heads(num_heads: int, num_kv_heads: int, tp_size: int, rank: int) -> H
     group = num_heads // num_kv_heads
     if num_kv_heads >= tp_size:
         kv_start, kv_stop = split_range(num_kv_heads, tp_size, rank)
-        return HeadShard(kv_start * group, (kv_stop - kv_start) * group, kv_start,
-                         kv_stop - kv_start)
+        return HeadShard(q_start=kv_start * group, num_heads=(kv_stop - kv_start) * group,
+                         kv_start=kv_start, num_kv_heads=kv_stop - kv_start)
     replicas = tp_size // num_kv_heads
     if tp_size % num_kv_heads or group % replicas:
         raise ValueError(
@@ -57,7 +57,8 @@ def shard_heads(num_heads: int, num_kv_heads: int, tp_size: int, rank: int) -> H
             f"split evenly over its {tp_size}/{num_kv_heads} ranks")
     per_rank = group // replicas
     kv = rank // replicas
-    return HeadShard(kv * group + (rank % replicas) * per_rank, per_rank, kv, 1)
+    return HeadShard(q_start=kv * group + (rank % replicas) * per_rank, num_heads=per_rank,
+                     kv_start=kv, num_kv_heads=1)
 
 
 def check_tp_size(num_heads: int, num_kv_heads: int, tp_size: int) -> int:

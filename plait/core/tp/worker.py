@@ -1,7 +1,8 @@
 """A tensor-parallel worker rank (1..N-1): ``python -m plait.core.tp.worker '<json config>'``.
 
-It loads its shard of the model and its KV pool (its KV heads only), reports ready through the
-rendezvous store, joins the process group and then runs every batch rank 0 broadcasts until
+It loads its shard of the model and its KV pool (its KV heads only), reports ready (with its
+:class:`~plait.core.tp.rank_facts.RankFacts`, which rank 0 serves in ``get_server_info``)
+through the rendezvous store, joins the process group and then runs every batch rank 0 broadcasts until
 STOP. It never schedules, samples or caches: its ``req_to_token`` rows are copied from rank 0
 with each batch. Any error ends the process (rank 0's next collective then fails), since a rank
 that skipped a forward could only desynchronise the group's collectives.
@@ -47,9 +48,10 @@ def build_runner(cfg: dict[str, Any]) -> Any:
     backend.bind_tp_rank(cfg["rank"])
     model_dir = Path(cfg["model_dir"])
     hf = compose.load_config(model_dir)
-    spec = ModelSpec(model_dir, hf, getattr(torch, cfg["dtype"]), cfg["context_len"],
-                     cfg["max_batch_size"], graph_capture=cfg["graph_capture"],
-                     tp=TPGroup(cfg["rank"], cfg["size"]),
+    spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=getattr(torch, cfg["dtype"]),
+                     context_len=cfg["context_len"], max_batch_size=cfg["max_batch_size"],
+                     graph_capture=cfg["graph_capture"],
+                     tp=TPGroup(rank=cfg["rank"], size=cfg["size"]),
                      load_model=compose.model_loader(hf))
     req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1,
                               backend.torch_device)
@@ -78,11 +80,13 @@ def main() -> int:
     store = dist.TCPStore(HOST, cfg["port"], cfg["size"], is_master=False,
                           timeout=timedelta(seconds=60))
     try:
+        from plait.core.tp.rank_facts import facts_of
         runner = build_runner(cfg)
+        facts = facts_of(runner).to_json()
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(_KEY_ERROR.format(rank), traceback.format_exc())
         return 1
-    store.set(_KEY_READY.format(rank), "1")
+    store.set(_KEY_READY.format(rank), facts)
     dist.init_process_group(cfg["dist_backend"], store=store, rank=rank,
                             world_size=cfg["size"], timeout=COLLECTIVE_TIMEOUT)
     try:
