@@ -127,10 +127,6 @@ class KVPool:
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
         self.v_buffers[layer_id][loc] = v.to(self.dtype)
 
-    def bytes_per_token(self) -> int:
-        k = self.k_buffers[0]
-        return 2 * self.num_layers * k.shape[1] * k.shape[2] * k.element_size()
-
 
 class AttentionBackend(ABC):
     """Attention over the paged pool. ``q``: [T, Hq, D]; ``k``/``v``: [T, Hkv, D] for the new

@@ -6,28 +6,59 @@ runs, and that batch may include requests this processing finishes (their extra 
 computed and then dropped here: it never reaches the user) or jump-forwards (their row there
 is stale). A sampled token therefore counts only if its request is unfinished and still has
 the output count the row was planned against (``PlannedBatch.expect``).
+
+It owns no request state: it moves requests in the :class:`~plait.core.req_table.ReqTable`
+(out of ``running`` when finished or handed off, to the head of ``waiting`` after a
+jump-forward), releases the KV of those that finished, and ends a failing one through the
+scheduler's ``end`` (which removes it wherever it is).
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Protocol
 
 import torch
 
 from plait.core.batch_executor import BatchResult, PlannedBatch
+from plait.core.finish_reason import FinishReason
+from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem
+from plait.core.req_table import ReqTable
 from plait.core.request import Req
+from plait.core.request_output import RequestFinisher
 from plait.core.sampler import token_logprobs
+from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 log = logging.getLogger(__name__)
 
 
-class OutputProcessor:
-    """Mixin of :class:`~plait.core.scheduler.Scheduler` (uses its kv, finisher, queues,
-    stats and ``_fail`` / ``_finish_now``)."""
+class HandOff(Protocol):
+    """Disaggregated prefill: the side that takes each request over once its first token is
+    sampled. It owns the request (and its KV) from then on and ends it with the scheduler's
+    ``finish_handed_off``. :class:`plait.disaggregation.prefill.PrefillSide` is one."""
 
-    def _process(self, plan: PlannedBatch, fut: Future) -> None:
+    def hand_off(self, req: Req) -> None: ...
+
+
+class OutputProcessor:
+    """Applies batch results to their requests (see the module docstring)."""
+
+    def __init__(self, kv: KVManager, finisher: RequestFinisher, table: ReqTable,
+                 stats: SchedulerStats, config: SchedulerConfig,
+                 end: Callable[[Req, FinishReason], None], hand_off: HandOff | None = None):
+        self.kv = kv
+        self.finisher = finisher
+        self.table = table
+        self.stats = stats
+        self.config = config
+        self.end = end
+        self.hand_off = hand_off
+
+    def process(self, plan: PlannedBatch, fut: Future) -> None:
+        """Wait for ``plan``'s result and apply it; the next batch may sample after this."""
         t0 = time.perf_counter()
         result: BatchResult = fut.result()
         t1 = time.perf_counter()
@@ -48,26 +79,28 @@ class OutputProcessor:
             log.error("aborting %d request(s) after a failed forward", len(plan.reqs))
             for req in plan.reqs:
                 if not req.finished:
-                    self._fail(req, f"internal error: {result.error}")
+                    self.end(req, FinishReason.error(f"internal error: {result.error}"))
             return
         if plan.items is not None:
             self._apply_extend(plan.items, plan.row_counts, result.logits)
         self._apply_tokens(plan, result)
 
     def _apply_extend(self, items: list[ExtendItem], counts: list[int],
-                      logits: torch.Tensor) -> None:
+                      logits: torch.Tensor | None) -> None:
+        """``logits`` is None only when the model sampled greedily itself, which it does
+        only for batches that want no prompt logprobs."""
         row = 0
         for it, count in zip(items, counts):
             req = it.req
-            rows = logits[row:row + count]
-            row += count
+            first, row = row, row + count
             if req.finished:
                 continue
             if req.wants_input_logprobs:
-                self._record_input_logprobs(req, it, rows)
+                assert logits is not None
+                self._record_input_logprobs(req, it, logits[first:row])
             if it.start + it.length == len(req.fill_ids) and req.sampling.max_new_tokens == 0:
                 self.kv.release(req)
-                self._finish_now(req, {"type": "length", "length": 0})
+                self.finisher.finish_now(req, FinishReason.length(0))
 
     def _record_input_logprobs(self, req: Req, it: ExtendItem, rows: torch.Tensor) -> None:
         """Row for absolute position p scores token p+1 of the prompt."""
@@ -89,7 +122,7 @@ class OutputProcessor:
 
     def _apply_tokens(self, plan: PlannedBatch, result: BatchResult) -> None:
         reqs = plan.sample_reqs
-        raw_row = {}  # sample index -> row of result.raw (see BatchExecutor._sample)
+        raw_row: dict[int, int] = {}  # sample index -> row of result.raw (BatchExecutor._sample)
         for i, req in enumerate(reqs):
             if not result.skipped[i] and req.return_logprob:
                 raw_row[i] = len(raw_row)
@@ -97,42 +130,38 @@ class OutputProcessor:
                 and len(req.output_ids) == plan.expect[i]]
         for i in live:
             if result.tokens[i] is None:  # invalid distribution: this request alone fails
-                self._fail(reqs[i], "the sampling distribution is invalid (NaN or no "
-                                    "possible token)")
-        live = [i for i in live if result.tokens[i] is not None]
-        lp = [i for i in live if reqs[i].return_logprob]
+                self.end(reqs[i], FinishReason.error(
+                    "the sampling distribution is invalid (NaN or no possible token)"))
+        tokens = {i: t for i in live if (t := result.tokens[i]) is not None}
+        lp = [i for i in tokens if reqs[i].return_logprob]
         if lp:
+            assert result.raw is not None  # kept for every return_logprob row
             top_k = max(reqs[i].top_logprobs_num for i in lp)
             chosen, tops = token_logprobs(result.raw[[raw_row[i] for i in lp]],
-                                          [result.tokens[i] for i in lp], top_k)
+                                          [tokens[i] for i in lp], top_k)
             for k, i in enumerate(lp):
-                reqs[i].output_token_logprobs.append((chosen[k], result.tokens[i], None))
+                reqs[i].output_token_logprobs.append((chosen[k], tokens[i], None))
                 n = reqs[i].top_logprobs_num
                 reqs[i].output_top_logprobs.append(
                     [(v, t, None) for v, t in tops[k][:n]] if n else None)
-        self.stats.generated_tokens += len(live)
-        for i in live:
-            self._append(reqs[i], result.tokens[i])
+        self.stats.generated_tokens += len(tokens)
+        for i, token in tokens.items():
+            self._append(reqs[i], token)
 
     def _append(self, req: Req, token: int) -> None:
         self.finisher.append_token(req, token, self.config.context_len)
         if self.hand_off is not None:  # a prefill server: the decode server takes it from here
-            if req in self.running:
-                self.running.remove(req)
-            self.hand_off(req)
+            self.table.remove(req)
+            self.hand_off.hand_off(req)
             return
         jumped = 0
         if req.grammar is not None and not req.finished and self.config.enable_jump_forward:
             jumped = self._jump_forward(req)
         if req.finished:
-            if req in self.running:
-                self.running.remove(req)
+            self.table.remove(req)
             self.kv.release(req)
         elif jumped:
-            # forced tokens: extend them in one step, ahead of new requests
-            if req in self.running:
-                self.running.remove(req)
-            self.waiting.insert(0, req)
+            self.table.requeue(req)  # forced tokens: extend them in one step, ahead of others
         self.finisher.emit(req)
 
     def _jump_forward(self, req: Req) -> int:

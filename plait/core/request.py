@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from plait.core.finish_reason import FinishReason
 from plait.core.sampling_params import SamplingParams
 
 
@@ -42,7 +43,7 @@ class Req:
     cache_len: int = 0
     last_node: Any = None
     cached_tokens: int = 0                   # prompt tokens served from the prefix cache
-    finish_reason: dict | None = None
+    reason: FinishReason | None = None       # set once, by ``finish``
     generator: torch.Generator | None = None
     future: int | None = None                # placeholder of the next token, while in flight
 
@@ -67,7 +68,12 @@ class Req:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.reason is not None
+
+    @property
+    def finish_reason(self) -> dict | None:
+        """Why it ended, in the wire format the server returns (None while it runs)."""
+        return None if self.reason is None else self.reason.to_dict()
 
     @property
     def wants_input_logprobs(self) -> bool:
@@ -81,7 +87,8 @@ class Req:
             limit = min(limit, max(0, self.logprob_start_len - 1))
         return limit
 
-    def finish(self, reason: dict) -> None:
-        if self.finish_reason is None:
-            self.finish_reason = reason
+    def finish(self, reason: FinishReason) -> None:
+        """End the request; the first reason given wins."""
+        if self.reason is None:
+            self.reason = reason
             self.finished_time = time.perf_counter()

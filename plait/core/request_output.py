@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from plait.core.detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from plait.core.finish_reason import FinishReason
 from plait.core.request import Req
 
 
@@ -25,11 +26,11 @@ class RequestFinisher:
         n_out = len(req.output_ids)
         if n_out >= sp.min_new_tokens:
             if not sp.ignore_eos and token in self.eos_ids:
-                req.finish({"type": "stop", "matched": token})
+                req.finish(FinishReason.stop(token))
             elif token in sp.stop_token_ids:
-                req.finish({"type": "stop", "matched": token})
+                req.finish(FinishReason.stop(token))
             elif req.grammar is not None and req.grammar.is_terminated():
-                req.finish({"type": "stop", "matched": None})
+                req.finish(FinishReason.stop(None))
         if req.finished:
             self.finalize_text(req)
             return
@@ -41,12 +42,12 @@ class RequestFinisher:
             if hit is not None:
                 i, s = hit
                 req.text = text[:i + len(s)] if sp.no_stop_trim else text[:i]
-                req.finish({"type": "stop", "matched": s})
+                req.finish(FinishReason.stop(s))
                 return
         if n_out >= sp.max_new_tokens:
-            req.finish({"type": "length", "length": sp.max_new_tokens})
+            req.finish(FinishReason.length(sp.max_new_tokens))
         elif len(req.input_ids) + n_out >= context_len:
-            req.finish({"type": "length", "length": n_out})
+            req.finish(FinishReason.length(n_out))
         if req.finished:
             self.finalize_text(req)
 
@@ -61,12 +62,11 @@ class RequestFinisher:
     def finalize_text(self, req: Req) -> None:
         """Final text: trims a matched stop token (unless no_stop_trim), flushes partial
         characters. A stop-string match has already set ``req.text``."""
-        reason = req.finish_reason or {}
-        if reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
+        reason = req.reason
+        if reason is not None and reason.stopped_on_string:
             return
         ids = req.output_ids
-        if (reason.get("type") == "stop" and isinstance(reason.get("matched"), int)
-                and not req.sampling.no_stop_trim):
+        if reason is not None and reason.stopped_on_token and not req.sampling.no_stop_trim:
             ids = ids[:-1]
         if req.detok is None:
             sp = req.sampling
@@ -75,6 +75,13 @@ class RequestFinisher:
         req.detok.update(ids)
         req.detok.flush(ids)
         req.text = req.detok.text
+
+    def finish_now(self, req: Req, reason: FinishReason) -> None:
+        """End ``req`` outside token processing (abort, error, hand-off): final text, then
+        its last output. Its KV is the caller's to release."""
+        req.finish(reason)
+        self.finalize_text(req)
+        self.emit(req)
 
     def emit(self, req: Req) -> None:
         if req.on_output is not None:

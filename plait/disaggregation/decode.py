@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import zmq
 
+from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.request import Req
 from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
@@ -46,7 +47,7 @@ class _Inflight:
 class DecodeSide:
     def __init__(self, transfer: KVTransfer, kv: KVManager, kv_pool: Any, host: str,
                  timeout: float, admit: Callable[[Req, int], None],
-                 fail: Callable[[Req, dict], None]):
+                 fail: Callable[[Req, FinishReason], None]):
         self.transfer = transfer
         self.kv = kv
         self.timeout = timeout
@@ -94,13 +95,13 @@ class DecodeSide:
         for req in self.queued:
             if req.rid == rid:
                 self.queued.remove(req)
-                self.fail(req, {"type": "abort", "message": "aborted"})
+                self.fail(req, FinishReason.abort("aborted"))
                 return True
         for room, it in self.inflight.items():
             if it.req.rid == rid and not it.aborted:
                 it.aborted = True
                 self.pushers.send(it.prefill, {"op": "cancel", "room": room})
-                self.fail(it.req, {"type": "abort", "message": "aborted"})
+                self.fail(it.req, FinishReason.abort("aborted"))
                 return True
         return False
 
@@ -111,8 +112,8 @@ class DecodeSide:
             req = self.queued[0]
             if req.bootstrap.room in self.inflight:  # a room pairs one request at a time
                 self.queued.pop(0)
-                self.fail(req, {"type": "error", "message": f"bootstrap_room "
-                                f"{req.bootstrap.room} is already in use on this server"})
+                self.fail(req, FinishReason.error(f"bootstrap_room {req.bootstrap.room} is "
+                                                 "already in use on this server"))
                 continue
             n = len(req.input_ids)
             slots = self.kv.admit_for_transfer(req, n)
@@ -155,7 +156,7 @@ class DecodeSide:
         if not it.aborted:
             self.stats["kv_transfer_failures"] += 1
             log.warning("request %s failed: %s", it.req.rid, message)
-            self.fail(it.req, {"type": "error", "message": message})
+            self.fail(it.req, FinishReason.error(message))
 
     def close(self) -> None:
         self.pushers.close()

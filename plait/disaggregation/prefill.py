@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import zmq
 
+from plait.core.finish_reason import FinishReason
 from plait.core.request import Req
 from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
                                             layout_from_json, pull_socket)
@@ -53,7 +54,7 @@ class _Target:
 class PrefillSide:
     def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
                  timeout: float, call_soon: Callable[[Callable[[], None]], None],
-                 finish: Callable[[Req, dict], None], abort_room: Callable[[int], None]):
+                 finish: Callable[[Req, FinishReason], None], abort_room: Callable[[int], object]):
         self.transfer = transfer
         self.req_pool = req_pool
         self.timeout = timeout
@@ -109,7 +110,7 @@ class PrefillSide:
         with self.lock:
             late = [(room, r) for room, r in self.ready.items()
                     if r.deadline < now and not r.cancelled and room not in self.targets]
-            for room, r in late:
+            for _room, r in late:
                 r.cancelled = True
             stale = [room for room, t in self.targets.items() if t.deadline < now]
             for room in stale:
@@ -118,8 +119,9 @@ class PrefillSide:
                 del self.cancelled[room]
         for room, r in late:
             if self._pop(room) is not None:
-                self.finish(r.req, _error(f"no decode server asked for the KV of bootstrap "
-                                          f"room {room} within {self.timeout:.0f}s"))
+                self.finish(r.req, FinishReason.error(
+                    f"no decode server asked for the KV of bootstrap room {room} within "
+                    f"{self.timeout:.0f}s"))
 
     def abort(self, rid: str) -> bool:
         with self.lock:
@@ -147,7 +149,7 @@ class PrefillSide:
             ready = self.ready.get(room)
             sending = ready is not None and ready.sending
         if ready is not None and not sending and self._pop(room) is not None:
-            self.finish(ready.req, {"type": "abort", "message": why})
+            self.finish(ready.req, FinishReason.abort(why))
 
     def _cancel(self, room: int) -> None:
         """Scheduler thread: end ``room``'s request, handed off or not."""
@@ -212,14 +214,14 @@ class PrefillSide:
             nbytes = sum(lengths)
             self.pushers.send(msg["notify"], {"op": "done", "room": room, "bytes": nbytes,
                                               "seconds": time.perf_counter() - started})
-            reason: dict = {"type": "length", "length": 1}
+            reason = FinishReason.length(1)
         except (TransferError, KeyError, TypeError, ValueError) as e:
             log.warning("KV transfer of room %s failed: %s", room, e)
             if isinstance(msg.get("notify"), str):
                 self.pushers.send(msg["notify"], {"op": "failed", "room": room,
                                                   "message": f"prefill: {e}"})
-            reason = (_error(f"KV transfer failed: {e}") if not ready.cancelled
-                      else {"type": "abort", "message": "aborted"})
+            reason = (FinishReason.error(f"KV transfer failed: {e}") if not ready.cancelled
+                      else FinishReason.abort("aborted"))
 
         def done() -> None:
             if self._pop(room) is not None:
@@ -236,7 +238,3 @@ class PrefillSide:
 
 
 _CANCELLED = "the decode server cancelled the transfer"
-
-
-def _error(message: str) -> dict:
-    return {"type": "error", "message": message}

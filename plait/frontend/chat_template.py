@@ -52,7 +52,7 @@ class ChatTemplate:
     def prefix_and_suffix(self, role: str, history: list[dict]) -> tuple[str, str]:
         return self._cut(role, tuple(m["role"] for m in history))
 
-    @functools.lru_cache(maxsize=256)
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - templates live as long as their backend
     def _cut(self, role: str, roles: tuple[str, ...]) -> tuple[str, str]:
         placeholders = [{"role": r, "content": f"m{i}"} for i, r in enumerate(roles)]
         before = self.render(placeholders) if roles else ""

@@ -103,7 +103,7 @@ def _prepare(encode: Callable[[str], list[int]], limits: RequestLimits,
 async def _final(client: EngineClient, req: GenerateReq) -> dict[str, Any]:
     out = None
     async with contextlib.aclosing(client.generate(req)) as gen:
-        async for out in gen:
+        async for out in gen:  # noqa: B007 - the last one is the result
             pass
     return out
 

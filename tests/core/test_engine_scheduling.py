@@ -9,6 +9,8 @@ import time
 import pytest
 
 import plait
+from plait.core.request import Req
+from plait.core.sampling_params import SamplingParams
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -84,6 +86,25 @@ def test_abort_frees_kv_and_finishes_with_abort(tiny):
         last = list(stream)[-1]
         assert last["meta_info"]["finish_reason"]["type"] == "abort"
         assert kv_is_all_free(engine)
+
+
+def test_aborting_a_queued_request_that_holds_kv_frees_it(tiny):
+    """A request re-queued with its KV (jump-forward tokens not yet extended) may be aborted
+    there; its row and slots must come back."""
+    with plait.Engine(tiny) as engine:
+        s = engine.scheduler
+
+        def hold_then_abort() -> bool:  # on the scheduler thread: no step in between
+            req = Req(rid="held", input_ids=[5] * 20, sampling=SamplingParams(max_new_tokens=4))
+            assert s.kv.admit(req, s.kv.match(req))
+            assert s.kv.alloc_extend(req, 20) is not None
+            req.kv_len = 20
+            s.waiting.insert(0, req)
+            return s.abort("held")
+
+        assert engine._call(hold_then_abort)
+        assert kv_is_all_free(engine)
+        assert engine.get_server_info()["num_waiting_reqs"] == 0
 
 
 def test_stream_closed_early_aborts_request(tiny):

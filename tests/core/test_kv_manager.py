@@ -145,7 +145,7 @@ def test_allocation_evicts_unlocked_cache_entries_then_retries():
 
 def test_allocation_returns_none_when_only_locked_entries_remain():
     kv = make(num_slots=16)
-    a = admit_and_prefill(kv, list(range(1, 13)), "a")  # locked while running
+    admit_and_prefill(kv, list(range(1, 13)), "a")  # locked while running
     b = new_req([50] * 6, "b")
     assert kv.admit(b, kv.match(b))
     before = kv.usage()

@@ -82,10 +82,6 @@ class JaxKVPool(KVPool):
         self.v_buffers[layer_id] = scatter(self.v_buffers[layer_id], jloc,
                                            to_jax(v, self.jax_device))
 
-    def bytes_per_token(self) -> int:
-        hkv, _, d = self.k_buffers[0].shape
-        return 2 * self.num_layers * hkv * d * self.k_buffers[0].dtype.itemsize
-
 
 class PallasAttentionBackend(AttentionBackend):
     """Pallas kernels over a :class:`JaxKVPool`; q and outputs are torch tensors on the host.
