@@ -28,13 +28,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks import harness
 from benchmarks.presets import PRESETS, Preset, parse_presets
+
+if TYPE_CHECKING:
+    from plait.backends.cpu.plugin import CpuOptions
 
 PHASE_ROWS = ("wall_ms", *(f"{p}_ms" for p in harness.PHASES), "exposed_ms", "tokens_per_pass")
 
@@ -57,22 +60,13 @@ class PeerEngine:
         pass
 
 
-@contextmanager
-def cpu_switches(switches: dict) -> Iterator[None]:
-    """``CpuBackend`` class attributes set while one engine is built, then restored."""
+def cpu_options(switches: dict) -> "CpuOptions | None":
+    """The ``CpuOptions`` a preset's ``cpu`` switches name (TypeError: a stale preset), or
+    None for the backend's defaults."""
     if not switches:
-        yield
-        return
-    from plait.backends.cpu.plugin import CpuBackend
-
-    saved = {k: getattr(CpuBackend, k) for k in switches}  # AttributeError: a stale preset
-    for k, v in switches.items():
-        setattr(CpuBackend, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(CpuBackend, k, v)
+        return None
+    from plait.backends.cpu.plugin import CpuOptions
+    return CpuOptions(**switches)
 
 
 def build(preset: Preset, args: argparse.Namespace):
@@ -87,9 +81,11 @@ def build(preset: Preset, args: argparse.Namespace):
         return PeerEngine(load(job))
     import plait
 
-    with cpu_switches(preset.cpu):
-        return plait.Engine(model_path=args.model_path,
-                            **{"device": args.device, **preset.engine})
+    options = cpu_options(preset.cpu)
+    engine_args = {"device": args.device, **preset.engine}
+    if options is not None:
+        engine_args["backend_options"] = options
+    return plait.Engine(model_path=args.model_path, **engine_args)
 
 
 def preset_threads(preset: Preset) -> int:

@@ -35,7 +35,7 @@ class Preset:
     name: str
     about: str                                           # one line for --list
     engine: dict = field(default_factory=dict)           # plait.Engine keyword arguments
-    cpu: dict = field(default_factory=dict)              # CpuBackend switches while building
+    cpu: dict = field(default_factory=dict)              # CpuOptions fields for the engine
     env: dict = field(default_factory=dict)              # os.environ, set before building
     peer: str | None = None                              # "transformers": not a Plait engine
     full_warmup: bool = False  # warm up on every workload in full (jit buckets), not a short one

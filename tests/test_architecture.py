@@ -5,8 +5,9 @@
 - no two ``plait`` modules import each other, directly or through others, counting imports
   inside functions too (a lazy import hides a loop; it does not remove it);
 - nor through ``if TYPE_CHECKING:`` imports: they never run, but a type-only circle is still
-  a tangle a reader has to hold in mind. The frontend has none; outside it exactly
-  :data:`KNOWN_CORE_CIRCLES` remain, until the work named there removes them;
+  a tangle a reader has to hold in mind;
+- the core imports neither ``plait.models`` nor the backend registry (:data:`REGISTRIES`),
+  not even for annotations or inside a function: ``plait.compose`` looks them up;
 - ``plait/__init__.py`` lists the public surface in one sorted literal ``__all__``.
 """
 from __future__ import annotations
@@ -23,21 +24,9 @@ FORBIDDEN = {
     "plait.backends": ("plait.frontend", "plait.server"),
 }
 
-# The import circles that type-only imports close in the core, each as its modules from the
-# smallest name on (("a", "b") is a -> b -> a). All run through the default model runner
-# that ``Backend.create_model_runner`` builds in core/backend_api.py (a lazy import of
-# core/model_runner.py, models/loader.py and models/llama.py), while model_runner.py and
-# llama.py name backend_api's types in their annotations. The house's second step (issue 33,
-# "the Backend contract a contract only") moves that body to ``default_model_runner`` in
-# core/model_runner.py and makes models plugins; backend_api.py then imports neither, these
-# circles go, and this set must shrink with them (the test fails while it lists a circle that
-# is gone, as it fails on a new one).
-KNOWN_CORE_CIRCLES: set[tuple[str, ...]] = {
-    ("plait.core.backend_api", "plait.core.model_runner"),
-    ("plait.core.backend_api", "plait.core.model_runner", "plait.models.llama"),
-    ("plait.core.backend_api", "plait.models.llama"),
-    ("plait.core.backend_api", "plait.models.loader", "plait.models.llama"),
-}
+# What only the composition root (``plait.compose``) may look up: the core is handed a Backend
+# object and a model loader, so it names no registry and no architecture.
+REGISTRIES = ("plait.models", "plait.backends.registry")
 
 
 def _module_name(path: Path) -> str:
@@ -143,18 +132,16 @@ def test_there_is_no_import_cycle_among_plait_modules():
     assert not circles, _shown(circles)
 
 
-def test_type_only_imports_close_no_circle_in_the_frontend():
-    circles = {c for c in import_circles(_graph(type_checking=True))
-               if any(_inside(m, "plait.frontend") for m in c)}
+def test_type_only_imports_close_no_circle_either():
+    circles = import_circles(_graph(type_checking=True))
     assert not circles, _shown(circles)
 
 
-def test_type_only_imports_close_only_the_known_core_circles_outside_the_frontend():
-    circles = {c for c in import_circles(_graph(type_checking=True))
-               if not any(_inside(m, "plait.frontend") for m in c)}
-    new, gone = circles - KNOWN_CORE_CIRCLES, KNOWN_CORE_CIRCLES - circles
-    assert not new, f"new import circles:\n{_shown(new)}"
-    assert not gone, f"gone, remove them from KNOWN_CORE_CIRCLES:\n{_shown(gone)}"
+def test_the_core_looks_up_no_registry_and_names_no_model():
+    bad = sorted(f"{mod} imports {dep}" for mod, deps in _graph(type_checking=True).items()
+                 if _inside(mod, "plait.core") for dep in deps
+                 if any(_inside(dep, r) for r in REGISTRIES))
+    assert not bad, "\n".join(bad)
 
 
 def test_the_checks_catch_what_they_claim(tmp_path):

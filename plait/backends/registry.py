@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -91,10 +92,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def get_backend(device: str) -> Backend:
+def get_backend(device: str, options: Any = None) -> Backend:
     """The backend object for ``device`` (a name or ``auto``): resolved once, instantiated
-    once. This is the only place a device's own code starts to run."""
-    return backend_classes()[resolve_device(device)]()
+    once with ``options`` (its ``options_type``, a dict of that type's fields, or None for
+    the defaults). This is the only place a device's own code starts to run."""
+    cls = backend_classes()[resolve_device(device)]
+    if isinstance(options, dict):
+        if cls.options_type is None:
+            raise ValueError(f"backend_options: the {cls.name!r} backend has no options, "
+                             f"got {sorted(options)}")
+        try:
+            options = cls.options_type(**options)
+        except TypeError as e:
+            raise ValueError(f"backend_options for the {cls.name!r} backend: {e}") from None
+    return cls(options)
 
 
 def describe_backends() -> str:

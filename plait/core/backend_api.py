@@ -12,7 +12,7 @@ import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Protocol
 
 import torch
 
@@ -20,9 +20,9 @@ from plait.core.tp.group import TPGroup
 from plait.quant import QuantConfig
 
 if TYPE_CHECKING:
-    from plait.core.forward_batch import ForwardBatch
+    from plait.core.forward_batch import ExtendItem, ForwardBatch, GreedyTokens
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
-    from plait.core.model_runner import ModelRunner
+    from plait.core.request import Req
     from plait.quant.modules import QuantizedMatmul
 
 
@@ -57,6 +57,50 @@ class ModelSpec:
     graph_capture: bool = True
     tp: TPGroup = TPGroup()
     quantization: QuantConfig = QuantConfig()
+    #: builds the torch model (this rank's shard, its weights loaded): handed in by the
+    #: composition root from the model registry, so the core never imports ``plait.models``.
+    #: None: no torch model is available (a backend with its own runner reads ``model_dir``)
+    load_model: "ModelLoader | None" = None
+
+
+class ModelLoader(Protocol):
+    """Builds the forward module for ``spec`` on ``device``: ``model(batch, attn)`` returns
+    logits (or :class:`~plait.core.forward_batch.GreedyTokens`), ``model.sliding_windows``
+    holds each layer's window, and ``model.layers[0].self_attn`` has ``num_heads`` and
+    ``num_kv_heads`` (this rank's). ``matmul`` runs the quantized Linear layers (None when
+    ``spec.quantization.method`` is ``"none"``)."""
+
+    def __call__(self, spec: ModelSpec, device: torch.device,
+                 matmul: "QuantizedMatmul | None") -> torch.nn.Module: ...
+
+
+class StepRunner(Protocol):
+    """What the scheduler and the engine use of a runner: building a batch (``prepare_*``,
+    which writes the new tokens' slots into ``req_pool.req_to_token``) apart from running it
+    (``run``), so the overlap schedule builds batch N+1 while batch N runs.
+
+    ``device`` is the torch device of the step's token ids (where the future-token map lives;
+    the CPU for a runner whose own device is not torch's). ``metrics()`` are its counters for
+    ``get_server_info``; ``metrics()["graph_capture"]`` True means decode replays captured
+    programs, which the engine warms up before serving.
+    """
+
+    kv_pool: KVPool
+    req_pool: "ReqToTokenPool"
+    device: torch.device
+
+    def prepare_extend(self, items: "list[ExtendItem]") -> "tuple[Any, list[int]]":
+        """The extend batch for ``items`` and, per item, how many logits rows are its."""
+
+    def prepare_decode(self, reqs: "list[Req]", slots: torch.Tensor,
+                       input_ids: list[int]) -> Any:
+        """The decode batch: ``input_ids[i]`` at position ``reqs[i].kv_len``."""
+
+    def run(self, batch: Any) -> "torch.Tensor | GreedyTokens":
+        """Logits for the batch's logits rows (or the model's greedy tokens)."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters for ``get_server_info``."""
 
 
 class KVPool:
@@ -110,8 +154,7 @@ class AttentionBackend(ABC):
         """Attend through layer i's window ``windows[i]`` from now on (before any forward).
         ValueError, naming the window, where this implementation cannot."""
         if any(w is not None for w in windows) and not self.supports_sliding_window:
-            from plait.models.sliding_window import describe
-            raise ValueError(f"{describe(windows)} is not supported by the "
+            raise ValueError(f"{describe_windows(windows)} is not supported by the "
                              f"{type(self).__name__} attention backend: it would attend to "
                              "every earlier token and diverge from the model past the window")
         self.sliding_windows = tuple(windows)
@@ -165,7 +208,10 @@ class Backend:
     - ``info()`` and ``unavailable_reason()`` are classmethods called for *every* registered
       backend; they must not import device libraries (triton, jax, torch_npu) unless that is
       the only way to tell availability. Everything else runs only on the chosen backend.
-    - The registry instantiates the class with no arguments, after ``info()`` said available.
+    - The registry instantiates the class once, after ``info()`` said available, with the
+      user's options: an instance of :attr:`options_type` (a keyword-only dataclass of the
+      backend's switches) or None for its defaults. A backend with no switches keeps
+      ``options_type = None`` and refuses any options.
     - The factories are called in this order: ``create_kv_pool``, ``create_allocator``,
       ``create_model_runner`` (whose default calls ``create_attention_backend`` and
       ``create_graph_runner``).
@@ -196,6 +242,20 @@ class Backend:
     #: its ``build_*`` made). A backend whose ``create_model_runner`` returns a runner of its own
     #: sets False, and the engine refuses ``--tp`` > 1 before any rank starts.
     supports_tensor_parallel: ClassVar[bool] = True
+    #: the dataclass of this backend's switches (``Engine(backend_options=...)``), or None
+    options_type: ClassVar[type | None] = None
+
+    def __init__(self, options: Any = None):
+        """``options``: an :attr:`options_type` instance, or None for the defaults; anything
+        else is a ValueError naming the type this backend takes (a switch is never ignored).
+        A subclass with options calls this and keeps its own default in ``self.options``."""
+        if options is not None and (self.options_type is None
+                                    or not isinstance(options, self.options_type)):
+            wanted = ("none (it has no options)" if self.options_type is None
+                      else self.options_type.__name__)
+            raise ValueError(f"backend_options for the {self.name!r} backend must be "
+                             f"{wanted}, got {type(options).__name__}")
+        self.options = options
 
     # ----- detection (classmethods: called for every registered backend) -----
 
@@ -282,34 +342,36 @@ class Backend:
         return None
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
-                            req_pool: "ReqToTokenPool") -> "ModelRunner":
-        """The forward pass the scheduler drives: ``forward_extend(items)`` and
-        ``forward_decode(reqs, slots)`` returning logits (see
-        :class:`~plait.core.model_runner.ModelRunner`).
+                            req_pool: "ReqToTokenPool") -> "StepRunner | None":
+        """The forward pass the scheduler drives (a :class:`StepRunner`), or None for the
+        core's default: :func:`plait.core.model_runner.default_model_runner`, Plait's torch
+        model (built by ``spec.load_model``) on :attr:`torch_device` with this backend's
+        :meth:`create_attention_backend` and :meth:`create_graph_runner` over the paged pool.
 
-        Default: Plait's torch model on :attr:`torch_device` with this backend's attention and
-        graph runner over the paged pool. A backend may return its own runner instead (a JAX
-        model, a vendor engine) as long as it reads and writes K/V through ``kv_pool`` at the
-        slots ``req_pool`` holds. Tensor parallelism (``spec.tp.size > 1``) needs a
-        :class:`~plait.core.model_runner.ModelRunner` (its ``build_*``/``run`` split lets rank 0
-        broadcast the batch it built) over the shard of ``spec.tp``.
+        Default: None. A backend may return its own runner instead (a JAX model, a vendor
+        engine) as long as it reads and writes K/V through ``kv_pool`` at the slots
+        ``req_pool`` holds, or wrap the default one (call ``default_model_runner`` and adjust
+        it, as the CPU backend does). Tensor parallelism (``spec.tp.size > 1``) needs a
+        :class:`~plait.core.model_runner.ModelRunner` (its ``prepare_*``/``run`` split lets
+        rank 0 broadcast the batch it built) over the shard of ``spec.tp``.
         """
-        from plait.core.model_runner import ModelRunner
-        from plait.models.llama import head_dim_of
-        from plait.models.loader import load_model
+        return None
 
-        hf, device, quant = spec.hf_config, self.torch_device, spec.quantization
-        matmul = (self.quantized_linear(quant.method, quant.activations)
-                  if quant.method != "none" else None)
-        model = load_model(spec.model_dir, hf, spec.dtype, device, spec.context_len, spec.tp,
-                           quant, matmul)
-        heads = model.layers[0].self_attn  # this rank's heads
-        attn = self.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
-                                             head_dim_of(hf))
-        attn.set_sliding_windows(model.sliding_windows)
-        graph = (self.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
-                 else None)
-        return ModelRunner(model, kv_pool, attn, req_pool, device, graph)
+    def free_memory_bytes(self) -> int | None:
+        """Bytes free on the device now (``--mem-fraction`` sizes the KV cache from it), or
+        None when this backend cannot tell; the server then asks for ``--max-total-tokens``
+        or ``--kv-cache-memory-gb`` instead. Default: None (unknown)."""
+        return None
+
+
+def describe_windows(windows: tuple[int | None, ...]) -> str:
+    """``"sliding_window=W"`` (plus which layers, when not all) for error messages."""
+    used = sorted({w for w in windows if w is not None})
+    layers = [i for i, w in enumerate(windows) if w is not None]
+    text = f"sliding_window={used[0] if len(used) == 1 else used}"
+    if len(layers) != len(windows):
+        text += f" (layers {layers[0]}..{layers[-1]})"
+    return text
 
 
 def refuse_int8_activations(backend: str, activations: str) -> None:

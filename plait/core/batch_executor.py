@@ -23,14 +23,18 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from plait.core.forward_batch import ForwardBatch, GreedyTokens
 from plait.core.future_tokens import FutureTokenMap
-from plait.core.model_runner import ExtendItem, ModelRunner
+from plait.core.model_runner import ExtendItem
 from plait.core.request import Req
 from plait.core.sampler import sample, takes_plain_argmax
+
+if TYPE_CHECKING:
+    from plait.core.backend_api import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +74,12 @@ class BatchResult:
 
 
 class BatchExecutor:
-    def __init__(self, runner: ModelRunner, eos_ids: set[int], max_batch_size: int,
+    def __init__(self, runner: StepRunner, eos_ids: set[int], max_batch_size: int,
                  overlap: bool):
         self.runner = runner
         self.eos_ids = eos_ids
         self.overlap = overlap
-        # A runner whose device is not torch's (the JAX runner) keeps its step's token ids in a
-        # host tensor, so its placeholders resolve on the CPU.
-        device = runner.device if isinstance(runner.device, torch.device) else "cpu"
-        self.futures = FutureTokenMap(max_batch_size, device)
+        self.futures = FutureTokenMap(max_batch_size, runner.device)
         self._last_processed = threading.Event()
         self._last_processed.set()
         self._jobs: queue.Queue = queue.Queue()

@@ -60,7 +60,7 @@ class Engine:
         # reference, so an engine nobody holds can still be garbage collected.
         self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
         atexit.register(self._atexit)
-        if getattr(self.scheduler.runner, "graph_runner", None) is not None:
+        if self.scheduler.runner.metrics().get("graph_capture"):
             log.info("capturing decode graphs (batch 1 and 2)...")
             log.info("decode graphs captured in %.1f s", warm_up(self.generate, self.flush_cache))
 
@@ -157,7 +157,7 @@ class Engine:
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
                 **vars(s.stats), **getattr(self.disagg, "stats", {}),
-                **_runner_metrics(s.runner),
+                **s.runner.metrics(),
             }
         return self._call(info)
 
@@ -181,12 +181,6 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
-
-
-def _runner_metrics(runner: Any) -> dict:
-    """A runner's own counters (the TPU runner's jit compiles), when it exports any."""
-    metrics = getattr(runner, "metrics", None)
-    return metrics() if callable(metrics) else {}
 
 
 def _shutdown_if_alive(ref: weakref.ref[Engine]) -> None:

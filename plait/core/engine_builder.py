@@ -23,11 +23,12 @@ from plait.core.backend_api import Backend, ModelSpec
 from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
-from plait.core.model_runner import build_model_runner
+from plait.core.model_runner import build_model_runner, head_dim_of
 from plait.core.request_output import RequestFinisher
 from plait.core.scheduler import Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
+    from plait.compose import Checkpoint
     from plait.core.tp.runner import TPModelRunner
     from plait.disaggregation.decode import DecodeSide
     from plait.disaggregation.prefill import PrefillSide
@@ -56,26 +57,18 @@ def build_runtime(cfg: EngineConfig,
                   call_soon: Callable[[Callable[[], Any]], None]) -> Runtime:
     """Build the runtime for a validated ``cfg``. ``call_soon`` queues a function for the
     scheduler thread (the prefill side hands results back through it)."""
-    from plait.backends import registry
+    # The composition root looks up the registries; the core only receives what it found.
+    from plait import compose
 
-    model_dir = resolve_model(cfg)
-    quantization = cfg.quant_config(model_dir)
-    backend = registry.get_backend(cfg.device)
+    checkpoint = compose.open_checkpoint(compose.resolve_model_dir(cfg.model_path))
+    quantization = cfg.quant_config(checkpoint.model_dir, checkpoint.gguf_source)
+    backend = compose.get_backend(cfg.device, cfg.backend_options)
     # Everything from here runs torch on the caller's thread (pool allocation, weight
     # loading): under host_thread, so that thread never owns an OpenMP team (see
     # Backend.host_thread; one such team made every forward kernel sleep between calls).
     with backend.host_thread():
-        return _build_on(backend, cfg.with_backend_defaults(backend), model_dir, quantization,
+        return _build_on(backend, cfg.with_backend_defaults(backend), checkpoint, quantization,
                          call_soon)
-
-
-def resolve_model(cfg: EngineConfig) -> Path:
-    """The model directory: ``cfg.model_path`` resolved, or the default model's."""
-    if cfg.model_path is None:
-        from plait.models.default import default_model_path
-        return default_model_path()
-    from plait.models.loader import resolve_model_dir
-    return resolve_model_dir(cfg.model_path)
 
 
 def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
@@ -84,7 +77,6 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
     bytes-per-token rule. A rank holds its shard's KV heads: the budget is per rank, sized
     by the largest shard, so every rank gets the same number of slots."""
     from plait.core.tp.sharding import check_tp_size
-    from plait.models.llama import head_dim_of
 
     page_size = _page_size(cfg)
     kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
@@ -162,11 +154,9 @@ def eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     return found
 
 
-def _build_on(backend: Backend, cfg: EngineConfig, model_dir: Path, quantization: Any,
+def _build_on(backend: Backend, cfg: EngineConfig, checkpoint: Checkpoint, quantization: Any,
               call_soon: Callable[[Callable[[], Any]], None]) -> Runtime:
-    from plait.models.loader import load_config, load_tokenizer
-
-    hf, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    model_dir, hf, tokenizer = checkpoint.model_dir, checkpoint.hf_config, checkpoint.tokenizer
     context_len = min(cfg.context_length or hf.max_position_embeddings,
                       hf.max_position_embeddings)
     dtype = DTYPES[str(cfg.dtype)]
@@ -177,7 +167,8 @@ def _build_on(backend: Backend, cfg: EngineConfig, model_dir: Path, quantization
     req_pool = ReqToTokenPool(cfg.max_running_requests, context_len + 1, backend.torch_device)
     spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=dtype, context_len=context_len,
                      max_batch_size=cfg.max_running_requests, quantization=quantization,
-                     graph_capture=cfg.graph_capture(backend))
+                     graph_capture=cfg.graph_capture(backend),
+                     load_model=checkpoint.load_model)
     tp_runner = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike
     if cfg.tp_size == 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from plait.core.backend_api import Backend
 from plait.core.schedule_policy import POLICIES
@@ -18,6 +19,9 @@ TRANSFER_BACKENDS = ("mooncake", "fake")
 class EngineConfig:
     model_path: str | Path | None = None     # None: the default SmolLM2-135M-Instruct
     device: str = "cpu"                      # a backend name or "auto"
+    # The backend's switches: its ``options_type`` (``CpuOptions`` on the CPU) or a dict of
+    # that type's fields; None: its defaults. A backend with no switches refuses any.
+    backend_options: Any = None
     dtype: str | None = None                 # None: the backend's default_dtype
     page_size: int | None = None             # None: the backend's default_page_size
     # The KV pool's size: in tokens, or as a budget in GiB (DEFAULT_KV_CACHE_GB when neither
@@ -141,15 +145,15 @@ class EngineConfig:
                              f"{backend.default_graph_capture} contradicts decode_modes "
                              f"{sorted(modes)}")
 
-    def quant_config(self, model_dir: Path) -> QuantConfig:
+    def quant_config(self, model_dir: Path, gguf_source: Path | None = None) -> QuantConfig:
         """The resolved quantization: ``gguf`` when unset and ``model_path`` is a ``.gguf``
-        file; ``gguf`` needs that file, or a directory converted from one."""
+        file; ``gguf`` needs that file, or a directory converted from one (``gguf_source``,
+        the file ``model_dir`` was converted from)."""
         path = str(self.model_path or "")
         method = self.quantization or ("gguf" if path.endswith(".gguf") else "none")
         gguf_file = None
         if method == "gguf":
-            from plait.models.loader import gguf_source
-            gguf_file = Path(path) if path.endswith(".gguf") else gguf_source(model_dir)
+            gguf_file = Path(path) if path.endswith(".gguf") else gguf_source
             if gguf_file is None:
                 raise ValueError(f"quantization='gguf' needs a .gguf model_path (or a directory "
                                  f"converted from one), got {path or 'the default model'!r}")

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from plait.core.request import Req
 
 
 @dataclass(kw_only=True)
@@ -55,3 +59,14 @@ class GreedyTokens:
     such a row alone, as it does from logits)."""
 
     tokens: list[int | None]
+
+
+@dataclass(kw_only=True)
+class ExtendItem:
+    """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
+
+    req: Req
+    start: int
+    length: int
+    slots: torch.Tensor           # KV slots for the new tokens
+    logit_from: int               # first absolute position whose logits we need

@@ -7,47 +7,24 @@ while batch N runs on the executor's worker."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from plait.core.forward_batch import ForwardBatch, GreedyTokens
+from plait.core.forward_batch import ExtendItem, ForwardBatch, GreedyTokens
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.request import Req
 
-if TYPE_CHECKING:  # annotations only: backend_api builds runners, so importing it is a cycle
-    from plait.core.backend_api import AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec
+if TYPE_CHECKING:
+    from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool,
+                                        ModelSpec, StepRunner)
+
+__all__ = ["ExtendItem", "ModelRunner", "build_model_runner", "default_model_runner"]
 
 
-@dataclass(kw_only=True)
-class ExtendItem:
-    """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
+class ModelRunner:
+    """The core's :class:`~plait.core.backend_api.StepRunner` over a torch model."""
 
-    req: Req
-    start: int
-    length: int
-    slots: torch.Tensor           # KV slots for the new tokens
-    logit_from: int               # first absolute position whose logits we need
-
-
-class StepRunner:
-    """``forward_extend``/``forward_decode`` (prepare, then run at once) for any runner that
-    implements the scheduler's split: ``prepare_extend(items)``, ``prepare_decode(reqs, slots,
-    input_ids)`` and ``run(batch)``. The overlap schedule calls the split itself."""
-
-    def forward_extend(self, items: list[ExtendItem]) -> tuple[torch.Tensor, list[int]]:
-        """Prefill (chunks of) prompts. Returns logits for the rows each item asked for and,
-        per item, how many of those rows are its."""
-        batch, row_counts = self.prepare_extend(items)
-        return self.run(batch), row_counts
-
-    def forward_decode(self, reqs: list[Req], slots: torch.Tensor) -> torch.Tensor:
-        """One new token per request (its last sampled one) at position kv_len."""
-        return self.run(self.prepare_decode(reqs, slots, [r.output_ids[-1] for r in reqs]))
-
-
-class ModelRunner(StepRunner):
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, attn: AttentionBackend,
                  req_pool: ReqToTokenPool, device: torch.device,
                  graph_runner: GraphRunner | None = None):
@@ -59,16 +36,15 @@ class ModelRunner(StepRunner):
         self.graph_runner = graph_runner
         self._facts: dict | None = None
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: whether decode is captured, the graph runner's counters
-        (captured batch sizes; the CPU's ``graph_compiles``) and, for Plait's own model,
-        ``tp_ranks``: this (single) rank's shard (``plait.core.tp.rank_facts``)."""
+        (captured batch sizes; the CPU's ``graph_compiles``) and, for a model with Plait's
+        Llama layout, ``tp_ranks``: this (single) rank's shard (``plait.core.tp.rank_facts``)."""
         graph = self.graph_runner
         out = {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
-        from plait.models.llama import LlamaForCausalLM
-        if isinstance(self.model, LlamaForCausalLM):
+        from plait.core.tp.rank_facts import facts_of, has_facts
+        if has_facts(self.model):
             if self._facts is None:  # weights and capture are fixed once built
-                from plait.core.tp.rank_facts import facts_of
                 self._facts = dataclasses.asdict(facts_of(self))
             out["tp_ranks"] = [self._facts]
         return out
@@ -131,12 +107,33 @@ class ModelRunner(StepRunner):
         return batch
 
 
+def default_model_runner(backend: Backend, spec: ModelSpec, kv_pool: KVPool,
+                         req_pool: ReqToTokenPool) -> ModelRunner:
+    """The runner a backend gets unless it returns its own from ``create_model_runner``:
+    ``spec.load_model``'s torch model on the backend's device with its attention and (when
+    ``spec.graph_capture``) graph runner over ``kv_pool``."""
+    if spec.load_model is None:
+        raise ValueError(f"backend {backend.name!r} uses the core's model runner, which needs "
+                         "ModelSpec.load_model (the composition root sets it from the model "
+                         "registry)")
+    device, quant = backend.torch_device, spec.quantization
+    matmul = (backend.quantized_linear(quant.method, quant.activations)
+              if quant.method != "none" else None)
+    model = spec.load_model(spec, device, matmul)
+    heads = model.layers[0].self_attn  # this rank's heads
+    attn = backend.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
+                                            head_dim_of(spec.hf_config))
+    attn.set_sliding_windows(model.sliding_windows)
+    graph = (backend.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
+             else None)
+    return ModelRunner(model, kv_pool, attn, req_pool, device, graph)
+
+
 def build_model_runner(backend: Backend, spec: ModelSpec, num_slots: int, page_size: int,
-                       req_pool: ReqToTokenPool) -> tuple[ModelRunner, TokenSlotAllocator]:
+                       req_pool: ReqToTokenPool) -> tuple[StepRunner, TokenSlotAllocator]:
     """One rank's runner over its own KV pool (its shard's KV heads, ``num_slots`` slots) and
     the slot allocator, created in the order :class:`Backend` documents."""
     from plait.core.tp.sharding import shard_heads
-    from plait.models.llama import head_dim_of
 
     hf = spec.hf_config
     shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size,
@@ -145,4 +142,13 @@ def build_model_runner(backend: Backend, spec: ModelSpec, num_slots: int, page_s
                                      num_kv_heads=shard.num_kv_heads, head_dim=head_dim_of(hf),
                                      dtype=spec.dtype, page_size=page_size)
     allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
-    return backend.create_model_runner(spec, kv_pool, req_pool), allocator
+    runner = backend.create_model_runner(spec, kv_pool, req_pool)
+    if runner is None:
+        runner = default_model_runner(backend, spec, kv_pool, req_pool)
+    return runner, allocator
+
+
+def head_dim_of(config: Any) -> int:
+    """Each attention head's width: the config's ``head_dim`` where it sets one (Mistral,
+    Qwen3), else ``hidden_size // num_attention_heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

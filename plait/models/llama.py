@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.core.forward_batch import ForwardBatch
+from plait.core.model_runner import head_dim_of
 from plait.core.tp.group import TPGroup
 from plait.core.tp.sharding import HeadShard, shard_heads, split_range
 from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from plait.models.sliding_window import layer_windows
 
-if TYPE_CHECKING:  # annotations only: backend_api loads models, so importing it is a cycle
+if TYPE_CHECKING:
     from plait.core.backend_api import AttentionBackend
 
 
@@ -202,13 +203,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(x).float()
 
 
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def qkv_bias(config: Any) -> bool:
     # Qwen2 always has q/k/v bias; its config does not say so.
     return bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
 
-
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}

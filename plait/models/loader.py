@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.core.tp.group import TPGroup
-from plait.models.llama import SUPPORTED_MODEL_TYPES, LlamaForCausalLM
+from plait.models.llama import LlamaForCausalLM
 from plait.quant import QuantConfig
 from plait.quant.modules import QuantizedMatmul
 
@@ -95,13 +95,11 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
 
 
 def load_config(model_dir: Path) -> Any:
+    """The checkpoint's ``transformers`` config. Whether its architecture is supported is
+    the model registry's answer (``plait.models.registry.loader_for``)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported; "
-                         f"supported: {sorted(SUPPORTED_MODEL_TYPES)}")
-    return config
+    return AutoConfig.from_pretrained(model_dir)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -112,9 +110,11 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.device,
                max_positions: int, tp: TPGroup = TPGroup(), quant: QuantConfig = QuantConfig(),
-               matmul: QuantizedMatmul | None = None) -> LlamaForCausalLM:
+               matmul: QuantizedMatmul | None = None, *,
+               model_cls: type[LlamaForCausalLM] = LlamaForCausalLM) -> LlamaForCausalLM:
     """The model (``tp``'s shard of it) with its weights, built on the meta device first so
-    only the kept shard is ever allocated. With ``quant.method != "none"`` its Linear layers
+    only the kept shard is ever allocated. ``model_cls``: a subclass with the same parameter
+    names (a plugin's variant of the architecture, ``docs/writing-a-model.md``). With ``quant.method != "none"`` its Linear layers
     are :class:`~plait.quant.modules.QuantizedLinear` calling ``matmul`` (the backend's
     ``quantized_linear``): ``gguf`` reads ``quant.gguf_file``'s blocks, ``int8``/``int4``
     quantize the checkpoint's decoder layers after loading it."""
@@ -123,7 +123,7 @@ def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.d
     if quant.method != "none" and tp.size > 1:
         raise ValueError(f"quantization={quant.method!r} does not support tp_size > 1 yet")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions, tp)
+        model = model_cls(config, max_positions, tp)
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
     from plait.models.llama import RotaryEmbedding, head_dim_of

@@ -47,12 +47,3 @@ def _qwen2_windows(config: Any, window: int | None, n: int) -> list[int | None]:
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     return [window if t == "sliding_attention" else None for t in types]
 
-
-def describe(windows: tuple[int | None, ...]) -> str:
-    """``"sliding_window=W"`` (plus which layers, when not all) for error messages."""
-    used = sorted({w for w in windows if w is not None})
-    layers = [i for i, w in enumerate(windows) if w is not None]
-    text = f"sliding_window={used[0] if len(used) == 1 else used}"
-    if len(layers) != len(windows):
-        text += f" (layers {layers[0]}..{layers[-1]})"
-    return text

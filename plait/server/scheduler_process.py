@@ -87,29 +87,15 @@ def _device_name(device: str) -> str:
 
 
 def _free_device_gb(device: str) -> float:
-    """Memory free on the device now, for ``--mem-fraction``. On the CPU that is what the
-    kernel calls available (free pages plus reclaimable page cache, which loading a model's
-    files fills), not only the free pages."""
-    name = _device_name(device)
-    if name == "cpu":
-        return _available_ram_bytes() / 2**30
-    import torch
-    if name in ("cuda", "rocm") and torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0] / 2**30
-    raise ValueError(f"mem_fraction: cannot measure free memory on {name!r}; "
-                     "use --max-total-tokens or --kv-cache-memory-gb")
-
-
-def _available_ram_bytes() -> int:
-    """``MemAvailable`` from /proc/meminfo (Linux); elsewhere the free pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory free on the device now, for ``--mem-fraction``: what the backend measures
+    (``Backend.free_memory_bytes``; on the CPU, MemAvailable)."""
+    from plait.backends import registry
+    backend = registry.get_backend(device)
+    free = backend.free_memory_bytes()
+    if free is None:
+        raise ValueError(f"mem_fraction: cannot measure free memory on {backend.name!r}; "
+                         "use --max-total-tokens or --kv-cache-memory-gb")
+    return free / 2**30
 
 
 def engine_info(engine: Any, model_path: str) -> dict[str, Any]:

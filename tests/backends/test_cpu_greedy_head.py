@@ -13,7 +13,7 @@ import plait
 from plait.backends.cpu import greedy_head
 from plait.backends.cpu.greedy_head import GreedyHead
 from plait.backends.cpu.linear import PackedLinear
-from plait.backends.cpu.plugin import CpuBackend
+from plait.backends.cpu.plugin import CpuOptions
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -127,16 +127,15 @@ def test_engine_takes_greedy_tokens_from_the_head_and_logits_where_a_request_nee
     params = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 
     def outputs(use_head: bool) -> tuple[list, list, list[int]]:
-        with monkeypatch.context() as m:
-            m.setattr(CpuBackend, "greedy_head", use_head)
-            with plait.Engine(model_path=path, max_total_tokens=512) as engine:
-                plain = [o["output_ids"] for o in
-                         engine.generate(input_ids=PROMPTS, sampling_params=params)]
-                engine.flush_cache()
-                plain_calls = len(calls)
-                mixed = engine.generate(input_ids=PROMPTS, sampling_params=params,
-                                        return_logprob=[False, True, False, False])
-                return plain, [o["output_ids"] for o in mixed], [plain_calls, len(calls)]
+        with plait.Engine(model_path=path, max_total_tokens=512,
+                          backend_options=CpuOptions(greedy_head=use_head)) as engine:
+            plain = [o["output_ids"] for o in
+                     engine.generate(input_ids=PROMPTS, sampling_params=params)]
+            engine.flush_cache()
+            plain_calls = len(calls)
+            mixed = engine.generate(input_ids=PROMPTS, sampling_params=params,
+                                    return_logprob=[False, True, False, False])
+            return plain, [o["output_ids"] for o in mixed], [plain_calls, len(calls)]
 
     plain, mixed, counts = outputs(True)
     assert counts[0] > 0, "greedy-only decode batches did not use the greedy head"

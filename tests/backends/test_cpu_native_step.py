@@ -15,7 +15,7 @@ import torch
 import plait
 from plait.backends.cpu.linear import panel_extension
 from plait.backends.cpu.native_step import NativeDecode, NativeExtend
-from plait.backends.cpu.plugin import CpuBackend
+from plait.backends.cpu.plugin import CpuOptions
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
                                 reason="no C++ compiler on this machine to build the kernel")
@@ -38,16 +38,15 @@ def greedy_with_logprobs(engine: plait.Engine) -> tuple[list[list[int]], torch.T
     return tokens, logprobs
 
 
-def run(path, monkeypatch, native: bool, layout: str | None = None, **engine_args):
-    with monkeypatch.context() as m:
-        m.setattr(CpuBackend, "native_decode", native)
-        m.setattr(CpuBackend, "linear_layout", layout)
-        with plait.Engine(model_path=path, max_total_tokens=512, **engine_args) as engine:
-            if layout is not None and engine_args.get("quantization", "none") == "none":
-                assert engine.scheduler.runner.model.lm_head.layout == layout
-            assert isinstance(decode_forward(engine), NativeDecode) == native
-            assert isinstance(engine.scheduler.runner.model.extend_forward, NativeExtend) == native
-            return greedy_with_logprobs(engine)
+def run(path, native: bool, layout: str | None = None, **engine_args):
+    options = CpuOptions(native_decode=native, linear_layout=layout)
+    with plait.Engine(model_path=path, max_total_tokens=512, backend_options=options,
+                      **engine_args) as engine:
+        if layout is not None and engine_args.get("quantization", "none") == "none":
+            assert engine.scheduler.runner.model.lm_head.layout == layout
+        assert isinstance(decode_forward(engine), NativeDecode) == native
+        assert isinstance(engine.scheduler.runner.model.extend_forward, NativeExtend) == native
+        return greedy_with_logprobs(engine)
 
 
 @pytest.mark.parametrize("model_type,quantization,layout", [
@@ -55,13 +54,13 @@ def run(path, monkeypatch, native: bool, layout: str | None = None, **engine_arg
     ("llama", "none", "onednn"), ("qwen2", "none", "onednn"), ("llama", "int8", None),
     ("llama", "int4", None), ("qwen2", "int4", None)])
 def test_native_step_gives_the_eager_steps_tokens_and_logprobs(
-        make_tiny_model, monkeypatch, model_type, quantization, layout):
+        make_tiny_model, model_type, quantization, layout):
     """Each packed float32 form (``layout`` None: panels where the AVX-512 kernel builds) and
     each quantized one; qwen2's q/k/v carry a bias."""
     path = make_tiny_model(model_type)
-    native_tokens, native_logprobs = run(path, monkeypatch, True, layout,
+    native_tokens, native_logprobs = run(path, True, layout,
                                          quantization=quantization)
-    eager_tokens, eager_logprobs = run(path, monkeypatch, False, layout,
+    eager_tokens, eager_logprobs = run(path, False, layout,
                                        quantization=quantization)
     assert native_tokens == eager_tokens
     torch.testing.assert_close(native_logprobs, eager_logprobs, rtol=0, atol=2e-4)
@@ -130,10 +129,10 @@ def test_native_extend_gives_the_eager_prompt_logprobs(make_tiny_model, monkeypa
     shared_groups = paged_decode.shared_groups
     for native in (True, False):
         with monkeypatch.context() as m:
-            m.setattr(CpuBackend, "native_decode", native)
             m.setattr(paged_decode, "shared_groups", recording)
             with plait.Engine(model_path=path, max_total_tokens=2048,
-                              chunked_prefill_size=chunked_prefill_size) as engine:
+                              chunked_prefill_size=chunked_prefill_size,
+                              backend_options=CpuOptions(native_decode=native)) as engine:
                 model = engine.scheduler.runner.model
                 assert isinstance(model.extend_forward, NativeExtend) == native
                 results[native] = prompt_logprobs(engine)
@@ -159,7 +158,7 @@ def snap_to_4_bit_grid(w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("snap,form", [(snap_to_4_bit_grid, "affine4"),
                                        (lambda w: w.bfloat16().float(), "bf16")])
 def test_a_checkpoint_with_a_smaller_form_decodes_compact_to_the_same_bits(
-        make_tiny_model, monkeypatch, tmp_path, snap, form):
+        make_tiny_model, tmp_path, snap, form):
     """A float32 checkpoint converted from Q4_1 (as the default SmolLM2 here is), or upcast
     from bfloat16: every Linear keeps its smaller form (a 16-bit one instead of its float32
     panels, except the LM head's), and decode's tokens and logprobs are those of the float32
@@ -175,18 +174,17 @@ def test_a_checkpoint_with_a_smaller_form_decodes_compact_to_the_same_bits(
               tmp_path / "model.safetensors")
     results = {}
     for compact in (True, False):
-        with monkeypatch.context() as m:
-            m.setattr(CpuBackend, "compact_weights", compact)
-            with plait.Engine(model_path=tmp_path, max_total_tokens=512) as engine:
-                model = engine.scheduler.runner.model
-                layer = model.layers[0]
-                linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                           layer.mlp.gate_up_proj, layer.mlp.down_proj, model.lm_head]
-                assert [lin.compact_format for lin in linears] == [form if compact else None] * 5
-                # 16-bit weights drop their float32 panels, except the LM head's (greedy head)
-                dropped = compact and form == "bf16"
-                assert [lin.has_panels for lin in linears] == [not dropped] * 4 + [True]
-                assert isinstance(decode_forward(engine), NativeDecode)
-                results[compact] = greedy_with_logprobs(engine)
+        with plait.Engine(model_path=tmp_path, max_total_tokens=512,
+                          backend_options=CpuOptions(compact_weights=compact)) as engine:
+            model = engine.scheduler.runner.model
+            layer = model.layers[0]
+            linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_up_proj, layer.mlp.down_proj, model.lm_head]
+            assert [lin.compact_format for lin in linears] == [form if compact else None] * 5
+            # 16-bit weights drop their float32 panels, except the LM head's (greedy head)
+            dropped = compact and form == "bf16"
+            assert [lin.has_panels for lin in linears] == [not dropped] * 4 + [True]
+            assert isinstance(decode_forward(engine), NativeDecode)
+            results[compact] = greedy_with_logprobs(engine)
     assert results[True][0] == results[False][0]
     assert torch.equal(results[True][1], results[False][1])

@@ -26,6 +26,7 @@ class CpuWithGraphs(CpuBackend):
     name = "cpu-graphs"
 
     def __init__(self, capture):
+        super().__init__()
         self.capture = capture
 
     def create_graph_runner(self, model, max_batch_size):

@@ -95,6 +95,7 @@ class NpuOnCpu(CpuBackend):
     name = "npu-standin"
 
     def __init__(self, fia=fake_fia):
+        super().__init__()
         self.torch_npu = types.SimpleNamespace(npu_fused_infer_attention_score=fia)
 
     def create_attention_backend(self, pool, hq, hkv, d):

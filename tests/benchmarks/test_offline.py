@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import harness, offline
 from benchmarks.presets import PRESETS, parse_presets
-from plait.backends.cpu.plugin import CpuBackend
+from plait.backends.cpu.plugin import CpuOptions
 from plait.core.engine_config import EngineConfig
 
 
@@ -16,7 +16,7 @@ def test_every_preset_names_real_engine_arguments_and_backend_switches():
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     for p in PRESETS.values():
         assert set(p.engine) <= fields, p.name
-        assert all(isinstance(getattr(CpuBackend, k), bool) for k in p.cpu), p.name
+        assert all(isinstance(getattr(CpuOptions(), k), bool) for k in p.cpu), p.name
     # the comparisons of the scripts this replaces stay available
     for old in ("transformers", "plait", "no-radix-cache", "mkl-eager", "prepacked",
                 "prepacked-compile", "paged-attention", "fp32", "gguf", "gguf-a8", "int8",
@@ -50,11 +50,17 @@ def test_unknown_workload_is_refused_naming_the_option():
     assert args.rounds == 1
 
 
-def test_cpu_switches_hold_only_while_an_engine_is_built():
-    before = CpuBackend.prepack_weights
-    with offline.cpu_switches({"prepack_weights": not before}):
-        assert CpuBackend.prepack_weights is (not before)
-    assert CpuBackend.prepack_weights is before
+def test_every_presets_cpu_switches_are_cpu_options_fields():
+    """A preset's ``cpu`` switches become the engine's ``CpuOptions`` (the class is never
+    patched); a stale switch name fails here, not in a long benchmark run."""
+    for preset in PRESETS.values():
+        options = offline.cpu_options(preset.cpu)
+        assert (options is None) == (not preset.cpu)
+        if options is not None:
+            assert isinstance(options, CpuOptions)
+            assert all(getattr(options, k) == v for k, v in preset.cpu.items())
+    with pytest.raises(TypeError):
+        offline.cpu_options({"prepack_weight": False})
 
 
 class _FakeEngine:

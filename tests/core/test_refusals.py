@@ -73,11 +73,13 @@ def test_a_pool_smaller_than_two_pages_is_refused(make_tiny_model):
         plait.Engine(make_tiny_model("llama"), max_total_tokens=20, page_size=16)
 
 
-def test_the_loader_refuses_an_unsupported_model_type(tmp_path):
-    from plait.models.loader import load_config
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="^model_type 'gpt2' is not supported; supported: "):
-        load_config(tmp_path)
+def test_an_architecture_no_plugin_registered_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                      "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match=r"^architecture 'GPT2LMHeadModel' is not supported "
+                                         r"\(model_type 'gpt2'\); registered architectures: "
+                                         r".*'LlamaForCausalLM'"):
+        plait.Engine(tmp_path)
 
 
 def test_the_loader_refuses_quantization_with_tp_too():

@@ -21,10 +21,13 @@ def test_missing_path_is_rejected(tmp_path):
         loader.resolve_model_dir(tmp_path / "nope")
 
 
-def test_unsupported_model_type_is_rejected(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type"):
-        loader.load_config(tmp_path)
+def test_an_unregistered_architecture_is_rejected_naming_the_registered_ones(tmp_path):
+    from plait.models import registry
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2",
+                                                      "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="(?s)'GPT2LMHeadModel' is not supported.*"
+                                         "LlamaForCausalLM"):
+        registry.loader_for(loader.load_config(tmp_path))
 
 
 def test_gguf_conversion_is_reused(tmp_path, monkeypatch):

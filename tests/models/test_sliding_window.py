@@ -17,7 +17,7 @@ import plait
 from plait.backends.cpu.attention import TorchAttentionBackend
 from plait.backends.cpu.native_step import NativeDecode
 from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend
-from plait.backends.cpu.plugin import CpuBackend
+from plait.backends.cpu.plugin import CpuOptions
 from plait.models.sliding_window import layer_windows
 from tests.conftest import hf_greedy
 
@@ -75,7 +75,7 @@ def generate_twice(engine: plait.Engine, prompts=PROMPTS) -> list[list[int]]:
     return got
 
 
-# (CpuBackend switches, the attention class and decode step they must give)
+# (CpuOptions switches, the attention class and decode step they must give)
 CPU_PATHS = {
     "native": ({}, PagedDecodeAttentionBackend, NativeDecode),
     "paged-kernel-eager": ({"native_decode": False}, PagedDecodeAttentionBackend, None),
@@ -90,11 +90,10 @@ CPU_PATHS = {
                          ids=["whole-prefill", "chunked16", "no-radix-cache"])
 @pytest.mark.parametrize("cpu_path", list(CPU_PATHS))
 def test_mistral_window_matches_transformers_on_every_cpu_path(
-        mistral, mistral_expected, monkeypatch, cpu_path, engine_args):
+        mistral, mistral_expected, cpu_path, engine_args):
     switches, attn_cls, decode_cls = CPU_PATHS[cpu_path]
-    for name, value in switches.items():
-        monkeypatch.setattr(CpuBackend, name, value)
-    with plait.Engine(mistral, max_total_tokens=2048, **engine_args) as engine:
+    with plait.Engine(mistral, max_total_tokens=2048, backend_options=CpuOptions(**switches),
+                      **engine_args) as engine:
         runner = engine.scheduler.runner
         assert type(runner.attn) is attn_cls
         assert runner.attn.sliding_windows == (WINDOW, WINDOW)

@@ -10,18 +10,18 @@ import torch
 
 import plait
 from benchmarks.peers.workers.common import Request, Serve, main
-from plait.backends.cpu.plugin import CpuBackend
+from plait.backends.cpu.plugin import CpuOptions
 
 
 def load(job: dict) -> Serve:
     torch.set_num_threads(job["threads"])
     compact = job["options"].get("compact_weights", True)
-    CpuBackend.compact_weights = compact
     quantization = job["options"].get("quantization", "none")
     activations = job["options"].get("quantization_activations", "float")
     engine = plait.Engine(model_path=job["model_dir"], quantization=quantization,
                           quantization_activations=activations, kv_cache_memory_gb=2.0,
-                          random_seed=job["seed"])
+                          random_seed=job["seed"],
+                          backend_options=CpuOptions(compact_weights=compact))
 
     def generate(reqs: list[Request]) -> list[list[int]]:
         sps = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for _, n in reqs]

@@ -4,13 +4,16 @@ native C++ decode step, torch.compile'd decode (opt-in) and the C++ quantized ma
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 
 from plait.backends.hookspecs import hookimpl
 from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec,
                                     refuse_int8_activations)
+from plait.core.model_runner import default_model_runner
 
 if TYPE_CHECKING:
     from plait.core.memory import ReqToTokenPool
@@ -19,35 +22,59 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class CpuBackend(Backend):
-    name = "cpu"
-    priority = 0  # the fallback: every accelerator outranks it
+@dataclass(frozen=True, kw_only=True)
+class CpuOptions:
+    """The CPU backend's switches, given to the instance (``registry.get_backend("cpu",
+    options=CpuOptions(...))``, ``plait.Engine(backend_options=...)``). Every False/``"onednn"``
+    is the path benchmarks compare against."""
+
     #: reorder every Linear weight once for oneDNN (``plait.backends.cpu.linear``); False keeps
-    #: ``nn.Linear`` on MKL, the path benchmarks compare against
-    prepack_weights: ClassVar[bool] = True
+    #: ``nn.Linear`` on MKL
+    prepack_weights: bool = True
     #: the packed form (``plait.backends.cpu.linear.LAYOUTS``): None picks per dtype
-    #: (float32 panels where the AVX-512 kernel builds, else oneDNN); ``"onednn"`` is the path
-    #: benchmarks compare against
-    linear_layout: ClassVar["str | None"] = None
+    #: (float32 panels where the AVX-512 kernel builds, else oneDNN)
+    linear_layout: str | None = None
     #: keep a float32 panel weight's lossless 4-bit form (a checkpoint converted from GGUF
     #: Q4_1; read by products of up to 16 rows) or 16-bit form (one upcast from bfloat16; read
     #: by every product) too, where it has one (``plait.backends.cpu.linear``); False streams
-    #: the float32 panels, the path benchmarks compare against
-    compact_weights: ClassVar[bool] = True
+    #: the float32 panels
+    compact_weights: bool = True
     #: float32 decode attention through ``csrc/src/decode_attention.cpp`` (K/V read in place); False
-    #: keeps the torch gather path, the one benchmarks compare against
-    paged_decode_kernel: ClassVar[bool] = True
+    #: keeps the torch gather path
+    paged_decode_kernel: bool = True
     #: decode through ``csrc/src/layer_step.cpp`` (all layers in one C++ call,
     #: ``plait.backends.cpu.native_step``) where the model allows and decode is not compiled;
-    #: False keeps the eager torch step, the one benchmarks compare against
-    native_decode: ClassVar[bool] = True
+    #: False keeps the eager torch step
+    native_decode: bool = True
     #: greedy-only decode batches take their tokens from the bfloat16-screened exact head
-    #: (``plait.backends.cpu.greedy_head``) where it applies; False computes the float32 logits,
-    #: the path benchmarks compare against
-    greedy_head: ClassVar[bool] = True
+    #: (``plait.backends.cpu.greedy_head``) where it applies; False computes the float32 logits
+    greedy_head: bool = True
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    priority = 0  # the fallback: every accelerator outranks it
+    options_type = CpuOptions
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = False
+
+    def __init__(self, options: CpuOptions | None = None):
+        super().__init__(options)
+        self.options: CpuOptions = options or CpuOptions()  # TP ranks get these too
+
+    def free_memory_bytes(self) -> int:
+        """What the kernel calls available now: ``MemAvailable`` from /proc/meminfo (free
+        pages plus reclaimable page cache, which loading a model's files fills); elsewhere
+        than Linux the free pages."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
     def host_thread(self) -> ContextManager[None]:
         """No OpenMP team of its own and one OpenMP thread on the calling thread for the body
@@ -62,7 +89,7 @@ class CpuBackend(Backend):
         (``plait.backends.cpu.paged_decode``); the torch reference otherwise."""
         from plait.backends.cpu.attention import TorchAttentionBackend
         from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend, kernel_available
-        if self.paged_decode_kernel and kv_pool.dtype == torch.float32 and kernel_available():
+        if self.options.paged_decode_kernel and kv_pool.dtype == torch.float32 and kernel_available():
             return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
@@ -98,18 +125,18 @@ class CpuBackend(Backend):
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
                             req_pool: "ReqToTokenPool") -> "ModelRunner":
-        """The default runner, its Linear layers prepacked (when ``prepack_weights``, in
-        ``linear_layout``), decoding
-        through the native C++ step (when ``native_decode`` and the model allows it) unless
-        decode is compiled (``--enable-graph-capture``)."""
-        runner = super().create_model_runner(spec, kv_pool, req_pool)
-        if self.prepack_weights:
+        """The default runner, its Linear layers prepacked (``options.prepack_weights``, in
+        ``options.linear_layout``), decoding through the native C++ step (``native_decode``,
+        where the model allows it) unless decode is compiled (``--enable-graph-capture``)."""
+        runner = default_model_runner(self, spec, kv_pool, req_pool)
+        opts = self.options
+        if opts.prepack_weights:
             from plait.backends.cpu.linear import compact_summary, prepack_linears
-            prepack_linears(runner.model, self.linear_layout, self.compact_weights)
+            prepack_linears(runner.model, opts.linear_layout, opts.compact_weights)
             log.info("%s", compact_summary(runner.model))
-        if self.native_decode and runner.graph_runner is None:
+        if opts.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_step import install_native_decode
-            install_native_decode(runner.model, runner.attn, self.greedy_head)
+            install_native_decode(runner.model, runner.attn, opts.greedy_head)
         return runner
 
 

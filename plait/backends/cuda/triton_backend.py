@@ -28,6 +28,10 @@ class TritonBackend(Backend):
     decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = True  # CUDA/HIP graphs capture in seconds
 
+    def free_memory_bytes(self) -> int:
+        """Free memory on the current CUDA/HIP device (``torch.cuda.mem_get_info``)."""
+        return torch.cuda.mem_get_info()[0]
+
     def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
                                  head_dim: int) -> AttentionBackend:
         from plait.backends.cuda.attention import TritonAttentionBackend

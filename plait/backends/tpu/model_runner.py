@@ -30,7 +30,7 @@ from plait.backends.tpu import jax_attention, jax_llama, step_inputs
 from plait.backends.tpu.attention import JaxKVPool
 from plait.backends.tpu.graph import CompiledSteps, JitBuckets
 from plait.core.memory import ReqToTokenPool
-from plait.core.model_runner import ExtendItem, StepRunner
+from plait.core.forward_batch import ExtendItem
 from plait.core.request import Req
 
 
@@ -61,7 +61,7 @@ class JaxStep:
     is_decode: bool
 
 
-class JaxModelRunner(StepRunner):
+class JaxModelRunner:
     """Invariants: ``kv_pool.k_buffers``/``v_buffers`` always hold the live caches (the
     donated ones are dead after a step); every program comes from ``self.steps``, so
     ``self.steps.compiles`` is the number of XLA compilations of model steps."""
@@ -74,8 +74,12 @@ class JaxModelRunner(StepRunner):
         self.params, self.shape = params, shape
         self.kv_pool, self.req_pool, self.buckets = kv_pool, req_pool, buckets
         self.attention = attention
-        self.device = kv_pool.jax_device
-        decode, extend = attention_functions(attention, kv_pool.page_size, self.device.platform)
+        self.jax_device = kv_pool.jax_device
+        # The step's token ids stay in a host tensor (``step.input_ids``), so the executor's
+        # placeholders resolve on the CPU.
+        self.device = torch.device("cpu")
+        decode, extend = attention_functions(attention, kv_pool.page_size,
+                                             self.jax_device.platform)
         self._forward = {"decode": jax_llama.make_forward(shape, decode),
                          "extend": jax_llama.make_forward(shape, extend)}
         self.steps = CompiledSteps(self._make_program)
@@ -137,7 +141,7 @@ class JaxModelRunner(StepRunner):
         program = self.steps.get(key)
         pool = self.kv_pool
         logits, pool.k_buffers, pool.v_buffers = program(
-            self.params, pool.k_buffers, pool.v_buffers, jax.device_put(inputs, self.device))
+            self.params, pool.k_buffers, pool.v_buffers, jax.device_put(inputs, self.jax_device))
         return torch.from_numpy(np.array(logits))  # the one device-to-host copy of the step
 
     def _make_program(self, key: tuple) -> tuple[Any, tuple]:
@@ -153,4 +157,4 @@ class JaxModelRunner(StepRunner):
         fn = jax.jit(self._forward[kind], donate_argnums=(1, 2))
         pool = self.kv_pool
         return fn, (self.params, pool.k_buffers, pool.v_buffers,
-                    jax.device_put(example, self.device))
+                    jax.device_put(example, self.jax_device))

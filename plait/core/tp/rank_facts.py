@@ -37,6 +37,13 @@ class RankFacts:
         return cls(**json.loads(text))
 
 
+def has_facts(model: Any) -> bool:
+    """Whether :func:`facts_of` can read ``model``: Plait's Llama layout (its ``tp``, decoder
+    ``layers`` and ``embed_tokens``; a plugin's subclass has it too). The core cannot ask
+    ``isinstance`` of a class in ``plait.models``, which it never imports."""
+    return all(hasattr(model, name) for name in ("tp", "layers", "embed_tokens"))
+
+
 def facts_of(runner: Any) -> RankFacts:
     """The facts of ``runner`` (a :class:`~plait.core.model_runner.ModelRunner` over Plait's
     Llama model, whose ``tp`` says which rank it is)."""

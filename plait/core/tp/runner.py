@@ -21,7 +21,7 @@ import torch
 
 from plait.core.backend_api import Backend, ModelSpec
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
-from plait.core.model_runner import ExtendItem, ModelRunner, StepRunner, build_model_runner
+from plait.core.model_runner import ExtendItem, ModelRunner, build_model_runner
 from plait.core.request import Req
 from plait.core.tp import batch_channel
 from plait.core.tp.group import TPGroup
@@ -29,7 +29,10 @@ from plait.core.tp.launcher import WorkerRanks
 from plait.core.tp.rank_facts import RankFacts, facts_of
 
 
-class TPModelRunner(StepRunner):
+class TPModelRunner:
+    """Rank 0's :class:`~plait.core.backend_api.StepRunner`: its own shard's
+    :class:`ModelRunner`, broadcasting each batch to the other ranks before running it."""
+
     def __init__(self, local: ModelRunner, ranks: WorkerRanks):
         if not isinstance(local, ModelRunner):
             raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
@@ -88,8 +91,10 @@ def start_tensor_parallel(backend: Backend, spec: ModelSpec,
     worker_config = {"model_dir": str(spec.model_dir), "device": backend.name,
                      "dtype": str(spec.dtype).removeprefix("torch."),
                      "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
+                     "num_slots": num_slots, "page_size": page_size,
                      "graph_capture": spec.graph_capture,
-                     "num_slots": num_slots, "page_size": page_size}
+                     "backend_options": (dataclasses.asdict(backend.options)
+                                         if backend.options is not None else None)}
     cpu = backend.torch_device.type == "cpu"
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
     try:

@@ -34,22 +34,25 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def build_runner(cfg: dict[str, Any]) -> Any:
-    """This rank's ModelRunner (the same factories as rank 0's, on this rank's shard)."""
-    from plait.backends import registry
+    """This rank's runner (the same factories as rank 0's, on this rank's shard). The backend
+    and the model's loader come from the composition root, as rank 0's did."""
+    from pathlib import Path
+
+    from plait import compose
     from plait.core.backend_api import ModelSpec
     from plait.core.memory import ReqToTokenPool
     from plait.core.model_runner import build_model_runner
     from plait.core.tp.group import TPGroup
-    from plait.models.loader import load_config
-    from pathlib import Path
 
-    backend = registry.get_backend(cfg["device"])
+    backend = compose.get_backend(cfg["device"], cfg.get("backend_options"))
     backend.bind_tp_rank(cfg["rank"])
     model_dir = Path(cfg["model_dir"])
-    spec = ModelSpec(model_dir=model_dir, hf_config=load_config(model_dir),
-                     dtype=getattr(torch, cfg["dtype"]), context_len=cfg["context_len"],
-                     max_batch_size=cfg["max_batch_size"], graph_capture=cfg["graph_capture"],
-                     tp=TPGroup(rank=cfg["rank"], size=cfg["size"]))
+    hf = compose.load_config(model_dir)
+    spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=getattr(torch, cfg["dtype"]),
+                     context_len=cfg["context_len"], max_batch_size=cfg["max_batch_size"],
+                     graph_capture=cfg["graph_capture"],
+                     tp=TPGroup(rank=cfg["rank"], size=cfg["size"]),
+                     load_model=compose.model_loader(hf))
     req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1,
                               backend.torch_device)
     runner, _ = build_model_runner(backend, spec, cfg["num_slots"], cfg["page_size"], req_pool)

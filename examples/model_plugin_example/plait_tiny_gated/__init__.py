@@ -1,0 +1,1 @@
+"""A third-party architecture for Plait: ``TinyGatedLlamaForCausalLM``."""
