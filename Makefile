@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model kernels run test test-fast bench bench-cpu bench-peers clean
+.PHONY: setup model kernels run lint test test-fast bench bench-cpu bench-peers clean
 
 setup: $(STAMP)
 
@@ -42,7 +42,14 @@ kernels: setup
 run: model kernels
 	$(PY) examples/quickstart.py
 
-test: model kernels
+# ruff (lint and format, over the repository) and mypy (the core and the plugin contracts;
+# [tool.mypy] in pyproject.toml says which files)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint model kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: model kernels

@@ -283,8 +283,9 @@ class Backend:
         separated by threads and core affinity instead (``plait.core.tp.launcher``)."""
         kind = self.torch_device.type
         module = getattr(torch, kind, None)
-        if kind != "cpu" and hasattr(module, "set_device"):
-            module.set_device(rank)
+        set_device = getattr(module, "set_device", None)
+        if kind != "cpu" and set_device is not None:
+            set_device(rank)
 
     def host_thread(self) -> ContextManager[None]:
         """Context for engine threads that do host-side torch work but run no forward: the

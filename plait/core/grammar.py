@@ -25,6 +25,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import torch
 import xgrammar as xgr
@@ -282,7 +283,7 @@ _batch_matcher: xgr.BatchGrammarMatcher | None = None
 _batch_lock = threading.Lock()
 
 
-def _mask_backend(device: torch.device) -> str:
+def _mask_backend(device: torch.device) -> Literal["cpu", "triton", "torch_native"]:
     """xgrammar's kernel for ``device``: its C++ loop on CPU, Triton on CUDA when installed,
     plain torch ops elsewhere (works on any device; no device library imported here)."""
     if device.type == "cpu":
@@ -302,27 +303,28 @@ def apply_grammar_masks(logits: torch.Tensor, states: list[GrammarState | None])
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be (len(states), vocab), got {tuple(logits.shape)} "
                          f"for {len(states)} states")
-    rows = [i for i, s in enumerate(states) if s is not None]
+    present = {i: s for i, s in enumerate(states) if s is not None}
+    rows = list(present)
     if not rows:
         return
-    vocab_size = states[rows[0]].vocab_size
-    if any(states[i].vocab_size != vocab_size for i in rows):
+    vocab_size = present[rows[0]].vocab_size
+    if any(present[i].vocab_size != vocab_size for i in rows):
         raise ValueError("all grammar states in a batch must share one vocab_size")
     if logits.shape[1] < vocab_size:
         raise ValueError(f"logits width {logits.shape[1]} < grammar vocab_size {vocab_size}")
     bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)
-    live = [i for i in rows if not states[i].is_terminated()]
+    live = [i for i in rows if not present[i].is_terminated()]
     for i in set(rows) - set(live):
-        states[i].fill_bitmask(bitmask, i)
+        present[i].fill_bitmask(bitmask, i)
     if len(live) == 1:
-        states[live[0]].fill_bitmask(bitmask, live[0])
+        present[live[0]].fill_bitmask(bitmask, live[0])
     elif live:
         global _batch_matcher
         with _batch_lock:  # one shared thread pool; engines in other threads take turns
             if _batch_matcher is None:
                 _batch_matcher = xgr.BatchGrammarMatcher()
             _batch_matcher.batch_fill_next_token_bitmask(
-                [states[i]._matcher for i in live], bitmask, live)
+                [present[i]._matcher for i in live], bitmask, live)
     bitmask = bitmask.to(logits.device)
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=rows,
                                     backend=_mask_backend(logits.device))

@@ -107,6 +107,7 @@ class DecodeGraphRunner(GraphRunner):
 
     def _view(self, padded: int) -> ForwardBatch:
         s = self._static
+        assert s is not None, "_bind_table runs before the first view"
         return ForwardBatch(
             is_decode=True, input_ids=s.input_ids[:padded], positions=s.positions[:padded],
             out_cache_loc=s.out_cache_loc[:padded], req_pool_indices=s.req_pool_indices[:padded],

@@ -49,7 +49,7 @@ class ModelRunner:
             out["tp_ranks"] = [self._facts]
         return out
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list[int] | list[int | None]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def run(self, batch: ForwardBatch) -> "torch.Tensor | GreedyTokens":
@@ -63,7 +63,11 @@ class ModelRunner:
     def prepare_extend(self, items: list[ExtendItem]) -> tuple[ForwardBatch, list[int]]:
         """The extend batch for ``items`` and, per item, how many logits rows are its."""
         r2t = self.req_pool.req_to_token
-        input_ids, positions, locs, rows, row_counts = [], [], [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        locs: list[torch.Tensor] = []
+        rows: list[int] = []
+        row_counts: list[int] = []
         for it in items:
             r2t[it.req.req_pool_idx, it.start:it.start + it.length] = it.slots.to(r2t.dtype)
             input_ids.extend(it.req.fill_ids[it.start:it.start + it.length])
@@ -120,10 +124,12 @@ def default_model_runner(backend: Backend, spec: ModelSpec, kv_pool: KVPool,
     matmul = (backend.quantized_linear(quant.method, quant.activations)
               if quant.method != "none" else None)
     model = spec.load_model(spec, device, matmul)
-    heads = model.layers[0].self_attn  # this rank's heads
+    layers: Any = model.layers
+    heads = layers[0].self_attn  # this rank's heads
     attn = backend.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
                                             head_dim_of(spec.hf_config))
-    attn.set_sliding_windows(model.sliding_windows)
+    windows: tuple[int | None, ...] = model.sliding_windows  # type: ignore[assignment]
+    attn.set_sliding_windows(windows)
     graph = (backend.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
              else None)
     return ModelRunner(model, kv_pool, attn, req_pool, device, graph)

@@ -37,6 +37,12 @@ class TreeNode:
         self.last_access_time = last_access_time
         self.id = next(TreeNode._ids)  # breaks ties in the eviction heap
 
+    @property
+    def up(self) -> TreeNode:
+        """The parent of a node that is not the root (every other node has one)."""
+        assert self.parent is not None, "the root has no parent"
+        return self.parent
+
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
 
@@ -120,7 +126,7 @@ class RadixCache:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
             node.lock_ref += 1
-            node = node.parent
+            node = node.up
 
     def dec_lock_ref(self, node: TreeNode) -> None:
         if node is not self.root_node and node.lock_ref <= 0:
@@ -130,18 +136,19 @@ class RadixCache:
                 self._evictable += len(node.key)
                 self._protected -= len(node.key)
             node.lock_ref -= 1
-            node = node.parent
+            node = node.up
 
     def evict(self, num_tokens: int) -> int:
         """Frees least-recently-used unlocked leaves until ``num_tokens`` tokens are freed or
         nothing is evictable; a parent left childless becomes a candidate. Returns tokens freed."""
-        heap = [(n.last_access_time, n.id, n) for n in self._unlocked_leaves()]
+        heap: list[tuple[int, int, TreeNode]] = [
+            (n.last_access_time, n.id, n) for n in self._unlocked_leaves()]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
             _, _, node = heapq.heappop(heap)
             self.allocator.free(node.value)
-            parent = node.parent
+            parent = node.up
             del parent.children[self._child_key(node.key)]
             self._evictable -= len(node.key)
             freed += len(node.key)
@@ -217,7 +224,7 @@ class RadixCache:
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cuts ``child`` after ``n`` tokens; returns the new upper node. ``child`` keeps its
         identity as the lower part, so locks held on it stay valid."""
-        parent = child.parent
+        parent = child.up
         upper = TreeNode(parent, child.key[:n], child.value[:n], child.last_access_time)
         upper.lock_ref = child.lock_ref  # same locks pass through both halves
         child.key = child.key[n:]

@@ -174,5 +174,5 @@ class WorkerRanks:
             dist.destroy_process_group()
             self._joined = False
         self._spawner.join(timeout=timeout)
-        self.store = None  # closes the rendezvous port
+        self.store = None  # type: ignore[assignment]  # closes the rendezvous port
         torch.set_num_threads(self._saved_threads)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from plait.core.backend_api import Backend, ModelSpec
+from plait.core.backend_api import Backend, ModelSpec, StepRunner
+from plait.core.forward_batch import GreedyTokens
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.model_runner import ExtendItem, ModelRunner, build_model_runner
 from plait.core.request import Req
@@ -33,7 +34,7 @@ class TPModelRunner:
     """Rank 0's :class:`~plait.core.backend_api.StepRunner`: its own shard's
     :class:`ModelRunner`, broadcasting each batch to the other ranks before running it."""
 
-    def __init__(self, local: ModelRunner, ranks: WorkerRanks):
+    def __init__(self, local: StepRunner, ranks: WorkerRanks):
         if not isinstance(local, ModelRunner):
             raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
                              f"returned {type(local).__name__}")
@@ -61,7 +62,7 @@ class TPModelRunner:
     def prepare_decode(self, reqs: list[Req], slots: torch.Tensor, input_ids: list[int]) -> Any:
         return self.local.prepare_decode(reqs, slots, input_ids)
 
-    def run(self, batch: Any) -> torch.Tensor:
+    def run(self, batch: Any) -> torch.Tensor | GreedyTokens:
         """Broadcast the (placeholder-resolved) batch, then run rank 0's shard: called on the
         overlap worker thread, which thereby is the only thread issuing collectives."""
         if self._broken is not None:
@@ -93,7 +94,7 @@ def start_tensor_parallel(backend: Backend, spec: ModelSpec,
                      "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
                      "num_slots": num_slots, "page_size": page_size,
                      "graph_capture": spec.graph_capture,
-                     "backend_options": (dataclasses.asdict(backend.options)
+                     "backend_options": (dataclasses.asdict(backend.options)  # type: ignore[call-overload]
                                          if backend.options is not None else None)}
     cpu = backend.torch_device.type == "cpu"
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
