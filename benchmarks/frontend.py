@@ -9,6 +9,7 @@ both with the radix cache (plait default) and without it (``disable_radix_cache=
 baseline), same machine, same run. 3. interpreter overhead per primitive against a backend
 that answers instantly, so only frontend time is measured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,13 @@ import plait.frontend as pl
 from plait.frontend.chat_template import chatml
 from plait.frontend.choices import ChoicesDecision
 
-EXAMPLES = [("What is the capital of France?", "Paris"),
-            ("What is the largest planet in the solar system?", "Jupiter"),
-            ("Who wrote Romeo and Juliet?", "William Shakespeare"),
-            ("What is the boiling point of water in Celsius?", "100 degrees"),
-            ("How many legs does a spider have?", "Eight")]
+EXAMPLES = [
+    ("What is the capital of France?", "Paris"),
+    ("What is the largest planet in the solar system?", "Jupiter"),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare"),
+    ("What is the boiling point of water in Celsius?", "100 degrees"),
+    ("How many legs does a spider have?", "Eight"),
+]
 
 
 @pl.function
@@ -53,42 +56,56 @@ def tree_of_thought(s, question):
 
 def questions(n: int) -> list[dict[str, str]]:
     things = ["moon", "ocean", "desert", "forest", "river", "volcano", "glacier", "island"]
-    asks = ["What is a {} made of?", "Where can you find a {}?", "Why is a {} important?",
-            "How old is the oldest {}?", "What lives near a {}?", "How big is a {}?",
-            "What colour is a {}?", "Who studies the {}?"]
-    return [{"question": asks[i % len(asks)].format(things[i // len(asks) % len(things)])}
-            for i in range(n)]
+    asks = [
+        "What is a {} made of?",
+        "Where can you find a {}?",
+        "Why is a {} important?",
+        "How old is the oldest {}?",
+        "What lives near a {}?",
+        "How big is a {}?",
+        "What colour is a {}?",
+        "Who studies the {}?",
+    ]
+    return [
+        {"question": asks[i % len(asks)].format(things[i // len(asks) % len(things)])}
+        for i in range(n)
+    ]
 
 
-def run_workload(runtime: pl.Runtime, program: Any, batch: list[dict], max_tokens: int
-                 ) -> dict[str, float]:
+def run_workload(
+    runtime: pl.Runtime, program: Any, batch: list[dict], max_tokens: int
+) -> dict[str, float]:
     runtime.flush_cache()
     runtime.reset_stats()
     start = time.perf_counter()
-    states = program.run_batch(batch, backend=runtime, temperature=0,
-                               max_new_tokens=max_tokens)
+    states = program.run_batch(batch, backend=runtime, temperature=0, max_new_tokens=max_tokens)
     elapsed = time.perf_counter() - start
     errors = [s.error() for s in states if s.error() is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} programs failed, first: {errors[0]!r}")
     stats = runtime.reset_stats()
-    return {"seconds": elapsed, "programs_per_s": len(batch) / elapsed,
-            "prompt_tokens": stats.prompt_tokens, "computed": stats.computed_prompt_tokens,
-            "output_tok_per_s": stats.completion_tokens / elapsed}
+    return {
+        "seconds": elapsed,
+        "programs_per_s": len(batch) / elapsed,
+        "prompt_tokens": stats.prompt_tokens,
+        "computed": stats.computed_prompt_tokens,
+        "output_tok_per_s": stats.completion_tokens / elapsed,
+    }
 
 
 def bench_engines(model_path: str | None, n: int, tot_n: int, max_tokens: int) -> list[tuple]:
     rows = []
     results: dict[tuple[str, bool], dict[str, float]] = {}
     for radix in (False, True):
-        runtime = pl.Runtime(model_path=model_path, disable_radix_cache=not radix,
-                             random_seed=0)
+        runtime = pl.Runtime(model_path=model_path, disable_radix_cache=not radix, random_seed=0)
         try:
             few_shot_qa.run(question="warm up", backend=runtime, max_new_tokens=2)
             results[("few-shot QA", radix)] = run_workload(
-                runtime, few_shot_qa, questions(n), max_tokens)
+                runtime, few_shot_qa, questions(n), max_tokens
+            )
             results[("tree of thought", radix)] = run_workload(
-                runtime, tree_of_thought, questions(tot_n), max_tokens)
+                runtime, tree_of_thought, questions(tot_n), max_tokens
+            )
         finally:
             runtime.shutdown()
     for name, count in (("few-shot QA", n), ("tree of thought", tot_n)):
@@ -164,12 +181,15 @@ def bench_overhead(reps: int = 2000) -> list[tuple[str, float]]:
 
     run_cost = per_run(empty)
     role_cost = (per_run(chat4) - run_cost) / 4
-    return [("s += text", per_op(texts, reps)), ("s += gen", per_op(gens, reps)),
-            ("gen + read s[var]", per_op(gens_read, reps // 4)),
-            ("s += select", per_op(selects, reps)),
-            ("role message (in a 4-message chat)", role_cost),
-            ("fork(4) + gen + join", per_op(forks, reps // 20)),
-            ("run() of an empty program", run_cost)]
+    return [
+        ("s += text", per_op(texts, reps)),
+        ("s += gen", per_op(gens, reps)),
+        ("gen + read s[var]", per_op(gens_read, reps // 4)),
+        ("s += select", per_op(selects, reps)),
+        ("role message (in a 4-message chat)", role_cost),
+        ("fork(4) + gen + join", per_op(forks, reps // 20)),
+        ("run() of an empty program", run_cost),
+    ]
 
 
 def main() -> None:
@@ -182,17 +202,20 @@ def main() -> None:
     args = ap.parse_args()
 
     if not args.skip_engine:
-        rows = bench_engines(args.model_path, args.questions, args.tot_questions,
-                             args.max_tokens)
-        print(f"\nworkload (max_tokens={args.max_tokens})    | cache | seconds | programs/s |"
-              f" out tok/s | prompt tok | computed prefill | speedup")
+        rows = bench_engines(args.model_path, args.questions, args.tot_questions, args.max_tokens)
+        print(
+            f"\nworkload (max_tokens={args.max_tokens})    | cache | seconds | programs/s |"
+            f" out tok/s | prompt tok | computed prefill | speedup"
+        )
         print("-" * 110)
         for name, base, ours in rows:
             for label, r in (("off", base), ("on", ours)):
                 ratio = base["seconds"] / r["seconds"]
-                print(f"{name:<33} | {label:>5} | {r['seconds']:7.2f} | "
-                      f"{r['programs_per_s']:10.2f} | {r['output_tok_per_s']:9.1f} | "
-                      f"{r['prompt_tokens']:10d} | {r['computed']:16d} | {ratio:6.2f}x")
+                print(
+                    f"{name:<33} | {label:>5} | {r['seconds']:7.2f} | "
+                    f"{r['programs_per_s']:10.2f} | {r['output_tok_per_s']:9.1f} | "
+                    f"{r['prompt_tokens']:10d} | {r['computed']:16d} | {ratio:6.2f}x"
+                )
     print("\ninterpreter overhead (null backend)  | us per op")
     print("-" * 50)
     for name, us in bench_overhead():

@@ -14,6 +14,7 @@ Rates (each says exactly what its seconds are):
 
 A workload's ``rate(seconds)`` is ``tokens_per_s`` or ``requests_per_s`` by its ``unit``.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,9 +40,9 @@ class Generator(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class Workload:
-    name: str                 # the key in JSON files and on the command line
-    title: str                # the table's row label
-    unit: str                 # "tok/s" (generated tokens) or "req/s"
+    name: str  # the key in JSON files and on the command line
+    title: str  # the table's row label
+    unit: str  # "tok/s" (generated tokens) or "req/s"
     requests: list[Request]
 
     def rate(self, seconds: float) -> float:
@@ -59,23 +60,42 @@ def requests_per_s(requests: Sequence[Request], seconds: float) -> float:
     return len(requests) / seconds
 
 
-def random_requests(rng: random.Random, n: int, prompt: tuple[int, int], new: tuple[int, int],
-                    prefix: list[int] | None = None) -> list[Request]:
+def random_requests(
+    rng: random.Random,
+    n: int,
+    prompt: tuple[int, int],
+    new: tuple[int, int],
+    prefix: list[int] | None = None,
+) -> list[Request]:
     """``n`` requests with prompt lengths and new-token counts drawn uniformly from the
     inclusive ranges; ids from [100, 40000), clear of the tokenizer's special tokens."""
-    return [((prefix or []) + [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt))],
-             rng.randint(*new)) for _ in range(n)]
+    return [
+        (
+            (prefix or []) + [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt))],
+            rng.randint(*new),
+        )
+        for _ in range(n)
+    ]
 
 
-def seeded_requests(n: int, prompt: tuple[int, int], new: tuple[int, int], seed: int,
-                    prefix: list[int] | None = None) -> list[Request]:
+def seeded_requests(
+    n: int,
+    prompt: tuple[int, int],
+    new: tuple[int, int],
+    seed: int,
+    prefix: list[int] | None = None,
+) -> list[Request]:
     """``random_requests`` from a generator of its own: the same ids for the same seed."""
     return random_requests(random.Random(seed), n, prompt, new, prefix)
 
 
-def make_workloads(quick: bool = False, seed: int = 0, new: int | None = None,
-                   batches: Sequence[int] | None = None, prompt_len: int = 32
-                   ) -> list[Workload]:
+def make_workloads(
+    quick: bool = False,
+    seed: int = 0,
+    new: int | None = None,
+    batches: Sequence[int] | None = None,
+    prompt_len: int = 32,
+) -> list[Workload]:
     """The five workloads, a pure function of the arguments: every engine gets these ids.
 
     ``batch{B}``: B prompts of ``prompt_len`` tokens, ``new`` tokens each (64; quick 8);
@@ -85,31 +105,48 @@ def make_workloads(quick: bool = False, seed: int = 0, new: int | None = None,
     rng = random.Random(seed)
     new = new or (8 if quick else 64)
     batches = batches or ((1, 4, 8) if quick else (1, 16, 64))
-    out = [Workload(name=f"batch{b}", title=f"batch {b}, {prompt_len} in / {new} new tokens "
-                    f"each (tok/s)", unit="tok/s",
-                    requests=random_requests(rng, b, (prompt_len, prompt_len), (new, new)))
-           for b in batches]
+    out = [
+        Workload(
+            name=f"batch{b}",
+            title=f"batch {b}, {prompt_len} in / {new} new tokens each (tok/s)",
+            unit="tok/s",
+            requests=random_requests(rng, b, (prompt_len, prompt_len), (new, new)),
+        )
+        for b in batches
+    ]
     n_mixed, prompt, mixed_new = (8, (32, 64), (4, 12)) if quick else (64, (32, 256), (16, 96))
-    out.append(Workload(name="mixed", title=f"{n_mixed} mixed requests, {prompt[0]}-{prompt[1]} "
-                        f"prompt / {mixed_new[0]}-{mixed_new[1]} new tokens (tok/s)",
-                        unit="tok/s", requests=random_requests(rng, n_mixed, prompt, mixed_new)))
+    out.append(
+        Workload(
+            name="mixed",
+            title=f"{n_mixed} mixed requests, {prompt[0]}-{prompt[1]} "
+            f"prompt / {mixed_new[0]}-{mixed_new[1]} new tokens (tok/s)",
+            unit="tok/s",
+            requests=random_requests(rng, n_mixed, prompt, mixed_new),
+        )
+    )
     n_shared, prefix_len, shared_new = (4, 128, 4) if quick else (32, 1000, 16)
     prefix = random_requests(rng, 1, (prefix_len, prefix_len), (0, 0))[0][0]
-    out.append(Workload(name="shared_prefix", title=f"{n_shared} requests sharing a "
-                        f"{prefix_len:,}-token prefix, {shared_new} new tokens (req/s)",
-                        unit="req/s", requests=random_requests(
-                            rng, n_shared, (32, 32), (shared_new, shared_new), prefix)))
+    out.append(
+        Workload(
+            name="shared_prefix",
+            title=f"{n_shared} requests sharing a "
+            f"{prefix_len:,}-token prefix, {shared_new} new tokens (req/s)",
+            unit="req/s",
+            requests=random_requests(rng, n_shared, (32, 32), (shared_new, shared_new), prefix),
+        )
+    )
     return out
 
 
 def greedy(requests: Sequence[Request], cap: int | None = None) -> list[dict]:
     """Greedy sampling parameters, EOS ignored; ``cap`` limits each request's new tokens."""
-    return [{"max_new_tokens": n if cap is None else min(n, cap), "temperature": 0,
-             "ignore_eos": True} for _, n in requests]
+    return [
+        {"max_new_tokens": n if cap is None else min(n, cap), "temperature": 0, "ignore_eos": True}
+        for _, n in requests
+    ]
 
 
-def serve_seconds(engine: Generator, requests: Sequence[Request], cap: int | None = None
-                  ) -> float:
+def serve_seconds(engine: Generator, requests: Sequence[Request], cap: int | None = None) -> float:
     """Wall seconds of one ``generate`` call submitting all ``requests`` at once, from an
     empty prefix cache (the flush is not timed)."""
     engine.flush_cache()
@@ -134,7 +171,7 @@ def alternate(configs: Sequence[T], rounds: int) -> Iterator[tuple[int, T]]:
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
     for r in range(rounds):
-        for config in (configs if r % 2 == 0 else list(configs)[::-1]):
+        for config in configs if r % 2 == 0 else list(configs)[::-1]:
             yield r, config
 
 
@@ -163,15 +200,15 @@ def phase_split(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     two ``step_totals`` readings."""
     passes = after["forward_passes"] - before["forward_passes"]
     per = max(1.0, passes)  # no pass: every difference is 0
-    split = {f"{p}_ms": 1000 * (after[f"{p}_seconds"] - before[f"{p}_seconds"]) / per
-             for p in PHASES}
+    split = {
+        f"{p}_ms": 1000 * (after[f"{p}_seconds"] - before[f"{p}_seconds"]) / per for p in PHASES
+    }
     split["passes"] = passes
     split["tokens_per_pass"] = (after["generated_tokens"] - before["generated_tokens"]) / per
     return split
 
 
-def table(rows: Sequence[tuple[str, dict[str, float]]], baseline: str,
-          fmt: str = "{:.1f}") -> str:
+def table(rows: Sequence[tuple[str, dict[str, float]]], baseline: str, fmt: str = "{:.1f}") -> str:
     """Markdown: a row per ``(label, {config: value})``, a column per config (the order of
     the first row), then ``config / baseline`` for every other config. A value missing from a
     row shows as a dash, and so does its ratio."""
@@ -184,7 +221,9 @@ def table(rows: Sequence[tuple[str, dict[str, float]]], baseline: str,
     for label, values in rows:
         cells = ["—" if values.get(n) is None else fmt.format(values[n]) for n in names]
         base = values.get(baseline)
-        cells += ["—" if base is None or values.get(n) is None else
-                  f"{values[n] / base:.2f}x" for n in others]
+        cells += [
+            "—" if base is None or values.get(n) is None else f"{values[n] / base:.2f}x"
+            for n in others
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ the process had right after it was built (a tp 2 engine sets its rank-0 share). 
 four short requests per engine, or every workload in full for a preset that compiles per
 shape (``tpu-jax``). Presets and the old scripts they replace: ``benchmarks/presets.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ class PeerEngine:
         self.serve = serve
 
     def generate(self, *, input_ids: list[list[int]], sampling_params: list[dict]) -> list:
-        return self.serve.generate([(p, sp["max_new_tokens"])
-                                    for p, sp in zip(input_ids, sampling_params)])
+        return self.serve.generate(
+            [(p, sp["max_new_tokens"]) for p, sp in zip(input_ids, sampling_params)]
+        )
 
     def flush_cache(self) -> None:
         self.serve.reset()
@@ -66,6 +68,7 @@ def cpu_options(switches: dict) -> "CpuOptions | None":
     if not switches:
         return None
     from plait.backends.cpu.plugin import CpuOptions
+
     return CpuOptions(**switches)
 
 
@@ -76,8 +79,11 @@ def build(preset: Preset, args: argparse.Namespace):
         from benchmarks.peers.workers.run_transformers import load
         from plait.models.default import default_model_path
 
-        job = {"model_dir": str(args.model_path or default_model_path()),
-               "threads": torch.get_num_threads(), "seed": args.seed}
+        job = {
+            "model_dir": str(args.model_path or default_model_path()),
+            "threads": torch.get_num_threads(),
+            "seed": args.seed,
+        }
         return PeerEngine(load(job))
     import plait
 
@@ -100,8 +106,9 @@ def preset_threads(preset: Preset) -> int:
     return torch.get_num_threads()
 
 
-def build_all(presets: list[Preset], args: argparse.Namespace,
-              workloads: list[harness.Workload]) -> tuple[dict, dict[str, int]]:
+def build_all(
+    presets: list[Preset], args: argparse.Namespace, workloads: list[harness.Workload]
+) -> tuple[dict, dict[str, int]]:
     """Every preset's engine, warmed up, and the torch threads each runs with."""
     base_threads = torch.get_num_threads()
     engines, threads = {}, {}
@@ -113,7 +120,7 @@ def build_all(presets: list[Preset], args: argparse.Namespace,
             threads[p.name] = preset_threads(p)
         for p in presets:
             torch.set_num_threads(threads[p.name])
-            for reqs in ([w.requests for w in workloads] if p.full_warmup else [short]):
+            for reqs in [w.requests for w in workloads] if p.full_warmup else [short]:
                 harness.serve_seconds(engines[p.name], reqs)
     except BaseException:
         shutdown(engines)
@@ -126,8 +133,9 @@ def shutdown(engines: dict) -> None:
         engine.shutdown()
 
 
-def measure(engine, workload: harness.Workload, metric: str, phases: bool
-            ) -> tuple[float, dict[str, float]]:
+def measure(
+    engine, workload: harness.Workload, metric: str, phases: bool
+) -> tuple[float, dict[str, float]]:
     """One value of ``metric`` on ``workload``, and with ``phases`` the step split."""
     if metric == "decode":
         return harness.decode_rate(engine, workload), {}
@@ -147,8 +155,12 @@ def row_label(workload: harness.Workload, metric: str) -> str:
     return workload.title
 
 
-def run(engines: dict, threads: dict[str, int], workloads: list[harness.Workload],
-        args: argparse.Namespace) -> tuple[list, list]:
+def run(
+    engines: dict,
+    threads: dict[str, int],
+    workloads: list[harness.Workload],
+    args: argparse.Namespace,
+) -> tuple[list, list]:
     """The timed rounds: (table rows, phase rows), medians per workload and preset."""
     names = list(engines)
     rows, phase_rows = [], []
@@ -165,28 +177,39 @@ def run(engines: dict, threads: dict[str, int], workloads: list[harness.Workload
         rows.append((row_label(w, args.metric), med))
         if args.phases:
             split_med = {n: harness.medians(splits[n]) for n in names}
-            phase_rows += [(f"{w.name} {key}", {n: split_med[n][key] for n in names})
-                           for key in PHASE_ROWS]
+            phase_rows += [
+                (f"{w.name} {key}", {n: split_med[n][key] for n in names}) for key in PHASE_ROWS
+            ]
     return rows, phase_rows
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.offline",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compare", nargs="+", metavar="PRESET",
-                    help="the baseline preset, then the presets to compare with it")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.offline", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="PRESET",
+        help="the baseline preset, then the presets to compare with it",
+    )
     ap.add_argument("--list", action="store_true", help="print the presets and exit")
-    ap.add_argument("--workloads", default=None,
-                    help="comma-separated names (default: all: batch<B>..., mixed, "
-                    "shared_prefix)")
+    ap.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated names (default: all: batch<B>..., mixed, shared_prefix)",
+    )
     ap.add_argument("--batches", default=None, help="batch sizes, e.g. 1,16,64 (the default)")
     ap.add_argument("--new", type=int, default=None, help="new tokens per batch request (64)")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per batch request")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per engine (median)")
     ap.add_argument("--quick", action="store_true", help="tiny workloads, 1 round")
     ap.add_argument("--metric", choices=("throughput", "decode"), default="throughput")
-    ap.add_argument("--phases", action="store_true",
-                    help="also the step split per forward pass (--metric throughput)")
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="also the step split per forward pass (--metric throughput)",
+    )
     ap.add_argument("--device", default="cpu", help="for presets that set no device")
     ap.add_argument("--model-path", default=None, help="default: the bundled default model")
     ap.add_argument("--seed", type=int, default=0)
@@ -216,8 +239,9 @@ def select_workloads(args: argparse.Namespace) -> list[harness.Workload]:
     known = {w.name: w for w in every}
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"--workloads: unknown {unknown or 'empty list'}; choose from "
-                         f"{','.join(known)}")
+        raise SystemExit(
+            f"--workloads: unknown {unknown or 'empty list'}; choose from {','.join(known)}"
+        )
     return [known[n] for n in names]
 
 
@@ -231,14 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     engines, threads = build_all(presets, args, workloads)
     try:
         rows, phase_rows = run(engines, threads, workloads, args)
-        infos = {p.name: {k: engines[p.name].get_server_info().get(k) for k in p.info}
-                 for p in presets if p.info}
+        infos = {
+            p.name: {k: engines[p.name].get_server_info().get(k) for k in p.info}
+            for p in presets
+            if p.info
+        }
     finally:
         shutdown(engines)
     base = presets[0].name
-    print(f"\n{args.model_path or 'SmolLM2-135M-Instruct'}, device {args.device} (where a "
-          f"preset sets none), torch threads {threads}, median of {args.rounds} round(s) in "
-          f"ABBA order, metric {args.metric}\n")
+    print(
+        f"\n{args.model_path or 'SmolLM2-135M-Instruct'}, device {args.device} (where a "
+        f"preset sets none), torch threads {threads}, median of {args.rounds} round(s) in "
+        f"ABBA order, metric {args.metric}\n"
+    )
     print(harness.table(rows, base, fmt="{:.2f}"))
     if phase_rows:
         print("\nms per forward pass (tokens_per_pass: generated tokens per pass)\n")

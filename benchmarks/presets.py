@@ -17,6 +17,7 @@ tensor_parallel.py     ``tp1 tp2 --metric decode --workloads batch1,batch16 --pr
 tpu_jax_cpu.py         ``cpu-torch tpu-jax``
 =====================  ================================================================
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,56 +34,116 @@ _OVERLAP = {"max_running_requests": 64}
 @dataclass(frozen=True, kw_only=True)
 class Preset:
     name: str
-    about: str                                           # one line for --list
-    engine: dict = field(default_factory=dict)           # plait.Engine keyword arguments
-    cpu: dict = field(default_factory=dict)              # CpuOptions fields for the engine
-    env: dict = field(default_factory=dict)              # os.environ, set before building
-    peer: str | None = None                              # "transformers": not a Plait engine
+    about: str  # one line for --list
+    engine: dict = field(default_factory=dict)  # plait.Engine keyword arguments
+    cpu: dict = field(default_factory=dict)  # CpuOptions fields for the engine
+    env: dict = field(default_factory=dict)  # os.environ, set before building
+    peer: str | None = None  # "transformers": not a Plait engine
     full_warmup: bool = False  # warm up on every workload in full (jit buckets), not a short one
-    info: tuple[str, ...] = ()                           # get_server_info keys shown after
+    info: tuple[str, ...] = ()  # get_server_info keys shown after
 
 
-PRESETS = {p.name: p for p in [
-    Preset(name="plait", about="Plait's defaults"),
-    Preset(name="transformers", peer="transformers",
-           about="transformers generate, one static left-padded batch per workload, float32"),
-    Preset(name="no-radix-cache", engine={"disable_radix_cache": True},
-           about="Plait's defaults with --disable-radix-cache"),
-    Preset(name="mkl-eager", engine=_CPU_AB, cpu={"prepack_weights": False, **_GATHER},
-           about="CPU: nn.Linear on MKL, raw weights, eager, torch gather attention"),
-    Preset(name="prepacked", engine=_CPU_AB, cpu={"prepack_weights": True, **_GATHER},
-           about="CPU: prepacked Linear weights, eager, torch gather attention"),
-    Preset(name="prepacked-compile", engine={**_CPU_AB, "enable_graph_capture": True},
-           cpu={"prepack_weights": True, **_GATHER}, info=("graph_capture", "graph_compiles"),
-           about="CPU: prepacked + torch.compile (compiles for minutes at start)"),
-    Preset(name="paged-attention", engine=_CPU_AB,
-           cpu={"prepack_weights": True, "paged_decode_kernel": True},
-           about="CPU: prepacked, the paged decode attention kernel"),
-    Preset(name="panels", cpu={"compact_weights": False},
-           about="CPU: float32 panels only, no lossless 4-bit/16-bit weight form"),
-    Preset(name="fp32", engine={**_QUANT, "quantization": "none"},
-           about="the default model's GGUF dequantized to float32 (--quantization none)"),
-    Preset(name="gguf", engine={**_QUANT, "quantization": "gguf"},
-           about="the GGUF run natively: Q4_1 layers, Q8_0 embedding / LM head"),
-    Preset(name="gguf-a8", engine={**_QUANT, "quantization": "gguf",
-                                   "quantization_activations": "int8"},
-           about="gguf with int8 activations (AVX-512 VNNI kernel)"),
-    Preset(name="int8", engine={**_QUANT, "quantization": "int8"},
-           about="float32 checkpoint quantized at load, int8 per channel"),
-    Preset(name="overlap-off", engine={**_OVERLAP, "disable_overlap_schedule": True},
-           about="the inline schedule (--disable-overlap-schedule), 64 running requests"),
-    Preset(name="overlap", engine=_OVERLAP,
-           about="the overlap schedule (the default), 64 running requests"),
-    Preset(name="tp1", engine={**_TP, "tp_size": 1}, info=("tp_ranks",),
-           about="tp 1 with this process's threads, no radix cache, 8192 KV tokens"),
-    Preset(name="tp2", engine={**_TP, "tp_size": 2}, info=("tp_ranks",),
-           about="tp 2 (the launcher splits the cores per rank), no radix cache, 8192 KV tokens"),
-    Preset(name="cpu-torch", engine={"device": "cpu", "dtype": "float32"},
-           about="the torch CPU backend, float32 (tpu-jax's baseline)"),
-    Preset(name="tpu-jax", engine={"device": "tpu", "dtype": "float32"},
-           env={"PLAIT_TPU_PLATFORM": "cpu"}, full_warmup=True, info=("jit_compiles",),
-           about="the TPU backend's JAX runner on JAX's CPU device (development mode)"),
-]}
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset(name="plait", about="Plait's defaults"),
+        Preset(
+            name="transformers",
+            peer="transformers",
+            about="transformers generate, one static left-padded batch per workload, float32",
+        ),
+        Preset(
+            name="no-radix-cache",
+            engine={"disable_radix_cache": True},
+            about="Plait's defaults with --disable-radix-cache",
+        ),
+        Preset(
+            name="mkl-eager",
+            engine=_CPU_AB,
+            cpu={"prepack_weights": False, **_GATHER},
+            about="CPU: nn.Linear on MKL, raw weights, eager, torch gather attention",
+        ),
+        Preset(
+            name="prepacked",
+            engine=_CPU_AB,
+            cpu={"prepack_weights": True, **_GATHER},
+            about="CPU: prepacked Linear weights, eager, torch gather attention",
+        ),
+        Preset(
+            name="prepacked-compile",
+            engine={**_CPU_AB, "enable_graph_capture": True},
+            cpu={"prepack_weights": True, **_GATHER},
+            info=("graph_capture", "graph_compiles"),
+            about="CPU: prepacked + torch.compile (compiles for minutes at start)",
+        ),
+        Preset(
+            name="paged-attention",
+            engine=_CPU_AB,
+            cpu={"prepack_weights": True, "paged_decode_kernel": True},
+            about="CPU: prepacked, the paged decode attention kernel",
+        ),
+        Preset(
+            name="panels",
+            cpu={"compact_weights": False},
+            about="CPU: float32 panels only, no lossless 4-bit/16-bit weight form",
+        ),
+        Preset(
+            name="fp32",
+            engine={**_QUANT, "quantization": "none"},
+            about="the default model's GGUF dequantized to float32 (--quantization none)",
+        ),
+        Preset(
+            name="gguf",
+            engine={**_QUANT, "quantization": "gguf"},
+            about="the GGUF run natively: Q4_1 layers, Q8_0 embedding / LM head",
+        ),
+        Preset(
+            name="gguf-a8",
+            engine={**_QUANT, "quantization": "gguf", "quantization_activations": "int8"},
+            about="gguf with int8 activations (AVX-512 VNNI kernel)",
+        ),
+        Preset(
+            name="int8",
+            engine={**_QUANT, "quantization": "int8"},
+            about="float32 checkpoint quantized at load, int8 per channel",
+        ),
+        Preset(
+            name="overlap-off",
+            engine={**_OVERLAP, "disable_overlap_schedule": True},
+            about="the inline schedule (--disable-overlap-schedule), 64 running requests",
+        ),
+        Preset(
+            name="overlap",
+            engine=_OVERLAP,
+            about="the overlap schedule (the default), 64 running requests",
+        ),
+        Preset(
+            name="tp1",
+            engine={**_TP, "tp_size": 1},
+            info=("tp_ranks",),
+            about="tp 1 with this process's threads, no radix cache, 8192 KV tokens",
+        ),
+        Preset(
+            name="tp2",
+            engine={**_TP, "tp_size": 2},
+            info=("tp_ranks",),
+            about="tp 2 (the launcher splits the cores per rank), no radix cache, 8192 KV tokens",
+        ),
+        Preset(
+            name="cpu-torch",
+            engine={"device": "cpu", "dtype": "float32"},
+            about="the torch CPU backend, float32 (tpu-jax's baseline)",
+        ),
+        Preset(
+            name="tpu-jax",
+            engine={"device": "tpu", "dtype": "float32"},
+            env={"PLAIT_TPU_PLATFORM": "cpu"},
+            full_warmup=True,
+            info=("jit_compiles",),
+            about="the TPU backend's JAX runner on JAX's CPU device (development mode)",
+        ),
+    ]
+}
 
 
 def parse_presets(names: list[str]) -> list[Preset]:
@@ -90,9 +151,12 @@ def parse_presets(names: list[str]) -> list[Preset]:
     repeated name, or fewer than two."""
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-        raise ValueError(f"--compare: unknown preset(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(PRESETS)}")
+        raise ValueError(
+            f"--compare: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}"
+        )
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"--compare: give a baseline and at least one other preset, each once; "
-                         f"got {' '.join(names)}")
+        raise ValueError(
+            f"--compare: give a baseline and at least one other preset, each once; "
+            f"got {' '.join(names)}"
+        )
     return [PRESETS[n] for n in names]

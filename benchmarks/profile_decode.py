@@ -15,6 +15,7 @@ tokens, finishing, outputs), and the rest (the caller's thread: detokenization, 
 assembly). The engine runs without the overlap schedule for it, so the phases add up to the
 step instead of overlapping.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,23 @@ def profile_batch(engine: plait.Engine, batch: int, steps: int, rows: int) -> No
     engine._call(lambda: prof.__exit__(None, None, None))
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events
-             if e.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise",
-                          "aten::mkldnn_linear", "mkl::_mkl_linear", "plait::panel_linear"))
-    print(f"\n=== batch {batch}: {steps} decode steps, {total / 1e3 / steps:.1f} ms/step "
-          f"(profiled), matrix products {100 * mm / max(total, 1):.0f}% ===")
+    mm = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key
+        in (
+            "aten::mm",
+            "aten::addmm",
+            "mkldnn::_linear_pointwise",
+            "aten::mkldnn_linear",
+            "mkl::_mkl_linear",
+            "plait::panel_linear",
+        )
+    )
+    print(
+        f"\n=== batch {batch}: {steps} decode steps, {total / 1e3 / steps:.1f} ms/step "
+        f"(profiled), matrix products {100 * mm / max(total, 1):.0f}% ==="
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
@@ -72,14 +85,16 @@ def split_batch(engine: plait.Engine, batch: int, steps: int) -> None:
         wall = time.perf_counter() - t
         return wall, {p: v - before[p] for p, v in counters().items()}
 
-    wall1, c1 = timed(1)                       # prefill (+ first token) only
+    wall1, c1 = timed(1)  # prefill (+ first token) only
     wall, c = timed(steps + 1)
     per = {p: (c[p] - c1[p]) / steps * 1e3 for p in PHASES}
     step_ms = (wall - wall1) / steps * 1e3
     rest = step_ms - sum(per.values())
-    print(f"| {batch} | {step_ms:.1f} | {batch / step_ms * 1e3:.0f} | "
-          + " | ".join(f"{per[p]:.2f} ({100 * per[p] / step_ms:.0f}%)" for p in PHASES)
-          + f" | {rest:.2f} ({100 * rest / step_ms:.0f}%) |")
+    print(
+        f"| {batch} | {step_ms:.1f} | {batch / step_ms * 1e3:.0f} | "
+        + " | ".join(f"{per[p]:.2f} ({100 * per[p] / step_ms:.0f}%)" for p in PHASES)
+        + f" | {rest:.2f} ({100 * rest / step_ms:.0f}%) |"
+    )
 
 
 def main() -> None:
@@ -87,12 +102,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--split", action="store_true",
-                    help="no profiler: the step's wall time by scheduler phase")
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra plait.Engine keyword (value parsed as Python literal)")
+    ap.add_argument(
+        "--split", action="store_true", help="no profiler: the step's wall time by scheduler phase"
+    )
+    ap.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra plait.Engine keyword (value parsed as Python literal)",
+    )
     args = ap.parse_args()
     import ast
+
     kwargs = {}
     for item in args.engine_arg:
         key, _, value = item.partition("=")
@@ -103,8 +125,13 @@ def main() -> None:
     with plait.Engine(**kwargs) as engine:
         print(f"threads={torch.get_num_threads()} engine args={kwargs}")
         if args.split:
-            print("| batch | step ms | tok/s | " + " | ".join(f"{p} ms" for p in PHASES)
-                  + " | rest ms |\n|---" + "|---" * (len(PHASES) + 3) + "|")
+            print(
+                "| batch | step ms | tok/s | "
+                + " | ".join(f"{p} ms" for p in PHASES)
+                + " | rest ms |\n|---"
+                + "|---" * (len(PHASES) + 3)
+                + "|"
+            )
         for b in args.batch:
             if args.split:
                 split_batch(engine, b, args.steps)

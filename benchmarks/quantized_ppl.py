@@ -11,6 +11,7 @@ error); ``search`` is :func:`plait.quant.formats.fit_scales`' full clipping sear
 
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.quantized_ppl   # 2-7 min
 """
+
 from __future__ import annotations
 
 import math
@@ -49,27 +50,42 @@ for g in (32, 64, 128):
 
 def perplexity(engine: plait.Engine, ids: list[int]) -> float:
     engine.flush_cache()  # a cached prefix would keep the previous weights' KV
-    out = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                          sampling_params={"max_new_tokens": 0})
+    out = engine.generate(
+        input_ids=ids,
+        return_logprob=True,
+        logprob_start_len=0,
+        sampling_params={"max_new_tokens": 0},
+    )
     lps = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"] if lp is not None]
     return math.exp(-sum(lps) / len(lps))
 
 
 def main() -> None:
     path = default_model_path()
-    engines = {q: plait.Engine(model_path=str(path), max_total_tokens=4096, quantization=q)
-               for q in ("none", "int8", "int4")}
+    engines = {
+        q: plait.Engine(model_path=str(path), max_total_tokens=4096, quantization=q)
+        for q in ("none", "int8", "int4")
+    }
     ids = engines["none"].tokenizer.encode(TEXT)
     loaded = {q: perplexity(e, ids) for q, e in engines.items()}
     base = loaded["none"]
-    floats = {n: m.weight.detach().contiguous() for n, m in
-              load_model(path, load_config(path), torch.float32, torch.device("cpu"),
-                         4096).named_modules() if isinstance(m, torch.nn.Linear)}
+    floats = {
+        n: m.weight.detach().contiguous()
+        for n, m in load_model(
+            path, load_config(path), torch.float32, torch.device("cpu"), 4096
+        ).named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     engine = engines["int8"]
-    layers = {n: m for n, m in engine.scheduler.runner.model.named_modules()
-              if isinstance(m, QuantizedLinear)}
-    print(f"{len(ids)} tokens; quantized: {len(layers)} Linear layers; float32: embedding, "
-          f"LM head, norms")
+    layers = {
+        n: m
+        for n, m in engine.scheduler.runner.model.named_modules()
+        if isinstance(m, QuantizedLinear)
+    }
+    print(
+        f"{len(ids)} tokens; quantized: {len(layers)} Linear layers; float32: embedding, "
+        f"LM head, norms"
+    )
     print("| weights | perplexity | vs fp32 |\n|---|---|---|")
     print(f"| fp32 | {base:.3f} | |")
     for name, quantize in SCHEMES.items():

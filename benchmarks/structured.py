@@ -12,6 +12,7 @@ unconstrained decoding of the same prompts (the baseline), one engine, same run.
 The prefix cache is flushed before each run and the grammar is compiled in a warm-up, so every
 mode computes the same prompts and none pays compilation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,15 @@ def prompts(engine: plait.Engine, n: int) -> list[str]:
     out = []
     for i in range(n):
         thing = f"{ADJECTIVES[i % len(ADJECTIVES)]} {THINGS[i // len(ADJECTIVES) % len(THINGS)]}"
-        question = (f"Describe a {thing} for an online shop as JSON with its name, category, "
-                    "price, whether it is in stock and a few tags. Reply with only the JSON.")
-        out.append(engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True))
+        question = (
+            f"Describe a {thing} for an online shop as JSON with its name, category, "
+            "price, whether it is in stock and a few tags. Reply with only the JSON."
+        )
+        out.append(
+            engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+        )
     return out
 
 
@@ -57,8 +63,13 @@ def is_valid(text: str) -> bool:
         return False
 
 
-def run_mode(engine: plait.Engine, batch: list[str], max_new_tokens: int, constrained: bool,
-             jump_forward: bool) -> dict[str, Any]:
+def run_mode(
+    engine: plait.Engine,
+    batch: list[str],
+    max_new_tokens: int,
+    constrained: bool,
+    jump_forward: bool,
+) -> dict[str, Any]:
     """One mode over ``batch``, all in one generate call."""
     engine.scheduler.config.enable_jump_forward = jump_forward
     assert engine.flush_cache()
@@ -72,28 +83,47 @@ def run_mode(engine: plait.Engine, batch: list[str], max_new_tokens: int, constr
     after = engine.get_server_info()
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     jumped = after["jump_forward_tokens"] - before["jump_forward_tokens"]
-    return {"seconds": seconds, "tokens": tokens, "tok_per_s": tokens / seconds,
-            "passes": after["forward_passes"] - before["forward_passes"], "jumped": jumped,
-            "sampled_per_token": (tokens - jumped) / tokens,
-            "valid": sum(is_valid(o["text"]) for o in outs), "example": outs[0]["text"]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tok_per_s": tokens / seconds,
+        "passes": after["forward_passes"] - before["forward_passes"],
+        "jumped": jumped,
+        "sampled_per_token": (tokens - jumped) / tokens,
+        "valid": sum(is_valid(o["text"]) for o in outs),
+        "example": outs[0]["text"],
+    }
 
 
-def run_solo(engine: plait.Engine, batch: list[str], max_new_tokens: int, constrained: bool,
-             jump_forward: bool) -> dict[str, Any]:
+def run_solo(
+    engine: plait.Engine,
+    batch: list[str],
+    max_new_tokens: int,
+    constrained: bool,
+    jump_forward: bool,
+) -> dict[str, Any]:
     """The same mode, one request at a time."""
-    runs = [run_mode(engine, [prompt], max_new_tokens, constrained, jump_forward)
-            for prompt in batch]
+    runs = [
+        run_mode(engine, [prompt], max_new_tokens, constrained, jump_forward) for prompt in batch
+    ]
     tokens = sum(r["tokens"] for r in runs)
     seconds = sum(r["seconds"] for r in runs)
     passes = sum(r["passes"] for r in runs)
-    return {"seconds": seconds / len(runs), "tokens": tokens, "tok_per_s": tokens / seconds,
-            "passes": passes, "passes_per_token": passes / tokens,
-            "valid": sum(r["valid"] for r in runs)}
+    return {
+        "seconds": seconds / len(runs),
+        "tokens": tokens,
+        "tok_per_s": tokens / seconds,
+        "passes": passes,
+        "passes_per_token": passes / tokens,
+        "valid": sum(r["valid"] for r in runs),
+    }
 
 
-MODES = [("unconstrained (baseline)", False, False),
-         ("json_schema, no jump-forward", True, False),
-         ("json_schema + jump-forward", True, True)]
+MODES = [
+    ("unconstrained (baseline)", False, False),
+    ("json_schema, no jump-forward", True, False),
+    ("json_schema + jump-forward", True, True),
+]
 
 
 def main() -> None:
@@ -107,37 +137,57 @@ def main() -> None:
     with plait.Engine(args.model_path, max_running_requests=max(args.requests, 1)) as engine:
         batch = prompts(engine, args.requests)
         start = time.perf_counter()
-        engine.generate(prompt=batch[0], sampling_params={
-            "json_schema": SCHEMA, "max_new_tokens": 4, "temperature": 0})  # compile + warm up
+        engine.generate(
+            prompt=batch[0],
+            sampling_params={"json_schema": SCHEMA, "max_new_tokens": 4, "temperature": 0},
+        )  # compile + warm up
         warmup = time.perf_counter() - start
-        results = [(name, run_mode(engine, batch, args.max_new_tokens, constrained, jf))
-                   for name, constrained, jf in MODES]
-        solo = [(name, run_solo(engine, batch[:args.solo], args.max_new_tokens, constrained,
-                                jf)) for name, constrained, jf in MODES] if args.solo else []
+        results = [
+            (name, run_mode(engine, batch, args.max_new_tokens, constrained, jf))
+            for name, constrained, jf in MODES
+        ]
+        solo = (
+            [
+                (name, run_solo(engine, batch[: args.solo], args.max_new_tokens, constrained, jf))
+                for name, constrained, jf in MODES
+            ]
+            if args.solo
+            else []
+        )
 
     base = results[0][1]
-    print(f"\nbatch: {args.requests} requests in one call, greedy, max_new_tokens="
-          f"{args.max_new_tokens}, device={engine.device_name}; warm-up incl. grammar compile "
-          f"{warmup:.2f}s")
-    print(f"{'mode':<30} | seconds | out tokens | tok/s | vs base | forward passes | "
-          f"jumped tokens | sampled/token | valid")
+    print(
+        f"\nbatch: {args.requests} requests in one call, greedy, max_new_tokens="
+        f"{args.max_new_tokens}, device={engine.device_name}; warm-up incl. grammar compile "
+        f"{warmup:.2f}s"
+    )
+    print(
+        f"{'mode':<30} | seconds | out tokens | tok/s | vs base | forward passes | "
+        f"jumped tokens | sampled/token | valid"
+    )
     print("-" * 122)
     for name, r in results:
-        print(f"{name:<30} | {r['seconds']:7.1f} | {r['tokens']:10d} | {r['tok_per_s']:5.1f} | "
-              f"{r['tok_per_s'] / base['tok_per_s']:6.2f}x | {r['passes']:14d} | "
-              f"{r['jumped']:13d} | {r['sampled_per_token']:13.3f} | "
-              f"{r['valid']:>2}/{args.requests}")
+        print(
+            f"{name:<30} | {r['seconds']:7.1f} | {r['tokens']:10d} | {r['tok_per_s']:5.1f} | "
+            f"{r['tok_per_s'] / base['tok_per_s']:6.2f}x | {r['passes']:14d} | "
+            f"{r['jumped']:13d} | {r['sampled_per_token']:13.3f} | "
+            f"{r['valid']:>2}/{args.requests}"
+        )
     if solo:
         base = solo[0][1]
         print(f"\nsolo: {args.solo} requests one at a time (latency)")
-        print(f"{'mode':<30} | s/request | out tokens | tok/s | vs base | forward passes | "
-              f"passes/token | valid")
+        print(
+            f"{'mode':<30} | s/request | out tokens | tok/s | vs base | forward passes | "
+            f"passes/token | valid"
+        )
         print("-" * 110)
         for name, r in solo:
-            print(f"{name:<30} | {r['seconds']:9.2f} | {r['tokens']:10d} | "
-                  f"{r['tok_per_s']:5.1f} | {r['tok_per_s'] / base['tok_per_s']:6.2f}x | "
-                  f"{r['passes']:14d} | {r['passes_per_token']:12.3f} | "
-                  f"{r['valid']:>2}/{args.solo}")
+            print(
+                f"{name:<30} | {r['seconds']:9.2f} | {r['tokens']:10d} | "
+                f"{r['tok_per_s']:5.1f} | {r['tok_per_s'] / base['tok_per_s']:6.2f}x | "
+                f"{r['passes']:14d} | {r['passes_per_token']:12.3f} | "
+                f"{r['valid']:>2}/{args.solo}"
+            )
     print("\nfirst output per mode:")
     for name, r in results:
         print(f"  {name}: {r['example']!r}")

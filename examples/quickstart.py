@@ -3,6 +3,7 @@ program (gen, select, fork/join) running against that same server.
 
     .venv/bin/python examples/quickstart.py
 """
+
 from __future__ import annotations
 
 import json
@@ -38,10 +39,17 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 180) -> No
 def chat(url: str, content: str) -> dict:
     with urllib.request.urlopen(url + "/v1/models", timeout=10) as resp:
         model = json.load(resp)["data"][0]["id"]
-    body = json.dumps({"model": model, "max_tokens": 96, "temperature": 0,
-                       "messages": [{"role": "user", "content": content}]}).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "model": model,
+            "max_tokens": 96,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+        }
+    ).encode()
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.load(resp)
 
@@ -60,8 +68,18 @@ def travel_plan(s, city):
 def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "plait.server.cli", "serve",
-                               "--model-path", "default", "--port", str(port)])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "plait.server.cli",
+            "serve",
+            "--model-path",
+            "default",
+            "--port",
+            str(port),
+        ]
+    )
     try:
         wait_healthy(url, server)
         question = "Give me three tips for learning a new language."

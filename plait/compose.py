@@ -7,6 +7,7 @@ it receives a :class:`~plait.core.backend_api.Backend` object and a
 Used by ``plait.Engine`` when it is built and by each tensor-parallel worker rank, which
 repeats the same lookups in its own process.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,14 +35,17 @@ def resolve_model_dir(model_path: str | Path | None) -> Path:
     path itself or the converted cache of a ``.gguf`` file."""
     if model_path is None:
         from plait.models.default import default_model_path
+
         return default_model_path()
     from plait.models.loader import resolve_model_dir as resolve
+
     return resolve(model_path)
 
 
 def get_backend(device: str, options: Any = None) -> "Backend":
     """The backend ``device`` names (or ``auto`` picks), built once with ``options``."""
     from plait.backends import registry
+
     return registry.get_backend(device, options)
 
 
@@ -49,18 +53,25 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
     """Config, tokenizer and the architecture's loader (ValueError naming the architecture
     and every registered one when no plugin provides it)."""
     from plait.models import loader, registry
+
     hf = loader.load_config(model_dir)
-    return Checkpoint(model_dir=model_dir, hf_config=hf, load_model=registry.loader_for(hf),
-                      tokenizer=loader.load_tokenizer(model_dir),
-                      gguf_source=loader.gguf_source(model_dir))
+    return Checkpoint(
+        model_dir=model_dir,
+        hf_config=hf,
+        load_model=registry.loader_for(hf),
+        tokenizer=loader.load_tokenizer(model_dir),
+        gguf_source=loader.gguf_source(model_dir),
+    )
 
 
 def model_loader(hf_config: Any) -> "ModelLoader":
     """The loader ``hf_config``'s architecture registered (a TP worker rank's lookup)."""
     from plait.models import registry
+
     return registry.loader_for(hf_config)
 
 
 def load_config(model_dir: Path) -> Any:
     from plait.models.loader import load_config as load
+
     return load(model_dir)

@@ -1,4 +1,5 @@
 """Shared fixtures: the real SmolLM2 model and tiny random Llama-family checkpoints."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,13 +12,24 @@ import torch
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     from plait.models.default import default_model_path
+
     return default_model_path()
 
 
-TINY_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 rms_norm_eps=1e-5, vocab_size=49152, tie_word_embeddings=False,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TINY_BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +43,7 @@ def make_tiny_model(tmp_path_factory, smollm_dir):
         if key in made:
             return made[key]
         from transformers import AutoConfig, AutoModelForCausalLM
+
         config = AutoConfig.for_model(model_type, **{**TINY_BASE, **overrides})
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).float()
@@ -54,7 +67,11 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[l
     outs = []
     for ids in prompt_ids:
         with torch.no_grad():
-            g = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=model.config.eos_token_id)
-        outs.append(g[0, len(ids):].tolist())
+            g = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=model.config.eos_token_id,
+            )
+        outs.append(g[0, len(ids) :].tolist())
     return outs

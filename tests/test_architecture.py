@@ -10,6 +10,7 @@
   not even for annotations or inside a function: ``plait.compose`` looks them up;
 - ``plait/__init__.py`` lists the public surface in one sorted literal ``__all__``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,8 +39,7 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in PLAIT.rglob("*.py")}
 
 
-def imports_of(name: str, path: Path, known: set[str], *,
-               type_checking: bool = False) -> set[str]:
+def imports_of(name: str, path: Path, known: set[str], *, type_checking: bool = False) -> set[str]:
     """The ``plait`` modules ``name`` imports anywhere in its source (``from a import b``
     counts as ``a.b`` when that is a module, else as ``a``). ``if TYPE_CHECKING:`` blocks
     count only with ``type_checking``: they never run."""
@@ -66,17 +66,25 @@ def _without_type_checking(tree: ast.Module) -> ast.Module:
     class Strip(ast.NodeTransformer):
         def visit_If(self, node: ast.If) -> ast.AST | None:
             test = node.test
-            name = test.id if isinstance(test, ast.Name) else \
-                test.attr if isinstance(test, ast.Attribute) else None
+            name = (
+                test.id
+                if isinstance(test, ast.Name)
+                else test.attr
+                if isinstance(test, ast.Attribute)
+                else None
+            )
             return None if name == "TYPE_CHECKING" else self.generic_visit(node)
+
     return Strip().visit(tree)
 
 
 def _graph(*, type_checking: bool = False) -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
-    return {name: imports_of(name, path, known, type_checking=type_checking) & known
-            for name, path in modules.items()}
+    return {
+        name: imports_of(name, path, known, type_checking=type_checking) & known
+        for name, path in modules.items()
+    }
 
 
 def _inside(module: str, package: str) -> bool:
@@ -85,8 +93,13 @@ def _inside(module: str, package: str) -> bool:
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_lower_layers_never_import_the_frontend_or_the_server(layer):
-    bad = sorted(f"{mod} imports {dep}" for mod, deps in _graph().items() if _inside(mod, layer)
-                 for dep in deps if any(_inside(dep, f) for f in FORBIDDEN[layer]))
+    bad = sorted(
+        f"{mod} imports {dep}"
+        for mod, deps in _graph().items()
+        if _inside(mod, layer)
+        for dep in deps
+        if any(_inside(dep, f) for f in FORBIDDEN[layer])
+    )
     assert not bad, "\n".join(bad)
 
 
@@ -119,6 +132,7 @@ def import_circles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
                     found.add(tuple(path))
                 elif dep in tangle and dep > start and dep not in path:
                     walk(path + [dep])
+
         walk([start])
     return found
 
@@ -138,9 +152,13 @@ def test_type_only_imports_close_no_circle_either():
 
 
 def test_the_core_looks_up_no_registry_and_names_no_model():
-    bad = sorted(f"{mod} imports {dep}" for mod, deps in _graph(type_checking=True).items()
-                 if _inside(mod, "plait.core") for dep in deps
-                 if any(_inside(dep, r) for r in REGISTRIES))
+    bad = sorted(
+        f"{mod} imports {dep}"
+        for mod, deps in _graph(type_checking=True).items()
+        if _inside(mod, "plait.core")
+        for dep in deps
+        if any(_inside(dep, r) for r in REGISTRIES)
+    )
     assert not bad, "\n".join(bad)
 
 
@@ -148,18 +166,23 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     """The walker sees relative, lazy and ``from pkg import module`` imports, and
     ``TYPE_CHECKING`` ones when asked; the circle finder reports every loop once, only."""
     src = tmp_path / "m.py"
-    src.write_text("from typing import TYPE_CHECKING\n"
-                   "from . import b\n"
-                   "def f():\n    from plait.server import engine_client\n"
-                   "if TYPE_CHECKING:\n    import plait.frontend\n")
+    src.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from . import b\n"
+        "def f():\n    from plait.server import engine_client\n"
+        "if TYPE_CHECKING:\n    import plait.frontend\n"
+    )
     known = {"plait.core.b", "plait.server.engine_client", "plait.frontend"}
     runtime = {"plait.core.b", "plait.server.engine_client"}
     assert imports_of("plait.core.m", src, known) == runtime
-    assert imports_of("plait.core.m", src, known, type_checking=True) == \
-        runtime | {"plait.frontend"}
+    assert imports_of("plait.core.m", src, known, type_checking=True) == runtime | {
+        "plait.frontend"
+    }
     assert import_circles({"b": {"c"}, "c": {"a"}, "a": {"b"}}) == {("a", "b", "c")}
-    assert import_circles({"a": {"b", "c"}, "b": {"a"}, "c": {"a", "d"}, "d": {"d"}}) == \
-        {("a", "b"), ("a", "c")}
+    assert import_circles({"a": {"b", "c"}, "b": {"a"}, "c": {"a", "d"}, "d": {"d"}}) == {
+        ("a", "b"),
+        ("a", "c"),
+    }
     assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == set()
 
 
@@ -185,8 +208,12 @@ def _bound_names(body: list[ast.stmt]) -> set[str]:
 def _literal_all(path: Path) -> tuple[list[str], set[str]]:
     """A module's ``__all__`` (which must be one literal list) and the names it binds."""
     tree = ast.parse(path.read_text(), str(path))
-    values = [n.value for n in tree.body if isinstance(n, ast.Assign)
-              and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    values = [
+        n.value
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+    ]
     assert len(values) == 1, f"{path}: __all__ is assigned {len(values)} times"
     try:
         return list(ast.literal_eval(values[0])), _bound_names(tree.body)

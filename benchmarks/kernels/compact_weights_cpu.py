@@ -14,6 +14,7 @@ them in model order for M rows; the two forms alternate pass by pass, a cell is 
 ``--repeats`` passes. Every product is checked to give the panels' result bit for bit before
 timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,16 @@ def layer_weights(model_dir, bf16: bool) -> list[torch.Tensor]:
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
     out = []
     for i in range(layers):
+
         def w(name: str, i: int = i) -> torch.Tensor:
             return sd[f"model.layers.{i}.{name}.weight"]
-        out += [torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]),
-                w("self_attn.o_proj"), torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]),
-                w("mlp.down_proj")]
+
+        out += [
+            torch.cat([w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj")]),
+            w("self_attn.o_proj"),
+            torch.cat([w("mlp.gate_proj"), w("mlp.up_proj")]),
+            w("mlp.down_proj"),
+        ]
     return out
 
 
@@ -59,15 +65,20 @@ def main() -> None:
         packed = panel.pack(w)
         form = encode(packed)
         if not form:
-            raise SystemExit(f"a layer weight has no {args.form} form: not the Q4_1-converted "
-                             "model")
+            raise SystemExit(
+                f"a layer weight has no {args.form} form: not the Q4_1-converted model"
+            )
         weights.append((w.shape[0], packed, form))
     full = sum(p.numel() * 4 for _, p, _ in weights)
     small = sum(t.numel() * t.element_size() for _, _, f in weights for t in f)
-    print(f"threads: {torch.get_num_threads()}; {full / 2**20:.0f} MiB of float32 panels, "
-          f"{small / 2**20:.0f} MiB in the {args.form} form\n")
-    print(f"| M | float32 panels ms/step | {args.form} form ms/step | panels / {args.form} | "
-          "panels GB/s of weights |")
+    print(
+        f"threads: {torch.get_num_threads()}; {full / 2**20:.0f} MiB of float32 panels, "
+        f"{small / 2**20:.0f} MiB in the {args.form} form\n"
+    )
+    print(
+        f"| M | float32 panels ms/step | {args.form} form ms/step | panels / {args.form} | "
+        "panels GB/s of weights |"
+    )
     print("|---|---:|---:|---:|---:|")
     for m in args.rows:
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
@@ -76,7 +87,8 @@ def main() -> None:
             assert torch.equal(panel.linear(x, packed, n), small_linear(x, *form, n))
         passes = {
             "panels": lambda xs=xs: [panel.linear(xs[p.shape[1]], p, n) for n, p, _ in weights],
-            "small": lambda xs=xs: [small_linear(xs[p.shape[1]], *f, n) for n, p, f in weights]}
+            "small": lambda xs=xs: [small_linear(xs[p.shape[1]], *f, n) for n, p, f in weights],
+        }
         times: dict[str, list[float]] = {name: [] for name in passes}
         for _ in range(args.repeats):
             for name, run in passes.items():

@@ -12,6 +12,7 @@ Columns: median ms per 30-layer step over ``--iters`` steps, the distinct KV byt
 reads, and that divided by the time. The machine's memory bandwidth (~25 GB/s on the 2-core development
 machine) bounds the last column.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,13 @@ HQ, HKV, D, LAYERS = 9, 3, 64, 30
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["1x330", "1x1000", "16x330", "32x1000",
-                                                   "32x1000+33"],
-                    help="BATCHxLENGTH: requests per step and KV tokens per request; "
-                         "BATCHxPREFIX+TAIL: a shared prefix and a tail of each one's own")
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["1x330", "1x1000", "16x330", "32x1000", "32x1000+33"],
+        help="BATCHxLENGTH: requests per step and KV tokens per request; "
+        "BATCHxPREFIX+TAIL: a shared prefix and a tail of each one's own",
+    )
     ap.add_argument("--pool", type=int, default=40_000, help="KV slots per layer")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
@@ -45,20 +49,25 @@ def main() -> None:
         for case in args.cases:
             batch, length = case.split("x")
             batch = int(batch)
-            prefix, tail = (int(v) for v in length.split("+")) if "+" in length else (0, int(length))
+            prefix, tail = (
+                (int(v) for v in length.split("+")) if "+" in length else (0, int(length))
+            )
             n, distinct = prefix + tail, prefix + batch * tail
             if distinct > args.pool:
                 raise SystemExit(f"{case} needs more than --pool {args.pool} slots")
             q = torch.randn(batch, HQ, D, generator=gen)
-            order = (torch.arange(args.pool) if layout == "contiguous"
-                     else torch.randperm(args.pool, generator=gen))
+            order = (
+                torch.arange(args.pool)
+                if layout == "contiguous"
+                else torch.randperm(args.pool, generator=gen)
+            )
             own = order[prefix:distinct].reshape(batch, tail)
             slots = torch.cat([order[:prefix].expand(batch, prefix), own], 1).contiguous()
             lens = torch.full((batch,), n, dtype=torch.int64)
 
             def step(q=q, slots=slots, lens=lens) -> None:
                 for layer in range(LAYERS):
-                    ext.decode_attention(q, ks[layer], vs[layer], slots, lens, D ** -0.5)
+                    ext.decode_attention(q, ks[layer], vs[layer], slots, lens, D**-0.5)
 
             step()
             times = []
@@ -68,8 +77,10 @@ def main() -> None:
                 times.append(time.perf_counter() - t)
             ms = statistics.median(times) * 1e3
             mb = distinct * HKV * D * 4 * 2 * LAYERS / 1e6
-            print(f"| {layout} | {batch} | {case.split('x')[1]} | {ms:.2f} | {mb:.1f} | "
-                  f"{mb / ms:.1f} |")
+            print(
+                f"| {layout} | {batch} | {case.split('x')[1]} | {ms:.2f} | {mb:.1f} | "
+                f"{mb / ms:.1f} |"
+            )
 
 
 if __name__ == "__main__":

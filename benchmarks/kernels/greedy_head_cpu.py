@@ -11,6 +11,7 @@ row (the tokens whose float32 logit it must recompute), then times both at batch
 decode step only in part: the 57 MB bfloat16 copy and the 113 MB float32 panels are read once a
 call, and the L3 keeps some of them between calls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def main() -> None:
     panel = cpp_build.extension().panel_gemm
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     rng = random.Random(0)
-    ids = torch.tensor([[rng.randrange(100, 40000) for _ in range(args.length)]
-                        for _ in range(args.prompts)])
+    ids = torch.tensor(
+        [[rng.randrange(100, 40000) for _ in range(args.length)] for _ in range(args.prompts)]
+    )
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states[-1]
     hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()
@@ -56,10 +58,14 @@ def main() -> None:
     bound = greedy.bound_factor(hidden.shape[1]) * hidden.norm(dim=1, keepdim=True) * norms[None, :]
     # a superset of the kernel's candidates: within twice the bound of the float32 maximum
     cand = (logits + 2 * bound >= logits.max(-1, keepdim=True).values).sum(-1).float()
-    print(f"threads: {torch.get_num_threads()}; {hidden.shape[0]} rows; same tokens as the "
-          f"float32 head on every row: {same}")
-    print(f"candidates per row (at most): median {cand.median():.0f}, 90th percentile "
-          f"{cand.quantile(0.9):.0f}, max {cand.max():.0f}\n")
+    print(
+        f"threads: {torch.get_num_threads()}; {hidden.shape[0]} rows; same tokens as the "
+        f"float32 head on every row: {same}"
+    )
+    print(
+        f"candidates per row (at most): median {cand.median():.0f}, 90th percentile "
+        f"{cand.quantile(0.9):.0f}, max {cand.max():.0f}\n"
+    )
     print("| batch | float32 head + max, ms | greedy head, ms | ratio |")
     print("|---:|---:|---:|---:|")
     for b in args.batch:

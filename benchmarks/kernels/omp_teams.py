@@ -16,6 +16,7 @@ and oneDNN float32 on prepacked weights. Cases:
 
 Columns: median us per call, and the worker's context switches per call (``getrusage``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]  # the children run as modules from here
-CASES = {"no other team": "none", "main thread owns a team": "team",
-         "main thread, one thread": "one"}
+CASES = {
+    "no other team": "none",
+    "main thread owns a team": "team",
+    "main thread, one thread": "one",
+}
 
 
 def child(mode: str, calls: int) -> dict[str, float]:
@@ -56,10 +60,14 @@ def child(mode: str, calls: int) -> dict[str, float]:
         w = torch.randn(3072, 576)
         x = torch.randn(1, 576)
         packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        products = {"oneDNN fp32": (lambda: torch.ops.mkldnn._linear_pointwise(
-            x, packed, None, "none", [], ""))}
+        products = {
+            "oneDNN fp32": (
+                lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            )
+        }
         if has_avx512_vnni():
             from plait.backends.cpu.qmatmul import extension
+
             q = quantize_int4(w, 32)
             kernel = extension().qmatmul_q8
             products["VNNI Q4_1"] = lambda: kernel(x, q.qs, q.scales, q.mins, 4, 32)
@@ -93,16 +101,23 @@ def main() -> None:
         return
     rows = {}
     for label, mode in CASES.items():
-        done = subprocess.run([sys.executable, "-m", __spec__.name, "--child", mode, "--calls",
-                               str(args.calls)], capture_output=True, text=True, check=True,
-                              cwd=REPO)
+        done = subprocess.run(
+            [sys.executable, "-m", __spec__.name, "--child", mode, "--calls", str(args.calls)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
         rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
     cols = list(next(iter(rows.values())))
     print("| case | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for label, r in rows.items():
-        print(f"| {label} | " + " | ".join(f"{r[c]:.1f}" if "us" in c else f"{r[c]:.2f}"
-                                          for c in cols) + " |")
+        print(
+            f"| {label} | "
+            + " | ".join(f"{r[c]:.1f}" if "us" in c else f"{r[c]:.2f}" for c in cols)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

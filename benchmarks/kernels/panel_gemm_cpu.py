@@ -11,6 +11,7 @@ alternate pass by pass (a noisy neighbour on the host hits both); a cell is the 
 table, one product at a time with its weight in cache, because there the weight is read once
 for many rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,23 @@ def main() -> None:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
     gen = torch.Generator().manual_seed(0)
-    order = [(n, k) for _ in range(SHAPES["qkv"][2])
-             for name, (n, k, _) in SHAPES.items() if name != "lm_head"]
+    order = [
+        (n, k)
+        for _ in range(SHAPES["qkv"][2])
+        for name, (n, k, _) in SHAPES.items()
+        if name != "lm_head"
+    ]
     order.append(SHAPES["lm_head"][:2])
     dense = [torch.randn(n, k, generator=gen) * 0.02 for n, k in order]
-    forms = {"oneDNN": (onednn, [onednn_pack(w) for w in dense]),
-             "panel": (panel.linear, [panel.pack(w) for w in dense])}
+    forms = {
+        "oneDNN": (onednn, [onednn_pack(w) for w in dense]),
+        "panel": (panel.linear, [panel.pack(w) for w in dense]),
+    }
     del dense
     print(f"threads: {torch.get_num_threads()}\n")
-    print("| M | oneDNN ms/step | panel ms/step | oneDNN / panel | oneDNN GFLOP/s | "
-          "panel GFLOP/s |")
+    print(
+        "| M | oneDNN ms/step | panel ms/step | oneDNN / panel | oneDNN GFLOP/s | panel GFLOP/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for m in args.rows:
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
@@ -63,12 +71,18 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.repeats):
             for name, (fn, weights) in forms.items():
-                times[name].append(timed(
-                    lambda fn=fn, xs=xs, weights=weights:
-                    [fn(xs[k], w, n) for (n, k), w in zip(order, weights)]))
+                times[name].append(
+                    timed(
+                        lambda fn=fn, xs=xs, weights=weights: [
+                            fn(xs[k], w, n) for (n, k), w in zip(order, weights)
+                        ]
+                    )
+                )
         a, b = statistics.median(times["oneDNN"]), statistics.median(times["panel"])
-        print(f"| {m} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f}x | {flops / a / 1e9:.0f} | "
-              f"{flops / b / 1e9:.0f} |")
+        print(
+            f"| {m} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f}x | {flops / a / 1e9:.0f} | "
+            f"{flops / b / 1e9:.0f} |"
+        )
 
     print("\n| M | product | oneDNN GFLOP/s | panel GFLOP/s |")
     print("|---|---|---:|---:|")
@@ -82,9 +96,12 @@ def main() -> None:
                 fn(x, packed, n)
                 best[label] = statistics.median(
                     timed(lambda fn=fn, x=x, packed=packed, n=n: fn(x, packed, n))
-                    for _ in range(max(3, args.repeats // 3)))
-            print(f"| {m} | {name} | {2 * m * n * k / best['oneDNN'] / 1e9:.0f} | "
-                  f"{2 * m * n * k / best['panel'] / 1e9:.0f} |")
+                    for _ in range(max(3, args.repeats // 3))
+                )
+            print(
+                f"| {m} | {name} | {2 * m * n * k / best['oneDNN'] / 1e9:.0f} | "
+                f"{2 * m * n * k / best['panel'] / 1e9:.0f} |"
+            )
 
 
 if __name__ == "__main__":

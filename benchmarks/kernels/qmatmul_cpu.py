@@ -11,6 +11,7 @@ oneDNN float32 on prepacked weights (``plait.backends.cpu.linear``, the fp32 pat
 called in a loop stays in cache, so the float32 column is a compute figure: in the model its
 540 MB of weights stream from memory every step (>= 20 ms at this machine's ~27 GB/s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ from plait.backends.cpu.qmatmul import extension
 from plait.quant.formats import quantize_int4, quantize_int8
 
 # name: (N, K, calls per decode step)
-SHAPES = {"qkv": (960, 576, 30), "o": (576, 576, 30), "gate_up": (3072, 576, 30),
-          "down": (576, 1536, 30), "lm_head": (49152, 576, 1)}
+SHAPES = {
+    "qkv": (960, 576, 30),
+    "o": (576, 576, 30),
+    "gate_up": (3072, 576, 30),
+    "down": (576, 1536, 30),
+    "lm_head": (49152, 576, 1),
+}
 
 
 def median_us(fn: Callable[[], object], iters: int) -> float:
@@ -47,8 +53,10 @@ def main() -> None:
     kernels = {"qmatmul": ext.qmatmul}
     if hasattr(ext, "qmatmul_q8"):
         kernels["qmatmul_q8"] = ext.qmatmul_q8
-    print(f"build: {ext.simd_level()}, threads: {torch.get_num_threads()}, "
-          f"median of {args.iters} calls\n")
+    print(
+        f"build: {ext.simd_level()}, threads: {torch.get_num_threads()}, "
+        f"median of {args.iters} calls\n"
+    )
     names = list(kernels) + ["oneDNN fp32"]
     print("| M | product | " + " | ".join(f"{n} us" for n in names) + " |")
     print("|---|---|" + "---:|" * len(names))
@@ -61,15 +69,19 @@ def main() -> None:
             x = torch.randn(m, k)
             q_args = (x, qw.qs, qw.scales, qw.mins, qw.bits, qw.group_size)
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            us = {kn: median_us(lambda f=f, q_args=q_args: f(*q_args), args.iters)
-                  for kn, f in kernels.items()}
+            us = {
+                kn: median_us(lambda f=f, q_args=q_args: f(*q_args), args.iters)
+                for kn, f in kernels.items()
+            }
             us["oneDNN fp32"] = median_us(
                 lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(
-                    x, packed, None, "none", [], ""), args.iters)
+                    x, packed, None, "none", [], ""
+                ),
+                args.iters,
+            )
             for kn in names:
                 totals[m][kn] += us[kn] * calls
-            print(f"| {m} | {name} {n}x{k} | " + " | ".join(f"{us[kn]:.0f}" for kn in names)
-                  + " |")
+            print(f"| {m} | {name} {n}x{k} | " + " | ".join(f"{us[kn]:.0f}" for kn in names) + " |")
     print("\n| M | " + " | ".join(f"{n} ms/step" for n in names) + " |")
     print("|---|" + "---:|" * len(names))
     for m, t in totals.items():

@@ -10,6 +10,7 @@ backend does, and multiplied in model order, so each product's weight comes from
 do not fit the last-level cache). Medians of ``--repeats`` passes; the two threads alternate
 pass by pass so a noisy neighbour hits both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    print(f"threads: {torch.get_num_threads()}; read bandwidth "
-          f"{read_bandwidth_gbs(args.repeats):.1f} GB/s (2-thread sum of 540 MB)\n")
+    print(
+        f"threads: {torch.get_num_threads()}; read bandwidth "
+        f"{read_bandwidth_gbs(args.repeats):.1f} GB/s (2-thread sum of 540 MB)\n"
+    )
     pack = torch.ops.mkldnn._reorder_linear_weight
     layer = [shape for name, shape in SHAPES.items() if name != "lm_head"]  # model order
     head_n, head_k, _ = SHAPES["lm_head"]

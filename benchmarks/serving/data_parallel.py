@@ -12,6 +12,7 @@ workers than cores only adds contention.
 
     python -m benchmarks.serving.data_parallel --num-prompts 64 --num-groups 8 --prefix-len 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ CONFIGS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-path", default="default")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--num-groups", type=int, default=8, help="tenants (shared system prompts)")
@@ -46,16 +48,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from plait.models.loader import load_config
     from plait.server.server_args import ServerArgs
+
     args.model_path = ServerArgs(model_path=args.model_path).resolved_model_path()
     vocab = load_config(Path(args.model_path)).vocab_size
 
-    print(f"multi-tenant: {args.num_prompts} requests, {args.num_groups} tenants x "
-          f"{args.prefix_len}-token system prompt + {args.input_len} tokens, "
-          f"{args.output_len} out, concurrency {args.max_concurrency}, {os.cpu_count()} cores")
+    print(
+        f"multi-tenant: {args.num_prompts} requests, {args.num_groups} tenants x "
+        f"{args.prefix_len}-token system prompt + {args.input_len} tokens, "
+        f"{args.output_len} out, concurrency {args.max_concurrency}, {os.cpu_count()} cores"
+    )
     columns = []
     for name, extra, env in CONFIGS:
-        base_env = {k: v for k, v in os.environ.items()
-                    if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        base_env = {
+            k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        }
         proc, url = serving.launch(extra, args, env={**base_env, **env})
         try:
             columns.append((name, serving.bench(url, args, vocab_size=vocab)))

@@ -14,6 +14,7 @@ Example (the overlap schedule's own effect, the GPU lease's ``serving_overlap_ab
         --candidate-args "--device cuda" --dataset random --num-prompts 256 \\
         --input-len 256 --output-len 128 --max-concurrency 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def one_run(url: str, args: argparse.Namespace, vocab: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-path", default="default")
     p.add_argument("--baseline-args", required=True)
     p.add_argument("--candidate-args", required=True)
@@ -54,16 +56,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name, extra in zip(names, (args.baseline_args, args.candidate_args)):
             servers[name] = serving.launch(extra, args)
-        vocab = httpx.get(servers["baseline"][1] + "/get_model_info",
-                          timeout=30).json()["vocab_size"]
+        vocab = httpx.get(servers["baseline"][1] + "/get_model_info", timeout=30).json()[
+            "vocab_size"
+        ]
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for r, name in alternate(names, args.rounds):
             run = one_run(servers[name][1], args, vocab)
             runs[name].append(run)
-            print(f"round {r + 1} {name:<9} {run['output_tok_per_s']:9.1f} tok/s  "
-                  f"TTFT {run['ttft_median_ms']:7.1f} ms  ITL {run['itl_median_ms']:6.2f} ms"
-                  f"  passes {run['passes']:.0f}  tok/pass {run['tokens_per_pass']:.1f}  "
-                  + " ".join(f"{ph}={run[ph + '_ms']:.2f}" for ph in PHASES), flush=True)
+            print(
+                f"round {r + 1} {name:<9} {run['output_tok_per_s']:9.1f} tok/s  "
+                f"TTFT {run['ttft_median_ms']:7.1f} ms  ITL {run['itl_median_ms']:6.2f} ms"
+                f"  passes {run['passes']:.0f}  tok/pass {run['tokens_per_pass']:.1f}  "
+                + " ".join(f"{ph}={run[ph + '_ms']:.2f}" for ph in PHASES),
+                flush=True,
+            )
     finally:
         for proc, _ in servers.values():
             proc.terminate()

@@ -12,6 +12,7 @@ Datasets use random token ids (sent as input_ids, ``ignore_eos``) so lengths are
   random         input_len tokens each (+- range_ratio), output_len tokens out
   shared-prefix  num_groups prefixes of prefix_len tokens, each followed by input_len unique ones
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,7 @@ def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     if args.dataset == "random":
         return [tokens(length()) for _ in range(args.num_prompts)]
     prefixes = [tokens(args.prefix_len) for _ in range(args.num_groups)]
-    prompts = [prefixes[i % args.num_groups] + tokens(length())
-               for i in range(args.num_prompts)]
+    prompts = [prefixes[i % args.num_groups] + tokens(length()) for i in range(args.num_prompts)]
     rng.shuffle(prompts)
     return prompts
 
@@ -79,10 +79,14 @@ async def sse_lines(resp: httpx.Response):
         yield pending.rstrip(b"\r").decode("utf-8")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, ids: list[int],
-                      output_len: int) -> Result:
-    body = {"input_ids": ids, "stream": True, "sampling_params": {
-        "max_new_tokens": output_len, "temperature": 0, "ignore_eos": True}}
+async def one_request(
+    client: httpx.AsyncClient, url: str, ids: list[int], output_len: int
+) -> Result:
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": output_len, "temperature": 0, "ignore_eos": True},
+    }
     start = time.perf_counter()
     res = Result(ok=False)
     last, seen = start, 0
@@ -117,6 +121,7 @@ async def run_workload(url: str, prompts: list[list[int]], args: argparse.Namesp
     timeout = httpx.Timeout(None, connect=30)
     limits = httpx.Limits(max_connections=args.max_concurrency or len(prompts))
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
         async def guarded(ids: list[int]) -> Result:
             async with limit:
                 return await one_request(client, url, ids, args.output_len)
@@ -145,34 +150,43 @@ def summarize(results: list[Result], duration: float) -> dict:
     itls = [x for r in ok for x in r.itls]
     errors = [r.error for r in results if not r.ok]
     return {
-        "completed": len(ok), "failed": len(errors), "duration_s": duration,
+        "completed": len(ok),
+        "failed": len(errors),
+        "duration_s": duration,
         "request_throughput": len(ok) / duration,
         "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
         "ttft_median_ms": 1000 * statistics.median(ttfts) if ttfts else float("nan"),
         "ttft_p99_ms": 1000 * _pct(ttfts, 0.99),
         "itl_median_ms": 1000 * statistics.median(itls) if itls else float("nan"),
         "itl_p99_ms": 1000 * _pct(itls, 0.99),
-        "cached_share": (sum(r.cached_tokens for r in ok)
-                         / max(1, sum(r.prompt_tokens for r in ok))),
+        "cached_share": (
+            sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok))
+        ),
         "first_error": errors[0] if errors else "",
     }
 
 
-ROWS = [("completed", "requests completed", "{:.0f}"), ("failed", "requests failed", "{:.0f}"),
-        ("duration_s", "duration (s)", "{:.2f}"),
-        ("request_throughput", "request throughput (req/s)", "{:.3f}"),
-        ("output_tok_per_s", "output throughput (tok/s)", "{:.1f}"),
-        ("ttft_median_ms", "TTFT median (ms)", "{:.1f}"), ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
-        ("itl_median_ms", "ITL median (ms)", "{:.1f}"), ("itl_p99_ms", "ITL p99 (ms)", "{:.1f}"),
-        ("cached_share", "prompt tokens from cache", "{:.3f}")]
+ROWS = [
+    ("completed", "requests completed", "{:.0f}"),
+    ("failed", "requests failed", "{:.0f}"),
+    ("duration_s", "duration (s)", "{:.2f}"),
+    ("request_throughput", "request throughput (req/s)", "{:.3f}"),
+    ("output_tok_per_s", "output throughput (tok/s)", "{:.1f}"),
+    ("ttft_median_ms", "TTFT median (ms)", "{:.1f}"),
+    ("ttft_p99_ms", "TTFT p99 (ms)", "{:.1f}"),
+    ("itl_median_ms", "ITL median (ms)", "{:.1f}"),
+    ("itl_p99_ms", "ITL p99 (ms)", "{:.1f}"),
+    ("cached_share", "prompt tokens from cache", "{:.3f}"),
+]
 
 
 def print_table(columns: list[tuple[str, dict]]) -> None:
     """One column per configuration; every column after the first also gets its ratio to the
     first (the baseline)."""
     names = [name for name, _ in columns]
-    header = f"{'metric':<30}" + f"{names[0]:>16}" + "".join(
-        f"{n:>16}{'ratio':>8}" for n in names[1:])
+    header = (
+        f"{'metric':<30}" + f"{names[0]:>16}" + "".join(f"{n:>16}{'ratio':>8}" for n in names[1:])
+    )
     print(header)
     print("-" * len(header))
     for key, label, fmt in ROWS:
@@ -193,15 +207,26 @@ def print_launches(configs) -> None:
         print(f"{name}: plait serve {extra} {' '.join(f'{k}={v}' for k, v in env.items())}")
 
 
-def launch(extra: str, args: argparse.Namespace,
-           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def launch(
+    extra: str, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--port", str(port),
-           "--model-path", args.model_path, "--log-level", "warning", *shlex.split(extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if not args.verbose else None,
-                            env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model-path",
+        args.model_path,
+        "--log-level",
+        "warning",
+        *shlex.split(extra),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if not args.verbose else None, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -222,8 +247,15 @@ def bench(url: str, args: argparse.Namespace, vocab_size: int | None = None) -> 
         vocab_size = httpx.get(url + "/get_model_info", timeout=30).json()["vocab_size"]
     prompts = make_prompts(args, vocab_size)
     if args.warmup:
-        asyncio.run(run_workload(url, prompts[:2], argparse.Namespace(
-            **{**vars(args), "request_rate": float("inf"), "max_concurrency": 2})))
+        asyncio.run(
+            run_workload(
+                url,
+                prompts[:2],
+                argparse.Namespace(
+                    **{**vars(args), "request_rate": float("inf"), "max_concurrency": 2}
+                ),
+            )
+        )
         httpx.post(url + "/flush_cache", timeout=60)
     return asyncio.run(run_workload(url, prompts, args))
 
@@ -243,24 +275,34 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--launch", action="store_true", help="start baseline + candidate servers")
     p.add_argument("--model-path", default="default")
     p.add_argument("--baseline-args", default="--disable-radix-cache")
     p.add_argument("--candidate-args", default="")
     add_workload_arguments(p)
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests/s, Poisson arrivals (inf: all at once)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests/s, Poisson arrivals (inf: all at once)",
+    )
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    print(f"dataset={args.dataset} prompts={args.num_prompts} input_len={args.input_len} "
-          f"output_len={args.output_len} rate={args.request_rate} "
-          f"max_concurrency={args.max_concurrency}"
-          + (f" prefix_len={args.prefix_len} groups={args.num_groups}"
-             if args.dataset == "shared-prefix" else ""))
+    print(
+        f"dataset={args.dataset} prompts={args.num_prompts} input_len={args.input_len} "
+        f"output_len={args.output_len} rate={args.request_rate} "
+        f"max_concurrency={args.max_concurrency}"
+        + (
+            f" prefix_len={args.prefix_len} groups={args.num_groups}"
+            if args.dataset == "shared-prefix"
+            else ""
+        )
+    )
     if not args.launch:
         print_table([("server", bench(args.base_url, args))])
         return
@@ -272,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    print(f"baseline: plait serve {args.baseline_args}\ncandidate: plait serve "
-          f"{args.candidate_args or '(defaults)'}\n")
+    print(
+        f"baseline: plait serve {args.baseline_args}\ncandidate: plait serve "
+        f"{args.candidate_args or '(defaults)'}\n"
+    )
     print_table(columns)
 
 

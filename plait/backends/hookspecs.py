@@ -15,6 +15,7 @@ Everything a device provides is a method of its :class:`~plait.core.backend_api.
 subclass; ``docs/writing-a-backend.md`` walks through one. Keep the plugin module cheap to
 import: device libraries belong in the methods that run once the backend is chosen.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable

@@ -5,6 +5,7 @@ group, so a third-party package is found exactly like ours. Plugins are imported
 ``info()`` is asked of every registered class, and only the class ``--device`` names is
 instantiated (:func:`get_backend`), so only its device library is ever imported.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,9 +59,11 @@ def backend_classes() -> dict[str, type[Backend]]:
             raise ValueError(f"backend class {cls.__qualname__} must set a non-empty `name`")
         other = classes.get(name)
         if other is not None and other is not cls:
-            raise ValueError(f"backend name {name!r} is registered twice: by "
-                             f"{other.__module__}.{other.__qualname__} and "
-                             f"{cls.__module__}.{cls.__qualname__}")
+            raise ValueError(
+                f"backend name {name!r} is registered twice: by "
+                f"{other.__module__}.{other.__qualname__} and "
+                f"{cls.__module__}.{cls.__qualname__}"
+            )
         classes[name] = cls
 
     plugin_manager().hook.plait_register_backends(register=add)
@@ -99,8 +102,9 @@ def get_backend(device: str, options: Any = None) -> Backend:
     cls = backend_classes()[resolve_device(device)]
     if isinstance(options, dict):
         if cls.options_type is None:
-            raise ValueError(f"backend_options: the {cls.name!r} backend has no options, "
-                             f"got {sorted(options)}")
+            raise ValueError(
+                f"backend_options: the {cls.name!r} backend has no options, got {sorted(options)}"
+            )
         try:
             options = cls.options_type(**options)
         except TypeError as e:

@@ -6,6 +6,7 @@ engine asks that object for its pieces. The core builds a
 :class:`~plait.core.forward_batch.ForwardBatch` and hands it, with q/k/v, to an
 :class:`AttentionBackend`; everything device-specific lives behind these classes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,8 +71,9 @@ class ModelLoader(Protocol):
     ``num_kv_heads`` (this rank's). ``matmul`` runs the quantized Linear layers (None when
     ``spec.quantization.method`` is ``"none"``)."""
 
-    def __call__(self, spec: ModelSpec, device: torch.device,
-                 matmul: "QuantizedMatmul | None") -> torch.nn.Module: ...
+    def __call__(
+        self, spec: ModelSpec, device: torch.device, matmul: "QuantizedMatmul | None"
+    ) -> torch.nn.Module: ...
 
 
 class StepRunner(Protocol):
@@ -92,8 +94,7 @@ class StepRunner(Protocol):
     def prepare_extend(self, items: "list[ExtendItem]") -> "tuple[Any, list[int]]":
         """The extend batch for ``items`` and, per item, how many logits rows are its."""
 
-    def prepare_decode(self, reqs: "list[Req]", slots: torch.Tensor,
-                       input_ids: list[int]) -> Any:
+    def prepare_decode(self, reqs: "list[Req]", slots: torch.Tensor, input_ids: list[int]) -> Any:
         """The decode batch: ``input_ids[i]`` at position ``reqs[i].kv_len``."""
 
     def run(self, batch: Any) -> "torch.Tensor | GreedyTokens":
@@ -109,8 +110,16 @@ class KVPool:
     Slot 0 is reserved for padding; valid slots are ``1..num_slots``.
     """
 
-    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, page_size: int = 1):
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        page_size: int = 1,
+    ):
         self.num_slots = num_slots
         self.page_size = page_size
         self.num_layers = num_layers
@@ -118,10 +127,14 @@ class KVPool:
         self.device = torch.device(device)
         # +page_size so that slot/page 0 (padding) exists even when page_size > 1.
         size = num_slots + page_size
-        self.k_buffers = [torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                          for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                          for _ in range(num_layers)]
+        self.k_buffers = [
+            torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.v_buffers = [
+            torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k_buffers[layer_id][loc] = k.to(self.dtype)
@@ -147,16 +160,18 @@ class AttentionBackend(ABC):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.sliding_windows: tuple[int | None, ...] = ()
 
     def set_sliding_windows(self, windows: tuple[int | None, ...]) -> None:
         """Attend through layer i's window ``windows[i]`` from now on (before any forward).
         ValueError, naming the window, where this implementation cannot."""
         if any(w is not None for w in windows) and not self.supports_sliding_window:
-            raise ValueError(f"{describe_windows(windows)} is not supported by the "
-                             f"{type(self).__name__} attention backend: it would attend to "
-                             "every earlier token and diverge from the model past the window")
+            raise ValueError(
+                f"{describe_windows(windows)} is not supported by the "
+                f"{type(self).__name__} attention backend: it would attend to "
+                "every earlier token and diverge from the model past the window"
+            )
         self.sliding_windows = tuple(windows)
 
     def window(self, layer_id: int) -> int | None:
@@ -166,8 +181,14 @@ class AttentionBackend(ABC):
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
         """Precompute per-batch metadata once, before the layers run (optional)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                batch: "ForwardBatch") -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_id: int,
+        batch: "ForwardBatch",
+    ) -> torch.Tensor:
         self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         if batch.is_decode:
             return self.forward_decode(q, layer_id, batch)
@@ -249,12 +270,18 @@ class Backend:
         """``options``: an :attr:`options_type` instance, or None for the defaults; anything
         else is a ValueError naming the type this backend takes (a switch is never ignored).
         A subclass with options calls this and keeps its own default in ``self.options``."""
-        if options is not None and (self.options_type is None
-                                    or not isinstance(options, self.options_type)):
-            wanted = ("none (it has no options)" if self.options_type is None
-                      else self.options_type.__name__)
-            raise ValueError(f"backend_options for the {self.name!r} backend must be "
-                             f"{wanted}, got {type(options).__name__}")
+        if options is not None and (
+            self.options_type is None or not isinstance(options, self.options_type)
+        ):
+            wanted = (
+                "none (it has no options)"
+                if self.options_type is None
+                else self.options_type.__name__
+            )
+            raise ValueError(
+                f"backend_options for the {self.name!r} backend must be "
+                f"{wanted}, got {type(options).__name__}"
+            )
         self.options = options
 
     # ----- detection (classmethods: called for every registered backend) -----
@@ -271,8 +298,9 @@ class Backend:
         """The backend's self-description, built from ``name``, ``priority`` and
         :meth:`unavailable_reason`."""
         reason = cls.unavailable_reason()
-        return BackendInfo(name=cls.name, priority=cls.priority, available=reason is None,
-                           reason=reason or "")
+        return BackendInfo(
+            name=cls.name, priority=cls.priority, available=reason is None, reason=reason or ""
+        )
 
     # ----- the chosen backend -----
 
@@ -301,26 +329,37 @@ class Backend:
         """Where the model's torch tensors live. Default: the CPU."""
         return torch.device("cpu")
 
-    def create_kv_pool(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype, page_size: int) -> KVPool:
+    def create_kv_pool(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        page_size: int,
+    ) -> KVPool:
         """The paged K/V buffers (slot 0 reserved for padding). Default: a torch
         :class:`KVPool` on :attr:`torch_device`."""
-        return KVPool(num_slots, num_layers, num_kv_heads, head_dim, dtype, self.torch_device,
-                      page_size)
+        return KVPool(
+            num_slots, num_layers, num_kv_heads, head_dim, dtype, self.torch_device, page_size
+        )
 
     def create_allocator(self, num_slots: int, page_size: int) -> "TokenSlotAllocator":
         """The token-slot allocator over the pool's slots (page granularity when
         ``page_size > 1``). Default: the core's free list on :attr:`torch_device`."""
         from plait.core.memory import TokenSlotAllocator
+
         return TokenSlotAllocator(num_slots, page_size, self.torch_device)
 
-    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
-                                 head_dim: int) -> "AttentionBackend":
+    def create_attention_backend(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> "AttentionBackend":
         """The attention implementation over ``kv_pool``. Every backend that keeps the
         default :meth:`create_model_runner` must implement it."""
         raise NotImplementedError(
             f"backend {self.name!r} implements neither create_attention_backend nor "
-            "create_model_runner")
+            "create_model_runner"
+        )
 
     def quantized_linear(self, method: str, activations: str = "float") -> "QuantizedMatmul":
         """The matmul of quantized Linear layers for ``--quantization method``:
@@ -334,6 +373,7 @@ class Backend:
         or an activations value it cannot run."""
         refuse_int8_activations(self.name, activations)
         from plait.quant.modules import torch_quantized_matmul
+
         return torch_quantized_matmul
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
@@ -342,8 +382,9 @@ class Backend:
         bookkeeping for any capture API."""
         return None
 
-    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
-                            req_pool: "ReqToTokenPool") -> "StepRunner | None":
+    def create_model_runner(
+        self, spec: ModelSpec, kv_pool: KVPool, req_pool: "ReqToTokenPool"
+    ) -> "StepRunner | None":
         """The forward pass the scheduler drives (a :class:`StepRunner`), or None for the
         core's default: :func:`plait.core.model_runner.default_model_runner`, Plait's torch
         model (built by ``spec.load_model``) on :attr:`torch_device` with this backend's
@@ -379,5 +420,7 @@ def refuse_int8_activations(backend: str, activations: str) -> None:
     """ValueError unless ``activations`` is ``float``: for backends with no int8-activation
     kernel (a flag they would otherwise ignore)."""
     if activations != "float":
-        raise ValueError(f"quantization_activations={activations!r} is not supported by the "
-                         f"{backend!r} backend (only 'float')")
+        raise ValueError(
+            f"quantization_activations={activations!r} is not supported by the "
+            f"{backend!r} backend (only 'float')"
+        )

@@ -19,6 +19,7 @@ their computed KV stays in the prefix cache, so resuming is cheap. Nothing is ev
 admission keeps free (see ``prefill.py``): it decays a little with every decode step and
 jumps after a retraction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,15 @@ log = logging.getLogger(__name__)
 
 
 class DecodeAllocator:
-    def __init__(self, kv: KVManager, table: ReqTable, stats: SchedulerStats,
-                 config: SchedulerConfig, drain: Callable[[], None],
-                 end: Callable[[Req, FinishReason], None]):
+    def __init__(
+        self,
+        kv: KVManager,
+        table: ReqTable,
+        stats: SchedulerStats,
+        config: SchedulerConfig,
+        drain: Callable[[], None],
+        end: Callable[[Req, FinishReason], None],
+    ):
         """``drain`` processes every batch in flight; ``end`` removes a request from the
         table, releases its KV and reports ``reason``."""
         self.kv = kv
@@ -52,8 +59,9 @@ class DecodeAllocator:
     def decayed(self) -> None:
         """One decode step planned: trust the reservation a little less."""
         cfg = self.config
-        self.new_token_ratio = max(cfg.min_new_token_ratio,
-                                   self.new_token_ratio - cfg.new_token_ratio_decay)
+        self.new_token_ratio = max(
+            cfg.min_new_token_ratio, self.new_token_ratio - cfg.new_token_ratio_decay
+        )
 
     def certainly_done(self, req: Req) -> bool:
         """The token in flight will finish ``req`` by length: decoding past it is waste (and
@@ -76,8 +84,9 @@ class DecodeAllocator:
             if self.release_pending_jumps() or self._retract_chunked():
                 continue
             if len(self.table.running) == 1:
-                self.end(self.table.running[0],
-                         FinishReason.abort("KV cache too small for this request"))
+                self.end(
+                    self.table.running[0], FinishReason.abort("KV cache too small for this request")
+                )
                 return None
             self._retract_one()
 
@@ -109,8 +118,9 @@ class DecodeAllocator:
         victim = min(self.table.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
         self._retract(victim)
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.3)
-        log.info("retracted %s (%d output tokens) under KV pressure", victim.rid,
-                 len(victim.output_ids))
+        log.info(
+            "retracted %s (%d output tokens) under KV pressure", victim.rid, len(victim.output_ids)
+        )
 
     def _retract(self, req: Req) -> None:
         self.kv.release(req)

@@ -8,6 +8,7 @@ snapshots from its queue, sync or async, and everything else is written once her
 come back in the order of the requests, not of their finishing, and a stream the consumer
 leaves early aborts its unfinished requests, so their KV is freed.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,12 +18,11 @@ from plait.core.messages import GenerateReq
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 
-Output = tuple[str, bool, dict]   # (rid, finished, output)
+Output = tuple[str, bool, dict]  # (rid, finished, output)
 
 
 class Delivery:
-    def __init__(self, reqs: list[Req], put: Callable[[Output], Any],
-                 abort: Callable[[str], None]):
+    def __init__(self, reqs: list[Req], put: Callable[[Output], Any], abort: Callable[[str], None]):
         self.reqs = reqs
         self._put = put
         self._abort = abort
@@ -80,15 +80,20 @@ def output_of(req: Req) -> dict:
     text = req.text if req.finished else RequestFinisher.streamable_text(req)
     end = req.finished_time or req.first_token_time or req.created
     meta = {
-        "id": req.rid, "prompt_tokens": len(req.input_ids),
-        "completion_tokens": len(req.output_ids), "cached_tokens": req.cached_tokens,
-        "finish_reason": req.finish_reason, "e2e_latency": end - req.created,
+        "id": req.rid,
+        "prompt_tokens": len(req.input_ids),
+        "completion_tokens": len(req.output_ids),
+        "cached_tokens": req.cached_tokens,
+        "finish_reason": req.finish_reason,
+        "e2e_latency": end - req.created,
     }
     if req.return_logprob:
-        meta.update(input_token_logprobs=req.input_token_logprobs,
-                    output_token_logprobs=req.output_token_logprobs,
-                    input_top_logprobs=req.input_top_logprobs,
-                    output_top_logprobs=req.output_top_logprobs)
+        meta.update(
+            input_token_logprobs=req.input_token_logprobs,
+            output_token_logprobs=req.output_token_logprobs,
+            input_top_logprobs=req.input_top_logprobs,
+            output_top_logprobs=req.output_top_logprobs,
+        )
     return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
 
 

@@ -4,17 +4,24 @@ Decoding the whole output every step is quadratic and, worse, a token that compl
 multi-byte character would make earlier text change. We keep two offsets like vLLM/TGI: text is
 only released once the decoded window no longer ends in an incomplete character (U+FFFD).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True,
-                 spaces_between_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
-        self.kwargs = {"skip_special_tokens": skip_special_tokens,
-                       "spaces_between_special_tokens": spaces_between_special_tokens}
+        self.kwargs = {
+            "skip_special_tokens": skip_special_tokens,
+            "spaces_between_special_tokens": spaces_between_special_tokens,
+        }
         self.text = ""
         self.prefix_offset = 0
         self.read_offset = 0
@@ -24,10 +31,10 @@ class IncrementalDetokenizer:
 
     def update(self, ids: list[int]) -> str:
         """Feed the full output id list; returns the newly finalized text (maybe empty)."""
-        prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(ids[self.prefix_offset:])
+        prefix_text = self._decode(ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
+            delta = new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(ids)
             self.text += delta
@@ -36,8 +43,9 @@ class IncrementalDetokenizer:
 
     def flush(self, ids: list[int]) -> str:
         """At the end of a request: release whatever is left, incomplete characters included."""
-        rest = self._decode(ids[self.prefix_offset:])[len(self._decode(
-            ids[self.prefix_offset:self.read_offset])):]
+        rest = self._decode(ids[self.prefix_offset :])[
+            len(self._decode(ids[self.prefix_offset : self.read_offset])) :
+        ]
         self.prefix_offset = self.read_offset = len(ids)
         self.text += rest
         return rest

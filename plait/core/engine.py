@@ -6,6 +6,7 @@ Requests may come from many threads at once (the frontend's run_batch, a server)
 meet in one scheduler so they batch together. Bad input is rejected here, in the caller's
 thread, before anything reaches the scheduler.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,10 +51,14 @@ class Engine:
         self.eos_ids, self.vocab_size = rt.eos_ids, rt.hf_config.vocab_size
         self.scheduler, self.disagg, self._tp_runner = rt.scheduler, rt.disagg, rt.tp_runner
         self._intake = RequestIntake(
-            tokenizer=rt.tokenizer, context_len=rt.context_len, vocab_size=self.vocab_size,
-            max_total_tokens=rt.max_total_tokens, eos_ids=rt.eos_ids,
+            tokenizer=rt.tokenizer,
+            context_len=rt.context_len,
+            vocab_size=self.vocab_size,
+            max_total_tokens=rt.max_total_tokens,
+            eos_ids=rt.eos_ids,
             disaggregation_mode=rt.config.disaggregation_mode,
-            grammar_compile_timeout=rt.config.grammar_compile_timeout)
+            grammar_compile_timeout=rt.config.grammar_compile_timeout,
+        )
         self._call = self._loop.call
         self._loop.start(self.scheduler, self.disagg, self.backend)
         # Stop the scheduler thread before the interpreter tears modules down under it. A weak
@@ -84,19 +89,22 @@ class Engine:
         add = cast("DecodeSide", self.disagg).add if decode else self.scheduler.add_request
         self._loop.call_soon(lambda: [add(r) for r in reqs])
 
-    def generate(self, prompt: str | list[str] | None = None,
-                 sampling_params: dict | list[dict] | SamplingParams | None = None,
-                 **request: Any) -> dict | list[dict] | Iterator[dict]:
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | SamplingParams | None = None,
+        **request: Any,
+    ) -> dict | list[dict] | Iterator[dict]:
         """SGLang's offline API. ``request`` holds the other ``GenerateReq`` fields
         (``input_ids``, ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num``,
         ``stream``, ``rid``), each one value or one per prompt (see ``GenerateReq.batch``).
         One prompt (with n == 1) -> one output; a list (or n > 1) -> a list, prompt-major."""
-        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params,
-                                          **request)
+        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params, **request)
         return self.generate_request(msgs, batched)
 
-    def generate_request(self, msgs: list[GenerateReq],
-                         batched: bool = True) -> dict | list[dict] | Iterator[dict]:
+    def generate_request(
+        self, msgs: list[GenerateReq], batched: bool = True
+    ) -> dict | list[dict] | Iterator[dict]:
         """Run messages; with ``stream`` set (on all of them) an iterator of outputs."""
         stream = one_stream_flag(msgs)
         outputs: queue.Queue = queue.Queue()
@@ -108,24 +116,28 @@ class Engine:
             d.take(outputs.get())
         return d.results(batched)
 
-    async def async_generate(self, prompt: str | list[str] | None = None,
-                             sampling_params: dict | list[dict] | SamplingParams | None = None,
-                             **request: Any) -> dict | list[dict] | AsyncIterator[dict]:
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | SamplingParams | None = None,
+        **request: Any,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
         """:meth:`generate` for asyncio: awaits the results, or (``stream=True``) returns an
         async iterator."""
-        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params,
-                                          **request)
+        msgs, batched = GenerateReq.batch(text=prompt, sampling_params=sampling_params, **request)
         return await self.async_generate_request(msgs, batched)
 
-    async def async_generate_request(self, msgs: list[GenerateReq], batched: bool = True
-                                     ) -> dict | list[dict] | AsyncIterator[dict]:
+    async def async_generate_request(
+        self, msgs: list[GenerateReq], batched: bool = True
+    ) -> dict | list[dict] | AsyncIterator[dict]:
         stream = one_stream_flag(msgs)
         # Tokenizing and compiling a grammar take a while: never on the caller's event loop.
         reqs = await asyncio.to_thread(self.make_requests, msgs)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        d = Delivery(reqs, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-                      self.abort)
+        d = Delivery(
+            reqs, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item), self.abort
+        )
         self.submit(reqs, d.on_output)
         if stream:
             return d.astream(outputs.get)
@@ -136,8 +148,11 @@ class Engine:
     # ----- control -----
 
     def abort(self, rid: str) -> None:
-        self._loop.call_soon(lambda: self.scheduler.abort(rid)
-                             or (self.disagg is not None and self.disagg.abort(rid)))
+        self._loop.call_soon(
+            lambda: (
+                self.scheduler.abort(rid) or (self.disagg is not None and self.disagg.abort(rid))
+            )
+        )
 
     def flush_cache(self) -> bool:
         return self._call(self.scheduler.flush_cache)
@@ -147,18 +162,23 @@ class Engine:
             s = self.scheduler
             kv = s.kv.usage()
             return {
-                "model_path": str(self.model_dir), "device": self.device_name,
-                "max_total_tokens": self.max_total_tokens, "context_length": self.context_len,
+                "model_path": str(self.model_dir),
+                "device": self.device_name,
+                "max_total_tokens": self.max_total_tokens,
+                "context_length": self.context_len,
                 "page_size": self.config.page_size,
                 "overlap_schedule": s.executor.overlap,
-                "available_kv_tokens": kv.free, "cached_kv_tokens": kv.cached,
+                "available_kv_tokens": kv.free,
+                "cached_kv_tokens": kv.cached,
                 "evictable_kv_tokens": kv.evictable,
                 "num_running_reqs": len(s.running) + (1 if s.chunked else 0),
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
-                **vars(s.stats), **getattr(self.disagg, "stats", {}),
+                **vars(s.stats),
+                **getattr(self.disagg, "stats", {}),
                 **s.runner.metrics(),
             }
+
         return self._call(info)
 
     def shutdown(self) -> None:

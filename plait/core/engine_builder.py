@@ -9,6 +9,7 @@ What holds once ``build_runtime`` returns: every rank holds the same number of K
 (``Runtime.max_total_tokens``, a multiple of the page size, at least two pages); and when it
 raises, no tensor-parallel rank it started is left running.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,6 +40,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass(kw_only=True)
 class Runtime:
     """What an engine runs on. ``config`` has the backend's defaults filled in."""
+
     config: EngineConfig
     backend: Backend
     model_dir: Path
@@ -46,15 +48,14 @@ class Runtime:
     tokenizer: Any
     quantization: Any
     context_len: int
-    max_total_tokens: int           # KV slots per rank
+    max_total_tokens: int  # KV slots per rank
     eos_ids: set[int]
     scheduler: Scheduler
-    tp_runner: TPModelRunner | None = None   # rank 0's runner when tp_size > 1
+    tp_runner: TPModelRunner | None = None  # rank 0's runner when tp_size > 1
     disagg: PrefillSide | DecodeSide | None = None
 
 
-def build_runtime(cfg: EngineConfig,
-                  call_soon: Callable[[Callable[[], Any]], None]) -> Runtime:
+def build_runtime(cfg: EngineConfig, call_soon: Callable[[Callable[[], Any]], None]) -> Runtime:
     """Build the runtime for a validated ``cfg``. ``call_soon`` queues a function for the
     scheduler thread (the prefill side hands results back through it)."""
     # The composition root looks up the registries; the core only receives what it found.
@@ -67,8 +68,9 @@ def build_runtime(cfg: EngineConfig,
     # loading): under host_thread, so that thread never owns an OpenMP team (see
     # Backend.host_thread; one such team made every forward kernel sleep between calls).
     with backend.host_thread():
-        return _build_on(backend, cfg.with_backend_defaults(backend), checkpoint, quantization,
-                         call_soon)
+        return _build_on(
+            backend, cfg.with_backend_defaults(backend), checkpoint, quantization, call_soon
+        )
 
 
 def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
@@ -80,14 +82,21 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
 
     page_size = _page_size(cfg)
     kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
-    bytes_per_token = (2 * hf.num_hidden_layers * kv_heads * head_dim_of(hf)
-                       * torch.tensor([], dtype=dtype).element_size())
+    bytes_per_token = (
+        2
+        * hf.num_hidden_layers
+        * kv_heads
+        * head_dim_of(hf)
+        * torch.tensor([], dtype=dtype).element_size()
+    )
     tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // bytes_per_token
     tokens -= tokens % page_size
     if tokens < page_size * 2:
-        raise ValueError(f"max_total_tokens: a KV pool of {tokens} tokens (from "
-                         f"max_total_tokens, kv_cache_memory_gb or mem_fraction) is too "
-                         f"small; page_size={page_size} needs at least two pages")
+        raise ValueError(
+            f"max_total_tokens: a KV pool of {tokens} tokens (from "
+            f"max_total_tokens, kv_cache_memory_gb or mem_fraction) is too "
+            f"small; page_size={page_size} needs at least two pages"
+        )
     return tokens
 
 
@@ -97,16 +106,19 @@ def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
         max_running_requests=cfg.max_running_requests,
         chunked_prefill_size=cfg.chunked_prefill_size,
         max_prefill_tokens=cfg.max_prefill_tokens,
-        schedule_policy=cfg.schedule_policy, context_len=context_len,
+        schedule_policy=cfg.schedule_policy,
+        context_len=context_len,
         enable_jump_forward=not cfg.disable_jump_forward,
         # A prefill server hands each request off after its first token; a decode planned
         # for it in the meantime would be wasted and race the hand-off, so prefill servers
         # run one batch at a time.
-        overlap=not cfg.disable_overlap_schedule and cfg.disaggregation_mode != "prefill")
+        overlap=not cfg.disable_overlap_schedule and cfg.disaggregation_mode != "prefill",
+    )
 
 
-def attach_disaggregation(rt: Runtime, call_soon: Callable[[Callable[[], Any]], None]
-                          ) -> PrefillSide | DecodeSide | None:
+def attach_disaggregation(
+    rt: Runtime, call_soon: Callable[[Callable[[], Any]], None]
+) -> PrefillSide | DecodeSide | None:
     """The prefill or decode side of disaggregated serving (None in ``null`` mode), wired
     to the scheduler: a prefill side takes over its hand-offs."""
     cfg, s = rt.config, rt.scheduler
@@ -114,19 +126,35 @@ def attach_disaggregation(rt: Runtime, call_soon: Callable[[Callable[[], Any]], 
         return None
     kv_pool = s.runner.kv_pool
     from plait.disaggregation.transports import create_transfer
+
     transfer = create_transfer(cfg.disaggregation_transfer_backend, cfg.disaggregation_host)
     if cfg.disaggregation_mode == "prefill":
         from plait.disaggregation.prefill import PrefillSide
-        side = PrefillSide(transfer, kv_pool, s.kv.req_pool, cfg.disaggregation_host,
-                           cfg.disaggregation_bootstrap_port,
-                           cfg.disaggregation_transfer_timeout, call_soon=call_soon,
-                           finish=s.finish_handed_off, abort_room=s.abort_room)
+
+        side = PrefillSide(
+            transfer,
+            kv_pool,
+            s.kv.req_pool,
+            cfg.disaggregation_host,
+            cfg.disaggregation_bootstrap_port,
+            cfg.disaggregation_transfer_timeout,
+            call_soon=call_soon,
+            finish=s.finish_handed_off,
+            abort_room=s.abort_room,
+        )
         s.hand_off = side.hand_off
         return side
     from plait.disaggregation.decode import DecodeSide
-    return DecodeSide(transfer, s.kv, kv_pool, cfg.disaggregation_host,
-                      cfg.disaggregation_transfer_timeout, admit=s.add_prefilled,
-                      fail=s.finish_unscheduled)
+
+    return DecodeSide(
+        transfer,
+        s.kv,
+        kv_pool,
+        cfg.disaggregation_host,
+        cfg.disaggregation_transfer_timeout,
+        admit=s.add_prefilled,
+        fail=s.finish_unscheduled,
+    )
 
 
 def warm_up(generate: Callable[..., Any], flush_cache: Callable[[], Any]) -> float:
@@ -137,10 +165,13 @@ def warm_up(generate: Callable[..., Any], flush_cache: Callable[[], Any]) -> flo
 
     t = time.perf_counter()
     batches = ([[1, 2, 3]], [[1, 2, 3], [1, 2, 3, 4]])
-    for ids in tqdm(batches, desc="decode graph warm-up", unit="graph", leave=False,
-                    disable=None):  # None: a bar on a terminal, silent in logs and CI
-        generate(input_ids=ids, sampling_params={"max_new_tokens": 2, "temperature": 0,
-                                                 "ignore_eos": True})
+    for ids in tqdm(
+        batches, desc="decode graph warm-up", unit="graph", leave=False, disable=None
+    ):  # None: a bar on a terminal, silent in logs and CI
+        generate(
+            input_ids=ids,
+            sampling_params={"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+        )
     flush_cache()
     return time.perf_counter() - t
 
@@ -154,39 +185,61 @@ def eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     return found
 
 
-def _build_on(backend: Backend, cfg: EngineConfig, checkpoint: Checkpoint, quantization: Any,
-              call_soon: Callable[[Callable[[], Any]], None]) -> Runtime:
+def _build_on(
+    backend: Backend,
+    cfg: EngineConfig,
+    checkpoint: Checkpoint,
+    quantization: Any,
+    call_soon: Callable[[Callable[[], Any]], None],
+) -> Runtime:
     model_dir, hf, tokenizer = checkpoint.model_dir, checkpoint.hf_config, checkpoint.tokenizer
-    context_len = min(cfg.context_length or hf.max_position_embeddings,
-                      hf.max_position_embeddings)
+    context_len = min(cfg.context_length or hf.max_position_embeddings, hf.max_position_embeddings)
     dtype = DTYPES[str(cfg.dtype)]
     if cfg.random_seed is not None:
         torch.manual_seed(cfg.random_seed)
     tokens = size_kv_pool(hf, cfg, dtype)
     page_size = _page_size(cfg)
     req_pool = ReqToTokenPool(cfg.max_running_requests, context_len + 1, backend.torch_device)
-    spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=dtype, context_len=context_len,
-                     max_batch_size=cfg.max_running_requests, quantization=quantization,
-                     graph_capture=cfg.graph_capture(backend),
-                     load_model=checkpoint.load_model)
+    spec = ModelSpec(
+        model_dir=model_dir,
+        hf_config=hf,
+        dtype=dtype,
+        context_len=context_len,
+        max_batch_size=cfg.max_running_requests,
+        quantization=quantization,
+        graph_capture=cfg.graph_capture(backend),
+        load_model=checkpoint.load_model,
+    )
     tp_runner = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike
     if cfg.tp_size == 1:
         runner, allocator = build_model_runner(backend, spec, tokens, page_size, req_pool)
     else:
         from plait.core.tp.runner import start_tensor_parallel
-        tp_runner, allocator = start_tensor_parallel(backend, spec, tokens, page_size, req_pool,
-                                                     cfg.tp_size)
+
+        tp_runner, allocator = start_tensor_parallel(
+            backend, spec, tokens, page_size, req_pool, cfg.tp_size
+        )
         runner = tp_runner
     try:
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         eos = eos_ids(hf, tokenizer)
-        scheduler = Scheduler(runner, kv, RequestFinisher(tokenizer, eos),
-                              scheduler_config(cfg, context_len))
-        rt = Runtime(config=cfg, backend=backend, model_dir=model_dir, hf_config=hf,
-                     tokenizer=tokenizer, quantization=quantization, context_len=context_len,
-                     max_total_tokens=tokens, eos_ids=eos, scheduler=scheduler,
-                     tp_runner=tp_runner)
+        scheduler = Scheduler(
+            runner, kv, RequestFinisher(tokenizer, eos), scheduler_config(cfg, context_len)
+        )
+        rt = Runtime(
+            config=cfg,
+            backend=backend,
+            model_dir=model_dir,
+            hf_config=hf,
+            tokenizer=tokenizer,
+            quantization=quantization,
+            context_len=context_len,
+            max_total_tokens=tokens,
+            eos_ids=eos,
+            scheduler=scheduler,
+            tp_runner=tp_runner,
+        )
         rt.disagg = attach_disaggregation(rt, call_soon)
         return rt
     except BaseException:

@@ -1,4 +1,5 @@
 """Engine settings, SGLang's ServerArgs names where they exist; validated once."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,13 @@ TRANSFER_BACKENDS = ("mooncake", "fake")
 
 @dataclass
 class EngineConfig:
-    model_path: str | Path | None = None     # None: the default SmolLM2-135M-Instruct
-    device: str = "cpu"                      # a backend name or "auto"
+    model_path: str | Path | None = None  # None: the default SmolLM2-135M-Instruct
+    device: str = "cpu"  # a backend name or "auto"
     # The backend's switches: its ``options_type`` (``CpuOptions`` on the CPU) or a dict of
     # that type's fields; None: its defaults. A backend with no switches refuses any.
     backend_options: Any = None
-    dtype: str | None = None                 # None: the backend's default_dtype
-    page_size: int | None = None             # None: the backend's default_page_size
+    dtype: str | None = None  # None: the backend's default_dtype
+    page_size: int | None = None  # None: the backend's default_page_size
     # The KV pool's size: in tokens, or as a budget in GiB (DEFAULT_KV_CACHE_GB when neither
     # is set); giving both is a ValueError, like the server's exclusive flags.
     max_total_tokens: int | None = None
@@ -32,23 +33,23 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
-    disable_jump_forward: bool = False       # grammar-forced text is extended in one step
-    disable_overlap_schedule: bool = False   # run each forward inline instead of one batch ahead
+    disable_jump_forward: bool = False  # grammar-forced text is extended in one step
+    disable_overlap_schedule: bool = False  # run each forward inline instead of one batch ahead
     max_running_requests: int = 64
     context_length: int | None = None
     random_seed: int | None = None
-    grammar_compile_timeout: float = 10.0    # seconds; a slower constraint is a ValueError
-    tp_size: int = 1                         # tensor-parallel ranks (processes), see tp/
-    quantization: str | None = None          # plait.quant.METHODS; None: gguf for a .gguf path
-    quantization_group_size: int = 32        # int4 only (multiple of 32; docs/benchmarks.md)
-    quantization_symmetric: bool = False     # int4 only: (q - 8) * scale instead of q*scale+min
+    grammar_compile_timeout: float = 10.0  # seconds; a slower constraint is a ValueError
+    tp_size: int = 1  # tensor-parallel ranks (processes), see tp/
+    quantization: str | None = None  # plait.quant.METHODS; None: gguf for a .gguf path
+    quantization_group_size: int = 32  # int4 only (multiple of 32; docs/benchmarks.md)
+    quantization_symmetric: bool = False  # int4 only: (q - 8) * scale instead of q*scale+min
     quantization_activations: str = "float"  # plait.quant.ACTIVATIONS; int8: CPU with VNNI
     # Prefill/decode disaggregation (plait.disaggregation), SGLang's flag names.
-    disaggregation_mode: str = "null"        # null | prefill | decode
+    disaggregation_mode: str = "null"  # null | prefill | decode
     disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach it
     disaggregation_transfer_backend: str = "mooncake"  # mooncake | fake (tests, one process)
     disaggregation_transfer_timeout: float = 30.0  # seconds a request may wait for its KV
-    disaggregation_host: str = "127.0.0.1"   # address peers use to reach this engine
+    disaggregation_host: str = "127.0.0.1"  # address peers use to reach this engine
     # Decode graph capture (CUDA/HIP graphs; torch.compile on the CPU). Each backend has a
     # default (Backend.default_graph_capture: on for CUDA, off for the CPU, whose compile
     # takes minutes); disable_* forces eager, enable_* forces capture. Setting both is an error.
@@ -73,42 +74,61 @@ class EngineConfig:
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.schedule_policy not in POLICIES:
-            raise ValueError(f"schedule_policy must be one of {POLICIES}, got "
-                             f"{self.schedule_policy!r}")
+            raise ValueError(
+                f"schedule_policy must be one of {POLICIES}, got {self.schedule_policy!r}"
+            )
         if not self.grammar_compile_timeout > 0:
-            raise ValueError(f"grammar_compile_timeout must be > 0, got "
-                             f"{self.grammar_compile_timeout!r}")
+            raise ValueError(
+                f"grammar_compile_timeout must be > 0, got {self.grammar_compile_timeout!r}"
+            )
         if self.quantization is not None:
             check_method(self.quantization)
         positive("quantization_group_size")
         if self.quantization_activations not in ACTIVATIONS:
-            raise ValueError(f"quantization_activations must be one of "
-                             f"{', '.join(ACTIVATIONS)}; got {self.quantization_activations!r}")
+            raise ValueError(
+                f"quantization_activations must be one of "
+                f"{', '.join(ACTIVATIONS)}; got {self.quantization_activations!r}"
+            )
         if self.quantization_group_size % 32:
-            raise ValueError(f"quantization_group_size must be a multiple of 32, got "
-                             f"{self.quantization_group_size!r}")
+            raise ValueError(
+                f"quantization_group_size must be a multiple of 32, got "
+                f"{self.quantization_group_size!r}"
+            )
         if self.disaggregation_mode not in DISAGGREGATION_MODES:
-            raise ValueError(f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
-                             f"{self.disaggregation_mode!r}")
+            raise ValueError(
+                f"disaggregation_mode must be one of {DISAGGREGATION_MODES}, got "
+                f"{self.disaggregation_mode!r}"
+            )
         if self.disaggregation_transfer_backend not in TRANSFER_BACKENDS:
-            raise ValueError(f"disaggregation_transfer_backend must be one of "
-                             f"{TRANSFER_BACKENDS}, got {self.disaggregation_transfer_backend!r}")
+            raise ValueError(
+                f"disaggregation_transfer_backend must be one of "
+                f"{TRANSFER_BACKENDS}, got {self.disaggregation_transfer_backend!r}"
+            )
         if not 0 < self.disaggregation_bootstrap_port < 65536:
-            raise ValueError(f"disaggregation_bootstrap_port must be a port number, got "
-                             f"{self.disaggregation_bootstrap_port!r}")
+            raise ValueError(
+                f"disaggregation_bootstrap_port must be a port number, got "
+                f"{self.disaggregation_bootstrap_port!r}"
+            )
         if self.disaggregation_mode != "null" and self.tp_size != 1:
             # the KV would live in the rank processes, out of the transfer's reach
-            raise ValueError("disaggregation_mode: prefill/decode disaggregation does not "
-                             "support tensor parallelism yet (tp_size must be 1)")
+            raise ValueError(
+                "disaggregation_mode: prefill/decode disaggregation does not "
+                "support tensor parallelism yet (tp_size must be 1)"
+            )
         if not self.disaggregation_transfer_timeout > 0:
-            raise ValueError(f"disaggregation_transfer_timeout must be > 0, got "
-                             f"{self.disaggregation_transfer_timeout!r}")
-        quantized = self.quantization not in (None, "none") or \
-            str(self.model_path or "").endswith(".gguf")
+            raise ValueError(
+                f"disaggregation_transfer_timeout must be > 0, got "
+                f"{self.disaggregation_transfer_timeout!r}"
+            )
+        quantized = self.quantization not in (None, "none") or str(self.model_path or "").endswith(
+            ".gguf"
+        )
         if quantized and self.tp_size != 1:
             # refused here, before the rank processes start; the loader checks it again
-            raise ValueError(f"quantization={self.quantization or 'gguf'!r} does not support "
-                             f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})")
+            raise ValueError(
+                f"quantization={self.quantization or 'gguf'!r} does not support "
+                f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})"
+            )
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
@@ -116,8 +136,10 @@ class EngineConfig:
         if self.max_total_tokens is not None and self.kv_cache_memory_gb is not None:
             # SGLang documents no order for its analogues (its code silently caps one by the
             # other); the pool's size has one source here, as with the server's flags.
-            raise ValueError(f"max_total_tokens={self.max_total_tokens} and kv_cache_memory_gb="
-                             f"{self.kv_cache_memory_gb} both size the KV pool; give one")
+            raise ValueError(
+                f"max_total_tokens={self.max_total_tokens} and kv_cache_memory_gb="
+                f"{self.kv_cache_memory_gb} both size the KV pool; give one"
+            )
 
     def kv_cache_bytes(self) -> int:
         """The KV pool's budget when ``max_total_tokens`` is unset."""
@@ -131,19 +153,27 @@ class EngineConfig:
         the class too: it reads only class attributes."""
         name, modes = backend.name, backend.decode_modes
         if self.tp_size > 1 and not backend.supports_tensor_parallel:
-            raise ValueError(f"tp_size={self.tp_size} (--tp {self.tp_size}): device {name!r} "
-                             "does not support tensor parallelism (its backend runs its own "
-                             "model runner, not the core one the ranks shard); use --tp 1")
+            raise ValueError(
+                f"tp_size={self.tp_size} (--tp {self.tp_size}): device {name!r} "
+                "does not support tensor parallelism (its backend runs its own "
+                "model runner, not the core one the ranks shard); use --tp 1"
+            )
         if self.enable_graph_capture and "captured" not in modes:
-            raise ValueError(f"enable_graph_capture (--enable-graph-capture): device {name!r} "
-                             "cannot capture decode; it always runs eagerly")
+            raise ValueError(
+                f"enable_graph_capture (--enable-graph-capture): device {name!r} "
+                "cannot capture decode; it always runs eagerly"
+            )
         if self.disable_graph_capture and "eager" not in modes:
-            raise ValueError(f"disable_graph_capture (--disable-graph-capture): device {name!r} "
-                             "has no eager decode; every step is a compiled program")
+            raise ValueError(
+                f"disable_graph_capture (--disable-graph-capture): device {name!r} "
+                "has no eager decode; every step is a compiled program"
+            )
         if ("captured" if backend.default_graph_capture else "eager") not in modes:
-            raise ValueError(f"backend {name!r}: default_graph_capture="
-                             f"{backend.default_graph_capture} contradicts decode_modes "
-                             f"{sorted(modes)}")
+            raise ValueError(
+                f"backend {name!r}: default_graph_capture="
+                f"{backend.default_graph_capture} contradicts decode_modes "
+                f"{sorted(modes)}"
+            )
 
     def quant_config(self, model_dir: Path, gguf_source: Path | None = None) -> QuantConfig:
         """The resolved quantization: ``gguf`` when unset and ``model_path`` is a ``.gguf``
@@ -155,13 +185,22 @@ class EngineConfig:
         if method == "gguf":
             gguf_file = Path(path) if path.endswith(".gguf") else gguf_source
             if gguf_file is None:
-                raise ValueError(f"quantization='gguf' needs a .gguf model_path (or a directory "
-                                 f"converted from one), got {path or 'the default model'!r}")
+                raise ValueError(
+                    f"quantization='gguf' needs a .gguf model_path (or a directory "
+                    f"converted from one), got {path or 'the default model'!r}"
+                )
         if self.quantization_activations != "float" and method == "none":
-            raise ValueError(f"quantization_activations={self.quantization_activations!r} "
-                             "needs a quantized model (--quantization int8/int4/gguf)")
-        return QuantConfig(method, self.quantization_group_size, self.quantization_symmetric,
-                           gguf_file, self.quantization_activations)
+            raise ValueError(
+                f"quantization_activations={self.quantization_activations!r} "
+                "needs a quantized model (--quantization int8/int4/gguf)"
+            )
+        return QuantConfig(
+            method,
+            self.quantization_group_size,
+            self.quantization_symmetric,
+            gguf_file,
+            self.quantization_activations,
+        )
 
     def graph_capture(self, backend: Backend) -> bool:
         """Whether decode is captured on ``backend``: the flags first, then its default."""
@@ -174,8 +213,10 @@ class EngineConfig:
         backend; an explicit value always wins. Validated again, so a backend's bad default
         is reported like a user's, and checked against what the backend supports."""
         filled = dataclasses.replace(
-            self, dtype=self.dtype if self.dtype is not None else backend.default_dtype,
-            page_size=self.page_size if self.page_size is not None else backend.default_page_size)
+            self,
+            dtype=self.dtype if self.dtype is not None else backend.default_dtype,
+            page_size=self.page_size if self.page_size is not None else backend.default_page_size,
+        )
         filled.validate()
         filled.check_backend(backend)
         return filled

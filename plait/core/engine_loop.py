@@ -7,6 +7,7 @@ queued before a step runs before that step (the inbox is drained first), so a re
 and then aborted never sees a forward in between; a failing command is reported to its
 caller (or logged) and the thread keeps serving.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,10 +38,12 @@ class EngineLoop:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, scheduler: Scheduler, disagg: PrefillSide | DecodeSide | None,
-              backend: Backend) -> None:
-        self._thread = threading.Thread(target=self._run, args=(scheduler, disagg, backend),
-                                        name="plait-scheduler", daemon=True)
+    def start(
+        self, scheduler: Scheduler, disagg: PrefillSide | DecodeSide | None, backend: Backend
+    ) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(scheduler, disagg, backend), name="plait-scheduler", daemon=True
+        )
         self._thread.start()
 
     def call_soon(self, fn: Callable[[], Any]) -> None:
@@ -64,8 +67,9 @@ class EngineLoop:
             thread.join(timeout=timeout)
         return not thread.is_alive()
 
-    def _run(self, scheduler: Scheduler, disagg: PrefillSide | DecodeSide | None,
-             backend: Backend) -> None:
+    def _run(
+        self, scheduler: Scheduler, disagg: PrefillSide | DecodeSide | None, backend: Backend
+    ) -> None:
         # With the overlap schedule the forwards (and sampling) run on the executor's thread;
         # this one only plans batches, so it runs as a host thread.
         overlap = scheduler.executor.overlap

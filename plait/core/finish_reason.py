@@ -6,6 +6,7 @@ server and the user is ``to_dict()``, the SGLang-compatible wire format (``{"typ
 ``{"type": "error", "message": ...}``). ``error`` is an engine failure the server reports as a
 5xx; ``abort`` is a request the user or memory pressure ended.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from typing import Any
 
 @dataclass(frozen=True, kw_only=True)
 class FinishReason:
-    kind: str                       # "stop" | "length" | "abort" | "error"
+    kind: str  # "stop" | "length" | "abort" | "error"
     matched: int | str | None = None  # stop: the token id or stop string hit (None: grammar)
-    output_len: int | None = None   # length: the output length reached
-    message: str | None = None      # abort / error: why
+    output_len: int | None = None  # length: the output length reached
+    message: str | None = None  # abort / error: why
 
     @classmethod
     def stop(cls, matched: int | str | None) -> FinishReason:

@@ -1,4 +1,5 @@
 """Forward metadata: everything a model forward and its attention need, built once per step."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,15 +25,15 @@ class ForwardBatch:
     """
 
     is_decode: bool
-    input_ids: torch.Tensor          # [T] int64
-    positions: torch.Tensor          # [T] int64
-    out_cache_loc: torch.Tensor      # [T] int64 slots for the new tokens' K/V
-    req_pool_indices: torch.Tensor   # [B] int64 rows of req_to_token
-    seq_lens: torch.Tensor           # [B] int64 length after this forward
-    prefix_lens: torch.Tensor        # [B] int64 tokens already in the pool before this forward
-    extend_lens: torch.Tensor        # [B] int64 new tokens per request
-    req_to_token: torch.Tensor       # [R, max_context] int32, the whole table
-    logits_rows: torch.Tensor        # [N] int64 rows of hidden states to project to logits
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64 slots for the new tokens' K/V
+    req_pool_indices: torch.Tensor  # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int64 length after this forward
+    prefix_lens: torch.Tensor  # [B] int64 tokens already in the pool before this forward
+    extend_lens: torch.Tensor  # [B] int64 new tokens per request
+    req_to_token: torch.Tensor  # [R, max_context] int32, the whole table
+    logits_rows: torch.Tensor  # [N] int64 rows of hidden states to project to logits
     # Host copies: kernels on CPU loop over these without device syncs.
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
@@ -68,5 +69,5 @@ class ExtendItem:
     req: Req
     start: int
     length: int
-    slots: torch.Tensor           # KV slots for the new tokens
-    logit_from: int               # first absolute position whose logits we need
+    slots: torch.Tensor  # KV slots for the new tokens
+    logit_from: int  # first absolute position whose logits we need

@@ -12,6 +12,7 @@ later; the scheduler keeps at most three batches' worth referenced (the batch wh
 name N's placeholders, N's own, and the one being built), so ``capacity`` must exceed three
 batches of the largest size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ class FutureTokenMap:
     def reserve(self, n: int) -> list[int]:
         """``n`` fresh placeholder ids (negative), for the tokens of one batch."""
         if n > self.max_batch_size:
-            raise ValueError(f"cannot reserve {n} placeholders at once (at most "
-                             f"{self.max_batch_size})")
+            raise ValueError(
+                f"cannot reserve {n} placeholders at once (at most {self.max_batch_size})"
+            )
         ids = [-(1 + (self._next + i) % self.capacity) for i in range(n)]
         self._next = (self._next + n) % self.capacity
         return ids
@@ -39,8 +41,9 @@ class FutureTokenMap:
         """Fill ``placeholders`` with the sampled ``tokens`` (same length)."""
         if placeholders:
             idx = torch.tensor([-p for p in placeholders], dtype=torch.int64)
-            self._tokens[idx.to(self._tokens.device)] = torch.tensor(
-                tokens, dtype=torch.int64).to(self._tokens.device)
+            self._tokens[idx.to(self._tokens.device)] = torch.tensor(tokens, dtype=torch.int64).to(
+                self._tokens.device
+            )
 
     def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` with every placeholder replaced by its stored token."""

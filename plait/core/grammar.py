@@ -17,6 +17,7 @@ Invariants:
 - The request's EOS ids are the grammar's stop tokens: allowed exactly when the grammar may end,
   and the only tokens allowed once it has ended.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,8 +60,7 @@ def _xgr_message(err: Exception) -> str:
 def choices_to_ebnf(choices: list[str]) -> str:
     """An EBNF alternation matching exactly one of ``choices``. JSON string escapes are valid
     EBNF string literals in xgrammar, so any text (quotes, newlines, unicode) is safe."""
-    if (not isinstance(choices, list) or not choices
-            or not all(isinstance(c, str) for c in choices)):
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise ValueError(f"choices must be a non-empty list of strings, got {choices!r}")
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
@@ -78,9 +78,16 @@ class GrammarCompiler:
     jump-forward strings possible.
     """
 
-    def __init__(self, tokenizer, vocab_size: int, *, max_cache_entries: int = 256,
-                 json_any_whitespace: bool = False, max_threads: int = 8,
-                 compile_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        *,
+        max_cache_entries: int = 256,
+        json_any_whitespace: bool = False,
+        max_threads: int = 8,
+        compile_timeout: float = 10.0,
+    ) -> None:
         if not isinstance(vocab_size, int) or vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if max_cache_entries < 1:
@@ -93,10 +100,12 @@ class GrammarCompiler:
         self.json_any_whitespace = json_any_whitespace
         stop = tokenizer.eos_token_id
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=None if stop is None else [stop])
+            tokenizer, vocab_size=vocab_size, stop_token_ids=None if stop is None else [stop]
+        )
         # Our own LRU replaces xgrammar's cache, whose default size is unbounded.
-        self._xgr = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads,
-                                        cache_enabled=False)
+        self._xgr = xgr.GrammarCompiler(
+            self.tokenizer_info, max_threads=max_threads, cache_enabled=False
+        )
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future] = {}
         self._lock = threading.RLock()  # a done-callback may run inside it
@@ -120,14 +129,14 @@ class GrammarCompiler:
                 return compiled
             future = self._inflight.get(key)
             if future is None:
-                future = self._inflight[key] = self._pool.submit(self._compile_uncached,
-                                                                 kind, spec)
+                future = self._inflight[key] = self._pool.submit(self._compile_uncached, kind, spec)
                 future.add_done_callback(lambda f: self._store(key, f))
         try:
             return future.result(timeout=self.compile_timeout)  # re-raises its ValueError
         except TimeoutError:
-            raise ValueError(f"{kind} did not compile within {self.compile_timeout:g}s; "
-                             "simplify the constraint") from None
+            raise ValueError(
+                f"{kind} did not compile within {self.compile_timeout:g}s; simplify the constraint"
+            ) from None
 
     def _store(self, key: tuple[str, str], future: Future) -> None:
         with self._lock:
@@ -194,16 +203,19 @@ class GrammarState:
     accepted (``is_terminated``), the mask allows nothing else.
     """
 
-    def __init__(self, compiled: CompiledGrammar, vocab_size: int,
-                 eos_token_ids: int | list[int]) -> None:
+    def __init__(
+        self, compiled: CompiledGrammar, vocab_size: int, eos_token_ids: int | list[int]
+    ) -> None:
         if isinstance(eos_token_ids, int):
             eos_token_ids = [eos_token_ids]
         eos_token_ids = sorted(set(eos_token_ids))
         if not eos_token_ids:
             raise ValueError("eos_token_ids must name at least one token")
         if compiled.tokenizer_info.vocab_size != vocab_size:
-            raise ValueError(f"vocab_size {vocab_size} does not match the compiler's "
-                             f"{compiled.tokenizer_info.vocab_size}")
+            raise ValueError(
+                f"vocab_size {vocab_size} does not match the compiler's "
+                f"{compiled.tokenizer_info.vocab_size}"
+            )
         if not all(0 <= t < vocab_size for t in eos_token_ids):
             raise ValueError(f"eos_token_ids must be in [0, {vocab_size}), got {eos_token_ids}")
         self.compiled = compiled
@@ -301,8 +313,10 @@ def apply_grammar_masks(logits: torch.Tensor, states: list[GrammarState | None])
     only. Columns past ``vocab_size`` (padded logits) are masked for those rows too.
     """
     if logits.dim() != 2 or logits.shape[0] != len(states):
-        raise ValueError(f"logits must be (len(states), vocab), got {tuple(logits.shape)} "
-                         f"for {len(states)} states")
+        raise ValueError(
+            f"logits must be (len(states), vocab), got {tuple(logits.shape)} "
+            f"for {len(states)} states"
+        )
     present = {i: s for i, s in enumerate(states) if s is not None}
     rows = list(present)
     if not rows:
@@ -324,9 +338,11 @@ def apply_grammar_masks(logits: torch.Tensor, states: list[GrammarState | None])
             if _batch_matcher is None:
                 _batch_matcher = xgr.BatchGrammarMatcher()
             _batch_matcher.batch_fill_next_token_bitmask(
-                [present[i]._matcher for i in live], bitmask, live)
+                [present[i]._matcher for i in live], bitmask, live
+            )
     bitmask = bitmask.to(logits.device)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=rows,
-                                    backend=_mask_backend(logits.device))
+    xgr.apply_token_bitmask_inplace(
+        logits, bitmask, vocab_size=vocab_size, indices=rows, backend=_mask_backend(logits.device)
+    )
     if logits.shape[1] > vocab_size:
         logits[rows, vocab_size:] = float("-inf")

@@ -17,6 +17,7 @@ The static batch's host lists (``seq_lens_cpu``...) are refreshed too, which is 
 captures that rerun the step; a CUDA graph never re-reads them, so kernels inside a captured
 step must take lengths from tensors only (the Triton decode kernel does).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -45,8 +46,14 @@ class EagerCapture:
 class DecodeGraphRunner(GraphRunner):
     """Captures decode lazily, once per padded batch size, and replays it."""
 
-    def __init__(self, model: Any, max_batch_size: int, device: torch.device | str,
-                 capture: GraphCapture, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES):
+    def __init__(
+        self,
+        model: Any,
+        max_batch_size: int,
+        device: torch.device | str,
+        capture: GraphCapture,
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -68,8 +75,10 @@ class DecodeGraphRunner(GraphRunner):
 
     def replay(self, batch: ForwardBatch, run: Callable[[ForwardBatch], Any]) -> Any:
         if not self.can_run(batch):
-            raise ValueError(f"batch (decode={batch.is_decode}, size={batch.batch_size}) is "
-                             f"not replayable; max_batch_size={self.max_batch_size}")
+            raise ValueError(
+                f"batch (decode={batch.is_decode}, size={batch.batch_size}) is "
+                f"not replayable; max_batch_size={self.max_batch_size}"
+            )
         self._bind_table(batch.req_to_token)
         bs, padded = batch.batch_size, self.padded_size(batch.batch_size)
         static = self._views.get(padded) or self._views.setdefault(padded, self._view(padded))
@@ -92,13 +101,21 @@ class DecodeGraphRunner(GraphRunner):
             self._req_to_token = req_to_token
             self._static = _static_buffers(self.max_batch_size, req_to_token, self.device)
         elif req_to_token is not self._req_to_token:
-            raise ValueError("req_to_token changed between decode steps; graphs captured on the "
-                             "old table cannot be replayed")
+            raise ValueError(
+                "req_to_token changed between decode steps; graphs captured on the "
+                "old table cannot be replayed"
+            )
 
     def _fill(self, batch: ForwardBatch, static: ForwardBatch) -> None:
         bs, pad_rows = batch.batch_size, static.batch_size - batch.batch_size
-        for name, pad in (("input_ids", 0), ("positions", 0), ("out_cache_loc", 0),
-                          ("req_pool_indices", 0), ("seq_lens", 1), ("prefix_lens", 0)):
+        for name, pad in (
+            ("input_ids", 0),
+            ("positions", 0),
+            ("out_cache_loc", 0),
+            ("req_pool_indices", 0),
+            ("seq_lens", 1),
+            ("prefix_lens", 0),
+        ):
             dst = getattr(static, name)  # a view of the max-size buffer: writes land there
             dst[:bs].copy_(getattr(batch, name), non_blocking=True)
             dst[bs:].fill_(pad)
@@ -109,12 +126,20 @@ class DecodeGraphRunner(GraphRunner):
         s = self._static
         assert s is not None, "_bind_table runs before the first view"
         return ForwardBatch(
-            is_decode=True, input_ids=s.input_ids[:padded], positions=s.positions[:padded],
-            out_cache_loc=s.out_cache_loc[:padded], req_pool_indices=s.req_pool_indices[:padded],
-            seq_lens=s.seq_lens[:padded], prefix_lens=s.prefix_lens[:padded],
-            extend_lens=s.extend_lens[:padded], req_to_token=s.req_to_token,
+            is_decode=True,
+            input_ids=s.input_ids[:padded],
+            positions=s.positions[:padded],
+            out_cache_loc=s.out_cache_loc[:padded],
+            req_pool_indices=s.req_pool_indices[:padded],
+            seq_lens=s.seq_lens[:padded],
+            prefix_lens=s.prefix_lens[:padded],
+            extend_lens=s.extend_lens[:padded],
+            req_to_token=s.req_to_token,
             logits_rows=s.logits_rows[:padded],
-            seq_lens_cpu=[1] * padded, prefix_lens_cpu=[0] * padded, extend_lens_cpu=[1] * padded)
+            seq_lens_cpu=[1] * padded,
+            prefix_lens_cpu=[0] * padded,
+            extend_lens_cpu=[1] * padded,
+        )
 
 
 def _static_buffers(n: int, req_to_token: torch.Tensor, device: torch.device) -> ForwardBatch:
@@ -122,11 +147,20 @@ def _static_buffers(n: int, req_to_token: torch.Tensor, device: torch.device) ->
         return torch.zeros(n, dtype=torch.int64, device=device)
 
     return ForwardBatch(
-        is_decode=True, input_ids=zeros(), positions=zeros(), out_cache_loc=zeros(),
-        req_pool_indices=zeros(), seq_lens=torch.ones(n, dtype=torch.int64, device=device),
-        prefix_lens=zeros(), extend_lens=torch.ones(n, dtype=torch.int64, device=device),
-        req_to_token=req_to_token, logits_rows=torch.arange(n, device=device),
-        seq_lens_cpu=[1] * n, prefix_lens_cpu=[0] * n, extend_lens_cpu=[1] * n)
+        is_decode=True,
+        input_ids=zeros(),
+        positions=zeros(),
+        out_cache_loc=zeros(),
+        req_pool_indices=zeros(),
+        seq_lens=torch.ones(n, dtype=torch.int64, device=device),
+        prefix_lens=zeros(),
+        extend_lens=torch.ones(n, dtype=torch.int64, device=device),
+        req_to_token=req_to_token,
+        logits_rows=torch.arange(n, device=device),
+        seq_lens_cpu=[1] * n,
+        prefix_lens_cpu=[0] * n,
+        extend_lens_cpu=[1] * n,
+    )
 
 
 def _first_rows(out: Any, bs: int, padded: int) -> Any:

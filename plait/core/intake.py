@@ -6,6 +6,7 @@ before any ``Req`` exists, so a bad one beside good ones stops them all, with a 
 naming the parameter, and nothing reaches the scheduler; a grammar compiles here (cached),
 never on the scheduler thread, so a slow one cannot stall decoding.
 """
+
 from __future__ import annotations
 
 import threading
@@ -20,17 +21,26 @@ from plait.core.sampling_params import SamplingParams
 
 
 class RequestIntake:
-    def __init__(self, *, tokenizer: Any, context_len: int, vocab_size: int,
-                 max_total_tokens: int, eos_ids: set[int], disaggregation_mode: str,
-                 grammar_compile_timeout: float):
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        context_len: int,
+        vocab_size: int,
+        max_total_tokens: int,
+        eos_ids: set[int],
+        disaggregation_mode: str,
+        grammar_compile_timeout: float,
+    ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.limits = RequestLimits(context_len=context_len, vocab_size=vocab_size,
-                                    max_total_tokens=max_total_tokens)
+        self.limits = RequestLimits(
+            context_len=context_len, vocab_size=vocab_size, max_total_tokens=max_total_tokens
+        )
         self.eos_ids = eos_ids
         self.disaggregation_mode = disaggregation_mode
         self.grammar_compile_timeout = grammar_compile_timeout
-        self.grammar_compiler: Any = None   # built on the first grammar
+        self.grammar_compiler: Any = None  # built on the first grammar
         self._grammar_lock = threading.Lock()
 
     def make_requests(self, msgs: list[GenerateReq]) -> list[Req]:
@@ -48,11 +58,16 @@ class RequestIntake:
                 # expand() names every sample and tokenized() filled the ids
                 assert one.rid is not None and one.input_ids is not None
                 sp = one.sampling_params
-                req = Req(rid=one.rid, input_ids=list(one.input_ids), sampling=sp,
-                          return_logprob=one.return_logprob,
-                          logprob_start_len=one.logprob_start_len,
-                          top_logprobs_num=one.top_logprobs_num, stream=one.stream,
-                          bootstrap=one.bootstrap)
+                req = Req(
+                    rid=one.rid,
+                    input_ids=list(one.input_ids),
+                    sampling=sp,
+                    return_logprob=one.return_logprob,
+                    logprob_start_len=one.logprob_start_len,
+                    top_logprobs_num=one.top_logprobs_num,
+                    stream=one.stream,
+                    bootstrap=one.bootstrap,
+                )
                 if sp.seed is not None:
                     req.generator = torch.Generator().manual_seed(sp.seed)
                 if grammar is not None:
@@ -69,19 +84,23 @@ class RequestIntake:
                 raise ValueError("bootstrap_room: this server is not in a disaggregation mode")
             return
         if msg.bootstrap is None:
-            raise ValueError(f"bootstrap_room is required: this is a {mode} server (send "
-                             "requests through SGLang's gateway in PD mode)")
+            raise ValueError(
+                f"bootstrap_room is required: this is a {mode} server (send "
+                "requests through SGLang's gateway in PD mode)"
+            )
 
     def _compile_grammar(self, sp: SamplingParams) -> Callable[[], Any] | None:
         """The compiled grammar's per-request state factory (None without a constraint)."""
         if sp.regex is None and sp.json_schema is None and sp.ebnf is None:
             return None
         from plait.core.grammar import GrammarCompiler, GrammarState
+
         vocab_size = self.vocab_size
         with self._grammar_lock:
             if self.grammar_compiler is None:
                 self.grammar_compiler = GrammarCompiler(
-                    self.tokenizer, vocab_size, compile_timeout=self.grammar_compile_timeout)
+                    self.tokenizer, vocab_size, compile_timeout=self.grammar_compile_timeout
+                )
         compiled = self.grammar_compiler.compile_params(sp)
         ends = self.eos_ids | set(sp.stop_token_ids)
         return lambda: GrammarState(compiled, vocab_size, sorted(ends))

@@ -46,13 +46,14 @@ What is and is not guaranteed (greedy, measured with SmolLM2-135M):
   sampling distribution too. That is a scheduler change (per-position logits in the extend,
   partial KV rollback, emitting only verified tokens) and is not done.
 """
+
 from __future__ import annotations
 
 from plait.core.grammar import GrammarState
 
-CONTEXT_TOKENS = 4       # output tokens decoded to give the pre-tokenizer its left context
-MAX_JUMP_TOKENS = 256    # a recursive grammar can force text forever
-MAX_JUMP_CHARS = 4096    # pre-tokenizing a longer forced string would only stall the step
+CONTEXT_TOKENS = 4  # output tokens decoded to give the pre-tokenizer its left context
+MAX_JUMP_TOKENS = 256  # a recursive grammar can force text forever
+MAX_JUMP_CHARS = 4096  # pre-tokenizing a longer forced string would only stall the step
 
 
 def jump_forward_tokens(state: GrammarState, tokenizer, output_ids: list[int]) -> list[int]:
@@ -89,8 +90,11 @@ def jump_forward_tokens(state: GrammarState, tokenizer, output_ids: list[int]) -
 
 def _stable_tokens(tokenizer, context: list[int], forced: str) -> list[int]:
     """The canonical tokens of ``forced`` that no neighbouring text can change (see above)."""
-    tail_text = tokenizer.decode(context, skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False) if context else ""
+    tail_text = (
+        tokenizer.decode(context, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if context
+        else ""
+    )
     if tail_text.endswith("\ufffd"):
         return []  # the output ends inside a multi-byte character
     seam = len(tail_text)
@@ -98,7 +102,7 @@ def _stable_tokens(tokenizer, context: list[int], forced: str) -> list[int]:
     if pre is None:  # no pre-tokenizer to ask: compare encodings, drop the final token
         old = tokenizer.encode(tail_text, add_special_tokens=False) if tail_text else []
         ids = tokenizer.encode(tail_text + forced, add_special_tokens=False)
-        return ids[len(old):-1] if ids[:len(old)] == old else []
+        return ids[len(old) : -1] if ids[: len(old)] == old else []
     starts = [start for _, (start, _) in pre.pre_tokenize_str(tail_text + forced)]
     if seam and seam not in starts:
         return []  # the forced text continues the model's last piece
@@ -106,4 +110,4 @@ def _stable_tokens(tokenizer, context: list[int], forced: str) -> list[int]:
     if cut <= seam:
         return []
     # BPE never merges across pieces, so the forced pieces encode the same alone as in context.
-    return tokenizer.encode(forced[:cut - seam], add_special_tokens=False)
+    return tokenizer.encode(forced[: cut - seam], add_special_tokens=False)

@@ -36,6 +36,7 @@ or some admitted request's ``[cache_len, kv_len)`` (plus the in-flight slots of 
 With no request admitted, free plus cached is ``num_slots`` and all of the cache is
 evictable; after ``flush`` every slot is free.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,10 +116,10 @@ class PrefixMatch:
 class KVUsage:
     """Token counts for admission, metrics and ``get_server_info``."""
 
-    num_slots: int   # allocatable slots in all
-    free: int        # in the allocator's free list
-    cached: int      # held by the prefix cache, locked or not
-    evictable: int   # held by the cache and unlocked: free after an eviction
+    num_slots: int  # allocatable slots in all
+    free: int  # in the allocator's free list
+    cached: int  # held by the prefix cache, locked or not
+    evictable: int  # held by the cache and unlocked: free after an eviction
 
 
 class KVManager:
@@ -128,8 +129,7 @@ class KVManager:
     (``req.req_pool_idx`` set) except for ``match``, ``admit`` and ``release``.
     """
 
-    def __init__(self, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator,
-                 cache: PrefixCache):
+    def __init__(self, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator, cache: PrefixCache):
         self.req_pool = req_pool
         self.allocator = allocator
         self.cache = cache
@@ -137,10 +137,14 @@ class KVManager:
         self.num_slots = allocator.num_slots
 
     @classmethod
-    def create(cls, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator,
-               enable_cache: bool = True) -> "KVManager":
-        cache = (RadixCache(allocator, allocator.page_size) if enable_cache
-                 else NullPrefixCache(allocator.device))
+    def create(
+        cls, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator, enable_cache: bool = True
+    ) -> "KVManager":
+        cache = (
+            RadixCache(allocator, allocator.page_size)
+            if enable_cache
+            else NullPrefixCache(allocator.device)
+        )
         return cls(req_pool, allocator, cache)
 
     # ----- admission -----
@@ -148,7 +152,7 @@ class KVManager:
     def match(self, req: Req) -> PrefixMatch:
         """The longest cached prefix ``req`` may reuse (see ``Req.max_prefix_len``). Nothing is
         locked yet: match and ``admit`` with no allocation in between."""
-        slots, handle = self.cache.match_prefix(req.fill_ids[:req.max_prefix_len()])
+        slots, handle = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len()])
         return PrefixMatch(slots, handle)
 
     def admit(self, req: Req, prefix: PrefixMatch) -> bool:
@@ -238,9 +242,9 @@ class KVManager:
         slots = row[:n].long()
         present = self.cache.insert(key, slots)
         if present > req.cache_len:  # cached by another request since: ours are duplicates
-            self.allocator.free(slots[req.cache_len:present])
+            self.allocator.free(slots[req.cache_len : present])
         new_prefix, handle = self.cache.match_prefix(key)
-        row[:len(new_prefix)] = new_prefix.to(row.dtype)
+        row[: len(new_prefix)] = new_prefix.to(row.dtype)
         self.cache.inc_lock_ref(handle)
         self.cache.dec_lock_ref(req.last_node)
         req.last_node = handle
@@ -254,7 +258,7 @@ class KVManager:
             return
         if req.kv_len > 0:
             self.cache_unfinished(req)
-        tail = self.req_pool.req_to_token[req.req_pool_idx, req.cache_len:req.kv_len].long()
+        tail = self.req_pool.req_to_token[req.req_pool_idx, req.cache_len : req.kv_len].long()
         self.cache.dec_lock_ref(req.last_node)
         if tail.numel():
             self.allocator.free(tail)
@@ -273,5 +277,9 @@ class KVManager:
         return self.allocator.available_size() + self.cache.evictable_size()
 
     def usage(self) -> KVUsage:
-        return KVUsage(num_slots=self.num_slots, free=self.allocator.available_size(),
-                       cached=self.cache.total_size(), evictable=self.cache.evictable_size())
+        return KVUsage(
+            num_slots=self.num_slots,
+            free=self.allocator.available_size(),
+            cached=self.cache.total_size(),
+            evictable=self.cache.evictable_size(),
+        )

@@ -4,6 +4,7 @@ A running request owns one row of :class:`ReqToTokenPool`; entry ``i`` of that r
 slot (a row of every layer's K/V buffer in :class:`~plait.core.backend_api.KVPool`) of the
 request's ``i``-th token. :class:`TokenSlotAllocator` hands those slots out in pages.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,7 +71,8 @@ class TokenSlotAllocator:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_slots <= 0 or num_slots % page_size:
             raise ValueError(
-                f"num_slots must be a positive multiple of page_size={page_size}, got {num_slots}")
+                f"num_slots must be a positive multiple of page_size={page_size}, got {num_slots}"
+            )
         self.num_slots = num_slots
         self.page_size = page_size
         self.num_pages = num_slots // page_size
@@ -97,14 +99,15 @@ class TokenSlotAllocator:
             if not 1 <= page <= self.num_pages or bool(self._is_free[page]):
                 raise ValueError(f"last_slot {last_slot} is not in an allocated page")
             k = min(ps - (last_slot + 1) % ps, n)
-            head = torch.arange(last_slot + 1, last_slot + 1 + k, dtype=torch.int64,
-                                device=self.device)
+            head = torch.arange(
+                last_slot + 1, last_slot + 1 + k, dtype=torch.int64, device=self.device
+            )
             n -= k
         num_pages = -(-n // ps)
         if num_pages > self._top:
             return None
         # flip: the stack's top is its end; flip also copies, so callers never see the stack.
-        pages = self._stack[self._top - num_pages:self._top].flip(0)
+        pages = self._stack[self._top - num_pages : self._top].flip(0)
         self._top -= num_pages
         self._is_free[pages] = False
         slots = pages if ps == 1 else (pages[:, None] * ps + self._offsets).flatten()[:n]
@@ -118,13 +121,15 @@ class TokenSlotAllocator:
         pages = torch.unique(slots if ps == 1 else slots // ps)  # sorted; duplicates dropped
         lo, hi = int(pages[0]), int(pages[-1])
         if lo < 1 or hi > self.num_pages:
-            raise ValueError(f"slots cover page {lo if lo < 1 else hi}, outside allocatable "
-                             f"pages 1..{self.num_pages}")
+            raise ValueError(
+                f"slots cover page {lo if lo < 1 else hi}, outside allocatable "
+                f"pages 1..{self.num_pages}"
+            )
         if bool(self._is_free[pages].any()):
             raise ValueError("slots cover a page that is already free (double free)")
         self._is_free[pages] = True
         k = pages.numel()
-        self._stack[self._top:self._top + k] = pages
+        self._stack[self._top : self._top + k] = pages
         self._top += k
 
     def available_size(self) -> int:

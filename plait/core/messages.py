@@ -10,6 +10,7 @@ per prompt for every other field) is unpacked by :meth:`GenerateReq.batch`; ``n 
 raises ``ValueError`` whose message starts with the parameter's name, which is how the HTTP
 layer names it in its 400 (``plait.server.protocol.param_of``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,10 @@ _PROMPT_FIELDS = ("text", "input_ids")
 @dataclass(frozen=True, kw_only=True)
 class RequestLimits:
     """What a request must fit. ``None`` means unknown where the check runs: not checked."""
+
     context_len: int | None = None
     vocab_size: int | None = None
-    max_total_tokens: int | None = None       # KV pool size; a prompt must fit it alone
+    max_total_tokens: int | None = None  # KV pool size; a prompt must fit it alone
     # Bounds on the work one request may ask for (a server's policy; the offline engine
     # leaves them unset): top_logprobs_num per position, and prompts x n per request.
     max_top_logprobs: int | None = None
@@ -39,6 +41,7 @@ class Bootstrap:
     """Where the prefill half of a disaggregated request meets its decode half: SGLang's
     gateway adds the same three fields to both (``plait.disaggregation``). ``room`` is the
     request's id on the prefill server's bootstrap socket at ``host:port``."""
+
     host: str
     port: int
     room: int
@@ -60,15 +63,16 @@ class GenerateReq:
     ``sampling_params`` accepts a dict (or ``None``) and is always a validated
     ``SamplingParams`` afterwards. ``rid=None`` means "assign one" (done by :meth:`expand`).
     """
+
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     rid: str | None = None
     return_logprob: bool = False
-    logprob_start_len: int = -1               # -1: no prompt logprobs
+    logprob_start_len: int = -1  # -1: no prompt logprobs
     top_logprobs_num: int = 0
     stream: bool = False
-    bootstrap: Bootstrap | None = None        # set by SGLang's gateway in PD mode
+    bootstrap: Bootstrap | None = None  # set by SGLang's gateway in PD mode
 
     def __post_init__(self) -> None:
         sp = self.sampling_params
@@ -93,13 +97,18 @@ class GenerateReq:
         prompts, batched = _split_prompts(values.get("text"), values.get("input_ids"))
         key = "text" if values.get("text") is not None else "input_ids"
         count = len(prompts)
-        per_prompt = {name: _per_prompt(name, values[name], count) for name in names
-                      if name not in _PROMPT_FIELDS and values.get(name) is not None}
+        per_prompt = {
+            name: _per_prompt(name, values[name], count)
+            for name in names
+            if name not in _PROMPT_FIELDS and values.get(name) is not None
+        }
         rid = values.get("rid")
         if isinstance(rid, str) and count > 1:
             per_prompt["rid"] = [f"{rid}-{i}" for i in range(count)]
-        msgs = [cls(**{key: prompt}, **{k: v[i] for k, v in per_prompt.items() if v[i] is not None})
-                for i, prompt in enumerate(prompts)]
+        msgs = [
+            cls(**{key: prompt}, **{k: v[i] for k, v in per_prompt.items() if v[i] is not None})
+            for i, prompt in enumerate(prompts)
+        ]
         return msgs, batched
 
     def tokenized(self, encode: Callable[[str], list[int]]) -> "GenerateReq":
@@ -125,25 +134,31 @@ class GenerateReq:
         sp.validate(vocab)
         ctx = limits.context_len
         if ctx is not None and len(ids) >= ctx:
-            raise ValueError(f"prompt has {len(ids)} tokens; the context length is {ctx} "
-                             "(prompts are never truncated)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context length is {ctx} "
+                "(prompts are never truncated)"
+            )
         if ctx is not None and len(ids) + sp.max_new_tokens > ctx:
-            raise ValueError(f"max_new_tokens ({sp.max_new_tokens}) plus the prompt "
-                             f"({len(ids)} tokens) exceeds the context length {ctx}")
+            raise ValueError(
+                f"max_new_tokens ({sp.max_new_tokens}) plus the prompt "
+                f"({len(ids)} tokens) exceeds the context length {ctx}"
+            )
         if limits.max_total_tokens is not None and len(ids) + 1 > limits.max_total_tokens:
-            raise ValueError(f"prompt has {len(ids)} tokens but the KV pool holds only "
-                             f"{limits.max_total_tokens} (max_total_tokens)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the KV pool holds only "
+                f"{limits.max_total_tokens} (max_total_tokens)"
+            )
         if not isinstance(self.return_logprob, bool):
             raise ValueError(f"return_logprob must be a boolean, got {self.return_logprob!r}")
         if not _is_int(self.logprob_start_len) or not -1 <= self.logprob_start_len <= len(ids):
-            raise ValueError(f"logprob_start_len must be an integer in [-1, {len(ids)}], "
-                             f"got {self.logprob_start_len!r}")
+            raise ValueError(
+                f"logprob_start_len must be an integer in [-1, {len(ids)}], "
+                f"got {self.logprob_start_len!r}"
+            )
         top = self.top_logprobs_num
-        top_max = min((m for m in (vocab, limits.max_top_logprobs) if m is not None),
-                      default=None)
+        top_max = min((m for m in (vocab, limits.max_top_logprobs) if m is not None), default=None)
         if not _is_int(top) or top < 0 or (top_max is not None and top > top_max):
-            raise ValueError(f"top_logprobs_num must be an integer in [0, {top_max}], "
-                             f"got {top!r}")
+            raise ValueError(f"top_logprobs_num must be an integer in [0, {top_max}], got {top!r}")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be a boolean, got {self.stream!r}")
         if self.rid is not None and (not isinstance(self.rid, str) or not self.rid):
@@ -160,12 +175,15 @@ class GenerateReq:
         if sp.n != 1:
             raise ValueError("n must be 1 with prefill/decode disaggregation")
         if self.return_logprob:
-            raise ValueError("return_logprob is not supported with prefill/decode "
-                             "disaggregation yet")
+            raise ValueError(
+                "return_logprob is not supported with prefill/decode disaggregation yet"
+            )
         for name in ("regex", "json_schema", "ebnf"):
             if getattr(sp, name) is not None:
-                raise ValueError(f"{name}: constrained decoding is not supported with "
-                                 "prefill/decode disaggregation yet")
+                raise ValueError(
+                    f"{name}: constrained decoding is not supported with "
+                    "prefill/decode disaggregation yet"
+                )
 
     def expand(self) -> list["GenerateReq"]:
         """One single-sample message per sample, each with a rid of its own (``rid-i`` when
@@ -175,11 +193,16 @@ class GenerateReq:
         sp = self.sampling_params
         if sp.n == 1:
             return [dataclasses.replace(self, rid=rid)]
-        return [dataclasses.replace(
-            self, rid=f"{rid}-{i}",
-            sampling_params=dataclasses.replace(sp, n=1,
-                                                seed=None if sp.seed is None else sp.seed + i))
-            for i in range(sp.n)]
+        return [
+            dataclasses.replace(
+                self,
+                rid=f"{rid}-{i}",
+                sampling_params=dataclasses.replace(
+                    sp, n=1, seed=None if sp.seed is None else sp.seed + i
+                ),
+            )
+            for i in range(sp.n)
+        ]
 
 
 def check_rooms(msgs: list[GenerateReq]) -> None:
@@ -187,8 +210,10 @@ def check_rooms(msgs: list[GenerateReq]) -> None:
     share one (``ValueError`` names ``bootstrap_room``)."""
     rooms = [m.bootstrap.room for m in msgs if m.bootstrap is not None]
     if len(rooms) != len(set(rooms)):
-        raise ValueError("bootstrap_room: one room per prompt; send a batch as separate "
-                         "requests with prefill/decode disaggregation")
+        raise ValueError(
+            "bootstrap_room: one room per prompt; send a batch as separate "
+            "requests with prefill/decode disaggregation"
+        )
 
 
 def check_sequences(msgs: list[GenerateReq], limits: RequestLimits) -> None:
@@ -197,25 +222,30 @@ def check_sequences(msgs: list[GenerateReq], limits: RequestLimits) -> None:
     names ``n``."""
     count = sum(m.sampling_params.n for m in msgs)
     if limits.max_sequences is not None and count > limits.max_sequences:
-        raise ValueError(f"n: the request asks for {count} sequences (prompts x n); at most "
-                         f"{limits.max_sequences} are allowed")
+        raise ValueError(
+            f"n: the request asks for {count} sequences (prompts x n); at most "
+            f"{limits.max_sequences} are allowed"
+        )
 
 
 @dataclass
 class AbortReq:
     """Stop ``rid`` and free its KV; an unknown or finished rid is ignored."""
+
     rid: str
 
 
 @dataclass
 class FlushCacheReq:
     """Empty the prefix cache (refused while requests run). ``req_id`` matches the reply."""
+
     req_id: int
 
 
 @dataclass
 class GetInfoReq:
     """Ask for the engine's server info (limits, KV usage, counters)."""
+
     req_id: int
 
 

@@ -4,6 +4,7 @@ ForwardBatch, runs it and returns logits. Knows nothing about queues or caching 
 Building (``prepare_*``, which writes the new tokens' slots into ``req_to_token``) and running
 (``run``) are separate so the overlap schedule can build batch N+1 on the scheduler thread
 while batch N runs on the executor's worker."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,14 @@ from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.request import Req
 
 if TYPE_CHECKING:
-    from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool,
-                                        ModelSpec, StepRunner)
+    from plait.core.backend_api import (
+        AttentionBackend,
+        Backend,
+        GraphRunner,
+        KVPool,
+        ModelSpec,
+        StepRunner,
+    )
 
 __all__ = ["ExtendItem", "ModelRunner", "build_model_runner", "default_model_runner"]
 
@@ -25,9 +32,15 @@ __all__ = ["ExtendItem", "ModelRunner", "build_model_runner", "default_model_run
 class ModelRunner:
     """The core's :class:`~plait.core.backend_api.StepRunner` over a torch model."""
 
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, attn: AttentionBackend,
-                 req_pool: ReqToTokenPool, device: torch.device,
-                 graph_runner: GraphRunner | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_pool: KVPool,
+        attn: AttentionBackend,
+        req_pool: ReqToTokenPool,
+        device: torch.device,
+        graph_runner: GraphRunner | None = None,
+    ):
         self.model = model
         self.kv_pool = kv_pool
         self.attn = attn
@@ -43,6 +56,7 @@ class ModelRunner:
         graph = self.graph_runner
         out = {"graph_capture": graph is not None, **(graph.stats() if graph else {})}
         from plait.core.tp.rank_facts import facts_of, has_facts
+
         if has_facts(self.model):
             if self._facts is None:  # weights and capture are fixed once built
                 self._facts = dataclasses.asdict(facts_of(self))
@@ -69,8 +83,8 @@ class ModelRunner:
         rows: list[int] = []
         row_counts: list[int] = []
         for it in items:
-            r2t[it.req.req_pool_idx, it.start:it.start + it.length] = it.slots.to(r2t.dtype)
-            input_ids.extend(it.req.fill_ids[it.start:it.start + it.length])
+            r2t[it.req.req_pool_idx, it.start : it.start + it.length] = it.slots.to(r2t.dtype)
+            input_ids.extend(it.req.fill_ids[it.start : it.start + it.length])
             positions.extend(range(it.start, it.start + it.length))
             locs.append(it.slots)
             base = len(input_ids) - it.length
@@ -79,20 +93,24 @@ class ModelRunner:
             row_counts.append(it.length - first)
         batch = ForwardBatch(
             is_decode=False,
-            input_ids=self._tensor(input_ids), positions=self._tensor(positions),
+            input_ids=self._tensor(input_ids),
+            positions=self._tensor(positions),
             out_cache_loc=torch.cat(locs).to(self.device),
             req_pool_indices=self._tensor([it.req.req_pool_idx for it in items]),
             seq_lens=self._tensor([it.start + it.length for it in items]),
             prefix_lens=self._tensor([it.start for it in items]),
             extend_lens=self._tensor([it.length for it in items]),
-            req_to_token=r2t, logits_rows=self._tensor(rows),
+            req_to_token=r2t,
+            logits_rows=self._tensor(rows),
             seq_lens_cpu=[it.start + it.length for it in items],
             prefix_lens_cpu=[it.start for it in items],
-            extend_lens_cpu=[it.length for it in items])
+            extend_lens_cpu=[it.length for it in items],
+        )
         return batch, row_counts
 
-    def prepare_decode(self, reqs: list[Req], slots: torch.Tensor,
-                       input_ids: list[int]) -> ForwardBatch:
+    def prepare_decode(
+        self, reqs: list[Req], slots: torch.Tensor, input_ids: list[int]
+    ) -> ForwardBatch:
         """The decode batch: ``input_ids[i]`` (a token, or a future-token placeholder the
         executor resolves) at position ``reqs[i].kv_len``."""
         r2t = self.req_pool.req_to_token
@@ -103,50 +121,68 @@ class ModelRunner:
         batch = ForwardBatch(
             is_decode=True,
             input_ids=self._tensor(input_ids),
-            positions=self._tensor(pos), out_cache_loc=slots.to(self.device),
-            req_pool_indices=idx, seq_lens=self._tensor(seq), prefix_lens=self._tensor(pos),
-            extend_lens=self._tensor([1] * len(reqs)), req_to_token=r2t,
+            positions=self._tensor(pos),
+            out_cache_loc=slots.to(self.device),
+            req_pool_indices=idx,
+            seq_lens=self._tensor(seq),
+            prefix_lens=self._tensor(pos),
+            extend_lens=self._tensor([1] * len(reqs)),
+            req_to_token=r2t,
             logits_rows=torch.arange(len(reqs), device=self.device),
-            seq_lens_cpu=seq, prefix_lens_cpu=pos, extend_lens_cpu=[1] * len(reqs))
+            seq_lens_cpu=seq,
+            prefix_lens_cpu=pos,
+            extend_lens_cpu=[1] * len(reqs),
+        )
         return batch
 
 
-def default_model_runner(backend: Backend, spec: ModelSpec, kv_pool: KVPool,
-                         req_pool: ReqToTokenPool) -> ModelRunner:
+def default_model_runner(
+    backend: Backend, spec: ModelSpec, kv_pool: KVPool, req_pool: ReqToTokenPool
+) -> ModelRunner:
     """The runner a backend gets unless it returns its own from ``create_model_runner``:
     ``spec.load_model``'s torch model on the backend's device with its attention and (when
     ``spec.graph_capture``) graph runner over ``kv_pool``."""
     if spec.load_model is None:
-        raise ValueError(f"backend {backend.name!r} uses the core's model runner, which needs "
-                         "ModelSpec.load_model (the composition root sets it from the model "
-                         "registry)")
+        raise ValueError(
+            f"backend {backend.name!r} uses the core's model runner, which needs "
+            "ModelSpec.load_model (the composition root sets it from the model "
+            "registry)"
+        )
     device, quant = backend.torch_device, spec.quantization
-    matmul = (backend.quantized_linear(quant.method, quant.activations)
-              if quant.method != "none" else None)
+    matmul = (
+        backend.quantized_linear(quant.method, quant.activations)
+        if quant.method != "none"
+        else None
+    )
     model = spec.load_model(spec, device, matmul)
     layers: Any = model.layers
     heads = layers[0].self_attn  # this rank's heads
-    attn = backend.create_attention_backend(kv_pool, heads.num_heads, heads.num_kv_heads,
-                                            head_dim_of(spec.hf_config))
+    attn = backend.create_attention_backend(
+        kv_pool, heads.num_heads, heads.num_kv_heads, head_dim_of(spec.hf_config)
+    )
     windows: tuple[int | None, ...] = model.sliding_windows  # type: ignore[assignment]
     attn.set_sliding_windows(windows)
-    graph = (backend.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture
-             else None)
+    graph = backend.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture else None
     return ModelRunner(model, kv_pool, attn, req_pool, device, graph)
 
 
-def build_model_runner(backend: Backend, spec: ModelSpec, num_slots: int, page_size: int,
-                       req_pool: ReqToTokenPool) -> tuple[StepRunner, TokenSlotAllocator]:
+def build_model_runner(
+    backend: Backend, spec: ModelSpec, num_slots: int, page_size: int, req_pool: ReqToTokenPool
+) -> tuple[StepRunner, TokenSlotAllocator]:
     """One rank's runner over its own KV pool (its shard's KV heads, ``num_slots`` slots) and
     the slot allocator, created in the order :class:`Backend` documents."""
     from plait.core.tp.sharding import shard_heads
 
     hf = spec.hf_config
-    shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size,
-                        spec.tp.rank)
-    kv_pool = backend.create_kv_pool(num_slots=num_slots, num_layers=hf.num_hidden_layers,
-                                     num_kv_heads=shard.num_kv_heads, head_dim=head_dim_of(hf),
-                                     dtype=spec.dtype, page_size=page_size)
+    shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size, spec.tp.rank)
+    kv_pool = backend.create_kv_pool(
+        num_slots=num_slots,
+        num_layers=hf.num_hidden_layers,
+        num_kv_heads=shard.num_kv_heads,
+        head_dim=head_dim_of(hf),
+        dtype=spec.dtype,
+        page_size=page_size,
+    )
     allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
     runner = backend.create_model_runner(spec, kv_pool, req_pool)
     if runner is None:

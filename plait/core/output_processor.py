@@ -12,6 +12,7 @@ It owns no request state: it moves requests in the :class:`~plait.core.req_table
 jump-forward), releases the KV of those that finished, and ends a failing one through the
 scheduler's ``end`` (which removes it wherever it is).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,9 +47,16 @@ class HandOff(Protocol):
 class OutputProcessor:
     """Applies batch results to their requests (see the module docstring)."""
 
-    def __init__(self, kv: KVManager, finisher: RequestFinisher, table: ReqTable,
-                 stats: SchedulerStats, config: SchedulerConfig,
-                 end: Callable[[Req, FinishReason], None], hand_off: HandOff | None = None):
+    def __init__(
+        self,
+        kv: KVManager,
+        finisher: RequestFinisher,
+        table: ReqTable,
+        stats: SchedulerStats,
+        config: SchedulerConfig,
+        end: Callable[[Req, FinishReason], None],
+        hand_off: HandOff | None = None,
+    ):
         self.kv = kv
         self.finisher = finisher
         self.table = table
@@ -85,8 +93,9 @@ class OutputProcessor:
             self._apply_extend(plan.items, plan.row_counts, result.logits)
         self._apply_tokens(plan, result)
 
-    def _apply_extend(self, items: list[ExtendItem], counts: list[int],
-                      logits: torch.Tensor | None) -> None:
+    def _apply_extend(
+        self, items: list[ExtendItem], counts: list[int], logits: torch.Tensor | None
+    ) -> None:
         """``logits`` is None only when the model sampled greedily itself, which it does
         only for batches that want no prompt logprobs."""
         row = 0
@@ -109,8 +118,11 @@ class OutputProcessor:
         if not req.input_token_logprobs and req.logprob_start_len == 0:
             req.input_token_logprobs.append((None, req.input_ids[0], None))
             req.input_top_logprobs.append(None)
-        targets = [(i, p + 1) for i, p in enumerate(range(first_pos, it.start + it.length))
-                   if req.logprob_start_len <= p + 1 < n_prompt]
+        targets = [
+            (i, p + 1)
+            for i, p in enumerate(range(first_pos, it.start + it.length))
+            if req.logprob_start_len <= p + 1 < n_prompt
+        ]
         if not targets:
             return
         sel = rows[[i for i, _ in targets]]
@@ -126,24 +138,33 @@ class OutputProcessor:
         for i, req in enumerate(reqs):
             if not result.skipped[i] and req.return_logprob:
                 raw_row[i] = len(raw_row)
-        live = [i for i, req in enumerate(reqs) if not result.skipped[i] and not req.finished
-                and len(req.output_ids) == plan.expect[i]]
+        live = [
+            i
+            for i, req in enumerate(reqs)
+            if not result.skipped[i] and not req.finished and len(req.output_ids) == plan.expect[i]
+        ]
         for i in live:
             if result.tokens[i] is None:  # invalid distribution: this request alone fails
-                self.end(reqs[i], FinishReason.error(
-                    "the sampling distribution is invalid (NaN or no possible token)"))
+                self.end(
+                    reqs[i],
+                    FinishReason.error(
+                        "the sampling distribution is invalid (NaN or no possible token)"
+                    ),
+                )
         tokens = {i: t for i in live if (t := result.tokens[i]) is not None}
         lp = [i for i in tokens if reqs[i].return_logprob]
         if lp:
             assert result.raw is not None  # kept for every return_logprob row
             top_k = max(reqs[i].top_logprobs_num for i in lp)
-            chosen, tops = token_logprobs(result.raw[[raw_row[i] for i in lp]],
-                                          [tokens[i] for i in lp], top_k)
+            chosen, tops = token_logprobs(
+                result.raw[[raw_row[i] for i in lp]], [tokens[i] for i in lp], top_k
+            )
             for k, i in enumerate(lp):
                 reqs[i].output_token_logprobs.append((chosen[k], tokens[i], None))
                 n = reqs[i].top_logprobs_num
                 reqs[i].output_top_logprobs.append(
-                    [(v, t, None) for v, t in tops[k][:n]] if n else None)
+                    [(v, t, None) for v, t in tops[k][:n]] if n else None
+                )
         self.stats.generated_tokens += len(tokens)
         for i, token in tokens.items():
             self._append(reqs[i], token)
@@ -168,11 +189,17 @@ class OutputProcessor:
         """Append the grammar's forced continuation (already accepted by the grammar);
         returns how many tokens it appended."""
         from plait.core.jump_forward import jump_forward_tokens
+
         tokens = jump_forward_tokens(req.grammar, self.finisher.tokenizer, req.output_ids)
-        room = max(0, min(req.sampling.max_new_tokens - len(req.output_ids),
-                          self.config.context_len - len(req.fill_ids),
-                          # alone it must still fit the KV pool (decode aborts it there)
-                          self.kv.num_slots - len(req.fill_ids)))
+        room = max(
+            0,
+            min(
+                req.sampling.max_new_tokens - len(req.output_ids),
+                self.config.context_len - len(req.fill_ids),
+                # alone it must still fit the KV pool (decode aborts it there)
+                self.kv.num_slots - len(req.fill_ids),
+            ),
+        )
         if len(tokens) > room:
             req.grammar.rollback(len(tokens) - room)
             tokens = tokens[:room]

@@ -13,6 +13,7 @@ What holds after a round:
 - Every planned item holds its KV slots; admitted requests have left ``waiting``. A request
   whose allocation fails stays queued and holds nothing it did not hold before.
 """
+
 from __future__ import annotations
 
 from plait.core.kv_manager import KVManager, PrefixMatch
@@ -25,15 +26,22 @@ from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 
 def decode_reservation(reqs: list[Req], new_token_ratio: float) -> int:
     """KV to keep free for ``reqs``' remaining output: a ``new_token_ratio`` share of it."""
-    return int(sum(max(r.sampling.max_new_tokens - len(r.output_ids), 0)
-                   for r in reqs) * new_token_ratio)
+    return int(
+        sum(max(r.sampling.max_new_tokens - len(r.output_ids), 0) for r in reqs) * new_token_ratio
+    )
 
 
 class PrefillAdder:
     """Plans one extend batch (see the module docstring for what holds)."""
 
-    def __init__(self, kv: KVManager, table: ReqTable, stats: SchedulerStats,
-                 config: SchedulerConfig, new_token_ratio: float):
+    def __init__(
+        self,
+        kv: KVManager,
+        table: ReqTable,
+        stats: SchedulerStats,
+        config: SchedulerConfig,
+        new_token_ratio: float,
+    ):
         self.kv = kv
         self.table = table
         self.stats = stats
@@ -69,8 +77,10 @@ class PrefillAdder:
     def _try_add(self, req: Req) -> bool:
         """Admit ``req`` if it fits; False when this round takes no more requests."""
         cfg = self.config
-        if self.budget <= 0 or len(self.table.running) + len(self.items) >= \
-                cfg.max_running_requests:
+        if (
+            self.budget <= 0
+            or len(self.table.running) + len(self.items) >= cfg.max_running_requests
+        ):
             return False
         prefix: PrefixMatch | None = None
         if req.req_pool_idx is not None:
@@ -88,8 +98,7 @@ class PrefillAdder:
         nothing_running = not self.table.running and not self.items
         if self.kv.free_tokens() < need + (0 if nothing_running else reserve):
             return False
-        item = plan_chunk(self.kv, req, need) if prefix is None else self._admit(req, prefix,
-                                                                                  need)
+        item = plan_chunk(self.kv, req, need) if prefix is None else self._admit(req, prefix, need)
         if item is None:
             return False
         self.table.waiting.remove(req)

@@ -12,6 +12,7 @@ Invariants:
 - ``evictable_size()`` counts tokens in nodes with ``lock_ref == 0``; ``protected_size()`` the
   rest. Both are counters kept up to date on every change, not recomputed.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -27,8 +28,13 @@ class TreeNode:
 
     _ids = itertools.count()
 
-    def __init__(self, parent: TreeNode | None, key: list[int], value: torch.Tensor,
-                 last_access_time: int = 0):
+    def __init__(
+        self,
+        parent: TreeNode | None,
+        key: list[int],
+        value: torch.Tensor,
+        last_access_time: int = 0,
+    ):
         self.parent = parent
         self.children: dict = {}
         self.key = key
@@ -52,8 +58,9 @@ class RadixCache:
 
     def __init__(self, allocator: TokenSlotAllocator, page_size: int = 1):
         if page_size != allocator.page_size:
-            raise ValueError(f"page_size={page_size} differs from the allocator's "
-                             f"{allocator.page_size}")
+            raise ValueError(
+                f"page_size={page_size} differs from the allocator's {allocator.page_size}"
+            )
         self.allocator = allocator
         self.page_size = page_size
         self.device = allocator.device
@@ -96,7 +103,7 @@ class RadixCache:
         if len(value) != len(key):
             raise ValueError(f"value has {len(value)} slots for a key of {len(key)} tokens")
         key = self._page_aligned(key)
-        value = value[:len(key)]
+        value = value[: len(key)]
         now = self._tick()
         node = self.root_node
         present = 0
@@ -142,7 +149,8 @@ class RadixCache:
         """Frees least-recently-used unlocked leaves until ``num_tokens`` tokens are freed or
         nothing is evictable; a parent left childless becomes a candidate. Returns tokens freed."""
         heap: list[tuple[int, int, TreeNode]] = [
-            (n.last_access_time, n.id, n) for n in self._unlocked_leaves()]
+            (n.last_access_time, n.id, n) for n in self._unlocked_leaves()
+        ]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
@@ -175,14 +183,18 @@ class RadixCache:
         self._new_tree()
 
     def pretty_print(self) -> str:
-        lines = [f"RadixCache(total={self.total_size()}, evictable={self._evictable}, "
-                 f"protected={self._protected})"]
+        lines = [
+            f"RadixCache(total={self.total_size()}, evictable={self._evictable}, "
+            f"protected={self._protected})"
+        ]
         stack = [(c, 1) for c in reversed(list(self.root_node.children.values()))]
         while stack:
             node, depth = stack.pop()
             head = " ".join(map(str, node.key[:8])) + (" ..." if len(node.key) > 8 else "")
-            lines.append(f"{'  ' * depth}[{head}] len={len(node.key)} lock={node.lock_ref} "
-                         f"t={node.last_access_time}")
+            lines.append(
+                f"{'  ' * depth}[{head}] len={len(node.key)} lock={node.lock_ref} "
+                f"t={node.last_access_time}"
+            )
             stack.extend((c, depth + 1) for c in reversed(list(node.children.values())))
         return "\n".join(lines)
 
@@ -204,10 +216,10 @@ class RadixCache:
 
     def _page_aligned(self, key: list[int]) -> list[int]:
         # A list copy: node keys are lists, and a tuple page never equals a list page.
-        return list(key[:len(key) // self.page_size * self.page_size])
+        return list(key[: len(key) // self.page_size * self.page_size])
 
     def _child_key(self, key: list[int]):
-        return key[0] if self.page_size == 1 else tuple(key[:self.page_size])
+        return key[0] if self.page_size == 1 else tuple(key[: self.page_size])
 
     def _match_len(self, a: list[int], b: list[int]) -> int:
         """Length of the common prefix of a and b, in whole pages."""
@@ -217,7 +229,7 @@ class RadixCache:
             while i < n and a[i] == b[i]:
                 i += 1
         else:
-            while i < n and a[i:i + ps] == b[i:i + ps]:
+            while i < n and a[i : i + ps] == b[i : i + ps]:
                 i += ps
         return i
 
@@ -242,5 +254,8 @@ class RadixCache:
             stack.extend(node.children.values())
 
     def _unlocked_leaves(self) -> list[TreeNode]:
-        return [n for n in self._nodes()
-                if not n.children and n.lock_ref == 0 and n is not self.root_node]
+        return [
+            n
+            for n in self._nodes()
+            if not n.children and n.lock_ref == 0 and n is not self.root_node
+        ]

@@ -13,6 +13,7 @@
 A request is in at most one of ``waiting``, ``running`` and ``chunked``. Only the scheduler
 thread reads or writes the table. It moves requests; it never touches their KV.
 """
+
 from __future__ import annotations
 
 from collections import deque

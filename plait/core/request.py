@@ -1,4 +1,5 @@
 """A request's state as it moves through the scheduler."""
+
 from __future__ import annotations
 
 import time
@@ -34,22 +35,22 @@ class Req:
     top_logprobs_num: int = 0
     stream: bool = False
     on_output: Callable[["Req", bool], None] | None = None
-    grammar: Any = None                      # plait.core.grammar.GrammarState when constrained
-    bootstrap: Any = None                    # plait.core.messages.Bootstrap (disaggregated)
+    grammar: Any = None  # plait.core.grammar.GrammarState when constrained
+    bootstrap: Any = None  # plait.core.messages.Bootstrap (disaggregated)
 
     output_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None
     kv_len: int = 0
     cache_len: int = 0
     last_node: Any = None
-    cached_tokens: int = 0                   # prompt tokens served from the prefix cache
-    reason: FinishReason | None = None       # set once, by ``finish``
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    reason: FinishReason | None = None  # set once, by ``finish``
     generator: torch.Generator | None = None
-    future: int | None = None                # placeholder of the next token, while in flight
+    future: int | None = None  # placeholder of the next token, while in flight
 
-    detok: Any = None                        # IncrementalDetokenizer
-    text: str = ""                           # output text so far (stop strings trimmed)
-    sent_len: int = 0                        # chars of text already streamed
+    detok: Any = None  # IncrementalDetokenizer
+    text: str = ""  # output text so far (stop strings trimmed)
+    sent_len: int = 0  # chars of text already streamed
 
     input_token_logprobs: list = field(default_factory=list)
     input_top_logprobs: list = field(default_factory=list)

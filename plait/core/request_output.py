@@ -1,5 +1,6 @@
 """After each sampled token: advance the grammar, detokenize, decide whether the request is
 done, and hand its output to whoever waits for it."""
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,9 @@ class RequestFinisher:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
 
-    def append_token(self, req: Req, token: int, context_len: int,
-                     grammar_accepted: bool = False) -> None:
+    def append_token(
+        self, req: Req, token: int, context_len: int, grammar_accepted: bool = False
+    ) -> None:
         sp = req.sampling
         req.output_ids.append(token)
         if req.first_token_time is None:
@@ -41,7 +43,7 @@ class RequestFinisher:
             hit = find_stop(text, sp.stop, checked)
             if hit is not None:
                 i, s = hit
-                req.text = text[:i + len(s)] if sp.no_stop_trim else text[:i]
+                req.text = text[: i + len(s)] if sp.no_stop_trim else text[:i]
                 req.finish(FinishReason.stop(s))
                 return
         if n_out >= sp.max_new_tokens:
@@ -54,8 +56,9 @@ class RequestFinisher:
     def _detokenize(self, req: Req) -> None:
         if req.detok is None:
             sp = req.sampling
-            req.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens,
-                                               sp.spaces_between_special_tokens)
+            req.detok = IncrementalDetokenizer(
+                self.tokenizer, sp.skip_special_tokens, sp.spaces_between_special_tokens
+            )
         req.detok.update(req.output_ids)
         req.text = req.detok.text
 
@@ -70,8 +73,9 @@ class RequestFinisher:
             ids = ids[:-1]
         if req.detok is None:
             sp = req.sampling
-            req.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens,
-                                               sp.spaces_between_special_tokens)
+            req.detok = IncrementalDetokenizer(
+                self.tokenizer, sp.skip_special_tokens, sp.spaces_between_special_tokens
+            )
         req.detok.update(ids)
         req.detok.flush(ids)
         req.text = req.detok.text
@@ -93,4 +97,4 @@ class RequestFinisher:
         may still turn out to be the start of a stop string."""
         if req.finished or not req.sampling.stop:
             return req.text
-        return req.text[:len(req.text) - stop_holdback(req.text, req.sampling.stop)]
+        return req.text[: len(req.text) - stop_holdback(req.text, req.sampling.stop)]

@@ -11,6 +11,7 @@ probabilities that do not sum to a positive finite number) gets ``None`` instead
 the caller fails that request alone and its neighbours' tokens are exactly what they would
 have been without it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> None:
         if sp.repetition_penalty != 1.0:
             ids = torch.tensor(sorted(set(req.fill_ids)), device=logits.device)
             vals = logits[i, ids]
-            logits[i, ids] = torch.where(vals > 0, vals / sp.repetition_penalty,
-                                         vals * sp.repetition_penalty)
+            logits[i, ids] = torch.where(
+                vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
+            )
 
 
 def apply_logit_bias(logits: torch.Tensor, reqs: list[Req]) -> None:
@@ -50,8 +52,11 @@ def apply_logit_bias(logits: torch.Tensor, reqs: list[Req]) -> None:
             vals.extend(bias.values())
     if rows:
         device = logits.device
-        logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                          torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
+        logits.index_put_(
+            (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+            torch.tensor(vals, dtype=logits.dtype, device=device),
+            accumulate=True,
+        )
 
 
 def mask_min_tokens(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> None:
@@ -65,8 +70,9 @@ def mask_min_tokens(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) ->
                 logits[i, list(banned)] = float("-inf")
 
 
-def filter_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                 min_p: float) -> torch.Tensor:
+def filter_probs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> torch.Tensor:
     """Probabilities of one row after temperature, top-k, top-p and min-p."""
     probs = torch.softmax(logits / temperature, dim=-1)
     if 0 < top_k < probs.shape[-1]:
@@ -89,9 +95,16 @@ def takes_plain_argmax(req: Req) -> bool:
     logprobs. A batch of only such requests may be answered with tokens instead of logits
     (``ForwardBatch.greedy_only``: the CPU backend's fused greedy LM head never sees a bias)."""
     sp = req.sampling
-    return (sp.is_greedy and not sp.frequency_penalty and not sp.presence_penalty
-            and sp.repetition_penalty == 1.0 and sp.min_new_tokens == 0
-            and not sp.logit_bias and req.grammar is None and not req.return_logprob)
+    return (
+        sp.is_greedy
+        and not sp.frequency_penalty
+        and not sp.presence_penalty
+        and sp.repetition_penalty == 1.0
+        and sp.min_new_tokens == 0
+        and not sp.logit_bias
+        and req.grammar is None
+        and not req.return_logprob
+    )
 
 
 def _greedy_and_valid(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
@@ -115,16 +128,22 @@ def _sample_row(logits: torch.Tensor, req: Req) -> int | None:
 def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int | None]:
     """One token per row of ``logits`` ([B, V], float32, modified in place); ``None`` for a
     row whose distribution is invalid (see the module docstring)."""
-    needs_processing = any(r.sampling.frequency_penalty or r.sampling.presence_penalty
-                           or r.sampling.repetition_penalty != 1.0
-                           or len(r.output_ids) < r.sampling.min_new_tokens
-                           or r.sampling.logit_bias or r.grammar is not None for r in reqs)
+    needs_processing = any(
+        r.sampling.frequency_penalty
+        or r.sampling.presence_penalty
+        or r.sampling.repetition_penalty != 1.0
+        or len(r.output_ids) < r.sampling.min_new_tokens
+        or r.sampling.logit_bias
+        or r.grammar is not None
+        for r in reqs
+    )
     if needs_processing:
         apply_penalties(logits, reqs)
         apply_logit_bias(logits, reqs)
         mask_min_tokens(logits, reqs, eos_ids)
         if any(r.grammar is not None for r in reqs):
             from plait.core.grammar import apply_grammar_masks
+
             apply_grammar_masks(logits, [r.grammar for r in reqs])
     greedy, ok = _greedy_and_valid(logits)
     tokens: list[int | None] = []
@@ -142,8 +161,9 @@ def sample(logits: torch.Tensor, reqs: list[Req], eos_ids: set[int]) -> list[int
     return tokens
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_k: int
-                   ) -> tuple[list[float], list[list[tuple[float, int]]]]:
+def token_logprobs(
+    logits: torch.Tensor, token_ids: list[int], top_k: int
+) -> tuple[list[float], list[list[tuple[float, int]]]]:
     """Log-probabilities of ``token_ids`` under each row of ``logits`` (the model's own
     distribution, before sampling filters), plus each row's top-k alternatives."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -5,6 +5,7 @@ Invariant after ``normalize()``: every number is finite and in a range whose ari
 overflow float32 in the sampler (so one request's values can never produce inf/NaN for its
 batch); a temperature below ``GREEDY_TEMPERATURE`` is exactly 0 (greedy), as in SGLang.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,11 @@ from typing import Any
 
 _UNSET = object()
 
-GREEDY_TEMPERATURE = 1e-5        # below this, sampling is argmax (SGLang's _SAMPLING_EPS)
-MIN_REPETITION_PENALTY = 1e-2    # logits are divided by it: 1e-45 turns them into inf
-MAX_SEED = 2**63 - 1             # torch.Generator.manual_seed's range (seed + i for n > 1)
-MAX_GRAMMAR_CHARS = 64 * 1024    # regex / json_schema / ebnf text; compile time grows with it
-MAX_LOGIT_BIAS = 100.0           # OpenAI's range for one token's bias: [-100, 100]
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is argmax (SGLang's _SAMPLING_EPS)
+MIN_REPETITION_PENALTY = 1e-2  # logits are divided by it: 1e-45 turns them into inf
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range (seed + i for n > 1)
+MAX_GRAMMAR_CHARS = 64 * 1024  # regex / json_schema / ebnf text; compile time grows with it
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias: [-100, 100]
 
 
 @dataclass
@@ -26,7 +27,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1               # -1 (or 0) = whole vocabulary
+    top_k: int = -1  # -1 (or 0) = whole vocabulary
     min_p: float = 0.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -91,54 +92,102 @@ class SamplingParams:
         def is_num(x: Any) -> bool:  # finite: inf and NaN are never a sampling setting
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
-              "must be an integer >= 0")
-        check(is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
-              "must be an integer >= 0")
-        check(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
-              "must be <= max_new_tokens")
-        check(is_num(self.temperature) and self.temperature >= 0, "temperature",
-              "must be a finite number >= 0")
+        check(
+            is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+            "max_new_tokens",
+            "must be an integer >= 0",
+        )
+        check(
+            is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+            "min_new_tokens",
+            "must be an integer >= 0",
+        )
+        check(
+            self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            "must be <= max_new_tokens",
+        )
+        check(
+            is_num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be a finite number >= 0",
+        )
         check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0), "top_k",
-              "must be -1 (disabled) or a non-negative integer")
+        check(
+            is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+            "top_k",
+            "must be -1 (disabled) or a non-negative integer",
+        )
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-              "frequency_penalty", "must be in [-2, 2]")
-        check(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-              "presence_penalty", "must be in [-2, 2]")
-        check(is_num(self.repetition_penalty)
-              and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
-              "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, 2]")
+        check(
+            is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            "must be in [-2, 2]",
+        )
+        check(
+            is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            "must be in [-2, 2]",
+        )
+        check(
+            is_num(self.repetition_penalty)
+            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2,
+            "repetition_penalty",
+            f"must be in [{MIN_REPETITION_PENALTY}, 2]",
+        )
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
-        check(self.seed is None or (is_int(self.seed) and is_int(self.n)
-                                    and 0 <= self.seed <= MAX_SEED - self.n + 1),
-              "seed", "must be an integer in [0, 2**63 - n] or null")
-        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
-              "stop", "must be a non-empty string or a list of them")
-        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0
-                                                             for t in self.stop_token_ids),
-              "stop_token_ids", "must be a list of non-negative integers")
-        check(self.logit_bias is None or (
-            isinstance(self.logit_bias, dict)
-            and all(is_int(t) and t >= 0 and isinstance(b, (int, float))
-                    and not isinstance(b, bool) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
-                    for t, b in self.logit_bias.items())),
-            "logit_bias", "must map token ids to biases in [-100, 100]")
+        check(
+            self.seed is None
+            or (is_int(self.seed) and is_int(self.n) and 0 <= self.seed <= MAX_SEED - self.n + 1),
+            "seed",
+            "must be an integer in [0, 2**63 - n] or null",
+        )
+        check(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            "must be a non-empty string or a list of them",
+        )
+        check(
+            isinstance(self.stop_token_ids, list)
+            and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be a list of non-negative integers",
+        )
+        check(
+            self.logit_bias is None
+            or (
+                isinstance(self.logit_bias, dict)
+                and all(
+                    is_int(t)
+                    and t >= 0
+                    and isinstance(b, (int, float))
+                    and not isinstance(b, bool)
+                    and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+                    for t, b in self.logit_bias.items()
+                )
+            ),
+            "logit_bias",
+            "must map token ids to biases in [-100, 100]",
+        )
         if vocab_size is not None:
-            check(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
-                  f"must be < vocab size {vocab_size}")
+            check(
+                all(t < vocab_size for t in self.stop_token_ids),
+                "stop_token_ids",
+                f"must be < vocab size {vocab_size}",
+            )
             bad = [t for t in self.logit_bias or () if t >= vocab_size]
             if bad:
-                raise ValueError(f"logit_bias holds token ids outside [0, {vocab_size}): "
-                                 f"{bad[:5]}")
+                raise ValueError(f"logit_bias holds token ids outside [0, {vocab_size}): {bad[:5]}")
         constraints = [c for c in ("regex", "json_schema", "ebnf") if getattr(self, c) is not None]
         if len(constraints) > 1:
             raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {constraints}")
         for c in constraints:
             check(isinstance(getattr(self, c), str), c, "must be a string")
-            check(len(getattr(self, c)) <= MAX_GRAMMAR_CHARS, c,
-                  f"must be at most {MAX_GRAMMAR_CHARS} characters")
+            check(
+                len(getattr(self, c)) <= MAX_GRAMMAR_CHARS,
+                c,
+                f"must be at most {MAX_GRAMMAR_CHARS} characters",
+            )
 
     def check_grammar_syntax(self) -> None:
         """Cheap syntax checks of ``regex`` (Python's ``re``) and ``json_schema`` (JSON, an
@@ -180,7 +229,8 @@ def _normalize_logit_bias(bias: Any) -> Any:
         if isinstance(key, str) and key.isascii() and key.isdigit():
             key = int(key)
         elif not (isinstance(key, int) and not isinstance(key, bool)):
-            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), "
-                             f"got {str(key)[:40]!r}")
+            raise ValueError(
+                f"logit_bias keys must be token ids (non-negative integers), got {str(key)[:40]!r}"
+            )
         out[key] = value
     return out or None

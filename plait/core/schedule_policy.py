@@ -6,6 +6,7 @@ Both are cache-aware through :class:`InBatchPrefixDedup`: when several waiting r
 prefix that is not cached yet, only one of them computes it in this step; the others wait one
 step and then find it in the radix tree.
 """
+
 from __future__ import annotations
 
 from plait.core.kv_manager import KVManager

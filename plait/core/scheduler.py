@@ -23,6 +23,7 @@ retracts under pressure; ``output_processor.py`` applies results. This module bu
 from their plans, runs the step, and ends requests (``abort``, errors): a request ends by
 leaving the table, releasing its KV and reporting a :class:`FinishReason`, in one place.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,22 +61,30 @@ class _CallableHandOff:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, kv: KVManager, finisher: RequestFinisher,
-                 config: SchedulerConfig, *, disaggregation: HandOff | None = None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        kv: KVManager,
+        finisher: RequestFinisher,
+        config: SchedulerConfig,
+        *,
+        disaggregation: HandOff | None = None,
+    ):
         """``disaggregation``: on a prefill server, the side each request is handed to once
         its first token is sampled (see :class:`HandOff`); None everywhere else."""
         self.runner = runner
-        self.executor = BatchExecutor(runner, finisher.eos_ids, config.max_running_requests,
-                                      overlap=config.overlap)
+        self.executor = BatchExecutor(
+            runner, finisher.eos_ids, config.max_running_requests, overlap=config.overlap
+        )
         self.kv = kv
         self.finisher = finisher
         self.config = config
         self.stats = SchedulerStats()
         self.table = ReqTable()
-        self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain,
-                                      self._end)
-        self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end,
-                                      disaggregation)
+        self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
+        self.output = OutputProcessor(
+            kv, finisher, self.table, self.stats, config, self._end, disaggregation
+        )
 
     # ----- views kept for callers (engine info, tests) -----
 
@@ -151,8 +160,7 @@ class Scheduler:
     def abort_room(self, room: int) -> bool:
         """Abort the request of disaggregation bootstrap room ``room`` (prefill mode: its
         decode half is gone), wherever it is before its hand-off."""
-        req = self.table.find_where(lambda r: r.bootstrap is not None
-                                    and r.bootstrap.room == room)
+        req = self.table.find_where(lambda r: r.bootstrap is not None and r.bootstrap.room == room)
         return req is not None and self.abort(req.rid)
 
     def flush_cache(self) -> bool:
@@ -188,7 +196,8 @@ class Scheduler:
         nested = self.stats.process_seconds + self.stats.wait_seconds
         plan = self._plan()
         self.stats.schedule_seconds += (time.perf_counter() - t0) - (
-            self.stats.process_seconds + self.stats.wait_seconds - nested)  # minus drains
+            self.stats.process_seconds + self.stats.wait_seconds - nested
+        )  # minus drains
         inflight = self.table.inflight
         if plan is not None:
             inflight.append((plan, self.executor.launch(plan)))
@@ -209,8 +218,9 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[ExtendItem]:
         """This step's extend items (admission: see ``prefill.py``); their KV is allocated."""
-        return PrefillAdder(self.kv, self.table, self.stats, self.config,
-                            self.decode.new_token_ratio).schedule()
+        return PrefillAdder(
+            self.kv, self.table, self.stats, self.config, self.decode.new_token_ratio
+        ).schedule()
 
     def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> PlannedBatch | None:
         """A batch that cannot be built finishes its own requests with an error."""
@@ -256,8 +266,9 @@ class Scheduler:
                 sample_rows.append(row - 1)
                 if req not in self.table.running:
                     self.table.running.append(req)
-        return self._planned(batch, items, counts, [it.req for it in items], sample_reqs,
-                             sample_rows, decode=False)
+        return self._planned(
+            batch, items, counts, [it.req for it in items], sample_reqs, sample_rows, decode=False
+        )
 
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
         reqs, slots = decode
@@ -268,9 +279,16 @@ class Scheduler:
         self.decode.decayed()
         return self._planned(batch, None, [], reqs, reqs, list(range(len(reqs))), decode=True)
 
-    def _planned(self, batch: Any, items: list[ExtendItem] | None, counts: list[int],
-                 reqs: list[Req], sample_reqs: list[Req], sample_rows: list[int],
-                 decode: bool) -> PlannedBatch:
+    def _planned(
+        self,
+        batch: Any,
+        items: list[ExtendItem] | None,
+        counts: list[int],
+        reqs: list[Req],
+        sample_reqs: list[Req],
+        sample_rows: list[int],
+        decode: bool,
+    ) -> PlannedBatch:
         """Give each sampling row its placeholder and the output count it must still match.
         Only a decode feeds placeholders: a request extends only tokens it knows, and any
         ``future`` it still carries then belongs to a row that processing will discard."""
@@ -280,13 +298,26 @@ class Scheduler:
         for req, f in zip(sample_reqs, futures):
             req.future = f
         self.stats.forward_passes += 1
-        return PlannedBatch(batch, items, counts, reqs, sample_reqs, sample_rows, expect,
-                            futures, needs_state=any(_needs_state(r) for r in sample_reqs),
-                            has_placeholders=any(pending))
+        return PlannedBatch(
+            batch,
+            items,
+            counts,
+            reqs,
+            sample_reqs,
+            sample_rows,
+            expect,
+            futures,
+            needs_state=any(_needs_state(r) for r in sample_reqs),
+            has_placeholders=any(pending),
+        )
 
 
 def _needs_state(req: Req) -> bool:
     """Sampling for ``req`` reads state that processing the previous batch may change."""
     sp = req.sampling
-    return (req.grammar is not None or bool(sp.frequency_penalty or sp.presence_penalty)
-            or sp.repetition_penalty != 1.0 or sp.min_new_tokens > 0)
+    return (
+        req.grammar is not None
+        or bool(sp.frequency_penalty or sp.presence_penalty)
+        or sp.repetition_penalty != 1.0
+        or sp.min_new_tokens > 0
+    )

@@ -3,6 +3,7 @@
 ``SchedulerConfig`` is fixed when the engine starts. ``SchedulerStats`` only grows: each
 field is a running total the engine reports through ``get_server_info``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,29 +12,29 @@ from dataclasses import dataclass
 @dataclass
 class SchedulerConfig:
     max_running_requests: int = 64
-    chunked_prefill_size: int | None = None   # None: prompts are prefilled whole
-    max_prefill_tokens: int = 8192            # token budget of one prefill batch
+    chunked_prefill_size: int | None = None  # None: prompts are prefilled whole
+    max_prefill_tokens: int = 8192  # token budget of one prefill batch
     schedule_policy: str = "lpm"
     context_len: int = 8192
-    enable_jump_forward: bool = True          # grammar-forced text in one extend step
-    init_new_token_ratio: float = 0.7         # share of max_new_tokens reserved per request
+    enable_jump_forward: bool = True  # grammar-forced text in one extend step
+    init_new_token_ratio: float = 0.7  # share of max_new_tokens reserved per request
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
-    overlap: bool = True                      # run forwards on a worker, one batch ahead
+    overlap: bool = True  # run forwards on a worker, one batch ahead
 
 
 @dataclass
 class SchedulerStats:
-    prefill_tokens: int = 0      # tokens actually computed in extend steps
-    cached_tokens: int = 0       # prompt tokens served from the prefix cache
+    prefill_tokens: int = 0  # tokens actually computed in extend steps
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_tokens: int = 0
     generated_tokens: int = 0
     forward_passes: int = 0
     retractions: int = 0
-    jump_forward_tokens: int = 0 # grammar-forced output tokens that skipped a decode step
+    jump_forward_tokens: int = 0  # grammar-forced output tokens that skipped a decode step
     # Seconds spent per phase, summed over all steps (divide by forward_passes for a step):
     schedule_seconds: float = 0.0  # scheduler thread: admission, retraction, building batches
-    forward_seconds: float = 0.0   # executor: the model's forward
-    sample_seconds: float = 0.0    # executor: logits processing and sampling
-    process_seconds: float = 0.0   # scheduler thread: appending tokens, finishing, outputs
-    wait_seconds: float = 0.0      # scheduler thread blocked on a result it must process
+    forward_seconds: float = 0.0  # executor: the model's forward
+    sample_seconds: float = 0.0  # executor: logits processing and sampling
+    process_seconds: float = 0.0  # scheduler thread: appending tokens, finishing, outputs
+    wait_seconds: float = 0.0  # scheduler thread blocked on a result it must process

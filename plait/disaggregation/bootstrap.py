@@ -15,6 +15,7 @@ in ``bootstrap_port``); each decode server binds one of its own for notification
 Where SGLang's prefill registers with an HTTP bootstrap server that decode ranks query for the
 rank's address, a Plait prefill server is one rank, so its bootstrap port is that address.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ from plait.disaggregation.transfer import TransferError, contiguous_runs
 class KVLayout:
     """Where slot ``s`` of K/V buffer ``i`` is: ``bases[i] + s * slot_bytes``. The same model
     and dtype on both sides give the same number of buffers and ``slot_bytes``."""
+
     bases: tuple[int, ...]
     slot_bytes: int
 
@@ -41,14 +43,17 @@ class KVLayout:
             raise ValueError("KV buffers must be contiguous with one slot size")
         return cls(tuple(b.data_ptr() for b in buffers), sizes.pop())
 
-    def writes(self, dst: "KVLayout", src_slots: list[int], dst_slots: list[int]
-               ) -> tuple[list[int], list[int], list[int]]:
+    def writes(
+        self, dst: "KVLayout", src_slots: list[int], dst_slots: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
         """Source addresses, destination addresses and lengths copying ``src_slots`` of every
         buffer here to ``dst_slots`` of the same buffer there."""
         if (len(self.bases), self.slot_bytes) != (len(dst.bases), dst.slot_bytes):
-            raise TransferError(f"KV layouts differ: {len(self.bases)} buffers of "
-                                f"{self.slot_bytes} B/slot here, {len(dst.bases)} of "
-                                f"{dst.slot_bytes} there (same model and dtype needed)")
+            raise TransferError(
+                f"KV layouts differ: {len(self.bases)} buffers of "
+                f"{self.slot_bytes} B/slot here, {len(dst.bases)} of "
+                f"{dst.slot_bytes} there (same model and dtype needed)"
+            )
         runs = contiguous_runs(src_slots, dst_slots)
         sb = self.slot_bytes
         src, dsts, lengths = [], [], []
@@ -83,8 +88,11 @@ def decode_msg(raw: bytes) -> dict[str, Any] | None:
         msg = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(msg, dict) or msg.get("op") not in ("target", "cancel", "done", "failed") \
-            or not isinstance(msg.get("room"), int):
+    if (
+        not isinstance(msg, dict)
+        or msg.get("op") not in ("target", "cancel", "done", "failed")
+        or not isinstance(msg.get("room"), int)
+    ):
         return None
     return msg
 

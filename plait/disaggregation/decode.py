@@ -15,6 +15,7 @@ The prompt is never computed here: a request whose KV cannot arrive fails with a
 says why, within ``timeout`` seconds (a dead prefill server never answers; its requests fail
 at their deadline and free their KV; every other request keeps decoding).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,14 @@ import zmq
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.request import Req
-from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
-                                            layout_to_json, pull_socket)
+from plait.disaggregation.bootstrap import (
+    KVLayout,
+    Pushers,
+    decode_msg,
+    kv_buffers,
+    layout_to_json,
+    pull_socket,
+)
 from plait.disaggregation.transfer import KVTransfer
 
 log = logging.getLogger(__name__)
@@ -39,20 +46,27 @@ log = logging.getLogger(__name__)
 class _Inflight:
     req: Req
     slots: torch.Tensor
-    prefill: str          # the prefill server's bootstrap address
+    prefill: str  # the prefill server's bootstrap address
     deadline: float
     aborted: bool = False
 
 
 class DecodeSide:
-    def __init__(self, transfer: KVTransfer, kv: KVManager, kv_pool: Any, host: str,
-                 timeout: float, admit: Callable[[Req, int], None],
-                 fail: Callable[[Req, FinishReason], None]):
+    def __init__(
+        self,
+        transfer: KVTransfer,
+        kv: KVManager,
+        kv_pool: Any,
+        host: str,
+        timeout: float,
+        admit: Callable[[Req, int], None],
+        fail: Callable[[Req, FinishReason], None],
+    ):
         self.transfer = transfer
         self.kv = kv
         self.timeout = timeout
-        self.admit = admit   # Scheduler.add_prefilled
-        self.fail = fail     # finish a request that never started (not admitted anywhere)
+        self.admit = admit  # Scheduler.add_prefilled
+        self.fail = fail  # finish a request that never started (not admitted anywhere)
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -65,8 +79,12 @@ class DecodeSide:
         self.pushers = Pushers(self.ctx)
         self.queued: list[Req] = []
         self.inflight: dict[int, _Inflight] = {}
-        self.stats = {"kv_transfers": 0, "kv_bytes_received": 0, "kv_transfer_seconds": 0.0,
-                      "kv_transfer_failures": 0}
+        self.stats = {
+            "kv_transfers": 0,
+            "kv_bytes_received": 0,
+            "kv_transfer_seconds": 0.0,
+            "kv_transfer_failures": 0,
+        }
         log.info("decode notifications on %s (KV via %s)", self.notify, transfer.session_id)
 
     def add(self, req: Req) -> None:
@@ -88,8 +106,12 @@ class DecodeSide:
         now = time.monotonic()
         for room, it in list(self.inflight.items()):
             if it.deadline < now:
-                self._end(room, f"no KV from the prefill server {it.prefill} within "
-                                f"{self.timeout:.0f}s (is it alive?)", cancel=True)
+                self._end(
+                    room,
+                    f"no KV from the prefill server {it.prefill} within "
+                    f"{self.timeout:.0f}s (is it alive?)",
+                    cancel=True,
+                )
 
     def abort(self, rid: str) -> bool:
         for req in self.queued:
@@ -112,8 +134,12 @@ class DecodeSide:
             req = self.queued[0]
             if req.bootstrap.room in self.inflight:  # a room pairs one request at a time
                 self.queued.pop(0)
-                self.fail(req, FinishReason.error(f"bootstrap_room {req.bootstrap.room} is "
-                                                 "already in use on this server"))
+                self.fail(
+                    req,
+                    FinishReason.error(
+                        f"bootstrap_room {req.bootstrap.room} is already in use on this server"
+                    ),
+                )
                 continue
             n = len(req.input_ids)
             slots = self.kv.admit_for_transfer(req, n)
@@ -122,13 +148,19 @@ class DecodeSide:
             self.queued.pop(0)
             b = req.bootstrap
             prefill = f"tcp://{b.host}:{b.port}"
-            self.inflight[b.room] = _Inflight(req, slots, prefill,
-                                              time.monotonic() + self.timeout)
-            self.pushers.send(prefill, {
-                "op": "target", "room": b.room, "session": self.transfer.session_id,
-                "notify": self.notify, "layout": layout_to_json(self.layout),
-                "slots": slots.tolist(),
-                "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx})
+            self.inflight[b.room] = _Inflight(req, slots, prefill, time.monotonic() + self.timeout)
+            self.pushers.send(
+                prefill,
+                {
+                    "op": "target",
+                    "room": b.room,
+                    "session": self.transfer.session_id,
+                    "notify": self.notify,
+                    "layout": layout_to_json(self.layout),
+                    "slots": slots.tolist(),
+                    "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx,
+                },
+            )
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         room = msg["room"]

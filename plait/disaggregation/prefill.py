@@ -14,6 +14,7 @@ Threads: ``hand_off``/``abort``/``poll_timeouts`` run on the scheduler thread; a
 thread reads the bootstrap socket; one worker thread does the writes (so a slow peer never
 stalls a forward pass) and sends the notifications. ``self.lock`` guards the four tables.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,14 @@ import zmq
 
 from plait.core.finish_reason import FinishReason
 from plait.core.request import Req
-from plait.disaggregation.bootstrap import (KVLayout, Pushers, decode_msg, kv_buffers,
-                                            layout_from_json, pull_socket)
+from plait.disaggregation.bootstrap import (
+    KVLayout,
+    Pushers,
+    decode_msg,
+    kv_buffers,
+    layout_from_json,
+    pull_socket,
+)
 from plait.disaggregation.transfer import KVTransfer, TransferError
 
 log = logging.getLogger(__name__)
@@ -38,11 +45,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Ready:
     """A prefilled request waiting for (or in) its transfer."""
+
     req: Req
     slots: list[int]
     deadline: float
     cancelled: bool = False
-    sending: bool = False   # given to the worker: it alone ends the request from then on
+    sending: bool = False  # given to the worker: it alone ends the request from then on
 
 
 @dataclass
@@ -52,14 +60,23 @@ class _Target:
 
 
 class PrefillSide:
-    def __init__(self, transfer: KVTransfer, kv_pool: Any, req_pool: Any, host: str, port: int,
-                 timeout: float, call_soon: Callable[[Callable[[], None]], None],
-                 finish: Callable[[Req, FinishReason], None], abort_room: Callable[[int], object]):
+    def __init__(
+        self,
+        transfer: KVTransfer,
+        kv_pool: Any,
+        req_pool: Any,
+        host: str,
+        port: int,
+        timeout: float,
+        call_soon: Callable[[Callable[[], None]], None],
+        finish: Callable[[Req, FinishReason], None],
+        abort_room: Callable[[int], object],
+    ):
         self.transfer = transfer
         self.req_pool = req_pool
         self.timeout = timeout
         self.call_soon = call_soon  # run on the scheduler thread
-        self.finish = finish        # Scheduler.finish_handed_off
+        self.finish = finish  # Scheduler.finish_handed_off
         self.abort_room = abort_room  # abort the not yet handed-off request of a room
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
@@ -78,8 +95,7 @@ class PrefillSide:
         self.stopped = threading.Event()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="plait-kv-send")
         self.pushers = Pushers(self.ctx)  # used by the worker thread only
-        self.receiver = threading.Thread(target=self._receive, name="plait-bootstrap",
-                                         daemon=True)
+        self.receiver = threading.Thread(target=self._receive, name="plait-bootstrap", daemon=True)
         self.receiver.start()
         log.info("prefill bootstrap on %s (KV via %s)", self.address, transfer.session_id)
 
@@ -108,8 +124,11 @@ class PrefillSide:
         """Fail handed-off requests whose decode server never asked for them."""
         now = time.monotonic()
         with self.lock:
-            late = [(room, r) for room, r in self.ready.items()
-                    if r.deadline < now and not r.cancelled and room not in self.targets]
+            late = [
+                (room, r)
+                for room, r in self.ready.items()
+                if r.deadline < now and not r.cancelled and room not in self.targets
+            ]
             for _room, r in late:
                 r.cancelled = True
             stale = [room for room, t in self.targets.items() if t.deadline < now]
@@ -119,9 +138,13 @@ class PrefillSide:
                 del self.cancelled[room]
         for room, r in late:
             if self._pop(room) is not None:
-                self.finish(r.req, FinishReason.error(
-                    f"no decode server asked for the KV of bootstrap room {room} within "
-                    f"{self.timeout:.0f}s"))
+                self.finish(
+                    r.req,
+                    FinishReason.error(
+                        f"no decode server asked for the KV of bootstrap room {room} within "
+                        f"{self.timeout:.0f}s"
+                    ),
+                )
 
     def abort(self, rid: str) -> bool:
         with self.lock:
@@ -179,9 +202,11 @@ class PrefillSide:
                 with self.lock:
                     target = self.targets.pop(room, None)
                 if target is not None:  # not handed off yet, so nothing will be written:
-                    self.worker.submit(   # the decode side may free its slots now
-                        self.pushers.send, target.msg["notify"],
-                        {"op": "failed", "room": room, "message": _CANCELLED})
+                    self.worker.submit(  # the decode side may free its slots now
+                        self.pushers.send,
+                        target.msg["notify"],
+                        {"op": "failed", "room": room, "message": _CANCELLED},
+                    )
                 self.call_soon(lambda room=room: self._cancel(room))
             elif msg["op"] == "target":
                 with self.lock:
@@ -202,30 +227,45 @@ class PrefillSide:
                 raise TransferError("cancelled")
             dst_slots = msg["slots"]
             if len(dst_slots) != len(ready.slots):
-                raise TransferError(f"the decode server allocated {len(dst_slots)} slots for "
-                                    f"a {len(ready.slots)}-token prompt (different prompts?)")
-            src, dst, lengths = self.layout.writes(layout_from_json(msg["layout"]),
-                                                   ready.slots, dst_slots)
+                raise TransferError(
+                    f"the decode server allocated {len(dst_slots)} slots for "
+                    f"a {len(ready.slots)}-token prompt (different prompts?)"
+                )
+            src, dst, lengths = self.layout.writes(
+                layout_from_json(msg["layout"]), ready.slots, dst_slots
+            )
             row = ready.req.req_pool_idx
             src.append(self.tokens.data_ptr() + 8 * row)
             dst.append(int(msg["aux"]))
             lengths.append(8)
             self.transfer.write(msg["session"], src, dst, lengths)
             nbytes = sum(lengths)
-            self.pushers.send(msg["notify"], {"op": "done", "room": room, "bytes": nbytes,
-                                              "seconds": time.perf_counter() - started})
+            self.pushers.send(
+                msg["notify"],
+                {
+                    "op": "done",
+                    "room": room,
+                    "bytes": nbytes,
+                    "seconds": time.perf_counter() - started,
+                },
+            )
             reason = FinishReason.length(1)
         except (TransferError, KeyError, TypeError, ValueError) as e:
             log.warning("KV transfer of room %s failed: %s", room, e)
             if isinstance(msg.get("notify"), str):
-                self.pushers.send(msg["notify"], {"op": "failed", "room": room,
-                                                  "message": f"prefill: {e}"})
-            reason = (FinishReason.error(f"KV transfer failed: {e}") if not ready.cancelled
-                      else FinishReason.abort("aborted"))
+                self.pushers.send(
+                    msg["notify"], {"op": "failed", "room": room, "message": f"prefill: {e}"}
+                )
+            reason = (
+                FinishReason.error(f"KV transfer failed: {e}")
+                if not ready.cancelled
+                else FinishReason.abort("aborted")
+            )
 
         def done() -> None:
             if self._pop(room) is not None:
                 self.finish(ready.req, reason)
+
         self.call_soon(done)
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ Contract:
 Completion is signalled separately (``plait.disaggregation.bootstrap``), after ``write``
 returns, so a transport needs no notification mechanism of its own.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -80,4 +81,3 @@ class FakeTransfer(KVTransfer):
             self._check(s, n, "source")
             target._check(d, n, "destination")
             ctypes.memmove(d, s, n)
-

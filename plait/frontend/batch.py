@@ -4,6 +4,7 @@ Both first prefill the program's traced shared prefix once (``global_config``'s
 ``enable_precache_with_tracing``), so the instances fan out from a warm radix cache instead of
 racing to compute the same tokens.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,15 @@ from plait.frontend.interpreter import run_program
 from plait.frontend.tracer import trace_program
 
 
-def run_program_batch(program: ProgramDefinition, backend: Any, batch: list[dict[str, Any]],
-                      defaults: ir.GenParams, num_threads: int | str = "auto",
-                      progress_bar: bool = False, generator_style: bool = False) -> Any:
+def run_program_batch(
+    program: ProgramDefinition,
+    backend: Any,
+    batch: list[dict[str, Any]],
+    defaults: ir.GenParams,
+    num_threads: int | str = "auto",
+    progress_bar: bool = False,
+    generator_style: bool = False,
+) -> Any:
     """Run the program once per kwargs dict, concurrently. Returns the states in input order:
     a list, or with ``generator_style`` an iterator that yields each state as soon as it and
     those before it have finished (SGLang's order, so ``zip`` with the inputs holds)."""
@@ -37,8 +44,14 @@ def run_program_batch(program: ProgramDefinition, backend: Any, batch: list[dict
     return states if generator_style else list(states)
 
 
-def _iter_batch(program: ProgramDefinition, backend: Any, batch: list[dict[str, Any]],
-                defaults: ir.GenParams, num_threads: int, progress_bar: bool) -> Iterator[Any]:
+def _iter_batch(
+    program: ProgramDefinition,
+    backend: Any,
+    batch: list[dict[str, Any]],
+    defaults: ir.GenParams,
+    num_threads: int,
+    progress_bar: bool,
+) -> Iterator[Any]:
     """Keep ``2 * num_threads`` programs submitted ahead of the consumer: the pool never
     idles while the caller handles a result, and a huge batch is not all queued at once."""
     bar = _progress_bar(len(batch)) if progress_bar else None
@@ -46,6 +59,7 @@ def _iter_batch(program: ProgramDefinition, backend: Any, batch: list[dict[str, 
     pending: deque[Future] = deque()
     try:
         with ThreadPoolExecutor(num_threads, thread_name_prefix="plait-batch") as pool:
+
             def submit_next() -> None:
                 kwargs = next(todo, None)
                 if kwargs is not None:

@@ -9,6 +9,7 @@ depends only on the sequence of roles, so it is cached per role sequence. Whatev
 template adds on its own (SmolLM2's default system prompt, a BOS token) lands in the first
 prefix, exactly where ``apply_chat_template`` would put it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,21 +33,25 @@ class ChatTemplate:
             return chatml()
 
         def render(messages: list[dict]) -> str:
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=False)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
 
         # A template that writes the BOS itself would get a second one from an engine whose
         # tokenizer also adds it; keep only the tokenizer's.
         bos = getattr(tokenizer, "bos_token", None)
         bos_id = getattr(tokenizer, "bos_token_id", None)
         adds_bos = bos_id is not None and tokenizer("x").input_ids[:1] == [bos_id]
-        return cls(render, name=getattr(tokenizer, "name_or_path", "tokenizer"),
-                   strip_bos=bos if adds_bos else None)
+        return cls(
+            render,
+            name=getattr(tokenizer, "name_or_path", "tokenizer"),
+            strip_bos=bos if adds_bos else None,
+        )
 
     def render(self, messages: list[dict]) -> str:
         text = self._render(messages)
         if self._strip_bos and text.startswith(self._strip_bos):
-            text = text[len(self._strip_bos):]
+            text = text[len(self._strip_bos) :]
         return text
 
     def prefix_and_suffix(self, role: str, history: list[dict]) -> tuple[str, str]:
@@ -59,19 +64,24 @@ class ChatTemplate:
         full = self.render(placeholders + [{"role": role, "content": _SENTINEL}])
         at = full.find(_SENTINEL)
         if at < 0:
-            raise ValueError(f"chat template {self.name!r} dropped the content of a "
-                             f"{role!r} message; cannot derive role markers")
-        head, tail = full[:at], full[at + len(_SENTINEL):]
+            raise ValueError(
+                f"chat template {self.name!r} dropped the content of a "
+                f"{role!r} message; cannot derive role markers"
+            )
+        head, tail = full[:at], full[at + len(_SENTINEL) :]
         if not head.startswith(before):
             # The template rewrites earlier turns when a new one arrives (some fold the system
             # prompt into the first user turn); we can only append, so keep the new part.
-            warnings.warn(f"chat template {self.name!r} is not append-only for roles "
-                          f"{roles + (role,)}; role markers are approximate", stacklevel=2)
+            warnings.warn(
+                f"chat template {self.name!r} is not append-only for roles "
+                f"{roles + (role,)}; role markers are approximate",
+                stacklevel=2,
+            )
             common = 0
             while common < min(len(head), len(before)) and head[common] == before[common]:
                 common += 1
             before = before[:common]
-        return head[len(before):], tail
+        return head[len(before) :], tail
 
 
 def chatml() -> ChatTemplate:

@@ -4,6 +4,7 @@ Each method receives, per choice, the logprob entries ``(logprob, token_id, text
 choice's own tokens (the context is excluded). Names and semantics follow SGLang's
 ``sglang.lang.choices`` so ``choices_method=`` ports unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,34 +35,50 @@ def normalized_logprob(entries: list[Entry]) -> float:
 class ChoicesSamplingMethod:
     requires_unconditional_logprobs = False
 
-    def __call__(self, *, choices: list[str], normalized_prompt_logprobs: list[float],
-                 input_token_logprobs: list[list[Entry]],
-                 unconditional_token_logprobs: list[list[Entry]] | None = None,
-                 ) -> ChoicesDecision:
+    def __call__(
+        self,
+        *,
+        choices: list[str],
+        normalized_prompt_logprobs: list[float],
+        input_token_logprobs: list[list[Entry]],
+        unconditional_token_logprobs: list[list[Entry]] | None = None,
+    ) -> ChoicesDecision:
         raise NotImplementedError
 
     @staticmethod
     def _meta(normalized: list[float], entries: list[list[Entry]], **extra: Any) -> dict:
-        return {"normalized_prompt_logprobs": normalized, "input_token_logprobs": entries,
-                **extra}
+        return {"normalized_prompt_logprobs": normalized, "input_token_logprobs": entries, **extra}
 
 
 class TokenLengthNormalized(ChoicesSamplingMethod):
     """Highest mean logprob per token (the default)."""
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs,
-                 unconditional_token_logprobs=None):
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        unconditional_token_logprobs=None,
+    ):
         best = _argmax_first(normalized_prompt_logprobs)
-        return ChoicesDecision(choices[best],
-                               self._meta(normalized_prompt_logprobs, input_token_logprobs))
+        return ChoicesDecision(
+            choices[best], self._meta(normalized_prompt_logprobs, input_token_logprobs)
+        )
 
 
 class GreedyTokenSelection(ChoicesSamplingMethod):
     """Compare first-token logprobs, breaking ties on later tokens; a shorter choice is padded
     with its own mean logprob so a prefix choice can still compete with a longer one."""
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs,
-                 unconditional_token_logprobs=None):
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        unconditional_token_logprobs=None,
+    ):
         width = max(len(e) for e in input_token_logprobs)
         matrix = []
         for entries in input_token_logprobs:
@@ -73,8 +90,9 @@ class GreedyTokenSelection(ChoicesSamplingMethod):
             remaining = [i for i in remaining if matrix[i][j] == top]
             if len(remaining) == 1:
                 break
-        meta = self._meta(normalized_prompt_logprobs, input_token_logprobs,
-                          greedy_logprob_matrix=matrix)
+        meta = self._meta(
+            normalized_prompt_logprobs, input_token_logprobs, greedy_logprob_matrix=matrix
+        )
         return ChoicesDecision(choices[remaining[0]], meta)
 
 
@@ -84,8 +102,14 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
 
     requires_unconditional_logprobs = True
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs,
-                 unconditional_token_logprobs=None):
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        unconditional_token_logprobs=None,
+    ):
         if unconditional_token_logprobs is None:
             raise ValueError("unconditional_token_logprobs are required for this method")
         scores = []
@@ -94,9 +118,12 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
                 raise ValueError("conditional and unconditional logprobs differ in length")
             diffs = [(c[0] or 0.0) - (u[0] or 0.0) for c, u in zip(cond, uncond)]
             scores.append(_mean(diffs))
-        meta = self._meta(normalized_prompt_logprobs, input_token_logprobs,
-                          unconditional_token_logprobs=unconditional_token_logprobs,
-                          normalized_unconditional_prompt_logprobs=scores)
+        meta = self._meta(
+            normalized_prompt_logprobs,
+            input_token_logprobs,
+            unconditional_token_logprobs=unconditional_token_logprobs,
+            normalized_unconditional_prompt_logprobs=scores,
+        )
         return ChoicesDecision(choices[_argmax_first(scores)], meta)
 
 

@@ -16,6 +16,7 @@ backends actually consult:
   can (nor can SGLang's own ``RuntimeEndpoint``), so the branches' text is appended and
   prefilled as text whatever its value; it is kept so programs that set it still run.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -14,6 +14,7 @@ Invariants:
   pending write is counted, so ``separate_reasoning`` (a second write of a gen's variable)
   keeps readers from seeing the unsplit text.
 """
+
 from __future__ import annotations
 
 import queue
@@ -33,8 +34,15 @@ _END = object()
 
 
 class StreamExecutor:
-    def __init__(self, backend: Any, arguments: dict[str, Any], defaults: ir.GenParams,
-                 chat_template: Any, stream: bool, num_api_spec_tokens: int | None = None):
+    def __init__(
+        self,
+        backend: Any,
+        arguments: dict[str, Any],
+        defaults: ir.GenParams,
+        chat_template: Any,
+        stream: bool,
+        num_api_spec_tokens: int | None = None,
+    ):
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.arguments = arguments
@@ -42,8 +50,9 @@ class StreamExecutor:
         self.chat_template = chat_template
         self.stream = stream
         # fork branches never speculate (as in SGLang): they would share one speculation
-        self.speculation = (ApiSpeculation(num_api_spec_tokens)
-                            if num_api_spec_tokens is not None else None)
+        self.speculation = (
+            ApiSpeculation(num_api_spec_tokens) if num_api_spec_tokens is not None else None
+        )
 
         self.text_ = ""
         self.messages_: list[dict[str, str]] = []
@@ -59,13 +68,12 @@ class StreamExecutor:
 
         self._cv = threading.Condition()
         self._pending: dict[str, int] = {}  # variable -> queued writes not yet executed
-        self._unwritten: set[str] = set()   # variables whose writes an error cancelled
+        self._unwritten: set[str] = set()  # variables whose writes an error cancelled
         self._scope_start: dict[str, int] = {}
         self._unfinished = 0
         self._ended = False
         self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, name=f"plait-exec-{self.sid[:6]}",
-                         daemon=True).start()
+        threading.Thread(target=self._work, name=f"plait-exec-{self.sid[:6]}", daemon=True).start()
 
     # ---- called from the program's thread -------------------------------------------------
     def submit(self, expr: Any) -> None:
@@ -106,8 +114,7 @@ class StreamExecutor:
     def get_var(self, name: str) -> Any:
         with self._cv:
             self._cv.wait_for(lambda: name not in self._pending or self.error_ is not None)
-            if name in self.variables and name not in self._pending \
-                    and name not in self._unwritten:
+            if name in self.variables and name not in self._pending and name not in self._unwritten:
                 return self.variables[name]
             if self.error_ is not None:
                 raise self.error_
@@ -130,8 +137,9 @@ class StreamExecutor:
         self.raise_if_failed()
         children = []
         for _ in range(size):
-            child = StreamExecutor(self.backend, self.arguments, self.defaults,
-                                   self.chat_template, self.stream)
+            child = StreamExecutor(
+                self.backend, self.arguments, self.defaults, self.chat_template, self.stream
+            )
             child.variables = dict(self.variables)
             child.text_ = self.text_
             child.messages_ = list(self.messages_)
@@ -147,6 +155,7 @@ class StreamExecutor:
 
     def iter_chunks(self, var: str | None = None) -> Iterator[str]:
         """Yield the text (or one variable) as it grows; ends when it is complete."""
+
         def source() -> str:
             return self.text_ if var is None else str(self.variables.get(var, ""))
 
@@ -195,8 +204,9 @@ class StreamExecutor:
         elif isinstance(expr, ir.Gen):
             self._gen(expr)
         elif isinstance(expr, ir.Select):
-            decision = self.backend.select(self, expr.choices, expr.temperature,
-                                           expr.choices_method)
+            decision = self.backend.select(
+                self, expr.choices, expr.temperature, expr.choices_method
+            )
             self._fill_result(expr.name, decision.decision, decision.meta_info)
         elif isinstance(expr, ir.RoleBegin):
             self._role_begin(expr.role)
@@ -205,7 +215,7 @@ class StreamExecutor:
         elif isinstance(expr, ir.VarScopeBegin):
             self._scope_start[expr.name] = len(self.text_)
         elif isinstance(expr, ir.VarScopeEnd):
-            self._set_result(expr.name, self.text_[self._scope_start.pop(expr.name):], None)
+            self._set_result(expr.name, self.text_[self._scope_start.pop(expr.name) :], None)
         elif isinstance(expr, ir.CommitPrefix):
             if self.text_:
                 self.backend.cache_prefix(self.text_)
@@ -215,7 +225,7 @@ class StreamExecutor:
             for branch in expr.states:
                 branch.sync()
                 branch.raise_if_failed()
-                self._fill(branch.text_[branch.fork_start_text_pos:])
+                self._fill(branch.text_[branch.fork_start_text_pos :])
         else:
             raise TypeError(f"cannot execute {expr!r}")
 
@@ -238,8 +248,9 @@ class StreamExecutor:
                     self._pending[name] = left
             self._cv.notify_all()
 
-    def _fill_result(self, name: str | None, text: str, meta: Any,
-                     from_speculation: bool = False) -> None:
+    def _fill_result(
+        self, name: str | None, text: str, meta: Any, from_speculation: bool = False
+    ) -> None:
         """Append a gen/select's text and publish it as variable ``name``."""
         start = len(self.text_)
         self._fill(text, from_speculation)
@@ -251,8 +262,10 @@ class StreamExecutor:
         """Replace each named result by its answer, in the variable and in the text (last
         first, so earlier spans keep their offsets); the reasoning goes to its own variable."""
         if self.stream:
-            raise ValueError("separate_reasoning does not work with stream=True: the reasoning "
-                             "was already streamed as part of the text")
+            raise ValueError(
+                "separate_reasoning does not work with stream=True: the reasoning "
+                "was already streamed as part of the text"
+            )
         for name in sorted(expr.names, key=lambda n: self.spans[n][0], reverse=True):
             start, end = self.spans[name]
             reasoning, answer = split_reasoning(self.variables[name], expr.model_type)
@@ -289,8 +302,9 @@ class StreamExecutor:
 
     def _role_begin(self, role: str) -> None:
         if self.cur_role is not None:
-            raise ValueError(f"role {role!r} begins inside role {self.cur_role!r}; "
-                             "roles cannot nest")
+            raise ValueError(
+                f"role {role!r} begins inside role {self.cur_role!r}; roles cannot nest"
+            )
         prefix, _ = self.chat_template.prefix_and_suffix(role, self.messages_)
         self._fill(prefix)
         self.cur_role, self.cur_role_begin_pos = role, len(self.text_)
@@ -298,7 +312,7 @@ class StreamExecutor:
     def _role_end(self, role: str) -> None:
         if self.cur_role != role:
             raise ValueError(f"role {role!r} ends but the open role is {self.cur_role!r}")
-        content = self.text_[self.cur_role_begin_pos:]
+        content = self.text_[self.cur_role_begin_pos :]
         _, suffix = self.chat_template.prefix_and_suffix(role, self.messages_)
         self._fill(suffix)
         with self._cv:
@@ -317,14 +331,21 @@ def _produced_names(expr: ir.Expr) -> list[str]:
 
 
 # ---- running programs ---------------------------------------------------------------------
-def run_program(program: ProgramDefinition, backend: Any, args: tuple, kwargs: dict[str, Any],
-                defaults: ir.GenParams, stream: bool = False) -> Any:
+def run_program(
+    program: ProgramDefinition,
+    backend: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+    defaults: ir.GenParams,
+    stream: bool = False,
+) -> Any:
     """Run ``program`` once. Never raises for errors inside the program: they are recorded
     on the returned state (``state.error()``) and re-raised when a result is read."""
     backend = resolve_backend(backend)
     kwargs = {**program.bind_arguments, **kwargs}
-    executor = StreamExecutor(backend, kwargs, defaults, backend.chat_template, stream,
-                              program.num_api_spec_tokens)
+    executor = StreamExecutor(
+        backend, kwargs, defaults, backend.chat_template, stream, program.num_api_spec_tokens
+    )
     state = ProgramState(executor)
 
     def body() -> None:

@@ -5,6 +5,7 @@ interpreter (``plait.frontend.interpreter``) executes the queue against a backen
 compose with ``+`` (``"Q: " + gen("a")`` is an :class:`ExprList`), which is how SGLang programs
 are written and why every class here is tiny.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ class GenParams:
     ``max_tokens``. Each field is either a ``SamplingParams`` field or a ``GenerateReq`` one
     (``return_logprob``, ...); :meth:`to_request` sorts them by those classes' own fields.
     """
+
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     stop: str | list[str] | None = None
@@ -71,8 +73,11 @@ class GenParams:
         :meth:`merged_over` and :meth:`apply_dtype`); unset fields take the core's defaults,
         ``extra_sampling`` adds sampling fields a gen has no argument for (detokenization).
         Raises ``ValueError`` naming a bad parameter."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if getattr(self, f.name) is not None}
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
         sampling = {k: v for k, v in values.items() if k in _SAMPLING_FIELDS}
         sampling.update(extra_sampling or {})
         options = {k: v for k, v in values.items() if k in _REQUEST_FIELDS}
@@ -81,8 +86,16 @@ class GenParams:
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerateReq)} - {"text", "input_ids"}
-_DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
-                str: REGEX_STR, "str": REGEX_STR, bool: REGEX_BOOL, "bool": REGEX_BOOL}
+_DTYPE_REGEX = {
+    int: REGEX_INT,
+    "int": REGEX_INT,
+    float: REGEX_FLOAT,
+    "float": REGEX_FLOAT,
+    str: REGEX_STR,
+    "str": REGEX_STR,
+    bool: REGEX_BOOL,
+    "bool": REGEX_BOOL,
+}
 
 
 def dtype_regex(dtype: Any) -> str:
@@ -144,8 +157,13 @@ class Gen(Expr):
 
 
 class Select(Expr):
-    def __init__(self, name: str | None, choices: list[str], temperature: float,
-                 choices_method: ChoicesSamplingMethod):
+    def __init__(
+        self,
+        name: str | None,
+        choices: list[str],
+        temperature: float,
+        choices_method: ChoicesSamplingMethod,
+    ):
         self.name = name
         self.choices = choices
         self.temperature = temperature

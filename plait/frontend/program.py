@@ -1,5 +1,6 @@
 """A program: ``@pl.function def f(s, ...)``, and how its keyword arguments split into
 program arguments and the run's default sampling parameters."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,12 @@ from plait.frontend.tracer import trace_program
 class Function:
     """A program: ``@pl.function def f(s, ...)``. Calling it runs it on the default backend."""
 
-    def __init__(self, func: Callable[..., Any], bind_arguments: dict[str, Any] | None = None,
-                 num_api_spec_tokens: int | None = None):
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        bind_arguments: dict[str, Any] | None = None,
+        num_api_spec_tokens: int | None = None,
+    ):
         params = list(inspect.signature(func).parameters.values())
         if not params:
             raise ValueError("a @function program must take the state `s` as its first argument")
@@ -33,16 +38,22 @@ class Function:
             raise ValueError(f"bind: {unknown} are not arguments of {self.__name__}")
         return Function(self.func, {**self.bind_arguments, **kwargs}, self.num_api_spec_tokens)
 
-    def run(self, *args: Any, stream: bool = False, backend: Any = None,
-            **kwargs: Any) -> Any:
+    def run(self, *args: Any, stream: bool = False, backend: Any = None, **kwargs: Any) -> Any:
         """Run once. ``kwargs`` are program arguments or default sampling parameters
         (``max_new_tokens``, ``temperature``, ...). Returns the :class:`ProgramState`."""
         program_kwargs, defaults = split_sampling_kwargs(kwargs)
         return run_program(self, backend, args, program_kwargs, defaults, stream=stream)
 
-    def run_batch(self, batch_kwargs: list[Any], *, backend: Any = None,
-                  num_threads: int | str = "auto", progress_bar: bool = False,
-                  generator_style: bool = False, **sampling: Any) -> Any:
+    def run_batch(
+        self,
+        batch_kwargs: list[Any],
+        *,
+        backend: Any = None,
+        num_threads: int | str = "auto",
+        progress_bar: bool = False,
+        generator_style: bool = False,
+        **sampling: Any,
+    ) -> Any:
         """Run once per entry of ``batch_kwargs`` (dicts, or tuples of positional args),
         concurrently, after prefilling the program's traced shared prefix once. Returns the
         states in input order; with ``generator_style`` as an iterator that yields each
@@ -51,8 +62,15 @@ class Function:
         if extra:
             raise ValueError(f"run_batch: unknown keyword(s) {sorted(extra)}")
         batch = [self._as_kwargs(a) for a in batch_kwargs]
-        return run_program_batch(self, backend, batch, defaults, num_threads=num_threads,
-                                 progress_bar=progress_bar, generator_style=generator_style)
+        return run_program_batch(
+            self,
+            backend,
+            batch,
+            defaults,
+            num_threads=num_threads,
+            progress_bar=progress_bar,
+            generator_style=generator_style,
+        )
 
     def trace(self, *, backend: Any = None, **kwargs: Any) -> Any:
         """Run the program on placeholders and record its static prefix (see tracer)."""
@@ -67,15 +85,20 @@ class Function:
             return item
         if isinstance(item, (list, tuple)) and len(item) <= len(self.arg_names):
             return dict(zip(self.arg_names, item))
-        raise ValueError(f"run_batch: each item must be a dict or a tuple of at most "
-                         f"{len(self.arg_names)} arguments, got {item!r}")
+        raise ValueError(
+            f"run_batch: each item must be a dict or a tuple of at most "
+            f"{len(self.arg_names)} arguments, got {item!r}"
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(*args, **kwargs)
 
 
-_RUN_SAMPLING_KEYS = {f.name for f in dataclasses.fields(ir.GenParams)} - {"dtype", "regex",
-                                                                        "json_schema"}
+_RUN_SAMPLING_KEYS = {f.name for f in dataclasses.fields(ir.GenParams)} - {
+    "dtype",
+    "regex",
+    "json_schema",
+}
 
 
 def split_sampling_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ir.GenParams]:

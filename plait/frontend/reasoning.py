@@ -13,6 +13,7 @@ The split follows its one-shot parse:
 - no end tag: a tool-call marker ends the reasoning (the marker stays in the answer), else the
   whole text is reasoning cut short by the token limit, and the answer is empty.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 class ReasoningFormat:
     start: str
     end: str
-    forced: bool = False          # reasoning begins without the start tag
+    forced: bool = False  # reasoning begins without the start tag
     tool_start: str | None = None  # a tool call ends reasoning that was never closed
 
 
@@ -31,9 +32,17 @@ _QWEN3 = ReasoningFormat(**_THINK, tool_start="<tool_call>")
 _FORCED = ReasoningFormat(**_THINK, forced=True)
 
 FORMATS: dict[str, ReasoningFormat] = {
-    "deepseek-r1": _FORCED, "step3": _FORCED, "step3p5": _FORCED, "gigachat35": _FORCED,
-    "qwen3": _QWEN3, "deepseek-v3": _QWEN3, "mimo": _QWEN3, "interns1": _QWEN3,
-    "nanbeige": _QWEN3, "dots": _QWEN3, "glm45": _QWEN3,
+    "deepseek-r1": _FORCED,
+    "step3": _FORCED,
+    "step3p5": _FORCED,
+    "gigachat35": _FORCED,
+    "qwen3": _QWEN3,
+    "deepseek-v3": _QWEN3,
+    "mimo": _QWEN3,
+    "interns1": _QWEN3,
+    "nanbeige": _QWEN3,
+    "dots": _QWEN3,
+    "glm45": _QWEN3,
     "qwen3-thinking": ReasoningFormat(**_THINK, forced=True, tool_start="<tool_call>"),
     "minimax": ReasoningFormat(**_THINK, forced=True, tool_start="<tool_call>"),
     "kimi": ReasoningFormat(start="\u25c1think\u25b7", end="\u25c1/think\u25b7"),
@@ -56,7 +65,7 @@ def split_reasoning(text: str, model_type: str) -> tuple[str, str]:
     if not fmt.forced and fmt.start not in text:
         return "", text
     while text.startswith(fmt.start):
-        text = text[len(fmt.start):]
+        text = text[len(fmt.start) :]
     if fmt.end in text:
         reasoning, answer = text.split(fmt.end, 1)
         return reasoning, answer

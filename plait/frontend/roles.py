@@ -6,6 +6,7 @@ and ``s.user(...)`` or ``with s.user():`` on the state it receives, which is a
 :class:`~plait.frontend.tracer.TracerState` while it is traced. All three build the same
 expressions here, so a traced prefix renders exactly as the run will.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -13,6 +13,7 @@ SGLang, whose chat-model variant batches a whole assistant turn instead; here a 
 refused. Constrained gens (``regex``, ``json_schema``, ``dtype``) are refused too: one free
 generation cannot honour each gen's own constraint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ class ApiSpeculation:
     def follow(self, appended: str) -> None:
         """The program appended ``appended``: keep the speculation only if it predicted it."""
         if self.text.startswith(appended):
-            self.text = self.text[len(appended):]
+            self.text = self.text[len(appended) :]
         else:
             self.text = ""
 
@@ -40,9 +41,9 @@ class ApiSpeculation:
         _check_speculable(backend, params)
         meta: dict[str, Any] = {}
         if not self.text:
-            wide = dataclasses.replace(params, stop=[],
-                                       max_new_tokens=max(params.max_new_tokens or 0,
-                                                          self.num_tokens))
+            wide = dataclasses.replace(
+                params, stop=[], max_new_tokens=max(params.max_new_tokens or 0, self.num_tokens)
+            )
             self.text, meta = backend.generate(s, wide)
         stops = [i for i in (self.text.find(x) for x in params.stop or [] if x) if i >= 0]
         end = min(stops) if stops else min(params.max_new_tokens or 0, len(self.text))
@@ -52,8 +53,12 @@ class ApiSpeculation:
 
 def _check_speculable(backend: Any, params: GenParams) -> None:
     if getattr(backend, "is_chat_model", False):
-        raise ValueError("num_api_spec_tokens: a chat model's API cannot continue a partial "
-                         "message, so Plait does not speculate on it; drop the option")
+        raise ValueError(
+            "num_api_spec_tokens: a chat model's API cannot continue a partial "
+            "message, so Plait does not speculate on it; drop the option"
+        )
     if params.regex is not None or params.json_schema is not None:
-        raise ValueError("num_api_spec_tokens: a gen with regex, json_schema or dtype cannot "
-                         "be served from a speculated free-text generation")
+        raise ValueError(
+            "num_api_spec_tokens: a gen with regex, json_schema or dtype cannot "
+            "be served from a speculated free-text generation"
+        )

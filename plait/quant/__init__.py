@@ -14,6 +14,7 @@ torch default; the CPU backend's C++ kernels per CPU feature level
 the CUDA/ROCm backends' Triton dequant-GEMM (``plait/backends/cuda/quantized_matmul.py``).
 Every one must pass the conformance kit's ``check_quantized_linear``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,7 @@ ACTIVATIONS = ("float", "int8")
 def check_method(quantization: str) -> str:
     """``quantization`` itself when it is a known method; else ValueError naming the flag."""
     if quantization not in METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(METHODS)}; "
-                         f"got {quantization!r}")
+        raise ValueError(f"quantization must be one of {', '.join(METHODS)}; got {quantization!r}")
     return quantization
 
 

@@ -21,6 +21,7 @@ with ``bits == 4``. Every value above is exact in float32 (a 4/8-bit integer tim
 so any kernel that computes ``q * scale (+ min)`` in float32 reproduces :func:`dequantize`
 bit for bit; only the order of the dot product's additions may differ.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,17 +46,22 @@ class QuantizedWeight:
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
         if self.group_size % BLOCK or self.group_size <= 0:
-            raise ValueError(f"group_size must be a positive multiple of {BLOCK}, "
-                             f"got {self.group_size}")
+            raise ValueError(
+                f"group_size must be a positive multiple of {BLOCK}, got {self.group_size}"
+            )
         want = (n, k // 2) if self.bits == 4 else (n, k)
         dtype = torch.uint8 if self.bits == 4 else torch.int8
         if tuple(self.qs.shape) != want or self.qs.dtype != dtype:
-            raise ValueError(f"qs must be {dtype} {want}, got {self.qs.dtype} "
-                             f"{tuple(self.qs.shape)}")
+            raise ValueError(
+                f"qs must be {dtype} {want}, got {self.qs.dtype} {tuple(self.qs.shape)}"
+            )
         if self.scales.dtype != torch.float16:
             raise ValueError(f"scales must be float16, got {self.scales.dtype}")
-        if self.mins is not None and (self.bits != 4 or self.mins.shape != self.scales.shape
-                                      or self.mins.dtype != torch.float16):
+        if self.mins is not None and (
+            self.bits != 4
+            or self.mins.shape != self.scales.shape
+            or self.mins.dtype != torch.float16
+        ):
             raise ValueError("mins must be float16 shaped like scales, and only with bits=4")
 
     @property
@@ -70,8 +76,9 @@ class QuantizedWeight:
     def rows(self, index: torch.Tensor) -> "QuantizedWeight":
         """The weight made of rows ``index`` (a permutation or a lookup), still quantized."""
         pick = lambda t: None if t is None else t[index].contiguous()  # noqa: E731
-        return QuantizedWeight(self.bits, self.group_size, pick(self.qs), pick(self.scales),
-                               pick(self.mins))
+        return QuantizedWeight(
+            self.bits, self.group_size, pick(self.qs), pick(self.scales), pick(self.mins)
+        )
 
 
 def unpack_int4(qs: torch.Tensor) -> torch.Tensor:
@@ -85,7 +92,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 ``[N, K]`` -> uint8 ``[N, K/2]`` in GGUF nibble order (inverse of unpack)."""
     n = codes.shape[0]
     blocks = codes.to(torch.uint8).view(n, -1, BLOCK)
-    return (blocks[..., :BLOCK // 2] | (blocks[..., BLOCK // 2:] << 4)).reshape(n, -1)
+    return (blocks[..., : BLOCK // 2] | (blocks[..., BLOCK // 2 :] << 4)).reshape(n, -1)
 
 
 def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -104,7 +111,6 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.
     return out.reshape(n, k).to(dtype)
 
 
-
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations ``x [M, K]`` as the int8-activation kernels see them (GGUF's Q8 scheme, as
     llama.cpp multiplies quantized weights): per block of 32, ``d = amax / 127`` and codes
@@ -118,6 +124,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.round(blocks * inv[..., None]).to(torch.int8)
     return codes.reshape(m, k), d
 
+
 #: Clipping factors tried per channel / group, 1.0 down to 0.8: the range is ``factor * max``
 #: (AWQ-style clipping; llama.cpp's quantizers search scales the same way). 1.0 (plain
 #: round-to-nearest) is always tried, so the search never does worse than it on weight MSE.
@@ -129,14 +136,16 @@ def _half(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).float()
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qmin: int,
-           qmax: int) -> torch.Tensor:
+def _codes(
+    w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qmin: int, qmax: int
+) -> torch.Tensor:
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     return torch.round((w if mins is None else w - mins) / safe).clamp_(qmin, qmax)
 
 
-def _least_squares(w: torch.Tensor, q: torch.Tensor, asymmetric: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _least_squares(
+    w: torch.Tensor, q: torch.Tensor, asymmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``scale`` (and ``min``) minimising ``sum (q * scale (+ min) - w)^2`` per row for fixed
     codes ``q``; rows where the fit is degenerate (all codes equal) get NaN, so they fall back
     to the candidate they refit."""
@@ -149,9 +158,9 @@ def _least_squares(w: torch.Tensor, q: torch.Tensor, asymmetric: bool
     return (n * sqw - sq * sw) / det, (sqq * sw - sq * sqw) / det
 
 
-def fit_scales(w: torch.Tensor, qmin: int, qmax: int, asymmetric: bool,
-               shrinks: tuple[float, ...] = SHRINKS
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def fit_scales(
+    w: torch.Tensor, qmin: int, qmax: int, asymmetric: bool, shrinks: tuple[float, ...] = SHRINKS
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Round-to-nearest codes for each row of ``w`` (a channel or a group) with the float16
     ``scale`` (and ``min``) of least weight MSE: ``w ~ q * scale (+ min)``, ``q`` in
     ``qmin..qmax``. For every factor in ``shrinks`` the range is clipped to ``factor *`` the
@@ -181,33 +190,44 @@ def fit_scales(w: torch.Tensor, qmin: int, qmax: int, asymmetric: bool,
             continue
         keep = err < best_err
         best_err = torch.where(keep, err, best_err)
-        best = tuple(None if b is None else torch.where(keep, c, b)
-                     for b, c in zip(best, (scale, mins, q)))
+        best = tuple(
+            None if b is None else torch.where(keep, c, b) for b, c in zip(best, (scale, mins, q))
+        )
     return best
 
 
-def quantize_int8(weight: torch.Tensor, shrinks: tuple[float, ...] = SHRINKS
-                  ) -> QuantizedWeight:
+def quantize_int8(weight: torch.Tensor, shrinks: tuple[float, ...] = SHRINKS) -> QuantizedWeight:
     """Symmetric per-output-channel int8: codes -127..127, one scale per row, chosen by
     :func:`fit_scales` (``shrinks=(1.0,)``: plain absmax round-to-nearest)."""
     w = weight.detach().float().contiguous()
     scale, _, q = fit_scales(w, -127, 127, False, shrinks)
-    return QuantizedWeight(8, w.shape[1], q.to(torch.int8).contiguous(),
-                           scale.to(torch.float16).contiguous())
+    return QuantizedWeight(
+        8, w.shape[1], q.to(torch.int8).contiguous(), scale.to(torch.float16).contiguous()
+    )
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 32, symmetric: bool = False,
-                  shrinks: tuple[float, ...] = SHRINKS) -> QuantizedWeight:
+def quantize_int4(
+    weight: torch.Tensor,
+    group_size: int = 32,
+    symmetric: bool = False,
+    shrinks: tuple[float, ...] = SHRINKS,
+) -> QuantizedWeight:
     """Group-wise int4 with scales from :func:`fit_scales`. Asymmetric: ``q * scale + min``,
     ``q`` in 0..15 (GGUF Q4_1's form); symmetric: ``(q - 8) * scale`` (Q4_0's form), the
     group's value of largest magnitude at code 0 so all 16 levels are used."""
     n, k = weight.shape
     if group_size % BLOCK or k % group_size:
-        raise ValueError(f"group_size must be a multiple of {BLOCK} dividing in_features={k}, "
-                         f"got {group_size}")
+        raise ValueError(
+            f"group_size must be a multiple of {BLOCK} dividing in_features={k}, got {group_size}"
+        )
     w = weight.detach().float().reshape(n * k // group_size, group_size)
     qmin, qmax = (-8, 7) if symmetric else (0, 15)
     scale, mins, q = fit_scales(w, qmin, qmax, not symmetric, shrinks)
     half = lambda t: t.reshape(n, k // group_size).to(torch.float16).contiguous()  # noqa: E731
-    return QuantizedWeight(4, group_size, pack_int4((q - qmin).reshape(n, k)), half(scale),
-                           None if mins is None else half(mins))
+    return QuantizedWeight(
+        4,
+        group_size,
+        pack_int4((q - qmin).reshape(n, k)),
+        half(scale),
+        None if mins is None else half(mins),
+    )

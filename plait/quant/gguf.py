@@ -7,6 +7,7 @@ llama.cpp stores the q/k rows of ``llama`` models permuted for its RoPE, so thos
 permuted back (a row permutation: blocks stay intact); q/k/v and gate/up are fused row-wise
 like :mod:`plait.models.loader` does for safetensors.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,11 +24,17 @@ from plait.quant.modules import QuantizedEmbedding, QuantizedLinear, QuantizedMa
 _BLOCKS = {"Q4_0": (18, 4, False), "Q4_1": (20, 4, True), "Q8_0": (34, 8, False)}
 _FLOATS = ("F32", "F16", "BF16")
 # GGUF per-layer tensor -> (Plait module under layers.N, shard index among fused pieces)
-_LAYER = {"attn_q": ("self_attn.qkv_proj", 0), "attn_k": ("self_attn.qkv_proj", 1),
-          "attn_v": ("self_attn.qkv_proj", 2), "attn_output": ("self_attn.o_proj", 0),
-          "ffn_gate": ("mlp.gate_up_proj", 0), "ffn_up": ("mlp.gate_up_proj", 1),
-          "ffn_down": ("mlp.down_proj", 0), "attn_norm": ("input_layernorm", 0),
-          "ffn_norm": ("post_attention_layernorm", 0)}
+_LAYER = {
+    "attn_q": ("self_attn.qkv_proj", 0),
+    "attn_k": ("self_attn.qkv_proj", 1),
+    "attn_v": ("self_attn.qkv_proj", 2),
+    "attn_output": ("self_attn.o_proj", 0),
+    "ffn_gate": ("mlp.gate_up_proj", 0),
+    "ffn_up": ("mlp.gate_up_proj", 1),
+    "ffn_down": ("mlp.down_proj", 0),
+    "attn_norm": ("input_layernorm", 0),
+    "ffn_norm": ("post_attention_layernorm", 0),
+}
 _TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 Piece = QuantizedWeight | torch.Tensor
@@ -41,7 +48,7 @@ def block_weight(type_name: str, data: np.ndarray, rows: int) -> QuantizedWeight
     half = lambda a, b: raw[..., a:b].contiguous().view(torch.float16).reshape(rows, -1)  # noqa
     scales = half(0, 2)
     mins = half(2, 4) if has_mins else None
-    qs = raw[..., (4 if has_mins else 2):].contiguous().reshape(rows, -1)
+    qs = raw[..., (4 if has_mins else 2) :].contiguous().reshape(rows, -1)
     if bits == 8:
         qs = qs.view(torch.int8)
     return QuantizedWeight(bits, 32, qs, scales, mins)
@@ -54,9 +61,11 @@ def _read(tensor: Any) -> Piece:
         return block_weight(kind, tensor.data, rows)
     if kind in _FLOATS:
         return torch.from_numpy(np.array(tensor.data)).float()
-    raise ValueError(f"GGUF tensor {tensor.name!r} has type {kind}, which quantization='gguf' "
-                     f"does not run natively (it runs {', '.join(_BLOCKS)} and float tensors); "
-                     "use quantization='none' to run the file dequantized")
+    raise ValueError(
+        f"GGUF tensor {tensor.name!r} has type {kind}, which quantization='gguf' "
+        f"does not run natively (it runs {', '.join(_BLOCKS)} and float tensors); "
+        "use quantization='none' to run the file dequantized"
+    )
 
 
 def _unpermute(piece: Piece, heads: int) -> Piece:
@@ -70,14 +79,23 @@ def _cat(pieces: list[Piece], what: str) -> Piece:
     if all(isinstance(p, torch.Tensor) for p in pieces):
         return torch.cat(pieces)
     first = pieces[0]
-    same = all(isinstance(p, QuantizedWeight) and p.bits == first.bits
-               and p.group_size == first.group_size and (p.mins is None) == (first.mins is None)
-               for p in pieces)
+    same = all(
+        isinstance(p, QuantizedWeight)
+        and p.bits == first.bits
+        and p.group_size == first.group_size
+        and (p.mins is None) == (first.mins is None)
+        for p in pieces
+    )
     if not same:
         raise ValueError(f"{what}: fused GGUF tensors mix block types; use quantization='none'")
     cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    return QuantizedWeight(first.bits, first.group_size, cat([p.qs for p in pieces]),
-                           cat([p.scales for p in pieces]), cat([p.mins for p in pieces]))
+    return QuantizedWeight(
+        first.bits,
+        first.group_size,
+        cat([p.qs for p in pieces]),
+        cat([p.scales for p in pieces]),
+        cat([p.mins for p in pieces]),
+    )
 
 
 def _field(reader: Any, key: str) -> str:
@@ -110,8 +128,9 @@ def read_pieces(gguf_file: Path, config: Any) -> dict[tuple[str, str], Piece]:
     return {key: _cat([s[i] for i in sorted(s)], key[0]) for key, s in shards.items()}
 
 
-def load_gguf_weights(model: nn.Module, gguf_file: Path, config: Any, dtype: torch.dtype,
-                      matmul: QuantizedMatmul) -> None:
+def load_gguf_weights(
+    model: nn.Module, gguf_file: Path, config: Any, dtype: torch.dtype, matmul: QuantizedMatmul
+) -> None:
     """Fill ``model`` (already on its device, in ``dtype``) from ``gguf_file``: quantized
     tensors become :class:`QuantizedLinear` / :class:`QuantizedEmbedding`, float tensors are
     copied into the existing parameters. A tied LM head shares the embedding's blocks."""
@@ -137,13 +156,19 @@ def load_gguf_weights(model: nn.Module, gguf_file: Path, config: Any, dtype: tor
         loaded.add(path)
     if getattr(config, "tie_word_embeddings", False) and "lm_head" not in loaded:
         embed = model.embed_tokens
-        model.lm_head = (QuantizedLinear(embed.qweight, None, matmul)
-                         if isinstance(embed, QuantizedEmbedding) else model.lm_head)
+        model.lm_head = (
+            QuantizedLinear(embed.qweight, None, matmul)
+            if isinstance(embed, QuantizedEmbedding)
+            else model.lm_head
+        )
         if not isinstance(embed, QuantizedEmbedding):
             model.lm_head.weight = embed.weight
         loaded.add("lm_head")
-    expected = {n for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) or n == "embed_tokens" or n.endswith("norm")}
+    expected = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) or n == "embed_tokens" or n.endswith("norm")
+    }
     missing = expected - loaded
     if missing:
         raise ValueError(f"GGUF file {str(gguf_file)!r} lacks tensors for {sorted(missing)[:5]}")

@@ -5,6 +5,7 @@ buffers), so ``model.to(dtype)`` can never cast float16 scales; the loader swaps
 the model is on its device and in its dtype. The matmul is whatever the backend's
 ``quantized_linear(method)`` returned: the module never picks a kernel itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,7 @@ QuantizedMatmul = Callable[[torch.Tensor, QuantizedWeight], torch.Tensor]
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None,
-                 matmul: QuantizedMatmul):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, matmul: QuantizedMatmul):
         super().__init__()
         self.qweight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -36,8 +36,10 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.qweight
-        return (f"in={self.in_features}, out={self.out_features}, bits={w.bits}, "
-                f"group={w.group_size}, mins={w.mins is not None}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={w.bits}, "
+            f"group={w.group_size}, mins={w.mins is not None}"
+        )
 
 
 class QuantizedEmbedding(nn.Module):
@@ -63,9 +65,14 @@ def int4_group_for(in_features: int, group_size: int) -> int | None:
     return None
 
 
-def quantize_linears(model: nn.Module, method: str, matmul: QuantizedMatmul,
-                     group_size: int = 32, symmetric: bool = False,
-                     skip: tuple[str, ...] = ("lm_head",)) -> int:
+def quantize_linears(
+    model: nn.Module,
+    method: str,
+    matmul: QuantizedMatmul,
+    group_size: int = 32,
+    symmetric: bool = False,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> int:
     """Replace every ``nn.Linear`` (except ``skip`` names, like vLLM keeps the LM head in
     float) with a :class:`QuantizedLinear` holding its int8 / int4 weight. A layer whose input
     size is no multiple of 32 stays float (and is logged). Returns how many were replaced."""
@@ -82,8 +89,9 @@ def quantize_linears(model: nn.Module, method: str, matmul: QuantizedMatmul,
                 g = int4_group_for(k, group_size)
                 w = quantize_int4(child.weight, g, symmetric) if g else None
             if w is None:
-                log.warning("%s: in_features=%d is no multiple of %d; left in float", full, k,
-                            BLOCK)
+                log.warning(
+                    "%s: in_features=%d is no multiple of %d; left in float", full, k, BLOCK
+                )
                 continue
             setattr(parent, name, QuantizedLinear(w, child.bias, matmul))
             replaced += 1
@@ -113,8 +121,11 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():  # buffers hold weights too (prepacked Linears)
         declared = getattr(m, "weight_buffers", ())
         for name, b in m.named_buffers(recurse=False):
-            if b is not None and (b.layout == torch._mkldnn or name in declared
-                                  or name not in m._non_persistent_buffers_set):
+            if b is not None and (
+                b.layout == torch._mkldnn
+                or name in declared
+                or name not in m._non_persistent_buffers_set
+            ):
                 add(b)
         w = getattr(m, "qweight", None)
         if isinstance(w, QuantizedWeight):

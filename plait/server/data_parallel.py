@@ -19,6 +19,7 @@ What holds:
 - Every child is started with a parent-death signal, so even ``kill -9`` of the launcher
   leaves no orphan worker or gateway behind (Linux).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,16 +49,36 @@ ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 # that meets the dead worker before then fails with a 5xx, which the gateway retries (it never
 # retries a 4xx): the backoffs (0.2+0.4+0.8+1.6+2+2+2 s) outlast the ~3 s the health checker
 # needs, so the retry finds the survivor. ``--router-extra-args`` come later and override these.
-DP_FAILOVER_DEFAULTS = ("--disable-circuit-breaker",
-                        "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
-                        "--health-check-timeout-secs", "2",
-                        "--retry-max-retries", "8", "--retry-initial-backoff-ms", "200",
-                        "--retry-backoff-multiplier", "2", "--retry-max-backoff-ms", "2000")
+DP_FAILOVER_DEFAULTS = (
+    "--disable-circuit-breaker",
+    "--health-check-interval-secs",
+    "1",
+    "--health-failure-threshold",
+    "2",
+    "--health-check-timeout-secs",
+    "2",
+    "--retry-max-retries",
+    "8",
+    "--retry-initial-backoff-ms",
+    "200",
+    "--retry-backoff-multiplier",
+    "2",
+    "--retry-max-backoff-ms",
+    "2000",
+)
 # ``plait serve --pd`` (pd_launcher.py) still passes these, the earlier defaults: there a
 # failed KV transfer is a 500 after up to ``--disaggregation-transfer-timeout`` seconds, and
 # eight retries of it are not what its tests and docs describe. Its 4xx exposure is the same.
-FAILOVER_DEFAULTS = ("--health-check-interval-secs", "2", "--health-failure-threshold", "2",
-                     "--health-check-timeout-secs", "5", "--cb-failure-threshold", "3")
+FAILOVER_DEFAULTS = (
+    "--health-check-interval-secs",
+    "2",
+    "--health-failure-threshold",
+    "2",
+    "--health-check-timeout-secs",
+    "5",
+    "--cb-failure-threshold",
+    "3",
+)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -140,21 +161,37 @@ def require_router() -> None:
     if importlib.util.find_spec("sglang_router") is None:
         raise LaunchError(
             f"--dp needs SGLang's gateway, which is not installed: "
-            f"pip install 'plait[router]' (or pip install {ROUTER_PACKAGE})")
+            f"pip install 'plait[router]' (or pip install {ROUTER_PACKAGE})"
+        )
 
 
 def worker_command(args: ServerArgs, port: int) -> list[str]:
-    worker = replace(args, dp=1, host="127.0.0.1", port=port, router_extra_args=None,
-                     router_prometheus_port=None)
+    worker = replace(
+        args, dp=1, host="127.0.0.1", port=port, router_extra_args=None, router_prometheus_port=None
+    )
     return [sys.executable, "-m", "plait.server.cli", "serve", *worker.to_argv()]
 
 
 def router_command(args: ServerArgs, worker_urls: list[str], prometheus_port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang_router.launch_router",
-           "--worker-urls", *worker_urls, "--policy", args.router_policy,
-           "--host", args.host, "--port", str(args.port),
-           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prometheus_port),
-           "--log-level", "warn" if args.log_level == "warning" else args.log_level]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        *worker_urls,
+        "--policy",
+        args.router_policy,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(prometheus_port),
+        "--log-level",
+        "warn" if args.log_level == "warning" else args.log_level,
+    ]
     if args.api_key:
         cmd += ["--api-key", args.api_key]  # the gateway authenticates to the workers with it
     return cmd + list(DP_FAILOVER_DEFAULTS) + shlex.split(args.router_extra_args or "")
@@ -174,9 +211,13 @@ def _healthy(url: str, path: str, headers: dict[str, str]) -> bool:
         return False
 
 
-def wait_healthy(children: list[Child], path: str, timeout: float,
-                 headers: dict[str, str] | None = None,
-                 stop: threading.Event | None = None) -> None:
+def wait_healthy(
+    children: list[Child],
+    path: str,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
     """Block until every child answers ``path`` with 200; a child that exits first, or the
     deadline, is a :class:`LaunchError` naming it."""
     pending = list(children)
@@ -186,8 +227,10 @@ def wait_healthy(children: list[Child], path: str, timeout: float,
             raise LaunchError("interrupted during start-up")
         for child in list(pending):
             if not child.alive():
-                raise LaunchError(f"{child.name} exited with status {child.proc.returncode} "
-                                  f"during start-up (its log is above)")
+                raise LaunchError(
+                    f"{child.name} exited with status {child.proc.returncode} "
+                    f"during start-up (its log is above)"
+                )
             if _healthy(child.url, path, headers or {}):
                 pending.remove(child)
         if pending and time.monotonic() > deadline:
@@ -213,8 +256,9 @@ def stop_all(children: list[Child], timeout: float) -> None:
 
 def run_data_parallel(args: ServerArgs) -> int:
     """Start ``args.dp`` workers and the gateway; serve until a signal. Returns the exit code."""
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="[dp] %(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[dp] %(asctime)s %(levelname)s %(message)s"
+    )
     try:
         args.validate()
         require_router()
@@ -230,16 +274,26 @@ def run_data_parallel(args: ServerArgs) -> int:
     workers = []
     for rank in range(args.dp):
         port = ports.take()
-        workers.append(_spawn(f"worker {rank} (port {port})", f"http://127.0.0.1:{port}",
-                              worker_command(args, port), env))
+        workers.append(
+            _spawn(
+                f"worker {rank} (port {port})",
+                f"http://127.0.0.1:{port}",
+                worker_command(args, port),
+                env,
+            )
+        )
     router: Child | None = None
     try:
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         wait_healthy(workers, "/health", args.startup_timeout, auth, stop)
         metrics_port = args.router_prometheus_port or ports.take()
         log.info("gateway metrics on http://127.0.0.1:%d/metrics", metrics_port)
-        router = _spawn("sglang-router", f"http://{_connect_host(args.host)}:{args.port}",
-                        router_command(args, [w.url for w in workers], metrics_port), env)
+        router = _spawn(
+            "sglang-router",
+            f"http://{_connect_host(args.host)}:{args.port}",
+            router_command(args, [w.url for w in workers], metrics_port),
+            env,
+        )
         wait_healthy([router], "/readiness", 120, stop=stop)
     except LaunchError as e:
         log.error("%s; stopping the others", e)
@@ -260,8 +314,11 @@ def _supervise(router: Child, workers: list[Child], stop: threading.Event) -> in
         for w in workers:
             if not w.alive() and w.name not in reported:
                 reported.add(w.name)
-                log.warning("%s exited with status %s; the gateway routes around it",
-                            w.name, w.proc.returncode)
+                log.warning(
+                    "%s exited with status %s; the gateway routes around it",
+                    w.name,
+                    w.proc.returncode,
+                )
         if len(reported) == len(workers):
             log.error("every worker has exited; stopping")
             return 1

@@ -11,6 +11,7 @@ request gets 503 and ``on_fatal`` (set by the launcher) stops the server with a 
 The IPC directory is named ``plait-ipc-<pid>-*`` so a later start can remove the ones whose
 owner was killed (kill -9 runs no code; the scheduler process also removes it when orphaned).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,14 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import zmq
 import zmq.asyncio
 
-from plait.core.messages import (AbortReq, FlushCacheReq, GenerateReq, GetInfoReq,
-                                 RequestLimits, ShutdownReq)
+from plait.core.messages import (
+    AbortReq,
+    FlushCacheReq,
+    GenerateReq,
+    GetInfoReq,
+    RequestLimits,
+    ShutdownReq,
+)
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
@@ -54,7 +61,7 @@ class EngineClient:
         self._req_ids = itertools.count()
         remove_stale_ipc_dirs()
         self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
-        self._admitted = 0          # sequences of admitted HTTP requests not yet finished
+        self._admitted = 0  # sequences of admitted HTTP requests not yet finished
         self.draining = False
         self.on_fatal: Callable[[], None] | None = None
         self._ctx = zmq.asyncio.Context()
@@ -75,13 +82,19 @@ class EngineClient:
         self._send.bind(in_addr)
         self._recv = self._ctx.socket(zmq.PULL)
         self._recv.bind(out_addr)
-        config = {"in_addr": in_addr, "out_addr": out_addr, "parent_pid": os.getpid(),
-                  "ipc_dir": self._ipc_dir,
-                  "model_path": self.model_path, "log_level": self.args.log_level,
-                  "engine_kwargs": self.args.engine_kwargs(self.model_path),
-                  "engine_factory": self.args.engine_factory}
+        config = {
+            "in_addr": in_addr,
+            "out_addr": out_addr,
+            "parent_pid": os.getpid(),
+            "ipc_dir": self._ipc_dir,
+            "model_path": self.model_path,
+            "log_level": self.args.log_level,
+            "engine_kwargs": self.args.engine_kwargs(self.model_path),
+            "engine_factory": self.args.engine_factory,
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "plait.server.scheduler_process", json.dumps(config)])
+            [sys.executable, "-m", "plait.server.scheduler_process", json.dumps(config)]
+        )
         tokenizer_task = asyncio.create_task(asyncio.to_thread(self._load_tokenizer))
         msg = await self._wait_ready()
         await tokenizer_task
@@ -93,6 +106,7 @@ class EngineClient:
 
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         # Longest token text (byte-level tokens spell each byte as one char: an upper bound).
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
@@ -105,13 +119,14 @@ class EngineClient:
                 if msg["op"] == "ready":
                     return msg
                 if msg["op"] == "startup_error":
-                    raise RuntimeError("the scheduler process failed to start:\n"
-                                       + msg["message"])
+                    raise RuntimeError("the scheduler process failed to start:\n" + msg["message"])
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the scheduler process exited with {self.proc.returncode}"
-                                   " before it was ready")
-        raise RuntimeError(f"the scheduler process was not ready in "
-                           f"{self.args.startup_timeout:.0f}s")
+                raise RuntimeError(
+                    f"the scheduler process exited with {self.proc.returncode} before it was ready"
+                )
+        raise RuntimeError(
+            f"the scheduler process was not ready in {self.args.startup_timeout:.0f}s"
+        )
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self._recv_task is not None
@@ -144,8 +159,9 @@ class EngineClient:
         """If the scheduler process dies, fail every waiting request instead of hanging."""
         while self.proc.poll() is None:
             await asyncio.sleep(0.5)
-        logger.error("the scheduler process exited with %s; stopping the server",
-                     self.proc.returncode)
+        logger.error(
+            "the scheduler process exited with %s; stopping the server", self.proc.returncode
+        )
         self.draining = True
         for q in self._queues.values():
             q.put_nowait(("error", 503, "the scheduler process exited"))
@@ -165,9 +181,12 @@ class EngineClient:
             raise APIError("the server is shutting down", status=503)
         limit = self._admission_limit
         if self._admitted + count > limit:
-            raise APIError(f"too many requests in flight ({self._admitted} sequences; the "
-                           f"limit is {limit}); retry later", status=429,
-                           headers={"Retry-After": "1"})
+            raise APIError(
+                f"too many requests in flight ({self._admitted} sequences; the "
+                f"limit is {limit}); retry later",
+                status=429,
+                headers={"Retry-After": "1"},
+            )
         self._admitted += count
         try:
             yield
@@ -195,8 +214,7 @@ class EngineClient:
             msg = await self._recv.recv_pyobj()
             op = msg.get("op")
             if op == "out":
-                self.metrics.on_output(msg["rid"], msg["out"], msg["finished"],
-                                       time.monotonic())
+                self.metrics.on_output(msg["rid"], msg["out"], msg["finished"], time.monotonic())
                 q = self._queues.get(msg["rid"])
                 if q is not None:
                     q.put_nowait(("out", msg["out"], msg["finished"]))
@@ -222,8 +240,9 @@ class EngineClient:
         except zmq.ZMQError:
             return False
 
-    async def _call(self, message: type[FlushCacheReq] | type[GetInfoReq],
-                    timeout: float = 60.0) -> Any:
+    async def _call(
+        self, message: type[FlushCacheReq] | type[GetInfoReq], timeout: float = 60.0
+    ) -> Any:
         self._require_alive()
         req_id = next(self._req_ids)
         fut = asyncio.get_running_loop().create_future()
@@ -256,9 +275,12 @@ class EngineClient:
     def limits(self) -> RequestLimits:
         """What the engine accepts, plus the server's bounds on one request's work
         (docs/reliability.md), for checking requests here before they are sent."""
-        return RequestLimits(context_len=self.context_length, vocab_size=self.vocab_size,
-                             max_top_logprobs=MAX_TOP_LOGPROBS,
-                             max_sequences=min(MAX_SEQUENCES, self._admission_limit))
+        return RequestLimits(
+            context_len=self.context_length,
+            vocab_size=self.vocab_size,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+            max_sequences=min(MAX_SEQUENCES, self._admission_limit),
+        )
 
     async def generate(self, req: GenerateReq) -> AsyncIterator[dict[str, Any]]:
         """Yield the request's cumulative outputs; the last one is finished. ``req`` is one
@@ -280,12 +302,14 @@ class EngineClient:
             while not finished:
                 try:
                     item = await asyncio.wait_for(
-                        q.get(), None if deadline is None else max(deadline - time.monotonic(),
-                                                                   0))
+                        q.get(), None if deadline is None else max(deadline - time.monotonic(), 0)
+                    )
                 except asyncio.TimeoutError:
-                    raise APIError(f"the request took longer than the server's request "
-                                   f"timeout ({timeout:g}s) and was aborted",
-                                   status=504) from None
+                    raise APIError(
+                        f"the request took longer than the server's request "
+                        f"timeout ({timeout:g}s) and was aborted",
+                        status=504,
+                    ) from None
                 if item[0] == "error":
                     finished = True
                     _, status, message = item
@@ -312,7 +336,7 @@ def remove_stale_ipc_dirs() -> list[str]:
     for name in os.listdir(tmp):
         if not name.startswith(IPC_PREFIX):
             continue
-        pid_text = name[len(IPC_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(IPC_PREFIX) :].split("-", 1)[0]
         path = os.path.join(tmp, name)
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue

@@ -3,6 +3,7 @@ prefix caching with ``max_new_tokens: 0``) speaks.
 
 One prompt in -> one object out; a list of prompts (or n > 1) -> a list out, prompt-major.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,8 +15,15 @@ from fastapi.responses import StreamingResponse
 from plait.core.messages import GenerateReq
 from plait.server.engine_client import EngineClient
 from plait.server.protocol import APIError, GatewayFields, GenerateRequest
-from plait.server.submit import (SSE_DONE, clean_sampling_params, collect, invalid_request,
-                                 merge_streams, prepare, sse)
+from plait.server.submit import (
+    SSE_DONE,
+    clean_sampling_params,
+    collect,
+    invalid_request,
+    merge_streams,
+    prepare,
+    sse,
+)
 
 router = APIRouter()
 
@@ -29,14 +37,18 @@ _TOP_KEYS = ("input_top_logprobs", "output_top_logprobs")
 _RESPONSE_ONLY = {"return_text_in_logprobs", "model"} | set(GatewayFields.model_fields)
 
 
-async def build_requests(body: GenerateRequest, client: EngineClient
-                         ) -> tuple[list[GenerateReq], bool]:
+async def build_requests(
+    body: GenerateRequest, client: EngineClient
+) -> tuple[list[GenerateReq], bool]:
     """The body as core messages, one per sample, all checked before any is submitted: a
     request either fails here with a 400 or runs whole. Tokenizing runs off the event loop."""
     values = body.model_dump(exclude=_RESPONSE_ONLY, exclude_none=True)
     sps = values.get("sampling_params")
-    values["sampling_params"] = ([clean_sampling_params(sp) for sp in sps]
-                                 if isinstance(sps, list) else clean_sampling_params(sps))
+    values["sampling_params"] = (
+        [clean_sampling_params(sp) for sp in sps]
+        if isinstance(sps, list)
+        else clean_sampling_params(sps)
+    )
     values["bootstrap"] = body.bootstrap()
     with invalid_request():
         msgs, batched = GenerateReq.batch(**values)
@@ -44,8 +56,9 @@ async def build_requests(body: GenerateRequest, client: EngineClient
     return reqs, batched or len(reqs) > 1
 
 
-def format_output(client: EngineClient, out: dict[str, Any], rid: str, with_text: bool,
-                  started: float) -> dict[str, Any]:
+def format_output(
+    client: EngineClient, out: dict[str, Any], rid: str, with_text: bool, started: float
+) -> dict[str, Any]:
     """Engine output -> SGLang's response object; logprob tuples become [logprob, id, text]."""
     meta = dict(out.get("meta_info") or {})
     meta["id"] = rid
@@ -55,10 +68,14 @@ def format_output(client: EngineClient, out: dict[str, Any], rid: str, with_text
             meta[key] = _with_text(client, meta[key], with_text)
     for key in _TOP_KEYS:
         if key in meta and meta[key] is not None:
-            meta[key] = [None if pos is None else _with_text(client, pos, with_text)
-                         for pos in meta[key]]
-    return {"text": out.get("text", ""), "output_ids": list(out.get("output_ids") or []),
-            "meta_info": meta}
+            meta[key] = [
+                None if pos is None else _with_text(client, pos, with_text) for pos in meta[key]
+            ]
+    return {
+        "text": out.get("text", ""),
+        "output_ids": list(out.get("output_ids") or []),
+        "meta_info": meta,
+    }
 
 
 def _with_text(client: EngineClient, entries: list, with_text: bool) -> list[list[Any]]:
@@ -86,8 +103,9 @@ async def generate(body: GenerateRequest, request: Request):
     return results if batched else results[0]
 
 
-async def _streaming_response(client: EngineClient, reqs: list[GenerateReq], batched: bool,
-                              with_text: bool, started: float) -> StreamingResponse:
+async def _streaming_response(
+    client: EngineClient, reqs: list[GenerateReq], batched: bool, with_text: bool, started: float
+) -> StreamingResponse:
     stream = merge_streams(client, reqs)
     # Wait for the first output before answering, so an error the engine raises on
     # submission is still a plain HTTP error rather than an event inside a 200 stream.

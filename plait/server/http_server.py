@@ -3,6 +3,7 @@
 Process layout: this process parses, tokenizes and streams; the scheduler process
 (``scheduler_process.py``) owns the engine. See ``engine_client.py`` for the link.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,16 +44,20 @@ class APIKeyMiddleware:
         self.expected = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS \
-                and scope["method"] != "OPTIONS":
+        if (
+            scope["type"] == "http"
+            and scope["path"] not in _OPEN_PATHS
+            and scope["method"] != "OPTIONS"
+        ):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.strip().partition(b" ")
             # The auth scheme is case-insensitive (RFC 9110 11.1): "bearer KEY" is fine.
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(),
-                                                                      self.expected):
-                response = JSONResponse(error_body("invalid or missing API key", 401),
-                                        status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.expected):
+                response = JSONResponse(
+                    error_body("invalid or missing API key", 401),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -70,8 +75,7 @@ class JSONBodyMiddleware:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             ctype = dict(scope["headers"]).get(b"content-type", b"")
             if not ctype or ctype.startswith(b"application/x-www-form-urlencoded"):
-                scope = {**scope, "headers": headers + [(b"content-type",
-                                                         b"application/json")]}
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 
 
@@ -107,9 +111,15 @@ class BodyGuardMiddleware:
         body = b"".join(chunks)
         bad = find_lone_surrogate(body)
         if bad is not None:
-            await self._refuse(scope, receive, send, APIError(
-                f"{bad or 'body'} holds a lone UTF-16 surrogate, which is not valid text",
-                param=bad or None))
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                APIError(
+                    f"{bad or 'body'} holds a lone UTF-16 surrogate, which is not valid text",
+                    param=bad or None,
+                ),
+            )
             return
         replayed = False
 
@@ -123,8 +133,10 @@ class BodyGuardMiddleware:
         await self.app(scope, replay, send)
 
     def _too_large(self) -> APIError:
-        return APIError(f"the request body exceeds {self.max_bytes} bytes "
-                        "(--max-request-body-bytes)", status=413)
+        return APIError(
+            f"the request body exceeds {self.max_bytes} bytes (--max-request-body-bytes)",
+            status=413,
+        )
 
     @staticmethod
     async def _refuse(scope: dict, receive: Any, send: Any, e: APIError) -> None:
@@ -185,8 +197,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(str(e.detail), e.status_code),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(_: Request, e: ClientDisconnected) -> Response:
@@ -195,8 +210,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", 500),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}: {e}", 500), status_code=500
+        )
 
 
 def create_app(args: ServerArgs, model_path: str) -> FastAPI:
@@ -226,6 +242,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
 
 def _admin_routes():
     from fastapi import APIRouter
+
     router = APIRouter()
 
     @router.get("/health")
@@ -240,8 +257,10 @@ def _admin_routes():
         client: EngineClient = request.app.state.client
         if not client.is_alive():
             return Response(status_code=503)
-        probe = GenerateReq(input_ids=[client.tokenizer.eos_token_id or 0],
-                            sampling_params={"max_new_tokens": 1, "temperature": 0}).expand()[0]
+        probe = GenerateReq(
+            input_ids=[client.tokenizer.eos_token_id or 0],
+            sampling_params={"max_new_tokens": 1, "temperature": 0},
+        ).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
         except (APIError, asyncio.TimeoutError):
@@ -252,31 +271,47 @@ def _admin_routes():
     @router.get("/model_info")
     async def get_model_info(request: Request) -> dict[str, Any]:
         c: EngineClient = request.app.state.client
-        return {"model_path": c.model_path, "tokenizer_path": c.model_path,
-                "served_model_name": c.model_name, "is_generation": True,
-                "context_length": c.context_length, "vocab_size": c.vocab_size,
-                "has_image_understanding": False, "has_audio_understanding": False}
+        return {
+            "model_path": c.model_path,
+            "tokenizer_path": c.model_path,
+            "served_model_name": c.model_name,
+            "is_generation": True,
+            "context_length": c.context_length,
+            "vocab_size": c.vocab_size,
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+        }
 
     @router.get("/get_server_info")
     @router.get("/server_info")
     async def get_server_info(request: Request) -> dict[str, Any]:
         c: EngineClient = request.app.state.client
         engine = await c.server_info()
-        return {**request.app.state.args.to_dict(), "model_path": c.model_path,
-                "context_length": c.context_length, "version": "0.1.0", **engine,
-                "internal_states": [engine], "num_inflight_requests": len(c.running_rids()),
-                "dp_size": 1}
+        return {
+            **request.app.state.args.to_dict(),
+            "model_path": c.model_path,
+            "context_length": c.context_length,
+            "version": "0.1.0",
+            **engine,
+            "internal_states": [engine],
+            "num_inflight_requests": len(c.running_rids()),
+            "dp_size": 1,
+        }
 
     @router.get("/get_load")
     async def get_load(request: Request) -> list[dict[str, Any]]:
         """SGLang's per-rank load report, read by the gateway's load-aware policies."""
         c: EngineClient = request.app.state.client
         engine = await c.server_info()
-        return [{"dp_rank": 0, "num_reqs": engine.get("num_running_reqs", 0)
-                 + engine.get("num_waiting_reqs", 0),
-                 "num_waiting_reqs": engine.get("num_waiting_reqs", 0),
-                 "num_tokens": engine.get("max_total_tokens", 0)
-                 - engine.get("available_kv_tokens", 0)}]
+        return [
+            {
+                "dp_rank": 0,
+                "num_reqs": engine.get("num_running_reqs", 0) + engine.get("num_waiting_reqs", 0),
+                "num_waiting_reqs": engine.get("num_waiting_reqs", 0),
+                "num_tokens": engine.get("max_total_tokens", 0)
+                - engine.get("available_kv_tokens", 0),
+            }
+        ]
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:
@@ -290,8 +325,11 @@ def _admin_routes():
         """Abort ``rid`` (and the per-sample/per-prompt requests derived from it), or every
         running request with ``abort_all``."""
         c: EngineClient = request.app.state.client
-        rids = [r for r in c.running_rids()
-                if body.abort_all or r == body.rid or (body.rid and r.startswith(body.rid + "-"))]
+        rids = [
+            r
+            for r in c.running_rids()
+            if body.abort_all or r == body.rid or (body.rid and r.startswith(body.rid + "-"))
+        ]
         for rid in rids:
             c.abort(rid)
         return {"aborted": rids}
@@ -346,6 +384,7 @@ class _DrainingServer(uvicorn.Server):
 
         def start() -> None:
             self._drain_task = self._loop.create_task(self._drain(client))
+
         self._loop.call_soon_threadsafe(start)
 
     async def _drain(self, client: EngineClient) -> None:
@@ -358,8 +397,9 @@ class _DrainingServer(uvicorn.Server):
 def run_server(args: ServerArgs) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown (running requests drained),
     1 if the scheduler process died or the server never started."""
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="[http] %(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[http] %(asctime)s %(levelname)s %(message)s"
+    )
     try:
         model_path = args.resolved_model_path()
         args.engine_kwargs(model_path)  # option errors (e.g. --tp 2) before anything starts
@@ -367,8 +407,14 @@ def run_server(args: ServerArgs) -> int:
         logger.error("%s", e)
         return 2
     app = create_app(args, model_path)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=10, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=5,
+    )
     server = _DrainingServer(config, app, args.shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns
     # that into a normal return, so a graceful SIGTERM exits 0.

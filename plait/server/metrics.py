@@ -5,6 +5,7 @@ queue/running/KV gauges and the per-phase step time are read from the engine's s
 scrape time. Each app has
 its own registry so several servers (tests) can live in one interpreter.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,8 +13,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -35,44 +42,60 @@ class ServerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("plait_requests", "Finished generation requests",
-                                ["finish_reason"], registry=r)
+        self.requests = Counter(
+            "plait_requests", "Finished generation requests", ["finish_reason"], registry=r
+        )
         self.prompt_tokens = Counter("plait_prompt_tokens", "Prompt tokens", registry=r)
-        self.cached_tokens = Counter("plait_cached_tokens",
-                                     "Prompt tokens served from the prefix cache", registry=r)
+        self.cached_tokens = Counter(
+            "plait_cached_tokens", "Prompt tokens served from the prefix cache", registry=r
+        )
         # Read from the engine's counter at scrape time: under disaggregation the decode server
         # must show 0 here (its prompts' KV came from a prefill server).
         self.computed_prompt_tokens = Counter(
             "plait_computed_prompt_tokens",
             "Prompt tokens this server ran through the model itself (not cached, not received)",
-            registry=r)
-        self.generation_tokens = Counter("plait_generation_tokens", "Generated tokens",
-                                         registry=r)
-        self.ttft = Histogram("plait_time_to_first_token_seconds", "Time to first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("plait_inter_token_latency_seconds", "Time between tokens",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("plait_e2e_request_latency_seconds", "Request latency",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue = Gauge("plait_num_queue_reqs", "Requests waiting to be scheduled",
-                           registry=r)
-        self.running = Gauge("plait_num_running_reqs", "Requests in the running batch",
-                             registry=r)
-        self.inflight = Gauge("plait_num_inflight_reqs", "Requests the HTTP server awaits",
-                              registry=r)
-        self.token_usage = Gauge("plait_token_usage", "Fraction of KV slots in use",
-                                 registry=r)
-        self.cache_hit_rate = Gauge("plait_cache_hit_rate",
-                                    "Cached prompt tokens / prompt tokens", registry=r)
-        self.throughput = Gauge("plait_gen_throughput",
-                                "Generated tokens per second over the last 10 s", registry=r)
+            registry=r,
+        )
+        self.generation_tokens = Counter("plait_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram(
+            "plait_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "plait_inter_token_latency_seconds",
+            "Time between tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "plait_e2e_request_latency_seconds",
+            "Request latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge("plait_num_queue_reqs", "Requests waiting to be scheduled", registry=r)
+        self.running = Gauge("plait_num_running_reqs", "Requests in the running batch", registry=r)
+        self.inflight = Gauge(
+            "plait_num_inflight_reqs", "Requests the HTTP server awaits", registry=r
+        )
+        self.token_usage = Gauge("plait_token_usage", "Fraction of KV slots in use", registry=r)
+        self.cache_hit_rate = Gauge(
+            "plait_cache_hit_rate", "Cached prompt tokens / prompt tokens", registry=r
+        )
+        self.throughput = Gauge(
+            "plait_gen_throughput", "Generated tokens per second over the last 10 s", registry=r
+        )
         self.step_seconds = Counter(
-            "plait_step_seconds", "Scheduler step time by phase: schedule, process (scheduler "
+            "plait_step_seconds",
+            "Scheduler step time by phase: schedule, process (scheduler "
             "thread), forward, sample (executor) and wait (scheduler blocked on the executor); "
             "with the overlap schedule forward and sample run alongside the others",
-            ["phase"], registry=r)
-        self.forward_passes = Counter("plait_forward_passes", "Forward passes (steps)",
-                                      registry=r)
+            ["phase"],
+            registry=r,
+        )
+        self.forward_passes = Counter("plait_forward_passes", "Forward passes (steps)", registry=r)
 
     # Called by EngineClient for every output message (finished or not).
     def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:
@@ -95,8 +118,9 @@ class ServerMetrics:
             self._tracks.pop(rid, None)
             self.e2e.observe(now - track.start)
             fr = meta.get("finish_reason")
-            self.requests.labels(fr.get("type", "unknown") if isinstance(fr, dict)
-                                 else str(fr)).inc()
+            self.requests.labels(
+                fr.get("type", "unknown") if isinstance(fr, dict) else str(fr)
+            ).inc()
             self.prompt_tokens.inc(int(meta.get("prompt_tokens") or 0))
             self.cached_tokens.inc(int(meta.get("cached_tokens") or 0))
 
@@ -138,8 +162,9 @@ class ServerMetrics:
     def _count_steps(self, info: dict[str, Any]) -> None:
         """Advance the step counters by what the engine's totals grew since the last scrape
         (a restarted engine's smaller totals start the count afresh)."""
-        for key, counter in [(f"{p}_seconds", self.step_seconds.labels(p))
-                             for p in _PHASES] + [("forward_passes", self.forward_passes)]:
+        for key, counter in [(f"{p}_seconds", self.step_seconds.labels(p)) for p in _PHASES] + [
+            ("forward_passes", self.forward_passes)
+        ]:
             value = _first(info, key, default=None)
             if value is None:
                 continue

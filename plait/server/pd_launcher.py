@@ -8,6 +8,7 @@ launcher starts ``sglang_router.launch_router --pd-disaggregation --prefill URL 
 orphan protection are the ``--dp`` launcher's (``plait.server.data_parallel``), reused as is.
 To spread the pair over several machines, start the pieces by hand (docs/serving.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,10 +17,20 @@ import shlex
 import sys
 from dataclasses import replace
 
-from plait.server.data_parallel import (FAILOVER_DEFAULTS, Child, LaunchError, PortBook,
-                                        _connect_host, _spawn, _supervise, child_env,
-                                        require_router, stop_all, stop_on_signals,
-                                        wait_healthy)
+from plait.server.data_parallel import (
+    FAILOVER_DEFAULTS,
+    Child,
+    LaunchError,
+    PortBook,
+    _connect_host,
+    _spawn,
+    _supervise,
+    child_env,
+    require_router,
+    stop_all,
+    stop_on_signals,
+    wait_healthy,
+)
 from plait.server.server_args import ServerArgs
 
 log = logging.getLogger("plait.pd")
@@ -29,28 +40,49 @@ def parse_pd(spec: str) -> tuple[int, int]:
     """``"1P1D"`` -> (1, 1); ValueError naming ``pd`` otherwise."""
     m = re.fullmatch(r"(\d+)P(\d+)D", spec or "", flags=re.IGNORECASE)
     if not m or int(m[1]) < 1 or int(m[2]) < 1:
-        raise ValueError(f"pd must look like 1P1D (prefill and decode server counts, each "
-                         f">= 1), got {spec!r}")
+        raise ValueError(
+            f"pd must look like 1P1D (prefill and decode server counts, each >= 1), got {spec!r}"
+        )
     return int(m[1]), int(m[2])
 
 
 def server_command(args: ServerArgs, mode: str, port: int, bootstrap_port: int) -> list[str]:
-    one = replace(args, pd=None, dp=1, host="127.0.0.1", port=port, disaggregation_mode=mode,
-                  disaggregation_bootstrap_port=bootstrap_port, router_extra_args=None,
-                  router_prometheus_port=None)
+    one = replace(
+        args,
+        pd=None,
+        dp=1,
+        host="127.0.0.1",
+        port=port,
+        disaggregation_mode=mode,
+        disaggregation_bootstrap_port=bootstrap_port,
+        router_extra_args=None,
+        router_prometheus_port=None,
+    )
     return [sys.executable, "-m", "plait.server.cli", "serve", *one.to_argv()]
 
 
-def router_command(args: ServerArgs, prefills: list[tuple[str, int]], decodes: list[str],
-                   prometheus_port: int) -> list[str]:
+def router_command(
+    args: ServerArgs, prefills: list[tuple[str, int]], decodes: list[str], prometheus_port: int
+) -> list[str]:
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
     for url, bootstrap in prefills:
         cmd += ["--prefill", url, str(bootstrap)]
     for url in decodes:
         cmd += ["--decode", url]
-    cmd += ["--policy", args.router_policy, "--host", args.host, "--port", str(args.port),
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prometheus_port),
-            "--log-level", "warn" if args.log_level == "warning" else args.log_level]
+    cmd += [
+        "--policy",
+        args.router_policy,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(prometheus_port),
+        "--log-level",
+        "warn" if args.log_level == "warning" else args.log_level,
+    ]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd + list(FAILOVER_DEFAULTS) + shlex.split(args.router_extra_args or "")
@@ -58,8 +90,9 @@ def router_command(args: ServerArgs, prefills: list[tuple[str, int]], decodes: l
 
 def run_pd(args: ServerArgs) -> int:
     """Start the servers and the gateway; serve until a signal. Returns the exit code."""
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="[pd] %(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[pd] %(asctime)s %(levelname)s %(message)s"
+    )
     try:
         args.validate()
         n_prefill, n_decode = parse_pd(args.pd)
@@ -77,8 +110,14 @@ def run_pd(args: ServerArgs) -> int:
     for i in range(n_prefill):
         port, bootstrap = ports.take(), ports.take()
         url = f"http://127.0.0.1:{port}"
-        servers.append(_spawn(f"prefill {i} (port {port}, bootstrap {bootstrap})", url,
-                              server_command(args, "prefill", port, bootstrap), env))
+        servers.append(
+            _spawn(
+                f"prefill {i} (port {port}, bootstrap {bootstrap})",
+                url,
+                server_command(args, "prefill", port, bootstrap),
+                env,
+            )
+        )
         prefills.append((url, bootstrap))
     decodes = []
     for i in range(n_decode):
@@ -92,15 +131,20 @@ def run_pd(args: ServerArgs) -> int:
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         wait_healthy(servers, "/health", args.startup_timeout, auth, stop)
         metrics_port = args.router_prometheus_port or ports.take()
-        router = _spawn("sglang-router", f"http://{_connect_host(args.host)}:{args.port}",
-                        router_command(args, prefills, decodes, metrics_port), env)
+        router = _spawn(
+            "sglang-router",
+            f"http://{_connect_host(args.host)}:{args.port}",
+            router_command(args, prefills, decodes, metrics_port),
+            env,
+        )
         wait_healthy([router], "/readiness", 120, stop=stop)
     except LaunchError as e:
         log.error("%s; stopping the others", e)
         stop_all(([router] if router else []) + servers, args.shutdown_timeout + 10)
         return 0 if stop.is_set() else 1
-    log.info("gateway serving %d prefill and %d decode server(s) on %s", n_prefill, n_decode,
-             router.url)
+    log.info(
+        "gateway serving %d prefill and %d decode server(s) on %s", n_prefill, n_decode, router.url
+    )
     status = _supervise(router, servers, stop)
     stop_all([router, *servers], args.shutdown_timeout + 10)
     return status

@@ -5,6 +5,7 @@ semantic checks (ranges, context length, regex syntax) live in the routes and in
 ``SamplingParams``, and all of them end as ``APIError`` -> HTTP 4xx with an OpenAI-style body:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Union
@@ -12,16 +13,27 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from plait.core.messages import Bootstrap
-from plait.server.request_fields import (UnsupportedChat, UnsupportedCompletion,
-                                         UnsupportedGenerate, UnsupportedOpenAI,
-                                         UnsupportedSampling, UnsupportedStreamOptions)
+from plait.server.request_fields import (
+    UnsupportedChat,
+    UnsupportedCompletion,
+    UnsupportedGenerate,
+    UnsupportedOpenAI,
+    UnsupportedSampling,
+    UnsupportedStreamOptions,
+)
 
 
 class APIError(Exception):
     """An error that reaches the client as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -33,17 +45,29 @@ class APIError(Exception):
         return error_body(self.message, self.status, self.param, self.type)
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                500: "internal_server_error", 503: "service_unavailable",
-                504: "timeout_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 
 
-def error_body(message: str, status: int, param: str | None = None,
-               type: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message,
-                      "type": type or _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": status}}
+def error_body(
+    message: str, status: int, param: str | None = None, type: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type or _ERROR_TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": status,
+        }
+    }
 
 
 def param_of(err: ValueError) -> str | None:
@@ -68,6 +92,7 @@ class GenerateSamplingParams(UnsupportedSampling, _Strict):
     """``sampling_params`` of ``/generate``: ``SamplingParams``' fields, typed for the schema.
     SGLang's fields Plait does not have are accepted only at their defaults (request_fields),
     since SGLang clients send them as null or []; any other key is a 400."""
+
     max_new_tokens: int | None = Field(default=None, ge=0)
     min_new_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
@@ -103,6 +128,7 @@ class GatewayFields(BaseModel):
     ``separate_reasoning``/``stream_reasoning`` (they act only with a reasoning parser, which
     Plait does not have, exactly as in SGLang when none is configured).
     """
+
     data_parallel_rank: int | None = Field(default=None, ge=0, le=0)
     routed_dp_rank: int | None = Field(default=None, ge=0, le=0)
     log_metrics: bool = True
@@ -119,8 +145,10 @@ class GatewayFields(BaseModel):
         if all(v is None for v in given):
             return None
         if any(v is None for v in given):
-            raise APIError("bootstrap_room: bootstrap_host, bootstrap_port and bootstrap_room "
-                           "go together", param="bootstrap_room")
+            raise APIError(
+                "bootstrap_room: bootstrap_host, bootstrap_port and bootstrap_room go together",
+                param="bootstrap_room",
+            )
         try:
             return Bootstrap(*given)
         except ValueError as e:
@@ -129,8 +157,12 @@ class GatewayFields(BaseModel):
 
 class GenerateRequest(GatewayFields, UnsupportedGenerate, _Strict):
     """``POST /generate``: SGLang's GenerateReqInput, the fields Plait implements."""
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]})
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}]},
+    )
     text: Union[str, list[str], None] = None
     input_ids: Union[list[int], list[list[int]], None] = None
     sampling_params: Union[GenerateSamplingParams, list[GenerateSamplingParams], None] = None
@@ -169,6 +201,7 @@ class ResponseFormat(_Strict):
 
 class _SamplingFields(GatewayFields, UnsupportedOpenAI, _Strict):
     """Fields shared by completions and chat: OpenAI's plus SGLang's extras."""
+
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0)
@@ -228,6 +261,6 @@ class ChatCompletionRequest(_SamplingFields, UnsupportedChat):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     continue_final_message: bool = False
-    separate_reasoning: bool = True   # see GatewayFields
+    separate_reasoning: bool = True  # see GatewayFields
     stream_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None

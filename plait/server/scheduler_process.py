@@ -17,6 +17,7 @@ Wire protocol (pickled; the HTTP process binds both sockets, this process connec
 Invariant: every "generate" gets exactly one message with finished=True or one "error". An
 engine-side failure (finish_reason ``{"type": "error"}``) is sent as an "error" with status 500.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,12 @@ from plait.server.server_args import check_mem_fraction
 
 logger = logging.getLogger("plait.scheduler_process")
 
-_LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs",
-                 "output_top_logprobs")
+_LOGPROB_KEYS = (
+    "input_token_logprobs",
+    "output_token_logprobs",
+    "input_top_logprobs",
+    "output_top_logprobs",
+)
 
 
 def build_engine(config: dict[str, Any]) -> Any:
@@ -83,6 +88,7 @@ def kv_budget_from_fraction(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _device_name(device: str) -> str:
     from plait.backends import registry
+
     return registry.resolve_device(device)
 
 
@@ -90,11 +96,14 @@ def _free_device_gb(device: str) -> float:
     """Memory free on the device now, for ``--mem-fraction``: what the backend measures
     (``Backend.free_memory_bytes``; on the CPU, MemAvailable)."""
     from plait.backends import registry
+
     backend = registry.get_backend(device)
     free = backend.free_memory_bytes()
     if free is None:
-        raise ValueError(f"mem_fraction: cannot measure free memory on {backend.name!r}; "
-                         "use --max-total-tokens or --kv-cache-memory-gb")
+        raise ValueError(
+            f"mem_fraction: cannot measure free memory on {backend.name!r}; "
+            "use --max-total-tokens or --kv-cache-memory-gb"
+        )
     return free / 2**30
 
 
@@ -141,8 +150,9 @@ class SchedulerServer:
         try:  # never block the loop on a vanished HTTP process; the parent watch ends us
             self.send.send_pyobj(msg, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
-            logger.warning("dropped %s for %s: HTTP process unreachable", msg.get("op"),
-                           msg.get("rid"))
+            logger.warning(
+                "dropped %s for %s: HTTP process unreachable", msg.get("op"), msg.get("rid")
+            )
 
     async def run_request(self, msg: GenerateReq) -> None:
         rid = msg.rid
@@ -152,14 +162,23 @@ class SchedulerServer:
                 reason = (chunk.get("meta_info") or {}).get("finish_reason")
                 if isinstance(reason, dict) and reason.get("type") == "error":
                     # the engine failed this request (not the client's doing): never a 200
-                    self.emit({"op": "error", "rid": rid, "status": 500,
-                               "message": f"engine error: {reason.get('message')}"})
+                    self.emit(
+                        {
+                            "op": "error",
+                            "rid": rid,
+                            "status": 500,
+                            "message": f"engine error: {reason.get('message')}",
+                        }
+                    )
                     return
                 finished = reason is not None
                 if not finished and not msg.stream:
                     # Non-streaming clients need progress only for timing metrics.
-                    meta = {k: v for k, v in chunk.get("meta_info", {}).items()
-                            if k not in _LOGPROB_KEYS}
+                    meta = {
+                        k: v
+                        for k, v in chunk.get("meta_info", {}).items()
+                        if k not in _LOGPROB_KEYS
+                    }
                     chunk_to_send = {**chunk, "meta_info": meta}
                 else:
                     chunk_to_send = chunk
@@ -169,20 +188,27 @@ class SchedulerServer:
                     return
             last = last or {"text": "", "output_ids": [], "meta_info": {}}
             meta = dict(last.get("meta_info") or {})
-            meta["finish_reason"] = meta.get("finish_reason") or {"type": "stop",
-                                                                  "matched": None}
-            self.emit({"op": "out", "rid": rid, "out": {**last, "meta_info": meta},
-                       "finished": True})
+            meta["finish_reason"] = meta.get("finish_reason") or {"type": "stop", "matched": None}
+            self.emit(
+                {"op": "out", "rid": rid, "out": {**last, "meta_info": meta}, "finished": True}
+            )
         except asyncio.CancelledError:
-            self.emit({"op": "error", "rid": rid, "status": 503,
-                       "message": "the scheduler is shutting down"})
+            self.emit(
+                {
+                    "op": "error",
+                    "rid": rid,
+                    "status": 503,
+                    "message": "the scheduler is shutting down",
+                }
+            )
             raise
         except ValueError as e:
             self.emit({"op": "error", "rid": rid, "status": 400, "message": str(e)})
         except Exception as e:  # an engine bug must cost one request, not the server
             logger.exception("request %s failed", rid)
-            self.emit({"op": "error", "rid": rid, "status": 500,
-                       "message": f"{type(e).__name__}: {e}"})
+            self.emit(
+                {"op": "error", "rid": rid, "status": 500, "message": f"{type(e).__name__}: {e}"}
+            )
         finally:
             self.tasks.pop(rid, None)
 
@@ -230,8 +256,9 @@ async def serve(config: dict[str, Any]) -> int:
         engine = await asyncio.to_thread(build_engine, config)
         info = await asyncio.to_thread(engine_info, engine, config["model_path"])
     except Exception:
-        send.send_pyobj({"op": "startup_error", "message": traceback.format_exc()},
-                        flags=zmq.NOBLOCK)
+        send.send_pyobj(
+            {"op": "startup_error", "message": traceback.format_exc()}, flags=zmq.NOBLOCK
+        )
         send.close()
         return 1
     # NOBLOCK: a connecting PUSH queues even before the peer answers, and if the HTTP process
@@ -245,8 +272,7 @@ async def serve(config: dict[str, Any]) -> int:
     try:
         while not stop.is_set():
             receiver = asyncio.ensure_future(recv.recv_pyobj())
-            done, _ = await asyncio.wait({receiver, stopper},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if receiver not in done:
                 receiver.cancel()
                 break
@@ -273,8 +299,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = json.loads(sys.argv[1])
-    logging.basicConfig(level=config.get("log_level", "INFO").upper(),
-                        format="[scheduler] %(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=config.get("log_level", "INFO").upper(),
+        format="[scheduler] %(asctime)s %(levelname)s %(message)s",
+    )
     sys.exit(asyncio.run(serve(config)))
 
 

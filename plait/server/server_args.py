@@ -1,5 +1,6 @@
 """``plait serve`` options: one dataclass, its argparse flags, and the ``plait.Engine`` kwargs
 it maps to. Engine options are the SGLang names users already know."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ class ServerArgs:
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False  # run each forward inline (SGLang's flag)
-    disable_graph_capture: bool = False   # decode runs eagerly even where capture is default
-    enable_graph_capture: bool = False    # capture where the device defaults to eager (CPU)
+    disable_graph_capture: bool = False  # decode runs eagerly even where capture is default
+    enable_graph_capture: bool = False  # capture where the device defaults to eager (CPU)
     page_size: int | None = None  # None: the backend's default
     max_running_requests: int = 64
     mem_fraction: float | None = None
@@ -40,10 +41,10 @@ class ServerArgs:
     grammar_compile_timeout: float | None = None  # engine default (10 s)
     # Reliability limits (docs/reliability.md): one client can neither exhaust the server nor
     # keep it from shutting down.
-    max_request_body_bytes: int = 4 * 2**20       # larger bodies get 413 before parsing
-    max_queued_requests: int = 256                # beyond running + this: 429 + Retry-After
-    request_timeout: float | None = None          # seconds per request, then abort (KV freed)
-    shutdown_timeout: float = 30.0                # SIGTERM: wait this long for running requests
+    max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413 before parsing
+    max_queued_requests: int = 256  # beyond running + this: 429 + Retry-After
+    request_timeout: float | None = None  # seconds per request, then abort (KV freed)
+    shutdown_timeout: float = 30.0  # SIGTERM: wait this long for running requests
     # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
     dp: int = 1
     router_policy: str = "cache_aware"
@@ -54,7 +55,7 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "mooncake"
     disaggregation_transfer_timeout: float = 30.0
-    pd: str | None = None                         # "1P1D": start the pair + gateway
+    pd: str | None = None  # "1P1D": start the pair + gateway
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -65,8 +66,10 @@ class ServerArgs:
         the HTTP process's tokenizer and the engine read the same files."""
         if self.model_path in ("", "default"):
             from plait.models.default import default_model_path
+
             return str(default_model_path())
         from plait.models.loader import resolve_model_dir
+
         return str(resolve_model_dir(self.model_path))
 
     def model_name(self, model_path: str) -> str:
@@ -79,30 +82,40 @@ class ServerArgs:
         ``kv_cache_memory_gb`` (``scheduler_process.kv_budget_from_fraction``)."""
         if self.mem_fraction is not None:
             check_mem_fraction(self.mem_fraction)
-        kwargs = dict(model_path=model_path, device=self.device, dtype=self.dtype,
-                      page_size=self.page_size, max_total_tokens=self.max_total_tokens,
-                      chunked_prefill_size=self.chunked_prefill_size,
-                      schedule_policy=self.schedule_policy,
-                      disable_radix_cache=self.disable_radix_cache,
-                      disable_graph_capture=self.disable_graph_capture or None,
-                      enable_graph_capture=self.enable_graph_capture or None,
-                      max_running_requests=self.max_running_requests,
-                      mem_fraction=self.mem_fraction, kv_cache_memory_gb=self.kv_cache_memory_gb,
-                      context_length=self.context_length, random_seed=self.random_seed,
-                      grammar_compile_timeout=self.grammar_compile_timeout,
-                      disable_overlap_schedule=self.disable_overlap_schedule or None,
-                      tp_size=self.tp if self.tp != 1 else None,
-                      quantization=self.quantization,
-                      quantization_activations=(None if self.quantization_activations == "float"
-                                                else self.quantization_activations))
+        kwargs = dict(
+            model_path=model_path,
+            device=self.device,
+            dtype=self.dtype,
+            page_size=self.page_size,
+            max_total_tokens=self.max_total_tokens,
+            chunked_prefill_size=self.chunked_prefill_size,
+            schedule_policy=self.schedule_policy,
+            disable_radix_cache=self.disable_radix_cache,
+            disable_graph_capture=self.disable_graph_capture or None,
+            enable_graph_capture=self.enable_graph_capture or None,
+            max_running_requests=self.max_running_requests,
+            mem_fraction=self.mem_fraction,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            context_length=self.context_length,
+            random_seed=self.random_seed,
+            grammar_compile_timeout=self.grammar_compile_timeout,
+            disable_overlap_schedule=self.disable_overlap_schedule or None,
+            tp_size=self.tp if self.tp != 1 else None,
+            quantization=self.quantization,
+            quantization_activations=(
+                None if self.quantization_activations == "float" else self.quantization_activations
+            ),
+        )
         if self.quantization is None and self.model_path.endswith(".gguf"):
             kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
         if self.disaggregation_mode != "null":
-            kwargs.update(disaggregation_mode=self.disaggregation_mode,
-                          disaggregation_bootstrap_port=self.disaggregation_bootstrap_port,
-                          disaggregation_transfer_backend=self.disaggregation_transfer_backend,
-                          disaggregation_transfer_timeout=self.disaggregation_transfer_timeout,
-                          disaggregation_host=_reachable(self.host))
+            kwargs.update(
+                disaggregation_mode=self.disaggregation_mode,
+                disaggregation_bootstrap_port=self.disaggregation_bootstrap_port,
+                disaggregation_transfer_backend=self.disaggregation_transfer_backend,
+                disaggregation_transfer_timeout=self.disaggregation_transfer_timeout,
+                disaggregation_host=_reachable(self.host),
+            )
         return {k: v for k, v in kwargs.items() if v is not None}
 
     def validate(self) -> None:
@@ -114,22 +127,33 @@ class ServerArgs:
             raise ValueError(f"--dp must be at least 1, got {self.dp}")
         pd = f"--pd {self.pd}" if self.pd is not None else None
         if pd and (self.dp > 1 or self.disaggregation_mode != "null"):
-            raise ValueError("--pd starts its own servers: it cannot be combined with --dp or "
-                             "--disaggregation-mode")
-        disagg = pd or (f"--disaggregation-mode {self.disaggregation_mode}"
-                        if self.disaggregation_mode != "null" else None)
+            raise ValueError(
+                "--pd starts its own servers: it cannot be combined with --dp or "
+                "--disaggregation-mode"
+            )
+        disagg = pd or (
+            f"--disaggregation-mode {self.disaggregation_mode}"
+            if self.disaggregation_mode != "null"
+            else None
+        )
         if disagg and self.tp > 1:
             # the KV would live in the rank processes, out of the transfer's reach
-            raise ValueError(f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
-                             "does not support tensor parallelism yet; use --tp 1")
+            raise ValueError(
+                f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
+                "does not support tensor parallelism yet; use --tp 1"
+            )
         if self.dp > 1 and self.tp > 1:
-            raise ValueError(f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "
-                             "ranks would take the same cores (CPU) or devices (rank r uses "
-                             "device r in each worker); use --dp or --tp")
+            raise ValueError(
+                f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "
+                "ranks would take the same cores (CPU) or devices (rank r uses "
+                "device r in each worker); use --dp or --tp"
+            )
         if self.dp > 1 and disagg:
-            raise ValueError(f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
-                             "prefill/decode pairs and its workers would share one bootstrap "
-                             "port; use --pd XPYD")
+            raise ValueError(
+                f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
+                "prefill/decode pairs and its workers would share one bootstrap "
+                "port; use --pd XPYD"
+            )
         self._check_device()
 
     def _check_device(self) -> None:
@@ -138,8 +162,11 @@ class ServerArgs:
 
         backend = backend_classes().get(self.device)
         if backend is not None:  # auto, or an unknown name: the engine resolves and checks it
-            EngineConfig(tp_size=self.tp, disable_graph_capture=self.disable_graph_capture,
-                         enable_graph_capture=self.enable_graph_capture).check_backend(backend)
+            EngineConfig(
+                tp_size=self.tp,
+                disable_graph_capture=self.disable_graph_capture,
+                enable_graph_capture=self.enable_graph_capture,
+            ).check_backend(backend)
 
     def to_argv(self) -> list[str]:
         """The ``plait serve`` flags that rebuild these arguments (the ``--dp`` launcher starts
@@ -148,9 +175,12 @@ class ServerArgs:
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if value is None or value is False or (f.name == "dp" and value == 1) \
-                    or (f.name.startswith("disaggregation_")
-                        and value == getattr(ServerArgs, f.name)):
+            if (
+                value is None
+                or value is False
+                or (f.name == "dp" and value == 1)
+                or (f.name.startswith("disaggregation_") and value == getattr(ServerArgs, f.name))
+            ):
                 continue
             argv += [flag] if value is True else [flag, str(value)]
         return argv
@@ -164,45 +194,85 @@ class ServerArgs:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``serve``, ``generate`` and ``chat``."""
     d = ServerArgs()
-    p.add_argument("--model-path", default=d.model_path,
-                   help="model directory, or 'default' for SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--model-path",
+        default=d.model_path,
+        help="model directory, or 'default' for SmolLM2-135M-Instruct",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, rocm, npu, tpu, ...")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"],
-                   help="model and KV dtype (default: the device backend's)")
-    p.add_argument("--quantization", default=d.quantization, choices=list(METHODS),
-                   help="weight-only quantization (default: gguf for a .gguf model path, "
-                        "which runs the file's Q4_0/Q4_1/Q8_0 blocks; else none)")
-    p.add_argument("--quantization-activations", default=d.quantization_activations,
-                   choices=list(ACTIVATIONS),
-                   help="int8: quantized layers take int8 activations (per block of 32) and use "
-                        "int8 dot products, llama.cpp's arithmetic (CPU with AVX-512 VNNI; "
-                        "faster, logits shift by ~0.5 %%; prefills of 128+ rows stay float); "
-                        "float (default): model dtype")
-    p.add_argument("--tp", type=int, default=d.tp,
-                   help="tensor-parallel ranks (processes); on the CPU each gets its share of "
-                        "the cores (docs/tensor-parallel.md)")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "float16", "bfloat16"],
+        help="model and KV dtype (default: the device backend's)",
+    )
+    p.add_argument(
+        "--quantization",
+        default=d.quantization,
+        choices=list(METHODS),
+        help="weight-only quantization (default: gguf for a .gguf model path, "
+        "which runs the file's Q4_0/Q4_1/Q8_0 blocks; else none)",
+    )
+    p.add_argument(
+        "--quantization-activations",
+        default=d.quantization_activations,
+        choices=list(ACTIVATIONS),
+        help="int8: quantized layers take int8 activations (per block of 32) and use "
+        "int8 dot products, llama.cpp's arithmetic (CPU with AVX-512 VNNI; "
+        "faster, logits shift by ~0.5 %%; prefills of 128+ rows stay float); "
+        "float (default): model dtype",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=d.tp,
+        help="tensor-parallel ranks (processes); on the CPU each gets its share of "
+        "the cores (docs/tensor-parallel.md)",
+    )
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
-    p.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="run each forward inline instead of overlapping it with scheduling")
+    p.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="run each forward inline instead of overlapping it with scheduling",
+    )
     graph = p.add_mutually_exclusive_group()
-    graph.add_argument("--disable-graph-capture", action="store_true",
-                       help="run decode eagerly (no CUDA graphs / torch.compile)")
-    graph.add_argument("--enable-graph-capture", action="store_true",
-                       help="capture decode where the device defaults to eager: on the CPU, "
-                            "torch.compile (minutes of compiling at start)")
-    p.add_argument("--page-size", type=int, default=d.page_size,
-                   help="KV page size in tokens (default: the device backend's)")
+    graph.add_argument(
+        "--disable-graph-capture",
+        action="store_true",
+        help="run decode eagerly (no CUDA graphs / torch.compile)",
+    )
+    graph.add_argument(
+        "--enable-graph-capture",
+        action="store_true",
+        help="capture decode where the device defaults to eager: on the CPU, "
+        "torch.compile (minutes of compiling at start)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=d.page_size,
+        help="KV page size in tokens (default: the device backend's)",
+    )
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--mem-fraction", type=float, default=None,
-                     help="KV cache budget as a fraction of the device memory free at start")
+    mem.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=None,
+        help="KV cache budget as a fraction of the device memory free at start",
+    )
     mem.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
-    mem.add_argument("--kv-cache-memory-gb", type=float, default=None,
-                     help="KV cache budget in GiB (engine default: 1)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="cap the model's context window")
+    mem.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=None,
+        help="KV cache budget in GiB (engine default: 1)",
+    )
+    p.add_argument(
+        "--context-length", type=int, default=None, help="cap the model's context window"
+    )
     p.add_argument("--random-seed", type=int, default=None)
 
 
@@ -212,73 +282,133 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id in the OpenAI API (default: the model directory name)")
-    p.add_argument("--log-level", default=d.log_level,
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id in the OpenAI API (default: the model directory name)",
+    )
+    p.add_argument(
+        "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
+    )
     p.add_argument("--startup-timeout", type=float, default=d.startup_timeout)
-    p.add_argument("--grammar-compile-timeout", type=float, default=None,
-                   help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)")
-    p.add_argument("--max-request-body-bytes", type=int, default=d.max_request_body_bytes,
-                   help="larger request bodies are refused with 413")
-    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help="sequences allowed to wait beyond --max-running-requests; more get 429")
-    p.add_argument("--request-timeout", type=float, default=None,
-                   help="abort a request (freeing its KV) after this many seconds")
-    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
-                   help="on SIGTERM, let running requests finish for up to this many seconds")
+    p.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=None,
+        help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=d.max_request_body_bytes,
+        help="larger request bodies are refused with 413",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=d.max_queued_requests,
+        help="sequences allowed to wait beyond --max-running-requests; more get 429",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="abort a request (freeing its KV) after this many seconds",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout,
+        help="on SIGTERM, let running requests finish for up to this many seconds",
+    )
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     add_disaggregation_args(p)
     dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
-    dp.add_argument("--dp", type=int, default=d.dp,
-                    help="engine workers behind one sglang-router gateway on --port; each gets "
-                         "its own process, port, KV cache and cores/N threads")
-    dp.add_argument("--router-policy", default=d.router_policy,
-                    choices=["cache_aware", "round_robin", "random", "power_of_two"],
-                    help="the gateway's load-balancing policy (with --dp)")
-    dp.add_argument("--router-prometheus-port", type=int, default=None,
-                    help="the gateway's Prometheus /metrics port (default: a free port, logged)")
-    dp.add_argument("--router-extra-args", default=None,
-                    help="more sglang_router.launch_router flags, quoted as one string, e.g. "
-                         "'--max-concurrent-requests 64 --queue-size 128'")
+    dp.add_argument(
+        "--dp",
+        type=int,
+        default=d.dp,
+        help="engine workers behind one sglang-router gateway on --port; each gets "
+        "its own process, port, KV cache and cores/N threads",
+    )
+    dp.add_argument(
+        "--router-policy",
+        default=d.router_policy,
+        choices=["cache_aware", "round_robin", "random", "power_of_two"],
+        help="the gateway's load-balancing policy (with --dp)",
+    )
+    dp.add_argument(
+        "--router-prometheus-port",
+        type=int,
+        default=None,
+        help="the gateway's Prometheus /metrics port (default: a free port, logged)",
+    )
+    dp.add_argument(
+        "--router-extra-args",
+        default=None,
+        help="more sglang_router.launch_router flags, quoted as one string, e.g. "
+        "'--max-concurrent-requests 64 --queue-size 128'",
+    )
 
 
 def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
     d = ServerArgs()
-    g = p.add_argument_group("prefill/decode disaggregation (SGLang's gateway in PD mode, "
-                             "pip install 'plait[pd]')")
-    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode,
-                   choices=["null", "prefill", "decode"],
-                   help="prefill: run prompts and send their KV; decode: receive KV and decode")
-    g.add_argument("--disaggregation-bootstrap-port", type=int,
-                   default=d.disaggregation_bootstrap_port,
-                   help="prefill: the port decode servers reach it on (the gateway's "
-                        "'--prefill URL PORT')")
-    g.add_argument("--disaggregation-transfer-backend", default=d.disaggregation_transfer_backend,
-                   choices=["mooncake", "fake"],
-                   help="how KV moves: Mooncake's transfer engine (TCP); fake works only "
-                        "within one process (tests)")
-    g.add_argument("--disaggregation-transfer-timeout", type=float,
-                   default=d.disaggregation_transfer_timeout,
-                   help="seconds a request may wait for its KV before it fails (and its "
-                        "pre-allocated KV is freed)")
-    g.add_argument("--pd", default=None, metavar="XPYD",
-                   help="start X prefill and Y decode servers and the gateway on --port in one "
-                        "command, e.g. 1P1D (the --router-* flags apply)")
+    g = p.add_argument_group(
+        "prefill/decode disaggregation (SGLang's gateway in PD mode, pip install 'plait[pd]')"
+    )
+    g.add_argument(
+        "--disaggregation-mode",
+        default=d.disaggregation_mode,
+        choices=["null", "prefill", "decode"],
+        help="prefill: run prompts and send their KV; decode: receive KV and decode",
+    )
+    g.add_argument(
+        "--disaggregation-bootstrap-port",
+        type=int,
+        default=d.disaggregation_bootstrap_port,
+        help="prefill: the port decode servers reach it on (the gateway's '--prefill URL PORT')",
+    )
+    g.add_argument(
+        "--disaggregation-transfer-backend",
+        default=d.disaggregation_transfer_backend,
+        choices=["mooncake", "fake"],
+        help="how KV moves: Mooncake's transfer engine (TCP); fake works only "
+        "within one process (tests)",
+    )
+    g.add_argument(
+        "--disaggregation-transfer-timeout",
+        type=float,
+        default=d.disaggregation_transfer_timeout,
+        help="seconds a request may wait for its KV before it fails (and its "
+        "pre-allocated KV is freed)",
+    )
+    g.add_argument(
+        "--pd",
+        default=None,
+        metavar="XPYD",
+        help="start X prefill and Y decode servers and the gateway on --port in one "
+        "command, e.g. 1P1D (the --router-* flags apply)",
+    )
 
 
 def check_mem_fraction(fraction: Any) -> None:
     """ValueError naming ``--mem-fraction`` unless ``0 < fraction <= 1``."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
-            or not 0 < fraction <= 1:
-        raise ValueError(f"mem_fraction (--mem-fraction) must be in (0, 1], a share of the "
-                         f"device memory free at start; got {fraction!r}")
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 < fraction <= 1
+    ):
+        raise ValueError(
+            f"mem_fraction (--mem-fraction) must be in (0, 1], a share of the "
+            f"device memory free at start; got {fraction!r}"
+        )
 
 
 def _reachable(host: str) -> str:
     """The address peers use for a server listening on ``host``."""
     if host in ("0.0.0.0", "::", ""):
         import socket
+
         return socket.gethostbyname(socket.gethostname())
     return host
 

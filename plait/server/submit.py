@@ -5,6 +5,7 @@ Shared by ``/generate`` and the OpenAI routes. The rules a request must satisfy 
 ``APIError`` (HTTP 400) naming the offending parameter, so both APIs reject the same bad input
 the same way.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,11 @@ def clean_sampling_params(raw: dict[str, Any] | None) -> dict[str, Any]:
     still refuses it."""
     if raw is not None and not isinstance(raw, dict):
         raise APIError("sampling_params must be an object", param="sampling_params")
-    return {k: v for k, v in (raw or {}).items()
-            if v is not None and (k in _KNOWN_PARAMS or v not in ([], {}, ""))}
+    return {
+        k: v
+        for k, v in (raw or {}).items()
+        if v is not None and (k in _KNOWN_PARAMS or v not in ([], {}, ""))
+    }
 
 
 @contextlib.contextmanager
@@ -60,17 +64,20 @@ def check_text_length(client: EngineClient, chars: int, param: str) -> None:
     :func:`invalid_request`), like the core's rules."""
     ctx = client.context_length
     if ctx and chars > ctx * client.max_token_chars:
-        raise ValueError(f"{param} is {chars} characters, which cannot fit the context length "
-                         f"of {ctx} tokens")
+        raise ValueError(
+            f"{param} is {chars} characters, which cannot fit the context length of {ctx} tokens"
+        )
 
 
-async def tokenize(client: EngineClient, text: str, add_special_tokens: bool = True,
-                   param: str = "prompt") -> list[int]:
+async def tokenize(
+    client: EngineClient, text: str, add_special_tokens: bool = True, param: str = "prompt"
+) -> list[int]:
     """Token ids of ``text``, computed off the event loop (a long prompt takes seconds), after
     the length precheck (``ValueError`` naming ``param``)."""
     check_text_length(client, len(text), param)
-    return await asyncio.to_thread(client.tokenizer.encode, text,
-                                   add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(
+        client.tokenizer.encode, text, add_special_tokens=add_special_tokens
+    )
 
 
 async def prepare(client: EngineClient, msgs: list[GenerateReq]) -> list[GenerateReq]:
@@ -84,13 +91,13 @@ async def prepare(client: EngineClient, msgs: list[GenerateReq]) -> list[Generat
     limits = client.limits
     check_sequences(msgs, limits)
     check_rooms(msgs)
-    check_text_length(client, sum(len(m.text) for m in msgs if isinstance(m.text, str)),
-                      "text")
+    check_text_length(client, sum(len(m.text) for m in msgs if isinstance(m.text, str)), "text")
     return await asyncio.to_thread(_prepare, client.tokenizer.encode, limits, msgs)
 
 
-def _prepare(encode: Callable[[str], list[int]], limits: RequestLimits,
-             msgs: list[GenerateReq]) -> list[GenerateReq]:
+def _prepare(
+    encode: Callable[[str], list[int]], limits: RequestLimits, msgs: list[GenerateReq]
+) -> list[GenerateReq]:
     out: list[GenerateReq] = []
     for msg in msgs:
         msg = msg.tokenized(encode)
@@ -108,24 +115,25 @@ async def _final(client: EngineClient, req: GenerateReq) -> dict[str, Any]:
     return out
 
 
-async def collect(client: EngineClient, reqs: list[GenerateReq],
-                  request: Request | None) -> list[dict[str, Any]]:
+async def collect(
+    client: EngineClient, reqs: list[GenerateReq], request: Request | None
+) -> list[dict[str, Any]]:
     """Run requests to completion concurrently; if the HTTP client disconnects first, every
     one of them is aborted (their KV is freed) and ``ClientDisconnected`` is raised."""
     with client.admit(len(reqs)):
         return await _collect(client, reqs, request)
 
 
-async def _collect(client: EngineClient, reqs: list[GenerateReq],
-                   request: Request | None) -> list[dict[str, Any]]:
+async def _collect(
+    client: EngineClient, reqs: list[GenerateReq], request: Request | None
+) -> list[dict[str, Any]]:
     tasks = [asyncio.create_task(_final(client, r)) for r in reqs]
     gathered = asyncio.gather(*tasks)
     listener = asyncio.create_task(_wait_disconnect(request)) if request is not None else None
     try:
         if listener is None:
             return await gathered
-        done, _ = await asyncio.wait({gathered, listener},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({gathered, listener}, return_when=asyncio.FIRST_COMPLETED)
         if gathered in done:
             return gathered.result()
         raise ClientDisconnected()
@@ -148,8 +156,9 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def merge_streams(client: EngineClient, reqs: list[GenerateReq]
-                        ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def merge_streams(
+    client: EngineClient, reqs: list[GenerateReq]
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Interleave the cumulative outputs of several requests as (index, output). Closing the
     iterator (client gone) aborts whatever is still running."""
     with client.admit(len(reqs)):
@@ -157,8 +166,9 @@ async def merge_streams(client: EngineClient, reqs: list[GenerateReq]
             yield item
 
 
-async def _merge_streams(client: EngineClient, reqs: list[GenerateReq]
-                         ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def _merge_streams(
+    client: EngineClient, reqs: list[GenerateReq]
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: GenerateReq) -> None:

@@ -12,6 +12,7 @@ bytes of the decoded sequence (special tokens spelled as their text). The ``toke
 the bytes as text when they are valid UTF-8, else OpenAI's form for a partial character:
 ``"bytes:\\xe4\\xbd"`` (printable ASCII kept, every other byte escaped).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,11 @@ def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level spelling, inverted: the char a byte is written as -> the byte.
     Printable Latin-1 bytes spell themselves; the rest take chars from U+0100 upward, in
     byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -57,8 +61,9 @@ def display(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
-                                  for b in raw)
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )
 
 
 class TokenBytes:
@@ -67,8 +72,13 @@ class TokenBytes:
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
         types = _decoder_types(tokenizer)
-        self.scheme = ("byte_level" if "ByteLevel" in types else
-                       "byte_fallback" if "ByteFallback" in types else "text")
+        self.scheme = (
+            "byte_level"
+            if "ByteLevel" in types
+            else "byte_fallback"
+            if "ByteFallback" in types
+            else "text"
+        )
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._added = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
         self._cache: dict[int, bytes] = {}  # at most one entry per vocabulary id

@@ -8,6 +8,7 @@
 * :mod:`plait.testing.tiny_model` - a tiny random Llama checkpoint for end-to-end runs;
 * :mod:`plait.testing.plugin` - ``--plait-device`` / ``--plait-kit-grid`` options.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,11 +20,14 @@ def __getattr__(name: str) -> Any:
     # Lazy, so importing plait.testing.kit does not import pytest.
     if name == "BackendConformance":
         from plait.testing.conformance import BackendConformance
+
         return BackendConformance
     if name == "temporarily_registered":
         from plait.testing.register import temporarily_registered
+
         return temporarily_registered
     if name == "make_tiny_llama":
         from plait.testing.tiny_model import make_tiny_llama
+
         return make_tiny_llama
     raise AttributeError(name)

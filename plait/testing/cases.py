@@ -6,6 +6,7 @@ random from the pool (so neighbouring tokens are rarely neighbouring slots), tok
 request sits at offset ``i % page_size`` of its page, and page 0 (the padding page) is never
 used. :func:`quant_weight` builds a quantized-matmul case's weight on the CPU.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,8 +43,10 @@ class AttentionCase:
     @property
     def id(self) -> str:
         lens = _short(self.prefix_lens) + "+" + _short(self.extend_lens)
-        return (f"b{self.batch_size}-{lens}-h{self.num_heads}kv{self.num_kv_heads}"
-                f"-d{self.head_dim}-p{self.page_size}")
+        return (
+            f"b{self.batch_size}-{lens}-h{self.num_heads}kv{self.num_kv_heads}"
+            f"-d{self.head_dim}-p{self.page_size}"
+        )
 
 
 def _short(xs: tuple[int, ...]) -> str:
@@ -55,7 +58,7 @@ class Layout:
     """Where a case's tokens live: ``req_to_token`` rows, one per request (row 0 unused, like a
     padding row), and the pool size (in slots, excluding the padding page) that holds them."""
 
-    req_to_token: torch.Tensor     # [B + 1, max_seq] int32
+    req_to_token: torch.Tensor  # [B + 1, max_seq] int32
     req_pool_indices: torch.Tensor  # [B] int64
     num_slots: int
 
@@ -77,6 +80,7 @@ def layout(case: AttentionCase) -> Layout:
 
 
 # -- grids --------------------------------------------------------------------------------------
+
 
 def _ragged(rng: random.Random, n: int, lo: int, hi: int) -> tuple[int, ...]:
     return tuple(rng.randint(lo, hi) for _ in range(n))
@@ -102,13 +106,17 @@ def extend_cases(grid: str = "quick") -> list[AttentionCase]:
     if grid != "full":
         raise ValueError(f"grid must be 'quick' or 'full', got {grid!r}")
     shapes = [
-        ((2048,), (7,)),                                   # one long cached prefix
-        ((0, 0, 0), (1, 100, 257)),                        # plain prefill, ragged
-        ((0, 1, 300, 1023), (33, 1, 64, 5)),               # mixed prefix hits
+        ((2048,), (7,)),  # one long cached prefix
+        ((0, 0, 0), (1, 100, 257)),  # plain prefill, ragged
+        ((0, 1, 300, 1023), (33, 1, 64, 5)),  # mixed prefix hits
         (_ragged(rng, 32, 0, 512), _ragged(rng, 32, 1, 16)),  # a full batch of chunks
     ]
-    return [AttentionCase(p, e, *cfg, seed=i) for i, (cfg, (p, e)) in enumerate(
-        itertools.product(_head_configs((1, 3, 8), (64, 128), (1, 16)), shapes))]
+    return [
+        AttentionCase(p, e, *cfg, seed=i)
+        for i, (cfg, (p, e)) in enumerate(
+            itertools.product(_head_configs((1, 3, 8), (64, 128), (1, 16)), shapes)
+        )
+    ]
 
 
 def decode_cases(grid: str = "quick") -> list[AttentionCase]:
@@ -124,8 +132,12 @@ def decode_cases(grid: str = "quick") -> list[AttentionCase]:
     if grid != "full":
         raise ValueError(f"grid must be 'quick' or 'full', got {grid!r}")
     shapes = [(2048,), (0, 1, 15, 16, 17), _ragged(rng, 32, 0, 2048), _ragged(rng, 7, 0, 3)]
-    return [AttentionCase(p, (1,) * len(p), *cfg, seed=i) for i, (cfg, p) in enumerate(
-        itertools.product(_head_configs((1, 3, 8), (64, 128), (1, 16)), shapes))]
+    return [
+        AttentionCase(p, (1,) * len(p), *cfg, seed=i)
+        for i, (cfg, p) in enumerate(
+            itertools.product(_head_configs((1, 3, 8), (64, 128), (1, 16)), shapes)
+        )
+    ]
 
 
 # -- quantized matmul ---------------------------------------------------------------------------
@@ -184,5 +196,7 @@ def quant_cases(grid: str = "quick") -> list[QuantCase]:
     if grid != "full":
         raise ValueError(f"grid must be 'quick' or 'full', got {grid!r}")
     shapes = [(1, 960, 576), (16, 1536, 576), (64, 576, 1536), (257, 3072, 576)]
-    return [QuantCase(fmt, m, n, k, k if fmt == "int8" else 32 if fmt == "q8_0" else 64, i)
-            for i, (fmt, (m, n, k)) in enumerate(itertools.product(QUANT_FORMATS, shapes))]
+    return [
+        QuantCase(fmt, m, n, k, k if fmt == "int8" else 32 if fmt == "q8_0" else 64, i)
+        for i, (fmt, (m, n, k)) in enumerate(itertools.product(QUANT_FORMATS, shapes))
+    ]

@@ -15,6 +15,7 @@ should have a negative ``priority`` so ``--device auto`` never picks it.
 The attention grid is ``quick`` unless ``grid`` is set on the class, ``--plait-kit-grid full``
 is given (with ``-p plait.testing.plugin``) or ``PLAIT_KIT_GRID=full`` is in the environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -118,9 +119,12 @@ class BackendConformance:
         kit.check_allocator(backend, page_size)
 
     def test_graph_replay_matches_eager(self, backend, graph_page_size):
-        if not kit.check_graph_replay(backend, page_size=graph_page_size,
-                                      max_batch_size=self.graph_max_batch_size,
-                                      steps=self.graph_steps):
+        if not kit.check_graph_replay(
+            backend,
+            page_size=graph_page_size,
+            max_batch_size=self.graph_max_batch_size,
+            steps=self.graph_steps,
+        ):
             pytest.skip(f"{backend.name} runs decode eagerly (no graph runner)")
 
     def test_greedy_parity_with_cpu(self, backend, tmp_path_factory):

@@ -5,6 +5,7 @@ against a registered device with no test file of your own:
 ``pytest -p plait.testing.plugin --pyargs plait.testing.suite --plait-device mydevice``) and
 ``--plait-kit-grid quick|full``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,10 +13,17 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plait", "plait backend conformance kit")
-    group.addoption("--plait-device", default=None,
-                    help="registered backend name to certify with plait.testing.suite")
-    group.addoption("--plait-kit-grid", default=None, choices=("quick", "full"),
-                    help="attention shape grid: quick (CI, interpreters) or full (hardware)")
+    group.addoption(
+        "--plait-device",
+        default=None,
+        help="registered backend name to certify with plait.testing.suite",
+    )
+    group.addoption(
+        "--plait-kit-grid",
+        default=None,
+        choices=("quick", "full"),
+        help="attention shape grid: quick (CI, interpreters) or full (hardware)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Register a :class:`~plait.core.backend_api.Backend` class for the length of a block, so that
 ``plait.Engine(device=cls.name)`` runs on it (e.g. Triton kernels under the interpreter)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,7 +1,8 @@
 """A ready-made conformance test module for ``--plait-device`` (see :mod:`plait.testing.plugin`).
 
-    pytest -p plait.testing.plugin --pyargs plait.testing.suite --plait-device mydevice
+pytest -p plait.testing.plugin --pyargs plait.testing.suite --plait-device mydevice
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """The Backend contract as the core sees it: one object per --device, chosen once; unset engine
 options come from the backend's defaults; registration refuses ambiguity; an unavailable
 backend's own reason reaches the user."""
+
 import contextlib
 
 import pytest
@@ -100,6 +101,7 @@ def test_unset_engine_options_take_the_backends_defaults_and_explicit_values_win
 
     class BadDefault(CpuBackend):
         default_dtype = "float8"
+
     with pytest.raises(ValueError, match="dtype must be"):
         EngineConfig().with_backend_defaults(BadDefault)
 
@@ -111,27 +113,34 @@ def test_npu_defaults_select_the_fused_kernel():
 
 
 def test_distributed_backends_per_device():
-    assert {cls.name: cls.distributed_backend for cls in
-            (CpuBackend, CudaBackend, RocmBackend, TpuBackend, NpuBackend)} == {
-        "cpu": "gloo", "cuda": "nccl", "rocm": "nccl", "tpu": "gloo", "npu": "hccl"}
+    assert {
+        cls.name: cls.distributed_backend
+        for cls in (CpuBackend, CudaBackend, RocmBackend, TpuBackend, NpuBackend)
+    } == {"cpu": "gloo", "cuda": "nccl", "rocm": "nccl", "tpu": "gloo", "npu": "hccl"}
 
 
 def test_engine_runs_with_the_backends_defaults(tiny_model):
     import plait
 
     with temporarily_registered(PagedHalfCpu):
-        engine = plait.Engine(model_path=tiny_model, device="paged-half-cpu",
-                              max_total_tokens=512)
+        engine = plait.Engine(model_path=tiny_model, device="paged-half-cpu", max_total_tokens=512)
         try:
             assert engine.get_server_info()["page_size"] == 16
             assert engine.config.dtype == "bfloat16"
-            out = engine.generate(input_ids=[1, 42, 71], sampling_params={
-                "max_new_tokens": 3, "temperature": 0, "ignore_eos": True})
+            out = engine.generate(
+                input_ids=[1, 42, 71],
+                sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True},
+            )
             assert len(out["output_ids"]) == 3
         finally:
             engine.shutdown()
-        engine = plait.Engine(model_path=tiny_model, device="paged-half-cpu",
-                              max_total_tokens=512, dtype="float32", page_size=1)
+        engine = plait.Engine(
+            model_path=tiny_model,
+            device="paged-half-cpu",
+            max_total_tokens=512,
+            dtype="float32",
+            page_size=1,
+        )
         try:
             assert (engine.config.dtype, engine.config.page_size) == ("float32", 1)
         finally:

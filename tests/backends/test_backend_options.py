@@ -2,6 +2,7 @@
 options)``, ``plait.Engine(backend_options=...)``), never class attributes to patch; a switch
 a backend does not have is refused, never ignored. ``free_memory_bytes`` answers
 ``--mem-fraction`` per backend, None meaning unknown."""
+
 import pytest
 
 from plait.backends import registry
@@ -18,8 +19,9 @@ class NoSwitches(Backend):
 def test_options_reach_the_instance_and_leave_the_class_alone():
     backend = registry.get_backend("cpu", CpuOptions(native_decode=False))
     assert backend.options.native_decode is False and backend.options.prepack_weights is True
-    assert registry.get_backend("cpu", {"greedy_head": False}).options == \
-        CpuOptions(greedy_head=False)
+    assert registry.get_backend("cpu", {"greedy_head": False}).options == CpuOptions(
+        greedy_head=False
+    )
     assert registry.get_backend("cpu").options == CpuOptions()
     assert not hasattr(CpuBackend, "native_decode")
 
@@ -41,6 +43,7 @@ def test_free_memory_is_measured_by_the_backend_and_unknown_is_refused():
     assert NoSwitches().free_memory_bytes() is None
     assert scheduler_process._free_device_gb("cpu") > 0
     with temporarily_registered(NoSwitches):
-        with pytest.raises(ValueError, match="mem_fraction: cannot measure free memory on "
-                                             "'no-switches'"):
+        with pytest.raises(
+            ValueError, match="mem_fraction: cannot measure free memory on 'no-switches'"
+        ):
             scheduler_process._free_device_gb("no-switches")

@@ -1,4 +1,5 @@
 """The CPU backend's C++ builds (plait.backends.cpu.cpp_build)."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                reason="no C++ compiler on this machine to build the kernels")
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="no C++ compiler on this machine to build the kernels",
+)
 
 #: one start of the CPU backend's kernel build, as Engine() does it (the portable level)
 # A one-function extension through the same cache, lock and compile worker as the kernels: a
@@ -20,9 +23,11 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is No
 TINY_SOURCE = """#include <torch/extension.h>
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("one", [] { return 1; }); }
 """
-BUILD_ONE = ("import os; from pathlib import Path; from plait.backends.cpu import build_cache; "
-             "m = build_cache.load('plait_build_probe', [Path(os.environ['PROBE_SOURCE'])], "
-             "cflags=['-O1'], ldflags=[]); assert m.one() == 1; print('built')")
+BUILD_ONE = (
+    "import os; from pathlib import Path; from plait.backends.cpu import build_cache; "
+    "m = build_cache.load('plait_build_probe', [Path(os.environ['PROBE_SOURCE'])], "
+    "cflags=['-O1'], ldflags=[]); assert m.one() == 1; print('built')"
+)
 COMPILERS = {"cc1plus", "clang", "clang++"}
 
 
@@ -31,14 +36,24 @@ def test_make_kernels_builds_the_one_module_from_every_cpu_source():
     backend would otherwise compile on the first server start: one module from every C++ file
     of the csrc tree, a submodule per kernel, and no C++ outside that tree."""
     from plait.backends.cpu import cpp_build
+
     here = Path(cpp_build.__file__).parent
     assert set(cpp_build.sources()) == set(cpp_build.CSRC.rglob("*.cpp"))
-    assert not [p for p in here.rglob("*") if p.suffix in (".cpp", ".h", ".cc", ".hpp")
-                and cpp_build.CSRC not in p.parents]
+    assert not [
+        p
+        for p in here.rglob("*")
+        if p.suffix in (".cpp", ".h", ".cc", ".hpp") and cpp_build.CSRC not in p.parents
+    ]
     assert cpp_build.build()
     module = cpp_build.extension()
-    for kernel in ("panel_gemm", "qmatmul", "decode_attention", "greedy_head", "layer_step",
-                   "thread_control"):
+    for kernel in (
+        "panel_gemm",
+        "qmatmul",
+        "decode_attention",
+        "greedy_head",
+        "layer_step",
+        "thread_control",
+    ):
         assert hasattr(module, kernel), kernel
     assert module.simd_level() == cpp_build.best_level()
 
@@ -47,6 +62,7 @@ def test_an_edit_anywhere_in_the_tree_names_a_new_module(tmp_path, monkeypatch):
     """The cache finds a module by its name alone, so an edited header (which every unit that
     includes it compiles) must change the name, as an edited source does."""
     from plait.backends.cpu import cpp_build
+
     tree = tmp_path / "csrc"
     shutil.copytree(cpp_build.CSRC, tree)
     monkeypatch.setattr(cpp_build, "CSRC", tree)
@@ -87,11 +103,21 @@ def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
     tmp_path (PLAIT_KERNEL_DIR; TORCH_EXTENSIONS_DIR for torch's own directory)."""
     source = tmp_path / "probe.cpp"
     source.write_text(TINY_SOURCE)
-    env = {**os.environ, "PLAIT_KERNEL_DIR": str(tmp_path / "plait"),
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1",
-           "MAX_JOBS": "1", "PROBE_SOURCE": str(source)}
-    first = subprocess.Popen([sys.executable, "-c", BUILD_ONE], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PLAIT_KERNEL_DIR": str(tmp_path / "plait"),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch"),
+        "OMP_NUM_THREADS": "1",
+        "MAX_JOBS": "1",
+        "PROBE_SOURCE": str(source),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-c", BUILD_ONE],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         compiling = _wait_for(lambda: COMPILERS & set(_processes_under(tmp_path).values()), 300)
         assert compiling, "no compiler started for the first build"
@@ -107,8 +133,14 @@ def test_a_start_killed_while_compiling_does_not_block_the_next_start(tmp_path):
     assert not list(tmp_path.glob("plait/*/*.so")), "a killed build installed a module"
 
     try:
-        second = subprocess.run([sys.executable, "-c", BUILD_ONE], env=env, timeout=420,
-                                capture_output=True, text=True, check=False)
+        second = subprocess.run(
+            [sys.executable, "-c", BUILD_ONE],
+            env=env,
+            timeout=420,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the start after a killed build hung (waiting on the dead build's lock?)")
     assert second.returncode == 0, second.stderr[-3000:]

@@ -4,6 +4,7 @@ module is installed whole. (A killed build of the real kernels: test_cpu_build.p
 
 Every build here goes to a temporary root, never to the shared default directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ from plait.backends.cpu import build_lock as build_lock_module
 from plait.backends.cpu.build_cache import BuildEnv, load
 from plait.backends.cpu.build_lock import BuildLockTimeout, build_lock
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                    reason="no C++ compiler on this machine")
+needs_compiler = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler on this machine"
+)
 
 #: a CPython module with no torch headers: compiles in about a second
 TINY_SOURCE = r"""
@@ -55,8 +57,11 @@ with build_lock.build_lock(pathlib.Path(sys.argv[2]), timeout_s=5):
 def lock_holder(tmp_path):
     """A live process holding the lock at ``tmp_path / "k.lock"``."""
     path = tmp_path / "k.lock"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, build_lock_module.__file__,
-                             str(path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, build_lock_module.__file__, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline() == "held\n"
         yield path, proc
@@ -89,8 +94,9 @@ def test_a_lock_whose_owner_was_killed_is_taken_over_at_once(lock_holder):
 
 def test_two_interpreters_or_torch_builds_get_different_build_directories(tmp_path):
     here = BuildEnv.current()
-    other_venv = dataclasses.replace(here, prefix="/srv/other-venv",
-                                     executable="/srv/other-venv/bin/python")
+    other_venv = dataclasses.replace(
+        here, prefix="/srv/other-venv", executable="/srv/other-venv/bin/python"
+    )
     other_torch = dataclasses.replace(here, torch_git="0" * 40)
     other_abi = dataclasses.replace(here, cxx11_abi=not here.cxx11_abi)
     directories = {env.directory(tmp_path) for env in (here, other_venv, other_torch, other_abi)}
@@ -127,6 +133,7 @@ def test_a_failed_build_says_why_and_installs_nothing(tmp_path):
 @pytest.mark.parametrize("raw", ["soon", "0", "-5"])
 def test_a_bad_build_timeout_is_refused_naming_the_variable(monkeypatch, raw):
     from plait.backends.cpu.build_cache import timeout_s
+
     monkeypatch.setenv("PLAIT_KERNEL_BUILD_TIMEOUT", raw)
     with pytest.raises(ValueError, match="PLAIT_KERNEL_BUILD_TIMEOUT"):
         timeout_s()

@@ -1,5 +1,6 @@
 """The CPU backend's decode capture: off by default, forced by the flags, and (slow: it
 compiles) token-identical to eager and to transformers on the parity prompts."""
+
 from __future__ import annotations
 
 import pytest

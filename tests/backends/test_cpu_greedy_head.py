@@ -1,6 +1,7 @@
 """The greedy LM head (plait/backends/cpu/greedy_head.h): the token the float32 panel head's
 logits would give, bit for bit, from a bfloat16 screen and exact recomputation of its
 candidates; and its use by the engine for greedy-only decode batches."""
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,14 @@ from plait.backends.cpu.linear import PackedLinear
 from plait.backends.cpu.plugin import CpuOptions
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                       reason="no C++ compiler on this machine to build the kernel"),
-    pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is not None
-                       and greedy_head.extension() is None,
-                       reason="the greedy head needs a CPU with AVX-512 BF16"),
+    pytest.mark.skipif(
+        shutil.which(os.environ.get("CXX", "c++")) is None,
+        reason="no C++ compiler on this machine to build the kernel",
+    ),
+    pytest.mark.skipif(
+        shutil.which(os.environ.get("CXX", "c++")) is not None and greedy_head.extension() is None,
+        reason="the greedy head needs a CPU with AVX-512 BF16",
+    ),
 ]
 
 
@@ -55,8 +59,8 @@ def test_near_ties_are_decided_in_float32_and_exact_ties_by_the_first_index():
     x = torch.randn(6, 64, generator=g)
     top = [int(i) for i in (x @ w.T).argmax(-1)]
     for r, t in enumerate(top):
-        w[200 + r] = w[t] * (1 + 2 ** -20)   # a hair larger or smaller than row t
-        w[250 + r] = w[t]                    # a duplicate past it
+        w[200 + r] = w[t] * (1 + 2**-20)  # a hair larger or smaller than row t
+        w[250 + r] = w[t]  # a duplicate past it
     x = torch.cat([x, torch.zeros(1, 64)])
     head = head_for(w)
     got = GreedyHead.for_head(head)(x).tokens
@@ -107,7 +111,7 @@ def test_bad_weights_and_inputs_are_errors():
     packed, norms = ext.pack(head.packed_weight, 50)
     with pytest.raises(RuntimeError, match="x \\[B, K\\]"):
         ext.argmax(torch.randn(2, 30), packed, norms, head.packed_weight)
-    assert GreedyHead.for_head(odd) is None            # odd K: no greedy head, full logits
+    assert GreedyHead.for_head(odd) is None  # odd K: no greedy head, full logits
     assert GreedyHead.for_head(torch.nn.Linear(32, 50)) is None  # not a panel head
 
 
@@ -115,26 +119,33 @@ PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700, 800, 900], [42] * 20, 
 
 
 def test_engine_takes_greedy_tokens_from_the_head_and_logits_where_a_request_needs_them(
-        make_tiny_model, monkeypatch):
+    make_tiny_model, monkeypatch
+):
     """Greedy-only decode batches go through the greedy head; a batch with a request that
     needs logits (logprobs here, or sampling) computes them for all. Tokens are the same as
     with the head turned off, in both cases."""
     path = make_tiny_model("llama")
     calls = []
     real_call = GreedyHead.__call__
-    monkeypatch.setattr(GreedyHead, "__call__",
-                        lambda self, h: calls.append(len(h)) or real_call(self, h))
+    monkeypatch.setattr(
+        GreedyHead, "__call__", lambda self, h: calls.append(len(h)) or real_call(self, h)
+    )
     params = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 
     def outputs(use_head: bool) -> tuple[list, list, list[int]]:
-        with plait.Engine(model_path=path, max_total_tokens=512,
-                          backend_options=CpuOptions(greedy_head=use_head)) as engine:
-            plain = [o["output_ids"] for o in
-                     engine.generate(input_ids=PROMPTS, sampling_params=params)]
+        with plait.Engine(
+            model_path=path, max_total_tokens=512, backend_options=CpuOptions(greedy_head=use_head)
+        ) as engine:
+            plain = [
+                o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=params)
+            ]
             engine.flush_cache()
             plain_calls = len(calls)
-            mixed = engine.generate(input_ids=PROMPTS, sampling_params=params,
-                                    return_logprob=[False, True, False, False])
+            mixed = engine.generate(
+                input_ids=PROMPTS,
+                sampling_params=params,
+                return_logprob=[False, True, False, False],
+            )
             return plain, [o["output_ids"] for o in mixed], [plain_calls, len(calls)]
 
     plain, mixed, counts = outputs(True)

@@ -1,15 +1,22 @@
 """The CPU backend's prepacked Linear layers compute what nn.Linear computes."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from plait.backends.cpu.linear import (PackedLinear, can_prepack, default_layout,
-                                       panel_extension, prepack_linears)
+from plait.backends.cpu.linear import (
+    PackedLinear,
+    can_prepack,
+    default_layout,
+    panel_extension,
+    prepack_linears,
+)
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                reason="needs a torch built with oneDNN (mkldnn)")
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="needs a torch built with oneDNN (mkldnn)"
+)
 
 LAYOUTS = ["onednn"] + (["panel"] if panel_extension() is not None else [])
 
@@ -42,8 +49,14 @@ def test_a_layout_that_cannot_hold_the_weight_is_a_value_error():
 
 
 def test_prepack_replaces_every_linear_and_keeps_tied_embedding_dense():
-    model = nn.ModuleDict({"embed": nn.Embedding(10, 16), "a": nn.Linear(16, 16),
-                           "inner": nn.Sequential(nn.Linear(16, 16)), "head": nn.Linear(16, 10)})
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(10, 16),
+            "a": nn.Linear(16, 16),
+            "inner": nn.Sequential(nn.Linear(16, 16)),
+            "head": nn.Linear(16, 10),
+        }
+    )
     model["head"].weight = model["embed"].weight
     x = torch.randn(3, 16)
     want = model["head"](model["inner"](model["a"](x)))
@@ -64,8 +77,10 @@ def test_float16_keeps_nn_linear():
 def test_tensor_parallel_layers_are_packed_only_on_one_rank():
     from plait.core.tp.group import TPGroup
     from plait.models.parallel_layers import ParallelLMHead, RowParallelLinear
-    one = nn.Sequential(RowParallelLinear(16, 16, False, TPGroup()),
-                        ParallelLMHead(16, 10, TPGroup()))
+
+    one = nn.Sequential(
+        RowParallelLinear(16, 16, False, TPGroup()), ParallelLMHead(16, 10, TPGroup())
+    )
     x = torch.randn(2, 16)
     want = one(x)
     assert prepack_linears(one) == 2
@@ -81,6 +96,7 @@ def test_a_weight_on_a_4_bit_grid_is_kept_compact_with_the_same_results(rows):
     """Products of up to ``register_decode_rows`` (16) rows read the 4-bit form: the same bits
     as the float32 panels, which the larger ones still read."""
     from tests.backends.test_cpu_panel_gemm import grid_weight
+
     lin = nn.Linear(96, 100)
     with torch.no_grad():
         lin.weight.copy_(grid_weight(100, 96, 9))
@@ -124,8 +140,11 @@ def test_prepack_keeps_the_lm_heads_panels_beside_its_16_bit_form():
     x = torch.randn(5, 64)
     want = {name: getattr(model, name)(x) for name in ("proj", "lm_head", "q4")}
     assert prepack_linears(model) == 3
-    assert (model.proj.compact_format, model.lm_head.compact_format,
-            model.q4.compact_format) == ("bf16", "bf16", "affine4")
+    assert (model.proj.compact_format, model.lm_head.compact_format, model.q4.compact_format) == (
+        "bf16",
+        "bf16",
+        "affine4",
+    )
     assert not model.proj.has_panels and model.lm_head.has_panels and model.q4.has_panels
     for name, y in want.items():
         torch.testing.assert_close(getattr(model, name)(x), y, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The panel GEMM (plait/backends/cpu/panel_gemm.h): x @ W^T (+ b) from a weight packed once
 into 48-column panels, at each build level the CPU backend compiles here."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,10 @@ import torch
 
 from plait.backends.cpu import cpp_build
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                reason="no C++ compiler on this machine to build the kernel")
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="no C++ compiler on this machine to build the kernel",
+)
 
 LEVELS = ["portable"] + (["avx512vnni"] if cpp_build.best_level() == "avx512vnni" else [])
 
@@ -62,8 +65,9 @@ def test_leading_dims_and_strided_input(panel):
     x = torch.randn(3, 4, 64)[..., ::2]  # not contiguous
     y = panel.linear(x, panel.pack(w), 60)
     assert y.shape == (3, 4, 60)
-    torch.testing.assert_close(y, reference(x.reshape(12, 32), w, None).view(3, 4, 60),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        y, reference(x.reshape(12, 32), w, None).view(3, 4, 60), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_bad_input_is_an_error_naming_what_is_wrong(panel):
@@ -102,9 +106,11 @@ def test_the_4_bit_form_gives_the_float32_panels_bits(panel, n, k, rows, bias):
     w = grid_weight(n, k, n + k)
     packed = panel.pack(w)
     form = panel.encode_affine4(packed)
-    assert [t.shape for t in form] == [((n + 47) // 48, k // 2, 48),
-                                       ((n + 47) // 48, k // 32, 48),
-                                       ((n + 47) // 48, k // 32, 48)]
+    assert [t.shape for t in form] == [
+        ((n + 47) // 48, k // 2, 48),
+        ((n + 47) // 48, k // 32, 48),
+        ((n + 47) // 48, k // 32, 48),
+    ]
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
@@ -124,8 +130,9 @@ def test_the_4_bit_form_decodes_every_weight_exactly(panel):
         assert torch.equal(got.view(torch.int32), w.T[lo:hi].contiguous().view(torch.int32))
 
 
-@pytest.mark.parametrize("spoil", ["ulp", "random", "nan", "inf", "k_not_whole_blocks",
-                                   "negative_zero"])
+@pytest.mark.parametrize(
+    "spoil", ["ulp", "random", "nan", "inf", "k_not_whole_blocks", "negative_zero"]
+)
 def test_a_weight_off_its_grid_has_no_4_bit_form(panel, spoil):
     """One value the codes cannot give back exactly, and the weight keeps its float32 panels."""
     w = grid_weight(50, 64, 5)

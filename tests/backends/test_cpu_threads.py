@@ -1,5 +1,6 @@
 """One OpenMP team per engine (plait.backends.cpu.threads): host threads run torch with one
 thread, so they never own a libgomp team; the caller's thread count is restored."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,23 @@ import torch
 
 import plait
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                reason="no C++ compiler on this machine to build the helper")
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="no C++ compiler on this machine to build the helper",
+)
 
 
 def run_fresh(script: str, *args: str) -> str:
     """Run ``script`` in a fresh interpreter with two OpenMP threads and return its stdout: the
     checks count the process's OS threads, which other tests' engines would disturb, and a
     thread's team outlives it only in its own process."""
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -63,7 +71,6 @@ def test_engine_start_leaves_the_callers_thread_count_alone(make_tiny_model):
     with plait.Engine(model_path=make_tiny_model("llama"), max_total_tokens=256) as engine:
         assert torch.get_num_threads() == before
         assert engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2})
-
 
 
 ENGINE_START_SCRIPT = """

@@ -1,6 +1,7 @@
 """The device-neutral DecodeGraphRunner's padding and static buffers, on the CPU with
 EagerCapture (a capture that replays by rerunning), so everything but the CUDA graph API itself
 is checked here."""
+
 import pytest
 import torch
 
@@ -49,13 +50,23 @@ def test_padded_sizes_cover_every_batch_up_to_the_max():
 
 def _batch(is_decode=True, n=2, table=None):
     from plait.core.forward_batch import ForwardBatch
+
     ones = torch.ones(n, dtype=torch.int64)
-    return ForwardBatch(is_decode=is_decode, input_ids=ones, positions=ones, out_cache_loc=ones,
-                        req_pool_indices=ones, seq_lens=ones, prefix_lens=ones, extend_lens=ones,
-                        req_to_token=torch.zeros(4, 8, dtype=torch.int32) if table is None
-                        else table,
-                        logits_rows=torch.arange(n), seq_lens_cpu=[1] * n,
-                        prefix_lens_cpu=[1] * n, extend_lens_cpu=[1] * n)
+    return ForwardBatch(
+        is_decode=is_decode,
+        input_ids=ones,
+        positions=ones,
+        out_cache_loc=ones,
+        req_pool_indices=ones,
+        seq_lens=ones,
+        prefix_lens=ones,
+        extend_lens=ones,
+        req_to_token=torch.zeros(4, 8, dtype=torch.int32) if table is None else table,
+        logits_rows=torch.arange(n),
+        seq_lens_cpu=[1] * n,
+        prefix_lens_cpu=[1] * n,
+        extend_lens_cpu=[1] * n,
+    )
 
 
 def test_only_decode_batches_within_the_max_are_replayed():
@@ -79,9 +90,15 @@ def test_padded_rows_use_slot_0_row_0_and_length_1():
     b = _batch(n=3)
     b.out_cache_loc, b.req_pool_indices = torch.tensor([5, 6, 7]), torch.tensor([1, 2, 3])
     b.seq_lens = torch.tensor([9, 9, 9])
-    out = runner.replay(b, lambda s: seen.update(loc=s.out_cache_loc.clone(),
-                                                 req=s.req_pool_indices.clone(),
-                                                 seq=s.seq_lens.clone()) or s.seq_lens * 1)
+    out = runner.replay(
+        b,
+        lambda s: (
+            seen.update(
+                loc=s.out_cache_loc.clone(), req=s.req_pool_indices.clone(), seq=s.seq_lens.clone()
+            )
+            or s.seq_lens * 1
+        ),
+    )
     assert seen["loc"].tolist() == [5, 6, 7, 0]
     assert seen["req"].tolist() == [1, 2, 3, 0]
     assert seen["seq"].tolist() == [9, 9, 9, 1]
@@ -98,6 +115,7 @@ def test_outputs_are_cut_to_the_real_rows_in_any_container():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA (or ROCm) GPU")
 def test_cuda_graph_capture_replays():
     from plait.backends.cuda.graph_capture import TorchCudaGraphCapture
+
     x = torch.zeros(4, device="cuda")
     replay = TorchCudaGraphCapture().capture(lambda: x * 2 + 1)
     x.fill_(3)

@@ -1,5 +1,6 @@
 """The kit itself: the CPU backend passes it, its grids cover what they promise, and it catches
 broken backends."""
+
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from plait.backends.cpu.attention import TorchAttentionBackend
 from plait.backends.cpu.plugin import CpuBackend
 from plait.testing import BackendConformance, kit
 from plait.testing.cases import AttentionCase, decode_cases, extend_cases, layout
+
 
 class TestCpuBackend(BackendConformance):
     device = "cpu"
@@ -32,8 +34,9 @@ def test_layout_is_paged_like_the_allocator():
         slots = lay.req_to_token[lay.req_pool_indices[b], :seq].long()
         assert bool((slots >= 16).all()), "page 0 is padding"
         assert torch.equal(slots % 16, torch.arange(seq) % 16)
-    used = torch.cat([lay.req_to_token[r, :s].long()
-                      for r, s in zip(lay.req_pool_indices, case.seq_lens)])
+    used = torch.cat(
+        [lay.req_to_token[r, :s].long() for r, s in zip(lay.req_pool_indices, case.seq_lens)]
+    )
     assert used.unique().numel() == used.numel()
 
 
@@ -43,6 +46,7 @@ def backend(attention_cls) -> CpuBackend:
 
         def create_attention_backend(self, pool, hq, hkv, d):
             return attention_cls(pool, hq, hkv, d)
+
     return Broken()
 
 
@@ -70,5 +74,6 @@ def test_extend_check_catches_a_wrong_backend(cls):
 
 def test_decode_check_catches_a_backend_that_never_writes_the_new_kv():
     with pytest.raises(AssertionError, match="elements off"):
-        kit.check_decode(backend(SkipsWrite), AttentionCase((7, 2), (1, 1), 4, 2, 64, 1),
-                         torch.float32)
+        kit.check_decode(
+            backend(SkipsWrite), AttentionCase((7, 2), (1, 1), 4, 2, 64, 1), torch.float32
+        )

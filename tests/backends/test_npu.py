@@ -1,6 +1,7 @@
 """The NPU backend on machines without torch_npu (every CI machine): detection says why, the
 plugin still registers, and resolution fails with that reason. The FIA call's arguments are
 checked against a CPU stand-in that implements the op's documented semantics."""
+
 import importlib.util
 import itertools
 import sys
@@ -17,13 +18,17 @@ from plait.backends.npu.plugin import NpuBackend
 from plait.testing import kit
 from plait.testing.cases import AttentionCase
 
+
 @pytest.fixture
 def no_torch_npu(monkeypatch):
     """torch_npu is absent here anyway; this makes it absent on an Ascend machine too."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setitem(sys.modules, "torch_npu", None)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch_npu" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch_npu" else real_find_spec(name, *a),
+    )
 
 
 def test_detection_without_torch_npu_reports_it_missing(no_torch_npu):
@@ -44,8 +49,9 @@ def test_detection_with_torch_npu_but_no_device(monkeypatch):
     fake = types.ModuleType("torch_npu")
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     monkeypatch.setattr(npu_plugin.importlib.util, "find_spec", lambda name, *a: object())
-    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: False),
-                        raising=False)
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(is_available=lambda: False), raising=False
+    )
     info = NpuBackend.info()
     assert not info.available and "no Ascend NPU" in info.reason
 
@@ -55,6 +61,7 @@ def test_detection_survives_a_broken_torch_npu(monkeypatch):
 
     def broken(name, *a, **k):
         raise OSError("libascendcl.so: cannot open shared object file")
+
     monkeypatch.setattr(npu_plugin.importlib, "import_module", broken)
     info = NpuBackend.info()
     assert not info.available and "libascendcl" in info.reason
@@ -62,9 +69,23 @@ def test_detection_survives_a_broken_torch_npu(monkeypatch):
 
 # -- FIA stand-in -------------------------------------------------------------------------------
 
-def fake_fia(query, key, value, *, block_table, input_layout, block_size, actual_seq_lengths,
-             actual_seq_lengths_kv, num_heads, num_key_value_heads, scale, sparse_mode=0,
-             atten_mask=None):
+
+def fake_fia(
+    query,
+    key,
+    value,
+    *,
+    block_table,
+    input_layout,
+    block_size,
+    actual_seq_lengths,
+    actual_seq_lengths_kv,
+    num_heads,
+    num_key_value_heads,
+    scale,
+    sparse_mode=0,
+    atten_mask=None,
+):
     """CPU stand-in for torch_npu.npu_fused_infer_attention_score, paged TND mode, as
     documented: cumulative query ends, per-request KV lengths, block ids in block_table,
     sparse_mode 3 = causal aligned to the bottom right."""
@@ -74,7 +95,7 @@ def fake_fia(query, key, value, *, block_table, input_layout, block_size, actual
     out = torch.empty_like(query)
     starts = [0, *actual_seq_lengths[:-1]]
     for b, (s, e, kv_len) in enumerate(zip(starts, actual_seq_lengths, actual_seq_lengths_kv)):
-        blocks = block_table[b, :-(-kv_len // block_size)].long()
+        blocks = block_table[b, : -(-kv_len // block_size)].long()
         k = key[blocks].reshape(-1, num_key_value_heads, head_dim)[:kv_len].float()
         v = value[blocks].reshape(-1, num_key_value_heads, head_dim)[:kv_len].float()
         q = query[s:e].float()
@@ -106,9 +127,11 @@ def npu_on_cpu() -> NpuOnCpu:
     return NpuOnCpu()
 
 
-CASES = [AttentionCase((0, 19), (17, 5), 4, 4, 64, 16, seed=1),
-         AttentionCase((33, 0, 3), (1, 20, 9), 6, 2, 64, 16, seed=2),
-         AttentionCase((40,), (18,), 8, 1, 128, 32, seed=3)]
+CASES = [
+    AttentionCase((0, 19), (17, 5), 4, 4, 64, 16, seed=1),
+    AttentionCase((33, 0, 3), (1, 20, 9), 6, 2, 64, 16, seed=2),
+    AttentionCase((40,), (18,), 8, 1, 128, 32, seed=3),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -116,8 +139,15 @@ CASES = [AttentionCase((0, 19), (17, 5), 4, 4, 64, 16, seed=1),
 def test_fia_arguments_follow_the_paged_tnd_contract(case, dtype):
     kb = npu_on_cpu()
     kit.check_extend(kb, case, dtype)
-    decode = AttentionCase(case.seq_lens, (1,) * case.batch_size, case.num_heads,
-                           case.num_kv_heads, case.head_dim, case.page_size, case.seed)
+    decode = AttentionCase(
+        case.seq_lens,
+        (1,) * case.batch_size,
+        case.num_heads,
+        case.num_kv_heads,
+        case.head_dim,
+        case.page_size,
+        case.seed,
+    )
     kit.check_decode(kb, decode, dtype)
 
 
@@ -128,6 +158,7 @@ def test_unsupported_configurations_fall_back_to_the_reference():
     def spy(*a, **k):
         calls.append(1)
         return fake_fia(*a, **k)
+
     kb = NpuOnCpu(fia=spy)
     for case, dtype in itertools.product(CASES[:1], (torch.float32,)):
         kit.check_extend(kb, case, dtype)

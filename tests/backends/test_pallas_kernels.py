@@ -1,4 +1,5 @@
 """The TPU backend's Pallas kernels pass the conformance kit in interpret mode on the CPU."""
+
 import pytest
 import torch
 
@@ -56,12 +57,13 @@ class TestPallasKernelsInterpreted(BackendConformance):
 
 def test_half_precision_pools():
     kb = pallas_on_cpu()
-    kit.check_extend(kb, AttentionCase((33, 0, 3), (1, 20, 9), 6, 2, 64, 16, seed=2),
-                     torch.float16)
-    kit.check_decode(kb, AttentionCase((0, 39, 76), (1, 1, 1), 6, 2, 64, 16, seed=1),
-                     torch.bfloat16)
+    kit.check_extend(kb, AttentionCase((33, 0, 3), (1, 20, 9), 6, 2, 64, 16, seed=2), torch.float16)
+    kit.check_decode(
+        kb, AttentionCase((0, 39, 76), (1, 1, 1), 6, 2, 64, 16, seed=1), torch.bfloat16
+    )
 
 
 def test_long_prefix_spans_many_pages():
-    kit.check_extend(pallas_on_cpu(), AttentionCase((300,), (37,), 8, 1, 64, 16, seed=3),
-                     torch.float32)
+    kit.check_extend(
+        pallas_on_cpu(), AttentionCase((300,), (37,), 8, 1, 64, 16, seed=3), torch.float32
+    )

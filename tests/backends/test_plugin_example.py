@@ -5,6 +5,7 @@ The example is pip-installed into a temporary ``--target`` directory that the su
 on ``PYTHONPATH`` (entry points are read from its ``*.dist-info``), so the shared environment
 is never modified.
 """
+
 import os
 import shutil
 import subprocess
@@ -27,33 +28,53 @@ def toy_env(tmp_path_factory) -> dict[str, str]:
     src, target = tmp / "src", tmp / "site"
     # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(target), str(src)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(target),
+        str(src),
+    ]
     out = subprocess.run(pip, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     path = [str(target), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _python(code: str, env: dict[str, str], cwd: Path | None = None) -> str:
     # A fresh interpreter: entry points are read once per process.
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=cwd)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cwd
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 
 
 def test_without_the_install_there_is_no_toy_device():
-    out = _python("from plait.backends import registry; print(sorted(registry.available_backends()))",
-                  {**os.environ, "PYTHONPATH": str(REPO)})
+    out = _python(
+        "from plait.backends import registry; print(sorted(registry.available_backends()))",
+        {**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert "'toy'" not in out  # so the tests below see the install, not something else
 
 
 def test_installed_plugin_is_discovered_through_its_entry_point(toy_env):
-    out = _python("from plait.backends import registry; print(registry.describe_backends()); "
-                  "print(type(registry.get_backend('toy')).__module__, "
-                  "registry.resolve_device('auto'))", toy_env)
+    out = _python(
+        "from plait.backends import registry; print(registry.describe_backends()); "
+        "print(type(registry.get_backend('toy')).__module__, "
+        "registry.resolve_device('auto'))",
+        toy_env,
+    )
     assert "toy      available" in out
     # The class came from the installed copy; auto never picks the toy (priority -10).
     assert out.strip().endswith("plait_toy.plugin cpu")
@@ -67,7 +88,8 @@ def test_device_flag_selects_the_installed_toy_and_it_generates(toy_env, tmp_pat
         f"rc = main(['generate', 'Hi', '--device', 'toy', '--model-path', {str(model)!r},\n"
         "           '--max-new-tokens', '4', '--max-total-tokens', '512'])\n"
         "from plait_toy.attention import CALLS\n"
-        "print('CALLS', CALLS['extend'], CALLS['decode'], 'RC', rc)\n")
+        "print('CALLS', CALLS['extend'], CALLS['decode'], 'RC', rc)\n"
+    )
     out = _python(code, toy_env, cwd=tmp_path)
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "CALLS" and last[-2:] == ["RC", "0"], out
@@ -78,9 +100,25 @@ def test_device_flag_selects_the_installed_toy_and_it_generates(toy_env, tmp_pat
 def test_the_examples_own_tests_pass_against_the_install(toy_env, tmp_path):
     # The conformance kit on the toy device, and the example's Engine test.
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), str(EXAMPLE / "tests"), "--basetemp", str(tmp_path / "base"),
-         "-k", "engine or greedy"],
-        capture_output=True, text=True, cwd=tmp_path, env=toy_env)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(EXAMPLE / "tests"),
+            "--basetemp",
+            str(tmp_path / "base"),
+            "-k",
+            "engine or greedy",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=toy_env,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "failed" not in out.stdout and " passed" in out.stdout

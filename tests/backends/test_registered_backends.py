@@ -2,6 +2,7 @@
 with the registry's reason, where its hardware is missing (everywhere in CI); on a machine with
 the device it certifies the real kernels, graphs and engine. PLAIT_KIT_GRID=full for the full
 shape grid."""
+
 import torch
 
 from plait.testing import BackendConformance

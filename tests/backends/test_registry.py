@@ -1,5 +1,6 @@
 """Every built-in backend arrives through the entry points with its name and priority, detection
 is cheap and honest on a CPU-only machine, and ``--device`` resolution explains failures."""
+
 import subprocess
 import sys
 import types
@@ -30,8 +31,10 @@ def test_built_in_backends_register_through_entry_points_with_their_priorities()
 def test_detection_does_not_import_device_libraries():
     # cuda/rocm never import triton to detect; tpu imports jax only where libtpu exists. A fresh
     # interpreter, since this test process has imported them for the kernel tests.
-    code = ("import sys; from plait.backends import registry; registry.available_backends(); "
-            "print(sorted(m for m in ('triton', 'jax', 'torch_npu') if m in sys.modules))")
+    code = (
+        "import sys; from plait.backends import registry; registry.available_backends(); "
+        "print(sorted(m for m in ('triton', 'jax', 'torch_npu') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -84,16 +87,21 @@ def test_rocm_detection(monkeypatch):
 
 def test_tpu_detection(monkeypatch):
     real = tpu_plugin.importlib.util.find_spec
-    monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec",
-                        lambda name: None if name == "libtpu" else real(name))
+    monkeypatch.setattr(
+        tpu_plugin.importlib.util,
+        "find_spec",
+        lambda name: None if name == "libtpu" else real(name),
+    )
     assert "libtpu not installed" in TpuBackend.info().reason
-    monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec",
-                        lambda name: None if name == "jax" else real(name))
+    monkeypatch.setattr(
+        tpu_plugin.importlib.util, "find_spec", lambda name: None if name == "jax" else real(name)
+    )
     assert "jax not installed" in TpuBackend.info().reason
     # libtpu present but jax finds no TPU (e.g. a CPU host with jax[tpu] installed)
     monkeypatch.setattr(tpu_plugin.importlib.util, "find_spec", lambda name: object())
-    fake_jax = types.SimpleNamespace(devices=lambda kind: (_ for _ in ()).throw(
-        RuntimeError("Unknown backend tpu")))
+    fake_jax = types.SimpleNamespace(
+        devices=lambda kind: (_ for _ in ()).throw(RuntimeError("Unknown backend tpu"))
+    )
     monkeypatch.setitem(sys.modules, "jax", fake_jax)
     info = TpuBackend.info()
     assert not info.available and "jax sees no TPU" in info.reason

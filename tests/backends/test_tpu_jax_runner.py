@@ -1,5 +1,6 @@
 """The TPU backend's JAX model runner on JAX's CPU device (``PLAIT_TPU_PLATFORM=cpu``):
 greedy parity with the CPU backend, no torch forward on its path, bounded jit buckets."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +31,16 @@ def tiny(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-PROMPTS = [[1, 42, 71, 78, 78, 81], [1, 90, 63], [1, 42, 71, 78, 78, 81, 223, 89, 130, 117, 84],
-           [1, 5] * 20]
+PROMPTS = [
+    [1, 42, 71, 78, 78, 81],
+    [1, 90, 63],
+    [1, 42, 71, 78, 78, 81, 223, 89, 130, 117, 84],
+    [1, 5] * 20,
+]
 
 
 # -- the switch -----------------------------------------------------------------------------------
+
 
 def test_cpu_development_mode_makes_tpu_available(tpu_on_cpu):
     assert TpuBackend.info().available
@@ -55,9 +61,13 @@ def test_bad_switch_values_are_refused_naming_the_variable(tpu_on_cpu):
 
 # -- parity and the no-torch guarantee ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("attention", ["jax", "pallas"])
-@pytest.mark.parametrize("engine_args", [{"page_size": 1, "chunked_prefill_size": 8},
-                                         {"page_size": 16}], ids=["page1-chunked8", "page16"])
+@pytest.mark.parametrize(
+    "engine_args",
+    [{"page_size": 1, "chunked_prefill_size": 8}, {"page_size": 16}],
+    ids=["page1-chunked8", "page16"],
+)
 def test_tiny_llama_greedy_matches_cpu_backend(tpu_on_cpu, tiny, attention, engine_args):
     tpu_on_cpu.setenv(platform.ATTENTION_ENV, attention)
     want = greedy_output_ids("cpu", tiny, PROMPTS, **engine_args)
@@ -79,31 +89,45 @@ def test_no_torch_model_is_built_or_run(tpu_on_cpu, tiny):
 
 # -- graph capture: bounded buckets ---------------------------------------------------------------
 
+
 def test_many_batch_sizes_compile_only_the_configured_buckets(tpu_on_cpu, tiny):
     with plait.Engine(tiny, device="tpu", max_running_requests=8, max_total_tokens=4096) as e:
         runner = e.scheduler.runner
         for n in range(1, 9):
-            e.generate(input_ids=[[1, 7 * n + i] for i in range(n)],
-                       sampling_params={"max_new_tokens": 3, "temperature": 0,
-                                        "ignore_eos": True})
+            e.generate(
+                input_ids=[[1, 7 * n + i] for i in range(n)],
+                sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True},
+            )
         decode = [k for k in runner.steps.programs if k[0] == "decode"]
         assert sorted(k[1] for k in decode) == [1, 2, 4, 8]  # 8 batch sizes, 4 programs
         info = e.get_server_info()
         assert info["jit_compiles"] == len(runner.steps.programs) <= info["jit_programs_max"]
-        e.generate(input_ids=[[1, 99 + i] for i in range(5)],
-                   sampling_params={"max_new_tokens": 3, "temperature": 0})
+        e.generate(
+            input_ids=[[1, 99 + i] for i in range(5)],
+            sampling_params={"max_new_tokens": 3, "temperature": 0},
+        )
         assert e.get_server_info()["jit_compiles"] == info["jit_compiles"]  # replays only
 
 
 def test_buckets_pad_up_and_refuse_what_they_cannot_hold():
-    b = JitBuckets.build(max_batch_size=12, max_tokens=1000, context_len=300,
-                         batch_sizes=(1, 4, 8, 16), min_tokens=16, min_kv_width=128)
+    b = JitBuckets.build(
+        max_batch_size=12,
+        max_tokens=1000,
+        context_len=300,
+        batch_sizes=(1, 4, 8, 16),
+        min_tokens=16,
+        min_kv_width=128,
+    )
     assert b.batch_sizes == (1, 4, 8, 12)
     assert [b.batch(n) for n in (1, 2, 5, 9, 12)] == [1, 4, 8, 12, 12]
     assert [b.tokens(n) for n in (1, 17, 1000)] == [16, 32, 1024]
     assert [b.kv_width(n) for n in (1, 129, 300)] == [128, 256, 512]
-    for bad in (lambda: b.batch(13), lambda: b.batch(0), lambda: b.tokens(1025),
-                lambda: b.kv_width(513)):
+    for bad in (
+        lambda: b.batch(13),
+        lambda: b.batch(0),
+        lambda: b.tokens(1025),
+        lambda: b.kv_width(513),
+    ):
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(ValueError, match="max_batch_size"):
@@ -148,24 +172,30 @@ def test_slot_table_zeroes_past_each_sequence():
 
 # -- SmolLM2: the engine parity prompts (slow) ----------------------------------------------------
 
+
 @pytest.mark.slow
-def test_smollm_batch_then_cache_hits_match_transformers(tpu_on_cpu, smollm_dir, prompt_ids,
-                                                         expected):
+def test_smollm_batch_then_cache_hits_match_transformers(
+    tpu_on_cpu, smollm_dir, prompt_ids, expected
+):
     with plait.Engine(smollm_dir, device="tpu", dtype="float32") as engine:
         first = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
         assert [o["output_ids"] for o in first] == expected
         again = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
         assert [o["output_ids"] for o in again] == expected
-        assert all(o["meta_info"]["cached_tokens"] == len(ids) - 1
-                   for o, ids in zip(again, prompt_ids))
+        assert all(
+            o["meta_info"]["cached_tokens"] == len(ids) - 1 for o, ids in zip(again, prompt_ids)
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine_args", [{"page_size": 1, "chunked_prefill_size": 64},
-                                         {"page_size": 16, "chunked_prefill_size": 64}],
-                         ids=["page1-chunked64", "page16-chunked64"])
-def test_smollm_variants_match_transformers(tpu_on_cpu, smollm_dir, prompt_ids, expected,
-                                            engine_args):
+@pytest.mark.parametrize(
+    "engine_args",
+    [{"page_size": 1, "chunked_prefill_size": 64}, {"page_size": 16, "chunked_prefill_size": 64}],
+    ids=["page1-chunked64", "page16-chunked64"],
+)
+def test_smollm_variants_match_transformers(
+    tpu_on_cpu, smollm_dir, prompt_ids, expected, engine_args
+):
     with plait.Engine(smollm_dir, device="tpu", dtype="float32", **engine_args) as engine:
         # warm the cache with the shared prefix so later prompts hit it mid-batch
         engine.generate(input_ids=prompt_ids[4][:40], sampling_params={"max_new_tokens": 0})
@@ -178,12 +208,17 @@ def test_smollm_variants_match_transformers(tpu_on_cpu, smollm_dir, prompt_ids, 
 def test_sliding_window_greedy_matches_transformers(tpu_on_cpu, make_tiny_model, attention):
     """The JAX model with each attention on a Mistral whose window is far shorter than its
     prompts and generations: transformers' tokens, batched, chunked and after cache hits."""
-    from tests.models.test_sliding_window import (expected_past_the_window, generate_twice,
-                                                  windowed_mistral)
+    from tests.models.test_sliding_window import (
+        expected_past_the_window,
+        generate_twice,
+        windowed_mistral,
+    )
+
     tpu_on_cpu.setenv(platform.ATTENTION_ENV, attention)
     path = windowed_mistral(make_tiny_model)
     want = expected_past_the_window(path)
-    with plait.Engine(path, device="tpu", dtype="float32", max_total_tokens=2048,
-                      chunked_prefill_size=16) as engine:
+    with plait.Engine(
+        path, device="tpu", dtype="float32", max_total_tokens=2048, chunked_prefill_size=16
+    ) as engine:
         assert engine.scheduler.runner.shape.sliding_windows == (8, 8)
         assert generate_twice(engine) == want

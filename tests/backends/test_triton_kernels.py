@@ -1,5 +1,6 @@
 """The CUDA/ROCm Triton kernels pass the conformance kit on CPU tensors under Triton's
 interpreter (TRITON_INTERPRET=1, set by conftest.py), in fp32 and fp16, on the quick grid."""
+
 import os
 
 import pytest
@@ -19,7 +20,8 @@ from plait.testing.cases import AttentionCase  # noqa: E402
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs TRITON_INTERPRET=1 (CPU-only machine); on a GPU the kernels are certified "
-           "by the hardware conformance class in test_registered_backends.py")
+    "by the hardware conformance class in test_registered_backends.py",
+)
 
 CPU = torch.device("cpu")
 
@@ -34,8 +36,7 @@ class TritonInterpreted(TritonBackend):
     torch_device = CPU
 
     def create_graph_runner(self, model, max_batch_size):
-        return DecodeGraphRunner(model, max_batch_size, CPU, EagerCapture(),
-                                 batch_sizes=(1, 2, 4))
+        return DecodeGraphRunner(model, max_batch_size, CPU, EagerCapture(), batch_sizes=(1, 2, 4))
 
 
 class RocmTilesInterpreted(TritonInterpreted):
@@ -57,10 +58,16 @@ def test_kernels_really_run_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
 
     from plait.backends.cuda import decode_attention, extend_attention, quantized_matmul
-    for kernel in (extend_attention._extend_kernel, decode_attention._decode_stage1,
-                   decode_attention._decode_stage2, quantized_matmul._qmatmul_kernel):
-        assert isinstance(kernel, InterpretedFunction), \
+
+    for kernel in (
+        extend_attention._extend_kernel,
+        decode_attention._decode_stage1,
+        decode_attention._decode_stage2,
+        quantized_matmul._qmatmul_kernel,
+    ):
+        assert isinstance(kernel, InterpretedFunction), (
             "a kernel module was imported before TRITON_INTERPRET=1 was set"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
@@ -81,10 +88,16 @@ def test_bfloat16_attention_meets_its_tolerance():
 
 def test_more_splits_than_keys_leaves_empty_splits_weightless():
     class ManySplits(TritonInterpreted):
-        launch = LaunchParams(extend_block_m=16, extend_block_n=16, decode_block_n=16,
-                              num_kv_splits=8, num_warps=1, num_stages=1)
-    kit.check_decode(ManySplits(), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1),
-                     torch.float32)
+        launch = LaunchParams(
+            extend_block_m=16,
+            extend_block_n=16,
+            decode_block_n=16,
+            num_kv_splits=8,
+            num_warps=1,
+            num_stages=1,
+        )
+
+    kit.check_decode(ManySplits(), AttentionCase((0, 2), (1, 1), 4, 4, 64, 1), torch.float32)
 
 
 @pytest.mark.slow  # a minute under the interpreter; test_sliding_window_matches_reference is quick
@@ -92,13 +105,19 @@ def test_sliding_window_greedy_matches_transformers(make_tiny_model):
     """The kernels in the engine on a Mistral whose window is far shorter than its prompts
     and generations: transformers' tokens, batched, chunked and after prefix-cache hits."""
     from plait.testing.register import temporarily_registered
-    from tests.models.test_sliding_window import (PROMPTS, expected_past_the_window,
-                                                  generate_twice, windowed_mistral)
+    from tests.models.test_sliding_window import (
+        PROMPTS,
+        expected_past_the_window,
+        generate_twice,
+        windowed_mistral,
+    )
+
     path = windowed_mistral(make_tiny_model)
     prompts = PROMPTS[:2]  # the interpreter runs every program in numpy: keep it short
     want = expected_past_the_window(path, prompts)
     with temporarily_registered(TritonInterpreted) as name:
-        with plait.Engine(path, device=name, dtype="float32", max_total_tokens=2048,
-                          chunked_prefill_size=16) as engine:
+        with plait.Engine(
+            path, device=name, dtype="float32", max_total_tokens=2048, chunked_prefill_size=16
+        ) as engine:
             assert engine.scheduler.runner.attn.sliding_windows == (8, 8)
             assert generate_twice(engine, prompts) == want

@@ -1,6 +1,7 @@
 """The Triton quantized matmul equals dequantize-then-matmul for every format, group size,
 tile shape and split-K, in fp32/fp16/bf16: on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py), natively where a CUDA GPU is present."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +10,11 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from plait.backends.cuda.quantized_matmul import (  # noqa: E402
-    QMatmulTiles, block_k_for, choose_tiles, quantized_matmul)
+    QMatmulTiles,
+    block_k_for,
+    choose_tiles,
+    quantized_matmul,
+)
 from plait.testing.cases import QUANT_FORMATS, QuantCase, quant_weight  # noqa: E402
 from plait.testing.kit import assert_quantized_close, weight_on  # noqa: E402
 
@@ -24,11 +29,22 @@ def problems(draw):
     k = group * draw(st.integers(1, 4))
     if fmt == "int8":
         group = k  # per channel, as quantize_int8 makes it
-    case = QuantCase(fmt, draw(st.integers(1, 64)), draw(st.integers(1, 80)), k, group,
-                     draw(st.integers(0, 2**16)))
-    tiles = QMatmulTiles(draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32, 64])),
-                         draw(st.sampled_from([b for b in (32, 64, 128) if k % b == 0])),
-                         draw(st.integers(1, 3)), num_warps=4, num_stages=1)
+    case = QuantCase(
+        fmt,
+        draw(st.integers(1, 64)),
+        draw(st.integers(1, 80)),
+        k,
+        group,
+        draw(st.integers(0, 2**16)),
+    )
+    tiles = QMatmulTiles(
+        draw(st.sampled_from([16, 32])),
+        draw(st.sampled_from([16, 32, 64])),
+        draw(st.sampled_from([b for b in (32, 64, 128) if k % b == 0])),
+        draw(st.integers(1, 3)),
+        num_warps=4,
+        num_stages=1,
+    )
     return case, tiles, draw(st.sampled_from(DTYPES))
 
 
@@ -64,9 +80,11 @@ def test_bad_input_is_refused_with_the_parameter_named():
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         quantized_matmul(torch.zeros(1, 64, dtype=torch.float64, device=DEVICE), w)
     with pytest.raises(ValueError, match="block_k"):
-        quantized_matmul(torch.zeros(1, 96, device=DEVICE),
-                         weight_on(quant_weight(QuantCase("q8_0", 1, 16, 96, 32)), DEVICE),
-                         QMatmulTiles(block_k=64))
+        quantized_matmul(
+            torch.zeros(1, 96, device=DEVICE),
+            weight_on(quant_weight(QuantCase("q8_0", 1, 16, 96, 32)), DEVICE),
+            QMatmulTiles(block_k=64),
+        )
     with pytest.raises(ValueError, match="block_n"):
         QMatmulTiles(block_n=24)
 

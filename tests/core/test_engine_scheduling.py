@@ -1,6 +1,7 @@
 """Scheduler behaviour seen through the Engine: prefix sharing, memory pressure, abort, and
 that bad input is refused without harming other requests. Uses a tiny random model so the
 numbers, not the model's wisdom, are under test."""
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,9 @@ def test_fork_like_workload_computes_shared_prefix_once(tiny, page_size):
     prompts = [prefix + [500 + b] * suffix_len for b in range(8)]
     with plait.Engine(tiny, page_size=page_size, chunked_prefill_size=256) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
-        computed = sum(o["meta_info"]["prompt_tokens"] - o["meta_info"]["cached_tokens"]
-                       for o in outs)
+        computed = sum(
+            o["meta_info"]["prompt_tokens"] - o["meta_info"]["cached_tokens"] for o in outs
+        )
         assert computed <= 1000 + 8 * suffix_len + 8 + 8 * page_size
         assert engine.get_server_info()["prefill_tokens"] == computed
 
@@ -78,8 +80,12 @@ def test_retraction_happens_and_output_is_unchanged(tiny):
 
 def test_abort_frees_kv_and_finishes_with_abort(tiny):
     with plait.Engine(tiny) as engine:
-        stream = engine.generate(input_ids=[5] * 20, rid="victim", stream=True,
-                                 sampling_params={"max_new_tokens": 2000, "ignore_eos": True})
+        stream = engine.generate(
+            input_ids=[5] * 20,
+            rid="victim",
+            stream=True,
+            sampling_params={"max_new_tokens": 2000, "ignore_eos": True},
+        )
         first = next(stream)
         assert first["meta_info"]["finish_reason"] is None
         engine.abort("victim")
@@ -109,8 +115,11 @@ def test_aborting_a_queued_request_that_holds_kv_frees_it(tiny):
 
 def test_stream_closed_early_aborts_request(tiny):
     with plait.Engine(tiny) as engine:
-        stream = engine.generate(input_ids=[5] * 20, stream=True,
-                                 sampling_params={"max_new_tokens": 2000, "ignore_eos": True})
+        stream = engine.generate(
+            input_ids=[5] * 20,
+            stream=True,
+            sampling_params={"max_new_tokens": 2000, "ignore_eos": True},
+        )
         next(stream)
         stream.close()
         deadline = time.time() + 10
@@ -120,19 +129,22 @@ def test_stream_closed_early_aborts_request(tiny):
         assert engine.get_server_info()["num_running_reqs"] == 0
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"sampling_params": {"temperature": -1}}, "temperature"),
-    ({"sampling_params": {"max_new_tokens": -3}}, "max_new_tokens"),
-    ({"sampling_params": {"top_p": 0}}, "top_p"),
-    ({"sampling_params": {"n": 0}}, "n"),
-    ({"sampling_params": {"bogus": 1}}, "bogus"),
-    ({"sampling_params": {"max_new_tokens": 10**6}}, "max_new_tokens"),
-    ({"input_ids": [1] * 3000}, "context length"),
-    ({"input_ids": [10**7]}, "input_ids"),
-    ({"input_ids": []}, "empty"),
-    ({"logprob_start_len": -5}, "logprob_start_len"),
-    ({"return_logprob": True, "top_logprobs_num": 10**6}, "top_logprobs_num"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"sampling_params": {"temperature": -1}}, "temperature"),
+        ({"sampling_params": {"max_new_tokens": -3}}, "max_new_tokens"),
+        ({"sampling_params": {"top_p": 0}}, "top_p"),
+        ({"sampling_params": {"n": 0}}, "n"),
+        ({"sampling_params": {"bogus": 1}}, "bogus"),
+        ({"sampling_params": {"max_new_tokens": 10**6}}, "max_new_tokens"),
+        ({"input_ids": [1] * 3000}, "context length"),
+        ({"input_ids": [10**7]}, "input_ids"),
+        ({"input_ids": []}, "empty"),
+        ({"logprob_start_len": -5}, "logprob_start_len"),
+        ({"return_logprob": True, "top_logprobs_num": 10**6}, "top_logprobs_num"),
+    ],
+)
 def test_bad_input_raises_value_error_naming_the_parameter(tiny, kwargs, name):
     with plait.Engine(tiny, context_length=2048) as engine:
         kwargs = {"input_ids": [1, 2, 3], **kwargs}
@@ -144,8 +156,11 @@ def test_bad_request_does_not_disturb_running_ones(tiny):
     with plait.Engine(tiny) as engine:
         want = engine.generate(input_ids=[3, 4, 5], sampling_params=GREEDY)["output_ids"]
         results = []
-        worker = threading.Thread(target=lambda: results.append(
-            engine.generate(input_ids=[3, 4, 5], sampling_params=GREEDY)))
+        worker = threading.Thread(
+            target=lambda: results.append(
+                engine.generate(input_ids=[3, 4, 5], sampling_params=GREEDY)
+            )
+        )
         worker.start()
         for bad in ({"temperature": -1}, {"top_k": -7}, {"stop": [""]}):
             with pytest.raises(ValueError):
@@ -162,7 +177,11 @@ def test_prompt_larger_than_pool_is_rejected(tiny):
 
 
 def test_bad_engine_arguments_name_the_parameter(tiny):
-    for kwargs, name in [({"page_size": 0}, "page_size"), ({"schedule_policy": "x"}, "schedule_policy"),
-                         ({"device": "nope"}, "device"), ({"dtype": "int8"}, "dtype")]:
+    for kwargs, name in [
+        ({"page_size": 0}, "page_size"),
+        ({"schedule_policy": "x"}, "schedule_policy"),
+        ({"device": "nope"}, "device"),
+        ({"dtype": "int8"}, "dtype"),
+    ]:
         with pytest.raises(ValueError, match=name):
             plait.Engine(tiny, **kwargs)

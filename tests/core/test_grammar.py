@@ -1,5 +1,6 @@
 """The structured-generation layer with the real SmolLM2 tokenizer and random logits (no model
 forward): whatever the logits say, masked sampling must produce text the constraint accepts."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,11 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
 from plait.core.grammar import (  # noqa: E402
-    GrammarCompiler, GrammarState, apply_grammar_masks, choices_to_ebnf)
+    GrammarCompiler,
+    GrammarState,
+    apply_grammar_masks,
+    choices_to_ebnf,
+)
 from plait.core.jump_forward import jump_forward_tokens  # noqa: E402
 from plait.core.sampling_params import SamplingParams  # noqa: E402
 
@@ -33,6 +38,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tokenizer(smollm_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(smollm_dir)
 
 
@@ -56,8 +62,10 @@ def sample_batch(compiled, tokenizer, seed: int) -> list[str]:
         free_row = logits[1].clone()
         apply_grammar_masks(logits, states)
         assert torch.equal(logits[1], free_row), "an unconstrained row was touched"
-        picks = {0: int(torch.multinomial(torch.softmax(logits[0], -1), 1, generator=gen)),
-                 2: int(logits[2].argmax())}
+        picks = {
+            0: int(torch.multinomial(torch.softmax(logits[0], -1), 1, generator=gen)),
+            2: int(logits[2].argmax()),
+        }
         for row, token in picks.items():
             if not states[row].is_terminated():
                 assert states[row].accept_token(token), f"mask allowed rejected token {token}"
@@ -65,8 +73,10 @@ def sample_batch(compiled, tokenizer, seed: int) -> list[str]:
                     outputs[row].append(token)
         if states[0].is_terminated() and states[2].is_terminated():
             return [decode(tokenizer, outputs[0]), decode(tokenizer, outputs[2])]
-    pytest.fail(f"not terminated within {MAX_TOKENS} tokens: {decode(tokenizer, outputs[0])!r}, "
-                f"{decode(tokenizer, outputs[2])!r}")
+    pytest.fail(
+        f"not terminated within {MAX_TOKENS} tokens: {decode(tokenizer, outputs[0])!r}, "
+        f"{decode(tokenizer, outputs[2])!r}"
+    )
 
 
 REGEXES = [
@@ -93,40 +103,93 @@ REGEXES = [
 ]
 
 SCHEMAS = [
-    {"type": "object", "required": ["name", "age"],
-     "properties": {"name": {"type": "string", "maxLength": 8},
-                    "age": {"type": "integer", "minimum": 0, "maximum": 120}}},
-    {"type": "object", "required": ["user", "active"],
-     "properties": {"user": {"type": "object", "required": ["id", "nick"],
-                             "properties": {"id": {"type": "integer", "minimum": 1},
-                                            "nick": {"type": "string", "maxLength": 6}}},
-                    "active": {"type": "boolean"}}},
+    {
+        "type": "object",
+        "required": ["name", "age"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+    },
+    {
+        "type": "object",
+        "required": ["user", "active"],
+        "properties": {
+            "user": {
+                "type": "object",
+                "required": ["id", "nick"],
+                "properties": {
+                    "id": {"type": "integer", "minimum": 1},
+                    "nick": {"type": "string", "maxLength": 6},
+                },
+            },
+            "active": {"type": "boolean"},
+        },
+    },
     {"type": "array", "items": {"enum": ["low", "mid", "high"]}, "minItems": 1, "maxItems": 4},
-    {"type": "object", "required": ["t"],
-     "properties": {"t": {"type": "number", "minimum": -10, "maximum": 10}}},
+    {
+        "type": "object",
+        "required": ["t"],
+        "properties": {"t": {"type": "number", "minimum": -10, "maximum": 10}},
+    },
     {"enum": ["a", 1, None, True, "two words"]},
-    {"type": "array", "maxItems": 3,
-     "items": {"type": "object", "required": ["x", "y"],
-               "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
-                              "y": {"type": "integer", "minimum": 0, "maximum": 99}}}},
-    {"type": "object", "required": ["code"],
-     "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}}},
-    {"type": "object", "required": ["kind", "coords"],
-     "properties": {"kind": {"const": "point"},
-                    "coords": {"type": "array", "items": {"type": "number", "minimum": 0,
-                                                          "maximum": 1},
-                               "minItems": 2, "maxItems": 2},
-                    "label": {"type": "string", "maxLength": 4}}},
-    {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
-               {"type": "string", "enum": ["none"]}]},
-    {"type": "object", "required": ["a"],
-     "properties": {"a": {"type": "object", "required": ["b"],
-                          "properties": {"b": {"type": "object", "required": ["flags", "day"],
-                                               "properties": {
-                                                   "flags": {"type": "array", "maxItems": 4,
-                                                             "items": {"type": "boolean"}},
-                                                   "day": {"type": "string",
-                                                           "format": "date"}}}}}}},
+    {
+        "type": "array",
+        "maxItems": 3,
+        "items": {
+            "type": "object",
+            "required": ["x", "y"],
+            "properties": {
+                "x": {"type": "integer", "minimum": -5, "maximum": 5},
+                "y": {"type": "integer", "minimum": 0, "maximum": 99},
+            },
+        },
+    },
+    {
+        "type": "object",
+        "required": ["code"],
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
+    },
+    {
+        "type": "object",
+        "required": ["kind", "coords"],
+        "properties": {
+            "kind": {"const": "point"},
+            "coords": {
+                "type": "array",
+                "items": {"type": "number", "minimum": 0, "maximum": 1},
+                "minItems": 2,
+                "maxItems": 2,
+            },
+            "label": {"type": "string", "maxLength": 4},
+        },
+    },
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 9},
+            {"type": "string", "enum": ["none"]},
+        ]
+    },
+    {
+        "type": "object",
+        "required": ["a"],
+        "properties": {
+            "a": {
+                "type": "object",
+                "required": ["b"],
+                "properties": {
+                    "b": {
+                        "type": "object",
+                        "required": ["flags", "day"],
+                        "properties": {
+                            "flags": {"type": "array", "maxItems": 4, "items": {"type": "boolean"}},
+                            "day": {"type": "string", "format": "date"},
+                        },
+                    }
+                },
+            }
+        },
+    },
 ]
 
 
@@ -154,18 +217,24 @@ def test_choices_ebnf_accepts_exactly_the_choices(compiler, tokenizer):
     assert choices_to_ebnf(["a"]) == 'root ::= "a"'
 
 
-@pytest.mark.parametrize("kind, spec, message", [
-    ("regex", "[a-z", "invalid regex: .*Unclosed"),
-    ("regex", "(ab", "invalid regex: .*parenthesis"),
-    ("json_schema", '{"type": "object"', "json_schema is not valid JSON"),
-    ("json_schema", '{"type": "nonsense"}', "json_schema is not a valid JSON schema"),
-    ("json_schema", '{"type": "integer", "minimum": 5, "maximum": 1}',
-     "json_schema is not supported: .*minimum"),
-    ("ebnf", 'root ::= "a" | ', "invalid ebnf: "),
-    ("ebnf", "root ::= other", 'invalid ebnf: .*"other" is not defined'),
-    ("choices", "[]", "choices must be a non-empty list"),
-    ("xml", "<a/>", "grammar kind must be one of"),
-])
+@pytest.mark.parametrize(
+    "kind, spec, message",
+    [
+        ("regex", "[a-z", "invalid regex: .*Unclosed"),
+        ("regex", "(ab", "invalid regex: .*parenthesis"),
+        ("json_schema", '{"type": "object"', "json_schema is not valid JSON"),
+        ("json_schema", '{"type": "nonsense"}', "json_schema is not a valid JSON schema"),
+        (
+            "json_schema",
+            '{"type": "integer", "minimum": 5, "maximum": 1}',
+            "json_schema is not supported: .*minimum",
+        ),
+        ("ebnf", 'root ::= "a" | ', "invalid ebnf: "),
+        ("ebnf", "root ::= other", 'invalid ebnf: .*"other" is not defined'),
+        ("choices", "[]", "choices must be a non-empty list"),
+        ("xml", "<a/>", "grammar kind must be one of"),
+    ],
+)
 def test_bad_constraints_raise_value_error_naming_the_problem(compiler, kind, spec, message):
     with pytest.raises(ValueError, match=message) as info:
         compiler.compile(kind, spec)
@@ -188,8 +257,10 @@ def test_concurrent_compiles_share_one_result_per_key(tokenizer):
     compiler = GrammarCompiler(tokenizer, VOCAB)
     keys = [json.dumps(SCHEMAS[i % 3]) for i in range(9)]
     results: list[tuple[str, object]] = []
-    threads = [threading.Thread(target=lambda k=k: results.append(
-        (k, compiler.compile("json_schema", k)))) for k in keys]
+    threads = [
+        threading.Thread(target=lambda k=k: results.append((k, compiler.compile("json_schema", k))))
+        for k in keys
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -237,11 +308,11 @@ def test_eos_only_when_grammar_can_end_and_forced_after(compiler, tokenizer):
     assert not mask_of(state)[eos]
     for t in tokenizer.encode("ab", add_special_tokens=False):
         assert state.accept_token(t)
-    assert mask_of(state)[eos]                       # may end, may continue with "c"
+    assert mask_of(state)[eos]  # may end, may continue with "c"
     assert state.accept_token(tokenizer.encode("c", add_special_tokens=False)[0])
-    assert mask_of(state).nonzero().flatten().tolist() == [eos]   # complete: only EOS
+    assert mask_of(state).nonzero().flatten().tolist() == [eos]  # complete: only EOS
     assert state.accept_token(eos) and state.is_terminated()
-    assert mask_of(state).nonzero().flatten().tolist() == [eos]   # terminated: EOS forced
+    assert mask_of(state).nonzero().flatten().tolist() == [eos]  # terminated: EOS forced
     assert not state.accept_token(5)
     state.rollback(1)
     assert not state.is_terminated()
@@ -273,11 +344,15 @@ def test_torch_native_mask_matches_cpu_kernel(compiler, tokenizer, monkeypatch):
     assert torch.equal(logits, expected)
 
 
-LONG_KEYS = {"type": "object",
-             "required": ["customerFirstName", "customerAccountNumber", "preferredContactMethod"],
-             "properties": {"customerFirstName": {"type": "string", "maxLength": 6},
-                            "customerAccountNumber": {"type": "integer", "minimum": 0},
-                            "preferredContactMethod": {"enum": ["email", "phone"]}}}
+LONG_KEYS = {
+    "type": "object",
+    "required": ["customerFirstName", "customerAccountNumber", "preferredContactMethod"],
+    "properties": {
+        "customerFirstName": {"type": "string", "maxLength": 6},
+        "customerAccountNumber": {"type": "integer", "minimum": 0},
+        "preferredContactMethod": {"enum": ["email", "phone"]},
+    },
+}
 
 
 def test_jump_forward_after_brace_gives_accepted_canonical_tokens(compiler, tokenizer):
@@ -291,7 +366,7 @@ def test_jump_forward_after_brace_gives_accepted_canonical_tokens(compiler, toke
     assert tokens and state.num_accepted == 1 + len(tokens)
     text = decode(tokenizer, tokens)
     assert text == '"customerFirstName":'  # the value's ' "' is a seam left to the model
-    assert state.jump_forward_string() == forced[len(text):]
+    assert state.jump_forward_string() == forced[len(text) :]
     # '"' was the only token allowed; the rest is how the tokenizer itself splits the key.
     assert tokens[1:] == tokenizer.encode('customerFirstName":', add_special_tokens=False)
 
@@ -312,8 +387,7 @@ def test_jump_forward_never_merges_into_the_models_last_piece(compiler, tokenize
     assert jump_after_cust(r"(cust)? omer, qq[0-9]") == " omer,"
 
 
-def test_jump_forward_skips_unstable_seam_and_drives_generation_to_valid_json(
-        compiler, tokenizer):
+def test_jump_forward_skips_unstable_seam_and_drives_generation_to_valid_json(compiler, tokenizer):
     compiled = compiler.compile("json_schema", json.dumps(LONG_KEYS))
     state = GrammarState(compiled, VOCAB, [2])
     assert jump_forward_tokens(GrammarState(compiled, VOCAB, [2]), tokenizer, []) != []

@@ -1,6 +1,7 @@
 """One request's sampling values can never hurt its batch neighbours (issue 16, items 1, 2, 8,
 10): bad values are refused at the boundary, and a row whose distribution is still invalid
 fails alone while its neighbours' tokens stay exactly what they were."""
+
 from __future__ import annotations
 
 import math
@@ -15,21 +16,24 @@ from plait.core.sampler import sample
 from plait.core.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("params,name", [
-    ({"temperature": math.inf}, "temperature"),
-    ({"temperature": math.nan}, "temperature"),
-    ({"temperature": -1e-50}, "temperature"),
-    ({"top_p": math.nan}, "top_p"),
-    ({"min_p": math.inf}, "min_p"),
-    ({"repetition_penalty": 1e-45}, "repetition_penalty"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"),
-    ({"repetition_penalty": math.inf}, "repetition_penalty"),
-    ({"frequency_penalty": math.nan}, "frequency_penalty"),
-    ({"seed": 2**70}, "seed"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**63 - 1, "n": 2}, "seed"),
-    ({"regex": "a" * (64 * 1024 + 1)}, "regex"),
-])
+@pytest.mark.parametrize(
+    "params,name",
+    [
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": -1e-50}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"min_p": math.inf}, "min_p"),
+        ({"repetition_penalty": 1e-45}, "repetition_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed"),
+        ({"regex": "a" * (64 * 1024 + 1)}, "regex"),
+    ],
+)
 def test_non_finite_and_out_of_range_values_are_refused_naming_the_parameter(params, name):
     with pytest.raises(ValueError) as err:
         SamplingParams.from_dict(params)
@@ -54,12 +58,15 @@ def _req(rid: str, **sp) -> Req:
     return req
 
 
-@pytest.mark.parametrize("poison", [
-    {"temperature": 1e-50},                       # logits / 1e-50 -> inf -> NaN probs
-    {"temperature": math.inf, "min_new_tokens": 4},
-    {"repetition_penalty": 1e-45},
-    {"temperature": math.nan},
-])
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"temperature": 1e-50},  # logits / 1e-50 -> inf -> NaN probs
+        {"temperature": math.inf, "min_new_tokens": 4},
+        {"repetition_penalty": 1e-45},
+        {"temperature": math.nan},
+    ],
+)
 def test_an_invalid_row_fails_alone_and_neighbours_are_unchanged(poison):
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 5
@@ -82,35 +89,37 @@ def test_an_invalid_row_fails_alone_and_neighbours_are_unchanged(poison):
 def test_a_row_without_any_possible_token_fails_alone():
     logits = torch.randn(2, 10)
     logits[0] = float("-inf")
-    tokens = sample(logits.clone(), [_req("x", temperature=0.0), _req("y", temperature=0.0)],
-                    eos_ids=set())
+    tokens = sample(
+        logits.clone(), [_req("x", temperature=0.0), _req("y", temperature=0.0)], eos_ids=set()
+    )
     assert tokens == [None, int(logits[1].argmax())]
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(make_tiny_model):
     import plait
+
     torch.set_num_threads(1)
-    engine = plait.Engine(model_path=make_tiny_model("llama"), device="cpu",
-                          max_total_tokens=2048)
+    engine = plait.Engine(model_path=make_tiny_model("llama"), device="cpu", max_total_tokens=2048)
     yield engine
     engine.shutdown()
 
 
-def test_engine_finishes_a_poisoned_request_with_an_error_and_its_batch_is_unchanged(
-        tiny_engine):
+def test_engine_finishes_a_poisoned_request_with_an_error_and_its_batch_is_unchanged(tiny_engine):
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     greedy = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
     expected = tiny_engine.generate(input_ids=prompts, sampling_params=greedy)
     reqs = tiny_engine.make_requests(
-        GenerateReq.batch(input_ids=prompts, sampling_params=greedy)[0])
+        GenerateReq.batch(input_ids=prompts, sampling_params=greedy)[0]
+    )
     poisoned = tiny_engine.make_requests(
-        [GenerateReq(input_ids=[20, 21], sampling_params={"max_new_tokens": 6})])
+        [GenerateReq(input_ids=[20, 21], sampling_params={"max_new_tokens": 6})]
+    )
     poisoned[0].sampling.temperature = 1e-50  # past validation, as a bug might let it
     import queue
+
     done: queue.Queue = queue.Queue()
-    tiny_engine.submit(reqs[:1] + poisoned + reqs[1:],
-                       lambda r, fin: done.put(r) if fin else None)
+    tiny_engine.submit(reqs[:1] + poisoned + reqs[1:], lambda r, fin: done.put(r) if fin else None)
     finished = {}
     while len(finished) < 4:
         r = done.get(timeout=60)
@@ -123,10 +132,12 @@ def test_engine_finishes_a_poisoned_request_with_an_error_and_its_batch_is_uncha
 
 
 def test_a_grammar_that_cannot_compile_in_time_is_a_value_error_and_others_still_compile(
-        smollm_dir):
+    smollm_dir,
+):
     from transformers import AutoTokenizer
 
     from plait.core.grammar import GrammarCompiler
+
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     slow = GrammarCompiler(tok, len(tok), compile_timeout=1e-4)
     with pytest.raises(ValueError, match=r"^regex did not compile within"):
@@ -143,6 +154,7 @@ def test_a_huge_regex_repetition_is_refused_before_compiling(smollm_dir):
     from transformers import AutoTokenizer
 
     from plait.core.grammar import GrammarCompiler
+
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     compiler = GrammarCompiler(tok, len(tok))
     with pytest.raises(ValueError, match=r"^regex repetition count 3000001"):

@@ -1,6 +1,7 @@
 """KVManager: match / admit / allocate (with eviction) / cache_unfinished / release, with the
 radix cache and with the null cache, driven the way the scheduler drives it. ``forward``
 below stands in for the model runner: it writes the new slots into the request's row."""
+
 import pytest
 import torch
 from hypothesis import settings
@@ -15,8 +16,9 @@ from plait.core.sampling_params import SamplingParams
 
 
 def make(num_slots=64, page_size=1, rows=4, enable_cache=True, context=64):
-    return KVManager.create(ReqToTokenPool(rows, context),
-                            TokenSlotAllocator(num_slots, page_size), enable_cache)
+    return KVManager.create(
+        ReqToTokenPool(rows, context), TokenSlotAllocator(num_slots, page_size), enable_cache
+    )
 
 
 def new_req(ids, rid="r"):
@@ -28,7 +30,7 @@ def forward(kv, req, n):
     slots = kv.alloc_extend(req, n)
     if slots is None:
         return False
-    kv.req_pool.req_to_token[req.req_pool_idx, req.kv_len:req.kv_len + n] = slots.to(torch.int32)
+    kv.req_pool.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots.to(torch.int32)
     req.kv_len += n
     return True
 
@@ -51,6 +53,7 @@ def all_free(kv):
 
 
 # ----- one request at a time -----
+
 
 def test_fresh_manager_matches_nothing_and_everything_is_free():
     kv = make()
@@ -131,6 +134,7 @@ def test_admit_without_a_free_row_takes_nothing():
 
 # ----- allocation under pressure -----
 
+
 def test_allocation_evicts_unlocked_cache_entries_then_retries():
     kv = make(num_slots=16)
     for i in range(4):  # four finished requests fill the pool with evictable entries
@@ -183,6 +187,7 @@ def test_paged_release_keeps_whole_pages_in_the_cache_and_frees_the_tail():
 
 # ----- the null cache and flush -----
 
+
 def test_null_cache_keeps_everything_with_the_request_and_frees_it_on_release():
     kv = make(enable_cache=False)
     assert isinstance(kv.cache, NullPrefixCache)
@@ -212,6 +217,7 @@ def test_release_of_a_request_without_a_row_is_a_no_op():
 
 
 # ----- property-based: the scheduler's whole cycle, checked slot by slot -----
+
 
 class KVManagerMachine(RuleBasedStateMachine):
     """Requests are admitted, prefilled in chunks, decoded, retracted when KV runs out and
@@ -299,15 +305,19 @@ class KVManagerMachine(RuleBasedStateMachine):
         cache = self.kv.cache
         if isinstance(cache, NullPrefixCache):
             return []
-        return [p for n in cache._nodes() if n is not cache.root_node
-                for p in (n.value[::self.page_size] // self.page_size).tolist()]
+        return [
+            p
+            for n in cache._nodes()
+            if n is not cache.root_node
+            for p in (n.value[:: self.page_size] // self.page_size).tolist()
+        ]
 
     @invariant()
     def every_page_is_in_exactly_one_place(self):
         ps, alloc = self.page_size, self.kv.allocator
         own = []
         for req in self.running:
-            tail = self.kv.req_pool.req_to_token[req.req_pool_idx, req.cache_len:req.kv_len]
+            tail = self.kv.req_pool.req_to_token[req.req_pool_idx, req.cache_len : req.kv_len]
             own += sorted(set((tail.long() // ps).tolist()))
             assert req.cache_len % ps == 0
         cached = self.cache_pages()
@@ -322,9 +332,11 @@ class KVManagerMachine(RuleBasedStateMachine):
         for req in self.running:
             # decode steps are cached only on release, so the cache may lag kv_len
             assert req.cache_len <= req.kv_len if self.enable_cache else req.cache_len == 0
-            slots, _ = self.kv.cache.match_prefix(req.fill_ids[:req.cache_len])
-            assert slots.tolist() == self.kv.req_pool.req_to_token[
-                req.req_pool_idx, :req.cache_len].tolist()
+            slots, _ = self.kv.cache.match_prefix(req.fill_ids[: req.cache_len])
+            assert (
+                slots.tolist()
+                == self.kv.req_pool.req_to_token[req.req_pool_idx, : req.cache_len].tolist()
+            )
 
 
 class PagedKVManagerMachine(KVManagerMachine):

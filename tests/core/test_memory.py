@@ -6,6 +6,7 @@ from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 
 # ----- ReqToTokenPool -----
 
+
 def test_req_to_token_table_is_int32_zeros_of_requested_shape():
     pool = ReqToTokenPool(4, 16)
     assert pool.req_to_token.shape == (4, 16)
@@ -43,6 +44,7 @@ def test_req_pool_clear_frees_all_rows():
 
 
 # ----- TokenSlotAllocator -----
+
 
 def test_allocator_rejects_num_slots_not_a_page_multiple():
     with pytest.raises(ValueError, match="num_slots"):

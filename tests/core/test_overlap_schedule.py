@@ -1,6 +1,7 @@
 """The overlap (zero-overhead) schedule: same tokens as the inline schedule and as transformers,
 for every kind of request batched together, under chunking and retraction; nothing lost,
 duplicated or past its limit under many streaming clients with aborts."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,11 @@ def test_reserving_more_than_a_batch_is_refused():
 # ----- a tiny model: every request kind, overlap on vs off -----
 
 REGEX = r"\d{3}-\d{4}"
-SCHEMA = {"type": "object", "required": ["a"],
-          "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}}}
+SCHEMA = {
+    "type": "object",
+    "required": ["a"],
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+}
 
 
 def mixed_requests(n_prompts: int = 12) -> list[tuple[list[int], dict, dict]]:
@@ -60,19 +64,38 @@ def mixed_requests(n_prompts: int = 12) -> list[tuple[list[int], dict, dict]]:
         if kind == 0:
             sp = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
         elif kind == 1:
-            sp = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": b,
-                  "ignore_eos": True, "frequency_penalty": 0.5}
+            sp = {
+                "max_new_tokens": 20,
+                "temperature": 1.0,
+                "top_p": 0.9,
+                "seed": b,
+                "ignore_eos": True,
+                "frequency_penalty": 0.5,
+            }
         elif kind == 2:
-            sp = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True, "stop": ["e"],
-                  "min_new_tokens": 3}
+            sp = {
+                "max_new_tokens": 30,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stop": ["e"],
+                "min_new_tokens": 3,
+            }
         elif kind == 3:
             sp = {"max_new_tokens": 16, "temperature": 0, "regex": REGEX}
         elif kind == 4:
-            sp = {"max_new_tokens": 40, "temperature": 0.8, "seed": b,
-                  "json_schema": json.dumps(SCHEMA)}
+            sp = {
+                "max_new_tokens": 40,
+                "temperature": 0.8,
+                "seed": b,
+                "json_schema": json.dumps(SCHEMA),
+            }
         else:
-            sp = {"max_new_tokens": 1 + b, "temperature": 0, "ignore_eos": True,
-                  "stop_token_ids": [ids[0] % 500 + 200]}
+            sp = {
+                "max_new_tokens": 1 + b,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stop_token_ids": [ids[0] % 500 + 200],
+            }
         extra = {"return_logprob": True, "top_logprobs_num": 2} if b % 4 == 1 else {}
         reqs.append((ids, sp, extra))
     return reqs
@@ -80,9 +103,13 @@ def mixed_requests(n_prompts: int = 12) -> list[tuple[list[int], dict, dict]]:
 
 def run_mixed(engine: plait.Engine) -> list[dict]:
     async def go() -> list[dict]:
-        return await asyncio.gather(*[engine.async_generate(input_ids=ids, sampling_params=sp,
-                                                            **extra)
-                                      for ids, sp, extra in mixed_requests()])
+        return await asyncio.gather(
+            *[
+                engine.async_generate(input_ids=ids, sampling_params=sp, **extra)
+                for ids, sp, extra in mixed_requests()
+            ]
+        )
+
     return asyncio.run(go())
 
 
@@ -90,10 +117,14 @@ def comparable(out: dict) -> tuple:
     """Tokens, text and finish exactly; logprobs to 1e-4 (a batch of another shape may round
     the last float bit differently)."""
     meta = out["meta_info"]
-    lps = [(pytest.approx(lp, abs=1e-4) if lp is not None else None, t)
-           for lp, t, _ in meta.get("output_token_logprobs") or []]
-    tops = [[(pytest.approx(lp, abs=1e-4), t) for lp, t, _ in top] if top else None
-            for top in meta.get("output_top_logprobs") or []]
+    lps = [
+        (pytest.approx(lp, abs=1e-4) if lp is not None else None, t)
+        for lp, t, _ in meta.get("output_token_logprobs") or []
+    ]
+    tops = [
+        [(pytest.approx(lp, abs=1e-4), t) for lp, t, _ in top] if top else None
+        for top in meta.get("output_top_logprobs") or []
+    ]
     return out["output_ids"], out["text"], meta["finish_reason"], lps, tops
 
 
@@ -114,14 +145,19 @@ def inline_outputs(tiny):
         return [comparable(o) for o in run_mixed(engine)]
 
 
-@pytest.mark.parametrize("engine_args, retracts", [
-    ({}, False),
-    ({"chunked_prefill_size": 32}, False),
-    ({"max_total_tokens": 256, "chunked_prefill_size": 32}, True),
-    ({"max_total_tokens": 192, "page_size": 16}, False),  # queues rather than retracts
-], ids=["plain", "chunked32", "tight-chunked32", "tight-page16"])
-def test_overlap_gives_every_request_kind_the_same_output(tiny, inline_outputs, engine_args,
-                                                          retracts):
+@pytest.mark.parametrize(
+    "engine_args, retracts",
+    [
+        ({}, False),
+        ({"chunked_prefill_size": 32}, False),
+        ({"max_total_tokens": 256, "chunked_prefill_size": 32}, True),
+        ({"max_total_tokens": 192, "page_size": 16}, False),  # queues rather than retracts
+    ],
+    ids=["plain", "chunked32", "tight-chunked32", "tight-page16"],
+)
+def test_overlap_gives_every_request_kind_the_same_output(
+    tiny, inline_outputs, engine_args, retracts
+):
     with plait.Engine(tiny, **engine_args) as engine:
         assert engine.get_server_info()["overlap_schedule"] is True
         outs = run_mixed(engine)
@@ -139,8 +175,9 @@ def test_overlap_gives_every_request_kind_the_same_output(tiny, inline_outputs, 
 
 def test_step_time_is_split_into_phases(tiny):
     with plait.Engine(tiny) as engine:
-        engine.generate(input_ids=[[5] * 30] * 4, sampling_params={"max_new_tokens": 8,
-                                                                    "ignore_eos": True})
+        engine.generate(
+            input_ids=[[5] * 30] * 4, sampling_params={"max_new_tokens": 8, "ignore_eos": True}
+        )
         info = engine.get_server_info()
     assert info["forward_passes"] >= 8
     for phase in ("schedule", "forward", "process", "wait"):
@@ -153,9 +190,14 @@ def test_a_request_finishing_in_flight_gets_no_extra_token(tiny):
     """Requests of every length finish exactly at max_new_tokens, streamed outputs never
     exceed it, and their text only grows."""
     with plait.Engine(tiny) as engine:
-        streams = [engine.generate(input_ids=[7 + n] * 12, stream=True,
-                                   sampling_params={"max_new_tokens": n, "ignore_eos": True})
-                   for n in range(1, 9)]
+        streams = [
+            engine.generate(
+                input_ids=[7 + n] * 12,
+                stream=True,
+                sampling_params={"max_new_tokens": n, "ignore_eos": True},
+            )
+            for n in range(1, 9)
+        ]
         for n, stream in zip(range(1, 9), streams):
             outs = list(stream)
             counts = [o["meta_info"]["completion_tokens"] for o in outs]
@@ -163,16 +205,23 @@ def test_a_request_finishing_in_flight_gets_no_extra_token(tiny):
             assert len(outs[-1]["output_ids"]) == n
             texts = [o["text"] for o in outs]
             assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
-            assert [o["meta_info"]["finish_reason"] is None for o in outs] == \
-                [True] * (len(outs) - 1) + [False]
+            assert [o["meta_info"]["finish_reason"] is None for o in outs] == [True] * (
+                len(outs) - 1
+            ) + [False]
         assert kv_is_all_free(engine)
 
 
 def test_abort_right_after_submission_frees_kv_with_overlap(tiny):
     with plait.Engine(tiny, chunked_prefill_size=16) as engine:
-        streams = [engine.generate(input_ids=[9 + b] * (10 + 7 * b), rid=f"r{b}", stream=True,
-                                   sampling_params={"max_new_tokens": 50 + b, "ignore_eos": True})
-                   for b in range(10)]
+        streams = [
+            engine.generate(
+                input_ids=[9 + b] * (10 + 7 * b),
+                rid=f"r{b}",
+                stream=True,
+                sampling_params={"max_new_tokens": 50 + b, "ignore_eos": True},
+            )
+            for b in range(10)
+        ]
         for b in range(0, 10, 2):
             engine.abort(f"r{b}")
         finals = [list(s)[-1]["meta_info"]["finish_reason"]["type"] for s in streams]
@@ -187,6 +236,7 @@ def test_abort_right_after_submission_frees_kv_with_overlap(tiny):
 @pytest.fixture(scope="module")
 def parity(smollm_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     ids = [tok.encode(p) for p in PROMPTS]
     model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
@@ -203,19 +253,32 @@ def test_parity_prompts_in_a_mixed_batch_match_transformers_with_overlap(smollm_
 
     def run(engine: plait.Engine) -> tuple[list[list[int]], list[tuple]]:
         async def go():
-            greedy = [engine.async_generate(input_ids=p, sampling_params={
-                "max_new_tokens": NEW, "temperature": 0}) for p in ids]
-            others = [engine.async_generate(input_ids=p, sampling_params=sp, **extra)
-                      for p, sp, extra in noise]
-            victims = [asyncio.ensure_future(engine.async_generate(
-                input_ids=p, rid=f"victim{i}", sampling_params={"max_new_tokens": 64,
-                                                                "ignore_eos": True}))
-                for i, p in enumerate(ids[:3])]
+            greedy = [
+                engine.async_generate(
+                    input_ids=p, sampling_params={"max_new_tokens": NEW, "temperature": 0}
+                )
+                for p in ids
+            ]
+            others = [
+                engine.async_generate(input_ids=p, sampling_params=sp, **extra)
+                for p, sp, extra in noise
+            ]
+            victims = [
+                asyncio.ensure_future(
+                    engine.async_generate(
+                        input_ids=p,
+                        rid=f"victim{i}",
+                        sampling_params={"max_new_tokens": 64, "ignore_eos": True},
+                    )
+                )
+                for i, p in enumerate(ids[:3])
+            ]
             await asyncio.sleep(0.3)
             for i in range(3):
                 engine.abort(f"victim{i}")
             done = await asyncio.gather(*greedy, *others, *victims)
-            return done[:len(ids)], done[len(ids):len(ids) + len(noise)]
+            return done[: len(ids)], done[len(ids) : len(ids) + len(noise)]
+
         g, o = asyncio.run(go())
         return [x["output_ids"] for x in g], [comparable(x) for x in o]
 
@@ -239,9 +302,15 @@ def test_64_streaming_clients_with_random_aborts_lose_and_duplicate_nothing(smol
     async def client(engine: plait.Engine, i: int) -> tuple[str, list[dict]]:
         max_new = rng.randrange(1, 40)
         stream = await engine.async_generate(
-            prompt=f"Request {i}: count from {i} upwards:", rid=f"c{i}", stream=True,
-            sampling_params={"max_new_tokens": max_new, "temperature": rng.choice([0, 1]),
-                             "ignore_eos": True})
+            prompt=f"Request {i}: count from {i} upwards:",
+            rid=f"c{i}",
+            stream=True,
+            sampling_params={
+                "max_new_tokens": max_new,
+                "temperature": rng.choice([0, 1]),
+                "ignore_eos": True,
+            },
+        )
         outs = []
         abort_after = rng.randrange(1, 30) if i % 3 == 0 else None
         async for out in stream:
@@ -251,8 +320,10 @@ def test_64_streaming_clients_with_random_aborts_lose_and_duplicate_nothing(smol
         return max_new, outs
 
     with plait.Engine(smollm_dir, max_total_tokens=1500) as engine:
+
         async def go():
             return await asyncio.gather(*[client(engine, i) for i in range(n)])
+
         results = asyncio.run(go())
         assert kv_is_all_free(engine)
         assert engine.get_server_info()["num_running_reqs"] == 0

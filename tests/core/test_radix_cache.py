@@ -19,7 +19,7 @@ def cache_seq(cache, alloc, key):
     new = alloc.alloc(len(key) - len(prefix))
     value = torch.cat([prefix, new])
     present = cache.insert(key, value)
-    alloc.free(value[len(prefix):present])
+    alloc.free(value[len(prefix) : present])
     return value
 
 
@@ -32,6 +32,7 @@ def path_key(cache, node):
 
 
 # ----- match / insert / split -----
+
 
 def test_match_on_empty_tree_returns_empty_and_root():
     _, cache = make()
@@ -137,6 +138,7 @@ def test_match_updates_access_time_along_the_path():
 
 # ----- locking and eviction -----
 
+
 def test_lock_moves_tokens_from_evictable_to_protected_along_the_path():
     alloc, cache = make()
     cache_seq(cache, alloc, [1, 2, 3, 4])
@@ -227,6 +229,7 @@ def test_pretty_print_shows_each_node():
 
 # ----- property-based: a scheduler's use of the cache, checked against a model -----
 
+
 class CacheMachine(RuleBasedStateMachine):
     """Random batches of requests (match, lock, allocate, insert, free duplicates), lookups,
     held locks and evictions. ``model`` maps each cached token, named by ``token_id``, to the
@@ -250,7 +253,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def token_id(self, key, i):
         """Token i of key as the tree sees it: its whole page and everything before it."""
-        return tuple(key[:(i // self.page_size + 1) * self.page_size]), i
+        return tuple(key[: (i // self.page_size + 1) * self.page_size]), i
 
     def expected_match(self, key):
         n, ps = 0, self.page_size
@@ -296,7 +299,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert prefix.tolist() == self.expected_match(key)
             self.cache.inc_lock_ref(node)  # protect the prefix while we may evict
             reqs.append((key, prefix, node))
-            self.in_flight.append(key[:len(prefix)])
+            self.in_flight.append(key[: len(prefix)])
         done = []
         for key, prefix, node in reqs:
             need = len(key) - len(prefix)
@@ -311,7 +314,7 @@ class CacheMachine(RuleBasedStateMachine):
                     self.alloc.free(a)
             if b is None:  # does not fit: this request waits, its prefix unlocked
                 self.cache.dec_lock_ref(node)
-                self.in_flight.remove(key[:len(prefix)])
+                self.in_flight.remove(key[: len(prefix)])
                 continue
             done.append((key, prefix, node, torch.cat([prefix, a, b])))
         for key, prefix, node, value in done:
@@ -320,7 +323,7 @@ class CacheMachine(RuleBasedStateMachine):
             for i in range(n):
                 assert (self.token_id(key, i) in self.model) == (i < present)
                 self.model.setdefault(self.token_id(key, i), int(value[i]))
-            self.alloc.free(value[len(prefix):present])  # duplicates of tree-owned slots
+            self.alloc.free(value[len(prefix) : present])  # duplicates of tree-owned slots
             self.alloc.free(value[n:])  # the unaligned tail page stays with the request
             self.cache.dec_lock_ref(node)
         self.in_flight.clear()
@@ -330,14 +333,14 @@ class CacheMachine(RuleBasedStateMachine):
         key = data.draw(self.seqs)
         slots, node = self.cache.match_prefix(key)
         assert slots.tolist() == self.expected_match(key)
-        assert path_key(self.cache, node) == key[:len(slots)]
+        assert path_key(self.cache, node) == key[: len(slots)]
 
     @rule(data=st.data())
     def lock(self, data):
         key = data.draw(self.seqs)
         slots, node = self.cache.match_prefix(key)
         self.cache.inc_lock_ref(node)
-        self.locks.append((node, key[:len(slots)]))
+        self.locks.append((node, key[: len(slots)]))
 
     @precondition(lambda self: self.locks)
     @rule(i=st.integers(0, 10))
@@ -407,9 +410,11 @@ class PagedCacheMachine(CacheMachine):
     capacity = 8 * 16
     # Whole pages from a small set (two of them share 15 tokens) plus a partial tail.
     pages = [[0] * 16, [0] * 15 + [1], [1] * 16]
-    seqs = st.builds(lambda ps, tail: sum(ps, []) + tail,
-                     st.lists(st.sampled_from(pages), max_size=4),
-                     st.lists(st.integers(0, 1), max_size=15))
+    seqs = st.builds(
+        lambda ps, tail: sum(ps, []) + tail,
+        st.lists(st.sampled_from(pages), max_size=4),
+        st.lists(st.integers(0, 1), max_size=15),
+    )
 
 
 _settings = settings(max_examples=100, stateful_step_count=20, deadline=None)

@@ -1,5 +1,6 @@
 """The scheduler's request table and the finish reasons it reports: where a request is, how it
 leaves, and the wire format every finish keeps."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,17 @@ def make(rid: str) -> Req:
     return Req(rid=rid, input_ids=[1, 2, 3], sampling=SamplingParams(max_new_tokens=2))
 
 
-@pytest.mark.parametrize("reason, wire", [
-    (FinishReason.stop(7), {"type": "stop", "matched": 7}),
-    (FinishReason.stop("</s>"), {"type": "stop", "matched": "</s>"}),
-    (FinishReason.stop(None), {"type": "stop", "matched": None}),
-    (FinishReason.length(5), {"type": "length", "length": 5}),
-    (FinishReason.abort("aborted"), {"type": "abort", "message": "aborted"}),
-    (FinishReason.error("boom"), {"type": "error", "message": "boom"}),
-])
+@pytest.mark.parametrize(
+    "reason, wire",
+    [
+        (FinishReason.stop(7), {"type": "stop", "matched": 7}),
+        (FinishReason.stop("</s>"), {"type": "stop", "matched": "</s>"}),
+        (FinishReason.stop(None), {"type": "stop", "matched": None}),
+        (FinishReason.length(5), {"type": "length", "length": 5}),
+        (FinishReason.abort("aborted"), {"type": "abort", "message": "aborted"}),
+        (FinishReason.error("boom"), {"type": "error", "message": "boom"}),
+    ],
+)
 def test_each_finish_reason_keeps_its_wire_format(reason, wire):
     req = make("a")
     assert req.finish_reason is None and not req.finished

@@ -5,6 +5,7 @@ KVManager and radix cache; admission never runs the model, so the runner is a st
 is never called) and through ``plait.Engine`` with a tiny random model, where each feature must
 show in the prompt tokens served from the cache.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -26,9 +27,14 @@ PREFIX = list(range(100, 164))  # 64 tokens, longer than the dedup threshold
 def make_scheduler(policy: str = "lpm", max_prefill_tokens: int = 8192) -> Scheduler:
     kv = KVManager.create(ReqToTokenPool(8, 512), TokenSlotAllocator(2048), enable_cache=True)
     runner = SimpleNamespace(device=torch.device("cpu"))  # admission never calls it
-    return Scheduler(runner, kv, SimpleNamespace(eos_ids={2}),
-                     SchedulerConfig(schedule_policy=policy, overlap=False,
-                                     max_prefill_tokens=max_prefill_tokens))
+    return Scheduler(
+        runner,
+        kv,
+        SimpleNamespace(eos_ids={2}),
+        SchedulerConfig(
+            schedule_policy=policy, overlap=False, max_prefill_tokens=max_prefill_tokens
+        ),
+    )
 
 
 def cache(kv: KVManager, ids: list[int]) -> None:
@@ -41,8 +47,9 @@ def computed(kv: KVManager, items: list[ExtendItem]) -> None:
     computed prefix enters the cache (other requests can match it from the next step on)."""
     for it in items:
         req = it.req
-        kv.req_pool.req_to_token[req.req_pool_idx, it.start:it.start + it.length] = \
-            it.slots.to(torch.int32)
+        kv.req_pool.req_to_token[req.req_pool_idx, it.start : it.start + it.length] = it.slots.to(
+            torch.int32
+        )
         req.kv_len = it.start + it.length
         kv.cache_unfinished(req)
 
@@ -53,13 +60,22 @@ def admitted(items: list[ExtendItem]) -> list[str]:
 
 # ----- lpm: the queue ordered by cached prefix -----
 
+
 def test_lpm_orders_the_queue_by_cached_prefix_and_fcfs_keeps_arrival_order():
     kv = make_scheduler().kv
     cache(kv, PREFIX + [7, 7, 7])
-    waiting = [new_req(range(1000, 1080), "none"), new_req(PREFIX[:40] + [9] * 30, "short"),
-               new_req(PREFIX + [8] * 10, "long"), new_req(range(2000, 2020), "none2")]
-    assert [r.rid for r in order_waiting(waiting, "lpm", kv)] == ["long", "short", "none",
-                                                                   "none2"]  # ties: arrival
+    waiting = [
+        new_req(range(1000, 1080), "none"),
+        new_req(PREFIX[:40] + [9] * 30, "short"),
+        new_req(PREFIX + [8] * 10, "long"),
+        new_req(range(2000, 2020), "none2"),
+    ]
+    assert [r.rid for r in order_waiting(waiting, "lpm", kv)] == [
+        "long",
+        "short",
+        "none",
+        "none2",
+    ]  # ties: arrival
     assert [r.rid for r in order_waiting(waiting, "fcfs", kv)] == [r.rid for r in waiting]
     with pytest.raises(ValueError, match="^schedule_policy must be one of"):
         order_waiting(waiting, "sjf", kv)
@@ -82,6 +98,7 @@ def test_admission_follows_the_policy_when_the_budget_fits_one(policy, first):
 
 
 # ----- in-batch prefix dedup -----
+
 
 def test_requests_sharing_an_uncached_prefix_compute_it_once():
     """Three requests share 64 uncached tokens: the first computes them, the other two wait
@@ -120,6 +137,7 @@ def test_short_shared_prefixes_and_cached_ones_are_not_deferred():
 
 # ----- through the engine -----
 
+
 @pytest.fixture(scope="module")
 def tiny(make_tiny_model):
     return make_tiny_model("llama")
@@ -131,11 +149,13 @@ def test_engine_batch_with_a_shared_prefix_computes_it_once(tiny):
     prefix = [(i * 7919) % 40000 + 100 for i in range(256)]
     prompts = [prefix + [500 + b] * 8 for b in range(8)]
     with plait.Engine(tiny) as engine:
-        outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 2,
-                                                                   "temperature": 0})
+        outs = engine.generate(
+            input_ids=prompts, sampling_params={"max_new_tokens": 2, "temperature": 0}
+        )
         computed_tokens = engine.get_server_info()["prefill_tokens"]
-        assert computed_tokens == sum(o["meta_info"]["prompt_tokens"]
-                                      - o["meta_info"]["cached_tokens"] for o in outs)
+        assert computed_tokens == sum(
+            o["meta_info"]["prompt_tokens"] - o["meta_info"]["cached_tokens"] for o in outs
+        )
         assert computed_tokens <= 256 + 8 * 8 + 8  # one prefix, the suffixes, and slack
 
 
@@ -147,12 +167,18 @@ def test_engine_lpm_serves_the_warm_prefix_before_other_requests_evict_it(tiny, 
     first and their KV evicts it."""
     prefix = [(i * 7919) % 40000 + 100 for i in range(192)]
     params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
-    with plait.Engine(tiny, max_total_tokens=384, max_running_requests=1,
-                      schedule_policy=policy) as engine:
+    with plait.Engine(
+        tiny, max_total_tokens=384, max_running_requests=1, schedule_policy=policy
+    ) as engine:
         engine.generate(input_ids=prefix + [9], sampling_params=params)
-        outs = engine.generate(input_ids=[[3000 + i for i in range(200)],
-                                          [5000 + i for i in range(200)], prefix + [11] * 8],
-                               sampling_params=params)
+        outs = engine.generate(
+            input_ids=[
+                [3000 + i for i in range(200)],
+                [5000 + i for i in range(200)],
+                prefix + [11] * 8,
+            ],
+            sampling_params=params,
+        )
         hit = outs[2]["meta_info"]["cached_tokens"]
         if policy == "lpm":
             assert hit == len(prefix)

@@ -2,6 +2,7 @@
 JSON-schema constraint always matches it, in mixed batches, at any temperature, through
 jump-forward and retraction; unconstrained neighbours are untouched; bad grammars are refused
 at submission. (``test_grammar.py`` covers the same layer with random logits, no model.)"""
+
 from __future__ import annotations
 
 import json
@@ -45,67 +46,169 @@ REGEXES = [
 # (schema, what to ask for). Every string is length-bounded and every number bounded, so at
 # temperature 1 a complete document fits in 96 tokens.
 SCHEMAS = [
-    ({"type": "object", "required": ["name", "age"],
-      "properties": {"name": {"type": "string", "maxLength": 10},
-                     "age": {"type": "integer", "minimum": 0, "maximum": 120}}},
-     "a person with a name and an age"),
-    ({"type": "object", "required": ["user", "active"],
-      "properties": {"user": {"type": "object", "required": ["id", "nick"],
-                              "properties": {"id": {"type": "integer", "minimum": 1,
-                                                    "maximum": 9999},
-                                             "nick": {"type": "string", "maxLength": 8}}},
-                     "active": {"type": "boolean"}}},
-     "a user account with an id, a nickname and whether it is active"),
-    ({"type": "array", "items": {"enum": ["low", "mid", "high"]}, "minItems": 1, "maxItems": 4},
-     "a list of priority levels"),
-    ({"type": "object", "required": ["temperature", "humidity"],
-      "properties": {"temperature": {"type": "number", "minimum": -50, "maximum": 60},
-                     "humidity": {"type": "integer", "minimum": 0, "maximum": 100}}},
-     "today's weather: temperature in Celsius and humidity in percent"),
-    ({"type": "object", "required": ["language", "tags"],
-      "properties": {"language": {"enum": ["python", "go", "rust", "java"]},
-                     "tags": {"type": "array", "maxItems": 3,
-                              "items": {"type": "string", "maxLength": 6}}}},
-     "a programming language and some tags describing it"),
-    ({"type": "array", "maxItems": 3,
-      "items": {"type": "object", "required": ["x", "y"],
-                "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
-                               "y": {"type": "integer", "minimum": 0, "maximum": 99}}}},
-     "a few points with x and y coordinates"),
-    ({"type": "object", "required": ["code", "priority"],
-      "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-                     "priority": {"enum": [1, 2, 3]}}},
-     "a ticket with a code like ABC-12 and a priority from 1 to 3"),
-    ({"type": "object", "required": ["kind", "coords"],
-      "properties": {"kind": {"const": "point"},
-                     "coords": {"type": "array", "minItems": 2, "maxItems": 2,
-                                "items": {"type": "number", "minimum": 0, "maximum": 1}},
-                     "label": {"type": "string", "maxLength": 4}}},
-     "a point in the unit square"),
-    ({"type": "object", "required": ["a"],
-      "properties": {"a": {"type": "object", "required": ["b"],
-                           "properties": {"b": {"type": "object", "required": ["flags", "day"],
-                                                "properties": {
-                                                    "flags": {"type": "array", "maxItems": 3,
-                                                              "items": {"type": "boolean"}},
-                                                    "day": {"type": "string",
-                                                            "format": "date"}}}}}}},
-     "some flags and a date, nested"),
-    ({"type": "object", "required": ["orderId", "items", "status"],
-      "properties": {"orderId": {"type": "integer", "minimum": 1, "maximum": 99999},
-                     "items": {"type": "array", "minItems": 1, "maxItems": 2,
-                               "items": {"type": "object", "required": ["sku", "qty"],
-                                         "properties": {"sku": {"type": "string",
-                                                                "maxLength": 6},
-                                                        "qty": {"type": "integer",
-                                                                "minimum": 1, "maximum": 9}}}},
-                     "status": {"enum": ["new", "paid", "shipped"]}}},
-     "an online order with an id, items and a status"),
+    (
+        {
+            "type": "object",
+            "required": ["name", "age"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 10},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            },
+        },
+        "a person with a name and an age",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["user", "active"],
+            "properties": {
+                "user": {
+                    "type": "object",
+                    "required": ["id", "nick"],
+                    "properties": {
+                        "id": {"type": "integer", "minimum": 1, "maximum": 9999},
+                        "nick": {"type": "string", "maxLength": 8},
+                    },
+                },
+                "active": {"type": "boolean"},
+            },
+        },
+        "a user account with an id, a nickname and whether it is active",
+    ),
+    (
+        {"type": "array", "items": {"enum": ["low", "mid", "high"]}, "minItems": 1, "maxItems": 4},
+        "a list of priority levels",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["temperature", "humidity"],
+            "properties": {
+                "temperature": {"type": "number", "minimum": -50, "maximum": 60},
+                "humidity": {"type": "integer", "minimum": 0, "maximum": 100},
+            },
+        },
+        "today's weather: temperature in Celsius and humidity in percent",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["language", "tags"],
+            "properties": {
+                "language": {"enum": ["python", "go", "rust", "java"]},
+                "tags": {
+                    "type": "array",
+                    "maxItems": 3,
+                    "items": {"type": "string", "maxLength": 6},
+                },
+            },
+        },
+        "a programming language and some tags describing it",
+    ),
+    (
+        {
+            "type": "array",
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "required": ["x", "y"],
+                "properties": {
+                    "x": {"type": "integer", "minimum": -5, "maximum": 5},
+                    "y": {"type": "integer", "minimum": 0, "maximum": 99},
+                },
+            },
+        },
+        "a few points with x and y coordinates",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["code", "priority"],
+            "properties": {
+                "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+                "priority": {"enum": [1, 2, 3]},
+            },
+        },
+        "a ticket with a code like ABC-12 and a priority from 1 to 3",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["kind", "coords"],
+            "properties": {
+                "kind": {"const": "point"},
+                "coords": {
+                    "type": "array",
+                    "minItems": 2,
+                    "maxItems": 2,
+                    "items": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+                "label": {"type": "string", "maxLength": 4},
+            },
+        },
+        "a point in the unit square",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["a"],
+            "properties": {
+                "a": {
+                    "type": "object",
+                    "required": ["b"],
+                    "properties": {
+                        "b": {
+                            "type": "object",
+                            "required": ["flags", "day"],
+                            "properties": {
+                                "flags": {
+                                    "type": "array",
+                                    "maxItems": 3,
+                                    "items": {"type": "boolean"},
+                                },
+                                "day": {"type": "string", "format": "date"},
+                            },
+                        }
+                    },
+                }
+            },
+        },
+        "some flags and a date, nested",
+    ),
+    (
+        {
+            "type": "object",
+            "required": ["orderId", "items", "status"],
+            "properties": {
+                "orderId": {"type": "integer", "minimum": 1, "maximum": 99999},
+                "items": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 2,
+                    "items": {
+                        "type": "object",
+                        "required": ["sku", "qty"],
+                        "properties": {
+                            "sku": {"type": "string", "maxLength": 6},
+                            "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                        },
+                    },
+                },
+                "status": {"enum": ["new", "paid", "shipped"]},
+            },
+        },
+        "an online order with an id, items and a status",
+    ),
 ]
 
-FREE_PROMPTS = ["What is the capital of France?", "Name three colours.",
-                "Write a haiku about rain.", "How many legs does a spider have?",
-                "Say hello in Spanish.", "What is 2 + 2?"]
+FREE_PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write a haiku about rain.",
+    "How many legs does a spider have?",
+    "Say hello in Spanish.",
+    "What is 2 + 2?",
+]
 REGEX_TOKENS, JSON_TOKENS, FREE_TOKENS = 24, 96, 24
 
 
@@ -117,28 +220,38 @@ def engine(smollm_dir):
 
 def chat(engine, question: str) -> str:
     return engine.tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def regex_request(engine, i: int, temperature: float) -> tuple[str, dict]:
     regex, ask = REGEXES[i]
-    return (chat(engine, f"Reply with only {ask}."),
-            {"regex": regex, "temperature": temperature, "seed": i,
-             "max_new_tokens": REGEX_TOKENS})
+    return (
+        chat(engine, f"Reply with only {ask}."),
+        {"regex": regex, "temperature": temperature, "seed": i, "max_new_tokens": REGEX_TOKENS},
+    )
 
 
 def json_request(engine, i: int, temperature: float) -> tuple[str, dict]:
     schema, ask = SCHEMAS[i]
-    return (chat(engine, f"Reply with only JSON describing {ask}."),
-            {"json_schema": schema, "temperature": temperature, "seed": i,
-             "max_new_tokens": JSON_TOKENS})
+    return (
+        chat(engine, f"Reply with only JSON describing {ask}."),
+        {
+            "json_schema": schema,
+            "temperature": temperature,
+            "seed": i,
+            "max_new_tokens": JSON_TOKENS,
+        },
+    )
 
 
 def free_request(engine, i: int) -> tuple[str, dict]:
     # the last two sample at temperature 1 with a seed: their draws must not move either
     temperature = 0 if i < 4 else 1.0
-    return (chat(engine, FREE_PROMPTS[i]),
-            {"temperature": temperature, "seed": 100 + i, "max_new_tokens": FREE_TOKENS})
+    return (
+        chat(engine, FREE_PROMPTS[i]),
+        {"temperature": temperature, "seed": 100 + i, "max_new_tokens": FREE_TOKENS},
+    )
 
 
 def assert_valid_json(text: str, schema: dict) -> None:
@@ -169,8 +282,9 @@ def mixed_batch(engine):
         params.append(sp)
     # interleave so that constrained and unconstrained rows sit next to each other
     order = sorted(range(len(keys)), key=lambda k: (k * 7) % len(keys))
-    outs = engine.generate(prompt=[prompts[k] for k in order],
-                           sampling_params=[params[k] for k in order])
+    outs = engine.generate(
+        prompt=[prompts[k] for k in order], sampling_params=[params[k] for k in order]
+    )
     return {keys[k]: out for k, out in zip(order, outs)}
 
 
@@ -206,15 +320,25 @@ def test_constrained_greedy_output_in_a_batch_matches_solo_run(engine, mixed_bat
 # Long fixed keys, spelled out in the prompt: the model expects them, so its own greedy tokens
 # for the forced text are the tokenizer's canonical ones, the case in which jump-forward
 # promises identical output (see plait/core/jump_forward.py for why it cannot promise more).
-LONG_KEYS = {"type": "object",
-             "required": ["customerFirstName", "customerLastName", "preferredContactMethod",
-                          "customerAccountIsActive"],
-             "properties": {"customerFirstName": {"type": "string", "maxLength": 12},
-                            "customerLastName": {"type": "string", "maxLength": 12},
-                            "preferredContactMethod": {"enum": ["email", "phone", "mail"]},
-                            "customerAccountIsActive": {"type": "boolean"}}}
-CUSTOMERS = ["Jane Doe, who prefers email and has an active account",
-             "Carlos Rivera, who prefers phone calls and has closed his account"]
+LONG_KEYS = {
+    "type": "object",
+    "required": [
+        "customerFirstName",
+        "customerLastName",
+        "preferredContactMethod",
+        "customerAccountIsActive",
+    ],
+    "properties": {
+        "customerFirstName": {"type": "string", "maxLength": 12},
+        "customerLastName": {"type": "string", "maxLength": 12},
+        "preferredContactMethod": {"enum": ["email", "phone", "mail"]},
+        "customerAccountIsActive": {"type": "boolean"},
+    },
+}
+CUSTOMERS = [
+    "Jane Doe, who prefers email and has an active account",
+    "Carlos Rivera, who prefers phone calls and has closed his account",
+]
 
 
 def run_alone(engine, prompt: str, sp: dict, jump_forward: bool) -> tuple[dict, int]:
@@ -256,43 +380,57 @@ def test_jump_forward_output_stays_valid_where_the_model_would_split_keys_oddly(
         assert_valid_json(out["text"], LONG_KEYS)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"regex": "[a-z"}, "invalid regex: .*Unclosed"),
-    ({"regex": "(ab"}, "invalid regex: .*parenthesis"),
-    ({"json_schema": '{"type": "object"'}, "json_schema is not valid JSON"),
-    ({"json_schema": {"type": "nonsense"}}, "json_schema is not a valid JSON schema"),
-    ({"json_schema": '{"type": "integer", "minimum": 5, "maximum": 1}'},
-     "json_schema is not supported: .*minimum"),
-    ({"ebnf": "root ::= other"}, 'invalid ebnf: .*"other" is not defined'),
-    ({"regex": r"\d+", "json_schema": {"type": "integer"}}, "only one of regex, json_schema"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"regex": "[a-z"}, "invalid regex: .*Unclosed"),
+        ({"regex": "(ab"}, "invalid regex: .*parenthesis"),
+        ({"json_schema": '{"type": "object"'}, "json_schema is not valid JSON"),
+        ({"json_schema": {"type": "nonsense"}}, "json_schema is not a valid JSON schema"),
+        (
+            {"json_schema": '{"type": "integer", "minimum": 5, "maximum": 1}'},
+            "json_schema is not supported: .*minimum",
+        ),
+        ({"ebnf": "root ::= other"}, 'invalid ebnf: .*"other" is not defined'),
+        ({"regex": r"\d+", "json_schema": {"type": "integer"}}, "only one of regex, json_schema"),
+    ],
+)
 def test_invalid_grammar_is_rejected_at_submission_and_engine_keeps_serving(
-        engine, params, message):
+    engine, params, message
+):
     good_prompt, good = regex_request(engine, 0, 0)
     with pytest.raises(ValueError, match=message):
         # the bad request sits beside a good one: neither may reach the scheduler
-        engine.generate(prompt=[good_prompt, chat(engine, "Anything.")],
-                        sampling_params=[good, {"max_new_tokens": 4, **params}])
+        engine.generate(
+            prompt=[good_prompt, chat(engine, "Anything.")],
+            sampling_params=[good, {"max_new_tokens": 4, **params}],
+        )
     info = engine.get_server_info()
     assert info["num_waiting_reqs"] == info["num_running_reqs"] == 0
     out = engine.generate(prompt=good_prompt, sampling_params=good)
     assert re.fullmatch(REGEXES[0][0], out["text"])
 
 
-def test_constrained_requests_survive_retraction_with_unchanged_output(smollm_dir, engine,
-                                                                      mixed_batch):
+def test_constrained_requests_survive_retraction_with_unchanged_output(
+    smollm_dir, engine, mixed_batch
+):
     """A KV pool too small for the batch forces retraction mid-generation. Output tokens are
     kept on retraction, so the grammar state stays valid with no reset: output (greedy, and
     seeded sampling) equals what the roomy engine produced in the mixed batch."""
-    keys = ([("json", i, 0) for i in (0, 1, 3, 9)] + [("regex", i, 0) for i in (2, 8)]
-            + [("json", i, 1.0) for i in (1, 9)])
-    requests = [(regex_request if kind == "regex" else json_request)(engine, i, t)
-                for kind, i, t in keys]
+    keys = (
+        [("json", i, 0) for i in (0, 1, 3, 9)]
+        + [("regex", i, 0) for i in (2, 8)]
+        + [("json", i, 1.0) for i in (1, 9)]
+    )
+    requests = [
+        (regex_request if kind == "regex" else json_request)(engine, i, t) for kind, i, t in keys
+    ]
     with plait.Engine(smollm_dir, max_total_tokens=160) as tight:
         # admit greedily so that decode runs out of KV and has to retract
         tight.scheduler.new_token_ratio = tight.scheduler.config.min_new_token_ratio = 0.0
-        outs = tight.generate(prompt=[p for p, _ in requests],
-                              sampling_params=[sp for _, sp in requests])
+        outs = tight.generate(
+            prompt=[p for p, _ in requests], sampling_params=[sp for _, sp in requests]
+        )
         assert tight.get_server_info()["retractions"] > 0
     assert [o["output_ids"] for o in outs] == [mixed_batch[k]["output_ids"] for k in keys]
     for out, (_, sp) in zip(outs, requests):
@@ -307,16 +445,28 @@ def test_jump_forward_requests_waiting_for_kv_do_not_hang_a_tiny_pool(smollm_dir
     tiny pool several parked requests can each wait for the others' KV while nothing runs; the
     scheduler must retract them (this hung the engine before) and still give the same output."""
     template = json.dumps({k: "..." for k in LONG_KEYS["required"]})
-    prompts = [chat(engine, f"Reply with only JSON in the form {template} for {name}.")
-               for name in ("Jane Doe", "Carlos Rivera", "Mia Wong", "Tom Berg", "Ana Lima",
-                            "Raj Patel", "Eve Stone", "Ola Nord")]
+    prompts = [
+        chat(engine, f"Reply with only JSON in the form {template} for {name}.")
+        for name in (
+            "Jane Doe",
+            "Carlos Rivera",
+            "Mia Wong",
+            "Tom Berg",
+            "Ana Lima",
+            "Raj Patel",
+            "Eve Stone",
+            "Ola Nord",
+        )
+    ]
     sp = {"json_schema": LONG_KEYS, "temperature": 0, "max_new_tokens": JSON_TOKENS}
     want = engine.generate(prompt=prompts, sampling_params=sp)
     with plait.Engine(smollm_dir, max_total_tokens=160) as tight:
         tight.scheduler.new_token_ratio = tight.scheduler.config.min_new_token_ratio = 0.0
         done: list = []
-        worker = threading.Thread(target=lambda: done.append(
-            tight.generate(prompt=prompts, sampling_params=sp)), daemon=True)
+        worker = threading.Thread(
+            target=lambda: done.append(tight.generate(prompt=prompts, sampling_params=sp)),
+            daemon=True,
+        )
         worker.start()
         worker.join(timeout=300)
         assert done, "the engine hung with jump-forward requests waiting for KV"

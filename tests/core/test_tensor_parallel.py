@@ -5,6 +5,7 @@ test_engine_parity.py) on the parity prompts, batched, from the prefix cache and
 rank that fails to start fails the engine with its error; shutdown leaves no process and no
 bound port behind.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,33 +44,39 @@ def test_tp2_matches_transformers_batched_cached_and_chunked(smollm_dir, prompt_
         assert run_batch(engine, prompt_ids) == expected
         again = engine.generate(input_ids=prompt_ids, sampling_params=GREEDY)
         assert [o["output_ids"] for o in again] == expected
-        assert all(o["meta_info"]["cached_tokens"] == len(ids) - 1
-                   for o, ids in zip(again, prompt_ids))
+        assert all(
+            o["meta_info"]["cached_tokens"] == len(ids) - 1 for o, ids in zip(again, prompt_ids)
+        )
     _assert_all_gone(pids, port)
 
 
 def test_uneven_heads_and_mlp_columns_match_transformers(make_tiny_model):
     from transformers import AutoModelForCausalLM
-    path = make_tiny_model("qwen2", hidden_size=96, num_attention_heads=6,
-                           num_key_value_heads=3, intermediate_size=100)
+
+    path = make_tiny_model(
+        "qwen2", hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100
+    )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [[5, 17, 300, 4000], [9, 9, 9, 9, 9, 9, 9, 9, 120], list(range(100, 160))]
     want = hf_greedy(hf, prompts, 12)
     with plait.Engine(path, tp_size=2, chunked_prefill_size=16) as engine:
-        got = engine.generate(input_ids=prompts,
-                              sampling_params={"max_new_tokens": 12, "temperature": 0})
+        got = engine.generate(
+            input_ids=prompts, sampling_params={"max_new_tokens": 12, "temperature": 0}
+        )
         assert [o["output_ids"] for o in got] == want
         assert engine.get_server_info()["num_running_reqs"] == 0
 
 
-def test_a_rank_that_fails_to_start_fails_the_engine_with_its_error(make_tiny_model, tmp_path,
-                                                                    monkeypatch):
+def test_a_rank_that_fails_to_start_fails_the_engine_with_its_error(
+    make_tiny_model, tmp_path, monkeypatch
+):
     # sitecustomize runs at interpreter start-up: only the worker processes see it.
     (tmp_path / "sitecustomize.py").write_text(
         "import plait.models.loader as l\n"
         "def broken(*a, **k):\n"
         "    raise OSError('injected: cannot read the shard')\n"
-        "l.load_model = broken\n")
+        "l.load_model = broken\n"
+    )
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="(?s)rank 1 failed to start.*injected: cannot read"):
         plait.Engine(make_tiny_model("llama"), tp_size=2)

@@ -1,6 +1,7 @@
 """Tensor-parallel sharding without processes: which heads and rows each rank owns, that the
 loader reads exactly those slices, and that the shards' forward (ranks as threads, the
 collectives done in memory) reproduces the unsharded model's logits."""
+
 from __future__ import annotations
 
 import threading
@@ -20,13 +21,16 @@ def test_split_range_is_balanced_and_covers_everything():
     assert parts == [(0, 4), (4, 7), (7, 10)]
 
 
-@pytest.mark.parametrize("hq,hkv,tp,want", [
-    (4, 2, 2, [(0, 2, 0, 1), (2, 2, 1, 1)]),
-    # SmolLM2: 3 KV groups of 3 on 2 ranks -> 2 groups and 1 group
-    (9, 3, 2, [(0, 6, 0, 2), (6, 3, 2, 1)]),
-    # fewer KV heads than ranks: each KV head replicated on 2 ranks sharing its query heads
-    (8, 2, 4, [(0, 2, 0, 1), (2, 2, 0, 1), (4, 2, 1, 1), (6, 2, 1, 1)]),
-])
+@pytest.mark.parametrize(
+    "hq,hkv,tp,want",
+    [
+        (4, 2, 2, [(0, 2, 0, 1), (2, 2, 1, 1)]),
+        # SmolLM2: 3 KV groups of 3 on 2 ranks -> 2 groups and 1 group
+        (9, 3, 2, [(0, 6, 0, 2), (6, 3, 2, 1)]),
+        # fewer KV heads than ranks: each KV head replicated on 2 ranks sharing its query heads
+        (8, 2, 4, [(0, 2, 0, 1), (2, 2, 0, 1), (4, 2, 1, 1), (6, 2, 1, 1)]),
+    ],
+)
 def test_heads_split_by_whole_kv_groups(hq, hkv, tp, want):
     # (q_start, num_heads, kv_start, num_kv_heads) per rank
     want = [HeadShard(q_start=q, num_heads=n, kv_start=k, num_kv_heads=m) for q, n, k, m in want]
@@ -35,50 +39,60 @@ def test_heads_split_by_whole_kv_groups(hq, hkv, tp, want):
 
 @pytest.mark.parametrize("hq,hkv,tp", [(3, 1, 2), (6, 2, 3), (4, 4, 8)])
 def test_unsplittable_head_counts_are_refused_naming_them(hq, hkv, tp):
-    with pytest.raises(ValueError, match=f"tp_size={tp} cannot split num_attention_heads={hq} "
-                                         f"with num_key_value_heads={hkv}"):
+    with pytest.raises(
+        ValueError,
+        match=f"tp_size={tp} cannot split num_attention_heads={hq} with num_key_value_heads={hkv}",
+    ):
         check_tp_size(hq, hkv, tp)
 
 
 def test_engine_refuses_unsplittable_heads_before_starting_ranks(make_tiny_model):
     import plait
-    path = make_tiny_model("mistral", hidden_size=48, num_attention_heads=3,
-                           num_key_value_heads=1)
+
+    path = make_tiny_model("mistral", hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
     with pytest.raises(ValueError, match="num_attention_heads=3 with num_key_value_heads=1"):
         plait.Engine(path, tp_size=2)
     with pytest.raises(ValueError, match="tp_size"):
         plait.Engine(path, tp_size=0)
 
 
-UNEVEN = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-              intermediate_size=100)  # 3 KV groups and 100 MLP columns over 2 ranks
+UNEVEN = dict(
+    hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100
+)  # 3 KV groups and 100 MLP columns over 2 ranks
 
 
 def test_each_rank_loads_exactly_its_slices(make_tiny_model):
     from safetensors.torch import load_file
+
     path = make_tiny_model("qwen2", **UNEVEN)
     config = loader.load_config(path)
     state = load_file(str(path / "model.safetensors"))
     d = 16
     for rank in range(2):
-        model = loader.load_model(path, config, torch.float32, torch.device("cpu"), 64,
-                                  TPGroup(rank=rank, size=2))
+        model = loader.load_model(
+            path, config, torch.float32, torch.device("cpu"), 64, TPGroup(rank=rank, size=2)
+        )
         attn, mlp = model.layers[1].self_attn, model.layers[1].mlp
         s, (i0, i1) = attn.shard, mlp.inter_range
-        q = state["model.layers.1.self_attn.q_proj.weight"][s.q_start * d:
-                                                            (s.q_start + s.num_heads) * d]
+        q = state["model.layers.1.self_attn.q_proj.weight"][
+            s.q_start * d : (s.q_start + s.num_heads) * d
+        ]
         kv = slice(s.kv_start * d, (s.kv_start + s.num_kv_heads) * d)
         k = state["model.layers.1.self_attn.k_proj.weight"][kv]
         v_bias = state["model.layers.1.self_attn.v_proj.bias"][kv]
-        assert torch.equal(attn.qkv_proj.weight, torch.cat([q, k, state[
-            "model.layers.1.self_attn.v_proj.weight"][kv]]))
-        assert torch.equal(attn.qkv_proj.bias[-v_bias.shape[0]:], v_bias)
+        assert torch.equal(
+            attn.qkv_proj.weight,
+            torch.cat([q, k, state["model.layers.1.self_attn.v_proj.weight"][kv]]),
+        )
+        assert torch.equal(attn.qkv_proj.bias[-v_bias.shape[0] :], v_bias)
         o = state["model.layers.1.self_attn.o_proj.weight"]
-        assert torch.equal(attn.o_proj.weight, o[:, s.q_start * d:(s.q_start + s.num_heads) * d])
-        assert torch.equal(mlp.down_proj.weight,
-                           state["model.layers.1.mlp.down_proj.weight"][:, i0:i1])
-        assert torch.equal(mlp.gate_up_proj.weight[mlp.inter:],
-                           state["model.layers.1.mlp.up_proj.weight"][i0:i1])
+        assert torch.equal(attn.o_proj.weight, o[:, s.q_start * d : (s.q_start + s.num_heads) * d])
+        assert torch.equal(
+            mlp.down_proj.weight, state["model.layers.1.mlp.down_proj.weight"][:, i0:i1]
+        )
+        assert torch.equal(
+            mlp.gate_up_proj.weight[mlp.inter :], state["model.layers.1.mlp.up_proj.weight"][i0:i1]
+        )
         v0, v1 = model.embed_tokens.vocab_start, model.embed_tokens.vocab_stop
         assert torch.equal(model.embed_tokens.weight, state["model.embed_tokens.weight"][v0:v1])
         assert torch.equal(model.lm_head.weight, state["lm_head.weight"][v0:v1])
@@ -123,23 +137,36 @@ def _prefill_logits(model: Any, ids: list[int]) -> torch.Tensor:
 
     attn0 = model.layers[0].self_attn
     n = len(ids)
-    pool = KVPool(n + 1, len(model.layers), attn0.num_kv_heads, attn0.head_dim, torch.float32,
-                  "cpu")
+    pool = KVPool(
+        n + 1, len(model.layers), attn0.num_kv_heads, attn0.head_dim, torch.float32, "cpu"
+    )
     r2t = torch.arange(1, n + 1, dtype=torch.int32)[None, :]
     t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    batch = ForwardBatch(is_decode=False, input_ids=t(ids), positions=t(list(range(n))),
-                         out_cache_loc=t(list(range(1, n + 1))), req_pool_indices=t([0]),
-                         seq_lens=t([n]), prefix_lens=t([0]), extend_lens=t([n]),
-                         req_to_token=r2t, logits_rows=t(list(range(n))), seq_lens_cpu=[n],
-                         prefix_lens_cpu=[0], extend_lens_cpu=[n])
+    batch = ForwardBatch(
+        is_decode=False,
+        input_ids=t(ids),
+        positions=t(list(range(n))),
+        out_cache_loc=t(list(range(1, n + 1))),
+        req_pool_indices=t([0]),
+        seq_lens=t([n]),
+        prefix_lens=t([0]),
+        extend_lens=t([n]),
+        req_to_token=r2t,
+        logits_rows=t(list(range(n))),
+        seq_lens_cpu=[n],
+        prefix_lens_cpu=[0],
+        extend_lens_cpu=[n],
+    )
     attn = TorchAttentionBackend(pool, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim)
     return model(batch, attn)
 
 
-@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", UNEVEN)],
-                         ids=["llama-4-2", "qwen2-6-3-uneven"])
-def test_shards_in_threads_reproduce_the_full_models_logits(make_tiny_model, model_type,
-                                                            overrides):
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [("llama", {}), ("qwen2", UNEVEN)],
+    ids=["llama-4-2", "qwen2-6-3-uneven"],
+)
+def test_shards_in_threads_reproduce_the_full_models_logits(make_tiny_model, model_type, overrides):
     path = make_tiny_model(model_type, **overrides)
     config = loader.load_config(path)
     ids = list(range(300, 340))
@@ -148,8 +175,14 @@ def test_shards_in_threads_reproduce_the_full_models_logits(make_tiny_model, mod
     hub, got = _Hub(2), [None, None]
 
     def rank(r: int) -> None:
-        model = loader.load_model(path, config, torch.float32, torch.device("cpu"), 64,
-                                  _ThreadGroup(rank=r, size=2, hub=hub))
+        model = loader.load_model(
+            path,
+            config,
+            torch.float32,
+            torch.device("cpu"),
+            64,
+            _ThreadGroup(rank=r, size=2, hub=hub),
+        )
         got[r] = _prefill_logits(model, ids)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]

@@ -1,4 +1,5 @@
 """``--pd`` and the gateway's bootstrap fields, without a model."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,18 +19,26 @@ def test_pd_spec_is_counts_of_prefill_and_decode_servers():
 
 
 def test_servers_and_gateway_get_the_pd_flags():
-    args = from_namespace(build_parser().parse_args(
-        ["serve", "--pd", "1P1D", "--disaggregation-transfer-timeout", "5", "--port", "9000"]))
+    args = from_namespace(
+        build_parser().parse_args(
+            ["serve", "--pd", "1P1D", "--disaggregation-transfer-timeout", "5", "--port", "9000"]
+        )
+    )
     cmd = server_command(args, "prefill", 1234, 4321)
     assert cmd[cmd.index("--disaggregation-mode") + 1] == "prefill"
     assert cmd[cmd.index("--disaggregation-bootstrap-port") + 1] == "4321"
     assert cmd[cmd.index("--disaggregation-transfer-timeout") + 1] == "5.0"
     assert "--pd" not in cmd and cmd[cmd.index("--port") + 1] == "1234"
-    again = from_namespace(build_parser().parse_args(cmd[cmd.index("serve"):]))
+    again = from_namespace(build_parser().parse_args(cmd[cmd.index("serve") :]))
     assert again.disaggregation_mode == "prefill" and again.pd is None
     r = router_command(args, [("http://p", 4321)], ["http://d"], 9999)
-    assert r[r.index("--pd-disaggregation") + 1:r.index("--pd-disaggregation") + 6] == \
-        ["--prefill", "http://p", "4321", "--decode", "http://d"]
+    assert r[r.index("--pd-disaggregation") + 1 : r.index("--pd-disaggregation") + 6] == [
+        "--prefill",
+        "http://p",
+        "4321",
+        "--decode",
+        "http://d",
+    ]
 
 
 def test_bootstrap_fields_come_together_or_not_at_all():
@@ -39,11 +48,13 @@ def test_bootstrap_fields_come_together_or_not_at_all():
     with pytest.raises(APIError, match="go together"):
         GenerateRequest(text="x", bootstrap_room=7).bootstrap()
     with pytest.raises(APIError, match="bootstrap_port"):
-        GenerateRequest(text="x", bootstrap_host="h", bootstrap_port=70000,
-                        bootstrap_room=1).bootstrap()
+        GenerateRequest(
+            text="x", bootstrap_host="h", bootstrap_port=70000, bootstrap_room=1
+        ).bootstrap()
 
 
 def test_pd_cannot_be_combined_with_dp():
     from plait.server.cli import main
+
     with pytest.raises(SystemExit):
         main(["serve", "--pd", "1P1D", "--dp", "2"])

@@ -5,6 +5,7 @@ One launch for the module (on 2 cores every start costs seconds); the test that 
 prefill server runs last. The unified reference is ``plait.Engine`` in this process: the same
 engine a unified ``plait serve`` runs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,17 +26,32 @@ from tests.server.test_server_fake import sse_events
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Hi", "The capital of France is", "def fibonacci(n):\n    " * 5,
-           "Once upon a time, in a quiet village by the sea, " * 15]
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "def fibonacci(n):\n    " * 5,
+    "Once upon a time, in a quiet village by the sea, " * 15,
+]
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 TIMEOUT = 8  # --disaggregation-transfer-timeout
 
 
 @pytest.fixture(scope="module")
 def pd(smollm_dir, tmp_path_factory):
-    server = start_server(["--device", "cpu", "--pd", "1P1D", "--max-total-tokens", "8192",
-                           "--disaggregation-transfer-timeout", str(TIMEOUT)],
-                          tmp_path_factory.mktemp("pd") / "pd.log", str(smollm_dir))
+    server = start_server(
+        [
+            "--device",
+            "cpu",
+            "--pd",
+            "1P1D",
+            "--max-total-tokens",
+            "8192",
+            "--disaggregation-transfer-timeout",
+            str(TIMEOUT),
+        ],
+        tmp_path_factory.mktemp("pd") / "pd.log",
+        str(smollm_dir),
+    )
     server.children = {}
     for pid in child_pids(server.proc.pid):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -55,8 +71,9 @@ def unified(smollm_dir):
 
 
 def gen(url: str, text: str, **extra) -> requests.Response:
-    return requests.post(url + "/generate", timeout=300,
-                         json={"text": text, "sampling_params": GREEDY, **extra})
+    return requests.post(
+        url + "/generate", timeout=300, json={"text": text, "sampling_params": GREEDY, **extra}
+    )
 
 
 def info(url: str) -> dict:
@@ -76,8 +93,12 @@ def test_generate_equals_unified_token_for_token_streaming_or_not(pd, unified):
         got = list(pool.map(lambda p: gen(pd.url, p), PROMPTS))
     assert [r.status_code for r in got] == [200] * len(PROMPTS), [r.text for r in got]
     assert [r.json()["output_ids"] for r in got] == want
-    r = requests.post(pd.url + "/generate", stream=True, timeout=300,
-                      json={"text": PROMPTS[3], "sampling_params": GREEDY, "stream": True})
+    r = requests.post(
+        pd.url + "/generate",
+        stream=True,
+        timeout=300,
+        json={"text": PROMPTS[3], "sampling_params": GREEDY, "stream": True},
+    )
     events = sse_events(r)
     assert events[-1] == "[DONE]" and events[-2]["output_ids"] == want[3]
 
@@ -85,17 +106,25 @@ def test_generate_equals_unified_token_for_token_streaming_or_not(pd, unified):
 def test_chat_equals_unified(pd, unified):
     messages = [{"role": "user", "content": "Name a primary color."}]
     tok = unified.tokenizer
-    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True),
-                     add_special_tokens=False)
-    want = unified.generate(input_ids=ids, sampling_params={"temperature": 0,
-                                                            "max_new_tokens": 16})["text"]
-    body = {"model": "SmolLM2-135M-Instruct", "messages": messages, "temperature": 0, "max_tokens": 16}
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    want = unified.generate(
+        input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 16}
+    )["text"]
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": 16,
+    }
     r = requests.post(pd.url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == want
-    r = requests.post(pd.url + "/v1/chat/completions", json={**body, "stream": True},
-                      stream=True, timeout=300)
+    r = requests.post(
+        pd.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=300
+    )
     chunks = [e for e in sse_events(r) if e != "[DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == want
 
@@ -119,8 +148,11 @@ def wait_kv_idle(url: str, within: float) -> None:
     deadline = time.monotonic() + within
     while True:
         d = info(url)
-        if d["num_running_reqs"] == 0 and d["num_waiting_reqs"] == 0 and \
-                d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]:
+        if (
+            d["num_running_reqs"] == 0
+            and d["num_waiting_reqs"] == 0
+            and d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]
+        ):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"{url} still holds KV after {within}s: {json.dumps(d)[:500]}")
@@ -129,8 +161,11 @@ def wait_kv_idle(url: str, within: float) -> None:
 
 def aborts(url: str) -> float:
     text = requests.get(url + "/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('plait_requests_total{finish_reason="abort"}'))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('plait_requests_total{finish_reason="abort"}')
+    )
 
 
 def prefill_alone(pd, text: str, room: int) -> requests.Response:
@@ -139,8 +174,7 @@ def prefill_alone(pd, text: str, room: int) -> requests.Response:
     pid, prefill = pd.children["prefill"]
     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     port = int(cmd[cmd.index("--disaggregation-bootstrap-port") + 1])
-    return gen(prefill, text, bootstrap_host="127.0.0.1", bootstrap_port=port,
-               bootstrap_room=room)
+    return gen(prefill, text, bootstrap_host="127.0.0.1", bootstrap_port=port, bootstrap_room=room)
 
 
 @pytest.mark.parametrize("when", ["decoding", "prefilling"])
@@ -155,12 +189,20 @@ def test_client_disconnect_through_the_gateway_frees_both_sides(pd, when):
         if when == "prefilling":  # a long prompt ahead keeps ours in the prefill queue
             # (~4,300 tokens, seconds of prefill on 2 cores: 1,400 were done before the abort
             # arrived once prefill attention ran fused)
-            busy = pool.submit(prefill_alone, pd,
-                               "Keep the prefill server busy for a while. " * 480, 4242)
+            busy = pool.submit(
+                prefill_alone, pd, "Keep the prefill server busy for a while. " * 480, 4242
+            )
             time.sleep(0.5)
-        r = requests.post(pd.url + "/generate", stream=True, timeout=300, json={
-            "text": "Abort me.", "stream": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True}})
+        r = requests.post(
+            pd.url + "/generate",
+            stream=True,
+            timeout=300,
+            json={
+                "text": "Abort me.",
+                "stream": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True},
+            },
+        )
         assert r.status_code == 200, r.text
         if when == "decoding":
             lines = r.iter_lines()
@@ -168,7 +210,7 @@ def test_client_disconnect_through_the_gateway_frees_both_sides(pd, when):
         else:
             time.sleep(0.5)
         r.close()
-        wait_kv_idle(decode, 15)   # 2000 tokens would take minutes here
+        wait_kv_idle(decode, 15)  # 2000 tokens would take minutes here
         assert aborts(decode) == aborts_before[1] + 1
         if when == "prefilling":
             assert "no decode server asked" in busy.result().text
@@ -187,12 +229,15 @@ def test_prefill_without_a_decode_target_times_out_and_frees_its_kv(pd):
     wait_kv_idle(pd.children["prefill"][1], 10)
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"sampling_params": {**GREEDY, "n": 2}}, "n"),
-    ({"return_logprob": True}, "return_logprob"),
-    ({"sampling_params": {**GREEDY, "regex": "[a-z]+"}}, "regex"),
-    ({"sampling_params": {**GREEDY, "json_schema": '{"type": "string"}'}}, "json_schema"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"sampling_params": {**GREEDY, "n": 2}}, "n"),
+        ({"return_logprob": True}, "return_logprob"),
+        ({"sampling_params": {**GREEDY, "regex": "[a-z]+"}}, "regex"),
+        ({"sampling_params": {**GREEDY, "json_schema": '{"type": "string"}'}}, "json_schema"),
+    ],
+)
 def test_unsupported_parameters_are_a_400_naming_them_through_the_gateway(pd, extra, param):
     r = gen(pd.url, "Hi", **extra)
     assert r.status_code == 400, (r.status_code, r.text)
@@ -221,8 +266,10 @@ def test_killing_the_prefill_fails_waiting_requests_in_bounded_time(pd):
     deadline = time.monotonic() + TIMEOUT + 10
     while time.monotonic() < deadline:
         d = info(decode)
-        if d["num_running_reqs"] == 0 and \
-                d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]:
+        if (
+            d["num_running_reqs"] == 0
+            and d["available_kv_tokens"] + d["evictable_kv_tokens"] == d["max_total_tokens"]
+        ):
             break
         time.sleep(0.5)
     else:

@@ -1,4 +1,5 @@
 """The transfer layer without a model: runs, layouts, the fake transport, Mooncake over TCP."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Fixtures for the frontend tests: a scripted fake backend (fast tests of the interpreter)
 and the real SmolLM2 model in-process and behind ``plait serve`` (``slow`` tests)."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ class FakeBackend(FrontendBackend):
     proves fork branches reach the backend concurrently (a sequential interpreter times out).
     """
 
-    def __init__(self, reply: Callable[[str, Any], str] | None = None,
-                 barrier: int | None = None):
+    def __init__(self, reply: Callable[[str, Any], str] | None = None, barrier: int | None = None):
         self.chat_template = chatml()
         self.reply = reply or (lambda prompt, params: f"<{len(self.prompts)}>")
         self.prompts: list[str] = []
@@ -47,12 +47,15 @@ class FakeBackend(FrontendBackend):
         text, meta = self.generate(s, params)
         for i in range(0, len(text), 2):
             time.sleep(0.001)
-            yield text[i:i + 2], meta
+            yield text[i : i + 2], meta
 
     def select(self, s: Any, choices: list[str], temperature: float, method: Any):
         scores = [float(len(c)) for c in choices]  # the longest choice wins
-        return method(choices=choices, normalized_prompt_logprobs=scores,
-                      input_token_logprobs=[[[x, 0, None]] for x in scores])
+        return method(
+            choices=choices,
+            normalized_prompt_logprobs=scores,
+            input_token_logprobs=[[[x, 0, None]] for x in scores],
+        )
 
     def cache_prefix(self, text: str) -> None:
         self.cached.append(text)
@@ -88,10 +91,26 @@ def server_url(smollm_dir):
     import requests
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--model-path", str(smollm_dir),
-           "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.server.cli",
+        "serve",
+        "--model-path",
+        str(smollm_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     try:
@@ -119,4 +138,3 @@ def server_url(smollm_dir):
 @pytest.fixture(scope="session")
 def endpoint(server_url):
     return pl.RuntimeEndpoint(server_url)
-

@@ -2,6 +2,7 @@
 test utilities from ``sglang.utils`` and ``sglang.srt.utils``, which would pull in SGLang's
 server stack. ``test_sglang_test_programs.py`` points those imports here; each helper does
 what SGLang's does, with the libraries Plait already has."""
+
 from __future__ import annotations
 
 import hashlib

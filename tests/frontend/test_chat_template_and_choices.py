@@ -1,4 +1,5 @@
 """Role markers derived from a real Jinja template, and the choice-selection methods."""
+
 from __future__ import annotations
 
 import math
@@ -28,11 +29,18 @@ def _stream(template, messages):
     return text
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ],
+    ],
+)
 def test_streamed_roles_equal_apply_chat_template(smollm_dir, smollm_template, messages):
     tok = load_tokenizer(str(smollm_dir))
     expected = tok.apply_chat_template(messages, tokenize=False)
@@ -73,8 +81,12 @@ def _entries(rows):
 def _call(method, **extra):
     choices = ["organ", "organism", "antidisestablishmentarianism"]
     normalized = [sum(r) / len(r) for r in SCORES]
-    return method(choices=choices, normalized_prompt_logprobs=normalized,
-                  input_token_logprobs=_entries(SCORES), **extra)
+    return method(
+        choices=choices,
+        normalized_prompt_logprobs=normalized,
+        input_token_logprobs=_entries(SCORES),
+        **extra,
+    )
 
 
 def test_token_length_normalized_picks_best_mean():

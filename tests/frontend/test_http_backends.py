@@ -1,6 +1,7 @@
 """The same programs over HTTP: ``RuntimeEndpoint`` (native ``/generate``) must match the
 in-process ``Runtime`` exactly under greedy decoding; ``OpenAI`` drives the OpenAI routes.
 Needs ``plait serve`` (started on a free port by the ``server_url`` fixture)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,8 +82,12 @@ def openai_backend(server_url, endpoint, smollm_dir):
     import requests
 
     models = requests.get(server_url + "/v1/models", timeout=10).json()["data"]
-    return pl.OpenAI(models[0]["id"], base_url=server_url + "/v1", api_key="unused",
-                     tokenizer_path=str(smollm_dir))
+    return pl.OpenAI(
+        models[0]["id"],
+        base_url=server_url + "/v1",
+        api_key="unused",
+        tokenizer_path=str(smollm_dir),
+    )
 
 
 def test_openai_chat_gen_matches_native(openai_backend, endpoint):
@@ -126,6 +131,7 @@ def test_model_name_is_asked_of_the_engine_and_the_server(runtime, endpoint, smo
 def test_token_usage_agrees_across_native_and_openai_routes(openai_backend, endpoint):
     """The OpenAI backend counts the usage the server reports (plain, streamed, select);
     the native endpoint counts the engine's meta info. Same prompts, same numbers."""
+
     @pl.function
     def chat(s):
         s += pl.system("You are terse.")
@@ -140,8 +146,10 @@ def test_token_usage_agrees_across_native_and_openai_routes(openai_backend, endp
         usage.reset()
         state = chat.run(temperature=0, backend=openai_backend, stream=stream)
         assert state.error() is None, state.error()
-        assert (usage.prompt_tokens, usage.completion_tokens) == \
-            (native.prompt_tokens, native.completion_tokens), stream
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            native.prompt_tokens,
+            native.completion_tokens,
+        ), stream
     usage.reset()
 
     @pl.function

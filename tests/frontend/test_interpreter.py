@@ -1,4 +1,5 @@
 """The interpreter's semantics against a scripted backend: no model, runs in seconds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -62,9 +63,12 @@ def test_roles_use_the_chat_template_and_record_messages(fake):
 
     state = chat.run(backend=fake)
     assert state.messages() == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "<0>"}, {"role": "user", "content": "Again"},
-        {"role": "assistant", "content": "<1>"}]
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<0>"},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "<1>"},
+    ]
     assert state.text() == fake.chat_template.render(state.messages())
     assert fake.prompts[0].endswith("<|im_start|>assistant\n")
 
@@ -159,6 +163,7 @@ def test_fork_group_add_forms_and_concat_join(fake):
 def test_error_in_backend_surfaces_on_state_without_hanging(fake):
     def reply(prompt, params):
         raise RuntimeError("engine exploded")
+
     fake.reply = reply
 
     @pl.function

@@ -4,6 +4,7 @@ They pin down semantics, not model wisdom: variables exist with the right types,
 produce one entry per branch, select agrees with the engine's own logprobs, constrained
 output matches its regex, streamed chunks add up to the final value.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def few_shot_qa(s, question):
 
 
 def test_few_shot_qa(runtime):
-    state = few_shot_qa.run(question="What is the capital of Japan?", temperature=0,
-                            backend=runtime)
+    state = few_shot_qa.run(
+        question="What is the capital of Japan?", temperature=0, backend=runtime
+    )
     assert state.error() is None
     assert isinstance(state["answer"], str) and state["answer"].strip()
     assert "\n" not in state["answer"]
@@ -61,21 +63,29 @@ def _engine_choice_scores(runtime, context: str, choices: list[str]) -> list[flo
     scores = []
     for c in choices:
         ids = tok.encode(context + c)
-        k = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), min(len(base),
-                                                                                 len(ids)))
-        out = runtime.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0},
-                                      return_logprob=True, logprob_start_len=k)
+        k = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), min(len(base), len(ids)))
+        out = runtime.engine.generate(
+            input_ids=ids,
+            sampling_params={"max_new_tokens": 0},
+            return_logprob=True,
+            logprob_start_len=k,
+        )
         lps = [e[0] for e in out["meta_info"]["input_token_logprobs"]]
         assert len(lps) == len(ids) - k
         scores.append(sum(lps) / len(lps))
     return scores
 
 
-@pytest.mark.parametrize("context,choices", [
-    ("Statement: The capital of Germany is Berlin.\nTrue, False or Unknown? Answer:",
-     [" True", " False", " Unknown"]),
-    ("The color of the sky is ", ["blue", "green", "a kind of purple"]),  # boundary merge
-])
+@pytest.mark.parametrize(
+    "context,choices",
+    [
+        (
+            "Statement: The capital of Germany is Berlin.\nTrue, False or Unknown? Answer:",
+            [" True", " False", " Unknown"],
+        ),
+        ("The color of the sky is ", ["blue", "green", "a kind of purple"]),  # boundary merge
+    ],
+)
 def test_select_returns_argmax_of_engine_logprobs(runtime, context, choices):
     @pl.function
     def pick(s):
@@ -97,13 +107,15 @@ def test_select_returns_argmax_of_engine_logprobs(runtime, context, choices):
     assert state.text() == context + state["answer"]
 
 
-@pytest.mark.parametrize("method", [pl.greedy_token_selection,
-                                    pl.unconditional_likelihood_normalized])
+@pytest.mark.parametrize(
+    "method", [pl.greedy_token_selection, pl.unconditional_likelihood_normalized]
+)
 def test_select_methods_run_on_engine(runtime, method):
     @pl.function
     def pick(s):
-        s += "My favourite animal is the" + pl.select("a", [" cat", " dog", " elephant"],
-                                                      choices_method=method)
+        s += "My favourite animal is the" + pl.select(
+            "a", [" cat", " dog", " elephant"], choices_method=method
+        )
 
     state = pick.run(backend=runtime)
     assert state.error() is None and state["a"] in [" cat", " dog", " elephant"]
@@ -139,7 +151,7 @@ def test_regex_output_matches_regex(runtime):
 
 
 def test_decode_json_with_regex(runtime):
-    regex = (r"\{\n  \"name\": \"[A-Za-z ]{1,12}\",\n  \"population\": [0-9]{1,8}\n\}")
+    regex = r"\{\n  \"name\": \"[A-Za-z ]{1,12}\",\n  \"population\": [0-9]{1,8}\n\}"
 
     @pl.function
     def decode_json(s):
@@ -153,14 +165,18 @@ def test_decode_json_with_regex(runtime):
 
 
 def test_decode_json_schema(runtime):
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                               "rank": {"type": "integer"}},
-              "required": ["city", "rank"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
 
     @pl.function
     def decode(s):
-        s += "A city and its rank as JSON: " + pl.gen("obj", max_tokens=30,
-                                                      json_schema=json.dumps(schema))
+        s += "A city and its rank as JSON: " + pl.gen(
+            "obj", max_tokens=30, json_schema=json.dumps(schema)
+        )
 
     value = _constrained(decode.run(temperature=0, backend=runtime), "obj")
     obj = json.loads(value)
@@ -228,8 +244,9 @@ def test_streaming_chunks_concatenate(runtime):
 
 def test_run_batch_of_32_programs(runtime):
     questions = [f"What is {i} plus {i}?" for i in range(32)]
-    states = few_shot_qa.run_batch([{"question": q} for q in questions], temperature=0,
-                                   max_new_tokens=4, backend=runtime)
+    states = few_shot_qa.run_batch(
+        [{"question": q} for q in questions], temperature=0, max_new_tokens=4, backend=runtime
+    )
     assert len(states) == 32
     assert all(s.error() is None for s in states)
     assert all(isinstance(s["answer"], str) for s in states)
@@ -239,8 +256,9 @@ def test_run_batch_of_32_programs(runtime):
 def test_fork_shares_prefix_kv(runtime):
     """8 branches after a ~1,000-token context compute the context once."""
     tok = runtime.tokenizer
-    context = "".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}.\n"
-                      for i in range(72))
+    context = "".join(
+        f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}.\n" for i in range(72)
+    )
     n_context = len(tok.encode(context))
     assert 900 <= n_context <= 1300
 
@@ -263,9 +281,12 @@ def test_fork_shares_prefix_kv(runtime):
 
 def test_runtime_wraps_an_existing_engine(runtime):
     shared = pl.Runtime(runtime.engine)
-    state = few_shot_qa.run(question="What is 2 plus 2?", temperature=0, max_new_tokens=3,
-                            backend=shared)
+    state = few_shot_qa.run(
+        question="What is 2 plus 2?", temperature=0, max_new_tokens=3, backend=shared
+    )
     assert state.error() is None and isinstance(state["answer"], str)
     shared.shutdown()  # not its engine: must stay usable
-    assert runtime.engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 1})["text"] \
+    assert (
+        runtime.engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 1})["text"]
         is not None
+    )

@@ -2,6 +2,7 @@
 or listed, with its reason, in docs/frontend.md; and the names SGLang programs lean on
 (``global_config``, ``token_usage``, ``get_model_name``, ``run_batch(generator_style=True)``,
 ``separate_reasoning``, ``__version__``) do what SGLang's do. Fast: fake backends only."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -40,7 +41,7 @@ def test_every_sglang_name_is_exported_or_documented_as_left_out():
     missing = [n for n in names if n not in plait.__all__ and n not in left_out]
     assert missing == []
     assert [n for n in left_out if n in plait.__all__] == []  # documented as left out: is
-    assert [n for n in left_out if n not in names] == []      # no stale entries
+    assert [n for n in left_out if n not in names] == []  # no stale entries
     assert all(len(reason) > 20 for reason in left_out.values())
     for n in names:
         if n in plait.__all__:
@@ -63,9 +64,13 @@ def test_engine_and_server_args_are_plaits_own():
 def test_global_config_has_sglangs_fields_and_defaults():
     cfg = plait.global_config
     assert cfg is pl.global_config
-    assert (cfg.verbosity, cfg.skip_special_tokens_in_output,
-            cfg.spaces_between_special_tokens_in_out, cfg.enable_precache_with_tracing,
-            cfg.enable_parallel_encoding) == (0, True, True, True, True)
+    assert (
+        cfg.verbosity,
+        cfg.skip_special_tokens_in_output,
+        cfg.spaces_between_special_tokens_in_out,
+        cfg.enable_precache_with_tracing,
+        cfg.enable_parallel_encoding,
+    ) == (0, True, True, True, True)
 
 
 @pytest.fixture
@@ -127,8 +132,13 @@ class RecordingNative(NativeBackend):
 
     def _call(self, msgs):
         self.sent.extend(msgs)
-        return [{"text": "ok", "meta_info": {"prompt_tokens": 7, "completion_tokens": 2,
-                                             "cached_tokens": 3}} for _ in msgs]
+        return [
+            {
+                "text": "ok",
+                "meta_info": {"prompt_tokens": 7, "completion_tokens": 2, "cached_tokens": 3},
+            }
+            for _ in msgs
+        ]
 
 
 def test_detokenize_options_follow_global_config(restore_config):
@@ -207,8 +217,12 @@ def test_generator_style_yields_each_state_before_the_batch_finishes(make_fake):
         s += name + ":" + pl.gen("out")
 
     backend = make_fake(lambda prompt, params: "done")
-    states = job.run_batch([{"name": "first"}, {"name": "mid"}, {"name": "last"}],
-                           backend=backend, num_threads=3, generator_style=True)
+    states = job.run_batch(
+        [{"name": "first"}, {"name": "mid"}, {"name": "last"}],
+        backend=backend,
+        num_threads=3,
+        generator_style=True,
+    )
     assert isinstance(states, types.GeneratorType)
     first = next(states)
     assert first.text() == "first:done"
@@ -224,8 +238,9 @@ def test_generator_style_keeps_errors_on_their_states(make_fake):
         if n == 1:
             raise RuntimeError("program 1 failed")
 
-    states = list(job.run_batch([(0,), (1,), (2,)], backend=make_fake(),
-                                generator_style=True, num_threads=1))
+    states = list(
+        job.run_batch([(0,), (1,), (2,)], backend=make_fake(), generator_style=True, num_threads=1)
+    )
     assert [s.error() is None for s in states] == [True, False, True]
 
 
@@ -257,13 +272,16 @@ def test_separate_reasoning_without_reasoning_keeps_the_text(make_fake):
     assert (state["answer"], state["answer_reasoning_content"]) == ("Just blue.", "")
 
 
-@pytest.mark.parametrize("model_type,text,expected", [
-    ("deepseek-r1", "thinking...</think>42", ("thinking...", "42")),  # no start tag: forced
-    ("qwen3", "thinking...</think>42", ("", "thinking...</think>42")),  # not forced
-    ("qwen3", "<think>cut short by max_tokens", ("cut short by max_tokens", "")),
-    ("qwen3", "<think>plan<tool_call>{}", ("plan", "<tool_call>{}")),
-    ("KIMI", "\u25c1think\u25b7hm\u25c1/think\u25b7ok", ("hm", "ok")),
-])
+@pytest.mark.parametrize(
+    "model_type,text,expected",
+    [
+        ("deepseek-r1", "thinking...</think>42", ("thinking...", "42")),  # no start tag: forced
+        ("qwen3", "thinking...</think>42", ("", "thinking...</think>42")),  # not forced
+        ("qwen3", "<think>cut short by max_tokens", ("cut short by max_tokens", "")),
+        ("qwen3", "<think>plan<tool_call>{}", ("plan", "<tool_call>{}")),
+        ("KIMI", "\u25c1think\u25b7hm\u25c1/think\u25b7ok", ("hm", "ok")),
+    ],
+)
 def test_reasoning_formats(model_type, text, expected):
     from plait.frontend.reasoning import split_reasoning
 
@@ -290,8 +308,9 @@ def test_separate_reasoning_of_several_gens_keeps_the_text_between(make_fake):
 
     @pl.function
     def two(s):
-        s += pl.separate_reasoning("x=" + pl.gen("a") + ", y=" + pl.gen("b"),
-                                   model_type="deepseek-r1")
+        s += pl.separate_reasoning(
+            "x=" + pl.gen("a") + ", y=" + pl.gen("b"), model_type="deepseek-r1"
+        )
 
     state = two.run(backend=make_fake(lambda p, params: next(replies)))
     assert state.text() == "x=A1, y=A2"

@@ -8,6 +8,7 @@ its ``sglang`` imports are rewritten (the frontend to ``plait``, SGLang's test u
 ``Runtime``, the default backend. Every function is either run or excluded below with the
 reason; the ones excluded assert what only a capable model (or the internet) can give.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,30 +44,27 @@ EXCLUDED = {
     "test_react": "asserts the model picks Finish and names Finland or the United States",
     "test_image_qa": "needs a vision model and example_image.png (sgl.image is left out)",
     "test_completion_speculative": "asserts API speculative execution saved prompt tokens, "
-                                   "which holds only when the model (sampling at temperature "
-                                   "1) keeps the few-shot Name/Birthday/Job format: SmolLM2 "
-                                   "did in 4 of 6 runs",
+    "which holds only when the model (sampling at temperature "
+    "1) keeps the few-shot Name/Birthday/Job format: SmolLM2 "
+    "did in 4 of 6 runs",
     "test_hellaswag_select": "downloads HellaSwag from GitHub (no internet here) and wants "
-                             "two 200-question runs within 1 s of each other",
+    "two 200-question runs within 1 s of each other",
 }
 
 # SGLang import -> what the rewritten file imports instead.
 IMPORTS = {
     "import sglang as sgl": "import plait as sgl",
-    "from sglang.lang.ir import REGEX_FLOAT, REGEX_INT, REGEX_STR":
-        "from plait.frontend.ir import REGEX_FLOAT, REGEX_INT, REGEX_STR",
-    "from sglang.srt.utils import is_hip":
-        "from tests.frontend.sglang_test_helpers import is_hip",
-    "from sglang.utils import download_and_cache_file, read_jsonl":
-        "from tests.frontend.sglang_test_helpers import download_and_cache_file, read_jsonl",
-    "from sglang.srt.utils.hf_transformers_utils import get_tokenizer":
-        "from tests.frontend.sglang_test_helpers import get_tokenizer",
+    "from sglang.lang.ir import REGEX_FLOAT, REGEX_INT, REGEX_STR": "from plait.frontend.ir import REGEX_FLOAT, REGEX_INT, REGEX_STR",
+    "from sglang.srt.utils import is_hip": "from tests.frontend.sglang_test_helpers import is_hip",
+    "from sglang.utils import download_and_cache_file, read_jsonl": "from tests.frontend.sglang_test_helpers import download_and_cache_file, read_jsonl",
+    "from sglang.srt.utils.hf_transformers_utils import get_tokenizer": "from tests.frontend.sglang_test_helpers import get_tokenizer",
 }
 
 
 def rewrite_imports(source: str) -> str:
     """Change each line that imports from ``sglang``, and nothing else; an import this table
     does not know (a newer sglang) fails here rather than importing the real package."""
+
     def swap(match: re.Match) -> str:
         indent, statement = match.group(1), match.group(2).strip()
         if statement not in IMPORTS:

@@ -8,6 +8,7 @@ directory the subprocesses put on ``PYTHONPATH``, so the shared environment is n
 The oracle is transformers' Llama with the scale folded into ``o_proj`` and ``down_proj``
 (exact in float32 for a power of two).
 """
+
 import json
 import os
 import shutil
@@ -36,13 +37,27 @@ def gated_env(tmp_path_factory) -> dict[str, str]:
     src, target = tmp / "src", tmp / "site"
     # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(target), str(src)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(target),
+        str(src),
+    ]
     out = subprocess.run(pip, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     path = [str(target), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +72,15 @@ def gated_model(tmp_path_factory) -> Path:
 
 def _generate(model: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     # A fresh interpreter: entry points are read once per process.
-    code = ("import json, plait\n"
-            f"with plait.Engine({str(model)!r}, max_total_tokens=1024) as e:\n"
-            f"    outs = e.generate(input_ids={PROMPTS!r}, sampling_params="
-            f"{{'max_new_tokens': {NEW_TOKENS}, 'temperature': 0}})\n"
-            "    print('MODEL', type(e.scheduler.runner.model).__name__)\n"
-            "    print('IDS', json.dumps([o['output_ids'] for o in outs]))\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env)
+    code = (
+        "import json, plait\n"
+        f"with plait.Engine({str(model)!r}, max_total_tokens=1024) as e:\n"
+        f"    outs = e.generate(input_ids={PROMPTS!r}, sampling_params="
+        f"{{'max_new_tokens': {NEW_TOKENS}, 'temperature': 0}})\n"
+        "    print('MODEL', type(e.scheduler.runner.model).__name__)\n"
+        "    print('IDS', json.dumps([o['output_ids'] for o in outs]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
 
 
 def test_without_the_install_the_architecture_is_refused_by_name(gated_model):
@@ -79,8 +95,11 @@ def test_installed_model_plugin_serves_transformers_greedy_tokens(gated_env, gat
 
     out = _generate(gated_model, gated_env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines()
-                 if line.startswith(("MODEL ", "IDS ")))
+    lines = dict(
+        line.split(" ", 1)
+        for line in out.stdout.splitlines()
+        if line.startswith(("MODEL ", "IDS "))
+    )
     assert lines["MODEL"] == "TinyGatedLlamaForCausalLM"
     hf = LlamaForCausalLM.from_pretrained(gated_model, dtype=torch.float32).eval()
     plain_llama = hf_greedy(hf, PROMPTS, NEW_TOKENS)

@@ -1,5 +1,6 @@
 """The quantized format: GGUF blocks read bit for bit, quantizers within their error bound,
 and bad settings refused with the parameter named."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 from plait.quant import check_method
-from plait.quant.formats import (QuantizedWeight, dequantize, pack_int4, quantize_int4,
-                                 quantize_int8, unpack_int4)
+from plait.quant.formats import (
+    QuantizedWeight,
+    dequantize,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from plait.quant.gguf import block_weight
 from plait.quant.modules import int4_group_for
 
@@ -17,6 +24,7 @@ from plait.quant.modules import int4_group_for
 def test_gguf_blocks_dequantize_exactly_like_the_gguf_package(kind):
     import gguf
     from gguf import quants
+
     qtype = getattr(gguf.GGMLQuantizationType, kind)
     x = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
     raw = quants.quantize(x, qtype)
@@ -94,9 +102,13 @@ def test_int4_asymmetric_recovers_weights_already_on_its_grid():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (8, 128), generator=g)
     codes[:, ::32], codes[:, 1::32] = 0, 15  # every block spans its whole range, as Q4_1's do
-    orig = QuantizedWeight(4, 32, pack_int4(codes),
-                           (torch.rand(8, 4, generator=g) / 10 + 0.01).half(),
-                           (-torch.rand(8, 4, generator=g)).half())
+    orig = QuantizedWeight(
+        4,
+        32,
+        pack_int4(codes),
+        (torch.rand(8, 4, generator=g) / 10 + 0.01).half(),
+        (-torch.rand(8, 4, generator=g)).half(),
+    )
     w = dequantize(orig)
     assert torch.equal(dequantize(quantize_int4(w, 32)), w)
 
@@ -107,8 +119,11 @@ def test_int8_is_per_channel():
 
 
 def test_all_zero_rows_quantize_to_zero():
-    for q in (quantize_int8(torch.zeros(2, 64)), quantize_int4(torch.zeros(2, 64), 32),
-              quantize_int4(torch.zeros(2, 64), 32, symmetric=True)):
+    for q in (
+        quantize_int8(torch.zeros(2, 64)),
+        quantize_int4(torch.zeros(2, 64), 32),
+        quantize_int4(torch.zeros(2, 64), 32, symmetric=True),
+    ):
         assert torch.equal(dequantize(q), torch.zeros(2, 64))
 
 
@@ -120,8 +135,9 @@ def test_int4_group_falls_back_to_a_divisor():
 
 def test_inconsistent_weights_are_refused():
     with pytest.raises(ValueError, match="qs must be"):
-        QuantizedWeight(4, 32, torch.zeros(2, 32, dtype=torch.uint8),
-                        torch.ones(2, 1, dtype=torch.float16))
+        QuantizedWeight(
+            4, 32, torch.zeros(2, 32, dtype=torch.uint8), torch.ones(2, 1, dtype=torch.float16)
+        )
     with pytest.raises(ValueError, match="group_size"):
         quantize_int4(torch.randn(2, 96), 64)
 
@@ -129,6 +145,7 @@ def test_inconsistent_weights_are_refused():
 @pytest.mark.parametrize("bad", ["int3", "fp8", "", "GGUF"])
 def test_unknown_quantization_is_a_value_error(bad):
     from plait.core.engine_config import EngineConfig
+
     with pytest.raises(ValueError, match="quantization must be one of"):
         check_method(bad)
     with pytest.raises(ValueError, match="quantization"):
@@ -137,12 +154,14 @@ def test_unknown_quantization_is_a_value_error(bad):
 
 def test_bad_group_size_is_a_value_error():
     from plait.core.engine_config import EngineConfig
+
     with pytest.raises(ValueError, match="quantization_group_size"):
         EngineConfig(quantization="int4", quantization_group_size=48).validate()
 
 
 def test_gguf_without_a_gguf_file_is_a_value_error(tmp_path):
     from plait.core.engine_config import EngineConfig
+
     cfg = EngineConfig(model_path=tmp_path, quantization="gguf")
     with pytest.raises(ValueError, match="needs a .gguf model_path"):
         cfg.quant_config(tmp_path)
@@ -150,6 +169,7 @@ def test_gguf_without_a_gguf_file_is_a_value_error(tmp_path):
 
 def test_gguf_path_implies_gguf_and_none_keeps_the_dequantized_path(tmp_path):
     from plait.core.engine_config import EngineConfig
+
     f = tmp_path / "m.gguf"
     assert EngineConfig(model_path=f).quant_config(tmp_path).method == "gguf"
     assert EngineConfig(model_path=f, quantization="none").quant_config(tmp_path).method == "none"
@@ -158,6 +178,7 @@ def test_gguf_path_implies_gguf_and_none_keeps_the_dequantized_path(tmp_path):
 def test_serve_flag_refuses_bad_values_and_implies_gguf():
     import argparse
     from plait.server.server_args import ServerArgs, add_engine_args
+
     p = argparse.ArgumentParser()
     add_engine_args(p)
     with pytest.raises(SystemExit):

@@ -2,6 +2,7 @@
 shape: within float rounding for the float-activation kernels (the CPU kernel's AVX2 and
 portable builds alike), within the activations' rounding bound for the int8-activation
 (AVX-512 VNNI) kernel."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,7 @@ KIT_FORMATS = {"int8": "int8", "int4-asym": "q4_1", "int4-sym": "q4_0", "q8_0": 
 
 def make_weight(fmt: str, n: int, k: int, group: int, seed: int) -> QuantizedWeight:
     """The kit's weight for ``fmt``; ``q8_0`` always in GGUF's groups of 32."""
-    return quant_weight(QuantCase(KIT_FORMATS[fmt], 0, n, k, 32 if fmt == "q8_0" else group,
-                                  seed))
+    return quant_weight(QuantCase(KIT_FORMATS[fmt], 0, n, k, 32 if fmt == "q8_0" else group, seed))
 
 
 def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> None:
@@ -40,12 +40,14 @@ def assert_matches_reference(matmul, x: torch.Tensor, w: QuantizedWeight) -> Non
 def cpu_matmul():
     """The float-activation kernel (the best SIMD level this CPU runs)."""
     from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+
     return CpuQuantizedMatmul()
 
 
 def vnni_extension():
     from plait.backends.cpu.cpp_build import has_avx512_vnni
     from plait.backends.cpu.qmatmul import extension
+
     if not has_avx512_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI (the int8-activation kernel is not built)")
     return extension("avx512vnni")
@@ -53,9 +55,14 @@ def vnni_extension():
 
 # up to 80 blocks: the int8-activation kernel converts 16 groups of scales at a time, the float
 # kernel 64 blocks
-shapes = st.tuples(st.integers(1, 19), st.integers(1, 37), st.integers(1, 80),
-                   st.sampled_from(FORMATS + ["q8_0"]), st.sampled_from([32, 64, 128]),
-                   st.integers(0, 2**16))
+shapes = st.tuples(
+    st.integers(1, 19),
+    st.integers(1, 37),
+    st.integers(1, 80),
+    st.sampled_from(FORMATS + ["q8_0"]),
+    st.sampled_from([32, 64, 128]),
+    st.integers(0, 2**16),
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -71,15 +78,23 @@ def test_cpu_kernel_matches_dequantized_reference(cpu_matmul, shape):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 20), st.integers(2, 9), st.sampled_from(FORMATS + ["q8_0"]),
-       st.integers(0, 2**16))
+@given(
+    st.integers(1, 20),
+    st.integers(2, 9),
+    st.sampled_from(FORMATS + ["q8_0"]),
+    st.integers(0, 2**16),
+)
 def test_cpu_kernel_output_bits_do_not_depend_on_row_tiling(cpu_matmul, m, n, fmt, seed):
     """The kernel tiles weight rows in pairs where it can: dropping the first weight row shifts
     every pairing, and no output may change by a bit (batch invariance rests on it)."""
     w = make_weight(fmt, n, 96, 32, seed)
-    shifted = QuantizedWeight(w.bits, w.group_size, w.qs[1:].contiguous(),
-                              w.scales[1:].contiguous(),
-                              None if w.mins is None else w.mins[1:].contiguous())
+    shifted = QuantizedWeight(
+        w.bits,
+        w.group_size,
+        w.qs[1:].contiguous(),
+        w.scales[1:].contiguous(),
+        None if w.mins is None else w.mins[1:].contiguous(),
+    )
     x = torch.randn(m, 96, generator=torch.Generator().manual_seed(seed + 1))
     assert torch.equal(cpu_matmul(x, w)[:, 1:], cpu_matmul(x, shifted))
 
@@ -109,6 +124,7 @@ def test_int8_activation_kernel_takes_the_float_panels_from_128_rows(fmt):
     """A prefill with --quantization-activations int8 runs the float32 panels (faster there,
     and exact up to summation order), so its result is the float kernel's, bit for bit."""
     from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+
     ext = vnni_extension()
     w = make_weight(fmt, 300, 192, 64, 5)
     for m, panels in [(127, False), (128, True), (200, True)]:
@@ -136,6 +152,7 @@ def test_cpu_kernel_keeps_leading_dims_and_dtype(cpu_matmul):
 def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
     from plait.backends.cpu.cpp_build import best_level
     from plait.backends.cpu.qmatmul import CpuQuantizedMatmul, extension
+
     assert extension().simd_level() == best_level()
     # int8 activations run exactly where the build has the VNNI kernel, else are refused
     w, x = make_weight("int4-asym", 8, 64, 32, 0), torch.randn(3, 64)
@@ -154,8 +171,10 @@ def test_int8_activations_match_the_reference_quantizer():
     codes, d = ext.quantize_activations_q8(x)
     ref_codes, ref_d = quantize_activations(x)
     assert torch.equal(codes, ref_codes) and torch.equal(d, ref_d)
-    assert ((x - (codes.float().view(7, 10, 32) * d[..., None]).view(7, 320)).abs()
-            <= d.repeat_interleave(32, 1) / 2 + 1e-30).all()
+    assert (
+        (x - (codes.float().view(7, 10, 32) * d[..., None]).view(7, 320)).abs()
+        <= d.repeat_interleave(32, 1) / 2 + 1e-30
+    ).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -189,6 +208,7 @@ def test_lower_level_kernels_match_dequantized_reference(level, fmt):
     """The builds a CPU without AVX-512 VNNI (or without AVX2) runs."""
     from plait.backends.cpu.cpp_build import has_avx2
     from plait.backends.cpu.qmatmul import CpuQuantizedMatmul, extension
+
     if level == "avx2" and not has_avx2():
         pytest.skip("this CPU has no AVX2")
     assert extension(level).simd_level() == level

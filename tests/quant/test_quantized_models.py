@@ -1,5 +1,6 @@
 """The real SmolLM2 GGUF run natively (Q4_1 layers, Q8_0 embedding/LM head) against the same
 file dequantized to float32, and int8/int4 weight-only quantization against float32."""
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,15 @@ pytestmark = pytest.mark.slow
 
 NEW = 64
 GREEDY = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
-TEXT = ("The history of the bicycle begins in the early nineteenth century. The first machines "
-        "had no pedals: riders pushed them along with their feet. Pedals attached to the front "
-        "wheel came in the 1860s, and the safety bicycle, with two wheels of equal size and a "
-        "chain driving the rear wheel, appeared in the 1880s. Pneumatic tyres made it "
-        "comfortable, and within a decade millions of people rode bicycles to work, to school "
-        "and into the countryside. Today the bicycle is one of the most efficient ways to "
-        "travel, turning almost all of the rider's effort into forward motion.")
+TEXT = (
+    "The history of the bicycle begins in the early nineteenth century. The first machines "
+    "had no pedals: riders pushed them along with their feet. Pedals attached to the front "
+    "wheel came in the 1860s, and the safety bicycle, with two wheels of equal size and a "
+    "chain driving the rear wheel, appeared in the 1880s. Pneumatic tyres made it "
+    "comfortable, and within a decade millions of people rode bicycles to work, to school "
+    "and into the countryside. Today the bicycle is one of the most efficient ways to "
+    "travel, turning almost all of the rider's effort into forward motion."
+)
 
 
 def make_engine(smollm_dir, **kw):
@@ -37,8 +40,12 @@ def engines(smollm_dir):
 
 
 def perplexity(engine, ids: list[int]) -> float:
-    out = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                          sampling_params={"max_new_tokens": 0})
+    out = engine.generate(
+        input_ids=ids,
+        return_logprob=True,
+        logprob_start_len=0,
+        sampling_params={"max_new_tokens": 0},
+    )
     lps = [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"] if lp is not None]
     return math.exp(-sum(lps) / len(lps))
 
@@ -61,8 +68,12 @@ def test_gguf_logprobs_are_within_tolerance_of_the_dequantized_model(engines, sm
     ids = engines["none"].tokenizer.encode(TEXT)
     lp = {}
     for q, e in engines.items():
-        out = e.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                         sampling_params={"max_new_tokens": 0})
+        out = e.generate(
+            input_ids=ids,
+            return_logprob=True,
+            logprob_start_len=0,
+            sampling_params={"max_new_tokens": 0},
+        )
         lp[q] = [x for x, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
     worst = max(abs(a - b) for a, b in zip(lp["gguf"], lp["none"]))
     assert worst < 1e-3, worst
@@ -70,6 +81,7 @@ def test_gguf_logprobs_are_within_tolerance_of_the_dequantized_model(engines, sm
 
 def test_q4_1_resident_weights_are_within_1_2x_the_file_tensor_bytes(engines, smollm_dir):
     from gguf import GGUFReader
+
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(gguf_source(smollm_dir))).tensors)
     model = engines["gguf"].scheduler.runner.model
     assert weight_bytes(model) <= 1.2 * file_bytes
@@ -98,19 +110,28 @@ def test_int8_activations_keep_perplexity_and_logprobs_close(engines, smollm_dir
     model (measured: greedy prefixes agree on 209/512 parity positions) but stays close:
     measured mean |delta logprob| 0.055 (worst 0.20) and perplexity -0.9 %."""
     from plait.backends.cpu.cpp_build import has_avx512_vnni
+
     if not has_avx512_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")
     ids = engines["none"].tokenizer.encode(TEXT)
     engine = make_engine(smollm_dir, quantization="gguf", quantization_activations="int8")
     try:
         ppl = perplexity(engine, ids)
-        out = engine.generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                              sampling_params={"max_new_tokens": 0})
+        out = engine.generate(
+            input_ids=ids,
+            return_logprob=True,
+            logprob_start_len=0,
+            sampling_params={"max_new_tokens": 0},
+        )
     finally:
         engine.shutdown()
     got = [x for x, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
-    base = engines["gguf"].generate(input_ids=ids, return_logprob=True, logprob_start_len=0,
-                                    sampling_params={"max_new_tokens": 0})
+    base = engines["gguf"].generate(
+        input_ids=ids,
+        return_logprob=True,
+        logprob_start_len=0,
+        sampling_params={"max_new_tokens": 0},
+    )
     want = [x for x, _, _ in base["meta_info"]["input_token_logprobs"][1:]]
     deltas = [abs(a - b) for a, b in zip(got, want)]
     assert sum(deltas) / len(deltas) < 0.1 and max(deltas) < 0.5, (max(deltas), deltas)

@@ -3,6 +3,7 @@
 ``fake_server``: the HTTP stack with ``FakeEngine`` behind it (seconds, no model).
 ``real_server``: the real SmolLM2-135M-Instruct on CPU (marked slow by the tests using it).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,16 +51,40 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(args: list[str], log: Path, model_path: str, api_key: str | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 600,
-                 port: int | None = None) -> Server:
+def start_server(
+    args: list[str],
+    log: Path,
+    model_path: str,
+    api_key: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    port: int | None = None,
+) -> Server:
     port = port or free_port()
-    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--model-path", model_path, "--log-level", "warning", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.server.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-path",
+        model_path,
+        "--log-level",
+        "warning",
+        *args,
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     server = Server(f"http://127.0.0.1:{port}", proc, log, model_path, api_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,6 +103,7 @@ def start_server(args: list[str], log: Path, model_path: str, api_key: str | Non
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.server.fake_engine import make_tiny_model_dir
+
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
@@ -86,14 +112,16 @@ FAKE = ["--engine-factory", "tests.server.fake_engine:FakeEngine"]
 
 @pytest.fixture(scope="session")
 def fake_server(tiny_model_dir, tmp_path_factory):
-    server = start_server(FAKE, tmp_path_factory.mktemp("logs") / "fake.log",
-                          str(tiny_model_dir), timeout=120)
+    server = start_server(
+        FAKE, tmp_path_factory.mktemp("logs") / "fake.log", str(tiny_model_dir), timeout=120
+    )
     yield server
     server.stop()
 
 
 def _real_model_path() -> str:
     from plait.models.default import default_model_path
+
     return str(default_model_path())
 
 
@@ -104,7 +132,10 @@ def real_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def real_server(real_model_path, tmp_path_factory):
-    server = start_server(["--device", "cpu", "--max-running-requests", "32"],
-                          tmp_path_factory.mktemp("logs") / "real.log", real_model_path)
+    server = start_server(
+        ["--device", "cpu", "--max-running-requests", "32"],
+        tmp_path_factory.mktemp("logs") / "real.log",
+        real_model_path,
+    )
     yield server
     server.stop()

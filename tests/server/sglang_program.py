@@ -1,5 +1,6 @@
 """An SGLang frontend program run by the real ``sglang`` package (in its own venv, see
 ``test_server_real.py``) against a Plait server: ``python sglang_program.py URL`` prints JSON."""
+
 import json
 import sys
 
@@ -35,8 +36,9 @@ def main(url: str, with_select: bool = True) -> None:
     if with_select:
         out["color"] = pick.run()["color"]
     out["fork_text"] = two_fruits.run().text()
-    states = qa.run_batch([{"question": "What is the capital of France?"},
-                           {"question": "What is 2+2?"}])
+    states = qa.run_batch(
+        [{"question": "What is the capital of France?"}, {"question": "What is 2+2?"}]
+    )
     out["batch"] = [s["answer"] for s in states]
     streamed = qa.run(question="What is the capital of France?", stream=True)
     out["stream"] = "".join(streamed.text_iter("answer"))

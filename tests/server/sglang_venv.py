@@ -7,6 +7,7 @@ orjson, PIL; its dataset modules import ``datasets``). PyPI's torchvision only l
 CUDA build of torch it was built for, so the bench venv holds that (several GB, downloaded
 once: the venv is cached in /tmp).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -17,13 +18,20 @@ SGLANG_VERSION = "0.5.10.post1"
 
 # sglang's frontend imports only these; with their own deps (requests needs urllib3, ipython
 # needs traitlets), but never sglang's server stack or torch.
-FRONTEND_PACKAGES = ("numpy", "tqdm", "pybase64", "requests", "ipython", "pydantic",
-                     "aiohttp")
+FRONTEND_PACKAGES = ("numpy", "tqdm", "pybase64", "requests", "ipython", "pydantic", "aiohttp")
 # What `python -m sglang.bench_serving` imports beyond the frontend's, found by trying (the
 # tokenizer comes from transformers; torch and torchvision pinned as a matching pair).
-BENCH_PACKAGES = FRONTEND_PACKAGES + ("transformers", "pillow", "datasets", "orjson",
-                                      "psutil", "starlette", "pyzmq", "torch==2.14.1",
-                                      "torchvision==0.29.1")
+BENCH_PACKAGES = FRONTEND_PACKAGES + (
+    "transformers",
+    "pillow",
+    "datasets",
+    "orjson",
+    "psutil",
+    "starlette",
+    "pyzmq",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+)
 
 
 def sglang_venv(venv: Path, packages: tuple[str, ...], timeout: float = 1800) -> Path:
@@ -37,8 +45,7 @@ def sglang_venv(venv: Path, packages: tuple[str, ...], timeout: float = 1800) ->
         return python
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["--no-deps", f"sglang=={SGLANG_VERSION}"], check=True,
-                   timeout=timeout)
+    subprocess.run(pip + ["--no-deps", f"sglang=={SGLANG_VERSION}"], check=True, timeout=timeout)
     subprocess.run(pip + list(packages), check=True, timeout=timeout)
     ready.write_text(want)
     return python

@@ -1,4 +1,5 @@
 """The ``plait`` command line: flags map onto engine options; one-offs run the real model."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,17 +12,42 @@ from plait.server.server_args import from_namespace
 
 
 def test_serve_flags_map_to_engine_kwargs():
-    ns = build_parser().parse_args([
-        "serve", "--model-path", "/m", "--device", "cpu", "--port", "31000",
-        "--chunked-prefill-size", "64", "--schedule-policy", "fcfs", "--disable-radix-cache",
-        "--page-size", "4", "--max-running-requests", "8", "--max-total-tokens", "4096",
-        "--api-key", "k"])
+    ns = build_parser().parse_args(
+        [
+            "serve",
+            "--model-path",
+            "/m",
+            "--device",
+            "cpu",
+            "--port",
+            "31000",
+            "--chunked-prefill-size",
+            "64",
+            "--schedule-policy",
+            "fcfs",
+            "--disable-radix-cache",
+            "--page-size",
+            "4",
+            "--max-running-requests",
+            "8",
+            "--max-total-tokens",
+            "4096",
+            "--api-key",
+            "k",
+        ]
+    )
     args = from_namespace(ns)
     assert (args.port, args.api_key) == (31000, "k")
     assert args.engine_kwargs("/m") == {
-        "model_path": "/m", "device": "cpu", "page_size": 4,
-        "max_total_tokens": 4096, "chunked_prefill_size": 64, "schedule_policy": "fcfs",
-        "disable_radix_cache": True, "max_running_requests": 8}
+        "model_path": "/m",
+        "device": "cpu",
+        "page_size": 4,
+        "max_total_tokens": 4096,
+        "chunked_prefill_size": 64,
+        "schedule_policy": "fcfs",
+        "disable_radix_cache": True,
+        "max_running_requests": 8,
+    }
     assert args.to_dict()["api_key"] == "***"
 
 
@@ -53,9 +79,19 @@ def test_tp_flag_becomes_the_engines_tp_size():
 
 
 def test_bad_model_path_exits_2_without_starting(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "plait.server.cli", "serve", "--model-path",
-                           str(tmp_path / "missing")], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plait.server.cli",
+            "serve",
+            "--model-path",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "neither a model directory nor a .gguf file" in done.stderr
 
@@ -63,14 +99,21 @@ def test_bad_model_path_exits_2_without_starting(tmp_path):
 @pytest.mark.slow
 def test_generate_and_chat_one_offs(real_model_path):
     common = ["--model-path", real_model_path, "--device", "cpu", "--max-new-tokens", "8"]
-    gen = subprocess.run([sys.executable, "-m", "plait.server.cli", "generate",
-                          "The capital of France is", *common], capture_output=True,
-                         text=True, timeout=300)
+    gen = subprocess.run(
+        [sys.executable, "-m", "plait.server.cli", "generate", "The capital of France is", *common],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("The capital of France is Paris")
-    chat = subprocess.run([sys.executable, "-m", "plait.server.cli", "chat", *common],
-                          input="What is the capital of France?\n/exit\n",
-                          capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [sys.executable, "-m", "plait.server.cli", "chat", *common],
+        input="What is the capital of France?\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout
 

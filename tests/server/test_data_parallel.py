@@ -5,6 +5,7 @@ the gateway rewrites them, start-up failure, kill -9 of a worker under load, the
 queueing, and a clean SIGTERM. The real-model checks (parity, cache-aware routing, SDKs) are
 in ``test_data_parallel_real.py``.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,7 @@ import requests
 
 from plait.server.cli import build_parser
 from plait.server import data_parallel
-from plait.server.data_parallel import (LaunchError, PortBook, require_router,
-                                        threads_per_worker)
+from plait.server.data_parallel import LaunchError, PortBook, require_router, threads_per_worker
 from plait.server.server_args import from_namespace
 from tests.server.conftest import FAKE, REPO, free_port, start_server
 
@@ -62,10 +62,14 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = None):
     book = PortBook()  # the gateway's port and its metrics' port must differ
     port, metrics = book.take(), book.take()
-    server = start_server([*FAKE, "--dp", "2", "--router-prometheus-port", str(metrics),
-                           *extra], tmp_path / "dp.log", str(model_dir),
-                          env={"FAKE_ENGINE_TOKEN_DELAY": "0.01", **(env or {})}, timeout=180,
-                          port=port)
+    server = start_server(
+        [*FAKE, "--dp", "2", "--router-prometheus-port", str(metrics), *extra],
+        tmp_path / "dp.log",
+        str(model_dir),
+        env={"FAKE_ENGINE_TOKEN_DELAY": "0.01", **(env or {})},
+        timeout=180,
+        port=port,
+    )
     server.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
     return server
 
@@ -91,9 +95,22 @@ def test_a_port_book_never_hands_out_a_reserved_or_repeated_port(monkeypatch):
 
 
 def test_worker_flags_round_trip_through_the_cli_parser():
-    args = from_namespace(build_parser().parse_args(
-        ["serve", "--dp", "3", "--disable-radix-cache", "--page-size", "16",
-         "--router-extra-args", "--queue-size 4", "--api-key", "k"]))
+    args = from_namespace(
+        build_parser().parse_args(
+            [
+                "serve",
+                "--dp",
+                "3",
+                "--disable-radix-cache",
+                "--page-size",
+                "16",
+                "--router-extra-args",
+                "--queue-size 4",
+                "--api-key",
+                "k",
+            ]
+        )
+    )
     assert from_namespace(build_parser().parse_args(["serve", *args.to_argv()])) == args
 
 
@@ -105,51 +122,86 @@ def test_threads_are_split_between_workers():
 
 def test_missing_router_names_the_package_to_install(monkeypatch):
     import importlib.util
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LaunchError, match=r"plait\[router\].*sglang-router"):
         require_router()
 
 
 def test_dp_below_one_is_refused():
-    done = subprocess.run([sys.executable, "-m", "plait.server.cli", "serve", "--dp", "0"],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "plait.server.cli", "serve", "--dp", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--dp must be at least 1" in done.stderr
 
 
 # ------------------------------------------------------------------- through the gateway
 def test_gateway_rewritten_requests_are_accepted_on_every_route(dp_fake):
-    r = requests.post(dp_fake.url + "/generate", json={
-        "text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}, timeout=60)
+    r = requests.post(
+        dp_fake.url + "/generate",
+        json={"text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["text"] == "hell"  # the fake engine echoes the prompt
-    r = requests.post(dp_fake.url + "/v1/completions", json={
-        "model": MODEL, "prompt": "hello", "max_tokens": 3}, timeout=60)
+    r = requests.post(
+        dp_fake.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hello", "max_tokens": 3},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == "hel"
-    r = requests.post(dp_fake.url + "/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
-        timeout=60)
+    r = requests.post(
+        dp_fake.url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
-    with requests.post(dp_fake.url + "/v1/chat/completions", json={
-            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-            "stream": True}, stream=True, timeout=60) as r:
+    with requests.post(
+        dp_fake.url + "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        },
+        stream=True,
+        timeout=60,
+    ) as r:
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.status_code == 200 and lines[-1] == b"data: [DONE]"
     assert requests.post(dp_fake.url + "/flush_cache", timeout=60).status_code == 200
 
 
 def test_genuinely_bad_input_is_still_a_400_through_the_gateway(dp_fake):
-    r = requests.post(dp_fake.url + "/v1/completions", json={
-        "model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": -1}, timeout=60)
+    r = requests.post(
+        dp_fake.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": -1},
+        timeout=60,
+    )
     assert r.status_code == 400 and "temperature" in r.text
 
 
 def test_worker_accepts_the_gateways_exact_bodies_and_refuses_what_it_cannot_honour(dp_fake):
     worker = child_worker_urls(dp_fake)[0]
-    body = {"text": "hello", "model": None, "sampling_params": {"max_new_tokens": 2},
-            "return_text_in_logprobs": False, "stream": False, "log_metrics": True,
-            "return_hidden_states": False, "background": False, "no_logs": False,
-            "return_bytes": False, "return_entropy": False, "data_parallel_rank": 0}
+    body = {
+        "text": "hello",
+        "model": None,
+        "sampling_params": {"max_new_tokens": 2},
+        "return_text_in_logprobs": False,
+        "stream": False,
+        "log_metrics": True,
+        "return_hidden_states": False,
+        "background": False,
+        "no_logs": False,
+        "return_bytes": False,
+        "return_entropy": False,
+        "data_parallel_rank": 0,
+    }
     assert requests.post(worker + "/generate", json=body, timeout=30).status_code == 200
     for field, value in [("data_parallel_rank", 1), ("return_hidden_states", True)]:
         r = requests.post(worker + "/generate", json={**body, field: value}, timeout=30)
@@ -172,17 +224,30 @@ def child_worker_urls(server) -> list[str]:
 
 
 def worker_pids(server) -> list[int]:
-    return [p for p in child_pids(server.proc.pid)
-            if b"plait.server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [
+        p
+        for p in child_pids(server.proc.pid)
+        if b"plait.server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
 
 
 # -------------------------------------------------------------- launcher life cycle
-def test_a_worker_failing_at_start_up_stops_everything_with_a_clear_error(tiny_model_dir,
-                                                                          tmp_path):
+def test_a_worker_failing_at_start_up_stops_everything_with_a_clear_error(tiny_model_dir, tmp_path):
     log = tmp_path / "fail.log"
-    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--dp", "2", "--model-path",
-           str(tiny_model_dir), "--port", str(free_port()),
-           "--engine-factory", "tests.server.fake_engine:NoSuchEngine"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait.server.cli",
+        "serve",
+        "--dp",
+        "2",
+        "--model-path",
+        str(tiny_model_dir),
+        "--port",
+        str(free_port()),
+        "--engine-factory",
+        "tests.server.fake_engine:NoSuchEngine",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         assert proc.wait(120) == 1
@@ -191,8 +256,11 @@ def test_a_worker_failing_at_start_up_stops_everything_with_a_clear_error(tiny_m
             proc.kill()
     text = log.read_text()
     assert "exited with status" in text and "during start-up" in text, text
-    leftovers = subprocess.run(["pgrep", "-f", f"--model-path {tiny_model_dir} .*NoSuchEngine"],
-                               capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"--model-path {tiny_model_dir} .*NoSuchEngine"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert not leftovers
 
 
@@ -203,8 +271,7 @@ def assert_port_free(url: str) -> None:
         s.bind(("127.0.0.1", int(url.rsplit(":", 1)[1])))
 
 
-def test_kill_9_of_a_worker_under_load_then_sigterm_stops_everything(tiny_model_dir,
-                                                                      tmp_path):
+def test_kill_9_of_a_worker_under_load_then_sigterm_stops_everything(tiny_model_dir, tmp_path):
     """Fault tolerance under load, then a clean SIGTERM: exit 0, no process, no listener."""
     server = start_dp(tmp_path, tiny_model_dir)
     kids = child_pids(server.proc.pid)
@@ -216,9 +283,11 @@ def test_kill_9_of_a_worker_under_load_then_sigterm_stops_everything(tiny_model_
         victim_port = f':{argv[argv.index(b"--port") + 1].decode()}"'
 
         def one(i: int) -> tuple[int, str]:
-            r = requests.post(server.url + "/v1/completions", json={
-                "model": MODEL, "prompt": f"request number {i} " * 4, "max_tokens": 32},
-                timeout=120)
+            r = requests.post(
+                server.url + "/v1/completions",
+                json={"model": MODEL, "prompt": f"request number {i} " * 4, "max_tokens": 32},
+                timeout=120,
+            )
             return r.status_code, r.text
 
         with ThreadPoolExecutor(64) as pool:
@@ -232,18 +301,25 @@ def test_kill_9_of_a_worker_under_load_then_sigterm_stops_everything(tiny_model_
         assert not failed, failed
         # Requests after the kill all succeed on the survivor.
         for i in range(8):
-            r = requests.post(server.url + "/generate", json={
-                "text": f"after {i}", "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+            r = requests.post(
+                server.url + "/generate",
+                json={"text": f"after {i}", "sampling_params": {"max_new_tokens": 2}},
+                timeout=60,
+            )
             assert r.status_code == 200, r.text
         # Failover was the gateway's health checker (the circuit breaker is off): it marked the
         # dead worker unhealthy, and requests that met it were retried rather than failed.
         metrics = requests.get(server.metrics_url, timeout=30).text
-        health = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                  for line in metrics.splitlines() if line.startswith("smg_worker_health{")}
+        health = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("smg_worker_health{")
+        }
         assert [v for k, v in health.items() if victim_port in k] == [0.0], health
         assert [v for k, v in health.items() if victim_port not in k] == [1.0], health
-        assert any(line.startswith("smg_worker_retries_total") for line in metrics.splitlines()), \
+        assert any(line.startswith("smg_worker_retries_total") for line in metrics.splitlines()), (
             metrics[:3000]
+        )
     finally:
         assert server.stop() == 0
     assert not wait_gone(kids + grandkids)
@@ -254,15 +330,22 @@ def test_gateway_concurrency_limit_answers_429_at_once_not_a_hang(tiny_model_dir
     """The gateway's own limiter: one request at a time, no queue. sglang-router 0.3.2 answers
     the overflow with an empty-bodied 429 (and a queued request that waits too long with an
     empty 408): that is the gateway's response, documented in docs/serving.md."""
-    server = start_dp(tmp_path, tiny_model_dir, "--router-extra-args",
-                      "--max-concurrent-requests 1 --queue-size 0",
-                      env={"FAKE_ENGINE_TOKEN_DELAY": "0.05"})
+    server = start_dp(
+        tmp_path,
+        tiny_model_dir,
+        "--router-extra-args",
+        "--max-concurrent-requests 1 --queue-size 0",
+        env={"FAKE_ENGINE_TOKEN_DELAY": "0.05"},
+    )
     try:
+
         def one(i: int) -> tuple[int, float]:
             t0 = time.monotonic()
-            r = requests.post(server.url + "/generate", json={
-                "text": f"slow request {i} " * 3, "sampling_params": {"max_new_tokens": 30}},
-                timeout=60)
+            r = requests.post(
+                server.url + "/generate",
+                json={"text": f"slow request {i} " * 3, "sampling_params": {"max_new_tokens": 30}},
+                timeout=60,
+            )
             return r.status_code, time.monotonic() - t0
 
         with ThreadPoolExecutor(8) as pool:

@@ -5,6 +5,7 @@ OpenAI-style error body).
 Generation lengths are clamped before sending so a case costs milliseconds, not minutes of CPU
 decoding; everything else (types, ranges, prompts, regexes, n) is whatever the fuzzer makes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "min_tokens",
-               "min_new_tokens")
+_TOKEN_KEYS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_new_tokens",
+    "min_tokens",
+    "min_new_tokens",
+)
 
 
 def _clamp_params(d: dict[str, Any], default_key: str | None) -> None:
@@ -59,19 +65,29 @@ def fuzz(base_url: str, max_examples: int, model: str) -> list[tuple]:
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=max_examples,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             def run(case):
-                if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) \
-                        and "model" in case.body:
+                if (
+                    mode is GenerationMode.POSITIVE
+                    and isinstance(case.body, dict)
+                    and "model" in case.body
+                ):
                     case.body["model"] = model  # reach past the model check, into the engine
                 clamp(op.path, case.body)
                 resp = case.call(base_url=base_url, timeout=120)
                 bad_error = 400 <= resp.status_code < 500 and "error" not in _json(resp)
                 if resp.status_code >= 500 or bad_error:
-                    failures.append((op.method, op.path, case.body, resp.status_code,
-                                     resp.text[:500]))
+                    failures.append(
+                        (op.method, op.path, case.body, resp.status_code, resp.text[:500])
+                    )
 
             try:
                 run()

@@ -2,6 +2,7 @@
 V of every layer), and a share outside (0, 1] is refused before anything starts, naming the
 option. The tiny random Llama has 2 layers, 2 KV heads of 16 dims in float32: 512 bytes a
 token."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,9 @@ def serve_args(*flags: str):
 
 
 def pool_tokens(model: str, fraction: float) -> int:
-    engine = build_engine({"engine_kwargs": {"model_path": model, "device": "cpu",
-                                             "mem_fraction": fraction}})
+    engine = build_engine(
+        {"engine_kwargs": {"model_path": model, "device": "cpu", "mem_fraction": fraction}}
+    )
     try:
         return engine.get_server_info()["max_total_tokens"]
     finally:
@@ -52,9 +54,21 @@ def test_a_fraction_outside_0_1_is_refused_naming_the_option(bad):
 
 
 def test_a_bad_fraction_stops_plait_serve_before_it_starts(tiny_model_dir):
-    done = subprocess.run([sys.executable, "-m", "plait.server.cli", "serve", "--model-path",
-                           str(tiny_model_dir), "--mem-fraction", "1.5"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plait.server.cli",
+            "serve",
+            "--model-path",
+            str(tiny_model_dir),
+            "--mem-fraction",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "--mem-fraction) must be in (0, 1]" in done.stderr
 
@@ -101,8 +115,9 @@ def test_generate_one_off_takes_the_fraction(tiny, monkeypatch):
     """``plait generate``/``chat`` build the engine in their own process: the fraction is
     turned into a budget there too, not passed to ``plait.Engine`` as an unknown option."""
     monkeypatch.setattr(scheduler_process, "_free_device_gb", lambda device: 0.25)
-    ns = build_parser().parse_args(["generate", "hi", "--model-path", tiny, "--device", "cpu",
-                                    "--mem-fraction", "0.1"])
+    ns = build_parser().parse_args(
+        ["generate", "hi", "--model-path", tiny, "--device", "cpu", "--mem-fraction", "0.1"]
+    )
     engine = _engine(from_namespace(ns))
     try:
         assert engine.get_server_info()["max_total_tokens"] == pool_tokens(tiny, 0.1)
@@ -113,8 +128,9 @@ def test_generate_one_off_takes_the_fraction(tiny, monkeypatch):
 @pytest.mark.slow
 def test_plait_serve_reports_the_pool_the_fraction_gives(tiny, tmp_path):
     before = available_gib()
-    server = start_server(["--device", "cpu", "--mem-fraction", "0.02"], tmp_path / "serve.log",
-                          tiny, timeout=300)
+    server = start_server(
+        ["--device", "cpu", "--mem-fraction", "0.02"], tmp_path / "serve.log", tiny, timeout=300
+    )
     try:
         after = available_gib()
         info = server.get("/get_server_info").json()

@@ -1,4 +1,5 @@
 """``/metrics`` step-phase counters follow the engine's totals from scrape to scrape."""
+
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -7,14 +8,21 @@ from plait.server.metrics import ServerMetrics
 
 
 def samples(data: bytes) -> dict[tuple, float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(data.decode())
-            for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(data.decode())
+        for s in fam.samples
+    }
 
 
 def step_info(schedule: float, forward: float, passes: int) -> dict:
-    return {"schedule_seconds": schedule, "forward_seconds": forward, "process_seconds": 0.5,
-            "wait_seconds": 0.25, "forward_passes": passes}
+    return {
+        "schedule_seconds": schedule,
+        "forward_seconds": forward,
+        "process_seconds": 0.5,
+        "wait_seconds": 0.25,
+        "forward_passes": passes,
+    }
 
 
 def test_step_phase_counters_track_engine_totals():

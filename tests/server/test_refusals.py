@@ -1,5 +1,6 @@
 """``plait serve`` refuses option combinations it cannot run at argument validation, naming the
 flags, before any server, worker or rank starts (README "Refusals")."""
+
 from __future__ import annotations
 
 import logging
@@ -13,11 +14,17 @@ from plait.server.server_args import ServerArgs
 @pytest.fixture
 def nothing_starts(monkeypatch):
     """Fail the test if ``plait serve`` gets as far as starting anything."""
+
     def started(*_a, **_k):
         raise AssertionError("a server, worker or launcher was started")
-    for target in ("plait.server.http_server.run_server", "plait.server.pd_launcher.run_pd",
-                   "plait.server.data_parallel.run_data_parallel",
-                   "plait.server.data_parallel._spawn", "plait.server.pd_launcher._spawn"):
+
+    for target in (
+        "plait.server.http_server.run_server",
+        "plait.server.pd_launcher.run_pd",
+        "plait.server.data_parallel.run_data_parallel",
+        "plait.server.data_parallel._spawn",
+        "plait.server.pd_launcher._spawn",
+    ):
         monkeypatch.setattr(target, started)
 
 
@@ -28,38 +35,50 @@ def refused(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["--device", "tpu", "--tp", "2"], ["--tp 2", "'tpu'"]),
-    (["--pd", "1P1D", "--tp", "2"], ["--pd 1P1D", "--tp 2"]),
-    (["--disaggregation-mode", "prefill", "--tp", "2"], ["--disaggregation-mode", "--tp 2"]),
-    (["--dp", "2", "--tp", "2"], ["--dp 2", "--tp 2"]),
-    (["--dp", "2", "--disaggregation-mode", "prefill"], ["--dp 2", "--disaggregation-mode"]),
-    (["--device", "npu", "--enable-graph-capture"], ["--enable-graph-capture", "'npu'"]),
-    (["--device", "tpu", "--disable-graph-capture"], ["--disable-graph-capture", "'tpu'"]),
-])
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--device", "tpu", "--tp", "2"], ["--tp 2", "'tpu'"]),
+        (["--pd", "1P1D", "--tp", "2"], ["--pd 1P1D", "--tp 2"]),
+        (["--disaggregation-mode", "prefill", "--tp", "2"], ["--disaggregation-mode", "--tp 2"]),
+        (["--dp", "2", "--tp", "2"], ["--dp 2", "--tp 2"]),
+        (["--dp", "2", "--disaggregation-mode", "prefill"], ["--dp 2", "--disaggregation-mode"]),
+        (["--device", "npu", "--enable-graph-capture"], ["--enable-graph-capture", "'npu'"]),
+        (["--device", "tpu", "--disable-graph-capture"], ["--disable-graph-capture", "'tpu'"]),
+    ],
+)
 def test_combination_is_refused_naming_its_flags(argv, names, nothing_starts, capsys):
     err = refused(argv, capsys)
     for name in names:
         assert name in err, err
 
 
-@pytest.mark.parametrize("fields", [
-    dict(device="tpu", enable_graph_capture=True),  # decode on tpu is always compiled
-    dict(device="npu", disable_graph_capture=True),  # and on npu always eager
-    dict(device="cpu", tp=2, enable_graph_capture=True),
-    dict(device="auto", tp=2),                       # the engine checks the resolved device
-    dict(pd="1P1D"), dict(dp=2), dict(disaggregation_mode="decode"),
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(device="tpu", enable_graph_capture=True),  # decode on tpu is always compiled
+        dict(device="npu", disable_graph_capture=True),  # and on npu always eager
+        dict(device="cpu", tp=2, enable_graph_capture=True),
+        dict(device="auto", tp=2),  # the engine checks the resolved device
+        dict(pd="1P1D"),
+        dict(dp=2),
+        dict(disaggregation_mode="decode"),
+    ],
+)
 def test_runnable_combinations_pass(fields):
     ServerArgs(**fields).validate()
 
 
-@pytest.mark.parametrize("launcher, fields", [
-    ("plait.server.pd_launcher:run_pd", dict(pd="1P1D", tp=2)),
-    ("plait.server.data_parallel:run_data_parallel", dict(dp=2, tp=2)),
-])
+@pytest.mark.parametrize(
+    "launcher, fields",
+    [
+        ("plait.server.pd_launcher:run_pd", dict(pd="1P1D", tp=2)),
+        ("plait.server.data_parallel:run_data_parallel", dict(dp=2, tp=2)),
+    ],
+)
 def test_launchers_refuse_before_spawning(launcher, fields, monkeypatch, caplog):
     import importlib
+
     module, _, name = launcher.partition(":")
     module = importlib.import_module(module)
     monkeypatch.setattr(module, "_spawn", lambda *a: pytest.fail("a process was started"))

@@ -1,41 +1,50 @@
 """The request-field policy (plait/server/request_fields.py, docs/serving.md "Request fields"):
 every field SGLang or OpenAI defines is accepted, an unsupported one only while it asks for
 nothing, and a field nobody defines is a 400 naming it."""
+
 from __future__ import annotations
 
 import pytest
 import requests
 
-from plait.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                   GenerateRequest, GenerateSamplingParams, StreamOptions)
+from plait.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateSamplingParams,
+    StreamOptions,
+)
 from plait.server.request_fields import UNSUPPORTED, asks_for_nothing
 from tests.server import sglang_request_fields as sglang
 from tests.server.test_server_fake import model_name
 
+
 def _openai_fields(module) -> set[str]:
     names: set[str] = set()
-    for cls in (module.CompletionCreateParamsNonStreaming,
-                module.CompletionCreateParamsStreaming):
+    for cls in (module.CompletionCreateParamsNonStreaming, module.CompletionCreateParamsStreaming):
         names |= cls.__required_keys__ | cls.__optional_keys__
     return names
 
 
 def _openai_stream_option_fields() -> set[str]:
     from openai.types.chat import ChatCompletionStreamOptionsParam as Options
+
     return set(Options.__required_keys__ | Options.__optional_keys__)
 
 
 def _coverage():
     import openai.types.chat.completion_create_params as chat
     import openai.types.completion_create_params as completion
-    return [("GenerateReqInput", sglang.GENERATE_REQ_INPUT, GenerateRequest),
-            ("SamplingParams", sglang.SAMPLING_PARAMS, GenerateSamplingParams),
-            ("sglang CompletionRequest", sglang.COMPLETION_REQUEST, CompletionRequest),
-            ("sglang ChatCompletionRequest", sglang.CHAT_COMPLETION_REQUEST,
-             ChatCompletionRequest),
-            ("openai completions", _openai_fields(completion), CompletionRequest),
-            ("openai chat completions", _openai_fields(chat), ChatCompletionRequest),
-            ("openai stream_options", _openai_stream_option_fields(), StreamOptions)]
+
+    return [
+        ("GenerateReqInput", sglang.GENERATE_REQ_INPUT, GenerateRequest),
+        ("SamplingParams", sglang.SAMPLING_PARAMS, GenerateSamplingParams),
+        ("sglang CompletionRequest", sglang.COMPLETION_REQUEST, CompletionRequest),
+        ("sglang ChatCompletionRequest", sglang.CHAT_COMPLETION_REQUEST, ChatCompletionRequest),
+        ("openai completions", _openai_fields(completion), CompletionRequest),
+        ("openai chat completions", _openai_fields(chat), ChatCompletionRequest),
+        ("openai stream_options", _openai_stream_option_fields(), StreamOptions),
+    ]
 
 
 @pytest.mark.parametrize("schema,names,model", _coverage(), ids=[c[0] for c in _coverage()])
@@ -52,7 +61,7 @@ def test_values_that_ask_for_nothing():
     assert asks_for_nothing("tool_choice", "none") and asks_for_nothing("beam_width", 1)
     assert not asks_for_nothing("return_routed_experts", True)
     assert not asks_for_nothing("return_routed_experts", 0)  # 0 is not false
-    assert not asks_for_nothing("beam_width", True)          # nor true 1
+    assert not asks_for_nothing("beam_width", True)  # nor true 1
     assert not asks_for_nothing("lora_path", "adapter")
     assert not asks_for_nothing("tool_choice", "required")
     assert all(isinstance(v, tuple) for v in UNSUPPORTED.values())
@@ -61,9 +70,11 @@ def test_values_that_ask_for_nothing():
 # --------------------------------------------------------------------------- over HTTP
 GEN, CMPL, CHAT = "/generate", "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
-BASE = {GEN: {"text": "hi", "sampling_params": {"max_new_tokens": 2}},
-        CMPL: {"prompt": "hi", "max_tokens": 2},
-        CHAT: {"messages": USER, "max_tokens": 2}}
+BASE = {
+    GEN: {"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+    CMPL: {"prompt": "hi", "max_tokens": 2},
+    CHAT: {"messages": USER, "max_tokens": 2},
+}
 
 # (route, where the field goes: None = top level, else a nested object's key, field,
 #  a value that asks for nothing, a value that asks for something)
@@ -78,8 +89,7 @@ CASES = [
     (CMPL, None, "suffix", "", " end"),
     (CMPL, None, "stop_regex", None, "x+"),
     (CHAT, None, "return_routed_experts", False, True),
-    (CHAT, None, "tools", [], [{"type": "function", "function": {
-        "name": "f", "parameters": {}}}]),
+    (CHAT, None, "tools", [], [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     (CHAT, None, "tool_choice", "auto", "required"),
     (CHAT, None, "store", False, True),
     (CHAT, "stream_options", "include_obfuscation", False, True),
@@ -97,15 +107,19 @@ def _body(server, route, nested, field, value):
     return body
 
 
-@pytest.mark.parametrize("route,nested,field,default,other", CASES,
-                         ids=[f"{c[0]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    "route,nested,field,default,other", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES]
+)
 def test_unsupported_field_at_its_default_is_accepted_otherwise_a_400_naming_it(
-        fake_server, route, nested, field, default, other):
-    ok = requests.post(fake_server.url + route,
-                       json=_body(fake_server, route, nested, field, default), timeout=60)
+    fake_server, route, nested, field, default, other
+):
+    ok = requests.post(
+        fake_server.url + route, json=_body(fake_server, route, nested, field, default), timeout=60
+    )
     assert ok.status_code == 200, ok.text
-    bad = requests.post(fake_server.url + route,
-                        json=_body(fake_server, route, nested, field, other), timeout=60)
+    bad = requests.post(
+        fake_server.url + route, json=_body(fake_server, route, nested, field, other), timeout=60
+    )
     assert bad.status_code == 400, bad.text
     error = bad.json()["error"]
     # a nested field's param also names the union member pydantic tried, e.g.
@@ -115,12 +129,16 @@ def test_unsupported_field_at_its_default_is_accepted_otherwise_a_400_naming_it(
     assert field in error["message"] and "not supported" in error["message"]
 
 
-@pytest.mark.parametrize("route,nested", [(GEN, None), (GEN, "sampling_params"),
-                                          (CMPL, None), (CHAT, None)])
+@pytest.mark.parametrize(
+    "route,nested", [(GEN, None), (GEN, "sampling_params"), (CMPL, None), (CHAT, None)]
+)
 @pytest.mark.parametrize("value", [None, True])
 def test_a_field_nobody_defines_is_a_400_naming_it(fake_server, route, nested, value):
-    r = requests.post(fake_server.url + route,
-                      json=_body(fake_server, route, nested, "no_such_field", value), timeout=60)
+    r = requests.post(
+        fake_server.url + route,
+        json=_body(fake_server, route, nested, "no_such_field", value),
+        timeout=60,
+    )
     assert r.status_code == 400, r.text
     assert "no_such_field" in r.json()["error"]["param"]
 
@@ -130,14 +148,33 @@ def test_bench_serving_bodies_are_accepted(fake_server):
     sglang-oai-chat), field for field."""
     model = model_name(fake_server)
     bodies = {
-        GEN: {"text": "hi", "sampling_params": {
-            "temperature": 0.0, "max_new_tokens": 2, "ignore_eos": True}, "stream": True,
-            "lora_path": None, "return_logprob": False, "return_routed_experts": False,
-            "logprob_start_len": -1},
-        CMPL: {"model": model, "prompt": "hi", "best_of": 1, "max_tokens": 2,
-                            "stream": True, "temperature": 0.0, "ignore_eos": True},
-        CHAT: {"model": model, "messages": USER, "max_completion_tokens": 2, "stream": True,
-               "temperature": 0.0, "ignore_eos": True}}
+        GEN: {
+            "text": "hi",
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 2, "ignore_eos": True},
+            "stream": True,
+            "lora_path": None,
+            "return_logprob": False,
+            "return_routed_experts": False,
+            "logprob_start_len": -1,
+        },
+        CMPL: {
+            "model": model,
+            "prompt": "hi",
+            "best_of": 1,
+            "max_tokens": 2,
+            "stream": True,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        },
+        CHAT: {
+            "model": model,
+            "messages": USER,
+            "max_completion_tokens": 2,
+            "stream": True,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        },
+    }
     for route, body in bodies.items():
         r = requests.post(fake_server.url + route, json=body, timeout=60)
         assert r.status_code == 200, (route, r.text)

@@ -1,5 +1,6 @@
 """The whole server stack -- CLI, HTTP process, ZMQ, scheduler process -- with ``FakeEngine``
 behind it: fast enough for every run, and exact about what the HTTP layer must do."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def sse_events(resp: requests.Response) -> list:
     for raw in resp.iter_lines():
         line = raw.decode("utf-8")
         if line.startswith("data: "):
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -39,16 +40,20 @@ def wait_until_idle(server, timeout: float = 10) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         info = server.get("/get_server_info").json()
-        idle = info["num_running_reqs"] == 0 and \
-            info["available_kv_tokens"] + info["evictable_kv_tokens"] == info["max_total_tokens"]
+        idle = (
+            info["num_running_reqs"] == 0
+            and info["available_kv_tokens"] + info["evictable_kv_tokens"]
+            == info["max_total_tokens"]
+        )
         if idle or time.monotonic() > deadline:
             return info
         time.sleep(0.1)
 
 
 def test_generate_single_returns_text_and_meta_info(fake_server):
-    r = fake_server.post("/generate", json={"text": "hello", "sampling_params":
-                                            {"max_new_tokens": 4}})
+    r = fake_server.post(
+        "/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 4}}
+    )
     out = r.json()
     assert r.status_code == 200
     assert out["text"] == "hell"
@@ -59,17 +64,25 @@ def test_generate_single_returns_text_and_meta_info(fake_server):
 
 
 def test_generate_batch_and_n_return_a_list_in_order(fake_server):
-    r = fake_server.post("/generate", json={"text": ["ab", "xyz"],
-                                            "sampling_params": {"max_new_tokens": 3, "n": 2}})
+    r = fake_server.post(
+        "/generate", json={"text": ["ab", "xyz"], "sampling_params": {"max_new_tokens": 3, "n": 2}}
+    )
     texts = [o["text"] for o in r.json()]
     assert texts == ["aba", "aba", "xyz", "xyz"]
 
 
 def test_generate_logprobs_carry_token_text_when_asked(fake_server):
-    r = fake_server.post("/generate", json={
-        "input_ids": [104, 105], "sampling_params": {"max_new_tokens": 2},
-        "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
-        "return_text_in_logprobs": True})
+    r = fake_server.post(
+        "/generate",
+        json={
+            "input_ids": [104, 105],
+            "sampling_params": {"max_new_tokens": 2},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+            "return_text_in_logprobs": True,
+        },
+    )
     meta = r.json()["meta_info"]
     assert meta["input_token_logprobs"][0][0] is None
     assert [e[1] for e in meta["output_token_logprobs"]] == [104, 105]
@@ -78,8 +91,11 @@ def test_generate_logprobs_carry_token_text_when_asked(fake_server):
 
 
 def test_generate_stream_is_cumulative_and_ends_with_done(fake_server):
-    r = fake_server.post("/generate", stream=True, json={
-        "text": "abc", "sampling_params": {"max_new_tokens": 3}, "stream": True})
+    r = fake_server.post(
+        "/generate",
+        stream=True,
+        json={"text": "abc", "sampling_params": {"max_new_tokens": 3}, "stream": True},
+    )
     events = sse_events(r)
     assert events[-1] == "[DONE]"
     assert events[-2]["text"] == "abc"
@@ -87,22 +103,32 @@ def test_generate_stream_is_cumulative_and_ends_with_done(fake_server):
 
 
 def test_max_new_tokens_zero_prefills_only(fake_server):
-    out = fake_server.post("/generate", json={"text": "prefix",
-                                              "sampling_params": {"max_new_tokens": 0}}).json()
+    out = fake_server.post(
+        "/generate", json={"text": "prefix", "sampling_params": {"max_new_tokens": 0}}
+    ).json()
     assert out["text"] == "" and out["meta_info"]["prompt_tokens"] == 6
 
 
 def test_openai_sdk_chat_completions_plain_and_streaming(fake_server):
     client = openai.OpenAI(base_url=fake_server.url + "/v1", api_key="unused")
     model = model_name(fake_server)
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=4, logprobs=True, top_logprobs=1)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=1,
+    )
     assert r.choices[0].finish_reason == "length"
     assert len(r.choices[0].logprobs.content) == 4
     assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens_details.cached_tokens == 0
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "x"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True})
+        model=model,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -112,8 +138,9 @@ def test_openai_sdk_chat_completions_plain_and_streaming(fake_server):
 
 def test_openai_sdk_completions_with_n_echo_and_logprobs(fake_server):
     client = openai.OpenAI(base_url=fake_server.url + "/v1", api_key="unused")
-    r = client.completions.create(model=model_name(fake_server), prompt=["ab", "cd"], n=2,
-                                  max_tokens=3, logprobs=1, echo=True)
+    r = client.completions.create(
+        model=model_name(fake_server), prompt=["ab", "cd"], n=2, max_tokens=3, logprobs=1, echo=True
+    )
     assert [c.text for c in r.choices] == ["ababa", "ababa", "cdcdc", "cdcdc"]
     assert r.choices[0].logprobs.tokens[:2] == ["a", "b"]
     assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 12
@@ -126,11 +153,13 @@ def test_bad_input_is_a_400_with_an_openai_error_body(fake_server, case_id, path
 
 
 def test_error_raised_inside_the_engine_is_a_400_not_a_crash(fake_server):
-    r = fake_server.post("/generate", json={"text": "hi",
-                                            "sampling_params": {"regex": "(?P<boom>"}})
+    r = fake_server.post(
+        "/generate", json={"text": "hi", "sampling_params": {"regex": "(?P<boom>"}}
+    )
     assert_openai_error(r, 400)
-    r = fake_server.post("/generate", json={"text": "hi", "stream": True,
-                                            "sampling_params": {"regex": "(?P<boom>"}})
+    r = fake_server.post(
+        "/generate", json={"text": "hi", "stream": True, "sampling_params": {"regex": "(?P<boom>"}}
+    )
     assert_openai_error(r, 400)
     assert fake_server.get("/health").status_code == 200
 
@@ -139,8 +168,9 @@ def test_bad_input_never_loses_another_requests_work(fake_server):
     result = {}
 
     def good():
-        result["out"] = fake_server.post("/generate", json={
-            "text": "steady", "sampling_params": {"max_new_tokens": 60}}).json()
+        result["out"] = fake_server.post(
+            "/generate", json={"text": "steady", "sampling_params": {"max_new_tokens": 60}}
+        ).json()
 
     t = threading.Thread(target=good)
     t.start()
@@ -152,8 +182,11 @@ def test_bad_input_never_loses_another_requests_work(fake_server):
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv(fake_server):
-    r = fake_server.post("/generate", stream=True, json={
-        "text": "long", "sampling_params": {"max_new_tokens": 400}, "stream": True})
+    r = fake_server.post(
+        "/generate",
+        stream=True,
+        json={"text": "long", "sampling_params": {"max_new_tokens": 400}, "stream": True},
+    )
     lines = r.iter_lines()
     for _ in range(6):
         next(lines)
@@ -167,21 +200,31 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv(fake_server):
 
 def test_client_disconnect_while_waiting_for_a_plain_response_aborts(fake_server):
     with pytest.raises(requests.Timeout):
-        requests.post(fake_server.url + "/generate", timeout=0.5, json={
-            "text": "long", "sampling_params": {"max_new_tokens": 400}})
+        requests.post(
+            fake_server.url + "/generate",
+            timeout=0.5,
+            json={"text": "long", "sampling_params": {"max_new_tokens": 400}},
+        )
     info = wait_until_idle(fake_server)
     assert info["num_running_reqs"] == 0 and info["available_kv_tokens"] == TOTAL_KV_TOKENS
 
 
 def test_abort_request_finishes_the_request_with_abort(fake_server):
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("out", fake_server.post(
-        "/generate", json={"text": "x", "rid": "to-abort",
-                           "sampling_params": {"max_new_tokens": 400}}).json()))
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "out",
+            fake_server.post(
+                "/generate",
+                json={"text": "x", "rid": "to-abort", "sampling_params": {"max_new_tokens": 400}},
+            ).json(),
+        )
+    )
     t.start()
     time.sleep(0.5)
-    assert fake_server.post("/abort_request", json={"rid": "to-abort"}).json()["aborted"] \
-        == ["to-abort"]
+    assert fake_server.post("/abort_request", json={"rid": "to-abort"}).json()["aborted"] == [
+        "to-abort"
+    ]
     t.join(10)
     assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
 
@@ -198,27 +241,44 @@ def test_admin_routes(fake_server):
 def test_metrics_expose_queue_usage_latency_and_throughput(fake_server):
     fake_server.post("/generate", json={"text": "m", "sampling_params": {"max_new_tokens": 3}})
     text = fake_server.get("/metrics").text
-    for name in ("plait_num_queue_reqs", "plait_num_running_reqs", "plait_token_usage",
-                 "plait_cache_hit_rate", "plait_time_to_first_token_seconds_bucket",
-                 "plait_inter_token_latency_seconds_bucket", "plait_gen_throughput",
-                 "plait_generation_tokens_total"):
+    for name in (
+        "plait_num_queue_reqs",
+        "plait_num_running_reqs",
+        "plait_token_usage",
+        "plait_cache_hit_rate",
+        "plait_time_to_first_token_seconds_bucket",
+        "plait_inter_token_latency_seconds_bucket",
+        "plait_gen_throughput",
+        "plait_generation_tokens_total",
+    ):
         assert name in text, name
 
 
 def test_api_key_is_required_when_set(tiny_model_dir, tmp_path):
-    server = start_server(FAKE, tmp_path / "key.log", str(tiny_model_dir), api_key="s3cret",
-                          timeout=120)
+    server = start_server(
+        FAKE, tmp_path / "key.log", str(tiny_model_dir), api_key="s3cret", timeout=120
+    )
     try:
         url = server.url
         assert_openai_error(requests.get(url + "/v1/models"), 401)
-        assert_openai_error(requests.post(url + "/generate", json={"text": "x"},
-                                          headers={"Authorization": "Bearer wrong"}), 401)
+        assert_openai_error(
+            requests.post(
+                url + "/generate", json={"text": "x"}, headers={"Authorization": "Bearer wrong"}
+            ),
+            401,
+        )
         assert requests.get(url + "/health").status_code == 200
-        lower = requests.post(url + "/generate", headers={"Authorization": "bearer s3cret"},
-                              json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+        lower = requests.post(
+            url + "/generate",
+            headers={"Authorization": "bearer s3cret"},
+            json={"text": "x", "sampling_params": {"max_new_tokens": 1}},
+        )
         assert lower.status_code == 200  # the auth scheme is case-insensitive
-        ok = requests.post(url + "/generate", headers=server.headers(),
-                           json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
+        ok = requests.post(
+            url + "/generate",
+            headers=server.headers(),
+            json={"text": "x", "sampling_params": {"max_new_tokens": 1}},
+        )
         assert ok.status_code == 200
         client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret")
         assert client.models.list().data[0].id == tiny_model_dir.name
@@ -226,9 +286,12 @@ def test_api_key_is_required_when_set(tiny_model_dir, tmp_path):
         streamed = {}
 
         def stream():
-            r = requests.post(url + "/generate", headers=server.headers(), stream=True,
-                              json={"text": "x", "stream": True,
-                                    "sampling_params": {"max_new_tokens": 50}})
+            r = requests.post(
+                url + "/generate",
+                headers=server.headers(),
+                stream=True,
+                json={"text": "x", "stream": True, "sampling_params": {"max_new_tokens": 50}},
+            )
             streamed["events"] = sse_events(r)
 
         t = threading.Thread(target=stream)
@@ -246,15 +309,24 @@ def test_a_dead_scheduler_process_means_503s_and_a_non_zero_exit(tiny_model_dir,
     import os
     import signal
     import tempfile
+
     server = start_server(FAKE, tmp_path / "dead.log", str(tiny_model_dir), timeout=120)
     try:
         ipc = glob.glob(os.path.join(tempfile.gettempdir(), f"plait-ipc-{server.proc.pid}-*"))
         assert len(ipc) == 1
-        children = [int(p) for p in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}"
-                                         "/children").read().split()]
+        children = [
+            int(p)
+            for p in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+        ]
         waiting = {}
-        t = threading.Thread(target=lambda: waiting.setdefault("r", server.post(
-            "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 400}})))
+        t = threading.Thread(
+            target=lambda: waiting.setdefault(
+                "r",
+                server.post(
+                    "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 400}}
+                ),
+            )
+        )
         t.start()
         time.sleep(0.5)
         for pid in children:

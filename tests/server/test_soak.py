@@ -6,6 +6,7 @@ usage back to zero at the end.
 
 The default duration is 60 s so a CI run stays short; docs/reliability.md records a run.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,21 +46,42 @@ def _rss_mib(pid: int) -> float:
 def _one(url: str, kind: str, rng: random.Random) -> tuple[int, bool]:
     """Send one request of ``kind``; returns (status, whether the response was as expected)."""
     if kind == "normal":
-        r = requests.post(url + "/generate", timeout=300, json={
-            "text": f"Tell me about the number {rng.randint(0, 999)}.",
-            "sampling_params": {"max_new_tokens": 8, "temperature": 0.7}})
+        r = requests.post(
+            url + "/generate",
+            timeout=300,
+            json={
+                "text": f"Tell me about the number {rng.randint(0, 999)}.",
+                "sampling_params": {"max_new_tokens": 8, "temperature": 0.7},
+            },
+        )
         return r.status_code, r.status_code == 200 and "text" in r.json()
     if kind == "stream":
-        r = requests.post(url + "/v1/chat/completions", timeout=300, stream=True, json={
-            "model": MODEL, "stream": True, "max_tokens": 8,
-            "messages": [{"role": "user", "content": f"Say {rng.randint(0, 99)}"}]})
+        r = requests.post(
+            url + "/v1/chat/completions",
+            timeout=300,
+            stream=True,
+            json={
+                "model": MODEL,
+                "stream": True,
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"Say {rng.randint(0, 99)}"}],
+            },
+        )
         events = sse_events(r)
         return r.status_code, events[-1] == "[DONE]" and not any(
-            isinstance(e, dict) and "error" in e for e in events)
+            isinstance(e, dict) and "error" in e for e in events
+        )
     if kind == "aborted":
-        r = requests.post(url + "/generate", timeout=300, stream=True, json={
-            "text": "Write a long story.", "stream": True,
-            "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}})
+        r = requests.post(
+            url + "/generate",
+            timeout=300,
+            stream=True,
+            json={
+                "text": "Write a long story.",
+                "stream": True,
+                "sampling_params": {"max_new_tokens": 200, "ignore_eos": True},
+            },
+        )
         lines = (ln for ln in r.iter_lines() if ln.startswith(b"data: "))
         next(lines)
         r.close()
@@ -69,19 +91,29 @@ def _one(url: str, kind: str, rng: random.Random) -> tuple[int, bool]:
         r = send_bad(url, path, body, MODEL, 8192)
         return r.status_code, 400 <= r.status_code < 500 and "error" in r.json()
     if kind == "constrained":
-        r = requests.post(url + "/generate", timeout=300, json={
-            "text": "Is the sky blue? Answer:", "sampling_params": {
-                "max_new_tokens": 4, "temperature": 0, "regex": " ?(yes|no)"}})
+        r = requests.post(
+            url + "/generate",
+            timeout=300,
+            json={
+                "text": "Is the sky blue? Answer:",
+                "sampling_params": {"max_new_tokens": 4, "temperature": 0, "regex": " ?(yes|no)"},
+            },
+        )
         return r.status_code, r.status_code == 200 and r.json()["text"].strip() in ("yes", "no")
-    r = requests.post(url + "/generate", timeout=300, data='{"text": "' + "a" * (5 * 2**20)
-                      + '"}', headers={"Content-Type": "application/json"})
+    r = requests.post(
+        url + "/generate",
+        timeout=300,
+        data='{"text": "' + "a" * (5 * 2**20) + '"}',
+        headers={"Content-Type": "application/json"},
+    )
     return r.status_code, r.status_code == 413
 
 
 def test_soak_mixed_traffic(real_model_path, tmp_path):
     seconds = float(os.environ.get("PLAIT_SOAK_SECONDS", "60"))
-    server = start_server(["--device", "cpu", "--max-running-requests", "16"],
-                          tmp_path / "soak.log", real_model_path)
+    server = start_server(
+        ["--device", "cpu", "--max-running-requests", "16"], tmp_path / "soak.log", real_model_path
+    )
     try:
         sent, ok, statuses, errors = Counter(), Counter(), Counter(), []
         lock = threading.Lock()
@@ -114,12 +146,17 @@ def test_soak_mixed_traffic(real_model_path, tmp_path):
             t.join(seconds + 600)
         info = wait_until_idle(server, timeout=60)
         rss["end"] = _rss_mib(server.proc.pid)
-        report = {"seconds": seconds, "concurrency": CONCURRENCY, "sent": dict(sent),
-                  "as_expected": dict(ok), "statuses": {str(k): v for k, v in statuses.items()},
-                  "rss_warm_mib": round(rss.get("warm", rss["end"]), 1),
-                  "rss_end_mib": round(rss["end"], 1),
-                  "kv_free_at_end": info["available_kv_tokens"] + info["evictable_kv_tokens"],
-                  "kv_total": info["max_total_tokens"]}
+        report = {
+            "seconds": seconds,
+            "concurrency": CONCURRENCY,
+            "sent": dict(sent),
+            "as_expected": dict(ok),
+            "statuses": {str(k): v for k, v in statuses.items()},
+            "rss_warm_mib": round(rss.get("warm", rss["end"]), 1),
+            "rss_end_mib": round(rss["end"], 1),
+            "kv_free_at_end": info["available_kv_tokens"] + info["evictable_kv_tokens"],
+            "kv_total": info["max_total_tokens"],
+        }
         print("SOAK", json.dumps(report))
         assert not errors, errors[:5]
         assert not [s for s in statuses if s is None or s >= 500], statuses

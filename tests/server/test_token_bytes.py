@@ -1,5 +1,6 @@
 """A token's own bytes (chat logprobs' ``bytes``) for byte-level BPE, with SmolLM2's tokenizer:
 tokens that split a CJK character or an emoji report their raw byte(s), never U+FFFD's."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ TEXT = "你好，世界！🙂 Ünïcödé and 日本語のテキスト 🎉🎉
 @pytest.fixture(scope="module")
 def tokenizer(smollm_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(smollm_dir)
 
 

@@ -28,6 +28,7 @@ dequantize-then-matmul. About 30 s, most of it Triton compiling. Needs no model.
 requests and 32 requests sharing a 1,000-token prefix, all in one process. Medians of
 ``--repeats`` runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,22 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a small village,",
     "1, 2, 3, 4, 5,",
-    ("You are a careful assistant. Answer briefly and precisely. Here is some context about the "
-     "solar system: the Sun is a star at the centre. Question: which planet is the largest?"),
-    ("You are a careful assistant. Answer briefly and precisely. Here is some context about the "
-     "solar system: the Sun is a star at the centre. Question: how many planets orbit the Sun?"),
+    (
+        "You are a careful assistant. Answer briefly and precisely. Here is some context about the "
+        "solar system: the Sun is a star at the centre. Question: which planet is the largest?"
+    ),
+    (
+        "You are a careful assistant. Answer briefly and precisely. Here is some context about the "
+        "solar system: the Sun is a star at the centre. Question: how many planets orbit the Sun?"
+    ),
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
 ]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 
 def strict_fp32() -> None:
@@ -79,8 +88,9 @@ def make_model(like: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def hf_greedy(model_dir: Path, device: str, prompts: list[list[int]], new: int
-              ) -> tuple[list[list[int]], list[float]]:
+def hf_greedy(
+    model_dir: Path, device: str, prompts: list[list[int]], new: int
+) -> tuple[list[list[int]], list[float]]:
     """transformers' greedy tokens per prompt (one at a time) and the smallest top-1/top-2 gap."""
     from transformers import AutoModelForCausalLM
 
@@ -88,10 +98,15 @@ def hf_greedy(model_dir: Path, device: str, prompts: list[list[int]], new: int
     outs, gaps = [], []
     with torch.no_grad():
         for ids in prompts:
-            g = model.generate(torch.tensor([ids], device=device), max_new_tokens=new,
-                               do_sample=False, output_scores=True, return_dict_in_generate=True,
-                               pad_token_id=model.config.eos_token_id)
-            outs.append(g.sequences[0, len(ids):].tolist())
+            g = model.generate(
+                torch.tensor([ids], device=device),
+                max_new_tokens=new,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=model.config.eos_token_id,
+            )
+            outs.append(g.sequences[0, len(ids) :].tolist())
             top2 = torch.stack([s[0].float().topk(2).values for s in g.scores])
             gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
     del model
@@ -117,32 +132,43 @@ def parity(model_dir: Path, device: str, new: int) -> bool:
         "no overlap schedule": ({"disable_overlap_schedule": True}, "batch"),
     }
     ok = True
-    print(f"transformers fp32 on {device}: smallest top-1/top-2 logit gap per prompt: "
-          + ", ".join(f"{g:.2e}" for g in gaps))
+    print(
+        f"transformers fp32 on {device}: smallest top-1/top-2 logit gap per prompt: "
+        + ", ".join(f"{g:.2e}" for g in gaps)
+    )
     engines: dict[str, plait.Engine] = {}
     for name, (kwargs, mode) in variants.items():
         key = json.dumps(kwargs, sort_keys=True)
         if key not in engines:
             for other in engines.values():
                 other.shutdown()
-            engines = {key: plait.Engine(str(model_dir), device=device, dtype="float32",
-                                         kv_cache_memory_gb=2.0, **kwargs)}
+            engines = {
+                key: plait.Engine(
+                    str(model_dir), device=device, dtype="float32", kv_cache_memory_gb=2.0, **kwargs
+                )
+            }
         engine = engines[key]
         if mode == "alone":
-            got = [engine.generate(input_ids=p, sampling_params=greedy)["output_ids"]
-                   for p in prompts]
+            got = [
+                engine.generate(input_ids=p, sampling_params=greedy)["output_ids"] for p in prompts
+            ]
         else:
-            got = [o["output_ids"] for o in engine.generate(input_ids=prompts,
-                                                            sampling_params=greedy)]
+            got = [
+                o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=greedy)
+            ]
         bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
         info = engine.get_server_info()
         hits = info.get("cached_tokens")
-        print(f"{name:34s} {'token-identical' if not bad else 'MISMATCH prompts ' + str(bad)}"
-              f"  (graph_capture={info.get('graph_capture')}, cached_tokens={hits})")
+        print(
+            f"{name:34s} {'token-identical' if not bad else 'MISMATCH prompts ' + str(bad)}"
+            f"  (graph_capture={info.get('graph_capture')}, cached_tokens={hits})"
+        )
         for i in bad:
             first = next(j for j, (a, b) in enumerate(zip(got[i], want[i])) if a != b)
-            print(f"    prompt {i}: first difference at token {first}: "
-                  f"got {got[i][first:first + 4]}, want {want[i][first:first + 4]}")
+            print(
+                f"    prompt {i}: first difference at token {first}: "
+                f"got {got[i][first : first + 4]}, want {want[i][first : first + 4]}"
+            )
         ok = ok and not bad
     for engine in engines.values():
         engine.shutdown()
@@ -153,11 +179,18 @@ def workloads(new: int, quick: bool) -> list[tuple[str, list, str]]:
     """``quick``: a smoke-test size (batch 1 and 4, 4 mixed and 4 shared-prefix requests)."""
     n = 4 if quick else 64
     prefix = requests(1, (1000, 1000), (0, 0), seed=99)[0][0]
-    out = [(f"decode batch {bs}", requests(bs, (32, 32), (new, new), bs), "tok/s")
-           for bs in ((1, 4) if quick else (1, 16, 64, 256))]
+    out = [
+        (f"decode batch {bs}", requests(bs, (32, 32), (new, new), bs), "tok/s")
+        for bs in ((1, 4) if quick else (1, 16, 64, 256))
+    ]
     out.append((f"{n} mixed (32-256 in, 16-96 out)", requests(n, (32, 256), (16, 96), 5), "tok/s"))
-    out.append((f"{n // 2} x shared 1000-token prefix (16 out)",
-                requests(n // 2, (32, 32), (16, 16), 7, prefix), "req/s"))
+    out.append(
+        (
+            f"{n // 2} x shared 1000-token prefix (16 out)",
+            requests(n // 2, (32, 32), (16, 16), 7, prefix),
+            "req/s",
+        )
+    )
     return out
 
 
@@ -182,14 +215,21 @@ def time_hf(model, reqs: list, device: str) -> float | None:
     sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       pad_token_id=0)
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     sync(device)
     return time.perf_counter() - t
 
 
-def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: int,
-           quick: bool, kv_gb: float, hf_repeats: int) -> None:
+def decode(
+    model_dir: Path,
+    device: str,
+    dtypes: list[str],
+    repeats: int,
+    new: int,
+    quick: bool,
+    kv_gb: float,
+    hf_repeats: int,
+) -> None:
     from transformers import AutoModelForCausalLM
 
     import plait
@@ -198,11 +238,19 @@ def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: i
     for dtype in dtypes:
         print(f"\n### {dtype}, {device}, median of {repeats} runs, {new} new tokens at batch N\n")
         columns: dict[str, dict[str, float]] = {}
-        for label, kwargs in (("Plait (graphs)", {}),
-                              ("Plait (eager)", {"disable_graph_capture": True})):
+        for label, kwargs in (
+            ("Plait (graphs)", {}),
+            ("Plait (eager)", {"disable_graph_capture": True}),
+        ):
             t0 = time.perf_counter()
-            engine = plait.Engine(str(model_dir), device=device, dtype=dtype,
-                                  kv_cache_memory_gb=kv_gb, max_running_requests=256, **kwargs)
+            engine = plait.Engine(
+                str(model_dir),
+                device=device,
+                dtype=dtype,
+                kv_cache_memory_gb=kv_gb,
+                max_running_requests=256,
+                **kwargs,
+            )
             start = time.perf_counter() - t0
             serve(engine, requests(4, (8, 8), (4, 4), 0))  # warm-up
             columns[label] = {}
@@ -220,21 +268,30 @@ def decode(model_dir: Path, device: str, dtypes: list[str], repeats: int, new: i
         for title, reqs, unit in loads:
             runs = [time_hf(model, reqs, device) for _ in range(hf_repeats)]
             if runs[0] is not None:
-                columns["transformers"][title] = statistics.median(rate(reqs, s, unit)
-                                                                   for s in runs)
-                print(f"  transformers     {title}: {columns['transformers'][title]:.1f} {unit}",
-                      flush=True)
+                columns["transformers"][title] = statistics.median(
+                    rate(reqs, s, unit) for s in runs
+                )
+                print(
+                    f"  transformers     {title}: {columns['transformers'][title]:.1f} {unit}",
+                    flush=True,
+                )
         del model
         names = list(columns)
-        print("| workload | unit | " + " | ".join(names) +
-              " | graphs / transformers | graphs / eager |")
+        print(
+            "| workload | unit | "
+            + " | ".join(names)
+            + " | graphs / transformers | graphs / eager |"
+        )
         print("|---|---|" + "---:|" * (len(names) + 2))
         for title, _, unit in loads:
             cells = [columns[n].get(title) for n in names]
             g, e, h = cells
-            print(f"| {title} | {unit} | " +
-                  " | ".join("—" if c is None else f"{c:.1f}" for c in cells) +
-                  f" | {'—' if h is None else f'{g / h:.2f}x'} | {g / e:.2f}x |", flush=True)
+            print(
+                f"| {title} | {unit} | "
+                + " | ".join("—" if c is None else f"{c:.1f}" for c in cells)
+                + f" | {'—' if h is None else f'{g / h:.2f}x'} | {g / e:.2f}x |",
+                flush=True,
+            )
 
 
 def quant(model_dir: Path, device: str, new: int, repeats: int) -> bool:
@@ -253,23 +310,43 @@ def quant(model_dir: Path, device: str, new: int, repeats: int) -> bool:
     for method in ("int8", "int4"):
         outs = {}
         for dev in ("cpu", device):
-            with plait.Engine(str(model_dir), device=dev, dtype="float32", quantization=method,
-                              kv_cache_memory_gb=1.0) as engine:
-                outs[dev] = [o["output_ids"] for o in engine.generate(input_ids=prompts,
-                                                                      sampling_params=greedy)]
+            with plait.Engine(
+                str(model_dir),
+                device=dev,
+                dtype="float32",
+                quantization=method,
+                kv_cache_memory_gb=1.0,
+            ) as engine:
+                outs[dev] = [
+                    o["output_ids"]
+                    for o in engine.generate(input_ids=prompts, sampling_params=greedy)
+                ]
         bad = [i for i, (a, b) in enumerate(zip(outs[device], outs["cpu"])) if a != b]
-        print(f"{method} float32 {device} vs cpu: "
-              f"{'token-identical' if not bad else 'MISMATCH prompts ' + str(bad)}", flush=True)
+        print(
+            f"{method} float32 {device} vs cpu: "
+            f"{'token-identical' if not bad else 'MISMATCH prompts ' + str(bad)}",
+            flush=True,
+        )
         ok = ok and not bad
     loads = [w for w in workloads(new, quick=False) if w[0].startswith("decode")]
-    print(f"\n| bf16 decode tok/s ({device}, graphs) | " + " | ".join(t for t, _, _ in loads) + " |")
+    print(
+        f"\n| bf16 decode tok/s ({device}, graphs) | " + " | ".join(t for t, _, _ in loads) + " |"
+    )
     print("|---|" + "---:|" * len(loads))
     for method in ("none", "int8", "int4"):
-        with plait.Engine(str(model_dir), device=device, dtype="bfloat16", quantization=method,
-                          kv_cache_memory_gb=4.0, max_running_requests=256) as engine:
+        with plait.Engine(
+            str(model_dir),
+            device=device,
+            dtype="bfloat16",
+            quantization=method,
+            kv_cache_memory_gb=4.0,
+            max_running_requests=256,
+        ) as engine:
             serve(engine, requests(4, (8, 8), (4, 4), 0))  # warm-up
-            cells = [statistics.median(rate(reqs, serve(engine, reqs), unit)
-                                       for _ in range(repeats)) for _, reqs, unit in loads]
+            cells = [
+                statistics.median(rate(reqs, serve(engine, reqs), unit) for _ in range(repeats))
+                for _, reqs, unit in loads
+            ]
         print(f"| {method} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
     return ok
 
@@ -308,17 +385,26 @@ def qmatmul(iters: int) -> None:
     from plait.testing.kit import assert_quantized_close, weight_on
 
     dev = torch.device("cuda")
-    print(f"### quantized matmul, {torch.cuda.get_device_name()}, fp16 activations, "
-          f"us per call (CUDA graph of {iters})\n")
-    formats = {"int8": lambda w: quantize_int8(w, shrinks=(1.0,)),
-               "q4_1": lambda w: quantize_int4(w, 32, shrinks=(1.0,)),
-               "q4_0": lambda w: quantize_int4(w, 32, symmetric=True, shrinks=(1.0,))}
-    print("| N x K | M | fp16 F.linear | " + " | ".join(formats) + " | q4_1 no split-K | "
-          + " | ".join(f"fp16 / {f}" for f in formats) + " |")
+    print(
+        f"### quantized matmul, {torch.cuda.get_device_name()}, fp16 activations, "
+        f"us per call (CUDA graph of {iters})\n"
+    )
+    formats = {
+        "int8": lambda w: quantize_int8(w, shrinks=(1.0,)),
+        "q4_1": lambda w: quantize_int4(w, 32, shrinks=(1.0,)),
+        "q4_0": lambda w: quantize_int4(w, 32, symmetric=True, shrinks=(1.0,)),
+    }
+    print(
+        "| N x K | M | fp16 F.linear | "
+        + " | ".join(formats)
+        + " | q4_1 no split-K | "
+        + " | ".join(f"fp16 / {f}" for f in formats)
+        + " |"
+    )
     print("|---|---:|" + "---:|" * (2 * len(formats) + 2))
     gen = torch.Generator().manual_seed(0)
     for n, k in QMATMUL_SHAPES:
-        dense = torch.randn(n, k, generator=gen) / k ** 0.5
+        dense = torch.randn(n, k, generator=gen) / k**0.5
         weights = {f: make(dense) for f, make in formats.items()}
         on_dev = {f: weight_on(w, dev) for f, w in weights.items()}
         w16 = dense.half().to(dev)
@@ -328,16 +414,28 @@ def qmatmul(iters: int) -> None:
             for f, w in weights.items():  # correctness before speed
                 assert_quantized_close(quantized_matmul(xd, on_dev[f]), x, w, f"{f} {n}x{k} m{m}")
             cells = [graph_time_us(lambda xd=xd, w16=w16: F.linear(xd, w16), iters)]
-            cells += [graph_time_us(
-                lambda f=f, xd=xd, on_dev=on_dev: quantized_matmul(xd, on_dev[f]), iters)
-                      for f in formats]
+            cells += [
+                graph_time_us(
+                    lambda f=f, xd=xd, on_dev=on_dev: quantized_matmul(xd, on_dev[f]), iters
+                )
+                for f in formats
+            ]
             no_split = choose_tiles(m, n, k)  # no SM count given: split_k = 1
-            cells.append(graph_time_us(
-                lambda xd=xd, w=on_dev["q4_1"], tiles=no_split: quantized_matmul(xd, w, tiles),
-                iters))
-            ratios = [cells[0] / c for c in cells[1:1 + len(formats)]]
-            print(f"| {n} x {k} | {m} | " + " | ".join(f"{c:.1f}" for c in cells) + " | "
-                  + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
+            cells.append(
+                graph_time_us(
+                    lambda xd=xd, w=on_dev["q4_1"], tiles=no_split: quantized_matmul(xd, w, tiles),
+                    iters,
+                )
+            )
+            ratios = [cells[0] / c for c in cells[1 : 1 + len(formats)]]
+            print(
+                f"| {n} x {k} | {m} | "
+                + " | ".join(f"{c:.1f}" for c in cells)
+                + " | "
+                + " | ".join(f"{r:.2f}x" for r in ratios)
+                + " |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -365,8 +463,12 @@ def main() -> None:
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--new", type=int, default=128)
     d.add_argument("--quick", action="store_true", help="smoke-test sizes")
-    d.add_argument("--hf-repeats", type=int, default=1,
-                   help="runs per transformers cell (its eager decode is slow)")
+    d.add_argument(
+        "--hf-repeats",
+        type=int,
+        default=1,
+        help="runs per transformers cell (its eager decode is slow)",
+    )
     d.add_argument("--kv-gb", type=float, default=8.0, help="KV pool budget per engine")
     args = ap.parse_args()
     if args.cmd == "make-model":
@@ -378,8 +480,16 @@ def main() -> None:
     elif args.cmd == "parity":
         raise SystemExit(0 if parity(args.model, args.device, args.new) else 1)
     else:
-        decode(args.model, args.device, args.dtypes, args.repeats, args.new, args.quick,
-               args.kv_gb, args.hf_repeats)
+        decode(
+            args.model,
+            args.device,
+            args.dtypes,
+            args.repeats,
+            args.new,
+            args.quick,
+            args.kv_gb,
+            args.hf_repeats,
+        )
 
 
 if __name__ == "__main__":

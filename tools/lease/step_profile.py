@@ -12,6 +12,7 @@ every kernel: a captured graph's kernels are attributed to the replay.
     python -m tools.lease.step_profile --device cuda --dtype bfloat16 --batch 64 \\
         --disable-graph-capture
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ PHASES = ("schedule", "forward", "sample", "process", "wait")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model-path", default=None, help="default: the bundled default model")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32")
@@ -42,12 +44,17 @@ def main(argv: list[str] | None = None) -> None:
     import plait
     from plait.models.default import default_model_path
 
-    engine = plait.Engine(str(args.model_path or default_model_path()), device=args.device,
-                          dtype=args.dtype, max_running_requests=max(args.batch, 1),
-                          disable_graph_capture=args.disable_graph_capture)
+    engine = plait.Engine(
+        str(args.model_path or default_model_path()),
+        device=args.device,
+        dtype=args.dtype,
+        max_running_requests=max(args.batch, 1),
+        disable_graph_capture=args.disable_graph_capture,
+    )
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(args.input_len)]
-               for _ in range(args.batch)]
+    prompts = [
+        [rng.randrange(100, 40000) for _ in range(args.input_len)] for _ in range(args.batch)
+    ]
     params = {"max_new_tokens": args.new, "temperature": 0, "ignore_eos": True}
     try:
         engine.generate(input_ids=prompts, sampling_params=params)  # warm-up, same shapes
@@ -67,12 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         engine.shutdown()
     passes = max(1, after["forward_passes"] - before["forward_passes"])
-    print(f"{args.batch} x ({args.input_len} in, {args.new} new), {args.device} {args.dtype}, "
-          f"graphs {'off' if args.disable_graph_capture else 'on'}: {wall:.3f} s under the "
-          f"profiler, {passes} passes")
-    print("ms per pass: " + " ".join(
-        f"{ph}={1000 * (after[ph + '_seconds'] - before[ph + '_seconds']) / passes:.2f}"
-        for ph in PHASES))
+    print(
+        f"{args.batch} x ({args.input_len} in, {args.new} new), {args.device} {args.dtype}, "
+        f"graphs {'off' if args.disable_graph_capture else 'on'}: {wall:.3f} s under the "
+        f"profiler, {passes} passes"
+    )
+    print(
+        "ms per pass: "
+        + " ".join(
+            f"{ph}={1000 * (after[ph + '_seconds'] - before[ph + '_seconds']) / passes:.2f}"
+            for ph in PHASES
+        )
+    )
     key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     if args.trace:

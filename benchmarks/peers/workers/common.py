@@ -22,6 +22,7 @@ ignored); the warm-up runs once before any timing; each timed repeat serves the 
 workload from an empty prefix cache (``Serve.reset``), submitted at once for engines that batch.
 Results go to a file, not stdout, because engines log to stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ class Serve:
     """What a worker supplies: how to serve a list of requests and how to empty its caches.
 
     ``generate`` returns each request's generated token ids, in request order."""
+
     engine: str
     version: str
     generate: Callable[[list[Request]], list[list[int]]]
@@ -72,14 +74,25 @@ def run(job: dict, serve: Serve, load_s: float, out_path: str) -> None:
             got = [len(o) for o in outs]
             want = [n for _, n in reqs]
             if got != want:
-                raise RuntimeError(f"{serve.engine}: {w['name']}: generated {got[:8]}... tokens, "
-                                   f"asked for {want[:8]}... (EOS must be ignored)")
+                raise RuntimeError(
+                    f"{serve.engine}: {w['name']}: generated {got[:8]}... tokens, "
+                    f"asked for {want[:8]}... (EOS must be ignored)"
+                )
             if not first_output:
                 first_output = list(outs[0])
         print(f"[{serve.engine}] {w['name']}: {seconds[w['name']]}", file=sys.stderr, flush=True)
     with open(out_path, "w") as f:
-        json.dump({"engine": serve.engine, "version": serve.version, "notes": serve.notes,
-                   "load_s": load_s, "seconds": seconds, "first_output": first_output}, f)
+        json.dump(
+            {
+                "engine": serve.engine,
+                "version": serve.version,
+                "notes": serve.notes,
+                "load_s": load_s,
+                "seconds": seconds,
+                "first_output": first_output,
+            },
+            f,
+        )
 
 
 def main(load: Callable[[dict], Serve]) -> None:

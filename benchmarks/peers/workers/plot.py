@@ -4,6 +4,7 @@ Run with a Python that has matplotlib (``.peers/plot``; the repository's venv do
 ``PYTHON -m benchmarks.peers.workers.plot RESULTS.json OUT.png`` from the repository root.
 Workloads measured in req/s and tok/s share an axis only per group, so each group is labelled
 with its unit."""
+
 from __future__ import annotations
 
 import json

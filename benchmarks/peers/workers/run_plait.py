@@ -2,6 +2,7 @@
 ``Engine`` on the float32 checkpoint, or on the Q4_1 GGUF with ``options.quantization`` (and
 ``options.quantization_activations``); ``options.compact_weights`` false streams the float32
 panels even where a weight has a lossless smaller form."""
+
 from __future__ import annotations
 
 from importlib.metadata import version
@@ -18,10 +19,14 @@ def load(job: dict) -> Serve:
     compact = job["options"].get("compact_weights", True)
     quantization = job["options"].get("quantization", "none")
     activations = job["options"].get("quantization_activations", "float")
-    engine = plait.Engine(model_path=job["model_dir"], quantization=quantization,
-                          quantization_activations=activations, kv_cache_memory_gb=2.0,
-                          random_seed=job["seed"],
-                          backend_options=CpuOptions(compact_weights=compact))
+    engine = plait.Engine(
+        model_path=job["model_dir"],
+        quantization=quantization,
+        quantization_activations=activations,
+        kv_cache_memory_gb=2.0,
+        random_seed=job["seed"],
+        backend_options=CpuOptions(compact_weights=compact),
+    )
 
     def generate(reqs: list[Request]) -> list[list[int]]:
         sps = [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for _, n in reqs]
@@ -31,8 +36,13 @@ def load(job: dict) -> Serve:
     name = "plait" if quantization == "none" else f"plait-{quantization}"
     name += "-a8" if activations == "int8" else ""
     name += "" if compact else "-panels"
-    return Serve(name, version("plait"), generate, engine.flush_cache,
-                 notes="continuous batching, radix cache")
+    return Serve(
+        name,
+        version("plait"),
+        generate,
+        engine.flush_cache,
+        notes="continuous batching, radix cache",
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Everything else is Plait's Llama, reused as it is: the layers, the parameter nam
 Plait's safetensors loader reads the checkpoint), tensor-parallel sharding and the paged
 attention contract.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,8 +26,13 @@ class GatedDecoderLayer(DecoderLayer):
         super().__init__(config, layer_id, rotary, tp)
         self.residual_scale = float(config.residual_scale)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, attn: Any,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        attn: Any,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
         s = self.residual_scale
         x = x + s * self.self_attn(self.input_layernorm(x), batch, attn, rope)
         return x + s * self.mlp(self.post_attention_layernorm(x))
@@ -38,5 +44,6 @@ class TinyGatedLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{ARCHITECTURE} needs `residual_scale` in config.json")
         super().__init__(config, max_positions, tp)
         rotary = self.layers[0].self_attn.rotary
-        self.layers = nn.ModuleList(GatedDecoderLayer(config, i, rotary, tp)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            GatedDecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
+        )

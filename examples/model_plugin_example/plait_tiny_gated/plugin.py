@@ -1,4 +1,5 @@
 """Registers ``TinyGatedLlamaForCausalLM`` (entry point ``plait.models: tiny_gated``)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -12,8 +13,17 @@ from plait_tiny_gated.model import ARCHITECTURE, TinyGatedLlamaForCausalLM
 
 def load_tiny_gated(spec: Any, device: torch.device, matmul: Any) -> torch.nn.Module:
     """Plait's loader on our class: same parameter names, so the same weight mapping."""
-    return load_model(spec.model_dir, spec.hf_config, spec.dtype, device, spec.context_len,
-                      spec.tp, spec.quantization, matmul, model_cls=TinyGatedLlamaForCausalLM)
+    return load_model(
+        spec.model_dir,
+        spec.hf_config,
+        spec.dtype,
+        device,
+        spec.context_len,
+        spec.tp,
+        spec.quantization,
+        matmul,
+        model_cls=TinyGatedLlamaForCausalLM,
+    )
 
 
 @hookimpl

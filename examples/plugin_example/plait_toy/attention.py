@@ -1,4 +1,5 @@
 """The toy device's attention: the CPU reference, with call counters for tests."""
+
 from __future__ import annotations
 
 import collections

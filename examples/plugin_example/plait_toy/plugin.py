@@ -3,6 +3,7 @@
 Everything not written here is the base class's default: torch tensors on the CPU, a torch
 KV pool, the core's slot allocator, eager decode, Plait's torch model, float32, page size 1.
 """
+
 from __future__ import annotations
 
 from plait.backends import hookimpl
@@ -15,6 +16,7 @@ class ToyBackend(Backend):
 
     def create_attention_backend(self, kv_pool, num_heads, num_kv_heads, head_dim):
         from plait_toy.attention import ToyAttentionBackend
+
         return ToyAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
 

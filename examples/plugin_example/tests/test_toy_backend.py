@@ -1,4 +1,5 @@
 """Certify the toy backend with Plait's conformance kit, and run a real Engine on it."""
+
 import pytest
 
 from plait.testing import BackendConformance, make_tiny_llama

@@ -3,6 +3,7 @@
 These two functions are the numerical reference every other backend's kernels are certified
 against (see ``plait.testing``), and they are what the CPU backend runs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +15,17 @@ from plait.core.backend_api import AttentionBackend
 from plait.core.forward_batch import ForwardBatch
 
 
-def extend_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                         req_to_token: torch.Tensor, req_pool_indices: list[int],
-                         prefix_lens: list[int], extend_lens: list[int],
-                         scale: float, window: int | None = None) -> torch.Tensor:
+def extend_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: list[int],
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """q: [T, Hq, D] (requests concatenated); buffers: [S, Hkv, D]. Request b's new tokens sit at
     positions prefix_lens[b].. and see every key at or before their own position; with a sliding
     ``window`` W only the last W of those (``key > position - W``).
@@ -32,18 +40,20 @@ def extend_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
         # keys before the first new token's window are seen by no query: never gathered
         first = 0 if window is None else max(0, prefix - window + 1)
         slots = req_to_token[req, first:total].long()
-        qi = q[start:start + ext].transpose(0, 1).unsqueeze(0)                 # [1, Hq, ext, D]
+        qi = q[start : start + ext].transpose(0, 1).unsqueeze(0)  # [1, Hq, ext, D]
         # index_select gathers whole [Hkv, D] rows 2-4x faster than advanced indexing
         ki = k_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         vi = v_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         if prefix == 0 and (window is None or window >= ext):
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True
+            )
         else:
-            mask = visible_keys(prefix, ext, first, window).to(q.device)   # [ext, total - first]
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask,
-                                               scale=scale, enable_gqa=True)
-        out[start:start + ext] = o[0].transpose(0, 1)
+            mask = visible_keys(prefix, ext, first, window).to(q.device)  # [ext, total - first]
+            o = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[start : start + ext] = o[0].transpose(0, 1)
         start += ext
     return out
 
@@ -59,14 +69,18 @@ def visible_keys(prefix: int, ext: int, first: int, window: int | None) -> torch
     return mask
 
 
-def window_slots(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                 seq_lens: torch.Tensor, seq_lens_cpu: list[int],
-                 window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def window_slots(
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_cpu: list[int],
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The KV a decode query reads: ``(slots [B, L], lens [B])``, row b's first ``lens[b]``
     entries the slots of request b's last ``min(seq_lens[b], window)`` tokens (all of them
     without a window), in position order; the rest of the row repeats a valid slot."""
     if window is None:
-        return req_to_token[req_pool_indices, :max(seq_lens_cpu)].long(), seq_lens
+        return req_to_token[req_pool_indices, : max(seq_lens_cpu)].long(), seq_lens
     lens = seq_lens.clamp(max=window)
     width = min(max(seq_lens_cpu), window)
     cols = (seq_lens - lens).unsqueeze(1) + torch.arange(width, device=seq_lens.device)
@@ -74,25 +88,33 @@ def window_slots(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
     return req_to_token[req_pool_indices.unsqueeze(1), cols].long(), lens
 
 
-def decode_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                         req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float,
-                         window: int | None = None) -> torch.Tensor:
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """q: [B, Hq, D], one query per request over its first seq_lens[b] slots (with a sliding
     ``window`` W, the last W of them).
 
     Batched by padding to the longest sequence: padded keys point at slot 0 and are masked.
     One SDPA call per layer beats a Python loop over requests at every batch size we serve.
     """
-    slots, lens = window_slots(req_to_token, req_pool_indices, seq_lens, seq_lens.tolist(),
-                               window)                                    # [B, L], [B]
+    slots, lens = window_slots(
+        req_to_token, req_pool_indices, seq_lens, seq_lens.tolist(), window
+    )  # [B, L], [B]
     valid = torch.arange(slots.shape[1], device=q.device).unsqueeze(0) < lens.unsqueeze(1)
     slots = slots.masked_fill(~valid, 0)
-    k = k_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)                  # [B, Hkv, L, D]
+    k = k_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)  # [B, Hkv, L, D]
     v = v_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)
-    mask = valid[:, None, None, :]                                        # [B, 1, 1, L]
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                       enable_gqa=True)
+    mask = valid[:, None, None, :]  # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return o.squeeze(2)
 
 
@@ -100,9 +122,9 @@ def decode_attention_ref(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
 class _DecodeKeys:
     """One sliding window's decode gather, shared by the layers with that window."""
 
-    slots: torch.Tensor               # [B * L] flat slots to gather
-    gather_shape: tuple[int, ...]     # (B, L, Hkv, D)
-    bias: torch.Tensor | None         # [B, 1, 1, L] 0 / -inf, None when nothing is masked
+    slots: torch.Tensor  # [B * L] flat slots to gather
+    gather_shape: tuple[int, ...]  # (B, L, Hkv, D)
+    bias: torch.Tensor | None  # [B, 1, 1, L] 0 / -inf, None when nothing is masked
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -125,8 +147,9 @@ class TorchAttentionBackend(AttentionBackend):
         self._decode = {w: self._decode_keys(batch, w) for w in windows}
 
     def _decode_keys(self, batch: ForwardBatch, window: int | None) -> _DecodeKeys:
-        slots, lens = window_slots(batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
-                                   batch.seq_lens_cpu, window)
+        slots, lens = window_slots(
+            batch.req_to_token, batch.req_pool_indices, batch.seq_lens, batch.seq_lens_cpu, window
+        )
         bias = None
         # Masked whenever there is more than one request, even if their lengths are equal:
         # whether a mask exists then depends on the batch size alone, so a compiled decode
@@ -138,15 +161,23 @@ class TorchAttentionBackend(AttentionBackend):
             bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
         # One flat index for index_select, 2-4x faster than advanced indexing (aten::index)
         # for this gather of whole [Hkv, D] rows; the same values.
-        return _DecodeKeys(slots.reshape(-1), (*slots.shape, self.num_kv_heads, self.head_dim),
-                           bias)
+        return _DecodeKeys(
+            slots.reshape(-1), (*slots.shape, self.num_kv_heads, self.head_dim), bias
+        )
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
         return extend_attention_ref(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], batch.req_to_token,
-            self._req_rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, self.scale,
-            self.window(layer_id))
+            q,
+            pool.k_buffers[layer_id],
+            pool.v_buffers[layer_id],
+            batch.req_to_token,
+            self._req_rows,
+            batch.prefix_lens_cpu,
+            batch.extend_lens_cpu,
+            self.scale,
+            self.window(layer_id),
+        )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         b, hq, d = q.shape
@@ -156,8 +187,8 @@ class TorchAttentionBackend(AttentionBackend):
         v = pool.v_buffers[layer_id].index_select(0, keys.slots).view(keys.gather_shape)
         k, v = k.to(q.dtype), v.to(q.dtype)
         # k, v: [B, L, Hkv, D]
-        qg = q.view(b, hkv, hq // hkv, d)                                 # [B, Hkv, G, D]
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale     # [B, Hkv, G, L]
+        qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale  # [B, Hkv, G, L]
         if keys.bias is not None:
             scores = scores + keys.bias
         probs = torch.softmax(scores, dim=-1).to(v.dtype)  # a float32 bias promotes fp16 scores

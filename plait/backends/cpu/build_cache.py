@@ -21,6 +21,7 @@ and a build killed at any point leaves either the old state or the new one. No w
 unbounded: the lock wait and the compile are each limited by ``$PLAIT_KERNEL_BUILD_TIMEOUT``
 (seconds, default :data:`DEFAULT_TIMEOUT_S`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,11 +64,16 @@ class BuildEnv:
     def current(cls) -> BuildEnv:
         import torch
 
-        return cls(prefix=os.path.realpath(sys.prefix), executable=sys.executable,
-                   python=sys.version, cache_tag=sys.implementation.cache_tag or "py",
-                   torch_version=torch.__version__, torch_git=torch.version.git_version,
-                   cxx11_abi=bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
-                   compiler=os.environ.get("CXX", "c++"))
+        return cls(
+            prefix=os.path.realpath(sys.prefix),
+            executable=sys.executable,
+            python=sys.version,
+            cache_tag=sys.implementation.cache_tag or "py",
+            torch_version=torch.__version__,
+            torch_git=torch.version.git_version,
+            cxx11_abi=bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False)),
+            compiler=os.environ.get("CXX", "c++"),
+        )
 
     def directory(self, root: Path) -> Path:
         """This environment's directory under ``root``: a readable tag and a digest of all."""
@@ -92,13 +98,20 @@ def timeout_s() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise ValueError(f"PLAIT_KERNEL_BUILD_TIMEOUT must be a positive number of seconds, "
-                         f"got {raw!r}")
+        raise ValueError(
+            f"PLAIT_KERNEL_BUILD_TIMEOUT must be a positive number of seconds, got {raw!r}"
+        )
     return value
 
 
-def load(name: str, sources: list[Path], *, cflags: list[str], ldflags: list[str],
-         root: Path | None = None) -> ModuleType:
+def load(
+    name: str,
+    sources: list[Path],
+    *,
+    cflags: list[str],
+    ldflags: list[str],
+    root: Path | None = None,
+) -> ModuleType:
     """The module ``name`` built from ``sources``: imported from the cache, else built (once,
     under the lock, across processes), installed, then imported."""
     env = BuildEnv.current()
@@ -122,15 +135,27 @@ def _describe_env(directory: Path, env: BuildEnv) -> None:
         os.replace(tmp, path)
 
 
-def _build_and_install(name: str, sources: list[Path], cflags: list[str], ldflags: list[str],
-                       target: Path, limit: float) -> None:
+def _build_and_install(
+    name: str,
+    sources: list[Path],
+    cflags: list[str],
+    ldflags: list[str],
+    target: Path,
+    limit: float,
+) -> None:
     # holding the lock, any other build directory of this name is a dead builder's
     for stale in target.parent.glob(f".build-{name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=target.parent))
     try:
-        spec = {"parent": os.getpid(), "name": name, "sources": [str(s) for s in sources],
-                "extra_cflags": cflags, "extra_ldflags": ldflags, "build_directory": str(work)}
+        spec = {
+            "parent": os.getpid(),
+            "name": name,
+            "sources": [str(s) for s in sources],
+            "extra_cflags": cflags,
+            "extra_ldflags": ldflags,
+            "build_directory": str(work),
+        }
         _compile(spec, work, limit)
         os.replace(work / f"{name}{_SUFFIX}", target)
     finally:
@@ -140,14 +165,21 @@ def _build_and_install(name: str, sources: list[Path], cflags: list[str], ldflag
 def _compile(spec: dict, work: Path, limit: float) -> None:
     """Run compile_worker.py on ``spec``; its whole session (ninja, the compilers) ends on
     timeout or on an exception here (KeyboardInterrupt included)."""
-    proc = subprocess.Popen([sys.executable, "-c", _RUN_WORKER, str(_WORKER)], cwd=work,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN_WORKER, str(_WORKER)],
+        cwd=work,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(json.dumps(spec).encode(), timeout=limit)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"building {spec['name']} took over {limit:g} s (set "
-                           f"PLAIT_KERNEL_BUILD_TIMEOUT to allow longer)") from None
+        raise RuntimeError(
+            f"building {spec['name']} took over {limit:g} s (set "
+            f"PLAIT_KERNEL_BUILD_TIMEOUT to allow longer)"
+        ) from None
     finally:
         if proc.returncode is None:
             end_session(proc.pid)  # the worker leads its session

@@ -18,6 +18,7 @@ What holds:
 
 POSIX only (``fcntl``), as is the CPU backend's build (g++ or clang).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,11 @@ def _try_lock(fd: int, path: Path) -> bool:
     except BlockingIOError:
         return False
     except OSError as e:  # e.g. a file system without flock
-        raise OSError(e.errno, f"cannot lock {path} ({e.strerror}); put the kernel builds on a "
-                               f"local disk with PLAIT_KERNEL_DIR") from e
+        raise OSError(
+            e.errno,
+            f"cannot lock {path} ({e.strerror}); put the kernel builds on a "
+            f"local disk with PLAIT_KERNEL_DIR",
+        ) from e
 
 
 def _record_owner(fd: int) -> None:
@@ -91,10 +95,12 @@ def build_lock(path: Path, *, timeout_s: float, poll_s: float = 0.2) -> Iterator
                     f"{_describe(_owner(fd))}, which is still running (a dead owner frees the "
                     f"lock by itself). If that process is stuck, end it; to wait longer set "
                     f"PLAIT_KERNEL_BUILD_TIMEOUT (seconds); to build in another directory set "
-                    f"PLAIT_KERNEL_DIR.")
+                    f"PLAIT_KERNEL_DIR."
+                )
             if not noticed and waited >= _NOTICE_AFTER_S:
-                log.warning("waiting for the kernel build lock %s, held by %s", path,
-                            _describe(_owner(fd)))
+                log.warning(
+                    "waiting for the kernel build lock %s, held by %s", path, _describe(_owner(fd))
+                )
                 noticed = True
             time.sleep(min(poll_s, max(timeout_s - waited, 0.0)))
         _record_owner(fd)

@@ -14,6 +14,7 @@ process group would miss them; :func:`end_session` ends the session). On Linux t
 is told (``PR_SET_PDEATHSIG``) when the builder dies, and then ends its session: a killed
 start leaves no compiler running.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ def _session_members(session: int) -> list[int]:
                 stat = f.read()
         except OSError:  # gone meanwhile
             continue
-        state, _ppid, _pgrp, sid = stat[stat.rindex(b")") + 2:].split()[:4]
+        state, _ppid, _pgrp, sid = stat[stat.rindex(b")") + 2 :].split()[:4]
         if int(sid) == session and state != b"Z":
             members.append(int(entry))
     return members

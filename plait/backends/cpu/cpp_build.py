@@ -24,6 +24,7 @@ directory per interpreter and torch build), how a killed build is survived (a lo
 owner cannot keep, an atomic install) and the time limits (``$PLAIT_KERNEL_BUILD_TIMEOUT``):
 :mod:`plait.backends.cpu.build_cache`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,8 +42,16 @@ LEVELS = ("portable", "avx2", "avx512vnni")
 _FLAGS = {
     "portable": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                   "-mavx512dq", "-mavx512vnni"],
+    "avx512vnni": [
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512vnni",
+    ],
 }
 #: the whole module keeps a * b + c as two roundings, as torch's elementwise ops do: the layer
 #: step's glue (RMSNorm, RoPE) must round as plait/models/llama.py does, and the kernels it
@@ -52,15 +61,21 @@ CSRC = Path(__file__).with_name("csrc")
 
 
 def has_avx2() -> bool:
-    return (platform.machine().lower() in ("x86_64", "amd64")
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    return platform.machine().lower() in (
+        "x86_64",
+        "amd64",
+    ) and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def has_avx512_vnni() -> bool:
     """AVX-512 with VNNI (torch's own CPU probe; its AVX512 level implies F/BW/VL/DQ)."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return (has_avx2() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and is_vnni is not None and bool(is_vnni()))
+    return (
+        has_avx2()
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        and is_vnni is not None
+        and bool(is_vnni())
+    )
 
 
 def best_level() -> str:
@@ -110,8 +125,7 @@ def build() -> bool:
     try:
         extension()
     except Exception as e:  # a missing compiler surfaces as several error types
-        print(f"warning: the CPU kernels did not build ({e}); the CPU backend will use torch "
-              f"paths")
+        print(f"warning: the CPU kernels did not build ({e}); the CPU backend will use torch paths")
         return False
     return True
 
@@ -121,5 +135,7 @@ if __name__ == "__main__":
 
     start = time.perf_counter()
     built = build()
-    print(f"CPU kernels at level {best_level()}: {'built or cached' if built else 'failed'} in "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"CPU kernels at level {best_level()}: {'built or cached' if built else 'failed'} in "
+        f"{time.perf_counter() - start:.0f} s"
+    )

@@ -20,6 +20,7 @@ development machine (413 s while three other jobs shared it), far too long for `
 and the test suite. Opt in with ``enable_graph_capture=True`` / ``--enable-graph-capture``;
 the compiled artifacts land in Inductor's on-disk cache, which makes later starts faster.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -35,12 +36,14 @@ class CompileCapture:
 
     def __init__(self, model: Any):
         self.compiles = 0
-        model.decode_forward = torch.compile(model.layers_forward, dynamic=True,
-                                             fullgraph=True, backend=self._counting_inductor)
+        model.decode_forward = torch.compile(
+            model.layers_forward, dynamic=True, fullgraph=True, backend=self._counting_inductor
+        )
 
     def _counting_inductor(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         self.compiles += 1
         from torch._inductor.compile_fx import compile_fx
+
         return compile_fx(gm, example_inputs)
 
     def stats(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ screen cannot decide (a non-finite hidden state or logit) gets its logits from t
 and the sampler's rule. Used only for ``ForwardBatch.greedy_only`` decode batches, on a CPU with
 AVX-512 BF16, for an LM head packed in float32 panels without bias.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,8 +63,14 @@ class GreedyHead:
         :class:`PackedLinear` that kept its panels, without bias, an even ``in_features``,
         AVX-512 BF16 here."""
         ext = extension()
-        if (ext is None or not isinstance(head, PackedLinear) or head.layout != "panel"
-                or not head.has_panels or head.bias is not None or head.in_features % 2):
+        if (
+            ext is None
+            or not isinstance(head, PackedLinear)
+            or head.layout != "panel"
+            or not head.has_panels
+            or head.bias is not None
+            or head.in_features % 2
+        ):
             return None
         return cls(head, ext)
 

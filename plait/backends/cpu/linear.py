@@ -39,6 +39,7 @@ Invariants:
   or a torch built without oneDNN and no panel kernel, keep ``nn.Linear`` (see
   :func:`can_prepack`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,6 +63,7 @@ def panel_extension() -> Optional[ModuleType]:
     """The AVX-512 build's ``panel_gemm`` kernels, or None where this CPU has no AVX-512 (VNNI
     level) or it cannot be compiled here (the reason logged once)."""
     from plait.backends.cpu import cpp_build
+
     if cpp_build.best_level() != "avx512vnni":
         return None
     try:
@@ -109,8 +111,13 @@ class PackedLinear(nn.Module):
     #: non-persistent buffers that are weights (``plait.quant.modules.weight_bytes`` counts them)
     weight_buffers = ("packed_weight", "bias", "codes", "code_scales", "code_offsets")
 
-    def __init__(self, linear: nn.Linear, layout: Optional[str] = None, compact: bool = True,
-                 keep_panels: bool = False):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        layout: Optional[str] = None,
+        compact: bool = True,
+        keep_panels: bool = False,
+    ):
         """``compact``: also keep a ``panel`` weight's lossless 4-bit or 16-bit form where it
         has one (:attr:`compact_format` tells which). With the 16-bit form the float32 panels
         are dropped (:attr:`has_panels` false) unless ``keep_panels``."""
@@ -118,16 +125,20 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach().contiguous()
         layout = default_layout(weight.dtype) if layout is None else layout
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r} "
-                             f"(for a {weight.dtype} weight on this machine)")
+            raise ValueError(
+                f"layout must be one of {LAYOUTS}, got {layout!r} "
+                f"(for a {weight.dtype} weight on this machine)"
+            )
         self.layout = layout
         self._panel: Optional[ModuleType] = None
         if layout == "panel":
             self._panel = panel_extension()
             if weight.dtype != torch.float32 or self._panel is None:
-                raise ValueError(f"layout='panel' needs a float32 weight (got {weight.dtype}) "
-                                 f"and the AVX-512 panel kernel (built here: "
-                                 f"{self._panel is not None})")
+                raise ValueError(
+                    f"layout='panel' needs a float32 weight (got {weight.dtype}) "
+                    f"and the AVX-512 panel kernel (built here: "
+                    f"{self._panel is not None})"
+                )
             packed = self._panel.pack(weight)
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight)
@@ -138,8 +149,9 @@ class PackedLinear(nn.Module):
         # A buffer, not a Parameter: opaque tensors cannot be parameters, and it never trains.
         self.register_buffer("packed_weight", packed, persistent=False)
         bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().contiguous(),
-                             persistent=False)
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().contiguous(), persistent=False
+        )
         form: list[torch.Tensor] = []
         if compact and self._panel is not None:
             form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
@@ -175,15 +187,17 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel is not None:
-            return self._panel.linear_with_form(x, self.packed_weight, self.compact_form(),
-                                                self.out_features, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
-                                                  [], "")
+            return self._panel.linear_with_form(
+                x, self.packed_weight, self.compact_form(), self.out_features, self.bias
+            )
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout={self.layout}, "
-                f"compact={self.compact_format}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, layout={self.layout}, "
+            f"compact={self.compact_format}"
+        )
 
 
 def computes_plain_linear(module: nn.Module) -> bool:
@@ -196,8 +210,12 @@ def computes_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and tp is not None and tp.size == 1
 
 
-def prepack_linears(model: nn.Module, layout: Optional[str] = None,
-                    compact: bool = True, keep_panels: Collection[str] = ("lm_head",)) -> int:
+def prepack_linears(
+    model: nn.Module,
+    layout: Optional[str] = None,
+    compact: bool = True,
+    keep_panels: Collection[str] = ("lm_head",),
+) -> int:
     """Replace every Linear of ``model`` that :func:`computes_plain_linear` by a
     :class:`PackedLinear`, in place, in ``layout`` (None: :func:`default_layout` per dtype),
     with its lossless 4-bit or 16-bit form where it has one and ``compact``. Linears whose
@@ -208,9 +226,12 @@ def prepack_linears(model: nn.Module, layout: Optional[str] = None,
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
-    targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children()
-               if computes_plain_linear(child) and can_prepack(child.weight.dtype)]
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if computes_plain_linear(child) and can_prepack(child.weight.dtype)
+    ]
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child, layout, compact, name in keep_panels))
     return len(targets)
@@ -226,9 +247,14 @@ def compact_summary(model: nn.Module) -> str:
     full = sum(m.in_features * m.out_features * 4 for m in compact)
     small = sum(t.numel() * t.element_size() for m in compact for t in m.compact_form())
     dropped = sum(not m.has_panels for m in compact)
-    kinds = ", ".join(f"{sum(m.compact_format == k for m in compact)} {k}"
-                      for k in ("affine4", "bf16") if any(m.compact_format == k for m in compact))
-    return (f"{len(compact)} of {len(packed)} packed Linear weights have a lossless smaller "
-            f"form ({kinds}; 4-bit read up to {panel_extension().register_decode_rows} rows, "
-            f"16-bit always): {full / 2**20:.0f} MiB of float32 weights as "
-            f"{small / 2**20:.0f} MiB; {dropped} dropped their float32 panels")
+    kinds = ", ".join(
+        f"{sum(m.compact_format == k for m in compact)} {k}"
+        for k in ("affine4", "bf16")
+        if any(m.compact_format == k for m in compact)
+    )
+    return (
+        f"{len(compact)} of {len(packed)} packed Linear weights have a lossless smaller "
+        f"form ({kinds}; 4-bit read up to {panel_extension().register_decode_rows} rows, "
+        f"16-bit always): {full / 2**20:.0f} MiB of float32 weights as "
+        f"{small / 2**20:.0f} MiB; {dropped} dropped their float32 panels"
+    )

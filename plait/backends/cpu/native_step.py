@@ -22,6 +22,7 @@ What holds:
   parity tests hold it to transformers' greedy tokens like the eager path.
 - The C++ module keeps references to the weights and the KV buffers; they are never copied.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,9 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
         if module.packed_weight.dtype != torch.float32:
             return None
         if module.layout == "panel":
-            return ext.Linear.panel(module.packed_weight, module.out_features, module.bias,
-                                    module.compact_form())
+            return ext.Linear.panel(
+                module.packed_weight, module.out_features, module.bias, module.compact_form()
+            )
         return ext.Linear.packed(module.packed_weight, module.bias)
     if isinstance(module, QuantizedLinear):
         matmul = module.matmul
@@ -63,8 +65,9 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
             return None
         w = module.qweight
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
-        return ext.Linear.quantized(w.qs, w.scales, w.mins, w.bits, w.group_size,
-                                    matmul.int8_activations, bias)
+        return ext.Linear.quantized(
+            w.qs, w.scales, w.mins, w.bits, w.group_size, matmul.int8_activations, bias
+        )
     if computes_plain_linear(module) and module.weight.dtype == torch.float32:
         bias = None if module.bias is None else module.bias.detach()
         return ext.Linear.dense(module.weight.detach(), bias)
@@ -75,8 +78,9 @@ def _float32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
-def build_native_decode(model: nn.Module, attn: Any,
-                        greedy_head: bool = True) -> "NativeDecode | None":
+def build_native_decode(
+    model: nn.Module, attn: Any, greedy_head: bool = True
+) -> "NativeDecode | None":
     """A :class:`NativeDecode` for ``model``, or None (with the reason logged) where the model
     is not one it computes exactly (see the module docstring)."""
     from plait.models.llama import LlamaForCausalLM
@@ -101,8 +105,9 @@ def build_native_decode(model: nn.Module, attn: Any,
         return refuse(f"the CPU kernels could not be built ({e})")
     layers = list(model.layers)
     rotary = layers[0].self_attn.rotary
-    norms = [model.norm] + [n for layer in layers
-                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [model.norm] + [
+        n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
     if not all(_float32(n.weight) for n in norms) or not _float32(rotary.cos):
         return refuse("weights are not float32 on the CPU")
     eps = {n.eps for n in norms}
@@ -112,22 +117,38 @@ def build_native_decode(model: nn.Module, attn: Any,
     if lm_head is None:
         return refuse(f"lm_head {type(model.lm_head).__name__}")
     first = layers[0].self_attn
-    step = ext.DecodeModel(first.num_heads, first.num_kv_heads, first.head_dim, eps.pop(),
-                           attn.scale, rotary.cos, rotary.sin, model.norm.weight.detach(),
-                           lm_head)
+    step = ext.DecodeModel(
+        first.num_heads,
+        first.num_kv_heads,
+        first.head_dim,
+        eps.pop(),
+        attn.scale,
+        rotary.cos,
+        rotary.sin,
+        model.norm.weight.detach(),
+        lm_head,
+    )
     pool = attn.kv_pool
     for i, layer in enumerate(layers):
         sa, mlp = layer.self_attn, layer.mlp
-        linears = [native_linear(ext, m) for m in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj,
-                                                   mlp.down_proj)]
+        linears = [
+            native_linear(ext, m) for m in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        ]
         if any(lin is None for lin in linears):
             return refuse(f"layer {i} has a Linear the C++ step cannot call")
         if sa.layer_id != i:
             return refuse("layer ids are not in order")
         qkv, o, gate_up, down = linears
-        step.add_layer(layer.input_layernorm.weight.detach(), qkv, o,
-                       layer.post_attention_layernorm.weight.detach(), gate_up, down,
-                       pool.k_buffers[i], pool.v_buffers[i])
+        step.add_layer(
+            layer.input_layernorm.weight.detach(),
+            qkv,
+            o,
+            layer.post_attention_layernorm.weight.detach(),
+            gate_up,
+            down,
+            pool.k_buffers[i],
+            pool.v_buffers[i],
+        )
     greedy = GreedyHead.for_head(model.lm_head) if greedy_head else None
     return NativeDecode(model, step, greedy)
 
@@ -142,15 +163,17 @@ class NativeDecode:
         self.step = step
         self.greedy = greedy
 
-    def __call__(self, batch: ForwardBatch,
-                 attn: PagedDecodeAttentionBackend) -> "torch.Tensor | GreedyTokens":
+    def __call__(
+        self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend
+    ) -> "torch.Tensor | GreedyTokens":
         slots, lens = attn.decode_metadata()
         if len(batch.logits_rows) != batch.batch_size:
             raise ValueError("the native decode step returns logits for every row")
         x = self._embed(batch.input_ids)
         if batch.greedy_only and self.greedy is not None:
-            return self.greedy(self.step.hidden(x, batch.positions, batch.out_cache_loc, slots,
-                                                lens))
+            return self.greedy(
+                self.step.hidden(x, batch.positions, batch.out_cache_loc, slots, lens)
+            )
         return self.step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
 
 
@@ -170,8 +193,9 @@ class NativeExtend:
         def attend(q: torch.Tensor, layer_id: int) -> torch.Tensor:
             return attn.forward_extend(q, layer_id, batch)
 
-        return self.step.extend(x, batch.positions, batch.out_cache_loc,
-                                 batch.logits_rows.long(), attend)
+        return self.step.extend(
+            x, batch.positions, batch.out_cache_loc, batch.logits_rows.long(), attend
+        )
 
 
 def install_native_decode(model: nn.Module, attn: Any, greedy_head: bool = True) -> bool:

@@ -6,6 +6,7 @@ It is a ``torch.library`` custom op (``plait::paged_decode_attention``) so a com
 :class:`~plait.backends.cpu.attention.TorchAttentionBackend` stays the numerical reference; this
 backend takes over decode only for float32 KV, and only when the kernel could be compiled here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,21 +15,30 @@ import torch
 
 from plait.backends.cpu import cpp_build
 from plait.backends.cpu.attention import TorchAttentionBackend, window_slots
-from plait.backends.cpu.shared_prefix import (extend_attention_shared, plan_shared_extend,
-                                              shared_groups)
+from plait.backends.cpu.shared_prefix import (
+    extend_attention_shared,
+    plan_shared_extend,
+    shared_groups,
+)
 from plait.core.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
 
 
 @torch.library.custom_op("plait::paged_decode_attention", mutates_args=())
-def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                           slots: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """q [B, Hq, D]; buffers [S, Hkv, D]; slots [B, L] int64, row b's first seq_lens[b] are
     its KV slots; float32. Returns [B, Hq, D]."""
     return cpp_build.extension().decode_attention.decode_attention(
-        q, k_buffer, v_buffer, slots, seq_lens, scale)
+        q, k_buffer, v_buffer, slots, seq_lens, scale
+    )
 
 
 @paged_decode_attention.register_fake
@@ -65,16 +75,29 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
                 return  # every layer windowed: no layer would use the plan
             # requests sharing a cached prefix attend to it together (shared_prefix.py)
             groups = shared_groups(
-                [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix)
-            self._shared_plan = plan_shared_extend(
-                batch.req_to_token, self._req_rows, prefix, batch.extend_lens_cpu, groups,
-                self.num_heads // self.num_kv_heads) if groups else None
+                [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix
+            )
+            self._shared_plan = (
+                plan_shared_extend(
+                    batch.req_to_token,
+                    self._req_rows,
+                    prefix,
+                    batch.extend_lens_cpu,
+                    groups,
+                    self.num_heads // self.num_kv_heads,
+                )
+                if groups
+                else None
+            )
             return
         self._req_rows = batch.req_pool_indices.tolist()
         windows = set(self.sliding_windows) or {None}
-        self._decode = {w: window_slots(batch.req_to_token, batch.req_pool_indices,
-                                        batch.seq_lens, batch.seq_lens_cpu, w)
-                        for w in windows}
+        self._decode = {
+            w: window_slots(
+                batch.req_to_token, batch.req_pool_indices, batch.seq_lens, batch.seq_lens_cpu, w
+            )
+            for w in windows
+        }
 
     def decode_metadata(self, layer_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer_id``'s ``(slots [B, L], seq_lens [B])`` for the decode batch, both
@@ -87,11 +110,13 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         if self._shared_plan is None or self.window(layer_id) is not None:
             return super().forward_extend(q, layer_id, batch)
         pool = self.kv_pool
-        return extend_attention_shared(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
-                                       self._shared_plan, self.scale)
+        return extend_attention_shared(
+            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], self._shared_plan, self.scale
+        )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
         slots, lens = self.decode_metadata(layer_id)
-        return paged_decode_attention(q, pool.k_buffers[layer_id], pool.v_buffers[layer_id],
-                                      slots, lens, self.scale)
+        return paged_decode_attention(
+            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], slots, lens, self.scale
+        )

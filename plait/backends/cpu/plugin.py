@@ -1,6 +1,7 @@
 """Registers the CPU backend (entry point ``plait.backends: cpu``): the base class's defaults,
 the torch reference attention, Linear weights prepacked once (float32 panels or oneDNN), the
 native C++ decode step, torch.compile'd decode (opt-in) and the C++ quantized matmul."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,14 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool, ModelSpec,
-                                    refuse_int8_activations)
+from plait.core.backend_api import (
+    AttentionBackend,
+    Backend,
+    GraphRunner,
+    KVPool,
+    ModelSpec,
+    refuse_int8_activations,
+)
 from plait.core.model_runner import default_model_runner
 
 if TYPE_CHECKING:
@@ -81,15 +88,22 @@ class CpuBackend(Backend):
         (``plait.backends.cpu.threads``: a second team makes libgomp put the forward thread's
         workers to sleep at every parallel region)."""
         from plait.backends.cpu.threads import one_thread_here
+
         return one_thread_here()
 
-    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
-                                 head_dim: int) -> AttentionBackend:
+    def create_attention_backend(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> AttentionBackend:
         """Float32 decode through the in-place paged kernel where it compiles
         (``plait.backends.cpu.paged_decode``); the torch reference otherwise."""
         from plait.backends.cpu.attention import TorchAttentionBackend
         from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend, kernel_available
-        if self.options.paged_decode_kernel and kv_pool.dtype == torch.float32 and kernel_available():
+
+        if (
+            self.options.paged_decode_kernel
+            and kv_pool.dtype == torch.float32
+            and kernel_available()
+        ):
             return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
@@ -100,10 +114,13 @@ class CpuBackend(Backend):
         since that path is slow."""
         from plait.backends.cpu.cpp_build import has_avx512_vnni
         from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
+
         if activations == "int8":
             if not has_avx512_vnni():
-                raise ValueError("quantization_activations='int8' needs a CPU with AVX-512 "
-                                 "VNNI (this one has not)")
+                raise ValueError(
+                    "quantization_activations='int8' needs a CPU with AVX-512 "
+                    "VNNI (this one has not)"
+                )
             return CpuQuantizedMatmul(int8_activations=True)
         refuse_int8_activations(self.name, activations)
         try:
@@ -121,10 +138,12 @@ class CpuBackend(Backend):
             return None
         from plait.backends.cpu.graph import CompileCapture
         from plait.core.graph_runner import DecodeGraphRunner
+
         return DecodeGraphRunner(model, max_batch_size, self.torch_device, CompileCapture(model))
 
-    def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool,
-                            req_pool: "ReqToTokenPool") -> "ModelRunner":
+    def create_model_runner(
+        self, spec: ModelSpec, kv_pool: KVPool, req_pool: "ReqToTokenPool"
+    ) -> "ModelRunner":
         """The default runner, its Linear layers prepacked (``options.prepack_weights``, in
         ``options.linear_layout``), decoding through the native C++ step (``native_decode``,
         where the model allows it) unless decode is compiled (``--enable-graph-capture``)."""
@@ -132,10 +151,12 @@ class CpuBackend(Backend):
         opts = self.options
         if opts.prepack_weights:
             from plait.backends.cpu.linear import compact_summary, prepack_linears
+
             prepack_linears(runner.model, opts.linear_layout, opts.compact_weights)
             log.info("%s", compact_summary(runner.model))
         if opts.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_step import install_native_decode
+
             install_native_decode(runner.model, runner.attn, opts.greedy_head)
         return runner
 

@@ -11,6 +11,7 @@ below 128 rows, activations quantized to int8 per 32-block and int8 dot products
 llama.cpp does (its error is bounded by the activations' rounding, see
 ``csrc/src/qmatmul.cpp``); from 128 rows, the same float32 panels.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -37,8 +38,9 @@ class CpuQuantizedMatmul:
     def __init__(self, level: str | None = None, int8_activations: bool = False):
         ext = extension(level)
         if int8_activations and not hasattr(ext, "qmatmul_q8"):
-            raise ValueError(f"int8 activations need the avx512vnni build, "
-                             f"not {ext.simd_level()!r}")
+            raise ValueError(
+                f"int8 activations need the avx512vnni build, not {ext.simd_level()!r}"
+            )
         self.level: str = ext.simd_level()
         self.int8_activations = int8_activations
         self._kernel = ext.qmatmul_q8 if int8_activations else ext.qmatmul
@@ -47,17 +49,25 @@ class CpuQuantizedMatmul:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float()
         if torch.compiler.is_compiling():  # Dynamo traces the custom op, not the pybind call
-            y = quantized_matmul_op(x2, w.qs, w.scales, w.mins, w.bits, w.group_size,
-                                    self.level, self.int8_activations)
+            y = quantized_matmul_op(
+                x2, w.qs, w.scales, w.mins, w.bits, w.group_size, self.level, self.int8_activations
+            )
         else:
             y = self._kernel(x2, w.qs, w.scales, w.mins, w.bits, w.group_size)
         return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
 
 @torch.library.custom_op("plait::quantized_matmul", mutates_args=())
-def quantized_matmul_op(x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
-                        mins: Optional[torch.Tensor], bits: int, group: int, level: str,
-                        int8_activations: bool) -> torch.Tensor:
+def quantized_matmul_op(
+    x: torch.Tensor,
+    qs: torch.Tensor,
+    scales: torch.Tensor,
+    mins: Optional[torch.Tensor],
+    bits: int,
+    group: int,
+    level: str,
+    int8_activations: bool,
+) -> torch.Tensor:
     """The kernel as an opaque op for ``torch.compile``'d decode (``--enable-graph-capture``):
     x float32 ``[M, K]`` -> ``[M, N]``. Eager calls skip it (a Python custom op costs a
     dispatch per call)."""

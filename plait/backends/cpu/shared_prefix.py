@@ -14,6 +14,7 @@ What holds: a group is consecutive requests of the batch whose first ``length`` 
 same, ``length`` at least :data:`MIN_SHARED` and at most every member's cached prefix (new
 tokens' slots are never shared).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,12 +54,18 @@ def shared_groups(slot_rows: list[torch.Tensor], prefix_lens: list[int]) -> list
     return [SharedGroup(*g) for g in kernel.shared_groups(slots, lens)]
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch's fused CPU flash attention on [1, H, L, D] tensors: output [1, H, Lq, D] and the
     log-sum-exp of each query's scores, [1, H, Lq]."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, attn_mask=mask, scale=scale)[:2]
+        q, k, v, attn_mask=mask, scale=scale
+    )[:2]
     return out, lse
 
 
@@ -84,18 +91,18 @@ class _OwnKeys:
     """Members of a group with the same cached-but-unshared (``before``) and new (``ext``)
     lengths: their own keys are attended to in one call, stacked along the batch dimension."""
 
-    members: list[int]       # indices within the group
-    slots: torch.Tensor      # their own keys' slots, [len(members) * (before + ext)] int64
+    members: list[int]  # indices within the group
+    slots: torch.Tensor  # their own keys' slots, [len(members) * (before + ext)] int64
     before: int
     ext: int
-    mask: torch.Tensor       # [G * ext, before + ext]: 0 where visible, -inf elsewhere
+    mask: torch.Tensor  # [G * ext, before + ext]: 0 where visible, -inf elsewhere
 
 
 @dataclass(frozen=True)
 class _GroupPlan:
-    lo: int                  # the group's rows of q: lo .. lo + starts[-1]
-    starts: list[int]        # member i's rows: lo + starts[i] .. lo + starts[i + 1]
-    shared: torch.Tensor     # the shared keys' slots, int64
+    lo: int  # the group's rows of q: lo .. lo + starts[-1]
+    starts: list[int]  # member i's rows: lo + starts[i] .. lo + starts[i + 1]
+    shared: torch.Tensor  # the shared keys' slots, int64
     own: list[_OwnKeys]
 
 
@@ -112,9 +119,14 @@ class SharedExtendPlan:
     extend_lens: list[int]
 
 
-def plan_shared_extend(req_to_token: torch.Tensor, req_rows: list[int], prefix_lens: list[int],
-                       extend_lens: list[int], groups: list[SharedGroup],
-                       heads_per_kv: int) -> SharedExtendPlan:
+def plan_shared_extend(
+    req_to_token: torch.Tensor,
+    req_rows: list[int],
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    groups: list[SharedGroup],
+    heads_per_kv: int,
+) -> SharedExtendPlan:
     """The plan for an extend batch whose :func:`shared_groups` are ``groups``."""
     starts = [0]
     for ext in extend_lens:
@@ -124,28 +136,35 @@ def plan_shared_extend(req_to_token: torch.Tensor, req_rows: list[int], prefix_l
     plans = []
     for g in groups:
         members = range(g.first, g.first + g.count)
-        rows = [req_to_token[req_rows[b], :prefix_lens[b] + extend_lens[b]].long()
-                for b in members]
+        rows = [
+            req_to_token[req_rows[b], : prefix_lens[b] + extend_lens[b]].long() for b in members
+        ]
         shapes: dict[tuple[int, int], list[int]] = {}
         for i, b in enumerate(members):
             shapes.setdefault((prefix_lens[b] - g.length, extend_lens[b]), []).append(i)
         own = []
         for (before, ext), idx in shapes.items():
-            slots = torch.cat([rows[i][g.length:] for i in idx])
+            slots = torch.cat([rows[i][g.length :] for i in idx])
             # an explicit mask even when before == 0: folded rows are g-major, so the kernel's
             # is_causal (row index against key index) would be wrong for g > 0
             query_pos = (torch.arange(ext).unsqueeze(1) + before).repeat(heads_per_kv, 1)
             visible = torch.arange(before + ext).unsqueeze(0) <= query_pos
             mask = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
             own.append(_OwnKeys(idx, slots, before, ext, mask))
-        plans.append(_GroupPlan(starts[g.first], [s - starts[g.first] for s in
-                                                  starts[g.first:g.first + g.count + 1]],
-                                rows[0][:g.length], own))
+        plans.append(
+            _GroupPlan(
+                starts[g.first],
+                [s - starts[g.first] for s in starts[g.first : g.first + g.count + 1]],
+                rows[0][: g.length],
+                own,
+            )
+        )
     return SharedExtendPlan(plans, singles, req_to_token, req_rows, prefix_lens, extend_lens)
 
 
-def group_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                    plan: _GroupPlan, scale: float) -> torch.Tensor:
+def group_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, plan: _GroupPlan, scale: float
+) -> torch.Tensor:
     """Attention of one group's new tokens: ``q`` [T, Hq, D] holds the group's requests'
     tokens concatenated; returns [T, Hq, D]."""
     hkv = k_buffer.shape[1]
@@ -162,21 +181,27 @@ def group_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
         n, width = len(keys.members), keys.before + keys.ext
         ko = k_buffer.index_select(0, keys.slots).view(n, width, hkv, -1).transpose(1, 2)
         vo = v_buffer.index_select(0, keys.slots).view(n, width, hkv, -1).transpose(1, 2)
-        qi = torch.stack([_fold(q[starts[i]:starts[i + 1]], hkv)[0] for i in keys.members])
+        qi = torch.stack([_fold(q[starts[i] : starts[i + 1]], hkv)[0] for i in keys.members])
         o, lse = _flash(qi, ko.to(q.dtype), vo.to(q.dtype), scale, mask=keys.mask.to(q.dtype))
         for j, i in enumerate(keys.members):
-            o_own[starts[i]:starts[i + 1]] = _unfold(o[j:j + 1], keys.ext)
-            lse_own[starts[i]:starts[i + 1]] = _unfold(lse[j:j + 1], keys.ext)
+            o_own[starts[i] : starts[i + 1]] = _unfold(o[j : j + 1], keys.ext)
+            lse_own[starts[i] : starts[i + 1]] = _unfold(lse[j : j + 1], keys.ext)
 
     top = torch.maximum(lse_shared, lse_own)
     w_shared, w_own = (lse_shared - top).exp(), (lse_own - top).exp()
     out = (o_shared * w_shared.unsqueeze(-1) + o_own * w_own.unsqueeze(-1)) / (
-        w_shared + w_own).unsqueeze(-1)
+        w_shared + w_own
+    ).unsqueeze(-1)
     return out.to(q.dtype)
 
 
-def extend_attention_shared(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                            plan: SharedExtendPlan, scale: float) -> torch.Tensor:
+def extend_attention_shared(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    plan: SharedExtendPlan,
+    scale: float,
+) -> torch.Tensor:
     """The reference's ``extend_attention_ref`` with each shared group's prefix read once;
     requests outside a group go through the reference itself."""
     from plait.backends.cpu.attention import extend_attention_ref
@@ -184,9 +209,16 @@ def extend_attention_shared(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: t
     out = torch.empty_like(q)
     for g in plan.groups:
         hi = g.lo + g.starts[-1]
-        out[g.lo:hi] = group_attention(q[g.lo:hi], k_buffer, v_buffer, g, scale)
+        out[g.lo : hi] = group_attention(q[g.lo : hi], k_buffer, v_buffer, g, scale)
     for b, lo, hi in plan.singles:
         out[lo:hi] = extend_attention_ref(
-            q[lo:hi], k_buffer, v_buffer, plan.req_to_token, [plan.req_rows[b]],
-            [plan.prefix_lens[b]], [plan.extend_lens[b]], scale)
+            q[lo:hi],
+            k_buffer,
+            v_buffer,
+            plan.req_to_token,
+            [plan.req_rows[b]],
+            [plan.prefix_lens[b]],
+            [plan.extend_lens[b]],
+            scale,
+        )
     return out

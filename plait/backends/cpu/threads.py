@@ -17,6 +17,7 @@ What holds: the calling thread's team size is restored on exit, but not its team
 parallel op starts a new one, and from then on the engine's forwards are throttled again, so
 torch work on the caller's own thread while an engine serves still slows the engine down.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """TritonAttentionBackend: the extend and split-KV decode kernels behind the core's contract."""
+
 from __future__ import annotations
 
 import itertools
@@ -27,12 +28,19 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_sliding_window = True
 
-    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
-                 params: LaunchParams = CUDA_DEFAULT):
+    def __init__(
+        self,
+        kv_pool: KVPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        params: LaunchParams = CUDA_DEFAULT,
+    ):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.params = params
         self._extend_batch: ForwardBatch | None = None
         self._extend_start: torch.Tensor | None = None
@@ -41,8 +49,9 @@ class TritonAttentionBackend(AttentionBackend):
         if batch.is_decode:
             return
         starts = list(itertools.accumulate(batch.extend_lens_cpu, initial=0))[:-1]
-        self._extend_start = torch.tensor(starts, dtype=torch.int64,
-                                          device=batch.extend_lens.device)
+        self._extend_start = torch.tensor(
+            starts, dtype=torch.int64, device=batch.extend_lens.device
+        )
         self._extend_batch = batch
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
@@ -54,18 +63,37 @@ class TritonAttentionBackend(AttentionBackend):
             return o
         pool = self.kv_pool
         return extend_attention(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], o, batch.req_to_token,
-            batch.req_pool_indices, batch.prefix_lens, batch.extend_lens, self._extend_start,
-            max(batch.extend_lens_cpu), self.scale, self.params, self.window(layer_id))
+            q,
+            pool.k_buffers[layer_id],
+            pool.v_buffers[layer_id],
+            o,
+            batch.req_to_token,
+            batch.req_pool_indices,
+            batch.prefix_lens,
+            batch.extend_lens,
+            self._extend_start,
+            max(batch.extend_lens_cpu),
+            self.scale,
+            self.params,
+            self.window(layer_id),
+        )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         q = _last_dim_contiguous(q)
         o = torch.empty_like(q)
         pool = self.kv_pool
         return decode_attention(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], o, batch.req_to_token,
-            batch.req_pool_indices, batch.seq_lens, self.scale, self.params,
-            self.window(layer_id))
+            q,
+            pool.k_buffers[layer_id],
+            pool.v_buffers[layer_id],
+            o,
+            batch.req_to_token,
+            batch.req_pool_indices,
+            batch.seq_lens,
+            self.scale,
+            self.params,
+            self.window(layer_id),
+        )
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ the attention kernels and the quantized matmul.
 - Triton's interpreter (``TRITON_INTERPRET=1``) gets bf16 dots wrong (its numpy emulation;
   conversions are right), so there bf16 is widened to fp32.
 """
+
 from __future__ import annotations
 
 import os

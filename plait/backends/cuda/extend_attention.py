@@ -17,6 +17,7 @@ sees. GQA: query head h reads KV head ``h // (Hq // Hkv)``. Scores use base-2 ex
 (scale folded with log2(e)); accumulation is fp32 whatever the storage dtype, and the dots
 take 16-bit inputs as they are (tensor cores), float32 ones exactly (``dot_inputs``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,11 +39,22 @@ def no_window(window: int | None) -> int:
 
 
 @triton.jit
-def _online_softmax_step(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale,
-                         COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+def _online_softmax_step(
+    q,
+    k_ptrs,
+    v_ptrs,
+    kv_mask,
+    score_mask,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    COMPUTE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One BLOCK_N step of the online softmax; ``score_mask`` [M, N] marks visible keys."""
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(COMPUTE)            # [D, N]
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale             # [M, N] fp32
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(COMPUTE)  # [D, N]
+    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] fp32
     qk = tl.where(score_mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps exp2 at 0, not NaN.
@@ -57,12 +69,33 @@ def _online_softmax_step(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, 
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, O, ReqToToken, ReqPoolIdx, PrefixLens, ExtendLens, QStart,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_req, qk_scale, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    ReqToToken,
+    ReqPoolIdx,
+    PrefixLens,
+    ExtendLens,
+    QStart,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_req,
+    qk_scale,
+    window,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -100,9 +133,18 @@ def _extend_kernel(
         kv_mask = mask_d[:, None] & mask_n[None, :]
         visible = mask_n[None, :] & (prefix + offs_m[:, None] - offs_n[None, :] < window)
         m_i, l_i, acc = _online_softmax_step(
-            q, k_base + slots[None, :] * stride_kt + offs_d[:, None],
+            q,
+            k_base + slots[None, :] * stride_kt + offs_d[:, None],
             v_base + slots[:, None] * stride_vt + offs_d[None, :],
-            kv_mask, visible, m_i, l_i, acc, qk_scale, COMPUTE, PRECISION)
+            kv_mask,
+            visible,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            COMPUTE,
+            PRECISION,
+        )
 
     # Stage 2: the new tokens, causally; keys past this tile's last row are never visible.
     end = tl.minimum(ext, (m_block + 1) * BLOCK_M)
@@ -115,20 +157,39 @@ def _extend_kernel(
         causal = offs_m[:, None] >= offs_n[None, :]
         visible = mask_n[None, :] & causal & (offs_m[:, None] - offs_n[None, :] < window)
         m_i, l_i, acc = _online_softmax_step(
-            q, k_base + slots[None, :] * stride_kt + offs_d[:, None],
+            q,
+            k_base + slots[None, :] * stride_kt + offs_d[:, None],
             v_base + slots[:, None] * stride_vt + offs_d[None, :],
-            kv_mask, visible, m_i, l_i, acc, qk_scale, COMPUTE, PRECISION)
+            kv_mask,
+            visible,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            COMPUTE,
+            PRECISION,
+        )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                     o: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
-                     prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
-                     extend_start: torch.Tensor, max_extend_len: int, scale: float,
-                     params: LaunchParams, window: int | None = None) -> torch.Tensor:
+def extend_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    o: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_start: torch.Tensor,
+    max_extend_len: int,
+    scale: float,
+    params: LaunchParams,
+    window: int | None = None,
+) -> torch.Tensor:
     """Writes ``o`` [T, Hq, D] for the new tokens ``q`` [T, Hq, D]; with a sliding ``window``
     W each sees only the keys less than W positions before it.
 
@@ -142,14 +203,33 @@ def extend_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Te
         block_n = max(16, block_n // 2)  # fp32 K/V tiles are twice the shared memory of fp16
     grid = (batch, num_heads, triton.cdiv(max_extend_len, params.extend_block_m))
     _extend_kernel[grid](
-        q, k_buffer, v_buffer, o, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+        q,
+        k_buffer,
+        v_buffer,
+        o,
+        req_to_token,
+        req_pool_indices,
+        prefix_lens,
+        extend_lens,
         extend_start,
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-        v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
-        req_to_token.stride(0), scale * LOG2E, no_window(window),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=params.extend_block_m, BLOCK_N=block_n,
-        COMPUTE=compute_dtype(q.dtype), PRECISION=dot_precision(q.dtype),
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        o.stride(0),
+        o.stride(1),
+        req_to_token.stride(0),
+        scale * LOG2E,
+        no_window(window),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=params.extend_block_m,
+        BLOCK_N=block_n,
+        COMPUTE=compute_dtype(q.dtype),
+        PRECISION=dot_precision(q.dtype),
         **params.launch_kwargs(),
     )
     return o

@@ -1,5 +1,6 @@
 """CUDA and HIP graph capture for :class:`~plait.core.graph_runner.DecodeGraphRunner`, which
 does the padding and static-buffer bookkeeping for every backend."""
+
 from __future__ import annotations
 
 from typing import Any, Callable

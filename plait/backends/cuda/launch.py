@@ -4,6 +4,7 @@ The kernels are shared by the CUDA and ROCm backends; only these numbers differ.
 carries vendor-specific launch options (e.g. ``waves_per_eu`` on AMD) passed straight to the
 kernel launch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,5 +46,11 @@ CUDA_DEFAULT = LaunchParams()
 
 # Small tiles for the CPU interpreter (TRITON_INTERPRET=1): each program runs in numpy, so
 # fewer, smaller programs keep the tests fast.
-INTERPRETER = LaunchParams(extend_block_m=16, extend_block_n=32, decode_block_n=32,
-                           num_kv_splits=2, num_warps=1, num_stages=1)
+INTERPRETER = LaunchParams(
+    extend_block_m=16,
+    extend_block_n=32,
+    decode_block_n=32,
+    num_kv_splits=2,
+    num_warps=1,
+    num_stages=1,
+)

@@ -3,6 +3,7 @@
 Detection only asks torch (already imported by the core) and looks for triton without
 importing it; the kernels are imported when an attention backend is created.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -22,6 +22,7 @@ the matching columns of ``x`` instead: the low nibbles of a tile's bytes meet ``
 
 Launches read nothing from the host but shapes, so the matmul can be recorded in a CUDA graph.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,11 +37,28 @@ from plait.quant.formats import BLOCK, QuantizedWeight
 
 @triton.jit
 def _qmatmul_kernel(
-    X, QS, Scales, Mins, Y, M, N, K,
-    stride_xm, stride_qn, stride_sn, stride_mn, stride_ym,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MINS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    X,
+    QS,
+    Scales,
+    Mins,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_mn,
+    stride_ym,
+    GROUP: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_MINS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -53,13 +71,13 @@ def _qmatmul_kernel(
     q_rows = QS + offs_n.to(tl.int64)[:, None] * stride_qn
     s_rows = Scales + offs_n.to(tl.int64) * stride_sn
     m_rows = Mins + offs_n.to(tl.int64) * stride_mn
-    NB: tl.constexpr = BLOCK_K // 32                          # 32-weight blocks per tile
+    NB: tl.constexpr = BLOCK_K // 32  # 32-weight blocks per tile
     offs_b = tl.arange(0, NB)
     if BITS == 8:
         offs_k = tl.arange(0, BLOCK_K)
     else:
-        offs_c = tl.arange(0, BLOCK_K // 2)                    # byte column within the tile
-        offs_lo = (offs_c // 16) * 32 + offs_c % 16           # x column of its low nibble
+        offs_c = tl.arange(0, BLOCK_K // 2)  # byte column within the tile
+        offs_lo = (offs_c // 16) * 32 + offs_c % 16  # x column of its low nibble
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     tiles = K // BLOCK_K
@@ -70,14 +88,12 @@ def _qmatmul_kernel(
         k0 = t * BLOCK_K
         group = ((k0 // 32 + offs_b) // (GROUP // 32))[None, :]  # each block's group
         s = tl.load(s_rows[:, None] + group, mask=mask_n[:, None], other=0.0)
-        s = s.to(tl.float32)[:, :, None]                      # [BLOCK_N, NB, 1]
+        s = s.to(tl.float32)[:, :, None]  # [BLOCK_N, NB, 1]
         if BITS == 8:
             x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
             q = tl.load(q_rows + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0)
-            w = tl.reshape(tl.reshape(q.to(tl.float32), [BLOCK_N, NB, 32]) * s,
-                           [BLOCK_N, BLOCK_K])
-            acc = tl.dot(x.to(COMPUTE), tl.trans(w.to(COMPUTE)), acc,
-                         input_precision=PRECISION)
+            w = tl.reshape(tl.reshape(q.to(tl.float32), [BLOCK_N, NB, 32]) * s, [BLOCK_N, BLOCK_K])
+            acc = tl.dot(x.to(COMPUTE), tl.trans(w.to(COMPUTE)), acc, input_precision=PRECISION)
         else:
             b = tl.load(q_rows + (k0 // 2 + offs_c)[None, :], mask=mask_n[:, None], other=0)
             lo = tl.reshape((b & 0xF).to(tl.float32), [BLOCK_N, NB, 16])
@@ -93,8 +109,7 @@ def _qmatmul_kernel(
             lo = tl.reshape(lo, [BLOCK_N, BLOCK_K // 2]).to(COMPUTE)
             hi = tl.reshape(hi, [BLOCK_N, BLOCK_K // 2]).to(COMPUTE)
             x_lo = tl.load(x_rows + (k0 + offs_lo)[None, :], mask=mask_m[:, None], other=0.0)
-            x_hi = tl.load(x_rows + (k0 + 16 + offs_lo)[None, :], mask=mask_m[:, None],
-                           other=0.0)
+            x_hi = tl.load(x_rows + (k0 + 16 + offs_lo)[None, :], mask=mask_m[:, None], other=0.0)
             acc = tl.dot(x_lo.to(COMPUTE), tl.trans(lo), acc, input_precision=PRECISION)
             acc = tl.dot(x_hi.to(COMPUTE), tl.trans(hi), acc, input_precision=PRECISION)
 
@@ -163,8 +178,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def quantized_matmul(x: torch.Tensor, w: QuantizedWeight,
-                     tiles: QMatmulTiles | None = None) -> torch.Tensor:
+def quantized_matmul(
+    x: torch.Tensor, w: QuantizedWeight, tiles: QMatmulTiles | None = None
+) -> torch.Tensor:
     """``x[..., K] @ dequantize(w)^T -> [..., N]`` in ``x``'s dtype (fp16, bf16 or fp32);
     ``tiles`` None: :func:`choose_tiles` for this shape and device."""
     n, k = w.shape
@@ -179,8 +195,9 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight,
     if k % t.block_k:
         raise ValueError(f"tiles.block_k={t.block_k} must divide in_features={k}")
     split = t.split_k > 1
-    y = (torch.zeros if split else torch.empty)(m, n, device=x.device,
-                                                dtype=torch.float32 if split else x.dtype)
+    y = (torch.zeros if split else torch.empty)(
+        m, n, device=x.device, dtype=torch.float32 if split else x.dtype
+    )
     if m == 0:
         return y.to(x.dtype).reshape(*lead, n)
     # The kernel steps along each row with unit stride (weights are contiguous as quantized).
@@ -188,12 +205,30 @@ def quantized_matmul(x: torch.Tensor, w: QuantizedWeight,
     mins = scales if w.mins is None else _unit_stride(w.mins)  # never read without HAS_MINS
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.split_k)
     _qmatmul_kernel[grid](
-        x2, qs, scales, mins, y, m, n, k,
-        x2.stride(0), qs.stride(0), scales.stride(0), mins.stride(0), y.stride(0),
-        GROUP=w.group_size, BITS=w.bits, HAS_MINS=w.mins is not None,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k,
-        COMPUTE=compute_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        x2,
+        qs,
+        scales,
+        mins,
+        y,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        qs.stride(0),
+        scales.stride(0),
+        mins.stride(0),
+        y.stride(0),
+        GROUP=w.group_size,
+        BITS=w.bits,
+        HAS_MINS=w.mins is not None,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k,
+        SPLIT_K=t.split_k,
+        COMPUTE=compute_dtype(x.dtype),
+        PRECISION=dot_precision(x.dtype),
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return (y.to(x.dtype) if split else y).reshape(*lead, n)
 

@@ -6,6 +6,7 @@ detection and launch parameters, which each subclass sets. Importing this module
 import triton: the kernels are imported when the attention backend (or the quantized matmul)
 is created.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -13,8 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from plait.backends.cuda.launch import CUDA_DEFAULT, LaunchParams
-from plait.core.backend_api import (AttentionBackend, Backend, GraphRunner, KVPool,
-                                    refuse_int8_activations)
+from plait.core.backend_api import (
+    AttentionBackend,
+    Backend,
+    GraphRunner,
+    KVPool,
+    refuse_int8_activations,
+)
 
 if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
@@ -32,9 +38,11 @@ class TritonBackend(Backend):
         """Free memory on the current CUDA/HIP device (``torch.cuda.mem_get_info``)."""
         return torch.cuda.mem_get_info()[0]
 
-    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
-                                 head_dim: int) -> AttentionBackend:
+    def create_attention_backend(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> AttentionBackend:
         from plait.backends.cuda.attention import TritonAttentionBackend
+
         return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, self.launch)
 
     def quantized_linear(self, method: str, activations: str = "float") -> "QuantizedMatmul":
@@ -43,10 +51,11 @@ class TritonBackend(Backend):
         Activations stay in the model dtype (no int8-activation kernel here)."""
         refuse_int8_activations(self.name, activations)
         from plait.backends.cuda.quantized_matmul import quantized_matmul
+
         return quantized_matmul
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> GraphRunner | None:
         from plait.backends.cuda.graph_capture import TorchCudaGraphCapture
         from plait.core.graph_runner import DecodeGraphRunner
-        return DecodeGraphRunner(model, max_batch_size, self.torch_device,
-                                 TorchCudaGraphCapture())
+
+        return DecodeGraphRunner(model, max_batch_size, self.torch_device, TorchCudaGraphCapture())

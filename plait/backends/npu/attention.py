@@ -12,6 +12,7 @@ FIA's paged mode takes fp16/bf16 and block sizes that are multiples of 16; the b
 defaults (bfloat16, page size 128) select it. Other configurations (fp32, page_size 1) run the
 torch reference on the NPU, which is correct but slower; so do layers with a sliding window.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -34,8 +35,9 @@ def fia_supported(dtype: torch.dtype, page_size: int) -> bool:
 class AscendAttentionBackend(TorchAttentionBackend):
     """FIA where it applies, the inherited torch reference elsewhere."""
 
-    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
-                 torch_npu=None):
+    def __init__(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int, torch_npu=None
+    ):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
         if torch_npu is None:
             import torch_npu
@@ -56,18 +58,29 @@ class AscendAttentionBackend(TorchAttentionBackend):
         rows = batch.req_to_token[batch.req_pool_indices, :max_seq]
         return (rows[:, ::ps] // ps).to(torch.int32)
 
-    def _fia(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, q_lens: list[int],
-             causal: bool) -> torch.Tensor:
+    def _fia(
+        self, q: torch.Tensor, layer_id: int, batch: ForwardBatch, q_lens: list[int], causal: bool
+    ) -> torch.Tensor:
         pool, ps = self.kv_pool, self.kv_pool.page_size
         k = pool.k_buffers[layer_id].view(-1, ps, self.num_kv_heads * self.head_dim)
         v = pool.v_buffers[layer_id].view(-1, ps, self.num_kv_heads * self.head_dim)
-        extra = {"sparse_mode": 3, "atten_mask": self._causal_mask()} if causal else \
-            {"sparse_mode": 0}
+        extra = (
+            {"sparse_mode": 3, "atten_mask": self._causal_mask()} if causal else {"sparse_mode": 0}
+        )
         out, _ = self.torch_npu.npu_fused_infer_attention_score(
-            q.contiguous(), k, v, block_table=self._block_table(batch), input_layout="TND",
-            block_size=ps, actual_seq_lengths=list(itertools.accumulate(q_lens)),
-            actual_seq_lengths_kv=list(batch.seq_lens_cpu), num_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads, scale=self.scale, **extra)
+            q.contiguous(),
+            k,
+            v,
+            block_table=self._block_table(batch),
+            input_layout="TND",
+            block_size=ps,
+            actual_seq_lengths=list(itertools.accumulate(q_lens)),
+            actual_seq_lengths_kv=list(batch.seq_lens_cpu),
+            num_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            scale=self.scale,
+            **extra,
+        )
         return out.view(q.shape)
 
     def _fia_serves(self, q: torch.Tensor, layer_id: int) -> bool:

@@ -3,6 +3,7 @@
 Detection must work, and say why, on machines without torch_npu: it looks the module up
 without importing it, and imports it only when it is installed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -53,9 +54,11 @@ class NpuBackend(Backend):
         importlib.import_module("torch_npu")  # the "npu" device type exists once it is imported
         return torch.device("npu")
 
-    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
-                                 head_dim: int) -> AttentionBackend:
+    def create_attention_backend(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> AttentionBackend:
         from plait.backends.npu.attention import AscendAttentionBackend
+
         return AscendAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
 

@@ -4,6 +4,7 @@ ROCm builds of torch expose HIP devices through the ``torch.cuda`` API (device `
 ``torch.version.hip`` names the HIP version; that is the whole detection. The kernels and graph
 capture are the CUDA backend's, with AMD launch parameters.
 """
+
 from __future__ import annotations
 
 import importlib.util

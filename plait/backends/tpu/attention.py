@@ -9,6 +9,7 @@ Per-batch index metadata (page tables, extend tiles) is built with torch on the 
 it is a few small integer gathers, and building it per call keeps graph replays (which reuse
 one batch object with new contents) correct.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,7 @@ from plait.backends.tpu import step_inputs
 from plait.core.backend_api import AttentionBackend, KVPool
 from plait.core.forward_batch import ForwardBatch
 
-JAX_DTYPES = {torch.float32: jnp.float32, torch.float16: jnp.float16,
-              torch.bfloat16: jnp.bfloat16}
+JAX_DTYPES = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}
 
 
 def to_jax(t: torch.Tensor, device: Any) -> jax.Array:
@@ -50,8 +50,16 @@ class JaxKVPool(KVPool):
     so a (head, page) is a contiguous ``(page, D)`` tile for the kernels' DMAs. Only ``set_kv``
     is part of the core's contract; it takes torch tensors."""
 
-    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, page_size: int, jax_device: Any):
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        page_size: int,
+        jax_device: Any,
+    ):
         if dtype not in JAX_DTYPES:
             raise ValueError(f"dtype must be one of {list(JAX_DTYPES)}, got {dtype}")
         self.num_slots, self.page_size, self.num_layers = num_slots, page_size, num_layers
@@ -60,10 +68,14 @@ class JaxKVPool(KVPool):
         self.jax_device = jax_device
         size = num_slots + page_size
         shape = (num_kv_heads, size, head_dim)
-        self.k_buffers = [jax.device_put(jnp.zeros(shape, JAX_DTYPES[dtype]), jax_device)
-                          for _ in range(num_layers)]
-        self.v_buffers = [jax.device_put(jnp.zeros(shape, JAX_DTYPES[dtype]), jax_device)
-                          for _ in range(num_layers)]
+        self.k_buffers = [
+            jax.device_put(jnp.zeros(shape, JAX_DTYPES[dtype]), jax_device)
+            for _ in range(num_layers)
+        ]
+        self.v_buffers = [
+            jax.device_put(jnp.zeros(shape, JAX_DTYPES[dtype]), jax_device)
+            for _ in range(num_layers)
+        ]
         self._donate = jax_device.platform == "tpu"
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -77,10 +89,12 @@ class JaxKVPool(KVPool):
         v = torch.cat([v, v.new_zeros(pad, *v.shape[1:])]).to(self.dtype)
         scatter = _scatter_donated if self._donate else _scatter
         jloc = to_jax(loc, self.jax_device)
-        self.k_buffers[layer_id] = scatter(self.k_buffers[layer_id], jloc,
-                                           to_jax(k, self.jax_device))
-        self.v_buffers[layer_id] = scatter(self.v_buffers[layer_id], jloc,
-                                           to_jax(v, self.jax_device))
+        self.k_buffers[layer_id] = scatter(
+            self.k_buffers[layer_id], jloc, to_jax(k, self.jax_device)
+        )
+        self.v_buffers[layer_id] = scatter(
+            self.v_buffers[layer_id], jloc, to_jax(v, self.jax_device)
+        )
 
 
 class PallasAttentionBackend(AttentionBackend):
@@ -89,12 +103,19 @@ class PallasAttentionBackend(AttentionBackend):
 
     supports_sliding_window = True
 
-    def __init__(self, kv_pool: JaxKVPool, num_heads: int, num_kv_heads: int, head_dim: int,
-                 interpret: bool | None = None):
+    def __init__(
+        self,
+        kv_pool: JaxKVPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        interpret: bool | None = None,
+    ):
         super().__init__(kv_pool, num_heads, num_kv_heads, head_dim)
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of "
-                             f"num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.interpret = pa.interpret_mode() if interpret is None else interpret
 
     def _pages(self, layer_id: int, rows: torch.Tensor, seq_lens: torch.Tensor):
@@ -108,8 +129,7 @@ class PallasAttentionBackend(AttentionBackend):
             table = _padded(rows, width * ps)[:, ::ps] // ps
             live = torch.arange(width)[None, :] * ps < seq_lens[:, None]
             table = torch.where(live, table, 0)  # past the end: the padding page
-            return (pa.as_pages(k_buf, page=ps), pa.as_pages(v_buf, page=ps),
-                    to_jax(table, dev))
+            return (pa.as_pages(k_buf, page=ps), pa.as_pages(v_buf, page=ps), to_jax(table, dev))
         length = pa.bucket(max_seq, pa.DENSE_BLOCK)
         slots = _padded(rows, length)
         slots = torch.where(torch.arange(length)[None, :] < seq_lens[:, None], slots, 0)
@@ -123,9 +143,16 @@ class PallasAttentionBackend(AttentionBackend):
         rows = batch.req_to_token.cpu()[req]
         k_pages, v_pages, table = self._pages(layer_id, rows, seq)
         dev = self.kv_pool.jax_device
-        out = pa.paged_decode(to_jax(_pad_rows(q, padded), dev), k_pages, v_pages, table,
-                              to_jax(seq, dev), scale=self.scale, interpret=self.interpret,
-                              window=self.window(layer_id))
+        out = pa.paged_decode(
+            to_jax(_pad_rows(q, padded), dev),
+            k_pages,
+            v_pages,
+            table,
+            to_jax(seq, dev),
+            scale=self.scale,
+            interpret=self.interpret,
+            window=self.window(layer_id),
+        )
         return to_torch(out)[:bs].to(q.dtype)
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
@@ -137,13 +164,21 @@ class PallasAttentionBackend(AttentionBackend):
         seq = batch.seq_lens.cpu()
         rows = batch.req_to_token.cpu()[batch.req_pool_indices.cpu()]
         k_pages, v_pages, table = self._pages(layer_id, rows, seq)
-        q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])       # row t: zeros for padding
-        q_tiles = q_pad[q_index]                                    # [NT, Q_TILE, Hq, D]
+        q_pad = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # row t: zeros for padding
+        q_tiles = q_pad[q_index]  # [NT, Q_TILE, Hq, D]
         dev = self.kv_pool.jax_device
-        out = pa.paged_extend(to_jax(q_tiles, dev), k_pages, v_pages, to_jax(tile_req, dev),
-                              to_jax(tile_pos0, dev), table, to_jax(seq, dev),
-                              scale=self.scale, interpret=self.interpret,
-                              window=self.window(layer_id))
+        out = pa.paged_extend(
+            to_jax(q_tiles, dev),
+            k_pages,
+            v_pages,
+            to_jax(tile_req, dev),
+            to_jax(tile_pos0, dev),
+            table,
+            to_jax(seq, dev),
+            scale=self.scale,
+            interpret=self.interpret,
+            window=self.window(layer_id),
+        )
         out = to_torch(out).reshape(-1, *q.shape[1:])
         return out[out_index].to(q.dtype)
 
@@ -152,10 +187,11 @@ def _extend_tiles(prefix_lens: list[int], extend_lens: list[int]):
     """:func:`step_inputs.extend_tiles` with the tile count bucketed to a power of two, as
     torch tensors (tile_req, tile_pos0, q_index, out_index); row T of q is the padding row."""
     count = sum(-(-n // pa.Q_TILE) for n in extend_lens)
-    tiles = step_inputs.extend_tiles(prefix_lens, extend_lens, pa.bucket(count),
-                                     sum(extend_lens))
-    return tuple(torch.from_numpy(tiles[k]).to(torch.int64)
-                 for k in ("tile_req", "tile_pos0", "q_index", "out_index"))
+    tiles = step_inputs.extend_tiles(prefix_lens, extend_lens, pa.bucket(count), sum(extend_lens))
+    return tuple(
+        torch.from_numpy(tiles[k]).to(torch.int64)
+        for k in ("tile_req", "tile_pos0", "q_index", "out_index")
+    )
 
 
 def _padded(rows: torch.Tensor, width: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ Each program is compiled ahead of time (``jit(...).lower(...).compile()``): call
 any other shape is an error, never a silent recompile, so :attr:`CompiledSteps.compiles`
 counts every compilation the runner ever does.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -44,26 +45,41 @@ class JitBuckets:
     max_kv_width: int
 
     @classmethod
-    def build(cls, max_batch_size: int, max_tokens: int, context_len: int,
-              batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, min_tokens: int = 16,
-              min_kv_width: int = 128) -> "JitBuckets":
+    def build(
+        cls,
+        max_batch_size: int,
+        max_tokens: int,
+        context_len: int,
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+        min_tokens: int = 16,
+        min_kv_width: int = 128,
+    ) -> "JitBuckets":
         """Buckets for a runner serving ``max_batch_size`` requests, at most ``max_tokens``
         new tokens per step (the pool's size bounds it) and sequences up to ``context_len``."""
-        for name, value in (("max_batch_size", max_batch_size), ("max_tokens", max_tokens),
-                            ("context_len", context_len), ("min_tokens", min_tokens),
-                            ("min_kv_width", min_kv_width)):
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_tokens", max_tokens),
+            ("context_len", context_len),
+            ("min_tokens", min_tokens),
+            ("min_kv_width", min_kv_width),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        sizes = tuple(sorted({s for s in batch_sizes if 0 < s < max_batch_size}
-                             | {max_batch_size}))
+        sizes = tuple(sorted({s for s in batch_sizes if 0 < s < max_batch_size} | {max_batch_size}))
         min_tokens, min_kv_width = pow2_at_least(min_tokens), pow2_at_least(min_kv_width)
-        return cls(sizes, min_tokens, pow2_at_least(max_tokens, min_tokens),
-                   min_kv_width, pow2_at_least(context_len, min_kv_width))
+        return cls(
+            sizes,
+            min_tokens,
+            pow2_at_least(max_tokens, min_tokens),
+            min_kv_width,
+            pow2_at_least(context_len, min_kv_width),
+        )
 
     def batch(self, n: int) -> int:
         if not 0 < n <= self.batch_sizes[-1]:
-            raise ValueError(f"batch of {n} requests is outside the jit buckets "
-                             f"(1..{self.batch_sizes[-1]})")
+            raise ValueError(
+                f"batch of {n} requests is outside the jit buckets (1..{self.batch_sizes[-1]})"
+            )
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
 
     def tokens(self, n: int) -> int:
@@ -81,10 +97,14 @@ class JitBuckets:
 
     def max_programs(self) -> int:
         """How many programs the runner can ever compile (decode and extend together)."""
+
         def count(lo: int, hi: int) -> int:
             return int(math.log2(hi // lo)) + 1
-        widths, tokens = count(self.min_kv_width, self.max_kv_width), count(self.min_tokens,
-                                                                             self.max_tokens)
+
+        widths, tokens = (
+            count(self.min_kv_width, self.max_kv_width),
+            count(self.min_tokens, self.max_tokens),
+        )
         batches = len(self.batch_sizes)
         return batches * widths + tokens * batches * widths * 2
 

@@ -15,6 +15,7 @@ slot 0 and are masked):
 Padding tokens (past the real ones) belong to request 0 at position 0 and padding requests
 have ``seq_len`` 1 over slot 0, so no row's softmax is empty; their outputs are discarded.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -42,7 +43,7 @@ def jax_decode(q, k_cache, v_cache, inputs, *, scale, page_size, window=None):
     qg = q.reshape(batch, num_kv, num_heads // num_kv, head_dim).astype(jnp.float32)
     s = jnp.einsum("bhgd,hbwd->bhgw", qg, k.astype(jnp.float32)) * scale
     seq = inputs["seq_lens"][:, None]
-    visible = jnp.arange(k.shape[2])[None, :] < seq                                # [B, W]
+    visible = jnp.arange(k.shape[2])[None, :] < seq  # [B, W]
     if window is not None:
         visible &= jnp.arange(k.shape[2])[None, :] >= seq - window
     s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
@@ -63,13 +64,15 @@ def jax_extend(q, k_cache, v_cache, inputs, *, scale, page_size, window=None):
     k = k.reshape(num_kv, batch * width, head_dim).astype(jnp.float32)
     v = v.reshape(num_kv, batch * width, head_dim).astype(jnp.float32)
     qg = q.reshape(tokens, num_kv, num_heads // num_kv, head_dim).astype(jnp.float32)
-    s = jnp.einsum("thgd,hkd->thgk", qg, k) * scale                                  # k = b*W+w
+    s = jnp.einsum("thgd,hkd->thgk", qg, k) * scale  # k = b*W+w
     key_req = jnp.repeat(jnp.arange(batch), width)
     key_pos = jnp.tile(jnp.arange(width), batch)
     seq = inputs["seq_lens"][key_req]
-    visible = ((key_req[None, :] == inputs["token_req"][:, None])
-               & (key_pos[None, :] <= inputs["positions"][:, None])
-               & (key_pos < seq)[None, :])                                            # [T, B*W]
+    visible = (
+        (key_req[None, :] == inputs["token_req"][:, None])
+        & (key_pos[None, :] <= inputs["positions"][:, None])
+        & (key_pos < seq)[None, :]
+    )  # [T, B*W]
     if window is not None:
         visible &= key_pos[None, :] > inputs["positions"][:, None] - window
     s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
@@ -85,22 +88,42 @@ def _pages(k_cache, v_cache, inputs, page_size):
         width = table.shape[1] // page_size
         pages = table[:, ::page_size] // page_size
         live = jnp.arange(width)[None, :] * page_size < seq[:, None]
-        return (pa.as_pages(k_cache, page=page_size), pa.as_pages(v_cache, page=page_size),
-                jnp.where(live, pages, 0).astype(jnp.int32))
+        return (
+            pa.as_pages(k_cache, page=page_size),
+            pa.as_pages(v_cache, page=page_size),
+            jnp.where(live, pages, 0).astype(jnp.int32),
+        )
     return pa.gather_dense_pages(k_cache, v_cache, table, block=pa.DENSE_BLOCK)
 
 
 def pallas_decode(q, k_cache, v_cache, inputs, *, scale, page_size, interpret, window=None):
     k_pages, v_pages, table = _pages(k_cache, v_cache, inputs, page_size)
-    return pa.paged_decode(q, k_pages, v_pages, table, inputs["seq_lens"], scale=scale,
-                           interpret=interpret, window=window)
+    return pa.paged_decode(
+        q,
+        k_pages,
+        v_pages,
+        table,
+        inputs["seq_lens"],
+        scale=scale,
+        interpret=interpret,
+        window=window,
+    )
 
 
 def pallas_extend(q, k_cache, v_cache, inputs, *, scale, page_size, interpret, window=None):
     k_pages, v_pages, table = _pages(k_cache, v_cache, inputs, page_size)
     tokens = q.shape[0]
     q_pad = jnp.concatenate([q, jnp.zeros((1, *q.shape[1:]), q.dtype)])  # row T: padding
-    out = pa.paged_extend(q_pad[inputs["q_index"]], k_pages, v_pages, inputs["tile_req"],
-                          inputs["tile_pos0"], table, inputs["seq_lens"], scale=scale,
-                          interpret=interpret, window=window)
+    out = pa.paged_extend(
+        q_pad[inputs["q_index"]],
+        k_pages,
+        v_pages,
+        inputs["tile_req"],
+        inputs["tile_pos0"],
+        table,
+        inputs["seq_lens"],
+        scale=scale,
+        interpret=interpret,
+        window=window,
+    )
     return out.reshape(-1, *q.shape[1:])[inputs["out_index"]][:tokens]

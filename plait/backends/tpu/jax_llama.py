@@ -12,6 +12,7 @@ buffers and XLA updates them in place. ``inputs`` holds int32 arrays whose shape
 bucket (see :mod:`.model_runner` for their meaning). Everything static (head counts, the
 attention implementation) is bound by :func:`make_forward` before ``jax.jit``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,13 @@ class LlamaShape:
     @classmethod
     def of(cls, config: Any, context_len: int) -> "LlamaShape":
         """The shape of ``config``'s model served with contexts of up to ``context_len``."""
-        return cls(config.num_attention_heads, config.num_key_value_heads, head_dim_of(config),
-                   float(config.rms_norm_eps), layer_windows(config, context_len))
+        return cls(
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim_of(config),
+            float(config.rms_norm_eps),
+            layer_windows(config, context_len),
+        )
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -61,8 +67,17 @@ def _linear(x: jax.Array, layer: dict, name: str) -> jax.Array:
     return y if bias is None else y + bias
 
 
-def _layer(x, layer, k_cache, v_cache, inputs, rope, shape: LlamaShape, attend: Callable,
-           window: int | None):
+def _layer(
+    x,
+    layer,
+    k_cache,
+    v_cache,
+    inputs,
+    rope,
+    shape: LlamaShape,
+    attend: Callable,
+    window: int | None,
+):
     t = x.shape[0]
     hq, hkv, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
     h = rms_norm(x, layer["input_norm"], shape.rms_norm_eps)
@@ -75,24 +90,34 @@ def _layer(x, layer, k_cache, v_cache, inputs, rope, shape: LlamaShape, attend: 
     loc = inputs["out_loc"]
     k_cache = k_cache.at[:, loc].set(jnp.swapaxes(k, 0, 1).astype(k_cache.dtype))
     v_cache = v_cache.at[:, loc].set(jnp.swapaxes(v, 0, 1).astype(v_cache.dtype))
-    o = attend(q, k_cache, v_cache, inputs, scale=d ** -0.5, window=window)
+    o = attend(q, k_cache, v_cache, inputs, scale=d**-0.5, window=window)
     x = x + _linear(o.reshape(t, hq * d), layer, "o")
     h = rms_norm(x, layer["post_norm"], shape.rms_norm_eps)
     gate, up = jnp.split(_linear(h, layer, "gate_up"), 2, axis=-1)
     return x + _linear(jax.nn.silu(gate) * up, layer, "down"), k_cache, v_cache
 
 
-def forward(params: dict, k_caches: list, v_caches: list, inputs: dict, *, shape: LlamaShape,
-            attend: Callable):
+def forward(
+    params: dict,
+    k_caches: list,
+    v_caches: list,
+    inputs: dict,
+    *,
+    shape: LlamaShape,
+    attend: Callable,
+):
     x = params["embed"][inputs["input_ids"]]
     pos = inputs["positions"]
-    rope = (params["rope_cos"][pos][:, None, :].astype(x.dtype),
-            params["rope_sin"][pos][:, None, :].astype(x.dtype))
+    rope = (
+        params["rope_cos"][pos][:, None, :].astype(x.dtype),
+        params["rope_sin"][pos][:, None, :].astype(x.dtype),
+    )
     new_k, new_v = [], []
     windows = shape.sliding_windows or (None,) * len(params["layers"])
     for layer, k_cache, v_cache, window in zip(params["layers"], k_caches, v_caches, windows):
-        x, k_cache, v_cache = _layer(x, layer, k_cache, v_cache, inputs, rope, shape, attend,
-                                     window)
+        x, k_cache, v_cache = _layer(
+            x, layer, k_cache, v_cache, inputs, rope, shape, attend, window
+        )
         new_k.append(k_cache)
         new_v.append(v_cache)
     x = rms_norm(x[inputs["logit_rows"]], params["norm"], shape.rms_norm_eps)

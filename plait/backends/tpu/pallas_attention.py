@@ -19,6 +19,7 @@ Shapes that reach ``jax.jit`` are bucketed to powers of two (batch, pages, tiles
 server compiles each kernel a handful of times, not once per step. On a machine without a TPU
 the kernels run with ``interpret=True`` (that is how CI checks them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MIN_PAGE = 8    # TPU sublane count: smaller pages are regrouped into dense blocks first
+MIN_PAGE = 8  # TPU sublane count: smaller pages are regrouped into dense blocks first
 DENSE_BLOCK = 16
-Q_TILE = 16     # new tokens per extend tile
+Q_TILE = 16  # new tokens per extend tile
 
 
 def interpret_mode() -> bool:
@@ -44,14 +45,17 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 # -- the online-softmax step shared by both kernels ---------------------------------------------
 
+
 def _attend_page(q, k_ref, v_ref, visible, m_ref, l_ref, acc_ref, scale):
     """Fold one page into the running softmax. q: [R, D] f32; visible: [R, page] bool."""
-    k = k_ref[...].astype(jnp.float32)                                   # [page, D]
+    k = k_ref[...].astype(jnp.float32)  # [page, D]
     v = v_ref[...].astype(jnp.float32)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * scale  # [R, page]
+    s = (
+        jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        * scale
+    )  # [R, page]
     s = jnp.where(visible, s, -jnp.inf)
-    m_prev = m_ref[...]                                                  # [R, 1]
+    m_prev = m_ref[...]  # [R, 1]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing visible yet: keep exp at 0
     p = jnp.exp(s - m_safe)
@@ -73,14 +77,19 @@ def _finish(o_ref, l_ref, acc_ref):
 
 
 def _scratch(rows: int, head_dim: int):
-    return [pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, head_dim), jnp.float32)]
+    return [
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, head_dim), jnp.float32),
+    ]
 
 
 # -- decode -------------------------------------------------------------------------------------
 
-def _decode_kernel(page_table, seq_lens, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *,
-                   scale, page, window):
+
+def _decode_kernel(
+    page_table, seq_lens, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale, page, window
+):
     b, p = pl.program_id(0), pl.program_id(2)
     seq = seq_lens[b]
     first = 0 if window is None else jnp.maximum(seq - window, 0)  # the window's first key
@@ -91,10 +100,9 @@ def _decode_kernel(page_table, seq_lens, q_ref, k_ref, v_ref, o_ref, m_ref, l_re
 
     @pl.when((p * page < seq) & ((p + 1) * page > first))
     def _():
-        q = q_ref[...].astype(jnp.float32)                                # [G, D]
+        q = q_ref[...].astype(jnp.float32)  # [G, D]
         pos = p * page + jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], page), 1)
-        _attend_page(q, k_ref, v_ref, (pos < seq) & (pos >= first), m_ref, l_ref, acc_ref,
-                     scale)
+        _attend_page(q, k_ref, v_ref, (pos < seq) & (pos >= first), m_ref, l_ref, acc_ref, scale)
 
     @pl.when(p == pl.num_programs(2) - 1)
     def _():
@@ -112,28 +120,50 @@ def paged_decode(q, k_pages, v_pages, page_table, seq_lens, *, scale, interpret,
     tile = (None, None, group, head_dim)
     kv_tile = (None, None, page, head_dim)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(batch, num_kv_heads, page_table.shape[1]),
-        in_specs=[pl.BlockSpec(tile, lambda b, h, p, pt, sl: (b, h, 0, 0)),
-                  pl.BlockSpec(kv_tile, lambda b, h, p, pt, sl: (h, pt[b, p], 0, 0)),
-                  pl.BlockSpec(kv_tile, lambda b, h, p, pt, sl: (h, pt[b, p], 0, 0))],
+        num_scalar_prefetch=2,
+        grid=(batch, num_kv_heads, page_table.shape[1]),
+        in_specs=[
+            pl.BlockSpec(tile, lambda b, h, p, pt, sl: (b, h, 0, 0)),
+            pl.BlockSpec(kv_tile, lambda b, h, p, pt, sl: (h, pt[b, p], 0, 0)),
+            pl.BlockSpec(kv_tile, lambda b, h, p, pt, sl: (h, pt[b, p], 0, 0)),
+        ],
         out_specs=pl.BlockSpec(tile, lambda b, h, p, pt, sl: (b, h, 0, 0)),
-        scratch_shapes=_scratch(group, head_dim))
+        scratch_shapes=_scratch(group, head_dim),
+    )
     out = pl.pallas_call(
         functools.partial(_decode_kernel, scale=scale, page=page, window=window),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype), interpret=interpret,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        interpret=interpret,
     )(page_table, seq_lens, qg, k_pages, v_pages)
     return out.reshape(batch, num_heads, head_dim)
 
 
 # -- extend -------------------------------------------------------------------------------------
 
-def _extend_kernel(tile_req, tile_pos0, page_table, seq_lens, q_ref, k_ref, v_ref, o_ref,
-                   m_ref, l_ref, acc_ref, *, scale, page, group, window):
+
+def _extend_kernel(
+    tile_req,
+    tile_pos0,
+    page_table,
+    seq_lens,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    acc_ref,
+    *,
+    scale,
+    page,
+    group,
+    window,
+):
     t, p = pl.program_id(0), pl.program_id(2)
     b = tile_req[t]
     seq, pos0 = seq_lens[b], tile_pos0[t]
-    rows = q_ref.shape[0]            # Q_TILE tokens x group heads, token-major
+    rows = q_ref.shape[0]  # Q_TILE tokens x group heads, token-major
     # the first key the tile's first token sees (its sliding window's start)
     first = 0 if window is None else pos0 - window + 1
 
@@ -143,8 +173,7 @@ def _extend_kernel(tile_req, tile_pos0, page_table, seq_lens, q_ref, k_ref, v_re
 
     # Skip pages past the sequence, wholly after this tile's last token (causal) or wholly
     # before its first token's window.
-    @pl.when((p * page < seq) & (p * page <= pos0 + rows // group - 1)
-             & ((p + 1) * page > first))
+    @pl.when((p * page < seq) & (p * page <= pos0 + rows // group - 1) & ((p + 1) * page > first))
     def _():
         q = q_ref[...].astype(jnp.float32)
         q_pos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows, page), 0) // group
@@ -160,8 +189,19 @@ def _extend_kernel(tile_req, tile_pos0, page_table, seq_lens, q_ref, k_ref, v_re
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "window"))
-def paged_extend(q_tiles, k_pages, v_pages, tile_req, tile_pos0, page_table, seq_lens, *,
-                 scale, interpret, window=None):
+def paged_extend(
+    q_tiles,
+    k_pages,
+    v_pages,
+    tile_req,
+    tile_pos0,
+    page_table,
+    seq_lens,
+    *,
+    scale,
+    interpret,
+    window=None,
+):
     """q_tiles [NT, Q_TILE, Hq, D]: each tile holds up to Q_TILE consecutive new tokens of
     request ``tile_req[t]``, the first at absolute position ``tile_pos0[t]``. Returns the same
     shape. Pages as in :func:`paged_decode`; ``window``: a sliding window W (a token sees
@@ -175,16 +215,20 @@ def paged_extend(q_tiles, k_pages, v_pages, tile_req, tile_pos0, page_table, seq
     tile = (None, None, q_tile * group, head_dim)
     kv_tile = (None, None, page, head_dim)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4, grid=(num_tiles, num_kv_heads, page_table.shape[1]),
+        num_scalar_prefetch=4,
+        grid=(num_tiles, num_kv_heads, page_table.shape[1]),
         in_specs=[
             pl.BlockSpec(tile, lambda t, h, p, tr, tp, pt, sl: (t, h, 0, 0)),
             pl.BlockSpec(kv_tile, lambda t, h, p, tr, tp, pt, sl: (h, pt[tr[t], p], 0, 0)),
-            pl.BlockSpec(kv_tile, lambda t, h, p, tr, tp, pt, sl: (h, pt[tr[t], p], 0, 0))],
+            pl.BlockSpec(kv_tile, lambda t, h, p, tr, tp, pt, sl: (h, pt[tr[t], p], 0, 0)),
+        ],
         out_specs=pl.BlockSpec(tile, lambda t, h, p, tr, tp, pt, sl: (t, h, 0, 0)),
-        scratch_shapes=_scratch(q_tile * group, head_dim))
+        scratch_shapes=_scratch(q_tile * group, head_dim),
+    )
     out = pl.pallas_call(
         functools.partial(_extend_kernel, scale=scale, page=page, group=group, window=window),
-        grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(qg.shape, q_tiles.dtype),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q_tiles.dtype),
         interpret=interpret,
     )(tile_req, tile_pos0, page_table, seq_lens, qg, k_pages, v_pages)
     out = out.reshape(num_tiles, num_kv_heads, q_tile, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -192,6 +236,7 @@ def paged_extend(q_tiles, k_pages, v_pages, tile_req, tile_pos0, page_table, seq
 
 
 # -- layouts ------------------------------------------------------------------------------------
+
 
 @functools.partial(jax.jit, static_argnames=("page",))
 def as_pages(buf, page):
@@ -210,6 +255,8 @@ def gather_dense_pages(k_buf, v_buf, slot_table, *, block):
     hkv, _, d = k_buf.shape
     k = k_buf[:, slot_table.reshape(-1)].reshape(hkv, batch * per_req, block, d)
     v = v_buf[:, slot_table.reshape(-1)].reshape(hkv, batch * per_req, block, d)
-    table = (jnp.arange(batch, dtype=jnp.int32)[:, None] * per_req
-             + jnp.arange(per_req, dtype=jnp.int32)[None, :])
+    table = (
+        jnp.arange(batch, dtype=jnp.int32)[:, None] * per_req
+        + jnp.arange(per_req, dtype=jnp.int32)[None, :]
+    )
     return k, v, table

@@ -11,6 +11,7 @@ masked softmax, fast on a CPU). Unset: ``pallas`` on a TPU, ``jax`` in developme
 
 Reading these variables never imports jax (detection must stay cheap).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,4 +44,5 @@ def requested_attention(platform: str) -> str:
 def jax_device(platform: str) -> Any:
     """The first jax device of ``platform`` (imports jax)."""
     import jax
+
     return jax.devices(platform)[0]

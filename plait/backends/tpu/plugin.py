@@ -6,6 +6,7 @@ paged kernels, one ``jax.jit`` program per padded bucket (:mod:`.graph`). Only t
 int32 inputs go to the device and its logits come back. ``PLAIT_TPU_PLATFORM=cpu`` runs the
 same code on JAX's CPU device (development mode, see :mod:`.platform`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,10 +43,13 @@ class TpuBackend(Backend):
             return str(e)
         if importlib.util.find_spec("libtpu") is None:
             # Without libtpu jax cannot reach a TPU; answering here avoids importing jax.
-            return (f"no TPU runtime (libtpu not installed; {platform.PLATFORM_ENV}=cpu runs "
-                    "the backend on jax's CPU device for development)")
+            return (
+                f"no TPU runtime (libtpu not installed; {platform.PLATFORM_ENV}=cpu runs "
+                "the backend on jax's CPU device for development)"
+            )
         try:
             import jax
+
             jax.devices("tpu")
         except RuntimeError as e:
             return f"jax sees no TPU ({e})"
@@ -59,18 +63,29 @@ class TpuBackend(Backend):
         """``pallas`` or ``jax`` (see :mod:`.platform`)."""
         return platform.requested_attention(self.jax_device().platform)
 
-    def create_kv_pool(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype: Any, page_size: int) -> KVPool:
+    def create_kv_pool(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: Any,
+        page_size: int,
+    ) -> KVPool:
         from plait.backends.tpu.attention import JaxKVPool
-        return JaxKVPool(num_slots, num_layers, num_kv_heads, head_dim, dtype, page_size,
-                         self.jax_device())
 
-    def create_attention_backend(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int,
-                                 head_dim: int) -> AttentionBackend:
+        return JaxKVPool(
+            num_slots, num_layers, num_kv_heads, head_dim, dtype, page_size, self.jax_device()
+        )
+
+    def create_attention_backend(
+        self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> AttentionBackend:
         """The Pallas kernels behind the core's torch attention contract: not on the engine's
         path (the JAX runner calls the kernels inside its jitted step), kept so the
         conformance kit certifies the kernels against the CPU reference."""
         from plait.backends.tpu.attention import PallasAttentionBackend
+
         return PallasAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
     def create_model_runner(self, spec: ModelSpec, kv_pool: KVPool, req_pool: Any) -> Any:
@@ -81,17 +96,35 @@ class TpuBackend(Backend):
         from plait.backends.tpu.weights import load_params
 
         if spec.quantization.method != "none":  # the JAX model has no quantized layers
-            raise ValueError(f"quantization={spec.quantization.method!r} is not supported by "
-                             f"the {self.name!r} backend (only 'none')")
+            raise ValueError(
+                f"quantization={spec.quantization.method!r} is not supported by "
+                f"the {self.name!r} backend (only 'none')"
+            )
         if not isinstance(kv_pool, JaxKVPool):
             raise ValueError(f"kv_pool must be a JaxKVPool, got {type(kv_pool).__name__}")
-        params = load_params(spec.model_dir, spec.hf_config, JAX_DTYPES[spec.dtype],
-                             kv_pool.jax_device, spec.context_len)
-        buckets = JitBuckets.build(spec.max_batch_size, kv_pool.num_slots, spec.context_len,
-                                   self.jit_batch_sizes, self.jit_min_tokens,
-                                   max(self.jit_min_kv_width, kv_pool.page_size))
-        return JaxModelRunner(params, LlamaShape.of(spec.hf_config, spec.context_len),
-                              kv_pool, req_pool, buckets, self.attention_impl())
+        params = load_params(
+            spec.model_dir,
+            spec.hf_config,
+            JAX_DTYPES[spec.dtype],
+            kv_pool.jax_device,
+            spec.context_len,
+        )
+        buckets = JitBuckets.build(
+            spec.max_batch_size,
+            kv_pool.num_slots,
+            spec.context_len,
+            self.jit_batch_sizes,
+            self.jit_min_tokens,
+            max(self.jit_min_kv_width, kv_pool.page_size),
+        )
+        return JaxModelRunner(
+            params,
+            LlamaShape.of(spec.hf_config, spec.context_len),
+            kv_pool,
+            req_pool,
+            buckets,
+            self.attention_impl(),
+        )
 
 
 @hookimpl

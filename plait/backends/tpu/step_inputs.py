@@ -21,6 +21,7 @@ out_index      [T]       row of each token in the flattened tiles (padding: 0)
 Padding is harmless by construction: padding tokens write only slot 0 and see request 0's
 first token; padding requests see slot 0 alone; their outputs are dropped by the runner.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,9 @@ import numpy as np
 Q_TILE = 16  # must equal pallas_attention.Q_TILE (checked in the tests)
 
 
-def slot_table(req_to_token: np.ndarray, rows: list[int], seq_lens: list[int], batch: int,
-               width: int) -> np.ndarray:
+def slot_table(
+    req_to_token: np.ndarray, rows: list[int], seq_lens: list[int], batch: int, width: int
+) -> np.ndarray:
     """[batch, width] slots of each request's first ``seq_lens[b]`` tokens, 0 elsewhere."""
     table = np.zeros((batch, width), np.int32)
     for b, (row, n) in enumerate(zip(rows, seq_lens)):
@@ -39,42 +41,65 @@ def slot_table(req_to_token: np.ndarray, rows: list[int], seq_lens: list[int], b
 
 def _padded(values: list[int], n: int, pad: int = 0) -> np.ndarray:
     out = np.full(n, pad, np.int32)
-    out[:len(values)] = values
+    out[: len(values)] = values
     return out
 
 
-def decode_inputs(req_to_token: np.ndarray, rows: list[int], positions: list[int],
-                  input_ids: list[int], slots: list[int], batch: int, width: int) -> dict:
+def decode_inputs(
+    req_to_token: np.ndarray,
+    rows: list[int],
+    positions: list[int],
+    input_ids: list[int],
+    slots: list[int],
+    batch: int,
+    width: int,
+) -> dict:
     """One new token per request at ``positions[b]`` (its seq_len is position + 1)."""
     seq = [p + 1 for p in positions]
     return {
-        "input_ids": _padded(input_ids, batch), "positions": _padded(positions, batch),
-        "out_loc": _padded(slots, batch), "token_req": np.arange(batch, dtype=np.int32),
+        "input_ids": _padded(input_ids, batch),
+        "positions": _padded(positions, batch),
+        "out_loc": _padded(slots, batch),
+        "token_req": np.arange(batch, dtype=np.int32),
         "slot_table": slot_table(req_to_token, rows, seq, batch, width),
-        "seq_lens": _padded(seq, batch, pad=1), "logit_rows": np.arange(batch, dtype=np.int32),
+        "seq_lens": _padded(seq, batch, pad=1),
+        "logit_rows": np.arange(batch, dtype=np.int32),
     }
 
 
-def extend_inputs(req_to_token: np.ndarray, rows: list[int], starts: list[int],
-                  lengths: list[int], input_ids: list[int], slots: list[int],
-                  logit_rows: list[int], tokens: int, batch: int, width: int,
-                  num_logit_rows: int) -> dict:
+def extend_inputs(
+    req_to_token: np.ndarray,
+    rows: list[int],
+    starts: list[int],
+    lengths: list[int],
+    input_ids: list[int],
+    slots: list[int],
+    logit_rows: list[int],
+    tokens: int,
+    batch: int,
+    width: int,
+    num_logit_rows: int,
+) -> dict:
     """Request b's tokens ``starts[b] .. starts[b] + lengths[b] - 1``, concatenated."""
     seq = [s + n for s, n in zip(starts, lengths)]
     positions = [p for s, n in zip(starts, lengths) for p in range(s, s + n)]
     token_req = [b for b, n in enumerate(lengths) for _ in range(n)]
     tiles = extend_tiles(starts, lengths, tokens // Q_TILE + batch, tokens)
     return {
-        "input_ids": _padded(input_ids, tokens), "positions": _padded(positions, tokens),
-        "out_loc": _padded(slots, tokens), "token_req": _padded(token_req, tokens),
+        "input_ids": _padded(input_ids, tokens),
+        "positions": _padded(positions, tokens),
+        "out_loc": _padded(slots, tokens),
+        "token_req": _padded(token_req, tokens),
         "slot_table": slot_table(req_to_token, rows, seq, batch, width),
         "seq_lens": _padded(seq, batch, pad=1),
-        "logit_rows": _padded(logit_rows, num_logit_rows), **tiles,
+        "logit_rows": _padded(logit_rows, num_logit_rows),
+        **tiles,
     }
 
 
-def extend_tiles(starts: list[int], lengths: list[int], num_tiles: int,
-                 tokens: int) -> dict[str, np.ndarray]:
+def extend_tiles(
+    starts: list[int], lengths: list[int], num_tiles: int, tokens: int
+) -> dict[str, np.ndarray]:
     """Cut each request's new tokens into Q_TILE-row tiles, padded to ``num_tiles`` tiles;
     ``tokens`` (>= the real token count) is the padding row of ``q_index`` and the length of
     ``out_index``. ValueError if the tiles do not fit."""
@@ -91,8 +116,11 @@ def extend_tiles(starts: list[int], lengths: list[int], num_tiles: int,
     if len(tile_req) > num_tiles:
         raise ValueError(f"{len(tile_req)} extend tiles exceed num_tiles={num_tiles}")
     pad = num_tiles - len(tile_req)
-    return {"tile_req": _padded(tile_req, num_tiles),
-            "tile_pos0": _padded(tile_pos0, num_tiles, pad=-Q_TILE),
-            "q_index": np.array(q_index + [[tokens] * Q_TILE] * pad, np.int32).reshape(
-                num_tiles, Q_TILE),
-            "out_index": _padded(out_index, tokens)}
+    return {
+        "tile_req": _padded(tile_req, num_tiles),
+        "tile_pos0": _padded(tile_pos0, num_tiles, pad=-Q_TILE),
+        "q_index": np.array(q_index + [[tokens] * Q_TILE] * pad, np.int32).reshape(
+            num_tiles, Q_TILE
+        ),
+        "out_index": _padded(out_index, tokens),
+    }

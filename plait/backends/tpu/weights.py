@@ -14,6 +14,7 @@ structure says which exist)::
     layers: list of {input_norm [H], qkv [H, Q+2K] (+ qkv_bias), o [Q, H] (+ o_bias),
                      post_norm [H], gate_up [H, 2I] (+ gate_up_bias), down [I, H] (+ down_bias)}
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,7 @@ _LAYER_MODULES = {
 _NORMS = {"input_norm", "post_norm"}
 
 
-def load_params(model_dir: Path, config: Any, dtype: Any, device: Any,
-                context_len: int) -> dict:
+def load_params(model_dir: Path, config: Any, dtype: Any, device: Any, context_len: int) -> dict:
     """Every weight of the checkpoint in ``model_dir`` as ``dtype`` arrays on ``device``.
 
     Raises ValueError naming the missing tensors when the checkpoint is incomplete."""
@@ -70,10 +70,14 @@ def load_params(model_dir: Path, config: Any, dtype: Any, device: Any,
     tied = getattr(config, "tie_word_embeddings", False)
     lm_head = embed if tied and "lm_head.weight" not in tensors else take("lm_head.weight")
     rotary = RotaryEmbedding(config, head_dim_of(config), context_len)
-    return {"embed": put(embed), "lm_head": put(lm_head.T), "norm": put(take("norm.weight")),
-            "rope_cos": put(rotary.cos.numpy(), jnp.float32),
-            "rope_sin": put(rotary.sin.numpy(), jnp.float32),
-            "layers": layers}
+    return {
+        "embed": put(embed),
+        "lm_head": put(lm_head.T),
+        "norm": put(take("norm.weight")),
+        "rope_cos": put(rotary.cos.numpy(), jnp.float32),
+        "rope_sin": put(rotary.sin.numpy(), jnp.float32),
+        "layers": layers,
+    }
 
 
 def _read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:

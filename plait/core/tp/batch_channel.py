@@ -9,6 +9,7 @@ Payload layout, with T tokens, B requests, R logits rows and L table columns:
 ``input_ids[T] positions[T] out_cache_loc[T] req_pool_indices[B] seq_lens[B] prefix_lens[B]
 extend_lens[B] logits_rows[R] req_to_token_rows[B*L]``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,11 +31,25 @@ def send_batch(batch: ForwardBatch) -> None:
     cols = max(batch.seq_lens_cpu)
     rows = batch.req_to_token[batch.req_pool_indices, :cols].to(torch.int64)
     device = batch.input_ids.device
-    dist.broadcast(torch.tensor([FORWARD, int(batch.is_decode), t, b, r, cols],
-                                dtype=torch.int64, device=device), 0)
-    payload = torch.cat([batch.input_ids, batch.positions, batch.out_cache_loc,
-                         batch.req_pool_indices, batch.seq_lens, batch.prefix_lens,
-                         batch.extend_lens, batch.logits_rows, rows.flatten()]).to(torch.int64)
+    dist.broadcast(
+        torch.tensor(
+            [FORWARD, int(batch.is_decode), t, b, r, cols], dtype=torch.int64, device=device
+        ),
+        0,
+    )
+    payload = torch.cat(
+        [
+            batch.input_ids,
+            batch.positions,
+            batch.out_cache_loc,
+            batch.req_pool_indices,
+            batch.seq_lens,
+            batch.prefix_lens,
+            batch.extend_lens,
+            batch.logits_rows,
+            rows.flatten(),
+        ]
+    ).to(torch.int64)
     dist.broadcast(payload, 0)
 
 
@@ -52,10 +67,21 @@ def recv_batch(req_to_token: torch.Tensor) -> ForwardBatch | None:
     payload = torch.empty(3 * t + 4 * b + r + b * cols, dtype=torch.int64, device=device)
     dist.broadcast(payload, 0)
     (ids, pos, loc, idx, seq, prefix, ext, logits_rows, rows) = payload.split(
-        [t, t, t, b, b, b, b, r, b * cols])
+        [t, t, t, b, b, b, b, r, b * cols]
+    )
     req_to_token[idx, :cols] = rows.view(b, cols).to(req_to_token.dtype)
     return ForwardBatch(
-        is_decode=bool(is_decode), input_ids=ids, positions=pos, out_cache_loc=loc,
-        req_pool_indices=idx, seq_lens=seq, prefix_lens=prefix, extend_lens=ext,
-        req_to_token=req_to_token, logits_rows=logits_rows, seq_lens_cpu=seq.tolist(),
-        prefix_lens_cpu=prefix.tolist(), extend_lens_cpu=ext.tolist())
+        is_decode=bool(is_decode),
+        input_ids=ids,
+        positions=pos,
+        out_cache_loc=loc,
+        req_pool_indices=idx,
+        seq_lens=seq,
+        prefix_lens=prefix,
+        extend_lens=ext,
+        req_to_token=req_to_token,
+        logits_rows=logits_rows,
+        seq_lens_cpu=seq.tolist(),
+        prefix_lens_cpu=prefix.tolist(),
+        extend_lens_cpu=ext.tolist(),
+    )

@@ -6,6 +6,7 @@ default ``torch.distributed`` process group. With ``size == 1`` both collectives
 identity and ``torch.distributed`` is never touched, so a single-rank model is exactly the
 model it was before tensor parallelism existed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class TPGroup:
         """Sum ``x`` over the ranks, in place; returns ``x``."""
         if self.size > 1:
             import torch.distributed as dist
+
             dist.all_reduce(x)
         return x
 
@@ -36,6 +38,7 @@ class TPGroup:
         if self.size == 1:
             return x
         import torch.distributed as dist
+
         width = max(sizes)
         if x.shape[-1] < width:
             x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))

@@ -21,6 +21,7 @@ per rank; a worker pins itself to its run and every rank sets ``torch.set_num_th
 run's length (rank 0 is not pinned, since it shares its process with the caller, and gets its
 thread count back at stop).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ _KEY_READY, _KEY_ERROR = "plait/tp/ready/{}", "plait/tp/error/{}"
 def cores_of_rank(rank: int, size: int) -> list[int]:
     """Rank's share of this process's allowed cores (every rank gets at least one; with fewer
     cores than ranks, ranks share)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-        range(os.cpu_count() or 1))
+    cores = (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
+    )
     if len(cores) < size:
         return [cores[rank % len(cores)]]
     start, stop = split_range(len(cores), size, rank)
@@ -63,17 +67,21 @@ class WorkerRanks:
     :meth:`join` returned) the default process group, which this object owns until
     :meth:`stop`."""
 
-    def __init__(self, size: int, dist_backend: str, worker_config: dict[str, Any],
-                 cpu_threads: bool):
+    def __init__(
+        self, size: int, dist_backend: str, worker_config: dict[str, Any], cpu_threads: bool
+    ):
         import torch.distributed as dist
 
         if dist.is_initialized():
-            raise RuntimeError("a torch.distributed process group already exists in this "
-                               "process: one tensor-parallel engine per process")
+            raise RuntimeError(
+                "a torch.distributed process group already exists in this "
+                "process: one tensor-parallel engine per process"
+            )
         self.size = size
         self.dist_backend = dist_backend
-        self.store = dist.TCPStore(HOST, 0, size, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=60))
+        self.store = dist.TCPStore(
+            HOST, 0, size, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+        )
         self.port = self.store.port
         self.procs: list[subprocess.Popen] = []
         #: ranks 1..size-1's shards, in rank order, once :meth:`wait_ready` returned
@@ -82,13 +90,25 @@ class WorkerRanks:
         self._saved_threads = torch.get_num_threads()
         if cpu_threads:
             torch.set_num_threads(len(cores_of_rank(0, size)))
-        configs = [{**worker_config, "rank": r, "size": size, "port": self.port,
-                    "parent_pid": os.getpid(), "dist_backend": dist_backend,
-                    "cores": cores_of_rank(r, size) if cpu_threads else None}
-                   for r in range(1, size)]
+        configs = [
+            {
+                **worker_config,
+                "rank": r,
+                "size": size,
+                "port": self.port,
+                "parent_pid": os.getpid(),
+                "dist_backend": dist_backend,
+                "cores": cores_of_rank(r, size) if cpu_threads else None,
+            }
+            for r in range(1, size)
+        ]
         spawned = threading.Event()
-        self._spawner = threading.Thread(target=self._spawn_and_reap, args=(configs, spawned),
-                                         name="plait-tp-spawner", daemon=True)
+        self._spawner = threading.Thread(
+            target=self._spawn_and_reap,
+            args=(configs, spawned),
+            name="plait-tp-spawner",
+            daemon=True,
+        )
         self._spawner.start()
         spawned.wait()
         if len(self.procs) != len(configs):
@@ -97,14 +117,19 @@ class WorkerRanks:
 
     def _spawn_and_reap(self, configs: list[dict[str, Any]], spawned: threading.Event) -> None:
         root = str(Path(__file__).resolve().parents[3])  # the directory holding plait/
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        }
         try:
             for cfg in configs:
                 if cfg["cores"]:
                     env["OMP_NUM_THREADS"] = str(len(cfg["cores"]))
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "plait.core.tp.worker", json.dumps(cfg)], env=env))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "plait.core.tp.worker", json.dumps(cfg)], env=env
+                    )
+                )
         except OSError:
             log.exception("spawning a tensor-parallel worker failed")
         finally:
@@ -128,11 +153,14 @@ class WorkerRanks:
                     pending.discard(rank)
             if pending and time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"tensor-parallel ranks {sorted(pending)} did not load "
-                                   f"their shards within {timeout:.0f} s")
+                raise RuntimeError(
+                    f"tensor-parallel ranks {sorted(pending)} did not load "
+                    f"their shards within {timeout:.0f} s"
+                )
             time.sleep(0.05)
-        self.facts = [RankFacts.from_json(self.store.get(_KEY_READY.format(r)))
-                      for r in range(1, self.size)]
+        self.facts = [
+            RankFacts.from_json(self.store.get(_KEY_READY.format(r))) for r in range(1, self.size)
+        ]
 
     def _error_of(self, rank: int) -> str | None:
         if self.store.check([_KEY_ERROR.format(rank)]):
@@ -144,8 +172,14 @@ class WorkerRanks:
 
     def join(self) -> None:
         import torch.distributed as dist
-        dist.init_process_group(self.dist_backend, store=self.store, rank=0,
-                                world_size=self.size, timeout=COLLECTIVE_TIMEOUT)
+
+        dist.init_process_group(
+            self.dist_backend,
+            store=self.store,
+            rank=0,
+            world_size=self.size,
+            timeout=COLLECTIVE_TIMEOUT,
+        )
         self._joined = True
 
     def dead_ranks(self) -> list[int]:

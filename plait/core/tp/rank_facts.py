@@ -7,6 +7,7 @@ same shard), not from the shard plan, so they report what was built. Ranks 1..N-
 theirs in their worker process and send them to rank 0 with their ready signal
 (``plait.core.tp.worker``); a rank's facts never change after it is built.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,12 @@ def facts_of(runner: Any) -> RankFacts:
     head_dim = layer.self_attn.head_dim
     q_rows = layer.self_attn.o_proj.in_features  # o_proj's input columns are the local heads
     kv_rows = (layer.self_attn.qkv_proj.out_features - q_rows) // 2
-    return RankFacts(rank=model.tp.rank, attention_heads=q_rows // head_dim,
-                     kv_heads=kv_rows // head_dim, mlp_rows=layer.mlp.down_proj.in_features,
-                     vocab_rows=int(model.embed_tokens.weight.shape[0]),
-                     weight_bytes=weight_bytes(model),
-                     decode_captured=runner.graph_runner is not None)
+    return RankFacts(
+        rank=model.tp.rank,
+        attention_heads=q_rows // head_dim,
+        kv_heads=kv_rows // head_dim,
+        mlp_rows=layer.mlp.down_proj.in_features,
+        vocab_rows=int(model.embed_tokens.weight.shape[0]),
+        weight_bytes=weight_bytes(model),
+        decode_captured=runner.graph_runner is not None,
+    )

@@ -12,6 +12,7 @@ here, the workers from the same fields in their JSON config), so a flag such as
 ``graph_capture`` holds on every rank; :meth:`TPModelRunner.metrics` reports each rank's
 :class:`~plait.core.tp.rank_facts.RankFacts` so that this can be seen.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ class TPModelRunner:
 
     def __init__(self, local: StepRunner, ranks: WorkerRanks):
         if not isinstance(local, ModelRunner):
-            raise ValueError(f"tensor parallelism needs the core ModelRunner; the backend "
-                             f"returned {type(local).__name__}")
+            raise ValueError(
+                f"tensor parallelism needs the core ModelRunner; the backend "
+                f"returned {type(local).__name__}"
+            )
         self.local = local
         self.ranks = ranks
         self.kv_pool = local.kv_pool
@@ -53,8 +56,10 @@ class TPModelRunner:
     def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: rank 0's capture counters and ``tp_ranks``, one
         :class:`RankFacts` dict per rank."""
-        return {**self.local.metrics(),
-                "tp_ranks": [dataclasses.asdict(f) for f in self.rank_facts]}
+        return {
+            **self.local.metrics(),
+            "tp_ranks": [dataclasses.asdict(f) for f in self.rank_facts],
+        }
 
     def prepare_extend(self, items: list[ExtendItem]) -> tuple[Any, list[int]]:
         return self.local.prepare_extend(items)
@@ -79,30 +84,48 @@ class TPModelRunner:
         self.ranks.stop(send_stop=lambda: batch_channel.send_stop(self.device))
 
 
-def start_tensor_parallel(backend: Backend, spec: ModelSpec,
-                          num_slots: int, page_size: int, req_pool: ReqToTokenPool,
-                          tp_size: int, startup_timeout: float = 600.0,
-                          ) -> tuple[TPModelRunner, TokenSlotAllocator]:
+def start_tensor_parallel(
+    backend: Backend,
+    spec: ModelSpec,
+    num_slots: int,
+    page_size: int,
+    req_pool: ReqToTokenPool,
+    tp_size: int,
+    startup_timeout: float = 600.0,
+) -> tuple[TPModelRunner, TokenSlotAllocator]:
     """Start ranks 1..tp_size-1, build rank 0's shard (this process) while they build theirs,
     join the group; returns rank 0's runner and the slot allocator (rank 0 owns allocation)."""
     if spec.quantization.method != "none":  # the loader's refusal, before any rank starts
-        raise ValueError(f"quantization={spec.quantization.method!r} does not support "
-                         f"tp_size > 1 yet")
+        raise ValueError(
+            f"quantization={spec.quantization.method!r} does not support tp_size > 1 yet"
+        )
     # Every ModelSpec field but hf_config (re-read from model_dir) and tp (the rank's own).
-    worker_config = {"model_dir": str(spec.model_dir), "device": backend.name,
-                     "dtype": str(spec.dtype).removeprefix("torch."),
-                     "context_len": spec.context_len, "max_batch_size": spec.max_batch_size,
-                     "num_slots": num_slots, "page_size": page_size,
-                     "graph_capture": spec.graph_capture,
-                     "backend_options": (dataclasses.asdict(backend.options)  # type: ignore[call-overload]
-                                         if backend.options is not None else None)}
+    worker_config = {
+        "model_dir": str(spec.model_dir),
+        "device": backend.name,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "context_len": spec.context_len,
+        "max_batch_size": spec.max_batch_size,
+        "num_slots": num_slots,
+        "page_size": page_size,
+        "graph_capture": spec.graph_capture,
+        "backend_options": (
+            dataclasses.asdict(backend.options)  # type: ignore[call-overload]
+            if backend.options is not None
+            else None
+        ),
+    }
     cpu = backend.torch_device.type == "cpu"
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
     try:
         backend.bind_tp_rank(0)
         local, allocator = build_model_runner(
-            backend, dataclasses.replace(spec, tp=TPGroup(rank=0, size=tp_size)),
-            num_slots, page_size, req_pool)
+            backend,
+            dataclasses.replace(spec, tp=TPGroup(rank=0, size=tp_size)),
+            num_slots,
+            page_size,
+            req_pool,
+        )
         ranks.wait_ready(startup_timeout)
         runner = TPModelRunner(local, ranks)
         ranks.join()

@@ -9,6 +9,7 @@
 - Everything else (MLP intermediate columns, vocabulary rows) is split into contiguous ranges
   whose sizes differ by at most one: :func:`split_range`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,24 +42,35 @@ class HeadShard:
 
 def shard_heads(num_heads: int, num_kv_heads: int, tp_size: int, rank: int) -> HeadShard:
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
-                         f"num_key_value_heads={num_kv_heads}")
+        raise ValueError(
+            f"num_attention_heads={num_heads} is not a multiple of "
+            f"num_key_value_heads={num_kv_heads}"
+        )
     group = num_heads // num_kv_heads
     if num_kv_heads >= tp_size:
         kv_start, kv_stop = split_range(num_kv_heads, tp_size, rank)
-        return HeadShard(q_start=kv_start * group, num_heads=(kv_stop - kv_start) * group,
-                         kv_start=kv_start, num_kv_heads=kv_stop - kv_start)
+        return HeadShard(
+            q_start=kv_start * group,
+            num_heads=(kv_stop - kv_start) * group,
+            kv_start=kv_start,
+            num_kv_heads=kv_stop - kv_start,
+        )
     replicas = tp_size // num_kv_heads
     if tp_size % num_kv_heads or group % replicas:
         raise ValueError(
             f"tp_size={tp_size} cannot split num_attention_heads={num_heads} with "
             f"num_key_value_heads={num_kv_heads}: with fewer KV heads than ranks, tp_size must "
             f"be a multiple of num_key_value_heads and each KV head's {group} query heads must "
-            f"split evenly over its {tp_size}/{num_kv_heads} ranks")
+            f"split evenly over its {tp_size}/{num_kv_heads} ranks"
+        )
     per_rank = group // replicas
     kv = rank // replicas
-    return HeadShard(q_start=kv * group + (rank % replicas) * per_rank, num_heads=per_rank,
-                     kv_start=kv, num_kv_heads=1)
+    return HeadShard(
+        q_start=kv * group + (rank % replicas) * per_rank,
+        num_heads=per_rank,
+        kv_start=kv,
+        num_kv_heads=1,
+    )
 
 
 def check_tp_size(num_heads: int, num_kv_heads: int, tp_size: int) -> int:
@@ -66,5 +78,6 @@ def check_tp_size(num_heads: int, num_kv_heads: int, tp_size: int) -> int:
     per-rank KV budget is sized by). Raises ValueError naming the head counts."""
     if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
-    return max(shard_heads(num_heads, num_kv_heads, tp_size, r).num_kv_heads
-               for r in range(tp_size))
+    return max(
+        shard_heads(num_heads, num_kv_heads, tp_size, r).num_kv_heads for r in range(tp_size)
+    )

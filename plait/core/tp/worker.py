@@ -7,6 +7,7 @@ STOP. It never schedules, samples or caches: its ``req_to_token`` rows are copie
 with each batch. Any error ends the process (rank 0's next collective then fails), since a rank
 that skipped a forward could only desynchronise the group's collectives.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,13 +49,17 @@ def build_runner(cfg: dict[str, Any]) -> Any:
     backend.bind_tp_rank(cfg["rank"])
     model_dir = Path(cfg["model_dir"])
     hf = compose.load_config(model_dir)
-    spec = ModelSpec(model_dir=model_dir, hf_config=hf, dtype=getattr(torch, cfg["dtype"]),
-                     context_len=cfg["context_len"], max_batch_size=cfg["max_batch_size"],
-                     graph_capture=cfg["graph_capture"],
-                     tp=TPGroup(rank=cfg["rank"], size=cfg["size"]),
-                     load_model=compose.model_loader(hf))
-    req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1,
-                              backend.torch_device)
+    spec = ModelSpec(
+        model_dir=model_dir,
+        hf_config=hf,
+        dtype=getattr(torch, cfg["dtype"]),
+        context_len=cfg["context_len"],
+        max_batch_size=cfg["max_batch_size"],
+        graph_capture=cfg["graph_capture"],
+        tp=TPGroup(rank=cfg["rank"], size=cfg["size"]),
+        load_model=compose.model_loader(hf),
+    )
+    req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1, backend.torch_device)
     runner, _ = build_model_runner(backend, spec, cfg["num_slots"], cfg["page_size"], req_pool)
     return runner
 
@@ -77,18 +82,25 @@ def main() -> int:
     import torch.distributed as dist
     from plait.core.tp.launcher import COLLECTIVE_TIMEOUT, HOST, _KEY_ERROR, _KEY_READY
 
-    store = dist.TCPStore(HOST, cfg["port"], cfg["size"], is_master=False,
-                          timeout=timedelta(seconds=60))
+    store = dist.TCPStore(
+        HOST, cfg["port"], cfg["size"], is_master=False, timeout=timedelta(seconds=60)
+    )
     try:
         from plait.core.tp.rank_facts import facts_of
+
         runner = build_runner(cfg)
         facts = facts_of(runner).to_json()
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(_KEY_ERROR.format(rank), traceback.format_exc())
         return 1
     store.set(_KEY_READY.format(rank), facts)
-    dist.init_process_group(cfg["dist_backend"], store=store, rank=rank,
-                            world_size=cfg["size"], timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        cfg["dist_backend"],
+        store=store,
+        rank=rank,
+        world_size=cfg["size"],
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     try:
         serve(runner)
     except BaseException:  # noqa: BLE001

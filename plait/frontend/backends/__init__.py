@@ -1,5 +1,6 @@
 """Where programs run: in-process (``Runtime``), over HTTP (``RuntimeEndpoint``, ``OpenAI``).
 ``base.FrontendBackend`` is what each of them implements."""
+
 from plait.frontend.backends.base import FrontendBackend, TokenUsage
 from plait.frontend.backends.crusoe import Crusoe
 from plait.frontend.backends.endpoint import RuntimeEndpoint

@@ -8,6 +8,7 @@ this and implements the abstract methods; the others have documented defaults.
 ``s`` below is the program state's executor: ``s.text_`` is the text so far, ``s.messages_``
 the finished chat messages, ``s.cur_role`` / ``s.cur_role_begin_pos`` the open role.
 """
+
 from __future__ import annotations
 
 import abc
@@ -26,6 +27,7 @@ class TokenUsage:
     """SGLang's ``backend.token_usage``: the prompt tokens a backend's requests sent and the
     completion tokens they received, as the server counted them. One object per backend for
     its whole life, so a reference taken before ``reset()`` keeps counting."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -35,8 +37,8 @@ class TokenUsage:
 
 
 class FrontendBackend(abc.ABC):
-    chat_template: ChatTemplate   # renders role markers into the program's text
-    token_usage: TokenUsage       # what the backend's requests cost, in tokens
+    chat_template: ChatTemplate  # renders role markers into the program's text
+    token_usage: TokenUsage  # what the backend's requests cost, in tokens
 
     @property
     def endpoint(self) -> "FrontendBackend":
@@ -52,8 +54,9 @@ class FrontendBackend(abc.ABC):
         """:meth:`generate`, streamed: yields (new text, meta info so far)."""
 
     @abc.abstractmethod
-    def select(self, s: Any, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod) -> ChoicesDecision:
+    def select(
+        self, s: Any, choices: list[str], temperature: float, method: ChoicesSamplingMethod
+    ) -> ChoicesDecision:
         """Pick one of ``choices`` to follow ``s.text_``, scored by ``method``."""
 
     def cache_prefix(self, text: str) -> Any:

@@ -1,5 +1,6 @@
 """``RuntimeEndpoint``: programs run against a ``plait serve`` (or SGLang) server through
 its native ``/generate`` API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,19 +21,24 @@ class RuntimeEndpoint(NativeBackend):
     ``tokenizer_path``; failing both, role markers fall back to ChatML.
     """
 
-    def __init__(self, base_url: str, api_key: str | None = None,
-                 tokenizer_path: str | None = None):
+    def __init__(
+        self, base_url: str, api_key: str | None = None, tokenizer_path: str | None = None
+    ):
         super().__init__()
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.model_info = self._model_info()
-        path = tokenizer_path or self.model_info.get("tokenizer_path") \
+        path = (
+            tokenizer_path
+            or self.model_info.get("tokenizer_path")
             or self.model_info.get("model_path")
+        )
         self.tokenizer = load_tokenizer(path) if path else None
-        self.chat_template = (ChatTemplate.from_tokenizer(self.tokenizer)
-                              if self.tokenizer is not None else chatml())
+        self.chat_template = (
+            ChatTemplate.from_tokenizer(self.tokenizer) if self.tokenizer is not None else chatml()
+        )
         # SGLang's gateway (sglang-router 0.3.2) takes one text per /generate, not a batch of
         # texts, and refuses the body shape with 422. After the first such refusal this
         # endpoint sends batches as one request per prompt (the prefix cache keeps that cheap).
@@ -79,8 +85,11 @@ class RuntimeEndpoint(NativeBackend):
 
 _PROMPT_KEYS = ("text", "input_ids")
 _SAMPLING_DEFAULTS = SamplingParams().to_dict()
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateReq)
-             if f.default is not dataclasses.MISSING}
+_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(GenerateReq)
+    if f.default is not dataclasses.MISSING
+}
 
 
 def generate_body(msgs: list[GenerateReq]) -> dict[str, Any]:
@@ -105,8 +114,7 @@ def _json_fields(msg: GenerateReq) -> dict[str, Any]:
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
         if f.name == "sampling_params":
-            out[f.name] = {k: v for k, v in value.to_dict().items()
-                           if v != _SAMPLING_DEFAULTS[k]}
+            out[f.name] = {k: v for k, v in value.to_dict().items() if v != _SAMPLING_DEFAULTS[k]}
         elif value is not None and value != _DEFAULTS.get(f.name):
             out[f.name] = value
     return out

@@ -1,4 +1,5 @@
 """The few HTTP calls the remote backends make (``requests``, one session per thread)."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def get(url: str, api_key: str | None = None, timeout: float = 30) -> Any:
     return res.json()
 
 
-def post(url: str, body: dict[str, Any], api_key: str | None = None,
-         timeout: float | None = 3600) -> Any:
+def post(
+    url: str, body: dict[str, Any], api_key: str | None = None, timeout: float | None = 3600
+) -> Any:
     res = _session().post(url, json=body, headers=_headers(api_key), timeout=timeout)
     _check(res)
     try:
@@ -54,21 +56,27 @@ def post(url: str, body: dict[str, Any], api_key: str | None = None,
         return res.text
 
 
-def post_sse(url: str, body: dict[str, Any], api_key: str | None = None,
-             timeout: float | None = 3600) -> Iterator[dict[str, Any]]:
+def post_sse(
+    url: str, body: dict[str, Any], api_key: str | None = None, timeout: float | None = 3600
+) -> Iterator[dict[str, Any]]:
     """POST and yield each ``data: {json}`` event until ``data: [DONE]``."""
-    with _session().post(url, json=body, headers=_headers(api_key), stream=True,
-                         timeout=timeout) as res:
+    with _session().post(
+        url, json=body, headers=_headers(api_key), stream=True, timeout=timeout
+    ) as res:
         _check(res)
         for line in res.iter_lines(decode_unicode=False):
             line = line.decode("utf-8").strip()
             if not line.startswith("data:"):
                 continue
-            data = line[len("data:"):].strip()
+            data = line[len("data:") :].strip()
             if data == "[DONE]":
                 return
             event = json.loads(data)
-            if isinstance(event, dict) and "error" in event and "text" not in event \
-                    and "choices" not in event:
+            if (
+                isinstance(event, dict)
+                and "error" in event
+                and "text" not in event
+                and "choices" not in event
+            ):
                 raise RuntimeError(f"stream error from {url}: {event['error']}")
             yield event

@@ -5,6 +5,7 @@ request messages travel (:meth:`NativeBackend._call` / :meth:`_call_stream`); ge
 prefix caching are written once here, as ``GenerateReq`` messages, against the response shape
 of docs/design.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ from plait.frontend.ir import GenParams
 class PrefillStats(TokenUsage):
     """Token accounting over every request this backend sent: SGLang's ``token_usage``
     fields, and what cache-hit measurements need besides."""
+
     requests: int = 0
     cached_tokens: int = 0
 
@@ -74,8 +76,9 @@ class NativeBackend(FrontendBackend):
         """Prefill ``text`` without generating, so later requests find it in the radix cache."""
         return self._request([GenerateReq(text=text, sampling_params={"max_new_tokens": 0})])[0]
 
-    def select(self, s: Any, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod) -> ChoicesDecision:
+    def select(
+        self, s: Any, choices: list[str], temperature: float, method: ChoicesSamplingMethod
+    ) -> ChoicesDecision:
         """Score each choice by the engine's prompt logprobs of its tokens after the context:
         one request caches the context, one batched request scores every choice from it."""
         if not choices:
@@ -85,30 +88,51 @@ class NativeBackend(FrontendBackend):
         context = s.text_
         prompt_len = self.cache_prefix(context)["meta_info"]["prompt_tokens"] if context else 0
         counts, start = self._choice_token_counts(context, choices, prompt_len)
-        outs = self._request([GenerateReq(
-            text=context + c, sampling_params={"max_new_tokens": 0, "temperature": 0},
-            return_logprob=True, logprob_start_len=start) for c in choices])
+        outs = self._request(
+            [
+                GenerateReq(
+                    text=context + c,
+                    sampling_params={"max_new_tokens": 0, "temperature": 0},
+                    return_logprob=True,
+                    logprob_start_len=start,
+                )
+                for c in choices
+            ]
+        )
         entries = []
         for choice, count, out in zip(choices, counts, outs):
             reported = out["meta_info"]["input_token_logprobs"]
             if count > len(reported):
-                raise RuntimeError(f"engine reported {len(reported)} prompt logprobs from "
-                                   f"position {start}, choice {choice!r} needs {count}")
-            entries.append([list(e) for e in reported[len(reported) - count:]])
+                raise RuntimeError(
+                    f"engine reported {len(reported)} prompt logprobs from "
+                    f"position {start}, choice {choice!r} needs {count}"
+                )
+            entries.append([list(e) for e in reported[len(reported) - count :]])
         unconditional = None
         if method.requires_unconditional_logprobs:
-            outs = self._request([GenerateReq(
-                input_ids=[e[1] for e in es], sampling_params={"max_new_tokens": 0},
-                return_logprob=True, logprob_start_len=0) for es in entries])
+            outs = self._request(
+                [
+                    GenerateReq(
+                        input_ids=[e[1] for e in es],
+                        sampling_params={"max_new_tokens": 0},
+                        return_logprob=True,
+                        logprob_start_len=0,
+                    )
+                    for es in entries
+                ]
+            )
             unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
-        return method(choices=choices,
-                      normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
-                      input_token_logprobs=entries,
-                      unconditional_token_logprobs=unconditional)
+        return method(
+            choices=choices,
+            normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
+            input_token_logprobs=entries,
+            unconditional_token_logprobs=unconditional,
+        )
 
     # ---- helpers --------------------------------------------------------------------------
-    def _choice_token_counts(self, context: str, choices: list[str],
-                             prompt_len: int) -> tuple[list[int], int]:
+    def _choice_token_counts(
+        self, context: str, choices: list[str], prompt_len: int
+    ) -> tuple[list[int], int]:
         """How many trailing prompt tokens belong to each choice, and where logprobs start.
 
         Tokenization can merge across the boundary (``"A: "`` + ``"B"`` -> ``"A:", " B"``);
@@ -128,10 +152,12 @@ class NativeBackend(FrontendBackend):
             shared.append(k)
         return counts, max(0, offset + min(shared))
 
-    def _counts_without_tokenizer(self, context: str, choices: list[str],
-                                  prompt_len: int) -> tuple[list[int], int]:
-        outs = self._request([GenerateReq(text=context + c, sampling_params={"max_new_tokens": 0})
-                              for c in choices])
+    def _counts_without_tokenizer(
+        self, context: str, choices: list[str], prompt_len: int
+    ) -> tuple[list[int], int]:
+        outs = self._request(
+            [GenerateReq(text=context + c, sampling_params={"max_new_tokens": 0}) for c in choices]
+        )
         counts = [max(1, o["meta_info"]["prompt_tokens"] - prompt_len) for o in outs]
         return counts, max(0, prompt_len - 1)
 
@@ -161,9 +187,13 @@ class NativeBackend(FrontendBackend):
 
 def _gen_request(s: Any, params: GenParams) -> GenerateReq:
     """A gen's request, detokenized as ``global_config`` asks (as SGLang's endpoint sends)."""
-    return params.to_request(s.text_, {
-        "skip_special_tokens": global_config.skip_special_tokens_in_output,
-        "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out})
+    return params.to_request(
+        s.text_,
+        {
+            "skip_special_tokens": global_config.skip_special_tokens_in_output,
+            "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
+        },
+    )
 
 
 def _check_finish(out: dict[str, Any]) -> None:

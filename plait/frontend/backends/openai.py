@@ -5,6 +5,7 @@ A chat model sees only finished messages, so ``gen`` must open an assistant mess
 (``pl.assistant(pl.gen("x"))``). ``select`` needs prompt logprobs, which only the legacy
 completions route returns (``echo=True, logprobs``); servers without it raise a clear error.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,14 @@ from plait.frontend.ir import GenParams
 
 
 class OpenAI(FrontendBackend):
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
-                 api_key: str | None = None, is_chat_model: bool = True,
-                 tokenizer_path: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "https://api.openai.com/v1",
+        api_key: str | None = None,
+        is_chat_model: bool = True,
+        tokenizer_path: str | None = None,
+    ):
         self.model = model
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -29,8 +35,9 @@ class OpenAI(FrontendBackend):
         # Only for rendering roles into s.text() (and completions prompts); the server
         # applies its own template to chat requests.
         tokenizer = load_tokenizer(tokenizer_path or model)
-        self.chat_template = (ChatTemplate.from_tokenizer(tokenizer) if tokenizer is not None
-                              else chatml())
+        self.chat_template = (
+            ChatTemplate.from_tokenizer(tokenizer) if tokenizer is not None else chatml()
+        )
         self.token_usage = TokenUsage()
         self._usage_lock = threading.Lock()
 
@@ -46,13 +53,23 @@ class OpenAI(FrontendBackend):
 
     # ---- gen ------------------------------------------------------------------------------
     def _body(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens,
-                                "temperature": params.temperature}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+        }
         if params.stop:
             body["stop"] = params.stop
-        optional = {"top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-                    # not OpenAI's, but understood by SGLang/vLLM/plait servers:
-                    "top_k": -1, "min_p": 0.0, "ignore_eos": False, "regex": None}
+        optional = {
+            "top_p": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            # not OpenAI's, but understood by SGLang/vLLM/plait servers:
+            "top_k": -1,
+            "min_p": 0.0,
+            "ignore_eos": False,
+            "regex": None,
+        }
         for key, neutral in optional.items():
             value = getattr(params, key)
             if value is not None and value != neutral:
@@ -63,13 +80,19 @@ class OpenAI(FrontendBackend):
             import json
 
             schema = params.json_schema
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "output", "schema": json.loads(schema) if isinstance(schema, str)
-                else schema}}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "output",
+                    "schema": json.loads(schema) if isinstance(schema, str) else schema,
+                },
+            }
         if self.is_chat_model:
-            if s.cur_role != "assistant" or s.text_[s.cur_role_begin_pos:]:
-                raise ValueError("OpenAI chat models can only generate a whole assistant "
-                                 "message: write pl.assistant(pl.gen(...))")
+            if s.cur_role != "assistant" or s.text_[s.cur_role_begin_pos :]:
+                raise ValueError(
+                    "OpenAI chat models can only generate a whole assistant "
+                    "message: write pl.assistant(pl.gen(...))"
+                )
             body["messages"] = list(s.messages_)
             if params.return_logprob:
                 body["logprobs"] = True
@@ -97,45 +120,71 @@ class OpenAI(FrontendBackend):
             if not event.get("choices"):
                 continue
             choice = event["choices"][0]
-            delta = (choice.get("delta") or {}).get("content") if self.is_chat_model \
+            delta = (
+                (choice.get("delta") or {}).get("content")
+                if self.is_chat_model
                 else choice.get("text")
+            )
             yield delta or "", _meta(event, choice)
 
     # ---- select ---------------------------------------------------------------------------
-    def select(self, s: Any, choices: list[str], temperature: float,
-               method: ChoicesSamplingMethod) -> ChoicesDecision:
+    def select(
+        self, s: Any, choices: list[str], temperature: float, method: ChoicesSamplingMethod
+    ) -> ChoicesDecision:
         if temperature > 1e-5:
             raise ValueError(f"select supports temperature=0 only, got {temperature}")
         if method.requires_unconditional_logprobs:
-            raise NotImplementedError(f"{type(method).__name__} needs token ids; the OpenAI "
-                                      "backend cannot provide them")
+            raise NotImplementedError(
+                f"{type(method).__name__} needs token ids; the OpenAI backend cannot provide them"
+            )
         context = s.text_
-        res = http.post(self.base_url + "/completions", {
-            "model": self.model, "prompt": [context + c for c in choices], "max_tokens": 1,
-            "temperature": 0, "echo": True, "logprobs": 0}, self.api_key)
+        res = http.post(
+            self.base_url + "/completions",
+            {
+                "model": self.model,
+                "prompt": [context + c for c in choices],
+                "max_tokens": 1,
+                "temperature": 0,
+                "echo": True,
+                "logprobs": 0,
+            },
+            self.api_key,
+        )
         self._account(res)
         by_index = sorted(res["choices"], key=lambda c: c.get("index", 0))
         entries = []
         for choice_text, out in zip(choices, by_index):
             lp = out.get("logprobs") or {}
             if not lp.get("token_logprobs") or not lp.get("text_offset"):
-                raise NotImplementedError("select: the server returned no prompt logprobs "
-                                          "(needs /completions with echo=True and logprobs)")
+                raise NotImplementedError(
+                    "select: the server returned no prompt logprobs "
+                    "(needs /completions with echo=True and logprobs)"
+                )
             end = len(context) + len(choice_text)
-            entries.append([[logprob, None, tok] for tok, logprob, off in
-                            zip(lp["tokens"], lp["token_logprobs"], lp["text_offset"])
-                            if off < end and off + len(tok) > len(context)])
-        return method(choices=choices,
-                      normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
-                      input_token_logprobs=entries)
+            entries.append(
+                [
+                    [logprob, None, tok]
+                    for tok, logprob, off in zip(
+                        lp["tokens"], lp["token_logprobs"], lp["text_offset"]
+                    )
+                    if off < end and off + len(tok) > len(context)
+                ]
+            )
+        return method(
+            choices=choices,
+            normalized_prompt_logprobs=[normalized_logprob(e) for e in entries],
+            input_token_logprobs=entries,
+        )
 
 
 def _meta(res: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
     usage = res.get("usage") or {}
-    meta: dict[str, Any] = {"id": res.get("id"),
-                            "prompt_tokens": usage.get("prompt_tokens"),
-                            "completion_tokens": usage.get("completion_tokens"),
-                            "finish_reason": choice.get("finish_reason")}
+    meta: dict[str, Any] = {
+        "id": res.get("id"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "finish_reason": choice.get("finish_reason"),
+    }
     if choice.get("logprobs") is not None:
         meta["logprobs"] = choice["logprobs"]
     return meta

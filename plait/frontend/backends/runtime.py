@@ -1,4 +1,5 @@
 """``Runtime``: programs run against an in-process :class:`plait.Engine` (no HTTP)."""
+
 from __future__ import annotations
 
 import os
