@@ -50,6 +50,11 @@ class QuantizedEmbedding(nn.Module):
         self.qweight = weight
         self.dtype = dtype
 
+    @property
+    def num_embeddings(self) -> int:
+        """The rows it holds (one scale row per embedding row)."""
+        return int(self.qweight.scales.shape[0])
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = dequantize(self.qweight.rows(flat), self.dtype)

@@ -308,18 +308,23 @@ def test_kill_9_of_a_worker_under_load_then_sigterm_stops_everything(tiny_model_
             )
             assert r.status_code == 200, r.text
         # Failover was the gateway's health checker (the circuit breaker is off): it marked the
-        # dead worker unhealthy, and requests that met it were retried rather than failed.
-        metrics = requests.get(server.metrics_url, timeout=30).text
-        health = {
-            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("smg_worker_health{")
-        }
-        assert [v for k, v in health.items() if victim_port in k] == [0.0], health
+        # dead worker unhealthy. Requests that met the dead worker first were retried (whether
+        # any did depends on timing, so the retry counter is not asserted; all 72 returned 200).
+        # The checker probes every second and needs two misses: poll it for a bounded time.
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = requests.get(server.metrics_url, timeout=30).text
+            health = {
+                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("smg_worker_health{")
+            }
+            victim_health = [v for k, v in health.items() if victim_port in k]
+            if victim_health == [0.0] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert victim_health == [0.0], health
         assert [v for k, v in health.items() if victim_port not in k] == [1.0], health
-        assert any(line.startswith("smg_worker_retries_total") for line in metrics.splitlines()), (
-            metrics[:3000]
-        )
     finally:
         assert server.stop() == 0
     assert not wait_gone(kids + grandkids)

@@ -60,7 +60,14 @@ def facts_of(runner: Any) -> RankFacts:
         attention_heads=q_rows // head_dim,
         kv_heads=kv_rows // head_dim,
         mlp_rows=layer.mlp.down_proj.in_features,
-        vocab_rows=int(model.embed_tokens.weight.shape[0]),
+        vocab_rows=_rows_held(model.embed_tokens),
         weight_bytes=weight_bytes(model),
         decode_captured=runner.graph_runner is not None,
     )
+
+
+def _rows_held(embedding: Any) -> int:
+    """The vocabulary rows an embedding holds on this rank: its weight's rows, or, for a
+    quantized embedding (no float weight), what it reports as ``num_embeddings``."""
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(embedding.num_embeddings)
