@@ -7,7 +7,6 @@ is never modified.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from plait.testing import make_tiny_llama
+from tests.plugin_install import env_with_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "plugin_example"
@@ -24,31 +24,7 @@ EXAMPLE = REPO / "examples" / "plugin_example"
 def toy_env(tmp_path_factory) -> dict[str, str]:
     """The environment of a Python that has ``plait-toy-backend`` installed (and this
     checkout's plait first on the path)."""
-    tmp = tmp_path_factory.mktemp("toy")
-    src, target = tmp / "src", tmp / "site"
-    # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        "--target",
-        str(target),
-        str(src),
-    ]
-    out = subprocess.run(pip, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    path = [str(target), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in path if p),
-        "OMP_NUM_THREADS": "1",
-    }
+    return env_with_plugin(EXAMPLE, tmp_path_factory.mktemp("toy"))
 
 
 def _python(code: str, env: dict[str, str], cwd: Path | None = None) -> str:

@@ -11,7 +11,6 @@ The oracle is transformers' Llama with the scale folded into ``o_proj`` and ``do
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from plait.testing import make_tiny_llama
+from tests.plugin_install import env_with_plugin
 from tests.conftest import hf_greedy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,31 +33,7 @@ NEW_TOKENS = 10
 def gated_env(tmp_path_factory) -> dict[str, str]:
     """The environment of a Python that has ``plait-tiny-gated`` installed (and this
     checkout's plait first on the path)."""
-    tmp = tmp_path_factory.mktemp("gated")
-    src, target = tmp / "src", tmp / "site"
-    # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    pip = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        "--target",
-        str(target),
-        str(src),
-    ]
-    out = subprocess.run(pip, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    path = [str(target), str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in path if p),
-        "OMP_NUM_THREADS": "1",
-    }
+    return env_with_plugin(EXAMPLE, tmp_path_factory.mktemp("gated"))
 
 
 @pytest.fixture(scope="module")
