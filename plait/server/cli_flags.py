@@ -122,6 +122,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=d.max_request_body_bytes,
         help="larger request bodies are refused with 413",
     )
+    limits = p.add_argument_group("connection limits (slow or silent clients are cut)")
+    for flag, kind, what in (
+        ("--header-read-timeout", float, "seconds for the request head, else 408"),
+        ("--body-read-timeout", float, "seconds for the whole body after the head, else 408"),
+        ("--keep-alive-timeout", float, "seconds an idle kept-alive connection stays open"),
+        (
+            "--stream-stall-timeout",
+            float,
+            "seconds a response may wait on a client that "
+            "stopped reading before the connection is cut (its requests aborted)",
+        ),
+        ("--max-header-bytes", int, "a larger request head is refused with 431"),
+        ("--max-header-count", int, "more header fields are refused with 431"),
+    ):
+        name = flag[2:].replace("-", "_")
+        limits.add_argument(flag, type=kind, default=getattr(d, name), help=what)
     p.add_argument(
         "--max-queued-requests",
         type=int,

@@ -43,6 +43,13 @@ class ServerArgs:
     max_queued_requests: int = 256  # beyond running + this: 429 + Retry-After
     request_timeout: float | None = None  # seconds per request, then abort (KV freed)
     shutdown_timeout: float = 30.0  # SIGTERM: wait this long for running requests
+    # Connection limits (plait.server.connection_guard): slow or silent clients are cut.
+    header_read_timeout: float = 10.0  # the request head must arrive within this, else 408
+    body_read_timeout: float = 30.0  # the whole body within this after the head, else 408
+    keep_alive_timeout: float = 5.0  # an idle kept-alive connection is closed after this
+    stream_stall_timeout: float = 30.0  # a response blocked on a non-reading client: cut
+    max_header_bytes: int = 32 * 1024  # a larger request head gets 431
+    max_header_count: int = 100  # more header fields get 431
     # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
     dp: int = 1
     router_policy: str = "cache_aware"
