@@ -145,6 +145,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="sequences allowed to wait beyond --max-running-requests; more get 429",
     )
     p.add_argument(
+        "--max-queue-time",
+        type=float,
+        default=d.max_queue_time,
+        help="seconds a new request may be predicted to wait in the queue (queued sequences "
+        "over the measured finish rate); beyond it: 503 with Retry-After (0: off)",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=None,

@@ -4,6 +4,7 @@ it maps to. Engine options are the SGLang names users already know."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class ServerArgs:
     # keep it from shutting down.
     max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413 before parsing
     max_queued_requests: int = 256  # beyond running + this: 429 + Retry-After
+    max_queue_time: float = 20.0  # predicted queue wait above this: 503 (0: off)
     request_timeout: float | None = None  # seconds per request, then abort (KV freed)
     shutdown_timeout: float = 30.0  # SIGTERM: wait this long for running requests
     # Connection limits (plait.server.connection_guard): slow or silent clients are cut.
@@ -130,6 +132,7 @@ class ServerArgs:
         modes, and the ``--device`` backend's limits when it is named (not ``auto``)."""
         if self.dp < 1:
             raise ValueError(f"--dp must be at least 1, got {self.dp}")
+        self._check_limits()
         pd = f"--pd {self.pd}" if self.pd is not None else None
         if pd and (self.dp > 1 or self.disaggregation_mode != "null"):
             raise ValueError(
@@ -160,6 +163,22 @@ class ServerArgs:
                 "port; use --pd XPYD"
             )
         self._check_device()
+
+    def _check_limits(self) -> None:
+        positive = (
+            "header_read_timeout",
+            "body_read_timeout",
+            "keep_alive_timeout",
+            "stream_stall_timeout",
+            "max_header_bytes",
+            "max_header_count",
+        )
+        for name in (*positive, "max_queue_time"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
+                sign = "positive" if name in positive else "at least 0 (0: off)"
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be {sign}, got {value}")
 
     def _check_device(self) -> None:
         from plait.backends.registry import backend_classes
