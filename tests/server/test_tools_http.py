@@ -30,8 +30,11 @@ WEATHER = {
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+PARSERS = ["--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def echo_model(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from tests.server.fake_engine import make_tiny_model_dir
@@ -40,8 +43,13 @@ def server(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(path)
     tok.chat_template = ECHO_TEMPLATE
     tok.save_pretrained(path)
-    args = [*FAKE, "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
-    s = start_server(args, tmp_path_factory.mktemp("logs") / "tools.log", str(path), timeout=120)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(echo_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "tools.log"
+    s = start_server([*FAKE, *PARSERS], log, str(echo_model), timeout=120)
     yield s
     s.stop()
 
@@ -201,3 +209,26 @@ def test_malformed_tool_call_arguments_in_history_are_a_400(server):
         json={"model": model, "messages": [{"role": "assistant", "tool_calls": [bad]}]},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.slow
+def test_tools_and_reasoning_through_the_dp_gateway(echo_model, tmp_path):
+    """``plait serve --dp 2``: SGLang's gateway forwards tools and the reasoning fields, and
+    every worker got the parser flags."""
+    from plait.server.data_parallel import PortBook
+
+    book = PortBook()
+    port, metrics = book.take(), book.take()
+    args = [*FAKE, *PARSERS, "--dp", "2", "--router-prometheus-port", str(metrics)]
+    server = start_server(args, tmp_path / "dp.log", str(echo_model), timeout=600, port=port)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        for n in range(4):  # both workers answer
+            r = _ask(client, "<think>hm</think>" + CALL, n, tools=[WEATHER]).choices[0]
+            assert r.finish_reason == "tool_calls"
+            assert r.message.reasoning_content == "hm"
+            assert r.message.tool_calls[0].function.name == "get_weather"
+        got = _assemble(_ask(client, CALL, 9, tools=[WEATHER], stream=True))
+        assert [c["name"] for c in got["calls"].values()] == ["get_weather"]
+    finally:
+        server.stop()
