@@ -49,7 +49,7 @@ def echo_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(echo_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tools.log"
-    s = start_server([*FAKE, *PARSERS], log, str(echo_model), timeout=120)
+    s = start_server([*FAKE, *PARSERS], log, str(echo_model), timeout=300)
     yield s
     s.stop()
 
@@ -209,6 +209,30 @@ def test_malformed_tool_call_arguments_in_history_are_a_400(server):
         json={"model": model, "messages": [{"role": "assistant", "tool_calls": [bad]}]},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_frontend_separate_reasoning_reads_the_servers_reasoning_content(server, echo_model):
+    """The frontend's OpenAI backend against a server with --reasoning-parser: the answer has
+    no <think> left to split, so separate_reasoning takes the server's reasoning_content."""
+    import plait as pl
+
+    text = "<think>Because of physics.</think>It is blue."
+    model = server.get("/v1/models").json()["data"][0]["id"]
+    backend = pl.OpenAI(
+        model, base_url=server.url + "/v1", api_key="none", tokenizer_path=str(echo_model)
+    )
+
+    @pl.function
+    def ask(s):
+        s += pl.user(text)
+        s += pl.assistant(
+            pl.separate_reasoning(pl.gen("answer", max_tokens=len(text)), model_type="qwen3")
+        )
+
+    state = ask.run(backend=backend)
+    assert state.error() is None, state.error()
+    assert state["answer"] == "It is blue."
+    assert state["answer_reasoning_content"] == "Because of physics."
 
 
 @pytest.mark.slow
