@@ -117,6 +117,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how the model writes tool calls: hermes, qwen25, llama3, mistral, pythonic "
+        "(default: detected from the chat template; hermes for a template without tools)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split the model's reasoning into reasoning_content: qwen3, deepseek-r1, ... "
+        "(SGLang's names; default: none, reasoning stays in the content)",
+    )
+    p.add_argument(
         "--max-request-body-bytes",
         type=int,
         default=d.max_request_body_bytes,

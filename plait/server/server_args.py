@@ -38,6 +38,8 @@ class ServerArgs:
     log_level: str = "info"
     startup_timeout: float = 600.0
     grammar_compile_timeout: float | None = None  # engine default (10 s)
+    tool_call_parser: str | None = None  # None: detected from the chat template
+    reasoning_parser: str | None = None  # None: reasoning stays in the content
     # Reliability limits (docs/reliability.md): one client can neither exhaust the server nor
     # keep it from shutting down.
     max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413 before parsing
@@ -163,6 +165,21 @@ class ServerArgs:
                 "port; use --pd XPYD"
             )
         self._check_device()
+        self._check_parsers()
+
+    def _check_parsers(self) -> None:
+        from plait.server.reasoning import REASONING_PARSERS
+        from plait.server.tools.parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"--tool-call-parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"--reasoning-parser must be one of {REASONING_PARSERS}, "
+                f"got {self.reasoning_parser!r}"
+            )
 
     def _check_limits(self) -> None:
         positive = (
