@@ -58,9 +58,13 @@ def rope_parameters(config: Any) -> dict:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to the context length, computed like transformers."""
 
-    def __init__(self, config: Any, head_dim: int, max_positions: int):
+    def __init__(
+        self, config: Any, head_dim: int, max_positions: int, layer_type: str | None = None
+    ):
         super().__init__()
         params = rope_parameters(config)
+        if layer_type is not None:  # per-layer-type settings (Gemma 3's local and global)
+            params = dict(params[layer_type])
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
             base = params["rope_theta"]
@@ -74,7 +78,8 @@ class RotaryEmbedding(nn.Module):
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+            kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
@@ -155,9 +160,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    #: the attention module each layer builds: a variant (Qwen3's q/k norms) overrides it
+    attention_cls: type[Attention] = Attention
+
     def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
-        self.self_attn = Attention(config, layer_id, rotary, tp)
+        self.self_attn = self.attention_cls(config, layer_id, rotary, tp)
         self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -177,15 +185,19 @@ class LlamaForCausalLM(nn.Module):
     """``forward`` returns logits for ``batch.logits_rows`` only: prefill needs one row per
     request (or the prompt rows asked for logprobs), never a [T, vocab] matrix by default."""
 
+    #: the decoder layer class: an architecture that differs only inside a layer overrides it
+    layer_cls: type[nn.Module] = DecoderLayer
+
     def __init__(self, config: Any, max_positions: int, tp: TPGroup = TPGroup()):
         super().__init__()
         self.config = config
         self.tp = tp
+        self.max_positions = max_positions
         self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        rotary = self.shared_rotary()
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
+            self.layer_cls(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
@@ -200,6 +212,17 @@ class LlamaForCausalLM(nn.Module):
         #: runs extend (prefill) batches instead of :meth:`layers_forward` when set (the CPU
         #: backend's native step); same contract as ``decode_forward``
         self.extend_forward: Any = None
+
+    def shared_rotary(self) -> RotaryEmbedding:
+        """The RoPE table the layers are built with (every layer shares it)."""
+        return RotaryEmbedding(self.config, head_dim_of(self.config), self.max_positions)
+
+    def reset_rotary(self, device: torch.device) -> None:
+        """Rebuild the RoPE tables on ``device`` (a model built on the meta device and moved
+        with ``to_empty`` has them uninitialised); every layer shares one table."""
+        rotary = self.shared_rotary().to(device)
+        for layer in self.layers:
+            layer.self_attn.rotary = rotary
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:

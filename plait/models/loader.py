@@ -136,11 +136,7 @@ def load_model(
         model = model_cls(config, max_positions, tp)
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
-    from plait.models.llama import RotaryEmbedding, head_dim_of
-
-    rotary = RotaryEmbedding(config, head_dim_of(config), max_positions).to(device)
-    for layer in model.layers:
-        layer.self_attn.rotary = rotary
+    model.reset_rotary(device)
     if quant.method == "gguf":
         from plait.quant.gguf import load_gguf_weights
 
