@@ -26,7 +26,14 @@ from torch import nn
 from plait.core.forward_batch import ForwardBatch
 from plait.core.tp.group import TPGroup
 from plait.core.model_runner import head_dim_of
-from plait.models.llama import MLP, Attention, LlamaForCausalLM, RotaryEmbedding, apply_rotary
+from plait.models.llama import (
+    MLP,
+    Attention,
+    LlamaForCausalLM,
+    RotaryEmbedding,
+    apply_rotary,
+    rope_tables,
+)
 
 if TYPE_CHECKING:
     from plait.core.backend_api import AttentionBackend
@@ -159,7 +166,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        ropes = {t: r.tables(batch.positions, x.dtype) for t, r in self.rotaries.items()}
+        ropes = {t: rope_tables(r, batch, x.dtype) for t, r in self.rotaries.items()}
         for layer, t in zip(self.layers, self.layer_types):
             x = layer(x, batch, attn, ropes[t])
         logits = self.lm_head(self.norm(x[batch.logits_rows])).float()

@@ -55,8 +55,22 @@ def rope_parameters(config: Any) -> dict:
     return params
 
 
+#: RoPE types whose frequencies depend on the sequence length of the forward that computes
+#: them (transformers' ``dynamic_rope_update``): NTK ``dynamic`` past ``max_position_embeddings``
+#: and ``longrope`` past ``original_max_position_embeddings``
+LENGTH_DEPENDENT = ("dynamic", "longrope")
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to the context length, computed like transformers."""
+    """cos/sin tables for every position up to the context length, computed like transformers.
+
+    ``dynamic`` and ``longrope`` follow transformers' rule: a forward whose sequence reaches
+    length L past ``threshold`` rotates all its new tokens with the frequencies for L (keys
+    already cached keep theirs). :meth:`tables` applies it per request given each token's
+    ``lengths``, so a decode step at length L equals transformers' for every such type; a
+    prompt equals transformers' when it is within ``threshold`` (any chunking or cache hit) or
+    when it is prefilled in one piece (transformers itself differs between chunkings there).
+    """
 
     def __init__(
         self, config: Any, head_dim: int, max_positions: int, layer_type: str | None = None
@@ -66,31 +80,84 @@ class RotaryEmbedding(nn.Module):
         if layer_type is not None:  # per-layer-type settings (Gemma 3's local and global)
             params = dict(params[layer_type])
         rope_type = params.get("rope_type", "default")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"partial_rotary_factor={params['partial_rotary_factor']} is not supported "
+                "(Plait rotates the whole head)"
+            )
+        self.rope_type, self.config = rope_type, config
+        self.init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        #: the sequence length past which frequencies change (None: they never do)
+        self.threshold: int | None = None
+        if rope_type == "dynamic":
+            self.threshold = int(config.max_position_embeddings)
+        elif rope_type == "longrope":
+            self.threshold = int(params["original_max_position_embeddings"])
         if rope_type == "default":
             base = params["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
-        elif rope_type == "dynamic":
-            raise ValueError(
-                "rope_type 'dynamic' is not supported (its frequencies depend on "
-                "the sequence length, which a shared prefix cache cannot honour)"
-            )
         else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None, **kwargs)
+            inv_freq, scaling = self._init_freq(None)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos/sin rows for these positions, [T, 1, D]: looked up once per forward."""
-        return (
-            self.cos[positions].unsqueeze(1).to(dtype),
-            self.sin[positions].unsqueeze(1).to(dtype),
-        )
+    def _init_freq(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        """transformers' own ``inv_freq`` and attention scaling for this type (at ``seq_len``)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        kwargs = dict(self.init_kwargs)
+        if seq_len is not None:
+            kwargs["seq_len"] = seq_len
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None, **kwargs)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, lengths: list[int] | None = None):
+        """cos/sin rows for these positions, [T, 1, D]: looked up once per forward. ``lengths``
+        (length-dependent types): token i's request's sequence length after this forward."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.threshold is not None and lengths is not None:
+            cos, sin = self._stretched(positions, lengths, cos, sin)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    def _stretched(
+        self, positions: torch.Tensor, lengths: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of tokens whose forward reaches past ``threshold``, recomputed with the
+        frequencies of their length (one set per distinct length in the batch)."""
+        assert self.threshold is not None
+        long = sorted({n for n in lengths if n > self.threshold})
+        if not long:
+            return cos, sin
+        cos, sin = cos.clone(), sin.clone()
+        per_token = torch.tensor(lengths, device=positions.device)
+        for n in long:
+            rows = per_token == n
+            inv_freq, scaling = self._init_freq(n)
+            freqs = positions[rows].float()[:, None] * inv_freq.float().to(positions.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos[rows], sin[rows] = emb.cos() * scaling, emb.sin() * scaling
+        return cos, sin
+
+
+def forward_lengths(batch: ForwardBatch) -> list[int]:
+    """Each token's request's sequence length after this forward (what a length-dependent
+    RoPE, ``RotaryEmbedding.threshold``, scales by)."""
+    if batch.is_decode:
+        return list(batch.seq_lens_cpu)
+    out: list[int] = []
+    for n, ext in zip(batch.seq_lens_cpu, batch.extend_lens_cpu):
+        out += [n] * ext
+    return out
+
+
+def rope_tables(
+    rotary: RotaryEmbedding, batch: ForwardBatch, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary``'s cos/sin for the batch's tokens (their lengths only where they matter)."""
+    lengths = forward_lengths(batch) if rotary.threshold is not None else None
+    return rotary.tables(batch.positions, dtype, lengths)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -238,7 +305,7 @@ class LlamaForCausalLM(nn.Module):
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Embedding, layers and lm_head, after ``attn.init_forward_metadata(batch)``."""
         x = self.embed_tokens(batch.input_ids)
-        rope = self.layers[0].self_attn.rotary.tables(batch.positions, x.dtype)
+        rope = rope_tables(self.layers[0].self_attn.rotary, batch, x.dtype)
         for layer in self.layers:
             x = layer(x, batch, attn, rope)
         x = self.norm(x[batch.logits_rows])

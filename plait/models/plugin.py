@@ -17,10 +17,14 @@ if TYPE_CHECKING:
     from plait.core.backend_api import ModelLoader, ModelSpec
     from plait.quant.modules import QuantizedMatmul
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: served by LlamaForCausalLM itself (Phi-3's fused checkpoint projections are the loader's
+#: business: ``plait.models.loader._fused_in_checkpoint``)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
 #: architecture -> (module, class) of the Plait model that serves it
 MODEL_CLASSES = {
     "Qwen3ForCausalLM": ("plait.models.qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
 }
 
 

@@ -7,7 +7,7 @@ in absolute positions, so a prefix-cache hit or a chunked prefill changes nothin
 tokens that fell out of the window stays in the pool and is merely not read.
 
 Per architecture, as transformers builds its layers:
-- Mistral: every layer uses ``config.sliding_window`` (None: full attention).
+- Mistral and Phi-3: every layer uses ``config.sliding_window`` (None: full attention).
 - Gemma 2 and Gemma 3: layer ``i`` uses ``config.sliding_window`` when
   ``config.layer_types[i]`` is ``"sliding_attention"`` (alternating, for Gemma 3 from its
   ``sliding_window_pattern``).
@@ -32,7 +32,7 @@ def layer_windows(config: Any, context_len: int) -> tuple[int | None, ...]:
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     model_type = getattr(config, "model_type", "")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         windows = [window] * n
     elif model_type in ("qwen2", "qwen3"):
         windows = _qwen2_windows(config, window, n)

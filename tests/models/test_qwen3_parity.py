@@ -34,9 +34,12 @@ def test_qwen3_serves_its_chat_template(qwen3):
         messages, add_generation_prompt=True, tokenize=False
     )
     with plait.Engine(str(qwen3), max_total_tokens=1024) as engine:
-        assert engine.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        ) == want
+        assert (
+            engine.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            == want
+        )
 
 
 def test_qwen3_sliding_window_follows_layer_types():
