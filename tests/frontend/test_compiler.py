@@ -180,7 +180,7 @@ def tiny_runtime(make_tiny_model):
 
 
 def test_compiled_greedy_output_equals_interpreted(tiny_runtime):
-    batch = [{"topic": t} for t in ("tides", "owls", "salt")]
+    batch = [{"topic": t} for t in ("tides", "owls")]
     want = branches.run_batch(batch, temperature=0, backend=tiny_runtime)
     got = branches.compile().run_batch(batch, temperature=0, backend=tiny_runtime)
     for w, g in zip(want, got):

@@ -17,7 +17,7 @@ def parallel(s):
     forks = s.fork(3)
     forks += lambda i: f"Part {i}:" + pl.gen("part", max_tokens=6, ignore_eos=True) + "\n"
     forks.join(mode="concate_and_append")
-    s += "Summary:" + pl.gen("summary", max_tokens=3, ignore_eos=True)
+    s += "Summary:" + pl.gen("summary", max_tokens=3, ignore_eos=True, return_logprob=True)
 
 
 @pytest.fixture
@@ -78,3 +78,58 @@ def test_the_parent_must_not_grow_between_fork_and_join(make_fake, encoding):
     assert "changed after the fork" in str(state.error())
     encoding(False)  # the text path has no such constraint
     assert grows.run(backend=Joining()).error() is None
+
+
+def test_joined_kv_is_parallel_encoding_by_the_transformers_oracle(make_tiny_model, encoding):
+    """The parent's tokens after the join equal transformers' greedy tokens on the joined
+    sequence with each segment at its branch's positions, attending to the prefix and itself
+    only, and the tail after all of them (float32, docs/frontend.md's positions)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model()
+    encoding(True)
+    rt = pl.Runtime(model_path=str(path), random_seed=0, dtype="float32")
+    try:
+        state = parallel.run(temperature=0, backend=rt)
+        assert state.error() is None, state.error()
+        joined = state.stream_executor.kv_ids
+        text = state.text()
+        prefix = rt.tokenizer.encode(CONTEXT)
+        segments = text[len(CONTEXT) : text.rindex("Summary:")].split("\n")[:3]
+        branches = [rt.tokenizer.encode(CONTEXT + seg + "\n") for seg in segments]
+        assert joined == prefix + [t for b in branches for t in b[len(prefix) :]]
+        tail = rt.encode_tail("Summary:")
+        summary = [e[1] for e in state.get_meta_info("summary")["output_token_logprobs"]]
+    finally:
+        rt.shutdown()
+    p, lens = len(prefix), [len(b) - len(prefix) for b in branches]
+    ids, positions, groups = list(prefix), list(range(p)), [0] * p  # group 0: the prefix
+    for i, (b, n) in enumerate(zip(branches, lens), start=1):
+        ids += b[p:]
+        positions += range(p, p + n)
+        groups += [i] * n
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    after = p + sum(lens)
+    want = []
+    seq = ids + tail
+    for _ in range(3):
+        n_tail = len(seq) - len(ids)
+        pos = positions + list(range(after, after + n_tail))
+        grp = groups + [-1] * n_tail  # -1: after the join, sees everything before it
+        allowed = torch.zeros(len(seq), len(seq), dtype=torch.bool)
+        for q in range(len(seq)):
+            for k in range(q + 1):
+                allowed[q, k] = grp[q] == -1 or grp[k] in (0, grp[q])
+        mask = torch.zeros(1, 1, len(seq), len(seq))
+        mask[0, 0][~allowed] = torch.finfo(torch.float32).min
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.tensor([seq]), attention_mask=mask, position_ids=torch.tensor([pos])
+            ).logits
+        token = int(logits[0, -1].argmax())
+        want.append(token)
+        seq = seq + [token]
+    assert summary == want
