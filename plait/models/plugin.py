@@ -1,7 +1,8 @@
 """Registers Plait's own architectures (entry point ``plait.models: builtin``), exactly as a
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
-bias, head_dim) cover their differences."""
+bias, head_dim) cover their differences; the null model (``plait.models.null``) that times the
+engine's host path."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from plait.models import null
 from plait.models.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -41,3 +43,4 @@ def load_llama(
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
+    register(null.ARCHITECTURE, null.load_null)
