@@ -1,7 +1,9 @@
 """Registers Plait's own architectures (entry point ``plait.models: builtin``), exactly as a
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
-bias, head_dim) cover their differences."""
+bias, head_dim) cover their differences; DeepSeek-V2/V3 (multi-head latent attention) are
+:class:`~plait.models.deepseek.DeepseekForCausalLM`, whose loader also declares the latent KV
+layout."""
 
 from __future__ import annotations
 
@@ -41,3 +43,7 @@ def load_llama(
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
+    from plait.models.deepseek_loader import loaders
+
+    for name, loader in loaders().items():
+        register(name, loader)
