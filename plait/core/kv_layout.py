@@ -101,9 +101,7 @@ def declared_layout(loader: Any, hf_config: Any, tp_size: int, tp_rank: int) -> 
     return layout
 
 
-def largest_bytes_per_token(
-    loader: Any, hf_config: Any, tp_size: int, dtype: torch.dtype
-) -> int:
+def largest_bytes_per_token(loader: Any, hf_config: Any, tp_size: int, dtype: torch.dtype) -> int:
     """The largest rank's bytes per token: a per-rank budget sized by it gives every rank
     the same number of slots."""
     return max(

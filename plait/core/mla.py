@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from plait.core.backend_api import KVPool
+from plait.core.attention_api import KVPool
 
 if TYPE_CHECKING:
     from plait.core.forward_batch import ForwardBatch
