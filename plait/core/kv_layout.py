@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 if TYPE_CHECKING:
-    from plait.core.backend_api import Backend, KVPool
+    from plait.core.attention_api import KVPool
 
 KINDS = ("kv", "latent")
 
@@ -63,7 +63,6 @@ class KVCacheLayout:
 def heads_layout(hf_config: Any, tp_size: int = 1, tp_rank: int = 0) -> KVCacheLayout:
     """K and V per KV head of rank ``tp_rank``'s shard (``plait.core.tp.sharding``): the
     layout of every model that declares none."""
-    from plait.core.model_runner import head_dim_of
     from plait.core.tp.sharding import shard_heads
 
     shard = shard_heads(
@@ -75,6 +74,12 @@ def heads_layout(hf_config: Any, tp_size: int = 1, tp_rank: int = 0) -> KVCacheL
         heads=shard.num_kv_heads,
         head_dim=head_dim_of(hf_config),
     )
+
+
+def head_dim_of(config: Any) -> int:
+    """Each attention head's width: the config's ``head_dim`` where it sets one (Mistral,
+    Qwen3), else ``hidden_size // num_attention_heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def latent_layout(*, num_layers: int, kv_lora_rank: int, rope_dim: int) -> KVCacheLayout:
@@ -111,13 +116,14 @@ def largest_bytes_per_token(loader: Any, hf_config: Any, tp_size: int, dtype: to
 
 
 def create_kv_pool(
-    backend: Backend,
+    backend: Any,
     layout: KVCacheLayout,
     num_slots: int,
     dtype: torch.dtype,
     page_size: int,
 ) -> KVPool:
-    """The backend's pool for ``layout``: ``create_kv_pool`` for K/V heads,
+    """The pool for ``layout`` from ``backend`` (a :class:`~plait.core.backend_api.Backend`):
+    its ``create_kv_pool`` for K/V heads,
     ``create_latent_kv_pool`` for a latent."""
     if layout.kind == "latent":
         return backend.create_latent_kv_pool(

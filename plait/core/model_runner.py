@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from plait.core.forward_batch import ExtendItem, ForwardBatch, GreedyTokens
-from plait.core.kv_layout import create_kv_pool, declared_layout
+from plait.core.kv_layout import create_kv_pool, declared_layout, head_dim_of
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
 from plait.core.mla import LatentKVPool
 from plait.core.request import Req
@@ -28,7 +28,13 @@ if TYPE_CHECKING:
         StepRunner,
     )
 
-__all__ = ["ExtendItem", "ModelRunner", "build_model_runner", "default_model_runner"]
+__all__ = [
+    "ExtendItem",
+    "ModelRunner",
+    "build_model_runner",
+    "default_model_runner",
+    "head_dim_of",
+]
 
 
 class ModelRunner:
@@ -185,9 +191,3 @@ def build_model_runner(
     if runner is None:
         runner = default_model_runner(backend, spec, kv_pool, req_pool)
     return runner, allocator
-
-
-def head_dim_of(config: Any) -> int:
-    """Each attention head's width: the config's ``head_dim`` where it sets one (Mistral,
-    Qwen3), else ``hidden_size // num_attention_heads``."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
