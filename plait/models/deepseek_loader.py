@@ -66,9 +66,15 @@ class DeepseekLoader:
                 f"{spec.hf_config.architectures[0]} (MLA) models yet"
             )
         self.kv_layout(spec.hf_config, spec.tp.size, spec.tp.rank)  # refuses tp > 1
-        return load_deepseek(
+        model = load_deepseek(
             spec.model_dir, spec.hf_config, self.version, spec.dtype, device, spec.context_len
         )
+        fused = getattr(spec, "fused_moe", None)  # the backend's grouped-experts op, if any
+        if fused is not None:
+            for moe in model.modules():
+                if isinstance(moe, DeepseekMoE):
+                    moe.fused = fused
+        return model
 
 
 def loaders() -> dict[str, DeepseekLoader]:

@@ -132,6 +132,8 @@ class DeepseekMoE(nn.Module):
     def __init__(self, config: Any, version: int):
         super().__init__()
         self.version = version
+        #: the grouped experts op; the loader sets the backend's (``ModelSpec.fused_moe``)
+        self.fused: Any = fused_experts
         e, h, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.top_k = config.num_experts_per_tok
         self.scaling = float(config.routed_scaling_factor)
@@ -171,7 +173,7 @@ class DeepseekMoE(nn.Module):
                 scaling=self.scaling,
                 normalize=self.normalize,
             )
-        out = fused_experts(x, self.w_gate_up, self.w_down, weights, ids)
+        out = self.fused(x, self.w_gate_up, self.w_down, weights, ids)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

@@ -132,3 +132,25 @@ def test_routing_matches_transformers(version, overrides):
     order, want_order = ids.argsort(dim=-1), want_ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order))
     torch.testing.assert_close(weights.gather(1, order), want_w.gather(1, want_order))
+
+
+def test_latent_layout_pool_and_transfer_buffers():
+    """A latent layout's bytes per token, the pool it creates (one buffer per layer, the V
+    buffers views of the latent's first kv_lora_rank channels) and what disaggregation sends:
+    each latent buffer once."""
+    from plait.backends.cpu.plugin import CpuBackend
+    from plait.core.kv_layout import KVCacheLayout, create_kv_pool, latent_layout
+    from plait.disaggregation.bootstrap import kv_buffers
+
+    layout = latent_layout(num_layers=3, kv_lora_rank=16, rope_dim=8)
+    assert layout.bytes_per_token(torch.float32) == (16 + 8) * 3 * 4
+    assert layout.bytes_per_token(torch.bfloat16) == (16 + 8) * 3 * 2
+    pool = create_kv_pool(CpuBackend(), layout, 10, torch.float32, 2)
+    assert isinstance(pool, LatentKVPool)
+    assert [tuple(b.shape) for b in pool.latent_buffers] == [(12, 1, 24)] * 3
+    pool.set_latent(1, torch.tensor([3]), torch.arange(24.0).unsqueeze(0))
+    assert pool.v_buffers[1][3, 0].tolist() == list(range(16))
+    sent = kv_buffers(pool)
+    assert len(sent) == 3 and all(b.is_contiguous() for b in sent)
+    with pytest.raises(ValueError, match="latent layout has heads=1"):
+        KVCacheLayout(kind="latent", num_layers=1, heads=2, head_dim=8, latent_rank=4)
