@@ -46,7 +46,6 @@ def test_latent_decode_kernel_matches_torch(heads, rank, rope, lens):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # the interpreter runs every program in numpy; the kernel tests are quick
 def test_deepseek_greedy_through_the_kernel_matches_transformers(tmp_path, smollm_dir):
     """DeepSeek-V3 on the Triton backend (interpreted): decode runs the latent kernel, and
     the tokens are transformers', batched, chunked and after a prefix-cache hit."""
