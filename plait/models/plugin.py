@@ -3,7 +3,7 @@ third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
 bias, head_dim) cover their differences; DeepSeek-V2/V3 (multi-head latent attention) are
 :class:`~plait.models.deepseek.DeepseekForCausalLM`, whose loader also declares the latent KV
-layout."""
+layout; the null model (``plait.models.null``) times the engine's host path."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from plait.models import null
 from plait.models.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def load_llama(
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
+    register(null.ARCHITECTURE, null.load_null)
     from plait.models.deepseek_loader import loaders
 
     for name, loader in loaders().items():
