@@ -147,6 +147,11 @@ class DeepseekForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config, config.qk_rope_head_dim, max_positions)
+        if self.rotary.threshold is not None:
+            raise ValueError(
+                f"rope_type {self.rotary.rope_type!r} is not supported for DeepSeek models "
+                "(length-dependent frequencies; DeepSeek checkpoints use default or yarn)"
+            )
         #: MLA has no sliding windows
         self.sliding_windows: tuple[int | None, ...] = (None,) * config.num_hidden_layers
 

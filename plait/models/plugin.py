@@ -1,12 +1,15 @@
 """Registers Plait's own architectures (entry point ``plait.models: builtin``), exactly as a
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
-bias, head_dim) cover their differences; DeepSeek-V2/V3 (multi-head latent attention) are
-:class:`~plait.models.deepseek.DeepseekForCausalLM`, whose loader also declares the latent KV
-layout; the null model (``plait.models.null``) times the engine's host path."""
+bias, head_dim) cover their differences; the others name their module's class
+(``MODEL_CLASSES``), imported only when such a checkpoint is loaded; DeepSeek-V2/V3
+(multi-head latent attention, :class:`~plait.models.deepseek.DeepseekForCausalLM`) have a
+loader that also declares the latent KV layout; the null model (``plait.models.null``) times
+the engine's host path."""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -18,7 +21,15 @@ if TYPE_CHECKING:
     from plait.core.backend_api import ModelLoader, ModelSpec
     from plait.quant.modules import QuantizedMatmul
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: served by LlamaForCausalLM itself (Phi-3's fused checkpoint projections are the loader's
+#: business: ``plait.models.loader._fused_in_checkpoint``)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
+#: architecture -> (module, class) of the Plait model that serves it
+MODEL_CLASSES = {
+    "Qwen3ForCausalLM": ("plait.models.qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
+}
 
 
 def load_llama(
@@ -40,12 +51,44 @@ def load_llama(
     )
 
 
+def class_loader(module: str, name: str) -> "ModelLoader":
+    """A loader building ``module.name`` (a ``LlamaForCausalLM`` variant) through
+    :func:`plait.models.loader.load_model`."""
+
+    def load(
+        spec: ModelSpec, device: torch.device, matmul: QuantizedMatmul | None
+    ) -> torch.nn.Module:
+        from plait.models import loader
+
+        model_cls = getattr(importlib.import_module(module), name)
+        return loader.load_model(
+            spec.model_dir,
+            spec.hf_config,
+            spec.dtype,
+            device,
+            spec.context_len,
+            spec.tp,
+            spec.quantization,
+            matmul,
+            model_cls=model_cls,
+        )
+
+    load.__qualname__ = f"class_loader[{name}]"
+    return load
+
+
 @hookimpl
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
     register(null.ARCHITECTURE, null.load_null)
+    for name, (module, cls) in MODEL_CLASSES.items():
+        register(name, _LOADERS.setdefault(name, class_loader(module, cls)))
     from plait.models.deepseek_loader import loaders
 
     for name, loader in loaders().items():
-        register(name, loader)
+        register(name, _LOADERS.setdefault(name, loader))
+
+
+# one loader object per architecture, so registering twice (a re-run hook) is not a clash
+_LOADERS: dict[str, "ModelLoader"] = {}
