@@ -88,6 +88,15 @@ class MLAAttentionBackend(ABC):
         if any(w is not None for w in windows):
             raise ValueError("multi-head latent attention does not support sliding windows")
 
+    def set_layer_scales(self, scales: tuple[float, ...]) -> None:
+        """The softmax scale is the model's one ``scale``: per-layer scales are refused."""
+        if scales:
+            raise ValueError("multi-head latent attention does not support per-layer scales")
+
+    def set_logit_softcaps(self, caps: tuple[float | None, ...]) -> None:
+        if any(c is not None for c in caps):
+            raise ValueError("multi-head latent attention does not support logit soft-capping")
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         """Precompute per-batch metadata once, before the layers run (optional)."""
 
