@@ -13,7 +13,8 @@ logits in float32 from a float32 gate weight):
   the top-k biased experts), the weights are the unbiased scores of the chosen experts,
   renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``.
 
-The routed experts run through one grouped call over all tokens (:func:`fused_experts`).
+The routed experts run through one grouped call over all tokens: the backend's op when the
+loader is handed one (``ModelSpec.fused_moe``), else :func:`plait.ops.fused_moe.fused_experts`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from plait.ops.fused_moe import fused_experts
 
 V2_METHODS = ("greedy", "group_limited_greedy")
 
@@ -93,37 +96,6 @@ def route_v3(
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, ids
-
-
-def fused_experts(
-    hidden: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-) -> torch.Tensor:
-    """Local reference of ``plait.models.moe.fused_experts`` (same signature), to be replaced
-    by it: tokens grouped by expert, one product per expert that has any."""
-    if activation != "silu":
-        raise ValueError(f"activation {activation!r} is not supported (only 'silu')")
-    out = torch.zeros_like(hidden)
-    inter = w_down.shape[-1]
-    flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w_gate_up.shape[0]).tolist()
-    tokens = order // topk_ids.shape[1]
-    weights = topk_weights.reshape(-1)[order]
-    start = 0
-    for expert, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = tokens[start : start + n]
-        gate, up = F.linear(hidden[rows], w_gate_up[expert]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, w_down[expert])
-        out.index_add_(0, rows, (y * weights[start : start + n, None]).to(out.dtype))
-        start += n
-    return out
 
 
 class DeepseekMoE(nn.Module):
