@@ -2,8 +2,10 @@
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
 bias, head_dim) cover their differences; the others name their module's class
-(``MODEL_CLASSES``), imported only when such a checkpoint is loaded; the null model
-(``plait.models.null``) times the engine's host path."""
+(``MODEL_CLASSES``), imported only when such a checkpoint is loaded; DeepSeek-V2/V3
+(multi-head latent attention, :class:`~plait.models.deepseek.DeepseekForCausalLM`) have a
+loader that also declares the latent KV layout; the null model (``plait.models.null``) times
+the engine's host path."""
 
 from __future__ import annotations
 
@@ -82,6 +84,10 @@ def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> Non
     register(null.ARCHITECTURE, null.load_null)
     for name, (module, cls) in MODEL_CLASSES.items():
         register(name, _LOADERS.setdefault(name, class_loader(module, cls)))
+    from plait.models.deepseek_loader import loaders
+
+    for name, loader in loaders().items():
+        register(name, _LOADERS.setdefault(name, loader))
 
 
 # one loader object per architecture, so registering twice (a re-run hook) is not a clash
