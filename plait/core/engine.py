@@ -23,6 +23,7 @@ from plait.core.delivery import Delivery, one_stream_flag
 from plait.core.engine_builder import build_runtime, warm_up
 from plait.core.engine_config import EngineConfig
 from plait.core.engine_loop import EngineLoop
+from plait.core.engine_lora import LoraControl
 from plait.core.intake import RequestIntake
 from plait.core.messages import GenerateReq, RequestLimits
 from plait.core.request import Req
@@ -50,7 +51,7 @@ class Engine:
         self.context_len, self.max_total_tokens = rt.context_len, rt.max_total_tokens
         self.eos_ids, self.vocab_size = rt.eos_ids, rt.hf_config.vocab_size
         self.scheduler, self.disagg, self._tp_runner = rt.scheduler, rt.disagg, rt.tp_runner
-        self.lora: Any = getattr(self.scheduler.runner, "adapters", None)  # plait.lora manager
+        manager = getattr(self.scheduler.runner, "adapters", None)  # plait.lora's, or None
         self._intake = RequestIntake(
             tokenizer=rt.tokenizer,
             context_len=rt.context_len,
@@ -59,9 +60,10 @@ class Engine:
             eos_ids=rt.eos_ids,
             disaggregation_mode=rt.config.disaggregation_mode,
             grammar_compile_timeout=rt.config.grammar_compile_timeout,
-            lora_namespace=None if self.lora is None else self.lora.uid,
+            lora_namespace=None if manager is None else manager.uid,
         )
         self._call = self._loop.call
+        self.lora = LoraControl(manager, self.scheduler, self._call)
         self._loop.start(self.scheduler, self.disagg, self.backend)
         # Stop the scheduler thread before the interpreter tears modules down under it. A weak
         # reference, so an engine nobody holds can still be garbage collected.
@@ -88,9 +90,9 @@ class Engine:
         for req in reqs:
             req.on_output = on_output
         decode = self.config.disaggregation_mode == "decode"
-        add = cast("DecodeSide", self.disagg).add if decode else self.scheduler.add_request
-        if self.lora is not None:
-            add = functools.partial(_add_if_adapter_loaded, self.lora, self.scheduler, add)
+        add = self.lora.guard(
+            cast("DecodeSide", self.disagg).add if decode else self.scheduler.add_request
+        )
         self._loop.call_soon(lambda: [add(r) for r in reqs])
 
     def generate(
@@ -164,35 +166,14 @@ class Engine:
     # ----- LoRA adapters (plait.lora; docs/lora.md) -----
 
     def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
-        """Load a PEFT adapter under ``lora_name``; ValueError naming what is wrong."""
-        self._call(lambda: self._lora_manager().load(lora_name, lora_path))
+        self.lora.load(lora_name, lora_path)
 
     def unload_lora_adapter(self, lora_name: str) -> None:
-        """Unload an adapter; refused (ValueError naming it) while a request uses it."""
-
-        def unload() -> None:
-            manager = self._lora_manager()
-            busy = self.scheduler.table.find_where(lambda r: r.lora_id == lora_name)
-            if busy is not None:
-                raise ValueError(
-                    f"lora_name {lora_name!r} has requests in flight (e.g. {busy.rid}); "
-                    "unload it once they finish"
-                )
-            manager.unload(lora_name)
-
-        self._call(unload)
+        """Refused (ValueError naming it) while a request uses the adapter."""
+        self.lora.unload(lora_name)
 
     def lora_adapters(self) -> list[str]:
-        """The loaded adapters' names (empty without LoRA)."""
-        return [] if self.lora is None else self._call(self.lora.names)
-
-    def _lora_manager(self) -> Any:
-        if self.lora is None:
-            raise ValueError(
-                "lora_name: this engine serves no LoRA adapters (start it with "
-                "lora_paths or max_lora_rank)"
-            )
-        return self.lora
+        return self.lora.names()
 
     def get_server_info(self) -> dict:
         def info() -> dict:
@@ -214,7 +195,7 @@ class Engine:
                 **vars(s.stats),
                 **getattr(self.disagg, "stats", {}),
                 **s.runner.metrics(),
-                **(self.lora.info() if self.lora is not None else {}),
+                **self.lora.info(),
             }
 
         return self._call(info)
@@ -239,19 +220,6 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
-
-
-def _add_if_adapter_loaded(lora: Any, scheduler: Any, add: Callable[[Req], None], req: Req) -> None:
-    """On the scheduler thread: a request whose adapter was unloaded after intake ends with
-    an abort naming it, alone; the rest are added."""
-    if req.lora_id is not None and lora.uids.get(req.lora_id) != req.cache_namespace:
-        from plait.core.finish_reason import FinishReason
-
-        scheduler.finish_unscheduled(
-            req, FinishReason.abort(f"lora_path {req.lora_id!r} was unloaded")
-        )
-        return
-    add(req)
 
 
 def _shutdown_if_alive(ref: weakref.ref[Engine]) -> None:

@@ -255,6 +255,15 @@ class GetInfoReq:
 
 
 @dataclass
+class LoraReq:
+    """Load (``lora_path`` set) or unload a LoRA adapter named ``lora_name``."""
+
+    req_id: int
+    lora_name: str
+    lora_path: str | None = None
+
+
+@dataclass
 class ShutdownReq:
     """Stop serving: abort what runs and exit."""
 
