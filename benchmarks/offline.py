@@ -91,6 +91,10 @@ def build(preset: Preset, args: argparse.Namespace):
     engine_args = {"device": args.device, **preset.engine}
     if options is not None:
         engine_args["backend_options"] = options
+    if preset.lora_adapters:
+        from benchmarks import lora
+
+        return lora.build(args.model_path, preset.lora_adapters, 8, **engine_args)
     return plait.Engine(model_path=args.model_path, **engine_args)
 
 

@@ -41,12 +41,19 @@ class Preset:
     peer: str | None = None  # "transformers": not a Plait engine
     full_warmup: bool = False  # warm up on every workload in full (jit buckets), not a short one
     info: tuple[str, ...] = ()  # get_server_info keys shown after
+    lora_adapters: int = 0  # random rank-8 adapters, prompts spread over them (benchmarks/lora.py)
 
 
 PRESETS = {
     p.name: p
     for p in [
         Preset(name="plait", about="Plait's defaults"),
+        Preset(
+            name="lora8",
+            lora_adapters=8,
+            about="Plait's defaults serving 8 random rank-8 LoRA adapters (all projections), "
+            "prompt i on adapter i mod 8: compare with plait (docs/lora.md)",
+        ),
         Preset(
             name="transformers",
             peer="transformers",

@@ -23,6 +23,7 @@ from plait.core.delivery import Delivery, one_stream_flag
 from plait.core.engine_builder import build_runtime, warm_up
 from plait.core.engine_config import EngineConfig
 from plait.core.engine_loop import EngineLoop
+from plait.core.engine_lora import LoraControl
 from plait.core.intake import RequestIntake
 from plait.core.messages import GenerateReq, RequestLimits
 from plait.core.request import Req
@@ -50,6 +51,7 @@ class Engine:
         self.context_len, self.max_total_tokens = rt.context_len, rt.max_total_tokens
         self.eos_ids, self.vocab_size = rt.eos_ids, rt.hf_config.vocab_size
         self.scheduler, self.disagg, self._tp_runner = rt.scheduler, rt.disagg, rt.tp_runner
+        manager = getattr(self.scheduler.runner, "adapters", None)  # plait.lora's, or None
         self._intake = RequestIntake(
             tokenizer=rt.tokenizer,
             context_len=rt.context_len,
@@ -58,8 +60,10 @@ class Engine:
             eos_ids=rt.eos_ids,
             disaggregation_mode=rt.config.disaggregation_mode,
             grammar_compile_timeout=rt.config.grammar_compile_timeout,
+            lora_namespace=None if manager is None else manager.uid,
         )
         self._call = self._loop.call
+        self.lora = LoraControl(manager, self.scheduler, self._call)
         self._loop.start(self.scheduler, self.disagg, self.backend)
         # Stop the scheduler thread before the interpreter tears modules down under it. A weak
         # reference, so an engine nobody holds can still be garbage collected.
@@ -86,7 +90,9 @@ class Engine:
         for req in reqs:
             req.on_output = on_output
         decode = self.config.disaggregation_mode == "decode"
-        add = cast("DecodeSide", self.disagg).add if decode else self.scheduler.add_request
+        add = self.lora.guard(
+            cast("DecodeSide", self.disagg).add if decode else self.scheduler.add_request
+        )
         self._loop.call_soon(lambda: [add(r) for r in reqs])
 
     def generate(
@@ -163,6 +169,18 @@ class Engine:
         a request starting with them finds them all cached. See docs/frontend.md."""
         return self._call(lambda: self.scheduler.concat_and_append(prefix, branches))
 
+    # ----- LoRA adapters (plait.lora; docs/lora.md) -----
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
+        self.lora.load(lora_name, lora_path)
+
+    def unload_lora_adapter(self, lora_name: str) -> None:
+        """Refused (ValueError naming it) while a request uses the adapter."""
+        self.lora.unload(lora_name)
+
+    def lora_adapters(self) -> list[str]:
+        return self.lora.names()
+
     def get_server_info(self) -> dict:
         def info() -> dict:
             s = self.scheduler
@@ -183,6 +201,7 @@ class Engine:
                 **vars(s.stats),
                 **getattr(self.disagg, "stats", {}),
                 **s.runner.metrics(),
+                **self.lora.info(),
             }
 
         return self._call(info)

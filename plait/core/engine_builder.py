@@ -111,6 +111,7 @@ def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
         # for it in the meantime would be wasted and race the hand-off, so prefill servers
         # run one batch at a time.
         overlap=not cfg.disable_overlap_schedule and cfg.disaggregation_mode != "prefill",
+        max_loras_per_batch=cfg.max_loras_per_batch if cfg.lora_enabled else None,
     )
 
 
@@ -152,6 +153,36 @@ def attach_disaggregation(
         cfg.disaggregation_transfer_timeout,
         admit=s.add_prefilled,
         fail=s.finish_unscheduled,
+    )
+
+
+def attach_lora(
+    runner: Any, cfg: EngineConfig, backend: Backend, hf: Any, dtype: torch.dtype
+) -> None:
+    """Wrap the runner's model for LoRA and load ``cfg.lora_paths`` (``plait.lora``)."""
+    from plait.core.model_runner import ModelRunner
+    from plait.lora.manager import build_lora_manager
+
+    if not isinstance(runner, ModelRunner):
+        raise ValueError(
+            f"lora_paths: device {backend.name!r} runs its own model runner; LoRA adapters "
+            "need the core's (CPU, CUDA, ROCm)"
+        )
+    op = None
+    if backend.torch_device.type == "cuda":
+        from plait.lora.triton_ops import apply_segmented
+
+        op = apply_segmented
+    runner.adapters = build_lora_manager(
+        runner.model,
+        hf,
+        lora_paths=cfg.lora_paths,
+        max_loras_per_batch=cfg.max_loras_per_batch,
+        max_lora_rank=cfg.max_lora_rank,
+        lora_target_modules=cfg.lora_target_modules,
+        device=backend.torch_device,
+        dtype=dtype,
+        **({"op": op} if op is not None else {}),
     )
 
 
@@ -232,6 +263,8 @@ def _build_on(
         )
         runner = tp_runner
     try:
+        if cfg.lora_enabled:
+            attach_lora(runner, cfg, backend, hf, dtype)
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         eos = eos_ids(hf, tokenizer)
         scheduler = Scheduler(

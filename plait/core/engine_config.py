@@ -55,6 +55,17 @@ class EngineConfig:
     # takes minutes); disable_* forces eager, enable_* forces capture. Setting both is an error.
     disable_graph_capture: bool = False
     enable_graph_capture: bool = False
+    # LoRA adapters (plait.lora, docs/lora.md), SGLang's names: ``["name=path", ...]``;
+    # enabled when lora_paths or max_lora_rank is set. Unset rank and targets come from the
+    # initial adapters.
+    lora_paths: list[str] | dict[str, str] | None = None
+    max_loras_per_batch: int = 8  # device slots: distinct adapters in one running batch
+    max_lora_rank: int | None = None
+    lora_target_modules: list[str] | None = None  # "all" or q_proj, k_proj, ... down_proj
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.lora_paths) or self.max_lora_rank is not None
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -129,6 +140,7 @@ class EngineConfig:
                 f"quantization={self.quantization or 'gguf'!r} does not support "
                 f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})"
             )
+        self._validate_lora()
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
@@ -139,6 +151,32 @@ class EngineConfig:
             raise ValueError(
                 f"max_total_tokens={self.max_total_tokens} and kv_cache_memory_gb="
                 f"{self.kv_cache_memory_gb} both size the KV pool; give one"
+            )
+
+    def _validate_lora(self) -> None:
+        from plait.lora.adapter import TARGETS, parse_lora_paths
+
+        parse_lora_paths(self.lora_paths)
+        m = self.max_loras_per_batch
+        if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+            raise ValueError(f"max_loras_per_batch must be a positive integer, got {m!r}")
+        r = self.max_lora_rank
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+            raise ValueError(f"max_lora_rank must be a positive integer, got {r!r}")
+        bad = sorted(set(self.lora_target_modules or ()) - {*TARGETS, "all"})
+        if bad:
+            raise ValueError(
+                f"lora_target_modules: {bad} not supported (only all, {', '.join(TARGETS)})"
+            )
+        if not self.lora_enabled:
+            return
+        if self.tp_size != 1:
+            raise ValueError(
+                "lora_paths: LoRA adapters do not support tensor parallelism yet (tp_size must be 1)"
+            )
+        if self.disaggregation_mode != "null":
+            raise ValueError(
+                "lora_paths: LoRA adapters do not support prefill/decode disaggregation yet"
             )
 
     def kv_cache_bytes(self) -> int:

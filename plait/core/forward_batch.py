@@ -42,6 +42,10 @@ class ForwardBatch:
     #: (``plait.core.sampler.takes_plain_argmax``), so the model may answer with
     #: :class:`GreedyTokens` instead of logits
     greedy_only: bool = False
+    #: per request, its LoRA adapter's name (None: the base model); None when no request of
+    #: the batch has one. A batch with adapters runs the model's eager layers (the wrapped
+    #: projections add the deltas), never a backend's compiled or native step.
+    lora_ids: list[str | None] | None = None
 
     @property
     def batch_size(self) -> int:

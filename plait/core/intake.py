@@ -31,7 +31,10 @@ class RequestIntake:
         eos_ids: set[int],
         disaggregation_mode: str,
         grammar_compile_timeout: float,
+        lora_namespace: Callable[[str], Any] | None = None,
     ):
+        """``lora_namespace``: an adapter name -> its prefix-cache namespace, ValueError
+        naming ``lora_path`` for one not loaded; None: the engine has no adapters."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.limits = RequestLimits(
@@ -40,6 +43,7 @@ class RequestIntake:
         self.eos_ids = eos_ids
         self.disaggregation_mode = disaggregation_mode
         self.grammar_compile_timeout = grammar_compile_timeout
+        self.lora_namespace = lora_namespace
         self.grammar_compiler: Any = None  # built on the first grammar
         self._grammar_lock = threading.Lock()
 
@@ -51,9 +55,10 @@ class RequestIntake:
             msg = msg.tokenized(self.tokenizer.encode)
             msg.validate(self.limits)
             self._check_disaggregated(msg)
-            checked.append((msg, self._compile_grammar(msg.sampling_params)))
+            namespace = self._lora(msg.lora_path)
+            checked.append((msg, self._compile_grammar(msg.sampling_params), namespace))
         reqs = []
-        for msg, grammar in checked:
+        for msg, grammar, namespace in checked:
             for one in msg.expand():
                 # expand() names every sample and tokenized() filled the ids
                 assert one.rid is not None and one.input_ids is not None
@@ -67,6 +72,8 @@ class RequestIntake:
                     top_logprobs_num=one.top_logprobs_num,
                     stream=one.stream,
                     bootstrap=one.bootstrap,
+                    lora_id=one.lora_path,
+                    cache_namespace=namespace,
                 )
                 if sp.seed is not None:
                     req.generator = torch.Generator().manual_seed(sp.seed)
@@ -74,6 +81,16 @@ class RequestIntake:
                     req.grammar = grammar()
                 reqs.append(req)
         return reqs
+
+    def _lora(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        if self.lora_namespace is None:
+            raise ValueError(
+                f"lora_path {name!r}: this engine serves no LoRA adapters "
+                "(start it with lora_paths / --lora-paths)"
+            )
+        return self.lora_namespace(name)
 
     def _check_disaggregated(self, msg: GenerateReq) -> None:
         """What a request must be in this engine's disaggregation mode (ValueError names the

@@ -59,11 +59,13 @@ class PrefixCache(Protocol):
 
     ``insert`` hands the cache the slots of the tokens it did not hold; afterwards
     ``match_prefix`` of the same key returns exactly the slots the cache owns for it, which is
-    how the KVManager learns what it gave away. Lock handles are opaque.
+    how the KVManager learns what it gave away. Lock handles are opaque. ``namespace``
+    (``Req.cache_namespace``: a LoRA adapter's uid, None for the base model) separates
+    prefixes: a key cached in one namespace never matches in another.
     """
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, Any]: ...
-    def insert(self, key: list[int], value: torch.Tensor) -> int: ...
+    def match_prefix(self, key: list[int], namespace: Any = None) -> tuple[torch.Tensor, Any]: ...
+    def insert(self, key: list[int], value: torch.Tensor, namespace: Any = None) -> int: ...
     def inc_lock_ref(self, handle: Any) -> None: ...
     def dec_lock_ref(self, handle: Any) -> None: ...
     def evict(self, num_tokens: int) -> int: ...
@@ -80,10 +82,10 @@ class NullPrefixCache:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, None]:
+    def match_prefix(self, key: list[int], namespace: Any = None) -> tuple[torch.Tensor, None]:
         return torch.empty(0, dtype=torch.int64, device=self.device), None
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
+    def insert(self, key: list[int], value: torch.Tensor, namespace: Any = None) -> int:
         return 0
 
     def inc_lock_ref(self, handle: None) -> None:
@@ -157,7 +159,9 @@ class KVManager:
     def match(self, req: Req) -> PrefixMatch:
         """The longest cached prefix ``req`` may reuse (see ``Req.max_prefix_len``). Nothing is
         locked yet: match and ``admit`` with no allocation in between."""
-        slots, handle = self.cache.match_prefix(req.fill_ids[: req.max_prefix_len()])
+        slots, handle = self.cache.match_prefix(
+            req.fill_ids[: req.max_prefix_len()], req.cache_namespace
+        )
         return PrefixMatch(slots, handle)
 
     def admit(self, req: Req, prefix: PrefixMatch) -> bool:
@@ -245,10 +249,10 @@ class KVManager:
         n = min(req.kv_len, len(req.fill_ids))
         key = req.fill_ids[:n]
         slots = row[:n].long()
-        present = self.cache.insert(key, slots)
+        present = self.cache.insert(key, slots, req.cache_namespace)
         if present > req.cache_len:  # cached by another request since: ours are duplicates
             self.allocator.free(slots[req.cache_len : present])
-        new_prefix, handle = self.cache.match_prefix(key)
+        new_prefix, handle = self.cache.match_prefix(key, req.cache_namespace)
         row[: len(new_prefix)] = new_prefix.to(row.dtype)
         self.cache.inc_lock_ref(handle)
         self.cache.dec_lock_ref(req.last_node)

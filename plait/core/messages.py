@@ -73,6 +73,7 @@ class GenerateReq:
     top_logprobs_num: int = 0
     stream: bool = False
     bootstrap: Bootstrap | None = None  # set by SGLang's gateway in PD mode
+    lora_path: str | None = None  # a loaded LoRA adapter's name (None: the base model)
 
     def __post_init__(self) -> None:
         sp = self.sampling_params
@@ -163,6 +164,10 @@ class GenerateReq:
             raise ValueError(f"stream must be a boolean, got {self.stream!r}")
         if self.rid is not None and (not isinstance(self.rid, str) or not self.rid):
             raise ValueError(f"rid must be a non-empty string, got {self.rid!r}")
+        if self.lora_path is not None and (
+            not isinstance(self.lora_path, str) or not self.lora_path
+        ):
+            raise ValueError(f"lora_path must be an adapter name, got {self.lora_path!r}")
         if self.bootstrap is not None:
             self._check_disaggregable()
 
@@ -247,6 +252,15 @@ class GetInfoReq:
     """Ask for the engine's server info (limits, KV usage, counters)."""
 
     req_id: int
+
+
+@dataclass
+class LoraReq:
+    """Load (``lora_path`` set) or unload a LoRA adapter named ``lora_name``."""
+
+    req_id: int
+    lora_name: str
+    lora_path: str | None = None
 
 
 @dataclass

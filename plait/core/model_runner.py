@@ -8,7 +8,7 @@ while batch N runs on the executor's worker."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -37,8 +37,20 @@ __all__ = [
 ]
 
 
+class AdapterHook(Protocol):
+    """What the runner calls around a forward that carries LoRA adapters
+    (``plait.lora.manager.LoraManager``): ``begin`` makes them resident and publishes the
+    batch's layout to the model, ``end`` withdraws it."""
+
+    def begin(self, batch: ForwardBatch) -> None: ...
+    def end(self) -> None: ...
+
+
 class ModelRunner:
-    """The core's :class:`~plait.core.backend_api.StepRunner` over a torch model."""
+    """The core's :class:`~plait.core.backend_api.StepRunner` over a torch model.
+
+    ``adapters``: set once LoRA adapters are enabled; a batch with ``lora_ids`` runs through
+    it and never replays a captured graph (the graph holds no adapter)."""
 
     def __init__(
         self,
@@ -55,6 +67,7 @@ class ModelRunner:
         self.req_pool = req_pool
         self.device = device
         self.graph_runner = graph_runner
+        self.adapters: AdapterHook | None = None
         self._facts: dict | None = None
 
     def metrics(self) -> dict[str, Any]:
@@ -78,6 +91,14 @@ class ModelRunner:
         """Logits ``[len(batch.logits_rows), V]`` (or, for a ``greedy_only`` batch, the model's
         :class:`GreedyTokens` where it computes them); a decode batch replays a captured graph
         when the graph runner can take it."""
+        if batch.lora_ids is not None:
+            if self.adapters is None:
+                raise ValueError("lora_path: this engine has no LoRA adapters enabled")
+            self.adapters.begin(batch)
+            try:
+                return self.model(batch, self.attn)
+            finally:
+                self.adapters.end()
         if batch.is_decode and self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.replay(batch, lambda b: self.model(b, self.attn))
         return self.model(batch, self.attn)
@@ -113,6 +134,7 @@ class ModelRunner:
             seq_lens_cpu=[it.start + it.length for it in items],
             prefix_lens_cpu=[it.start for it in items],
             extend_lens_cpu=[it.length for it in items],
+            lora_ids=_lora_ids([it.req for it in items]),
         )
         return batch, row_counts
 
@@ -140,8 +162,14 @@ class ModelRunner:
             seq_lens_cpu=seq,
             prefix_lens_cpu=pos,
             extend_lens_cpu=[1] * len(reqs),
+            lora_ids=_lora_ids(reqs),
         )
         return batch
+
+
+def _lora_ids(reqs: list[Req]) -> list[str | None] | None:
+    ids = [r.lora_id for r in reqs]
+    return ids if any(i is not None for i in ids) else None
 
 
 def default_model_runner(

@@ -12,6 +12,9 @@ What holds after a round:
 - Without chunked prefill a prompt longer than the budget goes alone, in a later round.
 - Every planned item holds its KV slots; admitted requests have left ``waiting``. A request
   whose allocation fails stays queued and holds nothing it did not hold before.
+- The running, chunked and admitted requests use at most ``max_loras_per_batch`` distinct
+  LoRA adapters (the adapter pool's slots): a request on one more waits, and requests
+  behind it may still be admitted.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class PrefillAdder:
         self.items: list[ExtendItem] = []
         self.dedup = InBatchPrefixDedup()
         self.reserved = 0
+        held = [*table.running, *([table.chunked] if table.chunked else [])]
+        self.adapters = {r.lora_id for r in held if r.lora_id is not None}
 
     def schedule(self) -> list[ExtendItem]:
         """The round's items: the chunked prompt's next chunk, then admitted requests."""
@@ -82,6 +87,8 @@ class PrefillAdder:
             or len(self.table.running) + len(self.items) >= cfg.max_running_requests
         ):
             return False
+        if not self._adapter_fits(req):
+            return True  # waits for a slot; later requests may still fit
         prefix: PrefixMatch | None = None
         if req.req_pool_idx is not None:
             # holds its KV already (jump-forward tokens to extend): no admission needed
@@ -106,7 +113,15 @@ class PrefillAdder:
         self.reserved = reserve
         return item.length == extend  # a chunked one continues next step, alone
 
+    def _adapter_fits(self, req: Req) -> bool:
+        limit = self.config.max_loras_per_batch
+        if req.lora_id is None or req.lora_id in self.adapters or limit is None:
+            return True
+        return len(self.adapters) < limit
+
     def _add(self, item: ExtendItem, cost: int) -> None:
+        if item.req.lora_id is not None:
+            self.adapters.add(item.req.lora_id)
         self.items.append(item)
         self.dedup.add(item.req.fill_ids)
         self.budget -= cost

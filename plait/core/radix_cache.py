@@ -11,12 +11,16 @@ Invariants:
 - ``node.lock_ref`` is the number of locks on the node or any of its descendants.
 - ``evictable_size()`` counts tokens in nodes with ``lock_ref == 0``; ``protected_size()`` the
   rest. Both are counters kept up to date on every change, not recomputed.
+- Namespaces: each ``namespace`` (a LoRA adapter's uid; None is the base model) has its own
+  root, so a prefix computed under one is never matched under another. Eviction and the
+  counters span all of them; a root (``parent is None``) is never evicted.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from typing import Any
 
 import torch
 
@@ -68,13 +72,13 @@ class RadixCache:
 
     # ----- lookup and insertion -----
 
-    def match_prefix(self, key: list[int]) -> tuple[torch.Tensor, TreeNode]:
-        """Slots of the longest cached prefix of ``key`` (a page multiple) and the node where
-        the match ends. A match ending inside a node splits it, so the returned node covers
-        exactly the matched prefix. No match: an empty tensor and the root."""
+    def match_prefix(self, key: list[int], namespace: Any = None) -> tuple[torch.Tensor, TreeNode]:
+        """Slots of the longest cached prefix of ``key`` (a page multiple) in ``namespace`` and
+        the node where the match ends. A match ending inside a node splits it, so the returned
+        node covers exactly the matched prefix. No match: an empty tensor and the root."""
         key = self._page_aligned(key)
         now = self._tick()
-        node = self.root_node
+        node = self._root(namespace)
         values = []
         while key:
             child = node.children.get(self._child_key(key))
@@ -93,8 +97,9 @@ class RadixCache:
             return self._empty(), node
         return torch.cat(values), node
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
-        """Caches ``key`` (truncated to a page multiple) with its slots ``value``.
+    def insert(self, key: list[int], value: torch.Tensor, namespace: Any = None) -> int:
+        """Caches ``key`` (truncated to a page multiple) with its slots ``value``, in
+        ``namespace``.
 
         Returns how many leading tokens were already in the tree. The tree keeps its own slots
         for those, so the caller frees ``value[own_cached_len:returned]``; the slots of the new
@@ -105,7 +110,7 @@ class RadixCache:
         key = self._page_aligned(key)
         value = value[: len(key)]
         now = self._tick()
-        node = self.root_node
+        node = self._root(namespace)
         present = 0
         while key:
             child = node.children.get(self._child_key(key))
@@ -128,7 +133,7 @@ class RadixCache:
 
     def inc_lock_ref(self, node: TreeNode) -> None:
         """Locks ``node`` and its ancestors: a running request reads their slots."""
-        while node is not self.root_node:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self._evictable -= len(node.key)
                 self._protected += len(node.key)
@@ -136,9 +141,9 @@ class RadixCache:
             node = node.up
 
     def dec_lock_ref(self, node: TreeNode) -> None:
-        if node is not self.root_node and node.lock_ref <= 0:
+        if node.parent is not None and node.lock_ref <= 0:
             raise ValueError(f"node {node.id} is not locked")
-        while node is not self.root_node:
+        while node.parent is not None:
             if node.lock_ref == 1:
                 self._evictable += len(node.key)
                 self._protected -= len(node.key)
@@ -160,7 +165,7 @@ class RadixCache:
             del parent.children[self._child_key(node.key)]
             self._evictable -= len(node.key)
             freed += len(node.key)
-            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access_time, parent.id, parent))
         return freed
 
@@ -177,7 +182,7 @@ class RadixCache:
 
     def reset(self) -> None:
         """Drops the whole tree, freeing every slot it held. Existing locks become void."""
-        values = [n.value for n in self._nodes() if n is not self.root_node]
+        values = [n.value for n in self._nodes() if n.parent is not None]
         if values:
             self.allocator.free(torch.cat(values))
         self._new_tree()
@@ -187,7 +192,7 @@ class RadixCache:
             f"RadixCache(total={self.total_size()}, evictable={self._evictable}, "
             f"protected={self._protected})"
         ]
-        stack = [(c, 1) for c in reversed(list(self.root_node.children.values()))]
+        stack = [(c, 1) for r in self._roots.values() for c in reversed(list(r.children.values()))]
         while stack:
             node, depth = stack.pop()
             head = " ".join(map(str, node.key[:8])) + (" ..." if len(node.key) > 8 else "")
@@ -200,9 +205,21 @@ class RadixCache:
 
     # ----- internals -----
 
+    @property
+    def root_node(self) -> TreeNode:
+        """The base model's root."""
+        return self._roots[None]
+
+    def _root(self, namespace: Any) -> TreeNode:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = TreeNode(None, [], self._empty())
+            root.lock_ref = 1  # never evicted, never counted
+        return root
+
     def _new_tree(self) -> None:
-        self.root_node = TreeNode(None, [], self._empty())
-        self.root_node.lock_ref = 1  # never evicted, never counted
+        self._roots: dict[Any, TreeNode] = {}
+        self._root(None)
         self._clock = 0
         self._evictable = 0
         self._protected = 0
@@ -247,7 +264,7 @@ class RadixCache:
         return upper
 
     def _nodes(self):
-        stack = [self.root_node]
+        stack = list(self._roots.values())
         while stack:
             node = stack.pop()
             yield node
@@ -255,7 +272,5 @@ class RadixCache:
 
     def _unlocked_leaves(self) -> list[TreeNode]:
         return [
-            n
-            for n in self._nodes()
-            if not n.children and n.lock_ref == 0 and n is not self.root_node
+            n for n in self._nodes() if not n.children and n.lock_ref == 0 and n.parent is not None
         ]

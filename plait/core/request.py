@@ -37,6 +37,8 @@ class Req:
     on_output: Callable[["Req", bool], None] | None = None
     grammar: Any = None  # plait.core.grammar.GrammarState when constrained
     bootstrap: Any = None  # plait.core.messages.Bootstrap (disaggregated)
+    lora_id: str | None = None  # the LoRA adapter's name (None: the base model)
+    cache_namespace: Any = None  # the adapter's prefix-cache namespace (its uid)
 
     output_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None

@@ -21,6 +21,9 @@ class SchedulerConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     overlap: bool = True  # run forwards on a worker, one batch ahead
+    # distinct LoRA adapters the running batch may hold (the adapter pool's slots); None: no
+    # adapters enabled
+    max_loras_per_batch: int | None = None
 
 
 @dataclass

@@ -296,6 +296,8 @@ class LlamaForCausalLM(nn.Module):
         # Metadata built from host lists stays outside any compiled region: what follows reads
         # tensors only, so a compiled decode never guards on (and recompiles for) lengths.
         attn.init_forward_metadata(batch)
+        if batch.lora_ids is not None:  # only the eager layers hold the LoRA wrappers
+            return self.layers_forward(batch, attn)
         if batch.is_decode and self.decode_forward is not None:
             return self.decode_forward(batch, attn)
         if not batch.is_decode and self.extend_forward is not None:

@@ -93,6 +93,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--context-length", type=int, default=None, help="cap the model's context window"
     )
     p.add_argument("--random-seed", type=int, default=None)
+    lora = p.add_argument_group("LoRA adapters (docs/lora.md)")
+    lora.add_argument("--lora-paths", nargs="+", default=None, metavar="NAME=PATH")
+    lora.add_argument("--max-loras-per-batch", type=int, default=ServerArgs().max_loras_per_batch)
+    lora.add_argument("--max-lora-rank", type=int, default=None)
+    lora.add_argument("--lora-target-modules", nargs="+", default=None)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ import zmq.asyncio
 from plait.core.messages import (
     AbortReq,
     FlushCacheReq,
+    LoraReq,
     GenerateReq,
     GetInfoReq,
     RequestLimits,
@@ -52,6 +53,7 @@ class EngineClient:
         self.args = args
         self.model_path = model_path
         self.model_name = args.model_name(model_path)
+        self.lora_enabled = bool(args.lora_paths) or args.max_lora_rank is not None
         self.tokenizer: Any = None
         self.context_length: int | None = None
         self.vocab_size: int | None = None
@@ -258,6 +260,19 @@ class EngineClient:
             raise APIError("the scheduler process is not reachable", status=503)
         try:
             return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(req_id, None)
+
+    async def lora(self, lora_name: str, lora_path: str | None) -> dict[str, Any]:
+        """Load (a path) or unload (None) an adapter in the scheduler process."""
+        self._require_alive()
+        req_id = next(self._req_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[req_id] = fut
+        if not self._post(LoraReq(req_id=req_id, lora_name=lora_name, lora_path=lora_path)):
+            raise APIError("the scheduler process is not reachable", status=503)
+        try:
+            return await asyncio.wait_for(fut, 120.0)
         finally:
             self._replies.pop(req_id, None)
 

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
 import plait.server.openai_chat as openai_chat
+import plait.server.lora_api as lora_api
 from plait.core.messages import GenerateReq
 from plait.server.connection_guard import (
     ConnectionLimits,
@@ -95,6 +96,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     app.include_router(generate_api.router)
     app.include_router(openai_api.router)
     app.include_router(openai_chat.router)
+    app.include_router(lora_api.router)
     app.include_router(_admin_routes())
     return app
 

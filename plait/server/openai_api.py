@@ -36,19 +36,20 @@ router = APIRouter(prefix="/v1")
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     c = client_of(request)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": c.model_name,
-                "object": "model",
-                "created": int(c.started_at),
-                "owned_by": "plait",
-                "root": c.model_path,
-                "max_model_len": c.context_length,
-            }
-        ],
+    base = {
+        "id": c.model_name,
+        "object": "model",
+        "created": int(c.started_at),
+        "owned_by": "plait",
+        "root": c.model_path,
+        "max_model_len": c.context_length,
     }
+    adapters = (await c.server_info()).get("lora_adapters", {}) if c.lora_enabled else {}
+    data = [base] + [
+        {**base, "id": name, "root": path, "parent": c.model_name}
+        for name, path in adapters.items()
+    ]
+    return {"object": "list", "data": data}
 
 
 # --------------------------------------------------------------------------- completions
@@ -87,7 +88,7 @@ def _completion_logprobs(
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     client = client_of(request)
-    check_model(client, body.model)
+    lora_path = check_model(client, body.model)
     check_stream_options(body)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError("best_of must equal n (no server-side ranking)", param="best_of")
@@ -109,6 +110,7 @@ async def completions(body: CompletionRequest, request: Request):
         logprob_start_len=0 if body.echo and want_lp else -1,
         stream=body.stream,
         bootstrap=body.bootstrap(),
+        lora_path=lora_path,
     )
     prompt_texts = (
         [client.tokenizer.decode(r.input_ids) for r in reqs[:: body.n]] if body.echo else None

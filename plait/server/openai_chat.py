@@ -102,7 +102,7 @@ def _chat_logprobs(client: EngineClient, meta: dict[str, Any], start: int = 0) -
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     client = client_of(request)
-    check_model(client, body.model)
+    lora_path = check_model(client, body.model)
     check_stream_options(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError("top_logprobs requires logprobs=true", param="top_logprobs")
@@ -137,6 +137,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         top_logprobs_num=body.top_logprobs or 0,
         stream=body.stream,
         bootstrap=body.bootstrap(),
+        lora_path=lora_path,
     )
     head = {
         "id": rid,

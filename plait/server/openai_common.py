@@ -28,8 +28,17 @@ def client_of(request: Request) -> EngineClient:
     return request.app.state.client
 
 
-def check_model(client: EngineClient, model: str) -> None:
-    if model not in (client.model_name, client.model_path):
+def check_model(client: EngineClient, model: str) -> str | None:
+    """The LoRA adapter ``model`` names (None: the base model). With adapters enabled,
+    ``model`` is the base, ``base:adapter`` (SGLang's form) or an adapter's name, which the
+    engine checks (400 naming an unknown one); without, anything but the base is a 400."""
+    bases = (client.model_name, client.model_path)
+    if model in bases:
+        return None
+    if client.lora_enabled:
+        base, sep, adapter = model.partition(":")
+        return adapter if sep and base in bases and adapter else model
+    if model not in bases:
         raise APIError(
             f"model {model!r} does not exist; this server serves {client.model_name!r}",
             param="model",

@@ -171,6 +171,7 @@ class GenerateRequest(GatewayFields, UnsupportedGenerate, _Strict):
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: Union[str, list[str], None] = None
+    lora_path: Union[str, list[Union[str, None]], None] = None  # adapter name(s), docs/lora.md
     model: str | None = None  # see GatewayFields
 
 

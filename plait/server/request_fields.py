@@ -65,7 +65,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "return_meta_info": (False,),
     "return_input_ids_in_sglext": (False,),
     "return_output_ids_in_sglext": (False,),
-    "lora_path": (),
+    "lora_path": (),  # OpenAI routes only: there the adapter is ``model``
     "lora_id": (),
     "custom_logit_processor": (),
     "custom_params": (),
@@ -142,7 +142,6 @@ GENERATE = (
     "return_indexer_topk",
     "modalities",
     "session_params",
-    "lora_path",
     "lora_id",
     "custom_logit_processor",
     "positional_embed_overrides",

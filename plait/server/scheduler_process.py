@@ -36,7 +36,14 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from plait.core.messages import AbortReq, FlushCacheReq, GenerateReq, GetInfoReq, ShutdownReq
+from plait.core.messages import (
+    AbortReq,
+    FlushCacheReq,
+    GenerateReq,
+    GetInfoReq,
+    LoraReq,
+    ShutdownReq,
+)
 from plait.server.server_args import check_mem_fraction
 
 logger = logging.getLogger("plait.scheduler_process")
@@ -229,11 +236,27 @@ class SchedulerServer:
                 logger.exception("%s failed", type(msg).__name__)
                 result = {"error": f"{type(e).__name__}: {e}"}
             self.emit({"op": "reply", "req_id": msg.req_id, "result": result})
+        elif isinstance(msg, LoraReq):
+            self.emit(
+                {"op": "reply", "req_id": msg.req_id, "result": await _lora(self.engine, msg)}
+            )
         elif isinstance(msg, ShutdownReq):
             return False
         else:
             logger.error("ignored an unknown message: %r", msg)
         return True
+
+
+async def _lora(engine: Any, msg: LoraReq) -> dict[str, Any]:
+    """Load or unload an adapter; a refusal is ``{"error", "status": 400}`` naming it."""
+    try:
+        if msg.lora_path is None:
+            await asyncio.to_thread(engine.unload_lora_adapter, msg.lora_name)
+        else:
+            await asyncio.to_thread(engine.load_lora_adapter, msg.lora_name, msg.lora_path)
+        return {"ok": True, "loaded": await asyncio.to_thread(engine.lora_adapters)}
+    except ValueError as e:
+        return {"error": str(e), "status": 400}
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

@@ -65,6 +65,11 @@ class ServerArgs:
     disaggregation_transfer_backend: str = "mooncake"
     disaggregation_transfer_timeout: float = 30.0
     pd: str | None = None  # "1P1D": start the pair + gateway
+    # LoRA adapters (plait.lora, docs/lora.md), SGLang's flags
+    lora_paths: list[str] | None = None  # name=path ...
+    max_loras_per_batch: int = 8
+    max_lora_rank: int | None = None
+    lora_target_modules: list[str] | None = None
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -115,6 +120,13 @@ class ServerArgs:
                 None if self.quantization_activations == "float" else self.quantization_activations
             ),
         )
+        if self.lora_paths or self.max_lora_rank is not None:
+            kwargs.update(
+                lora_paths=self.lora_paths,
+                max_loras_per_batch=self.max_loras_per_batch,
+                max_lora_rank=self.max_lora_rank,
+                lora_target_modules=self.lora_target_modules,
+            )
         if self.quantization is None and self.model_path.endswith(".gguf"):
             kwargs["quantization"] = "gguf"  # model_path arrives here resolved to a directory
         if self.disaggregation_mode != "null":

@@ -80,7 +80,7 @@ BASE = {
 #  a value that asks for nothing, a value that asks for something)
 CASES = [
     (GEN, None, "return_routed_experts", False, True),
-    (GEN, None, "lora_path", None, "my-adapter"),
+    (CMPL, None, "lora_path", None, "my-adapter"),
     (GEN, None, "image_data", [], ["http://x/cat.png"]),
     (GEN, None, "return_hidden_states", False, True),
     (GEN, "sampling_params", "stop_regex", [], ["a+"]),
