@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from plait.quant.modules import QuantizedMatmul
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+#: mixture-of-experts architectures (``plait.models.moe_models``)
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 
 
 def load_llama(
@@ -37,7 +39,18 @@ def load_llama(
     )
 
 
+def load_moe(
+    spec: ModelSpec, device: torch.device, matmul: QuantizedMatmul | None
+) -> torch.nn.Module:
+    """:func:`plait.models.moe_loader.load_moe` for ``spec``."""
+    from plait.models import moe_loader
+
+    return moe_loader.load_moe(spec, device, matmul)
+
+
 @hookimpl
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
+    for name in MOE_ARCHITECTURES:
+        register(name, load_moe)
