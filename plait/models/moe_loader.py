@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from plait.core.backend_api import ModelSpec
     from plait.quant.modules import QuantizedMatmul
 
-_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
 # a projection -> (fused parameter, which piece of it)
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),

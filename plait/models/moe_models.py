@@ -46,9 +46,7 @@ def is_sparse_layer(config: Any, layer_id: int) -> bool:
         return True
     step = getattr(config, "decoder_sparse_step", 1) or 1
     only_mlp = getattr(config, "mlp_only_layers", None) or []
-    return (
-        layer_id not in only_mlp and num_experts_of(config) > 0 and (layer_id + 1) % step == 0
-    )
+    return layer_id not in only_mlp and num_experts_of(config) > 0 and (layer_id + 1) % step == 0
 
 
 def expert_intermediate_size(config: Any) -> int:
@@ -141,9 +139,7 @@ class MoeForCausalLM(LlamaForCausalLM):
     def sparse_blocks(self) -> list[tuple[int, nn.Module]]:
         """``(layer index, SparseMoeBlock)`` of every MoE layer."""
         return [
-            (i, layer.mlp)
-            for i, layer in enumerate(self.layers)
-            if is_sparse_layer(self.config, i)
+            (i, layer.mlp) for i, layer in enumerate(self.layers) if is_sparse_layer(self.config, i)
         ]
 
 
@@ -153,4 +149,3 @@ def check_moe_config(config: Any) -> None:
         raise ValueError(f"model_type {config.model_type!r} is not a supported MoE architecture")
     if num_experts_of(config) < 1:
         raise ValueError(f"{config.architectures[0]}: the config has no experts")
-

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 class QuantizedMoEExperts(nn.Module):
     """The experts of one layer as quantized Linears: ``gate_up[e]`` then ``down[e]``."""
 
-    def __init__(self, gate_up: list[QuantizedLinear], down: list[QuantizedLinear], activation: str):
+    def __init__(
+        self, gate_up: list[QuantizedLinear], down: list[QuantizedLinear], activation: str
+    ):
         super().__init__()
         self.gate_up = nn.ModuleList(gate_up)
         self.down = nn.ModuleList(down)
