@@ -27,7 +27,7 @@ GREEDY = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
 #: architecture -> make_tiny_model arguments (8 experts, top-2; TINY_BASE's 64 hidden, 2 layers)
 MOE_CONFIGS = {
     "mixtral": dict(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2),
-    # layer 0 dense (mlp_only_layers), layer 1 sparse with the shared expert; top-k weights
+    # layer 0 dense (decoder_sparse_step 2), layer 1 sparse with the shared expert; top-k weights
     # not renormalised (norm_topk_prob False), q/k/v bias
     "qwen2_moe": dict(
         model_type="qwen2_moe",
@@ -35,7 +35,7 @@ MOE_CONFIGS = {
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         shared_expert_intermediate_size=48,
-        mlp_only_layers=[0],
+        decoder_sparse_step=2,
         norm_topk_prob=False,
     ),
 }
@@ -138,3 +138,16 @@ def test_gguf_blocks_are_refused(make_tiny_model):
     )
     with pytest.raises(ValueError, match="quantization='gguf' is not supported for Mixtral"):
         load_moe(spec, torch.device("cpu"), torch_quantized_matmul)
+
+
+def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers():
+    from transformers import AutoConfig
+
+    def sparse(**kw):
+        config = AutoConfig.for_model("qwen2_moe", num_hidden_layers=6, num_experts=4, **kw)
+        return [i for i in range(6) if is_sparse_layer(config, i)]
+
+    assert sparse() == [0, 1, 2, 3, 4, 5]
+    assert sparse(decoder_sparse_step=2) == [1, 3, 5]
+    assert sparse(decoder_sparse_step=2, mlp_only_layers=[3]) == [1, 5]
+    assert sparse(mlp_only_layers=[0, 4]) == [1, 2, 3, 5]
