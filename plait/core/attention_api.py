@@ -59,10 +59,21 @@ class AttentionBackend(ABC):
     empty tuple means no layer has one. The model runner sets it once, from the model, through
     :meth:`set_sliding_windows`, which refuses windows an implementation cannot apply
     (``supports_sliding_window`` False) instead of letting it attend to every earlier token.
+
+    Two more per-layer settings come the same way (model declares, runner sets, an
+    implementation that cannot honour them refuses by name), both for Gemma:
+    ``layer_scales[layer_id]``, the softmax scale (default ``head_dim ** -0.5``), and
+    ``logit_softcaps[layer_id]``, a cap c applied to the scaled scores as ``c * tanh(s / c)``
+    before the mask (None: no cap). One scale for every layer is simply :attr:`scale`, which
+    every implementation reads; per-layer ones need ``supports_layer_scales``.
     """
 
     #: whether ``forward_extend``/``forward_decode`` honour ``sliding_windows``
     supports_sliding_window: ClassVar[bool] = False
+    #: whether they honour ``logit_softcaps``
+    supports_logit_softcap: ClassVar[bool] = False
+    #: whether they read :meth:`scale_of` (a scale per layer) rather than :attr:`scale`
+    supports_layer_scales: ClassVar[bool] = False
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool
@@ -71,6 +82,8 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.sliding_windows: tuple[int | None, ...] = ()
+        self.layer_scales: tuple[float, ...] = ()
+        self.logit_softcaps: tuple[float | None, ...] = ()
 
     def set_sliding_windows(self, windows: tuple[int | None, ...]) -> None:
         """Attend through layer i's window ``windows[i]`` from now on (before any forward).
@@ -86,6 +99,40 @@ class AttentionBackend(ABC):
     def window(self, layer_id: int) -> int | None:
         """Layer ``layer_id``'s sliding window, None for full attention."""
         return self.sliding_windows[layer_id] if self.sliding_windows else None
+
+    def set_layer_scales(self, scales: tuple[float, ...]) -> None:
+        """Scale layer i's scores by ``scales[i]`` (``()``: ``head_dim ** -0.5`` everywhere).
+        One value for all layers becomes :attr:`scale`; differing ones are a ValueError,
+        naming them, where ``supports_layer_scales`` is False."""
+        scales = tuple(float(s) for s in scales)
+        if len(set(scales)) > 1 and not self.supports_layer_scales:
+            raise ValueError(
+                f"per-layer softmax scales {sorted(set(scales))} are not supported by the "
+                f"{type(self).__name__} attention backend (it applies one scale to every layer)"
+            )
+        if scales:
+            self.scale = scales[0]
+        self.layer_scales = scales
+
+    def scale_of(self, layer_id: int) -> float:
+        """Layer ``layer_id``'s softmax scale."""
+        return self.layer_scales[layer_id] if self.layer_scales else self.scale
+
+    def set_logit_softcaps(self, caps: tuple[float | None, ...]) -> None:
+        """Cap layer i's scores at ``caps[i]`` (None: uncapped). ValueError, naming the cap,
+        where this implementation cannot (its attention would differ from the model's)."""
+        used = sorted({float(c) for c in caps if c is not None})
+        if used and not self.supports_logit_softcap:
+            raise ValueError(
+                f"attn_logit_softcapping={used[0] if len(used) == 1 else used} is not "
+                f"supported by the {type(self).__name__} attention backend: its scores "
+                "would be uncapped and diverge from the model"
+            )
+        self.logit_softcaps = tuple(None if c is None else float(c) for c in caps)
+
+    def softcap_of(self, layer_id: int) -> float | None:
+        """Layer ``layer_id``'s attention-logit cap, None for none."""
+        return self.logit_softcaps[layer_id] if self.logit_softcaps else None
 
     def init_forward_metadata(self, batch: "ForwardBatch") -> None:
         """Precompute per-batch metadata once, before the layers run (optional)."""

@@ -185,6 +185,18 @@ def eos_ids(hf_config: Any, tokenizer: Any) -> set[int]:
     return found
 
 
+def _context_len(cfg: EngineConfig, hf: Any) -> int:
+    """The longest sequence served: ``context_length`` capped at ``max_position_embeddings``,
+    except under dynamic NTK RoPE, which exists to stretch past it (its frequencies follow the
+    sequence length): there the user's ``context_length`` stands."""
+    native = int(hf.max_position_embeddings)
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if cfg.context_length and kind == "dynamic":
+        return int(cfg.context_length)
+    return min(cfg.context_length or native, native)
+
+
 def _build_on(
     backend: Backend,
     cfg: EngineConfig,
@@ -193,7 +205,7 @@ def _build_on(
     call_soon: Callable[[Callable[[], Any]], None],
 ) -> Runtime:
     model_dir, hf, tokenizer = checkpoint.model_dir, checkpoint.hf_config, checkpoint.tokenizer
-    context_len = min(cfg.context_length or hf.max_position_embeddings, hf.max_position_embeddings)
+    context_len = _context_len(cfg, hf)
     dtype = DTYPES[str(cfg.dtype)]
     if cfg.random_seed is not None:
         torch.manual_seed(cfg.random_seed)

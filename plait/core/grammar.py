@@ -1,4 +1,5 @@
-"""Structured generation: regex / JSON schema / EBNF / choices constraints, compiled by xgrammar.
+"""Structured generation: regex / JSON schema / EBNF / structural tag / choices constraints,
+compiled by xgrammar.
 
 Two halves with different threading rules:
 
@@ -31,10 +32,10 @@ from typing import Literal
 import torch
 import xgrammar as xgr
 
-from plait.core.sampling_params import SamplingParams
+from plait.core.sampling_params import CONSTRAINTS, SamplingParams
 
 CompiledGrammar = xgr.CompiledGrammar
-GRAMMAR_KINDS = ("regex", "json_schema", "ebnf", "choices")
+GRAMMAR_KINDS = (*CONSTRAINTS, "choices")
 
 # xgrammar errors read "[18:32:43] /project/cpp/regex_converter.cc:83: Regex parsing error ...".
 _XGR_ERROR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: .*? is false: )?")
@@ -148,9 +149,9 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
 
     def compile_params(self, sp: SamplingParams) -> CompiledGrammar | None:
-        """The grammar for ``sp.regex`` / ``sp.json_schema`` / ``sp.ebnf``; None if unconstrained
+        """The grammar for ``sp``'s constraint (``CONSTRAINTS``); None if unconstrained
         (``SamplingParams.validate`` already guarantees at most one is set)."""
-        for kind in ("regex", "json_schema", "ebnf"):
+        for kind in CONSTRAINTS:
             spec = getattr(sp, kind)
             if spec is not None:
                 if kind == "json_schema" and isinstance(spec, dict):
@@ -174,8 +175,10 @@ class GrammarCompiler:
         try:
             if kind == "regex":
                 return self._xgr.compile_regex(spec)
+            if kind == "structural_tag":
+                return self._xgr.compile_structural_tag(spec)
             return self._xgr.compile_grammar(spec)
-        except RuntimeError as err:
+        except RuntimeError as err:  # xgrammar's Invalid*Error included
             raise ValueError(f"invalid {kind}: {_xgr_message(err)}") from None
 
     def _compile_json_schema(self, spec: str) -> CompiledGrammar:

@@ -17,7 +17,7 @@ import torch
 
 from plait.core.messages import GenerateReq, RequestLimits, check_rooms
 from plait.core.request import Req
-from plait.core.sampling_params import SamplingParams
+from plait.core.sampling_params import CONSTRAINTS, SamplingParams
 
 
 class RequestIntake:
@@ -91,7 +91,7 @@ class RequestIntake:
 
     def _compile_grammar(self, sp: SamplingParams) -> Callable[[], Any] | None:
         """The compiled grammar's per-request state factory (None without a constraint)."""
-        if sp.regex is None and sp.json_schema is None and sp.ebnf is None:
+        if all(getattr(sp, c) is None for c in CONSTRAINTS):
             return None
         from plait.core.grammar import GrammarCompiler, GrammarState
 

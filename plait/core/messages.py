@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from plait.core.sampling_params import SamplingParams
+from plait.core.sampling_params import CONSTRAINTS, SamplingParams
 
 _PROMPT_FIELDS = ("text", "input_ids")
 
@@ -178,7 +178,7 @@ class GenerateReq:
             raise ValueError(
                 "return_logprob is not supported with prefill/decode disaggregation yet"
             )
-        for name in ("regex", "json_schema", "ebnf"):
+        for name in CONSTRAINTS:
             if getattr(sp, name) is not None:
                 raise ValueError(
                     f"{name}: constrained decoding is not supported with "

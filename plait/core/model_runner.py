@@ -163,6 +163,9 @@ def default_model_runner(
     )
     windows: tuple[int | None, ...] = model.sliding_windows  # type: ignore[assignment]
     attn.set_sliding_windows(windows)
+    # optional per-layer attention settings (Gemma's): absent means the defaults
+    attn.set_layer_scales(tuple(getattr(model, "attention_scales", ())))
+    attn.set_logit_softcaps(tuple(getattr(model, "attention_softcaps", ())))
     graph = backend.create_graph_runner(model, spec.max_batch_size) if spec.graph_capture else None
     return ModelRunner(model, kv_pool, attn, req_pool, device, graph)
 

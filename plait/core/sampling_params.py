@@ -19,6 +19,8 @@ MIN_REPETITION_PENALTY = 1e-2  # logits are divided by it: 1e-45 turns them into
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range (seed + i for n > 1)
 MAX_GRAMMAR_CHARS = 64 * 1024  # regex / json_schema / ebnf text; compile time grows with it
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for one token's bias: [-100, 100]
+# The decoding constraints, at most one per request (compiled by ``plait.core.grammar``).
+CONSTRAINTS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 
 @dataclass
@@ -43,6 +45,9 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # xgrammar's structural tag (JSON text, ``{"type": "structural_tag", "format": ...}``):
+    # free text with constrained regions, e.g. tool calls whose arguments follow a schema.
+    structural_tag: str | None = None
     # token id -> added to that token's logit before sampling (greedy included). JSON gives the
     # ids as strings ("42"), the Engine API may give ints; normalize() makes them ints and an
     # empty map None.
@@ -76,6 +81,8 @@ class SamplingParams:
             self.stop_token_ids = [self.stop_token_ids]
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
         self.logit_bias = _normalize_logit_bias(self.logit_bias)
         self.validate()
         if self.temperature < GREEDY_TEMPERATURE:
@@ -178,9 +185,9 @@ class SamplingParams:
             bad = [t for t in self.logit_bias or () if t >= vocab_size]
             if bad:
                 raise ValueError(f"logit_bias holds token ids outside [0, {vocab_size}): {bad[:5]}")
-        constraints = [c for c in ("regex", "json_schema", "ebnf") if getattr(self, c) is not None]
+        constraints = [c for c in CONSTRAINTS if getattr(self, c) is not None]
         if len(constraints) > 1:
-            raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {constraints}")
+            raise ValueError(f"only one of {', '.join(CONSTRAINTS)} may be set, got {constraints}")
         for c in constraints:
             check(isinstance(getattr(self, c), str), c, "must be a string")
             check(
@@ -209,6 +216,13 @@ class SamplingParams:
                 raise ValueError(f"json_schema is not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise ValueError("json_schema must be a JSON object")
+        if self.structural_tag is not None:
+            try:
+                tag = json.loads(self.structural_tag)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structural_tag is not valid JSON: {e}") from None
+            if not isinstance(tag, dict):
+                raise ValueError("structural_tag must be a JSON object")
 
     @property
     def is_greedy(self) -> bool:

@@ -268,7 +268,11 @@ class StreamExecutor:
             )
         for name in sorted(expr.names, key=lambda n: self.spans[n][0], reverse=True):
             start, end = self.spans[name]
-            reasoning, answer = split_reasoning(self.variables[name], expr.model_type)
+            split_by_server = (self.meta_info.get(name) or {}).get("reasoning_content")
+            if split_by_server is not None:  # an OpenAI server's --reasoning-parser did it
+                reasoning, answer = split_by_server, self.variables[name]
+            else:
+                reasoning, answer = split_reasoning(self.variables[name], expr.model_type)
             with self._cv:
                 self.text_ = self.text_[:start] + answer + self.text_[end:]
             self.spans[name] = (start, start + len(answer))

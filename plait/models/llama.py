@@ -55,37 +55,109 @@ def rope_parameters(config: Any) -> dict:
     return params
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to the context length, computed like transformers."""
+#: RoPE types whose frequencies depend on the sequence length of the forward that computes
+#: them (transformers' ``dynamic_rope_update``): NTK ``dynamic`` past ``max_position_embeddings``
+#: and ``longrope`` past ``original_max_position_embeddings``
+LENGTH_DEPENDENT = ("dynamic", "longrope")
 
-    def __init__(self, config: Any, head_dim: int, max_positions: int):
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to the context length, computed like transformers.
+
+    ``dynamic`` and ``longrope`` follow transformers' rule: a forward whose sequence reaches
+    length L past ``threshold`` rotates all its new tokens with the frequencies for L (keys
+    already cached keep theirs). :meth:`tables` applies it per request given each token's
+    ``lengths``, so a decode step at length L equals transformers' for every such type; a
+    prompt equals transformers' when it is within ``threshold`` (any chunking or cache hit) or
+    when it is prefilled in one piece (transformers itself differs between chunkings there).
+    """
+
+    def __init__(
+        self, config: Any, head_dim: int, max_positions: int, layer_type: str | None = None
+    ):
         super().__init__()
         params = rope_parameters(config)
+        if layer_type is not None:  # per-layer-type settings (Gemma 3's local and global)
+            params = dict(params[layer_type])
         rope_type = params.get("rope_type", "default")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"partial_rotary_factor={params['partial_rotary_factor']} is not supported "
+                "(Plait rotates the whole head)"
+            )
+        self.rope_type, self.config = rope_type, config
+        self.init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        #: the sequence length past which frequencies change (None: they never do)
+        self.threshold: int | None = None
+        if rope_type == "dynamic":
+            self.threshold = int(config.max_position_embeddings)
+        elif rope_type == "longrope":
+            self.threshold = int(params["original_max_position_embeddings"])
         if rope_type == "default":
             base = params["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             scaling = 1.0
-        elif rope_type == "dynamic":
-            raise ValueError(
-                "rope_type 'dynamic' is not supported (its frequencies depend on "
-                "the sequence length, which a shared prefix cache cannot honour)"
-            )
         else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+            inv_freq, scaling = self._init_freq(None)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos/sin rows for these positions, [T, 1, D]: looked up once per forward."""
-        return (
-            self.cos[positions].unsqueeze(1).to(dtype),
-            self.sin[positions].unsqueeze(1).to(dtype),
-        )
+    def _init_freq(self, seq_len: int | None) -> tuple[torch.Tensor, float]:
+        """transformers' own ``inv_freq`` and attention scaling for this type (at ``seq_len``)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        kwargs = dict(self.init_kwargs)
+        if seq_len is not None:
+            kwargs["seq_len"] = seq_len
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config, None, **kwargs)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, lengths: list[int] | None = None):
+        """cos/sin rows for these positions, [T, 1, D]: looked up once per forward. ``lengths``
+        (length-dependent types): token i's request's sequence length after this forward."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.threshold is not None and lengths is not None:
+            cos, sin = self._stretched(positions, lengths, cos, sin)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    def _stretched(
+        self, positions: torch.Tensor, lengths: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of tokens whose forward reaches past ``threshold``, recomputed with the
+        frequencies of their length (one set per distinct length in the batch)."""
+        assert self.threshold is not None
+        long = sorted({n for n in lengths if n > self.threshold})
+        if not long:
+            return cos, sin
+        cos, sin = cos.clone(), sin.clone()
+        per_token = torch.tensor(lengths, device=positions.device)
+        for n in long:
+            rows = per_token == n
+            inv_freq, scaling = self._init_freq(n)
+            freqs = positions[rows].float()[:, None] * inv_freq.float().to(positions.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos[rows], sin[rows] = emb.cos() * scaling, emb.sin() * scaling
+        return cos, sin
+
+
+def forward_lengths(batch: ForwardBatch) -> list[int]:
+    """Each token's request's sequence length after this forward (what a length-dependent
+    RoPE, ``RotaryEmbedding.threshold``, scales by)."""
+    if batch.is_decode:
+        return list(batch.seq_lens_cpu)
+    out: list[int] = []
+    for n, ext in zip(batch.seq_lens_cpu, batch.extend_lens_cpu):
+        out += [n] * ext
+    return out
+
+
+def rope_tables(
+    rotary: RotaryEmbedding, batch: ForwardBatch, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotary``'s cos/sin for the batch's tokens (their lengths only where they matter)."""
+    lengths = forward_lengths(batch) if rotary.threshold is not None else None
+    return rotary.tables(batch.positions, dtype, lengths)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -155,9 +227,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    #: the attention module each layer builds: a variant (Qwen3's q/k norms) overrides it
+    attention_cls: type[Attention] = Attention
+
     def __init__(self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup):
         super().__init__()
-        self.self_attn = Attention(config, layer_id, rotary, tp)
+        self.self_attn = self.attention_cls(config, layer_id, rotary, tp)
         self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -177,15 +252,19 @@ class LlamaForCausalLM(nn.Module):
     """``forward`` returns logits for ``batch.logits_rows`` only: prefill needs one row per
     request (or the prompt rows asked for logprobs), never a [T, vocab] matrix by default."""
 
+    #: the decoder layer class: an architecture that differs only inside a layer overrides it
+    layer_cls: type[nn.Module] = DecoderLayer
+
     def __init__(self, config: Any, max_positions: int, tp: TPGroup = TPGroup()):
         super().__init__()
         self.config = config
         self.tp = tp
+        self.max_positions = max_positions
         self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        rotary = self.shared_rotary()
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary, tp) for i in range(config.num_hidden_layers)
+            self.layer_cls(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
@@ -201,6 +280,17 @@ class LlamaForCausalLM(nn.Module):
         #: backend's native step); same contract as ``decode_forward``
         self.extend_forward: Any = None
 
+    def shared_rotary(self) -> RotaryEmbedding:
+        """The RoPE table the layers are built with (every layer shares it)."""
+        return RotaryEmbedding(self.config, head_dim_of(self.config), self.max_positions)
+
+    def reset_rotary(self, device: torch.device) -> None:
+        """Rebuild the RoPE tables on ``device`` (a model built on the meta device and moved
+        with ``to_empty`` has them uninitialised); every layer shares one table."""
+        rotary = self.shared_rotary().to(device)
+        for layer in self.layers:
+            layer.self_attn.rotary = rotary
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         # Metadata built from host lists stays outside any compiled region: what follows reads
@@ -215,7 +305,7 @@ class LlamaForCausalLM(nn.Module):
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Embedding, layers and lm_head, after ``attn.init_forward_metadata(batch)``."""
         x = self.embed_tokens(batch.input_ids)
-        rope = self.layers[0].self_attn.rotary.tables(batch.positions, x.dtype)
+        rope = rope_tables(self.layers[0].self_attn.rotary, batch, x.dtype)
         for layer in self.layers:
             x = layer(x, batch, attn, rope)
         x = self.norm(x[batch.logits_rows])

@@ -136,11 +136,7 @@ def load_model(
         model = model_cls(config, max_positions, tp)
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
-    from plait.models.llama import RotaryEmbedding, head_dim_of
-
-    rotary = RotaryEmbedding(config, head_dim_of(config), max_positions).to(device)
-    for layer in model.layers:
-        layer.self_attn.rotary = rotary
+    model.reset_rotary(device)
     if quant.method == "gguf":
         from plait.quant.gguf import load_gguf_weights
 
@@ -210,24 +206,54 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                target = _map_name(name, model)
-                if target is None:
-                    continue
-                part = f.get_slice(name)
-                if target.dim is None:
-                    tensor = part[:]
-                elif target.dim == 0:
-                    tensor = part[target.start : target.stop]
-                else:
-                    tensor = part[:, target.start : target.stop]
-                param = params[target.param]
-                with torch.no_grad():
-                    param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
-                loaded.add(target.param)
+                targets = _fused_in_checkpoint(name, model, config)
+                if targets is None:
+                    one = _map_name(name, model)
+                    targets = [] if one is None else [one]
+                for target in targets:
+                    part = f.get_slice(name)
+                    if target.dim is None:
+                        tensor = part[:]
+                    elif target.dim == 0:
+                        tensor = part[target.start : target.stop]
+                    else:
+                        tensor = part[:, target.start : target.stop]
+                    param = params[target.param]
+                    with torch.no_grad():
+                        param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
+                    loaded.add(target.param)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(params) - loaded - tied
     if missing:
         raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights: {sorted(missing)[:5]}")
+
+
+def _fused_in_checkpoint(name: str, model: LlamaForCausalLM, config: Any) -> list[_Target] | None:
+    """Targets of a projection the checkpoint itself stores fused (Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``, rows ``[q | k | v]`` and ``[gate | up]``): this rank's rows of each
+    piece, placed one after the other as Plait's fused layer holds them. None for any other
+    tensor."""
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    fused = ".self_attn.qkv_proj." in name or ".mlp.gate_up_proj." in name
+    if not name.startswith("layers.") or not fused:
+        return None
+    layer = model.layers[int(name.split(".")[1])]
+    ranges = _shard_ranges(layer)
+    if ".self_attn." in name:
+        d = layer.self_attn.head_dim
+        full = (config.num_attention_heads * d, config.num_key_value_heads * d)
+        kinds = ("q_heads", "kv_heads", "kv_heads")
+        bases = (0, full[0], full[0] + full[1])
+    else:
+        kinds = ("inter", "inter")
+        bases = (0, config.intermediate_size)
+    targets, offset = [], 0
+    for kind, base in zip(kinds, bases):
+        start, stop = ranges[kind]
+        targets.append(_Target(name, offset, 0, base + start, base + stop))
+        offset += stop - start
+    return targets
 
 
 def _map_name(name: str, model: LlamaForCausalLM) -> _Target | None:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 
-from plait.models.llama import RotaryEmbedding
 from plait.models.moe_models import MoeForCausalLM, check_moe_config
 
 if TYPE_CHECKING:
@@ -57,9 +56,7 @@ def load_moe(
     with torch.device("meta"):
         model = model_cls(config, spec.context_len, spec.tp, op)
     model = model.to_empty(device=device)
-    rotary = RotaryEmbedding(config, model.layers[0].self_attn.head_dim, spec.context_len)
-    for layer in model.layers:
-        layer.self_attn.rotary = rotary.to(device)
+    model.reset_rotary(device)
     load_moe_weights(model, spec.model_dir)
     model = model.to(spec.dtype).eval()
     if quant.method in ("int8", "int4"):

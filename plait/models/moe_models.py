@@ -22,11 +22,10 @@ from typing import Any
 
 from torch import nn
 
-from plait.core.model_runner import head_dim_of
 from plait.core.tp.group import TPGroup
-from plait.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+from plait.models.llama import DecoderLayer, LlamaForCausalLM, RotaryEmbedding
 from plait.models.moe import FusedExperts, sparse_block_from_config
-from plait.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
+from plait.models.qwen3 import QKNormAttention
 from plait.models.sliding_window import layer_windows
 
 #: architecture -> the Llama-family model type whose sliding-window rule it follows
@@ -92,9 +91,16 @@ class MoeDecoderLayer(DecoderLayer):
             )
 
 
+class Qwen3MoeDecoderLayer(MoeDecoderLayer):
+    """Qwen3's q/k-norm attention (:class:`~plait.models.qwen3.QKNormAttention`)."""
+
+    attention_cls = QKNormAttention
+
+
 class MoeForCausalLM(LlamaForCausalLM):
-    """A Llama model with :class:`MoeDecoderLayer` layers; ``forward`` and ``layers_forward``
-    are Llama's. ``op``: the fused-experts op every sparse layer runs (None: torch's)."""
+    """A Llama model with :class:`MoeDecoderLayer` layers (Qwen3-MoE's with q/k norms);
+    ``forward`` and ``layers_forward`` are Llama's. ``op``: the fused-experts op every sparse
+    layer runs (None: torch's)."""
 
     def __init__(
         self,
@@ -103,27 +109,21 @@ class MoeForCausalLM(LlamaForCausalLM):
         tp: TPGroup = TPGroup(),
         op: FusedExperts | None = None,
     ):
-        nn.Module.__init__(self)
         if tp.size != 1:
             raise ValueError(
                 f"tensor parallelism (tp_size={tp.size}) is not supported for "
                 f"{config.architectures[0]}: its experts are not sharded"
             )
-        self.config = config
-        self.tp = tp
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions)
-        self.layers = nn.ModuleList(
-            self.make_layer(config, i, rotary, tp, op) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, tp)
+        # read by layer_cls during Llama's __init__, before nn.Module's own state exists
+        object.__setattr__(self, "_op", op)
+        super().__init__(config, max_positions, tp)
         self.sliding_windows = moe_layer_windows(config, max_positions)
-        if getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.embed_tokens.weight
-        self.decode_forward: Any = None
-        self.extend_forward: Any = None
+
+    def layer_cls(  # type: ignore[override]
+        self, config: Any, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup
+    ) -> nn.Module:
+        """Llama's ``__init__`` builds each layer through this (in place of its class)."""
+        return self.make_layer(config, layer_id, rotary, tp, self._op)
 
     def make_layer(
         self,
@@ -133,7 +133,9 @@ class MoeForCausalLM(LlamaForCausalLM):
         tp: TPGroup,
         op: FusedExperts | None,
     ) -> nn.Module:
-        """Layer ``layer_id``; a subclass changes the attention (Qwen3-MoE's q/k norms)."""
+        """Layer ``layer_id``: Qwen3-MoE's attention normalises q and k per head."""
+        if config.model_type == "qwen3_moe":
+            return Qwen3MoeDecoderLayer(config, layer_id, rotary, tp, op)
         return MoeDecoderLayer(config, layer_id, rotary, tp, op)
 
     def sparse_blocks(self) -> list[tuple[int, nn.Module]]:

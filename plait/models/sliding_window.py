@@ -7,8 +7,11 @@ in absolute positions, so a prefix-cache hit or a chunked prefill changes nothin
 tokens that fell out of the window stays in the pool and is merely not read.
 
 Per architecture, as transformers builds its layers:
-- Mistral: every layer uses ``config.sliding_window`` (None: full attention).
-- Qwen2: layer ``i`` uses ``config.sliding_window`` when ``config.layer_types[i]`` is
+- Mistral and Phi-3: every layer uses ``config.sliding_window`` (None: full attention).
+- Gemma 2 and Gemma 3: layer ``i`` uses ``config.sliding_window`` when
+  ``config.layer_types[i]`` is ``"sliding_attention"`` (alternating, for Gemma 3 from its
+  ``sliding_window_pattern``).
+- Qwen2 (and Qwen3): layer ``i`` uses ``config.sliding_window`` when ``config.layer_types[i]`` is
   ``"sliding_attention"``, which transformers derives from ``use_sliding_window`` and
   ``max_window_layers`` (layers ``i >= max_window_layers``); never without
   ``use_sliding_window``.
@@ -29,10 +32,13 @@ def layer_windows(config: Any, context_len: int) -> tuple[int | None, ...]:
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     model_type = getattr(config, "model_type", "")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         windows = [window] * n
-    elif model_type == "qwen2":
+    elif model_type in ("qwen2", "qwen3"):
         windows = _qwen2_windows(config, window, n)
+    elif model_type in ("gemma2", "gemma3_text"):
+        types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        windows = [window if t == "sliding_attention" else None for t in types]
     else:
         windows = [None] * n
     if any(w is not None and int(w) < 1 for w in windows):

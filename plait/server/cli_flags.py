@@ -117,16 +117,51 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds a regex/JSON-schema/EBNF may take to compile (default 10)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how the model writes tool calls: hermes, qwen25, llama3, mistral, pythonic "
+        "(default: detected from the chat template; hermes for a template without tools)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split the model's reasoning into reasoning_content: qwen3, deepseek-r1, ... "
+        "(SGLang's names; default: none, reasoning stays in the content)",
+    )
+    p.add_argument(
         "--max-request-body-bytes",
         type=int,
         default=d.max_request_body_bytes,
         help="larger request bodies are refused with 413",
     )
+    limits = p.add_argument_group("connection limits (slow or silent clients are cut)")
+    for flag, kind, what in (
+        ("--header-read-timeout", float, "seconds for the request head, else 408"),
+        ("--body-read-timeout", float, "seconds for the whole body after the head, else 408"),
+        ("--keep-alive-timeout", float, "seconds an idle kept-alive connection stays open"),
+        (
+            "--stream-stall-timeout",
+            float,
+            "seconds a response may wait on a client that "
+            "stopped reading before the connection is cut (its requests aborted)",
+        ),
+        ("--max-header-bytes", int, "a larger request head is refused with 431"),
+        ("--max-header-count", int, "more header fields are refused with 431"),
+    ):
+        name = flag[2:].replace("-", "_")
+        limits.add_argument(flag, type=kind, default=getattr(d, name), help=what)
     p.add_argument(
         "--max-queued-requests",
         type=int,
         default=d.max_queued_requests,
         help="sequences allowed to wait beyond --max-running-requests; more get 429",
+    )
+    p.add_argument(
+        "--max-queue-time",
+        type=float,
+        default=d.max_queue_time,
+        help="seconds a new request may be predicted to wait in the queue (queued sequences "
+        "over the measured finish rate); beyond it: 503 with Retry-After (0: off)",
     )
     p.add_argument(
         "--request-timeout",

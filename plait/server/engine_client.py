@@ -5,8 +5,9 @@ A request's stream ends in exactly one of: a finished output, an error (raised a
 ``APIError``), or the consumer going away -- in which case the request is aborted so its KV
 slots are freed (a client that disconnects must not keep a batch slot busy).
 
-Admission (``admit``): sequences beyond ``max_running_requests + max_queued_requests`` get 429,
-and none at all once draining (503). Failure: if the scheduler process dies, every waiting
+Admission (``admit``, :mod:`plait.server.admission`): sequences beyond ``max_running_requests +
+max_queued_requests`` get 429, a request predicted to wait longer than ``max_queue_time`` in
+the queue gets 503, and none at all once draining (503). Failure: if the scheduler process dies, every waiting
 request gets 503 and ``on_fatal`` (set by the launcher) stops the server with a non-zero exit.
 The IPC directory is named ``plait-ipc-<pid>-*`` so a later start can remove the ones whose
 owner was killed (kill -9 runs no code; the scheduler process also removes it when orphaned).
@@ -38,6 +39,7 @@ from plait.core.messages import (
     RequestLimits,
     ShutdownReq,
 )
+from plait.server.admission import AdmissionControl
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
@@ -61,7 +63,12 @@ class EngineClient:
         self._req_ids = itertools.count()
         remove_stale_ipc_dirs()
         self._ipc_dir = tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
-        self._admitted = 0  # sequences of admitted HTTP requests not yet finished
+        #: sequences of admitted HTTP requests not yet finished, and the queue-time bound
+        self.admission = AdmissionControl(
+            running_slots=args.max_running_requests,
+            max_queued=args.max_queued_requests,
+            max_queue_time=args.max_queue_time or None,
+        )
         self.draining = False
         self.on_fatal: Callable[[], None] | None = None
         self._ctx = zmq.asyncio.Context()
@@ -179,33 +186,33 @@ class EngineClient:
         exceeds the limit: the core refused it (``limits.max_sequences``, a 400) before."""
         if self.draining:
             raise APIError("the server is shutting down", status=503)
-        limit = self._admission_limit
-        if self._admitted + count > limit:
+        refusal = self.admission.refusal(count)
+        if refusal is not None:
+            self.metrics.refused.labels(str(refusal.status)).inc()
             raise APIError(
-                f"too many requests in flight ({self._admitted} sequences; the "
-                f"limit is {limit}); retry later",
-                status=429,
-                headers={"Retry-After": "1"},
+                refusal.message,
+                status=refusal.status,
+                headers={"Retry-After": str(refusal.retry_after)},
             )
-        self._admitted += count
+        self.admission.enter(count)
         try:
             yield
         finally:
-            self._admitted -= count
+            self.admission.leave(count)
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting; let running requests finish for up to ``timeout`` seconds, then end
         the rest with a 503 error (streams: an error event, then [DONE])."""
         self.draining = True
         deadline = time.monotonic() + timeout
-        while self._admitted and time.monotonic() < deadline:
+        while self.admission.admitted and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._queues:
             logger.warning("shutdown timeout: ending %d running request(s)", len(self._queues))
         for q in list(self._queues.values()):
             q.put_nowait(("error", 503, "the server is shutting down"))
         flush_deadline = time.monotonic() + 5  # let those errors reach their clients
-        while self._admitted and time.monotonic() < flush_deadline:
+        while self.admission.admitted and time.monotonic() < flush_deadline:
             await asyncio.sleep(0.05)
 
     # ------------------------------------------------------------------ messages
@@ -269,7 +276,7 @@ class EngineClient:
 
     @property
     def _admission_limit(self) -> int:
-        return self.args.max_running_requests + self.args.max_queued_requests
+        return self.admission.limit
 
     @property
     def limits(self) -> RequestLimits:

@@ -22,6 +22,11 @@ import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
 import plait.server.openai_chat as openai_chat
 from plait.core.messages import GenerateReq
+from plait.server.connection_guard import (
+    ConnectionLimits,
+    HeaderCountMiddleware,
+    guarded_protocol,
+)
 from plait.server.engine_client import EngineClient
 from plait.server.middleware import APIKeyMiddleware, BodyGuardMiddleware, JSONBodyMiddleware
 from plait.server.protocol import AbortRequest, APIError, error_body
@@ -86,6 +91,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     app.add_middleware(BodyGuardMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+    app.add_middleware(HeaderCountMiddleware, max_count=args.max_header_count)
     app.include_router(generate_api.router)
     app.include_router(openai_api.router)
     app.include_router(openai_chat.router)
@@ -247,6 +253,16 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def connection_limits(args: ServerArgs) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout=args.header_read_timeout,
+        body_timeout=args.body_read_timeout,
+        stall_timeout=args.stream_stall_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_header_count=args.max_header_count,
+    )
+
+
 def run_server(args: ServerArgs) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful shutdown (running requests drained),
     1 if the scheduler process died or the server never started."""
@@ -266,7 +282,9 @@ def run_server(args: ServerArgs) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=10,
-        timeout_keep_alive=5,
+        timeout_keep_alive=args.keep_alive_timeout,
+        http=guarded_protocol(connection_limits(args)),
+        h11_max_incomplete_event_size=args.max_header_bytes + 1024,
     )
     server = _DrainingServer(config, app, args.shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns

@@ -96,6 +96,12 @@ class ServerMetrics:
             registry=r,
         )
         self.forward_passes = Counter("plait_forward_passes", "Forward passes (steps)", registry=r)
+        self.refused = Counter(
+            "plait_requests_refused",
+            "Requests refused at admission: 429 (count limit) or 503 (queue-time bound)",
+            ["status"],
+            registry=r,
+        )
 
     # Called by EngineClient for every output message (finished or not).
     def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:

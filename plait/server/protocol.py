@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from plait.core.messages import Bootstrap
+from plait.server.tools.protocol import ToolChoice, ToolDef
 from plait.server.request_fields import (
     UnsupportedChat,
     UnsupportedCompletion,
@@ -124,9 +125,7 @@ class GatewayFields(BaseModel):
     the other fields Plait does not support (request_fields): ``return_hidden_states``,
     ``return_bytes``, ``return_entropy``, ``background``. Accepted and ignored because they
     have no effect on output: ``log_metrics`` and ``no_logs`` (Plait always counts metrics
-    and logs no request bodies), ``model`` on ``/generate`` (a worker serves one model), and on chat
-    ``separate_reasoning``/``stream_reasoning`` (they act only with a reasoning parser, which
-    Plait does not have, exactly as in SGLang when none is configured).
+    and logs no request bodies), and ``model`` on ``/generate`` (a worker serves one model).
     """
 
     data_parallel_rank: int | None = Field(default=None, ge=0, le=0)
@@ -261,6 +260,11 @@ class ChatCompletionRequest(_SamplingFields, UnsupportedChat):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     continue_final_message: bool = False
-    separate_reasoning: bool = True  # see GatewayFields
+    # With --reasoning-parser: the reasoning as reasoning_content (else left in content), and
+    # streamed as it is written (else in one piece once it ends). plait.server.reasoning
+    separate_reasoning: bool = True
     stream_reasoning: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None  # plait.server.tools
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True

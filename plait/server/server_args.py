@@ -4,6 +4,7 @@ it maps to. Engine options are the SGLang names users already know."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,22 @@ class ServerArgs:
     log_level: str = "info"
     startup_timeout: float = 600.0
     grammar_compile_timeout: float | None = None  # engine default (10 s)
+    tool_call_parser: str | None = None  # None: detected from the chat template
+    reasoning_parser: str | None = None  # None: reasoning stays in the content
     # Reliability limits (docs/reliability.md): one client can neither exhaust the server nor
     # keep it from shutting down.
     max_request_body_bytes: int = 4 * 2**20  # larger bodies get 413 before parsing
     max_queued_requests: int = 256  # beyond running + this: 429 + Retry-After
+    max_queue_time: float = 20.0  # predicted queue wait above this: 503 (0: off)
     request_timeout: float | None = None  # seconds per request, then abort (KV freed)
     shutdown_timeout: float = 30.0  # SIGTERM: wait this long for running requests
+    # Connection limits (plait.server.connection_guard): slow or silent clients are cut.
+    header_read_timeout: float = 10.0  # the request head must arrive within this, else 408
+    body_read_timeout: float = 30.0  # the whole body within this after the head, else 408
+    keep_alive_timeout: float = 5.0  # an idle kept-alive connection is closed after this
+    stream_stall_timeout: float = 30.0  # a response blocked on a non-reading client: cut
+    max_header_bytes: int = 32 * 1024  # a larger request head gets 431
+    max_header_count: int = 100  # more header fields get 431
     # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
     dp: int = 1
     router_policy: str = "cache_aware"
@@ -123,6 +134,7 @@ class ServerArgs:
         modes, and the ``--device`` backend's limits when it is named (not ``auto``)."""
         if self.dp < 1:
             raise ValueError(f"--dp must be at least 1, got {self.dp}")
+        self._check_limits()
         pd = f"--pd {self.pd}" if self.pd is not None else None
         if pd and (self.dp > 1 or self.disaggregation_mode != "null"):
             raise ValueError(
@@ -153,6 +165,37 @@ class ServerArgs:
                 "port; use --pd XPYD"
             )
         self._check_device()
+        self._check_parsers()
+
+    def _check_parsers(self) -> None:
+        from plait.server.reasoning import REASONING_PARSERS
+        from plait.server.tools.parsers import PARSERS
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"--tool-call-parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"--reasoning-parser must be one of {REASONING_PARSERS}, "
+                f"got {self.reasoning_parser!r}"
+            )
+
+    def _check_limits(self) -> None:
+        positive = (
+            "header_read_timeout",
+            "body_read_timeout",
+            "keep_alive_timeout",
+            "stream_stall_timeout",
+            "max_header_bytes",
+            "max_header_count",
+        )
+        for name in (*positive, "max_queue_time"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
+                sign = "positive" if name in positive else "at least 0 (0: off)"
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be {sign}, got {value}")
 
     def _check_device(self) -> None:
         from plait.backends.registry import backend_classes

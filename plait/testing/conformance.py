@@ -112,6 +112,22 @@ class BackendConformance:
                 raise
             pytest.skip(str(e))
 
+    def test_softcap_and_layer_scale_match_reference(self, backend, page_size, dtype):
+        """Gemma's attention: one layer with its own softmax scale and a logit cap tight
+        enough to bend the scores (with a window too); skipped where the backend refuses
+        them (the engine then refuses such models)."""
+        extend = AttentionCase((45, 0, 20), (7, 37, 16), 6, 2, 64, page_size, seed=13)
+        decode = AttentionCase((60, 3, 16), (1, 1, 1), 6, 2, 64, page_size, seed=14)
+        try:
+            for window in (None, 16):
+                kw = {"window": window, "scale": 0.3, "softcap": 2.0}
+                kit.check_extend(backend, extend, dtype, self.tolerances, **kw)
+                kit.check_decode(backend, decode, dtype, self.tolerances, **kw)
+        except ValueError as e:
+            if "is not supported by" not in str(e):
+                raise
+            pytest.skip(str(e))
+
     def test_quantized_linear_matches_dequantized(self, backend, quant_case, quant_dtype):
         kit.check_quantized_linear(backend, quant_case, quant_dtype)
 

@@ -134,13 +134,25 @@ def _forward_new_tokens(attn: AttentionBackend, p: _Prepared, dtype: torch.dtype
 
 
 def _attention(
-    backend: Backend, p: _Prepared, case: AttentionCase, window: int | None
+    backend: Backend,
+    p: _Prepared,
+    case: AttentionCase,
+    window: int | None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> AttentionBackend:
+    """The backend's attention with ``window``, ``scale`` and ``softcap`` on the checked layer
+    only: a backend must look each up by layer id (ValueError where it refuses one)."""
     attn = backend.create_attention_backend(
         p.pool, case.num_heads, case.num_kv_heads, case.head_dim
     )
-    if window is not None:  # only the checked layer: a backend must look the window up by id
-        attn.set_sliding_windows(tuple(window if i == LAYER else None for i in range(NUM_LAYERS)))
+    only = range(NUM_LAYERS)
+    if window is not None:
+        attn.set_sliding_windows(tuple(window if i == LAYER else None for i in only))
+    if scale is not None:
+        attn.set_layer_scales(tuple(scale if i == LAYER else attn.scale for i in only))
+    if softcap is not None:
+        attn.set_logit_softcaps(tuple(softcap if i == LAYER else None for i in only))
     attn.init_forward_metadata(p.batch)
     return attn
 
@@ -151,12 +163,15 @@ def check_extend(
     dtype: torch.dtype,
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> None:
     """``(atol, rtol)`` per dtype come from ``tolerances`` (default :data:`TOLERANCES`).
     ``window``: the checked layer attends through that sliding window (``set_sliding_windows``
-    raises ValueError where the backend refuses it)."""
+    raises ValueError where the backend refuses it); ``scale``, ``softcap``: its own softmax
+    scale and attention-logit cap, likewise."""
     p = prepare(backend, case, dtype, decode=False)
-    attn = _attention(backend, p, case, window)
+    attn = _attention(backend, p, case, window, scale, softcap)
     out = _forward_new_tokens(attn, p, dtype)
     ref = extend_attention_ref(
         p.q_ref,
@@ -166,8 +181,9 @@ def check_extend(
         p.batch.req_pool_indices.tolist(),
         list(case.prefix_lens),
         list(case.extend_lens),
-        attn.scale,
+        attn.scale_of(LAYER),
         window,
+        softcap,
     )
     _assert_close(out, ref, dtype, tolerances, f"extend {case.id} window={window}")
 
@@ -178,10 +194,12 @@ def check_decode(
     dtype: torch.dtype,
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> None:
     """As :func:`check_extend`, for one query per request."""
     p = prepare(backend, case, dtype, decode=True)
-    attn = _attention(backend, p, case, window)
+    attn = _attention(backend, p, case, window, scale, softcap)
     out = _forward_new_tokens(attn, p, dtype)
     ref = decode_attention_ref(
         p.q_ref,
@@ -190,8 +208,9 @@ def check_decode(
         p.req_to_token,
         p.batch.req_pool_indices.cpu(),
         torch.tensor(case.seq_lens),
-        attn.scale,
+        attn.scale_of(LAYER),
         window,
+        softcap,
     )
     _assert_close(out, ref, dtype, tolerances, f"decode {case.id} window={window}")
 

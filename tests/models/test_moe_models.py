@@ -38,6 +38,14 @@ MOE_CONFIGS = {
         decoder_sparse_step=2,
         norm_topk_prob=False,
     ),
+    # every layer sparse, renormalised top-k, Qwen3's q/k RMSNorm attention
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -83,7 +91,7 @@ def test_moe_greedy_matches_transformers(moe_case, engine_args):
         model = engine.scheduler.runner.model
         assert isinstance(model, MoeForCausalLM)
         sparse = [i for i in range(2) if is_sparse_layer(model.config, i)]
-        assert sparse == ([0, 1] if arch == "mixtral" else [1])
+        assert sparse == ([1] if arch == "qwen2_moe" else [0, 1])
         assert all(isinstance(model.layers[i].mlp, SparseMoeBlock) for i in sparse)
         assert generate_twice(engine) == want
 

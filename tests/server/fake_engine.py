@@ -1,7 +1,8 @@
 """A stand-in for ``plait.Engine`` with the same serving API, for fast server tests.
 
 It "generates" by echoing the prompt's tokens (output token i = prompt token i mod len), one
-token every ``FAKE_ENGINE_TOKEN_DELAY`` seconds, with fixed logprobs, and keeps honest KV
+token every ``FAKE_ENGINE_TOKEN_DELAY`` seconds (a request whose rid starts with ``echo-once``
+stops after one echo, with finish reason ``stop``), with fixed logprobs, and keeps honest KV
 accounting (a request holds prompt + output slots until it finishes or is aborted), so the
 HTTP layer can be tested end to end -- processes, ZMQ, streaming, aborts -- in seconds.
 
@@ -123,6 +124,9 @@ class FakeEngine:
                 elif rid.startswith("engine-error") and len(out) == 2:
                     # what the scheduler reports for a row whose sampling failed
                     finish = {"type": "error", "message": "invalid distribution"}
+                elif rid.startswith("echo-once") and len(out) == len(ids):
+                    # the whole prompt echoed once, ending as a model's own stop would
+                    finish = {"type": "stop", "matched": self.tokenizer.token_to_id("<|im_end|>")}
                 elif len(out) >= max_new_tokens:
                     finish = {"type": "length", "length": len(out)}
                 yield self._chunk(ids, out, want_lp, start, top, rid, finish)

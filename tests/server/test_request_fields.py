@@ -58,12 +58,12 @@ def test_values_that_ask_for_nothing():
     assert asks_for_nothing("return_routed_experts", False)
     assert asks_for_nothing("return_routed_experts", None)
     assert asks_for_nothing("image_data", []) and asks_for_nothing("lora_path", None)
-    assert asks_for_nothing("tool_choice", "none") and asks_for_nothing("beam_width", 1)
+    assert asks_for_nothing("function_call", "none") and asks_for_nothing("beam_width", 1)
     assert not asks_for_nothing("return_routed_experts", True)
     assert not asks_for_nothing("return_routed_experts", 0)  # 0 is not false
     assert not asks_for_nothing("beam_width", True)  # nor true 1
     assert not asks_for_nothing("lora_path", "adapter")
-    assert not asks_for_nothing("tool_choice", "required")
+    assert not asks_for_nothing("function_call", {"name": "f"})
     assert all(isinstance(v, tuple) for v in UNSUPPORTED.values())
 
 
@@ -89,8 +89,8 @@ CASES = [
     (CMPL, None, "suffix", "", " end"),
     (CMPL, None, "stop_regex", None, "x+"),
     (CHAT, None, "return_routed_experts", False, True),
-    (CHAT, None, "tools", [], [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    (CHAT, None, "tool_choice", "auto", "required"),
+    (CHAT, None, "functions", [], [{"name": "f", "parameters": {}}]),  # tools' old name
+    (CHAT, None, "function_call", "auto", {"name": "f"}),
     (CHAT, None, "store", False, True),
     (CHAT, "stream_options", "include_obfuscation", False, True),
 ]

@@ -25,10 +25,13 @@ def extend_attention_ref(
     extend_lens: list[int],
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, Hq, D] (requests concatenated); buffers: [S, Hkv, D]. Request b's new tokens sit at
     positions prefix_lens[b].. and see every key at or before their own position; with a sliding
-    ``window`` W only the last W of those (``key > position - W``).
+    ``window`` W only the last W of those (``key > position - W``). ``softcap`` c: scores pass
+    ``c * tanh(s / c)`` before the mask (Gemma 2), which SDPA cannot do: such layers take
+    :func:`softcapped_attention`.
 
     The tensors passed to SDPA are 4-D ([1, H, L, D]): for 3-D ones torch takes its math path
     (scores materialized, masks through where/isneginf), 2-5x slower than the fused CPU flash
@@ -44,7 +47,10 @@ def extend_attention_ref(
         # index_select gathers whole [Hkv, D] rows 2-4x faster than advanced indexing
         ki = k_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
         vi = v_buffer.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-        if prefix == 0 and (window is None or window >= ext):
+        if softcap is not None:
+            mask = visible_keys(prefix, ext, first, window).to(q.device)
+            o = softcapped_attention(qi, ki, vi, mask, scale, softcap)
+        elif prefix == 0 and (window is None or window >= ext):
             o = F.scaled_dot_product_attention(
                 qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True
             )
@@ -56,6 +62,25 @@ def extend_attention_ref(
         out[start : start + ext] = o[0].transpose(0, 1)
         start += ext
     return out
+
+
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with capped logits, in transformers' order (scale, ``/c``, tanh, ``*c``, then
+    the mask). q: [1, Hq, L, D]; k/v: [1, Hkv, S, D]; mask [L, S] (or broadcastable) bool."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
 def visible_keys(prefix: int, ext: int, first: int, window: int | None) -> torch.Tensor:
@@ -97,9 +122,11 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [B, Hq, D], one query per request over its first seq_lens[b] slots (with a sliding
-    ``window`` W, the last W of them).
+    ``window`` W, the last W of them; with ``softcap``, logits capped as in
+    :func:`softcapped_attention`).
 
     Batched by padding to the longest sequence: padded keys point at slot 0 and are masked.
     One SDPA call per layer beats a Python loop over requests at every batch size we serve.
@@ -107,11 +134,26 @@ def decode_attention_ref(
     slots, lens = window_slots(
         req_to_token, req_pool_indices, seq_lens, seq_lens.tolist(), window
     )  # [B, L], [B]
+    return decode_over_slots(q, k_buffer, v_buffer, slots, lens, scale, softcap)
+
+
+def decode_over_slots(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q: [B, Hq, D] over row b's first ``lens[b]`` entries of ``slots`` [B, L]."""
     valid = torch.arange(slots.shape[1], device=q.device).unsqueeze(0) < lens.unsqueeze(1)
     slots = slots.masked_fill(~valid, 0)
     k = k_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)  # [B, Hkv, L, D]
     v = v_buffer[slots].permute(0, 2, 1, 3).to(q.dtype)
     mask = valid[:, None, None, :]  # [B, 1, 1, L]
+    if softcap is not None:
+        return softcapped_attention(q.unsqueeze(2), k, v, mask, scale, softcap).squeeze(2)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
     )
@@ -138,6 +180,8 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     supports_sliding_window = True
+    supports_logit_softcap = True
+    supports_layer_scales = True
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         self._req_rows = batch.req_pool_indices.tolist()
@@ -175,8 +219,9 @@ class TorchAttentionBackend(AttentionBackend):
             self._req_rows,
             batch.prefix_lens_cpu,
             batch.extend_lens_cpu,
-            self.scale,
+            self.scale_of(layer_id),
             self.window(layer_id),
+            self.softcap_of(layer_id),
         )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
@@ -188,7 +233,10 @@ class TorchAttentionBackend(AttentionBackend):
         k, v = k.to(q.dtype), v.to(q.dtype)
         # k, v: [B, L, Hkv, D]
         qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale  # [B, Hkv, G, L]
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * self.scale_of(layer_id)
+        cap = self.softcap_of(layer_id)
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap  # [B, Hkv, G, L]
         if keys.bias is not None:
             scores = scores + keys.bias
         probs = torch.softmax(scores, dim=-1).to(v.dtype)  # a float32 bias promotes fp16 scores

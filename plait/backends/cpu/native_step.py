@@ -99,6 +99,8 @@ def build_native_decode(
         return refuse(f"KV dtype {attn.kv_pool.dtype}")
     if len(set(attn.sliding_windows)) > 1:  # one slot table serves every layer of the step
         return refuse("layers differ in their sliding window")
+    if model.layers[0].self_attn.rotary.threshold is not None:  # the step reads fixed tables
+        return refuse("RoPE frequencies depend on the sequence length (dynamic/longrope)")
     try:
         ext = extension()
     except Exception as e:  # a missing compiler surfaces as several error types

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from plait.backends.cpu import cpp_build
-from plait.backends.cpu.attention import TorchAttentionBackend, window_slots
+from plait.backends.cpu.attention import TorchAttentionBackend, decode_over_slots, window_slots
 from plait.backends.cpu.shared_prefix import (
     extend_attention_shared,
     plan_shared_extend,
@@ -64,7 +64,8 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
 
     Sliding windows: a windowed layer's decode hands the kernel each request's last W slots
     (``window_slots``); its extend goes through the reference with the window (the shared
-    prefix cascade reads whole prefixes, so it serves full-attention layers only)."""
+    prefix cascade reads whole prefixes, so it serves full-attention layers only). A layer with
+    a logit softcap (Gemma 2) attends through the torch reference in both phases."""
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if not batch.is_decode:
@@ -107,16 +108,26 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         return slots, lens.long()
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if self._shared_plan is None or self.window(layer_id) is not None:
+        if (
+            self._shared_plan is None
+            or self.window(layer_id) is not None
+            or self.softcap_of(layer_id) is not None
+        ):
             return super().forward_extend(q, layer_id, batch)
         pool = self.kv_pool
         return extend_attention_shared(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], self._shared_plan, self.scale
+            q,
+            pool.k_buffers[layer_id],
+            pool.v_buffers[layer_id],
+            self._shared_plan,
+            self.scale_of(layer_id),
         )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
         pool = self.kv_pool
         slots, lens = self.decode_metadata(layer_id)
-        return paged_decode_attention(
-            q, pool.k_buffers[layer_id], pool.v_buffers[layer_id], slots, lens, self.scale
-        )
+        k, v, scale = pool.k_buffers[layer_id], pool.v_buffers[layer_id], self.scale_of(layer_id)
+        cap = self.softcap_of(layer_id)
+        if cap is not None:  # the C++ kernel has no logit cap: the torch reference does it
+            return decode_over_slots(q, k, v, slots, lens, scale, cap)
+        return paged_decode_attention(q, k, v, slots, lens, scale)

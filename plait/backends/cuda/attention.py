@@ -19,7 +19,8 @@ class TritonAttentionBackend(AttentionBackend):
     Works on any tensors Triton can address: CUDA/HIP memory, or CPU memory under the Triton
     interpreter (``TRITON_INTERPRET=1``), which is how CI checks these kernels.
 
-    Sliding windows: both kernels take the layer's window (``sliding_windows``).
+    Sliding windows, per-layer softmax scales and attention-logit caps (Gemma): both kernels
+    take the layer's (``sliding_windows``, ``layer_scales``, ``logit_softcaps``).
 
     Decode reads nothing from the host (no ``.item()``, no host lists), so it can run inside a
     captured graph. Extend needs each request's first row in ``q``; that is built once per
@@ -27,6 +28,8 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     supports_sliding_window = True
+    supports_logit_softcap = True
+    supports_layer_scales = True
 
     def __init__(
         self,
@@ -73,9 +76,10 @@ class TritonAttentionBackend(AttentionBackend):
             batch.extend_lens,
             self._extend_start,
             max(batch.extend_lens_cpu),
-            self.scale,
+            self.scale_of(layer_id),
             self.params,
             self.window(layer_id),
+            self.softcap_of(layer_id),
         )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
@@ -90,9 +94,10 @@ class TritonAttentionBackend(AttentionBackend):
             batch.req_to_token,
             batch.req_pool_indices,
             batch.seq_lens,
-            self.scale,
+            self.scale_of(layer_id),
             self.params,
             self.window(layer_id),
+            self.softcap_of(layer_id),
         )
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from plait.backends.cuda.dot_inputs import compute_dtype, dot_precision
-from plait.backends.cuda.extend_attention import LOG2E, no_window
+from plait.backends.cuda.extend_attention import _scores, no_window, score_args
 from plait.backends.cuda.launch import LaunchParams
 
 
@@ -49,6 +49,8 @@ def _decode_stage1(
     stride_req,
     qk_scale,
     window,
+    logit_cap,
+    SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -87,7 +89,7 @@ def _decode_stage1(
         slots = tl.load(row + offs_n, mask=mask_n, other=0).to(tl.int64)
         k_ptrs = K + slots[None, :] * stride_kt + kv_h * stride_kh + offs_d[:, None]
         k = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(COMPUTE)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [H, N]
+        qk = _scores(tl.dot(q, k, input_precision=PRECISION), qk_scale, logit_cap, SOFTCAP)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -154,9 +156,11 @@ def decode_attention(
     scale: float,
     params: LaunchParams,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Writes ``o`` [B, Hq, D] for one query per request ``q`` [B, Hq, D] over its last
-    ``window`` keys (all of them when None): the splits divide the window's keys only.
+    ``window`` keys (all of them when None): the splits divide the window's keys only. With
+    ``softcap`` c the scores are capped to ``c * tanh(s / c)``.
 
     Allocates its fp32 split buffers with torch on ``q``'s device; under graph capture they come
     from the graph's private memory pool. No host synchronisation happens here.
@@ -168,6 +172,7 @@ def decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     mid_o = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    qk_scale, logit_cap, capped = score_args(scale, softcap)
     _decode_stage1[(batch, num_kv_heads, splits)](
         q,
         k_buffer,
@@ -189,8 +194,10 @@ def decode_attention(
         mid_lse.stride(0),
         mid_lse.stride(1),
         req_to_token.stride(0),
-        scale * LOG2E,
+        qk_scale,
         no_window(window),
+        logit_cap,
+        SOFTCAP=capped,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,

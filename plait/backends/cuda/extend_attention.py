@@ -38,6 +38,24 @@ def no_window(window: int | None) -> int:
     return FULL_WINDOW if window is None else window
 
 
+def score_args(scale: float, softcap: float | None) -> tuple[float, float, bool]:
+    """The kernels' ``(qk_scale, logit_cap, SOFTCAP)``: without a cap the scale is folded with
+    log2(e); with one the cap needs the plain scaled score, so :func:`_scores` folds it after."""
+    if softcap is None:
+        return scale * LOG2E, 0.0, False
+    return scale, float(softcap), True
+
+
+@triton.jit
+def _scores(qk, qk_scale, logit_cap, SOFTCAP: tl.constexpr):
+    """Base-2 scores from the raw dot products: ``qk * qk_scale``, or with a logit cap c
+    ``c * tanh(qk * scale / c) * log2(e)`` (tanh as ``2 * sigmoid(2x) - 1``)."""
+    if SOFTCAP:
+        s = qk * qk_scale / logit_cap
+        return (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (logit_cap * 1.4426950408889634)
+    return qk * qk_scale
+
+
 @triton.jit
 def _online_softmax_step(
     q,
@@ -49,12 +67,14 @@ def _online_softmax_step(
     l_i,
     acc,
     qk_scale,
+    logit_cap,
+    SOFTCAP: tl.constexpr,
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One BLOCK_N step of the online softmax; ``score_mask`` [M, N] marks visible keys."""
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(COMPUTE)  # [D, N]
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [M, N] fp32
+    qk = _scores(tl.dot(q, k, input_precision=PRECISION), qk_scale, logit_cap, SOFTCAP)
     qk = tl.where(score_mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps exp2 at 0, not NaN.
@@ -89,6 +109,8 @@ def _extend_kernel(
     stride_req,
     qk_scale,
     window,
+    logit_cap,
+    SOFTCAP: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -142,6 +164,8 @@ def _extend_kernel(
             l_i,
             acc,
             qk_scale,
+            logit_cap,
+            SOFTCAP,
             COMPUTE,
             PRECISION,
         )
@@ -166,6 +190,8 @@ def _extend_kernel(
             l_i,
             acc,
             qk_scale,
+            logit_cap,
+            SOFTCAP,
             COMPUTE,
             PRECISION,
         )
@@ -189,9 +215,11 @@ def extend_attention(
     scale: float,
     params: LaunchParams,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Writes ``o`` [T, Hq, D] for the new tokens ``q`` [T, Hq, D]; with a sliding ``window``
-    W each sees only the keys less than W positions before it.
+    W each sees only the keys less than W positions before it; with ``softcap`` c the scores
+    are capped to ``c * tanh(s / c)`` (Gemma 2).
 
     ``extend_start[b]`` is request b's first row in q; ``max_extend_len`` (a host int) sizes the
     grid. Buffers are [S, Hkv, D] pool rows addressed by slot.
@@ -202,6 +230,7 @@ def extend_attention(
     if q.element_size() == 4 and head_dim > 64:
         block_n = max(16, block_n // 2)  # fp32 K/V tiles are twice the shared memory of fp16
     grid = (batch, num_heads, triton.cdiv(max_extend_len, params.extend_block_m))
+    qk_scale, logit_cap, capped = score_args(scale, softcap)
     _extend_kernel[grid](
         q,
         k_buffer,
@@ -221,8 +250,10 @@ def extend_attention(
         o.stride(0),
         o.stride(1),
         req_to_token.stride(0),
-        scale * LOG2E,
+        qk_scale,
         no_window(window),
+        logit_cap,
+        SOFTCAP=capped,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),

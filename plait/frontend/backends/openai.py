@@ -109,7 +109,11 @@ class OpenAI(FrontendBackend):
         self._account(res)
         choice = res["choices"][0]
         text = choice["message"]["content"] if self.is_chat_model else choice["text"]
-        return text or "", _meta(res, choice)
+        meta = _meta(res, choice)
+        if self.is_chat_model and choice["message"].get("reasoning_content") is not None:
+            # a server with a reasoning parser split it off already (separate_reasoning)
+            meta["reasoning_content"] = choice["message"]["reasoning_content"]
+        return text or "", meta
 
     def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
         route, body = self._body(s, params)

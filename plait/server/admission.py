@@ -1,0 +1,121 @@
+"""Admission that bounds queue *time*, not only queue length.
+
+A fixed queue length is the wrong bound under overload: 256 queued sequences wait a few
+seconds on a fast model and minutes on a slow one, and every accepted request pays that wait
+while throughput falls (clients time out and retry). So besides the hard count limit (running
++ ``max_queued_requests``: 429) the server predicts how long a new request would wait before a
+running place frees: the sequences queued ahead of it over the measured drain rate (sequences
+finished per second over the last :data:`RATE_WINDOW` finishes of the last
+:data:`RATE_SECONDS`). A request whose predicted
+wait exceeds ``max_queue_time`` is shed at once with 503 and a ``Retry-After`` of how long
+until the queue is short enough again, so the requests that are accepted keep a latency bound
+and the engine keeps its batch full.
+
+With fewer than :data:`MIN_SAMPLES` recent finishes the rate is unknown and only the count
+limit applies (a cold or idle server never sheds on a guess).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+#: how many recent finishes the drain rate is measured over, and how old they may be: a
+#: rate measured across an idle hour would shed the next burst for nothing
+RATE_WINDOW = 64
+RATE_SECONDS = 30.0
+#: finishes needed before the rate is trusted
+MIN_SAMPLES = 8
+#: the most a Retry-After asks a client to wait, in seconds
+MAX_RETRY_AFTER = 60
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """Why a request is not admitted: HTTP status, message and ``Retry-After`` seconds."""
+
+    status: int
+    message: str
+    retry_after: int
+
+
+class AdmissionControl:
+    """Counts admitted sequences and decides whether ``count`` more may enter.
+
+    ``running_slots``: sequences the engine runs at once (``--max-running-requests``);
+    ``max_queued``: sequences that may wait beyond those; ``max_queue_time``: the longest
+    predicted wait a new request may face (None: count limit only). ``clock`` is injectable
+    for tests."""
+
+    def __init__(
+        self,
+        *,
+        running_slots: int,
+        max_queued: int,
+        max_queue_time: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.running_slots = running_slots
+        self.max_queued = max_queued
+        self.max_queue_time = max_queue_time
+        self.clock = clock
+        self.admitted = 0
+        self._finishes: deque[float] = deque(maxlen=RATE_WINDOW)
+
+    @property
+    def limit(self) -> int:
+        return self.running_slots + self.max_queued
+
+    def drain_rate(self) -> float | None:
+        """Sequences finished per second over the recent window, None until measured."""
+        now = self.clock()
+        while self._finishes and self._finishes[0] < now - RATE_SECONDS:
+            self._finishes.popleft()
+        if len(self._finishes) < MIN_SAMPLES:
+            return None
+        span = now - self._finishes[0]
+        return (len(self._finishes) - 1) / span if span > 0 else None
+
+    def predicted_wait(self, count: int) -> float:
+        """Seconds until ``count`` more sequences would all be running (0 when they fit now
+        or the rate is unknown)."""
+        ahead = self.admitted + count - self.running_slots
+        rate = self.drain_rate()
+        if ahead <= 0 or rate is None:
+            return 0.0
+        return ahead / rate
+
+    def refusal(self, count: int) -> Refusal | None:
+        """Why ``count`` more sequences may not enter now, or None when they may."""
+        if self.admitted + count > self.limit:
+            return Refusal(
+                status=429,
+                message=f"too many requests in flight ({self.admitted} sequences; the "
+                f"limit is {self.limit}); retry later",
+                retry_after=1,
+            )
+        if self.max_queue_time is None:
+            return None
+        wait = self.predicted_wait(count)
+        if wait <= self.max_queue_time:
+            return None
+        retry = min(MAX_RETRY_AFTER, max(1, math.ceil(wait - self.max_queue_time)))
+        return Refusal(
+            status=503,
+            message=f"the server is overloaded: a new request would wait about {wait:.0f} s "
+            f"in the queue (the bound is {self.max_queue_time:g} s, --max-queue-time); "
+            f"retry after {retry} s",
+            retry_after=retry,
+        )
+
+    def enter(self, count: int) -> None:
+        self.admitted += count
+
+    def leave(self, count: int) -> None:
+        """``count`` sequences finished (or failed, or were aborted): places free up."""
+        self.admitted -= count
+        now = self.clock()
+        self._finishes.extend([now] * count)
