@@ -50,6 +50,12 @@ def load_moe(
             f"quantization='gguf' is not supported for {config.architectures[0]} "
             "(its expert blocks are not read); use int8 or int4"
         )
+    if quant.method != "none" and device.type != "cpu" and spec.graph_capture:
+        raise ValueError(
+            f"quantization={quant.method!r} experts of {config.architectures[0]} run grouped "
+            "in torch, which reads the expert counts on the host and cannot be captured: "
+            "pass --disable-graph-capture"
+        )
     if quant.method != "none" and matmul is None:
         raise ValueError(f"quantization={quant.method!r} needs the backend's quantized matmul")
     op = getattr(spec, "fused_moe", None)

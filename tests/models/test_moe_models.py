@@ -5,6 +5,8 @@ different experts; tensor parallelism and GGUF blocks are refused with the reaso
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,7 +130,7 @@ def test_tensor_parallel_is_refused_naming_the_experts(make_tiny_model):
         plait.Engine(path, max_total_tokens=512, tp_size=2)
 
 
-def test_gguf_blocks_are_refused(make_tiny_model):
+def test_gguf_blocks_and_captured_quantized_experts_are_refused(make_tiny_model):
     from plait.core.backend_api import ModelSpec
     from plait.models.loader import load_config
     from plait.models.moe_loader import load_moe
@@ -146,6 +148,9 @@ def test_gguf_blocks_are_refused(make_tiny_model):
     )
     with pytest.raises(ValueError, match="quantization='gguf' is not supported for Mixtral"):
         load_moe(spec, torch.device("cpu"), torch_quantized_matmul)
+    int8 = dataclasses.replace(spec, quantization=QuantConfig(method="int8"), graph_capture=True)
+    with pytest.raises(ValueError, match="--disable-graph-capture"):
+        load_moe(int8, torch.device("cuda"), torch_quantized_matmul)
 
 
 def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers():
