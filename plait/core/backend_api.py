@@ -36,7 +36,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from plait.core.forward_batch import ExtendItem, ForwardBatch, GreedyTokens
+    from plait.core.kv_layout import KVCacheLayout
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
+    from plait.core.mla import LatentKVPool, MLAAttentionBackend
     from plait.core.request import Req
     from plait.ops.fused_moe import FusedExperts
     from plait.quant.modules import QuantizedMatmul
@@ -88,7 +90,12 @@ class ModelLoader(Protocol):
     logits (or :class:`~plait.core.forward_batch.GreedyTokens`), ``model.sliding_windows``
     holds each layer's window, and ``model.layers[0].self_attn`` has ``num_heads`` and
     ``num_kv_heads`` (this rank's). ``matmul`` runs the quantized Linear layers (None when
-    ``spec.quantization.method`` is ``"none"``)."""
+    ``spec.quantization.method`` is ``"none"``).
+
+    A loader may also declare its KV cache layout with a ``kv_layout(hf_config, tp_size,
+    tp_rank) -> KVCacheLayout`` attribute (``plait.core.kv_layout``); without one the pool
+    holds K and V per KV head. A latent layout's model has ``layers[0].self_attn.num_heads``
+    and ``.scaling`` (the softmax scale) and takes an MLA attention backend."""
 
     def __call__(
         self, spec: ModelSpec, device: torch.device, matmul: "QuantizedMatmul | None"
@@ -262,6 +269,26 @@ class Backend:
         :class:`KVPool` on :attr:`torch_device`."""
         return KVPool(
             num_slots, num_layers, num_kv_heads, head_dim, dtype, self.torch_device, page_size
+        )
+
+    def create_latent_kv_pool(
+        self, *, layout: "KVCacheLayout", num_slots: int, dtype: torch.dtype, page_size: int
+    ) -> "LatentKVPool":
+        """The paged latent buffers of a multi-head latent attention model (``layout.kind ==
+        "latent"``, ``plait.core.mla``). Default: a torch
+        :class:`~plait.core.mla.LatentKVPool` on :attr:`torch_device`."""
+        from plait.core.mla import LatentKVPool
+
+        return LatentKVPool(layout, num_slots, dtype, self.torch_device, page_size)
+
+    def create_mla_attention_backend(
+        self, kv_pool: "LatentKVPool", num_heads: int, scale: float
+    ) -> "MLAAttentionBackend":
+        """Absorbed-form attention over a latent pool (DeepSeek-V2/V3). Default: refused with
+        a ValueError naming the backend, so an MLA model never loads where it cannot run."""
+        raise ValueError(
+            f"backend {self.name!r} has no multi-head latent attention (MLA, the "
+            "DeepSeek-V2/V3 attention)"
         )
 
     def create_allocator(self, num_slots: int, page_size: int) -> "TokenSlotAllocator":

@@ -157,6 +157,12 @@ class Engine:
     def flush_cache(self) -> bool:
         return self._call(self.scheduler.flush_cache)
 
+    def concat_and_append(self, prefix: list[int], branches: list[list[int]]) -> list[int]:
+        """Cache ``prefix`` followed by each branch's tokens after it, reusing the KV the
+        branches computed (they must be cached; nothing is prefilled). Returns the joined ids;
+        a request starting with them finds them all cached. See docs/frontend.md."""
+        return self._call(lambda: self.scheduler.concat_and_append(prefix, branches))
+
     def get_server_info(self) -> dict:
         def info() -> dict:
             s = self.scheduler

@@ -24,7 +24,8 @@ from plait.core.backend_api import Backend, ModelSpec
 from plait.core.engine_config import EngineConfig
 from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
-from plait.core.model_runner import build_model_runner, head_dim_of
+from plait.core.kv_layout import largest_bytes_per_token
+from plait.core.model_runner import build_model_runner
 from plait.core.request_output import RequestFinisher
 from plait.core.scheduler import Scheduler, SchedulerConfig
 
@@ -73,22 +74,19 @@ def build_runtime(cfg: EngineConfig, call_soon: Callable[[Callable[[], Any]], No
         )
 
 
-def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype) -> int:
+def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype, loader: Any = None) -> int:
     """KV slots per rank: ``max_total_tokens``, else the KV budget (``kv_cache_bytes``) over
-    one token's K and V in every layer, rounded down to whole pages. This is the one
-    bytes-per-token rule. A rank holds its shard's KV heads: the budget is per rank, sized
-    by the largest shard, so every rank gets the same number of slots."""
+    one token's bytes in every layer, rounded down to whole pages. This is the one
+    bytes-per-token rule, and the bytes are the model's to say: the layout ``loader``
+    declares (``plait.core.kv_layout``; K and V per KV head when it declares none). A rank
+    holds its shard: the budget is per rank, sized by the largest shard, so every rank gets
+    the same number of slots."""
     from plait.core.tp.sharding import check_tp_size
 
     page_size = _page_size(cfg)
-    kv_heads = check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
-    bytes_per_token = (
-        2
-        * hf.num_hidden_layers
-        * kv_heads
-        * head_dim_of(hf)
-        * torch.tensor([], dtype=dtype).element_size()
-    )
+    if getattr(loader, "kv_layout", None) is None:  # the heads layout: refuse bad TP sizes
+        check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
+    bytes_per_token = largest_bytes_per_token(loader, hf, cfg.tp_size, dtype)
     tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // bytes_per_token
     tokens -= tokens % page_size
     if tokens < page_size * 2:
@@ -209,7 +207,7 @@ def _build_on(
     dtype = DTYPES[str(cfg.dtype)]
     if cfg.random_seed is not None:
         torch.manual_seed(cfg.random_seed)
-    tokens = size_kv_pool(hf, cfg, dtype)
+    tokens = size_kv_pool(hf, cfg, dtype, checkpoint.load_model)
     page_size = _page_size(cfg)
     req_pool = ReqToTokenPool(cfg.max_running_requests, context_len + 1, backend.torch_device)
     spec = ModelSpec(

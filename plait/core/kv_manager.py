@@ -31,6 +31,11 @@ Transitions (all in this module):
   for finish, abort and retraction alike: a retracted request's computed KV stays in the cache,
   so resuming it is mostly a cache hit.
 
+- ``concat_and_append`` (``join(mode="concate_and_append")``): branches forked from one
+  prefix, all cached, become one cached sequence, the prefix then every branch's own tokens
+  in order. The first branch's slots are the tree's already; the others' KV is copied into
+  fresh slots (no forward), which the tree then owns. Nothing is admitted or locked after.
+
 Invariant: every allocatable slot is in exactly one of the allocator's free list, the cache,
 or some admitted request's ``[cache_len, kv_len)`` (plus the in-flight slots of one step).
 With no request admitted, free plus cached is ``num_slots`` and all of the cache is
@@ -265,6 +270,50 @@ class KVManager:
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx = req.last_node = None
         req.kv_len = req.cache_len = 0
+
+    def concat_and_append(
+        self, prefix: list[int], branches: list[list[int]], buffers: list[torch.Tensor]
+    ) -> list[int]:
+        """Cache ``prefix + branches[0][p:] + branches[1][p:] + ...`` (``p = len(prefix)``),
+        reusing the branches' cached KV: each segment keeps the KV its branch computed, at
+        the positions it had there (``p`` onwards). ``buffers``: the pool's K and V buffers,
+        indexed by slot. Returns the joined token ids. ``ValueError`` when a branch does not
+        start with ``prefix`` or is no longer fully cached, or with pages over one token."""
+        if self.page_size != 1:
+            raise ValueError("concate_and_append over KV needs page_size 1")
+        p = len(prefix)
+        matches = []
+        for i, ids in enumerate(branches):
+            if ids[:p] != prefix or len(ids) <= p:
+                raise ValueError(f"branch {i} does not extend the parent's {p} tokens")
+            slots, handle = self.cache.match_prefix(ids)
+            if len(slots) < len(ids):
+                raise ValueError(
+                    f"branch {i}'s KV is no longer cached ({len(slots)} of {len(ids)} tokens)"
+                )
+            matches.append((slots, handle))
+        for _, handle in matches:  # the sources must survive the eviction alloc may do
+            self.cache.inc_lock_ref(handle)
+        try:
+            joined = list(branches[0]) + [t for ids in branches[1:] for t in ids[p:]]
+            head = matches[0][0]
+            if len(joined) == len(head):
+                return joined
+            src = torch.cat([slots[p:] for slots, _ in matches[1:]])
+            dst = self._alloc(len(src), -1)
+            if dst is None:
+                raise ValueError(
+                    f"concate_and_append: no room in the KV pool for {len(src)} tokens"
+                )
+            for buf in buffers:
+                buf[dst] = buf[src]
+            present = self.cache.insert(joined, torch.cat([head, dst]))
+            if present > len(head):  # an identical join is cached already: ours are spares
+                self.allocator.free(dst[: present - len(head)])
+            return joined
+        finally:
+            for _, handle in matches:
+                self.cache.dec_lock_ref(handle)
 
     def flush(self) -> None:
         """Drop the whole cache. Only while no request is admitted: their locks become void."""

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from plait.core.forward_batch import ExtendItem, ForwardBatch, GreedyTokens
+from plait.core.kv_layout import create_kv_pool, declared_layout, head_dim_of
 from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
+from plait.core.mla import LatentKVPool
 from plait.core.request import Req
 
 if TYPE_CHECKING:
@@ -26,7 +28,13 @@ if TYPE_CHECKING:
         StepRunner,
     )
 
-__all__ = ["ExtendItem", "ModelRunner", "build_model_runner", "default_model_runner"]
+__all__ = [
+    "ExtendItem",
+    "ModelRunner",
+    "build_model_runner",
+    "default_model_runner",
+    "head_dim_of",
+]
 
 
 class ModelRunner:
@@ -158,9 +166,13 @@ def default_model_runner(
     model = load(dataclasses.replace(spec, fused_moe=backend.fused_moe()), device, matmul)
     layers: Any = model.layers
     heads = layers[0].self_attn  # this rank's heads
-    attn = backend.create_attention_backend(
-        kv_pool, heads.num_heads, heads.num_kv_heads, head_dim_of(spec.hf_config)
-    )
+    attn: Any
+    if isinstance(kv_pool, LatentKVPool):
+        attn = backend.create_mla_attention_backend(kv_pool, heads.num_heads, heads.scaling)
+    else:
+        attn = backend.create_attention_backend(
+            kv_pool, heads.num_heads, heads.num_kv_heads, head_dim_of(spec.hf_config)
+        )
     windows: tuple[int | None, ...] = model.sliding_windows  # type: ignore[assignment]
     attn.set_sliding_windows(windows)
     # optional per-layer attention settings (Gemma's): absent means the defaults
@@ -173,28 +185,13 @@ def default_model_runner(
 def build_model_runner(
     backend: Backend, spec: ModelSpec, num_slots: int, page_size: int, req_pool: ReqToTokenPool
 ) -> tuple[StepRunner, TokenSlotAllocator]:
-    """One rank's runner over its own KV pool (its shard's KV heads, ``num_slots`` slots) and
-    the slot allocator, created in the order :class:`Backend` documents."""
-    from plait.core.tp.sharding import shard_heads
-
-    hf = spec.hf_config
-    shard = shard_heads(hf.num_attention_heads, hf.num_key_value_heads, spec.tp.size, spec.tp.rank)
-    kv_pool = backend.create_kv_pool(
-        num_slots=num_slots,
-        num_layers=hf.num_hidden_layers,
-        num_kv_heads=shard.num_kv_heads,
-        head_dim=head_dim_of(hf),
-        dtype=spec.dtype,
-        page_size=page_size,
-    )
+    """One rank's runner over its own KV pool (``num_slots`` slots in the layout the model's
+    loader declares for this rank: its shard's K/V heads, or a latent) and the slot
+    allocator, created in the order :class:`Backend` documents."""
+    layout = declared_layout(spec.load_model, spec.hf_config, spec.tp.size, spec.tp.rank)
+    kv_pool = create_kv_pool(backend, layout, num_slots, spec.dtype, page_size)
     allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
     runner = backend.create_model_runner(spec, kv_pool, req_pool)
     if runner is None:
         runner = default_model_runner(backend, spec, kv_pool, req_pool)
     return runner, allocator
-
-
-def head_dim_of(config: Any) -> int:
-    """Each attention head's width: the config's ``head_dim`` where it sets one (Mistral,
-    Qwen3), else ``hidden_size // num_attention_heads``."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

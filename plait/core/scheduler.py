@@ -153,6 +153,17 @@ class Scheduler:
         self.kv.flush()
         return True
 
+    def concat_and_append(self, prefix: list[int], branches: list[list[int]]) -> list[int]:
+        """Cache the branches' segments after ``prefix`` as one sequence, reusing their KV
+        (``KVManager.concat_and_append``); returns its token ids. Batches in flight are
+        processed first, so every slot it copies is final."""
+        if hasattr(self.runner, "ranks"):
+            raise ValueError("concate_and_append over KV is not supported with --tp yet")
+        self._drain()
+        pool = self.runner.kv_pool
+        buffers = [b for pair in zip(pool.k_buffers, pool.v_buffers) for b in pair]
+        return self.kv.concat_and_append(prefix, branches, buffers)
+
     def _end(self, req: Req, reason: FinishReason) -> None:
         """Finish ``req`` now: out of the table, its KV released, ``reason`` reported. An
         ``error`` reason is an engine failure (the server answers 5xx, never a normal

@@ -66,7 +66,11 @@ class KVLayout:
 
 
 def kv_buffers(kv_pool: Any) -> list[torch.Tensor]:
-    """Every K and V buffer of a :class:`~plait.core.backend_api.KVPool`, layer by layer."""
+    """Every K and V buffer of a :class:`~plait.core.backend_api.KVPool`, layer by layer; a
+    latent pool's latent buffers (its V buffers are views of them, sent once)."""
+    latent = getattr(kv_pool, "latent_buffers", None)
+    if latent is not None:
+        return list(latent)
     return [b for pair in zip(kv_pool.k_buffers, kv_pool.v_buffers) for b in pair]
 
 

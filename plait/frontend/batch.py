@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
@@ -18,6 +18,8 @@ from plait.frontend.definition import ProgramDefinition
 from plait.frontend.global_config import global_config
 from plait.frontend.interpreter import run_program
 from plait.frontend.tracer import trace_program
+
+RunOne = Callable[[Any, dict[str, Any], ir.GenParams], Any]  # (backend, kwargs, defaults)
 
 
 def run_program_batch(
@@ -28,24 +30,30 @@ def run_program_batch(
     num_threads: int | str = "auto",
     progress_bar: bool = False,
     generator_style: bool = False,
+    run_one: RunOne | None = None,
+    precache: Callable[[], Any] | None = None,
 ) -> Any:
     """Run the program once per kwargs dict, concurrently. Returns the states in input order:
     a list, or with ``generator_style`` an iterator that yields each state as soon as it and
-    those before it have finished (SGLang's order, so ``zip`` with the inputs holds)."""
+    those before it have finished (SGLang's order, so ``zip`` with the inputs holds).
+    ``run_one(backend, kwargs, defaults)`` runs one instance (default: the interpreter) and
+    ``precache()`` warms the shared prefix (default: the traced static prefix)."""
     backend = resolve_backend(backend)
     if num_threads == "auto":
         num_threads = max(64, 16 * (os.cpu_count() or 1))
     if not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be 'auto' or a positive integer, got {num_threads!r}")
     if len(batch) > 1 and global_config.enable_precache_with_tracing:
-        cache_program(program, backend)
+        precache() if precache is not None else cache_program(program, backend)
+    if run_one is None:
+        run_one = lambda b, kwargs, d: run_program(program, b, (), kwargs, d)  # noqa: E731
     num_threads = max(1, min(num_threads, len(batch)))
-    states = _iter_batch(program, backend, batch, defaults, num_threads, progress_bar)
+    states = _iter_batch(run_one, backend, batch, defaults, num_threads, progress_bar)
     return states if generator_style else list(states)
 
 
 def _iter_batch(
-    program: ProgramDefinition,
+    run_one: RunOne,
     backend: Any,
     batch: list[dict[str, Any]],
     defaults: ir.GenParams,
@@ -63,7 +71,7 @@ def _iter_batch(
             def submit_next() -> None:
                 kwargs = next(todo, None)
                 if kwargs is not None:
-                    future = pool.submit(run_program, program, backend, (), kwargs, defaults)
+                    future = pool.submit(run_one, backend, kwargs, defaults)
                     if bar is not None:
                         future.add_done_callback(lambda _: bar.update())
                     pending.append(future)

@@ -11,10 +11,9 @@ backends actually consult:
   once before fanning out; ``False`` skips that request.
 - ``skip_special_tokens_in_output`` / ``spaces_between_special_tokens_in_out``: how the
   native backends (``Runtime``, ``RuntimeEndpoint``) ask the engine to detokenize a ``gen``.
-- ``enable_parallel_encoding``: in SGLang it picks KV-cache concatenation for
-  ``join("concate_and_append")`` on backends that can concatenate caches. No Plait backend
-  can (nor can SGLang's own ``RuntimeEndpoint``), so the branches' text is appended and
-  prefilled as text whatever its value; it is kept so programs that set it still run.
+- ``enable_parallel_encoding``: as in SGLang, ``join("concate_and_append")`` joins the
+  branches' KV caches on backends that can (``Runtime``; see
+  ``plait.frontend.parallel_encoding``); ``False``, or another backend, appends their text.
 """
 
 from __future__ import annotations

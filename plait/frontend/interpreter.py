@@ -26,6 +26,7 @@ from plait.frontend import ir
 from plait.frontend.backends.base import resolve_backend
 from plait.frontend.definition import ProgramDefinition
 from plait.frontend.global_config import global_config
+from plait.frontend.parallel_encoding import concat_and_append
 from plait.frontend.reasoning import split_reasoning
 from plait.frontend.speculative import ApiSpeculation
 from plait.frontend.state import ProgramState
@@ -62,6 +63,9 @@ class StreamExecutor:
         self.cur_role: str | None = None
         self.cur_role_begin_pos = 0
         self.fork_start_text_pos = 0
+        # after a join over KV: the token ids of text_[:kv_text_len] (plait.frontend.parallel_encoding)
+        self.kv_ids: list[int] | None = None
+        self.kv_text_len = 0
         self.error_: BaseException | None = None
         self.finished = False  # the worker has exited
         self.children: list[StreamExecutor] = []
@@ -222,10 +226,7 @@ class StreamExecutor:
         elif isinstance(expr, ir.SeparateReasoning):
             self._separate_reasoning(expr)
         elif isinstance(expr, ir.ConcatAndAppend):
-            for branch in expr.states:
-                branch.sync()
-                branch.raise_if_failed()
-                self._fill(branch.text_[branch.fork_start_text_pos :])
+            concat_and_append(self, expr.states)
         else:
             raise TypeError(f"cannot execute {expr!r}")
 

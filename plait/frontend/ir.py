@@ -114,6 +114,26 @@ def _as_list(stop: Any) -> list[str]:
     return list(stop)
 
 
+_RUN_SAMPLING_KEYS = {f.name for f in dataclasses.fields(GenParams)} - {
+    "dtype",
+    "regex",
+    "json_schema",
+}
+
+
+def split_sampling_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], GenParams]:
+    """Separate ``run(..., temperature=0, question="...")`` into program args and defaults."""
+    sampling = {k: kwargs[k] for k in kwargs if k in _RUN_SAMPLING_KEYS}
+    if "max_tokens" in kwargs:  # accepted as an alias, as in gen()
+        sampling.setdefault("max_new_tokens", kwargs["max_tokens"])
+    program = {k: v for k, v in kwargs.items() if k not in sampling and k != "max_tokens"}
+    defaults = GenParams(max_new_tokens=128, temperature=1.0)
+    for k, v in sampling.items():
+        if v is not None:
+            setattr(defaults, k, v)
+    return program, defaults
+
+
 class StopTracing(Exception):
     """Raised while tracing when the program needs a value that only a run can produce."""
 

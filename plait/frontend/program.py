@@ -3,13 +3,13 @@ program arguments and the run's default sampling parameters."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any, Callable
 
-from plait.frontend import ir
 from plait.frontend.batch import cache_program, run_program_batch
+from plait.frontend.compiler import CompiledFunction
 from plait.frontend.interpreter import run_program
+from plait.frontend.ir import split_sampling_kwargs
 from plait.frontend.tracer import trace_program
 
 
@@ -76,6 +76,15 @@ class Function:
         """Run the program on placeholders and record its static prefix (see tracer)."""
         return trace_program(self, kwargs, backend)
 
+    def compile(self, *, backend: Any = None, code_movement: bool = False) -> CompiledFunction:
+        """This program as a graph (``plait.frontend.compiler``): its ``run``/``run_batch``
+        queue every node at once and prefill the static prefix before a batch.
+        ``code_movement=True`` moves constant text ahead of variable text so more of each
+        prompt is a shared prefix; it changes the prompt, so it is opt-in."""
+        return CompiledFunction(
+            self, backend=backend, code_movement=code_movement, name=self.__name__
+        )
+
     def cache(self, backend: Any = None) -> str:
         """Prefill the traced prefix on the backend now; returns the prefix text."""
         return cache_program(self, backend)
@@ -92,23 +101,3 @@ class Function:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(*args, **kwargs)
-
-
-_RUN_SAMPLING_KEYS = {f.name for f in dataclasses.fields(ir.GenParams)} - {
-    "dtype",
-    "regex",
-    "json_schema",
-}
-
-
-def split_sampling_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], ir.GenParams]:
-    """Separate ``run(..., temperature=0, question="...")`` into program args and defaults."""
-    sampling = {k: kwargs[k] for k in kwargs if k in _RUN_SAMPLING_KEYS}
-    if "max_tokens" in kwargs:  # accepted as an alias, as in gen()
-        sampling.setdefault("max_new_tokens", kwargs["max_tokens"])
-    program = {k: v for k, v in kwargs.items() if k not in sampling and k != "max_tokens"}
-    defaults = ir.GenParams(max_new_tokens=128, temperature=1.0)
-    for k, v in sampling.items():
-        if v is not None:
-            setattr(defaults, k, v)
-    return program, defaults

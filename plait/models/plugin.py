@@ -3,8 +3,10 @@ third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
 bias, head_dim) cover their differences; the others name their module's class
 (``MODEL_CLASSES``), imported only when such a checkpoint is loaded; the mixture-of-experts
-ones (``MOE_ARCHITECTURES``) load through ``plait.models.moe_loader``; the null model
-(``plait.models.null``) times the engine's host path."""
+ones (``MOE_ARCHITECTURES``) load through ``plait.models.moe_loader``; DeepSeek-V2/V3
+(multi-head latent attention, :class:`~plait.models.deepseek.DeepseekForCausalLM`) have a
+loader that also declares the latent KV layout; the null model (``plait.models.null``) times
+the engine's host path."""
 
 from __future__ import annotations
 
@@ -96,6 +98,10 @@ def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> Non
     register(null.ARCHITECTURE, null.load_null)
     for name, (module, cls) in MODEL_CLASSES.items():
         register(name, _LOADERS.setdefault(name, class_loader(module, cls)))
+    from plait.models.deepseek_loader import loaders
+
+    for name, loader in loaders().items():
+        register(name, _LOADERS.setdefault(name, loader))
 
 
 # one loader object per architecture, so registering twice (a re-run hook) is not a clash

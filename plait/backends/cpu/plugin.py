@@ -24,6 +24,7 @@ from plait.core.model_runner import default_model_runner
 
 if TYPE_CHECKING:
     from plait.core.memory import ReqToTokenPool
+    from plait.core.mla import LatentKVPool, MLAAttentionBackend
     from plait.core.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,14 @@ class CpuBackend(Backend):
         ):
             return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+
+    def create_mla_attention_backend(
+        self, kv_pool: "LatentKVPool", num_heads: int, scale: float
+    ) -> "MLAAttentionBackend":
+        """Multi-head latent attention in torch (``plait.backends.cpu.mla_attention``)."""
+        from plait.backends.cpu.mla_attention import TorchMLAAttention
+
+        return TorchMLAAttention(kv_pool, num_heads, scale)
 
     def quantized_linear(self, method: str, activations: str = "float"):
         """``csrc/src/qmatmul.cpp`` at this CPU's best SIMD level. ``activations="int8"``: its

@@ -23,6 +23,7 @@ from plait.core.backend_api import (
 )
 
 if TYPE_CHECKING:
+    from plait.core.mla import LatentKVPool, MLAAttentionBackend
     from plait.ops.fused_moe import FusedExperts
     from plait.quant.modules import QuantizedMatmul
 
@@ -45,6 +46,14 @@ class TritonBackend(Backend):
         from plait.backends.cuda.attention import TritonAttentionBackend
 
         return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim, self.launch)
+
+    def create_mla_attention_backend(
+        self, kv_pool: "LatentKVPool", num_heads: int, scale: float
+    ) -> "MLAAttentionBackend":
+        """Latent decode kernel, torch extend (``plait.backends.cuda.mla_attention``)."""
+        from plait.backends.cuda.mla_attention import TritonMLAAttention
+
+        return TritonMLAAttention(kv_pool, num_heads, scale, self.launch)
 
     def quantized_linear(self, method: str, activations: str = "float") -> "QuantizedMatmul":
         """The Triton dequant-GEMM (``plait.backends.cuda.quantized_matmul``) for every

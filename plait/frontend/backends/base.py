@@ -59,6 +59,14 @@ class FrontendBackend(abc.ABC):
     ) -> ChoicesDecision:
         """Pick one of ``choices`` to follow ``s.text_``, scored by ``method``."""
 
+    #: whether :meth:`concatenate_and_append` joins KV caches (``join("concate_and_append")``)
+    support_concate_and_append: bool = False
+
+    def concatenate_and_append(self, s: Any, branches: list[Any]) -> list[int]:
+        """Join the KV of ``branches`` (fork branches of ``s``, finished) after ``s``'s
+        text; returns the joined token ids. Only where ``support_concate_and_append``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot join KV caches")
+
     def cache_prefix(self, text: str) -> Any:
         """Prefill ``text`` so later requests sharing it hit a prefix cache. Default: nothing,
         for servers that cache prefixes on their own (or not at all): it only saves time."""

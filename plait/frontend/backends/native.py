@@ -57,11 +57,11 @@ class NativeBackend(FrontendBackend):
         return self.stats
 
     def generate(self, s: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
-        (out,) = self._request([_gen_request(s, params)])
+        (out,) = self._request([self._gen_request(s, params)])
         return out["text"], out["meta_info"]
 
     def generate_stream(self, s: Any, params: GenParams) -> Iterator[tuple[str, dict]]:
-        msg = dataclasses.replace(_gen_request(s, params), stream=True)
+        msg = dataclasses.replace(self._gen_request(s, params), stream=True)
         sent, last = 0, None
         for chunk in self._call_stream(msg):
             _check_finish(chunk)
@@ -130,6 +130,25 @@ class NativeBackend(FrontendBackend):
         )
 
     # ---- helpers --------------------------------------------------------------------------
+    def _gen_request(self, s: Any, params: GenParams) -> GenerateReq:
+        """A gen's request; after a join over KV, as token ids that start with the joined
+        sequence (its text re-tokenized could differ at a segment boundary and miss it)."""
+        msg = _gen_request(s, params)
+        if getattr(s, "kv_ids", None) is None or self.tokenizer is None:
+            return msg
+        return dataclasses.replace(msg, text=None, input_ids=self.prompt_ids(s))
+
+    def prompt_ids(self, s: Any) -> list[int]:
+        """``s.text_`` as token ids: the joined ids (when there are) plus the rest encoded
+        without special tokens, else the whole text encoded as the engine would."""
+        if getattr(s, "kv_ids", None) is None:
+            return list(self.tokenizer.encode(s.text_))
+        return [*s.kv_ids, *self.encode_tail(s.text_[s.kv_text_len :])]
+
+    def encode_tail(self, text: str) -> list[int]:
+        """Ids of text that continues a sequence: no BOS or other added tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
     def _choice_token_counts(
         self, context: str, choices: list[str], prompt_len: int
     ) -> tuple[list[int], int]:

@@ -35,6 +35,32 @@ class Runtime(NativeBackend):
     def _call_stream(self, msg: GenerateReq) -> Iterator[dict[str, Any]]:
         return iter(self.engine.generate_request([msg]))
 
+    @property
+    def support_concate_and_append(self) -> bool:  # type: ignore[override]
+        """The engine can join KV: radix cache on, one token per page, no tensor parallelism."""
+        config = self.engine.config
+        return (
+            config.page_size == 1
+            and not config.disable_radix_cache
+            and config.tp_size == 1
+            and config.disaggregation_mode == "null"
+        )
+
+    def concatenate_and_append(self, s: Any, branches: list[Any]) -> list[int]:
+        """Commit each branch's whole text (cached already when it ends with a gen), then
+        have the engine join the branches' KV after the parent's tokens. A branch whose
+        tokens do not start with the parent's (a token merged across the fork point) is
+        committed as the parent's ids plus its own text's."""
+        prefix = self.prompt_ids(s)
+        sequences = []
+        for branch in branches:
+            ids = self.prompt_ids(branch)
+            if ids[: len(prefix)] != prefix:
+                ids = prefix + self.encode_tail(branch.text_[branch.fork_start_text_pos :])
+            self._request([GenerateReq(input_ids=ids, sampling_params={"max_new_tokens": 0})])
+            sequences.append(ids)
+        return self.engine.concat_and_append(prefix, sequences)
+
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
 
