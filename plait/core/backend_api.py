@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from plait.core.memory import ReqToTokenPool, TokenSlotAllocator
     from plait.core.mla import LatentKVPool, MLAAttentionBackend
     from plait.core.request import Req
+    from plait.ops.fused_moe import FusedExperts
     from plait.quant.modules import QuantizedMatmul
 
 
@@ -78,6 +79,10 @@ class ModelSpec:
     #: composition root from the model registry, so the core never imports ``plait.models``.
     #: None: no torch model is available (a backend with its own runner reads ``model_dir``)
     load_model: "ModelLoader | None" = None
+    #: the backend's fused-experts op (:meth:`Backend.fused_moe`) for a MoE model's sparse
+    #: layers: set by :func:`~plait.core.model_runner.default_model_runner` before it calls
+    #: ``load_model``; None: the loader uses the portable torch op
+    fused_moe: "FusedExperts | None" = None
 
 
 class ModelLoader(Protocol):
@@ -317,6 +322,15 @@ class Backend:
         from plait.quant.modules import torch_quantized_matmul
 
         return torch_quantized_matmul
+
+    def fused_moe(self) -> "FusedExperts":
+        """The mixture-of-experts product of MoE layers, with the signature and result of
+        :func:`plait.ops.fused_moe.fused_experts` (tokens grouped by expert, one product per
+        expert that has tokens). :func:`default_model_runner` hands it to the model loader in
+        ``ModelSpec.fused_moe``. Default: that torch op (any device torch runs on)."""
+        from plait.ops.fused_moe import fused_experts
+
+        return fused_experts
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> "GraphRunner | None":
         """Decode capture (CUDA/HIP graphs, ``jax.jit`` buckets, ...). Default: None, decode

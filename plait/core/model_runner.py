@@ -190,7 +190,8 @@ def default_model_runner(
         if quant.method != "none"
         else None
     )
-    model = spec.load_model(spec, device, matmul)
+    load = spec.load_model
+    model = load(dataclasses.replace(spec, fused_moe=backend.fused_moe()), device, matmul)
     layers: Any = model.layers
     heads = layers[0].self_attn  # this rank's heads
     attn: Any

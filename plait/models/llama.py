@@ -315,5 +315,8 @@ class LlamaForCausalLM(nn.Module):
 
 
 def qkv_bias(config: Any) -> bool:
-    # Qwen2 always has q/k/v bias; its config does not say so.
-    return bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+    # Qwen2 always has q/k/v bias; its config does not say so. Qwen2-MoE's says `qkv_bias`.
+    return (
+        bool(getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False))
+        or config.model_type == "qwen2"
+    )

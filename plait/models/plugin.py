@@ -2,7 +2,8 @@
 third-party package would: Llama (SmolLM2's too), Mistral and Qwen2 share
 :class:`~plait.models.llama.LlamaForCausalLM`, whose config switches (sliding windows, q/k/v
 bias, head_dim) cover their differences; the others name their module's class
-(``MODEL_CLASSES``), imported only when such a checkpoint is loaded; DeepSeek-V2/V3
+(``MODEL_CLASSES``), imported only when such a checkpoint is loaded; the mixture-of-experts
+ones (``MOE_ARCHITECTURES``) load through ``plait.models.moe_loader``; DeepSeek-V2/V3
 (multi-head latent attention, :class:`~plait.models.deepseek.DeepseekForCausalLM`) have a
 loader that also declares the latent KV layout; the null model (``plait.models.null``) times
 the engine's host path."""
@@ -30,6 +31,8 @@ MODEL_CLASSES = {
     "Gemma2ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
     "Gemma3ForCausalLM": ("plait.models.gemma", "GemmaForCausalLM"),
 }
+#: mixture-of-experts architectures (``plait.models.moe_models``, ``moe_loader``)
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def load_llama(
@@ -49,6 +52,15 @@ def load_llama(
         spec.quantization,
         matmul,
     )
+
+
+def load_moe(
+    spec: ModelSpec, device: torch.device, matmul: QuantizedMatmul | None
+) -> torch.nn.Module:
+    """:func:`plait.models.moe_loader.load_moe` for ``spec``."""
+    from plait.models import moe_loader
+
+    return moe_loader.load_moe(spec, device, matmul)
 
 
 def class_loader(module: str, name: str) -> "ModelLoader":
@@ -81,6 +93,8 @@ def class_loader(module: str, name: str) -> "ModelLoader":
 def plait_register_models(register: Callable[[str, "ModelLoader"], None]) -> None:
     for name in ARCHITECTURES:
         register(name, load_llama)
+    for name in MOE_ARCHITECTURES:
+        register(name, load_moe)
     register(null.ARCHITECTURE, null.load_null)
     for name, (module, cls) in MODEL_CLASSES.items():
         register(name, _LOADERS.setdefault(name, class_loader(module, cls)))

@@ -129,3 +129,29 @@ def test_one_grouped_product_per_expert_whatever_the_batch(monkeypatch):
         fused_moe.fused_experts(hidden, w_gate_up, w_down, weights, ids)
         assert len(calls) == len(set(ids.flatten().tolist())) <= E
         assert sum(calls) == t * K
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_experts_agree_with_the_float_op(method):
+    """Quantized experts compute the float op on their dequantized weights (to rounding),
+    and stay within the format's error of the float weights."""
+    from plait.models.moe import MoEExperts
+    from plait.models.moe_quant import quantize_experts
+    from plait.quant.formats import dequantize
+    from plait.quant.modules import torch_quantized_matmul
+
+    hidden, w_gate_up, w_down, weights, ids = random_case(17, seed=5)
+    experts = MoEExperts(E, H, INTER)
+    with torch.no_grad():
+        experts.w_gate_up.copy_(w_gate_up)
+        experts.w_down.copy_(w_down)
+    q = quantize_experts(experts, method, torch_quantized_matmul, 32, False)
+    assert q is not None and len(q.gate_up) == E
+    deq_gu = torch.stack([dequantize(m.qweight, torch.float32) for m in q.gate_up])
+    deq_d = torch.stack([dequantize(m.qweight, torch.float32) for m in q.down])
+    got = q(hidden, weights, ids)
+    torch.testing.assert_close(got, fused_experts(hidden, deq_gu, deq_d, weights, ids))
+    want = fused_experts(hidden, w_gate_up, w_down, weights, ids)
+    rel = (got - want).norm() / want.norm()
+    assert rel < (0.02 if method == "int8" else 0.15)
+    assert not torch.equal(deq_gu, w_gate_up)  # really quantized

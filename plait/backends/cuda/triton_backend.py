@@ -24,6 +24,7 @@ from plait.core.backend_api import (
 
 if TYPE_CHECKING:
     from plait.core.mla import LatentKVPool, MLAAttentionBackend
+    from plait.ops.fused_moe import FusedExperts
     from plait.quant.modules import QuantizedMatmul
 
 
@@ -62,6 +63,13 @@ class TritonBackend(Backend):
         from plait.backends.cuda.quantized_matmul import quantized_matmul
 
         return quantized_matmul
+
+    def fused_moe(self) -> "FusedExperts":
+        """The Triton grouped-GEMM MoE (``plait.backends.cuda.fused_moe``): pairs sorted and
+        padded per expert on the device, two launches, capturable in a CUDA graph."""
+        from plait.backends.cuda.fused_moe import fused_experts_triton
+
+        return fused_experts_triton
 
     def create_graph_runner(self, model: Any, max_batch_size: int) -> GraphRunner | None:
         from plait.backends.cuda.graph_capture import TorchCudaGraphCapture

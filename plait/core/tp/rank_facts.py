@@ -59,11 +59,20 @@ def facts_of(runner: Any) -> RankFacts:
         rank=model.tp.rank,
         attention_heads=q_rows // head_dim,
         kv_heads=kv_rows // head_dim,
-        mlp_rows=layer.mlp.down_proj.in_features,
+        mlp_rows=_mlp_rows(layer.mlp),
         vocab_rows=_rows_held(model.embed_tokens),
         weight_bytes=weight_bytes(model),
         decode_captured=runner.graph_runner is not None,
     )
+
+
+def _mlp_rows(mlp: Any) -> int:
+    """The first layer's MLP intermediate rows: a dense MLP's ``down_proj`` input columns, a
+    mixture-of-experts layer's per-expert ``experts.intermediate_size``."""
+    down = getattr(mlp, "down_proj", None)
+    if down is not None:
+        return int(down.in_features)
+    return int(mlp.experts.intermediate_size)
 
 
 def _rows_held(embedding: Any) -> int:
