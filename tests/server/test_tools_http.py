@@ -247,12 +247,26 @@ def test_tools_and_reasoning_through_the_dp_gateway(echo_model, tmp_path):
     server = start_server(args, tmp_path / "dp.log", str(echo_model), timeout=600, port=port)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-        for n in range(4):  # both workers answer
-            r = _ask(client, "<think>hm</think>" + CALL, n, tools=[WEATHER]).choices[0]
-            assert r.finish_reason == "tool_calls"
+        model = client.models.list().data[0].id
+        text = "<think>hm</think>" + CALL
+        for _ in range(4):  # both workers answer
+            # the gateway sets its own rid: the fake echoes until max_tokens ("length")
+            r = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=len(text),
+                tools=[WEATHER],
+            ).choices[0]
             assert r.message.reasoning_content == "hm"
             assert r.message.tool_calls[0].function.name == "get_weather"
-        got = _assemble(_ask(client, CALL, 9, tools=[WEATHER], stream=True))
-        assert [c["name"] for c in got["calls"].values()] == ["get_weather"]
+            assert json.loads(r.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": CALL}],
+            max_tokens=len(CALL),
+            tools=[WEATHER],
+            stream=True,
+        )
+        assert [c["name"] for c in _assemble(stream)["calls"].values()] == ["get_weather"]
     finally:
         server.stop()

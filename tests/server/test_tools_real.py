@@ -11,6 +11,7 @@ syntax (``plait.server.tools.prompt``); the model alone would rarely write a val
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import jsonschema
 import openai
@@ -136,6 +137,7 @@ def test_streamed_forced_calls_equal_the_non_streamed_ones(client):
         messages=[{"role": "user", "content": PROMPTS[1]}],
         tools=TOOLS,
         tool_choice="required",
+        parallel_tool_calls=False,  # greedy, the model would write calls until max_tokens
         temperature=0,
         max_tokens=300,
     )
@@ -177,8 +179,6 @@ def test_a_two_turn_loop_with_a_tool_result(client):
 
 
 def test_langchain_bind_tools_completes_a_two_step_tool_loop(real_server, client):
-    from typing import Literal
-
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
@@ -188,20 +188,25 @@ def test_langchain_bind_tools_completes_a_two_step_tool_loop(real_server, client
         """Current weather in a city."""
         return f"18 degrees {unit} and sunny in {city}"
 
+    spec = TOOLS[0]  # the same function, its city bounded (greedy SmolLM2 rambles on)
+
     llm = ChatOpenAI(
         base_url=real_server.url + "/v1",
         api_key="none",
         model=_model(client),
         temperature=0,
-        max_tokens=100,
+        max_tokens=200,
         max_retries=0,
     )
     messages = [HumanMessage("What's the weather in Paris?")]
-    step1 = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
+    # one call: greedy, a forced model would write calls until max_tokens
+    step1 = llm.bind_tools([spec], tool_choice="get_weather", parallel_tool_calls=False).invoke(
+        messages
+    )
     assert [c["name"] for c in step1.tool_calls] == ["get_weather"]
     messages.append(step1)
     for c in step1.tool_calls:
         assert c["args"]["unit"] in ("celsius", "fahrenheit")
         messages.append(ToolMessage(get_weather.invoke(c["args"]), tool_call_id=c["id"]))
-    step2 = llm.bind_tools([get_weather], tool_choice="none").invoke(messages)
+    step2 = llm.bind_tools([spec], tool_choice="none").invoke(messages)
     assert isinstance(step2.content, str) and step2.content and not step2.tool_calls
