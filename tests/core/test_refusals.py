@@ -130,18 +130,6 @@ def test_the_loader_refuses_quantization_with_tp_too():
         )
 
 
-def test_dynamic_rope_is_refused():
-    from types import SimpleNamespace
-
-    from plait.models.llama import RotaryEmbedding
-
-    config = SimpleNamespace(
-        rope_theta=10000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
-    )
-    with pytest.raises(ValueError, match="^rope_type 'dynamic' is not supported"):
-        RotaryEmbedding(config, 16, 32)
-
-
 def test_tensor_parallelism_refuses_a_backend_with_its_own_runner():
     from plait.core.tp.runner import TPModelRunner
 
