@@ -55,17 +55,11 @@ def rope_parameters(config: Any) -> dict:
     return params
 
 
-#: RoPE types whose frequencies depend on the sequence length of the forward that computes
-#: them (transformers' ``dynamic_rope_update``): NTK ``dynamic`` past ``max_position_embeddings``
-#: and ``longrope`` past ``original_max_position_embeddings``
-LENGTH_DEPENDENT = ("dynamic", "longrope")
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to the context length, computed like transformers.
 
-    ``dynamic`` and ``longrope`` follow transformers' rule: a forward whose sequence reaches
-    length L past ``threshold`` rotates all its new tokens with the frequencies for L (keys
+    ``dynamic`` (NTK) follows transformers' rule: a forward whose sequence reaches
+    length L past ``threshold`` (``max_position_embeddings``) rotates all its new tokens with the frequencies for L (keys
     already cached keep theirs). :meth:`tables` applies it per request given each token's
     ``lengths``, so a decode step at length L equals transformers' for every such type; a
     prompt equals transformers' when it is within ``threshold`` (any chunking or cache hit) or
@@ -85,14 +79,18 @@ class RotaryEmbedding(nn.Module):
                 f"partial_rotary_factor={params['partial_rotary_factor']} is not supported "
                 "(Plait rotates the whole head)"
             )
+        if rope_type == "longrope":
+            raise ValueError(  # its switch is per forward too; decode past the switch differs
+                "rope_type 'longrope' is not supported yet: past "
+                "original_max_position_embeddings its long factors do not yet give "
+                "transformers' tokens (tests/models/test_phi3_parity.py)"
+            )
         self.rope_type, self.config = rope_type, config
         self.init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
         #: the sequence length past which frequencies change (None: they never do)
         self.threshold: int | None = None
         if rope_type == "dynamic":
             self.threshold = int(config.max_position_embeddings)
-        elif rope_type == "longrope":
-            self.threshold = int(params["original_max_position_embeddings"])
         if rope_type == "default":
             base = params["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))

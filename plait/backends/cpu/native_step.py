@@ -100,7 +100,7 @@ def build_native_decode(
     if len(set(attn.sliding_windows)) > 1:  # one slot table serves every layer of the step
         return refuse("layers differ in their sliding window")
     if model.layers[0].self_attn.rotary.threshold is not None:  # the step reads fixed tables
-        return refuse("RoPE frequencies depend on the sequence length (dynamic/longrope)")
+        return refuse("RoPE frequencies depend on the sequence length (dynamic)")
     try:
         ext = extension()
     except Exception as e:  # a missing compiler surfaces as several error types

@@ -100,6 +100,12 @@ class TpuBackend(Backend):
                 f"quantization={spec.quantization.method!r} is not supported by "
                 f"the {self.name!r} backend (only 'none')"
             )
+        arch = (getattr(spec.hf_config, "architectures", None) or ["?"])[0]
+        if arch not in JAX_ARCHITECTURES:  # its JAX model is Llama's: no q/k norms, no Gemma
+            raise ValueError(
+                f"architecture {arch!r} is not supported by the {self.name!r} backend "
+                f"(its JAX model serves {', '.join(JAX_ARCHITECTURES)})"
+            )
         if not isinstance(kv_pool, JaxKVPool):
             raise ValueError(f"kv_pool must be a JaxKVPool, got {type(kv_pool).__name__}")
         params = load_params(
@@ -125,6 +131,10 @@ class TpuBackend(Backend):
             buckets,
             self.attention_impl(),
         )
+
+
+#: the checkpoints the JAX Llama computes exactly
+JAX_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 @hookimpl
