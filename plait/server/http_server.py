@@ -23,6 +23,7 @@ import plait.server.openai_api as openai_api
 import plait.server.openai_chat as openai_chat
 from plait.core.messages import GenerateReq
 from plait.server.engine_client import EngineClient
+from plait.server.join import Membership, membership_for, start_joining
 from plait.server.middleware import APIKeyMiddleware, BodyGuardMiddleware, JSONBodyMiddleware
 from plait.server.protocol import AbortRequest, APIError, error_body
 from plait.server.server_args import ServerArgs
@@ -206,9 +207,16 @@ class _DrainingServer(uvicorn.Server):
     event and ``[DONE]``; a second signal exits at once. ``fail()`` stops the server with a
     non-zero exit (the scheduler process died)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        shutdown_timeout: float,
+        membership: Membership | None = None,
+    ):
         super().__init__(config)
         self.app = app
+        self.membership = membership  # --join: leave the gateway before draining
         self.shutdown_timeout = shutdown_timeout
         self.failed = False
         self._draining = False
@@ -221,6 +229,9 @@ class _DrainingServer(uvicorn.Server):
         client = getattr(self.app.state, "client", None)
         if client is not None:
             client.on_fatal = self.fail
+        if self.membership is not None and self.started:
+            loop = self._loop
+            start_joining(self.membership, lambda: loop.call_soon_threadsafe(self.fail))
 
     def fail(self) -> None:
         self.failed = True
@@ -242,6 +253,8 @@ class _DrainingServer(uvicorn.Server):
 
     async def _drain(self, client: EngineClient) -> None:
         try:
+            if self.membership is not None:
+                await asyncio.to_thread(self.membership.leave)
             await client.drain(self.shutdown_timeout)
         finally:
             self.should_exit = True
@@ -268,7 +281,7 @@ def run_server(args: ServerArgs) -> int:
         timeout_graceful_shutdown=10,
         timeout_keep_alive=5,
     )
-    server = _DrainingServer(config, app, args.shutdown_timeout)
+    server = _DrainingServer(config, app, args.shutdown_timeout, membership_for(args))
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns
     # that into a normal return, so a graceful SIGTERM exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -22,6 +22,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from plait.server.engine_client import EngineClient
 from plait.server.grpc.servicer import SchedulerServicer
+from plait.server.join import membership_for, start_joining
 from plait.server.server_args import ServerArgs
 
 logger = logging.getLogger("plait.grpc")
@@ -88,8 +89,13 @@ async def _serve(args: ServerArgs, model_path: str) -> int:
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("serving %s over gRPC at %s:%d", client.model_name, args.host, args.port)
+    membership = membership_for(args)
+    if membership is not None:
+        start_joining(membership, lambda: loop.call_soon_threadsafe(on_fatal))
     await stop.wait()
     if not failed and signals[0] == 1:
+        if membership is not None:
+            await asyncio.to_thread(membership.leave)
         await _drain(client, health, args.shutdown_timeout, stop, signals)
     await server.stop(grace=2)
     await client.shutdown()
