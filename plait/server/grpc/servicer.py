@@ -39,6 +39,7 @@ from plait.server.submit import collect, invalid_request, merge_streams, prepare
 logger = logging.getLogger("plait.grpc")
 
 _CHUNK_BYTES = 1 << 20
+_PROBE_TIMEOUT = 30.0
 
 
 class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
@@ -92,18 +93,32 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
 
     # ------------------------------------------------------------------ health and info
     async def HealthCheck(self, request: Any, context: Any) -> pb.HealthCheckResponse:
+        """A one-token generation through the whole pipeline; as in SGLang's servicer, any
+        message from the scheduler process after the probe started also counts, so a worker
+        busy with a long batch answers at once instead of after its queue."""
         c = self.client
         if c.draining or not c.is_alive():
             return pb.HealthCheckResponse(healthy=False, message="draining or not running")
+        started = time.monotonic()
         probe = GenerateReq(
             input_ids=[self.facts.probe_token],
             sampling_params={"max_new_tokens": 1, "temperature": 0},
         ).expand()[0]
+        task = asyncio.create_task(collect(c, [probe], None))
         try:
-            await asyncio.wait_for(collect(c, [probe], None), timeout=30)
-        except (APIError, asyncio.TimeoutError) as e:
+            while time.monotonic() - started < _PROBE_TIMEOUT:
+                if task.done():
+                    task.result()
+                    return pb.HealthCheckResponse(healthy=True, message="ok")
+                if c.last_message > started:
+                    return pb.HealthCheckResponse(healthy=True, message="scheduler active")
+                await asyncio.sleep(0.02)
+        except APIError as e:
             return pb.HealthCheckResponse(healthy=False, message=f"probe failed: {e}")
-        return pb.HealthCheckResponse(healthy=True, message="ok")
+        finally:
+            task.cancel()  # aborts the probe in the engine if it is still running
+            await asyncio.gather(task, return_exceptions=True)
+        return pb.HealthCheckResponse(healthy=False, message="the engine did not answer")
 
     async def GetModelInfo(self, request: Any, context: Any) -> pb.GetModelInfoResponse:
         c, f = self.client, self.facts
