@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 from dataclasses import replace
 
 from plait.server.children import (
@@ -42,7 +44,12 @@ from plait.server.children import (
     threads_per_worker,
     wait_healthy,
 )
-from plait.server.gateway import DP_FAILOVER_DEFAULTS, dp_command, require_gateway
+from plait.server.gateway import (
+    DP_FAILOVER_DEFAULTS,
+    dp_command,
+    listed_healthy,
+    require_gateway,
+)
 from plait.server.server_args import ServerArgs
 
 __all__ = [
@@ -118,6 +125,8 @@ def run_data_parallel(args: ServerArgs) -> int:
             env,
         )
         wait_healthy([router], "/readiness", 120, stop=stop)
+        if args.gateway_name == "smg":
+            wait_listed(router, {w.url for w in workers}, 120, stop)
     except LaunchError as e:
         log.error("%s; stopping the others", e)
         stop_all(([router] if router else []) + workers, args.shutdown_timeout + 10)
@@ -133,3 +142,17 @@ def run_data_parallel(args: ServerArgs) -> int:
     status = supervise(router, workers, stop)
     stop_all([router, *workers], args.shutdown_timeout + 10)
     return status
+
+
+def wait_listed(gateway: Child, urls: set[str], timeout: float, stop: threading.Event) -> None:
+    """Until smg lists every worker healthy, so the command is ready only when every worker
+    can be routed to; :class:`LaunchError` on timeout or the gateway's exit."""
+    deadline = time.monotonic() + timeout
+    while not urls <= listed_healthy(gateway.url):
+        if stop.is_set():
+            raise LaunchError("interrupted during start-up")
+        if not gateway.alive():
+            raise LaunchError(f"the gateway exited with status {gateway.proc.returncode}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the gateway did not list every worker within {timeout:.0f}s")
+        time.sleep(0.3)

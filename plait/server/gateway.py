@@ -50,6 +50,10 @@ DP_FAILOVER_DEFAULTS = (
 # smg counts a worker healthy again only after this many good checks (default 2): one is
 # enough for a worker that joined and already answered its own readiness probe.
 SMG_DP_DEFAULTS = ("--health-success-threshold", "1")
+# A gRPC worker's HealthCheck is a one-token generation (or, when busy, its scheduler's next
+# message): on a loaded CPU that can take longer than an HTTP /health answer. A killed worker
+# still fails at once (connection refused); only a hung one takes this long to be found.
+SMG_GRPC_DEFAULTS = ("--health-check-timeout-secs", "10")
 PD_FAILOVER_DEFAULTS = (
     "--health-check-interval-secs",
     "2",
@@ -105,7 +109,7 @@ def dp_command(args: ServerArgs, worker_urls: list[str], prometheus_port: int) -
     cmd = _launcher(args.gateway_name) + ["--worker-urls", *worker_urls]
     cmd += _common(args, prometheus_port) + list(DP_FAILOVER_DEFAULTS)
     if args.gateway_name == "smg":
-        cmd += list(SMG_DP_DEFAULTS)
+        cmd += list(SMG_DP_DEFAULTS) + (list(SMG_GRPC_DEFAULTS) if args.grpc_mode else [])
     return cmd + shlex.split(args.router_extra_args or "")
 
 
@@ -121,3 +125,19 @@ def pd_command(
         cmd += ["--decode", url]
     cmd += _common(args, prometheus_port) + list(PD_FAILOVER_DEFAULTS)
     return cmd + shlex.split(args.router_extra_args or "")
+
+
+def listed_healthy(gateway_url: str) -> set[str]:
+    """The worker URLs smg lists as healthy (its ``GET /workers``); empty if it does not
+    answer. smg registers workers in the background after it is up, so its readiness alone
+    does not mean it can route yet."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(gateway_url + "/workers", timeout=5) as resp:
+            workers = json.loads(resp.read()).get("workers", [])
+    except (urllib.error.URLError, OSError, ValueError):
+        return set()
+    return {w.get("url") for w in workers if w.get("is_healthy")}
