@@ -31,6 +31,12 @@ def grpc_gateway(real_model_path, tmp_path_factory):
     assert server.stop() == 0
 
 
+def gateway_model(grpc_gateway) -> str:
+    """The id smg serves the model under (it routes by it in gRPC mode)."""
+    r = requests.get(grpc_gateway.url + "/v1/models", timeout=60)
+    return r.json()["data"][0]["id"]
+
+
 def both(grpc_gateway, real_server):
     return [
         openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
@@ -41,16 +47,17 @@ def both(grpc_gateway, real_server):
 def test_greedy_chat_and_completions_equal_a_single_http_worker(grpc_gateway, real_server):
     for stream in (False, True):
         chats, comps = [], []
-        for client in both(grpc_gateway, real_server):
+        names = (gateway_model(grpc_gateway), MODEL)
+        for client, model in zip(both(grpc_gateway, real_server), names):
             chat = client.chat.completions.create(
-                model=MODEL,
+                model=model,
                 messages=[{"role": "user", "content": "Name a fruit."}],
                 max_tokens=12,
                 temperature=0,
                 stream=stream,
             )
             comp = client.completions.create(
-                model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=stream
+                model=model, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=stream
             )
             if stream:
                 chats.append("".join(c.choices[0].delta.content or "" for c in chat if c.choices))
@@ -66,7 +73,9 @@ def test_generate_equals_a_single_http_worker(grpc_gateway, real_server):
     for prompt in PROMPTS:
         body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 12}}
         via = requests.post(
-            grpc_gateway.url + "/generate", json={**body, "model": MODEL}, timeout=300
+            grpc_gateway.url + "/generate",
+            json={**body, "model": gateway_model(grpc_gateway)},
+            timeout=300,
         )
         direct = requests.post(real_server.url + "/generate", json=body, timeout=300)
         assert via.status_code == 200, via.text
