@@ -31,6 +31,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from plait.server.children import PortBook
+from plait.server.gateway import listed_healthy
 from tests.server.conftest import FAKE, REPO, start_server
 from tests.server.test_data_parallel import child_pids, wait_gone
 
@@ -82,6 +83,7 @@ def gateway(echo_model, tmp_path_factory):
         timeout=300,
         port=port,
     )
+    wait_for_workers(server, 2)
     yield server
     assert server.stop() == 0
 
@@ -306,3 +308,15 @@ def test_kill_9_of_a_worker_with_requests_in_flight(gateway):
     after = [one(100 + i) for i in range(8)]
     assert all(not a.startswith("error") for a in after), after
     print("in flight at the kill:", sum(r.startswith("error") for r in results), "errors of 16")
+
+
+def wait_for_workers(server, count: int, timeout: float = 300) -> None:
+    """The gateway's HTTP port answers before the launcher has seen every worker listed:
+    wait for the pool itself."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(listed_healthy(server.url)) < count:
+        assert server.proc.poll() is None, server.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.5)

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from plait.server.children import PortBook
+from plait.server.gateway import listed_healthy
 from tests.server.conftest import start_server
 from tests.server.test_server_real import MODEL
 
@@ -27,6 +28,7 @@ def grpc_gateway(real_model_path, tmp_path_factory):
         real_model_path,
         port=port,
     )
+    wait_for_workers(server, 2)
     yield server
     assert server.stop() == 0
 
@@ -81,3 +83,15 @@ def test_generate_equals_a_single_http_worker(grpc_gateway, real_server):
         assert via.status_code == 200, via.text
         assert via.json()[0]["output_ids"] == direct.json()["output_ids"]
         assert via.json()[0]["text"] == direct.json()["text"]
+
+
+def wait_for_workers(server, count: int, timeout: float = 300) -> None:
+    """The gateway's HTTP port answers before the launcher has seen every worker listed:
+    wait for the pool itself."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(listed_healthy(server.url)) < count:
+        assert server.proc.poll() is None, server.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.5)
