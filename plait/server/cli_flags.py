@@ -181,14 +181,35 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM, let running requests finish for up to this many seconds",
     )
     p.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--grpc-mode",
+        action="store_true",
+        help="serve SGLang's scheduler service over gRPC (token in, token out) for smg, "
+        "which then tokenizes and parses tools/reasoning itself; with --dp, gRPC workers",
+    )
+    p.add_argument(
+        "--join",
+        default=None,
+        metavar="GATEWAY_URL",
+        help="register with a running smg gateway (its worker API) once healthy; on "
+        "SIGTERM leave it, then drain",
+    )
     add_disaggregation_args(p)
-    dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[router]')")
+    dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[gateway]')")
     dp.add_argument(
         "--dp",
         type=int,
         default=d.dp,
-        help="engine workers behind one sglang-router gateway on --port; each gets "
+        help="engine workers behind one gateway on --port; each gets "
         "its own process, port, KV cache and cores/N threads",
+    )
+    dp.add_argument(
+        "--gateway",
+        default=None,
+        choices=["smg", "sglang-router"],
+        help="the gateway --dp and --pd start: smg (SGLang Model Gateway 1.x, HTTP or "
+        "gRPC workers; the --dp default) or sglang-router 0.3.2 (HTTP workers only; the "
+        "--pd default)",
     )
     dp.add_argument(
         "--router-policy",
@@ -205,7 +226,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     dp.add_argument(
         "--router-extra-args",
         default=None,
-        help="more sglang_router.launch_router flags, quoted as one string, e.g. "
+        help="more gateway flags (smg launch, or sglang_router.launch_router), quoted as one "
+        "string, e.g. "
         "'--max-concurrent-requests 64 --queue-size 128'",
     )
 

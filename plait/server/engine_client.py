@@ -79,6 +79,7 @@ class EngineClient:
         self._recv_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self.metrics = ServerMetrics()
+        self.last_message = 0.0  # monotonic time of the scheduler process's latest message
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -221,6 +222,7 @@ class EngineClient:
     async def _recv_loop(self) -> None:
         while True:
             msg = await self._recv.recv_pyobj()
+            self.last_message = time.monotonic()
             op = msg.get("op")
             if op == "out":
                 self.metrics.on_output(msg["rid"], msg["out"], msg["finished"], time.monotonic())

@@ -29,6 +29,7 @@ from plait.server.connection_guard import (
     guarded_protocol,
 )
 from plait.server.engine_client import EngineClient
+from plait.server.join import Membership, membership_for, start_joining
 from plait.server.middleware import APIKeyMiddleware, BodyGuardMiddleware, JSONBodyMiddleware
 from plait.server.protocol import AbortRequest, APIError, error_body
 from plait.server.server_args import ServerArgs
@@ -214,9 +215,16 @@ class _DrainingServer(uvicorn.Server):
     event and ``[DONE]``; a second signal exits at once. ``fail()`` stops the server with a
     non-zero exit (the scheduler process died)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_timeout: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        shutdown_timeout: float,
+        membership: Membership | None = None,
+    ):
         super().__init__(config)
         self.app = app
+        self.membership = membership  # --join: leave the gateway before draining
         self.shutdown_timeout = shutdown_timeout
         self.failed = False
         self._draining = False
@@ -229,6 +237,9 @@ class _DrainingServer(uvicorn.Server):
         client = getattr(self.app.state, "client", None)
         if client is not None:
             client.on_fatal = self.fail
+        if self.membership is not None and self.started:
+            loop = self._loop
+            start_joining(self.membership, lambda: loop.call_soon_threadsafe(self.fail))
 
     def fail(self) -> None:
         self.failed = True
@@ -250,6 +261,8 @@ class _DrainingServer(uvicorn.Server):
 
     async def _drain(self, client: EngineClient) -> None:
         try:
+            if self.membership is not None:
+                await asyncio.to_thread(self.membership.leave)
             await client.drain(self.shutdown_timeout)
         finally:
             self.should_exit = True
@@ -288,7 +301,7 @@ def run_server(args: ServerArgs) -> int:
         http=guarded_protocol(connection_limits(args)),
         h11_max_incomplete_event_size=args.max_header_bytes + 1024,
     )
-    server = _DrainingServer(config, app, args.shutdown_timeout)
+    server = _DrainingServer(config, app, args.shutdown_timeout, membership_for(args))
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler turns
     # that into a normal return, so a graceful SIGTERM exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -3,9 +3,10 @@ mode, on one port, in one command.
 
 Each server is an ordinary ``plait serve --disaggregation-mode prefill|decode`` on a free
 port (prefill servers each with a free bootstrap port); once all answer ``/health`` the
-launcher starts ``sglang_router.launch_router --pd-disaggregation --prefill URL PORT ...
---decode URL ...`` on ``--host``/``--port``. Start-up failure, supervision, signals and
-orphan protection are the ``--dp`` launcher's (``plait.server.data_parallel``), reused as is.
+launcher starts the gateway (``--gateway smg``, the default, or ``sglang-router``) with
+``--pd-disaggregation --prefill URL PORT ... --decode URL ...`` on ``--host``/``--port``.
+Start-up failure, supervision, signals and orphan protection are ``plait.server.children``'s,
+shared with the ``--dp`` launcher.
 To spread the pair over several machines, start the pieces by hand (docs/serving.md).
 """
 
@@ -13,24 +14,22 @@ from __future__ import annotations
 
 import logging
 import re
-import shlex
 import sys
 from dataclasses import replace
 
-from plait.server.data_parallel import (
-    FAILOVER_DEFAULTS,
+from plait.server.children import (
     Child,
     LaunchError,
     PortBook,
-    _connect_host,
-    _spawn,
-    _supervise,
     child_env,
-    require_router,
+    connect_host,
+    spawn,
     stop_all,
     stop_on_signals,
+    supervise,
     wait_healthy,
 )
+from plait.server.gateway import pd_command, require_gateway
 from plait.server.server_args import ServerArgs
 
 log = logging.getLogger("plait.pd")
@@ -64,28 +63,7 @@ def server_command(args: ServerArgs, mode: str, port: int, bootstrap_port: int) 
 def router_command(
     args: ServerArgs, prefills: list[tuple[str, int]], decodes: list[str], prometheus_port: int
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
-    for url, bootstrap in prefills:
-        cmd += ["--prefill", url, str(bootstrap)]
-    for url in decodes:
-        cmd += ["--decode", url]
-    cmd += [
-        "--policy",
-        args.router_policy,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(prometheus_port),
-        "--log-level",
-        "warn" if args.log_level == "warning" else args.log_level,
-    ]
-    if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    return cmd + list(FAILOVER_DEFAULTS) + shlex.split(args.router_extra_args or "")
+    return pd_command(args, prefills, decodes, prometheus_port)
 
 
 def run_pd(args: ServerArgs) -> int:
@@ -96,7 +74,7 @@ def run_pd(args: ServerArgs) -> int:
     try:
         args.validate()
         n_prefill, n_decode = parse_pd(args.pd)
-        require_router()
+        require_gateway(args.gateway_name, "--pd")
         args = replace(args, model_path=args.resolved_model_path())
         args.engine_kwargs(args.model_path)
     except (LaunchError, ValueError) as e:
@@ -111,7 +89,7 @@ def run_pd(args: ServerArgs) -> int:
         port, bootstrap = ports.take(), ports.take()
         url = f"http://127.0.0.1:{port}"
         servers.append(
-            _spawn(
+            spawn(
                 f"prefill {i} (port {port}, bootstrap {bootstrap})",
                 url,
                 server_command(args, "prefill", port, bootstrap),
@@ -124,16 +102,16 @@ def run_pd(args: ServerArgs) -> int:
         port = ports.take()
         url = f"http://127.0.0.1:{port}"
         cmd = server_command(args, "decode", port, args.disaggregation_bootstrap_port)
-        servers.append(_spawn(f"decode {i} (port {port})", url, cmd, env))
+        servers.append(spawn(f"decode {i} (port {port})", url, cmd, env))
         decodes.append(url)
     router: Child | None = None
     try:
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         wait_healthy(servers, "/health", args.startup_timeout, auth, stop)
         metrics_port = args.router_prometheus_port or ports.take()
-        router = _spawn(
-            "sglang-router",
-            f"http://{_connect_host(args.host)}:{args.port}",
+        router = spawn(
+            args.gateway_name,
+            f"http://{connect_host(args.host)}:{args.port}",
             router_command(args, prefills, decodes, metrics_port),
             env,
         )
@@ -145,6 +123,6 @@ def run_pd(args: ServerArgs) -> int:
     log.info(
         "gateway serving %d prefill and %d decode server(s) on %s", n_prefill, n_decode, router.url
     )
-    status = _supervise(router, servers, stop)
+    status = supervise(router, servers, stop)
     stop_all([router, *servers], args.shutdown_timeout + 10)
     return status

@@ -70,6 +70,10 @@ class ServerArgs:
     max_loras_per_batch: int = 8
     max_lora_rank: int | None = None
     lora_target_modules: list[str] | None = None
+    # SGLang's gateway (plait.server.gateway) and gRPC workers (plait.server.grpc).
+    gateway: str | None = None  # smg or sglang-router (0.3.2, HTTP only); see gateway_name
+    grpc_mode: bool = False  # serve SGLang's scheduler service over gRPC instead of HTTP
+    join: str | None = None  # a running smg gateway's URL: register there, leave on SIGTERM
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -170,6 +174,7 @@ class ServerArgs:
                 "ranks would take the same cores (CPU) or devices (rank r uses "
                 "device r in each worker); use --dp or --tp"
             )
+        self._check_gateway(disagg)
         if self.dp > 1 and disagg:
             raise ValueError(
                 f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
@@ -208,6 +213,36 @@ class ServerArgs:
                 sign = "positive" if name in positive else "at least 0 (0: off)"
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be {sign}, got {value}")
+
+    @property
+    def gateway_name(self) -> str:
+        """The gateway ``--dp``/``--pd`` start: ``--gateway``, else smg for ``--dp`` and
+        sglang-router for ``--pd`` (its tests ran against 0.3.2; smg's PD mode is opt-in)."""
+        return self.gateway or ("sglang-router" if self.pd is not None else "smg")
+
+    def _check_gateway(self, disagg: str | None) -> None:
+        launcher = self.dp > 1 or self.pd is not None
+        if self.gateway not in (None, "smg", "sglang-router"):
+            raise ValueError(f"--gateway must be smg or sglang-router, got {self.gateway!r}")
+        if self.grpc_mode and disagg:
+            raise ValueError(
+                f"--grpc-mode with {disagg}: prefill/decode servers speak HTTP only; "
+                "drop --grpc-mode"
+            )
+        if self.grpc_mode and self.gateway_name != "smg" and launcher:
+            raise ValueError("--grpc-mode workers need --gateway smg (sglang-router speaks HTTP)")
+        if self.grpc_mode and self.api_key:
+            raise ValueError(
+                "--grpc-mode with --api-key: a gRPC worker has no client authentication; "
+                "keep it on a private network and set the key on the gateway"
+            )
+        if self.join is not None and (launcher or disagg):
+            raise ValueError(
+                "--join registers this one worker with a running gateway: it cannot be "
+                "combined with --dp, --pd or --disaggregation-mode"
+            )
+        if self.join is not None and not self.join.startswith(("http://", "https://")):
+            raise ValueError(f"--join must be the gateway's http(s):// URL, got {self.join!r}")
 
     def _check_device(self) -> None:
         from plait.backends.registry import backend_classes

@@ -1,4 +1,5 @@
-"""``plait serve --dp N`` behind SGLang's real gateway (``sglang-router``), with fake engines.
+"""``plait serve --dp N`` behind SGLang's real gateway (``sglang-router`` 0.3.2, chosen with
+``--gateway sglang-router``; smg is in ``test_smg_gateway.py``), with fake engines.
 
 These pin down the launcher and the worker/gateway contract in seconds: requests exactly as
 the gateway rewrites them, start-up failure, kill -9 of a worker under load, the gateway's
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from plait.server.cli import build_parser
-from plait.server import data_parallel
+from plait.server import children
 from plait.server.data_parallel import LaunchError, PortBook, require_router, threads_per_worker
 from plait.server.server_args import from_namespace
 from tests.server.conftest import FAKE, REPO, free_port, start_server
@@ -63,7 +64,16 @@ def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = No
     book = PortBook()  # the gateway's port and its metrics' port must differ
     port, metrics = book.take(), book.take()
     server = start_server(
-        [*FAKE, "--dp", "2", "--router-prometheus-port", str(metrics), *extra],
+        [
+            *FAKE,
+            "--dp",
+            "2",
+            "--gateway",
+            "sglang-router",
+            "--router-prometheus-port",
+            str(metrics),
+            *extra,
+        ],  # fmt: skip
         tmp_path / "dp.log",
         str(model_dir),
         env={"FAKE_ENGINE_TOKEN_DELAY": "0.01", **(env or {})},
@@ -86,10 +96,10 @@ def test_a_port_book_never_hands_out_a_reserved_or_repeated_port(monkeypatch):
     """A worker binds its port only after loading its model: until then the OS calls that port
     free, and a launcher must not give it (or the gateway's own port) to another process."""
     offered = iter([8000, 9000, 8000, 8001, 9000, 8002])
-    monkeypatch.setattr(data_parallel, "free_port", lambda host="127.0.0.1": next(offered))
+    monkeypatch.setattr(children, "free_port", lambda host="127.0.0.1": next(offered))
     book = PortBook(9000, None)
     assert [book.take(), book.take(), book.take()] == [8000, 8001, 8002]
-    monkeypatch.setattr(data_parallel, "free_port", lambda host="127.0.0.1": 8000)
+    monkeypatch.setattr(children, "free_port", lambda host="127.0.0.1": 8000)
     with pytest.raises(RuntimeError, match="no free port"):
         book.take()
 

@@ -43,6 +43,8 @@ def launch(tmp: Path, model_path: str, policy: str):
             "cpu",
             "--dp",
             "2",
+            "--gateway",
+            "sglang-router",  # the 0.3.2-specific checks below (smg: test_smg_gateway.py)
             "--router-policy",
             policy,
             "--max-running-requests",

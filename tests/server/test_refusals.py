@@ -22,8 +22,9 @@ def nothing_starts(monkeypatch):
         "plait.server.http_server.run_server",
         "plait.server.pd_launcher.run_pd",
         "plait.server.data_parallel.run_data_parallel",
-        "plait.server.data_parallel._spawn",
-        "plait.server.pd_launcher._spawn",
+        "plait.server.grpc.server.run_grpc_server",
+        "plait.server.data_parallel.spawn",
+        "plait.server.pd_launcher.spawn",
     ):
         monkeypatch.setattr(target, started)
 
@@ -45,6 +46,14 @@ def refused(argv: list[str], capsys) -> str:
         (["--dp", "2", "--disaggregation-mode", "prefill"], ["--dp 2", "--disaggregation-mode"]),
         (["--device", "npu", "--enable-graph-capture"], ["--enable-graph-capture", "'npu'"]),
         (["--device", "tpu", "--disable-graph-capture"], ["--disable-graph-capture", "'tpu'"]),
+        (["--grpc-mode", "--api-key", "k"], ["--grpc-mode", "--api-key"]),
+        (
+            ["--grpc-mode", "--dp", "2", "--gateway", "sglang-router"],
+            ["--grpc-mode", "--gateway smg"],
+        ),
+        (["--grpc-mode", "--pd", "1P1D"], ["--grpc-mode", "--pd 1P1D"]),
+        (["--join", "http://127.0.0.1:1", "--dp", "2"], ["--join", "--dp"]),
+        (["--join", "127.0.0.1:1"], ["--join", "http(s)://"]),
     ],
 )
 def test_combination_is_refused_naming_its_flags(argv, names, nothing_starts, capsys):
@@ -63,6 +72,9 @@ def test_combination_is_refused_naming_its_flags(argv, names, nothing_starts, ca
         dict(pd="1P1D"),
         dict(dp=2),
         dict(disaggregation_mode="decode"),
+        dict(dp=2, grpc_mode=True),
+        dict(grpc_mode=True, join="http://127.0.0.1:1"),
+        dict(pd="1P1D", gateway="smg"),
     ],
 )
 def test_runnable_combinations_pass(fields):
@@ -81,7 +93,7 @@ def test_launchers_refuse_before_spawning(launcher, fields, monkeypatch, caplog)
 
     module, _, name = launcher.partition(":")
     module = importlib.import_module(module)
-    monkeypatch.setattr(module, "_spawn", lambda *a: pytest.fail("a process was started"))
+    monkeypatch.setattr(module, "spawn", lambda *a: pytest.fail("a process was started"))
     with caplog.at_level(logging.ERROR):
         assert getattr(module, name)(ServerArgs(**fields)) == 2
     assert "--tp 2" in caplog.text
