@@ -72,6 +72,18 @@ def test_an_edit_anywhere_in_the_tree_names_a_new_module(tmp_path, monkeypatch):
     assert cpp_build.module_name("portable") != before
 
 
+def test_two_checkouts_of_one_tree_share_one_module(tmp_path, monkeypatch):
+    """A copy of the same tree elsewhere (a git worktree, a CI clone) names the same module,
+    so it reuses the build instead of compiling its own."""
+    from plait.backends.cpu import cpp_build
+
+    here = cpp_build.module_name("portable")
+    tree = tmp_path / "elsewhere" / "csrc"
+    shutil.copytree(cpp_build.CSRC, tree)
+    monkeypatch.setattr(cpp_build, "CSRC", tree)
+    assert cpp_build.module_name("portable") == here
+
+
 def _processes_under(directory: Path) -> dict[int, str]:
     """pid -> command name of every process whose working directory is inside ``directory``
     (ninja and the compilers run in the build directory)."""

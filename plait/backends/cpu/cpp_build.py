@@ -89,8 +89,12 @@ def sources() -> list[Path]:
 
 
 def _tree_digest(flags: list[str], ldflags: list[str]) -> str:
-    """A digest of the flags and of every file under csrc/ (path and content)."""
-    digest = hashlib.sha256(json.dumps([flags, ldflags]).encode())
+    """A digest of the flags and of every file under csrc/ (path relative to it, and content).
+    The include flag counts without its absolute path: two checkouts of the same tree (git
+    worktrees, CI clones) share one module instead of each compiling its own."""
+    include = f"-I{CSRC / 'include'}"
+    portable = ["-I<csrc>/include" if f == include else f for f in flags]
+    digest = hashlib.sha256(json.dumps([portable, ldflags]).encode())
     for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(CSRC)).encode() + b"\0")
         digest.update(path.read_bytes())
