@@ -175,6 +175,10 @@ class Engine:
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
                 **vars(s.stats),
+                "speculative_algorithm": self.config.speculative_algorithm,
+                # tokens committed per request and verify pass (drafts accepted + 1)
+                "spec_accept_length": (s.stats.spec_accepted_tokens + s.stats.spec_verify_rows)
+                / max(s.stats.spec_verify_rows, 1),
                 **getattr(self.disagg, "stats", {}),
                 **s.runner.metrics(),
             }

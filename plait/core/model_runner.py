@@ -84,7 +84,7 @@ class ModelRunner:
         row_counts: list[int] = []
         for it in items:
             r2t[it.req.req_pool_idx, it.start : it.start + it.length] = it.slots.to(r2t.dtype)
-            input_ids.extend(it.req.fill_ids[it.start : it.start + it.length])
+            input_ids.extend(it.token_ids)
             positions.extend(range(it.start, it.start + it.length))
             locs.append(it.slots)
             base = len(input_ids) - it.length
