@@ -8,7 +8,8 @@
   a tangle a reader has to hold in mind;
 - the core imports neither ``plait.models`` nor the backend registry (:data:`REGISTRIES`),
   not even for annotations or inside a function: ``plait.compose`` looks them up;
-- ``plait/__init__.py`` lists the public surface in one sorted literal ``__all__``.
+- ``plait/__init__.py`` lists the public surface in one sorted literal ``__all__``;
+- no module over 400 lines, and ``Engine`` under 200.
 """
 
 from __future__ import annotations
@@ -231,3 +232,25 @@ def test_the_public_surface_is_one_sorted_literal_list():
     assert sorted(n for n in bound if not n.startswith("_") and n not in public) == []
     assert sorted(set(public) - bound) == []
     assert sorted(set(dsl) - set(public)) == []
+
+
+MAX_MODULE_LINES = 400
+MAX_ENGINE_LINES = 200
+
+
+def test_no_module_outgrows_what_a_reader_can_hold():
+    """Every module of ``plait`` and ``benchmarks`` stays at most :data:`MAX_MODULE_LINES`
+    lines, and the ``Engine`` class under :data:`MAX_ENGINE_LINES`: past that a room does
+    more than one job (split it by job, as the scheduler and the OpenAI routes were)."""
+    roots = (PLAIT, PLAIT.parent / "benchmarks")
+    too_long = {
+        str(p.relative_to(PLAIT.parent)): n
+        for root in roots
+        for p in root.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
+    tree = ast.parse((PLAIT / "core" / "engine.py").read_text())
+    engine = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    assert engine.end_lineno is not None
+    assert engine.end_lineno - engine.lineno + 1 < MAX_ENGINE_LINES

@@ -153,7 +153,7 @@ def attach_disaggregation(
             finish=s.finish_handed_off,
             abort_room=s.abort_room,
         )
-        s.hand_off = side.hand_off
+        s.connect_hand_off(side)
         return side
     from plait.disaggregation.decode import DecodeSide
 

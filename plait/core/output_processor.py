@@ -55,7 +55,6 @@ class OutputProcessor:
         stats: SchedulerStats,
         config: SchedulerConfig,
         end: Callable[[Req, FinishReason], None],
-        hand_off: HandOff | None = None,
     ):
         self.kv = kv
         self.finisher = finisher
@@ -63,7 +62,8 @@ class OutputProcessor:
         self.stats = stats
         self.config = config
         self.end = end
-        self.hand_off = hand_off
+        #: a prefill server's side (``Scheduler.connect_hand_off``); None elsewhere
+        self.hand_off: HandOff | None = None
 
     def process(self, plan: PlannedBatch, fut: Future) -> None:
         """Wait for ``plan``'s result and apply it; the next batch may sample after this."""

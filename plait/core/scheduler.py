@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,16 +50,6 @@ __all__ = ["HandOff", "Scheduler", "SchedulerConfig", "SchedulerStats"]
 log = logging.getLogger(__name__)
 
 
-class _CallableHandOff:
-    """Adapts the old ``scheduler.hand_off = fn`` assignment to :class:`HandOff`."""
-
-    def __init__(self, fn: Callable[[Req], None]):
-        self.fn = fn
-
-    def hand_off(self, req: Req) -> None:
-        self.fn(req)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -68,11 +57,7 @@ class Scheduler:
         kv: KVManager,
         finisher: RequestFinisher,
         config: SchedulerConfig,
-        *,
-        disaggregation: HandOff | None = None,
     ):
-        """``disaggregation``: on a prefill server, the side each request is handed to once
-        its first token is sampled (see :class:`HandOff`); None everywhere else."""
         self.runner = runner
         self.executor = BatchExecutor(
             runner, finisher.eos_ids, config.max_running_requests, overlap=config.overlap
@@ -83,9 +68,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.table = ReqTable()
         self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
-        self.output = OutputProcessor(
-            kv, finisher, self.table, self.stats, config, self._end, disaggregation
-        )
+        self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
         self.spec: Speculator | None = None
         if config.speculative is not None:
             self.spec = Speculator(
@@ -121,16 +104,11 @@ class Scheduler:
     def new_token_ratio(self, value: float) -> None:
         self.decode.new_token_ratio = value
 
-    @property
-    def hand_off(self) -> Callable[[Req], None] | None:
-        side = self.output.hand_off
-        return None if side is None else side.hand_off
-
-    @hand_off.setter
-    def hand_off(self, fn: Callable[[Req], None] | None) -> None:
-        """The old way (``scheduler.hand_off = side.hand_off`` after construction); prefer
-        passing ``disaggregation=`` to the constructor."""
-        self.output.hand_off = None if fn is None else _CallableHandOff(fn)
+    def connect_hand_off(self, side: HandOff) -> None:
+        """On a prefill server: hand each request to ``side`` once its first token is
+        sampled (see :class:`HandOff`). Connected after construction because the side is
+        built from this scheduler's ``finish_handed_off`` and ``abort_room``."""
+        self.output.hand_off = side
 
     # ----- queue management -----
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Any, Iterable, TextIO
 
-from plait.server.server_args import ServerArgs, add_engine_args, add_serve_args, from_namespace
+from plait.server.cli_flags import add_engine_args, add_serve_args
+from plait.server.server_args import ServerArgs, from_namespace
 
 
 def build_parser() -> argparse.ArgumentParser:

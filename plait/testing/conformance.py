@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from plait.core.backend_api import Backend
-from plait.testing import e2e, kit
+from plait.testing import e2e, graph_kit, kit
 from plait.testing.cases import AttentionCase, decode_cases, extend_cases, quant_cases
 from plait.testing.register import temporarily_registered
 from plait.testing.tiny_model import make_tiny_llama
@@ -119,7 +119,7 @@ class BackendConformance:
         kit.check_allocator(backend, page_size)
 
     def test_graph_replay_matches_eager(self, backend, graph_page_size):
-        if not kit.check_graph_replay(
+        if not graph_kit.check_graph_replay(
             backend,
             page_size=graph_page_size,
             max_batch_size=self.graph_max_batch_size,

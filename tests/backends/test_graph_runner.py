@@ -7,7 +7,7 @@ import torch
 
 from plait.backends.cpu.plugin import CpuBackend
 from plait.core.graph_runner import DecodeGraphRunner, EagerCapture, _first_rows
-from plait.testing import kit
+from plait.testing import graph_kit
 
 CPU = torch.device("cpu")
 
@@ -37,7 +37,7 @@ class CpuWithGraphs(CpuBackend):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_replay_with_padding_equals_eager(page_size):
     capture = CountingCapture()
-    assert kit.check_graph_replay(CpuWithGraphs(capture), page_size=page_size)
+    assert graph_kit.check_graph_replay(CpuWithGraphs(capture), page_size=page_size)
     # batch sizes 3, 1, 8, 7 pad to 4, 1, 8, 8: one capture per padded size
     assert capture.captured == 3
 

@@ -177,7 +177,8 @@ def test_gguf_path_implies_gguf_and_none_keeps_the_dequantized_path(tmp_path):
 
 def test_serve_flag_refuses_bad_values_and_implies_gguf():
     import argparse
-    from plait.server.server_args import ServerArgs, add_engine_args
+    from plait.server.cli_flags import add_engine_args
+    from plait.server.server_args import ServerArgs
 
     p = argparse.ArgumentParser()
     add_engine_args(p)
