@@ -108,3 +108,13 @@ def settings_of(cfg: Any) -> SpecSettings | None:
         min_match=cfg.speculative_ngram_min_match_window_size,
         max_match=cfg.speculative_ngram_max_match_window_size,
     )
+
+
+def speculation_info(cfg: Any, stats: Any) -> dict[str, Any]:
+    """``get_server_info``'s speculation fields: the algorithm and ``spec_accept_length``,
+    tokens committed per request and verify pass (accepted drafts + 1) since the start."""
+    rows = stats.spec_verify_rows
+    return {
+        "speculative_algorithm": cfg.speculative_algorithm,
+        "spec_accept_length": (stats.spec_accepted_tokens + rows) / rows if rows else 0.0,
+    }
