@@ -156,22 +156,28 @@ def plain_outputs(tiny):
 def test_speculation_gives_every_request_kind_the_same_output(
     tiny, plain_outputs, engine_args, retracts
 ):
+    """Run twice: the second run drafts from the first's outputs in the prefix cache, so
+    long drafts are accepted under every feature (the random model rarely repeats itself)."""
     with plait.Engine(tiny, speculative_algorithm="NGRAM", **engine_args) as engine:
-        outs = run_all(engine)
+        first = run_all(engine)
+        again = run_all(engine)
         info = engine.get_server_info()
-        assert [comparable(o) for o in outs] == plain_outputs
-        for o, (_, sp, _) in zip(outs, mixed_requests()):
+        assert [comparable(o) for o in first] == plain_outputs
+        assert [comparable(o) for o in again] == plain_outputs
+        for o, (_, sp, _) in zip(again, mixed_requests()):
             assert len(o["output_ids"]) <= sp["max_new_tokens"]
-        for o in outs[3:12:6]:
+        for o in again[3:12:6]:
             assert re.fullmatch(REGEX, o["text"])
-        for o in outs[4:12:6]:
+        for o in again[4:12:6]:
             assert set(json.loads(o["text"])) == {"a"}
-        assert info["spec_verify_passes"] > 0 and info["spec_accepted_tokens"] > 0
+        assert info["spec_verify_passes"] > 0
         assert info["overlap_schedule"] is False and info["speculative_algorithm"] == "NGRAM"
-        rep = outs[-1]["meta_info"]
-        assert rep["spec_verify_ct"] < len(outs[-1]["output_ids"]) - 1  # fewer forwards
-        if retracts:
+        if retracts:  # the tight pool evicts the first run's outputs: few drafts
             assert info["retractions"] > 0
+        else:
+            assert info["spec_accepted_tokens"] > 100
+            rep = again[-1]["meta_info"]
+            assert rep["spec_verify_ct"] < len(again[-1]["output_ids"]) // 2  # fewer forwards
         assert kv_is_all_free(engine)
 
 

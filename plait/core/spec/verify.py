@@ -156,7 +156,7 @@ class Speculator:
                 return
             self.finisher.append_token(req, token, self.config.context_len)
             committed += 1
-            if req.finished or i == len(draft) or token != draft[i]:
+            if req.finished or i == len(draft) or token != draft[i] or self._forced(req):
                 break
         # KV holds the last token and the accepted drafts: the committed tokens but the newest
         self.kv.trim(req, it.start + committed)
@@ -168,6 +168,15 @@ class Speculator:
         st.spec_draft_tokens += len(draft)
         st.spec_accepted_tokens += accepted
         self.after_append(req)
+
+    def _forced(self, req: Req) -> bool:
+        """The grammar forces what comes next: jump-forward appends it (as without
+        speculation: forced tokens carry no logprob), so verification stops here."""
+        return (
+            req.grammar is not None
+            and self.config.enable_jump_forward
+            and bool(req.grammar.jump_forward_string())
+        )
 
     def _sample(self, req: Req, logits_row: torch.Tensor) -> int | None:
         """One token from ``logits_row`` under ``req``'s current state, as decoding would
