@@ -69,6 +69,9 @@ class Scheduler:
         self.table = ReqTable()
         self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
+        #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``) where the
+        #: runner builds them; else extend batches
+        self.verify_as_decode = False
         self.spec: Speculator | None = None
         if config.speculative is not None:
             self.spec = Speculator(
@@ -270,7 +273,8 @@ class Scheduler:
         """A speculative verify pass (``plait.core.spec.verify``): an extend over each
         request's last token and draft, processed by the speculator."""
         items, drafts = verify
-        batch, counts = self.runner.prepare_extend(items)
+        shaped = getattr(self.runner, "prepare_verify", None) if self.verify_as_decode else None
+        batch, counts = (shaped or self.runner.prepare_extend)(items)
         for it in items:
             it.req.kv_len = it.start + it.length
         self.decode.decayed()

@@ -150,15 +150,20 @@ def plain_outputs(tiny):
         ({}, False),
         ({"chunked_prefill_size": 32, "speculative_num_draft_tokens": 4}, False),
         ({"max_total_tokens": 256, "chunked_prefill_size": 32}, True),
+        ({"verify_as_decode": True}, False),
     ],
-    ids=["plain", "chunked32-k3", "tight-chunked32"],
+    ids=["plain", "chunked32-k3", "tight-chunked32", "decode-shaped"],
 )
 def test_speculation_gives_every_request_kind_the_same_output(
     tiny, plain_outputs, engine_args, retracts
 ):
     """Run twice: the second run drafts from the first's outputs in the prefix cache, so
     long drafts are accepted under every feature (the random model rarely repeats itself)."""
-    with plait.Engine(tiny, speculative_algorithm="NGRAM", **engine_args) as engine:
+    args = dict(engine_args)
+    shaped = args.pop("verify_as_decode", None)
+    with plait.Engine(tiny, speculative_algorithm="NGRAM", **args) as engine:
+        if shaped is not None:
+            engine.scheduler.verify_as_decode = shaped
         first = run_all(engine)
         again = run_all(engine)
         info = engine.get_server_info()
@@ -193,3 +198,17 @@ def test_a_repeated_prompt_drafts_from_the_prefix_cache(tiny):
     assert second["meta_info"]["cached_tokens"] > 0
     assert second["meta_info"]["spec_verify_ct"] <= 8
     assert second["meta_info"]["spec_accept_token_num"] >= 20
+
+
+def test_server_flags_reach_the_engine_and_refusals_stop_the_launch():
+    from plait.server.server_args import ServerArgs
+
+    args = ServerArgs(speculative_algorithm="NGRAM", speculative_num_draft_tokens=5)
+    args.validate()
+    kw = args.engine_kwargs("/m")
+    assert kw["speculative_algorithm"] == "NGRAM" and kw["speculative_num_draft_tokens"] == 5
+    assert "--speculative-algorithm" in args.to_argv()
+    with pytest.raises(ValueError, match="STANDALONE"):
+        ServerArgs(speculative_algorithm="STANDALONE").validate()
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        ServerArgs(speculative_algorithm="NGRAM", tp=2).validate()
