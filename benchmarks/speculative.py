@@ -1,18 +1,20 @@
 """NGRAM speculative decoding against plain decoding, on the CPU, one run, alternating.
 
-    .venv/bin/python -m benchmarks.speculative [--model-path PATH] [--rounds 3]
-        [--max-new-tokens 128] [--json out.json]
+    .venv/bin/python -m benchmarks.speculative [--model-path PATH] [--rounds 2]
+        [--max-new-tokens 96] [--json out.json]
 
 Workloads (the default model's chat template, greedy, EOS honoured):
 
-- ``extract1``: batch 1, extractive: quote a given passage back, fixing one word;
+- ``extract1``: batch 1, extractive: repeat a given passage word for word;
 - ``prose1``: batch 1, free prose: a story from a one-line prompt (nothing to copy);
 - ``extract16``: batch 16, extractive: 16 passages, each quoted back.
 
-Both engines are built once and served alternately (ABBA, ``harness.alternate``), from an
-empty prefix cache each time, so drift on a shared machine hits both alike. The rate is
-output tokens / wall seconds of one ``generate`` call (the two engines produce the same tokens:
-greedy speculation is exact, and the run checks it). Also shown: tokens committed per request
+Three engines: ``plain`` (defaults, overlap schedule on), ``ngram`` (verify as an extend
+pass, the native C++ extend step on the CPU) and ``ngram-decode`` (verify as a decode-shaped
+batch, ``ModelRunner.prepare_verify``). They are built once and served alternately (ABBA,
+``harness.alternate``), from an empty prefix cache each time, so drift on a shared machine
+hits every engine alike. The rate is output tokens / wall seconds of one ``generate`` call
+(the engines produce the same tokens: greedy speculation is exact, and the run checks it). Also shown: tokens committed per request
 and verify pass (``spec_accept_length``) and the forward passes each engine took.
 """
 
@@ -101,20 +103,22 @@ def serve(engine: plait.Engine, prompts: list[str], new: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-path", default=None)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     engines = {
         "plain": plait.Engine(args.model_path),
         "ngram": plait.Engine(args.model_path, speculative_algorithm="NGRAM"),
+        "ngram-decode": plait.Engine(args.model_path, speculative_algorithm="NGRAM"),
     }
+    engines["ngram-decode"].scheduler.verify_as_decode = True
     try:
         loads = wl = workloads(engines["plain"])
         runs: dict[tuple[str, str], list[dict]] = {}
         for name, prompts in wl.items():
-            serve(engines["ngram"], prompts, 8)  # warm-up: first-call costs, both engines
-            serve(engines["plain"], prompts, 8)
+            for engine in engines.values():  # warm-up: first-call costs
+                serve(engine, prompts, 8)
             for _, config in alternate(list(engines), args.rounds):
                 runs.setdefault((name, config), []).append(
                     serve(engines[config], prompts, args.max_new_tokens)
