@@ -18,6 +18,7 @@ from plait.core.memory import TokenSlotAllocator
 from plait.core.radix_cache import RadixCache
 from plait.core.spec.config import settings_of
 from plait.core.spec.ngram import DraftState, own_ngram_draft, radix_draft
+from tests.core.test_engine_parity import expected, prompt_ids, run_batch  # noqa: F401
 from tests.core.test_overlap_schedule import (
     REGEX,
     comparable,
@@ -212,3 +213,12 @@ def test_server_flags_reach_the_engine_and_refusals_stop_the_launch():
         ServerArgs(speculative_algorithm="STANDALONE").validate()
     with pytest.raises(ValueError, match="tensor parallelism"):
         ServerArgs(speculative_algorithm="NGRAM", tp=2).validate()
+
+
+@pytest.mark.slow
+def test_speculation_matches_transformers_on_the_default_model(smollm_dir, prompt_ids, expected):
+    """HF parity under speculation: the batch, then again from the cache (long drafts)."""
+    with plait.Engine(smollm_dir, speculative_algorithm="NGRAM") as engine:
+        assert run_batch(engine, prompt_ids) == expected
+        assert run_batch(engine, prompt_ids) == expected
+        assert engine.get_server_info()["spec_accepted_tokens"] > 100
