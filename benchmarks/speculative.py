@@ -132,18 +132,19 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(wl: dict, runs: dict, loads: Any, args: argparse.Namespace) -> None:
     rows, extra, out = [], [], {}
+    configs = sorted({c for _, c in runs}, key=["plain", "ngram", "ngram-decode"].index)
     for name in wl:
-        plain, ngram = runs[(name, "plain")], runs[(name, "ngram")]
-        same = all(p["outputs"] == plain[0]["outputs"] for p in plain + ngram)
+        every = [r for c in configs for r in runs[(name, c)]]
+        same = all(r["outputs"] == every[0]["outputs"] for r in every)
         m = {
             c: medians([{k: v for k, v in r.items() if k != "outputs"} for r in runs[(name, c)]])
-            for c in ("plain", "ngram")
+            for c in configs
         }
         rows.append((name, {c: m[c]["tok_s"] for c in m}))
+        passes = ", ".join(f"{c} {m[c]['passes']:.0f}" for c in configs)
         extra.append(
-            f"{name}: {m['ngram']['tokens']:.0f} tokens, passes plain {m['plain']['passes']:.0f}"
-            f" / ngram {m['ngram']['passes']:.0f}, accept length "
-            f"{m['ngram']['accept_length']:.2f}, identical outputs: {same}"
+            f"{name}: {m['plain']['tokens']:.0f} tokens; passes {passes}; accept length "
+            f"{m['ngram']['accept_length']:.2f}; identical outputs: {same}"
         )
         out[name] = {**{f"{c}_{k}": v for c in m for k, v in m[c].items()}, "identical": same}
     print(table(rows, "plain"))
