@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -59,6 +60,9 @@ class PlannedBatch:
     futures: list[int]
     needs_state: bool
     has_placeholders: bool
+    #: a speculative verify pass: called with the logits on the scheduler thread instead of
+    #: the usual processing (plait.core.spec.verify)
+    verify: Callable[[torch.Tensor], None] | None = None
     prev_processed: threading.Event = field(default_factory=threading.Event)
     processed: threading.Event = field(default_factory=threading.Event)
 

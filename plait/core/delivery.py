@@ -87,6 +87,15 @@ def output_of(req: Req) -> dict:
         "finish_reason": req.finish_reason,
         "e2e_latency": end - req.created,
     }
+    if req.spec is not None:  # SGLang's names: forwards, and drafts verified and accepted
+        meta.update(
+            spec_verify_ct=req.spec.verify_ct,
+            spec_draft_token_num=req.spec.draft_tokens,
+            spec_accept_token_num=req.spec.accepted_tokens,
+            spec_accept_length=(len(req.output_ids) - 1) / req.spec.verify_ct
+            if req.spec.verify_ct
+            else 0.0,
+        )
     if req.return_logprob:
         meta.update(
             input_token_logprobs=req.input_token_logprobs,

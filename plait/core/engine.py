@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from plait.core.spec.config import speculation_info
 from plait.core.delivery import Delivery, one_stream_flag
 from plait.core.engine_builder import build_runtime, warm_up
 from plait.core.engine_config import EngineConfig
@@ -199,6 +200,7 @@ class Engine:
                 "num_waiting_reqs": len(s.waiting),
                 "disaggregation_mode": self.config.disaggregation_mode,
                 **vars(s.stats),
+                **speculation_info(self.config, s.stats),
                 **getattr(self.disagg, "stats", {}),
                 **s.runner.metrics(),
                 **self.lora.info(),

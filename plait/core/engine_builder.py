@@ -12,6 +12,7 @@ raises, no tensor-parallel rank it started is left running.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from plait.core.kv_layout import largest_bytes_per_token
 from plait.core.model_runner import build_model_runner
 from plait.core.request_output import RequestFinisher
 from plait.core.scheduler import Scheduler, SchedulerConfig
+from plait.core.spec.config import settings_of
 
 if TYPE_CHECKING:
     from plait.compose import Checkpoint
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from plait.disaggregation.decode import DecodeSide
     from plait.disaggregation.prefill import PrefillSide
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -99,7 +102,12 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype, loader: Any = N
 
 
 def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
-    """The scheduler's settings from the engine's."""
+    """The scheduler's settings from the engine's. Speculative decoding runs without the
+    overlap schedule (as SGLang's NGRAM does): drafts are cut from the tokens the previous
+    step committed, so the next step cannot be planned before that one is processed."""
+    spec = settings_of(cfg)
+    if spec is not None and not cfg.disable_overlap_schedule:
+        log.info("speculative decoding: the overlap schedule is off")
     return SchedulerConfig(
         max_running_requests=cfg.max_running_requests,
         chunked_prefill_size=cfg.chunked_prefill_size,
@@ -110,8 +118,11 @@ def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
         # A prefill server hands each request off after its first token; a decode planned
         # for it in the meantime would be wasted and race the hand-off, so prefill servers
         # run one batch at a time.
-        overlap=not cfg.disable_overlap_schedule and cfg.disaggregation_mode != "prefill",
+        overlap=not cfg.disable_overlap_schedule
+        and cfg.disaggregation_mode != "prefill"
+        and spec is None,
         max_loras_per_batch=cfg.max_loras_per_batch if cfg.lora_enabled else None,
+        speculative=spec,
     )
 
 

@@ -67,6 +67,15 @@ class EngineConfig:
     def lora_enabled(self) -> bool:
         return bool(self.lora_paths) or self.max_lora_rank is not None
 
+    # Speculative decoding, SGLang's names (docs/speculative.md; checked by
+    # plait.core.spec.config). NGRAM only: STANDALONE (a draft model) is refused.
+    speculative_algorithm: str | None = None  # None: off
+    speculative_num_draft_tokens: int | None = None  # tokens verified per request and pass
+    speculative_num_steps: int | None = None  # the longest draft chain
+    speculative_draft_model_path: str | None = None  # STANDALONE's draft model (refused)
+    speculative_ngram_min_match_window_size: int = 1
+    speculative_ngram_max_match_window_size: int = 12
+
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
             v = getattr(self, name)
@@ -143,6 +152,9 @@ class EngineConfig:
         self._validate_lora()
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
+        from plait.core.spec.config import check_speculative
+
+        check_speculative(self)
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         if self.max_total_tokens is not None and self.kv_cache_memory_gb is not None:

@@ -68,10 +68,20 @@ class GreedyTokens:
 
 @dataclass(kw_only=True)
 class ExtendItem:
-    """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids."""
+    """One request's share of an extend batch: tokens ``start..start+length`` of fill_ids
+    (or, for a speculative verify pass, ``tokens``: the last token and the drafts, which are
+    not in fill_ids until they are accepted)."""
 
     req: Req
     start: int
     length: int
     slots: torch.Tensor  # KV slots for the new tokens
     logit_from: int  # first absolute position whose logits we need
+    tokens: list[int] | None = None  # None: fill_ids[start : start + length]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ``length`` tokens this item computes, at positions ``start..``."""
+        if self.tokens is not None:
+            return self.tokens
+        return self.req.fill_ids[self.start : self.start + self.length]

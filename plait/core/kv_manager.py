@@ -319,6 +319,16 @@ class KVManager:
             for _, handle in matches:
                 self.cache.dec_lock_ref(handle)
 
+    def trim(self, req: Req, n: int) -> None:
+        """Give back the slots of ``req``'s tokens ``n..kv_len`` (drafts a verify pass
+        rejected; page size 1); ``req`` keeps its first ``n`` tokens' KV."""
+        if not req.cache_len <= n <= req.kv_len:
+            raise ValueError(f"cannot trim to {n}: cache_len={req.cache_len}, kv_len={req.kv_len}")
+        tail = self.req_pool.req_to_token[req.req_pool_idx, n : req.kv_len].long()
+        if tail.numel():
+            self.allocator.free(tail)
+        req.kv_len = n
+
     def flush(self) -> None:
         """Drop the whole cache. Only while no request is admitted: their locks become void."""
         self.cache.reset()

@@ -113,7 +113,7 @@ class ModelRunner:
         row_counts: list[int] = []
         for it in items:
             r2t[it.req.req_pool_idx, it.start : it.start + it.length] = it.slots.to(r2t.dtype)
-            input_ids.extend(it.req.fill_ids[it.start : it.start + it.length])
+            input_ids.extend(it.token_ids)
             positions.extend(range(it.start, it.start + it.length))
             locs.append(it.slots)
             base = len(input_ids) - it.length
@@ -137,6 +137,41 @@ class ModelRunner:
             lora_ids=_lora_ids([it.req for it in items]),
         )
         return batch, row_counts
+
+    def prepare_verify(self, items: list[ExtendItem]) -> tuple[ForwardBatch, list[int]]:
+        """A speculative verify pass shaped as a decode batch: one row per token of every
+        item (its last token and drafts), each row a query over its request's KV up to and
+        including itself. A decode step writes every row's K/V before any row attends, so
+        row ``i`` sees the rows before it; every row gets logits. Same answer as
+        ``prepare_extend(items)`` (logits for every row), through the decode kernels."""
+        r2t = self.req_pool.req_to_token
+        ids: list[int] = []
+        pos: list[int] = []
+        rows: list[int] = []
+        for it in items:
+            row = it.req.req_pool_idx
+            assert row is not None, "a verified request holds a KV row"
+            r2t[row, it.start : it.start + it.length] = it.slots.to(r2t.dtype)
+            ids.extend(it.token_ids)
+            pos.extend(range(it.start, it.start + it.length))
+            rows.extend([row] * it.length)
+        seq = [p + 1 for p in pos]
+        batch = ForwardBatch(
+            is_decode=True,
+            input_ids=self._tensor(ids),
+            positions=self._tensor(pos),
+            out_cache_loc=torch.cat([it.slots for it in items]).to(self.device),
+            req_pool_indices=self._tensor(rows),
+            seq_lens=self._tensor(seq),
+            prefix_lens=self._tensor(pos),
+            extend_lens=self._tensor([1] * len(ids)),
+            req_to_token=r2t,
+            logits_rows=torch.arange(len(ids), device=self.device),
+            seq_lens_cpu=seq,
+            prefix_lens_cpu=pos,
+            extend_lens_cpu=[1] * len(ids),
+        )
+        return batch, [it.length for it in items]
 
     def prepare_decode(
         self, reqs: list[Req], slots: torch.Tensor, input_ids: list[int]

@@ -89,6 +89,10 @@ class OutputProcessor:
                 if not req.finished:
                     self.end(req, FinishReason.error(f"internal error: {result.error}"))
             return
+        if plan.verify is not None:
+            assert result.logits is not None
+            plan.verify(result.logits)
+            return
         if plan.items is not None:
             self._apply_extend(plan.items, plan.row_counts, result.logits)
         self._apply_tokens(plan, result)
@@ -171,6 +175,11 @@ class OutputProcessor:
 
     def _append(self, req: Req, token: int) -> None:
         self.finisher.append_token(req, token, self.config.context_len)
+        self.after_append(req)
+
+    def after_append(self, req: Req) -> None:
+        """What follows new tokens of ``req``: hand-off, jump-forward, finishing (its KV
+        released), and its output emitted."""
         if self.hand_off is not None:  # a prefill server: the decode server takes it from here
             self.table.remove(req)
             self.hand_off.hand_off(req)

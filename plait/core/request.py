@@ -49,6 +49,7 @@ class Req:
     reason: FinishReason | None = None  # set once, by ``finish``
     generator: torch.Generator | None = None
     future: int | None = None  # placeholder of the next token, while in flight
+    spec: Any = None  # plait.core.spec.ngram.DraftState under speculative decoding
 
     detok: Any = None  # IncrementalDetokenizer
     text: str = ""  # output text so far (stop strings trimmed)

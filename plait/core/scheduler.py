@@ -43,6 +43,7 @@ from plait.core.req_table import ReqTable
 from plait.core.request import Req
 from plait.core.request_output import RequestFinisher
 from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
+from plait.core.spec.verify import Speculator
 
 __all__ = ["HandOff", "Scheduler", "SchedulerConfig", "SchedulerStats"]
 
@@ -68,6 +69,21 @@ class Scheduler:
         self.table = ReqTable()
         self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
+        #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``) where the
+        #: runner builds them; else extend batches
+        self.verify_as_decode = False
+        self.spec: Speculator | None = None
+        if config.speculative is not None:
+            self.spec = Speculator(
+                config.speculative,
+                kv,
+                self.table,
+                self.stats,
+                config,
+                finisher,
+                self.output.after_append,
+                self._end,
+            )
 
     # ----- views kept for callers (engine info, tests) -----
 
@@ -198,6 +214,11 @@ class Scheduler:
         items = self._schedule_prefill()
         if items:
             return self._guarded(self._plan_extend, items, [it.req for it in items])
+        if self.spec is not None:
+            reqs = [r for r in self.table.running if not self.decode.certainly_done(r)]
+            verify = self.spec.plan(reqs) if reqs else None
+            if verify is not None:
+                return self._guarded(self._plan_verify, verify, reqs)
         decode = self.decode.alloc()
         if decode is not None:
             return self._guarded(self._plan_decode, decode, decode[0])
@@ -259,12 +280,42 @@ class Scheduler:
             batch, items, counts, [it.req for it in items], sample_reqs, sample_rows, decode=False
         )
 
+    def _plan_verify(self, verify: tuple[list[ExtendItem], list[list[int]]]) -> PlannedBatch:
+        """A speculative verify pass (``plait.core.spec.verify``): an extend over each
+        request's last token and draft, processed by the speculator."""
+        items, drafts = verify
+        shaped = getattr(self.runner, "prepare_verify", None) if self.verify_as_decode else None
+        batch, counts = (shaped or self.runner.prepare_extend)(items)
+        for it in items:
+            it.req.kv_len = it.start + it.length
+        self.decode.decayed()
+        self.stats.forward_passes += 1
+        self.stats.spec_verify_passes += 1
+        spec = self.spec
+        assert spec is not None
+        reqs = [it.req for it in items]
+        return PlannedBatch(
+            batch,
+            items,
+            counts,
+            reqs,
+            [],
+            [],
+            [],
+            [],
+            needs_state=False,
+            has_placeholders=False,
+            verify=lambda logits: spec.apply(items, drafts, logits),
+        )
+
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
         reqs, slots = decode
         inputs = [r.future if r.future is not None else r.output_ids[-1] for r in reqs]
         batch = self.runner.prepare_decode(reqs, slots, inputs)
         for req in reqs:
             req.kv_len += 1
+            if self.spec is not None:
+                self.spec.state(req).record(0, 0, 0)  # a step without a draft
         self.decode.decayed()
         return self._planned(batch, None, [], reqs, reqs, list(range(len(reqs))), decode=True)
 

@@ -7,6 +7,10 @@ field is a running total the engine reports through ``get_server_info``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plait.core.spec.config import SpecSettings
 
 
 @dataclass
@@ -24,6 +28,7 @@ class SchedulerConfig:
     # distinct LoRA adapters the running batch may hold (the adapter pool's slots); None: no
     # adapters enabled
     max_loras_per_batch: int | None = None
+    speculative: SpecSettings | None = None  # NGRAM speculation (plait.core.spec); None: off
 
 
 @dataclass
@@ -35,6 +40,12 @@ class SchedulerStats:
     forward_passes: int = 0
     retractions: int = 0
     jump_forward_tokens: int = 0  # grammar-forced output tokens that skipped a decode step
+    # Speculative decoding (plait.core.spec): verify passes run, request rows in them, drafts
+    # verified and accepted. Tokens per request and verify pass: spec_accept_length.
+    spec_verify_passes: int = 0
+    spec_verify_rows: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # Seconds spent per phase, summed over all steps (divide by forward_passes for a step):
     schedule_seconds: float = 0.0  # scheduler thread: admission, retraction, building batches
     forward_seconds: float = 0.0  # executor: the model's forward

@@ -56,6 +56,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run each forward inline instead of overlapping it with scheduling",
     )
+    p.add_argument(
+        "--speculative-algorithm",
+        default=None,
+        choices=["NGRAM", "STANDALONE"],
+        help="speculative decoding: NGRAM drafts from the request's own text and the "
+        "prefix cache, verified in one pass (docs/speculative.md); STANDALONE is refused",
+    )
+    p.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        default=None,
+        help="tokens verified per request and pass, the last committed one included "
+        "(default 8, or --speculative-num-steps + 1)",
+    )
+    p.add_argument(
+        "--speculative-num-steps", type=int, default=None, help="the longest draft chain"
+    )
+    p.add_argument(
+        "--speculative-draft-model-path",
+        default=None,
+        help="STANDALONE's draft model (not supported yet: refused)",
+    )
     graph = p.add_mutually_exclusive_group()
     graph.add_argument(
         "--disable-graph-capture",

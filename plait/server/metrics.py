@@ -102,6 +102,20 @@ class ServerMetrics:
             ["status"],
             registry=r,
         )
+        self.spec_verify_passes = Counter(
+            "plait_spec_verify_passes", "Speculative verify passes (forwards)", registry=r
+        )
+        self.spec_draft_tokens = Counter(
+            "plait_spec_draft_tokens", "Speculative draft tokens verified", registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "plait_spec_accepted_tokens", "Speculative draft tokens accepted", registry=r
+        )
+        self.spec_accept_length = Gauge(
+            "plait_spec_accept_length",
+            "Tokens committed per request and verify pass since start (accepted drafts + 1)",
+            registry=r,
+        )
 
     # Called by EngineClient for every output message (finished or not).
     def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:
@@ -163,13 +177,17 @@ class ServerMetrics:
             self._recent.popleft()
         self.throughput.set(sum(n for _, n in self._recent) / 10.0)
         self._count_steps(info)
+        self.spec_accept_length.set(_first(info, "spec_accept_length", default=0.0))
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def _count_steps(self, info: dict[str, Any]) -> None:
         """Advance the step counters by what the engine's totals grew since the last scrape
         (a restarted engine's smaller totals start the count afresh)."""
         for key, counter in [(f"{p}_seconds", self.step_seconds.labels(p)) for p in _PHASES] + [
-            ("forward_passes", self.forward_passes)
+            ("forward_passes", self.forward_passes),
+            ("spec_verify_passes", self.spec_verify_passes),
+            ("spec_draft_tokens", self.spec_draft_tokens),
+            ("spec_accepted_tokens", self.spec_accepted_tokens),
         ]:
             value = _first(info, key, default=None)
             if value is None:

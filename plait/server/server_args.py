@@ -27,6 +27,11 @@ class ServerArgs:
     disable_graph_capture: bool = False  # decode runs eagerly even where capture is default
     enable_graph_capture: bool = False  # capture where the device defaults to eager (CPU)
     page_size: int | None = None  # None: the backend's default
+    # Speculative decoding (docs/speculative.md), SGLang's flags; None: the engine's defaults.
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int | None = None
+    speculative_num_steps: int | None = None
+    speculative_draft_model_path: str | None = None
     max_running_requests: int = 64
     mem_fraction: float | None = None
     max_total_tokens: int | None = None
@@ -118,6 +123,10 @@ class ServerArgs:
             random_seed=self.random_seed,
             grammar_compile_timeout=self.grammar_compile_timeout,
             disable_overlap_schedule=self.disable_overlap_schedule or None,
+            speculative_algorithm=self.speculative_algorithm,
+            speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+            speculative_num_steps=self.speculative_num_steps,
+            speculative_draft_model_path=self.speculative_draft_model_path,
             tp_size=self.tp if self.tp != 1 else None,
             quantization=self.quantization,
             quantization_activations=(
@@ -183,6 +192,7 @@ class ServerArgs:
             )
         self._check_device()
         self._check_parsers()
+        self._check_speculative()
 
     def _check_parsers(self) -> None:
         from plait.server.reasoning import REASONING_PARSERS
@@ -243,6 +253,22 @@ class ServerArgs:
             )
         if self.join is not None and not self.join.startswith(("http://", "https://")):
             raise ValueError(f"--join must be the gateway's http(s):// URL, got {self.join!r}")
+
+    def _check_speculative(self) -> None:
+        from plait.core.engine_config import EngineConfig
+        from plait.core.spec.config import check_speculative
+
+        check_speculative(
+            EngineConfig(
+                tp_size=self.tp,
+                page_size=self.page_size,
+                disaggregation_mode="prefill" if self.pd else self.disaggregation_mode,
+                speculative_algorithm=self.speculative_algorithm,
+                speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+                speculative_num_steps=self.speculative_num_steps,
+                speculative_draft_model_path=self.speculative_draft_model_path,
+            )
+        )
 
     def _check_device(self) -> None:
         from plait.backends.registry import backend_classes

@@ -107,7 +107,7 @@ class JaxModelRunner:
         for it in items:
             r2t[it.req.req_pool_idx, it.start : it.start + it.length] = it.slots.to(r2t.dtype)
             base = len(ids)
-            ids.extend(it.req.fill_ids[it.start : it.start + it.length])
+            ids.extend(it.token_ids)
             slots.extend(it.slots.tolist())
             first = max(it.logit_from, it.start) - it.start
             rows.extend(range(base + first, base + it.length))
