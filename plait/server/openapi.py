@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from plait.core.sampling_params import MAX_LOGIT_BIAS
 from plait.server.protocol import _ERROR_TYPES
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -107,7 +108,8 @@ def _prompt_field(s: dict[str, Any], vocab_size: int) -> None:
 def _prompt_rules(comps: dict[str, Any], vocab_size: int) -> None:
     """What the server checks of a prompt, stated: it is non-empty, its token ids are the
     vocabulary's, ``/generate`` takes exactly one of ``text`` and ``input_ids`` (null is
-    absent), stop token ids are non-negative and ``logit_bias`` keys are token ids."""
+    absent), stop token ids are the vocabulary's and ``logit_bias`` maps token ids (digits)
+    to biases in [-100, 100]."""
     for model, field in (
         ("CompletionRequest", "prompt"),
         ("GenerateRequest", "text"),
@@ -125,10 +127,12 @@ def _prompt_rules(comps: dict[str, Any], vocab_size: int) -> None:
         props = comps.get(model, {}).get("properties", {})
         for alt in props.get("stop_token_ids", {}).get("anyOf", []):
             if alt.get("type") == "array":
-                alt["items"] = {"type": "integer", "minimum": 0}
+                alt["items"] = {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}
         for alt in props.get("logit_bias", {}).get("anyOf", []):
             if alt.get("type") == "object":
                 alt["propertyNames"] = {"pattern": "^[0-9]+$"}
+                bias = {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS}
+                alt["additionalProperties"] = bias
 
 
 def install(app: FastAPI) -> None:

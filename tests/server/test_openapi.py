@@ -87,3 +87,20 @@ def test_model_default_and_the_path_are_the_served_model(fake_server):
         body = {"model": model, "prompt": "hi", "max_tokens": 2}
         resp = fake_server.post("/v1/completions", json=body)
         assert resp.status_code == 200, resp.text
+
+
+def test_prompt_rules_are_declared_as_the_server_checks_them(schema, fake_server):
+    vocab = fake_server.get("/get_model_info").json()["vocab_size"]
+    comps = schema["components"]["schemas"]
+    ids = next(a for a in comps["GenerateRequest"]["properties"]["input_ids"]["anyOf"])
+    assert ids["minItems"] == 1 and ids["items"]["maximum"] == vocab - 1
+    prompt = comps["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert {"type": "string", "minLength": 1} in prompt
+    bias = next(
+        a for a in comps["CompletionRequest"]["properties"]["logit_bias"]["anyOf"] if "type" in a
+    )
+    assert bias["additionalProperties"]["maximum"] == 100
+    # the bounds are the server's: the last token id is served, the next one refused
+    for token, status in ((vocab - 1, 200), (vocab, 400)):
+        body = {"input_ids": [token], "sampling_params": {"max_new_tokens": 1}}
+        assert fake_server.post("/generate", json=body).status_code == status
