@@ -11,7 +11,7 @@ FastAPI's generated schema is corrected in four ways:
   404, 413, 429 and 503 (and 401 with ``--api-key``); FastAPI's 422 is dropped since request
   validation errors are answered as 400.
 - ``/health``, ``/health_generate``, ``/flush_cache`` answer ``text/plain`` and ``/metrics``
-  Prometheus' text format, not JSON.
+  Prometheus' text format, not JSON; the generation routes may answer ``text/event-stream``.
 - Prompts, token ids and ``logit_bias`` keys are declared as the server checks them.
 """
 
@@ -50,6 +50,7 @@ TEXT_ROUTES = {  # path -> the content type of its answers (2xx and the bare 503
     "/flush_cache": "text/plain",
     "/metrics": CONTENT_TYPE_LATEST.split("; charset")[0],  # Prometheus' text format
 }
+STREAM_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
 MODEL_ROUTES = ("CompletionRequest", "ChatCompletionRequest")
 
 
@@ -76,6 +77,9 @@ def build_schema(app: FastAPI, models: list[str], vocab_size: int, api_key: bool
         for op in ops.values():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
+            if path in STREAM_ROUTES:  # "stream": true answers server-sent events
+                ok = responses.setdefault("200", {"description": "Successful Response"})
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
             if path in TEXT_ROUTES:
                 ok = responses.setdefault("200", {"description": "Successful Response"})
                 ok["content"] = {TEXT_ROUTES[path]: {"schema": {"type": "string"}}}

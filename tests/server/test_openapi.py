@@ -68,6 +68,15 @@ def test_text_routes_declare_and_answer_their_content_type(
     assert resp.headers["content-type"].startswith(media), resp.headers
 
 
+def test_streams_are_declared_as_server_sent_events(schema, fake_server):
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        content = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}, path
+    body = {"model": "default", "prompt": "hi", "max_tokens": 1, "stream": True}
+    resp = fake_server.post("/v1/completions", json=body)
+    assert resp.headers["content-type"].startswith("text/event-stream")
+
+
 def test_an_error_answer_matches_the_declared_error_schema(schema, fake_server):
     resp = fake_server.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
     assert resp.status_code == 400
