@@ -22,6 +22,7 @@ import plait.server.generate_api as generate_api
 import plait.server.openai_api as openai_api
 import plait.server.openai_chat as openai_chat
 import plait.server.lora_api as lora_api
+import plait.server.openapi as openapi
 from plait.core.messages import GenerateReq
 from plait.server.connection_guard import (
     ConnectionLimits,
@@ -99,6 +100,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     app.include_router(openai_chat.router)
     app.include_router(lora_api.router)
     app.include_router(_admin_routes())
+    openapi.install(app)
     return app
 
 
@@ -111,14 +113,14 @@ def _admin_routes():
     async def health(request: Request) -> Response:
         client: EngineClient = request.app.state.client
         ok = client.is_alive() and not client.draining  # draining: take me out of rotation
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if ok else 503, media_type="text/plain")
 
     @router.get("/health_generate")
     async def health_generate(request: Request) -> Response:
         """Healthy only if a one-token generation goes through the whole pipeline."""
         client: EngineClient = request.app.state.client
         if not client.is_alive():
-            return Response(status_code=503)
+            return Response(status_code=503, media_type="text/plain")
         probe = GenerateReq(
             input_ids=[client.tokenizer.eos_token_id or 0],
             sampling_params={"max_new_tokens": 1, "temperature": 0},
@@ -126,8 +128,8 @@ def _admin_routes():
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
         except (APIError, asyncio.TimeoutError):
-            return Response(status_code=503)
-        return Response(status_code=200)
+            return Response(status_code=503, media_type="text/plain")
+        return Response(status_code=200, media_type="text/plain")
 
     @router.get("/get_model_info")
     @router.get("/model_info")
@@ -180,7 +182,7 @@ def _admin_routes():
         ok = await request.app.state.client.flush_cache()
         if ok is False or (isinstance(ok, dict) and "error" in ok):
             raise APIError("cache not flushed: requests are still running", status=400)
-        return Response("Cache flushed.\n", status_code=200)
+        return Response("Cache flushed.\n", status_code=200, media_type="text/plain")
 
     @router.post("/abort_request")
     async def abort_request(body: AbortRequest, request: Request) -> dict[str, Any]:

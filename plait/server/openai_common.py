@@ -29,10 +29,11 @@ def client_of(request: Request) -> EngineClient:
 
 
 def check_model(client: EngineClient, model: str) -> str | None:
-    """The LoRA adapter ``model`` names (None: the base model). With adapters enabled,
-    ``model`` is the base, ``base:adapter`` (SGLang's form) or an adapter's name, which the
-    engine checks (400 naming an unknown one); without, anything but the base is a 400."""
-    bases = (client.model_name, client.model_path)
+    """The LoRA adapter ``model`` names (None: the base model). The base is its served name,
+    its path or SGLang's ``default``. With adapters enabled, ``model`` is the base,
+    ``base:adapter`` (SGLang's form) or an adapter's name, which the engine checks (400
+    naming an unknown one); without, anything but the base is a 400."""
+    bases = (client.model_name, client.model_path, "default")  # SGLang's name for "the base"
     if model in bases:
         return None
     if client.lora_enabled:

@@ -273,6 +273,19 @@ def _checker(name: str):
     return check
 
 
+def _schema_of(name: str) -> dict[str, Any]:
+    """The values ``asks_for_nothing`` accepts, as JSON Schema (so a schema-driven client
+    or fuzzer sends only those)."""
+    alts: list[dict[str, Any]] = [
+        {"type": "null"},
+        {"type": "array", "maxItems": 0},
+        {"type": "object", "maxProperties": 0},
+    ]
+    if UNSUPPORTED[name]:
+        alts.append({"enum": list(UNSUPPORTED[name])})
+    return {"anyOf": alts}
+
+
 def unsupported_fields(model_name: str, *names: str) -> type[BaseModel]:
     """A mixin declaring ``names`` (each must be in ``UNSUPPORTED``) as fields that validate
     by ``asks_for_nothing`` and are left out of ``model_dump``."""
@@ -280,7 +293,10 @@ def unsupported_fields(model_name: str, *names: str) -> type[BaseModel]:
     if missing:
         raise KeyError(f"not in UNSUPPORTED: {missing}")
     fields: dict[str, Any] = {
-        n: (Annotated[Any, AfterValidator(_checker(n))], Field(default=None, exclude=True))
+        n: (
+            Annotated[Any, AfterValidator(_checker(n))],
+            Field(default=None, exclude=True, json_schema_extra=_schema_of(n)),
+        )
         for n in names
     }
     return create_model(model_name, **fields)

@@ -1,5 +1,6 @@
 """``plait serve --lora-paths`` end to end: a real server process on the tiny model, the openai
-SDK naming the adapter as ``model`` (and SGLang's ``base:adapter``), ``lora_path`` on
+SDK naming the adapter as ``model`` (and SGLang's ``base:adapter``, ``default:adapter``; the
+OpenAPI schema's ``model`` enum follows the loaded adapters), ``lora_path`` on
 /generate, /v1/models, /load_lora_adapter and /unload_lora_adapter; output equal to
 transformers + peft."""
 
@@ -28,7 +29,8 @@ def test_serve_with_adapters(lora_setup, tmp_path):
         base = models[0]["id"]
         assert {m["id"] for m in models} == {base, "qv4", "all8"}
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
-        for model, name in (("qv4", "qv4"), (f"{base}:all8", "all8"), (base, None)):
+        pairs = (("qv4", "qv4"), (f"{base}:all8", "all8"), ("default:qv4", "qv4"), (base, None))
+        for model, name in pairs:
             out = client.completions.create(
                 model=model, prompt=PROMPTS[2], max_tokens=GREEDY["max_new_tokens"], temperature=0
             )
@@ -46,6 +48,7 @@ def test_serve_with_adapters(lora_setup, tmp_path):
             "/load_lora_adapter", json={"lora_name": "mlp6", "lora_path": str(dirs["mlp6"])}
         )
         assert r.status_code == 200, r.text
+        assert {"mlp6", "default:mlp6", f"{base}:qv4"} <= set(_schema_models(server))
         batch = server.post(
             "/generate",
             json={
@@ -57,7 +60,13 @@ def test_serve_with_adapters(lora_setup, tmp_path):
         names = ["mlp6", None, "qv4", "mlp6"]
         assert [o["output_ids"] for o in batch] == [expected[n][i] for i, n in enumerate(names)]
         assert server.post("/unload_lora_adapter", json={"lora_name": "mlp6"}).status_code == 200
+        assert "mlp6" not in _schema_models(server)  # the schema follows the loaded adapters
         r = server.post("/unload_lora_adapter", json={"lora_name": "mlp6"})
         assert r.status_code == 400 and "mlp6" in r.text
     finally:
         server.stop()
+
+
+def _schema_models(server) -> list[str]:
+    schema = server.get("/openapi.json").json()
+    return schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]["enum"]
