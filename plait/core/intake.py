@@ -20,6 +20,11 @@ from plait.core.request import Req
 from plait.core.sampling_params import CONSTRAINTS, SamplingParams
 
 
+def long_rope_namespace(regime: int) -> Any:
+    """The prefix-cache namespace of base-model sequences past a RoPE switch at ``regime``."""
+    return ("long-rope", regime)
+
+
 class RequestIntake:
     def __init__(
         self,
@@ -91,7 +96,7 @@ class RequestIntake:
     def _namespace(self, lora: Any, prompt_len: int) -> Any:
         regime = self.rope_regime_length
         if lora is None and regime is not None and prompt_len > regime:
-            return ("long-rope", regime)
+            return long_rope_namespace(regime)
         return lora
 
     def _lora(self, name: str | None) -> Any:

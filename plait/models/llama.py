@@ -66,10 +66,10 @@ class RotaryEmbedding(nn.Module):
     length L equals transformers' forward for every such type; a prompt equals transformers'
     when it is within ``threshold`` (any chunking or cache hit) or when it is prefilled in one
     piece (transformers itself differs between chunkings there). Phi-3's ``generate`` adds
-    one step of its own: when a sequence first grows past ``threshold`` it drops its cache
-    and recomputes every token with the long factors; Plait keeps the earlier keys (as
-    transformers' forward does), so a generation that crosses the length differs from
-    ``generate`` from that step on.
+    one step for ``longrope``: when a sequence first grows past ``threshold`` it drops its
+    cache and recomputes every token with the long factors; the scheduler does the same
+    (``LlamaForCausalLM.rope_reprefill_length``: the request is prefilled again, equal to
+    ``generate`` when that prefill is one piece).
     """
 
     def __init__(
@@ -269,6 +269,9 @@ class LlamaForCausalLM(nn.Module):
         #: past this sequence length a forward rotates with other frequencies (None: never);
         #: the engine keeps such prompts' prefix cache apart (``RequestIntake``)
         self.rope_regime_length = rotary.threshold
+        #: longrope: a sequence crossing the switch is prefilled again whole (the scheduler's
+        #: ``rope_reprefill_length``), as Phi-3's ``generate`` recomputes its cache there
+        self.rope_reprefill_length = rotary.threshold if rotary.rope_type == "longrope" else None
         self.layers = nn.ModuleList(
             self.layer_cls(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )

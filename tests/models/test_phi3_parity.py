@@ -3,12 +3,12 @@ loader into Plait's layout, per tensor-parallel rank): greedy tokens equal trans
 float32, batched, with chunked prefill and after a prefix-cache hit.
 
 ``longrope`` (short factors up to ``original_max_position_embeddings``, 32 here; long
-factors and the attention factor past it) follows transformers' per-forward switch:
-sequences within 32 match ``generate`` batched, chunked and cached; a prompt past 32
-prefilled in one piece matches ``generate`` (every token long); a generation that crosses
-32 matches transformers' forward step by step (the keys cached before keep their short
-factors). Phi-3's ``generate`` instead recomputes the whole cache with the long factors at
-the crossing, which Plait does not (see ``RotaryEmbedding`` in plait/models/llama.py).
+factors and the attention factor past it) follows transformers' Phi-3: a forward picks the
+factors by the length it reaches, and a generation that crosses 32 is prefilled again whole
+with the long factors (Phi-3's ``generate`` drops its cache there). Sequences within 32
+match ``generate`` batched, chunked and cached; prompts past 32 and generations crossing 32
+match it, batched and cached, when each such prefill is one piece (a chunked one is
+transformers' forward over those chunks, not ``generate``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def test_phi3_fused_checkpoint_matches_transformers(tmp_path, smollm_dir):
 
 def stepwise_tokens(path, ids: list[int], new: int) -> list[int]:
     """transformers' greedy tokens one forward per token over its own cache, without
-    ``generate``'s recompute at the crossing: each forward picks short or long factors by
-    the length it reaches."""
+    ``generate``'s recompute at the crossing (what Plait would give without its re-prefill)."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -63,13 +62,17 @@ def test_phi3_longrope_matches_transformers(tmp_path, smollm_dir):
     within = [list(range(300, 312)), [5, 17, 300, 4000, 41], list(range(300, 310)) + [7, 8]]
     want = hf_tokens(path, within, 16)  # every sequence ends within 32: short factors
     assert_engine_matches(path, want, within, new=16, chunk=4, context_length=96)
+    want = hf_tokens(path, within, 28)  # every generation crosses 32: re-prefilled whole
+    assert_engine_matches(path, want, within, new=28, chunk=None, context_length=96)
     long = [list(range(1000, 1040))]  # 40 tokens: long factors from the first forward
     want_long = hf_tokens(path, long, 12)
     assert hf_tokens(path, long, 12, rope_parameters=short) != want_long  # long factors matter
     # 21 tokens + 16: decode crosses 32 at step 12. A prefix of ``long``, served after it:
     # the long prompt's keys (long factors) must not be reused for it
     crossing = [list(range(1000, 1021))]
-    want_crossing = [stepwise_tokens(path, crossing[0], 16)]
+    want_crossing = hf_tokens(path, crossing, 16)
+    # without generate's recompute at the switch the tokens differ from step 12 on
+    assert stepwise_tokens(path, crossing[0], 16) != want_crossing[0]
     with plait.Engine(str(path), max_total_tokens=1024, context_length=96) as engine:
         got = engine.generate(input_ids=long, sampling_params={**GREEDY, "max_new_tokens": 12})
         assert [o["output_ids"] for o in got] == want_long
