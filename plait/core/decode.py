@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from plait.core.finish_reason import FinishReason
+from plait.core.intake import long_rope_namespace
 from plait.core.kv_manager import KVManager
 from plait.core.req_table import ReqTable
 from plait.core.request import Req
@@ -72,6 +73,8 @@ class DecodeAllocator:
     def alloc(self) -> tuple[list[Req], torch.Tensor] | None:
         """The requests to decode and one slot each, climbing the ladder until it fits."""
         while True:
+            if self._reprefill_at_rope_switch():
+                continue
             reqs = [r for r in self.table.running if not self.certainly_done(r)]
             if not reqs:
                 return None
@@ -89,6 +92,31 @@ class DecodeAllocator:
                 )
                 return None
             self._retract_one()
+
+    def _reprefill_at_rope_switch(self) -> bool:
+        """Base-model requests whose next decode would reach past the model's RoPE switch
+        (``rope_reprefill_length``) go back to the queue, to be prefilled again whole with the
+        long frequencies (transformers' Phi-3 ``generate`` drops its cache there) under the
+        long-RoPE prefix-cache namespace; their short-RoPE keys stay cached in the base one."""
+        n = self.config.rope_reprefill_length
+        if n is None:
+            return False
+        due = [
+            r
+            for r in self.table.running
+            if r.cache_namespace is None
+            and len(r.input_ids) + len(r.output_ids) + (r.future is not None) > n
+        ]
+        if not due:
+            return False
+        if self.table.inflight:  # retraction needs the outputs processed
+            self.drain()
+            return True
+        for req in due:
+            self.kv.release(req)
+            req.cache_namespace = long_rope_namespace(n)
+            self.table.requeue(req)
+        return True
 
     def release_pending_jumps(self) -> bool:
         """Retract waiting requests that hold KV for jump-forward tokens not yet extended.

@@ -62,6 +62,9 @@ class Engine:
             disaggregation_mode=rt.config.disaggregation_mode,
             grammar_compile_timeout=rt.config.grammar_compile_timeout,
             lora_namespace=None if manager is None else manager.uid,
+            rope_regime_length=getattr(
+                getattr(self.scheduler.runner, "model", None), "rope_regime_length", None
+            ),
         )
         self._call = self._loop.call
         self.lora = LoraControl(manager, self.scheduler, self._call)

@@ -101,7 +101,9 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype, loader: Any = N
     return tokens
 
 
-def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
+def scheduler_config(
+    cfg: EngineConfig, context_len: int, rope_reprefill_length: int | None = None
+) -> SchedulerConfig:
     """The scheduler's settings from the engine's. Speculative decoding runs without the
     overlap schedule (as SGLang's NGRAM does): drafts are cut from the tokens the previous
     step committed, so the next step cannot be planned before that one is processed."""
@@ -123,6 +125,7 @@ def scheduler_config(cfg: EngineConfig, context_len: int) -> SchedulerConfig:
         and spec is None,
         max_loras_per_batch=cfg.max_loras_per_batch if cfg.lora_enabled else None,
         speculative=spec,
+        rope_reprefill_length=rope_reprefill_length,
     )
 
 
@@ -279,7 +282,14 @@ def _build_on(
         kv = KVManager.create(req_pool, allocator, enable_cache=not cfg.disable_radix_cache)
         eos = eos_ids(hf, tokenizer)
         scheduler = Scheduler(
-            runner, kv, RequestFinisher(tokenizer, eos), scheduler_config(cfg, context_len)
+            runner,
+            kv,
+            RequestFinisher(tokenizer, eos),
+            scheduler_config(
+                cfg,
+                context_len,
+                getattr(getattr(runner, "model", None), "rope_reprefill_length", None),
+            ),
         )
         rt = Runtime(
             config=cfg,

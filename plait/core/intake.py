@@ -20,6 +20,11 @@ from plait.core.request import Req
 from plait.core.sampling_params import CONSTRAINTS, SamplingParams
 
 
+def long_rope_namespace(regime: int) -> Any:
+    """The prefix-cache namespace of base-model sequences past a RoPE switch at ``regime``."""
+    return ("long-rope", regime)
+
+
 class RequestIntake:
     def __init__(
         self,
@@ -32,9 +37,14 @@ class RequestIntake:
         disaggregation_mode: str,
         grammar_compile_timeout: float,
         lora_namespace: Callable[[str], Any] | None = None,
+        rope_regime_length: int | None = None,
     ):
         """``lora_namespace``: an adapter name -> its prefix-cache namespace, ValueError
-        naming ``lora_path`` for one not loaded; None: the engine has no adapters."""
+        naming ``lora_path`` for one not loaded; None: the engine has no adapters.
+        ``rope_regime_length``: the model's length past which a forward rotates with other
+        frequencies (``dynamic``/``longrope`` RoPE): base-model prompts longer than it get a
+        prefix-cache namespace of their own, so a short prompt never reuses keys rotated with
+        the long frequencies (nor a long one short keys it would not have computed)."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.limits = RequestLimits(
@@ -44,6 +54,7 @@ class RequestIntake:
         self.disaggregation_mode = disaggregation_mode
         self.grammar_compile_timeout = grammar_compile_timeout
         self.lora_namespace = lora_namespace
+        self.rope_regime_length = rope_regime_length
         self.grammar_compiler: Any = None  # built on the first grammar
         self._grammar_lock = threading.Lock()
 
@@ -73,7 +84,7 @@ class RequestIntake:
                     stream=one.stream,
                     bootstrap=one.bootstrap,
                     lora_id=one.lora_path,
-                    cache_namespace=namespace,
+                    cache_namespace=self._namespace(namespace, len(one.input_ids)),
                 )
                 if sp.seed is not None:
                     req.generator = torch.Generator().manual_seed(sp.seed)
@@ -81,6 +92,12 @@ class RequestIntake:
                     req.grammar = grammar()
                 reqs.append(req)
         return reqs
+
+    def _namespace(self, lora: Any, prompt_len: int) -> Any:
+        regime = self.rope_regime_length
+        if lora is None and regime is not None and prompt_len > regime:
+            return long_rope_namespace(regime)
+        return lora
 
     def _lora(self, name: str | None) -> Any:
         if name is None:

@@ -29,6 +29,9 @@ class SchedulerConfig:
     # adapters enabled
     max_loras_per_batch: int | None = None
     speculative: SpecSettings | None = None  # NGRAM speculation (plait.core.spec); None: off
+    # the model's RoPE switch length where a sequence crossing it is prefilled again whole
+    # (Phi-3 longrope, as transformers' generate recomputes its cache there); None: never
+    rope_reprefill_length: int | None = None
 
 
 @dataclass

@@ -58,12 +58,18 @@ def rope_parameters(config: Any) -> dict:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to the context length, computed like transformers.
 
-    ``dynamic`` (NTK) follows transformers' rule: a forward whose sequence reaches
-    length L past ``threshold`` (``max_position_embeddings``) rotates all its new tokens with the frequencies for L (keys
-    already cached keep theirs). :meth:`tables` applies it per request given each token's
-    ``lengths``, so a decode step at length L equals transformers' for every such type; a
-    prompt equals transformers' when it is within ``threshold`` (any chunking or cache hit) or
-    when it is prefilled in one piece (transformers itself differs between chunkings there).
+    ``dynamic`` (NTK) and ``longrope`` follow transformers' rule: a forward whose sequence
+    reaches length L past ``threshold`` (``max_position_embeddings``; longrope's
+    ``original_max_position_embeddings``) rotates all its new tokens with the frequencies for
+    L (NTK's stretch for L, longrope's long factors; keys already cached keep theirs).
+    :meth:`tables` applies it per request given each token's ``lengths``, so a decode step at
+    length L equals transformers' forward for every such type; a prompt equals transformers'
+    when it is within ``threshold`` (any chunking or cache hit) or when it is prefilled in one
+    piece (transformers itself differs between chunkings there). Phi-3's ``generate`` adds
+    one step for ``longrope``: when a sequence first grows past ``threshold`` it drops its
+    cache and recomputes every token with the long factors; the scheduler does the same
+    (``LlamaForCausalLM.rope_reprefill_length``: the request is prefilled again, equal to
+    ``generate`` when that prefill is one piece).
     """
 
     def __init__(
@@ -79,18 +85,17 @@ class RotaryEmbedding(nn.Module):
                 f"partial_rotary_factor={params['partial_rotary_factor']} is not supported "
                 "(Plait rotates the whole head)"
             )
-        if rope_type == "longrope":
-            raise ValueError(  # its switch is per forward too; decode past the switch differs
-                "rope_type 'longrope' is not supported yet: past "
-                "original_max_position_embeddings its long factors do not yet give "
-                "transformers' tokens (tests/models/test_phi3_parity.py)"
-            )
         self.rope_type, self.config = rope_type, config
         self.init_kwargs = {} if layer_type is None else {"layer_type": layer_type}
         #: the sequence length past which frequencies change (None: they never do)
         self.threshold: int | None = None
         if rope_type == "dynamic":
             self.threshold = int(config.max_position_embeddings)
+        if rope_type == "longrope":  # short factors up to this length, long ones past it
+            self.threshold = int(
+                params.get("original_max_position_embeddings")
+                or config.original_max_position_embeddings
+            )
         if rope_type == "default":
             base = params["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -261,6 +266,12 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         rotary = self.shared_rotary()
+        #: past this sequence length a forward rotates with other frequencies (None: never);
+        #: the engine keeps such prompts' prefix cache apart (``RequestIntake``)
+        self.rope_regime_length = rotary.threshold
+        #: longrope: a sequence crossing the switch is prefilled again whole (the scheduler's
+        #: ``rope_reprefill_length``), as Phi-3's ``generate`` recomputes its cache there
+        self.rope_reprefill_length = rotary.threshold if rotary.rope_type == "longrope" else None
         self.layers = nn.ModuleList(
             self.layer_cls(config, i, rotary, tp) for i in range(config.num_hidden_layers)
         )
