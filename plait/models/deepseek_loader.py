@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from plait.core.kv_layout import KVCacheLayout, latent_layout
+from plait.models.checkpoint_files import checkpoint_entries
 from plait.models.deepseek import ARCHITECTURES, DeepseekForCausalLM
 from plait.models.deepseek_moe import DeepseekMoE
 from plait.models.llama import RotaryEmbedding
@@ -112,23 +112,18 @@ def load_deepseek(
 def _load_weights(model: DeepseekForCausalLM, model_dir: Path, config: Any) -> None:
     targets = dict(model.named_parameters())
     loaded: set[str] = set()
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no .safetensors files in {str(model_dir)!r}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                mapped = _map_name(name, model)
-                if mapped is None:
-                    continue
-                target, copy = mapped
-                if target not in targets:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-                with torch.no_grad():
-                    copy(targets[target], f.get_tensor(name).float())
-                loaded.add(target)
-                if target.endswith(".w_uk"):  # kv_b_proj fills both halves
-                    loaded.add(target.removesuffix("w_uk") + "w_uv")
+    for name, f in checkpoint_entries(model_dir):
+        mapped = _map_name(name, model)
+        if mapped is None:
+            continue
+        target, copy = mapped
+        if target not in targets:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        with torch.no_grad():
+            copy(targets[target], f.get_tensor(name).float())
+        loaded.add(target)
+        if target.endswith(".w_uk"):  # kv_b_proj fills both halves
+            loaded.add(target.removesuffix("w_uk") + "w_uv")
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     optional = {n for n in targets if n.endswith("e_score_correction_bias")}
     missing = set(targets) - loaded - tied - optional

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.core.tp.group import TPGroup
+from plait.models.checkpoint_files import checkpoint_entries
 from plait.models.llama import LlamaForCausalLM
 from plait.quant import QuantConfig
 from plait.quant.modules import QuantizedMatmul
@@ -200,28 +200,23 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
     columns this rank owns, so no rank ever holds a full weight it does not keep."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no .safetensors files in {str(model_dir)!r}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                targets = _fused_in_checkpoint(name, model, config)
-                if targets is None:
-                    one = _map_name(name, model)
-                    targets = [] if one is None else [one]
-                for target in targets:
-                    part = f.get_slice(name)
-                    if target.dim is None:
-                        tensor = part[:]
-                    elif target.dim == 0:
-                        tensor = part[target.start : target.stop]
-                    else:
-                        tensor = part[:, target.start : target.stop]
-                    param = params[target.param]
-                    with torch.no_grad():
-                        param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
-                    loaded.add(target.param)
+    for name, f in checkpoint_entries(model_dir):
+        targets = _fused_in_checkpoint(name, model, config)
+        if targets is None:
+            one = _map_name(name, model)
+            targets = [] if one is None else [one]
+        for target in targets:
+            part = f.get_slice(name)
+            if target.dim is None:
+                tensor = part[:]
+            elif target.dim == 0:
+                tensor = part[target.start : target.stop]
+            else:
+                tensor = part[:, target.start : target.stop]
+            param = params[target.param]
+            with torch.no_grad():
+                param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
+            loaded.add(target.param)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = set(params) - loaded - tied
     if missing:

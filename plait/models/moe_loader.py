@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 
+from plait.models.checkpoint_files import checkpoint_entries
 from plait.models.moe_models import MoeForCausalLM, check_moe_config
 
 if TYPE_CHECKING:
@@ -84,20 +84,15 @@ def load_moe_weights(model: MoeForCausalLM, model_dir: Path) -> None:
     with torch.no_grad():
         for p in params.values():
             p.fill_(float("nan"))
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no .safetensors files in {str(model_dir)!r}")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                target = _target(name, model)
-                if target is None:
-                    continue
-                param, index = target
-                if param not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-                with torch.no_grad():
-                    params[param][index].copy_(f.get_tensor(name))
+    for name, f in checkpoint_entries(model_dir):
+        target = _target(name, model)
+        if target is None:
+            continue
+        param, index = target
+        if param not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        with torch.no_grad():
+            params[param][index].copy_(f.get_tensor(name))
     if getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = model.embed_tokens.weight
     missing = sorted(n for n, p in model.named_parameters() if torch.isnan(p).any())

@@ -40,8 +40,18 @@ def load_llama(
 ) -> torch.nn.Module:
     """:func:`plait.models.loader.load_model` for ``spec`` (looked up at call time, so a test
     may replace it in a worker process)."""
+    return _load_llama_family(spec, device, matmul)
+
+
+def _load_llama_family(
+    spec: ModelSpec,
+    device: torch.device,
+    matmul: QuantizedMatmul | None,
+    model_cls: type[torch.nn.Module] | None = None,
+) -> torch.nn.Module:
     from plait.models import loader
 
+    extra = {} if model_cls is None else {"model_cls": model_cls}
     return loader.load_model(
         spec.model_dir,
         spec.hf_config,
@@ -51,6 +61,7 @@ def load_llama(
         spec.tp,
         spec.quantization,
         matmul,
+        **extra,
     )
 
 
@@ -70,20 +81,8 @@ def class_loader(module: str, name: str) -> "ModelLoader":
     def load(
         spec: ModelSpec, device: torch.device, matmul: QuantizedMatmul | None
     ) -> torch.nn.Module:
-        from plait.models import loader
-
         model_cls = getattr(importlib.import_module(module), name)
-        return loader.load_model(
-            spec.model_dir,
-            spec.hf_config,
-            spec.dtype,
-            device,
-            spec.context_len,
-            spec.tp,
-            spec.quantization,
-            matmul,
-            model_cls=model_cls,
-        )
+        return _load_llama_family(spec, device, matmul, model_cls)
 
     load.__qualname__ = f"class_loader[{name}]"
     return load
