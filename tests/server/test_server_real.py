@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.server.bad_inputs import CASES, assert_openai_error, send_bad
+from tests.server.conftest import start_server
 from tests.server.sglang_venv import BENCH_PACKAGES, FRONTEND_PACKAGES, SGLANG_VERSION, sglang_venv
 from tests.server.test_fuzz import fuzz
 from tests.server.test_server_fake import sse_events, wait_until_idle
@@ -357,8 +358,10 @@ def test_metrics_after_traffic(real_server):
     assert float(count.split()[-1]) > 30
 
 
-def test_sigterm_shuts_down_gracefully_with_exit_0(real_server):
-    """Keep last: it stops the module's server."""
+def test_sigterm_shuts_down_gracefully_with_exit_0(real_model_path, tmp_path):
+    """On a server of its own: the session's ``real_server`` serves other modules after this
+    one (the gateway and tools tests), so stopping it here would fail them."""
+    real_server = start_server(["--device", "cpu"], tmp_path / "sigterm.log", real_model_path)
     streamed = {}
 
     def stream():
