@@ -161,7 +161,13 @@ def test_a_two_turn_loop_with_a_tool_result(client):
     model = _model(client)
     messages = [{"role": "user", "content": PROMPTS[0]}]
     first = client.chat.completions.create(
-        model=model, messages=messages, tools=TOOLS, tool_choice=CHOICES[1], max_tokens=100
+        model=model,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice=CHOICES[1],
+        parallel_tool_calls=False,  # one call, whole: a second one could run past max_tokens
+        temperature=0,
+        max_tokens=100,
     )
     call = first.choices[0].message.tool_calls[0]
     messages += [
