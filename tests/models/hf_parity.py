@@ -22,23 +22,11 @@ from typing import Any
 import torch
 
 import plait
+from tests.conftest import TINY_BASE
 
 #: a tiny dense config's shared fields (SmolLM2's vocabulary, so its tokenizer and chat
 #: template serve the checkpoint); an architecture's test overrides what it needs
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    vocab_size=49152,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-)
+TINY = TINY_BASE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SHARED = list(range(300, 336))  # a 36-token prefix two prompts share: the cache hit
 PROMPTS = [
