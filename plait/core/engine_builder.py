@@ -252,6 +252,7 @@ def _build_on(
     dtype = DTYPES[str(cfg.dtype)]
     if cfg.random_seed is not None:
         torch.manual_seed(cfg.random_seed)
+    draft = _draft_checkpoint(cfg, checkpoint)  # refuses another tokenizer before loading
     tokens = size_kv_pool(hf, cfg, dtype, checkpoint.load_model)
     page_size = _page_size(cfg)
     req_pool = ReqToTokenPool(cfg.max_running_requests, context_len + 1, backend.torch_device)
@@ -291,6 +292,10 @@ def _build_on(
                 getattr(getattr(runner, "model", None), "rope_reprefill_length", None),
             ),
         )
+        if draft is not None:
+            from plait.core.spec.draft_setup import attach_draft_model
+
+            attach_draft_model(scheduler, backend, cfg, draft, spec, tokens)
         rt = Runtime(
             config=cfg,
             backend=backend,
@@ -310,6 +315,19 @@ def _build_on(
         if tp_runner is not None:  # the other ranks started: stop them too
             tp_runner.ranks.stop()
         raise
+
+
+def _draft_checkpoint(cfg: EngineConfig, target: Checkpoint) -> Checkpoint | None:
+    """STANDALONE's draft checkpoint (config and tokenizer; weights load later), checked to
+    share the target's tokenizer; None for any other algorithm."""
+    if cfg.speculative_algorithm != "STANDALONE":
+        return None
+    from plait import compose
+    from plait.core.spec.draft_setup import check_same_tokenizer
+
+    draft = compose.open_checkpoint(compose.resolve_model_dir(cfg.speculative_draft_model_path))
+    check_same_tokenizer(target, draft)
+    return draft
 
 
 def _page_size(cfg: EngineConfig) -> int:

@@ -68,11 +68,11 @@ class EngineConfig:
         return bool(self.lora_paths) or self.max_lora_rank is not None
 
     # Speculative decoding, SGLang's names (docs/speculative.md; checked by
-    # plait.core.spec.config). NGRAM only: STANDALONE (a draft model) is refused.
+    # plait.core.spec.config): NGRAM, or STANDALONE with a draft model.
     speculative_algorithm: str | None = None  # None: off
     speculative_num_draft_tokens: int | None = None  # tokens verified per request and pass
     speculative_num_steps: int | None = None  # the longest draft chain
-    speculative_draft_model_path: str | None = None  # STANDALONE's draft model (refused)
+    speculative_draft_model_path: str | None = None  # STANDALONE's draft model
     speculative_ngram_min_match_window_size: int = 1
     speculative_ngram_max_match_window_size: int = 12
 

@@ -44,6 +44,7 @@ evictable; after ``flush`` every slot is free.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -142,6 +143,8 @@ class KVManager:
         self.cache = cache
         self.page_size = allocator.page_size
         self.num_slots = allocator.num_slots
+        #: called with every request released (a draft model frees its own KV for it)
+        self.on_release: list[Callable[[Req], None]] = []
 
     @classmethod
     def create(
@@ -263,6 +266,8 @@ class KVManager:
         """Return all of ``req``'s KV (finish, abort or retraction): computed tokens go to the
         cache, the rest is freed, the lock and the row are given back. No-op when ``req``
         holds no row."""
+        for hook in self.on_release:
+            hook(req)
         if req.req_pool_idx is None:
             return
         if req.kv_len > 0:

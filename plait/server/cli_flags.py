@@ -61,7 +61,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=["NGRAM", "STANDALONE"],
         help="speculative decoding: NGRAM drafts from the request's own text and the "
-        "prefix cache, verified in one pass (docs/speculative.md); STANDALONE is refused",
+        "prefix cache, STANDALONE from a smaller draft model with the same tokenizer "
+        "(--speculative-draft-model-path); verified in one pass (docs/speculative.md)",
     )
     p.add_argument(
         "--speculative-num-draft-tokens",
@@ -76,7 +77,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculative-draft-model-path",
         default=None,
-        help="STANDALONE's draft model (not supported yet: refused)",
+        help="STANDALONE's draft model: a checkpoint with the target's tokenizer",
     )
     graph = p.add_mutually_exclusive_group()
     graph.add_argument(

@@ -1,5 +1,6 @@
 """Speculative decoding's settings: SGLang's option names, checked once, resolved to what the
-scheduler runs (:class:`SpecSettings`).
+scheduler runs (:class:`SpecSettings`). ``NGRAM`` drafts from text the request has seen;
+``STANDALONE`` from a draft model (``speculative_draft_model_path``, ``draft_model.py``).
 
 Meanings (as SGLang's): ``speculative_num_draft_tokens`` is how many tokens one verify pass
 computes for a request, the last committed token included; ``speculative_num_steps`` is the
@@ -41,16 +42,17 @@ def check_speculative(cfg: Any) -> None:
             "speculative_draft_model_path",
         ):
             if getattr(cfg, name) is not None:
-                raise ValueError(f"{name} needs speculative_algorithm (NGRAM)")
+                raise ValueError(f"{name} needs speculative_algorithm (NGRAM or STANDALONE)")
         return
     if algo not in ALGORITHMS:
         raise ValueError(f"speculative_algorithm must be one of {ALGORITHMS}, got {algo!r}")
-    if algo == "STANDALONE":
+    path = cfg.speculative_draft_model_path
+    if algo == "STANDALONE" and not path:
         raise ValueError(
-            "speculative_algorithm='STANDALONE' (a draft model, "
-            "--speculative-draft-model-path) is not supported yet; use NGRAM"
+            "speculative_algorithm='STANDALONE' needs speculative_draft_model_path "
+            "(--speculative-draft-model-path: the draft model's checkpoint)"
         )
-    if cfg.speculative_draft_model_path is not None:
+    if algo == "NGRAM" and path is not None:
         raise ValueError("speculative_draft_model_path is for STANDALONE; NGRAM has no draft model")
     if getattr(cfg, "lora_enabled", False):
         raise ValueError(
@@ -75,7 +77,7 @@ def check_speculative(cfg: Any) -> None:
     if n is not None and steps is not None and n > steps + 1:
         raise ValueError(
             f"speculative_num_draft_tokens={n} > speculative_num_steps + 1 = {steps + 1} "
-            "asks for a draft tree; NGRAM drafts one chain"
+            "asks for a draft tree; Plait drafts one chain"
         )
     if n == 1:
         raise ValueError("speculative_num_draft_tokens must be at least 2 (one draft)")

@@ -1,7 +1,8 @@
 """Speculative decoding's step: draft, verify in one extend pass, commit what the model agrees
 with.
 
-Planning (:meth:`Speculator.plan`): every running request gets a draft (``ngram.py``) cut to
+Planning (:meth:`Speculator.plan`): every running request gets a draft (``ngram.py``; under
+STANDALONE the draft model's, ``draft_model.py``) cut to
 what it may still produce (``max_new_tokens``, the context) and to what its grammar allows,
 and KV for its last token plus the draft. Requests of different draft lengths go into one
 extend batch, ``[last token, d_1 .. d_k]`` each, with logits for every row. When no request
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -47,6 +48,13 @@ from plait.core.spec.config import SpecSettings
 from plait.core.spec.ngram import DraftState, propose
 
 log = logging.getLogger(__name__)
+
+
+class Drafter(Protocol):
+    """A draft model (STANDALONE): up to ``budgets[i]`` drafts after each request's
+    committed tokens, in one batch."""
+
+    def propose(self, reqs: list[Req], budgets: list[int]) -> list[list[int]]: ...
 
 
 class Speculator:
@@ -73,6 +81,8 @@ class Speculator:
         self.finisher = finisher
         self.after_append = after_append
         self.end = end
+        #: STANDALONE's draft model (``draft_model.DraftModel``); None: NGRAM drafts
+        self.drafter: Drafter | None = None
 
     # ----- planning -----
 
@@ -81,27 +91,40 @@ class Speculator:
             req.spec = DraftState(budget=self.settings.max_drafts)
         return req.spec
 
-    def draft(self, req: Req) -> list[int]:
-        """``req``'s draft this step, within its limits and its grammar."""
-        state = self.state(req)
-        seq = req.fill_ids
+    def budget(self, req: Req) -> int:
+        """How many drafts ``req`` may have this step (call once per step: it counts down a
+        cooldown)."""
         room = min(
             req.sampling.max_new_tokens - len(req.output_ids) - 1,
-            self.config.context_len - len(seq) - 1,
+            self.config.context_len - len(req.fill_ids) - 1,
         )
-        k = min(state.next_budget(), room)
+        return min(self.state(req).next_budget(), room)
+
+    def draft(self, req: Req) -> list[int]:
+        """``req``'s NGRAM draft this step, within its limits and its grammar."""
+        k = self.budget(req)
         if k <= 0:
             return []
         s = self.settings
-        drafts = propose(state, seq, self.kv.cache, k, s.min_match, s.max_match)
+        drafts = propose(self.state(req), req.fill_ids, self.kv.cache, k, s.min_match, s.max_match)
         if req.grammar is not None:
             drafts = _grammar_prefix(req.grammar, drafts)
         return drafts
 
+    def drafts(self, reqs: list[Req]) -> list[list[int]]:
+        """Every request's draft this step: NGRAM's, or the draft model's in one batch."""
+        if self.drafter is None:
+            return [self.draft(r) for r in reqs]
+        proposed = self.drafter.propose(reqs, [self.budget(r) for r in reqs])
+        return [
+            _grammar_prefix(r.grammar, d) if r.grammar is not None and d else d
+            for r, d in zip(reqs, proposed)
+        ]
+
     def plan(self, reqs: list[Req]) -> tuple[list[ExtendItem], list[list[int]]] | None:
         """Extend items ``[last token + draft]`` with KV, one per request of ``reqs``, and
         the drafts; None (nothing allocated) when no request drafts or KV is short."""
-        drafts = [self.draft(r) for r in reqs]
+        drafts = self.drafts(reqs)
         if not any(drafts):
             return None
         items: list[ExtendItem] = []
