@@ -44,6 +44,14 @@ class PPModelRunner(TPModelRunner):
         out.pop("tp_ranks", None)
         return {**out, "pp_ranks": [dataclasses.asdict(f) for f in self.stage_facts]}
 
+    def shutdown(self) -> None:
+        """STOP the ranks; after a failed forward a rank may wait in a point-to-point
+        receive, where the STOP broadcast cannot reach it, so they are killed instead."""
+        if self._broken is not None:
+            self.ranks.stop()
+        else:
+            super().shutdown()
+
     def _forward(self, batch: Any) -> torch.Tensor | GreedyTokens:
         logits = run_stage(self.local, self.stage, batch, *self._sizes)
         assert logits is not None, "rank 0 receives the logits"
