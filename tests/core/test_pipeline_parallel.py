@@ -157,3 +157,43 @@ def test_pp2_matches_pp1_and_transformers_batched_cached_and_chunked(make_tiny_m
     full = info[1]["tp_ranks"][0]["weight_bytes"]
     assert ranks[0]["weight_bytes"] + ranks[1]["weight_bytes"] == full
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def test_micro_batches_run_in_order_give_the_whole_batch_logits(make_tiny_model):
+    """The cut's contract, through a real runner and attention: running the micro-batches one
+    after another (as every stage does) gives the whole batch's logits rows, a request split
+    across micro-batches included."""
+    with plait.Engine(make_tiny_model("llama"), disable_radix_cache=True) as engine:
+        runner = engine.scheduler.runner
+        lens = [11, 6, 1]
+        r2t = runner.req_pool.req_to_token
+        slots, ids, pos, rows = [], [], [], []
+        for i, n in enumerate(lens):
+            mine = list(range(200 + 100 * i, 200 + 100 * i + n))
+            r2t[i, :n] = torch.tensor(mine, dtype=r2t.dtype)
+            slots += mine
+            ids += [(37 * i + 11 * j) % 5000 + 3 for j in range(n)]
+            pos += list(range(n))
+            rows.append(len(ids) - 1)
+        t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+        batch = ForwardBatch(
+            is_decode=False,
+            input_ids=t(ids),
+            positions=t(pos),
+            out_cache_loc=t(slots),
+            req_pool_indices=t([0, 1, 2]),
+            seq_lens=t(lens),
+            prefix_lens=t([0, 0, 0]),
+            extend_lens=t(lens),
+            req_to_token=r2t,
+            logits_rows=t(rows),
+            seq_lens_cpu=lens,
+            prefix_lens_cpu=[0, 0, 0],
+            extend_lens_cpu=lens,
+        )
+        whole = runner.run(batch)
+        micro = split_batch(batch, 3)
+        assert [m.extend_lens_cpu for m in micro] == [[6], [5, 1], [5, 1]]
+        pieces = torch.cat([runner.run(m) for m in micro])
+    torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+    assert torch.equal(pieces.argmax(-1), whole.argmax(-1))
