@@ -197,3 +197,19 @@ def test_micro_batches_run_in_order_give_the_whole_batch_logits(make_tiny_model)
         pieces = torch.cat([runner.run(m) for m in micro])
     torch.testing.assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
     assert torch.equal(pieces.argmax(-1), whole.argmax(-1))
+
+
+def test_each_stage_pool_is_sized_by_the_largest_stage_layers(make_tiny_model):
+    """A stage's pool holds its layers only: the per-rank budget buys 3/2 the slots when 3
+    layers are split 2 + 1 (rank 0's two layers set the size)."""
+    from plait.core.engine_builder import size_kv_pool
+    from plait.models.loader import load_config
+
+    hf = load_config(make_tiny_model("llama", num_hidden_layers=3))
+    one, two = (
+        size_kv_pool(
+            hf, EngineConfig(pp_size=n, page_size=1, kv_cache_memory_gb=0.01), torch.float32
+        )
+        for n in (1, 2)
+    )
+    assert two == one * 3 // 2
