@@ -31,7 +31,10 @@ class PPModelRunner(TPModelRunner):
     def __init__(self, local: StepRunner, ranks: WorkerRanks, stage: PPStage):
         super().__init__(local, ranks)
         self.stage = stage
+        #: rank 0's stage model: the engine reads its RoPE regime lengths from it (the prefix
+        #: cache's split, longrope's re-prefill), which are the whole model's
         model: Any = self.local.model
+        self.model = model
         config = model.config
         self._sizes = (int(config.hidden_size), int(config.vocab_size))
         #: every rank's stage, rank 0's first (the workers' arrived with their ready signal)
