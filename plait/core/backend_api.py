@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Proto
 import torch
 
 from plait.core.attention_api import AttentionBackend, KVPool, describe_windows
+from plait.core.pp.stage import PPStage
 from plait.core.tp.group import TPGroup
 from plait.quant import QuantConfig
 
@@ -74,6 +75,9 @@ class ModelSpec:
     max_batch_size: int
     graph_capture: bool = True
     tp: TPGroup = TPGroup()
+    #: the pipeline stage the runner is for (``plait.core.pp``): with ``pp.size > 1`` the model
+    #: holds only that stage's decoder layers (and its ``kv_pool`` only their KV)
+    pp: PPStage = PPStage()
     quantization: QuantConfig = QuantConfig()
     #: builds the torch model (this rank's shard, its weights loaded): handed in by the
     #: composition root from the model registry, so the core never imports ``plait.models``.

@@ -27,6 +27,7 @@ from plait.core.kv_manager import KVManager
 from plait.core.memory import ReqToTokenPool
 from plait.core.kv_layout import largest_bytes_per_token
 from plait.core.model_runner import build_model_runner
+from plait.core.pp.stage import PPStage
 from plait.core.request_output import RequestFinisher
 from plait.core.scheduler import Scheduler, SchedulerConfig
 from plait.core.spec.config import settings_of
@@ -55,7 +56,7 @@ class Runtime:
     max_total_tokens: int  # KV slots per rank
     eos_ids: set[int]
     scheduler: Scheduler
-    tp_runner: TPModelRunner | None = None  # rank 0's runner when tp_size > 1
+    tp_runner: TPModelRunner | None = None  # rank 0's runner when tp_size or pp_size > 1
     disagg: PrefillSide | DecodeSide | None = None
 
 
@@ -90,6 +91,9 @@ def size_kv_pool(hf: Any, cfg: EngineConfig, dtype: torch.dtype, loader: Any = N
     if getattr(loader, "kv_layout", None) is None:  # the heads layout: refuse bad TP sizes
         check_tp_size(hf.num_attention_heads, hf.num_key_value_heads, cfg.tp_size)
     bytes_per_token = largest_bytes_per_token(loader, hf, cfg.tp_size, dtype)
+    if cfg.pp_size > 1:  # a stage's pool holds its layers only: size it by the largest stage
+        stage = PPStage(size=cfg.pp_size, num_layers=hf.num_hidden_layers)
+        bytes_per_token = bytes_per_token // hf.num_hidden_layers * stage.largest_share()
     tokens = cfg.max_total_tokens or cfg.kv_cache_bytes() // bytes_per_token
     tokens -= tokens % page_size
     if tokens < page_size * 2:
@@ -263,12 +267,23 @@ def _build_on(
         context_len=context_len,
         max_batch_size=cfg.max_running_requests,
         quantization=quantization,
-        graph_capture=cfg.graph_capture(backend),
+        # pipeline stages run eagerly (pp.config refuses --enable-graph-capture with --pp)
+        graph_capture=cfg.graph_capture(backend) and cfg.pp_size == 1,
         load_model=checkpoint.load_model,
     )
-    tp_runner = None
+    tp_runner: TPModelRunner | None = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike
-    if cfg.tp_size == 1:
+    if cfg.pp_size > 1:
+        from plait.core.pp.config import check_loader
+        from plait.core.pp.runner import start_pipeline_parallel
+
+        architecture = (getattr(hf, "architectures", None) or [hf.model_type])[0]
+        check_loader(checkpoint.load_model, architecture, cfg.pp_size)
+        tp_runner, allocator = start_pipeline_parallel(
+            backend, spec, tokens, page_size, req_pool, cfg.pp_size
+        )
+        runner = tp_runner
+    elif cfg.tp_size == 1:
         runner, allocator = build_model_runner(backend, spec, tokens, page_size, req_pool)
     else:
         from plait.core.tp.runner import start_tensor_parallel

@@ -40,6 +40,7 @@ class EngineConfig:
     random_seed: int | None = None
     grammar_compile_timeout: float = 10.0  # seconds; a slower constraint is a ValueError
     tp_size: int = 1  # tensor-parallel ranks (processes), see tp/
+    pp_size: int = 1  # pipeline-parallel ranks (processes), see pp/
     quantization: str | None = None  # plait.quant.METHODS; None: gguf for a .gguf path
     quantization_group_size: int = 32  # int4 only (multiple of 32; docs/benchmarks.md)
     quantization_symmetric: bool = False  # int4 only: (q - 8) * scale instead of q*scale+min
@@ -150,6 +151,9 @@ class EngineConfig:
                 f"tensor parallelism yet (tp_size must be 1, got {self.tp_size})"
             )
         self._validate_lora()
+        from plait.core.pp.config import check_pipeline
+
+        check_pipeline(self)
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         from plait.core.spec.config import check_speculative
@@ -207,6 +211,12 @@ class EngineConfig:
                 f"tp_size={self.tp_size} (--tp {self.tp_size}): device {name!r} "
                 "does not support tensor parallelism (its backend runs its own "
                 "model runner, not the core one the ranks shard); use --tp 1"
+            )
+        if self.pp_size > 1 and not backend.supports_tensor_parallel:
+            raise ValueError(
+                f"pp_size={self.pp_size} (--pp {self.pp_size}): device {name!r} does not "
+                "support pipeline parallelism (its backend runs its own model runner, not "
+                "the core one the stages split); use --pp 1"
             )
         if self.enable_graph_capture and "captured" not in modes:
             raise ValueError(

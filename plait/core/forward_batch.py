@@ -46,6 +46,9 @@ class ForwardBatch:
     #: the batch has one. A batch with adapters runs the model's eager layers (the wrapped
     #: projections add the deltas), never a backend's compiled or native step.
     lora_ids: list[str | None] | None = None
+    #: pipeline parallelism (``plait.core.pp``): the previous stage's hidden states ``[T, H]``,
+    #: which a stage without the embedding runs its layers on; None on the first stage
+    pp_hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -252,6 +252,8 @@ def build_model_runner(
     loader declares for this rank: its shard's K/V heads, or a latent) and the slot
     allocator, created in the order :class:`Backend` documents."""
     layout = declared_layout(spec.load_model, spec.hf_config, spec.tp.size, spec.tp.rank)
+    if spec.pp.partial:  # a pipeline stage keeps the KV of its own layers only
+        layout = dataclasses.replace(layout, num_layers=spec.pp.held_layers)
     kv_pool = create_kv_pool(backend, layout, num_slots, spec.dtype, page_size)
     allocator = backend.create_allocator(num_slots=num_slots, page_size=page_size)
     runner = backend.create_model_runner(spec, kv_pool, req_pool)

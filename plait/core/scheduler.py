@@ -174,7 +174,7 @@ class Scheduler:
         (``KVManager.concat_and_append``); returns its token ids. Batches in flight are
         processed first, so every slot it copies is final."""
         if hasattr(self.runner, "ranks"):
-            raise ValueError("concate_and_append over KV is not supported with --tp yet")
+            raise ValueError("concate_and_append over KV is not supported with --tp or --pp yet")
         self._drain()
         pool = self.runner.kv_pool
         buffers = [b for pair in zip(pool.k_buffers, pool.v_buffers) for b in pair]

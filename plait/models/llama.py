@@ -257,6 +257,8 @@ class LlamaForCausalLM(nn.Module):
 
     #: the decoder layer class: an architecture that differs only inside a layer overrides it
     layer_cls: type[nn.Module] = DecoderLayer
+    #: a pipeline stage (``plait.models.pp_stage``) once cut to one; None: the whole model
+    pp_stage: Any = None
 
     def __init__(self, config: Any, max_positions: int, tp: TPGroup = TPGroup()):
         super().__init__()
@@ -305,7 +307,8 @@ class LlamaForCausalLM(nn.Module):
         # Metadata built from host lists stays outside any compiled region: what follows reads
         # tensors only, so a compiled decode never guards on (and recompiles for) lengths.
         attn.init_forward_metadata(batch)
-        if batch.lora_ids is not None:  # only the eager layers hold the LoRA wrappers
+        # only the eager layers hold the LoRA wrappers, and a pipeline stage's cut
+        if batch.lora_ids is not None or self.pp_stage is not None:
             return self.layers_forward(batch, attn)
         if batch.is_decode and self.decode_forward is not None:
             return self.decode_forward(batch, attn)
@@ -314,11 +317,16 @@ class LlamaForCausalLM(nn.Module):
         return self.layers_forward(batch, attn)
 
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """Embedding, layers and lm_head, after ``attn.init_forward_metadata(batch)``."""
-        x = self.embed_tokens(batch.input_ids)
+        """Embedding, layers and lm_head, after ``attn.init_forward_metadata(batch)``. A
+        pipeline stage without the embedding starts from ``batch.pp_hidden``; one without the
+        LM head returns its hidden states ``[T, H]`` for the next stage."""
+        x = self.embed_tokens(batch.input_ids) if self.embed_tokens is not None else batch.pp_hidden
+        assert x is not None, "a later pipeline stage runs on the previous stage's hidden states"
         rope = rope_tables(self.layers[0].self_attn.rotary, batch, x.dtype)
         for layer in self.layers:
             x = layer(x, batch, attn, rope)
+        if self.lm_head is None:
+            return x
         x = self.norm(x[batch.logits_rows])
         return self.lm_head(x).float()
 

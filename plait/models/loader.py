@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from plait.core.pp.stage import PPStage
 from plait.core.tp.group import TPGroup
 from plait.models.checkpoint_files import checkpoint_entries
 from plait.models.llama import LlamaForCausalLM
+from plait.models.pp_stage import keep_stage, stage_name
 from plait.quant import QuantConfig
 from plait.quant.modules import QuantizedMatmul
 
@@ -121,6 +123,7 @@ def load_model(
     matmul: QuantizedMatmul | None = None,
     *,
     model_cls: type[LlamaForCausalLM] = LlamaForCausalLM,
+    pp: PPStage = PPStage(),
 ) -> LlamaForCausalLM:
     """The model (``tp``'s shard of it) with its weights, built on the meta device first so
     only the kept shard is ever allocated. ``model_cls``: a subclass with the same parameter
@@ -134,6 +137,8 @@ def load_model(
         raise ValueError(f"quantization={quant.method!r} does not support tp_size > 1 yet")
     with torch.device("meta"):
         model = model_cls(config, max_positions, tp)
+    if pp.partial:  # on meta: the layers other stages hold are never allocated
+        keep_stage(model, pp)
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised: rebuild the rotary tables on the real device.
     model.reset_rotary(device)
@@ -144,7 +149,7 @@ def load_model(
         load_gguf_weights(model, quant.gguf_file, config, dtype, matmul)
     else:
         _load_weights(model, model_dir, config)
-        if getattr(config, "tie_word_embeddings", False):
+        if getattr(config, "tie_word_embeddings", False) and not pp.partial:
             model.lm_head.weight = model.embed_tokens.weight
         model = model.to(dtype).eval()
         if quant.method in ("int8", "int4"):
@@ -200,10 +205,15 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
     columns this rank owns, so no rank ever holds a full weight it does not keep."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    stage: PPStage | None = getattr(model, "pp_stage", None)
+    tie = getattr(config, "tie_word_embeddings", False)
     for name, f in checkpoint_entries(model_dir):
-        targets = _fused_in_checkpoint(name, model, config)
+        local = name if stage is None else stage_name(name, stage, tie)
+        if local is None:  # another pipeline stage's tensor
+            continue
+        targets = _fused_in_checkpoint(local, model, config)
         if targets is None:
-            one = _map_name(name, model)
+            one = _map_name(local, model)
             targets = [] if one is None else [one]
         for target in targets:
             part = f.get_slice(name)
@@ -217,7 +227,7 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, config: Any) -> None
             with torch.no_grad():
                 param[target.offset : target.offset + tensor.shape[0]].copy_(tensor)
             loaded.add(target.param)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if tie and stage is None else set()
     missing = set(params) - loaded - tied
     if missing:
         raise ValueError(f"checkpoint in {str(model_dir)!r} lacks weights: {sorted(missing)[:5]}")

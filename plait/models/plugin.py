@@ -43,6 +43,11 @@ def load_llama(
     return _load_llama_family(spec, device, matmul)
 
 
+#: the engine asks a loader this before it starts pipeline ranks (``plait.core.pp.config``);
+#: the loader refuses any other model class itself (``plait.models.pp_stage.keep_stage``)
+load_llama.supports_pipeline_parallel = True  # type: ignore[attr-defined]
+
+
 def _load_llama_family(
     spec: ModelSpec,
     device: torch.device,
@@ -51,7 +56,9 @@ def _load_llama_family(
 ) -> torch.nn.Module:
     from plait.models import loader
 
-    extra = {} if model_cls is None else {"model_cls": model_cls}
+    extra: dict = {} if model_cls is None else {"model_cls": model_cls}
+    if spec.pp.partial:
+        extra["pp"] = spec.pp
     return loader.load_model(
         spec.model_dir,
         spec.hf_config,

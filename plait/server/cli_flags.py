@@ -48,6 +48,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="tensor-parallel ranks (processes); on the CPU each gets its share of "
         "the cores (docs/tensor-parallel.md)",
     )
+    p.add_argument(
+        "--pp",
+        type=int,
+        default=d.pp,
+        help="pipeline-parallel ranks (processes), each holding a run of the model's "
+        "layers; Llama-family models, not with --tp (docs/pipeline-parallel.md)",
+    )
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")

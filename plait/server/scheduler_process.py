@@ -78,7 +78,7 @@ def build_engine(config: dict[str, Any]) -> Any:
 def kv_budget_from_fraction(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with ``mem_fraction`` turned into ``kv_cache_memory_gb``: that fraction of
     the memory free on the device now, measured in the process that allocates the pool. On the
-    CPU the tensor-parallel ranks share one memory, so each rank's pool gets its share of the
+    CPU the tensor- or pipeline-parallel ranks share one memory, so each rank's pool gets its share of the
     fraction and all of them together stay within it."""
     kwargs = dict(kwargs)
     if "mem_fraction" not in kwargs:
@@ -88,7 +88,7 @@ def kv_budget_from_fraction(kwargs: dict[str, Any]) -> dict[str, Any]:
     device = kwargs.get("device", "cpu")
     budget = _free_device_gb(device) * fraction
     if _device_name(device) == "cpu":
-        budget /= kwargs.get("tp_size", 1)
+        budget /= kwargs.get("tp_size", 1) * kwargs.get("pp_size", 1)
     kwargs["kv_cache_memory_gb"] = budget
     return kwargs
 

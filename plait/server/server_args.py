@@ -20,6 +20,7 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = 30000
     tp: int = 1
+    pp: int = 1  # pipeline-parallel ranks (docs/pipeline-parallel.md)
     chunked_prefill_size: int | None = None
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
@@ -128,6 +129,7 @@ class ServerArgs:
             speculative_num_steps=self.speculative_num_steps,
             speculative_draft_model_path=self.speculative_draft_model_path,
             tp_size=self.tp if self.tp != 1 else None,
+            pp_size=self.pp if self.pp != 1 else None,
             quantization=self.quantization,
             quantization_activations=(
                 None if self.quantization_activations == "float" else self.quantization_activations
@@ -177,6 +179,7 @@ class ServerArgs:
                 f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
                 "does not support tensor parallelism yet; use --tp 1"
             )
+        self._check_pipeline(disagg)
         if self.dp > 1 and self.tp > 1:
             raise ValueError(
                 f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "
@@ -254,6 +257,39 @@ class ServerArgs:
         if self.join is not None and not self.join.startswith(("http://", "https://")):
             raise ValueError(f"--join must be the gateway's http(s):// URL, got {self.join!r}")
 
+    def _check_pipeline(self, disagg: str | None) -> None:
+        """--pp with another mode that would split or share its ranks, and the engine's
+        own refusals (--tp, LoRA, speculative, quantization: ``plait.core.pp.config``)."""
+        from plait.core.engine_config import EngineConfig
+        from plait.core.pp.config import check_pipeline
+
+        if self.pp < 1:
+            raise ValueError(f"--pp must be at least 1, got {self.pp}")
+        if self.pp == 1:
+            return
+        check_pipeline(
+            EngineConfig(
+                model_path=self.model_path,
+                tp_size=self.tp,
+                pp_size=self.pp,
+                quantization=self.quantization,
+                enable_graph_capture=self.enable_graph_capture,
+                lora_paths=self.lora_paths,
+                max_lora_rank=self.max_lora_rank,
+                speculative_algorithm=self.speculative_algorithm,
+            )
+        )
+        if disagg:
+            raise ValueError(
+                f"{disagg} with --pp {self.pp}: prefill/decode disaggregation does not "
+                "support pipeline parallelism; use --pp 1"
+            )
+        if self.dp > 1:
+            raise ValueError(
+                f"--dp {self.dp} with --pp {self.pp}: every worker's pipeline ranks would "
+                "take the same cores; use --dp or --pp"
+            )
+
     def _check_speculative(self) -> None:
         from plait.core.engine_config import EngineConfig
         from plait.core.spec.config import check_speculative
@@ -261,6 +297,7 @@ class ServerArgs:
         check_speculative(
             EngineConfig(
                 tp_size=self.tp,
+                pp_size=self.pp,
                 page_size=self.page_size,
                 disaggregation_mode="prefill" if self.pd else self.disaggregation_mode,
                 speculative_algorithm=self.speculative_algorithm,

@@ -93,6 +93,8 @@ def build_native_decode(
         return refuse(f"model class {type(model).__name__}")
     if model.tp.size != 1:
         return refuse("tensor parallelism")
+    if model.pp_stage is not None:
+        return refuse("a pipeline-parallel stage")
     if not isinstance(attn, PagedDecodeAttentionBackend):
         return refuse("the paged decode-attention kernel is not in use")
     if attn.kv_pool.dtype != torch.float32:

@@ -33,7 +33,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,7 +68,12 @@ class WorkerRanks:
     :meth:`stop`."""
 
     def __init__(
-        self, size: int, dist_backend: str, worker_config: dict[str, Any], cpu_threads: bool
+        self,
+        size: int,
+        dist_backend: str,
+        worker_config: dict[str, Any],
+        cpu_threads: bool,
+        parse_facts: Callable[[bytes], Any] = RankFacts.from_json,
     ):
         import torch.distributed as dist
 
@@ -85,7 +90,8 @@ class WorkerRanks:
         self.port = self.store.port
         self.procs: list[subprocess.Popen] = []
         #: ranks 1..size-1's shards, in rank order, once :meth:`wait_ready` returned
-        self.facts: list[RankFacts] = []
+        self.facts: list[Any] = []  # RankFacts, or a pipeline's StageFacts (parse_facts)
+        self._parse_facts = parse_facts
         self._joined = False
         self._saved_threads = torch.get_num_threads()
         if cpu_threads:
@@ -159,7 +165,7 @@ class WorkerRanks:
                 )
             time.sleep(0.05)
         self.facts = [
-            RankFacts.from_json(self.store.get(_KEY_READY.format(r))) for r in range(1, self.size)
+            self._parse_facts(self.store.get(_KEY_READY.format(r))) for r in range(1, self.size)
         ]
 
     def _error_of(self, rank: int) -> str | None:

@@ -74,11 +74,16 @@ class TPModelRunner:
             raise RuntimeError(f"the tensor-parallel group is broken: {self._broken}")
         try:
             batch_channel.send_batch(batch)
-            return self.local.run(batch)
+            return self._forward(batch)
         except Exception as exc:
             dead = self.ranks.dead_ranks()
             self._broken = f"ranks {dead} exited" if dead else f"a forward failed: {exc!r}"
             raise RuntimeError(f"tensor-parallel forward failed ({self._broken})") from exc
+
+    def _forward(self, batch: Any) -> torch.Tensor | GreedyTokens:
+        """Rank 0's part of the forward, once the batch is broadcast (pipeline parallelism
+        overrides it)."""
+        return self.local.run(batch)
 
     def shutdown(self) -> None:
         self.ranks.stop(send_stop=lambda: batch_channel.send_stop(self.device))
@@ -99,23 +104,8 @@ def start_tensor_parallel(
         raise ValueError(
             f"quantization={spec.quantization.method!r} does not support tp_size > 1 yet"
         )
-    # Every ModelSpec field but hf_config (re-read from model_dir) and tp (the rank's own).
-    worker_config = {
-        "model_dir": str(spec.model_dir),
-        "device": backend.name,
-        "dtype": str(spec.dtype).removeprefix("torch."),
-        "context_len": spec.context_len,
-        "max_batch_size": spec.max_batch_size,
-        "num_slots": num_slots,
-        "page_size": page_size,
-        "graph_capture": spec.graph_capture,
-        "backend_options": (
-            dataclasses.asdict(backend.options)  # type: ignore[call-overload]
-            if backend.options is not None
-            else None
-        ),
-    }
     cpu = backend.torch_device.type == "cpu"
+    worker_config = worker_config_of(backend, spec, num_slots, page_size)
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
     try:
         backend.bind_tp_rank(0)
@@ -133,3 +123,25 @@ def start_tensor_parallel(
         ranks.stop()
         raise
     return runner, allocator
+
+
+def worker_config_of(
+    backend: Backend, spec: ModelSpec, num_slots: int, page_size: int
+) -> dict[str, Any]:
+    """What a worker rank builds its runner from (``plait.core.tp.worker``): every ModelSpec
+    field but hf_config (re-read from model_dir) and tp/pp (the rank's own)."""
+    return {
+        "model_dir": str(spec.model_dir),
+        "device": backend.name,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "context_len": spec.context_len,
+        "max_batch_size": spec.max_batch_size,
+        "num_slots": num_slots,
+        "page_size": page_size,
+        "graph_capture": spec.graph_capture,
+        "backend_options": (
+            dataclasses.asdict(backend.options)  # type: ignore[call-overload]
+            if backend.options is not None
+            else None
+        ),
+    }

@@ -1,6 +1,8 @@
-"""A tensor-parallel worker rank (1..N-1): ``python -m plait.core.tp.worker '<json config>'``.
+"""A tensor- or pipeline-parallel worker rank (1..N-1): ``python -m plait.core.tp.worker
+'<json config>'``.
 
-It loads its shard of the model and its KV pool (its KV heads only), reports ready (with its
+It loads its shard of the model and its KV pool (its KV heads only; a pipeline rank: its
+layers and their KV, ``plait.core.pp``), reports ready (with its
 :class:`~plait.core.tp.rank_facts.RankFacts`, which rank 0 serves in ``get_server_info``)
 through the rendezvous store, joins the process group and then runs every batch rank 0 broadcasts until
 STOP. It never schedules, samples or caches: its ``req_to_token`` rows are copied from rank 0
@@ -43,12 +45,17 @@ def build_runner(cfg: dict[str, Any]) -> Any:
     from plait.core.backend_api import ModelSpec
     from plait.core.memory import ReqToTokenPool
     from plait.core.model_runner import build_model_runner
+    from plait.core.pp.pipeline import StageRunner
+    from plait.core.pp.stage import PPStage
     from plait.core.tp.group import TPGroup
 
     backend = compose.get_backend(cfg["device"], cfg.get("backend_options"))
     backend.bind_tp_rank(cfg["rank"])
     model_dir = Path(cfg["model_dir"])
     hf = compose.load_config(model_dir)
+    # A pipeline rank (pp_size > 1) holds whole layers; a tensor-parallel rank a shard of each.
+    pipeline = cfg.get("pp_size", 1) > 1
+    rank = {"rank": cfg["rank"], "size": cfg["size"]}
     spec = ModelSpec(
         model_dir=model_dir,
         hf_config=hf,
@@ -56,12 +63,23 @@ def build_runner(cfg: dict[str, Any]) -> Any:
         context_len=cfg["context_len"],
         max_batch_size=cfg["max_batch_size"],
         graph_capture=cfg["graph_capture"],
-        tp=TPGroup(rank=cfg["rank"], size=cfg["size"]),
+        tp=TPGroup() if pipeline else TPGroup(**rank),
+        pp=PPStage(**rank, num_layers=hf.num_hidden_layers) if pipeline else PPStage(),
         load_model=compose.model_loader(hf),
     )
     req_pool = ReqToTokenPool(cfg["max_batch_size"], cfg["context_len"] + 1, backend.torch_device)
     runner, _ = build_model_runner(backend, spec, cfg["num_slots"], cfg["page_size"], req_pool)
-    return runner
+    return StageRunner(runner, spec.pp) if pipeline else runner
+
+
+def facts_json(runner: Any) -> str:
+    """What this rank reports with its ready signal: its pipeline stage or its shard."""
+    from plait.core.pp.pipeline import StageRunner, stage_facts
+    from plait.core.tp.rank_facts import facts_of
+
+    if isinstance(runner, StageRunner):
+        return stage_facts(runner.local, runner.stage).to_json()
+    return facts_of(runner).to_json()
 
 
 def serve(runner: Any) -> None:
@@ -86,10 +104,8 @@ def main() -> int:
         HOST, cfg["port"], cfg["size"], is_master=False, timeout=timedelta(seconds=60)
     )
     try:
-        from plait.core.tp.rank_facts import facts_of
-
         runner = build_runner(cfg)
-        facts = facts_of(runner).to_json()
+        facts = facts_json(runner)
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(_KEY_ERROR.format(rank), traceback.format_exc())
         return 1

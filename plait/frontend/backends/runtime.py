@@ -37,12 +37,14 @@ class Runtime(NativeBackend):
 
     @property
     def support_concate_and_append(self) -> bool:  # type: ignore[override]
-        """The engine can join KV: radix cache on, one token per page, no tensor parallelism."""
+        """The engine can join KV: radix cache on, one token per page, no tensor or pipeline
+        parallelism (the KV lives in the rank processes)."""
         config = self.engine.config
         return (
             config.page_size == 1
             and not config.disable_radix_cache
             and config.tp_size == 1
+            and config.pp_size == 1
             and config.disaggregation_mode == "null"
         )
 
