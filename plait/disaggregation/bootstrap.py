@@ -9,9 +9,10 @@ in ``bootstrap_port``); each decode server binds one of its own for notification
                       where to write the KV of ``room``'s prompt tokens (``slots``, one per
                       token, in this layout) and, at address ``aux``, its first token (int64)
                      {"op": "cancel", "room"}: the decode side gave up; write nothing more
-  prefill -> decode  {"op": "done", "room", "logprobs"?} after both writes returned; with
-                      ``return_logprob``, the prompt's logprobs and the first token's
-                      (``logprobs_to_json``), which only the prefill side computed
+  prefill -> decode  {"op": "done", "room", "logprobs"?, "generator"?} after both writes
+                      returned; with ``return_logprob``, the prompt's logprobs and the first
+                      token's (``logprobs_to_json``), which only the prefill side computed;
+                      with a seed, the sampler's state after the first token
                      {"op": "failed", "room", "message"}
                      {"op": "alive", "room": -1, "rooms"}: heartbeat, every ``timeout / 4``
                       seconds at most, naming the rooms whose decode side already sent a
@@ -24,6 +25,7 @@ rank's address, a Plait prefill server is one rank, so its bootstrap port is tha
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -117,6 +119,17 @@ def logprobs_from_json(d: dict[str, Any], req: Any) -> None:
     req.input_top_logprobs = [tops(t) for t in d["input_top_logprobs"]]
     req.output_token_logprobs = [entry(e) for e in d["output_token_logprobs"]]
     req.output_top_logprobs = [tops(t) for t in d["output_top_logprobs"]]
+
+
+def generator_to_json(generator: torch.Generator) -> str:
+    """A seeded request's generator state after the first token was sampled: the decode side
+    continues from it, so its samples are the ones a unified server draws next."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def generator_from_json(state: str, generator: torch.Generator) -> None:
+    raw = bytearray(base64.b64decode(state))
+    generator.set_state(torch.frombuffer(raw, dtype=torch.uint8))
 
 
 def encode(msg: dict[str, Any]) -> bytes:

@@ -35,6 +35,7 @@ from plait.disaggregation.bootstrap import (
     KVLayout,
     Pushers,
     decode_msg,
+    generator_from_json,
     kv_buffers,
     layout_to_json,
     logprobs_from_json,
@@ -191,6 +192,8 @@ class DecodeSide:
                     self._fail_landed(it, "the prefill server sent no logprobs")
                     return
                 logprobs_from_json(msg["logprobs"], it.req)
+            if it.req.generator is not None and isinstance(msg.get("generator"), str):
+                generator_from_json(msg["generator"], it.req.generator)
             self.kv.transfer_done(it.req, len(it.req.input_ids))
             self.admit(it.req, int(self.tokens[it.req.req_pool_idx]))
 

@@ -33,6 +33,7 @@ from plait.disaggregation.bootstrap import (
     KVLayout,
     Pushers,
     decode_msg,
+    generator_to_json,
     kv_buffers,
     layout_from_json,
     logprobs_to_json,
@@ -279,6 +280,8 @@ class PrefillSide:
             }
             if ready.req.return_logprob:
                 done["logprobs"] = logprobs_to_json(ready.req)
+            if ready.req.generator is not None:
+                done["generator"] = generator_to_json(ready.req.generator)
             self.pushers.send(msg["notify"], done)
             reason = FinishReason.length(1)
         except (TransferError, KeyError, TypeError, ValueError) as e:
@@ -295,6 +298,11 @@ class PrefillSide:
 
         def done() -> None:
             if self._pop(room) is not None:
+                # The prompt's logprobs went to the decode half, which returns them. SGLang's
+                # gateways put the prefill half's input_token_logprobs before the decode
+                # half's, so this half reports none: the client sees them once.
+                ready.req.input_token_logprobs = []
+                ready.req.input_top_logprobs = []
                 self.finish(ready.req, reason)
 
         self.call_soon(done)

@@ -165,6 +165,18 @@ def test_n_samples_each_pair_with_a_room_of_their_own(engines):
 
 
 @pytest.mark.slow
+def test_seeded_samples_continue_the_prefill_sides_generator(engines):
+    """A seeded request's first token is drawn on the prefill side; the decode side carries
+    on from that generator's state, so every sample equals a unified engine's."""
+    unified, prefill, decode, port = engines
+    sp = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7, "n": 2, "ignore_eos": True}
+    want = unified.generate_request([GenerateReq(text=PROMPTS[1], sampling_params=dict(sp))])
+    _, got = pd_generate(prefill, decode, port, [PROMPTS[1]], sp=sp)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert want[0]["output_ids"] != want[1]["output_ids"]  # they did sample
+
+
+@pytest.mark.slow
 def test_prefill_reuses_its_radix_cache_for_shared_prefixes(engines):
     _, prefill, decode, port = engines
     base = "A long shared system prompt that many requests start with. " * 10
