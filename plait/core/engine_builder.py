@@ -158,6 +158,7 @@ def attach_disaggregation(
             call_soon=call_soon,
             finish=s.finish_handed_off,
             abort_room=s.abort_room,
+            live_rooms=s.bootstrap_rooms,
         )
         s.connect_hand_off(side)
         return side

@@ -18,9 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from plait.core.sampling_params import CONSTRAINTS, SamplingParams
+from plait.core.sampling_params import SamplingParams
 
 _PROMPT_FIELDS = ("text", "input_ids")
+_ROOM_STRIDE = 0x9E3779B97F4A7C15  # odd, so samples 0..n-1 of one room never coincide
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,15 @@ class Bootstrap:
             raise ValueError(f"bootstrap_port must be a port number, got {self.port!r}")
         if not _is_int(self.room) or self.room < 0:
             raise ValueError(f"bootstrap_room must be a non-negative integer, got {self.room!r}")
+
+    def sample(self, i: int) -> "Bootstrap":
+        """The pairing of sample ``i`` of an ``n > 1`` request: both halves expand ``n`` the
+        same way, so each sample gets a room of its own that both derive from the gateway's
+        one (sample 0 keeps it; the others are spread over the 63-bit room space, where the
+        gateway's random rooms make a collision as unlikely as between two requests)."""
+        if i == 0:
+            return self
+        return dataclasses.replace(self, room=(self.room + i * _ROOM_STRIDE) % 2**63)
 
 
 @dataclass
@@ -168,27 +178,6 @@ class GenerateReq:
             not isinstance(self.lora_path, str) or not self.lora_path
         ):
             raise ValueError(f"lora_path must be an adapter name, got {self.lora_path!r}")
-        if self.bootstrap is not None:
-            self._check_disaggregable()
-
-    def _check_disaggregable(self) -> None:
-        """A request split between a prefill and a decode server: both halves must agree
-        token for token, so what only one side could do is refused, not approximated: the
-        prompt's logprobs exist only on the prefill side, the first token is sampled there
-        (a grammar would be needed on both), and one bootstrap room pairs one sequence."""
-        sp = self.sampling_params
-        if sp.n != 1:
-            raise ValueError("n must be 1 with prefill/decode disaggregation")
-        if self.return_logprob:
-            raise ValueError(
-                "return_logprob is not supported with prefill/decode disaggregation yet"
-            )
-        for name in CONSTRAINTS:
-            if getattr(sp, name) is not None:
-                raise ValueError(
-                    f"{name}: constrained decoding is not supported with "
-                    "prefill/decode disaggregation yet"
-                )
 
     def expand(self) -> list["GenerateReq"]:
         """One single-sample message per sample, each with a rid of its own (``rid-i`` when
@@ -205,6 +194,7 @@ class GenerateReq:
                 sampling_params=dataclasses.replace(
                     sp, n=1, seed=None if sp.seed is None else sp.seed + i
                 ),
+                bootstrap=None if self.bootstrap is None else self.bootstrap.sample(i),
             )
             for i in range(sp.n)
         ]

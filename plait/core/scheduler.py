@@ -120,15 +120,14 @@ class Scheduler:
 
     def add_prefilled(self, req: Req, token: int) -> None:
         """Admit a request whose prompt KV another server computed (``kv_len`` covers the
-        prompt) with the first token it sampled: straight into the running batch."""
+        prompt) with the first token it sampled: straight into the running batch. What a
+        unified server does after a first token follows here (a grammar advanced past it,
+        then its forced continuation appended), so both give the same output."""
         self.stats.prompt_tokens += len(req.input_ids)
         self.stats.generated_tokens += 1
         self.finisher.append_token(req, token, self.config.context_len)
-        if req.finished:
-            self.kv.release(req)
-        else:
-            self.table.running.append(req)
-        self.finisher.emit(req)
+        self.table.running.append(req)
+        self.output.after_append(req)
 
     def finish_unscheduled(self, req: Req, reason: FinishReason) -> None:
         """Report the end of a request the scheduler never held (it waited elsewhere, e.g.
@@ -156,6 +155,11 @@ class Scheduler:
         decode half is gone), wherever it is before its hand-off."""
         req = self.table.find_where(lambda r: r.bootstrap is not None and r.bootstrap.room == room)
         return req is not None and self.abort(req.rid)
+
+    def bootstrap_rooms(self) -> frozenset[int]:
+        """The bootstrap rooms of the unfinished requests held here (prefill mode: the ones
+        whose decode halves the heartbeat keeps waiting)."""
+        return frozenset(r.bootstrap.room for r in self.table if r.bootstrap and not r.finished)
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; refused while requests hold cached prefixes. A batch still in

@@ -9,8 +9,15 @@ in ``bootstrap_port``); each decode server binds one of its own for notification
                       where to write the KV of ``room``'s prompt tokens (``slots``, one per
                       token, in this layout) and, at address ``aux``, its first token (int64)
                      {"op": "cancel", "room"}: the decode side gave up; write nothing more
-  prefill -> decode  {"op": "done", "room"} after both writes returned
+  prefill -> decode  {"op": "done", "room", "logprobs"?, "generator"?} after both writes
+                      returned; with ``return_logprob``, the prompt's logprobs and the first
+                      token's (``logprobs_to_json``), which only the prefill side computed;
+                      with a seed, the sampler's state after the first token
                      {"op": "failed", "room", "message"}
+                     {"op": "alive", "room": -1, "rooms"}: heartbeat, every ``timeout / 4``
+                      seconds at most, naming the rooms whose decode side already sent a
+                      target and whose request is queued or running here: the decode side
+                      keeps waiting for them (``timeout`` bounds silence, not queueing)
 
 Where SGLang's prefill registers with an HTTP bootstrap server that decode ranks query for the
 rank's address, a Plait prefill server is one rank, so its bootstrap port is that address.
@@ -18,6 +25,7 @@ rank's address, a Plait prefill server is one rank, so its bootstrap port is tha
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,6 +90,48 @@ def layout_from_json(d: dict[str, Any]) -> KVLayout:
     return KVLayout(tuple(int(b) for b in d["bases"]), int(d["slot_bytes"]))
 
 
+_LOGPROB_FIELDS = (
+    "input_token_logprobs",
+    "input_top_logprobs",
+    "output_token_logprobs",
+    "output_top_logprobs",
+)
+
+
+def logprobs_to_json(req: Any) -> dict[str, Any]:
+    """A prefilled request's logprobs (the prompt's and its first token's) as JSON. Floats
+    survive JSON exactly (``repr`` round-trips), so the decode side returns the very values a
+    unified server would have."""
+    return {name: getattr(req, name) for name in _LOGPROB_FIELDS}
+
+
+def logprobs_from_json(d: dict[str, Any], req: Any) -> None:
+    """Give ``req`` the logprobs ``logprobs_to_json`` sent: entries back to
+    ``(logprob, token_id, None)`` tuples, top lists back to lists of them (or None)."""
+
+    def entry(e: list[Any]) -> tuple[Any, ...]:
+        return tuple(e)
+
+    def tops(t: list[list[Any]] | None) -> list[tuple[Any, ...]] | None:
+        return None if t is None else [entry(e) for e in t]
+
+    req.input_token_logprobs = [entry(e) for e in d["input_token_logprobs"]]
+    req.input_top_logprobs = [tops(t) for t in d["input_top_logprobs"]]
+    req.output_token_logprobs = [entry(e) for e in d["output_token_logprobs"]]
+    req.output_top_logprobs = [tops(t) for t in d["output_top_logprobs"]]
+
+
+def generator_to_json(generator: torch.Generator) -> str:
+    """A seeded request's generator state after the first token was sampled: the decode side
+    continues from it, so its samples are the ones a unified server draws next."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def generator_from_json(state: str, generator: torch.Generator) -> None:
+    raw = bytearray(base64.b64decode(state))
+    generator.set_state(torch.frombuffer(raw, dtype=torch.uint8))
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg).encode()
 
@@ -94,8 +144,12 @@ def decode_msg(raw: bytes) -> dict[str, Any] | None:
         return None
     if (
         not isinstance(msg, dict)
-        or msg.get("op") not in ("target", "cancel", "done", "failed")
+        or msg.get("op") not in ("target", "cancel", "done", "failed", "alive")
         or not isinstance(msg.get("room"), int)
+    ):
+        return None
+    if msg["op"] == "alive" and not (
+        isinstance(msg.get("rooms"), list) and all(isinstance(r, int) for r in msg["rooms"])
     ):
         return None
     return msg

@@ -12,8 +12,10 @@ States of a request here (all on the scheduler thread, in :meth:`DecodeSide.poll
               flight can never land in KV that another request owns
 
 The prompt is never computed here: a request whose KV cannot arrive fails with an error that
-says why, within ``timeout`` seconds (a dead prefill server never answers; its requests fail
-at their deadline and free their KV; every other request keeps decoding).
+says why, within ``timeout`` seconds of silence (a dead prefill server never answers; its
+requests fail at their deadline and free their KV; every other request keeps decoding). A
+busy prefill server is told from a dead one by its heartbeat: each "alive" naming a room
+moves that room's deadline ``timeout`` seconds on, however long it queues there.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from plait.disaggregation.bootstrap import (
     KVLayout,
     Pushers,
     decode_msg,
+    generator_from_json,
     kv_buffers,
     layout_to_json,
+    logprobs_from_json,
     pull_socket,
 )
 from plait.disaggregation.transfer import KVTransfer
@@ -108,7 +112,7 @@ class DecodeSide:
             if it.deadline < now:
                 self._end(
                     room,
-                    f"no KV from the prefill server {it.prefill} within "
+                    f"no KV from the prefill server {it.prefill} and no heartbeat for "
                     f"{self.timeout:.0f}s (is it alive?)",
                     cancel=True,
                 )
@@ -163,6 +167,12 @@ class DecodeSide:
             )
 
     def _on_message(self, msg: dict[str, Any]) -> None:
+        if msg["op"] == "alive":  # the prefill server holds these rooms' requests: wait on
+            deadline = time.monotonic() + self.timeout
+            for r in msg["rooms"]:
+                if (alive := self.inflight.get(r)) is not None:
+                    alive.deadline = deadline
+            return
         room = msg["room"]
         it = self.inflight.get(room)
         if it is None:
@@ -177,8 +187,21 @@ class DecodeSide:
             self.stats["kv_transfers"] += 1
             self.stats["kv_bytes_received"] += int(msg.get("bytes", 0))
             self.stats["kv_transfer_seconds"] += float(msg.get("seconds", 0.0))
+            if it.req.return_logprob:
+                if not isinstance(msg.get("logprobs"), dict):
+                    self._fail_landed(it, "the prefill server sent no logprobs")
+                    return
+                logprobs_from_json(msg["logprobs"], it.req)
+            if it.req.generator is not None and isinstance(msg.get("generator"), str):
+                generator_from_json(msg["generator"], it.req.generator)
             self.kv.transfer_done(it.req, len(it.req.input_ids))
             self.admit(it.req, int(self.tokens[it.req.req_pool_idx]))
+
+    def _fail_landed(self, it: _Inflight, message: str) -> None:
+        """The KV landed but the request cannot go on (nothing more will be written)."""
+        self.kv.transfer_failed(it.req, it.slots)
+        self.stats["kv_transfer_failures"] += 1
+        self.fail(it.req, FinishReason.error(message))
 
     def _end(self, room: int, message: str, cancel: bool) -> None:
         it = self.inflight.pop(room)

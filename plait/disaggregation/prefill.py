@@ -33,8 +33,10 @@ from plait.disaggregation.bootstrap import (
     KVLayout,
     Pushers,
     decode_msg,
+    generator_to_json,
     kv_buffers,
     layout_from_json,
+    logprobs_to_json,
     pull_socket,
 )
 from plait.disaggregation.transfer import KVTransfer, TransferError
@@ -71,6 +73,7 @@ class PrefillSide:
         call_soon: Callable[[Callable[[], None]], None],
         finish: Callable[[Req, FinishReason], None],
         abort_room: Callable[[int], object],
+        live_rooms: Callable[[], frozenset[int]] = frozenset,
     ):
         self.transfer = transfer
         self.req_pool = req_pool
@@ -78,6 +81,11 @@ class PrefillSide:
         self.call_soon = call_soon  # run on the scheduler thread
         self.finish = finish  # Scheduler.finish_handed_off
         self.abort_room = abort_room  # abort the not yet handed-off request of a room
+        self.live_rooms = live_rooms  # rooms of the requests the scheduler holds
+        # Its snapshot, taken on the scheduler thread at every poll and read by the receiver
+        # (one attribute swap: atomic). A room stays in it while its request queues or runs.
+        self.live: frozenset[int] = frozenset()
+        self.beat_every = min(1.0, timeout / 4)
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -95,6 +103,7 @@ class PrefillSide:
         self.stopped = threading.Event()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="plait-kv-send")
         self.pushers = Pushers(self.ctx)  # used by the worker thread only
+        self.beat_pushers = Pushers(self.ctx)  # used by the receiver thread only
         self.receiver = threading.Thread(target=self._receive, name="plait-bootstrap", daemon=True)
         self.receiver.start()
         log.info("prefill bootstrap on %s (KV via %s)", self.address, transfer.session_id)
@@ -121,7 +130,9 @@ class PrefillSide:
         return bool(self.ready)
 
     def poll(self) -> None:
-        """Fail handed-off requests whose decode server never asked for them."""
+        """Fail handed-off requests whose decode server never asked for them; note which
+        rooms the scheduler still holds (for the heartbeat)."""
+        self.live = self.live_rooms()
         now = time.monotonic()
         with self.lock:
             late = [
@@ -187,10 +198,29 @@ class PrefillSide:
         else:
             self.abort_room(room)
 
+    def _beat(self) -> None:
+        """Receiver thread: tell each waiting decode server which of its rooms are queued or
+        running here, and keep their targets. On this thread, not the scheduler's, so a long
+        forward pass does not silence it: only a dead (or wedged) process does."""
+        now = time.monotonic()
+        live = self.live
+        by_peer: dict[str, list[int]] = {}
+        with self.lock:
+            for room, target in self.targets.items():
+                if room in live and isinstance(target.msg.get("notify"), str):
+                    target.deadline = now + self.timeout
+                    by_peer.setdefault(target.msg["notify"], []).append(room)
+        for notify, rooms in by_peer.items():
+            self.beat_pushers.send(notify, {"op": "alive", "room": -1, "rooms": rooms})
+
     def _receive(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        next_beat = time.monotonic()
         while not self.stopped.is_set():
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self.beat_every
             if not poller.poll(100):
                 continue
             msg = decode_msg(self.sock.recv())
@@ -198,6 +228,8 @@ class PrefillSide:
                 log.warning("ignored a malformed bootstrap message")
                 continue
             room = msg["room"]
+            if msg["op"] not in ("cancel", "target"):
+                continue  # a decode side's op sent here by mistake
             if msg["op"] == "cancel":
                 with self.lock:
                     target = self.targets.pop(room, None)
@@ -240,15 +272,17 @@ class PrefillSide:
             lengths.append(8)
             self.transfer.write(msg["session"], src, dst, lengths)
             nbytes = sum(lengths)
-            self.pushers.send(
-                msg["notify"],
-                {
-                    "op": "done",
-                    "room": room,
-                    "bytes": nbytes,
-                    "seconds": time.perf_counter() - started,
-                },
-            )
+            done = {
+                "op": "done",
+                "room": room,
+                "bytes": nbytes,
+                "seconds": time.perf_counter() - started,
+            }
+            if ready.req.return_logprob:
+                done["logprobs"] = logprobs_to_json(ready.req)
+            if ready.req.generator is not None:
+                done["generator"] = generator_to_json(ready.req.generator)
+            self.pushers.send(msg["notify"], done)
             reason = FinishReason.length(1)
         except (TransferError, KeyError, TypeError, ValueError) as e:
             log.warning("KV transfer of room %s failed: %s", room, e)
@@ -264,6 +298,11 @@ class PrefillSide:
 
         def done() -> None:
             if self._pop(room) is not None:
+                # The prompt's logprobs went to the decode half, which returns them. SGLang's
+                # gateways put the prefill half's input_token_logprobs before the decode
+                # half's, so this half reports none: the client sees them once.
+                ready.req.input_token_logprobs = []
+                ready.req.input_top_logprobs = []
                 self.finish(ready.req, reason)
 
         self.call_soon(done)
@@ -273,6 +312,7 @@ class PrefillSide:
         self.receiver.join(timeout=2)
         self.worker.shutdown(wait=True, cancel_futures=True)
         self.pushers.close()
+        self.beat_pushers.close()
         self.sock.close()
         self.ctx.term()
 

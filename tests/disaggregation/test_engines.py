@@ -46,11 +46,14 @@ def engines(make_tiny_model):
         e.shutdown()
 
 
-def pd_generate(prefill, decode, port, prompts, sp=SP, run_prefill=True):
+def pd_generate(prefill, decode, port, prompts, sp=SP, run_prefill=True, **extra):
     """Both halves at once, as the gateway does; returns (prefill outputs, decode outputs)."""
     msgs = [
         GenerateReq(
-            text=p, sampling_params=dict(sp), bootstrap=Bootstrap("127.0.0.1", port, next(rooms))
+            text=p,
+            sampling_params=dict(sp),
+            bootstrap=Bootstrap("127.0.0.1", port, next(rooms)),
+            **extra,
         )
         for p in prompts
     ]
@@ -86,6 +89,93 @@ def test_decode_continues_from_transferred_kv_token_for_token(engines):
     assert kv_idle(decode) and kv_idle(prefill)
 
 
+LOGPROBS = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3}
+LOGPROB_KEYS = (
+    "input_token_logprobs",
+    "input_top_logprobs",
+    "output_token_logprobs",
+    "output_top_logprobs",
+)
+
+
+def logprob_values(meta: dict) -> list:
+    """The logprob fields of ``meta_info``, flattened to (key, position, k, token, logprob)."""
+    rows = []
+    for key in LOGPROB_KEYS:
+        for pos, entry in enumerate(meta[key]):
+            for k, e in enumerate((entry or []) if "top" in key else [entry]):
+                rows.append((key, pos, k, e[1], e[0]))
+    return rows
+
+
+@pytest.mark.slow
+def test_logprobs_prompt_and_output_equal_unified(engines):
+    """The prompt's logprobs and the first token's come from the prefill side with the KV;
+    the decode side returns the whole set, as a unified engine does."""
+    unified, prefill, decode, port = engines
+    want = unified.generate_request(
+        [GenerateReq(text=p, sampling_params=dict(SP), **LOGPROBS) for p in PROMPTS[1:]]
+    )
+    _, got = pd_generate(prefill, decode, port, PROMPTS[1:], **LOGPROBS)
+    for w, g in zip(want, got):
+        assert g["output_ids"] == w["output_ids"]
+        wm, gm = w["meta_info"], g["meta_info"]
+        assert len(gm["input_token_logprobs"]) == len(wm["input_token_logprobs"]) > 1
+        assert len(gm["output_token_logprobs"]) == SP["max_new_tokens"]
+        wr, gr = logprob_values(wm), logprob_values(gm)
+        assert [r[:4] for r in gr] == [r[:4] for r in wr]  # the same tokens everywhere
+        assert [r[4] for r in gr] == pytest.approx([r[4] for r in wr], abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"regex": "(Hello|Goodbye), world! [a-z]{1,6}"},
+        {
+            "json_schema": '{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+            '"required": ["ok"], "additionalProperties": false}'
+        },
+    ],
+    ids=["regex", "json_schema"],
+)
+def test_constrained_decoding_equals_unified(engines, constraint):
+    """The first token is sampled under the grammar on the prefill side; the decode side
+    advances its own grammar past it and appends the forced continuation a unified engine
+    would, so the outputs are the same."""
+    unified, prefill, decode, port = engines
+    sp = {"max_new_tokens": 24, "temperature": 0, **constraint}
+    want = [o["output_ids"] for o in unified.generate(PROMPTS[:2], dict(sp))]
+    _, got = pd_generate(prefill, decode, port, PROMPTS[:2], sp=sp)
+    assert [o["output_ids"] for o in got] == want
+    assert all(o["meta_info"]["finish_reason"]["type"] == "stop" for o in got)
+
+
+@pytest.mark.slow
+def test_n_samples_each_pair_with_a_room_of_their_own(engines):
+    """``n > 1``: both halves expand the request the same way, each sample under a room
+    derived from the gateway's, so every sample's KV reaches its own decode request."""
+    unified, prefill, decode, port = engines
+    sp = {**SP, "n": 3}
+    want = unified.generate_request([GenerateReq(text=PROMPTS[1], sampling_params=dict(sp))])
+    p_out, got = pd_generate(prefill, decode, port, [PROMPTS[1]], sp=sp)
+    assert len(got) == len(p_out) == 3
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert kv_idle(decode) and kv_idle(prefill)
+
+
+@pytest.mark.slow
+def test_seeded_samples_continue_the_prefill_sides_generator(engines):
+    """A seeded request's first token is drawn on the prefill side; the decode side carries
+    on from that generator's state, so every sample equals a unified engine's."""
+    unified, prefill, decode, port = engines
+    sp = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7, "n": 2, "ignore_eos": True}
+    want = unified.generate_request([GenerateReq(text=PROMPTS[1], sampling_params=dict(sp))])
+    _, got = pd_generate(prefill, decode, port, [PROMPTS[1]], sp=sp)
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+    assert want[0]["output_ids"] != want[1]["output_ids"]  # they did sample
+
+
 @pytest.mark.slow
 def test_prefill_reuses_its_radix_cache_for_shared_prefixes(engines):
     _, prefill, decode, port = engines
@@ -105,6 +195,29 @@ def test_missing_prefill_fails_the_request_in_bounded_time_and_frees_kv(engines)
     assert kv_idle(decode)
     _, d_out = pd_generate(prefill, decode, port, ["still serving"])  # the decode side lives on
     assert len(d_out[0]["output_ids"]) == SP["max_new_tokens"]
+
+
+@pytest.mark.slow
+def test_a_busy_prefill_keeps_its_decode_half_waiting_past_the_timeout(engines):
+    """The prefill server's heartbeat tells busy from dead: a forward pass that takes longer
+    than the transfer timeout (3 s here; one step made to take 4.5 s, as a long prefill on a
+    loaded machine does) does not fail the request waiting for it on the decode side."""
+    unified, prefill, decode, port = engines
+    scheduler = prefill.scheduler
+    step = scheduler.step
+
+    def slow_step() -> None:
+        del scheduler.step  # once: back to the real method
+        time.sleep(4.5)
+        step()
+
+    scheduler.step = slow_step
+    start = time.monotonic()
+    _, got = pd_generate(prefill, decode, port, [PROMPTS[1]])
+    assert time.monotonic() - start > 4.5
+    assert got[0]["meta_info"]["finish_reason"]["type"] == "length", got[0]["meta_info"]
+    assert got[0]["output_ids"] == unified.generate(PROMPTS[1], dict(SP))["output_ids"]
+    assert kv_idle(decode) and kv_idle(prefill)
 
 
 @pytest.mark.slow
@@ -155,23 +268,18 @@ def test_requests_must_match_the_mode(make_tiny_model):
     try:
         with pytest.raises(ValueError, match="^bootstrap_room is required"):
             e.generate("hi")
-        b = Bootstrap("127.0.0.1", 1234, 1)
-        with pytest.raises(ValueError, match="^n must be 1"):
-            e.generate_request([GenerateReq(text="hi", sampling_params={"n": 2}, bootstrap=b)])
-        with pytest.raises(ValueError, match="^return_logprob"):
-            e.generate_request([GenerateReq(text="hi", return_logprob=True, bootstrap=b)])
-        for name, value in (
-            ("regex", "[a-z]+"),
-            ("json_schema", '{"type": "string"}'),
-            ("ebnf", 'root ::= "a"'),
-        ):
-            with pytest.raises(ValueError, match=f"^{name}: constrained decoding"):
-                e.generate_request(
-                    [GenerateReq(text="hi", sampling_params={name: value}, bootstrap=b)]
-                )
     finally:
         e.shutdown()
     with pytest.raises(ValueError, match="^bootstrap_room: one room per prompt"):
         check_rooms([GenerateReq(text=t, bootstrap=Bootstrap("h", 1, 7)) for t in "ab"])
     with pytest.raises(ValueError, match="^bootstrap_port"):
         Bootstrap("h", 0, 1)
+
+
+def test_each_sample_of_a_disaggregated_request_gets_its_own_room():
+    b = Bootstrap("h", 1, 2**63 - 2)
+    msg = GenerateReq(text="x", sampling_params={"n": 4}, bootstrap=b)
+    got = [one.bootstrap for one in msg.expand()]
+    assert got[0] == b and len({x.room for x in got}) == 4
+    assert all(0 <= x.room < 2**63 and (x.host, x.port) == ("h", 1) for x in got)
+    assert [one.bootstrap for one in msg.expand()] == got  # both halves derive the same

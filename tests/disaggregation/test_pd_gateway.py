@@ -20,6 +20,7 @@ import pytest
 import requests
 
 import plait
+from plait.core.messages import GenerateReq
 from tests.server.conftest import start_server
 from tests.server.test_data_parallel import child_pids
 from tests.server.test_server_fake import sse_events
@@ -229,19 +230,56 @@ def test_prefill_without_a_decode_target_times_out_and_frees_its_kv(pd):
     wait_kv_idle(pd.children["prefill"][1], 10)
 
 
-@pytest.mark.parametrize(
-    "extra, param",
-    [
-        ({"sampling_params": {**GREEDY, "n": 2}}, "n"),
-        ({"return_logprob": True}, "return_logprob"),
-        ({"sampling_params": {**GREEDY, "regex": "[a-z]+"}}, "regex"),
-        ({"sampling_params": {**GREEDY, "json_schema": '{"type": "string"}'}}, "json_schema"),
-    ],
-)
-def test_unsupported_parameters_are_a_400_naming_them_through_the_gateway(pd, extra, param):
-    r = gen(pd.url, "Hi", **extra)
-    assert r.status_code == 400, (r.status_code, r.text)
-    assert param in r.text, r.text
+def logprob_rows(meta: dict) -> list[tuple]:
+    """(field, position, k, token, logprob) for every logprob entry of ``meta_info``."""
+    rows = []
+    for key in (
+        "input_token_logprobs",
+        "input_top_logprobs",
+        "output_token_logprobs",
+        "output_top_logprobs",
+    ):
+        for pos, entry in enumerate(meta[key]):
+            for k, e in enumerate((entry or []) if "top" in key else [entry]):
+                rows.append((key, pos, k, e[1], e[0]))
+    return rows
+
+
+def test_logprobs_constraints_and_n_through_the_gateway_equal_unified(pd, unified):
+    """What PD mode once refused: prompt and output logprobs (computed on the prefill server,
+    sent with the KV, returned once by the decode server), a regex (the first token sampled
+    under it on the prefill side, the decode side's grammar advanced past it) and n > 1 (a
+    room per sample), each equal to a unified engine's output."""
+    lp = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
+    want = unified.generate_request(
+        [GenerateReq(text=PROMPTS[1], sampling_params=dict(GREEDY), **lp)]
+    )[0]
+    r = gen(pd.url, PROMPTS[1], **lp)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["output_ids"] == want["output_ids"]
+    g, w = logprob_rows(got["meta_info"]), logprob_rows(want["meta_info"])
+    assert len(got["meta_info"]["input_token_logprobs"]) == len(
+        unified.tokenizer.encode(PROMPTS[1])
+    )
+    assert [x[:4] for x in g] == [x[:4] for x in w]
+    assert [x[4] for x in g] == pytest.approx([x[4] for x in w], abs=1e-3)
+
+    regex = {"temperature": 0, "max_new_tokens": 16, "regex": "(Paris|Lyon)[.!] [A-Z][a-z]+"}
+    r = requests.post(
+        pd.url + "/generate", timeout=300, json={"text": PROMPTS[1], "sampling_params": regex}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == unified.generate(PROMPTS[1], dict(regex))["output_ids"]
+
+    r = requests.post(
+        pd.url + "/generate",
+        timeout=300,
+        json={"text": PROMPTS[0], "sampling_params": {**GREEDY, "n": 2}},
+    )
+    assert r.status_code == 200, r.text
+    want_n = unified.generate(PROMPTS[0], dict(GREEDY))["output_ids"]
+    assert [o["output_ids"] for o in r.json()] == [want_n, want_n]
 
 
 def test_killing_the_prefill_fails_waiting_requests_in_bounded_time(pd):
