@@ -35,6 +35,24 @@ _LAYER = {
     "attn_norm": ("input_layernorm", 0),
     "ffn_norm": ("post_attention_layernorm", 0),
 }
+_QK_NORM = {"attn_q_norm": ("self_attn.q_norm", 0), "attn_k_norm": ("self_attn.k_norm", 0)}
+# Gemma's four norms per layer: llama.cpp's ``ffn_norm`` is the one before the MLP there
+_GEMMA = {
+    **_LAYER,
+    **_QK_NORM,
+    "post_attention_norm": ("post_attention_layernorm", 0),
+    "ffn_norm": ("pre_feedforward_layernorm", 0),
+    "post_ffw_norm": ("post_feedforward_layernorm", 0),
+}
+#: ``general.architecture`` -> its per-layer names (llama.cpp's, as gguf-py's name map spells
+#: them). Mixtral files say ``llama`` but hold ``ffn_*_exps`` expert tensors: refused below.
+LAYER_NAMES = {
+    "llama": _LAYER,
+    "qwen2": _LAYER,
+    "qwen3": {**_LAYER, **_QK_NORM},
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+}
 _TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
 Piece = QuantizedWeight | torch.Tensor
@@ -103,19 +121,41 @@ def _field(reader: Any, key: str) -> str:
     return bytes(f.parts[f.data[0]]).decode()
 
 
+def layer_names_of(arch: str, tensor_names: list[str]) -> dict[str, tuple[str, int]]:
+    """The per-layer name map of ``arch``; a ValueError naming the architecture for one
+    Plait does not read natively, or a file holding mixture-of-experts tensors."""
+    experts = next((n for n in tensor_names if "_exps." in n or "_shexp" in n), None)
+    if experts is not None:
+        raise ValueError(
+            f"quantization='gguf': the file's {experts!r} is a mixture-of-experts tensor "
+            f"(architecture {arch!r}); Plait does not read GGUF experts yet: serve the "
+            "safetensors checkpoint"
+        )
+    if arch not in LAYER_NAMES:
+        raise ValueError(
+            f"quantization='gguf' does not read GGUF architecture {arch!r} (it reads "
+            f"{', '.join(LAYER_NAMES)}); use quantization='none' to run the file dequantized"
+        )
+    return LAYER_NAMES[arch]
+
+
 def read_pieces(gguf_file: Path, config: Any) -> dict[tuple[str, str], Piece]:
     """``{(plait module path, "weight"|"bias"): tensor or QuantizedWeight}``, fused and
     un-permuted, straight from the file."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_file))
-    permute = _field(reader, "general.architecture") == "llama"
+    arch = _field(reader, "general.architecture")
+    layer_names = layer_names_of(arch, [t.name for t in reader.tensors])
+    permute = arch == "llama"
+    # llama.cpp stores Gemma's RMSNorm weights as 1 + w; Plait's GemmaRMSNorm holds w
+    norm_offset = 1.0 if arch.startswith("gemma") else 0.0
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     shards: dict[tuple[str, str], dict[int, Piece]] = {}
     for tensor in reader.tensors:
         parts = tensor.name.split(".")
-        if parts[0] == "blk" and parts[2] in _LAYER:
-            path, shard = _LAYER[parts[2]]
+        if parts[0] == "blk" and parts[2] in layer_names:
+            path, shard = layer_names[parts[2]]
             path = f"layers.{parts[1]}.{path}"
         elif parts[0] in _TOP and len(parts) == 2:
             path, shard = _TOP[parts[0]], 0
@@ -124,6 +164,8 @@ def read_pieces(gguf_file: Path, config: Any) -> dict[tuple[str, str], Piece]:
         piece = _read(tensor)
         if permute and parts[0] == "blk" and parts[2] in heads:
             piece = _unpermute(piece, heads[parts[2]])
+        if norm_offset and path.endswith("norm") and isinstance(piece, torch.Tensor):
+            piece = piece - norm_offset
         shards.setdefault((path, parts[-1]), {})[shard] = piece
     return {key: _cat([s[i] for i in sorted(s)], key[0]) for key, s in shards.items()}
 

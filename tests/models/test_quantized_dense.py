@@ -1,4 +1,5 @@
-"""int8 and int4 weight-only quantization on the new dense architectures (Qwen3, Gemma 2):
+"""int8 and int4 weight-only quantization on the new dense architectures (Qwen3, Gemma 2 and
+3, Phi-3, whose checkpoint stores qkv and gate_up fused):
 the engine's greedy tokens, batched, chunked and after a prefix-cache hit, equal
 transformers' float32 on the same checkpoint whose projections hold the engine's
 dequantized weights (quantized row by row and group by group, so the engine's fused
@@ -28,6 +29,19 @@ ARCHS = {
         final_logit_softcapping=3.0,
         attn_logit_softcapping=2.0,
     ),
+    "gemma3_text": dict(
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        sliding_window_pattern=2,
+        num_hidden_layers=3,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+    "phi3": dict(sliding_window=None),
 }
 
 
@@ -47,7 +61,10 @@ def dequantized_copy(src: Path, dst: Path, method: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("arch,method", [("qwen3", "int8"), ("gemma2", "int4")])
+@pytest.mark.parametrize(
+    "arch,method",
+    [("qwen3", "int8"), ("gemma2", "int4"), ("gemma3_text", "int4"), ("phi3", "int4")],
+)
 def test_quantized_dense_model_matches_transformers_on_dequantized_weights(
     tmp_path, smollm_dir, arch, method
 ):

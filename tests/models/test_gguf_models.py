@@ -1,0 +1,64 @@
+"""GGUF files of Qwen2, Qwen3, Gemma 2 and Gemma 3 run natively (``quantization='gguf'``, the
+default for a ``.gguf`` path): attention and embedding in Q8_0 blocks, MLP in Q4_0, written as
+llama.cpp lays them out (``tests/models/gguf_file.py``). The oracle is transformers loading the
+same file (``gguf_file=``, which dequantizes it): greedy tokens equal, batched, chunked and from
+the prefix cache. The blocks change transformers' tokens against the float checkpoint, so an
+engine that ran the float weights could not pass; Gemma's norms are stored as ``1 + w``, so a
+norm read without the offset changes the tokens too. Mixture-of-experts files and architectures
+without a name map are refused naming them."""
+
+from __future__ import annotations
+
+import pytest
+
+from plait.quant.gguf import layer_names_of
+from plait.quant.modules import QuantizedEmbedding, QuantizedLinear
+from tests.models.gguf_file import write_gguf
+from tests.models.hf_parity import assert_engine_matches, build_tiny, hf_tokens
+
+GEMMA = dict(std=0.05, head_dim=16, sliding_window=8, tie_word_embeddings=True)
+# Only what GGUF metadata states survives the file (transformers fills the rest with its
+# defaults: Qwen3's head_dim 128, Gemma's query_pre_attn_scalar 256 and soft-caps 50/30,
+# Gemma 3's one global layer in six), so the tiny configs keep to those.
+ARCHS = {
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=128),
+    "gemma2": dict(GEMMA, num_hidden_layers=3),
+    "gemma3_text": dict(GEMMA, num_hidden_layers=6),
+}
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("qwen2", marks=pytest.mark.slow),
+        pytest.param("qwen3", marks=pytest.mark.slow),
+        "gemma2",
+        pytest.param("gemma3_text", marks=pytest.mark.slow),
+    ],
+)
+def test_gguf_blocks_match_transformers_reading_the_file(tmp_path, smollm_dir, monkeypatch, arch):
+    monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tiny(tmp_path / "float", arch, smollm_dir, **ARCHS[arch])
+    gguf = write_gguf(path, tmp_path / "model.gguf", smollm_dir)
+    want = hf_tokens(tmp_path, gguf_file=gguf.name)
+    assert hf_tokens(path) != want  # the blocks show in the tokens
+    engine = assert_engine_matches(gguf, want)
+    model = engine.scheduler.runner.model
+    layers = model.config.num_hidden_layers
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 4 * layers + 1  # qkv, o, gate_up, down; the LM head
+    assert isinstance(model.embed_tokens, QuantizedEmbedding)
+
+
+@pytest.mark.parametrize(
+    "arch,names,match",
+    [
+        ("llama", ["blk.0.ffn_gate_exps.weight"], "'blk.0.ffn_gate_exps.weight' is a mixture-of"),
+        ("qwen2moe", ["blk.0.ffn_up_shexp.weight"], "mixture-of-experts tensor"),
+        ("phi3", ["blk.0.attn_qkv.weight"], "does not read GGUF architecture 'phi3'"),
+    ],
+)
+def test_files_without_a_native_reading_are_refused_naming_why(arch, names, match):
+    with pytest.raises(ValueError, match=match):
+        layer_names_of(arch, names)
