@@ -47,6 +47,14 @@ CLIENTS = 6
 DELAY = {"FAKE_ENGINE_TOKEN_DELAY": "0.02"}
 
 
+def wait_for_workers(server, count: int, timeout: float = 300) -> None:
+    """smg answers on its port before it lists its workers: wait for the pool itself."""
+    deadline = time.monotonic() + timeout
+    while len(listed_healthy(server.url)) < count:
+        assert server.proc.poll() is None and time.monotonic() < deadline, server.log.read_text()
+        time.sleep(0.5)
+
+
 def classify_stream(resp: requests.Response) -> str:
     events, finished = [], False
     for line in resp.iter_lines():
@@ -123,7 +131,7 @@ def test_kill_9_and_restart_workers_under_steady_load(tiny_model_dir, tmp_path):
         tmp_path / "dp.log",
         str(tiny_model_dir),
         env={**DELAY, "TMPDIR": str(tmp)},
-        timeout=300,
+        timeout=600,
         port=port,
     )
     rng = random.Random(42)
@@ -131,7 +139,8 @@ def test_kill_9_and_restart_workers_under_steady_load(tiny_model_dir, tmp_path):
     joined: list[subprocess.Popen] = []
     kills: list[float] = []
     stop = threading.Event()
-    model = requests.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    wait_for_workers(server, 2)  # smg answers before it lists its workers
+    model = tiny_model_dir.name  # the served model id
     launcher_workers = [
         p for p in child_pids(server.proc.pid)
         if b"plait.server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()

@@ -20,6 +20,7 @@ import requests
 
 from tests.server.conftest import FAKE, start_server
 from tests.server.test_data_parallel import child_pids
+from tests.server.test_chaos import wait_for_workers
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,8 @@ def test_a_stream_cut_by_a_workers_death_ends_with_an_error_event_and_done(
         timeout=600,
     )
     try:
-        model = requests.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        wait_for_workers(server, 2)  # smg answers before it lists its workers
+        model = tiny_model_dir.name  # the served model id
         workers = {
             f"http://127.0.0.1:{cmd[cmd.index(b'--port') + 1].decode()}": pid
             for pid in child_pids(server.proc.pid)
