@@ -139,13 +139,8 @@ def test_kill_9_and_restart_workers_under_steady_load(tiny_model_dir, tmp_path):
     joined: list[subprocess.Popen] = []
     kills: list[float] = []
     stop = threading.Event()
-    wait_for_workers(server, 2)  # smg answers before it lists its workers
     model = tiny_model_dir.name  # the served model id
-    launcher_workers = [
-        p for p in child_pids(server.proc.pid)
-        if b"plait.server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()
-    ]  # fmt: skip
-    killable = [launcher_workers[0]]
+    killable: list[int] = []  # the launcher's first worker, then each replacement
     counter = iter(range(10**6))
     lock = threading.Lock()
 
@@ -171,7 +166,12 @@ def test_kill_9_and_restart_workers_under_steady_load(tiny_model_dir, tmp_path):
             joined.append(proc)
             killable.append(proc.pid)
 
-    try:
+    try:  # from here on, the finally stops every process even if a step fails
+        wait_for_workers(server, 2)  # smg answers before it lists its workers
+        killable += [
+            p for p in child_pids(server.proc.pid)
+            if b"plait.server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ][:1]  # fmt: skip
         threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
         threads.append(threading.Thread(target=chaos))
         for t in threads:
