@@ -3,7 +3,9 @@ health waits, supervision and shutdown, shared by ``data_parallel`` and ``pd_lau
 
 What holds:
 - Every port a launcher hands out comes from one :class:`PortBook`, which never repeats one
-  or hands out a reserved one (a worker binds its port seconds after it is chosen).
+  or hands out a reserved one (a worker binds its port seconds after it is chosen); a range
+  the user pinned (``--router-dp-worker-base-port``, ...) is used exactly or refused with a
+  ValueError naming the flag, never replaced by other ports.
 - Every child gets a parent-death signal (``kill -9`` of the launcher leaves no orphan,
   Linux) and its share of the cores as its thread count unless the user chose one.
 - :func:`wait_healthy` fails fast, naming the child, when one exits during start-up; HTTP
@@ -60,6 +62,34 @@ class PortBook:
                 self.taken.add(port)
                 return port
         raise RuntimeError(f"no free port outside the {len(self.taken)} already promised")
+
+    def take_range(self, base: int | None, count: int, flag: str) -> list[int]:
+        """``count`` ports: ``base, base + 1, ...`` when the user pinned them with ``flag``,
+        else free ones. A pinned port past 65535, already promised, or bound by another
+        process now is a ValueError naming ``flag`` (before any child starts)."""
+        if base is None:
+            return [self.take() for _ in range(count)]
+        ports = list(range(base, base + count))
+        if ports[-1] > 65535:
+            raise ValueError(f"{flag} {base}: {count} ports from it run past 65535")
+        for port in ports:
+            if port in self.taken:
+                raise ValueError(f"{flag} {base}: port {port} is already another process's")
+            if not port_free(port):
+                raise ValueError(f"{flag} {base}: port {port} is in use on 127.0.0.1")
+        self.taken.update(ports)
+        return ports
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be bound on ``host`` now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def threads_per_worker(dp: int, cores: int | None = None) -> int:

@@ -254,6 +254,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="the gateway's Prometheus /metrics port (default: a free port, logged)",
     )
     dp.add_argument(
+        "--router-dp-worker-base-port",
+        type=int,
+        default=None,
+        help="with --dp N: worker i listens on this port + i; with --pd XPYD: prefill "
+        "server i on this + i, decode server j on this + X + j (default: free ports; a "
+        "pinned port in use stops the launch)",
+    )
+    dp.add_argument(
         "--router-extra-args",
         default=None,
         help="more gateway flags (smg launch, or sglang_router.launch_router), quoted as one "
@@ -299,4 +307,10 @@ def add_disaggregation_args(p: argparse.ArgumentParser) -> None:
         metavar="XPYD",
         help="start X prefill and Y decode servers and the gateway on --port in one "
         "command, e.g. 1P1D (the --router-* flags apply)",
+    )
+    g.add_argument(
+        "--disaggregation-bootstrap-base-port",
+        type=int,
+        default=None,
+        help="with --pd: prefill server i's bootstrap port is this + i (default: free ports)",
     )

@@ -79,6 +79,7 @@ def worker_command(args: ServerArgs, port: int) -> list[str]:
         port=port,
         router_extra_args=None,
         router_prometheus_port=None,
+        router_dp_worker_base_port=None,
     )
     return [sys.executable, "-m", "plait.server.cli", "serve", *worker.to_argv()]
 
@@ -93,17 +94,19 @@ def run_data_parallel(args: ServerArgs) -> int:
         require_gateway(args.gateway_name, "--dp")
         args = replace(args, model_path=args.resolved_model_path())  # fetch/convert once
         args.engine_kwargs(args.model_path)  # option errors before anything starts
+        ports = PortBook(args.port, args.router_prometheus_port)
+        worker_ports = ports.take_range(
+            args.router_dp_worker_base_port, args.dp, "--router-dp-worker-base-port"
+        )
     except (LaunchError, ValueError) as e:
         log.error("%s", e)
         return 2
     stop = stop_on_signals()
     env = child_env(args.dp)
     log.info("starting %d workers with %s thread(s) each", args.dp, env.get("OMP_NUM_THREADS"))
-    ports = PortBook(args.port, args.router_prometheus_port)
     scheme = "grpc" if args.grpc_mode else "http"
     workers = []
-    for rank in range(args.dp):
-        port = ports.take()
+    for rank, port in enumerate(worker_ports):
         workers.append(
             spawn(
                 f"worker {rank} (port {port})",

@@ -56,6 +56,8 @@ def server_command(args: ServerArgs, mode: str, port: int, bootstrap_port: int) 
         disaggregation_bootstrap_port=bootstrap_port,
         router_extra_args=None,
         router_prometheus_port=None,
+        router_dp_worker_base_port=None,
+        disaggregation_bootstrap_base_port=None,
     )
     return [sys.executable, "-m", "plait.server.cli", "serve", *one.to_argv()]
 
@@ -77,6 +79,15 @@ def run_pd(args: ServerArgs) -> int:
         require_gateway(args.gateway_name, "--pd")
         args = replace(args, model_path=args.resolved_model_path())
         args.engine_kwargs(args.model_path)
+        ports = PortBook(args.port, args.router_prometheus_port)
+        server_ports = ports.take_range(
+            args.router_dp_worker_base_port, n_prefill + n_decode, "--router-dp-worker-base-port"
+        )
+        bootstraps = ports.take_range(
+            args.disaggregation_bootstrap_base_port,
+            n_prefill,
+            "--disaggregation-bootstrap-base-port",
+        )
     except (LaunchError, ValueError) as e:
         log.error("%s", e)
         return 2
@@ -84,9 +95,8 @@ def run_pd(args: ServerArgs) -> int:
     env = child_env(n_prefill + n_decode)
     servers: list[Child] = []
     prefills: list[tuple[str, int]] = []
-    ports = PortBook(args.port, args.router_prometheus_port, args.disaggregation_bootstrap_port)
     for i in range(n_prefill):
-        port, bootstrap = ports.take(), ports.take()
+        port, bootstrap = server_ports[i], bootstraps[i]
         url = f"http://127.0.0.1:{port}"
         servers.append(
             spawn(
@@ -99,7 +109,7 @@ def run_pd(args: ServerArgs) -> int:
         prefills.append((url, bootstrap))
     decodes = []
     for i in range(n_decode):
-        port = ports.take()
+        port = server_ports[n_prefill + i]
         url = f"http://127.0.0.1:{port}"
         cmd = server_command(args, "decode", port, args.disaggregation_bootstrap_port)
         servers.append(spawn(f"decode {i} (port {port})", url, cmd, env))

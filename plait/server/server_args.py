@@ -65,12 +65,14 @@ class ServerArgs:
     router_policy: str = "cache_aware"
     router_extra_args: str | None = None
     router_prometheus_port: int | None = None
+    router_dp_worker_base_port: int | None = None  # --dp/--pd servers on base, base+1, ...
     # Prefill/decode disaggregation behind SGLang's gateway in PD mode (plait.disaggregation).
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "mooncake"
     disaggregation_transfer_timeout: float = 30.0
     pd: str | None = None  # "1P1D": start the pair + gateway
+    disaggregation_bootstrap_base_port: int | None = None  # --pd: prefill i's is base + i
     # LoRA adapters (plait.lora, docs/lora.md), SGLang's flags
     lora_paths: list[str] | None = None  # name=path ...
     max_loras_per_batch: int = 8
@@ -187,6 +189,7 @@ class ServerArgs:
                 "device r in each worker); use --dp or --tp"
             )
         self._check_gateway(disagg)
+        self._check_pinned_ports()
         if self.dp > 1 and disagg:
             raise ValueError(
                 f"--dp {self.dp} with {disagg}: the --dp gateway does not route "
@@ -196,6 +199,24 @@ class ServerArgs:
         self._check_device()
         self._check_parsers()
         self._check_speculative()
+
+    def _check_pinned_ports(self) -> None:
+        """The launchers' port flags: refused (not ignored) without a launcher, and every
+        pinned port a port number. Whether each is free is checked when it is handed out."""
+        pins = {
+            "--router-dp-worker-base-port": self.router_dp_worker_base_port,
+            "--router-prometheus-port": self.router_prometheus_port,
+            "--disaggregation-bootstrap-base-port": self.disaggregation_bootstrap_base_port,
+        }
+        for flag, port in pins.items():
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"{flag} must be a port number (1-65535), got {port}")
+        launcher = self.dp > 1 or self.pd is not None
+        if not launcher and any(p is not None for p in pins.values()):
+            given = [f for f, p in pins.items() if p is not None]
+            raise ValueError(f"{', '.join(given)} only apply to --dp N (N > 1) or --pd XPYD")
+        if self.disaggregation_bootstrap_base_port is not None and self.pd is None:
+            raise ValueError("--disaggregation-bootstrap-base-port only applies to --pd XPYD")
 
     def _check_parsers(self) -> None:
         from plait.server.reasoning import REASONING_PARSERS

@@ -39,12 +39,24 @@ TIMEOUT = 8  # --disaggregation-transfer-timeout
 
 @pytest.fixture(scope="module")
 def pd(smollm_dir, tmp_path_factory):
+    from plait.server.children import PortBook
+    from tests.server.test_launcher_ports import free_range
+
+    base, bootstrap = free_range(2), free_range(1)  # every process's port pinned
+    book = PortBook(base, base + 1, bootstrap)
+    port, metrics = book.take(), book.take()
     server = start_server(
         [
             "--device",
             "cpu",
             "--pd",
             "1P1D",
+            "--router-dp-worker-base-port",
+            str(base),
+            "--disaggregation-bootstrap-base-port",
+            str(bootstrap),
+            "--router-prometheus-port",
+            str(metrics),
             "--max-total-tokens",
             "8192",
             "--disaggregation-transfer-timeout",
@@ -52,7 +64,9 @@ def pd(smollm_dir, tmp_path_factory):
         ],
         tmp_path_factory.mktemp("pd") / "pd.log",
         str(smollm_dir),
+        port=port,
     )
+    server.pinned = {"prefill": [base, bootstrap], "decode": [base + 1], "gateway": [port, metrics]}
     server.children = {}
     for pid in child_pids(server.proc.pid):
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -86,6 +100,19 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not exported by {url}")
+
+
+def test_every_process_listens_on_its_pinned_port(pd):
+    """Prefill on base (bootstrap on its pinned port), decode on base + 1, the gateway on
+    --port and --router-prometheus-port."""
+    from tests.server.test_launcher_ports import listening_ports
+
+    for mode, (pid, url) in pd.children.items():
+        assert int(url.rsplit(":", 1)[1]) == pd.pinned[mode][0]
+        assert set(pd.pinned[mode]) <= listening_ports(pid), mode
+    servers = {pid for pid, _ in pd.children.values()}
+    (gateway,) = [p for p in child_pids(pd.proc.pid) if p not in servers]
+    assert set(pd.pinned["gateway"]) <= listening_ports(gateway)
 
 
 def test_generate_equals_unified_token_for_token_streaming_or_not(pd, unified):

@@ -61,7 +61,10 @@ def wait_gone(pids: list[int], timeout: float = 30) -> list[int]:
 
 
 def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = None):
-    book = PortBook()  # the gateway's port and its metrics' port must differ
+    from tests.server.test_launcher_ports import free_range
+
+    base = free_range(2)  # every process's port pinned (test_every_process_listens_...)
+    book = PortBook(base, base + 1)  # the gateway's port and its metrics' port must differ
     port, metrics = book.take(), book.take()
     server = start_server(
         [
@@ -72,6 +75,8 @@ def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = No
             "sglang-router",
             "--router-prometheus-port",
             str(metrics),
+            "--router-dp-worker-base-port",
+            str(base),
             *extra,
         ],  # fmt: skip
         tmp_path / "dp.log",
@@ -81,6 +86,7 @@ def start_dp(tmp_path: Path, model_dir: Path, *extra: str, env: dict | None = No
         port=port,
     )
     server.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+    server.pinned = {"workers": [base, base + 1], "gateway": [port, metrics]}
     return server
 
 
@@ -185,6 +191,21 @@ def test_gateway_rewritten_requests_are_accepted_on_every_route(dp_fake):
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.status_code == 200 and lines[-1] == b"data: [DONE]"
     assert requests.post(dp_fake.url + "/flush_cache", timeout=60).status_code == 200
+
+
+def test_every_process_listens_on_its_pinned_port(dp_fake):
+    """``--router-dp-worker-base-port B``: worker i is the process listening on B + i; the
+    gateway listens on ``--port`` and ``--router-prometheus-port``."""
+    from tests.server.test_launcher_ports import listening_ports
+
+    workers = dict(zip(child_worker_urls(dp_fake), worker_pids(dp_fake)))
+    ports = sorted(int(url.rsplit(":", 1)[1]) for url in workers)
+    assert ports == dp_fake.pinned["workers"]
+    for url, pid in workers.items():
+        assert int(url.rsplit(":", 1)[1]) in listening_ports(pid)
+    (gateway,) = [p for p in child_pids(dp_fake.proc.pid) if p not in workers.values()]
+    assert set(dp_fake.pinned["gateway"]) <= listening_ports(gateway)
+    assert requests.get(dp_fake.metrics_url, timeout=30).status_code == 200
 
 
 def test_genuinely_bad_input_is_still_a_400_through_the_gateway(dp_fake):

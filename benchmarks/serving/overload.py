@@ -1,0 +1,169 @@
+"""Admission at overload: accepted requests' latency and throughput at 4x the sustainable rate.
+
+Two phases against one ``plait serve`` (started here with the default model, or ``--url``):
+
+1. **Sustainable rate**: ``--clients`` closed-loop clients (default: the server's
+   ``--max-running-requests``), each sending its next request when the last one returns, for
+   ``--seconds``. Its throughput (answered requests / wall seconds) is the rate the server can
+   sustain with a full batch and no queue.
+2. **Overload**: open-loop arrivals (Poisson) at ``--factor`` (4) times that rate for
+   ``--seconds``. Every answer is counted by status; 200s give the accepted latency p50/p99
+   (send to last byte) and the accepted throughput (200s / seconds from the first send to the
+   last 200).
+
+Shedding works when accepted latency stays bounded (near ``--max-queue-time`` plus one
+request's service time, not growing with the overload) and accepted throughput stays at least
+90 % of the sustainable rate. Requests are short completions (``--max-tokens`` new tokens,
+EOS ignored) so every accepted request costs the same.
+
+    python -m benchmarks.serving.overload --seconds 40 --max-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = [f"Request {i}: write one sentence about the number {i}." for i in range(64)]
+
+
+@dataclass(kw_only=True)
+class Phase:
+    sent: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    first_send: float = 0.0
+    last_ok: float = 0.0
+
+    def record(self, status: str, sent_at: float, done_at: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == "200":
+            self.latencies.append(done_at - sent_at)
+            self.last_ok = max(self.last_ok, done_at)
+
+    def summary(self) -> dict:
+        ok = sorted(self.latencies)
+        span = max(self.last_ok - self.first_send, 1e-9)
+        return {
+            "sent": self.sent,
+            "statuses": self.statuses,
+            "accepted_per_s": len(ok) / span if ok else 0.0,
+            "p50_s": statistics.median(ok) if ok else None,
+            "p99_s": ok[min(len(ok) - 1, int(0.99 * len(ok)))] if ok else None,
+        }
+
+
+async def one(client: httpx.AsyncClient, url: str, max_tokens: int, phase: Phase) -> None:
+    body = {
+        "text": random.choice(PROMPTS),
+        "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True},
+    }
+    sent = time.monotonic()
+    phase.sent += 1
+    try:
+        r = await client.post(url + "/generate", json=body)
+        status = str(r.status_code)
+    except httpx.HTTPError as e:
+        status = type(e).__name__
+    phase.record(status, sent, time.monotonic())
+
+
+async def closed_loop(url: str, clients: int, seconds: float, max_tokens: int) -> Phase:
+    phase = Phase(first_send=time.monotonic())
+    end = phase.first_send + seconds
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
+
+        async def loop() -> None:
+            while time.monotonic() < end:
+                await one(c, url, max_tokens, phase)
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return phase
+
+
+async def open_loop(url: str, rate: float, seconds: float, max_tokens: int) -> Phase:
+    phase = Phase(first_send=time.monotonic())
+    end = phase.first_send + seconds
+    rng = random.Random(0)
+    tasks = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as c:
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(one(c, url, max_tokens, phase)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    return phase
+
+
+def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "plait.server.cli", "serve", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning", *extra])
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+    proc.kill()
+    raise SystemExit("the server did not become healthy in 600 s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default=None, help="a running server (default: start one)")
+    p.add_argument("--port", type=int, default=31870)
+    p.add_argument("--server-args", default="", help="flags for the server started here")
+    p.add_argument("--max-running", type=int, default=16, help="the started server's limit")
+    p.add_argument("--clients", type=int, default=None, help="phase 1 (default --max-running)")
+    p.add_argument("--factor", type=float, default=4.0)
+    p.add_argument("--seconds", type=float, default=40.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    a = p.parse_args()
+    proc = None
+    url = a.url
+    if url is None:
+        extra = ["--max-running-requests", str(a.max_running), *a.server_args.split()]
+        proc = start_server(a.port, extra)
+        url = f"http://127.0.0.1:{a.port}"
+    try:
+        asyncio.run(closed_loop(url, 4, 5, a.max_tokens))  # warm-up: fills the finish rate
+        base = asyncio.run(closed_loop(url, a.clients or a.max_running, a.seconds, a.max_tokens))
+        sustainable = base.summary()["accepted_per_s"]
+        if not sustainable:
+            raise SystemExit(f"no request answered in phase 1: {base.summary()}")
+        over = asyncio.run(open_loop(url, a.factor * sustainable, a.seconds, a.max_tokens))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    result = {
+        "config": {**vars(a), "cpu_count": os.cpu_count()},
+        "sustainable": base.summary(),
+        "overload": over.summary(),
+        "offered_per_s": a.factor * sustainable,
+    }
+    result["throughput_ratio"] = result["overload"]["accepted_per_s"] / max(sustainable, 1e-9)
+    print(json.dumps(result, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
