@@ -83,6 +83,10 @@ class ModelSpec:
     #: layers: set by :func:`~plait.core.model_runner.default_model_runner` before it calls
     #: ``load_model``; None: the loader uses the portable torch op
     fused_moe: "FusedExperts | None" = None
+    #: ``--enable-deterministic-inference``: every row's logits must not depend on the rest of
+    #: its batch, its chunking or its phase (docs/deterministic.md); only a backend with
+    #: ``supports_deterministic_inference`` is given True
+    deterministic: bool = False
 
 
 class ModelLoader(Protocol):
@@ -190,6 +194,9 @@ class Backend:
     #: its ``build_*`` made). A backend whose ``create_model_runner`` returns a runner of its own
     #: sets False, and the engine refuses ``--tp`` > 1 before any rank starts.
     supports_tensor_parallel: ClassVar[bool] = True
+    #: whether ``create_model_runner`` honours ``ModelSpec.deterministic`` (batch-invariant
+    #: kernels); the engine refuses ``--enable-deterministic-inference`` elsewhere
+    supports_deterministic_inference: ClassVar[bool] = False
     #: the dataclass of this backend's switches (``Engine(backend_options=...)``), or None
     options_type: ClassVar[type | None] = None
 

@@ -264,6 +264,7 @@ def _build_on(
         quantization=quantization,
         graph_capture=cfg.graph_capture(backend),
         load_model=checkpoint.load_model,
+        deterministic=cfg.enable_deterministic_inference,
     )
     tp_runner = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike
