@@ -377,3 +377,14 @@ def refuse_int8_activations(backend: str, activations: str) -> None:
             f"quantization_activations={activations!r} is not supported by the "
             f"{backend!r} backend (only 'float')"
         )
+
+
+def refuse_experts(model: Any) -> None:
+    """ValueError for ``--enable-deterministic-inference`` on a mixture-of-experts model: its
+    expert products group rows by expert, so a row's sums depend on the rest of the batch."""
+    for m in model.modules():
+        if any(w in type(m).__name__.lower() for w in ("moe", "experts")):
+            raise ValueError(
+                "enable_deterministic_inference (--enable-deterministic-inference) does "
+                f"not support mixture-of-experts models yet ({type(m).__name__})"
+            )

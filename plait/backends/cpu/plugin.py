@@ -18,6 +18,7 @@ from plait.core.backend_api import (
     GraphRunner,
     KVPool,
     ModelSpec,
+    refuse_experts,
     refuse_int8_activations,
 )
 from plait.backends.cpu.attention import TorchAttentionBackend
@@ -201,7 +202,10 @@ def _make_deterministic(runner: "ModelRunner", spec: ModelSpec) -> None:
     """Every forward through batch-invariant attention, one task per token for prefill and
     decode alike (``plait.backends.cpu.deterministic``); decode stays the eager torch step,
     the same code as extend (the native C++ step fuses its sums differently)."""
-    from plait.backends.cpu.deterministic import DeterministicAttentionBackend, check_supported
+    from plait.backends.cpu.deterministic import (
+        DeterministicAttentionBackend,
+        check_supported,
+    )
     from plait.backends.cpu.paged_decode import kernel_available
 
     old = runner.attn
@@ -211,6 +215,7 @@ def _make_deterministic(runner: "ModelRunner", spec: ModelSpec) -> None:
             "available here (a C++ compiler is needed) or the model uses latent attention"
         )
     check_supported(old, spec.dtype)
+    refuse_experts(runner.model)
     if runner.graph_runner is not None:
         raise ValueError("enable_deterministic_inference does not support graph capture")
     attn = DeterministicAttentionBackend(old.kv_pool, old.num_heads, old.num_kv_heads, old.head_dim)
