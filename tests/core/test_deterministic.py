@@ -118,8 +118,8 @@ def test_serve_flag_reaches_the_engine_and_other_devices_refuse_it():
     assert args.engine_kwargs("/m")["enable_deterministic_inference"] is True
     default = from_namespace(build_parser().parse_args(["serve"])).engine_kwargs("/m")
     assert "enable_deterministic_inference" not in default
-    cuda = from_namespace(
-        build_parser().parse_args(["serve", "--device", "cuda", "--enable-deterministic-inference"])
+    npu = from_namespace(
+        build_parser().parse_args(["serve", "--device", "npu", "--enable-deterministic-inference"])
     )
     with pytest.raises(ValueError, match="no batch-invariant kernels"):
-        cuda.validate()
+        npu.validate()
