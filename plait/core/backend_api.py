@@ -87,6 +87,10 @@ class ModelSpec:
     #: layers: set by :func:`~plait.core.model_runner.default_model_runner` before it calls
     #: ``load_model``; None: the loader uses the portable torch op
     fused_moe: "FusedExperts | None" = None
+    #: ``--enable-deterministic-inference``: every row's logits must not depend on the rest of
+    #: its batch, its chunking or its phase (docs/deterministic.md); only a backend with
+    #: ``supports_deterministic_inference`` is given True
+    deterministic: bool = False
 
 
 class ModelLoader(Protocol):
@@ -194,6 +198,9 @@ class Backend:
     #: its ``build_*`` made). A backend whose ``create_model_runner`` returns a runner of its own
     #: sets False, and the engine refuses ``--tp`` > 1 before any rank starts.
     supports_tensor_parallel: ClassVar[bool] = True
+    #: whether ``create_model_runner`` honours ``ModelSpec.deterministic`` (batch-invariant
+    #: kernels); the engine refuses ``--enable-deterministic-inference`` elsewhere
+    supports_deterministic_inference: ClassVar[bool] = False
     #: the dataclass of this backend's switches (``Engine(backend_options=...)``), or None
     options_type: ClassVar[type | None] = None
 
@@ -374,3 +381,14 @@ def refuse_int8_activations(backend: str, activations: str) -> None:
             f"quantization_activations={activations!r} is not supported by the "
             f"{backend!r} backend (only 'float')"
         )
+
+
+def refuse_experts(model: Any) -> None:
+    """ValueError for ``--enable-deterministic-inference`` on a mixture-of-experts model: its
+    expert products group rows by expert, so a row's sums depend on the rest of the batch."""
+    for m in model.modules():
+        if any(w in type(m).__name__.lower() for w in ("moe", "experts")):
+            raise ValueError(
+                "enable_deterministic_inference (--enable-deterministic-inference) does "
+                f"not support mixture-of-experts models yet ({type(m).__name__})"
+            )

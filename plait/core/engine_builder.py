@@ -271,6 +271,7 @@ def _build_on(
         # pipeline stages run eagerly (pp.config refuses --enable-graph-capture with --pp)
         graph_capture=cfg.graph_capture(backend) and cfg.pp_size == 1,
         load_model=checkpoint.load_model,
+        deterministic=cfg.enable_deterministic_inference,
     )
     tp_runner: TPModelRunner | None = None
     runner: Any  # a ModelRunner, or rank 0's TPModelRunner: the scheduler calls both alike

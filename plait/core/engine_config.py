@@ -76,6 +76,9 @@ class EngineConfig:
     speculative_draft_model_path: str | None = None  # STANDALONE's draft model
     speculative_ngram_min_match_window_size: int = 1
     speculative_ngram_max_match_window_size: int = 12
+    # Batch-invariant kernels (SGLang's flag; docs/deterministic.md): a request's logprobs do
+    # not depend on what shares its batch, its chunking or prefix-cache hits.
+    enable_deterministic_inference: bool = False
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -154,6 +157,7 @@ class EngineConfig:
         from plait.core.pp.config import check_pipeline
 
         check_pipeline(self)
+        self._validate_deterministic()
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         from plait.core.spec.config import check_speculative
@@ -195,6 +199,22 @@ class EngineConfig:
                 "lora_paths: LoRA adapters do not support prefill/decode disaggregation yet"
             )
 
+    def _validate_deterministic(self) -> None:
+        if not self.enable_deterministic_inference:
+            return
+        flag = "enable_deterministic_inference (--enable-deterministic-inference)"
+        if self.tp_size != 1:
+            raise ValueError(f"{flag} does not support tensor parallelism yet (tp_size must be 1)")
+        if self.speculative_algorithm is not None:
+            raise ValueError(f"{flag} does not support speculative decoding yet")
+        if self.lora_enabled:
+            raise ValueError(f"{flag} does not support LoRA adapters yet")
+        if self.quantization not in (None, "none") or str(self.model_path or "").endswith(".gguf"):
+            raise ValueError(f"{flag} does not support quantized models yet")
+        if self.enable_graph_capture:
+            # the CPU's capture is torch.compile, whose fusions reorder the sums
+            raise ValueError(f"{flag} does not support enable_graph_capture")
+
     def kv_cache_bytes(self) -> int:
         """The KV pool's budget when ``max_total_tokens`` is unset."""
         gb = DEFAULT_KV_CACHE_GB if self.kv_cache_memory_gb is None else self.kv_cache_memory_gb
@@ -217,6 +237,11 @@ class EngineConfig:
                 f"pp_size={self.pp_size} (--pp {self.pp_size}): device {name!r} does not "
                 "support pipeline parallelism (its backend runs its own model runner, not "
                 "the core one the stages split); use --pp 1"
+            )
+        if self.enable_deterministic_inference and not backend.supports_deterministic_inference:
+            raise ValueError(
+                "enable_deterministic_inference (--enable-deterministic-inference): "
+                f"device {name!r} has no batch-invariant kernels yet"
             )
         if self.enable_graph_capture and "captured" not in modes:
             raise ValueError(

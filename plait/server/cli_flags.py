@@ -99,6 +99,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "torch.compile (minutes of compiling at start)",
     )
     p.add_argument(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="batch-invariant kernels: a request's logprobs do not depend on what shares "
+        "its batch, its chunking or cache hits (docs/deterministic.md; CPU, float32)",
+    )
+    p.add_argument(
         "--page-size",
         type=int,
         default=d.page_size,

@@ -27,6 +27,7 @@ class ServerArgs:
     disable_overlap_schedule: bool = False  # run each forward inline (SGLang's flag)
     disable_graph_capture: bool = False  # decode runs eagerly even where capture is default
     enable_graph_capture: bool = False  # capture where the device defaults to eager (CPU)
+    enable_deterministic_inference: bool = False  # batch-invariant (docs/deterministic.md)
     page_size: int | None = None  # None: the backend's default
     # Speculative decoding (docs/speculative.md), SGLang's flags; None: the engine's defaults.
     speculative_algorithm: str | None = None
@@ -119,6 +120,7 @@ class ServerArgs:
             disable_radix_cache=self.disable_radix_cache,
             disable_graph_capture=self.disable_graph_capture or None,
             enable_graph_capture=self.enable_graph_capture or None,
+            enable_deterministic_inference=self.enable_deterministic_inference or None,
             max_running_requests=self.max_running_requests,
             mem_fraction=self.mem_fraction,
             kv_cache_memory_gb=self.kv_cache_memory_gb,
@@ -338,6 +340,7 @@ class ServerArgs:
                 tp_size=self.tp,
                 disable_graph_capture=self.disable_graph_capture,
                 enable_graph_capture=self.enable_graph_capture,
+                enable_deterministic_inference=self.enable_deterministic_inference,
             ).check_backend(backend)
 
     def to_argv(self) -> list[str]:

@@ -18,8 +18,10 @@ from plait.core.backend_api import (
     GraphRunner,
     KVPool,
     ModelSpec,
+    refuse_experts,
     refuse_int8_activations,
 )
+from plait.backends.cpu.attention import TorchAttentionBackend
 from plait.core.model_runner import default_model_runner
 
 if TYPE_CHECKING:
@@ -66,6 +68,7 @@ class CpuBackend(Backend):
     #: torch.compile of decode takes minutes here: eager unless ``--enable-graph-capture``
     decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = False
+    supports_deterministic_inference = True  # plait.backends.cpu.deterministic
 
     def __init__(self, options: CpuOptions | None = None):
         super().__init__(options)
@@ -158,16 +161,68 @@ class CpuBackend(Backend):
         where the model allows it) unless decode is compiled (``--enable-graph-capture``)."""
         runner = default_model_runner(self, spec, kv_pool, req_pool)
         opts = self.options
-        if opts.prepack_weights:
+        if opts.prepack_weights or spec.deterministic:
             from plait.backends.cpu.linear import compact_summary, prepack_linears
 
-            prepack_linears(runner.model, opts.linear_layout, opts.compact_weights)
+            layout = opts.linear_layout
+            if spec.deterministic:
+                layout = _deterministic_layout(layout, spec.dtype, opts.prepack_weights)
+            prepack_linears(runner.model, layout, opts.compact_weights)
             log.info("%s", compact_summary(runner.model))
-        if opts.native_decode and runner.graph_runner is None:
+        if spec.deterministic:
+            _make_deterministic(runner, spec)
+        elif opts.native_decode and runner.graph_runner is None:
             from plait.backends.cpu.native_step import install_native_decode
 
             install_native_decode(runner.model, runner.attn, opts.greedy_head)
         return runner
+
+
+def _deterministic_layout(layout: str | None, dtype: torch.dtype, prepack: bool) -> str:
+    """The Linear layout of ``--enable-deterministic-inference``: the float32 panels, whose
+    product sums each row in k order whatever the row count (oneDNN and MKL pick blockings by
+    row count); ValueError where they cannot be had."""
+    from plait.backends.cpu.deterministic import FLAG
+    from plait.backends.cpu.linear import panel_extension
+
+    if not prepack or layout not in (None, "panel"):
+        raise ValueError(
+            f"{FLAG} needs the float32 panel Linear layout (prepack_weights=True, "
+            f"linear_layout None or 'panel'; got {prepack}, {layout!r})"
+        )
+    if dtype != torch.float32 or panel_extension() is None:
+        raise ValueError(
+            f"{FLAG} on the CPU needs dtype float32 and the AVX-512 panel GEMM kernel "
+            f"(dtype {dtype}, kernel built here: {panel_extension() is not None})"
+        )
+    return "panel"
+
+
+def _make_deterministic(runner: "ModelRunner", spec: ModelSpec) -> None:
+    """Every forward through batch-invariant attention, one task per token for prefill and
+    decode alike (``plait.backends.cpu.deterministic``); decode stays the eager torch step,
+    the same code as extend (the native C++ step fuses its sums differently)."""
+    from plait.backends.cpu.deterministic import (
+        DeterministicAttentionBackend,
+        check_supported,
+    )
+    from plait.backends.cpu.paged_decode import kernel_available
+
+    old = runner.attn
+    if not isinstance(old, TorchAttentionBackend) or not kernel_available():
+        raise ValueError(
+            "enable_deterministic_inference: the CPU decode-attention kernel is not "
+            "available here (a C++ compiler is needed) or the model uses latent attention"
+        )
+    check_supported(old, spec.dtype)
+    refuse_experts(runner.model)
+    if runner.graph_runner is not None:
+        raise ValueError("enable_deterministic_inference does not support graph capture")
+    attn = DeterministicAttentionBackend(old.kv_pool, old.num_heads, old.num_kv_heads, old.head_dim)
+    attn.set_sliding_windows(old.sliding_windows)
+    attn.set_layer_scales(old.layer_scales)
+    attn.set_logit_softcaps(old.logit_softcaps)
+    runner.attn = attn
 
 
 @hookimpl

@@ -19,10 +19,13 @@ from plait.core.backend_api import (
     Backend,
     GraphRunner,
     KVPool,
+    ModelSpec,
     refuse_int8_activations,
 )
 
 if TYPE_CHECKING:
+    from plait.core.memory import ReqToTokenPool
+    from plait.core.model_runner import ModelRunner
     from plait.core.mla import LatentKVPool, MLAAttentionBackend
     from plait.ops.fused_moe import FusedExperts
     from plait.quant.modules import QuantizedMatmul
@@ -35,10 +38,42 @@ class TritonBackend(Backend):
     distributed_backend = "nccl"  # RCCL answers to "nccl" in ROCm builds of torch
     decode_modes = frozenset({"eager", "captured"})
     default_graph_capture = True  # CUDA/HIP graphs capture in seconds
+    supports_deterministic_inference = True  # plait.backends.cuda.deterministic
 
     def free_memory_bytes(self) -> int:
         """Free memory on the current CUDA/HIP device (``torch.cuda.mem_get_info``)."""
         return torch.cuda.mem_get_info()[0]
+
+    def create_model_runner(
+        self, spec: ModelSpec, kv_pool: KVPool, req_pool: "ReqToTokenPool"
+    ) -> "ModelRunner":
+        """The default runner; with ``spec.deterministic`` its Linears, RMSNorms and attention
+        on the batch-invariant kernels (``plait.backends.cuda.deterministic``)."""
+        from plait.core.model_runner import default_model_runner
+
+        runner = default_model_runner(self, spec, kv_pool, req_pool)
+        if spec.deterministic:
+            from plait.backends.cuda.attention import TritonAttentionBackend
+            from plait.backends.cuda.deterministic import (
+                DeterministicTritonAttention,
+                make_invariant,
+            )
+
+            old = runner.attn
+            if type(old) is not TritonAttentionBackend:
+                raise ValueError(
+                    "enable_deterministic_inference (--enable-deterministic-inference): "
+                    "latent (MLA) attention has no batch-invariant kernel here"
+                )
+            make_invariant(runner.model)
+            attn = DeterministicTritonAttention(
+                old.kv_pool, old.num_heads, old.num_kv_heads, old.head_dim, self.launch
+            )
+            attn.set_sliding_windows(old.sliding_windows)
+            attn.set_layer_scales(old.layer_scales)
+            attn.set_logit_softcaps(old.logit_softcaps)
+            runner.attn = attn
+        return runner
 
     def create_attention_backend(
         self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
