@@ -196,7 +196,7 @@ class OutputProcessor:
             if not result.skipped[i] and req.return_logprob:
                 raw_row[i] = len(raw_row)
         assert result.raw is not None  # kept for every return_logprob row
-        tokens = [result.tokens[i] for i in lp]
+        tokens = [t for i in lp if (t := result.tokens[i]) is not None]  # live: none is None
         top_k = max(reqs[i].top_logprobs_num for i in lp)
         chosen, tops = token_logprobs(result.raw[[raw_row[i] for i in lp]], tokens, top_k)
         for k, i in enumerate(lp):
