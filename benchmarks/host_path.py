@@ -37,21 +37,29 @@ def _params(batch: int, new_tokens: int, sampled: bool) -> list[dict]:
     ]
 
 
-def _serve(engine: plait.Engine, batch: int, new_tokens: int, sampled: bool) -> float:
+def _serve(engine: plait.Engine, batch: int, new_tokens: int, sampled: bool) -> tuple[float, float]:
+    """Wall and process CPU seconds (every thread) of one call."""
     ids = [[1000 + 17 * i + j for j in range(16)] for i in range(batch)]
     engine.flush_cache()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     engine.generate(input_ids=ids, sampling_params=_params(batch, new_tokens, sampled))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure(engine: plait.Engine, batch: int, steps: int, sampled: bool) -> dict[str, float]:
-    """Host ms per decode step at ``batch``, and the phase split of the full run."""
-    first = _serve(engine, batch, 1, sampled)
+    """Host ms per decode step at ``batch`` (wall, and CPU of all the process's threads: on a
+    shared machine the CPU figure is what the engine spent, the wall one includes waiting for
+    a core), and the phase split of the full run."""
+    first, first_cpu = _serve(engine, batch, 1, sampled)
     before = step_totals(engine.get_server_info())
-    full = _serve(engine, batch, steps, sampled)
+    full, full_cpu = _serve(engine, batch, steps, sampled)
     split = phase_split(before, step_totals(engine.get_server_info()))
-    return {"step_ms": 1000 * (full - first) / (steps - 1), **split}
+    per_step = 1000 / (steps - 1)
+    return {
+        "step_ms": per_step * (full - first),
+        "cpu_ms": per_step * (full_cpu - first_cpu),
+        **split,
+    }
 
 
 def main() -> None:
@@ -80,8 +88,8 @@ def main() -> None:
     mode = "sampled (temperature 0.7)" if args.sampled else "greedy"
     overlap = "off" if args.disable_overlap_schedule else "on"
     print(f"null model, {mode}, overlap {overlap}, {args.steps} steps, {args.rounds} rounds")
-    cols = ["step_ms"] + [f"{p}_ms" for p in PHASES]
-    print("| batch | host ms/step | " + " | ".join(cols[1:]) + " |")
+    cols = ["step_ms", "cpu_ms"] + [f"{p}_ms" for p in PHASES]
+    print("| batch | host ms/step | host CPU ms/step | " + " | ".join(cols[2:]) + " |")
     print("|---:|" + "---:|" * len(cols))
     for batch in args.batch:
         med = {c: statistics.median(r[c] for r in runs[batch]) for c in cols}

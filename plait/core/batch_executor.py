@@ -63,6 +63,9 @@ class PlannedBatch:
     #: a speculative verify pass: called with the logits on the scheduler thread instead of
     #: the usual processing (plait.core.spec.verify)
     verify: Callable[[torch.Tensor], None] | None = None
+    #: every sampling request ``takes_plain_argmax``, where the planner already knows it
+    #: (None: the executor works it out)
+    plain_argmax: bool | None = None
     prev_processed: threading.Event = field(default_factory=threading.Event)
     processed: threading.Event = field(default_factory=threading.Event)
 
@@ -123,11 +126,12 @@ class BatchExecutor:
             if plan.has_placeholders:
                 batch.input_ids = self.futures.resolve(batch.input_ids)
             if isinstance(batch, ForwardBatch):  # a backend's own step type has no such field
+                plain = plan.plain_argmax
                 batch.greedy_only = (
                     batch.is_decode
                     and n == batch.batch_size
                     and plan.sample_rows == list(range(n))
-                    and all(map(takes_plain_argmax, plan.sample_reqs))
+                    and (all(map(takes_plain_argmax, plan.sample_reqs)) if plain is None else plain)
                 )
             out = self.runner.run(batch)
             result = BatchResult(logits=None if isinstance(out, GreedyTokens) else out)
@@ -165,6 +169,9 @@ class BatchExecutor:
         if not live:
             return
         if isinstance(logits, GreedyTokens):  # the model took the argmax itself
+            if len(live) == len(reqs) == len(logits.tokens):  # every row, in order
+                result.tokens = list(logits.tokens)
+                return
             for i in live:
                 result.tokens[i] = logits.tokens[plan.sample_rows[i]]
             return

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from plait.core.decode_traits import traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.intake import long_rope_namespace
 from plait.core.kv_manager import KVManager
@@ -46,6 +47,7 @@ class DecodeAllocator:
         config: SchedulerConfig,
         drain: Callable[[], None],
         end: Callable[[Req, FinishReason], None],
+        eos_ids: set[int],
     ):
         """``drain`` processes every batch in flight; ``end`` removes a request from the
         table, releases its KV and reports ``reason``."""
@@ -55,6 +57,7 @@ class DecodeAllocator:
         self.config = config
         self.drain = drain
         self.end = end
+        self.eos_ids = eos_ids
         self.new_token_ratio = config.init_new_token_ratio
 
     def decayed(self) -> None:
@@ -67,15 +70,25 @@ class DecodeAllocator:
     def certainly_done(self, req: Req) -> bool:
         """The token in flight will finish ``req`` by length: decoding past it is waste (and
         past the context length, out of range)."""
-        n = len(req.output_ids) + (req.future is not None)
-        return n >= req.sampling.max_new_tokens or len(req.input_ids) + n >= self.config.context_len
+        limit = traits_of(req, self.config.context_len, self.eos_ids).limit
+        return len(req.output_ids) + (req.future is not None) >= limit
+
+    def to_decode(self) -> list[Req]:
+        """The running requests that still need a token (one pass, no call per request)."""
+        ctx, eos = self.config.context_len, self.eos_ids
+        return [
+            r
+            for r in self.table.running
+            if len(r.output_ids) + (r.future is not None)
+            < (r.traits or traits_of(r, ctx, eos)).limit
+        ]
 
     def alloc(self) -> tuple[list[Req], torch.Tensor] | None:
         """The requests to decode and one slot each, climbing the ladder until it fits."""
         while True:
             if self._reprefill_at_rope_switch():
                 continue
-            reqs = [r for r in self.table.running if not self.certainly_done(r)]
+            reqs = self.to_decode()
             if not reqs:
                 return None
             slots = self.kv.alloc_decode(reqs)

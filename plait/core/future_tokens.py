@@ -33,8 +33,12 @@ class FutureTokenMap:
             raise ValueError(
                 f"cannot reserve {n} placeholders at once (at most {self.max_batch_size})"
             )
-        ids = [-(1 + (self._next + i) % self.capacity) for i in range(n)]
-        self._next = (self._next + n) % self.capacity
+        first, cap = self._next, self.capacity
+        if first + n <= cap:  # no wrap: one range, not a Python expression per id
+            ids = list(range(-(1 + first), -(1 + first + n), -1))
+        else:
+            ids = [-(1 + (first + i) % cap) for i in range(n)]
+        self._next = (first + n) % cap
         return ids
 
     def store(self, placeholders: list[int], tokens: list[int]) -> None:

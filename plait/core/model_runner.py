@@ -204,7 +204,7 @@ class ModelRunner:
 
 def _lora_ids(reqs: list[Req]) -> list[str | None] | None:
     ids = [r.lora_id for r in reqs]
-    return ids if any(i is not None for i in ids) else None
+    return None if ids.count(None) == len(ids) else ids
 
 
 def default_model_runner(

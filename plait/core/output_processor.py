@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from plait.core.batch_executor import BatchResult, PlannedBatch
+from plait.core.decode_traits import traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem
@@ -137,41 +138,73 @@ class OutputProcessor:
             req.input_top_logprobs.append([(v, t, None) for v, t in tops[k]] if tops else None)
 
     def _apply_tokens(self, plan: PlannedBatch, result: BatchResult) -> None:
-        reqs = plan.sample_reqs
-        raw_row: dict[int, int] = {}  # sample index -> row of result.raw (BatchExecutor._sample)
-        for i, req in enumerate(reqs):
-            if not result.skipped[i] and req.return_logprob:
-                raw_row[i] = len(raw_row)
+        reqs, tokens, skipped, expect = plan.sample_reqs, result.tokens, result.skipped, plan.expect
         live = [
             i
             for i, req in enumerate(reqs)
-            if not result.skipped[i] and not req.finished and len(req.output_ids) == plan.expect[i]
+            if not skipped[i] and req.reason is None and len(req.output_ids) == expect[i]
         ]
+        if None in tokens:
+            for i in live:
+                if tokens[i] is None:  # invalid distribution: this request alone fails
+                    self.end(
+                        reqs[i],
+                        FinishReason.error(
+                            "the sampling distribution is invalid (NaN or no possible token)"
+                        ),
+                    )
+            live = [i for i in live if tokens[i] is not None]
+        self._record_logprobs(reqs, live, result)
+        self.stats.generated_tokens += len(live)
+        ctx, eos = self.config.context_len, self.finisher.eos_ids
+        fast = self.hand_off is None
         for i in live:
-            if result.tokens[i] is None:  # invalid distribution: this request alone fails
-                self.end(
-                    reqs[i],
-                    FinishReason.error(
-                        "the sampling distribution is invalid (NaN or no possible token)"
-                    ),
-                )
-        tokens = {i: t for i in live if (t := result.tokens[i]) is not None}
-        lp = [i for i in tokens if reqs[i].return_logprob]
-        if lp:
-            assert result.raw is not None  # kept for every return_logprob row
-            top_k = max(reqs[i].top_logprobs_num for i in lp)
-            chosen, tops = token_logprobs(
-                result.raw[[raw_row[i] for i in lp]], [tokens[i] for i in lp], top_k
+            req, token = reqs[i], tokens[i]
+            assert token is not None
+            traits = req.traits or traits_of(req, ctx, eos)
+            if not (fast and traits.simple):
+                self._append(req, token)
+                continue
+            # the fast path: what append_token and after_append do for a simple request
+            out = req.output_ids
+            out.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = time.perf_counter()
+            if token in traits.stop_ids:
+                self._finish_simple(req, FinishReason.stop(token))
+            elif len(out) >= traits.limit:
+                n, cap = len(out), req.sampling.max_new_tokens
+                self._finish_simple(req, FinishReason.length(cap if n >= cap else n))
+
+    def _finish_simple(self, req: Req, reason: FinishReason) -> None:
+        """A simple request's end: text decoded once, out of the table, KV released, output
+        emitted. An unfinished simple request emits nothing: it does not stream."""
+        req.finish(reason)
+        self.finisher.finalize_text(req)
+        self.table.remove(req)
+        self.kv.release(req)
+        self.finisher.emit(req)
+
+    def _record_logprobs(self, reqs: list[Req], live: list[int], result: BatchResult) -> None:
+        """Logprobs of the sampled tokens, for the live rows that asked (``result.raw`` holds
+        one row per ``return_logprob`` request sampled: ``BatchExecutor._sample``)."""
+        lp = [i for i in live if reqs[i].return_logprob]
+        if not lp:
+            return
+        raw_row: dict[int, int] = {}
+        for i, req in enumerate(reqs):
+            if not result.skipped[i] and req.return_logprob:
+                raw_row[i] = len(raw_row)
+        assert result.raw is not None  # kept for every return_logprob row
+        tokens = [t for i in lp if (t := result.tokens[i]) is not None]  # live: none is None
+        top_k = max(reqs[i].top_logprobs_num for i in lp)
+        chosen, tops = token_logprobs(result.raw[[raw_row[i] for i in lp]], tokens, top_k)
+        for k, i in enumerate(lp):
+            reqs[i].output_token_logprobs.append((chosen[k], tokens[k], None))
+            n = reqs[i].top_logprobs_num
+            reqs[i].output_top_logprobs.append(
+                [(v, t, None) for v, t in tops[k][:n]] if n else None
             )
-            for k, i in enumerate(lp):
-                reqs[i].output_token_logprobs.append((chosen[k], tokens[i], None))
-                n = reqs[i].top_logprobs_num
-                reqs[i].output_top_logprobs.append(
-                    [(v, t, None) for v, t in tops[k][:n]] if n else None
-                )
-        self.stats.generated_tokens += len(tokens)
-        for i, token in tokens.items():
-            self._append(reqs[i], token)
 
     def _append(self, req: Req, token: int) -> None:
         self.finisher.append_token(req, token, self.config.context_len)

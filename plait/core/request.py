@@ -12,9 +12,13 @@ from plait.core.finish_reason import FinishReason
 from plait.core.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)
 class Req:
     """One sequence being generated (a prompt with ``n > 1`` becomes n of these).
+
+    Requests compare by identity (``eq=False``): the scheduler's list membership and removal
+    (``req in running``) must not compare every field of two requests, which made each test
+    cost a field-by-field walk and a batch of 256 quadratic in it.
 
     KV ownership: ``req_to_token[req_pool_idx, :kv_len]`` hold this request's KV slots. The
     first ``cache_len`` of them belong to the radix tree (locked through ``last_node``); slots
@@ -50,6 +54,7 @@ class Req:
     generator: torch.Generator | None = None
     future: int | None = None  # placeholder of the next token, while in flight
     spec: Any = None  # plait.core.spec.ngram.DraftState under speculative decoding
+    traits: Any = None  # plait.core.decode_traits.Traits, cached on its first step
 
     detok: Any = None  # IncrementalDetokenizer
     text: str = ""  # output text so far (stop strings trimmed)

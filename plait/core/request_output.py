@@ -37,7 +37,8 @@ class RequestFinisher:
             self.finalize_text(req)
             return
         checked = len(req.text)
-        self._detokenize(req)
+        if req.stream or sp.stop:  # else the text is read only once finished (finalize_text)
+            self._detokenize(req)
         if sp.stop and n_out >= sp.min_new_tokens:
             text = req.detok.text
             hit = find_stop(text, sp.stop, checked)
@@ -71,13 +72,15 @@ class RequestFinisher:
         ids = req.output_ids
         if reason is not None and reason.stopped_on_token and not req.sampling.no_stop_trim:
             ids = ids[:-1]
-        if req.detok is None:
-            sp = req.sampling
+        if req.detok is None:  # never detokenized while it ran (it neither streams nor stops
+            sp = req.sampling  # on strings): its text in one decode
             req.detok = IncrementalDetokenizer(
                 self.tokenizer, sp.skip_special_tokens, sp.spaces_between_special_tokens
             )
-        req.detok.update(ids)
-        req.detok.flush(ids)
+            req.detok.decode_whole(ids)
+        else:
+            req.detok.update(ids)
+            req.detok.flush(ids)
         req.text = req.detok.text
 
     def finish_now(self, req: Req, reason: FinishReason) -> None:

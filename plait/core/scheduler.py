@@ -34,6 +34,7 @@ import torch
 
 from plait.core.batch_executor import BatchExecutor, PlannedBatch
 from plait.core.decode import DecodeAllocator
+from plait.core.decode_traits import Traits, traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem, ModelRunner
@@ -67,7 +68,9 @@ class Scheduler:
         self.config = config
         self.stats = SchedulerStats()
         self.table = ReqTable()
-        self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
+        self.decode = DecodeAllocator(
+            kv, self.table, self.stats, config, self._drain, self._end, finisher.eos_ids
+        )
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
         #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``) where the
         #: runner builds them; else extend batches
@@ -219,7 +222,7 @@ class Scheduler:
         if items:
             return self._guarded(self._plan_extend, items, [it.req for it in items])
         if self.spec is not None:
-            reqs = [r for r in self.table.running if not self.decode.certainly_done(r)]
+            reqs = self.decode.to_decode()
             verify = self.spec.plan(reqs) if reqs else None
             if verify is not None:
                 return self._guarded(self._plan_verify, verify, reqs)
@@ -281,7 +284,7 @@ class Scheduler:
                 if req not in self.table.running:
                     self.table.running.append(req)
         return self._planned(
-            batch, items, counts, [it.req for it in items], sample_reqs, sample_rows, decode=False
+            batch, items, counts, [it.req for it in items], sample_reqs, sample_rows
         )
 
     def _plan_verify(self, verify: tuple[list[ExtendItem], list[list[int]]]) -> PlannedBatch:
@@ -313,31 +316,60 @@ class Scheduler:
         )
 
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
+        """One row per request, in one pass over them: its input (the last token, or the
+        placeholder of the token in flight), the output count its token must still match,
+        and its fresh placeholder (see ``_planned``, which extends use)."""
         reqs, slots = decode
         inputs = [r.future if r.future is not None else r.output_ids[-1] for r in reqs]
         batch = self.runner.prepare_decode(reqs, slots, inputs)
-        for req in reqs:
-            req.kv_len += 1
-            if self.spec is not None:
+        if self.spec is not None:
+            for req in reqs:
                 self.spec.state(req).record(0, 0, 0)  # a step without a draft
         self.decode.decayed()
-        return self._planned(batch, None, [], reqs, reqs, list(range(len(reqs))), decode=True)
+        futures = self.executor.futures.reserve(len(reqs))
+        expect, pending = [], False
+        plain, needs_state = True, False
+        ctx, eos = self.config.context_len, self.finisher.eos_ids
+        for req, f in zip(reqs, futures):
+            traits = req.traits or traits_of(req, ctx, eos)
+            if req.future is None:
+                expect.append(len(req.output_ids))
+            else:
+                expect.append(len(req.output_ids) + 1)
+                pending = True
+            req.future = f
+            req.kv_len += 1
+            plain = plain and traits.plain_argmax
+            needs_state = needs_state or traits.needs_state
+        self.stats.forward_passes += 1
+        rows = list(range(len(reqs)))
+        return PlannedBatch(
+            batch,
+            None,
+            [],
+            reqs,
+            reqs,
+            rows,
+            expect,
+            futures,
+            needs_state=needs_state,
+            has_placeholders=pending,
+            plain_argmax=plain,
+        )
 
     def _planned(
         self,
         batch: Any,
-        items: list[ExtendItem] | None,
+        items: list[ExtendItem],
         counts: list[int],
         reqs: list[Req],
         sample_reqs: list[Req],
         sample_rows: list[int],
-        decode: bool,
     ) -> PlannedBatch:
-        """Give each sampling row its placeholder and the output count it must still match.
-        Only a decode feeds placeholders: a request extends only tokens it knows, and any
-        ``future`` it still carries then belongs to a row that processing will discard."""
-        pending = [decode and r.future is not None for r in sample_reqs]
-        expect = [len(r.output_ids) + p for r, p in zip(sample_reqs, pending)]
+        """An extend batch: give each sampling row its placeholder and the output count it
+        must still match. An extend feeds no placeholders (a request extends only tokens it
+        knows): any ``future`` a request still carries belongs to a row processing discards."""
+        expect = [len(r.output_ids) for r in sample_reqs]
         futures = self.executor.futures.reserve(len(sample_reqs))
         for req, f in zip(sample_reqs, futures):
             req.future = f
@@ -351,17 +383,9 @@ class Scheduler:
             sample_rows,
             expect,
             futures,
-            needs_state=any(_needs_state(r) for r in sample_reqs),
-            has_placeholders=any(pending),
+            needs_state=any(self._traits(r).needs_state for r in sample_reqs),
+            has_placeholders=False,
         )
 
-
-def _needs_state(req: Req) -> bool:
-    """Sampling for ``req`` reads state that processing the previous batch may change."""
-    sp = req.sampling
-    return (
-        req.grammar is not None
-        or bool(sp.frequency_penalty or sp.presence_penalty)
-        or sp.repetition_penalty != 1.0
-        or sp.min_new_tokens > 0
-    )
+    def _traits(self, req: Req) -> Traits:
+        return traits_of(req, self.config.context_len, self.finisher.eos_ids)

@@ -1,0 +1,99 @@
+"""The host path's fast lane (issue 41), driven through the null model: a request that neither
+streams nor stops on strings is detokenized once, when it finishes, and still gets the text
+and finish reason the general path gives; requests compare by identity, so the scheduler's
+list bookkeeping never walks their fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import plait
+from plait.core.request import Req
+from plait.core.sampling_params import SamplingParams
+from plait.models.default import default_model_path
+from plait.models.null import make_null_checkpoint, next_token
+
+VOCAB = 49152  # SmolLM2's tokenizer
+
+
+class _CountingTokenizer:
+    """The engine's tokenizer, counting ``decode`` calls."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.decodes = 0
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        self.decodes += 1
+        return self.inner.decode(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def null_engine(tmp_path_factory):
+    path = make_null_checkpoint(tmp_path_factory.mktemp("null"), default_model_path())
+    engine = plait.Engine(str(path), max_total_tokens=4096, max_running_requests=8)
+    yield engine
+    engine.shutdown()
+
+
+def _chain(token: int, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        token = next_token(token, VOCAB)
+        out.append(token)
+    return out
+
+
+def test_a_plain_request_is_detokenized_once_with_the_general_paths_text(null_engine):
+    finisher = null_engine.scheduler.finisher
+    counting = _CountingTokenizer(finisher.tokenizer)
+    prompts = [[500, 600, 700 + i] for i in range(4)]
+    stop_at = _chain(prompts[1][-1], 5)[4]  # request 1 stops on its 5th token
+    params = [
+        {"max_new_tokens": 24, "temperature": 0.0, "ignore_eos": True},
+        {"max_new_tokens": 24, "temperature": 0.0, "stop_token_ids": [stop_at]},
+        {"max_new_tokens": 9, "temperature": 0.0, "ignore_eos": True},
+        {
+            "max_new_tokens": 24,
+            "temperature": 0.0,
+            "stop_token_ids": [stop_at],
+            "no_stop_trim": True,
+        },
+    ]
+    finisher.tokenizer = counting
+    try:
+        outs = null_engine.generate(input_ids=prompts, sampling_params=params)
+    finally:
+        finisher.tokenizer = counting.inner
+    assert counting.decodes == len(prompts)  # one decode each, at the end: none per step
+    lengths = [24, 5, 9, 24]
+    for prompt, out, n in zip(prompts, outs, lengths):
+        assert out["output_ids"] == _chain(prompt[-1], n)
+    assert outs[0]["meta_info"]["finish_reason"] == {"type": "length", "length": 24}
+    assert outs[1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_at}
+    assert outs[2]["meta_info"]["finish_reason"] == {"type": "length", "length": 9}
+    # the same requests streamed take the general (incremental) path: same text
+    streamed = null_engine.generate(input_ids=prompts, sampling_params=params, stream=True)
+    final = {}
+    for chunk in streamed:
+        if chunk["meta_info"]["finish_reason"] is not None:
+            final[chunk["meta_info"]["id"]] = chunk
+    texts = {tuple(c["output_ids"]): c["text"] for c in final.values()}
+    assert len(texts) == len(outs)
+    for out in outs:
+        assert texts[tuple(out["output_ids"])] == out["text"]
+    tok = counting.inner
+    assert outs[1]["text"] == tok.decode(outs[1]["output_ids"][:-1], skip_special_tokens=True)
+    assert outs[0]["text"] == tok.decode(outs[0]["output_ids"], skip_special_tokens=True)
+
+
+def test_requests_compare_by_identity():
+    a = Req(rid="r", input_ids=[1, 2], sampling=SamplingParams(), created=0.0)
+    b = Req(rid="r", input_ids=[1, 2], sampling=SamplingParams(), created=0.0)
+    assert a == a and a != b
+    assert b not in [a]
