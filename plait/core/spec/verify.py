@@ -2,8 +2,9 @@
 with.
 
 Planning (:meth:`Speculator.plan`): every running request gets a draft (``ngram.py``) cut to
-what it may still produce (``max_new_tokens``, the context) and to what its grammar allows,
-and KV for its last token plus the draft. Requests of different draft lengths go into one
+what it may still produce (``max_new_tokens``, the context), to what pays at this batch size
+given its acceptance so far (``cost.py``, from the pass times :meth:`Speculator.observe`
+records) and to what its grammar allows, and KV for its last token plus the draft. Requests of different draft lengths go into one
 extend batch, ``[last token, d_1 .. d_k]`` each, with logits for every row. When no request
 has a draft this step, or KV for the drafts is short, the scheduler decodes as usual (its
 retraction ladder handles memory pressure).
@@ -44,6 +45,7 @@ from plait.core.request_output import RequestFinisher
 from plait.core.sampler import sample, takes_plain_argmax, token_logprobs
 from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 from plait.core.spec.config import SpecSettings
+from plait.core.spec.cost import PassCost, draft_cap, probe
 from plait.core.spec.ngram import DraftState, propose
 
 log = logging.getLogger(__name__)
@@ -73,16 +75,22 @@ class Speculator:
         self.finisher = finisher
         self.after_append = after_append
         self.end = end
+        self.cost = PassCost()
 
     # ----- planning -----
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A decode-phase pass (plain decode or verify) over ``tokens`` rows took ``seconds``."""
+        self.cost.observe(tokens, seconds)
 
     def state(self, req: Req) -> DraftState:
         if req.spec is None:
             req.spec = DraftState(budget=self.settings.max_drafts)
         return req.spec
 
-    def draft(self, req: Req) -> list[int]:
-        """``req``'s draft this step, within its limits and its grammar."""
+    def draft(self, req: Req, batch: int = 1) -> list[int]:
+        """``req``'s draft this step (``batch`` requests running), within its limits, what
+        pays (``cost.py``) and its grammar."""
         state = self.state(req)
         seq = req.fill_ids
         room = min(
@@ -90,6 +98,8 @@ class Speculator:
             self.config.context_len - len(seq) - 1,
         )
         k = min(state.next_budget(), room)
+        if k > 0:
+            k = min(k, probe(draft_cap(self.cost, state.acceptance(), batch, k), state))
         if k <= 0:
             return []
         s = self.settings
@@ -101,7 +111,7 @@ class Speculator:
     def plan(self, reqs: list[Req]) -> tuple[list[ExtendItem], list[list[int]]] | None:
         """Extend items ``[last token + draft]`` with KV, one per request of ``reqs``, and
         the drafts; None (nothing allocated) when no request drafts or KV is short."""
-        drafts = [self.draft(r) for r in reqs]
+        drafts = [self.draft(r, len(reqs)) for r in reqs]
         if not any(drafts):
             return None
         items: list[ExtendItem] = []
