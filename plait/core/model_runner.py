@@ -69,11 +69,6 @@ class ModelRunner:
         self.graph_runner = graph_runner
         self.adapters: AdapterHook | None = None
         self._facts: dict | None = None
-        #: speculative verify passes go decode-shaped (:meth:`prepare_verify`) rather than as an
-        #: extend: on the CPU the extend step calls attention once per request and layer from
-        #: Python while the decode step attends for every row in one native call (a batch-16
-        #: verify pass measured 10-20% faster); GPU extend kernels are varlen already
-        self.decode_shaped_verify = device.type == "cpu"
 
     def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: whether decode is captured, the graph runner's counters
@@ -88,6 +83,16 @@ class ModelRunner:
                 self._facts = dataclasses.asdict(facts_of(self))
             out["tp_ranks"] = [self._facts]
         return out
+
+    @property
+    def decode_shaped_verify(self) -> bool:
+        """Whether speculative verify passes go decode-shaped (:meth:`prepare_verify`) rather
+        than as an extend: where the model decodes through a backend's native one-call step
+        (``decode_forward``, the CPU's C++ step). There the extend step calls attention once
+        per request and layer from Python while the decode step attends for every row in one
+        call (a batch-16 verify pass measured 10-20% faster); elsewhere the backend's extend
+        kernel (Triton's is varlen) verifies."""
+        return getattr(self.model, "decode_forward", None) is not None
 
     def _tensor(self, values: list[int] | list[int | None]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

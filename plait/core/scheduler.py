@@ -70,7 +70,7 @@ class Scheduler:
         self.decode = DecodeAllocator(kv, self.table, self.stats, config, self._drain, self._end)
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
         #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``), else as
-        #: extend batches: the runner's choice (decode-shaped on the CPU)
+        #: extend batches: the runner's choice (decode-shaped with the CPU's native step)
         self.verify_as_decode = bool(getattr(runner, "decode_shaped_verify", False))
         self.spec: Speculator | None = None
         if config.speculative is not None:
