@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # about a minute under the interpreter
 def test_verify_pass_through_the_triton_extend_kernel_keeps_greedy_output(make_tiny_model):
     from plait.testing.register import temporarily_registered
 
