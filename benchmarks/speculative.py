@@ -1,7 +1,7 @@
 """NGRAM speculative decoding against plain decoding, on the CPU, one run, alternating.
 
     .venv/bin/python -m benchmarks.speculative [--model-path PATH] [--rounds 2]
-        [--max-new-tokens 96] [--json out.json]
+        [--max-new-tokens 96] [--workloads extract1,prose1,extract16] [--json out.json]
 
 Workloads (the default model's chat template, greedy, EOS honoured):
 
@@ -9,9 +9,11 @@ Workloads (the default model's chat template, greedy, EOS honoured):
 - ``prose1``: batch 1, free prose: a story from a one-line prompt (nothing to copy);
 - ``extract16``: batch 16, extractive: 16 passages, each quoted back.
 
-Three engines: ``plain`` (defaults, overlap schedule on), ``ngram`` (verify as an extend
-pass, the native C++ extend step on the CPU) and ``ngram-decode`` (verify as a decode-shaped
-batch, ``ModelRunner.prepare_verify``). They are built once and served alternately (ABBA,
+Three engines: ``plain`` (defaults, overlap schedule on), ``ngram`` (the defaults: verify as
+a decode-shaped batch through the native decode step, ``ModelRunner.prepare_verify``, drafts
+capped by the cost model of ``plait.core.spec.cost``) and ``ngram-uncapped`` (the same without
+the cost model: every draft the proposer finds, as long as its own budget allows). They are
+built once and served alternately (ABBA,
 ``harness.alternate``), from an empty prefix cache each time, so drift on a shared machine
 hits every engine alike. The rate is output tokens / wall seconds of one ``generate`` call
 (the engines produce the same tokens: greedy speculation is exact, and the run checks it). Also shown: tokens committed per request
@@ -105,16 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument(
+        "--workloads", default="extract1,prose1,extract16", help="comma-separated subset"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     engines = {
         "plain": plait.Engine(args.model_path),
         "ngram": plait.Engine(args.model_path, speculative_algorithm="NGRAM"),
-        "ngram-decode": plait.Engine(args.model_path, speculative_algorithm="NGRAM"),
+        "ngram-uncapped": plait.Engine(args.model_path, speculative_algorithm="NGRAM"),
     }
-    engines["ngram-decode"].scheduler.verify_as_decode = True
+    engines["ngram-uncapped"].scheduler.output.observe_pass = None  # no times: no cap
     try:
-        loads = wl = workloads(engines["plain"])
+        wl = workloads(engines["plain"])
+        wl = {k: v for k, v in wl.items() if k in args.workloads.split(",")}
+        loads: Any = None
         runs: dict[tuple[str, str], list[dict]] = {}
         for name, prompts in wl.items():
             for engine in engines.values():  # warm-up: first-call costs
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(wl: dict, runs: dict, loads: Any, args: argparse.Namespace) -> None:
     rows, extra, out = [], [], {}
-    configs = sorted({c for _, c in runs}, key=["plain", "ngram", "ngram-decode"].index)
+    configs = sorted({c for _, c in runs}, key=["plain", "ngram", "ngram-uncapped"].index)
     for name in wl:
         every = [r for c in configs for r in runs[(name, c)]]
         same = all(r["outputs"] == every[0]["outputs"] for r in every)
@@ -142,9 +149,10 @@ def report(wl: dict, runs: dict, loads: Any, args: argparse.Namespace) -> None:
         }
         rows.append((name, {c: m[c]["tok_s"] for c in m}))
         passes = ", ".join(f"{c} {m[c]['passes']:.0f}" for c in configs)
+        accept = ", ".join(f"{c} {m[c]['accept_length']:.2f}" for c in configs[1:])
         extra.append(
             f"{name}: {m['plain']['tokens']:.0f} tokens; passes {passes}; accept length "
-            f"{m['ngram']['accept_length']:.2f}; identical outputs: {same}"
+            f"{accept}; identical outputs: {same}"
         )
         out[name] = {**{f"{c}_{k}": v for c in m for k, v in m[c].items()}, "identical": same}
     print(table(rows, "plain"))

@@ -84,6 +84,16 @@ class ModelRunner:
             out["tp_ranks"] = [self._facts]
         return out
 
+    @property
+    def decode_shaped_verify(self) -> bool:
+        """Whether speculative verify passes go decode-shaped (:meth:`prepare_verify`) rather
+        than as an extend: where the model decodes through a backend's native one-call step
+        (``decode_forward``, the CPU's C++ step). There the extend step calls attention once
+        per request and layer from Python while the decode step attends for every row in one
+        call (a batch-16 verify pass measured 10-20% faster); elsewhere the backend's extend
+        kernel (Triton's is varlen) verifies."""
+        return getattr(self.model, "decode_forward", None) is not None
+
     def _tensor(self, values: list[int] | list[int | None]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 

@@ -72,9 +72,9 @@ class Scheduler:
             kv, self.table, self.stats, config, self._drain, self._end, finisher.eos_ids
         )
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
-        #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``) where the
-        #: runner builds them; else extend batches
-        self.verify_as_decode = False
+        #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``), else as
+        #: extend batches: the runner's choice (decode-shaped with the CPU's native step)
+        self.verify_as_decode = bool(getattr(runner, "decode_shaped_verify", False))
         self.spec: Speculator | None = None
         if config.speculative is not None:
             self.spec = Speculator(
@@ -87,6 +87,7 @@ class Scheduler:
                 self.output.after_append,
                 self._end,
             )
+            self.output.observe_pass = self.spec.observe
 
     # ----- views kept for callers (engine info, tests) -----
 

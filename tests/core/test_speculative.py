@@ -152,9 +152,9 @@ def plain_outputs(tiny):
         ({}, False),
         ({"chunked_prefill_size": 32, "speculative_num_draft_tokens": 4}, False),
         ({"max_total_tokens": 256, "chunked_prefill_size": 32}, True),
-        ({"verify_as_decode": True}, False),
+        ({"verify_as_decode": False}, False),
     ],
-    ids=["plain", "chunked32-k3", "tight-chunked32", "decode-shaped"],
+    ids=["plain", "chunked32-k3", "tight-chunked32", "extend-shaped"],
 )
 def test_speculation_gives_every_request_kind_the_same_output(
     tiny, plain_outputs, engine_args, retracts
@@ -166,6 +166,9 @@ def test_speculation_gives_every_request_kind_the_same_output(
     with plait.Engine(tiny, speculative_algorithm="NGRAM", **args) as engine:
         if shaped is not None:
             engine.scheduler.verify_as_decode = shaped
+        # untimed passes leave the cost model without a fit, so drafts are as long as the
+        # proposer allows (pass times on a loaded machine would vary the cap between runs)
+        engine.scheduler.output.observe_pass = None
         first = run_all(engine)
         again = run_all(engine)
         info = engine.get_server_info()

@@ -13,7 +13,9 @@ Two sources, tried in this order:
 Each request's draft length adapts to what its drafts achieved (:class:`DraftState`): a
 fully accepted draft grows the next one, a partial one shrinks it to what was accepted plus
 one, and a draft with nothing accepted pauses proposing for a number of steps that doubles
-with each miss in a row, so free prose costs little more than plain decoding.
+with each miss in a row, so free prose costs little more than plain decoding. It also keeps a
+running estimate of how often one of its drafts is accepted (:meth:`DraftState.acceptance`),
+which ``cost.py`` weighs against what a verified token costs at the current batch size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_COOLDOWN = 32
+ACCEPT_DECAY = 0.8  # weight of the evidence so far at each verify pass with a draft
 
 
 @dataclass
@@ -36,6 +39,11 @@ class DraftState:
     verify_ct: int = 0  # decode-phase forwards (verify passes and plain decode steps)
     draft_tokens: int = 0  # drafts verified
     accepted_tokens: int = 0  # drafts accepted
+    # decayed counts of drafts accepted and rejected (at most one per pass); the start values
+    # are a prior that decays like the evidence: a new request's acceptance is 0.8
+    hits: float = 4.0
+    rejections: float = 1.0
+    capped: int = 0  # steps in a row the cost model allowed no draft (``cost.py``)
 
     def next_budget(self) -> int:
         """Drafts the next proposal may have (0 while cooling down after misses)."""
@@ -51,6 +59,8 @@ class DraftState:
         self.accepted_tokens += accepted
         if drafted == 0:
             return
+        self.hits = ACCEPT_DECAY * self.hits + accepted
+        self.rejections = ACCEPT_DECAY * self.rejections + (accepted < drafted)
         if accepted == drafted:
             self.budget = min(max_drafts, self.budget + 2)
         else:
@@ -60,6 +70,12 @@ class DraftState:
             self.cooldown = min(2**self.misses, MAX_COOLDOWN)
         else:
             self.misses = 0
+
+    def acceptance(self) -> float:
+        """The chance that a draft is accepted given the drafts before it were: verification
+        stops at the first rejection, so each pass gives ``accepted`` successes and at most
+        one failure (recent passes weigh more)."""
+        return self.hits / (self.hits + self.rejections)
 
 
 def own_ngram_draft(

@@ -2,9 +2,10 @@
 with.
 
 Planning (:meth:`Speculator.plan`): every running request gets a draft (``ngram.py``; under
-STANDALONE the draft model's, ``draft_model.py``) cut to
-what it may still produce (``max_new_tokens``, the context) and to what its grammar allows,
-and KV for its last token plus the draft. Requests of different draft lengths go into one
+STANDALONE the draft model's, ``draft_model.py``) cut to what it may still produce
+(``max_new_tokens``, the context), to what pays at this batch size given its acceptance so far
+(``cost.py``, from the pass times :meth:`Speculator.observe` records) and to what its grammar
+allows, and KV for its last token plus the draft. Requests of different draft lengths go into one
 extend batch, ``[last token, d_1 .. d_k]`` each, with logits for every row. When no request
 has a draft this step, or KV for the drafts is short, the scheduler decodes as usual (its
 retraction ladder handles memory pressure).
@@ -45,6 +46,7 @@ from plait.core.request_output import RequestFinisher
 from plait.core.sampler import sample, takes_plain_argmax, token_logprobs
 from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 from plait.core.spec.config import SpecSettings
+from plait.core.spec.cost import PassCost, draft_cap, probe
 from plait.core.spec.ngram import DraftState, propose
 
 log = logging.getLogger(__name__)
@@ -83,26 +85,35 @@ class Speculator:
         self.end = end
         #: STANDALONE's draft model (``draft_model.DraftModel``); None: NGRAM drafts
         self.drafter: Drafter | None = None
+        self.cost = PassCost()
 
     # ----- planning -----
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A decode-phase pass (plain decode or verify) over ``tokens`` rows took ``seconds``."""
+        self.cost.observe(tokens, seconds)
 
     def state(self, req: Req) -> DraftState:
         if req.spec is None:
             req.spec = DraftState(budget=self.settings.max_drafts)
         return req.spec
 
-    def budget(self, req: Req) -> int:
-        """How many drafts ``req`` may have this step (call once per step: it counts down a
-        cooldown)."""
+    def budget(self, req: Req, batch: int = 1) -> int:
+        """How many drafts ``req`` may have this step (``batch`` requests running): within its
+        limits and what pays (``cost.py``). Call once per step: it counts down a cooldown."""
+        state = self.state(req)
         room = min(
             req.sampling.max_new_tokens - len(req.output_ids) - 1,
             self.config.context_len - len(req.fill_ids) - 1,
         )
-        return min(self.state(req).next_budget(), room)
+        k = min(state.next_budget(), room)
+        if k > 0:
+            k = min(k, probe(draft_cap(self.cost, state.acceptance(), batch, k), state))
+        return k
 
-    def draft(self, req: Req) -> list[int]:
-        """``req``'s NGRAM draft this step, within its limits and its grammar."""
-        k = self.budget(req)
+    def draft(self, req: Req, batch: int = 1) -> list[int]:
+        """``req``'s NGRAM draft this step, within :meth:`budget` and its grammar."""
+        k = self.budget(req, batch)
         if k <= 0:
             return []
         s = self.settings
@@ -114,8 +125,8 @@ class Speculator:
     def drafts(self, reqs: list[Req]) -> list[list[int]]:
         """Every request's draft this step: NGRAM's, or the draft model's in one batch."""
         if self.drafter is None:
-            return [self.draft(r) for r in reqs]
-        proposed = self.drafter.propose(reqs, [self.budget(r) for r in reqs])
+            return [self.draft(r, len(reqs)) for r in reqs]
+        proposed = self.drafter.propose(reqs, [self.budget(r, len(reqs)) for r in reqs])
         return [
             _grammar_prefix(r.grammar, d) if r.grammar is not None and d else d
             for r, d in zip(reqs, proposed)
