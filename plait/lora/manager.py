@@ -48,6 +48,10 @@ class LoraManager:
         )
         self.ctx = LoraContext(self.pool, op)
         wrap_model(model, self.ctx)
+        # a backend step that runs the layers itself (the CPU native step) may carry the
+        # adapters too; otherwise adapter batches run the eager layers and their wrappers
+        attach = getattr(getattr(model, "decode_forward", None), "attach_lora", None)
+        self.native_step = bool(attach(self.ctx)) if attach is not None else False
         self.adapters: dict[str, LoraAdapter] = {}
         self.uids: dict[str, str] = {}
         self._counter = itertools.count()
@@ -103,6 +107,7 @@ class LoraManager:
             "lora_adapters": {n: a.path for n, a in self.adapters.items()},
             "lora_resident": self.pool.resident(),
             "lora_slot_loads": self.pool.loads,
+            "lora_native_step": self.native_step,
         }
 
     # ----- around a forward (forward thread) -----

@@ -26,7 +26,8 @@ import torch
 class LoraBatch:
     """One forward's adapter layout. ``seg_*``: one entry per request with an adapter
     (``seg_starts``/``seg_lens`` in rows of the forward's input, ``seg_slots`` its slot);
-    ``groups``: per distinct slot, the rows that use it (None: every row of the batch)."""
+    ``groups``: per distinct slot, the rows that use it (None: every row of the batch);
+    ``row_slots``: every row's slot, -1 for the base model's rows (the CPU native step's form)."""
 
     seg_starts: torch.Tensor  # [G] int32
     seg_lens: torch.Tensor  # [G] int32
@@ -35,6 +36,7 @@ class LoraBatch:
     max_seg_len: int
     groups: list[tuple[int, torch.Tensor | None]]
     scaling: list[float]  # per slot, host copy
+    row_slots: torch.Tensor  # [T] int64
 
     @classmethod
     def build(
@@ -48,6 +50,7 @@ class LoraBatch:
         rows in this forward."""
         starts, seg_l, seg_s = [], [], []
         rows: dict[int, list[int]] = {}
+        row_slots: list[int] = []
         at = 0
         for slot, n in zip(slots, lens):
             if slot is not None and n:
@@ -55,6 +58,7 @@ class LoraBatch:
                 seg_l.append(n)
                 seg_s.append(slot)
                 rows.setdefault(slot, []).extend(range(at, at + n))
+            row_slots.extend([-1 if slot is None else slot] * n)
             at += n
 
         def t(v: list[int]) -> torch.Tensor:
@@ -74,6 +78,7 @@ class LoraBatch:
             max_seg_len=max(seg_l, default=0),
             groups=groups,
             scaling=scaling,
+            row_slots=torch.tensor(row_slots, dtype=torch.int64, device=device),
         )
 
 

@@ -10,7 +10,8 @@ Layout. Each wrapped projection group of each layer (``qkv``, ``o``, ``gate_up``
   ``offset_j .. offset_j + out_j`` and columns ``j*R .. j*R + r``, zero elsewhere.
 
 so one shrink (``x @ A.T``) and one expand (``h @ B.T``) give the fused output's delta, each
-slice from its own module. The zero padding adds exact zeros. The last slot (``base_slot``)
+slice from its own module. ``BT [slots + 1, k * R, out]`` holds each slot's ``B`` transposed,
+written with it: the CPU native step's expand reads it row by row (``csrc/src/lora_delta.cpp``). The zero padding adds exact zeros. The last slot (``base_slot``)
 stays all zero: tokens of the base model may share a gathered product and get a zero delta.
 
 What holds: a slot holds at most one adapter; ``activate(names)`` returns a slot per name with
@@ -62,16 +63,19 @@ class LoraPool:
         n = self.num_slots + 1
         self.a: list[dict[str, torch.Tensor]] = []
         self.b: list[dict[str, torch.Tensor]] = []
+        self.bt: list[dict[str, torch.Tensor]] = []
         for _ in range(hf_config.num_hidden_layers):
-            a_l, b_l = {}, {}
+            a_l, b_l, bt_l = {}, {}, {}
             for g, subs in self.groups.items():
                 n_in = self.shapes[subs[0]][0]
                 n_out = sum(self.shapes[s][1] for s in subs)
                 k = len(subs) * self.rank
                 a_l[g] = torch.zeros(n, k, n_in, device=device, dtype=dtype)
                 b_l[g] = torch.zeros(n, n_out, k, device=device, dtype=dtype)
+                bt_l[g] = torch.zeros(n, k, n_out, device=device, dtype=dtype)
             self.a.append(a_l)
             self.b.append(b_l)
+            self.bt.append(bt_l)
         self.scaling = torch.zeros(n, device=device, dtype=dtype)
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident, LRU first
         self.loads = 0  # adapters copied into a slot, for metrics and tests
@@ -123,10 +127,11 @@ class LoraPool:
             self._clear(slot)
 
     def _clear(self, slot: int) -> None:
-        for a_l, b_l in zip(self.a, self.b):
+        for a_l, b_l, bt_l in zip(self.a, self.b, self.bt):
             for g in self.groups:
                 a_l[g][slot].zero_()
                 b_l[g][slot].zero_()
+                bt_l[g][slot].zero_()
         self.scaling[slot] = 0
 
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
@@ -145,5 +150,6 @@ class LoraPool:
                             self.device, self.dtype
                         )
                     row += n_out
+                self.bt[layer][g][slot].copy_(b_l[g][slot].T)
         self.scaling[slot] = adapter.scaling
         self.loads += 1

@@ -307,13 +307,13 @@ class LlamaForCausalLM(nn.Module):
         # Metadata built from host lists stays outside any compiled region: what follows reads
         # tensors only, so a compiled decode never guards on (and recompiles for) lengths.
         attn.init_forward_metadata(batch)
-        # only the eager layers hold the LoRA wrappers, and a pipeline stage's cut
-        if batch.lora_ids is not None or self.pp_stage is not None:
-            return self.layers_forward(batch, attn)
-        if batch.is_decode and self.decode_forward is not None:
-            return self.decode_forward(batch, attn)
-        if not batch.is_decode and self.extend_forward is not None:
-            return self.extend_forward(batch, attn)
+        step = self.decode_forward if batch.is_decode else self.extend_forward
+        # adapter batches need the LoRA wrappers of the eager layers, unless the backend's
+        # step carries the adapters itself (the CPU native step, plait/backends/cpu/native_lora);
+        # a pipeline stage's cut runs the eager layers too
+        carries = batch.lora_ids is None or getattr(step, "carries_lora", False)
+        if step is not None and carries and self.pp_stage is None:
+            return step(batch, attn)
         return self.layers_forward(batch, attn)
 
     def layers_forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:

@@ -134,3 +134,26 @@ def test_quantized_base_with_adapter_matches_peft_on_the_dequantized_base(lora_s
     ) as e:
         got, _ = run(e, names)
     assert got == want_q
+
+
+def test_adapter_batches_run_in_the_native_step(engine, lora_setup):
+    """On the CPU the native C++ step carries the adapters: a mixed batch never falls back to
+    the eager layers, and still equals peft (before, any adapter batch ran eagerly)."""
+    model = engine.scheduler.runner.model
+    if model.decode_forward is None:
+        pytest.skip("the CPU native step is not built on this machine")
+    assert engine.get_server_info()["lora_native_step"] is True
+    expected = lora_setup[2]
+
+    def eager(*_args, **_kwargs):
+        raise AssertionError("an adapter batch ran the eager layers")
+
+    engine.flush_cache()
+    model.layers_forward = eager
+    try:
+        names = ["all8", None, "qv4", "all8"]
+        got, _ = run(engine, names)
+        got_hit, _ = run(engine, names)
+    finally:
+        del model.layers_forward
+    assert got == want(expected, names) and got_hit == got

@@ -34,6 +34,7 @@ from torch import nn
 
 from plait.backends.cpu import cpp_build
 from plait.backends.cpu.linear import PackedLinear, computes_plain_linear
+from plait.backends.cpu.native_lora import NativeLora
 from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend
 from plait.backends.cpu.qmatmul import CpuQuantizedMatmul
 from plait.backends.cpu.greedy_head import GreedyHead
@@ -166,6 +167,17 @@ class NativeDecode:
         self._embed = model.embed_tokens
         self.step = step
         self.greedy = greedy
+        self.lora = NativeLora(step)
+
+    @property
+    def carries_lora(self) -> bool:
+        """Whether batches with LoRA adapters may run here (see :meth:`attach_lora`)."""
+        return self.lora.attached
+
+    def attach_lora(self, ctx: Any) -> bool:
+        """Serve ``ctx``'s adapters (``plait.lora``) in this step and its extend; False where
+        it cannot (the model then runs adapter batches eagerly)."""
+        return self.lora.attach(ctx)
 
     def __call__(
         self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend
@@ -174,11 +186,12 @@ class NativeDecode:
         if len(batch.logits_rows) != batch.batch_size:
             raise ValueError("the native decode step returns logits for every row")
         x = self._embed(batch.input_ids)
-        if batch.greedy_only and self.greedy is not None:
-            return self.greedy(
-                self.step.hidden(x, batch.positions, batch.out_cache_loc, slots, lens)
-            )
-        return self.step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
+        with self.lora.applied():
+            if batch.greedy_only and self.greedy is not None:
+                return self.greedy(
+                    self.step.hidden(x, batch.positions, batch.out_cache_loc, slots, lens)
+                )
+            return self.step.forward(x, batch.positions, batch.out_cache_loc, slots, lens)
 
 
 class NativeExtend:
@@ -187,9 +200,14 @@ class NativeExtend:
     :class:`NativeDecode`; attention is ``attn.forward_extend``, called back from C++ once a
     layer (the cascade over shared prefixes stays in Python, where SDPA's flash kernel is)."""
 
-    def __init__(self, model: nn.Module, step: Any):
+    def __init__(self, model: nn.Module, step: Any, lora: NativeLora):
         self._embed = model.embed_tokens
         self.step = step
+        self.lora = lora
+
+    @property
+    def carries_lora(self) -> bool:
+        return self.lora.attached
 
     def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
         x = self._embed(batch.input_ids)
@@ -197,9 +215,10 @@ class NativeExtend:
         def attend(q: torch.Tensor, layer_id: int) -> torch.Tensor:
             return attn.forward_extend(q, layer_id, batch)
 
-        return self.step.extend(
-            x, batch.positions, batch.out_cache_loc, batch.logits_rows.long(), attend
-        )
+        with self.lora.applied():
+            return self.step.extend(
+                x, batch.positions, batch.out_cache_loc, batch.logits_rows.long(), attend
+            )
 
 
 def install_native_decode(model: nn.Module, attn: Any, greedy_head: bool = True) -> bool:
@@ -211,5 +230,5 @@ def install_native_decode(model: nn.Module, attn: Any, greedy_head: bool = True)
     if native is None:
         return False
     model.decode_forward = native
-    model.extend_forward = NativeExtend(model, native.step)
+    model.extend_forward = NativeExtend(model, native.step, native.lora)
     return True

@@ -103,6 +103,10 @@ void bind_layer_step(py::module_ m) {
            py::arg("scale"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"),
            py::arg("lm_head"))
       .def("add_layer", &DecodeModel::add_layer)
+      .def("set_layer_lora", &DecodeModel::set_layer_lora, py::arg("layer"), py::arg("target"),
+           py::arg("a"), py::arg("bt"))
+      .def("set_lora", &DecodeModel::set_lora, py::arg("row_slots"), py::arg("scaling"))
+      .def("clear_lora", &DecodeModel::clear_lora)
       .def("forward", &DecodeModel::forward)
       .def("hidden", &DecodeModel::hidden)
       .def("extend", &DecodeModel::extend, py::arg("x"), py::arg("positions"),

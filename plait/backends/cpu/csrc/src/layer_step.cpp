@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "plait_cpu/decode_attention.h"
+#include "plait_cpu/lora_delta.h"
 #include "plait_cpu/panel_gemm.h"
 #include "plait_cpu/qmatmul.h"
 #include "plait_cpu/simd.h"
@@ -209,6 +210,43 @@ void DecodeModel::add_layer(torch::Tensor input_norm, Linear qkv, Linear o,
                           v_buffer});
 }
 
+void DecodeModel::set_layer_lora(int64_t layer, int64_t target, torch::Tensor a,
+                                 torch::Tensor bt) {
+  TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()),
+              "set_layer_lora: no layer ", layer);
+  TORCH_CHECK(target >= kLoraQkv && target <= kLoraDown, "set_layer_lora: unknown target ",
+              target);
+  TORCH_CHECK(a.dim() == 3 && bt.dim() == 3 && a.is_contiguous() && bt.is_contiguous() &&
+                  a.scalar_type() == torch::kFloat32 && bt.scalar_type() == torch::kFloat32,
+              "LoRA buffers must be contiguous float32 [slots, K, in] and [slots, K, out]");
+  layers_[layer].lora[target] = LoraWeights{a, bt};
+}
+
+void DecodeModel::set_lora(torch::Tensor row_slots, torch::Tensor scaling) {
+  TORCH_CHECK(row_slots.scalar_type() == torch::kInt64 && row_slots.dim() == 1,
+              "row_slots must be int64 [rows]");
+  TORCH_CHECK(scaling.scalar_type() == torch::kFloat32 && scaling.dim() == 1,
+              "scaling must be float32 [slots]");
+  lora_rows_ = row_slots.contiguous();
+  lora_scaling_ = scaling.contiguous();
+}
+
+void DecodeModel::clear_lora() {
+  lora_rows_ = torch::Tensor();
+  lora_scaling_ = torch::Tensor();
+}
+
+torch::Tensor DecodeModel::with_lora(const Layer& layer, LoraTarget target,
+                                     const torch::Tensor& x, torch::Tensor y, int64_t r0) const {
+  const LoraWeights& w = layer.lora[target];
+  if (!lora_rows_.defined() || !w.a.defined()) return y;
+  TORCH_CHECK(r0 + y.size(0) <= lora_rows_.numel(), "set_lora's rows do not cover the step");
+  y = y.contiguous();
+  lora_delta::add(x.contiguous(), y, w.a, w.bt, lora_rows_.narrow(0, r0, y.size(0)),
+                  lora_scaling_);
+  return y;
+}
+
 torch::Tensor DecodeModel::forward(torch::Tensor x, torch::Tensor positions,
                                    torch::Tensor out_loc, torch::Tensor slots,
                                    torch::Tensor seq_lens) {
@@ -273,13 +311,15 @@ torch::Tensor DecodeModel::layers(const StepInput& in, Attention&& attention) co
   const int64_t* loc = in.out_loc.data_ptr<int64_t>();
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = layers_[i];
-    torch::Tensor attn = attention(attention_input(layer, x, pos, loc), i);
-    x.add_(layer.o(attn.reshape({rows, qd})));
+    torch::Tensor attn = attention(attention_input(layer, x, pos, loc), i).reshape({rows, qd});
+    x.add_(with_lora(layer, kLoraO, attn, layer.o(attn), 0));
     torch::Tensor h = rms_norm(x, layer.post_attention_norm, eps_);
     for (int64_t r0 = 0; r0 < rows; r0 += kMlpRows) {
       const int64_t n = std::min(kMlpRows, rows - r0);
-      torch::Tensor gate_up = layer.gate_up(h.narrow(0, r0, n));
-      x.narrow(0, r0, n).add_(layer.down(silu_mul(gate_up.contiguous())));
+      torch::Tensor hn = h.narrow(0, r0, n);
+      torch::Tensor act = silu_mul(with_lora(layer, kLoraGateUp, hn, layer.gate_up(hn), r0)
+                                       .contiguous());
+      x.narrow(0, r0, n).add_(with_lora(layer, kLoraDown, act, layer.down(act), r0));
     }
   }
   return x;
@@ -290,7 +330,8 @@ torch::Tensor DecodeModel::layers(const StepInput& in, Attention&& attention) co
 torch::Tensor DecodeModel::attention_input(const Layer& layer, const torch::Tensor& x,
                                            const int64_t* pos, const int64_t* loc) const {
   const int64_t B = x.size(0), qd = hq_ * d_, kvd = hkv_ * d_;
-  torch::Tensor qkv = layer.qkv(rms_norm(x, layer.input_norm, eps_)).contiguous();
+  torch::Tensor normed = rms_norm(x, layer.input_norm, eps_);
+  torch::Tensor qkv = with_lora(layer, kLoraQkv, normed, layer.qkv(normed), 0).contiguous();
   TORCH_CHECK(qkv.size(1) == qd + 2 * kvd, "qkv width does not match the heads");
   float* kb = layer.k_buffer.data_ptr<float>();
   float* vb = layer.v_buffer.data_ptr<float>();

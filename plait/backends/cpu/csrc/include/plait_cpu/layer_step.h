@@ -5,6 +5,7 @@
 
 #include <torch/extension.h>
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -36,10 +37,21 @@ struct Linear {
   torch::Tensor operator()(const torch::Tensor& x) const;
 };
 
+// A projection's LoRA buffers over the adapter pool's slots (plait/lora/pool.py's layout):
+// a [slots, K, in], bt [slots, K, out] (B transposed); undefined where no adapter targets the
+// projection.
+struct LoraWeights {
+  torch::Tensor a, bt;
+};
+
+// The projections a LoRA adapter may wrap, indices into Layer::lora.
+enum LoraTarget { kLoraQkv = 0, kLoraO = 1, kLoraGateUp = 2, kLoraDown = 3 };
+
 struct Layer {
   torch::Tensor input_norm, post_attention_norm;  // [H] float32
   Linear qkv, o, gate_up, down;
   torch::Tensor k_buffer, v_buffer;  // this layer's paged pool, [S, Hkv, D]
+  std::array<LoraWeights, 4> lora;   // by LoraTarget
 };
 
 class DecodeModel {
@@ -50,6 +62,16 @@ class DecodeModel {
 
   void add_layer(torch::Tensor input_norm, Linear qkv, Linear o, torch::Tensor post_norm,
                  Linear gate_up, Linear down, torch::Tensor k_buffer, torch::Tensor v_buffer);
+
+  // The adapter pool's buffers for one projection (target: a LoraTarget) of layer `layer`;
+  // the pool updates them in place when it loads an adapter into a slot.
+  void set_layer_lora(int64_t layer, int64_t target, torch::Tensor a, torch::Tensor bt);
+
+  // The next steps' adapters: row_slots [rows] int64 (each row's slot, -1: the base model),
+  // scaling [slots] float32. Until clear_lora, every step adds each row's LoRA deltas
+  // (lora_delta.h) after the projections that have buffers.
+  void set_lora(torch::Tensor row_slots, torch::Tensor scaling);
+  void clear_lora();
 
   // x [B, H]: the new tokens' embeddings; positions, out_loc [B]; slots [B, L] and seq_lens [B]
   // as decode_attention::attend takes them (each request's KV slots, the new token's
@@ -82,6 +104,10 @@ class DecodeModel {
   torch::Tensor layers(const StepInput& in, Attention&& attention) const;
   torch::Tensor attention_input(const Layer& layer, const torch::Tensor& x, const int64_t* pos,
                                 const int64_t* loc) const;
+  // y (a projection's output for rows r0 .. r0 + y.size(0) of the step, input x) plus the
+  // rows' LoRA deltas, where set_lora is active and the projection has buffers.
+  torch::Tensor with_lora(const Layer& layer, LoraTarget target, const torch::Tensor& x,
+                          torch::Tensor y, int64_t r0) const;
 
   int64_t hq_, hkv_, d_;
   float eps_;
@@ -89,6 +115,7 @@ class DecodeModel {
   torch::Tensor cos_, sin_, final_norm_;
   Linear lm_head_;
   std::vector<Layer> layers_;
+  torch::Tensor lora_rows_, lora_scaling_;  // undefined: no adapters in this step
 };
 
 }  // namespace layer_step
