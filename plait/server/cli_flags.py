@@ -244,8 +244,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=["smg", "sglang-router"],
         help="the gateway --dp and --pd start: smg (SGLang Model Gateway 1.x, HTTP or "
-        "gRPC workers; the --dp default) or sglang-router 0.3.2 (HTTP workers only; the "
-        "--pd default)",
+        "gRPC workers; the default) or sglang-router 0.3.2 (HTTP workers only)",
     )
     dp.add_argument(
         "--router-policy",

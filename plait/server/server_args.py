@@ -252,9 +252,9 @@ class ServerArgs:
 
     @property
     def gateway_name(self) -> str:
-        """The gateway ``--dp``/``--pd`` start: ``--gateway``, else smg for ``--dp`` and
-        sglang-router for ``--pd`` (its tests ran against 0.3.2; smg's PD mode is opt-in)."""
-        return self.gateway or ("sglang-router" if self.pd is not None else "smg")
+        """The gateway ``--dp``/``--pd`` start: ``--gateway``, else smg (SGLang's current
+        gateway; sglang-router 0.3.2 stays available with ``--gateway sglang-router``)."""
+        return self.gateway or "smg"
 
     def _check_gateway(self, disagg: str | None) -> None:
         launcher = self.dp > 1 or self.pd is not None

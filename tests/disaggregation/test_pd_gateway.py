@@ -51,6 +51,8 @@ def pd(smollm_dir, tmp_path_factory):
             "cpu",
             "--pd",
             "1P1D",
+            "--gateway",
+            "sglang-router",  # the failure tests below pin 0.3.2's behaviour (smg: test_pd_smg.py)
             "--router-dp-worker-base-port",
             str(base),
             "--disaggregation-bootstrap-base-port",

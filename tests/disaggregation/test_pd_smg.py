@@ -1,7 +1,7 @@
 """``plait serve --pd 1P1D --gateway smg``: SGLang Model Gateway 1.x (``plait[gateway]``) in PD
 mode in front of a real prefill and decode server (SmolLM2, Mooncake over TCP), driven by the
 unmodified ``openai`` SDK. ``test_pd_gateway.py`` covers the same servers behind
-sglang-router 0.3.2 (the ``--pd`` default) in depth; this module checks that smg pairs them
+sglang-router 0.3.2 (``--gateway sglang-router``) in depth; this module checks that smg pairs them
 too and that what it returns equals a unified engine's output.
 """
 

@@ -22,7 +22,7 @@ def test_dp_starts_smg_by_default_and_sglang_router_on_request():
     old = dp_command(parse("--dp", "2", "--gateway", "sglang-router"), ["http://w"], 9)
     assert old[1:3] == ["-m", "sglang_router.launch_router"]
     assert old[-len(DP_FAILOVER_DEFAULTS) :] == list(DP_FAILOVER_DEFAULTS)
-    assert parse("--pd", "1P1D").gateway_name == "sglang-router"
+    assert parse("--pd", "1P1D").gateway_name == "smg"  # SGLang's current gateway for both
 
 
 def test_grpc_mode_gives_smg_the_tokenizer_and_the_workers_the_flag():
