@@ -90,7 +90,9 @@ class Engine:
 
     def submit(self, reqs: list[Req], on_output: Callable[[Req, bool], None]) -> None:
         """Hand validated requests to the scheduler; ``on_output`` runs on the scheduler
-        thread after each step that changed a request (and once when it finishes)."""
+        thread once when a request finishes, and after each step that changed it for a request
+        that streams or needs per-step work (stop strings, logprobs, a grammar: see
+        ``plait.core.decode_traits``); a plain request is not reported in between."""
         for req in reqs:
             req.on_output = on_output
         decode = self.config.disaggregation_mode == "decode"
