@@ -63,14 +63,15 @@ V3 = dict(
 VERSIONS = {"v2": ("deepseek_v2", V2), "v3": ("deepseek_v3", V3)}
 
 
-def write_tiny_deepseek(version: str, path: Path, tokenizer_dir: Path) -> Path:
-    """Save a random checkpoint of ``version`` ("v2"/"v3") with SmolLM2's tokenizer. Weights
+def write_tiny_deepseek(version: str, path: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """Save a random checkpoint of ``version`` ("v2"/"v3") with SmolLM2's tokenizer, its
+    config changed by ``overrides`` (e.g. DeepSeek's real attention sizes). Weights
     are drawn wider than init's (logits far from ties), norms and the V3 score-correction
     bias random too, so every one of them matters to the output."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, extra = VERSIONS[version]
-    config = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+    config = AutoConfig.for_model(model_type, **{**COMMON, **extra, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():

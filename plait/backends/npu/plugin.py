@@ -8,12 +8,29 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from plait.backends.hookspecs import hookimpl
-from plait.core.backend_api import AttentionBackend, Backend, KVPool
+from plait.core.backend_api import AttentionBackend, Backend, KVPool, ModelSpec
+from plait.core.model_runner import default_model_runner
+
+if TYPE_CHECKING:
+    from plait.core.kv_layout import KVCacheLayout
+    from plait.core.memory import ReqToTokenPool
+    from plait.core.mla import LatentKVPool, MLAAttentionBackend
+    from plait.core.model_runner import ModelRunner
+
+
+@dataclass(frozen=True, kw_only=True)
+class NpuOptions:
+    """The NPU backend's switches (``plait.Engine(device="npu", backend_options=...)``)."""
+
+    #: cast every Linear weight to the fractal NZ layout at load (``plait.backends.npu.nz``;
+    #: vLLM-Ascend's ``VLLM_ASCEND_ENABLE_NZ``, on by default there too); False keeps ND
+    enable_nz: bool = True
 
 
 class NpuBackend(Backend):
@@ -32,9 +49,14 @@ class NpuBackend(Backend):
 
     name = "npu"
     priority = 70
+    options_type = NpuOptions
     default_dtype = "bfloat16"
     default_page_size = 128
     distributed_backend = "hccl"
+
+    def __init__(self, options: Any = None):
+        super().__init__(options)
+        self.options: NpuOptions = options if options is not None else NpuOptions()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -59,7 +81,46 @@ class NpuBackend(Backend):
     ) -> AttentionBackend:
         from plait.backends.npu.attention import AscendAttentionBackend
 
-        return AscendAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+        return AscendAttentionBackend(
+            kv_pool, num_heads, num_kv_heads, head_dim, torch_npu=self.torch_npu_module()
+        )
+
+    def create_latent_kv_pool(
+        self, *, layout: "KVCacheLayout", num_slots: int, dtype: torch.dtype, page_size: int
+    ) -> "LatentKVPool":
+        """The latent and its RoPE key in separate buffers, as FIA's MLA mode reads them."""
+        from plait.backends.npu.mla_attention import SplitLatentKVPool
+
+        return SplitLatentKVPool(layout, num_slots, dtype, self.torch_device, page_size)
+
+    def create_mla_attention_backend(
+        self, kv_pool: "LatentKVPool", num_heads: int, scale: float
+    ) -> "MLAAttentionBackend":
+        """FIA's MLA mode for decode where it applies (``npu/mla_attention.py``)."""
+        from plait.backends.npu.mla_attention import AscendMLAAttention, SplitLatentKVPool
+
+        if not isinstance(kv_pool, SplitLatentKVPool):
+            raise TypeError("the NPU's MLA attention reads the pool create_latent_kv_pool makes")
+        return AscendMLAAttention(kv_pool, num_heads, scale, torch_npu=self.torch_npu_module())
+
+    def create_model_runner(
+        self, spec: ModelSpec, kv_pool: KVPool, req_pool: "ReqToTokenPool"
+    ) -> "ModelRunner":
+        """The core's runner, its Linear weights cast to fractal NZ (``options.enable_nz``)."""
+        from plait.backends.npu.nz import cast_linear_weights_to_nz
+
+        runner = default_model_runner(self, spec, kv_pool, req_pool)
+        if self.options.enable_nz:
+            cast_linear_weights_to_nz(runner.model, self.torch_npu_module())
+        return runner
+
+    def torch_npu_module(self) -> Any | None:
+        """torch_npu, or None where it cannot be imported (the ops' users then import it
+        themselves and fail naming it; the NZ cast is skipped). Tests on CPU override this
+        with a stand-in of the ops."""
+        from plait.backends.npu.nz import import_torch_npu
+
+        return import_torch_npu()
 
 
 @hookimpl
