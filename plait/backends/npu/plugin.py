@@ -34,7 +34,9 @@ class NpuOptions:
 
 
 class NpuBackend(Backend):
-    """torch-npu's fused attention (FIA) over the paged pool.
+    """torch-npu's fused attention (FIA) over the paged pool; for MLA models (DeepSeek) FIA's
+    MLA mode in decode over a split latent pool (``npu/mla_attention.py``); Linear weights in
+    the fractal NZ layout (``npu/nz.py``). Never run on Ascend hardware (docs/npu-backend.md).
 
     The defaults are what FIA's paged mode accepts (see ``npu/attention.py``): a half dtype and
     a block size that is a multiple of 16; 128 is the block size Ascend's paged attention is
