@@ -8,6 +8,7 @@ import torch
 
 import plait
 from plait.backends.npu.mla_attention import AscendMLAAttention, SplitLatentKVPool
+from plait.core.forward_batch import ForwardBatch
 from plait.testing.register import temporarily_registered
 from tests.backends.npu_standin import NpuStandIn, torch_npu_standin
 
@@ -102,3 +103,64 @@ def test_split_pool_fields_and_transfer_buffers():
     assert [tuple(b.shape) for b in sent] == [(20, 1, 8), (20, 1, 4)] * 2
     assert all(b.is_contiguous() for b in sent)
     assert not hasattr(pool, "latent_buffers")
+
+
+def _decode_batch(seq_lens: list[int], page_size: int, num_pages: int, gen) -> ForwardBatch:
+    """A decode batch whose requests own scattered pages (a random page order), so reading
+    the wrong block or offset cannot pass by accident."""
+    pages = (torch.randperm(num_pages, generator=gen) + 1).tolist()  # page 0 is padding
+    req_to_token = torch.zeros(len(seq_lens) + 1, num_pages * page_size, dtype=torch.int32)
+    for b, n in enumerate(seq_lens):
+        mine = [pages.pop() for _ in range(-(-n // page_size))]
+        for i in range(n):
+            req_to_token[b + 1, i] = mine[i // page_size] * page_size + i % page_size
+    rows = torch.arange(1, len(seq_lens) + 1)
+    seq = torch.tensor(seq_lens)
+    return ForwardBatch(
+        is_decode=True,
+        input_ids=torch.zeros(len(seq_lens), dtype=torch.int64),
+        positions=seq - 1,
+        out_cache_loc=req_to_token[rows, seq - 1].long(),
+        req_pool_indices=rows,
+        seq_lens=seq,
+        prefix_lens=seq - 1,
+        extend_lens=torch.ones_like(seq),
+        req_to_token=req_to_token,
+        logits_rows=torch.arange(len(seq_lens)),
+        seq_lens_cpu=seq_lens,
+        prefix_lens_cpu=[n - 1 for n in seq_lens],
+        extend_lens_cpu=[1] * len(seq_lens),
+    )
+
+
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_fia_mla_decode_equals_the_torch_form(page_size):
+    """Attention outputs, not just tokens: FIA's MLA mode (stand-in) over the split pool
+    against Plait's CPU MLA attention over the core's combined pool, with the same rows, at
+    float16, for requests spanning many scattered blocks, one block, and a partial one."""
+    from plait.backends.cpu.mla_attention import TorchMLAAttention
+    from plait.core.kv_layout import latent_layout
+    from plait.core.mla import LatentKVPool
+
+    gen = torch.Generator().manual_seed(page_size)
+    num_pages, heads, scale = 12 if page_size == 128 else 40, 32, 0.07
+    layout = latent_layout(num_layers=2, kv_lora_rank=512, rope_dim=64)
+    slots = num_pages * page_size
+    split = SplitLatentKVPool(layout, slots, torch.float16, "cpu", page_size)
+    whole = LatentKVPool(layout, slots, torch.float16, "cpu", page_size)
+    every = torch.arange(slots + page_size)
+    for layer in range(2):
+        rows = torch.randn(len(every), 576, generator=gen) * (1 + layer)
+        split.set_latent(layer, every, rows)
+        whole.set_latent(layer, every, rows)
+    batch = _decode_batch([5 * page_size + 3, page_size, 7], page_size, num_pages, gen)
+    q = torch.randn(3, heads, 576, generator=gen).half()
+    standin = torch_npu_standin()
+    npu = AscendMLAAttention(split, heads, scale, torch_npu=standin)
+    ref = TorchMLAAttention(whole, heads, scale)
+    assert npu.use_fia
+    for attn in (npu, ref):
+        attn.init_forward_metadata(batch)
+    got, want = npu.forward_decode(q, 1, batch), ref.forward_decode(q, 1, batch)
+    assert fia_calls(standin, "fia_mla") == 1 and got.shape == (3, heads, 512)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
