@@ -31,29 +31,45 @@ def fake_fia_mla(
     actual_seq_lengths_kv,
     sparse_mode=0,
     atten_mask=None,
+    actual_seq_lengths=None,
 ):
-    """FIA's MLA mode, decode, paged BSND, as documented: query [B, 1, N, 512] and query_rope
-    [B, 1, N, 64]; key = value = the latent pages [blocks, block_size, 512] (one KV head),
-    key_rope [blocks, block_size, 64]; scores ``scale * (q . k + q_rope . k_rope)`` over each
-    request's first ``actual_seq_lengths_kv[b]`` rows, found through ``block_table``."""
-    b, s, n, d = query.shape
-    assert input_layout == "BSND" and s == 1 and num_heads == n and num_key_value_heads == 1
-    assert d == 512 and query_rope.shape == (b, 1, n, 64) and n in (32, 64, 128)
+    """FIA's MLA mode, paged, as documented. ``BSND`` (decode): query [B, 1, N, 512],
+    query_rope [B, 1, N, 64], ``sparse_mode`` 0 and no mask. ``TND``: query [T, N, 512], each
+    request's 1..16 rows ending at ``actual_seq_lengths[b]`` (cumulative), ``sparse_mode`` 3
+    (causal aligned to the bottom right) with the fixed 2048x2048 mask. Key = value = the
+    latent pages [blocks, block_size, 512] (one KV head), key_rope [blocks, block_size, 64];
+    scores ``scale * (q . k + q_rope . k_rope)`` over each request's first
+    ``actual_seq_lengths_kv[b]`` rows, found through ``block_table``."""
+    n, d = query.shape[-2:]
+    assert num_heads == n and num_key_value_heads == 1 and n in (32, 64, 128)
+    assert d == 512 and query_rope.shape == (*query.shape[:-1], 64)
     assert key.shape[1:] == (block_size, 512) and key_rope.shape[1:] == (block_size, 64)
-    assert block_size in (16, 128) and sparse_mode == 0 and atten_mask is None
-    assert all(t.is_contiguous() for t in (query, key, value, query_rope, key_rope))
+    assert block_size in (16, 128) and value is key
+    assert all(t.is_contiguous() for t in (query, key, query_rope, key_rope))
     assert query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
+    b = len(actual_seq_lengths_kv)
     assert block_table.dtype == torch.int32 and block_table.shape[0] == b
-    assert len(actual_seq_lengths_kv) == b
-    out = torch.empty_like(query)
-    for i, kv_len in enumerate(actual_seq_lengths_kv):
+    if input_layout == "BSND":
+        assert query.shape[:2] == (b, 1) and sparse_mode == 0 and atten_mask is None
+        ends = list(range(1, b + 1))
+    else:
+        assert input_layout == "TND" and sparse_mode == 3 and len(actual_seq_lengths) == b
+        assert atten_mask.shape == (2048, 2048) and atten_mask.dtype == torch.bool
+        ends = list(actual_seq_lengths)
+    q, qr = query.reshape(-1, n, d), query_rope.reshape(-1, n, 64)
+    out = torch.empty_like(q)
+    for i, (start, end, kv_len) in enumerate(zip([0, *ends[:-1]], ends, actual_seq_lengths_kv)):
+        rows = end - start
+        assert 1 <= rows <= 16 and rows <= kv_len
         blocks = block_table[i, : -(-kv_len // block_size)].long()
         c = key[blocks].reshape(-1, d)[:kv_len].float()
-        v = value[blocks].reshape(-1, d)[:kv_len].float()
         kr = key_rope[blocks].reshape(-1, 64)[:kv_len].float()
-        scores = (query[i, 0].float() @ c.T + query_rope[i, 0].float() @ kr.T) * scale
-        out[i, 0] = (scores.softmax(-1) @ v).to(query.dtype)
-    return out, None
+        scores = torch.einsum("qhd,kd->hqk", q[start:end].float(), c)
+        scores = (scores + torch.einsum("qhd,kd->hqk", qr[start:end].float(), kr)) * scale
+        visible = torch.arange(kv_len)[None, :] <= (kv_len - rows + torch.arange(rows))[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[start:end] = torch.einsum("hqk,kd->qhd", scores.softmax(-1), c).to(query.dtype)
+    return out.view(query.shape), None
 
 
 def fake_fused_infer_attention_score(*args, **kwargs):
@@ -73,7 +89,10 @@ def torch_npu_standin() -> types.ModuleType:
         return tensor  # the layout changes on an NPU; values, shape and dtype never do
 
     def fia(*args, **kwargs):
-        calls.append(("fia_mla" if kwargs.get("query_rope") is not None else "fia", ()))
+        op = "fia"
+        if kwargs.get("query_rope") is not None:
+            op = "fia_mla" if kwargs["input_layout"] == "BSND" else "fia_mla_extend"
+        calls.append((op, ()))
         return fake_fused_infer_attention_score(*args, **kwargs)
 
     mod.calls = calls  # type: ignore[attr-defined]

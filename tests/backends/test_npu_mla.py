@@ -23,9 +23,10 @@ def fia_calls(standin, op: str) -> int:
 
 
 def test_decode_through_fia_mla_matches_the_cpu_backend(monkeypatch, tmp_path, smollm_dir):
-    """float16, block size 16: every decode step of every layer goes through FIA's MLA mode,
-    and the tokens equal the CPU backend's torch MLA at float16 with the same plain Linears,
-    batched and after a prefix-cache hit (bfloat16's 8-bit mantissa lets the stand-in's
+    """float16, block size 16, chunks of 8: every decode step and every extend (at most 16 new
+    tokens) of every layer goes through FIA's MLA mode, and the tokens equal the CPU backend's
+    torch MLA at float16 with the same plain Linears, batched, chunked and after a prefix-cache
+    hit (bfloat16's 8-bit mantissa lets the stand-in's
     float32 softmax and the CPU's bfloat16 one part after a few tokens on this random model)."""
     from tests.models.deepseek_tiny import write_tiny_deepseek
 
@@ -40,7 +41,12 @@ def test_decode_through_fia_mla_matches_the_cpu_backend(monkeypatch, tmp_path, s
     monkeypatch.setattr(NpuStandIn, "standin", standin)
     with temporarily_registered(NpuStandIn) as name:
         with plait.Engine(
-            path, device=name, dtype="float16", page_size=16, max_total_tokens=1024
+            path,
+            device=name,
+            dtype="float16",
+            page_size=16,
+            max_total_tokens=1024,
+            chunked_prefill_size=8,
         ) as engine:
             attn = engine.scheduler.runner.attn
             assert isinstance(attn, AscendMLAAttention) and attn.use_fia
@@ -49,8 +55,8 @@ def test_decode_through_fia_mla_matches_the_cpu_backend(monkeypatch, tmp_path, s
                 outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
                 assert [o["output_ids"] for o in outs] == want
             assert outs[0]["meta_info"]["cached_tokens"] == 16
-    calls = fia_calls(standin, "fia_mla")
-    assert calls > 0 and calls % 3 == 0  # every one of the 3 layers, each decode step
+    for op in ("fia_mla", "fia_mla_extend"):  # every one of the 3 layers, each step
+        assert fia_calls(standin, op) > 0 and fia_calls(standin, op) % 3 == 0
     assert fia_calls(standin, "fia") == 0
 
 
@@ -82,7 +88,7 @@ def test_configurations_fia_does_not_take_run_the_torch_form(
             for _ in range(2):
                 outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
             assert outs[0]["meta_info"]["cached_tokens"] == len(PROMPTS[0]) - 1
-    assert fia_calls(standin, "fia_mla") == 0
+    assert fia_calls(standin, "fia_mla") == fia_calls(standin, "fia_mla_extend") == 0
     if dtype == "float32":
         assert [o["output_ids"] for o in outs] == hf_greedy(hf_model(path), PROMPTS, 5)
 
@@ -105,39 +111,45 @@ def test_split_pool_fields_and_transfer_buffers():
     assert not hasattr(pool, "latent_buffers")
 
 
-def _decode_batch(seq_lens: list[int], page_size: int, num_pages: int, gen) -> ForwardBatch:
-    """A decode batch whose requests own scattered pages (a random page order), so reading
-    the wrong block or offset cannot pass by accident."""
+def _batch(
+    seq_lens: list[int], extend_lens: list[int], page_size: int, num_pages: int, gen
+) -> ForwardBatch:
+    """A batch whose requests own scattered pages (a random page order), so reading the wrong
+    block or offset cannot pass by accident; decode when every request adds one token."""
     pages = (torch.randperm(num_pages, generator=gen) + 1).tolist()  # page 0 is padding
     req_to_token = torch.zeros(len(seq_lens) + 1, num_pages * page_size, dtype=torch.int32)
     for b, n in enumerate(seq_lens):
         mine = [pages.pop() for _ in range(-(-n // page_size))]
         for i in range(n):
             req_to_token[b + 1, i] = mine[i // page_size] * page_size + i % page_size
-    rows = torch.arange(1, len(seq_lens) + 1)
-    seq = torch.tensor(seq_lens)
+    prefix_lens = [n - e for n, e in zip(seq_lens, extend_lens)]
+    req_rows = torch.arange(1, len(seq_lens) + 1)
+    t_rows = torch.repeat_interleave(req_rows, torch.tensor(extend_lens))
+    positions = torch.cat([torch.arange(p, n) for p, n in zip(prefix_lens, seq_lens)])
     return ForwardBatch(
-        is_decode=True,
-        input_ids=torch.zeros(len(seq_lens), dtype=torch.int64),
-        positions=seq - 1,
-        out_cache_loc=req_to_token[rows, seq - 1].long(),
-        req_pool_indices=rows,
-        seq_lens=seq,
-        prefix_lens=seq - 1,
-        extend_lens=torch.ones_like(seq),
+        is_decode=set(extend_lens) == {1},
+        input_ids=torch.zeros(len(positions), dtype=torch.int64),
+        positions=positions,
+        out_cache_loc=req_to_token[t_rows, positions].long(),
+        req_pool_indices=req_rows,
+        seq_lens=torch.tensor(seq_lens),
+        prefix_lens=torch.tensor(prefix_lens),
+        extend_lens=torch.tensor(extend_lens),
         req_to_token=req_to_token,
-        logits_rows=torch.arange(len(seq_lens)),
+        logits_rows=torch.arange(len(positions)),
         seq_lens_cpu=seq_lens,
-        prefix_lens_cpu=[n - 1 for n in seq_lens],
-        extend_lens_cpu=[1] * len(seq_lens),
+        prefix_lens_cpu=prefix_lens,
+        extend_lens_cpu=extend_lens,
     )
 
 
+@pytest.mark.parametrize("extend", [False, True], ids=["decode", "extend"])
 @pytest.mark.parametrize("page_size", [16, 128])
-def test_fia_mla_decode_equals_the_torch_form(page_size):
+def test_fia_mla_equals_the_torch_form(page_size, extend):
     """Attention outputs, not just tokens: FIA's MLA mode (stand-in) over the split pool
     against Plait's CPU MLA attention over the core's combined pool, with the same rows, at
-    float16, for requests spanning many scattered blocks, one block, and a partial one."""
+    float16, for requests spanning many scattered blocks, one block, and a partial one;
+    decode, and extend of up to 16 new tokens after a cached prefix (or none)."""
     from plait.backends.cpu.mla_attention import TorchMLAAttention
     from plait.core.kv_layout import latent_layout
     from plait.core.mla import LatentKVPool
@@ -153,14 +165,20 @@ def test_fia_mla_decode_equals_the_torch_form(page_size):
         rows = torch.randn(len(every), 576, generator=gen) * (1 + layer)
         split.set_latent(layer, every, rows)
         whole.set_latent(layer, every, rows)
-    batch = _decode_batch([5 * page_size + 3, page_size, 7], page_size, num_pages, gen)
-    q = torch.randn(3, heads, 576, generator=gen).half()
+    seq_lens = [5 * page_size + 3, page_size, 7]
+    extend_lens = [16, 1, 7] if extend else [1, 1, 1]
+    batch = _batch(seq_lens, extend_lens, page_size, num_pages, gen)
+    q = torch.randn(sum(extend_lens), heads, 576, generator=gen).half()
     standin = torch_npu_standin()
     npu = AscendMLAAttention(split, heads, scale, torch_npu=standin)
     ref = TorchMLAAttention(whole, heads, scale)
     assert npu.use_fia
     for attn in (npu, ref):
         attn.init_forward_metadata(batch)
-    got, want = npu.forward_decode(q, 1, batch), ref.forward_decode(q, 1, batch)
-    assert fia_calls(standin, "fia_mla") == 1 and got.shape == (3, heads, 512)
+    if extend:
+        got, want = npu.forward_extend(q, 1, batch), ref.forward_extend(q, 1, batch)
+    else:
+        got, want = npu.forward_decode(q, 1, batch), ref.forward_decode(q, 1, batch)
+    assert fia_calls(standin, "fia_mla_extend" if extend else "fia_mla") == 1
+    assert got.shape == (sum(extend_lens), heads, 512)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) on Ascend: decode through torch-npu's fused
+"""Multi-head latent attention (DeepSeek-V2/V3) on Ascend: decode and short extends through torch-npu's fused
 inference attention in its MLA mode, over a latent pool split the way that mode reads it.
 
 FIA's MLA mode (``query_rope`` and ``key_rope`` given; torch_npu's
@@ -12,13 +12,14 @@ RoPE parts passed separately. Each of ``key``/``value``/``key_rope`` must be con
 What the documentation allows, and so what takes FIA here (anything else runs the torch
 absorbed form of ``plait.backends.cpu.mla_attention`` over the same split buffers, correct on
 the NPU but slower): fp16/bf16; ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (DeepSeek-V2/V3's
-sizes); 32, 64 or 128 query heads (V2-Lite's 16 do not qualify); block size 16 or 128; decode only
-(one query per request, ``sparse_mode`` 0, no mask). Extend (prefill) runs the torch absorbed form:
-FIA's MLA mode takes at most 16 queries per request.
+sizes); 32, 64 or 128 query heads (V2-Lite's 16 do not qualify); block size 16 or 128; at most 16
+new tokens per request (decode; small extends such as short chunks or cached prompts' tails).
+Longer extends (prefill) run the torch absorbed form.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ FIA_MLA_ROPE = 64
 FIA_MLA_HEADS = (32, 64, 128)
 FIA_MLA_BLOCKS = (16, 128)
 FIA_DTYPES = (torch.float16, torch.bfloat16)
+FIA_MLA_MAX_QUERIES = 16  # new tokens per request the MLA mode takes
+MASK_SIZE = 2048  # sparse_mode 3 wants this fixed mask whatever the sequence lengths
 
 
 def mla_fia_supported(
@@ -109,8 +112,10 @@ class SplitRows:
 
 
 class AscendMLAAttention(TorchMLAAttention):
-    """FIA's MLA mode for decode where the documentation allows it, the torch absorbed form
-    elsewhere (both over a :class:`SplitLatentKVPool`)."""
+    """FIA's MLA mode where the documentation allows it (decode; extends of at most 16 new
+    tokens per request), the torch absorbed form elsewhere; both over a
+    :class:`SplitLatentKVPool`. Which one a batch takes is decided once, in
+    :meth:`init_forward_metadata`."""
 
     kv_pool: SplitLatentKVPool
 
@@ -124,19 +129,30 @@ class AscendMLAAttention(TorchMLAAttention):
         self.use_fia = mla_fia_supported(
             kv_pool.dtype, kv_pool.page_size, num_heads, kv_pool.kv_lora_rank, kv_pool.rope_dim
         )
-        self._block_table: torch.Tensor | None = None
+        self._block_table: torch.Tensor | None = None  # set: this batch runs FIA
+        self._mask: torch.Tensor | None = None
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if batch.is_decode and self.use_fia:
+        self._block_table = None
+        if self.use_fia and max(batch.extend_lens_cpu) <= FIA_MLA_MAX_QUERIES:
             ps = self.kv_pool.page_size
             rows = batch.req_to_token[batch.req_pool_indices, : max(batch.seq_lens_cpu)]
             # token i sits at offset i % ps of its page, so every ps-th slot names the page
             self._block_table = (rows[:, ::ps] // ps).to(torch.int32)
             return
-        self._block_table = None
         super().init_forward_metadata(batch)
 
+    def _fia_takes(self, q: torch.Tensor, batch: ForwardBatch) -> bool:
+        if self._block_table is not None and q.dtype in FIA_DTYPES:
+            return True
+        if self._block_table is not None:  # FIA's metadata, a query FIA does not take
+            self._block_table = None
+            TorchMLAAttention.init_forward_metadata(self, batch)
+        return False
+
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        if self._fia_takes(q, batch):
+            return self._fia(q, layer_id, batch)
         return mla_extend_ref(
             q,
             SplitRows(self.kv_pool, layer_id),  # type: ignore[arg-type]  # duck-typed rows
@@ -149,25 +165,41 @@ class AscendMLAAttention(TorchMLAAttention):
         )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if not (self.use_fia and q.dtype in FIA_DTYPES):
-            if self._decode is None:
-                TorchMLAAttention.init_forward_metadata(self, batch)
-            assert self._decode is not None
-            slots, bias = self._decode
-            rows = SplitRows(self.kv_pool, layer_id)
-            return mla_decode_ref(q, rows, self.kv_lora_rank, slots, bias, self.scale)  # type: ignore[arg-type]
-        return self._fia_decode(q, layer_id, batch)
+        if self._fia_takes(q, batch):
+            return self._fia(q, layer_id, batch)
+        if self._decode is None:
+            TorchMLAAttention.init_forward_metadata(self, batch)
+        assert self._decode is not None
+        slots, bias = self._decode
+        rows = SplitRows(self.kv_pool, layer_id)
+        return mla_decode_ref(q, rows, self.kv_lora_rank, slots, bias, self.scale)  # type: ignore[arg-type]
 
-    def _fia_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if self._block_table is None:
-            self.init_forward_metadata(batch)
-        pool, ps, rank = self.kv_pool, self.kv_pool.page_size, self.kv_lora_rank
-        b, h = q.shape[0], self.num_heads
-        # BSND with S = 1: one query per request; c is key and value (one KV head)
-        q_nope = q[..., :rank].contiguous().view(b, 1, h, rank)
-        q_rope = q[..., rank:].contiguous().view(b, 1, h, pool.rope_dim)
-        c = pool.nope_buffers[layer_id].view(-1, ps, rank)
+    def _causal_mask(self) -> torch.Tensor:
+        if self._mask is None:
+            ones = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool, device=self.kv_pool.device)
+            self._mask = torch.triu(ones, diagonal=1)  # True = masked out
+        return self._mask
+
+    def _fia(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """Decode: ``BSND`` with S = 1, no mask. Extend: ``TND`` (requests' rows concatenated,
+        ``actual_seq_lengths`` their cumulative ends) with ``sparse_mode`` 3, causal aligned to
+        the bottom right so new tokens see the cached prefix, and the op's fixed mask."""
+        pool, ps, rank, h = self.kv_pool, self.kv_pool.page_size, self.kv_lora_rank, self.num_heads
+        lead = (q.shape[0], 1) if batch.is_decode else (q.shape[0],)
+        q_nope = q[..., :rank].contiguous().view(*lead, h, rank)
+        q_rope = q[..., rank:].contiguous().view(*lead, h, pool.rope_dim)
+        c = pool.nope_buffers[layer_id].view(-1, ps, rank)  # key and value: one KV head
         k_rope = pool.rope_buffers[layer_id].view(-1, ps, pool.rope_dim)
+        mode: dict[str, Any] = (
+            {"input_layout": "BSND", "sparse_mode": 0}
+            if batch.is_decode
+            else {
+                "input_layout": "TND",
+                "sparse_mode": 3,
+                "atten_mask": self._causal_mask(),
+                "actual_seq_lengths": list(itertools.accumulate(batch.extend_lens_cpu)),
+            }
+        )
         out, _ = self.torch_npu.npu_fused_infer_attention_score(
             q_nope,
             c,
@@ -176,11 +208,10 @@ class AscendMLAAttention(TorchMLAAttention):
             key_rope=k_rope,
             num_heads=h,
             num_key_value_heads=1,
-            input_layout="BSND",
             scale=self.scale,
             block_table=self._block_table,
             block_size=ps,
             actual_seq_lengths_kv=list(batch.seq_lens_cpu),
-            sparse_mode=0,
+            **mode,
         )
-        return out.view(b, h, rank)
+        return out.view(q.shape[0], h, rank)

@@ -35,8 +35,8 @@ class NpuOptions:
 
 class NpuBackend(Backend):
     """torch-npu's fused attention (FIA) over the paged pool; for MLA models (DeepSeek) FIA's
-    MLA mode in decode over a split latent pool (``npu/mla_attention.py``); Linear weights in
-    the fractal NZ layout (``npu/nz.py``). Never run on Ascend hardware (docs/npu-backend.md).
+    MLA mode (decode, short extends) over a split latent pool (``npu/mla_attention.py``);
+    Linear weights in the fractal NZ layout (``npu/nz.py``). Never run on Ascend hardware (docs/npu-backend.md).
 
     The defaults are what FIA's paged mode accepts (see ``npu/attention.py``): a half dtype and
     a block size that is a multiple of 16; 128 is the block size Ascend's paged attention is
@@ -98,7 +98,7 @@ class NpuBackend(Backend):
     def create_mla_attention_backend(
         self, kv_pool: "LatentKVPool", num_heads: int, scale: float
     ) -> "MLAAttentionBackend":
-        """FIA's MLA mode for decode where it applies (``npu/mla_attention.py``)."""
+        """FIA's MLA mode where it applies (``npu/mla_attention.py``)."""
         from plait.backends.npu.mla_attention import AscendMLAAttention, SplitLatentKVPool
 
         if not isinstance(kv_pool, SplitLatentKVPool):
