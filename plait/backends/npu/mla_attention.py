@@ -1,5 +1,6 @@
-"""Multi-head latent attention (DeepSeek-V2/V3) on Ascend: decode and short extends through torch-npu's fused
-inference attention in its MLA mode, over a latent pool split the way that mode reads it.
+"""Multi-head latent attention (DeepSeek-V2/V3) on Ascend: decode and short extends through
+torch-npu's fused inference attention in its MLA mode, over a latent pool split the way that
+mode reads it.
 
 FIA's MLA mode (``query_rope`` and ``key_rope`` given; torch_npu's
 ``npu_fused_infer_attention_score`` documentation) scores each head as
@@ -11,10 +12,10 @@ RoPE parts passed separately. Each of ``key``/``value``/``key_rope`` must be con
 
 What the documentation allows, and so what takes FIA here (anything else runs the torch
 absorbed form of ``plait.backends.cpu.mla_attention`` over the same split buffers, correct on
-the NPU but slower): fp16/bf16; ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (DeepSeek-V2/V3's
-sizes); 32, 64 or 128 query heads (V2-Lite's 16 do not qualify); block size 16 or 128; at most 16
-new tokens per request (decode; small extends such as short chunks or cached prompts' tails).
-Longer extends (prefill) run the torch absorbed form.
+the NPU but slower): fp16/bf16; ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64
+(DeepSeek-V2/V3's sizes); 32, 64 or 128 query heads (V2-Lite's 16 do not qualify); block size
+16 or 128; at most 16 new tokens per request (decode; small extends such as short chunks or
+cached prompts' tails). Longer extends (prefill) run the torch absorbed form.
 """
 
 from __future__ import annotations
