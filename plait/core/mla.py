@@ -41,8 +41,28 @@ class LatentKVPool(KVPool):
         device: torch.device | str,
         page_size: int = 1,
     ):
+        size = self._set_fields(layout, num_slots, dtype, device, page_size)
+        self.latent_buffers = [
+            torch.zeros(size, 1, layout.head_dim, dtype=dtype, device=device)
+            for _ in range(layout.num_layers)
+        ]
+        self.k_buffers = self.latent_buffers
+        self.v_buffers = [b[..., : layout.latent_rank] for b in self.latent_buffers]
+
+    def _set_fields(
+        self,
+        layout: KVCacheLayout,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        page_size: int,
+    ) -> int:
+        """The pool's fields (a subclass storing the rows differently sets them here too);
+        returns the rows each layer's buffers need."""
         if layout.kind != "latent":
-            raise ValueError(f"LatentKVPool needs a latent layout, got kind={layout.kind!r}")
+            raise ValueError(
+                f"{type(self).__name__} needs a latent layout, got kind={layout.kind!r}"
+            )
         self.layout = layout
         self.num_slots = num_slots
         self.page_size = page_size
@@ -50,13 +70,7 @@ class LatentKVPool(KVPool):
         self.dtype = dtype
         self.device = torch.device(device)
         self.kv_lora_rank = layout.latent_rank
-        size = num_slots + page_size  # slot/page 0 (padding) exists even when page_size > 1
-        self.latent_buffers = [
-            torch.zeros(size, 1, layout.head_dim, dtype=dtype, device=device)
-            for _ in range(layout.num_layers)
-        ]
-        self.k_buffers = self.latent_buffers
-        self.v_buffers = [b[..., : layout.latent_rank] for b in self.latent_buffers]
+        return num_slots + page_size  # slot/page 0 (padding) exists even when page_size > 1
 
     def set_latent(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor) -> None:
         """Store ``latent`` [T, head_dim] at slots ``loc``."""

@@ -69,18 +69,9 @@ class SplitLatentKVPool(LatentKVPool):
         device: torch.device | str,
         page_size: int = 1,
     ):
-        if layout.kind != "latent":
-            raise ValueError(f"SplitLatentKVPool needs a latent layout, got kind={layout.kind!r}")
-        # the base class would allocate the combined rows: set its fields here instead
-        self.layout = layout
-        self.num_slots = num_slots
-        self.page_size = page_size
-        self.num_layers = layout.num_layers
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.kv_lora_rank = layout.latent_rank
+        # the base class would allocate the combined rows: only its fields are set
+        size = self._set_fields(layout, num_slots, dtype, device, page_size)
         self.rope_dim = layout.head_dim - layout.latent_rank
-        size = num_slots + page_size  # slot/page 0 (padding) exists even when page_size > 1
         self.nope_buffers = [
             torch.zeros(size, 1, self.kv_lora_rank, dtype=dtype, device=device)
             for _ in range(layout.num_layers)
