@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import plait
+from plait.core.spec.cost import PassCost
 from plait.core.engine_config import EngineConfig
 from plait.core.memory import TokenSlotAllocator
 from plait.core.radix_cache import RadixCache
@@ -169,6 +170,7 @@ def test_speculation_gives_every_request_kind_the_same_output(
         # untimed passes leave the cost model without a fit, so drafts are as long as the
         # proposer allows (pass times on a loaded machine would vary the cap between runs)
         engine.scheduler.output.observe_pass = None
+        engine.scheduler.spec.cost = PassCost()  # nor a fit from passes timed at start-up
         first = run_all(engine)
         again = run_all(engine)
         info = engine.get_server_info()

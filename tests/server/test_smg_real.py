@@ -29,6 +29,7 @@ def grpc_gateway(real_model_path, tmp_path_factory):
         port=port,
     )
     wait_for_workers(server, 2)
+    wait_for_tokenizer(server)
     yield server
     assert server.stop() == 0
 
@@ -94,4 +95,23 @@ def wait_for_workers(server, count: int, timeout: float = 300) -> None:
     while len(listed_healthy(server.url)) < count:
         assert server.proc.poll() is None, server.log.read_text()[-3000:]
         assert time.monotonic() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def wait_for_tokenizer(server, timeout: float = 300) -> None:
+    """smg registers the workers' tokenizer after it lists them: until then a request is a
+    503 "Tokenizer ... is not registered yet; retry shortly" (seen once in a CI run)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = requests.post(
+            server.url + "/v1/completions",
+            json={"model": gateway_model(server), "prompt": "Hi", "max_tokens": 1},
+            timeout=300,
+        )
+        if not (r.status_code == 503 and "not registered" in r.text):
+            assert r.status_code == 200, r.text
+            return
+        assert time.monotonic() < deadline, r.text
         time.sleep(0.5)
