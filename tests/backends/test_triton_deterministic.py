@@ -15,7 +15,8 @@ from plait.backends.cuda.deterministic import invariant_linear, invariant_rms_no
 from tests.backends.test_triton_kernels import TritonInterpreted  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 (CPU-only machine: the kernels run under the interpreter)",
 )
 
 
