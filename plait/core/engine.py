@@ -213,6 +213,14 @@ class Engine:
 
         return self._call(info)
 
+    def fatal_error(self) -> str | None:
+        """Why this engine can serve no more request, for good (its tensor- or
+        pipeline-parallel group is broken: a rank died), or None. A server that sees one
+        must stop, so a supervisor restarts it, rather than fail every later request."""
+        tp = self._tp_runner
+        broken = tp.broken if tp is not None else None
+        return f"the tensor-parallel group is broken: {broken}" if broken else None
+
     def shutdown(self) -> None:
         """Stop the scheduler thread and, under tensor parallelism, every other rank.
         Idempotent."""

@@ -218,7 +218,9 @@ def stop_all(children: list[Child], timeout: float) -> None:
 
 def supervise(gateway: Child, workers: list[Child], stop: threading.Event) -> int:
     """Until a signal (0), the gateway's exit or every worker's (1). A worker that dies alone
-    is the gateway's business: it routes around it."""
+    is the gateway's business: it routes around it, and a supervisor that restarts it on the
+    same address gives the gateway its worker back; so the launch stops for its workers only
+    once every one it started has exited and none of their addresses answers."""
     reported: set[str] = set()
     while not stop.wait(0.5):
         if not gateway.alive():
@@ -232,7 +234,7 @@ def supervise(gateway: Child, workers: list[Child], stop: threading.Event) -> in
                     w.name,
                     w.proc.returncode,
                 )
-        if len(reported) == len(workers):
+        if len(reported) == len(workers) and not any(healthy(w.url) for w in workers):
             log.error("every worker has exited; stopping")
             return 1
     return 0

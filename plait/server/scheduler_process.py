@@ -267,6 +267,25 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
+async def _watch_engine(server: SchedulerServer, stop: asyncio.Event) -> str:
+    """Wait until the engine reports it can serve nothing more (``Engine.fatal_error``: a
+    tensor-parallel rank died), end every running request with a 503 naming why, and stop:
+    an engine that fails every request while ``/health`` says 200 is worse than one that
+    exits, because a supervisor restarts the latter."""
+    check = getattr(server.engine, "fatal_error", None)
+    while check is not None and not stop.is_set():
+        reason = await asyncio.to_thread(check)
+        if reason:
+            logger.error("%s; stopping so that a supervisor can restart the server", reason)
+            message = f"{reason}; the server is stopping"
+            for rid in list(server.tasks):
+                server.emit({"op": "error", "rid": rid, "status": 503, "message": message})
+            stop.set()
+            return reason
+        await asyncio.sleep(0.5)
+    return ""
+
+
 async def serve(config: dict[str, Any]) -> int:
     ctx = zmq.asyncio.Context()
     recv = ctx.socket(zmq.PULL)
@@ -291,6 +310,7 @@ async def serve(config: dict[str, Any]) -> int:
     server = SchedulerServer(engine, send, config["model_path"])
     stop = asyncio.Event()
     watcher = asyncio.create_task(_watch_parent(config["parent_pid"], stop))
+    health = asyncio.create_task(_watch_engine(server, stop))
     stopper = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set():
@@ -303,6 +323,8 @@ async def serve(config: dict[str, Any]) -> int:
                 break
     finally:
         watcher.cancel()
+        fatal = health.result() if health.done() else ""
+        health.cancel()
         for rid, task in list(server.tasks.items()):
             await asyncio.to_thread(engine.abort, rid)
             task.cancel()
@@ -313,7 +335,7 @@ async def serve(config: dict[str, Any]) -> int:
         if os.getppid() != config["parent_pid"] and config.get("ipc_dir"):
             # the HTTP process died without cleaning up (kill -9): its IPC dir is ours to remove
             shutil.rmtree(config["ipc_dir"], ignore_errors=True)
-    return 0
+    return 1 if fatal else 0
 
 
 def main() -> None:

@@ -53,6 +53,15 @@ class TPModelRunner:
         self.rank_facts: list[RankFacts] = [facts_of(local), *ranks.facts]
         self._broken: str | None = None
 
+    @property
+    def broken(self) -> str | None:
+        """Why this group can never run another forward (a rank exited, or a forward failed
+        and left the collectives out of step), or None while it is whole. Checked between
+        forwards too, so an idle engine learns of a killed rank without a request failing."""
+        if self._broken is None and (dead := self.ranks.dead_ranks()):
+            self._broken = f"ranks {dead} exited"
+        return self._broken
+
     def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: rank 0's capture counters and ``tp_ranks``, one
         :class:`RankFacts` dict per rank."""
