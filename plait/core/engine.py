@@ -213,14 +213,6 @@ class Engine:
 
         return self._call(info)
 
-    def fatal_error(self) -> str | None:
-        """Why this engine can serve no more request, for good (its tensor- or
-        pipeline-parallel group is broken: a rank died), or None. A server that sees one
-        must stop, so a supervisor restarts it, rather than fail every later request."""
-        tp = self._tp_runner
-        broken = tp.broken if tp is not None else None
-        return f"the tensor-parallel group is broken: {broken}" if broken else None
-
     def shutdown(self) -> None:
         """Stop the scheduler thread and, under tensor parallelism, every other rank.
         Idempotent."""
@@ -241,6 +233,14 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def fatal_error(engine: Any) -> str | None:
+    """Why ``engine`` can serve no more request, for good (its tensor- or pipeline-parallel
+    group is broken: a rank died), or None. A server that sees one must stop, so that a
+    supervisor restarts it, rather than fail every later request while ``/health`` says 200."""
+    tp = getattr(engine, "_tp_runner", None)
+    return tp.broken if tp is not None else None
 
 
 def _shutdown_if_alive(ref: weakref.ref[Engine]) -> None:

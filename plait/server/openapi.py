@@ -8,8 +8,9 @@ FastAPI's generated schema is corrected in four ways:
   ``base:adapter`` forms (read from the engine at each ``/openapi.json`` request, since
   adapters load and unload at run time).
 - Every route declares its error answers (``{"error": {...}}``, ``protocol.error_body``): 400,
-  404, 413, 429 and 503 (and 401 with ``--api-key``); FastAPI's 422 is dropped since request
-  validation errors are answered as 400.
+  404, 413, 429 and 503 (and 401 with ``--api-key``, and 504 on the generation routes with
+  ``--request-timeout``); FastAPI's 422 is dropped since request validation errors are
+  answered as 400.
 - ``/health``, ``/health_generate``, ``/flush_cache`` answer ``text/plain`` and ``/metrics``
   Prometheus' text format, not JSON; the generation routes may answer ``text/event-stream``.
 - Prompts, token ids and ``logit_bias`` keys are declared as the server checks them.
@@ -60,8 +61,11 @@ def served_models(name: str, path: str, adapters: list[str]) -> list[str]:
     return bases + adapters + [f"{b}:{a}" for b in bases for a in adapters]
 
 
-def build_schema(app: FastAPI, models: list[str], vocab_size: int, api_key: bool) -> dict[str, Any]:
-    """FastAPI's schema for ``app`` with the corrections above (a new dict each call)."""
+def build_schema(
+    app: FastAPI, models: list[str], vocab_size: int, api_key: bool, timeout: bool = False
+) -> dict[str, Any]:
+    """FastAPI's schema for ``app`` with the corrections above (a new dict each call);
+    ``timeout``: ``--request-timeout`` is set, so the generation routes may answer 504."""
     schema = copy.deepcopy(app.openapi())
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     comps["ErrorResponse"] = ERROR_SCHEMA
@@ -83,7 +87,7 @@ def build_schema(app: FastAPI, models: list[str], vocab_size: int, api_key: bool
             if path in TEXT_ROUTES:
                 ok = responses.setdefault("200", {"description": "Successful Response"})
                 ok["content"] = {TEXT_ROUTES[path]: {"schema": {"type": "string"}}}
-            for status in statuses:
+            for status in (*statuses, 504) if timeout and path in STREAM_ROUTES else statuses:
                 responses[str(status)] = _error_response(status, path)
     return schema
 
@@ -154,5 +158,8 @@ def install(app: FastAPI) -> None:
         if c.lora_enabled:
             adapters = sorted((await c.server_info()).get("lora_adapters", {}))
         models = served_models(c.model_name, c.model_path, adapters)
-        api_key = bool(request.app.state.args.api_key)
-        return JSONResponse(build_schema(request.app, models, c.vocab_size, api_key))
+        args = request.app.state.args
+        timeout = args.request_timeout is not None
+        return JSONResponse(
+            build_schema(request.app, models, c.vocab_size, bool(args.api_key), timeout)
+        )

@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from plait.core.engine import fatal_error
 from plait.core.messages import (
     AbortReq,
     FlushCacheReq,
@@ -268,13 +269,12 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 async def _watch_engine(server: SchedulerServer, stop: asyncio.Event) -> str:
-    """Wait until the engine reports it can serve nothing more (``Engine.fatal_error``: a
+    """Wait until the engine reports it can serve nothing more (``engine.fatal_error``: a
     tensor-parallel rank died), end every running request with a 503 naming why, and stop:
     an engine that fails every request while ``/health`` says 200 is worse than one that
     exits, because a supervisor restarts the latter."""
-    check = getattr(server.engine, "fatal_error", None)
-    while check is not None and not stop.is_set():
-        reason = await asyncio.to_thread(check)
+    while not stop.is_set():
+        reason = await asyncio.to_thread(fatal_error, server.engine)
         if reason:
             logger.error("%s; stopping so that a supervisor can restart the server", reason)
             message = f"{reason}; the server is stopping"

@@ -246,6 +246,13 @@ def test_queue_cap_answers_429_with_retry_after_and_timeout_aborts(tiny_model_di
         )
         events = sse_events(r)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 504
+        # ... which the schema declares on the generation routes (a fuzzer found it undeclared)
+        paths = server.get("/openapi.json").json()["paths"]
+        error = {"$ref": "#/components/schemas/ErrorResponse"}
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            declared = paths[path]["post"]["responses"]["504"]["content"]
+            assert declared["application/json"]["schema"] == error, path
+        assert "504" not in paths["/health"]["get"]["responses"]
         info = wait_until_idle(server)
         assert info["num_running_reqs"] == 0 and info["available_kv_tokens"] == TOTAL_KV_TOKENS
     finally:

@@ -57,10 +57,11 @@ class TPModelRunner:
     def broken(self) -> str | None:
         """Why this group can never run another forward (a rank exited, or a forward failed
         and left the collectives out of step), or None while it is whole. Checked between
-        forwards too, so an idle engine learns of a killed rank without a request failing."""
+        forwards too, so an idle engine learns of a killed rank without a request failing
+        (``Engine.fatal_error``: the server then stops for its supervisor)."""
         if self._broken is None and (dead := self.ranks.dead_ranks()):
             self._broken = f"ranks {dead} exited"
-        return self._broken
+        return None if self._broken is None else f"the parallel group is broken: {self._broken}"
 
     def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: rank 0's capture counters and ``tp_ranks``, one
