@@ -11,12 +11,21 @@ Two phases against one ``plait serve`` (started here with the default model, or 
    (send to last byte) and the accepted throughput (200s / seconds from the first send to the
    last 200).
 
+3. **Sustainable again**, as phase 1: on a shared machine the service rate drifts with the
+   neighbours' load, so the overload is compared with the mean of the phases around it (each
+   phase records the 1-minute load average at its end).
+
 Shedding works when accepted latency stays bounded (near ``--max-queue-time`` plus one
 request's service time, not growing with the overload) and accepted throughput stays at least
 90 % of the sustainable rate. Requests are short completions (``--max-tokens`` new tokens,
 EOS ignored) so every accepted request costs the same.
 
-    python -m benchmarks.serving.overload --seconds 40 --max-tokens 32
+Memory: the server started here gets a KV pool sized to what the run needs
+(``--max-total-tokens``, default ``4 * max_running * (64 + max_tokens)``) instead of the
+engine's default 1 GiB budget, which made its scheduler process 2.7 GB; the result records
+every process's peak RSS (``VmHWM``), the client's included.
+
+    python -m benchmarks.serving.overload --seconds 20 --max-tokens 16 --max-queue-time 5
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -46,6 +56,7 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     first_send: float = 0.0
     last_ok: float = 0.0
+    load_1m: float = 0.0  # the 1-minute load average when the phase ended
 
     def record(self, status: str, sent_at: float, done_at: float) -> None:
         self.statuses[status] = self.statuses.get(status, 0) + 1
@@ -62,6 +73,7 @@ class Phase:
             "accepted_per_s": len(ok) / span if ok else 0.0,
             "p50_s": statistics.median(ok) if ok else None,
             "p99_s": ok[min(len(ok) - 1, int(0.99 * len(ok)))] if ok else None,
+            "load_1m_at_end": self.load_1m,
         }
 
 
@@ -90,6 +102,7 @@ async def closed_loop(url: str, clients: int, seconds: float, max_tokens: int) -
                 await one(c, url, max_tokens, phase)
 
         await asyncio.gather(*(loop() for _ in range(clients)))
+    phase.load_1m = os.getloadavg()[0]
     return phase
 
 
@@ -103,6 +116,7 @@ async def open_loop(url: str, rate: float, seconds: float, max_tokens: int) -> P
             tasks.append(asyncio.create_task(one(c, url, max_tokens, phase)))
             await asyncio.sleep(rng.expovariate(rate))
         await asyncio.gather(*tasks)
+    phase.load_1m = os.getloadavg()[0]
     return phase
 
 
@@ -123,6 +137,24 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     raise SystemExit("the server did not become healthy in 600 s")
 
 
+def peak_rss_mib(root: int) -> dict[str, float]:
+    """Peak RSS (``VmHWM``, MiB) of ``root`` and its children, by command name."""
+    pids = [root]
+    with open(f"/proc/{root}/task/{root}/children") as f:
+        pids += [int(p) for p in f.read().split()]
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[2].decode()  # python -m <module>
+            with open(f"/proc/{pid}/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM"))
+        except (OSError, IndexError, StopIteration):
+            continue
+        out[f"{name}[{pid}]"] = int(hwm.split()[1]) / 1024
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: start one)")
@@ -133,30 +165,43 @@ def main() -> None:
     p.add_argument("--factor", type=float, default=4.0)
     p.add_argument("--seconds", type=float, default=40.0)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-queue-time", type=float, default=None, help="the started server's bound")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="the started server's KV")
     p.add_argument("--out", default=None, help="write the JSON result here")
     a = p.parse_args()
     proc = None
     url = a.url
     if url is None:
-        extra = ["--max-running-requests", str(a.max_running), *a.server_args.split()]
+        kv = a.max_total_tokens or 4 * a.max_running * (64 + a.max_tokens)
+        extra = ["--max-running-requests", str(a.max_running), "--max-total-tokens", str(kv)]
+        if a.max_queue_time is not None:
+            extra += ["--max-queue-time", str(a.max_queue_time)]
+        extra += a.server_args.split()
         proc = start_server(a.port, extra)
         url = f"http://127.0.0.1:{a.port}"
     try:
         asyncio.run(closed_loop(url, 4, 5, a.max_tokens))  # warm-up: fills the finish rate
-        base = asyncio.run(closed_loop(url, a.clients or a.max_running, a.seconds, a.max_tokens))
-        sustainable = base.summary()["accepted_per_s"]
-        if not sustainable:
+        clients = a.clients or a.max_running
+        base = asyncio.run(closed_loop(url, clients, a.seconds, a.max_tokens))
+        offered = a.factor * base.summary()["accepted_per_s"]
+        if not offered:
             raise SystemExit(f"no request answered in phase 1: {base.summary()}")
-        over = asyncio.run(open_loop(url, a.factor * sustainable, a.seconds, a.max_tokens))
+        over = asyncio.run(open_loop(url, offered, a.seconds, a.max_tokens))
+        after = asyncio.run(closed_loop(url, clients, a.seconds, a.max_tokens))
+        rss = peak_rss_mib(proc.pid) if proc is not None else {}
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
+    sustainable = (base.summary()["accepted_per_s"] + after.summary()["accepted_per_s"]) / 2
+    client_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "config": {**vars(a), "cpu_count": os.cpu_count()},
         "sustainable": base.summary(),
         "overload": over.summary(),
-        "offered_per_s": a.factor * sustainable,
+        "sustainable_after": after.summary(),
+        "offered_per_s": offered,
+        "peak_rss_mib": {**rss, "client": client_mib},
     }
     result["throughput_ratio"] = result["overload"]["accepted_per_s"] / max(sustainable, 1e-9)
     print(json.dumps(result, indent=2))
