@@ -88,6 +88,8 @@ def _gguf_weights(spec: "ModelSpec") -> Path | None:
     from plait.models.loader import gguf_source
 
     if spec.quantization.method == "gguf":
+        if spec.quantization.gguf_file is None:
+            raise ValueError("quantization='gguf' needs the .gguf file its blocks are read from")
         return spec.quantization.gguf_file
     if not any(Path(spec.model_dir).glob("*.safetensors")):
         return gguf_source(spec.model_dir)

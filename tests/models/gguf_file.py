@@ -83,6 +83,7 @@ def _tokenizer(writer, tokenizer_dir: Path, size: int) -> None:  # type: ignore[
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
     template = tokenizer_dir / "chat_template.jinja"
     if template.exists():
         writer.add_chat_template(template.read_text())

@@ -32,7 +32,8 @@ ARCHS = {
         shared_expert_intermediate_size=48,
         norm_topk_prob=False,
     ),
-    "qwen3_moe": dict(MOE, num_experts=4, moe_intermediate_size=32, head_dim=16),
+    # renormalised top-k, as released Qwen3-MoE checkpoints (and llama.cpp) route
+    "qwen3_moe": dict(MOE, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True),
     "phi3": dict(vocab_size=VOCAB, pad_token_id=2),
 }
 FFN_BLOCKS = {"qwen2_moe": "Q4_1"}
