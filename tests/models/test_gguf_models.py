@@ -16,13 +16,16 @@ from plait.quant.modules import QuantizedEmbedding, QuantizedLinear
 from tests.models.gguf_file import write_gguf
 from tests.models.hf_parity import assert_engine_matches, build_tiny, hf_tokens
 
-GEMMA = dict(std=0.05, head_dim=16, sliding_window=8, tie_word_embeddings=True)
+# 4096 tokens (> every prompt id): the writer cuts the tokenizer to the config's vocabulary,
+# which keeps gguf-py's metadata parse (seconds for SmolLM2's 49k tokens and merges) short
+SMALL = dict(vocab_size=4096, pad_token_id=2)
+GEMMA = dict(SMALL, std=0.05, head_dim=16, sliding_window=8, tie_word_embeddings=True)
 # Only what GGUF metadata states survives the file (transformers fills the rest with its
 # defaults: Qwen3's head_dim 128, Gemma's query_pre_attn_scalar 256 and soft-caps 50/30,
 # Gemma 3's one global layer in six), so the tiny configs keep to those.
 ARCHS = {
-    "qwen2": dict(),
-    "qwen3": dict(head_dim=128),
+    "qwen2": dict(SMALL),
+    "qwen3": dict(SMALL, head_dim=128),
     "gemma2": dict(GEMMA, num_hidden_layers=3),
     "gemma3_text": dict(GEMMA, num_hidden_layers=6),
 }
