@@ -287,7 +287,9 @@ def load_gguf_weights(
         raise ValueError(f"GGUF file {str(gguf_file)!r} lacks tensors for {sorted(missing)[:5]}")
 
 
-def _experts(module: nn.Module, gate_up: Any, down: Any, experts: ExpertsFactory | None):
+def _experts(
+    module: nn.Module, gate_up: Any, down: Any, experts: ExpertsFactory | None
+) -> nn.Module:
     """``module`` with float stacks ``[E, 2I, H]`` / ``[E, H, I]`` copied in, or ``experts``'
     quantized form built from per-expert block weights."""
     if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
