@@ -5,9 +5,12 @@ messages say what to move and when it has landed. The prefill server binds a Zer
 socket on its bootstrap port (the ``BOOTSTRAP_PORT`` the gateway was given, and what it puts
 in ``bootstrap_port``); each decode server binds one of its own for notifications.
 
-  decode -> prefill  {"op": "target", "room", "session", "notify", "layout", "slots", "aux"}
-                      where to write the KV of ``room``'s prompt tokens (``slots``, one per
-                      token, in this layout) and, at address ``aux``, its first token (int64)
+  decode -> prefill  {"op": "target", "room", "session", "notify", "layout", "cached",
+                      "slots", "aux"}
+                      where to write the KV of ``room``'s prompt tokens after the first
+                      ``cached`` (which the decode server's radix cache holds already):
+                      ``slots``, one per token, in this layout; and, at address ``aux``, its
+                      first token (int64)
                      {"op": "cancel", "room"}: the decode side gave up; write nothing more
   prefill -> decode  {"op": "done", "room", "logprobs"?, "generator"?} after both writes
                       returned; with ``return_logprob``, the prompt's logprobs and the first

@@ -257,14 +257,18 @@ class PrefillSide:
         try:
             if ready.cancelled:
                 raise TransferError("cancelled")
-            dst_slots = msg["slots"]
-            if len(dst_slots) != len(ready.slots):
+            dst_slots, cached = msg["slots"], msg.get("cached", 0)
+            if not isinstance(cached, int) or not 0 <= cached < len(ready.slots):
+                raise TransferError(f"the decode server's cached prefix {cached!r} is not valid")
+            if len(dst_slots) != len(ready.slots) - cached:
                 raise TransferError(
-                    f"the decode server allocated {len(dst_slots)} slots for "
-                    f"a {len(ready.slots)}-token prompt (different prompts?)"
+                    f"the decode server allocated {len(dst_slots)} slots after a "
+                    f"{cached}-token cached prefix of a {len(ready.slots)}-token prompt "
+                    "(different prompts?)"
                 )
+            # only the tokens the decode server's radix cache does not hold move
             src, dst, lengths = self.layout.writes(
-                layout_from_json(msg["layout"]), ready.slots, dst_slots
+                layout_from_json(msg["layout"]), ready.slots[cached:], dst_slots
             )
             row = ready.req.req_pool_idx
             src.append(self.tokens.data_ptr() + 8 * row)
