@@ -68,12 +68,15 @@ class DecodeSide:
         timeout: float,
         admit: Callable[[Req, int], None],
         fail: Callable[[Req, FinishReason], None],
+        ranks: list[dict[str, Any]] | None = None,
     ):
         self.transfer = transfer
         self.kv = kv
         self.timeout = timeout
         self.admit = admit  # Scheduler.add_prefilled
         self.fail = fail  # finish a request that never started (not admitted anywhere)
+        # tensor-parallel ranks 1..N-1: where a prefill server's matching ranks write
+        self.ranks = [{"session": r["session"], "layout": r["layout"]} for r in ranks or []]
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -166,6 +169,7 @@ class DecodeSide:
                     "session": self.transfer.session_id,
                     "notify": self.notify,
                     "layout": layout_to_json(self.layout),
+                    "ranks": self.ranks,
                     "cached": cached,
                     "slots": slots.tolist(),
                     "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx,

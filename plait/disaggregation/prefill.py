@@ -39,6 +39,7 @@ from plait.disaggregation.bootstrap import (
     logprobs_to_json,
     pull_socket,
 )
+from plait.disaggregation.rank_agent import RankWriters
 from plait.disaggregation.transfer import KVTransfer, TransferError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class PrefillSide:
         finish: Callable[[Req, FinishReason], None],
         abort_room: Callable[[int], object],
         live_rooms: Callable[[], frozenset[int]] = frozenset,
+        rank_controls: list[str] | None = None,
     ):
         self.transfer = transfer
         self.req_pool = req_pool
@@ -93,6 +95,8 @@ class PrefillSide:
         # the first token of row r is written from here (a source must be registered)
         self.tokens = torch.zeros(req_pool.size, dtype=torch.int64)
         transfer.register(self.tokens.data_ptr(), self.tokens.numel() * 8)
+        # tensor-parallel ranks 1..N-1 write their own shards (used by the worker thread only)
+        self.ranks = RankWriters(rank_controls or [])
         self.lock = threading.Lock()
         self.ready: dict[int, _Ready] = {}
         self.targets: dict[int, _Target] = {}
@@ -266,16 +270,21 @@ class PrefillSide:
                     f"{cached}-token cached prefix of a {len(ready.slots)}-token prompt "
                     "(different prompts?)"
                 )
+            self.ranks.check(msg.get("ranks", []))  # the same --tp on both sides
             # only the tokens the decode server's radix cache does not hold move
+            src_slots = ready.slots[cached:]
             src, dst, lengths = self.layout.writes(
-                layout_from_json(msg["layout"]), ready.slots[cached:], dst_slots
+                layout_from_json(msg["layout"]), src_slots, dst_slots
             )
             row = ready.req.req_pool_idx
             src.append(self.tokens.data_ptr() + 8 * row)
             dst.append(int(msg["aux"]))
             lengths.append(8)
-            self.transfer.write(msg["session"], src, dst, lengths)
-            nbytes = sum(lengths)
+            self.ranks.start(msg.get("ranks", []), src_slots, dst_slots)
+            try:  # the other ranks write their shards meanwhile
+                self.transfer.write(msg["session"], src, dst, lengths)
+            finally:
+                nbytes = sum(lengths) + self.ranks.wait(self.timeout)
             done = {
                 "op": "done",
                 "room": room,
@@ -317,6 +326,7 @@ class PrefillSide:
         self.worker.shutdown(wait=True, cancel_futures=True)
         self.pushers.close()
         self.beat_pushers.close()
+        self.ranks.close()
         self.sock.close()
         self.ctx.term()
 
