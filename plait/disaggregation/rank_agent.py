@@ -54,13 +54,16 @@ class RankAgent:
         for b in buffers:
             self.transfer.register(b.data_ptr(), b.numel() * b.element_size())
         self.control: str | None = None
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
         if mode == "prefill":
             self.ctx = zmq.Context()
             self.sock = self.ctx.socket(zmq.REP)
             self.sock.setsockopt(zmq.LINGER, 0)
             port = self.sock.bind_to_random_port(f"tcp://{CONTROL_HOST}")
             self.control = f"tcp://{CONTROL_HOST}:{port}"
-            threading.Thread(target=self._serve, name="plait-kv-rank", daemon=True).start()
+            self.thread = threading.Thread(target=self._serve, name="plait-kv-rank", daemon=True)
+            self.thread.start()
 
     def facts(self) -> dict[str, Any]:
         """What rank 0 needs: where the decode side writes (``session``, ``layout``) and,
@@ -74,7 +77,9 @@ class RankAgent:
     def _serve(self) -> None:
         """Each request: copy ``src`` slots of this shard to the peer's ``dst`` slots; reply
         with the bytes written or the error (one reply per request, as REP needs)."""
-        while True:
+        while not self.stopped.is_set():
+            if not self.sock.poll(100):
+                continue
             msg = decode_json(self.sock.recv())
             try:
                 if msg is None:
@@ -87,6 +92,13 @@ class RankAgent:
             except (TransferError, KeyError, TypeError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
             self.sock.send(encode(reply))
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.stopped.set()
+            self.thread.join(timeout=2)
+            self.sock.close()
+            self.ctx.term()
 
 
 class RankWriters:
