@@ -16,6 +16,22 @@ def smollm_dir() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def real_server(smollm_dir, tmp_path_factory):
+    """One real ``plait serve`` of SmolLM2 on CPU for the whole run: every module that needs a
+    default server (tests/server, the frontend's HTTP backends) shares it instead of each
+    paying a start; a test that changes flags or stops its server starts its own."""
+    from tests.server.conftest import start_server
+
+    server = start_server(
+        ["--device", "cpu", "--max-running-requests", "32"],
+        tmp_path_factory.mktemp("logs") / "real.log",
+        str(smollm_dir),
+    )
+    yield server
+    server.stop()
+
+
 TINY_BASE = dict(
     hidden_size=64,
     intermediate_size=128,
