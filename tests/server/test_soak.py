@@ -4,8 +4,8 @@ usage back to zero at the end.
 
     PLAIT_SOAK_SECONDS=300 python -m pytest -m soak tests/server/test_soak.py -s   # full soak
 
-The default duration is 30 s so a CI run stays short (over 200 requests, every kind many
-times over); docs/reliability.md records a run.
+The default duration is 30 s so a CI run stays short (over 100 requests even on a loaded
+machine, every kind many times over); docs/reliability.md records a run.
 """
 
 from __future__ import annotations
