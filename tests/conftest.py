@@ -8,6 +8,36 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import kernel_prebuild
+
+_PREBUILD = pytest.StashKey["object"]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    kernel_prebuild.defer(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the lower SIMD levels the collected tests check (tests/kernel_prebuild.py)."""
+    if not session.config.option.collectonly:
+        session.config.stash[_PREBUILD] = kernel_prebuild.start(session.items)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: their setup may wait on the build
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker(kernel_prebuild.MARKER):
+        kernel_prebuild.prioritize(item.config.stash.get(_PREBUILD, None), now=True)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if item.get_closest_marker(kernel_prebuild.MARKER):
+        kernel_prebuild.prioritize(item.config.stash.get(_PREBUILD, None), now=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    kernel_prebuild.stop(session.config.stash.get(_PREBUILD, None))
+
 
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
