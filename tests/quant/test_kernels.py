@@ -202,7 +202,7 @@ def test_int8_activation_kernel_matches_dequantized_reference(shape):
     assert ((got - x.double() @ dense.T).abs() <= bound).all()
 
 
-@pytest.mark.slow  # the other builds of the extension: built in the background (tests/kernel_prebuild.py)
+@pytest.mark.slow  # other builds of the extension, built in the background: kernel_prebuild.py
 @pytest.mark.parametrize(
     "level",
     [pytest.param(lv, marks=pytest.mark.cpu_kernel_level(lv)) for lv in ("portable", "avx2")],
