@@ -186,6 +186,11 @@ class ServerArgs:
                 "does not support tensor parallelism yet; use --tp 1"
             )
         self._check_pipeline(disagg)
+        if self.enable_mixed_chunk and (disagg or self.speculative_algorithm):
+            raise ValueError(
+                f"--enable-mixed-chunk with {disagg or '--speculative-algorithm'}: a mixed "
+                "forward needs a server that prefills and decodes one token a step"
+            )
         if self.dp > 1 and self.tp > 1:
             raise ValueError(
                 f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "

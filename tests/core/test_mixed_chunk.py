@@ -133,3 +133,15 @@ def test_server_flag_reaches_the_engine():
     assert args.engine_kwargs("/m")["enable_mixed_chunk"] is True
     off = from_namespace(build_parser().parse_args(["serve"]))
     assert "enable_mixed_chunk" not in off.engine_kwargs("/m")
+
+
+@pytest.mark.parametrize(
+    "flags", [["--pd", "1P1D"], ["--speculative-algorithm", "NGRAM"]], ids=["pd", "spec"]
+)
+def test_serve_refuses_mixed_chunk_with_what_it_cannot_serve(flags):
+    from plait.server.cli import build_parser
+    from plait.server.server_args import from_namespace
+
+    args = from_namespace(build_parser().parse_args(["serve", "--enable-mixed-chunk", *flags]))
+    with pytest.raises(ValueError, match="--enable-mixed-chunk"):
+        args.validate()
