@@ -145,3 +145,25 @@ def test_serve_refuses_mixed_chunk_with_what_it_cannot_serve(flags):
     args = from_namespace(build_parser().parse_args(["serve", "--enable-mixed-chunk", *flags]))
     with pytest.raises(ValueError, match="--enable-mixed-chunk"):
         args.validate()
+
+
+def test_decodes_that_fill_the_budget_hold_the_prompt_back_without_a_hang(tiny):
+    """Budget 3, up to 3 decodes: some steps leave the prompt nothing (a plain decode, no
+    empty chunk), others one or two tokens; every request still ends with the right tokens."""
+    want = [w[:n] for w, n in zip(hf_tokens(tiny, PROMPTS[:4], max(NEWS)), NEWS)]
+    kwargs = {**ENGINE, "chunked_prefill_size": 3}
+    with plait.Engine(str(tiny), enable_mixed_chunk=True, **kwargs) as engine:
+        lengths: list[list[int]] = []
+        runner = engine.scheduler.runner
+        prepare = runner.prepare_extend
+
+        def recording(items):
+            lengths.append([it.length for it in items])
+            return prepare(items)
+
+        runner.prepare_extend = recording
+        outs = engine.generate(input_ids=PROMPTS[:4], sampling_params=greedy(NEWS[:4]))
+        assert [o["output_ids"] for o in outs] == want
+        assert engine.get_server_info()["mixed_forward_passes"] > 0
+    assert all(n > 0 for step in lengths for n in step), "an empty chunk was planned"
+    assert max(sum(step) for step in lengths) <= 3
