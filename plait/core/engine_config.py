@@ -136,11 +136,15 @@ class EngineConfig:
                 f"disaggregation_bootstrap_port must be a port number, got "
                 f"{self.disaggregation_bootstrap_port!r}"
             )
-        if self.disaggregation_mode != "null" and self.tp_size != 1:
-            # the KV would live in the rank processes, out of the transfer's reach
+        if (
+            self.disaggregation_mode != "null"
+            and self.disaggregation_transfer_backend == "fake"
+            and self.tp_size != 1
+        ):
+            # the worker ranks' KV is in their own processes, which the fake cannot reach
             raise ValueError(
-                "disaggregation_mode: prefill/decode disaggregation does not "
-                "support tensor parallelism yet (tp_size must be 1)"
+                "disaggregation_transfer_backend='fake' moves memory within one process: "
+                "it cannot serve tensor-parallel ranks (tp_size must be 1; use 'mooncake')"
             )
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(

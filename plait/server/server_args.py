@@ -179,12 +179,6 @@ class ServerArgs:
             if self.disaggregation_mode != "null"
             else None
         )
-        if disagg and self.tp > 1:
-            # the KV would live in the rank processes, out of the transfer's reach
-            raise ValueError(
-                f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
-                "does not support tensor parallelism yet; use --tp 1"
-            )
         self._check_pipeline(disagg)
         if self.enable_mixed_chunk and (disagg or self.speculative_algorithm):
             raise ValueError(
