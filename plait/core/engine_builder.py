@@ -131,6 +131,7 @@ def scheduler_config(
         max_loras_per_batch=cfg.max_loras_per_batch if cfg.lora_enabled else None,
         speculative=spec,
         rope_reprefill_length=rope_reprefill_length,
+        enable_mixed_chunk=cfg.enable_mixed_chunk,
     )
 
 
