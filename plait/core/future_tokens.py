@@ -15,6 +15,8 @@ batches of the largest size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -26,28 +28,44 @@ class FutureTokenMap:
         self.capacity = 4 * max_batch_size + 4
         self._tokens = torch.zeros(self.capacity + 1, dtype=torch.int64, device=device)
         self._next = 0
+        #: a numpy view of ``_tokens`` where it lives on the host
+        self._host = self._tokens.numpy() if self._tokens.device.type == "cpu" else None
 
-    def reserve(self, n: int) -> list[int]:
-        """``n`` fresh placeholder ids (negative), for the tokens of one batch."""
+    def reserve(self, n: int) -> Sequence[int]:
+        """``n`` fresh placeholder ids (negative), for the tokens of one batch: a ``range``
+        (descending by one) unless the ring wraps, so :meth:`store` can fill a slice."""
         if n > self.max_batch_size:
             raise ValueError(
                 f"cannot reserve {n} placeholders at once (at most {self.max_batch_size})"
             )
         first, cap = self._next, self.capacity
+        ids: Sequence[int]
         if first + n <= cap:  # no wrap: one range, not a Python expression per id
-            ids = list(range(-(1 + first), -(1 + first + n), -1))
+            ids = range(-(1 + first), -(1 + first + n), -1)
         else:
             ids = [-(1 + (first + i) % cap) for i in range(n)]
         self._next = (first + n) % cap
         return ids
 
-    def store(self, placeholders: list[int], tokens: list[int]) -> None:
-        """Fill ``placeholders`` with the sampled ``tokens`` (same length)."""
-        if placeholders:
-            idx = torch.tensor([-p for p in placeholders], dtype=torch.int64)
-            self._tokens[idx.to(self._tokens.device)] = torch.tensor(tokens, dtype=torch.int64).to(
-                self._tokens.device
-            )
+    def store(self, placeholders: Sequence[int], tokens: list[int]) -> None:
+        """Fill ``placeholders`` with the sampled ``tokens`` (same length). A ``range`` from
+        :meth:`reserve` names consecutive slots: one slice assignment, written through a
+        numpy view where the map lives on the host (no tensor built from the list)."""
+        if not placeholders:
+            return
+        if isinstance(placeholders, range) and placeholders.step == -1:
+            lo = -placeholders[0]
+            if self._host is not None:
+                self._host[lo : lo + len(placeholders)] = tokens
+            else:
+                self._tokens[lo : lo + len(placeholders)] = torch.tensor(
+                    tokens, dtype=torch.int64
+                ).to(self._tokens.device)
+            return
+        idx = torch.tensor([-p for p in placeholders], dtype=torch.int64)
+        self._tokens[idx.to(self._tokens.device)] = torch.tensor(tokens, dtype=torch.int64).to(
+            self._tokens.device
+        )
 
     def resolve(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` with every placeholder replaced by its stored token."""

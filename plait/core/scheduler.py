@@ -34,7 +34,7 @@ import torch
 
 from plait.core.batch_executor import BatchExecutor, PlannedBatch
 from plait.core.decode import DecodeAllocator
-from plait.core.decode_traits import Traits, traits_of
+from plait.core.decode_traits import BatchTraitsCache, Traits, traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem, ModelRunner
@@ -71,6 +71,7 @@ class Scheduler:
         self.decode = DecodeAllocator(
             kv, self.table, self.stats, config, self._drain, self._end, finisher.eos_ids
         )
+        self.batch_traits = BatchTraitsCache(config.context_len, finisher.eos_ids)
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
         #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``), else as
         #: extend batches: the runner's choice (decode-shaped with the CPU's native step)
@@ -317,31 +318,31 @@ class Scheduler:
         )
 
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
-        """One row per request, in one pass over them: its input (the last token, or the
-        placeholder of the token in flight), the output count its token must still match,
-        and its fresh placeholder (see ``_planned``, which extends use)."""
+        """One row per request: its input (the last token, or the placeholder of the token in
+        flight), the output count its token must still match, and its fresh placeholder (see
+        ``_planned``, which extends use). The set's traits come from a one-entry cache (the
+        same requests decode step after step); two tight passes do the per-request rest."""
         reqs, slots = decode
-        inputs = [r.future if r.future is not None else r.output_ids[-1] for r in reqs]
+        inputs, expect, pending = [], [], False
+        for r in reqs:
+            n = len(r.output_ids)
+            if r.future is None:
+                inputs.append(r.output_ids[-1])
+                expect.append(n)
+            else:
+                inputs.append(r.future)
+                expect.append(n + 1)
+                pending = True
         batch = self.runner.prepare_decode(reqs, slots, inputs)
         if self.spec is not None:
             for req in reqs:
                 self.spec.state(req).record(0, 0, 0)  # a step without a draft
         self.decode.decayed()
         futures = self.executor.futures.reserve(len(reqs))
-        expect, pending = [], False
-        plain, needs_state = True, False
-        ctx, eos = self.config.context_len, self.finisher.eos_ids
         for req, f in zip(reqs, futures):
-            traits = req.traits or traits_of(req, ctx, eos)
-            if req.future is None:
-                expect.append(len(req.output_ids))
-            else:
-                expect.append(len(req.output_ids) + 1)
-                pending = True
             req.future = f
             req.kv_len += 1
-            plain = plain and traits.plain_argmax
-            needs_state = needs_state or traits.needs_state
+        traits = self.batch_traits.of(reqs)
         self.stats.forward_passes += 1
         rows = list(range(len(reqs)))
         return PlannedBatch(
@@ -353,9 +354,10 @@ class Scheduler:
             rows,
             expect,
             futures,
-            needs_state=needs_state,
+            needs_state=traits.needs_state,
             has_placeholders=pending,
-            plain_argmax=plain,
+            plain_argmax=traits.plain_argmax,
+            simple=traits.simple,
         )
 
     def _planned(
