@@ -157,6 +157,31 @@ def serve_seconds(engine: Generator, requests: Sequence[Request], cap: int | Non
     return time.perf_counter() - start
 
 
+def itl_ms(engine: Any, requests: Sequence[Request]) -> tuple[float, float]:
+    """Inter-token latency, p50 and p99 in ms, of one streamed ``generate`` call submitting
+    all ``requests`` at once (empty prefix cache): for each request, the wall time between
+    consecutive outputs the caller receives, split evenly over the tokens the later one adds
+    (the first token's wait is TTFT, not counted). Streaming makes every request emit each
+    step, so this call is slower than ``serve_seconds``' and is timed apart from it."""
+    engine.flush_cache()
+    last: dict[str, tuple[float, int]] = {}
+    gaps: list[float] = []
+    outs = engine.generate(
+        input_ids=[p for p, _ in requests], sampling_params=greedy(requests), stream=True
+    )
+    for out in outs:
+        now, rid, n = time.perf_counter(), out["meta_info"]["id"], len(out["output_ids"])
+        t, m = last.get(rid, (now, 0))
+        if m and n > m:
+            gaps += [1000 * (now - t) / (n - m)] * (n - m)
+        if n > m:
+            last[rid] = (now, n)
+    if not gaps:
+        return 0.0, 0.0
+    q = statistics.quantiles(gaps, n=100, method="inclusive")
+    return statistics.median(gaps), q[98]
+
+
 def decode_rate(engine: Generator, workload: Workload) -> float:
     """Decode tokens/s, prefill subtracted: see the module docstring."""
     first = serve_seconds(engine, workload.requests, cap=1)

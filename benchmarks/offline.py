@@ -176,9 +176,16 @@ def run(
             value, split = measure(engines[name], w, args.metric, args.phases)
             values[name].append(value)
             splits[name].append(split)
+        itl: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+        for _, name in harness.alternate(names, args.rounds) if args.itl else ():
+            torch.set_num_threads(threads[name])
+            itl[name].append(harness.itl_ms(engines[name], w.requests))
         med = {n: statistics.median(values[n]) for n in names}
         print(f"  {w.name}: " + ", ".join(f"{n} {med[n]:.2f}" for n in names), flush=True)
         rows.append((row_label(w, args.metric), med))
+        for k, label in enumerate(("p50", "p99") if args.itl else ()):
+            cell = {n: statistics.median(v[k] for v in itl[n]) for n in names}
+            rows.append((f"{w.name}: ITL {label} (ms, streamed run)", cell))
         if args.phases:
             split_med = {n: harness.medians(splits[n]) for n in names}
             phase_rows += [
@@ -214,6 +221,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]
         action="store_true",
         help="also the step split per forward pass (--metric throughput)",
     )
+    ap.add_argument(
+        "--itl",
+        action="store_true",
+        help="also inter-token latency p50/p99 (ms) from a streamed run per round "
+        "(harness.itl_ms; Plait presets only)",
+    )
     ap.add_argument("--device", default="cpu", help="for presets that set no device")
     ap.add_argument("--model-path", default=None, help="default: the bundled default model")
     ap.add_argument("--seed", type=int, default=0)
@@ -230,6 +243,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Preset]
         ap.error(str(e))
     if args.phases and any(p.peer for p in presets):
         ap.error("--phases: a peer (transformers) has no step counters")
+    if args.itl and any(p.peer for p in presets):
+        ap.error("--itl: a peer (transformers) does not stream here")
     args.rounds = 1 if args.quick else args.rounds
     return args, presets
 

@@ -29,6 +29,8 @@ _CPU_AB = {"kv_cache_memory_gb": 0.5}
 _QUANT = {"max_total_tokens": 16384}
 _TP = {"disable_radix_cache": True, "max_total_tokens": 8192}
 _OVERLAP = {"max_running_requests": 64}
+# queued prompts are admitted while others decode, a chunk at a time: what mixing serves
+_CHUNKED = {"chunked_prefill_size": 256, "max_running_requests": 16, "kv_cache_memory_gb": 0.25}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +125,19 @@ PRESETS = {
             name="overlap",
             engine=_OVERLAP,
             about="the overlap schedule (the default), 64 running requests",
+        ),
+        Preset(
+            name="chunked",
+            engine=_CHUNKED,
+            info=("forward_passes", "mixed_forward_passes"),
+            about="prefill in chunks of 256 tokens, 16 running requests (the rest queue)",
+        ),
+        Preset(
+            name="mixed-chunk",
+            engine={**_CHUNKED, "enable_mixed_chunk": True},
+            info=("forward_passes", "mixed_forward_passes"),
+            about="chunked + --enable-mixed-chunk: a chunk rides with the decodes "
+            "(docs/scheduling.md)",
         ),
         Preset(
             name="tp1",

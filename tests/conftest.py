@@ -8,12 +8,58 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import kernel_prebuild
+
+_PREBUILD = pytest.StashKey["object"]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    kernel_prebuild.defer(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the lower SIMD levels the collected tests check (tests/kernel_prebuild.py)."""
+    if not session.config.option.collectonly:
+        session.config.stash[_PREBUILD] = kernel_prebuild.start(session.items)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: their setup may wait on the build
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker(kernel_prebuild.MARKER):
+        kernel_prebuild.prioritize(item.config.stash.get(_PREBUILD, None), now=True)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if item.get_closest_marker(kernel_prebuild.MARKER):
+        kernel_prebuild.prioritize(item.config.stash.get(_PREBUILD, None), now=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    kernel_prebuild.stop(session.config.stash.get(_PREBUILD, None))
+
 
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     from plait.models.default import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def real_server(smollm_dir, tmp_path_factory):
+    """One real ``plait serve`` of SmolLM2 on CPU for the whole run: every module that needs a
+    default server (tests/server, the frontend's HTTP backends) shares it instead of each
+    paying a start; a test that changes flags or stops its server starts its own."""
+    from tests.server.conftest import start_server
+
+    server = start_server(
+        ["--device", "cpu", "--max-running-requests", "32"],
+        tmp_path_factory.mktemp("logs") / "real.log",
+        str(smollm_dir),
+    )
+    yield server
+    server.stop()
 
 
 TINY_BASE = dict(

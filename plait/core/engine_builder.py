@@ -12,6 +12,7 @@ raises, no tensor-parallel rank it started is left running.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -130,6 +131,7 @@ def scheduler_config(
         max_loras_per_batch=cfg.max_loras_per_batch if cfg.lora_enabled else None,
         speculative=spec,
         rope_reprefill_length=rope_reprefill_length,
+        enable_mixed_chunk=cfg.enable_mixed_chunk,
     )
 
 
@@ -142,6 +144,12 @@ def attach_disaggregation(
     if cfg.disaggregation_mode == "null":
         return None
     kv_pool = s.runner.kv_pool
+    # tensor parallelism: ranks 1..N-1 each registered their KV shard with their own transfer
+    ranks = (
+        [json.loads(raw) for raw in rt.tp_runner.ranks.published("kv")]
+        if rt.tp_runner is not None
+        else []
+    )
     from plait.disaggregation.transports import create_transfer
 
     transfer = create_transfer(cfg.disaggregation_transfer_backend, cfg.disaggregation_host)
@@ -159,6 +167,7 @@ def attach_disaggregation(
             finish=s.finish_handed_off,
             abort_room=s.abort_room,
             live_rooms=s.bootstrap_rooms,
+            rank_controls=[r["control"] for r in ranks],
         )
         s.connect_hand_off(side)
         return side
@@ -172,6 +181,7 @@ def attach_disaggregation(
         cfg.disaggregation_transfer_timeout,
         admit=s.add_prefilled,
         fail=s.finish_unscheduled,
+        ranks=ranks,
     )
 
 
@@ -291,7 +301,19 @@ def _build_on(
         from plait.core.tp.runner import start_tensor_parallel
 
         tp_runner, allocator = start_tensor_parallel(
-            backend, spec, tokens, page_size, req_pool, cfg.tp_size
+            backend,
+            spec,
+            tokens,
+            page_size,
+            req_pool,
+            cfg.tp_size,
+            kv_transfer=None
+            if cfg.disaggregation_mode == "null"
+            else {
+                "backend": cfg.disaggregation_transfer_backend,
+                "host": cfg.disaggregation_host,
+                "mode": cfg.disaggregation_mode,
+            },
         )
         runner = tp_runner
     try:

@@ -79,6 +79,9 @@ class EngineConfig:
     # Batch-invariant kernels (SGLang's flag; docs/deterministic.md): a request's logprobs do
     # not depend on what shares its batch, its chunking or prefix-cache hits.
     enable_deterministic_inference: bool = False
+    # A prefill chunk and the running decodes in one forward (SGLang's --enable-mixed-chunk;
+    # plait.core.mixed, docs/scheduling.md).
+    enable_mixed_chunk: bool = False
 
     def validate(self) -> None:
         def positive(name: str, allow_none: bool = False) -> None:
@@ -133,11 +136,15 @@ class EngineConfig:
                 f"disaggregation_bootstrap_port must be a port number, got "
                 f"{self.disaggregation_bootstrap_port!r}"
             )
-        if self.disaggregation_mode != "null" and self.tp_size != 1:
-            # the KV would live in the rank processes, out of the transfer's reach
+        if (
+            self.disaggregation_mode != "null"
+            and self.disaggregation_transfer_backend == "fake"
+            and self.tp_size != 1
+        ):
+            # the worker ranks' KV is in their own processes, which the fake cannot reach
             raise ValueError(
-                "disaggregation_mode: prefill/decode disaggregation does not "
-                "support tensor parallelism yet (tp_size must be 1)"
+                "disaggregation_transfer_backend='fake' moves memory within one process: "
+                "it cannot serve tensor-parallel ranks (tp_size must be 1; use 'mooncake')"
             )
         if not self.disaggregation_transfer_timeout > 0:
             raise ValueError(
@@ -158,6 +165,7 @@ class EngineConfig:
 
         check_pipeline(self)
         self._validate_deterministic()
+        self._validate_mixed_chunk()
         if self.disable_graph_capture and self.enable_graph_capture:
             raise ValueError("disable_graph_capture and enable_graph_capture are both set")
         from plait.core.spec.config import check_speculative
@@ -198,6 +206,18 @@ class EngineConfig:
             raise ValueError(
                 "lora_paths: LoRA adapters do not support prefill/decode disaggregation yet"
             )
+
+    def _validate_mixed_chunk(self) -> None:
+        """Refuse, by name, the combinations a mixed forward cannot serve."""
+        if not self.enable_mixed_chunk:
+            return
+        flag = "enable_mixed_chunk (--enable-mixed-chunk)"
+        if self.speculative_algorithm is not None:
+            # running requests decode through verify passes, not one-token rows
+            raise ValueError(f"{flag} does not support speculative decoding")
+        if self.disaggregation_mode != "null":
+            # a prefill server decodes nothing, a decode server prefills nothing
+            raise ValueError(f"{flag} does not support prefill/decode disaggregation")
 
     def _validate_deterministic(self) -> None:
         if not self.enable_deterministic_inference:

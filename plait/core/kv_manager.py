@@ -22,10 +22,12 @@ Transitions (all in this module):
 - ``cache_unfinished``: ``[0, kv_len)`` is inserted into the cache. Tokens another request
   cached meanwhile are duplicates: the request's copies are freed and the cache's written into
   the row. The lock moves to the node of the new, longer prefix.
-- ``admit_for_transfer`` (disaggregated decode): a free row and ``n`` fresh slots written into
-  it, ``kv_len = 0``: the slots are the request's but hold nothing valid until a prefill server
-  has written them. ``transfer_done`` then sets ``kv_len = n`` (an ordinary admitted request
-  from there on); ``transfer_failed`` frees the slots and the row, caching nothing.
+- ``admit_for_transfer`` (disaggregated decode): a free row holding the prompt's longest
+  cached prefix (``p`` tokens, locked as by ``admit``) and ``n - p`` fresh slots after it,
+  ``kv_len = p``: the fresh slots are the request's but hold nothing valid until a prefill
+  server has written them. ``transfer_done`` then sets ``kv_len = n`` and caches the prompt
+  (an ordinary admitted request from there on); ``transfer_failed`` frees the fresh slots and
+  the row, caching nothing new.
 - ``release``: ``cache_unfinished``, unlock, free ``[cache_len, kv_len)``, free the row (a slot
   whose token is still in flight, under the overlap schedule, is freed, never cached). Used
   for finish, abort and retraction alike: a retracted request's computed KV stays in the cache,
@@ -180,29 +182,36 @@ class KVManager:
         req.kv_len = req.cache_len = p
         return True
 
-    def admit_for_transfer(self, req: Req, n: int) -> torch.Tensor | None:
-        """A row and ``n`` slots for KV another server will write (see the module docstring).
-        None, taking nothing, when either is short after evicting."""
-        row = self.req_pool.alloc()
-        if row is None:
+    def admit_for_transfer(self, req: Req, n: int) -> tuple[torch.Tensor, int] | None:
+        """A row for a prompt of ``n`` tokens whose KV another server computes: its longest
+        cached prefix (``p`` tokens, at most ``n - 1``, so at least one token's KV comes from
+        the prefill side) is reused and locked, and ``n - p`` fresh slots after it are for the
+        transfer to write. Returns (the fresh slots, ``p``); None, taking nothing, when a row
+        or the slots are short after evicting."""
+        slots, handle = self.cache.match_prefix(req.input_ids[: n - 1], req.cache_namespace)
+        if not self.admit(req, PrefixMatch(slots, handle)):
             return None
-        slots = self._alloc(n, -1)
-        if slots is None:
+        p, row = len(slots), req.req_pool_idx
+        assert row is not None  # admit gave it
+        rest = self._alloc(n - p, self._last_slot(req))
+        if rest is None:  # undo admit: unlock, give the row back
+            self.cache.dec_lock_ref(handle)
             self.req_pool.free(row)
+            req.req_pool_idx = req.last_node = None
+            req.kv_len = req.cache_len = 0
             return None
-        self.req_pool.req_to_token[row, :n] = slots.to(torch.int32)
-        _, root = self.cache.match_prefix([])
-        self.cache.inc_lock_ref(root)
-        req.req_pool_idx, req.last_node = row, root
-        req.kv_len = req.cache_len = 0
-        return slots
+        self.req_pool.req_to_token[row, p:n] = rest.to(torch.int32)
+        return rest, p
 
     def transfer_done(self, req: Req, n: int) -> None:
-        """The ``n`` slots from ``admit_for_transfer`` now hold ``req``'s first ``n`` tokens."""
+        """The fresh slots from ``admit_for_transfer`` now hold ``req``'s tokens up to ``n``:
+        the prompt goes into the cache at once, so a later request sharing it reuses it."""
         req.kv_len = n
+        self.cache_unfinished(req)
 
     def transfer_failed(self, req: Req, slots: torch.Tensor) -> None:
-        """Give back a row and slots whose KV never arrived (or may be partial)."""
+        """Give back a row and the fresh ``slots`` whose KV never arrived (or may be partial);
+        the reused prefix stays cached."""
         self.allocator.free(slots)
         self.release(req)
 

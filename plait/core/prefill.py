@@ -10,6 +10,8 @@ What holds after a round:
 - A request is admitted only if the KV it needs now, plus the reservation, is free (eviction
   counted); the reservation is waived when nothing runs, so a lone request always starts.
 - Without chunked prefill a prompt longer than the budget goes alone, in a later round.
+- Decodes riding in the same forward (``enable_mixed_chunk``) take one token of the budget
+  each; when they take it all, nothing is extended this round.
 - Every planned item holds its KV slots; admitted requests have left ``waiting``. A request
   whose allocation fails stays queued and holds nothing it did not hold before.
 - The running, chunked and admitted requests use at most ``max_loras_per_batch`` distinct
@@ -44,13 +46,16 @@ class PrefillAdder:
         stats: SchedulerStats,
         config: SchedulerConfig,
         new_token_ratio: float,
+        decode_rows: int = 0,
     ):
+        """``decode_rows``: running requests decoded in the same forward (mixed chunk,
+        ``mixed.py``); each takes one token of the round's budget."""
         self.kv = kv
         self.table = table
         self.stats = stats
         self.config = config
         self.ratio = new_token_ratio
-        self.budget = config.chunked_prefill_size or config.max_prefill_tokens
+        self.budget = (config.chunked_prefill_size or config.max_prefill_tokens) - decode_rows
         self.items: list[ExtendItem] = []
         self.dedup = InBatchPrefixDedup()
         self.reserved = 0
@@ -72,7 +77,7 @@ class PrefillAdder:
         req, self.table.chunked = self.table.chunked, None
         if req is None:
             return True
-        item = plan_chunk(self.kv, req, self.budget)
+        item = plan_chunk(self.kv, req, self.budget) if self.budget > 0 else None
         if item is None:
             self.table.chunked = req
             return False

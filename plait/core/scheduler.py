@@ -1,7 +1,8 @@
 """Continuous batching: a waiting queue, a running batch, one forward per ``step()``.
 
 Each step either prefills newly admitted requests (possibly one chunk of a long prompt) or
-decodes one token for every running request. Admission is by token budget and free KV; when
+decodes one token for every running request, or (``enable_mixed_chunk``, ``mixed.py``) does
+both in one forward. Admission is by token budget and free KV; when
 decode runs out of KV (after the :class:`~plait.core.kv_manager.KVManager` has evicted what
 it could) the scheduler retracts running requests back to the queue (their computed KV stays in
 the prefix cache, so resuming is cheap). It never crashes on memory pressure and never drops a
@@ -32,9 +33,10 @@ from typing import Any
 
 import torch
 
+from plait.core import mixed
 from plait.core.batch_executor import BatchExecutor, PlannedBatch
-from plait.core.decode import DecodeAllocator
-from plait.core.decode_traits import BatchTraitsCache, Traits, traits_of
+from plait.core.decode import DecodeAllocator, claim_rows, decode_rows
+from plait.core.decode_traits import BatchTraitsCache, traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem, ModelRunner
@@ -220,6 +222,14 @@ class Scheduler:
             self.output.process(*inflight.popleft())
 
     def _plan(self) -> PlannedBatch | None:
+        if self.config.enable_mixed_chunk and (self.table.waiting or self.table.chunked):
+            decode = self.decode.alloc() if self.decode.to_decode() else None
+            if decode is not None:  # decodes first; a prefill rides along (mixed.py)
+                items = self._schedule_prefill(len(decode[0]))
+                if not items:
+                    return self._guarded(self._plan_decode, decode, decode[0])
+                reqs = [it.req for it in items] + decode[0]
+                return self._guarded(lambda a: self._plan_extend(*a), (items, decode), reqs)
         items = self._schedule_prefill()
         if items:
             return self._guarded(self._plan_extend, items, [it.req for it in items])
@@ -235,10 +245,11 @@ class Scheduler:
             self.decode.release_pending_jumps()
         return None
 
-    def _schedule_prefill(self) -> list[ExtendItem]:
-        """This step's extend items (admission: see ``prefill.py``); their KV is allocated."""
+    def _schedule_prefill(self, decode_rows: int = 0) -> list[ExtendItem]:
+        """This step's extend items (admission: see ``prefill.py``); their KV is allocated.
+        ``decode_rows``: decodes riding in the same forward, taken off the token budget."""
         return PrefillAdder(
-            self.kv, self.table, self.stats, self.config, self.decode.new_token_ratio
+            self.kv, self.table, self.stats, self.config, self.decode.new_token_ratio, decode_rows
         ).schedule()
 
     def _guarded(self, fn: Any, arg: Any, reqs: list[Req]) -> PlannedBatch | None:
@@ -265,12 +276,17 @@ class Scheduler:
 
     # ----- building batches -----
 
-    def _plan_extend(self, items: list[ExtendItem]) -> PlannedBatch:
+    def _plan_extend(
+        self, items: list[ExtendItem], decode: tuple[list[Req], torch.Tensor] | None = None
+    ) -> PlannedBatch:
         """Build the extend batch and do now what does not depend on its logits: KV lengths,
         caching the new prefix (later batches that match it run after this one), chunking,
         and entering the running batch (so the next decode can include the request with a
-        placeholder for the token this batch samples)."""
-        batch, counts = self.runner.prepare_extend(items)
+        placeholder for the token this batch samples). ``decode``: running requests whose
+        next token this forward computes too, after the prefill rows (``mixed.py``)."""
+        rows = mixed.decode_items(*decode) if decode is not None else []
+        batch, counts = self.runner.prepare_extend(items + rows)
+        counts = counts[: len(items)]
         sample_reqs, sample_rows, row = [], [], 0
         for it, count in zip(items, counts):
             req = it.req
@@ -285,9 +301,14 @@ class Scheduler:
                 sample_rows.append(row - 1)
                 if req not in self.table.running:
                     self.table.running.append(req)
-        return self._planned(
+        plan = self._planned(
             batch, items, counts, [it.req for it in items], sample_reqs, sample_rows
         )
+        if decode is not None:
+            self.decode.decayed()
+            ctx, eos = self.config.context_len, self.finisher.eos_ids
+            mixed.add_decode_rows(plan, decode[0], self.executor.futures, self.stats, ctx, eos)
+        return plan
 
     def _plan_verify(self, verify: tuple[list[ExtendItem], list[list[int]]]) -> PlannedBatch:
         """A speculative verify pass (``plait.core.spec.verify``): an extend over each
@@ -318,40 +339,26 @@ class Scheduler:
         )
 
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
-        """One row per request: its input (the last token, or the placeholder of the token in
-        flight), the output count its token must still match, and its fresh placeholder (see
-        ``_planned``, which extends use). The set's traits come from a one-entry cache (the
-        same requests decode step after step); two tight passes do the per-request rest."""
+        """One row per request (``decode_rows``, ``claim_rows``); the set's traits from a
+        one-entry cache: the same requests decode step after step."""
         reqs, slots = decode
-        inputs, expect, pending = [], [], False
-        for r in reqs:
-            n = len(r.output_ids)
-            if r.future is None:
-                inputs.append(r.output_ids[-1])
-                expect.append(n)
-            else:
-                inputs.append(r.future)
-                expect.append(n + 1)
-                pending = True
+        inputs, expect, pending = decode_rows(reqs)
         batch = self.runner.prepare_decode(reqs, slots, inputs)
         if self.spec is not None:
             for req in reqs:
                 self.spec.state(req).record(0, 0, 0)  # a step without a draft
         self.decode.decayed()
         futures = self.executor.futures.reserve(len(reqs))
-        for req, f in zip(reqs, futures):
-            req.future = f
-            req.kv_len += 1
+        claim_rows(reqs, futures)
         traits = self.batch_traits.of(reqs)
         self.stats.forward_passes += 1
-        rows = list(range(len(reqs)))
         return PlannedBatch(
             batch,
             None,
             [],
             reqs,
             reqs,
-            rows,
+            list(range(len(reqs))),
             expect,
             futures,
             needs_state=traits.needs_state,
@@ -370,9 +377,11 @@ class Scheduler:
         sample_rows: list[int],
     ) -> PlannedBatch:
         """An extend batch: give each sampling row its placeholder and the output count it
-        must still match. An extend feeds no placeholders (a request extends only tokens it
-        knows): any ``future`` a request still carries belongs to a row processing discards."""
+        must still match. Its items feed no placeholders (a request extends only tokens it
+        knows; mixed decode rows are added after): any ``future`` a request still carries
+        belongs to a row processing discards."""
         expect = [len(r.output_ids) for r in sample_reqs]
+        ctx, eos = self.config.context_len, self.finisher.eos_ids
         futures = self.executor.futures.reserve(len(sample_reqs))
         for req, f in zip(sample_reqs, futures):
             req.future = f
@@ -386,9 +395,6 @@ class Scheduler:
             sample_rows,
             expect,
             futures,
-            needs_state=any(self._traits(r).needs_state for r in sample_reqs),
+            needs_state=any(traits_of(r, ctx, eos).needs_state for r in sample_reqs),
             has_placeholders=False,
         )
-
-    def _traits(self, req: Req) -> Traits:
-        return traits_of(req, self.config.context_len, self.finisher.eos_ids)

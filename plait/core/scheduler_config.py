@@ -32,6 +32,8 @@ class SchedulerConfig:
     # the model's RoPE switch length where a sequence crossing it is prefilled again whole
     # (Phi-3 longrope, as transformers' generate recomputes its cache there); None: never
     rope_reprefill_length: int | None = None
+    # a prefill (chunk) and the running decodes in one forward (plait.core.mixed)
+    enable_mixed_chunk: bool = False
 
 
 @dataclass
@@ -43,6 +45,10 @@ class SchedulerStats:
     forward_passes: int = 0
     retractions: int = 0
     jump_forward_tokens: int = 0  # grammar-forced output tokens that skipped a decode step
+    # Mixed chunk (plait.core.mixed): forwards that carried a prefill and decodes together,
+    # and the decode rows they carried (also counted in forward_passes / generated_tokens).
+    mixed_forward_passes: int = 0
+    mixed_decode_rows: int = 0
     # Speculative decoding (plait.core.spec): verify passes run, request rows in them, drafts
     # verified and accepted. Tokens per request and verify pass: spec_accept_length.
     spec_verify_passes: int = 0

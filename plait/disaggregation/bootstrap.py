@@ -5,9 +5,13 @@ messages say what to move and when it has landed. The prefill server binds a Zer
 socket on its bootstrap port (the ``BOOTSTRAP_PORT`` the gateway was given, and what it puts
 in ``bootstrap_port``); each decode server binds one of its own for notifications.
 
-  decode -> prefill  {"op": "target", "room", "session", "notify", "layout", "slots", "aux"}
-                      where to write the KV of ``room``'s prompt tokens (``slots``, one per
-                      token, in this layout) and, at address ``aux``, its first token (int64)
+  decode -> prefill  {"op": "target", "room", "session", "notify", "layout", "cached",
+                      "slots", "aux"}
+                      where to write the KV of ``room``'s prompt tokens after the first
+                      ``cached`` (which the decode server's radix cache holds already):
+                      ``slots``, one per token, in this layout; and, at address ``aux``, its
+                      first token (int64); under tensor parallelism also ``ranks``, the
+                      session and layout of its ranks 1..N-1 (``rank_agent``)
                      {"op": "cancel", "room"}: the decode side gave up; write nothing more
   prefill -> decode  {"op": "done", "room", "logprobs"?, "generator"?} after both writes
                       returned; with ``return_logprob``, the prompt's logprobs and the first
@@ -20,7 +24,8 @@ in ``bootstrap_port``); each decode server binds one of its own for notification
                       keeps waiting for them (``timeout`` bounds silence, not queueing)
 
 Where SGLang's prefill registers with an HTTP bootstrap server that decode ranks query for the
-rank's address, a Plait prefill server is one rank, so its bootstrap port is that address.
+rank's address, a Plait server's rank 0 speaks for all its ranks: the decode side's ``target``
+lists its per-rank table, and prefill rank 0 has its own ranks write to the matching ones.
 """
 
 from __future__ import annotations
@@ -136,14 +141,20 @@ def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg).encode()
 
 
-def decode_msg(raw: bytes) -> dict[str, Any] | None:
-    """A message, or None for anything malformed (a stray client must not kill the loop)."""
+def decode_json(raw: bytes) -> dict[str, Any] | None:
+    """A JSON object, or None for anything else."""
     try:
         msg = json.loads(raw)
     except ValueError:
         return None
+    return msg if isinstance(msg, dict) else None
+
+
+def decode_msg(raw: bytes) -> dict[str, Any] | None:
+    """A message, or None for anything malformed (a stray client must not kill the loop)."""
+    msg = decode_json(raw)
     if (
-        not isinstance(msg, dict)
+        msg is None
         or msg.get("op") not in ("target", "cancel", "done", "failed", "alive")
         or not isinstance(msg.get("room"), int)
     ):

@@ -3,8 +3,11 @@ and admit it to the running batch when the KV and the first token have landed.
 
 States of a request here (all on the scheduler thread, in :meth:`DecodeSide.poll`)::
 
-    queued    waiting for a row and ``len(prompt)`` free slots (KVManager.admit_for_transfer)
-    inflight  slots allocated and sent to the prefill server as a "target"; waiting for
+    queued    waiting for a row and free slots for the prompt (KVManager.admit_for_transfer:
+              the longest prefix of the prompt in this server's radix cache is reused, only
+              the rest is allocated and asked for)
+    inflight  slots allocated and sent to the prefill server as a "target" (with ``cached``,
+              the prefix length it need not send); waiting for
               "done" (-> Scheduler.add_prefilled) or "failed"/the deadline (-> an error,
               KVManager.transfer_failed)
     draining  aborted while inflight: the client already has its answer, but the slots stay
@@ -65,12 +68,15 @@ class DecodeSide:
         timeout: float,
         admit: Callable[[Req, int], None],
         fail: Callable[[Req, FinishReason], None],
+        ranks: list[dict[str, Any]] | None = None,
     ):
         self.transfer = transfer
         self.kv = kv
         self.timeout = timeout
         self.admit = admit  # Scheduler.add_prefilled
         self.fail = fail  # finish a request that never started (not admitted anywhere)
+        # tensor-parallel ranks 1..N-1: where a prefill server's matching ranks write
+        self.ranks = [{"session": r["session"], "layout": r["layout"]} for r in ranks or []]
         buffers = kv_buffers(kv_pool)
         self.layout = KVLayout.of(buffers)
         for b in buffers:
@@ -86,6 +92,8 @@ class DecodeSide:
         self.stats = {
             "kv_transfers": 0,
             "kv_bytes_received": 0,
+            "kv_tokens_received": 0,  # prompt tokens whose KV came from a prefill server
+            "kv_tokens_reused": 0,  # prompt tokens whose KV this server's radix cache held
             "kv_transfer_seconds": 0.0,
             "kv_transfer_failures": 0,
         }
@@ -145,10 +153,10 @@ class DecodeSide:
                     ),
                 )
                 continue
-            n = len(req.input_ids)
-            slots = self.kv.admit_for_transfer(req, n)
-            if slots is None:
+            admitted = self.kv.admit_for_transfer(req, len(req.input_ids))
+            if admitted is None:
                 return  # wait for running requests to free KV
+            slots, cached = admitted
             self.queued.pop(0)
             b = req.bootstrap
             prefill = f"tcp://{b.host}:{b.port}"
@@ -161,6 +169,8 @@ class DecodeSide:
                     "session": self.transfer.session_id,
                     "notify": self.notify,
                     "layout": layout_to_json(self.layout),
+                    "ranks": self.ranks,
+                    "cached": cached,
                     "slots": slots.tolist(),
                     "aux": self.tokens.data_ptr() + 8 * req.req_pool_idx,
                 },
@@ -186,6 +196,8 @@ class DecodeSide:
                 return
             self.stats["kv_transfers"] += 1
             self.stats["kv_bytes_received"] += int(msg.get("bytes", 0))
+            self.stats["kv_tokens_received"] += len(it.slots)
+            self.stats["kv_tokens_reused"] += len(it.req.input_ids) - len(it.slots)
             self.stats["kv_transfer_seconds"] += float(msg.get("seconds", 0.0))
             if it.req.return_logprob:
                 if not isinstance(msg.get("logprobs"), dict):

@@ -39,6 +39,7 @@ from plait.disaggregation.bootstrap import (
     logprobs_to_json,
     pull_socket,
 )
+from plait.disaggregation.rank_agent import RankWriters
 from plait.disaggregation.transfer import KVTransfer, TransferError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class PrefillSide:
         finish: Callable[[Req, FinishReason], None],
         abort_room: Callable[[int], object],
         live_rooms: Callable[[], frozenset[int]] = frozenset,
+        rank_controls: list[str] | None = None,
     ):
         self.transfer = transfer
         self.req_pool = req_pool
@@ -93,6 +95,8 @@ class PrefillSide:
         # the first token of row r is written from here (a source must be registered)
         self.tokens = torch.zeros(req_pool.size, dtype=torch.int64)
         transfer.register(self.tokens.data_ptr(), self.tokens.numel() * 8)
+        # tensor-parallel ranks 1..N-1 write their own shards (used by the worker thread only)
+        self.ranks = RankWriters(rank_controls or [])
         self.lock = threading.Lock()
         self.ready: dict[int, _Ready] = {}
         self.targets: dict[int, _Target] = {}
@@ -257,21 +261,30 @@ class PrefillSide:
         try:
             if ready.cancelled:
                 raise TransferError("cancelled")
-            dst_slots = msg["slots"]
-            if len(dst_slots) != len(ready.slots):
+            dst_slots, cached = msg["slots"], msg.get("cached", 0)
+            if not isinstance(cached, int) or not 0 <= cached < len(ready.slots):
+                raise TransferError(f"the decode server's cached prefix {cached!r} is not valid")
+            if len(dst_slots) != len(ready.slots) - cached:
                 raise TransferError(
-                    f"the decode server allocated {len(dst_slots)} slots for "
-                    f"a {len(ready.slots)}-token prompt (different prompts?)"
+                    f"the decode server allocated {len(dst_slots)} slots after a "
+                    f"{cached}-token cached prefix of a {len(ready.slots)}-token prompt "
+                    "(different prompts?)"
                 )
+            self.ranks.check(msg.get("ranks", []))  # the same --tp on both sides
+            # only the tokens the decode server's radix cache does not hold move
+            src_slots = ready.slots[cached:]
             src, dst, lengths = self.layout.writes(
-                layout_from_json(msg["layout"]), ready.slots, dst_slots
+                layout_from_json(msg["layout"]), src_slots, dst_slots
             )
             row = ready.req.req_pool_idx
             src.append(self.tokens.data_ptr() + 8 * row)
             dst.append(int(msg["aux"]))
             lengths.append(8)
-            self.transfer.write(msg["session"], src, dst, lengths)
-            nbytes = sum(lengths)
+            self.ranks.start(msg.get("ranks", []), src_slots, dst_slots)
+            try:  # the other ranks write their shards meanwhile
+                self.transfer.write(msg["session"], src, dst, lengths)
+            finally:
+                nbytes = sum(lengths) + self.ranks.wait(self.timeout)
             done = {
                 "op": "done",
                 "room": room,
@@ -313,6 +326,7 @@ class PrefillSide:
         self.worker.shutdown(wait=True, cancel_futures=True)
         self.pushers.close()
         self.beat_pushers.close()
+        self.ranks.close()
         self.sock.close()
         self.ctx.term()
 

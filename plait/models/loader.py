@@ -66,7 +66,9 @@ def gguf_source(model_dir: Path) -> Path | None:
 
 
 def convert_gguf(gguf_file: Path, target: Path) -> None:
-    """Dequantize a GGUF file through transformers and write config, safetensors and tokenizer.
+    """Dequantize a GGUF file through transformers and write config, safetensors and tokenizer;
+    a mixture-of-experts file gets Plait's own config and no weights
+    (:mod:`plait.models.moe_gguf`: its loader reads the file itself).
 
     Written to a temporary sibling and renamed, so a crash never leaves a half cache behind."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +77,15 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     tmp.chmod(0o755)
     try:
+        from gguf import GGUFReader
+
+        from plait.models.moe_gguf import convert_moe_gguf, is_moe_gguf
+
+        reader = GGUFReader(str(gguf_file))
+        if is_moe_gguf(reader):  # transformers cannot describe these: Plait's own reading
+            convert_moe_gguf(reader, gguf_file, tmp)
+            _commit(tmp, target, gguf_file)
+            return
         kwargs = {"gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,13 +100,18 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        record_gguf_source(tmp, gguf_file)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        _commit(tmp, target, gguf_file)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _commit(tmp: Path, target: Path, gguf_file: Path) -> None:
+    """Record the source file and move the finished conversion into place."""
+    record_gguf_source(tmp, gguf_file)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def load_config(model_dir: Path) -> Any:

@@ -42,14 +42,10 @@ def load_moe(
     model_cls: type[MoeForCausalLM] = MoeForCausalLM,
 ) -> MoeForCausalLM:
     """The model for ``spec`` with its weights, its sparse layers running ``spec.fused_moe``
-    (the backend's op). Refuses, naming the reason, tensor parallelism and GGUF blocks."""
+    (the backend's op). Refuses, naming the reason, tensor parallelism. A GGUF file's
+    weights are read from the file (:mod:`plait.models.moe_gguf`)."""
     config, quant = spec.hf_config, spec.quantization
     check_moe_config(config)
-    if quant.method == "gguf":
-        raise ValueError(
-            f"quantization='gguf' is not supported for {config.architectures[0]} "
-            "(its expert blocks are not read); use int8 or int4"
-        )
     if quant.method != "none" and device.type != "cpu" and spec.graph_capture:
         raise ValueError(
             f"quantization={quant.method!r} experts of {config.architectures[0]} run grouped "
@@ -63,8 +59,16 @@ def load_moe(
         model = model_cls(config, spec.context_len, spec.tp, op)
     model = model.to_empty(device=device)
     model.reset_rotary(device)
-    load_moe_weights(model, spec.model_dir)
-    model = model.to(spec.dtype).eval()
+    gguf_file = _gguf_weights(spec)
+    if gguf_file is None:
+        load_moe_weights(model, spec.model_dir)
+        model = model.to(spec.dtype).eval()
+    else:  # the file's own blocks (gguf), or all of it dequantized (none)
+        from plait.models.moe_gguf import load_moe_gguf
+
+        model = model.to(spec.dtype).eval()
+        dequantize = quant.method != "gguf"
+        load_moe_gguf(model, gguf_file, config, spec.dtype, matmul, dequantize)
     if quant.method in ("int8", "int4"):
         from plait.models.moe_quant import quantize_moe_model
 
@@ -75,6 +79,21 @@ def load_moe(
 
         _store_linear_weights_column_major(model)
     return model
+
+
+def _gguf_weights(spec: "ModelSpec") -> Path | None:
+    """The GGUF file to read the weights from: ``quantization='gguf'``'s, or (dequantized,
+    then int8/int4 as asked) the file a directory was converted from when it holds no
+    safetensors (a MoE GGUF's conversion writes none: :mod:`plait.models.moe_gguf`)."""
+    from plait.models.loader import gguf_source
+
+    if spec.quantization.method == "gguf":
+        if spec.quantization.gguf_file is None:
+            raise ValueError("quantization='gguf' needs the .gguf file its blocks are read from")
+        return spec.quantization.gguf_file
+    if not any(Path(spec.model_dir).glob("*.safetensors")):
+        return gguf_source(spec.model_dir)
+    return None
 
 
 def load_moe_weights(model: MoeForCausalLM, model_dir: Path) -> None:

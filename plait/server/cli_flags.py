@@ -56,6 +56,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "layers; Llama-family models, not with --tp (docs/pipeline-parallel.md)",
     )
     p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument(
+        "--enable-mixed-chunk",
+        action="store_true",
+        help="carry a prefill chunk and the running decodes in one forward: decodes go "
+        "first, the chunk takes what they leave of --chunked-prefill-size (docs/scheduling.md)",
+    )
     p.add_argument("--schedule-policy", default=d.schedule_policy, choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument(

@@ -22,6 +22,7 @@ class ServerArgs:
     tp: int = 1
     pp: int = 1  # pipeline-parallel ranks (docs/pipeline-parallel.md)
     chunked_prefill_size: int | None = None
+    enable_mixed_chunk: bool = False  # a prefill chunk and the decodes in one forward
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False  # run each forward inline (SGLang's flag)
@@ -116,6 +117,7 @@ class ServerArgs:
             page_size=self.page_size,
             max_total_tokens=self.max_total_tokens,
             chunked_prefill_size=self.chunked_prefill_size,
+            enable_mixed_chunk=self.enable_mixed_chunk or None,
             schedule_policy=self.schedule_policy,
             disable_radix_cache=self.disable_radix_cache,
             disable_graph_capture=self.disable_graph_capture or None,
@@ -177,13 +179,12 @@ class ServerArgs:
             if self.disaggregation_mode != "null"
             else None
         )
-        if disagg and self.tp > 1:
-            # the KV would live in the rank processes, out of the transfer's reach
-            raise ValueError(
-                f"{disagg} with --tp {self.tp}: prefill/decode disaggregation "
-                "does not support tensor parallelism yet; use --tp 1"
-            )
         self._check_pipeline(disagg)
+        if self.enable_mixed_chunk and (disagg or self.speculative_algorithm):
+            raise ValueError(
+                f"--enable-mixed-chunk with {disagg or '--speculative-algorithm'}: a mixed "
+                "forward needs a server that prefills and decodes one token a step"
+            )
         if self.dp > 1 and self.tp > 1:
             raise ValueError(
                 f"--dp {self.dp} with --tp {self.tp}: every worker's tensor-parallel "

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.skipif(
     reason="no C++ compiler on this machine to build the kernel",
 )
 
-LEVELS = ["portable"] + (["avx512vnni"] if cpp_build.best_level() == "avx512vnni" else [])
+LEVELS = [
+    pytest.param(level, marks=pytest.mark.cpu_kernel_level(level))
+    for level in ["portable"] + (["avx512vnni"] if cpp_build.best_level() == "avx512vnni" else [])
+]
 
 
 @pytest.fixture(params=LEVELS)

@@ -129,3 +129,26 @@ def test_phase_split_is_milliseconds_per_pass_between_two_readings():
     assert split["schedule_ms"] == pytest.approx(10.0)
     assert split["forward_ms"] == pytest.approx(40.0)
     assert split["sample_ms"] == pytest.approx(5.0) and split["wait_ms"] == 0.0
+
+
+class _StreamEngine:
+    """Streams cumulative outputs on a fake clock: request ``a`` one token per 10 ms, ``b``
+    two tokens at once every 40 ms (20 ms a token)."""
+
+    def __init__(self, clock: list[float]):
+        self.clock = clock
+
+    def flush_cache(self):
+        pass
+
+    def generate(self, *, input_ids, sampling_params, stream):
+        assert stream
+        for t, rid, n in [(0, "a", 1), (0, "b", 2), (10, "a", 2), (20, "a", 3), (40, "b", 4)]:
+            self.clock[0] = t / 1000
+            yield {"meta_info": {"id": rid}, "output_ids": list(range(n))}
+
+
+def test_itl_splits_each_gap_over_the_tokens_it_brought(clock):
+    p50, p99 = harness.itl_ms(_StreamEngine(clock), [([1], 3), ([2], 4)])
+    # gaps per token: a 10, 10; b 20, 20 (the first output of each is TTFT, not counted)
+    assert p50 == pytest.approx(15.0) and p99 == pytest.approx(20.0)

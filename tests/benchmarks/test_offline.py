@@ -53,6 +53,7 @@ def test_arguments_that_cannot_work_together_are_refused(capsys):
         ["--compare", "plait", "gguf", "--phases", "--metric", "decode"],
         ["--compare", "transformers", "plait", "--phases"],
         ["--compare", "plait", "gguf", "--rounds", "0"],
+        ["--compare", "transformers", "plait", "--itl"],
     ):
         with pytest.raises(SystemExit):
             offline.parse_args(argv)

@@ -52,6 +52,27 @@ def all_free(kv):
     return u.free + u.cached == u.num_slots and kv.req_pool.available_size() == kv.req_pool.size
 
 
+def test_transfer_reuses_the_cached_prefix_and_caches_the_prompt():
+    """Disaggregated decode: only the tokens after the cached prefix get fresh slots; once
+    they land the prompt is cached (a twin finds all but its last token); a failed transfer
+    frees only the fresh slots, the prefix stays cached."""
+    kv = make()
+    kv.release(admit_and_prefill(kv, [1, 2, 3, 4, 5]))
+    req = new_req([1, 2, 3, 4, 9, 8, 7])
+    fresh, cached = kv.admit_for_transfer(req, 7)
+    assert (cached, len(fresh)) == (4, 3)
+    assert row(kv, req, 4, 7) == fresh.tolist()
+    kv.transfer_done(req, 7)
+    twin = new_req([1, 2, 3, 4, 9, 8, 7])
+    assert kv.match(twin).length == 6
+    kv.release(req)
+    other = new_req([1, 2, 3, 4, 6, 6])
+    fresh, cached = kv.admit_for_transfer(other, 6)
+    assert (cached, len(fresh)) == (4, 2)
+    kv.transfer_failed(other, fresh)
+    assert kv.match(new_req([1, 2, 3, 4, 6, 6])).length == 4 and all_free(kv)
+
+
 # ----- one request at a time -----
 
 

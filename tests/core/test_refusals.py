@@ -41,14 +41,6 @@ from plait.core.engine_config import EngineConfig
         ({"kv_cache_memory_gb": 0}, "kv_cache_memory_gb must be > 0"),
         # combinations
         (
-            {"disaggregation_mode": "prefill", "tp_size": 2},
-            "disaggregation_mode: prefill/decode disaggregation does not support tensor parallelism",
-        ),
-        (
-            {"disaggregation_mode": "decode", "tp_size": 2},
-            "disaggregation_mode: prefill/decode disaggregation does not support tensor parallelism",
-        ),
-        (
             {"quantization": "int8", "tp_size": 2},
             "quantization='int8' does not support tensor parallelism yet",
         ),
@@ -78,8 +70,10 @@ def test_quantization_with_tp_is_refused_before_any_rank_starts(make_tiny_model)
     assert not psutil.Process().children(recursive=True)
 
 
-def test_disaggregation_with_tp_is_refused_before_any_rank_starts(make_tiny_model):
-    with pytest.raises(ValueError, match="^disaggregation_mode: .* tensor parallelism"):
+def test_the_fake_transfer_with_tp_is_refused_before_any_rank_starts(make_tiny_model):
+    with pytest.raises(
+        ValueError, match="^disaggregation_transfer_backend='fake' .*tp_size must be 1"
+    ):
         plait.Engine(
             make_tiny_model("llama"),
             disaggregation_mode="prefill",

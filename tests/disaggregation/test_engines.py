@@ -186,6 +186,34 @@ def test_prefill_reuses_its_radix_cache_for_shared_prefixes(engines):
     assert prefill.get_server_info()["cached_tokens"] - before > 100
 
 
+def test_decode_reuses_its_radix_cache_and_receives_only_the_rest(engines):
+    """The decode server's radix cache takes every transferred prompt: a later prompt sharing
+    its prefix gets only the rest of its KV over the transfer (fewer tokens and bytes), and
+    the output stays a unified engine's."""
+    unified, prefill, decode, port = engines
+    base = "Decode-side cache: a shared preamble the decode server saw before. " * 6
+    prompts = [base + "First question?", base + "Second question?", base + "First question?"]
+    ids = unified.tokenizer(prompts)["input_ids"]
+    lens = [len(x) for x in ids]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids[:2])) if a != b)  # the preamble
+    want = [o["output_ids"] for o in unified.generate(prompts, dict(SP))]
+    counters = ("kv_tokens_received", "kv_tokens_reused", "kv_bytes_received")
+    seen = [{k: decode.get_server_info()[k] for k in counters}]
+    got = []
+    for prompt in prompts:  # one at a time: each finds the previous one's prompt cached
+        got += pd_generate(prefill, decode, port, [prompt])[1]
+        seen.append({k: decode.get_server_info()[k] for k in counters})
+    assert [o["output_ids"] for o in got] == want
+    step = [{k: b[k] - a[k] for k in counters} for a, b in zip(seen, seen[1:])]
+    assert step[0]["kv_tokens_received"] == lens[0] and step[0]["kv_tokens_reused"] == 0
+    assert step[1]["kv_tokens_reused"] == shared > 80
+    assert step[1]["kv_tokens_received"] == lens[1] - step[1]["kv_tokens_reused"]
+    assert step[1]["kv_bytes_received"] < step[0]["kv_bytes_received"] / 4
+    # the same prompt again: all but its last token (whose logits the prefill side needs)
+    assert (step[2]["kv_tokens_reused"], step[2]["kv_tokens_received"]) == (lens[2] - 1, 1)
+    assert kv_idle(decode) and kv_idle(prefill)
+
+
 @pytest.mark.slow
 def test_missing_prefill_fails_the_request_in_bounded_time_and_frees_kv(engines):
     _, prefill, decode, port = engines

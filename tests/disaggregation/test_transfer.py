@@ -81,3 +81,37 @@ def test_mooncake_moves_thousands_of_scattered_runs():
     src, dst = _copy_via(a, b, src_slots, list(range(1, 501)), slots=1024, buffers=8)
     for x, y in zip(src, dst):
         assert torch.equal(y[1:501], x[src_slots])
+
+
+def test_a_worker_rank_writes_its_own_shard_when_rank_0_asks():
+    """Tensor parallelism: rank 0 (``RankWriters``) asks a worker rank's ``RankAgent`` over its
+    control socket to copy slots of the worker's own KV shard to the matching decode rank;
+    a rank table of another length, or a failed write, is an error naming the cause."""
+    from types import SimpleNamespace
+
+    from plait.disaggregation.bootstrap import layout_to_json
+    from plait.disaggregation.rank_agent import RankAgent, RankWriters
+
+    src = SimpleNamespace(k_buffers=[torch.randn(16, 1, 4)], v_buffers=[torch.randn(16, 1, 4)])
+    agent = RankAgent(src, backend="fake", host="127.0.0.1", mode="prefill")
+    dst = [torch.zeros(16, 1, 4), torch.zeros(16, 1, 4)]
+    peer = FakeTransfer()
+    for b in dst:
+        peer.register(b.data_ptr(), b.numel() * 4)
+    table = [{"session": peer.session_id, "layout": layout_to_json(KVLayout.of(dst))}]
+    writers = RankWriters([agent.facts()["control"]])
+    try:
+        writers.start(table, [1, 2, 3], [9, 10, 4])
+        assert writers.wait(5) == 2 * 3 * 16  # K and V, three slots of 16 bytes
+        assert torch.equal(dst[0][[9, 10, 4]], src.k_buffers[0][[1, 2, 3]])
+        assert torch.equal(dst[1][[9, 10, 4]], src.v_buffers[0][[1, 2, 3]])
+        with pytest.raises(TransferError, match="runs 1 tensor-parallel ranks .* server 2"):
+            writers.start([], [1], [1])
+        writers.start([{**table[0], "session": "fake:nobody"}], [1], [1])
+        with pytest.raises(TransferError, match="rank 1: no such peer"):
+            writers.wait(5)
+    finally:
+        writers.close()
+        agent.close()
+    decode_rank = RankAgent(src, backend="fake", host="127.0.0.1", mode="decode")
+    assert decode_rank.facts()["control"] is None  # a decode rank only receives

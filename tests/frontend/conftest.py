@@ -3,10 +3,6 @@ and the real SmolLM2 model in-process and behind ``plait serve`` (``slow`` tests
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -79,60 +75,10 @@ def runtime(smollm_dir):
     rt.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def server_url(smollm_dir):
-    """``plait serve`` on a free port, for the HTTP backends; skipped if it cannot start."""
-    import requests
-
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "plait.server.cli",
-        "serve",
-        "--model-path",
-        str(smollm_dir),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:]
-                pytest.fail(f"plait serve exited with {proc.returncode}: {err}")
-            try:
-                if requests.get(url + "/health_generate", timeout=70).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("plait serve did not become healthy within 300 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def server_url(real_server) -> str:
+    """``plait serve`` for the HTTP backends: the run's shared real server (tests/conftest.py)."""
+    return real_server.url
 
 
 @pytest.fixture(scope="session")

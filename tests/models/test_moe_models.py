@@ -1,7 +1,8 @@
 """Mixtral, Qwen2-MoE and Qwen3-MoE: greedy outputs equal transformers' float32 generate token
 for token on tiny random checkpoints (8 experts, top-2), batched with ragged prompts, after
 prefix-cache hits and with chunked prefill; one decode step's tokens are seen routing to
-different experts; tensor parallelism and GGUF blocks are refused with the reason."""
+different experts; tensor parallelism and ``gguf`` without its file are refused with the reason
+(GGUF files themselves: ``tests/models/test_gguf_moe.py``)."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def test_tensor_parallel_is_refused_naming_the_experts(make_tiny_model):
         plait.Engine(path, max_total_tokens=512, tp_size=2)
 
 
-def test_gguf_blocks_and_captured_quantized_experts_are_refused(make_tiny_model):
+def test_gguf_without_its_file_and_captured_quantized_experts_are_refused(make_tiny_model):
     from plait.core.backend_api import ModelSpec
     from plait.models.loader import load_config
     from plait.models.moe_loader import load_moe
@@ -146,7 +147,7 @@ def test_gguf_blocks_and_captured_quantized_experts_are_refused(make_tiny_model)
         max_batch_size=1,
         quantization=QuantConfig(method="gguf"),
     )
-    with pytest.raises(ValueError, match="quantization='gguf' is not supported for Mixtral"):
+    with pytest.raises(ValueError, match="quantization='gguf' needs the .gguf file"):
         load_moe(spec, torch.device("cpu"), torch_quantized_matmul)
     int8 = dataclasses.replace(spec, quantization=QuantConfig(method="int8"), graph_capture=True)
     with pytest.raises(ValueError, match="--disable-graph-capture"):

@@ -149,6 +149,7 @@ def test_cpu_kernel_keeps_leading_dims_and_dtype(cpu_matmul):
     assert torch.allclose(y.float(), x.float() @ dequantize(w).T, atol=0.1, rtol=0.02)
 
 
+@pytest.mark.cpu_kernel_level("portable")  # asks the portable build for its refusal
 def test_cpu_kernel_has_the_simd_path_where_the_cpu_does():
     from plait.backends.cpu.cpp_build import best_level
     from plait.backends.cpu.qmatmul import CpuQuantizedMatmul, extension
@@ -201,8 +202,11 @@ def test_int8_activation_kernel_matches_dequantized_reference(shape):
     assert ((got - x.double() @ dense.T).abs() <= bound).all()
 
 
-@pytest.mark.slow  # compiles the other builds of the extension (a minute each, then cached)
-@pytest.mark.parametrize("level", ["portable", "avx2"])
+@pytest.mark.slow  # other builds of the extension, built in the background: kernel_prebuild.py
+@pytest.mark.parametrize(
+    "level",
+    [pytest.param(lv, marks=pytest.mark.cpu_kernel_level(lv)) for lv in ("portable", "avx2")],
+)
 @pytest.mark.parametrize("fmt", FORMATS + ["q8_0"])
 def test_lower_level_kernels_match_dequantized_reference(level, fmt):
     """The builds a CPU without AVX-512 VNNI (or without AVX2) runs."""

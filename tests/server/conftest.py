@@ -1,7 +1,8 @@
 """Fixtures that run ``plait serve`` as a real subprocess on a free loopback port.
 
 ``fake_server``: the HTTP stack with ``FakeEngine`` behind it (seconds, no model).
-``real_server``: the real SmolLM2-135M-Instruct on CPU (marked slow by the tests using it).
+``real_server`` (tests/conftest.py, shared with the frontend's HTTP tests): the real
+SmolLM2-135M-Instruct on CPU (marked slow by the tests using it).
 """
 
 from __future__ import annotations
@@ -128,14 +129,3 @@ def _real_model_path() -> str:
 @pytest.fixture(scope="session")
 def real_model_path() -> str:
     return _real_model_path()
-
-
-@pytest.fixture(scope="session")
-def real_server(real_model_path, tmp_path_factory):
-    server = start_server(
-        ["--device", "cpu", "--max-running-requests", "32"],
-        tmp_path_factory.mktemp("logs") / "real.log",
-        real_model_path,
-    )
-    yield server
-    server.stop()

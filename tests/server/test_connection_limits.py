@@ -138,13 +138,14 @@ def test_too_many_header_fields_get_431(limited_server):
 
 def test_a_stream_whose_client_stopped_reading_is_cut_and_its_request_aborted(limited_server):
     # 400 tokens at 0.15 s each would run 60 s; every event repeats the growing text and its
-    # logprobs, so the socket buffers fill within a few seconds once the client stops reading.
+    # logprobs (20 top logprobs a token, the most /generate allows: the buffers fill in about
+    # half the time 5 take), so the socket buffers fill once the client stops reading.
     body = json.dumps(
         {
             "text": "stall " * 5,
             "stream": True,
             "return_logprob": True,
-            "top_logprobs_num": 5,
+            "top_logprobs_num": 20,
             "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
         }
     ).encode()

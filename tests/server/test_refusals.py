@@ -40,8 +40,6 @@ def refused(argv: list[str], capsys) -> str:
     "argv, names",
     [
         (["--device", "tpu", "--tp", "2"], ["--tp 2", "'tpu'"]),
-        (["--pd", "1P1D", "--tp", "2"], ["--pd 1P1D", "--tp 2"]),
-        (["--disaggregation-mode", "prefill", "--tp", "2"], ["--disaggregation-mode", "--tp 2"]),
         (["--dp", "2", "--tp", "2"], ["--dp 2", "--tp 2"]),
         (["--dp", "2", "--disaggregation-mode", "prefill"], ["--dp 2", "--disaggregation-mode"]),
         (["--device", "npu", "--enable-graph-capture"], ["--enable-graph-capture", "'npu'"]),
@@ -75,6 +73,8 @@ def test_combination_is_refused_naming_its_flags(argv, names, nothing_starts, ca
         dict(dp=2, grpc_mode=True),
         dict(grpc_mode=True, join="http://127.0.0.1:1"),
         dict(pd="1P1D", gateway="smg"),
+        dict(pd="1P1D", tp=2),  # each server runs its own ranks (test_pd_tp.py)
+        dict(disaggregation_mode="prefill", tp=2),
     ],
 )
 def test_runnable_combinations_pass(fields):
@@ -84,7 +84,7 @@ def test_runnable_combinations_pass(fields):
 @pytest.mark.parametrize(
     "launcher, fields",
     [
-        ("plait.server.pd_launcher:run_pd", dict(pd="1P1D", tp=2)),
+        ("plait.server.pd_launcher:run_pd", dict(pd="1P1D", pp=2)),
         ("plait.server.data_parallel:run_data_parallel", dict(dp=2, tp=2)),
     ],
 )
@@ -96,4 +96,4 @@ def test_launchers_refuse_before_spawning(launcher, fields, monkeypatch, caplog)
     monkeypatch.setattr(module, "spawn", lambda *a: pytest.fail("a process was started"))
     with caplog.at_level(logging.ERROR):
         assert getattr(module, name)(ServerArgs(**fields)) == 2
-    assert "--tp 2" in caplog.text
+    assert ("--tp 2" if "tp" in fields else "--pp 2") in caplog.text

@@ -14,7 +14,12 @@ import logging
 import torch
 
 from plait.backends.cpu import cpp_build
-from plait.backends.cpu.attention import TorchAttentionBackend, decode_over_slots, window_slots
+from plait.backends.cpu.attention import (
+    TorchAttentionBackend,
+    decode_over_slots,
+    extend_attention_ref,
+    window_slots,
+)
 from plait.backends.cpu.shared_prefix import (
     extend_attention_shared,
     plan_shared_extend,
@@ -68,36 +73,47 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
     a logit softcap (Gemma 2) attends through the torch reference in both phases."""
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if not batch.is_decode:
-            super().init_forward_metadata(batch)
-            prefix = batch.prefix_lens_cpu
-            self._shared_plan = None
-            if self.sliding_windows and None not in self.sliding_windows:
-                return  # every layer windowed: no layer would use the plan
-            # requests sharing a cached prefix attend to it together (shared_prefix.py)
-            groups = shared_groups(
-                [batch.req_to_token[r, :n] for r, n in zip(self._req_rows, prefix)], prefix
-            )
-            self._shared_plan = (
-                plan_shared_extend(
-                    batch.req_to_token,
-                    self._req_rows,
-                    prefix,
-                    batch.extend_lens_cpu,
-                    groups,
-                    self.num_heads // self.num_kv_heads,
-                )
-                if groups
-                else None
-            )
+        if batch.is_decode:
+            self._req_rows = batch.req_pool_indices.tolist()
+            self._decode = self._decode_slots(batch, 0)
             return
-        self._req_rows = batch.req_pool_indices.tolist()
-        windows = set(self.sliding_windows) or {None}
-        self._decode = {
-            w: window_slots(
-                batch.req_to_token, batch.req_pool_indices, batch.seq_lens, batch.seq_lens_cpu, w
+        super().init_forward_metadata(batch)
+        # the trailing one-token items (mixed chunk's decodes, plait.core.mixed) are decode
+        # queries: one kernel call for all of them instead of one SDPA call each
+        lens = batch.extend_lens_cpu
+        self._head = len(lens)
+        while self._head > 0 and lens[self._head - 1] == 1:
+            self._head -= 1
+        self._decode = self._decode_slots(batch, self._head) if self._head < len(lens) else {}
+        self._shared_plan = None
+        if self.sliding_windows and None not in self.sliding_windows:
+            return  # every layer windowed: no layer would use the plan
+        rows, prefix = self._req_rows[: self._head], batch.prefix_lens_cpu[: self._head]
+        # requests sharing a cached prefix attend to it together (shared_prefix.py)
+        groups = shared_groups([batch.req_to_token[r, :n] for r, n in zip(rows, prefix)], prefix)
+        self._shared_plan = (
+            plan_shared_extend(
+                batch.req_to_token,
+                rows,
+                prefix,
+                lens[: self._head],
+                groups,
+                self.num_heads // self.num_kv_heads,
             )
-            for w in windows
+            if groups
+            else None
+        )
+
+    def _decode_slots(
+        self, batch: ForwardBatch, first: int
+    ) -> dict[int | None, tuple[torch.Tensor, torch.Tensor]]:
+        """Per sliding window, the decode kernel's ``(slots, lens)`` for requests ``first..``
+        of the batch (a decode batch: all of them), each a query at its last position."""
+        idx, seq = batch.req_pool_indices[first:], batch.seq_lens[first:]
+        seq_cpu = batch.seq_lens_cpu[first:]
+        return {
+            w: window_slots(batch.req_to_token, idx, seq, seq_cpu, w)
+            for w in set(self.sliding_windows) or {None}
         }
 
     def decode_metadata(self, layer_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,19 +124,33 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         return slots, lens.long()
 
     def forward_extend(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
-        if (
-            self._shared_plan is None
-            or self.window(layer_id) is not None
-            or self.softcap_of(layer_id) is not None
-        ):
-            return super().forward_extend(q, layer_id, batch)
-        pool = self.kv_pool
-        return extend_attention_shared(
+        if self._head == batch.batch_size:
+            return self._extend_head(q, layer_id, batch)
+        split = sum(batch.extend_lens_cpu[: self._head])
+        out = torch.empty_like(q)
+        out[split:] = self.forward_decode(q[split:], layer_id, batch)
+        if split:
+            out[:split] = self._extend_head(q[:split], layer_id, batch)
+        return out
+
+    def _extend_head(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        """Extend attention for the batch's first ``_head`` requests, whose tokens ``q`` is."""
+        pool, n = self.kv_pool, self._head
+        k, v, scale = pool.k_buffers[layer_id], pool.v_buffers[layer_id], self.scale_of(layer_id)
+        window, cap = self.window(layer_id), self.softcap_of(layer_id)
+        if self._shared_plan is not None and window is None and cap is None:
+            return extend_attention_shared(q, k, v, self._shared_plan, scale)
+        return extend_attention_ref(
             q,
-            pool.k_buffers[layer_id],
-            pool.v_buffers[layer_id],
-            self._shared_plan,
-            self.scale_of(layer_id),
+            k,
+            v,
+            batch.req_to_token,
+            self._req_rows[:n],
+            batch.prefix_lens_cpu[:n],
+            batch.extend_lens_cpu[:n],
+            scale,
+            window,
+            cap,
         )
 
     def forward_decode(self, q: torch.Tensor, layer_id: int, batch: ForwardBatch) -> torch.Tensor:

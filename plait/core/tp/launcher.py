@@ -46,6 +46,7 @@ HOST = "127.0.0.1"
 # Workers wait in a broadcast while the engine is idle; an idle engine must not time them out.
 COLLECTIVE_TIMEOUT = timedelta(days=365)
 _KEY_READY, _KEY_ERROR = "plait/tp/ready/{}", "plait/tp/error/{}"
+_KEY_PUBLISHED = "plait/tp/published/{}/{}"  # name, rank
 
 
 def cores_of_rank(rank: int, size: int) -> list[int]:
@@ -167,6 +168,11 @@ class WorkerRanks:
         self.facts = [
             self._parse_facts(self.store.get(_KEY_READY.format(r))) for r in range(1, self.size)
         ]
+
+    def published(self, name: str) -> list[bytes]:
+        """What each worker rank published under ``name`` (``worker.publish``) before its
+        ready signal, in rank order; only after :meth:`wait_ready`."""
+        return [self.store.get(_KEY_PUBLISHED.format(name, r)) for r in range(1, self.size)]
 
     def _error_of(self, rank: int) -> str | None:
         if self.store.check([_KEY_ERROR.format(rank)]):

@@ -97,15 +97,22 @@ def start_tensor_parallel(
     req_pool: ReqToTokenPool,
     tp_size: int,
     startup_timeout: float = 600.0,
+    kv_transfer: dict[str, Any] | None = None,
 ) -> tuple[TPModelRunner, TokenSlotAllocator]:
     """Start ranks 1..tp_size-1, build rank 0's shard (this process) while they build theirs,
-    join the group; returns rank 0's runner and the slot allocator (rank 0 owns allocation)."""
+    join the group; returns rank 0's runner and the slot allocator (rank 0 owns allocation).
+    ``kv_transfer`` (prefill/decode disaggregation: ``backend``, ``host``, ``mode``): each
+    worker also starts a ``plait.disaggregation.rank_agent.RankAgent`` over its KV shard and
+    publishes its facts as ``kv`` (:meth:`WorkerRanks.published`)."""
     if spec.quantization.method != "none":  # the loader's refusal, before any rank starts
         raise ValueError(
             f"quantization={spec.quantization.method!r} does not support tp_size > 1 yet"
         )
     cpu = backend.torch_device.type == "cpu"
-    worker_config = worker_config_of(backend, spec, num_slots, page_size)
+    worker_config = {
+        **worker_config_of(backend, spec, num_slots, page_size),
+        "kv_transfer": kv_transfer,
+    }
     ranks = WorkerRanks(tp_size, backend.distributed_backend, worker_config, cpu_threads=cpu)
     try:
         backend.bind_tp_rank(0)

@@ -82,6 +82,19 @@ def facts_json(runner: Any) -> str:
     return facts_of(runner).to_json()
 
 
+def start_kv_agent(runner: Any, kv_transfer: dict[str, Any] | None, store: Any, rank: int) -> Any:
+    """Under prefill/decode disaggregation, this rank's own KV transfer (its shard's KV is
+    here, out of rank 0's reach), its facts published to rank 0 as ``kv``; None otherwise."""
+    if not kv_transfer:
+        return None
+    from plait.core.tp.launcher import _KEY_PUBLISHED
+    from plait.disaggregation.rank_agent import RankAgent
+
+    agent = RankAgent(runner.kv_pool, **kv_transfer)
+    store.set(_KEY_PUBLISHED.format("kv", rank), json.dumps(agent.facts()))
+    return agent
+
+
 def serve(runner: Any) -> None:
     from plait.core.tp.batch_channel import recv_batch
 
@@ -106,6 +119,7 @@ def main() -> int:
     try:
         runner = build_runner(cfg)
         facts = facts_json(runner)
+        agent = start_kv_agent(runner, cfg.get("kv_transfer"), store, rank)  # kept alive
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(_KEY_ERROR.format(rank), traceback.format_exc())
         return 1
@@ -122,6 +136,7 @@ def main() -> int:
     except BaseException:  # noqa: BLE001
         log.exception("forward failed; leaving the group")
         return 1
+    del agent  # it served transfers until STOP
     dist.destroy_process_group()
     return 0
 
