@@ -22,10 +22,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -57,7 +57,7 @@ class PlannedBatch:
     sample_reqs: list[Req]
     sample_rows: list[int]
     expect: list[int]
-    futures: list[int]
+    futures: Sequence[int]  # placeholder ids (FutureTokenMap.reserve)
     needs_state: bool
     has_placeholders: bool
     #: a speculative verify pass: called with the logits on the scheduler thread instead of
@@ -66,6 +66,9 @@ class PlannedBatch:
     #: every sampling request ``takes_plain_argmax``, where the planner already knows it
     #: (None: the executor works it out)
     plain_argmax: bool | None = None
+    #: a decode batch whose every request is ``simple`` (``plait.core.decode_traits``):
+    #: processing may take its one-loop path
+    simple: bool = False
     prev_processed: threading.Event = field(default_factory=threading.Event)
     processed: threading.Event = field(default_factory=threading.Event)
 
@@ -149,10 +152,12 @@ class BatchExecutor:
                 forward_s=time.perf_counter() - start,
             )
         # later batches may name these placeholders: an unsampled row reads as token 0
-        self.futures.store(
-            plan.futures,
-            [t if t is not None else 0 for t in result.tokens] if result.tokens else [0] * n,
-        )
+        tokens = cast("list[int]", result.tokens)
+        if not tokens:
+            tokens = [0] * n
+        elif None in tokens:
+            tokens = [t if t is not None else 0 for t in tokens]
+        self.futures.store(plan.futures, tokens)
         return result
 
     def _sample(

@@ -23,7 +23,7 @@ jumps after a retraction.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -168,3 +168,27 @@ class DecodeAllocator:
         req.times_retracted += 1
         self.table.requeue(req)
         self.stats.retractions += 1
+
+
+def decode_rows(reqs: list[Req]) -> tuple[list[int], list[int], bool]:
+    """Per request of a decode batch, in one pass: its input (the last token, or the
+    placeholder of the token in flight), the output count its new token must still match
+    (one more when a token is in flight), and whether any input is a placeholder."""
+    inputs, expect, pending = [], [], False
+    for r in reqs:
+        n = len(r.output_ids)
+        if r.future is None:
+            inputs.append(r.output_ids[-1])
+            expect.append(n)
+        else:
+            inputs.append(r.future)
+            expect.append(n + 1)
+            pending = True
+    return inputs, expect, pending
+
+
+def claim_rows(reqs: list[Req], futures: Sequence[int]) -> None:
+    """Commit one decode token per request: placeholder ``futures[i]``, ``kv_len`` advanced."""
+    for req, f in zip(reqs, futures):
+        req.future = f
+        req.kv_len += 1

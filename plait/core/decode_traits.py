@@ -70,3 +70,38 @@ def _compute(req: Req, context_len: int, eos_ids: set[int]) -> Traits:
         stop_ids=stop_ids,
         simple=simple,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchTraits:
+    """What a decode step needs to know about its whole set of requests: every one
+    ``plain_argmax``, any ``needs_state``, every one ``simple``."""
+
+    plain_argmax: bool
+    needs_state: bool
+    simple: bool
+
+
+class BatchTraitsCache:
+    """The :class:`BatchTraits` of the last request set asked about. Consecutive decode steps
+    mostly decode the same requests in the same order, and a list comparison of the same
+    objects is one C loop of identity checks, so a step pays a pass over its requests' traits
+    only when the set changed."""
+
+    def __init__(self, context_len: int, eos_ids: set[int]):
+        self.context_len = context_len
+        self.eos_ids = eos_ids
+        self._reqs: list[Req] = []
+        self._traits = BatchTraits(plain_argmax=True, needs_state=False, simple=True)
+
+    def of(self, reqs: list[Req]) -> BatchTraits:
+        if reqs != self._reqs:
+            ctx, eos = self.context_len, self.eos_ids
+            each = [r.traits or traits_of(r, ctx, eos) for r in reqs]
+            self._reqs = list(reqs)
+            self._traits = BatchTraits(
+                plain_argmax=all(t.plain_argmax for t in each),
+                needs_state=any(t.needs_state for t in each),
+                simple=all(t.simple for t in each),
+            )
+        return self._traits

@@ -23,6 +23,8 @@ What holds:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from plait.core.batch_executor import PlannedBatch
@@ -50,7 +52,7 @@ def decode_items(reqs: list[Req], slots: torch.Tensor) -> list[ExtendItem]:
 
 
 def claim_decode_rows(
-    reqs: list[Req], futures: list[int], context_len: int, eos_ids: set[int]
+    reqs: list[Req], futures: Sequence[int], context_len: int, eos_ids: set[int]
 ) -> tuple[list[int], bool, bool, bool]:
     """Commit one decode token per request: record the output count its token must still
     match, give it placeholder ``futures[i]`` and advance its ``kv_len``. Returns

@@ -8,7 +8,8 @@ while batch N runs on the executor's worker."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Protocol
+from array import array
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -69,6 +70,7 @@ class ModelRunner:
         self.graph_runner = graph_runner
         self.adapters: AdapterHook | None = None
         self._facts: dict | None = None
+        self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def metrics(self) -> dict[str, Any]:
         """For ``get_server_info``: whether decode is captured, the graph runner's counters
@@ -187,29 +189,50 @@ class ModelRunner:
         self, reqs: list[Req], slots: torch.Tensor, input_ids: list[int]
     ) -> ForwardBatch:
         """The decode batch: ``input_ids[i]`` (a token, or a future-token placeholder the
-        executor resolves) at position ``reqs[i].kv_len``."""
-        r2t = self.req_pool.req_to_token
-        idx = self._tensor([r.req_pool_idx for r in reqs])
+        executor resolves) at position ``reqs[i].kv_len``.
+
+        Built with one host-to-tensor conversion (rows, positions and inputs in one int64
+        buffer, split into views) and cached ``arange``/ones per batch size: at batch 256 each
+        ``torch.tensor(list)`` cost ~20 us of the host path (issue 41). The shared tensors are
+        never written by a forward (nothing modifies a batch's metadata in place)."""
+        n = len(reqs)
         pos = [r.kv_len for r in reqs]
-        r2t[idx, self._tensor(pos)] = slots.to(r2t.dtype)
-        seq = [p + 1 for p in pos]
-        batch = ForwardBatch(
+        host = array("q", cast("list[int]", [r.req_pool_idx for r in reqs]))  # all admitted
+        host.extend(pos)
+        host.extend(input_ids)
+        packed = (
+            torch.frombuffer(host, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+        ).to(self.device)
+        idx, positions, ids = packed[:n], packed[n : 2 * n], packed[2 * n :]
+        r2t = self.req_pool.req_to_token
+        r2t[idx, positions] = slots.to(r2t.dtype)
+        rows, ones = self._decode_constants(n)
+        return ForwardBatch(
             is_decode=True,
-            input_ids=self._tensor(input_ids),
-            positions=self._tensor(pos),
+            input_ids=ids,
+            positions=positions,
             out_cache_loc=slots.to(self.device),
             req_pool_indices=idx,
-            seq_lens=self._tensor(seq),
-            prefix_lens=self._tensor(pos),
-            extend_lens=self._tensor([1] * len(reqs)),
+            seq_lens=positions + 1,
+            prefix_lens=positions,
+            extend_lens=ones,
             req_to_token=r2t,
-            logits_rows=torch.arange(len(reqs), device=self.device),
-            seq_lens_cpu=seq,
+            logits_rows=rows,
+            seq_lens_cpu=[p + 1 for p in pos],
             prefix_lens_cpu=pos,
-            extend_lens_cpu=[1] * len(reqs),
+            extend_lens_cpu=[1] * n,
             lora_ids=_lora_ids(reqs),
         )
-        return batch
+
+    def _decode_constants(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``arange(n)`` (the logits rows) and ``n`` ones (the extend lengths), made once."""
+        got = self._constants.get(n)
+        if got is None:
+            got = self._constants[n] = (
+                torch.arange(n, device=self.device),
+                torch.ones(n, dtype=torch.int64, device=self.device),
+            )
+        return got
 
 
 def _lora_ids(reqs: list[Req]) -> list[str | None] | None:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -89,6 +89,17 @@ class OutputProcessor:
             self.stats.process_seconds += time.perf_counter() - t1
 
     def _apply(self, plan: PlannedBatch, result: BatchResult) -> None:
+        tokens = result.tokens
+        if (
+            plan.simple
+            and not plan.needs_state  # nothing was skipped when sampled
+            and result.error is None
+            and self.hand_off is None
+            and len(tokens) == len(plan.sample_reqs)
+            and None not in tokens
+        ):
+            self._apply_simple(plan, cast("list[int]", tokens))
+            return
         for req, placeholder in zip(plan.sample_reqs, plan.futures):
             if req.future == placeholder:
                 req.future = None
@@ -182,6 +193,38 @@ class OutputProcessor:
                 self._finish_simple(req, FinishReason.stop(token))
             elif len(out) >= traits.limit:
                 n, cap = len(out), req.sampling.max_new_tokens
+                self._finish_simple(req, FinishReason.length(cap if n >= cap else n))
+
+    def _apply_simple(self, plan: PlannedBatch, tokens: list[int]) -> None:
+        """A decode batch of simple requests only (``PlannedBatch.simple``), every token
+        valid: one loop clears each request's placeholder, appends its token when the row is
+        still current and collects the finishing ones; the rest happens once per finish.
+        What ``_apply_tokens`` would do, with no per-request call (issue 41). A live row's
+        request already holds a token (its extend's, processed before this batch), so its
+        ``first_token_time`` is set."""
+        done: list[tuple[Req, int]] = []
+        live = 0
+        for req, token, expect, placeholder in zip(
+            plan.sample_reqs, tokens, plan.expect, plan.futures
+        ):
+            if req.future == placeholder:
+                req.future = None
+            out = req.output_ids
+            if len(out) != expect or req.reason is not None:
+                continue  # finished, or the row went stale (see the module docstring)
+            out.append(token)
+            live += 1
+            traits = req.traits
+            assert traits is not None  # computed when the batch was planned
+            if token in traits.stop_ids or len(out) >= traits.limit:
+                done.append((req, token))
+        self.stats.generated_tokens += live
+        for req, token in done:
+            assert req.traits is not None
+            if token in req.traits.stop_ids:
+                self._finish_simple(req, FinishReason.stop(token))
+            else:
+                n, cap = len(req.output_ids), req.sampling.max_new_tokens
                 self._finish_simple(req, FinishReason.length(cap if n >= cap else n))
 
     def _finish_simple(self, req: Req, reason: FinishReason) -> None:

@@ -35,8 +35,8 @@ import torch
 
 from plait.core import mixed
 from plait.core.batch_executor import BatchExecutor, PlannedBatch
-from plait.core.decode import DecodeAllocator
-from plait.core.decode_traits import traits_of
+from plait.core.decode import DecodeAllocator, claim_rows, decode_rows
+from plait.core.decode_traits import BatchTraitsCache, traits_of
 from plait.core.finish_reason import FinishReason
 from plait.core.kv_manager import KVManager
 from plait.core.model_runner import ExtendItem, ModelRunner
@@ -73,6 +73,7 @@ class Scheduler:
         self.decode = DecodeAllocator(
             kv, self.table, self.stats, config, self._drain, self._end, finisher.eos_ids
         )
+        self.batch_traits = BatchTraitsCache(config.context_len, finisher.eos_ids)
         self.output = OutputProcessor(kv, finisher, self.table, self.stats, config, self._end)
         #: verify passes as decode-shaped batches (``ModelRunner.prepare_verify``), else as
         #: extend batches: the runner's choice (decode-shaped with the CPU's native step)
@@ -338,33 +339,32 @@ class Scheduler:
         )
 
     def _plan_decode(self, decode: tuple[list[Req], torch.Tensor]) -> PlannedBatch:
-        """One row per request, in one pass over them: its input (the last token, or the
-        placeholder of the token in flight), the output count its token must still match,
-        and its fresh placeholder (see ``_planned``, which extends use)."""
+        """One row per request (``decode_rows``, ``claim_rows``); the set's traits from a
+        one-entry cache: the same requests decode step after step."""
         reqs, slots = decode
-        inputs = [r.future if r.future is not None else r.output_ids[-1] for r in reqs]
+        inputs, expect, pending = decode_rows(reqs)
         batch = self.runner.prepare_decode(reqs, slots, inputs)
         if self.spec is not None:
             for req in reqs:
                 self.spec.state(req).record(0, 0, 0)  # a step without a draft
         self.decode.decayed()
         futures = self.executor.futures.reserve(len(reqs))
-        ctx, eos = self.config.context_len, self.finisher.eos_ids
-        expect, pending, plain, needs_state = mixed.claim_decode_rows(reqs, futures, ctx, eos)
+        claim_rows(reqs, futures)
+        traits = self.batch_traits.of(reqs)
         self.stats.forward_passes += 1
-        rows = list(range(len(reqs)))
         return PlannedBatch(
             batch,
             None,
             [],
             reqs,
             reqs,
-            rows,
+            list(range(len(reqs))),
             expect,
             futures,
-            needs_state=needs_state,
+            needs_state=traits.needs_state,
             has_placeholders=pending,
-            plain_argmax=plain,
+            plain_argmax=traits.plain_argmax,
+            simple=traits.simple,
         )
 
     def _planned(

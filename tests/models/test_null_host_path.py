@@ -97,3 +97,33 @@ def test_requests_compare_by_identity():
     b = Req(rid="r", input_ids=[1, 2], sampling=SamplingParams(), created=0.0)
     assert a == a and a != b
     assert b not in [a]
+
+
+def test_a_decode_step_builds_no_tensor_from_a_python_list(null_engine, monkeypatch):
+    """Batch building and the placeholders' store convert host lists without
+    ``torch.tensor(list)`` (~20 us each at batch 256; issue 41): generating more tokens adds
+    no such call, however many decode steps it takes."""
+    import torch
+
+    calls = [0]
+    real = torch.tensor
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    prompts = [[900 + i, 901, 902] for i in range(8)]
+
+    def tensors_for(new_tokens: int) -> int:
+        null_engine.flush_cache()
+        params = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
+        calls[0] = 0
+        monkeypatch.setattr(torch, "tensor", counting)
+        try:
+            outs = null_engine.generate(input_ids=prompts, sampling_params=[params] * 8)
+        finally:
+            monkeypatch.setattr(torch, "tensor", real)
+        assert all(len(o["output_ids"]) == new_tokens for o in outs)
+        return calls[0]
+
+    assert tensors_for(20) == tensors_for(4)
