@@ -1,0 +1,135 @@
+"""The host path served: the null model through a real ``plait serve`` process, streamed to
+concurrent HTTP clients, against the same engine offline (issue 41).
+
+    .venv/bin/python -m benchmarks.serving.host_path_served --batch 1 64 256 --steps 64
+
+The null model's forward costs nothing (``plait/models/null.py``), so what a served decode step
+costs beyond the offline one is the serving side's: handing outputs from the scheduler to the
+HTTP process, detokenizing, formatting and writing each stream's events. Per batch size ``B``,
+``B`` streaming clients (``benchmarks.serving.serving``'s httpx client, ``/generate`` with
+``stream``, 16-token random prompts, EOS ignored) run twice, with one new token and with
+``--steps``; the served ms per decode step is ``(full - first) / (steps - 1)``, as in
+``benchmarks.host_path`` (whose offline figure is measured first, in this process, and then
+shut down). Reported per batch: offline and served ms/step, the served step rate the server
+counted (its forward passes over the run's wall time), tokens/s the clients received, and the
+server's phase split (ms per forward pass, from ``/get_server_info``). Every server is killed
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import httpx
+
+import plait
+from benchmarks import host_path
+from benchmarks.harness import PHASES, phase_split, step_totals
+from benchmarks.serving import serving
+from plait.models.default import default_model_path
+from plait.models.null import make_null_checkpoint
+
+
+def _workload(batch: int, new_tokens: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        dataset="random",
+        num_prompts=batch,
+        input_len=16,
+        output_len=new_tokens,
+        range_ratio=0.0,
+        prefix_len=0,
+        num_groups=1,
+        max_concurrency=batch,
+        seed=batch,
+        request_rate=float("inf"),
+        warmup=False,
+    )
+
+
+def served(url: str, batch: int, steps: int) -> dict[str, float]:
+    """Served ms per decode step at ``batch`` streams, the server's steps/s, the clients'
+    tokens/s and the phase split of the full run."""
+    first = serving.bench(url, _workload(batch, 1))
+    httpx.post(url + "/flush_cache", timeout=60)
+    before = step_totals(httpx.get(url + "/get_server_info", timeout=30).json())
+    full = serving.bench(url, _workload(batch, steps))
+    split = phase_split(before, step_totals(httpx.get(url + "/get_server_info", timeout=30).json()))
+    httpx.post(url + "/flush_cache", timeout=60)
+    for run in (first, full):
+        if run["failed"]:
+            raise SystemExit(f"{run['failed']} request(s) failed: {run['first_error']}")
+    return {
+        "served_ms": 1000 * (full["duration_s"] - first["duration_s"]) / (steps - 1),
+        "server_steps_per_s": split["passes"] / full["duration_s"],
+        "received_tok_per_s": full["output_tok_per_s"],
+        **{k: v for k, v in split.items() if k.endswith("_ms")},
+    }
+
+
+def offline(model: Path, batches: list[int], steps: int, rounds: int) -> dict[int, float]:
+    """``benchmarks.host_path``'s wall ms per decode step, median of ``rounds``."""
+    engine = plait.Engine(
+        str(model),
+        max_running_requests=max(batches),
+        max_total_tokens=max(batches) * (16 + steps + 16),
+    )
+    try:
+        host_path._serve(engine, max(batches), 4, False)  # warm-up
+        return {
+            b: statistics.median(
+                host_path.measure(engine, b, steps, False)["step_ms"] for _ in range(rounds)
+            )
+            for b in batches
+        }
+    finally:
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--server-args", default="", help="more `plait serve` arguments")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if args.steps < 2:
+        ap.error("--steps must be at least 2")
+    with tempfile.TemporaryDirectory(prefix="plait-null-") as tmp:
+        model = make_null_checkpoint(Path(tmp), default_model_path())
+        base = offline(model, args.batch, args.steps, args.rounds)
+        top = max(args.batch)
+        extra = (
+            f"--max-running-requests {top} --max-total-tokens {top * (16 + args.steps + 16)} "
+            + args.server_args
+        )
+        proc, url = serving.launch(
+            extra, argparse.Namespace(model_path=str(model), verbose=args.verbose)
+        )
+        try:
+            serving.bench(url, _workload(2, 4))  # warm-up
+            runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
+            for _ in range(args.rounds):
+                for b in args.batch:
+                    runs[b].append(served(url, b, args.steps))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except Exception:
+                proc.kill()
+                proc.wait()
+    print(f"null model, greedy, {args.steps} steps, {args.rounds} rounds; serve {extra}")
+    cols = ["served_ms", "server_steps_per_s", "received_tok_per_s"] + [f"{p}_ms" for p in PHASES]
+    print("| batch | offline ms/step | " + " | ".join(cols) + " |")
+    print("|---:|---:|" + "---:|" * len(cols))
+    for b in args.batch:
+        med = {c: statistics.median(r[c] for r in runs[b]) for c in cols}
+        print(f"| {b} | {base[b]:.3f} | " + " | ".join(f"{med[c]:.3f}" for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
