@@ -10,7 +10,8 @@ HTTP process, detokenizing, formatting and writing each stream's events. Per bat
 ``stream``, 16-token random prompts, EOS ignored) run twice, with one new token and with
 ``--steps``; the served ms per decode step is ``(full - first) / (steps - 1)``, as in
 ``benchmarks.host_path`` (whose offline figure is measured first, in this process, and then
-shut down). Reported per batch: offline and served ms/step, the served step rate the server
+shut down). Reported per batch: offline and served ms/step (wall, and the CPU ms per step of
+the HTTP process, the scheduler process and the client), the served step rate the server
 counted (its forward passes over the run's wall time), tokens/s the clients received, and the
 server's phase split (ms per forward pass, from ``/get_server_info``). Every server is killed
 at the end.
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 
 import plait
 from benchmarks import host_path
@@ -49,20 +51,36 @@ def _workload(batch: int, new_tokens: int) -> argparse.Namespace:
     )
 
 
-def served(url: str, batch: int, steps: int) -> dict[str, float]:
-    """Served ms per decode step at ``batch`` streams, the server's steps/s, the clients'
+def cpu_seconds(procs: list[psutil.Process]) -> list[float]:
+    """User + system CPU seconds each process has used so far."""
+    return [sum(p.cpu_times()[:2]) for p in procs]
+
+
+def served(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> dict[str, float]:
+    """Served ms per decode step at ``batch`` streams (wall, and CPU of the HTTP process, the
+    scheduler process and this client: on a loaded machine the CPU figures are what each side
+    spent, the wall one includes waiting for a core), the server's steps/s, the clients'
     tokens/s and the phase split of the full run."""
+    cpu0 = cpu_seconds(procs)
     first = serving.bench(url, _workload(batch, 1))
+    cpu1 = cpu_seconds(procs)
     httpx.post(url + "/flush_cache", timeout=60)
     before = step_totals(httpx.get(url + "/get_server_info", timeout=30).json())
+    cpu2 = cpu_seconds(procs)
     full = serving.bench(url, _workload(batch, steps))
+    cpu3 = cpu_seconds(procs)
+    per_step = 1000 / (steps - 1)
+    cpu = [per_step * ((d - c) - (b - a)) for a, b, c, d in zip(cpu0, cpu1, cpu2, cpu3)]
     split = phase_split(before, step_totals(httpx.get(url + "/get_server_info", timeout=30).json()))
     httpx.post(url + "/flush_cache", timeout=60)
     for run in (first, full):
         if run["failed"]:
             raise SystemExit(f"{run['failed']} request(s) failed: {run['first_error']}")
     return {
-        "served_ms": 1000 * (full["duration_s"] - first["duration_s"]) / (steps - 1),
+        "served_ms": per_step * (full["duration_s"] - first["duration_s"]),
+        "http_cpu_ms": cpu[0],
+        "sched_cpu_ms": cpu[1],
+        "client_cpu_ms": cpu[2],
         "server_steps_per_s": split["passes"] / full["duration_s"],
         "received_tok_per_s": full["output_tok_per_s"],
         **{k: v for k, v in split.items() if k.endswith("_ms")},
@@ -111,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         try:
             serving.bench(url, _workload(2, 4))  # warm-up
+            http = psutil.Process(proc.pid)
+            procs = [http, *http.children(), psutil.Process()]  # HTTP, scheduler, this client
             runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
             for _ in range(args.rounds):
                 for b in args.batch:
-                    runs[b].append(served(url, b, args.steps))
+                    runs[b].append(served(url, b, args.steps, procs))
         finally:
             proc.terminate()
             try:
@@ -123,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                 proc.kill()
                 proc.wait()
     print(f"null model, greedy, {args.steps} steps, {args.rounds} rounds; serve {extra}")
-    cols = ["served_ms", "server_steps_per_s", "received_tok_per_s"] + [f"{p}_ms" for p in PHASES]
+    cols = ["served_ms", "http_cpu_ms", "sched_cpu_ms", "client_cpu_ms"]
+    cols += ["server_steps_per_s", "received_tok_per_s"] + [f"{p}_ms" for p in PHASES]
     print("| batch | offline ms/step | " + " | ".join(cols) + " |")
     print("|---:|---:|" + "---:|" * len(cols))
     for b in args.batch:
