@@ -12,7 +12,8 @@ and ``OUT/kit.md``; one failing stage does not stop the others:
               configs here, nothing downloaded; bf16 on a GPU): decode tok/s at batch 1, 64, 256
               with decode graphs (prefill subtracted: one new token against ``--new``).
 ``profile``   per shape, batch 64 decode under ``torch.profiler``: device kernel time over the
-              wall time of the run (the GPU's busy fraction), and the decode attention kernels'
+              wall time of the decode steps (the GPU's busy fraction; a one-token run, the
+              prefill, subtracted from a ``--new`` one), and the decode attention kernels'
               bandwidth -- the KV bytes they must read over their time -- against the HBM limit
               of the device (``HBM_TBPS``). On a CPU there are no device kernels: both are
               recorded as not measured, with that reason.
@@ -132,25 +133,44 @@ def stage_profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         prompts = _prompts(batch, args.input_len, config["vocab_size"])
         try:
             _run(engine, prompts, args.new)  # warm-up
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if on_gpu:
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                wall = _run(engine, prompts, args.new)
-                if on_gpu:
-                    torch.cuda.synchronize()
+            first = _profiled(engine, prompts, 1, on_gpu)  # prefill and one token
+            full = _profiled(engine, prompts, args.new, on_gpu)
         finally:
             engine.shutdown()
-        kernels = [
-            (e.key, e.self_device_time_total / 1e6)
-            for e in prof.key_averages()
-            if getattr(e, "self_device_time_total", 0) > 0
-        ]
+        # the decode steps alone: the one-token run's kernels and wall subtracted
+        names = set(full[0]) | set(first[0])
+        kernels = [(k, full[0].get(k, 0.0) - first[0].get(k, 0.0)) for k in names]
+        wall = full[1] - first[1]
         out[shape] = busy_and_bandwidth(
-            kernels, wall, config, batch, args.input_len, args.new, args.dtype
+            [(k, t) for k, t in kernels if t > 0] if full[0] else [],
+            wall,
+            config,
+            batch,
+            args.input_len,
+            args.new,
+            args.dtype,
         )
         out[shape]["wall_s"] = wall
     return out
+
+
+def _profiled(engine: Any, prompts: list[list[int]], new: int, on_gpu: bool) -> tuple[dict, float]:
+    """Device seconds per kernel name, and the wall seconds, of one run under the profiler."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        wall = _run(engine, prompts, new)
+        if on_gpu:
+            torch.cuda.synchronize()
+    kernels = {
+        e.key: e.self_device_time_total / 1e6
+        for e in prof.key_averages()
+        if getattr(e, "self_device_time_total", 0) > 0
+    }
+    return kernels, wall
 
 
 def busy_and_bandwidth(
