@@ -87,6 +87,24 @@ def served(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> dic
     }
 
 
+def whole_run(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> dict[str, float]:
+    """One run of ``batch`` streams x ``steps`` tokens, nothing subtracted: its wall and each
+    process's CPU seconds (steadier than ``served`` on a loaded machine)."""
+    cpu0 = cpu_seconds(procs)
+    run = serving.bench(url, _workload(batch, steps))
+    cpu = [b - a for a, b in zip(cpu0, cpu_seconds(procs))]
+    httpx.post(url + "/flush_cache", timeout=60)
+    if run["failed"]:
+        raise SystemExit(f"{run['failed']} request(s) failed: {run['first_error']}")
+    return {
+        "wall_s": run["duration_s"],
+        "http_cpu_s": cpu[0],
+        "sched_cpu_s": cpu[1],
+        "client_cpu_s": cpu[2],
+        "received_tok_per_s": run["output_tok_per_s"],
+    }
+
+
 def offline(model: Path, batches: list[int], steps: int, rounds: int) -> dict[int, float]:
     """``benchmarks.host_path``'s wall ms per decode step, median of ``rounds``."""
     engine = plait.Engine(
@@ -112,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--server-args", default="", help="more `plait serve` arguments")
+    ap.add_argument("--whole-run", action="store_true", help="per-run totals, no subtraction")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
             for _ in range(args.rounds):
                 for b in args.batch:
-                    runs[b].append(served(url, b, args.steps, procs))
+                    measure = whole_run if args.whole_run else served
+                    runs[b].append(measure(url, b, args.steps, procs))
         finally:
             proc.terminate()
             try:
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"null model, greedy, {args.steps} steps, {args.rounds} rounds; serve {extra}")
     cols = ["served_ms", "http_cpu_ms", "sched_cpu_ms", "client_cpu_ms"]
     cols += ["server_steps_per_s", "received_tok_per_s"] + [f"{p}_ms" for p in PHASES]
+    if args.whole_run:
+        cols = list(runs[args.batch[0]][0])
     print("| batch | offline ms/step | " + " | ".join(cols) + " |")
     print("|---:|---:|" + "---:|" * len(cols))
     for b in args.batch:
