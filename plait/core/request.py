@@ -38,6 +38,9 @@ class Req:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     stream: bool = False
+    #: the caller detokenizes the streamed ids itself (the server's HTTP process, off the
+    #: scheduler's GIL): its text is decoded once, when it finishes, unless it stops on strings
+    detokenize_later: bool = False
     on_output: Callable[["Req", bool], None] | None = None
     grammar: Any = None  # plait.core.grammar.GrammarState when constrained
     bootstrap: Any = None  # plait.core.messages.Bootstrap (disaggregated)

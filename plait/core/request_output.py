@@ -37,7 +37,8 @@ class RequestFinisher:
             self.finalize_text(req)
             return
         checked = len(req.text)
-        if req.stream or sp.stop:  # else the text is read only once finished (finalize_text)
+        if (req.stream and not req.detokenize_later) or sp.stop:
+            # else the text is read only once finished (finalize_text)
             self._detokenize(req)
         if sp.stop and n_out >= sp.min_new_tokens:
             text = req.detok.text

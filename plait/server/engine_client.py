@@ -44,6 +44,7 @@ from plait.server.admission import AdmissionControl
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
+from plait.server.stream_text import StreamText, route_batch
 
 logger = logging.getLogger("plait.server")
 
@@ -61,6 +62,7 @@ class EngineClient:
         self.started_at = time.time()
         self.proc: subprocess.Popen | None = None
         self._queues: dict[str, asyncio.Queue] = {}
+        self._texts: dict[str, StreamText] = {}  # per running request, for "batch" messages
         self._replies: dict[int, asyncio.Future] = {}
         self._req_ids = itertools.count()
         remove_stale_ipc_dirs()
@@ -224,7 +226,9 @@ class EngineClient:
             msg = await self._recv.recv_pyobj()
             self.last_message = time.monotonic()
             op = msg.get("op")
-            if op == "out":
+            if op == "batch":
+                route_batch(msg, self._texts, self._queues, self.metrics, self.last_message)
+            elif op == "out":
                 self.metrics.on_output(msg["rid"], msg["out"], msg["finished"], time.monotonic())
                 q = self._queues.get(msg["rid"])
                 if q is not None:
@@ -315,6 +319,7 @@ class EngineClient:
             raise APIError(f"rid {req.rid!r} is already running", param="rid")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req.rid] = q
+        self._texts[req.rid] = StreamText(req, self.tokenizer)
         self.metrics.start(req.rid)
         finished = False
         try:
@@ -344,6 +349,7 @@ class EngineClient:
                     yield out
         finally:
             self._queues.pop(req.rid, None)
+            self._texts.pop(req.rid, None)
             if not finished:  # client gone, timeout or shutdown: free its KV, count the abort
                 self.metrics.finish(req.rid, "abort")
                 self.abort(req.rid)

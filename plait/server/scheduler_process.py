@@ -12,9 +12,11 @@ Wire protocol (pickled; the HTTP process binds both sockets, this process connec
                       ShutdownReq
   out (here -> HTTP): {"op": "ready", "info"} | {"op": "startup_error", "message"}
                       {"op": "out", "rid", "out": <engine chunk>, "finished": bool}
+                      {"op": "batch", "outs", "errors"}: a step's outputs in one message
+                      (``plait.server.step_outbox``; engines with ``make_requests``/``submit``)
                       {"op": "error", "rid", "status", "message"}
                       {"op": "reply", "req_id", "result"}
-Invariant: every "generate" gets exactly one message with finished=True or one "error". An
+Invariant: every "generate" gets exactly one finished output or one error. An
 engine-side failure (finish_reason ``{"type": "error"}``) is sent as an "error" with status 500.
 """
 
@@ -46,6 +48,7 @@ from plait.core.messages import (
     ShutdownReq,
 )
 from plait.server.server_args import check_mem_fraction
+from plait.server.step_outbox import StepOutbox
 
 logger = logging.getLogger("plait.scheduler_process")
 
@@ -153,6 +156,12 @@ class SchedulerServer:
         self.send = send
         self.model_path = model_path
         self.tasks: dict[str, asyncio.Task] = {}
+        #: submitted through the outbox and not finished (engines with ``make_requests`` and
+        #: ``submit``, as ``plait.Engine``; others stream per request through ``run_request``)
+        self.live: set[str] = set()
+        self.outbox: StepOutbox | None = None
+        if hasattr(engine, "make_requests") and hasattr(engine, "submit"):
+            self.outbox = StepOutbox(asyncio.get_running_loop(), self.emit, self.live.discard)
 
     def emit(self, msg: dict[str, Any]) -> None:
         try:  # never block the loop on a vanished HTTP process; the parent watch ends us
@@ -161,6 +170,28 @@ class SchedulerServer:
             logger.warning(
                 "dropped %s for %s: HTTP process unreachable", msg.get("op"), msg.get("rid")
             )
+
+    async def submit(self, msg: GenerateReq) -> None:
+        """Tokenize and validate off the loop, then hand the request to the scheduler with the
+        outbox as its output callback (a refusal is a 400, as in ``run_request``)."""
+        assert self.outbox is not None
+        rid = msg.rid
+        try:
+            reqs = await asyncio.to_thread(self.engine.make_requests, [msg])
+        except ValueError as e:
+            self.emit({"op": "error", "rid": rid, "status": 400, "message": str(e)})
+            return
+        except Exception as e:
+            logger.exception("request %s failed", rid)
+            self.emit(
+                {"op": "error", "rid": rid, "status": 500, "message": f"{type(e).__name__}: {e}"}
+            )
+            return
+        finally:
+            self.tasks.pop(rid, None)
+        self.outbox.prepare(reqs, msg.stream)
+        self.live.add(rid)
+        self.engine.submit(reqs, self.outbox.on_output)
 
     async def run_request(self, msg: GenerateReq) -> None:
         rid = msg.rid
@@ -223,9 +254,10 @@ class SchedulerServer:
     async def handle(self, msg: Any) -> bool:
         """Dispatch one message; False means shut down."""
         if isinstance(msg, GenerateReq):
-            self.tasks[msg.rid] = asyncio.create_task(self.run_request(msg))
+            run = self.run_request if self.outbox is None else self.submit
+            self.tasks[msg.rid] = asyncio.create_task(run(msg))
         elif isinstance(msg, AbortReq):
-            if msg.rid in self.tasks:
+            if msg.rid in self.tasks or msg.rid in self.live:
                 await asyncio.to_thread(self.engine.abort, msg.rid)
         elif isinstance(msg, (FlushCacheReq, GetInfoReq)):
             try:
@@ -328,6 +360,16 @@ async def serve(config: dict[str, Any]) -> int:
         for rid, task in list(server.tasks.items()):
             await asyncio.to_thread(engine.abort, rid)
             task.cancel()
+        for rid in list(server.live):
+            await asyncio.to_thread(engine.abort, rid)
+            server.emit(
+                {
+                    "op": "error",
+                    "rid": rid,
+                    "status": 503,
+                    "message": "the scheduler is shutting down",
+                }
+            )
         if hasattr(engine, "shutdown"):
             await asyncio.to_thread(engine.shutdown)
         send.close()

@@ -9,7 +9,7 @@
 # wheels for the packages the GPU image lacks (whl/) and the default model's config and
 # tokenizer (like/). Logs land in OUT. STAGES="parity decode" limits the run to those stages
 # (conformance, qmatmul, quant, parity, decode, serving, serving_overlap,
-# serving_overlap_ab, step_profile; make_model always
+# serving_overlap_ab, step_profile, kit; make_model always
 # runs). The model is SmolLM2-135M-shaped with seeded random weights
 # (tools/lease/cuda_check.py make-model): the real 98 MB file does not fit a lease.
 # KIT_EXTRA adds pytest arguments (no spaces inside one) to the conformance stage, e.g.
@@ -84,4 +84,9 @@ stage step_profile 150 bash -c "python3 -m tools.lease.step_profile --model-path
     --device cuda --dtype bfloat16 --batch 64 --input-len 256 --new 64 --rows 30 \
     --disable-graph-capture && python3 -m tools.lease.step_profile --model-path $MODEL \
     --device cuda --dtype bfloat16 --batch 64 --input-len 256 --new 64 --rows 30"
+# issue 41's lease kit in one stage (benchmarks/lease_kit.py): null host step, SmolLM2- and
+# Llama-3-8B-shaped bf16 decode, busy fraction, attention bandwidth, serving. sglang's
+# bench_serving drives the server where the lease carries it, else Plait's httpx client.
+client=httpx; python3 -c "import sglang.bench_serving" 2>/dev/null && client=bench_serving
+stage kit 560 python3 -m benchmarks.lease_kit --out "$OUT/kit" --device cuda --serving-client $client
 cat "$OUT/summary.txt"

@@ -73,6 +73,10 @@ class TritonBackend(Backend):
             attn.set_layer_scales(old.layer_scales)
             attn.set_logit_softcaps(old.logit_softcaps)
             runner.attn = attn
+        if self.torch_device.type == "cuda":  # greedy tokens reach the host without a sync
+            from plait.backends.cuda.token_copy import AsyncTokenCopy, install
+
+            install(runner, AsyncTokenCopy(self.torch_device, capacity=256))
         return runner
 
     def create_attention_backend(
