@@ -13,6 +13,13 @@ and the engine keeps its batch full.
 
 With fewer than :data:`MIN_SAMPLES` recent finishes the rate is unknown and only the count
 limit applies (a cold or idle server never sheds on a guess).
+
+The rate lags: it is measured over past finishes, so when the service rate falls (a noisy
+neighbour, longer prompts) the prediction stays optimistic for up to a window. A second rule
+needs no rate: the server also tracks when each admitted sequence was posted and when its
+first output came back; while the oldest sequence still without one has waited past
+``max_queue_time``, a request that would queue is shed too. Accepted latency then stays
+bounded within one request's wait, whatever the rate estimate says.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ class AdmissionControl:
         self.clock = clock
         self.admitted = 0
         self._finishes: deque[float] = deque(maxlen=RATE_WINDOW)
+        #: posted sequences still without a first output, by id, in posting order (so the
+        #: first is the oldest: a dict keeps insertion order and deletes keep it)
+        self._waiting: dict[str, float] = {}
 
     @property
     def limit(self) -> int:
@@ -88,6 +98,20 @@ class AdmissionControl:
             return 0.0
         return ahead / rate
 
+    def posted(self, rid: str) -> None:
+        """Sequence ``rid`` was handed to the engine: it waits until its first output."""
+        self._waiting[rid] = self.clock()
+
+    def started(self, rid: str) -> None:
+        """Sequence ``rid`` got its first output (or ended): it no longer waits."""
+        self._waiting.pop(rid, None)
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest posted sequence without a first output has waited (0: none)."""
+        if not self._waiting:
+            return 0.0
+        return self.clock() - next(iter(self._waiting.values()))
+
     def refusal(self, count: int) -> Refusal | None:
         """Why ``count`` more sequences may not enter now, or None when they may."""
         if self.admitted + count > self.limit:
@@ -100,6 +124,9 @@ class AdmissionControl:
         if self.max_queue_time is None:
             return None
         wait = self.predicted_wait(count)
+        if self.admitted + count > self.running_slots:
+            # it would queue: behind a request already waiting past the bound, it waits longer
+            wait = max(wait, self.oldest_wait())
         if wait <= self.max_queue_time:
             return None
         retry = min(MAX_RETRY_AFTER, max(1, math.ceil(wait - self.max_queue_time)))

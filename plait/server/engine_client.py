@@ -326,6 +326,7 @@ class EngineClient:
             if not self._post(req):
                 finished = True
                 raise APIError("the scheduler process is not reachable", status=503)
+            self.admission.posted(req.rid)
             timeout = self.args.request_timeout
             deadline = None if timeout is None else time.monotonic() + timeout
             while not finished:
@@ -345,9 +346,11 @@ class EngineClient:
                     self.metrics.finish(req.rid, "error")
                     raise APIError(message, status=status)
                 _, out, finished = item
+                self.admission.started(req.rid)
                 if req.stream or finished:
                     yield out
         finally:
+            self.admission.started(req.rid)
             self._queues.pop(req.rid, None)
             self._texts.pop(req.rid, None)
             if not finished:  # client gone, timeout or shutdown: free its KV, count the abort

@@ -77,6 +77,31 @@ def test_the_bound_off_keeps_the_count_limit_only():
 
 
 @pytest.mark.slow
+def test_a_sequence_waiting_past_the_bound_sheds_what_would_queue_without_a_rate():
+    """The rate lags a falling service rate; the oldest wait does not: while a posted sequence
+    has had no first output for longer than the bound, a request that would queue is shed,
+    one that would run at once is not, and the shedding ends when that sequence starts."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)  # a fast rate: no predicted wait
+    ctl.enter(4)
+    for rid in ("a", "b", "c", "d"):
+        ctl.posted(rid)
+    clock.now += 3.0  # past the 2 s bound, none has started
+    assert ctl.oldest_wait() == pytest.approx(3.0)
+    refusal = ctl.refusal(1)
+    assert refusal is not None and refusal.status == 503 and refusal.retry_after >= 1
+    ctl.started("a")
+    assert ctl.refusal(1) is not None  # "b" has waited as long
+    ctl.leave(1)
+    assert ctl.refusal(1) is None  # a place is free: it would run at once, not queue
+    ctl.enter(1)
+    for rid in ("b", "c", "d"):
+        ctl.started(rid)
+    assert ctl.oldest_wait() == 0.0
+    assert ctl.refusal(1) is None
+
+
 def test_an_overloaded_server_sheds_with_503_and_serves_what_it_accepts(tiny_model_dir, tmp_path):
     # 8 running places, each request ~1 s (50 tokens x 0.02 s): ~8 finishes a second. 48
     # clients in a loop ask for ~6 s of queue; the bound is 1 s.
