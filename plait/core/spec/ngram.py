@@ -44,6 +44,10 @@ class DraftState:
     hits: float = 4.0
     rejections: float = 1.0
     capped: int = 0  # steps in a row the cost model allowed no draft (``cost.py``)
+    # a draft the cost model did not let verify, and the sequence length it continues: the
+    # token decoding commits there says whether its first draft would have been accepted
+    shadow: int | None = None
+    shadow_at: int = 0
 
     def next_budget(self) -> int:
         """Drafts the next proposal may have (0 while cooling down after misses)."""
@@ -70,6 +74,21 @@ class DraftState:
             self.cooldown = min(2**self.misses, MAX_COOLDOWN)
         else:
             self.misses = 0
+
+    def remember(self, drafts: list[int], at: int) -> None:
+        """``drafts`` continued the sequence at length ``at`` but were not verified."""
+        self.shadow, self.shadow_at = (drafts[0], at) if drafts else (None, 0)
+
+    def check_shadow(self, seq: list[int]) -> None:
+        """Count the remembered unverified draft once ``seq`` has gone past it: its first token
+        accepted or rejected, as one verify pass of one draft would have (the estimate stays
+        current while the cost model withholds drafts)."""
+        if self.shadow is None or len(seq) <= self.shadow_at:
+            return
+        hit = seq[self.shadow_at] == self.shadow
+        self.shadow = None
+        self.hits = ACCEPT_DECAY * self.hits + hit
+        self.rejections = ACCEPT_DECAY * self.rejections + (not hit)
 
     def acceptance(self) -> float:
         """The chance that a draft is accepted given the drafts before it were: verification

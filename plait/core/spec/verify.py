@@ -3,8 +3,8 @@ with.
 
 Planning (:meth:`Speculator.plan`): every running request gets a draft (``ngram.py``; under
 STANDALONE the draft model's, ``draft_model.py``) cut to what it may still produce
-(``max_new_tokens``, the context), to what pays at this batch size given its acceptance so far
-(``cost.py``, from the pass times :meth:`Speculator.observe` records) and to what its grammar
+(``max_new_tokens``, the context), to what pays for the batch given each request's acceptance
+so far (``cost.py``, from the pass times :meth:`Speculator.observe` records) and to what its grammar
 allows, and KV for its last token plus the draft. Requests of different draft lengths go into one
 extend batch, ``[last token, d_1 .. d_k]`` each, with logits for every row. When no request
 has a draft this step, or KV for the drafts is short, the scheduler decodes as usual (its
@@ -46,7 +46,7 @@ from plait.core.request_output import RequestFinisher
 from plait.core.sampler import sample, takes_plain_argmax, token_logprobs
 from plait.core.scheduler_config import SchedulerConfig, SchedulerStats
 from plait.core.spec.config import SpecSettings
-from plait.core.spec.cost import PassCost, draft_cap, probe
+from plait.core.spec.cost import PassCost, choose_drafts, probe
 from plait.core.spec.ngram import DraftState, propose
 
 log = logging.getLogger(__name__)
@@ -98,22 +98,20 @@ class Speculator:
             req.spec = DraftState(budget=self.settings.max_drafts)
         return req.spec
 
-    def budget(self, req: Req, batch: int = 1) -> int:
-        """How many drafts ``req`` may have this step (``batch`` requests running): within its
-        limits and what pays (``cost.py``). Call once per step: it counts down a cooldown."""
+    def budget(self, req: Req) -> int:
+        """How many drafts ``req``'s proposer may give this step: its adaptive length within
+        ``max_new_tokens`` and the context (what pays is decided for the batch, ``drafts``).
+        Call once per step: it counts down a cooldown."""
         state = self.state(req)
+        state.check_shadow(req.fill_ids)
         room = min(
             req.sampling.max_new_tokens - len(req.output_ids) - 1,
             self.config.context_len - len(req.fill_ids) - 1,
         )
-        k = min(state.next_budget(), room)
-        if k > 0:
-            k = min(k, probe(draft_cap(self.cost, state.acceptance(), batch, k), state))
-        return k
+        return min(state.next_budget(), room)
 
-    def draft(self, req: Req, batch: int = 1) -> list[int]:
-        """``req``'s NGRAM draft this step, within :meth:`budget` and its grammar."""
-        k = self.budget(req, batch)
+    def propose(self, req: Req, k: int) -> list[int]:
+        """``req``'s NGRAM draft of at most ``k`` tokens, cut to what its grammar allows."""
         if k <= 0:
             return []
         s = self.settings
@@ -123,10 +121,22 @@ class Speculator:
         return drafts
 
     def drafts(self, reqs: list[Req]) -> list[list[int]]:
-        """Every request's draft this step: NGRAM's, or the draft model's in one batch."""
+        """Every request's draft this step, cut to what pays for the batch (``cost.py``):
+        NGRAM's, proposed first (an unverified one is remembered to measure acceptance), or
+        the draft model's, in one batch after the cut."""
+        budgets = [self.budget(r) for r in reqs]
+        states = [self.state(r) for r in reqs]
         if self.drafter is None:
-            return [self.draft(r, len(reqs)) for r in reqs]
-        proposed = self.drafter.propose(reqs, [self.budget(r, len(reqs)) for r in reqs])
+            proposed = [self.propose(r, k) for r, k in zip(reqs, budgets)]
+            caps = choose_drafts(
+                self.cost, [s.acceptance() for s in states], list(map(len, proposed))
+            )
+            for r, s, d, cap in zip(reqs, states, proposed, caps):
+                s.remember(d if cap == 0 else [], len(r.fill_ids))
+            return [d[:cap] for d, cap in zip(proposed, caps)]
+        caps = choose_drafts(self.cost, [s.acceptance() for s in states], budgets)
+        caps = [probe(c, s) if k > 0 else 0 for c, k, s in zip(caps, budgets, states)]
+        proposed = self.drafter.propose(reqs, caps)
         return [
             _grammar_prefix(r.grammar, d) if r.grammar is not None and d else d
             for r, d in zip(reqs, proposed)
