@@ -18,9 +18,11 @@ vocabulary of logits (the null model hands them over at no cost).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import plait
@@ -62,6 +64,24 @@ def measure(engine: plait.Engine, batch: int, steps: int, sampled: bool) -> dict
     }
 
 
+@contextlib.contextmanager
+def null_engine(max_batch: int, steps: int, disable_overlap: bool) -> Iterator[plait.Engine]:
+    """An engine on the null model (a temporary checkpoint shaped like the default model's
+    config) sized for ``max_batch`` requests of ``steps`` decode steps; shut down on exit."""
+    with tempfile.TemporaryDirectory(prefix="plait-null-") as tmp:
+        path = make_null_checkpoint(Path(tmp), default_model_path())
+        engine = plait.Engine(
+            str(path),
+            max_running_requests=max_batch,
+            max_total_tokens=max_batch * (16 + steps + 16),
+            disable_overlap_schedule=disable_overlap,
+        )
+        try:
+            yield engine
+        finally:
+            engine.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
@@ -70,21 +90,11 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true", help="temperature 0.7, not greedy")
     ap.add_argument("--disable-overlap-schedule", action="store_true")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="plait-null-") as tmp:
-        path = make_null_checkpoint(Path(tmp), default_model_path())
-        engine = plait.Engine(
-            str(path),
-            max_running_requests=max(args.batch),
-            max_total_tokens=max(args.batch) * (16 + args.steps + 16),
-            disable_overlap_schedule=args.disable_overlap_schedule,
-        )
-        try:
-            _serve(engine, max(args.batch), 4, args.sampled)  # warm-up
-            runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
-            for _, batch in alternate(args.batch, args.rounds):
-                runs[batch].append(measure(engine, batch, args.steps, args.sampled))
-        finally:
-            engine.shutdown()
+    with null_engine(max(args.batch), args.steps, args.disable_overlap_schedule) as engine:
+        _serve(engine, max(args.batch), 4, args.sampled)  # warm-up
+        runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
+        for _, batch in alternate(args.batch, args.rounds):
+            runs[batch].append(measure(engine, batch, args.steps, args.sampled))
     mode = "sampled (temperature 0.7)" if args.sampled else "greedy"
     overlap = "off" if args.disable_overlap_schedule else "on"
     print(f"null model, {mode}, overlap {overlap}, {args.steps} steps, {args.rounds} rounds")

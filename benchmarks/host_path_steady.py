@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import plait
+from benchmarks.host_path import null_engine
 from plait.core.batch_executor import BatchExecutor
 from plait.core.scheduler import Scheduler
-from plait.models.default import default_model_path
-from plait.models.null import make_null_checkpoint
 
 STEP: list[float] = []
 RUN: list[float] = []
@@ -63,21 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     _timed(Scheduler, "step", STEP)
     _timed(BatchExecutor, "_run", RUN)
-    with tempfile.TemporaryDirectory(prefix="plait-null-") as tmp:
-        path = make_null_checkpoint(Path(tmp), default_model_path())
-        engine = plait.Engine(
-            str(path),
-            max_running_requests=max(args.batch),
-            max_total_tokens=max(args.batch) * (16 + args.steps + 16),
-            disable_overlap_schedule=args.disable_overlap_schedule,
-        )
-        try:
-            measure(engine, max(args.batch), 8)  # warm-up
-            runs = {
-                b: [measure(engine, b, args.steps) for _ in range(args.rounds)] for b in args.batch
-            }
-        finally:
-            engine.shutdown()
+    with null_engine(max(args.batch), args.steps, args.disable_overlap_schedule) as engine:
+        measure(engine, max(args.batch), 8)  # warm-up
+        runs = {b: [measure(engine, b, args.steps) for _ in range(args.rounds)] for b in args.batch}
     overlap = "off" if args.disable_overlap_schedule else "on"
     print(
         f"null model, greedy, overlap {overlap}, steady decode CPU ms (the least of {args.rounds} rounds)"
