@@ -138,6 +138,17 @@ def restart(cmdline: list[str], log: Path, env: dict[str, str]) -> subprocess.Po
     )
 
 
+def stopped_with_its_tree(server, tree: list[psutil.Process], killed: float) -> tuple[int, float]:
+    """Wait for the launch to exit non-zero after a kill at ``killed`` and for every process
+    it had (``tree``) to be gone; its exit code and the seconds it took to stop."""
+    code = server.proc.wait(EXIT_BOUND)
+    stopped_in = time.monotonic() - killed
+    assert code != 0
+    _, alive = psutil.wait_procs(tree, timeout=EXIT_BOUND)
+    assert not alive, f"left running: {alive}"
+    return code, stopped_in
+
+
 def test_kill_9_a_tp_rank_ends_in_flight_requests_and_stops_for_a_restart(
     make_tiny_model, tmp_path
 ):
@@ -159,11 +170,7 @@ def test_kill_9_a_tp_rank_ends_in_flight_requests_and_stops_for_a_restart(
             (rank,) = [p for p in tree if "plait.core.tp.worker" in p.cmdline()]
             rank.kill()
             killed = time.monotonic()
-            code = server.proc.wait(EXIT_BOUND)
-            stopped_in = time.monotonic() - killed
-            assert code != 0
-            gone, alive = psutil.wait_procs(tree, timeout=EXIT_BOUND)
-            assert not alive, f"left running: {alive}"
+            code, stopped_in = stopped_with_its_tree(server, tree, killed)
             server = start_server(args, tmp_path / "tp2.log", str(model_dir), env=env, port=port)
             recovered_in = wait_serving(server.url, model, killed)
             time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - killed)))
@@ -195,11 +202,7 @@ def test_kill_9_the_gateway_gives_connection_errors_and_a_restart_serves(tiny_mo
             (gateway,) = [p for p in kids if "plait.server.cli" not in p.cmdline()]
             gateway.kill()
             killed = time.monotonic()
-            code = server.proc.wait(EXIT_BOUND)
-            stopped_in = time.monotonic() - killed
-            assert code != 0
-            gone, alive = psutil.wait_procs(tree, timeout=EXIT_BOUND)
-            assert not alive, f"left running: {alive}"
+            code, stopped_in = stopped_with_its_tree(server, tree, killed)
             server = start_server(
                 args, tmp_path / "dp2.log", str(tiny_model_dir), env=env, port=port
             )
