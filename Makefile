@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model kernels run lint test test-fast bench bench-cpu bench-peers clean
+.PHONY: setup model kernels run lint test test-fast bench bench-cpu bench-peers bench-peers-served clean
 
 setup: $(STAMP)
 
@@ -96,6 +96,19 @@ $(PEERS)/plot/.installed:
 
 bench-peers: model $(PEER_VENVS)
 	$(PY) -m benchmarks.peers.peers --peers-dir $(PEERS) $(PEERS_ARGS)
+
+# Served: `plait serve` against `vllm serve` and llama-cpp-python's server, one at a time, driven
+# by sglang's bench_serving (docs/serving.md#against-vllm-and-llamacpp-served). bench_serving
+# lives in its own venv (tests/server/sglang_venv.py's recipe: sglang's pins would replace ours).
+# SERVED_ARGS passes options, e.g. SERVED_ARGS="--kinds q4 --rates 1,inf".
+SERVED_ARGS ?=
+
+$(PEERS)/sglang-bench/.ready:
+	$(PY) -c "from pathlib import Path; from tests.server.sglang_venv import *; \
+	  sglang_venv(Path('$(PEERS)/sglang-bench'), BENCH_PACKAGES)"
+
+bench-peers-served: model $(PEER_VENVS) $(PEERS)/sglang-bench/.ready
+	$(PY) -m benchmarks.peers.served --peers-dir $(PEERS) $(SERVED_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
