@@ -36,7 +36,9 @@ def plot(results: dict, out: str) -> None:
             ax.set_xticks(range(len(rates)), rates)
             ax.set_xlabel("request rate (req/s)", fontsize=8)
             ax.set_title(f"{kind}: {title}", fontsize=9)
-            if key != "out_tok_s":
+            if key == "out_tok_s":
+                ax.set_ylim(bottom=0)
+            else:
                 ax.set_yscale("log")
         row[0].legend(fontsize=7)
     fig.suptitle(results["caption"], fontsize=9)
