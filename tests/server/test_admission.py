@@ -76,6 +76,40 @@ def test_the_bound_off_keeps_the_count_limit_only():
     assert ctl.refusal(1) is None
 
 
+def test_time_already_spent_since_arrival_counts_against_the_bound():
+    """A request parsed and tokenized slowly (an overloaded HTTP process) has spent part of its
+    bound before it asks to queue: that time plus the predicted wait is what is bounded."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=10.0, n=MIN_SAMPLES + 2)
+    ctl.enter(4 + 15)  # a new one would queue ~1.6 s: within the 2 s bound when fresh
+    assert ctl.refusal(1, waited=0.0) is None
+    refusal = ctl.refusal(1, waited=1.0)  # 1 s since arrival + 1.6 s queued > 2 s
+    assert refusal is not None and refusal.status == 503
+    # Retry-After is about the queue, not this request's past: the queue is under the bound
+    assert refusal.retry_after == 1
+
+
+def test_a_request_that_runs_at_once_is_not_shed_for_its_time_since_arrival():
+    """With a running place free it starts at once; shedding it would idle that place."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=10.0, n=MIN_SAMPLES + 2)
+    ctl.enter(3)
+    assert ctl.refusal(1, waited=10.0) is None
+
+
+def test_the_oldest_wait_counts_from_the_arrival_it_was_posted_with():
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)
+    ctl.enter(4)
+    ctl.posted("a", since=clock.now - 2.5)  # arrived 2.5 s ago, posted just now
+    assert ctl.oldest_wait() == pytest.approx(2.5)
+    refusal = ctl.refusal(1)
+    assert refusal is not None and refusal.status == 503
+
+
 @pytest.mark.slow
 def test_a_sequence_waiting_past_the_bound_sheds_what_would_queue_without_a_rate():
     """The rate lags a falling service rate; the oldest wait does not: while a posted sequence
