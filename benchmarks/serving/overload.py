@@ -88,21 +88,26 @@ class Phase:
         }
 
 
-async def one(client: RawHTTP, max_tokens: int, phase: Phase) -> None:
+async def one(client: RawHTTP, max_tokens: int, phase: Phase) -> float:
+    """Send one request and record its answer; returns the ``Retry-After`` seconds of a
+    refusal (0 otherwise)."""
     body = {
         "text": random.choice(PROMPTS),
         "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True},
     }
     sent = time.monotonic()
     phase.sent += 1
+    retry = 0.0
     try:
-        code, answer = await client.post("/generate", json.dumps(body).encode())
+        code, headers, answer = await client.post("/generate", json.dumps(body).encode())
         status = str(code)
+        retry = float(headers.get("retry-after", 0))
         if code == 200 and json.loads(answer)["meta_info"]["completion_tokens"] != max_tokens:
             status = "200-short"  # a 200 that is not the whole answer counts as a failure
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
         status = type(e).__name__
     phase.record(status, sent, time.monotonic())
+    return retry
 
 
 def _client(url: str) -> RawHTTP:
@@ -117,7 +122,9 @@ async def closed_loop(url: str, clients: int, seconds: float, max_tokens: int) -
 
     async def loop() -> None:
         while time.monotonic() < end:
-            await one(c, max_tokens, phase)
+            # a refused closed-loop client waits as asked, like a real one, instead of
+            # resending at once (which would load the server with refusals)
+            await asyncio.sleep(min(await one(c, max_tokens, phase), end - time.monotonic()))
 
     await asyncio.gather(*(loop() for _ in range(clients)))
     await c.close()

@@ -21,8 +21,8 @@ class RawHTTP:
         self.port = port
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """Status and body of ``POST path``. A reused connection the server has closed
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers (lower-cased names and values) and body of ``POST path``. A reused connection the server has closed
         meanwhile (keep-alive timeout) fails before the request was read: retried once on a
         new connection."""
         head = (
@@ -44,7 +44,7 @@ class RawHTTP:
 
     async def _exchange(
         self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, dict[str, str], bytes]:
         reader, writer = conn
         writer.write(request)
         await writer.drain()
@@ -66,7 +66,7 @@ class RawHTTP:
             writer.close()
         else:
             self._idle.append(conn)
-        return status, body
+        return status, headers, body
 
     async def close(self) -> None:
         for _, writer in self._idle:

@@ -27,6 +27,13 @@ JSON parsing and tokenizing take time of their own, and a request that has alrea
 bound there must not be admitted as if it had just come. The cheapest refusal happens before
 any of that: :mod:`plait.server.admission_gate` asks :meth:`AdmissionControl.refusal` for one
 sequence as soon as the request head is parsed.
+
+The queue is never shed below one batch: while no more than ``running_slots`` sequences
+would be queued, the time rules do not apply. Requests of one length started together end
+together, so a whole batch's places can free at once; without a batch's worth already queued
+they would stay empty until new arrivals trickle in, and throughput would fall under exactly
+the overload the shedding is for. The bound therefore holds when it is longer than one
+batch's service time; below that, accepted requests wait up to about one service time.
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ class AdmissionControl:
 
     ``running_slots``: sequences the engine runs at once (``--max-running-requests``);
     ``max_queued``: sequences that may wait beyond those; ``max_queue_time``: the longest
-    predicted wait a new request may face (None: count limit only). ``clock`` is injectable
-    for tests."""
+    predicted wait a new request may face (None: count limit only); ``min_queued``: the
+    queue depth below which the time rules never shed (default ``running_slots``: one batch
+    to refill from). ``clock`` is injectable for tests."""
 
     def __init__(
         self,
@@ -75,9 +83,11 @@ class AdmissionControl:
         running_slots: int,
         max_queued: int,
         max_queue_time: float | None,
+        min_queued: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.running_slots = running_slots
+        self.min_queued = running_slots if min_queued is None else min_queued
         self.max_queued = max_queued
         self.max_queue_time = max_queue_time
         self.clock = clock
@@ -136,8 +146,11 @@ class AdmissionControl:
                 f"limit is {self.limit}); retry later",
                 retry_after=1,
             )
-        if self.max_queue_time is None or self.admitted + count <= self.running_slots:
-            return None  # it runs at once: shedding it now would only idle a free place
+        queued = self.admitted + count - self.running_slots
+        if self.max_queue_time is None or queued <= self.min_queued:
+            # it runs at once, or the queue is not yet one batch deep: shedding it would
+            # leave places idle when the running batch ends
+            return None
         # it would queue: behind a request already waiting past the bound, it waits longer
         queue = max(self.predicted_wait(count), self.oldest_wait())
         wait = waited + queue

@@ -40,7 +40,7 @@ def test_bodies_keep_alive_and_a_closed_idle_connection():
     connections: list[int] = []
     seen: list[bytes] = []
 
-    async def run() -> list[tuple[int, bytes]]:
+    async def run() -> list[tuple[int, dict[str, str], bytes]]:
         server = await _serve(answers, connections, seen)
         client = RawHTTP("127.0.0.1", server.sockets[0].getsockname()[1])
         out = [await client.post("/generate", b'{"a": 1}') for _ in range(4)]
@@ -49,7 +49,13 @@ def test_bodies_keep_alive_and_a_closed_idle_connection():
         return out
 
     out = asyncio.run(run())
-    assert out == [(200, b"{}"), (503, b"{x}"), (200, b"abcde"), (429, b"")]
+    assert [(status, body) for status, _, body in out] == [
+        (200, b"{}"),
+        (503, b"{x}"),
+        (200, b"abcde"),
+        (429, b""),
+    ]
+    assert out[1][1]["retry-after"] == "2"
     # one connection for the first three (kept alive), a new one after "connection: close"
     assert len(connections) == 2
     assert all(r.startswith(b"POST /generate HTTP/1.1\r\n") for r in seen)
@@ -60,7 +66,7 @@ def test_a_reused_connection_the_server_closed_is_retried_once():
     answers = [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"] * 2
     connections: list[int] = []
 
-    async def run() -> list[tuple[int, bytes]]:
+    async def run() -> list[tuple[int, dict[str, str], bytes]]:
         server = await _serve(answers, connections, [])
         client = RawHTTP("127.0.0.1", server.sockets[0].getsockname()[1])
         first = await client.post("/x", b"{}")
@@ -71,5 +77,5 @@ def test_a_reused_connection_the_server_closed_is_retried_once():
         await client.close()
         return [first, second]
 
-    assert asyncio.run(run()) == [(200, b"a"), (200, b"a")]
+    assert [(status, body) for status, _, body in asyncio.run(run())] == [(200, b"a")] * 2
     assert len(connections) == 2
