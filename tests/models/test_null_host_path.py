@@ -127,3 +127,39 @@ def test_a_decode_step_builds_no_tensor_from_a_python_list(null_engine, monkeypa
         return calls[0]
 
     assert tensors_for(20) == tensors_for(4)
+
+
+def test_a_step_finishing_many_requests_emits_after_every_release(null_engine, monkeypatch):
+    """Requests that finish in the same step are taken out of ``running`` in one pass (no
+    ``ReqTable.remove`` scan per request) and their outputs emitted only after every KV
+    release: an emit wakes the caller, which took the GIL back at each torch call of the next
+    release (issue 41)."""
+    sched = null_engine.scheduler
+    events: list[str] = []
+    real_release, real_emit = sched.kv.release, sched.finisher.emit
+    removes = [0]
+    real_remove = sched.table.remove
+
+    def release(req: Req) -> None:
+        events.append("release")
+        real_release(req)
+
+    def emit(req: Req) -> None:
+        events.append("emit")
+        real_emit(req)
+
+    def remove(req: Req) -> None:
+        removes[0] += 1
+        real_remove(req)
+
+    null_engine.flush_cache()
+    monkeypatch.setattr(sched.kv, "release", release)
+    monkeypatch.setattr(sched.finisher, "emit", emit)
+    monkeypatch.setattr(sched.table, "remove", remove)
+    prompts = [[300 + i, 301, 302] for i in range(8)]
+    params = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+    outs = null_engine.generate(input_ids=prompts, sampling_params=[params] * 8)
+    assert [o["output_ids"] for o in outs] == [_chain(p[-1], 6) for p in prompts]
+    assert events == ["release"] * 8 + ["emit"] * 8
+    assert removes[0] == 0
+    assert not sched.running
