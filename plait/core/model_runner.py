@@ -199,8 +199,8 @@ class ModelRunner:
         pos = [r.kv_len for r in reqs]
         # one conversion of one list: ``array.extend`` from a list converts item by item
         # (~0.14 us each, 3x ``array(list)``)
-        idx = cast("list[int]", [r.req_pool_idx for r in reqs])  # all admitted
-        host = array("q", idx + pos + input_ids)
+        pool = cast("list[int]", [r.req_pool_idx for r in reqs])  # all admitted
+        host = array("q", pool + pos + input_ids)
         packed = (
             torch.frombuffer(host, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
         ).to(self.device)
