@@ -163,3 +163,27 @@ def test_a_step_finishing_many_requests_emits_after_every_release(null_engine, m
     assert events == ["release"] * 8 + ["emit"] * 8
     assert removes[0] == 0
     assert not sched.running
+
+
+def test_a_decode_step_builds_no_adapter_set_without_lora(null_engine, monkeypatch):
+    """Admission works out the running requests' LoRA adapters only when a request on one
+    is checked: a step with no LoRA request (every decode step here) no longer walks
+    ``running`` for them (issue 41)."""
+    from plait.core import prefill
+
+    built = [0]
+    real = prefill.PrefillAdder.schedule
+
+    def schedule(self: Any) -> Any:
+        items = real(self)
+        state = self.__dict__
+        built[0] += state.get("adapters") is not None or state.get("_adapters") is not None
+        return items
+
+    monkeypatch.setattr(prefill.PrefillAdder, "schedule", schedule)
+    params = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    outs = null_engine.generate(
+        input_ids=[[400 + i, 401] for i in range(4)], sampling_params=[params] * 4
+    )
+    assert all(len(o["output_ids"]) == 12 for o in outs)
+    assert built[0] == 0
