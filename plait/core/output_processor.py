@@ -240,8 +240,7 @@ class OutputProcessor:
             self.finisher.finalize_text(req)
         reqs = [req for req, _ in done]
         self.table.remove_all(reqs)
-        for req in reqs:
-            self.kv.release(req)
+        self.kv.release_all(reqs)
         for req in reqs:
             self.finisher.emit(req)
 

@@ -131,18 +131,18 @@ def test_a_decode_step_builds_no_tensor_from_a_python_list(null_engine, monkeypa
 
 def test_a_step_finishing_many_requests_emits_after_every_release(null_engine, monkeypatch):
     """Requests that finish in the same step are taken out of ``running`` in one pass (no
-    ``ReqTable.remove`` scan per request) and their outputs emitted only after every KV
-    release: an emit wakes the caller, which took the GIL back at each torch call of the next
-    release (issue 41)."""
+    ``ReqTable.remove`` scan per request) and their outputs emitted only after every one's KV
+    is given back (its row freed): an emit wakes the caller, which took the GIL back at each
+    torch call of the next release (issue 41)."""
     sched = null_engine.scheduler
     events: list[str] = []
-    real_release, real_emit = sched.kv.release, sched.finisher.emit
+    rows, real_emit = sched.kv.req_pool, sched.finisher.emit
+    real_free, real_remove = rows.free, sched.table.remove
     removes = [0]
-    real_remove = sched.table.remove
 
-    def release(req: Req) -> None:
-        events.append("release")
-        real_release(req)
+    def free(idx: int) -> None:
+        events.append("free")
+        real_free(idx)
 
     def emit(req: Req) -> None:
         events.append("emit")
@@ -153,14 +153,14 @@ def test_a_step_finishing_many_requests_emits_after_every_release(null_engine, m
         real_remove(req)
 
     null_engine.flush_cache()
-    monkeypatch.setattr(sched.kv, "release", release)
+    monkeypatch.setattr(rows, "free", free)
     monkeypatch.setattr(sched.finisher, "emit", emit)
     monkeypatch.setattr(sched.table, "remove", remove)
     prompts = [[300 + i, 301, 302] for i in range(8)]
     params = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
     outs = null_engine.generate(input_ids=prompts, sampling_params=[params] * 8)
     assert [o["output_ids"] for o in outs] == [_chain(p[-1], 6) for p in prompts]
-    assert events == ["release"] * 8 + ["emit"] * 8
+    assert events == ["free"] * 8 + ["emit"] * 8
     assert removes[0] == 0
     assert not sched.running
 
