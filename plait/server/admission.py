@@ -20,6 +20,20 @@ needs no rate: the server also tracks when each admitted sequence was posted and
 first output came back; while the oldest sequence still without one has waited past
 ``max_queue_time``, a request that would queue is shed too. Accepted latency then stays
 bounded within one request's wait, whatever the rate estimate says.
+
+Both rules count a request's time from its **arrival** (when the HTTP layer first saw it,
+:data:`ARRIVAL`), not from when it is posted to the engine: under overload the body read,
+JSON parsing and tokenizing take time of their own, and a request that has already spent its
+bound there must not be admitted as if it had just come. The cheapest refusal happens before
+any of that: :mod:`plait.server.admission_gate` asks :meth:`AdmissionControl.refusal` for one
+sequence as soon as the request head is parsed.
+
+The queue is never shed below one batch: while no more than ``running_slots`` sequences
+would be queued, the time rules do not apply. Requests of one length started together end
+together, so a whole batch's places can free at once; without a batch's worth already queued
+they would stay empty until new arrivals trickle in, and throughput would fall under exactly
+the overload the shedding is for. The bound therefore holds when it is longer than one
+batch's service time; below that, accepted requests wait up to about one service time.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +53,10 @@ RATE_SECONDS = 30.0
 MIN_SAMPLES = 8
 #: the most a Retry-After asks a client to wait, in seconds
 MAX_RETRY_AFTER = 60
+
+#: when the current HTTP request arrived (``time.monotonic()``), set by the admission gate for
+#: the task that serves it (and the tasks it starts, which copy the context); None outside one
+ARRIVAL: ContextVar[float | None] = ContextVar("plait_arrival", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +73,9 @@ class AdmissionControl:
 
     ``running_slots``: sequences the engine runs at once (``--max-running-requests``);
     ``max_queued``: sequences that may wait beyond those; ``max_queue_time``: the longest
-    predicted wait a new request may face (None: count limit only). ``clock`` is injectable
-    for tests."""
+    predicted wait a new request may face (None: count limit only); ``min_queued``: the
+    queue depth below which the time rules never shed (default ``running_slots``: one batch
+    to refill from). ``clock`` is injectable for tests."""
 
     def __init__(
         self,
@@ -63,9 +83,11 @@ class AdmissionControl:
         running_slots: int,
         max_queued: int,
         max_queue_time: float | None,
+        min_queued: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.running_slots = running_slots
+        self.min_queued = running_slots if min_queued is None else min_queued
         self.max_queued = max_queued
         self.max_queue_time = max_queue_time
         self.clock = clock
@@ -98,9 +120,10 @@ class AdmissionControl:
             return 0.0
         return ahead / rate
 
-    def posted(self, rid: str) -> None:
-        """Sequence ``rid`` was handed to the engine: it waits until its first output."""
-        self._waiting[rid] = self.clock()
+    def posted(self, rid: str, since: float | None = None) -> None:
+        """Sequence ``rid`` was handed to the engine: it waits until its first output. Its
+        wait counts from ``since`` (its request's arrival) when given, else from now."""
+        self._waiting[rid] = self.clock() if since is None else since
 
     def started(self, rid: str) -> None:
         """Sequence ``rid`` got its first output (or ended): it no longer waits."""
@@ -112,8 +135,10 @@ class AdmissionControl:
             return 0.0
         return self.clock() - next(iter(self._waiting.values()))
 
-    def refusal(self, count: int) -> Refusal | None:
-        """Why ``count`` more sequences may not enter now, or None when they may."""
+    def refusal(self, count: int, waited: float = 0.0) -> Refusal | None:
+        """Why ``count`` more sequences may not enter now, or None when they may. ``waited``:
+        seconds their request has already spent since it arrived; it counts against the
+        bound like the predicted queue wait."""
         if self.admitted + count > self.limit:
             return Refusal(
                 status=429,
@@ -121,20 +146,23 @@ class AdmissionControl:
                 f"limit is {self.limit}); retry later",
                 retry_after=1,
             )
-        if self.max_queue_time is None:
+        queued = self.admitted + count - self.running_slots
+        if self.max_queue_time is None or queued <= self.min_queued:
+            # it runs at once, or the queue is not yet one batch deep: shedding it would
+            # leave places idle when the running batch ends
             return None
-        wait = self.predicted_wait(count)
-        if self.admitted + count > self.running_slots:
-            # it would queue: behind a request already waiting past the bound, it waits longer
-            wait = max(wait, self.oldest_wait())
+        # it would queue: behind a request already waiting past the bound, it waits longer
+        queue = max(self.predicted_wait(count), self.oldest_wait())
+        wait = waited + queue
         if wait <= self.max_queue_time:
             return None
-        retry = min(MAX_RETRY_AFTER, max(1, math.ceil(wait - self.max_queue_time)))
+        # come back when the queue ahead has drained to the bound
+        retry = min(MAX_RETRY_AFTER, max(1, math.ceil(queue - self.max_queue_time)))
         return Refusal(
             status=503,
-            message=f"the server is overloaded: a new request would wait about {wait:.0f} s "
-            f"in the queue (the bound is {self.max_queue_time:g} s, --max-queue-time); "
-            f"retry after {retry} s",
+            message=f"the server is overloaded: this request would wait about {wait:.0f} s "
+            f"from its arrival to a running place (the bound is {self.max_queue_time:g} s, "
+            f"--max-queue-time); retry after {retry} s",
             retry_after=retry,
         )
 

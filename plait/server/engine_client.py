@@ -40,7 +40,7 @@ from plait.core.messages import (
     RequestLimits,
     ShutdownReq,
 )
-from plait.server.admission import AdmissionControl
+from plait.server.admission import ARRIVAL, AdmissionControl
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
@@ -187,11 +187,15 @@ class EngineClient:
     @contextlib.contextmanager
     def admit(self, count: int) -> Iterator[None]:
         """Hold ``count`` sequences' places for one HTTP request: 503 while draining, 429 with
-        Retry-After when the running batch and the queue are full. A request's count never
-        exceeds the limit: the core refused it (``limits.max_sequences``, a 400) before."""
+        Retry-After when the running batch and the queue are full, 503 with Retry-After when
+        the time since the request arrived (:data:`ARRIVAL`) plus its predicted queue wait
+        passes the bound. A request's count never exceeds the limit: the core refused it
+        (``limits.max_sequences``, a 400) before."""
         if self.draining:
             raise APIError("the server is shutting down", status=503)
-        refusal = self.admission.refusal(count)
+        arrived = ARRIVAL.get()
+        waited = 0.0 if arrived is None else max(0.0, time.monotonic() - arrived)
+        refusal = self.admission.refusal(count, waited)
         if refusal is not None:
             self.metrics.refused.labels(str(refusal.status)).inc()
             raise APIError(
@@ -326,7 +330,7 @@ class EngineClient:
             if not self._post(req):
                 finished = True
                 raise APIError("the scheduler process is not reachable", status=503)
-            self.admission.posted(req.rid)
+            self.admission.posted(req.rid, ARRIVAL.get())
             timeout = self.args.request_timeout
             deadline = None if timeout is None else time.monotonic() + timeout
             while not finished:

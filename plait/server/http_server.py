@@ -24,6 +24,7 @@ import plait.server.openai_chat as openai_chat
 import plait.server.lora_api as lora_api
 import plait.server.openapi as openapi
 from plait.core.messages import GenerateReq
+from plait.server.admission_gate import AdmissionGateMiddleware
 from plait.server.connection_guard import (
     ConnectionLimits,
     HeaderCountMiddleware,
@@ -92,6 +93,8 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_bytes=args.max_request_body_bytes)
+    # outside the body guard: an overloaded server refuses before it reads the body
+    app.add_middleware(AdmissionGateMiddleware)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
     app.add_middleware(HeaderCountMiddleware, max_count=args.max_header_count)

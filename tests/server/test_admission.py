@@ -21,9 +21,15 @@ class Clock:
         return self.now
 
 
-def _control(clock: Clock, max_queue_time: float | None = 2.0) -> AdmissionControl:
+def _control(
+    clock: Clock, max_queue_time: float | None = 2.0, min_queued: int | None = None
+) -> AdmissionControl:
     return AdmissionControl(
-        running_slots=4, max_queued=100, max_queue_time=max_queue_time, clock=clock
+        running_slots=4,
+        max_queued=100,
+        max_queue_time=max_queue_time,
+        min_queued=min_queued,
+        clock=clock,
     )
 
 
@@ -76,13 +82,63 @@ def test_the_bound_off_keeps_the_count_limit_only():
     assert ctl.refusal(1) is None
 
 
+def test_time_already_spent_since_arrival_counts_against_the_bound():
+    """A request parsed and tokenized slowly (an overloaded HTTP process) has spent part of its
+    bound before it asks to queue: that time plus the predicted wait is what is bounded."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=10.0, n=MIN_SAMPLES + 2)
+    ctl.enter(4 + 15)  # a new one would queue ~1.6 s: within the 2 s bound when fresh
+    assert ctl.refusal(1, waited=0.0) is None
+    refusal = ctl.refusal(1, waited=1.0)  # 1 s since arrival + 1.6 s queued > 2 s
+    assert refusal is not None and refusal.status == 503
+    # Retry-After is about the queue, not this request's past: the queue is under the bound
+    assert refusal.retry_after == 1
+
+
+def test_a_request_that_runs_at_once_is_not_shed_for_its_time_since_arrival():
+    """With a running place free it starts at once; shedding it would idle that place."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=10.0, n=MIN_SAMPLES + 2)
+    ctl.enter(3)
+    assert ctl.refusal(1, waited=10.0) is None
+
+
+def test_the_queue_is_never_shed_below_one_batch():
+    """Requests started together end together: a batch's places can all free at once, and
+    only a batch already queued refills them. So up to ``running_slots`` queued sequences are
+    admitted whatever the time rules say (the count limit still holds)."""
+    clock = Clock()
+    ctl = _control(clock)
+    _finish_at_rate(ctl, clock, rate=1.0, n=MIN_SAMPLES + 2)  # slow: ~1 s per queued one
+    ctl.enter(4)
+    ctl.posted("a", since=clock.now - 30.0)  # waited far past the bound
+    for _ in range(4):
+        assert ctl.refusal(1, waited=10.0) is None
+        ctl.enter(1)
+    refusal = ctl.refusal(1)  # a fifth queued one: the time rules apply again
+    assert refusal is not None and refusal.status == 503
+
+
+def test_the_oldest_wait_counts_from_the_arrival_it_was_posted_with():
+    clock = Clock()
+    ctl = _control(clock, min_queued=0)
+    _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)
+    ctl.enter(4)
+    ctl.posted("a", since=clock.now - 2.5)  # arrived 2.5 s ago, posted just now
+    assert ctl.oldest_wait() == pytest.approx(2.5)
+    refusal = ctl.refusal(1)
+    assert refusal is not None and refusal.status == 503
+
+
 @pytest.mark.slow
 def test_a_sequence_waiting_past_the_bound_sheds_what_would_queue_without_a_rate():
     """The rate lags a falling service rate; the oldest wait does not: while a posted sequence
     has had no first output for longer than the bound, a request that would queue is shed,
     one that would run at once is not, and the shedding ends when that sequence starts."""
     clock = Clock()
-    ctl = _control(clock)
+    ctl = _control(clock, min_queued=0)  # the rule alone, without the one-batch floor
     _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)  # a fast rate: no predicted wait
     ctl.enter(4)
     for rid in ("a", "b", "c", "d"):
