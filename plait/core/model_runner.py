@@ -197,9 +197,10 @@ class ModelRunner:
         never written by a forward (nothing modifies a batch's metadata in place)."""
         n = len(reqs)
         pos = [r.kv_len for r in reqs]
-        host = array("q", cast("list[int]", [r.req_pool_idx for r in reqs]))  # all admitted
-        host.extend(pos)
-        host.extend(input_ids)
+        # one conversion of one list: ``array.extend`` from a list converts item by item
+        # (~0.14 us each, 3x ``array(list)``)
+        pool = cast("list[int]", [r.req_pool_idx for r in reqs])  # all admitted
+        host = array("q", pool + pos + input_ids)
         packed = (
             torch.frombuffer(host, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
         ).to(self.device)

@@ -177,6 +177,7 @@ class OutputProcessor:
         self.stats.generated_tokens += len(live)
         ctx, eos = self.config.context_len, self.finisher.eos_ids
         fast = self.hand_off is None
+        done: list[tuple[Req, int]] = []
         for i in live:
             req, token = reqs[i], tokens[i]
             assert token is not None
@@ -189,11 +190,9 @@ class OutputProcessor:
             out.append(token)
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
-            if token in traits.stop_ids:
-                self._finish_simple(req, FinishReason.stop(token))
-            elif len(out) >= traits.limit:
-                n, cap = len(out), req.sampling.max_new_tokens
-                self._finish_simple(req, FinishReason.length(cap if n >= cap else n))
+            if token in traits.stop_ids or len(out) >= traits.limit:
+                done.append((req, token))
+        self._finish_simple(done)
 
     def _apply_simple(self, plan: PlannedBatch, tokens: list[int]) -> None:
         """A decode batch of simple requests only (``PlannedBatch.simple``), every token
@@ -219,22 +218,31 @@ class OutputProcessor:
             if token in traits.stop_ids or len(out) >= traits.limit:
                 done.append((req, token))
         self.stats.generated_tokens += live
+        self._finish_simple(done)
+
+    def _finish_simple(self, done: list[tuple[Req, int]]) -> None:
+        """The end of the simple requests a step finished, each with its last token (a
+        stop token, or the one that reached its length limit): text decoded once, out of
+        ``running`` in one pass, KV released, and only then every output emitted. Emitting
+        last keeps the waiting caller's thread from taking the GIL back at each torch call of
+        the next release, per request (issue 41). An unfinished simple request emits nothing:
+        it does not stream."""
+        if not done:
+            return
         for req, token in done:
-            assert req.traits is not None
-            if token in req.traits.stop_ids:
-                self._finish_simple(req, FinishReason.stop(token))
+            traits = req.traits
+            assert traits is not None  # computed when the request was planned
+            if token in traits.stop_ids:
+                req.finish(FinishReason.stop(token))
             else:
                 n, cap = len(req.output_ids), req.sampling.max_new_tokens
-                self._finish_simple(req, FinishReason.length(cap if n >= cap else n))
-
-    def _finish_simple(self, req: Req, reason: FinishReason) -> None:
-        """A simple request's end: text decoded once, out of the table, KV released, output
-        emitted. An unfinished simple request emits nothing: it does not stream."""
-        req.finish(reason)
-        self.finisher.finalize_text(req)
-        self.table.remove(req)
-        self.kv.release(req)
-        self.finisher.emit(req)
+                req.finish(FinishReason.length(cap if n >= cap else n))
+            self.finisher.finalize_text(req)
+        reqs = [req for req, _ in done]
+        self.table.remove_all(reqs)
+        self.kv.release_all(reqs)
+        for req in reqs:
+            self.finisher.emit(req)
 
     def _record_logprobs(self, reqs: list[Req], live: list[int], result: BatchResult) -> None:
         """Logprobs of the sampled tokens, for the live rows that asked (``result.raw`` holds

@@ -59,8 +59,16 @@ class PrefillAdder:
         self.items: list[ExtendItem] = []
         self.dedup = InBatchPrefixDedup()
         self.reserved = 0
-        held = [*table.running, *([table.chunked] if table.chunked else [])]
-        self.adapters = {r.lora_id for r in held if r.lora_id is not None}
+        self._adapters: set[str] | None = None
+
+    @property
+    def adapters(self) -> set[str]:
+        """The adapters the running, chunked and admitted requests use; worked out on first
+        use, so a step that admits no LoRA request never walks ``running`` (issue 41)."""
+        if self._adapters is None:
+            held = [*self.table.running, *([self.table.chunked] if self.table.chunked else [])]
+            self._adapters = {r.lora_id for r in held if r.lora_id is not None}
+        return self._adapters
 
     def schedule(self) -> list[ExtendItem]:
         """The round's items: the chunked prompt's next chunk, then admitted requests."""

@@ -57,6 +57,16 @@ class ReqTable:
         if req is self.chunked:
             self.chunked = None
 
+    def remove_all(self, reqs: list[Req]) -> None:
+        """:meth:`remove` for each of ``reqs``, in one pass over each place: the requests a
+        step finished, without two scans of ``running`` per request (issue 41)."""
+        gone = set(reqs)
+        self.running[:] = [r for r in self.running if r not in gone]
+        if self.waiting:
+            self.waiting[:] = [r for r in self.waiting if r not in gone]
+        if self.chunked in gone:
+            self.chunked = None
+
     def requeue(self, req: Req) -> None:
         """Put ``req`` at the head of the queue (retracted, or jump-forward tokens to
         extend): it goes before requests that never ran."""

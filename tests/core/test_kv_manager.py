@@ -206,6 +206,21 @@ def test_paged_release_keeps_whole_pages_in_the_cache_and_frees_the_tail():
     assert kv.usage().cached == 8 and all_free(kv)
 
 
+def test_release_all_frees_every_tail_in_one_allocator_call():
+    """A step's finished requests (paged: each with a partial-page tail) are released
+    together: the cache keeps their whole pages, the tails go back in one free (issue 41)."""
+    ps = 4
+    kv = make(num_slots=16 * ps, page_size=ps)
+    reqs = [admit_and_prefill(kv, range(10 * i + 1, 10 * i + 11), str(i)) for i in range(3)]
+    frees = []
+    real = kv.allocator.free
+    kv.allocator.free = lambda slots: (frees.append(slots.numel()), real(slots))
+    kv.release_all(reqs)
+    assert frees == [6]  # 2 tail slots each, one call
+    assert kv.usage().cached == 24 and all_free(kv)
+    assert all(r.req_pool_idx is None and r.kv_len == 0 for r in reqs)
+
+
 # ----- the null cache and flush -----
 
 

@@ -127,3 +127,63 @@ def test_a_decode_step_builds_no_tensor_from_a_python_list(null_engine, monkeypa
         return calls[0]
 
     assert tensors_for(20) == tensors_for(4)
+
+
+def test_a_step_finishing_many_requests_emits_after_every_release(null_engine, monkeypatch):
+    """Requests that finish in the same step are taken out of ``running`` in one pass (no
+    ``ReqTable.remove`` scan per request) and their outputs emitted only after every one's KV
+    is given back (its row freed): an emit wakes the caller, which took the GIL back at each
+    torch call of the next release (issue 41)."""
+    sched = null_engine.scheduler
+    events: list[str] = []
+    rows, real_emit = sched.kv.req_pool, sched.finisher.emit
+    real_free, real_remove = rows.free, sched.table.remove
+    removes = [0]
+
+    def free(idx: int) -> None:
+        events.append("free")
+        real_free(idx)
+
+    def emit(req: Req) -> None:
+        events.append("emit")
+        real_emit(req)
+
+    def remove(req: Req) -> None:
+        removes[0] += 1
+        real_remove(req)
+
+    null_engine.flush_cache()
+    monkeypatch.setattr(rows, "free", free)
+    monkeypatch.setattr(sched.finisher, "emit", emit)
+    monkeypatch.setattr(sched.table, "remove", remove)
+    prompts = [[300 + i, 301, 302] for i in range(8)]
+    params = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+    outs = null_engine.generate(input_ids=prompts, sampling_params=[params] * 8)
+    assert [o["output_ids"] for o in outs] == [_chain(p[-1], 6) for p in prompts]
+    assert events == ["free"] * 8 + ["emit"] * 8
+    assert removes[0] == 0
+    assert not sched.running
+
+
+def test_a_decode_step_builds_no_adapter_set_without_lora(null_engine, monkeypatch):
+    """Admission works out the running requests' LoRA adapters only when a request on one
+    is checked: a step with no LoRA request (every decode step here) no longer walks
+    ``running`` for them (issue 41)."""
+    from plait.core import prefill
+
+    built = [0]
+    real = prefill.PrefillAdder.schedule
+
+    def schedule(self: Any) -> Any:
+        items = real(self)
+        state = self.__dict__
+        built[0] += state.get("adapters") is not None or state.get("_adapters") is not None
+        return items
+
+    monkeypatch.setattr(prefill.PrefillAdder, "schedule", schedule)
+    params = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    outs = null_engine.generate(
+        input_ids=[[400 + i, 401] for i in range(4)], sampling_params=[params] * 4
+    )
+    assert all(len(o["output_ids"]) == 12 for o in outs)
+    assert built[0] == 0
