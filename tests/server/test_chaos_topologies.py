@@ -65,6 +65,8 @@ class Load:
             if outcome in CONNECTION:
                 outcome = "connection error"
                 time.sleep(0.5)  # a refused connection returns at once: do not spin
+            elif outcome == "error":
+                time.sleep(0.1)  # nor on the gateway's immediate errors (CPU the restart needs)
             self.results.append((kind, outcome, seconds))
 
     def __enter__(self) -> Load:
