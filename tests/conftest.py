@@ -108,6 +108,29 @@ def make_tiny_model(tmp_path_factory, smollm_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def prompt_ids(smollm_dir) -> list[list[int]]:
+    """SmolLM2's token ids of the engine parity prompts (tests/core/test_engine_parity.py)."""
+    from transformers import AutoTokenizer
+
+    from tests.core.test_engine_parity import PROMPTS
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def expected(smollm_dir, prompt_ids) -> list[list[int]]:
+    """transformers' greedy tokens for :func:`prompt_ids`: the oracle of every module that
+    checks SmolLM2 on the parity prompts, computed once per run (about 15 s each time)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.core.test_engine_parity import NEW
+
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+    return hf_greedy(model, prompt_ids, NEW)
+
+
 def hf_greedy(model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate, one prompt at a time (no padding effects): the oracle."""
     outs = []

@@ -7,9 +7,12 @@ The limits live in an ``asyncio.Protocol`` (a subclass of uvicorn's h11 protocol
 ASGI app, because that is where the bytes and the socket's write buffer are visible:
 
 - **head**: the request line and headers must arrive within ``header_timeout`` seconds of the
-  connection opening (or of the previous response ending, on a kept-alive connection), else
-  408; a head larger than ``max_header_bytes`` is a 431. The count of header fields is checked
-  in :class:`HeaderCountMiddleware` once the head is parsed (431 too).
+  connection opening (on a kept-alive connection, of the next request's first byte), else
+  408. The idle time between a response and the next request is ``--keep-alive-timeout``'s
+  (uvicorn closes the connection silently): a 408 written onto an idle kept-alive connection
+  would be read by a client as the answer to the request it sends next. A head larger than
+  ``max_header_bytes`` is a 431. The count of header fields is checked in
+  :class:`HeaderCountMiddleware` once the head is parsed (431 too).
 - **body**: the whole body must arrive within ``body_timeout`` seconds of the head, else 408.
 - **stalled reader**: a response whose writes wait on a full socket buffer for more than
   ``stall_timeout`` seconds is cut (the connection aborted); the route sees a disconnect and
@@ -86,6 +89,8 @@ class GuardedH11Protocol(H11Protocol):
         if self._refused:
             return  # draining a refused client's bytes until the linger ends
         waiting_head = self.conn.their_state is h11.IDLE
+        if waiting_head and self._timer is None and data:
+            self._arm(self.limits.header_timeout, self._head_timed_out)  # a kept-alive's next head
         if waiting_head and self._head_too_large(data):
             self._refuse(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
             return
@@ -108,11 +113,6 @@ class GuardedH11Protocol(H11Protocol):
         head = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._head_tail))
         self._head_bytes, self._head_tail = head, seen[-3:]
         return head > self.limits.max_header_bytes
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm(self.limits.header_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._timer = None

@@ -54,6 +54,9 @@ SMG_DP_DEFAULTS = ("--health-success-threshold", "1")
 # message): on a loaded CPU that can take longer than an HTTP /health answer. A killed worker
 # still fails at once (connection refused); only a hung one takes this long to be found.
 SMG_GRPC_DEFAULTS = ("--health-check-timeout-secs", "10")
+# --cb-timeout-duration-secs 5: a killed PD server's failures open its circuit, and with the
+# gateways' 60 s default a restarted server that already passed its health checks stayed out
+# ("prefill 0/1 available (1 healthy)") for a minute; health checks take a dead one out.
 PD_FAILOVER_DEFAULTS = (
     "--health-check-interval-secs",
     "2",
@@ -63,6 +66,8 @@ PD_FAILOVER_DEFAULTS = (
     "5",
     "--cb-failure-threshold",
     "3",
+    "--cb-timeout-duration-secs",
+    "5",
 )
 
 

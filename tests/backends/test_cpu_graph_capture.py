@@ -9,7 +9,7 @@ import plait
 from plait.backends.cpu.plugin import CpuBackend
 from plait.backends.cuda.plugin import CudaBackend
 from plait.core.engine_config import EngineConfig
-from tests.core.test_engine_parity import GREEDY, expected, prompt_ids, run_batch  # noqa: F401
+from tests.core.test_engine_parity import GREEDY, run_batch
 
 
 def test_graph_capture_follows_flags_then_the_backend_default():

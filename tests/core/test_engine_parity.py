@@ -28,20 +28,8 @@ NEW = 32
 GREEDY = {"max_new_tokens": NEW, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(smollm_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm_dir)
-    return [tok.encode(p) for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def expected(smollm_dir, prompt_ids):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
-    return hf_greedy(model, prompt_ids, NEW)
+# prompt_ids and expected (transformers' tokens for PROMPTS) are session fixtures in
+# tests/conftest.py: six modules check SmolLM2 against them and share one computation.
 
 
 def run_batch(engine, prompt_ids):

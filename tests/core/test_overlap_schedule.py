@@ -14,8 +14,7 @@ import torch
 
 import plait
 from plait.core.future_tokens import FutureTokenMap
-from tests.conftest import hf_greedy
-from tests.core.test_engine_parity import NEW, PROMPTS
+from tests.core.test_engine_parity import NEW
 
 # ----- the future-token map -----
 
@@ -233,22 +232,14 @@ def test_abort_right_after_submission_frees_kv_with_overlap(tiny):
 # ----- the real model -----
 
 
-@pytest.fixture(scope="module")
-def parity(smollm_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm_dir)
-    ids = [tok.encode(p) for p in PROMPTS]
-    model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
-    return ids, hf_greedy(model, ids, NEW)
-
-
 @pytest.mark.slow
-def test_parity_prompts_in_a_mixed_batch_match_transformers_with_overlap(smollm_dir, parity):
+def test_parity_prompts_in_a_mixed_batch_match_transformers_with_overlap(
+    smollm_dir, prompt_ids, expected
+):
     """Greedy parity prompts batched with sampled, constrained, stopped and aborted requests,
     chunked, in a pool small enough to retract: overlap on equals transformers and overlap
     off."""
-    ids, expected = parity
+    ids = prompt_ids
     noise = mixed_requests(6)
 
     def run(engine: plait.Engine) -> tuple[list[list[int]], list[tuple]]:

@@ -19,7 +19,7 @@ from plait.core.memory import TokenSlotAllocator
 from plait.core.radix_cache import RadixCache
 from plait.core.spec.config import settings_of
 from plait.core.spec.ngram import DraftState, own_ngram_draft, radix_draft
-from tests.core.test_engine_parity import expected, prompt_ids, run_batch  # noqa: F401
+from tests.core.test_engine_parity import run_batch
 from tests.core.test_overlap_schedule import (
     REGEX,
     comparable,

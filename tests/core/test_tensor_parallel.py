@@ -17,7 +17,7 @@ import torch
 
 import plait
 from tests.conftest import hf_greedy
-from tests.core.test_engine_parity import GREEDY, expected, prompt_ids, run_batch  # noqa: F401
+from tests.core.test_engine_parity import GREEDY, run_batch
 
 pytestmark = pytest.mark.slow
 

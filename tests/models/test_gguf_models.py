@@ -14,11 +14,18 @@ import pytest
 from plait.quant.gguf import layer_names_of
 from plait.quant.modules import QuantizedEmbedding, QuantizedLinear
 from tests.models.gguf_file import write_gguf
-from tests.models.hf_parity import assert_engine_matches, build_tiny, hf_tokens
+from tests.models.hf_parity import (
+    PROMPTS_SMALL_VOCAB,
+    SMALL_VOCAB,
+    assert_engine_matches,
+    build_tiny,
+    hf_tokens,
+)
 
-# 4096 tokens (> every prompt id): the writer cuts the tokenizer to the config's vocabulary,
-# which keeps gguf-py's metadata parse (seconds for SmolLM2's 49k tokens and merges) short
-SMALL = dict(vocab_size=4096, pad_token_id=2)
+# 512 tokens (> every prompt id): the writer cuts the tokenizer to the config's vocabulary,
+# which keeps gguf-py's metadata parse (seconds for SmolLM2's 49k tokens and merges, and
+# still most of each test's time at 4096) short
+SMALL = dict(vocab_size=SMALL_VOCAB, pad_token_id=2)
 GEMMA = dict(SMALL, std=0.05, head_dim=16, sliding_window=8, tie_word_embeddings=True)
 # Only what GGUF metadata states survives the file (transformers fills the rest with its
 # defaults: Qwen3's head_dim 128, Gemma's query_pre_attn_scalar 256 and soft-caps 50/30,
@@ -44,9 +51,9 @@ def test_gguf_blocks_match_transformers_reading_the_file(tmp_path, smollm_dir, m
     monkeypatch.setenv("PLAIT_CACHE_DIR", str(tmp_path / "cache"))
     path = build_tiny(tmp_path / "float", arch, smollm_dir, **ARCHS[arch])
     gguf = write_gguf(path, tmp_path / "model.gguf", smollm_dir)
-    want = hf_tokens(tmp_path, gguf_file=gguf.name)
-    assert hf_tokens(path) != want  # the blocks show in the tokens
-    engine = assert_engine_matches(gguf, want)
+    want = hf_tokens(tmp_path, PROMPTS_SMALL_VOCAB, gguf_file=gguf.name)
+    assert hf_tokens(path, PROMPTS_SMALL_VOCAB) != want  # the blocks show in the tokens
+    engine = assert_engine_matches(gguf, want, PROMPTS_SMALL_VOCAB)
     model = engine.scheduler.runner.model
     layers = model.config.num_hidden_layers
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]

@@ -19,9 +19,16 @@ import pytest
 from plait.models.moe_quant import QuantizedMoEExperts
 from plait.quant.modules import QuantizedLinear
 from tests.models.gguf_file import write_gguf
-from tests.models.hf_parity import assert_engine_matches, build_tiny, hf_tokens
+from tests.models.hf_parity import (
+    PROMPTS_SMALL_VOCAB,
+    SMALL_VOCAB,
+    assert_engine_matches,
+    build_tiny,
+    hf_tokens,
+)
 
-VOCAB = 4096  # > every prompt id; keeps gguf-py's parse of the tokenizer short
+VOCAB = SMALL_VOCAB  # > every prompt id; keeps gguf-py's parse of the tokenizer short
+PROMPTS = PROMPTS_SMALL_VOCAB
 MOE = dict(num_experts_per_tok=2, vocab_size=VOCAB, pad_token_id=2)
 ARCHS = {
     "mixtral": dict(MOE, num_local_experts=4, sliding_window=None),
@@ -46,9 +53,9 @@ def test_gguf_file_matches_transformers_on_its_values(tmp_path, smollm_dir, monk
     oracle = tmp_path / "oracle"
     ffn = FFN_BLOCKS.get(arch, "Q4_0")
     gguf = write_gguf(path, tmp_path / "model.gguf", smollm_dir, ffn=ffn, roundtrip=oracle)
-    want = hf_tokens(oracle)
-    assert hf_tokens(path) != want  # the blocks show in the tokens
-    engine = assert_engine_matches(gguf, want)  # quantization='gguf', implied by the path
+    want = hf_tokens(oracle, PROMPTS)
+    assert hf_tokens(path, PROMPTS) != want  # the blocks show in the tokens
+    engine = assert_engine_matches(gguf, want, PROMPTS)  # quantization='gguf', by the path
     model = engine.scheduler.runner.model
     layers = model.config.num_hidden_layers
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -58,6 +65,6 @@ def test_gguf_file_matches_transformers_on_its_values(tmp_path, smollm_dir, monk
         experts = [m for m in model.modules() if isinstance(m, QuantizedMoEExperts)]
         assert len(experts) == layers
         assert all(len(e.gate_up) == len(e.down) == e.num_experts for e in experts)
-    engine = assert_engine_matches(gguf, want, quantization="none")
+    engine = assert_engine_matches(gguf, want, PROMPTS, quantization="none")
     model = engine.scheduler.runner.model
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())

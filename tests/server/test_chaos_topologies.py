@@ -20,6 +20,7 @@ free, and no IPC directory is left once everything has stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -65,6 +67,8 @@ class Load:
             if outcome in CONNECTION:
                 outcome = "connection error"
                 time.sleep(0.5)  # a refused connection returns at once: do not spin
+            elif outcome == "error":
+                time.sleep(0.1)  # nor on the gateway's immediate errors (CPU the restart needs)
             self.results.append((kind, outcome, seconds))
 
     def __enter__(self) -> Load:
@@ -220,7 +224,9 @@ def test_kill_9_the_gateway_gives_connection_errors_and_a_restart_serves(tiny_mo
 def test_kill_9_a_prefill_then_a_decode_server_under_smg(make_tiny_model, tmp_path):
     """smg keeps answering while a PD server is down (errors with a body), and takes each
     server back once its supervisor restarts it on the same address; the launch itself keeps
-    running throughout (``children.supervise``: a replacement answers on the address)."""
+    running throughout (``children.supervise``: a replacement answers on the address). Three
+    long streams (one per route) running when the decode server dies each end with an error
+    event and ``[DONE]``."""
     model_dir = make_tiny_model("llama")
     model = model_dir.name
     tmp = tmp_path / "tmp"
@@ -240,9 +246,11 @@ def test_kill_9_a_prefill_then_a_decode_server_under_smg(make_tiny_model, tmp_pa
                     psutil.Process(p.pid) for p in replacements if mode in p.args
                 ]
                 cmdline, url = victim.cmdline(), f"http://127.0.0.1:{port_of(victim)}"
+                streams = open_long_streams(server.url, model) if mode == "decode" else []
                 victim.kill()
                 killed = time.monotonic()
                 victim.wait(EXIT_BOUND)
+                assert_cut_with_an_error_event_and_done(streams)
                 replacements.append(restart(cmdline, tmp_path / f"{mode}2.log", env))
                 recovered[mode] = wait_serving(server.url, model, killed)
                 assert server.proc.poll() is None, "the launch stopped"
@@ -262,6 +270,43 @@ def test_kill_9_a_prefill_then_a_decode_server_under_smg(make_tiny_model, tmp_pa
     print(f"pd: serving again {recovered} s after each kill")
     load.report("pd servers")
     no_ipc_left(tmp)
+
+
+def open_long_streams(url: str, model: str) -> list[tuple]:
+    """One stream per streaming route, each past its first event (decoding), long enough
+    (1800 tokens) to be running when the decode server dies."""
+    text, long = "a stream cut in the middle " * 4, {"ignore_eos": True, "stream": True}
+    bodies = [
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 1800} | long),
+        ("/v1/completions", {"model": model, "prompt": text, "max_tokens": 1800} | long),
+        ("/generate", {"text": text, "stream": True, "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}),
+    ]  # fmt: skip
+    opened = []
+    for path, body in bodies:
+        r = requests.post(url + path, json=body, stream=True, timeout=BOUND)
+        assert r.status_code == 200, r.text
+        lines = r.iter_lines()
+        opened.append((path, r, lines, [next(ln for ln in lines if ln)]))
+    return opened
+
+
+def assert_cut_with_an_error_event_and_done(opened: list[tuple]) -> None:
+    """Each stream cut by the decode server's death ends at the client with one error event
+    and ``[DONE]`` (issue 42; smg reads the decode server's SSE body and closes it so)."""
+
+    def rest(item: tuple) -> list[bytes]:
+        _, resp, lines, got = item
+        with resp:
+            return got + [ln for ln in lines if ln]
+
+    with ThreadPoolExecutor(max(1, len(opened))) as pool:
+        ends = list(pool.map(rest, opened))
+    for (path, *_), events in zip(opened, ends):
+        assert events[-1] == b"data: [DONE]", (path, events[-3:])
+        payloads = [json.loads(e[6:]) for e in events[:-1] if e.startswith(b"data: ")]
+        errors = [p["error"] for p in payloads if "error" in p]
+        assert len(errors) == 1 and errors[0]["message"], (path, events[-3:])
+        print(f"pd stream cut on {path}: {errors[0]['message'][:80]}")
 
 
 def port_of(proc: psutil.Process) -> int:

@@ -26,6 +26,8 @@ LIMITS = [
     "1",
     "--max-header-count",
     "50",
+    "--keep-alive-timeout",
+    "2",
 ]
 
 
@@ -111,6 +113,47 @@ def test_a_trickled_body_gets_408(limited_server):
         )
         status, _ = _read_status(sock)
     assert status == 408
+    _still_serves(limited_server)
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_its_timeout(limited_server):
+    """After a full answer the connection idles between requests: it is closed after
+    ``--keep-alive-timeout`` (2 s here; the 5 s default, or no limit, fails the bound), with
+    nothing sent after the answer (the 1 s header timeout is not what closes it)."""
+    with _connect(limited_server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        answered = time.monotonic()
+        rest = data.split(b"\r\n\r\n", 1)[1]
+        while chunk := sock.recv(4096):
+            rest += chunk
+        closed = time.monotonic()
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b"HTTP/1.1" not in rest, rest  # no second answer (a 408) on the idle connection
+    assert 1.5 < closed - answered < 4
+    _still_serves(limited_server)
+
+
+def test_a_kept_alive_connections_next_head_has_the_header_timeout(limited_server):
+    """The next request's head on a kept-alive connection is timed from its first byte: an
+    incomplete one gets 408 after ``--header-read-timeout`` (1 s)."""
+    with _connect(limited_server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # and nothing more
+        sent = time.monotonic()
+        while b"HTTP/1.1 408" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    assert time.monotonic() - sent < 1.9  # the head's 1 s, not the 2 s keep-alive
     _still_serves(limited_server)
 
 
