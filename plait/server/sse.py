@@ -55,6 +55,10 @@ class SSEResponse(Response):
         try:
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if state["gone"]:
+                    # the cancel can be lost: Python 3.11's wait_for (in the server's write
+                    # flow control) swallows one that lands as its wait completes
+                    return
             state["ended"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
