@@ -118,3 +118,30 @@ def test_a_handler_that_lags_sends_one_output_for_several_steps(smollm_dir) -> N
         shutil.rmtree(client._ipc_dir, ignore_errors=True)
     assert out["output_ids"] == ids and out["text"] == client.tokenizer.decode(ids)
     assert out["meta_info"]["completion_tokens"] == len(ids)
+
+
+def test_the_raw_benchmark_client_counts_events_and_tokens(null_server):
+    """``benchmarks/serving/sse_client.py`` (host_path_served's load generator) reads the same
+    tokens the server sent, and one event per send: first token, then every INTERVAL, end."""
+    import argparse
+
+    from benchmarks.serving import sse_client
+
+    args = argparse.Namespace(
+        dataset="random",
+        num_prompts=3,
+        input_len=8,
+        output_len=9,
+        range_ratio=0.0,
+        prefix_len=0,
+        num_groups=1,
+        max_concurrency=3,
+        seed=0,
+        request_rate=float("inf"),
+        warmup=False,
+    )
+    vocab = requests.get(null_server.url + "/get_model_info", timeout=30).json()["vocab_size"]
+    run = sse_client.bench(null_server.url, args, vocab)
+    assert run["completed"] == 3 and run["failed"] == 0
+    assert run["output_tok_per_s"] * run["duration_s"] == pytest.approx(27)
+    assert 2 <= run["events_per_stream"] <= 1 + 8 // INTERVAL + 1  # [1, 5, 9] when in time
