@@ -15,6 +15,12 @@ the HTTP process, the scheduler process and the client), the served step rate th
 counted (its forward passes over the run's wall time), tokens/s the clients received, and the
 server's phase split (ms per forward pass, from ``/get_server_info``). Every server is killed
 at the end.
+
+The clients are ``benchmarks.serving.sse_client``'s raw asyncio streams by default (they count
+events and parse only the last, so they cost far less than the server; ``--client httpx``:
+``serving.bench``'s). ``--pin`` puts the server's processes on the last CPU and this process
+(the clients) on the first, so that their CPU times do not mix on one core; the output says
+which client and pinning ran.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import psutil
 import plait
 from benchmarks import host_path
 from benchmarks.harness import PHASES, phase_split, step_totals
-from benchmarks.serving import serving
+from benchmarks.serving import serving, sse_client
 from plait.models.default import default_model_path
 from plait.models.null import make_null_checkpoint
 
@@ -56,18 +62,41 @@ def cpu_seconds(procs: list[psutil.Process]) -> list[float]:
     return [sum(p.cpu_times()[:2]) for p in procs]
 
 
+_CLIENT = {"name": "raw", "vocab": 0}
+
+
+def _bench(url: str, workload: argparse.Namespace) -> dict:
+    """One closed-loop run with the chosen client (``--client``)."""
+    if _CLIENT["name"] == "httpx":
+        return serving.bench(url, workload)
+    if not _CLIENT["vocab"]:
+        _CLIENT["vocab"] = httpx.get(url + "/get_model_info", timeout=30).json()["vocab_size"]
+    return sse_client.bench(url, workload, _CLIENT["vocab"])
+
+
+def pin(server: psutil.Process) -> str:
+    """The server's processes on the last CPU, this one on the first; what was done, in words."""
+    cpus = sorted(psutil.Process().cpu_affinity())
+    if len(cpus) < 2:
+        return "not pinned (one CPU)"
+    for p in (server, *server.children(recursive=True)):
+        p.cpu_affinity([cpus[-1]])
+    psutil.Process().cpu_affinity([cpus[0]])
+    return f"server pinned to CPU {cpus[-1]}, clients to CPU {cpus[0]}"
+
+
 def served(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> dict[str, float]:
     """Served ms per decode step at ``batch`` streams (wall, and CPU of the HTTP process, the
     scheduler process and this client: on a loaded machine the CPU figures are what each side
     spent, the wall one includes waiting for a core), the server's steps/s, the clients'
     tokens/s and the phase split of the full run."""
     cpu0 = cpu_seconds(procs)
-    first = serving.bench(url, _workload(batch, 1))
+    first = _bench(url, _workload(batch, 1))
     cpu1 = cpu_seconds(procs)
     httpx.post(url + "/flush_cache", timeout=60)
     before = step_totals(httpx.get(url + "/get_server_info", timeout=30).json())
     cpu2 = cpu_seconds(procs)
-    full = serving.bench(url, _workload(batch, steps))
+    full = _bench(url, _workload(batch, steps))
     cpu3 = cpu_seconds(procs)
     per_step = 1000 / (steps - 1)
     cpu = [per_step * ((d - c) - (b - a)) for a, b, c, d in zip(cpu0, cpu1, cpu2, cpu3)]
@@ -91,7 +120,7 @@ def whole_run(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> 
     """One run of ``batch`` streams x ``steps`` tokens, nothing subtracted: its wall and each
     process's CPU seconds (steadier than ``served`` on a loaded machine)."""
     cpu0 = cpu_seconds(procs)
-    run = serving.bench(url, _workload(batch, steps))
+    run = _bench(url, _workload(batch, steps))
     cpu = [b - a for a, b in zip(cpu0, cpu_seconds(procs))]
     httpx.post(url + "/flush_cache", timeout=60)
     if run["failed"]:
@@ -102,6 +131,7 @@ def whole_run(url: str, batch: int, steps: int, procs: list[psutil.Process]) -> 
         "sched_cpu_s": cpu[1],
         "client_cpu_s": cpu[2],
         "received_tok_per_s": run["output_tok_per_s"],
+        "events_per_stream": run.get("events_per_stream", float("nan")),  # raw client only
     }
 
 
@@ -131,10 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--server-args", default="", help="more `plait serve` arguments")
     ap.add_argument("--whole-run", action="store_true", help="per-run totals, no subtraction")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator")
+    ap.add_argument("--pin", action="store_true", help="server on the last CPU, clients first")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be at least 2")
+    _CLIENT["name"] = args.client
+    pinned = "not pinned"
     with tempfile.TemporaryDirectory(prefix="plait-null-") as tmp:
         model = make_null_checkpoint(Path(tmp), default_model_path())
         base = offline(model, args.batch, args.steps, args.rounds)
@@ -147,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
             extra, argparse.Namespace(model_path=str(model), verbose=args.verbose)
         )
         try:
-            serving.bench(url, _workload(2, 4))  # warm-up
             http = psutil.Process(proc.pid)
+            if args.pin:
+                pinned = pin(http)
+            _bench(url, _workload(2, 4))  # warm-up
             procs = [http, *http.children(), psutil.Process()]  # HTTP, scheduler, this client
             runs: dict[int, list[dict[str, float]]] = {b: [] for b in args.batch}
             for _ in range(args.rounds):
@@ -163,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                 proc.kill()
                 proc.wait()
     print(f"null model, greedy, {args.steps} steps, {args.rounds} rounds; serve {extra}")
+    print(f"client: {args.client}; {pinned}")
     cols = ["served_ms", "http_cpu_ms", "sched_cpu_ms", "client_cpu_ms"]
     cols += ["server_steps_per_s", "received_tok_per_s"] + [f"{p}_ms" for p in PHASES]
     if args.whole_run:

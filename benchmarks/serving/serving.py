@@ -42,6 +42,7 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str = ""
+    events: int = 0  # data events received (sse_client counts them)
 
 
 def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:

@@ -198,6 +198,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         name = flag[2:].replace("-", "_")
         limits.add_argument(flag, type=kind, default=getattr(d, name), help=what)
     p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=d.stream_interval,
+        help="a stream's events come every N tokens (and its first and last): fewer, larger "
+        "events for many concurrent streams (SGLang's flag; default 1: every token)",
+    )
+    p.add_argument(
         "--max-queued-requests",
         type=int,
         default=d.max_queued_requests,

@@ -44,7 +44,7 @@ from plait.server.admission import ARRIVAL, AdmissionControl
 from plait.server.metrics import ServerMetrics
 from plait.server.protocol import MAX_SEQUENCES, MAX_TOP_LOGPROBS, APIError
 from plait.server.server_args import ServerArgs
-from plait.server.stream_text import StreamText, route_batch
+from plait.server.stream_text import StreamText, latest_item, route_batch
 
 logger = logging.getLogger("plait.server")
 
@@ -333,26 +333,27 @@ class EngineClient:
             self.admission.posted(req.rid, ARRIVAL.get())
             timeout = self.args.request_timeout
             deadline = None if timeout is None else time.monotonic() + timeout
+            text, interval, sent = self._texts[req.rid], self.args.stream_interval, 0
             while not finished:
-                try:
-                    item = await asyncio.wait_for(
-                        q.get(), None if deadline is None else max(deadline - time.monotonic(), 0)
-                    )
-                except asyncio.TimeoutError:
-                    raise APIError(
-                        f"the request took longer than the server's request "
-                        f"timeout ({timeout:g}s) and was aborted",
-                        status=504,
-                    ) from None
+                item = await latest_item(q, deadline, timeout)
                 if item[0] == "error":
                     finished = True
                     _, status, message = item
                     self.metrics.finish(req.rid, "error")
                     raise APIError(message, status=status)
-                _, out, finished = item
                 self.admission.started(req.rid)
-                if req.stream or finished:
-                    yield out
+                if item[0] == "ids":
+                    text.pending = False
+                    if not req.stream or (sent and len(text.ids) - sent < interval):
+                        continue
+                    out = text.output()
+                else:
+                    _, out, finished = item
+                    tokens = (out.get("meta_info") or {}).get("completion_tokens") or 0
+                    if not finished and (not req.stream or (sent and tokens - sent < interval)):
+                        continue
+                sent = max(1, (out.get("meta_info") or {}).get("completion_tokens") or 0)
+                yield out
         finally:
             self.admission.started(req.rid)
             self._queues.pop(req.rid, None)

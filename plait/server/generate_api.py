@@ -10,19 +10,17 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from plait.core.messages import GenerateReq
 from plait.server.engine_client import EngineClient
 from plait.server.protocol import APIError, GatewayFields, GenerateRequest
+from plait.server.sse import SSE_DONE, SSEResponse, sse
 from plait.server.submit import (
-    SSE_DONE,
     clean_sampling_params,
     collect,
     invalid_request,
     merge_streams,
     prepare,
-    sse,
 )
 
 router = APIRouter()
@@ -105,7 +103,7 @@ async def generate(body: GenerateRequest, request: Request):
 
 async def _streaming_response(
     client: EngineClient, reqs: list[GenerateReq], batched: bool, with_text: bool, started: float
-) -> StreamingResponse:
+) -> SSEResponse:
     stream = merge_streams(client, reqs)
     # Wait for the first output before answering, so an error the engine raises on
     # submission is still a plain HTTP error rather than an event inside a 200 stream.
@@ -115,7 +113,7 @@ async def _streaming_response(
         await stream.aclose()
         raise
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         try:
             item: tuple[int, dict[str, Any]] | None = first
             while item is not None:
@@ -131,4 +129,4 @@ async def _streaming_response(
             await stream.aclose()
         yield SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return SSEResponse(events())

@@ -8,12 +8,12 @@ import json
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from plait.core.messages import GenerateReq
 from plait.server.engine_client import EngineClient
 from plait.server.protocol import APIError, _SamplingFields
-from plait.server.submit import SSE_DONE, invalid_request, merge_streams, prepare, sse
+from plait.server.sse import SSE_DONE, SSEResponse, sse
+from plait.server.submit import invalid_request, merge_streams, prepare
 
 # The core's parameter names -> the OpenAI names the client actually sent.
 OPENAI_NAMES = {
@@ -139,7 +139,7 @@ async def stream_response(
     head: dict[str, Any],
     body: _SamplingFields,
     chunker: Callable,
-) -> StreamingResponse:
+) -> SSEResponse:
     stream = merge_streams(client, reqs)
     try:  # the first output proves the engine accepted every request: errors stay HTTP 400s
         first = await anext(stream)
@@ -149,7 +149,7 @@ async def stream_response(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         last: dict[int, dict[str, Any]] = {}
         try:
             item = first
@@ -157,10 +157,12 @@ async def stream_response(
                 i, out = item
                 last[i] = out.get("meta_info") or {}
                 result = chunker(i, out)
-                for c in [] if result is None else result if isinstance(result, list) else [result]:
-                    if continuous:  # this choice's counts so far, as SGLang and vLLM send
+                chunks = [] if result is None else result if isinstance(result, list) else [result]
+                if continuous:  # this choice's counts so far, as SGLang and vLLM send
+                    for c in chunks:
                         c["usage"] = choice_usage(reqs[i], last[i])
-                    yield sse(c)
+                if chunks:  # one output's chunks (role, then deltas): one send
+                    yield b"".join(map(sse, chunks))
                 item = await anext(stream, None)
         except APIError as e:
             yield sse(e.body())
@@ -171,4 +173,4 @@ async def stream_response(
             yield sse({**head, "choices": [], "usage": usage_of(reqs, metas, body.n)})
         yield SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return SSEResponse(events())

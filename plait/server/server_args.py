@@ -60,6 +60,7 @@ class ServerArgs:
     body_read_timeout: float = 30.0  # the whole body within this after the head, else 408
     keep_alive_timeout: float = 5.0  # an idle kept-alive connection is closed after this
     stream_stall_timeout: float = 30.0  # a response blocked on a non-reading client: cut
+    stream_interval: int = 1  # a stream's events every N tokens (SGLang's --stream-interval)
     max_header_bytes: int = 32 * 1024  # a larger request head gets 431
     max_header_count: int = 100  # more header fields get 431
     # Data parallelism: N workers behind SGLang's gateway (plait.server.data_parallel).
@@ -241,6 +242,7 @@ class ServerArgs:
             "body_read_timeout",
             "keep_alive_timeout",
             "stream_stall_timeout",
+            "stream_interval",
             "max_header_bytes",
             "max_header_count",
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 from dataclasses import fields
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -169,6 +168,11 @@ async def merge_streams(
 async def _merge_streams(
     client: EngineClient, reqs: list[GenerateReq]
 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    if len(reqs) == 1:  # no pump task and queue between the request and its consumer
+        async with contextlib.aclosing(client.generate(reqs[0])) as gen:
+            async for out in gen:
+                yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: GenerateReq) -> None:
@@ -198,13 +202,6 @@ async def _merge_streams(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
 
 
 def token_text(client: EngineClient, token_id: int) -> str:

@@ -15,7 +15,7 @@ from plait.core.sampling_params import SamplingParams
 from plait.models.default import default_model_path
 from plait.server.metrics import ServerMetrics
 from plait.server.step_outbox import StepOutbox
-from plait.server.stream_text import StreamText, route_batch
+from plait.server.stream_text import IDS, StreamText, route_batch
 
 
 class _Loop:
@@ -121,6 +121,6 @@ def test_route_batch_queues_outputs_and_errors_per_request() -> None:
     route_batch(msg, texts, queues, metrics, 1.0)
     route_batch({"outs": [("r", True, None, final, 0, 0)], "errors": []}, texts, queues, metrics, 2)
     got = [queues["r"].get_nowait(), queues["r"].get_nowait()]
-    assert got[0][1]["text"] == tok.decode(ids) and got[0][2] is False
+    assert got[0] == IDS and texts["r"].output()["text"] == tok.decode(ids)
     assert got[1] == ("out", final, True)
     assert queues["e"].get_nowait() == ("error", 500, "engine error: boom")
