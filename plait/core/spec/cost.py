@@ -55,9 +55,12 @@ class PassCost:
     of an unusual size), so a descheduled pass shifts no size and none is biased low by
     being timed more often. A verify pass's time comes from a Theil-Sen line (the median of
     the slopes between sizes, then the median intercept; one slow size cannot tilt it)
-    through the verify sizes in the range asked for, from pairs at least :data:`MIN_SPAN`
-    rows apart (neighbours' noise over one row is no slope), or a tenth of the range where
-    that is less; with no such pair, through those sizes and the batch's plain decode."""
+    through the verify sizes in the range asked for and the batch's plain decode, from
+    pairs at least :data:`MIN_SPAN` rows apart (neighbours' noise over one row is no slope),
+    or a tenth of the range where that is less (any pair when none is that far apart). The
+    plain pass anchors the line: two verify sizes close together (the first, uncapped
+    passes) alone gave a slope four times the true one from one slow pass, which then cut
+    every draft, so no other size was timed."""
 
     def __init__(self) -> None:
         self._plain: OrderedDict[int, deque[float]] = OrderedDict()
@@ -93,13 +96,12 @@ class PassCost:
 
     def _line_through(self, batch: int, top: int) -> tuple[float, float] | None:
         pts = [(n, _median(list(ts))) for n, ts in self._verify.items() if batch < n <= top]
-        pts.sort()
+        if not pts:
+            return None
+        plain = self.plain(batch)
+        pts = sorted(pts + ([(batch, plain)] if plain is not None else []))
         span = min(MIN_SPAN, max(1, (top - batch) // 10))
-        found = _theil_sen(pts, span)
-        if found is None and pts:
-            plain = self.plain(batch)
-            found = _theil_sen(([(batch, plain)] if plain else []) + pts)
-        return found
+        return _theil_sen(pts, span) or _theil_sen(pts)
 
     def line(self, tokens: int, batch: int = 0, top: int | None = None) -> float | None:
         """The verify line's seconds for ``tokens`` rows (see :meth:`fit`); None without
