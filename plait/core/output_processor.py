@@ -67,7 +67,7 @@ class OutputProcessor:
         self.hand_off: HandOff | None = None
         #: told each decode-phase pass's token count and forward seconds (speculation's cost
         #: model, ``plait.core.spec.cost``); None when nobody listens
-        self.observe_pass: Callable[[int, float], None] | None = None
+        self.observe_pass: Callable[[int, float, bool], None] | None = None
 
     def process(self, plan: PlannedBatch, fut: Future) -> None:
         """Wait for ``plan``'s result and apply it; the next batch may sample after this."""
@@ -79,9 +79,9 @@ class OutputProcessor:
         self.stats.sample_seconds += result.sample_s
         if self.observe_pass is not None and result.error is None:
             if plan.verify is not None:
-                self.observe_pass(sum(plan.row_counts), result.forward_s)
+                self.observe_pass(sum(plan.row_counts), result.forward_s, True)
             elif plan.items is None:  # a plain decode
-                self.observe_pass(len(plan.reqs), result.forward_s)
+                self.observe_pass(len(plan.reqs), result.forward_s, False)
         try:
             self._apply(plan, result)
         finally:

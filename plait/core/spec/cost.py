@@ -9,11 +9,15 @@ right drafts depend on the machine, the batch and each request's acceptance, so 
 measured, not configured.
 
 Rule (:func:`choose_drafts`, for the whole batch at once): plain decoding of ``B`` requests
-makes ``B / T(B)`` tokens a second, ``T(B)`` the recent median time of a ``B``-row pass
-(:class:`PassCost`; timed at nearly every step); a verify pass over ``B + m`` rows takes the
-Theil-Sen line's time through the medians of every size timed (robust: verify sizes are
-timed rarely, and one descheduled pass of a rare size must not decide; the line does not
-follow a concave curve such as the 17th row's jump, which a batch that drafts pays for). A request whose drafts are each accepted with chance ``a``
+makes ``B / T(B)`` tokens a second, ``T(B)`` the recent median time of a plain ``B``-row
+decode pass (:class:`PassCost`; timed at nearly every step); a verify pass over ``B + m``
+rows takes the time of a Theil-Sen line through the medians of the verify sizes a pass over
+this batch can have (``B + 1`` to ``B`` plus every draft the proposers allow): robust, since
+verify sizes are timed rarely and one descheduled pass of a rare size must not decide. Only
+those sizes: a batch-1 verify pass (weight-bound, a few rows) says nothing about a batch-16
+one (compute-bound), and a line through both, or through plain decode passes of smaller
+batches, has the wrong slope (on the profiled batch-16 costs, after batch-1 passes were timed,
+such a line cut half the drafts that paid). A request whose drafts are each accepted with chance ``a``
 given the ones before (:meth:`~plait.core.spec.ngram.DraftState.acceptance`) expects its
 ``j``-th draft to add ``a ** j`` tokens; the drafts of every request are ranked by that gain
 and the rule keeps the top ``m``, with ``m`` maximising the expected tokens a second
@@ -21,8 +25,9 @@ and the rule keeps the top ``m``, with ``m`` maximising the expected tokens a se
 long drafts go to requests that copy well, and a batch whose acceptance is too low for what a
 row costs decodes plainly.
 
-What holds: before two different pass sizes have been timed there is no cap (the proposer's own
-limits apply), so the first verify passes measure what speculation costs. The rule only caps;
+What holds: until a verify pass of a size this batch can have has been timed there is no cap
+(the proposer's own limits apply), so the first verify passes measure what speculation
+costs. The rule only caps;
 it never lengthens a draft past what the proposer allowed. Acceptance keeps being measured
 while drafts are capped: an unverified NGRAM draft is checked against the token decoding
 then commits (``DraftState.shadow``), so a request whose text turns copyable again is seen to
@@ -38,56 +43,70 @@ from typing import Any
 MARGIN = 0.05  # drafting must promise 5% more tokens a second (acceptance is an estimate)
 RECENT = 5  # times kept per pass size; its estimate is their median
 MAX_SIZES = 64  # pass sizes remembered (least recently timed dropped first)
+MIN_SPAN = 8  # rows between two verify sizes for their slope to count (one product tile)
 PROBE_EVERY = 16  # steps capped at 0 drafts before a one-draft probe (STANDALONE)
 
 
 class PassCost:
-    """Recent seconds per decode-phase pass, by its row count.
+    """Recent seconds per decode-phase pass, by its row count, plain decode and verify apart.
 
     Each size's estimate is the median of its last :data:`RECENT` times: every size gets the
     same statistic whether it is timed every step (plain decode) or rarely (a verify pass
     of an unusual size), so a descheduled pass shifts no size and none is biased low by
-    being timed more often. The line through them is Theil-Sen's (the median of the slopes
-    between sizes, then the median intercept), which one slow size cannot tilt."""
+    being timed more often. A verify pass's time comes from a Theil-Sen line (the median of
+    the slopes between sizes, then the median intercept; one slow size cannot tilt it)
+    through the verify sizes in the range asked for and the batch's plain decode, from
+    pairs at least :data:`MIN_SPAN` rows apart (neighbours' noise over one row is no slope),
+    or a tenth of the range where that is less (any pair when none is that far apart). The
+    plain pass anchors the line: two verify sizes close together (the first, uncapped
+    passes) alone gave a slope four times the true one from one slow pass, which then cut
+    every draft, so no other size was timed."""
 
     def __init__(self) -> None:
-        self._times: OrderedDict[int, deque[float]] = OrderedDict()
-        self._fit: tuple[float, float] | None = None
-        self._stale = False
+        self._plain: OrderedDict[int, deque[float]] = OrderedDict()
+        self._verify: OrderedDict[int, deque[float]] = OrderedDict()
+        self._fits: dict[tuple[int, int], tuple[float, float] | None] = {}
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """One decode-phase pass over ``tokens`` rows took ``seconds`` (its forward)."""
+    def observe(self, tokens: int, seconds: float, *, verify: bool = False) -> None:
+        """One decode-phase pass over ``tokens`` rows took ``seconds`` (its forward);
+        ``verify``: a verify pass, else a plain decode step."""
         if tokens <= 0 or seconds <= 0:
             return
-        times = self._times.pop(tokens, None) or deque(maxlen=RECENT)
+        table = self._verify if verify else self._plain
+        times = table.pop(tokens, None) or deque(maxlen=RECENT)
         times.append(seconds)
-        self._times[tokens] = times
-        while len(self._times) > MAX_SIZES:
-            self._times.popitem(last=False)
-        self._stale = True
+        table[tokens] = times
+        while len(table) > MAX_SIZES:
+            table.popitem(last=False)
+        self._fits.clear()
 
-    def _refresh(self) -> None:
-        if self._stale:
-            table = sorted((n, _median(list(ts))) for n, ts in self._times.items())
-            self._fit, self._stale = _theil_sen(table), False
+    def plain(self, batch: int) -> float | None:
+        """A plain decode pass's recent median over ``batch`` rows; None if not timed."""
+        times = self._plain.get(batch)
+        return _median(list(times)) if times else None
 
-    def fit(self) -> tuple[float, float] | None:
-        """``(fixed, per_row)`` seconds, both >= 0; None before two sizes were timed."""
-        self._refresh()
-        return self._fit
+    def fit(self, batch: int = 0, top: int | None = None) -> tuple[float, float] | None:
+        """``(fixed, per_row)`` seconds, both >= 0, of a verify pass over ``batch`` requests
+        and ``batch + 1`` to ``top`` rows (default: any size), from the verify sizes in that
+        range; None when no two sizes (the batch's plain decode counting) were timed."""
+        key = (batch, top if top is not None else 1 << 30)
+        if key not in self._fits:
+            self._fits[key] = self._line_through(batch, key[1])
+        return self._fits[key]
 
-    def at(self, tokens: int) -> float | None:
-        """Seconds a pass over ``tokens`` rows takes: its size's recent median where timed,
-        else the fitted line's; None without a fit."""
-        fit = self.fit()
-        if fit is None:
+    def _line_through(self, batch: int, top: int) -> tuple[float, float] | None:
+        pts = [(n, _median(list(ts))) for n, ts in self._verify.items() if batch < n <= top]
+        if not pts:
             return None
-        times = self._times.get(tokens)
-        return _median(list(times)) if times else fit[0] + fit[1] * tokens
+        plain = self.plain(batch)
+        pts = sorted(pts + ([(batch, plain)] if plain is not None else []))
+        span = min(MIN_SPAN, max(1, (top - batch) // 10))
+        return _theil_sen(pts, span) or _theil_sen(pts)
 
-    def line(self, tokens: int) -> float | None:
-        """The fitted line's seconds for ``tokens`` rows; None without a fit."""
-        fit = self.fit()
+    def line(self, tokens: int, batch: int = 0, top: int | None = None) -> float | None:
+        """The verify line's seconds for ``tokens`` rows (see :meth:`fit`); None without
+        a fit."""
+        fit = self.fit(batch, top)
         return None if fit is None else fit[0] + fit[1] * tokens
 
 
@@ -97,10 +116,17 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def _theil_sen(pts: list[tuple[int, float]]) -> tuple[float, float] | None:
-    if len(pts) < 2:
+def _theil_sen(pts: list[tuple[int, float]], span: int = 1) -> tuple[float, float] | None:
+    """Theil-Sen's line through ``pts`` (sorted by size) from pairs ``span`` or more rows
+    apart; None without such a pair."""
+    slopes = [
+        (s2 - s1) / (n2 - n1)
+        for i, (n1, s1) in enumerate(pts)
+        for n2, s2 in pts[i + 1 :]
+        if n2 - n1 >= span
+    ]
+    if not slopes:
         return None
-    slopes = [(s2 - s1) / (n2 - n1) for i, (n1, s1) in enumerate(pts) for n2, s2 in pts[i + 1 :]]
     slope = max(0.0, _median(slopes))
     return max(0.0, _median([s - slope * n for n, s in pts])), slope
 
@@ -110,7 +136,10 @@ def choose_drafts(cost: PassCost, accepts: list[float], budgets: list[int]) -> l
     acceptance, ``budgets[i]``: what its proposer allows), by the module docstring's rule:
     ``0 .. budgets[i]`` each."""
     batch = len(budgets)
-    plain = cost.at(batch) if batch else None
+    top = batch + sum(budgets)
+    if not batch or cost.fit(batch, top) is None:
+        return list(budgets)
+    plain = cost.plain(batch) or cost.line(batch, batch, top)
     if plain is None or plain <= 0:
         return list(budgets)
     gains: list[tuple[float, int]] = []
@@ -124,7 +153,7 @@ def choose_drafts(cost: PassCost, accepts: list[float], budgets: list[int]) -> l
     tokens = float(batch)
     for m, (gain, _) in enumerate(gains, 1):
         tokens += gain
-        seconds = cost.line(batch + m)
+        seconds = cost.line(batch + m, batch, top)
         if seconds is not None and seconds > 0 and tokens / seconds > best:
             best_m, best = m, tokens / seconds
     caps = [0] * batch

@@ -89,9 +89,10 @@ class Speculator:
 
     # ----- planning -----
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """A decode-phase pass (plain decode or verify) over ``tokens`` rows took ``seconds``."""
-        self.cost.observe(tokens, seconds)
+    def observe(self, tokens: int, seconds: float, verify: bool) -> None:
+        """A decode-phase pass over ``tokens`` rows took ``seconds`` (``verify``: a verify
+        pass, else a plain decode step)."""
+        self.cost.observe(tokens, seconds, verify=verify)
 
     def state(self, req: Req) -> DraftState:
         if req.spec is None:
