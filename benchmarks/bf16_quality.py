@@ -5,12 +5,12 @@ of ``tests/quant/test_quantized_models.py`` against float32.
 - **Agreement**, teacher-forced: Plait generates ``--new`` greedy tokens for each prompt; one
   transformers forward over prompt + output gives its argmax after every prefix; the share of
   Plait's tokens equal to it (exact equality is not expected: transformers rounds every
-  activation to bf16, Plait's native step keeps them in float32). Also the share of prompts
-  whose whole free-running output equals transformers' own ``generate``.
+  activation to bf16, Plait's native step keeps them in float32). (Free-running
+  ``generate`` in bf16 is left out: transformers' bf16 on this CPU took minutes per prompt.)
 - **Perplexity** of the text through Plait bf16, Plait float32, and transformers bf16 and
   float32 (each engine built alone, one at a time).
 
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.bf16_quality   # ~2 min
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.bf16_quality
 """
 
 from __future__ import annotations
@@ -52,17 +52,6 @@ def hf_argmax_after(model, prompt: list[int], out: list[int]) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-def hf_generate(model, prompt: list[int], new: int) -> list[int]:
-    with torch.no_grad():
-        g = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=model.config.eos_token_id,
-        )
-    return g[0, len(prompt) :].tolist()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bf16_quality")
     ap.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     with plait.Engine(model_path=path, max_total_tokens=4096, dtype="float32") as engine:
         ppl["Plait float32"] = perplexity(engine, ids)
     torch.set_num_threads(2)
-    same = total = whole = 0
+    same = total = 0
     for dtype in (torch.bfloat16, torch.float32):
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         name = f"transformers {'bf16' if dtype == torch.bfloat16 else 'float32'}"
@@ -90,13 +79,9 @@ def main(argv: list[str] | None = None) -> None:
                 want = hf_argmax_after(hf, prompt, out)
                 same += sum(a == b for a, b in zip(want, out))
                 total += len(out)
-                whole += hf_generate(hf, prompt, args.new) == out
         del hf
     print(f"{len(prompts)} prompts x {args.new} greedy tokens; text: {len(ids)} tokens")
-    print(
-        f"teacher-forced agreement with transformers bf16: {same}/{total} = {same / total:.3f}; "
-        f"whole outputs equal to its generate: {whole}/{len(prompts)}"
-    )
+    print(f"teacher-forced agreement with transformers bf16: {same}/{total} = {same / total:.3f}")
     base = ppl["Plait float32"]
     print("| engine | perplexity | vs Plait float32 |\n|---|---:|---:|")
     for name, value in ppl.items():
