@@ -97,6 +97,19 @@ PRESETS = {
             about="CPU: float32 panels only, no lossless 4-bit/16-bit weight form",
         ),
         Preset(
+            name="bf16",
+            engine={"dtype": "bfloat16"},
+            about="Plait in bfloat16: 16-bit weights, float32 activations in the native step, "
+            "a bfloat16 KV pool (docs/cpu-backend.md); compare with plait",
+        ),
+        Preset(
+            name="bf16-eager",
+            engine={"dtype": "bfloat16"},
+            cpu={"native_decode": False, "paged_decode_kernel": False, "linear_layout": "onednn"},
+            about="bfloat16 as before the native bf16 step: eager torch, oneDNN bf16 Linears, "
+            "the gather attention",
+        ),
+        Preset(
             name="fp32",
             engine={**_QUANT, "quantization": "none"},
             about="the default model's GGUF dequantized to float32 (--quantization none)",

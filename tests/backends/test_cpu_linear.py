@@ -35,7 +35,8 @@ def test_packed_linear_matches_nn_linear(layout, bias, rows):
 
 def test_the_default_layout_is_panels_for_float32_where_the_kernel_builds():
     assert default_layout(torch.float32) == ("panel" if panel_extension() else "onednn")
-    assert default_layout(torch.bfloat16) == "onednn"  # the panel kernel is float32 only
+    # bfloat16 weights go to the panels as their 16-bit form (computed in float32)
+    assert default_layout(torch.bfloat16) == ("panel" if panel_extension() else "onednn")
     assert default_layout(torch.float16) is None
 
 
@@ -44,8 +45,8 @@ def test_a_layout_that_cannot_hold_the_weight_is_a_value_error():
         PackedLinear(nn.Linear(8, 8), "mkl")
     with pytest.raises(ValueError, match="layout must be one of"):
         prepack_linears(nn.Sequential(nn.Linear(8, 8)), "blocked")
-    with pytest.raises(ValueError, match="layout='panel' needs a float32 weight"):
-        PackedLinear(nn.Linear(8, 8).to(torch.bfloat16), "panel")
+    with pytest.raises(ValueError, match="layout='panel' needs a float32 or bfloat16 weight"):
+        PackedLinear(nn.Linear(8, 8).to(torch.float16), "panel")
 
 
 def test_prepack_replaces_every_linear_and_keeps_tied_embedding_dense():
@@ -106,6 +107,25 @@ def test_a_weight_on_a_4_bit_grid_is_kept_compact_with_the_same_results(rows):
     x = torch.randn(rows, 96)
     assert torch.equal(compact(x), full(x))
     torch.testing.assert_close(compact(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")
+def test_a_bfloat16_weight_is_kept_as_halves_and_multiplied_in_float32():
+    """``--dtype bfloat16``: the weight's 16-bit form only (no float32 panels), the products
+    those of its float32 upcast; a bf16 activation is widened and the result rounded back."""
+    lin = nn.Linear(96, 100).to(torch.bfloat16)
+    up = nn.Linear(96, 100)
+    with torch.no_grad():
+        up.weight.copy_(lin.weight.float())
+        up.bias.copy_(lin.bias.float())
+    packed, ref = PackedLinear(lin), PackedLinear(up, "panel", compact=False)
+    assert packed.layout == "panel" and packed.compact_format == "bf16"
+    assert not packed.has_panels and packed.codes.dtype == torch.uint16
+    x = torch.randn(7, 96)
+    assert torch.equal(packed(x), ref(x))
+    xb = x.bfloat16()
+    assert packed(xb).dtype == torch.bfloat16
+    assert torch.equal(packed(xb), ref(xb.float()).bfloat16())
 
 
 @pytest.mark.skipif(panel_extension() is None, reason="needs the AVX-512 panel kernel")

@@ -98,9 +98,13 @@ def test_bad_lengths_and_slots_are_errors_not_reads_out_of_bounds():
 
 @pytest.mark.parametrize(
     "dtype,cls",
-    [(torch.float32, PagedDecodeAttentionBackend), (torch.bfloat16, TorchAttentionBackend)],
+    [
+        (torch.float32, PagedDecodeAttentionBackend),
+        (torch.bfloat16, PagedDecodeAttentionBackend),
+        (torch.float16, TorchAttentionBackend),
+    ],
 )
-def test_cpu_backend_picks_the_kernel_for_float32_kv_only(dtype, cls):
+def test_cpu_backend_picks_the_kernel_for_float32_and_bfloat16_kv(dtype, cls):
     backend = CpuBackend()
     pool = backend.create_kv_pool(16, 1, 1, 8, dtype, 1)
     assert type(backend.create_attention_backend(pool, 2, 1, 8)) is cls

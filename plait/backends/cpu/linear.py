@@ -3,12 +3,15 @@ reads them in the order it multiplies.
 
 Two packed forms, chosen per weight when the model loads (:func:`default_layout`):
 
-- ``panel`` (float32, where the AVX-512 build of ``csrc/src/panel_gemm.cpp`` compiles): the
-  weight as 48-column panels, multiplied by its kernel. On the 2-core AVX-512 development
+- ``panel`` (where the AVX-512 build of ``csrc/src/panel_gemm.cpp`` compiles): the weight as
+  48-column float32 panels, multiplied by its kernel. A bfloat16 weight (``--dtype bfloat16``)
+  is upcast (exactly) and kept only as its 16-bit form below: half the bytes of float32, the
+  products in float32 (this CPU has no bf16 products to use: its AVX-512 has no BF16 extension,
+  so oneDNN widens them too); a bfloat16 activation is widened and the result rounded back. On the 2-core AVX-512 development
   machine it ran all of SmolLM2-135M's products for one decode step, weights streamed from
   memory, in 11 ms at M=1, 23 ms at M=16 and 81 ms at M=64, where oneDNN took 28, 33 and 94 ms;
   from M ~ 128 the two are within a few per cent (``benchmarks/kernels/panel_gemm_cpu.py``).
-- ``onednn`` (bfloat16, or float32 without that build): oneDNN's ``_linear_pointwise`` on a
+- ``onednn`` (float32 or bfloat16 without that build): oneDNN's ``_linear_pointwise`` on a
   weight reordered by ``_reorder_linear_weight``. MKL's fp32 GEMM, which ``nn.Linear`` calls,
   repacks the weight on every call; oneDNN's reordered weight is read once per call (the
   lm_head [576 x 49152] at M=16: 24.8 ms with MKL, 7.4 ms packed).
@@ -35,7 +38,9 @@ Invariants:
   Dynamo cannot trace opaque tensors or pybind calls, so the op takes an integer handle into a
   registry of live :class:`PackedLinear` modules (weak references: a dropped model frees its
   weights). Inductor fuses the elementwise work around it and calls the same kernel.
-- Only float32 and bfloat16 are packed (oneDNN's fp16 path needs AVX-512-FP16); other dtypes,
+- Only float32 and bfloat16 are packed (oneDNN's fp16 path needs AVX-512-FP16); a
+  bfloat16 weight in panels always has its 16-bit form (every value is a bfloat16), so with
+  ``compact`` it keeps only the halves (the LM head keeps its panels too); other dtypes,
   or a torch built without oneDNN and no panel kernel, keep ``nn.Linear`` (see
   :func:`can_prepack`).
 """
@@ -75,11 +80,11 @@ def panel_extension() -> Optional[ModuleType]:
 
 def default_layout(dtype: torch.dtype) -> Optional[str]:
     """The packed form :func:`prepack_linears` gives weights of ``dtype`` on this machine:
-    ``panel`` for float32 where the AVX-512 kernel builds, else ``onednn`` where torch has
-    oneDNN, else None (unpacked)."""
+    ``panel`` for float32 and bfloat16 where the AVX-512 kernel builds, else ``onednn`` where
+    torch has oneDNN, else None (unpacked)."""
     if dtype not in PACKABLE_DTYPES:
         return None
-    if dtype == torch.float32 and panel_extension() is not None:
+    if panel_extension() is not None:
         return "panel"
     return "onednn" if torch.backends.mkldnn.is_available() else None
 
@@ -106,7 +111,8 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight is packed for one kernel: ``layout``
-    ``panel`` (float32 only) or ``onednn``; None takes :func:`default_layout`."""
+    ``panel`` or ``onednn``; None takes :func:`default_layout`. A bfloat16 weight in ``panel``
+    is computed in float32 (its panels hold the upcast values, exactly)."""
 
     #: non-persistent buffers that are weights (``plait.quant.modules.weight_bytes`` counts them)
     weight_buffers = ("packed_weight", "bias", "codes", "code_scales", "code_offsets")
@@ -133,13 +139,13 @@ class PackedLinear(nn.Module):
         self._panel: Optional[ModuleType] = None
         if layout == "panel":
             self._panel = panel_extension()
-            if weight.dtype != torch.float32 or self._panel is None:
+            if weight.dtype not in PACKABLE_DTYPES or self._panel is None:
                 raise ValueError(
-                    f"layout='panel' needs a float32 weight (got {weight.dtype}) "
+                    f"layout='panel' needs a float32 or bfloat16 weight (got {weight.dtype}) "
                     f"and the AVX-512 panel kernel (built here: "
                     f"{self._panel is not None})"
                 )
-            packed = self._panel.pack(weight)
+            packed = self._panel.pack(weight.float())  # bf16 -> float32 is exact
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.handle = next(_HANDLES)
@@ -149,12 +155,17 @@ class PackedLinear(nn.Module):
         # A buffer, not a Parameter: opaque tensors cannot be parameters, and it never trains.
         self.register_buffer("packed_weight", packed, persistent=False)
         bias = linear.bias
+        if bias is not None and layout == "panel":
+            bias = bias.float()  # the panel product adds a float32 bias
         self.register_buffer(
             "bias", None if bias is None else bias.detach().contiguous(), persistent=False
         )
         form: list[torch.Tensor] = []
         if compact and self._panel is not None:
-            form = self._panel.encode_affine4(packed) or self._panel.encode_bf16(packed)
+            # a bfloat16 weight takes the 16-bit form only: a 4-bit one would keep float32
+            # panels for larger products, twice the bf16 weight's memory
+            four = weight.dtype == torch.float32 and self._panel.encode_affine4(packed)
+            form = four or self._panel.encode_bf16(packed)
         #: "affine4", "bf16" or None: the lossless form ``panel_gemm.linear_with_form`` reads
         self.compact_format = {3: "affine4", 1: "bf16"}.get(len(form))
         if self.compact_format == "bf16" and not keep_panels:
@@ -187,9 +198,12 @@ class PackedLinear(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self._panel is not None:
-            return self._panel.linear_with_form(
-                x, self.packed_weight, self.compact_form(), self.out_features, self.bias
+            # float32 products; a bfloat16 activation (an eager bf16 step) widened, the
+            # result rounded back to its dtype
+            y = self._panel.linear_with_form(
+                x.float(), self.packed_weight, self.compact_form(), self.out_features, self.bias
             )
+            return y.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:

@@ -13,13 +13,20 @@ the measured prefill); attention is called back into Python.
 
 What holds:
 - It is built only for a model it computes exactly (:func:`build_native_decode` returns None
-  otherwise, and decode stays eager): Plait's ``LlamaForCausalLM`` in float32 at tensor
-  parallelism 1, float32 KV, every Linear plain, packed (panels or oneDNN) or quantized with a
+  otherwise, and decode stays eager): Plait's ``LlamaForCausalLM`` in float32 or bfloat16 at
+  tensor parallelism 1, KV in the model's dtype, every Linear plain, packed (panels or oneDNN;
+  a bfloat16 model's: panels, as their 16-bit form) or quantized with a
   :class:`~plait.backends.cpu.qmatmul.CpuQuantizedMatmul` of this CPU's best level, and the
   paged C++ decode attention, and one sliding window (or none) for every layer: the step
   passes one slot table to all layers, the window's (``PagedDecodeAttentionBackend``).
 - Its results differ from the eager step by float rounding only (sum order, ``exp``); the
   parity tests hold it to transformers' greedy tokens like the eager path.
+- bfloat16 (``--dtype bfloat16``): the weights stay 16-bit (norms and RoPE tables are widened
+  once, at build), the activations and every sum are float32 inside the step (the embedding
+  widened on entry, float32 logits out), and the KV pool is bfloat16: the step rounds each new
+  K/V row to it and attention widens it back, so attention reads half the bytes. This is
+  transformers' bf16 model computed with float32 activations, not bit for bit its bf16
+  arithmetic: tests/backends/test_cpu_bf16_step.py holds it to a stated greedy agreement.
 - The C++ module keeps references to the weights and the KV buffers; they are never copied.
 """
 
@@ -75,8 +82,12 @@ def native_linear(ext: ModuleType, module: nn.Module) -> Any | None:
     return None
 
 
-def _float32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu"
+#: the model dtypes the step serves: float32, and bfloat16 with float32 activations
+STEP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _on_cpu_as(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.device.type == "cpu"
 
 
 def build_native_decode(
@@ -98,8 +109,9 @@ def build_native_decode(
         return refuse("a pipeline-parallel stage")
     if not isinstance(attn, PagedDecodeAttentionBackend):
         return refuse("the paged decode-attention kernel is not in use")
-    if attn.kv_pool.dtype != torch.float32:
-        return refuse(f"KV dtype {attn.kv_pool.dtype}")
+    dtype = attn.kv_pool.dtype
+    if dtype not in STEP_DTYPES:
+        return refuse(f"KV dtype {dtype}")
     if len(set(attn.sliding_windows)) > 1:  # one slot table serves every layer of the step
         return refuse("layers differ in their sliding window")
     if model.layers[0].self_attn.rotary.threshold is not None:  # the step reads fixed tables
@@ -113,8 +125,8 @@ def build_native_decode(
     norms = [model.norm] + [
         n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
     ]
-    if not all(_float32(n.weight) for n in norms) or not _float32(rotary.cos):
-        return refuse("weights are not float32 on the CPU")
+    if not all(_on_cpu_as(n.weight, dtype) for n in norms) or rotary.cos.device.type != "cpu":
+        return refuse(f"weights are not {dtype} on the CPU (as the KV pool is)")
     eps = {n.eps for n in norms}
     if len(eps) != 1:
         return refuse("RMSNorm epsilons differ between layers")
@@ -128,9 +140,9 @@ def build_native_decode(
         first.head_dim,
         eps.pop(),
         attn.scale,
-        rotary.cos,
-        rotary.sin,
-        model.norm.weight.detach(),
+        rotary.cos.float(),  # a bf16 model's tables as its eager step rounds them
+        rotary.sin.float(),
+        model.norm.weight.detach().float(),  # the step's own copies where widened
         lm_head,
     )
     pool = attn.kv_pool
@@ -145,10 +157,10 @@ def build_native_decode(
             return refuse("layer ids are not in order")
         qkv, o, gate_up, down = linears
         step.add_layer(
-            layer.input_layernorm.weight.detach(),
+            layer.input_layernorm.weight.detach().float(),
             qkv,
             o,
-            layer.post_attention_layernorm.weight.detach(),
+            layer.post_attention_layernorm.weight.detach().float(),
             gate_up,
             down,
             pool.k_buffers[i],
@@ -159,7 +171,7 @@ def build_native_decode(
 
 
 class NativeDecode:
-    """``model.decode_forward``: ``(batch, attn) -> logits [B, V]`` after
+    """``model.decode_forward``: ``(batch, attn) -> logits [B, V]`` (float32) after
     ``attn.init_forward_metadata(batch)`` (which built the paged attention's slot table); for a
     ``greedy_only`` batch, :class:`GreedyTokens` from ``greedy`` where there is one."""
 
@@ -185,7 +197,7 @@ class NativeDecode:
         slots, lens = attn.decode_metadata()
         if len(batch.logits_rows) != batch.batch_size:
             raise ValueError("the native decode step returns logits for every row")
-        x = self._embed(batch.input_ids)
+        x = self._embed(batch.input_ids).float()  # bf16 embeddings widened: float32 inside
         with self.lora.applied():
             if batch.greedy_only and self.greedy is not None:
                 return self.greedy(
@@ -210,7 +222,7 @@ class NativeExtend:
         return self.lora.attached
 
     def __call__(self, batch: ForwardBatch, attn: PagedDecodeAttentionBackend) -> torch.Tensor:
-        x = self._embed(batch.input_ids)
+        x = self._embed(batch.input_ids).float()
 
         def attend(q: torch.Tensor, layer_id: int) -> torch.Tensor:
             return attn.forward_extend(q, layer_id, batch)

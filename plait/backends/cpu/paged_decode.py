@@ -4,7 +4,8 @@ in place in the paged pool instead of gathering padded copies (see the source fo
 It is a ``torch.library`` custom op (``plait::paged_decode_attention``) so a compiled decode
 (``plait.backends.cpu.graph``) calls it as one opaque node. The torch path of
 :class:`~plait.backends.cpu.attention.TorchAttentionBackend` stays the numerical reference; this
-backend takes over decode only for float32 KV, and only when the kernel could be compiled here.
+backend takes over decode for float32 and bfloat16 KV (the kernel widens bf16 as it reads it; q
+and the result are float32 inside), and only when the kernel could be compiled here.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [B, Hq, D]; buffers [S, Hkv, D]; slots [B, L] int64, row b's first seq_lens[b] are
-    its KV slots; float32. Returns [B, Hq, D]."""
+    its KV slots; q float32, buffers float32 or bfloat16. Returns [B, Hq, D] float32."""
     return cpp_build.extension().decode_attention.decode_attention(
         q, k_buffer, v_buffer, slots, seq_lens, scale
     )
@@ -64,8 +65,9 @@ def kernel_available() -> bool:
 class PagedDecodeAttentionBackend(TorchAttentionBackend):
     """The in-place C++ kernel for decode; for extend, the torch reference, except that requests
     sharing a cached prefix read it once (``shared_prefix.py``; the decode kernel does the same
-    for its batch). Float32 KV and activations only (the CPU backend creates it for a float32
-    pool; the kernel checks).
+    for its batch). Float32 or bfloat16 KV (the CPU backend creates it for those pools; the
+    kernel checks); a bfloat16 query (the eager bf16 step) is widened and the result rounded
+    back.
 
     Sliding windows: a windowed layer's decode hands the kernel each request's last W slots
     (``window_slots``); its extend goes through the reference with the window (the shared
@@ -160,4 +162,4 @@ class PagedDecodeAttentionBackend(TorchAttentionBackend):
         cap = self.softcap_of(layer_id)
         if cap is not None:  # the C++ kernel has no logit cap: the torch reference does it
             return decode_over_slots(q, k, v, slots, lens, scale, cap)
-        return paged_decode_attention(q, k, v, slots, lens, scale)
+        return paged_decode_attention(q.float(), k, v, slots, lens, scale).to(q.dtype)

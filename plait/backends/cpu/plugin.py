@@ -49,7 +49,8 @@ class CpuOptions:
     #: by every product) too, where it has one (``plait.backends.cpu.linear``); False streams
     #: the float32 panels
     compact_weights: bool = True
-    #: float32 decode attention through ``csrc/src/decode_attention.cpp`` (K/V read in place); False
+    #: decode attention over float32 or bfloat16 KV through ``csrc/src/decode_attention.cpp``
+    #: (K/V read in place, bf16 widened as it is read); False
     #: keeps the torch gather path
     paged_decode_kernel: bool = True
     #: decode through ``csrc/src/layer_step.cpp`` (all layers in one C++ call,
@@ -98,14 +99,14 @@ class CpuBackend(Backend):
     def create_attention_backend(
         self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int
     ) -> AttentionBackend:
-        """Float32 decode through the in-place paged kernel where it compiles
+        """Float32 or bfloat16 KV: decode through the in-place paged kernel where it compiles
         (``plait.backends.cpu.paged_decode``); the torch reference otherwise."""
         from plait.backends.cpu.attention import TorchAttentionBackend
         from plait.backends.cpu.paged_decode import PagedDecodeAttentionBackend, kernel_available
 
         if (
             self.options.paged_decode_kernel
-            and kv_pool.dtype == torch.float32
+            and kv_pool.dtype in (torch.float32, torch.bfloat16)
             and kernel_available()
         ):
             return PagedDecodeAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
@@ -167,7 +168,9 @@ class CpuBackend(Backend):
             layout = opts.linear_layout
             if spec.deterministic:
                 layout = _deterministic_layout(layout, spec.dtype, opts.prepack_weights)
-            prepack_linears(runner.model, layout, opts.compact_weights)
+            prepack_linears(
+                runner.model, layout, opts.compact_weights, _keep_panels(spec.dtype, opts)
+            )
             log.info("%s", compact_summary(runner.model))
         if spec.deterministic:
             _make_deterministic(runner, spec)
@@ -176,6 +179,18 @@ class CpuBackend(Backend):
 
             install_native_decode(runner.model, runner.attn, opts.greedy_head)
         return runner
+
+
+def _keep_panels(dtype: torch.dtype, opts: CpuOptions) -> tuple[str, ...]:
+    """The Linears that keep float32 panels beside a 16-bit form: the LM head, for the greedy
+    head; a bfloat16 model's only where that head can run here (AVX-512 BF16), so elsewhere its
+    weights are all 16-bit (half of float32's memory)."""
+    if dtype == torch.bfloat16:
+        from plait.backends.cpu.greedy_head import extension
+
+        if not opts.greedy_head or extension() is None:
+            return ()
+    return ("lm_head",)
 
 
 def _deterministic_layout(layout: str | None, dtype: torch.dtype, prepack: bool) -> str:

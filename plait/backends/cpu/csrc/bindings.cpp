@@ -66,7 +66,7 @@ void bind_decode_attention(py::module_ m) {
            torch::Tensor seq_lens, double scale) {
           return decode_attention::attend(q, k, v, slots, seq_lens, scale);
         },
-        "paged decode attention, K/V read in place (float32)");
+        "paged decode attention, K/V read in place (float32 q; float32 or bfloat16 K/V)");
   m.def("shared_groups", &shared_groups,
         "the groups of requests whose shared prefix decode_attention reads once");
   m.attr("MIN_SHARED") = decode_attention::kMinShared;

@@ -23,7 +23,10 @@
 //   without the per-score lane sum of the path above. The shared part and each request's own
 //   tail are partials merged like the runs above.
 // - Tasks differ in size, so threads take them one at a time from a shared counter.
-// Float32 only; the caller falls back to torch otherwise.
+// - K/V are float32 or bfloat16 (a bf16 pool, `--dtype bfloat16`: half the bytes to read);
+//   every kernel below is a template on the stored type KV and widens bf16 values to float32
+//   as it loads them (bf16::load16), so scores, softmax and the weighted sums are float32
+//   either way. q and the output are float32.
 #include "plait_cpu/decode_attention.h"
 
 #include <ATen/Parallel.h>
@@ -38,6 +41,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "plait_cpu/bf16.h"
 #include "plait_cpu/simd.h"
 
 namespace decode_attention_detail {
@@ -64,25 +68,29 @@ inline float lane_max(Vec16 v) {
   return m;
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t d) {
   Vec16 acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes) acc += load16(a + i) * load16(b + i);
+  for (; i + kLanes <= d; i += kLanes) acc += load16(a + i) * bf16::load16(b + i);
   float s = lane_sum(acc);
-  for (; i < d; ++i) s += a[i] * b[i];
+  for (; i < d; ++i) s += a[i] * bf16::widen(b[i]);
   return s;
 }
 
 // y[0:d] += a * x
-inline void axpy(float* y, float a, const float* x, int64_t d) {
+template <typename KV>
+inline void axpy(float* y, float a, const KV* x, int64_t d) {
   int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes) store16(y + i, load16(y + i) + load16(x + i) * a);
-  for (; i < d; ++i) y[i] += x[i] * a;
+  for (; i + kLanes <= d; i += kLanes) store16(y + i, load16(y + i) + bf16::load16(x + i) * a);
+  for (; i < d; ++i) y[i] += bf16::widen(x[i]) * a;
 }
 
-inline void prefetch_row(const float* p, int64_t floats) {
+template <typename KV>
+inline void prefetch_row(const KV* p, int64_t values) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 3);
+  for (int64_t off = 0; off < values * static_cast<int64_t>(sizeof(KV)); off += 64)
+    __builtin_prefetch(c + off, 0, 3);
 }
 
 // One task's result for its Hq heads: the running max and sum of exp(score - max), and
@@ -116,7 +124,8 @@ inline float softmax_block(float* s, float& m, float& l) {
 }
 
 // Tokens [lo, hi) of one request into `part`.
-inline void attend_run(const float* q, const float* kp, const float* vp, const int64_t* sl,
+template <typename KV>
+inline void attend_run(const float* q, const KV* kp, const KV* vp, const int64_t* sl,
                        int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
                        float scale, Partial part, std::vector<float>& scores) {
   const int64_t G = Hq / Hkv, row = Hkv * D;
@@ -139,7 +148,7 @@ inline void attend_run(const float* q, const float* kp, const float* vp, const i
         prefetch_row(kp + sl[ahead] * row, row);
         prefetch_row(vp + sl[ahead] * row, row);
       }
-      const float* k = kp + sl[t] * row;
+      const KV* k = kp + sl[t] * row;
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t g = 0; g < G; ++g)
           scores[(h * G + g) * kBlock + i] = dot(q + (h * G + g) * D, k + h * D, D) * scale;
@@ -150,7 +159,7 @@ inline void attend_run(const float* q, const float* kp, const float* vp, const i
         for (int64_t x = 0; x < D; ++x) part.acc[j * D + x] *= keep;
     }
     for (int64_t i = 0; i < nt; ++i) {
-      const float* v = vp + sl[t0 + i] * row;
+      const KV* v = vp + sl[t0 + i] * row;
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t g = 0; g < G; ++g)
           axpy(part.acc + (h * G + g) * D, scores[(h * G + g) * kBlock + i], v + h * D, D);
@@ -188,9 +197,9 @@ inline Vec16 transpose_sum16(const Vec16* v) {
 // The NG rows stay in registers; each token's K vectors are loaded once for all of them and
 // each score is left as 16 partial lanes, summed 16 scores at a time by transpose_sum16.
 // `ahead(i)` runs at token i (the caller's prefetches).
-template <int64_t DV, int64_t NG, typename Ahead>
+template <int64_t DV, int64_t NG, typename KV, typename Ahead>
 __attribute__((optimize("fp-contract=fast"))) inline void score_heads(
-    const float* q, const float* kp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff,
+    const float* q, const KV* kp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff,
     float scale, float* scores, const Ahead& ahead) {
   constexpr int64_t D = DV * kLanes;
   Vec16 qv[NG][DV];
@@ -199,9 +208,9 @@ __attribute__((optimize("fp-contract=fast"))) inline void score_heads(
   Vec16 lanes[NG][kBlock];
   for (int64_t i = 0; i < nt; ++i) {
     ahead(i);
-    const float* k = kp + sl[i] * row + hoff;
+    const KV* k = kp + sl[i] * row + hoff;
     Vec16 kv[DV];
-    for (int64_t v = 0; v < DV; ++v) kv[v] = load16(k + v * kLanes);
+    for (int64_t v = 0; v < DV; ++v) kv[v] = bf16::load16(k + v * kLanes);
     for (int64_t g = 0; g < NG; ++g) {
       Vec16 acc = qv[g][0] * kv[0];
       for (int64_t v = 1; v < DV; ++v) acc += qv[g][v] * kv[v];
@@ -219,18 +228,18 @@ __attribute__((optimize("fp-contract=fast"))) inline void score_heads(
 
 // acc[g] = acc[g] * keep[g] + sum_i p[g * kBlock + i] * V[token i] for NG heads of one KV head,
 // the NG x DV accumulators in registers for the whole block.
-template <int64_t DV, int64_t NG>
+template <int64_t DV, int64_t NG, typename KV>
 __attribute__((optimize("fp-contract=fast"))) inline void weigh_values(
-    const float* vp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff, const float* p,
+    const KV* vp, const int64_t* sl, int64_t nt, int64_t row, int64_t hoff, const float* p,
     const float* keep, float* acc) {
   constexpr int64_t D = DV * kLanes;
   Vec16 a[NG][DV];
   for (int64_t g = 0; g < NG; ++g)
     for (int64_t v = 0; v < DV; ++v) a[g][v] = load16(acc + g * D + v * kLanes) * keep[g];
   for (int64_t i = 0; i < nt; ++i) {
-    const float* vr = vp + sl[i] * row + hoff;
+    const KV* vr = vp + sl[i] * row + hoff;
     Vec16 vv[DV];
-    for (int64_t v = 0; v < DV; ++v) vv[v] = load16(vr + v * kLanes);
+    for (int64_t v = 0; v < DV; ++v) vv[v] = bf16::load16(vr + v * kLanes);
     for (int64_t g = 0; g < NG; ++g) {
       const float w = p[g * kBlock + i];
       for (int64_t v = 0; v < DV; ++v) a[g][v] += vv[v] * w;
@@ -257,8 +266,8 @@ inline void with_head_count(int64_t n, F&& f) {
 // weigh_values), kHeadsAtOnce query heads of a KV head at a time. While a block's first KV
 // head is scored, its own rows kPrefetchAhead tokens ahead (first block) and the next block's
 // rows (into L2) are prefetched; the other heads find the rows in cache.
-template <int64_t DV>
-inline void attend_run_vec(const float* q, const float* kp, const float* vp, const int64_t* sl,
+template <int64_t DV, typename KV>
+inline void attend_run_vec(const float* q, const KV* kp, const KV* vp, const int64_t* sl,
                            int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv,
                            float scale, Partial part, std::vector<float>& scores) {
   constexpr int64_t D = DV * kLanes, kHeadsAtOnce = 16 / DV;
@@ -285,9 +294,10 @@ inline void attend_run_vec(const float* q, const float* kp, const float* vp, con
       }
       const int64_t t = t0 + kBlock + i;
       if (t < next_end)
-        for (const float* base : {kp, vp}) {
+        for (const KV* base : {kp, vp}) {
           const char* c = reinterpret_cast<const char*>(base + sl[t] * row);
-          for (int64_t off = 0; off < row * 4; off += 64) __builtin_prefetch(c + off, 0, 2);
+          for (int64_t off = 0; off < row * static_cast<int64_t>(sizeof(KV)); off += 64)
+            __builtin_prefetch(c + off, 0, 2);
         }
     };
     for (int64_t h = 0; h < Hkv; ++h)
@@ -313,7 +323,7 @@ inline void attend_run_vec(const float* q, const float* kp, const float* vp, con
         float* aj = part.acc + j * D;
         const int64_t* bs = sl + t0;
         with_head_count(n, [&](auto ng) {
-          weigh_values<DV, decltype(ng)::value>(vp, bs, nt, row, h * D, pj, keep + j, aj);
+          weigh_values<DV, decltype(ng)::value, KV>(vp, bs, nt, row, h * D, pj, keep + j, aj);
         });
       }
   }
@@ -436,8 +446,8 @@ __attribute__((optimize("fp-contract=fast"))) inline void shared_tile_rows(
 // weighted V into parts[b] (one Partial per request, this chunk's).
 // (scores and V updates as fused multiply-adds even in a -ffp-contract=off build: they are
 // summed in another order than the per-request path's anyway)
-template <int64_t DV>
-__attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const float* q, const float* kp, const float* vp, const int64_t* sl,
+template <int64_t DV, typename KV>
+__attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const float* q, const KV* kp, const KV* vp, const int64_t* sl,
                           int64_t lo, int64_t hi, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
                           int64_t h, float scale, const SharedGroup& g,
                           const std::vector<Partial>& parts) {
@@ -457,9 +467,10 @@ __attribute__((optimize("fp-contract=fast"))) inline void attend_shared(const fl
     for (int64_t i = 0; i < NB; ++i) {
       if (i < nb) {
         TORCH_CHECK(sl[k0 + i] >= 0 && sl[k0 + i] < S, "decode_attention: slot out of range");
-        const float* k = kp + sl[k0 + i] * row + h * D;
-        for (int64_t d = 0; d < D; ++d) kt[d * NB + i] = k[d];
-        std::memcpy(vt.data() + i * D, vp + sl[k0 + i] * row + h * D, D * sizeof(float));
+        const KV* k = kp + sl[k0 + i] * row + h * D;
+        const KV* v = vp + sl[k0 + i] * row + h * D;
+        for (int64_t d = 0; d < D; ++d) kt[d * NB + i] = bf16::widen(k[d]);
+        for (int64_t d = 0; d < D; ++d) vt[i * D + d] = bf16::widen(v[d]);
       } else {
         for (int64_t d = 0; d < D; ++d) kt[d * NB + i] = 0.f;
       }
@@ -515,9 +526,11 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
                      torch::Tensor slots, torch::Tensor seq_lens, double scale,
                      const std::vector<SharedGroup>* groups_in) {
   namespace dd = decode_attention_detail;
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_buf.scalar_type() == torch::kFloat32 &&
-                  v_buf.scalar_type() == torch::kFloat32,
-              "decode_attention: float32 only");
+  const bool half = k_buf.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 &&
+                  (half || k_buf.scalar_type() == torch::kFloat32) &&
+                  v_buf.scalar_type() == k_buf.scalar_type(),
+              "decode_attention: q must be float32 and K/V both float32 or both bfloat16");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt64,
               "decode_attention: slots and seq_lens must be int64");
   q = q.contiguous();
@@ -571,8 +584,6 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
   const int64_t per_task = Hq * (D + 2);  // m, l, acc
   std::vector<float> partials(static_cast<size_t>(first_part[B] * per_task));
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_buf.data_ptr<float>();
-  const float* vp = v_buf.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
   auto partial = [&](int64_t part) {
@@ -591,6 +602,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
   // one as it finishes, rather than a fixed half of the list.
   const int64_t all_tasks = shared_tasks + tasks;
   std::atomic<int64_t> next_task{0};
+  // kp, vp: the pool as float32 or as bfloat16's 16 bits (each kernel widens what it loads)
+  auto run_tasks = [&](auto kp, auto vp) {
   at::parallel_for(0, std::min(threads, all_tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> scores;
     std::vector<dd::Partial> parts;
@@ -627,6 +640,12 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,
                        scores);
     }
   });
+  };
+  if (half)
+    run_tasks(reinterpret_cast<const uint16_t*>(k_buf.data_ptr<at::BFloat16>()),
+              reinterpret_cast<const uint16_t*>(v_buf.data_ptr<at::BFloat16>()));
+  else
+    run_tasks(k_buf.data_ptr<float>(), v_buf.data_ptr<float>());
 
   // out[b, j] = sum_r exp(m_r - M) acc_r / sum_r exp(m_r - M) l_r, M the runs' max
   auto out = torch::empty_like(q);

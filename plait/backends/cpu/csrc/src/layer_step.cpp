@@ -21,7 +21,10 @@
 // (plait/backends/cpu/cpp_build.py): a fused multiply-add would round RoPE and the norm
 // differently from torch's separate multiply and add.
 //
-// Holds: float32 activations, weights and KV; one new token per row; tensor parallelism 1.
+// Holds: float32 activations and float32 (or lossless 16-bit, panel_gemm's encode_bf16)
+// weights; float32 or bfloat16 KV (a bf16 pool, --dtype bfloat16: the new K/V rows are rounded
+// to bf16 as they are written, as the eager step's store into the pool rounds them; attention
+// widens them back); one new token per row; tensor parallelism 1.
 // plait/backends/cpu/native_step.py builds a DecodeModel only for models that meet this.
 #include "plait_cpu/layer_step.h"
 
@@ -33,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "plait_cpu/bf16.h"
 #include "plait_cpu/decode_attention.h"
 #include "plait_cpu/lora_delta.h"
 #include "plait_cpu/panel_gemm.h"
@@ -107,6 +111,20 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
     }
   });
   return out;
+}
+
+// A token's new K and V rows (kv floats each, at k and k + kv) into the pools at element
+// `offset`: copied to a float32 pool, rounded to a bfloat16 one (`half`).
+void store_kv(void* kb, void* vb, bool half, int64_t offset, const float* k, int64_t kv) {
+  if (!half) {
+    std::memcpy(static_cast<float*>(kb) + offset, k, kv * sizeof(float));
+    std::memcpy(static_cast<float*>(vb) + offset, k + kv, kv * sizeof(float));
+    return;
+  }
+  uint16_t* kh = static_cast<uint16_t*>(kb) + offset;
+  uint16_t* vh = static_cast<uint16_t*>(vb) + offset;
+  for (int64_t i = 0; i < kv; ++i) kh[i] = bf16::round(k[i]);
+  for (int64_t i = 0; i < kv; ++i) vh[i] = bf16::round(k[kv + i]);
 }
 
 }  // namespace
@@ -201,10 +219,14 @@ DecodeModel::DecodeModel(int64_t num_heads, int64_t num_kv_heads, int64_t head_d
 void DecodeModel::add_layer(torch::Tensor input_norm, Linear qkv, Linear o,
                             torch::Tensor post_norm, Linear gate_up, Linear down,
                             torch::Tensor k_buffer, torch::Tensor v_buffer) {
+  const auto kv_type = k_buffer.scalar_type();
   TORCH_CHECK(k_buffer.is_contiguous() && v_buffer.is_contiguous() &&
-                  k_buffer.scalar_type() == torch::kFloat32 && k_buffer.size(1) == hkv_ &&
+                  (kv_type == torch::kFloat32 || kv_type == torch::kBFloat16) &&
+                  v_buffer.scalar_type() == kv_type && k_buffer.size(1) == hkv_ &&
                   k_buffer.size(2) == d_ && v_buffer.sizes() == k_buffer.sizes(),
-              "KV buffers must be contiguous float32 [S, Hkv, D]");
+              "KV buffers must be contiguous float32 or bfloat16 [S, Hkv, D]");
+  TORCH_CHECK(layers_.empty() || layers_[0].k_buffer.scalar_type() == kv_type,
+              "every layer's KV buffers must have one dtype");
   layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(qkv),
                           std::move(o), std::move(gate_up), std::move(down), k_buffer,
                           v_buffer});
@@ -333,8 +355,9 @@ torch::Tensor DecodeModel::attention_input(const Layer& layer, const torch::Tens
   torch::Tensor normed = rms_norm(x, layer.input_norm, eps_);
   torch::Tensor qkv = with_lora(layer, kLoraQkv, normed, layer.qkv(normed), 0).contiguous();
   TORCH_CHECK(qkv.size(1) == qd + 2 * kvd, "qkv width does not match the heads");
-  float* kb = layer.k_buffer.data_ptr<float>();
-  float* vb = layer.v_buffer.data_ptr<float>();
+  const bool half = layer.k_buffer.scalar_type() == torch::kBFloat16;
+  void* kb = layer.k_buffer.data_ptr();
+  void* vb = layer.v_buffer.data_ptr();
   float* qkvp = qkv.data_ptr<float>();
   const float* cos = cos_.data_ptr<float>();
   const float* sin = sin_.data_ptr<float>();
@@ -342,8 +365,7 @@ torch::Tensor DecodeModel::attention_input(const Layer& layer, const torch::Tens
     for (int64_t b = b0; b < b1; ++b) {
       float* row = qkvp + b * (qd + 2 * kvd);
       rotate(row, hq_ + hkv_, d_, cos + pos[b] * d_, sin + pos[b] * d_);  // q, k adjacent
-      std::memcpy(kb + loc[b] * kvd, row + qd, kvd * sizeof(float));
-      std::memcpy(vb + loc[b] * kvd, row + qd + kvd, kvd * sizeof(float));
+      store_kv(kb, vb, half, loc[b] * kvd, row + qd, kvd);
     }
   });
   return qkv.narrow(1, 0, qd).reshape({B, hq_, d_}).contiguous();

@@ -23,7 +23,8 @@ struct SharedGroup {
 std::vector<SharedGroup> shared_groups(torch::Tensor slots, torch::Tensor seq_lens);
 
 // out[b, j] = softmax(q[b, j] . K[slots[b, :n_b], j / G]^T * scale) @ V[slots[b, :n_b], j / G]
-// for q [B, Hq, D], k_buf/v_buf [S, Hkv, D] (float32, contiguous), slots [B, L] int64 (row b's
+// for q [B, Hq, D] float32, k_buf/v_buf [S, Hkv, D] (both float32 or both bfloat16,
+// contiguous; bf16 values are widened to float32 as they are read), slots [B, L] int64 (row b's
 // first seq_lens[b] entries are its KV slots), seq_lens [B] int64 (each >= 1). groups:
 // shared_groups(slots, seq_lens), or null to form them here.
 torch::Tensor attend(torch::Tensor q, torch::Tensor k_buf, torch::Tensor v_buf,

@@ -50,7 +50,7 @@ enum LoraTarget { kLoraQkv = 0, kLoraO = 1, kLoraGateUp = 2, kLoraDown = 3 };
 struct Layer {
   torch::Tensor input_norm, post_attention_norm;  // [H] float32
   Linear qkv, o, gate_up, down;
-  torch::Tensor k_buffer, v_buffer;  // this layer's paged pool, [S, Hkv, D]
+  torch::Tensor k_buffer, v_buffer;  // this layer's paged pool, [S, Hkv, D] float32 or bf16
   std::array<LoraWeights, 4> lora;   // by LoraTarget
 };
 
