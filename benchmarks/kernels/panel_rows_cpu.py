@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def worker(form: str, layers: int) -> None:
-    """Hold the products' weights in `form`, then answer each M read from stdin with the
-    seconds one pass of every product at M rows took."""
+    """Hold the products' weights in `form`, then answer each M read from stdin with the CPU
+    seconds one pass of every product at M rows took (CPU time, not wall time: a machine
+    shared with other jobs stretches the wall time far more)."""
     import torch
 
     from plait.backends.cpu.linear import panel_extension
@@ -58,10 +59,10 @@ def worker(form: str, layers: int) -> None:
     for line in sys.stdin:
         m = int(line)
         xs = {k: torch.randn(m, k, generator=gen) for k in (576, 1536)}
-        start = time.perf_counter()
+        start = time.process_time()
         for k, fn in products:
             fn(xs[k])
-        print(json.dumps(time.perf_counter() - start), flush=True)
+        print(json.dumps(time.process_time() - start), flush=True)
 
 
 def start_worker(checkout: Path, kernel_dir: str | None, form: str, layers: int):
@@ -117,7 +118,7 @@ def main() -> None:
                 proc.stdin.close()  # type: ignore[union-attr]
                 proc.wait()
         threads = builds["this"][1]
-        print(f"\n{form} panels, {args.layers} layers + LM head, {threads} thread(s), ms/pass")
+        print(f"\n{form} panels, {args.layers} layers + LM head, {threads} thread(s), CPU ms/pass")
         print("| M | baseline | this | this / baseline |")
         print("|---|---:|---:|---:|")
         for m in args.rows:
