@@ -210,9 +210,9 @@ def weight_in_form(panel, form: str, n: int, k: int):
 
 @pytest.mark.parametrize("form", ["float32", "bf16", "affine4"])
 def test_every_row_count_up_to_33_in_each_form(panel, form):
-    """Rows split into passes of near-equal height (17: 6 + 6 + 5), and the 16-bit form widened
-    once for several passes: at every M from 1 to 33 (one pass, several, every remainder) each
-    row is the float64 product's and, bit for bit, the row computed alone."""
+    """Rows past the first 8 go in passes of near-equal height (17: 8 + 5 + 4), a 16-bit panel
+    widened by the first pass for the others: at every M from 1 to 33 (one pass, several, every
+    remainder) each row is the float64 product's and, bit for bit, the row computed alone."""
     n, k = 100, 64  # three panels, the last one partial
     w, product = weight_in_form(panel, form, n, k)
     g = torch.Generator().manual_seed(10)

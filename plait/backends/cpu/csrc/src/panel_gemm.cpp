@@ -11,10 +11,9 @@
 // 24 AVX-512 registers and, for each k, loads the panel's 48 weights of that k once and
 // multiplies them by the 8 rows' x[m, k]: the weights stream through memory exactly once per
 // 8 rows, front to back, which the hardware prefetcher follows (a software prefetch is slower).
-// Rows come in ceil(M / 8) passes of near-equal height (17 rows: 6 + 6 + 5), not 8s and a
-// remainder: a pass of 1-2 rows has too few independent sums to cover the multiply-add's
-// latency and costs nearly what a full pass does, so 17 rows cost a visible step over 16.
-// The 16-bit form is widened to float32 once per task where its rows take several passes.
+// Past the first 8 rows, the rest come in passes of near-equal height (17 rows: 8 + 5 + 4), not
+// 8s and a remainder: a pass of 1-2 rows has too few independent sums to cover the
+// multiply-add's latency. The 16-bit form is widened to float32 once per task (panel_rows).
 //
 // Work is split over (block of kRowChunk rows) x (panel) tasks, so a large M keeps its rows'
 // x in cache while the panels pass, and a small M still splits over its panels.
@@ -83,16 +82,22 @@ inline __m512 load16(const uint16_t* p) {
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// y[0:R, 0:cols] = x[0:R, :] @ panel, R rows of x at stride lda, y at stride ldy.
-template <int R, typename W>
+// y[0:R, 0:cols] = x[0:R, :] @ panel, R rows of x at stride lda, y at stride ldy; with Spill,
+// the panel's weights as float32 into spill [K, 48] too.
+template <int R, bool Spill = false, typename W>
 inline void tile(const float* __restrict x, int64_t lda, const W* __restrict panel, int64_t K,
-                 float* __restrict y, int64_t ldy, int64_t cols) {
+                 float* __restrict y, int64_t ldy, int64_t cols, float* __restrict spill) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = panel + k * kCols;
     const __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
+    if constexpr (Spill) {
+      _mm512_store_ps(spill + k * kCols, w0);
+      _mm512_store_ps(spill + k * kCols + 16, w1);
+      _mm512_store_ps(spill + k * kCols + 32, w2);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * lda + k]);
@@ -113,44 +118,51 @@ inline void tile(const float* __restrict x, int64_t lda, const W* __restrict pan
   }
 }
 
-template <int R, typename W>
+template <int R, bool Spill = false, typename W>
 inline void tile_rows(int64_t rows, const float* x, int64_t lda, const W* panel, int64_t K,
-                      float* y, int64_t ldy, int64_t cols) {
+                      float* y, int64_t ldy, int64_t cols, float* spill = nullptr) {
   if constexpr (R > 1) {
-    if (rows < R) return tile_rows<R - 1>(rows, x, lda, panel, K, y, ldy, cols);
+    if (rows < R) return tile_rows<R - 1, Spill>(rows, x, lda, panel, K, y, ldy, cols, spill);
   }
-  tile<R>(x, lda, panel, K, y, ldy, cols);
+  tile<R, Spill>(x, lda, panel, K, y, ldy, cols, spill);
 }
 #endif
 
 #if defined(__AVX512F__)
-// A 16-bit panel [K, 48] widened to float32 in this thread's scratch (64-byte aligned, reused
-// by the thread's later tasks): the tiles then load float32, with no widening per pass.
-inline const float* widened(const uint16_t* __restrict panel, int64_t K) {
+// This thread's scratch panel [K, 48] float32, 64-byte aligned, reused by its later tasks.
+inline float* scratch_panel(int64_t K) {
   thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < K * kCols + 16) scratch.resize(K * kCols + 16);
-  float* out = reinterpret_cast<float*>(
+  return reinterpret_cast<float*>(
       (reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~static_cast<uintptr_t>(63));
-  for (int64_t i = 0; i < K * kCols; i += 16) _mm512_store_ps(out + i, load16(panel + i));
-  return out;
 }
 #endif
 
-// y[0:rows, 0:cols] for one panel; rows of any count, in ceil(rows / kRows) passes whose
-// heights differ by at most one (the first rows % passes one taller). Each row's sums are the
-// same whichever pass holds it.
+// y[0:rows, 0:cols] for one panel; rows of any count. The first pass takes kRows rows and reads
+// the panel from memory (where a small M's time goes: its multiply-adds overlap that stream);
+// the rows after it, read from cache, go in ceil((rows - kRows) / kRows) passes whose heights
+// differ by at most one, so no pass of 1-2 rows is left over (17 rows: 8 + 5 + 4). A 16-bit
+// panel is widened once, by the first pass, which stores the float32 weights for the others.
+// Each row's sums are the same whichever pass holds it.
 template <typename W>
 inline void panel_rows(int64_t rows, const float* x, int64_t lda, const W* panel, int64_t K,
                        float* y, int64_t ldy, int64_t cols) {
 #if defined(__AVX512F__)
-  const int64_t passes = (rows + kRows - 1) / kRows;
-  if constexpr (!std::is_same_v<W, float>) {
-    if (passes > 1) return panel_rows(rows, x, lda, widened(panel, K), K, y, ldy, cols);
+  if (rows <= kRows) return tile_rows<kRows>(rows, x, lda, panel, K, y, ldy, cols);
+  const float* rest = nullptr;
+  if constexpr (std::is_same_v<W, float>) {
+    tile_rows<kRows>(kRows, x, lda, panel, K, y, ldy, cols);
+    rest = panel;
+  } else {
+    float* spill = scratch_panel(K);
+    tile_rows<kRows, true>(kRows, x, lda, panel, K, y, ldy, cols, spill);
+    rest = spill;
   }
-  const int64_t height = rows / passes, taller = rows % passes;
-  for (int64_t i = 0, m0 = 0; i < passes; ++i) {
+  const int64_t left = rows - kRows, passes = (left + kRows - 1) / kRows;
+  const int64_t height = left / passes, taller = left % passes;
+  for (int64_t i = 0, m0 = kRows; i < passes; ++i) {
     const int64_t h = height + (i < taller ? 1 : 0);
-    tile_rows<kRows>(h, x + m0 * lda, lda, panel, K, y + m0 * ldy, ldy, cols);
+    tile_rows<kRows>(h, x + m0 * lda, lda, rest, K, y + m0 * ldy, ldy, cols);
     m0 += h;
   }
 #else
