@@ -187,3 +187,38 @@ def test_a_weight_with_a_low_half_has_no_16_bit_form(panel):
     assert panel.encode_bf16(panel.pack(w)) == []
     with pytest.raises(RuntimeError, match="halves must come from encode_bf16"):
         panel.linear_bf16(torch.randn(2, 64), panel.pack(w), 50)
+
+
+def weight_in_form(panel, form: str, n: int, k: int):
+    """A weight [n, k] whose panels have `form` (float32 panels, the 16-bit or the 4-bit form),
+    and the product that reads that form."""
+    if form == "affine4":
+        w = grid_weight(n, k, 9)
+        codes = panel.encode_affine4(panel.pack(w))
+        assert codes
+        return w, lambda x: panel.linear_affine4(x, *codes, n, None)
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(n, k, generator=g)
+    if form == "bf16":
+        w = w.bfloat16().float()
+    packed = panel.pack(w)
+    if form == "bf16":
+        (halves,) = panel.encode_bf16(packed)
+        return w, lambda x: panel.linear_bf16(x, halves, n, None)
+    return w, lambda x: panel.linear(x, packed, n)
+
+
+@pytest.mark.parametrize("form", ["float32", "bf16", "affine4"])
+def test_every_row_count_up_to_33_in_each_form(panel, form):
+    """Rows past the first 8 go in passes of near-equal height (17: 8 + 5 + 4), a 16-bit panel
+    widened by the first pass for the others: at every M from 1 to 33 (one pass, several, every
+    remainder) each row is the float64 product's and, bit for bit, the row computed alone."""
+    n, k = 100, 64  # three panels, the last one partial
+    w, product = weight_in_form(panel, form, n, k)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(33, k, generator=g)
+    alone = torch.cat([product(x[m : m + 1]) for m in range(33)])
+    torch.testing.assert_close(alone, reference(x, w, None), rtol=1e-5, atol=1e-4)
+    for m in range(1, 34):
+        y = product(x[:m])
+        assert torch.equal(y, alone[:m]), f"M={m}: rows differ from the rows computed alone"
