@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.peers.names import pick_named
+
 from benchmarks.harness import Workload, make_workloads, random_requests
 from plait.core.schedule_policy import common_prefix_len
 
@@ -131,13 +133,7 @@ def skip_message(spec: EngineSpec, peers_dir: Path) -> str:
 
 
 def parse_engines(text: str) -> list[EngineSpec]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown or not names:
-        raise ValueError(
-            f"--engines: unknown {unknown or 'empty list'}; choose from {','.join(ENGINES)}"
-        )
-    return [ENGINES[n] for n in names]
+    return pick_named(text, ENGINES, "--engines")
 
 
 def rates(workloads: list[Workload], seconds: dict[str, list[float]]) -> dict[str, float]:

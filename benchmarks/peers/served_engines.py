@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.peers.names import pick_named
+
 REPO = Path(__file__).resolve().parents[2]
 INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
 KV_GIB = 1
@@ -123,13 +125,7 @@ ENGINES = {
 
 
 def parse_engines(text: str) -> list[ServedEngine]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown or not names:
-        raise ValueError(
-            f"--engines: unknown {unknown or 'empty list'}; choose from {list(ENGINES)}"
-        )
-    return [ENGINES[n] for n in names]
+    return pick_named(text, ENGINES, "--engines")
 
 
 def free_port() -> int:
