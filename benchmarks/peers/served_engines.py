@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers.names import pick_named
+from benchmarks.peers.common import pick_named, thread_env
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
@@ -86,11 +86,8 @@ class ServedEngine:
         return {}
 
     def env(self, threads: int) -> dict[str, str]:
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            TOKENIZERS_PARALLELISM="false",
+        env = thread_env(
+            threads,
             NO_PROXY="127.0.0.1,localhost",
             no_proxy="127.0.0.1,localhost",
             HF_HUB_OFFLINE="1",

@@ -1,7 +1,8 @@
-"""Choosing engines by name from a comma-separated flag, shared by the offline and served peers."""
+"""What the offline and served peers share: choosing engines by name, a peer's thread settings."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -16,3 +17,15 @@ def pick_named(text: str, table: Mapping[str, T], flag: str) -> list[T]:
     if unknown or not names:
         raise ValueError(f"{flag}: unknown {unknown or 'empty list'}; choose from {list(table)}")
     return [table[n] for n in names]
+
+
+def thread_env(threads: int, **extra: str) -> dict[str, str]:
+    """This process's environment with every thread pool of a peer set to ``threads`` (OpenMP,
+    MKL; tokenizers' pool off), plus ``extra``."""
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
