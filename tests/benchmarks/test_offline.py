@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import harness, offline
 from benchmarks.presets import PRESETS, parse_presets
+from plait.backends.cpu.linear import LAYOUTS
 from plait.backends.cpu.plugin import CpuOptions
 from plait.core.engine_config import EngineConfig
 
@@ -17,7 +18,12 @@ def test_every_preset_names_real_engine_arguments_and_backend_switches():
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     for p in PRESETS.values():
         assert set(p.engine) <= fields, p.name
-        assert all(isinstance(getattr(CpuOptions(), k), bool) for k in p.cpu), p.name
+        for key, value in p.cpu.items():  # a real switch, with a value of its kind
+            if key == "linear_layout":
+                assert value in LAYOUTS, p.name
+            else:
+                assert isinstance(getattr(CpuOptions(), key), bool), p.name
+                assert isinstance(value, bool), p.name
     # the comparisons of the scripts this replaces stay available
     for old in (
         "transformers",
