@@ -39,6 +39,30 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     kernel_prebuild.stop(session.config.stash.get(_PREBUILD, None))
 
 
+@pytest.fixture
+def spawned_children():
+    """The test's own descendant processes, live or zombie: those the pytest process already had
+    when the test began (the background kernel build, a session-scoped server) are left out, so
+    a "no rank left behind" check sees only what the test started."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+
+    def spawned() -> list[psutil.Process]:
+        # a child that was there before keeps its own descendants out too (the build's
+        # compilers come and go during any test)
+        new = [p for p in psutil.Process().children() if p.pid not in before]
+        tree = list(new)
+        for child in new:
+            try:
+                tree += child.children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        return tree
+
+    return spawned
+
+
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     from plait.models.default import default_model_path

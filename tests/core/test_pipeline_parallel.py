@@ -120,10 +120,10 @@ def test_server_flags_refuse_dp_and_pd_with_pp():
     assert ServerArgs(pp=2).engine_kwargs("m")["pp_size"] == 2
 
 
-def test_a_non_llama_model_is_refused_before_any_rank_starts(make_tiny_model):
+def test_a_non_llama_model_is_refused_before_any_rank_starts(make_tiny_model, spawned_children):
     with pytest.raises(ValueError, match="'Qwen3ForCausalLM' does not support pipeline"):
         plait.Engine(make_tiny_model("qwen3", head_dim=16), pp_size=2)
-    assert not psutil.Process().children(recursive=True)
+    assert not spawned_children()
 
 
 @pytest.mark.slow  # a worker process: ~15 s on 2 idle cores, minutes when they are busy

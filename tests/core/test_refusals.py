@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 
-import psutil
 import pytest
 
 import plait
@@ -64,13 +63,15 @@ def test_engine_config_refuses(options, message):
     assert str(err.value).startswith(message), err.value
 
 
-def test_quantization_with_tp_is_refused_before_any_rank_starts(make_tiny_model):
+def test_quantization_with_tp_is_refused_before_any_rank_starts(make_tiny_model, spawned_children):
     with pytest.raises(ValueError, match="^quantization='int8' does not support tensor"):
         plait.Engine(make_tiny_model("llama"), quantization="int8", tp_size=2)
-    assert not psutil.Process().children(recursive=True)
+    assert not spawned_children()
 
 
-def test_the_fake_transfer_with_tp_is_refused_before_any_rank_starts(make_tiny_model):
+def test_the_fake_transfer_with_tp_is_refused_before_any_rank_starts(
+    make_tiny_model, spawned_children
+):
     with pytest.raises(
         ValueError, match="^disaggregation_transfer_backend='fake' .*tp_size must be 1"
     ):
@@ -80,7 +81,7 @@ def test_the_fake_transfer_with_tp_is_refused_before_any_rank_starts(make_tiny_m
             disaggregation_transfer_backend="fake",
             tp_size=2,
         )
-    assert not psutil.Process().children(recursive=True)
+    assert not spawned_children()
 
 
 def test_a_pool_smaller_than_two_pages_is_refused(make_tiny_model):

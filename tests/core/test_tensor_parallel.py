@@ -27,15 +27,17 @@ def _worker_pids_and_port(engine: plait.Engine) -> tuple[list[int], int]:
     return [p.pid for p in ranks.procs], ranks.port
 
 
-def _assert_all_gone(pids: list[int], port: int) -> None:
+def _assert_all_gone(pids: list[int], port: int, spawned_children) -> None:
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with socket.socket() as s:  # the rendezvous port is free again
         s.bind(("127.0.0.1", port))
-    assert not psutil.Process().children(recursive=True)
+    assert not spawned_children()
 
 
-def test_tp2_matches_transformers_batched_cached_and_chunked(smollm_dir, prompt_ids, expected):
+def test_tp2_matches_transformers_batched_cached_and_chunked(
+    smollm_dir, prompt_ids, expected, spawned_children
+):
     # SmolLM2 has 9 query / 3 KV heads: rank 0 holds 2 KV groups, rank 1 one.
     with plait.Engine(smollm_dir, tp_size=2, chunked_prefill_size=64) as engine:
         pids, port = _worker_pids_and_port(engine)
@@ -47,7 +49,7 @@ def test_tp2_matches_transformers_batched_cached_and_chunked(smollm_dir, prompt_
         assert all(
             o["meta_info"]["cached_tokens"] == len(ids) - 1 for o, ids in zip(again, prompt_ids)
         )
-    _assert_all_gone(pids, port)
+    _assert_all_gone(pids, port, spawned_children)
 
 
 def test_uneven_heads_and_mlp_columns_match_transformers(make_tiny_model):
@@ -68,7 +70,7 @@ def test_uneven_heads_and_mlp_columns_match_transformers(make_tiny_model):
 
 
 def test_a_rank_that_fails_to_start_fails_the_engine_with_its_error(
-    make_tiny_model, tmp_path, monkeypatch
+    make_tiny_model, tmp_path, monkeypatch, spawned_children
 ):
     # sitecustomize runs at interpreter start-up: only the worker processes see it.
     (tmp_path / "sitecustomize.py").write_text(
@@ -80,7 +82,7 @@ def test_a_rank_that_fails_to_start_fails_the_engine_with_its_error(
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="(?s)rank 1 failed to start.*injected: cannot read"):
         plait.Engine(make_tiny_model("llama"), tp_size=2)
-    assert not psutil.Process().children(recursive=True)
+    assert not spawned_children()
 
 
 def test_structured_generation_and_frontend_programs_run_unchanged_on_tp2(smollm_dir):
