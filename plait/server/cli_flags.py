@@ -243,6 +243,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="register with a running smg gateway (its worker API) once healthy; on "
         "SIGTERM leave it, then drain",
     )
+    p.add_argument(
+        "--leave-gateway",
+        default=None,
+        metavar="GATEWAY_URL",
+        help="an smg gateway that already lists this server (the --pd launcher's): on SIGTERM "
+        "take this server out of its pool (its worker API), then drain",
+    )
     add_disaggregation_args(p)
     dp = p.add_argument_group("data parallelism (SGLang's gateway, pip install 'plait[gateway]')")
     dp.add_argument(

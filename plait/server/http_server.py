@@ -242,7 +242,7 @@ class _DrainingServer(uvicorn.Server):
         client = getattr(self.app.state, "client", None)
         if client is not None:
             client.on_fatal = self.fail
-        if self.membership is not None and self.started:
+        if self.membership is not None and self.membership.joins and self.started:
             loop = self._loop
             start_joining(self.membership, lambda: loop.call_soon_threadsafe(self.fail))
 

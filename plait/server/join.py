@@ -13,6 +13,13 @@ finish, up to ``--shutdown-timeout``). A request the gateway had already picked 
 for when the removal landed still arrives and is served: draining refuses only after the
 gateway has let go. If the gateway cannot be reached the worker drains anyway (it must not
 hang on shutdown) and logs that the gateway may still list it until its health check fails.
+
+``--leave-gateway GATEWAY_URL`` (what the ``--pd`` launcher gives its servers, which the
+gateway lists from its command line): no joining; the first SIGTERM finds this server's id in
+the gateway's ``GET /workers`` and leaves the same way. A PD server that refused requests while
+the gateway still routed to it would cost more than a 503: the gateway sends each request to a
+prefill and a decode server at once, and the half that was accepted holds its KV waiting for
+the refused half until the transfer timeout.
 """
 
 from __future__ import annotations
@@ -55,8 +62,15 @@ def _ready(record: dict[str, Any] | None) -> bool:
 class Membership:
     """This worker's place in one gateway's pool."""
 
-    def __init__(self, gateway_url: str, worker_url: str, worker_api_key: str | None = None):
+    def __init__(
+        self,
+        gateway_url: str,
+        worker_url: str,
+        worker_api_key: str | None = None,
+        joins: bool = True,
+    ):
         self.gateway = gateway_url.rstrip("/")
+        self.joins = joins  # False: someone else registered this worker; only leave
         self.url = worker_url
         self.headers = {"Content-Type": "application/json"}
         self.worker_api_key = worker_api_key  # what the gateway presents to this worker
@@ -110,10 +124,13 @@ class Membership:
     def leave(self, timeout: float = 30) -> bool:
         """Deregister and wait until the gateway no longer lists this worker. False (logged)
         when the gateway could not be told or did not confirm in ``timeout`` seconds."""
-        if self.worker_id is None:
-            return False
         deadline = time.monotonic() + timeout
         try:
+            if self.worker_id is None and not self.joins:
+                self.worker_id = (self.listed() or {}).get("id")
+            if self.worker_id is None:
+                log.warning("the gateway at %s does not list %s", self.gateway, self.url)
+                return False
             self._call("DELETE", f"/workers/{self.worker_id}")
             while self.listed() is not None:
                 if time.monotonic() > deadline:
@@ -133,11 +150,15 @@ class Membership:
 
 
 def membership_for(args: Any) -> Membership | None:
-    """The membership ``--join`` asks for (``args`` is a ServerArgs), or None."""
-    if args.join is None:
-        return None
-    url = advertised_url(args.host, args.port, args.grpc_mode)
-    return Membership(args.join, url, worker_api_key=args.api_key)
+    """The membership ``--join`` or ``--leave-gateway`` asks for (``args`` is a ServerArgs),
+    or None."""
+    if args.join is not None:
+        url = advertised_url(args.host, args.port, args.grpc_mode)
+        return Membership(args.join, url, worker_api_key=args.api_key)
+    if args.leave_gateway is not None:
+        url = advertised_url(args.host, args.port, args.grpc_mode)
+        return Membership(args.leave_gateway, url, joins=False)
+    return None
 
 
 def start_joining(membership: Membership, on_failure: Callable[[], None]) -> None:

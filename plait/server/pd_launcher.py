@@ -5,6 +5,10 @@ Each server is an ordinary ``plait serve --disaggregation-mode prefill|decode`` 
 port (prefill servers each with a free bootstrap port); once all answer ``/health`` the
 launcher starts the gateway (``--gateway smg``, the default, or ``sglang-router``) with
 ``--pd-disaggregation --prefill URL PORT ... --decode URL ...`` on ``--host``/``--port``.
+A server sent SIGTERM on its own (scale-down, a rolling update) leaves the gateway through its
+worker API, then drains: in-flight requests finish (a prefill server's KV sends included),
+nothing new is routed to it, and it exits 0 (smg only; sglang-router 0.3.2 finds it by its
+failing health check).
 Start-up failure, supervision, signals and orphan protection are ``plait.server.children``'s,
 shared with the ``--dp`` launcher.
 To spread the pair over several machines, start the pieces by hand (docs/serving.md).
@@ -46,6 +50,10 @@ def parse_pd(spec: str) -> tuple[int, int]:
 
 
 def server_command(args: ServerArgs, mode: str, port: int, bootstrap_port: int) -> list[str]:
+    """One PD server's ``plait serve``; ``--leave-gateway`` names the launcher's gateway, so a
+    server sent SIGTERM alone leaves the gateway's pool before it drains (``plait.server.join``)
+    and no request is routed to it, and refused, meanwhile."""
+    gateway = f"http://{connect_host(args.host)}:{args.port}"  # smg: a worker API to leave by
     one = replace(
         args,
         pd=None,
@@ -58,6 +66,7 @@ def server_command(args: ServerArgs, mode: str, port: int, bootstrap_port: int) 
         router_prometheus_port=None,
         router_dp_worker_base_port=None,
         disaggregation_bootstrap_base_port=None,
+        leave_gateway=gateway if args.gateway_name == "smg" else None,
     )
     return [sys.executable, "-m", "plait.server.cli", "serve", *one.to_argv()]
 

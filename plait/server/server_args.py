@@ -85,6 +85,7 @@ class ServerArgs:
     gateway: str | None = None  # smg or sglang-router (0.3.2, HTTP only); see gateway_name
     grpc_mode: bool = False  # serve SGLang's scheduler service over gRPC instead of HTTP
     join: str | None = None  # a running smg gateway's URL: register there, leave on SIGTERM
+    leave_gateway: str | None = None  # the gateway that lists this server: leave it on SIGTERM
     # Dotted "module:callable" that builds the engine in the scheduler process (tests use a
     # fake); None means plait.Engine.
     engine_factory: str | None = None
@@ -280,8 +281,9 @@ class ServerArgs:
                 "--join registers this one worker with a running gateway: it cannot be "
                 "combined with --dp, --pd or --disaggregation-mode"
             )
-        if self.join is not None and not self.join.startswith(("http://", "https://")):
-            raise ValueError(f"--join must be the gateway's http(s):// URL, got {self.join!r}")
+        for flag, url in (("--join", self.join), ("--leave-gateway", self.leave_gateway)):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{flag} must be the gateway's http(s):// URL, got {url!r}")
 
     def _check_pipeline(self, disagg: str | None) -> None:
         """--pp with another mode that would split or share its ranks, and the engine's

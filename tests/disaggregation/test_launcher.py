@@ -31,6 +31,12 @@ def test_servers_and_gateway_get_the_pd_flags():
     assert "--pd" not in cmd and cmd[cmd.index("--port") + 1] == "1234"
     again = from_namespace(build_parser().parse_args(cmd[cmd.index("serve") :]))
     assert again.disaggregation_mode == "prefill" and again.pd is None
+    # each server leaves smg's pool on its own SIGTERM (sglang-router 0.3.2 has no worker API)
+    assert again.leave_gateway == "http://127.0.0.1:9000"
+    old = from_namespace(
+        build_parser().parse_args(["serve", "--pd", "1P1D", "--gateway", "sglang-router"])
+    )
+    assert "--leave-gateway" not in server_command(old, "decode", 1234, 4321)
     r = router_command(args, [("http://p", 4321)], ["http://d"], 9999)
     assert r[r.index("--pd-disaggregation") + 1 : r.index("--pd-disaggregation") + 6] == [
         "--prefill",

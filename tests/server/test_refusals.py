@@ -52,6 +52,7 @@ def refused(argv: list[str], capsys) -> str:
         (["--grpc-mode", "--pd", "1P1D"], ["--grpc-mode", "--pd 1P1D"]),
         (["--join", "http://127.0.0.1:1", "--dp", "2"], ["--join", "--dp"]),
         (["--join", "127.0.0.1:1"], ["--join", "http(s)://"]),
+        (["--leave-gateway", "127.0.0.1:1"], ["--leave-gateway", "http(s)://"]),
     ],
 )
 def test_combination_is_refused_naming_its_flags(argv, names, nothing_starts, capsys):

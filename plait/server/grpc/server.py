@@ -90,7 +90,7 @@ async def _serve(args: ServerArgs, model_path: str) -> int:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("serving %s over gRPC at %s:%d", client.model_name, args.host, args.port)
     membership = membership_for(args)
-    if membership is not None:
+    if membership is not None and membership.joins:
         start_joining(membership, lambda: loop.call_soon_threadsafe(on_fatal))
     await stop.wait()
     if not failed and signals[0] == 1:
