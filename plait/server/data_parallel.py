@@ -18,6 +18,8 @@ What holds:
   with exit status 1.
 - SIGTERM/SIGINT stop the gateway first (no new requests), then the workers (each drains as a
   single ``plait serve`` does), and the command exits 0.
+- A worker sent SIGTERM on its own (behind smg) leaves the gateway's pool, then drains and
+  exits 0; the launcher and the other workers keep serving (``worker_command``).
 - Every child is started with a parent-death signal, so even ``kill -9`` of the launcher
   leaves no orphan worker or gateway behind (Linux).
 """
@@ -72,6 +74,12 @@ def require_router() -> None:
 
 
 def worker_command(args: ServerArgs, port: int) -> list[str]:
+    """One worker's ``plait serve``. Behind smg it gets ``--leave-gateway`` (the launcher's
+    gateway): a worker sent SIGTERM alone (scale-down, a rolling update) takes itself out of
+    smg's pool before it drains, so no request is routed to it, and refused, meanwhile
+    (``plait.server.join``). When the launcher stops, the gateway is gone first and the worker
+    drains at once."""
+    gateway = f"http://{connect_host(args.host)}:{args.port}"
     worker = replace(
         args,
         dp=1,
@@ -80,6 +88,7 @@ def worker_command(args: ServerArgs, port: int) -> list[str]:
         router_extra_args=None,
         router_prometheus_port=None,
         router_dp_worker_base_port=None,
+        leave_gateway=gateway if args.gateway_name == "smg" else None,
     )
     return [sys.executable, "-m", "plait.server.cli", "serve", *worker.to_argv()]
 

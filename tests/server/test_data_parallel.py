@@ -23,7 +23,13 @@ import requests
 
 from plait.server.cli import build_parser
 from plait.server import children
-from plait.server.data_parallel import LaunchError, PortBook, require_router, threads_per_worker
+from plait.server.data_parallel import (
+    LaunchError,
+    PortBook,
+    require_router,
+    threads_per_worker,
+    worker_command,
+)
 from plait.server.server_args import from_namespace
 from tests.server.conftest import FAKE, REPO, free_port, start_server
 
@@ -128,6 +134,16 @@ def test_worker_flags_round_trip_through_the_cli_parser():
         )
     )
     assert from_namespace(build_parser().parse_args(["serve", *args.to_argv()])) == args
+
+
+def test_a_worker_behind_smg_leaves_the_gateway_on_its_own_sigterm():
+    """smg has a worker API to leave by (test_dp_drain.py); sglang-router 0.3.2 has none."""
+    parse = build_parser().parse_args
+    args = from_namespace(parse(["serve", "--dp", "2", "--host", "0.0.0.0", "--port", "9000"]))
+    worker = from_namespace(parse(worker_command(args, 1234)[3:]))
+    assert worker.leave_gateway == "http://127.0.0.1:9000" and worker.port == 1234
+    old = from_namespace(parse(["serve", "--dp", "2", "--gateway", "sglang-router"]))
+    assert "--leave-gateway" not in worker_command(old, 1234)
 
 
 def test_threads_are_split_between_workers():
