@@ -130,7 +130,9 @@ def _admin_routes():
         ).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
-        except (APIError, asyncio.TimeoutError):
+        except APIError as e:  # refused at admission (overloaded, with Retry-After) or failed
+            return Response(e.message, e.status, e.headers, media_type="text/plain")
+        except asyncio.TimeoutError:
             return Response(status_code=503, media_type="text/plain")
         return Response(status_code=200, media_type="text/plain")
 
