@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.peers.common import pick_named, thread_env
+from benchmarks.peers.common import pick_named, thread_env, vllm_env
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = "benchmarks.peers.workers"  # run as modules from REPO, in each peer's own venv
@@ -40,12 +40,8 @@ class EngineSpec:
         env = thread_env(threads)
         if self.venv is None:  # the repository's venv: import this checkout's plait
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        if self.venv == "vllm":  # vLLM's CPU backend pins its own OpenMP threads
-            env.update(
-                VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                VLLM_CPU_KVCACHE_SPACE="2",
-            )
+        if self.venv == "vllm":
+            env.update(vllm_env(threads, kv_gib=2))
         return env
 
 

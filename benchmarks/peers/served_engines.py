@@ -33,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers.common import pick_named, thread_env
+from benchmarks.peers.common import pick_named, thread_env, vllm_env
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
@@ -101,11 +101,7 @@ class ServedEngine:
         else:
             env.pop("PYTHONPATH", None)
         if self.name == "vllm-cpu":
-            env.update(
-                VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                VLLM_CPU_KVCACHE_SPACE=str(KV_GIB),
-            )
+            env.update(vllm_env(threads, KV_GIB))
         return env
 
 

