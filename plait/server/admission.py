@@ -3,37 +3,42 @@
 A fixed queue length is the wrong bound under overload: 256 queued sequences wait a few
 seconds on a fast model and minutes on a slow one, and every accepted request pays that wait
 while throughput falls (clients time out and retry). So besides the hard count limit (running
-+ ``max_queued_requests``: 429) the server predicts how long a new request would wait before a
-running place frees: the sequences queued ahead of it over the measured drain rate (sequences
-finished per second over the last :data:`RATE_WINDOW` finishes of the last
-:data:`RATE_SECONDS`). A request whose predicted
-wait exceeds ``max_queue_time`` is shed at once with 503 and a ``Retry-After`` of how long
-until the queue is short enough again, so the requests that are accepted keep a latency bound
-and the engine keeps its batch full.
++ ``max_queued_requests``: 429) the server predicts when a new request would start running and
+sheds it at once with 503 and a ``Retry-After`` when that is past ``max_queue_time``.
 
-With fewer than :data:`MIN_SAMPLES` recent finishes the rate is unknown and only the count
-limit applies (a cold or idle server never sheds on a guess).
+**The prediction** takes the largest of three estimates, each blind where another sees:
 
-The rate lags: it is measured over past finishes, so when the service rate falls (a noisy
-neighbour, longer prompts) the prediction stays optimistic for up to a window. A second rule
-needs no rate: the server also tracks when each admitted sequence was posted and when its
-first output came back; while the oldest sequence still without one has waited past
-``max_queue_time``, a request that would queue is shed too. Accepted latency then stays
-bounded within one request's wait, whatever the rate estimate says.
+- *Places*: the engine runs ``running_slots`` sequences at once, and a running sequence frees
+  its place about one service time (the mean first-output-to-end time of the last
+  :data:`RATE_WINDOW` completions) after it started. A new sequence at position ``p`` among
+  those not yet running takes the ``p``-th place to free: the ``(p-1) % slots``-th soonest
+  running end plus ``(p-1) // slots`` more service times. This is what bounds a batched
+  engine: sequences started together end together, so the 17th in line behind a fresh batch
+  of 16 waits that batch *and* the next one, which a fluid ``position / rate`` says is only a
+  little more than one.
+- *Drain rate*: the sequences ahead over the measured finishes per second (the finishes after
+  the window's oldest instant over the time from it to the newest: finishes come in bursts,
+  and counting the oldest burst as if spread over the span read the rate one burst high).
+  It sees an engine that runs fewer than ``running_slots`` at once (KV-bound).
+- *Oldest wait*: while a posted sequence without a first output has waited past the bound, a
+  request that would queue waits longer still. This needs no estimate, so it catches a
+  service time that has just grown (a noisy neighbour, longer prompts).
 
-Both rules count a request's time from its **arrival** (when the HTTP layer first saw it,
+Without enough recent samples (:data:`MIN_SAMPLES`) an estimate is unknown and counts as 0
+(a cold or idle server never sheds on a guess; the oldest-wait rule still applies).
+
+Every rule counts a request's time from its **arrival** (when the HTTP layer first saw it,
 :data:`ARRIVAL`), not from when it is posted to the engine: under overload the body read,
-JSON parsing and tokenizing take time of their own, and a request that has already spent its
-bound there must not be admitted as if it had just come. The cheapest refusal happens before
-any of that: :mod:`plait.server.admission_gate` asks :meth:`AdmissionControl.refusal` for one
+JSON parsing and tokenizing take time of their own. The cheapest refusal happens before any of
+that: :mod:`plait.server.admission_gate` asks :meth:`AdmissionControl.refusal` for one
 sequence as soon as the request head is parsed.
 
-The queue is never shed below one batch: while no more than ``running_slots`` sequences
-would be queued, the time rules do not apply. Requests of one length started together end
-together, so a whole batch's places can free at once; without a batch's worth already queued
-they would stay empty until new arrivals trickle in, and throughput would fall under exactly
-the overload the shedding is for. The bound therefore holds when it is longer than one
-batch's service time; below that, accepted requests wait up to about one service time.
+A request that would run at once (the engine under-filled: fewer admitted sequences than
+places) is never shed for time: refusing it would idle a place. Nothing else is admitted
+below the bound: an earlier rule that always kept one full batch queued let a whole batch
+wait behind a whole batch, about two service times past the bound. Throughput does not need
+it: at overload, arrivals in the last ``max_queue_time`` before a batch ends refill it (the
+bound should be at least a quarter of one service time at 4x).
 """
 
 from __future__ import annotations
@@ -69,13 +74,15 @@ class Refusal:
 
 
 class AdmissionControl:
-    """Counts admitted sequences and decides whether ``count`` more may enter.
+    """Counts admitted sequences, tracks which are queued and which run, and decides whether
+    ``count`` more may enter.
 
     ``running_slots``: sequences the engine runs at once (``--max-running-requests``);
     ``max_queued``: sequences that may wait beyond those; ``max_queue_time``: the longest
-    predicted wait a new request may face (None: count limit only); ``min_queued``: the
-    queue depth below which the time rules never shed (default ``running_slots``: one batch
-    to refill from). ``clock`` is injectable for tests."""
+    predicted wait from arrival to a running place (None: count limit only). ``clock`` is
+    injectable for tests. The caller reports each sequence's life: :meth:`enter` (admitted),
+    :meth:`posted` (handed to the engine), :meth:`started` (first output), :meth:`ended`,
+    :meth:`leave` (its place is free)."""
 
     def __init__(
         self,
@@ -83,42 +90,67 @@ class AdmissionControl:
         running_slots: int,
         max_queued: int,
         max_queue_time: float | None,
-        min_queued: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.running_slots = running_slots
-        self.min_queued = running_slots if min_queued is None else min_queued
         self.max_queued = max_queued
         self.max_queue_time = max_queue_time
         self.clock = clock
         self.admitted = 0
         self._finishes: deque[float] = deque(maxlen=RATE_WINDOW)
+        #: first-output-to-end seconds of the last completed sequences
+        self._services: deque[float] = deque(maxlen=RATE_WINDOW)
         #: posted sequences still without a first output, by id, in posting order (so the
         #: first is the oldest: a dict keeps insertion order and deletes keep it)
         self._waiting: dict[str, float] = {}
+        #: sequences running (a first output came, not ended yet): id -> when it started
+        self._running: dict[str, float] = {}
 
     @property
     def limit(self) -> int:
         return self.running_slots + self.max_queued
 
     def drain_rate(self) -> float | None:
-        """Sequences finished per second over the recent window, None until measured."""
+        """Sequences finished per second over the recent window, None until measured: the
+        finishes after the window's oldest instant over the time from it to the newest. The
+        oldest instant's finishes only mark where the span starts (counting them read a burst
+        of simultaneous finishes as if spread over the span: one burst high), and the span
+        ends at the newest finish, not now (between bursts the rate would sag, then jump)."""
         now = self.clock()
         while self._finishes and self._finishes[0] < now - RATE_SECONDS:
             self._finishes.popleft()
         if len(self._finishes) < MIN_SAMPLES:
             return None
-        span = now - self._finishes[0]
-        return (len(self._finishes) - 1) / span if span > 0 else None
+        first, last = self._finishes[0], self._finishes[-1]
+        after = sum(1 for t in self._finishes if t > first)
+        return after / (last - first) if last > first else None
+
+    def service_time(self) -> float | None:
+        """Mean seconds from a sequence's first output to its end, None until measured."""
+        if len(self._services) < MIN_SAMPLES:
+            return None
+        return sum(self._services) / len(self._services)
 
     def predicted_wait(self, count: int) -> float:
-        """Seconds until ``count`` more sequences would all be running (0 when they fit now
-        or the rate is unknown)."""
-        ahead = self.admitted + count - self.running_slots
-        rate = self.drain_rate()
-        if ahead <= 0 or rate is None:
+        """Seconds until the last of ``count`` more sequences would be running: the larger of
+        the places estimate and the drain-rate estimate (0 when they fit now or neither is
+        measured)."""
+        position = self.admitted - len(self._running) + count  # among those not yet running
+        free = self.running_slots - len(self._running)
+        if position <= free:
             return 0.0
-        return ahead / rate
+        waits = [0.0]
+        rate = self.drain_rate()
+        if rate is not None:
+            waits.append((self.admitted + count - self.running_slots) / rate)
+        service = self.service_time()
+        if service is not None:
+            now = self.clock()
+            ends = sorted(max(0.0, service - (now - t)) for t in self._running.values())
+            places = ([0.0] * max(0, free) + ends)[: self.running_slots]
+            turn, index = divmod(position - 1, self.running_slots)
+            waits.append(places[index] + turn * service)
+        return max(waits)
 
     def posted(self, rid: str, since: float | None = None) -> None:
         """Sequence ``rid`` was handed to the engine: it waits until its first output. Its
@@ -126,8 +158,17 @@ class AdmissionControl:
         self._waiting[rid] = self.clock() if since is None else since
 
     def started(self, rid: str) -> None:
-        """Sequence ``rid`` got its first output (or ended): it no longer waits."""
+        """Sequence ``rid`` got an output: from its first, it runs (later calls: no-op)."""
+        if self._waiting.pop(rid, None) is not None:
+            self._running[rid] = self.clock()
+
+    def ended(self, rid: str, completed: bool = True) -> None:
+        """Sequence ``rid`` ended; a ``completed`` one that ran gives a service-time sample
+        (an aborted or failed one would read the service time short)."""
         self._waiting.pop(rid, None)
+        began = self._running.pop(rid, None)
+        if began is not None and completed:
+            self._services.append(self.clock() - began)
 
     def oldest_wait(self) -> float:
         """Seconds the oldest posted sequence without a first output has waited (0: none)."""
@@ -146,10 +187,8 @@ class AdmissionControl:
                 f"limit is {self.limit}); retry later",
                 retry_after=1,
             )
-        queued = self.admitted + count - self.running_slots
-        if self.max_queue_time is None or queued <= self.min_queued:
-            # it runs at once, or the queue is not yet one batch deep: shedding it would
-            # leave places idle when the running batch ends
+        if self.max_queue_time is None or self.admitted + count <= self.running_slots:
+            # it runs at once (the engine is under-filled): shedding it would idle a place
             return None
         # it would queue: behind a request already waiting past the bound, it waits longer
         queue = max(self.predicted_wait(count), self.oldest_wait())

@@ -214,8 +214,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-queue-time",
         type=float,
         default=d.max_queue_time,
-        help="seconds a new request may be predicted to wait in the queue (queued sequences "
-        "over the measured finish rate); beyond it: 503 with Retry-After (0: off)",
+        help="seconds a new request may be predicted to wait from its arrival to a running "
+        "place (the running sequences' remaining service time, the measured finish rate, the "
+        "oldest wait); beyond it: 503 with Retry-After (0: off)",
     )
     p.add_argument(
         "--request-timeout",

@@ -355,7 +355,7 @@ class EngineClient:
                 sent = max(1, (out.get("meta_info") or {}).get("completion_tokens") or 0)
                 yield out
         finally:
-            self.admission.started(req.rid)
+            self.admission.ended(req.rid, finished)
             self._queues.pop(req.rid, None)
             self._texts.pop(req.rid, None)
             if not finished:  # client gone, timeout or shutdown: free its KV, count the abort

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from typing import Any
@@ -76,6 +77,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def settle_heap() -> None:
+    """Collect, then freeze what the startup left on the heap (the tokenizer, transformers'
+    and the app's modules: ~340k tracked objects), so the garbage collector's full passes walk
+    only what serving allocates. Without it each full pass under 256 streams took over a second
+    (issue 41: a fifth of the HTTP process's profile). Called once the server is ready."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(args: ServerArgs, model_path: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,6 +93,7 @@ def create_app(args: ServerArgs, model_path: str) -> FastAPI:
         app.state.client = client
         try:
             await client.start()
+            settle_heap()
             logger.info("serving %s at http://%s:%d", client.model_name, args.host, args.port)
             yield
         finally:
@@ -130,7 +141,9 @@ def _admin_routes():
         ).expand()[0]
         try:
             await asyncio.wait_for(collect(client, [probe], None), timeout=60)
-        except (APIError, asyncio.TimeoutError):
+        except APIError as e:  # refused at admission (overloaded, with Retry-After) or failed
+            return Response(e.message, e.status, e.headers, media_type="text/plain")
+        except asyncio.TimeoutError:
             return Response(status_code=503, media_type="text/plain")
         return Response(status_code=200, media_type="text/plain")
 

@@ -8,6 +8,7 @@ its own registry so several servers (tests) can live in one interpreter.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -33,12 +35,45 @@ class _Track:
     stream: bool = False
 
 
+class CountedHistogram:
+    """A Prometheus histogram kept in plain ints and rendered at scrape time: ``add(value,
+    n)`` records ``n`` observations of ``value`` with one bisect and two additions (the
+    inter-token latency is observed once per token of every stream and step, and
+    ``Histogram.observe`` takes a lock and walks every bucket per observation). Only the
+    HTTP process's event loop adds; a scrape (the same loop) reads."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self.name, self.documentation = name, documentation
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def add(self, value: float, n: int = 1) -> None:
+        # a value equal to a bound belongs to that bucket (le): bisect_left
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        cumulative, total = [], 0
+        for bound, count in zip([*self.bounds, float("inf")], self.counts):
+            total += count
+            cumulative.append((_le(bound), total))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], cumulative, self.sum)
+        return [family]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
 @dataclass
 class ServerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     _tracks: dict[str, _Track] = field(default_factory=dict)
     _recent: deque = field(default_factory=deque)  # (time, new tokens) for throughput
     _last_steps: dict = field(default_factory=dict)  # engine totals at the previous scrape
+    _step_tokens: int = 0  # tokens counted by on_tokens since the last end_step
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -63,12 +98,10 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
-            "plait_inter_token_latency_seconds",
-            "Time between tokens",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.itl = CountedHistogram(
+            "plait_inter_token_latency_seconds", "Time between tokens", _LATENCY_BUCKETS
         )
+        r.register(self.itl)  # type: ignore[arg-type]  # a collector: has collect()
         self.e2e = Histogram(
             "plait_e2e_request_latency_seconds",
             "Request latency",
@@ -117,23 +150,36 @@ class ServerMetrics:
             registry=r,
         )
 
-    # Called by EngineClient for every output message (finished or not).
+    def on_tokens(self, rid: str, tokens: int, now: float) -> None:
+        """``rid`` has produced ``tokens`` so far (a running request's step, from
+        ``route_batch``): its TTFT or ITL observations, in plain ints; the generated tokens'
+        counter and the throughput window advance once per step, in :meth:`end_step`."""
+        track = self._tracks.get(rid)
+        if track is None or tokens <= track.tokens:
+            return
+        new = tokens - track.tokens
+        if track.last is None:
+            self.ttft.observe(now - track.start)
+        else:
+            self.itl.add((now - track.last) / new, new)
+        self._step_tokens += new
+        track.tokens, track.last = tokens, now
+
+    def end_step(self, now: float) -> None:
+        """Publish the tokens :meth:`on_tokens` counted since the last call."""
+        if self._step_tokens:
+            self._recent.append((now, self._step_tokens))
+            self.generation_tokens.inc(self._step_tokens)
+            self._step_tokens = 0
+
+    # Called by EngineClient for every full output (finished or not).
     def on_output(self, rid: str, out: dict[str, Any], finished: bool, now: float) -> None:
         track = self._tracks.get(rid)
         if track is None:
             return
         meta = out.get("meta_info") or {}
-        tokens = int(meta.get("completion_tokens") or 0)
-        if tokens > track.tokens:
-            if track.last is None:
-                self.ttft.observe(now - track.start)
-            else:
-                per_token = (now - track.last) / (tokens - track.tokens)
-                for _ in range(tokens - track.tokens):
-                    self.itl.observe(per_token)
-            self._recent.append((now, tokens - track.tokens))
-            self.generation_tokens.inc(tokens - track.tokens)
-            track.tokens, track.last = tokens, now
+        self.on_tokens(rid, int(meta.get("completion_tokens") or 0), now)
+        self.end_step(now)
         if finished:
             self._tracks.pop(rid, None)
             self.e2e.observe(now - track.start)

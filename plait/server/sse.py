@@ -7,7 +7,11 @@ with one ASGI send: a handler coalesces what one wake produced (the events of on
 several when it lagged) into one chunk, so a stream costs one send -- one HTTP chunk, one
 socket write -- per wake. Unlike Starlette's ``StreamingResponse`` it runs no anyio task group
 per stream: a plain asyncio task waits for the client's disconnect and cancels the stream
-(whose iterator then aborts its requests), and sends go straight to the server.
+(whose iterator then aborts its requests), and sends go straight to the server. Where the
+server offers a :class:`~plait.server.connection_guard.ChunkWriter` (plait's own uvicorn
+protocol does), the body chunks between the head and the end are written by it, past the ASGI
+send chain and h11 (a third of the per-event cost at 256 streams); the head and the end still
+go through ``send``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, AsyncIterator
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from plait.server.connection_guard import CHUNK_WRITER
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
 
@@ -41,6 +47,14 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        writer = scope.get("extensions", {}).get(CHUNK_WRITER)
+        if writer is not None and writer.usable():
+            write = writer.write
+        else:
+
+            async def write(chunk: bytes) -> None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
         me = asyncio.current_task()
         state = {"ended": False, "gone": False}
 
@@ -54,7 +68,7 @@ class SSEResponse(Response):
         listener = asyncio.create_task(listen())
         try:
             async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await write(chunk)
                 if state["gone"]:
                     # the cancel can be lost: Python 3.11's wait_for (in the server's write
                     # flow control) swallows one that lands as its wait completes

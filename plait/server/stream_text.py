@@ -102,7 +102,7 @@ def route_batch(
     now: float,
 ) -> None:
     """One step's outputs (a ``"batch"`` message), counted by ``metrics``
-    (``ServerMetrics.on_output``): a lite item's ids are pushed to its ``StreamText`` and
+    (``ServerMetrics.on_tokens`` per stream, published once per step): a lite item's ids are pushed to its ``StreamText`` and
     :data:`IDS` queued unless one is already waiting; a full output is queued as
     ``("out", out, finished)``; each error as ``("error", status, message)``."""
     for rid, finished, new_ids, out, prompt_tokens, cached_tokens in msg["outs"]:
@@ -112,7 +112,7 @@ def route_batch(
             if text is None:  # its client is gone
                 continue
             text.push(new_ids, prompt_tokens, cached_tokens)
-            metrics.on_output(rid, {"meta_info": {"completion_tokens": len(text.ids)}}, False, now)
+            metrics.on_tokens(rid, len(text.ids), now)
             if q is not None and not text.pending:
                 text.pending = True
                 q.put_nowait(IDS)
@@ -120,6 +120,7 @@ def route_batch(
         metrics.on_output(rid, out, finished, now)
         if q is not None:
             q.put_nowait(("out", out, finished))
+    metrics.end_step(now)
     for rid, status, message in msg["errors"]:
         q = queues.get(rid)
         if q is not None:

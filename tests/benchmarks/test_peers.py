@@ -88,6 +88,16 @@ def test_main_skips_missing_peers_and_still_writes_results(tmp_path, capsys):
     assert not (out / "peers.png").exists()
 
 
+def test_bf16_engines_ask_their_engine_for_bfloat16_and_vllm_keeps_its_thread_binding():
+    assert peers.ENGINES["plait-bf16"].options["dtype"] == "bfloat16"
+    assert peers.ENGINES["vllm-cpu"].options["dtype"] == "float32"
+    for name in ("vllm-cpu", "vllm-cpu-bf16"):
+        env = peers.ENGINES[name].env(2)
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and env["OMP_NUM_THREADS"] == "2"
+        assert env["VLLM_USE_AOT_COMPILE"] == "0"  # its AOT artifact never loads on the CPU
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in peers.ENGINES["plait-bf16"].env(2)
+
+
 def test_unknown_engine_is_refused_naming_the_option():
     with pytest.raises(ValueError, match="--engines"):
         peers.parse_engines("plait,sglang")
@@ -147,3 +157,13 @@ def test_a_worker_module_imports_neither_plait_nor_torch():
         [sys.executable, "-c", code], cwd=peers.REPO, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_rounds_pool_every_rounds_repeats_and_keep_each_load():
+    record: dict = {}
+    first = {"version": "v", "seconds": {"b1": [1.0, 2.0]}, "load_s": 5.0, "wall_s": 9.0}
+    peers.merge_round(record, "vllm-cpu", first)
+    peers.merge_round(record, "vllm-cpu", dict(first, seconds={"b1": [4.0]}, load_s=7.0))
+    assert record["vllm-cpu"]["seconds"] == {"b1": [1.0, 2.0, 4.0]}
+    assert record["vllm-cpu"]["load_s"] == [5.0, 7.0]
+    assert first["seconds"] == {"b1": [1.0, 2.0]}  # the round's own output is left alone

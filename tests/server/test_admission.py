@@ -22,14 +22,10 @@ class Clock:
 
 
 def _control(
-    clock: Clock, max_queue_time: float | None = 2.0, min_queued: int | None = None
+    clock: Clock, max_queue_time: float | None = 2.0, running_slots: int = 4
 ) -> AdmissionControl:
     return AdmissionControl(
-        running_slots=4,
-        max_queued=100,
-        max_queue_time=max_queue_time,
-        min_queued=min_queued,
-        clock=clock,
+        running_slots=running_slots, max_queued=100, max_queue_time=max_queue_time, clock=clock
     )
 
 
@@ -105,25 +101,9 @@ def test_a_request_that_runs_at_once_is_not_shed_for_its_time_since_arrival():
     assert ctl.refusal(1, waited=10.0) is None
 
 
-def test_the_queue_is_never_shed_below_one_batch():
-    """Requests started together end together: a batch's places can all free at once, and
-    only a batch already queued refills them. So up to ``running_slots`` queued sequences are
-    admitted whatever the time rules say (the count limit still holds)."""
-    clock = Clock()
-    ctl = _control(clock)
-    _finish_at_rate(ctl, clock, rate=1.0, n=MIN_SAMPLES + 2)  # slow: ~1 s per queued one
-    ctl.enter(4)
-    ctl.posted("a", since=clock.now - 30.0)  # waited far past the bound
-    for _ in range(4):
-        assert ctl.refusal(1, waited=10.0) is None
-        ctl.enter(1)
-    refusal = ctl.refusal(1)  # a fifth queued one: the time rules apply again
-    assert refusal is not None and refusal.status == 503
-
-
 def test_the_oldest_wait_counts_from_the_arrival_it_was_posted_with():
     clock = Clock()
-    ctl = _control(clock, min_queued=0)
+    ctl = _control(clock)
     _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)
     ctl.enter(4)
     ctl.posted("a", since=clock.now - 2.5)  # arrived 2.5 s ago, posted just now
@@ -138,7 +118,7 @@ def test_a_sequence_waiting_past_the_bound_sheds_what_would_queue_without_a_rate
     has had no first output for longer than the bound, a request that would queue is shed,
     one that would run at once is not, and the shedding ends when that sequence starts."""
     clock = Clock()
-    ctl = _control(clock, min_queued=0)  # the rule alone, without the one-batch floor
+    ctl = _control(clock)
     _finish_at_rate(ctl, clock, rate=100.0, n=MIN_SAMPLES + 2)  # a fast rate: no predicted wait
     ctl.enter(4)
     for rid in ("a", "b", "c", "d"):

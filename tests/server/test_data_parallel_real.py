@@ -268,8 +268,12 @@ def multi_tenant_cached_share(url: str, tenants: int = 3, rounds: int = 4) -> fl
 def test_cache_aware_routing_reuses_more_prefix_than_round_robin(
     dp_server, real_model_path, tmp_path
 ):
+    """The module's last test: it stops the cache-aware launch before starting the round-robin
+    one, so two SmolLM2 workers are alive here, not four (with the session's real server,
+    five had taken 13 GiB)."""
     requests.post(dp_server.url + "/flush_cache", timeout=60)
     cache_aware = multi_tenant_cached_share(dp_server.url)
+    assert dp_server.stop() == 0
     rr = launch(tmp_path, real_model_path, "round_robin")
     try:
         round_robin = multi_tenant_cached_share(rr.url)

@@ -46,3 +46,32 @@ def test_a_restarted_engine_keeps_the_counters_monotonic():
 def test_info_without_step_totals_exports_zero():
     got = samples(ServerMetrics().render({}, 0)[0])
     assert got[("plait_forward_passes_total", ())] == 0
+
+
+def test_a_step_of_streams_counts_ttft_itl_and_tokens_in_plain_ints():
+    """route_batch's per-stream calls (on_tokens) then one end_step: the histograms, the
+    generated tokens and their Prometheus text as observing each token would give."""
+    m = ServerMetrics()
+    m.start("a")
+    m.start("b")
+    m._tracks["a"].start = m._tracks["b"].start = 100.0
+    m.on_tokens("a", 1, 100.2)  # first token: TTFT 0.2
+    m.on_tokens("b", 1, 100.2)
+    m.end_step(100.2)
+    m.on_tokens("a", 3, 100.22)  # two tokens in 0.02 s: two ITL observations of 0.01
+    m.on_tokens("b", 1, 100.22)  # nothing new: nothing observed
+    m.end_step(100.22)
+    m.on_tokens("a", 4, 100.32)  # 0.1 s: counted in the le=0.1 bucket (le is inclusive)
+    m.end_step(100.32)
+    assert list(m._recent) == [(100.2, 2), (100.22, 2), (100.32, 1)]  # one entry per step
+    got = samples(m.render({}, 0)[0])
+    itl = "plait_inter_token_latency_seconds"
+    assert got[(f"{itl}_count", ())] == 3
+    assert abs(got[(f"{itl}_sum", ())] - 0.12) < 1e-9
+    assert got[(f"{itl}_bucket", (("le", "0.005"),))] == 0
+    assert got[(f"{itl}_bucket", (("le", "0.01"),))] == 2
+    assert got[(f"{itl}_bucket", (("le", "0.05"),))] == 2
+    assert got[(f"{itl}_bucket", (("le", "0.1"),))] == 3
+    assert got[(f"{itl}_bucket", (("le", "+Inf"),))] == 3
+    assert got[("plait_time_to_first_token_seconds_count", ())] == 2
+    assert got[("plait_generation_tokens_total", ())] == 5

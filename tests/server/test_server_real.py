@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import openai
@@ -21,7 +20,7 @@ from tests.server.bad_inputs import CASES, assert_openai_error, send_bad
 from tests.server.conftest import start_server
 from tests.server.sglang_venv import BENCH_PACKAGES, FRONTEND_PACKAGES, SGLANG_VERSION, sglang_venv
 from tests.server.test_fuzz import fuzz
-from tests.server.test_server_fake import sse_events, wait_until_idle
+from tests.server.test_server_fake import wait_until_idle
 
 pytestmark = pytest.mark.slow
 
@@ -358,29 +357,39 @@ def test_metrics_after_traffic(real_server):
     assert float(count.split()[-1]) > 30
 
 
-def test_sigterm_shuts_down_gracefully_with_exit_0(real_model_path, tmp_path):
-    """On a server of its own: the session's ``real_server`` serves other modules after this
-    one (the gateway and tools tests), so stopping it here would fail them."""
-    real_server = start_server(["--device", "cpu"], tmp_path / "sigterm.log", real_model_path)
-    streamed = {}
+def test_sigterm_shuts_down_gracefully_with_exit_0(make_tiny_model, tmp_path):
+    """A real engine's server, SIGTERMed with a stream in flight, finishes it and exits 0. On
+    a server of its own (the session's ``real_server`` serves other modules after this one)
+    and a tiny random Llama: the shutdown path is the same for any checkpoint, and SmolLM2's
+    load and weight prepacking made this start the test's cost. (The fake engine's drain of
+    queued requests: test_reliability.py; real multi-rank servers: test_server_tp/_pp.py.)"""
+    server = start_server(
+        ["--device", "cpu"], tmp_path / "sigterm.log", str(make_tiny_model("llama"))
+    )
+    events: list[bytes] = []
+    started = threading.Event()
 
-    def stream():
+    def stream() -> None:  # read as it comes: the drain must not wait on a full socket
         r = requests.post(
-            real_server.url + "/generate",
+            server.url + "/generate",
             stream=True,
             timeout=60,
             json={
                 "text": "Count to five:",
                 "stream": True,
-                "sampling_params": {"max_new_tokens": 16, "temperature": 0},
+                "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
             },
         )
-        streamed["events"] = sse_events(r)
+        for line in r.iter_lines():
+            if line.startswith(b"data: "):
+                events.append(line)
+                started.set()
 
-    t = threading.Thread(target=stream)
-    t.start()
-    time.sleep(0.5)
-    assert real_server.stop(timeout=60) == 0
-    t.join(30)
-    assert streamed["events"][-1] == "[DONE]"
-    assert real_server.proc.returncode == 0
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(60)
+    assert server.get("/get_server_info").json()["num_running_reqs"] == 1  # in flight
+    assert server.stop(timeout=60) == 0
+    reader.join(30)
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][6:])["meta_info"]["completion_tokens"] == 400  # not cut

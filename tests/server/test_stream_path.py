@@ -145,3 +145,35 @@ def test_the_raw_benchmark_client_counts_events_and_tokens(null_server):
     assert run["completed"] == 3 and run["failed"] == 0
     assert run["output_tok_per_s"] * run["duration_s"] == pytest.approx(27)
     assert 2 <= run["events_per_stream"] <= 1 + 8 // INTERVAL + 1  # [1, 5, 9] when in time
+
+
+def test_the_heap_left_by_startup_is_frozen_once_the_server_is_ready(monkeypatch, tmp_path):
+    """The app's lifespan freezes the startup's objects (``settle_heap``), so the collector's
+    full passes during serving do not walk the tokenizer and the imported modules."""
+    import gc
+
+    from plait.server import http_server
+
+    async def started(self) -> None:
+        self.tokenizer = object()
+
+    async def stopped(self, timeout: float = 15.0) -> None:
+        pass
+
+    monkeypatch.setattr(EngineClient, "start", started)
+    monkeypatch.setattr(EngineClient, "shutdown", stopped)
+    app = http_server.create_app(ServerArgs(), str(tmp_path))
+    gc.unfreeze()
+
+    async def run() -> int:
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count()
+
+    try:
+        frozen = asyncio.run(run())
+    finally:
+        gc.unfreeze()
+        import shutil
+
+        shutil.rmtree(app.state.client._ipc_dir, ignore_errors=True)
+    assert frozen > 10_000  # at least the imported modules' objects

@@ -19,12 +19,14 @@ def load(job: dict) -> Serve:
     compact = job["options"].get("compact_weights", True)
     quantization = job["options"].get("quantization", "none")
     activations = job["options"].get("quantization_activations", "float")
+    dtype = job["options"].get("dtype")  # None: the CPU backend's float32
     engine = plait.Engine(
         model_path=job["model_dir"],
         quantization=quantization,
         quantization_activations=activations,
         kv_cache_memory_gb=2.0,
         random_seed=job["seed"],
+        dtype=dtype,
         backend_options=CpuOptions(compact_weights=compact),
     )
 
@@ -36,6 +38,7 @@ def load(job: dict) -> Serve:
     name = "plait" if quantization == "none" else f"plait-{quantization}"
     name += "-a8" if activations == "int8" else ""
     name += "" if compact else "-panels"
+    name += "-bf16" if dtype == "bfloat16" else ""
     return Serve(
         name,
         version("plait"),

