@@ -9,8 +9,11 @@ step and then find it in the radix tree.
 
 from __future__ import annotations
 
-from plait.core.kv_manager import KVManager
-from plait.core.request import Req
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the frontend imports common_prefix_len without torch
+    from plait.core.kv_manager import KVManager
+    from plait.core.request import Req
 
 POLICIES = ("lpm", "fcfs")
 # lpm needs a tree match per waiting request; past this queue length fall back to fcfs.
