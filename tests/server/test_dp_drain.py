@@ -11,11 +11,8 @@ gRPC workers (``--grpc-mode``, smg tokenizing), whose drains are separate code.
 
 from __future__ import annotations
 
-import re
-import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -23,6 +20,7 @@ import requests
 
 from plait.server.gateway import listed_healthy
 from tests.server.conftest import FAKE, start_server
+from tests.server.drain import launcher_exit_code, sigterm_when_busy
 from tests.server.test_chaos_topologies import port_of
 from tests.server.test_smg_gateway import listed, running_on, wait_for_workers
 
@@ -88,16 +86,6 @@ def busy(port: int, grpc_mode: bool) -> int:
     return requests.get(url, timeout=30).json()["num_running_reqs"]
 
 
-def exit_code(launch_log: Path, port: int) -> int:
-    """The victim's exit status, as the launcher (its parent) logged it."""
-    exited = re.compile(rf"\(port {port}\).* exited with status (-?\d+)")
-    deadline = time.monotonic() + 5  # the launcher polls its children every 0.5 s
-    while not (found := exited.search(launch_log.read_text())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert found, f"the launcher never saw port {port}'s worker exit"
-    return int(found[1])
-
-
 @pytest.mark.parametrize("grpc_mode", [False, True], ids=["http", "grpc"])
 def test_sigterm_of_one_dp_worker_under_load_loses_no_request(tiny_model_dir, tmp_path, grpc_mode):
     extra = ["--grpc-mode"] if grpc_mode else []
@@ -117,21 +105,16 @@ def test_sigterm_of_one_dp_worker_under_load_loses_no_request(tiny_model_dir, tm
         gone, kept = f"{scheme}://127.0.0.1:{port}", f"{scheme}://127.0.0.1:{port_of(other)}"
         with Load(server.url, model) as load:
             time.sleep(STEADY)
-            for _ in range(100):  # signal it while it runs requests: the drain finishes them
-                running = busy(port, grpc_mode)
-                if running:
-                    break
-                time.sleep(0.05)
-            victim.send_signal(signal.SIGTERM)
-            t0 = time.monotonic()
-            victim.wait(EXIT_BOUND)
-            took = time.monotonic() - t0
+            # signal it while it runs requests: the drain finishes them
+            took, running = sigterm_when_busy(
+                victim, lambda: busy(port, grpc_mode), EXIT_BOUND, tries=100
+            )
             still_listed = gone in [w["url"] for w in listed(server)]
             before = load.ok
             time.sleep(STEADY)
         assert server.proc.poll() is None, "the launch stopped"
         healthy_after = listed_healthy(server.url)
-        code = exit_code(server.log, port)
+        code = launcher_exit_code(server.log, port)
     finally:
         server.stop()
     print(

@@ -14,8 +14,6 @@ directory is left once the launch has stopped.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import requests
 
 from plait.server.gateway import listed_healthy
 from tests.server.conftest import start_server
+from tests.server.drain import launcher_exit_code, sigterm_when_busy
 from tests.server.test_chaos import wait_for_workers
 from tests.server.test_chaos_topologies import Load, descendants, no_ipc_left, port_of
 
@@ -43,22 +42,8 @@ def drain(victim: psutil.Process, launch_log: Path) -> tuple[int, float, int]:
     it took, and how many requests it was running when signalled."""
     port = port_of(victim)
     url = f"http://127.0.0.1:{port}"
-    busy = 0
-    for _ in range(40):  # signal it while it holds work, so the drain has something to finish
-        busy = running_on(url)
-        if busy:
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
-    victim.wait(EXIT_BOUND)
-    took = time.monotonic() - t0
-    exited = re.compile(rf"\(port {port}[,)].* exited with status (-?\d+)")
-    deadline = time.monotonic() + 5  # the launcher polls its children every 0.5 s
-    while not (found := exited.search(launch_log.read_text())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert found, f"the launcher never saw port {port}'s server exit"
-    return int(found[1]), took, busy
+    took, busy = sigterm_when_busy(victim, lambda: running_on(url), EXIT_BOUND, tries=40)
+    return launcher_exit_code(launch_log, port), took, busy
 
 
 def test_sigterm_a_prefill_then_a_decode_server_loses_no_request(make_tiny_model, tmp_path):
